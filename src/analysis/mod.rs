@@ -1,0 +1,19 @@
+//! Plain-data analysis of attention: heatmaps, aggregation, segmentation, masks, export.
+//! Nothing here takes or returns candle tensors in its public API.
+
+pub mod alignment;
+pub mod colormap;
+pub mod scene_check;
+pub mod export;
+pub mod heatmap;
+pub mod segment;
+
+/// One prompt word and the positions of its sub-word tokens in the encoded (77-token) sequence.
+/// Position 0 is the start token, so the first word's tokens start at 1.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WordSpan {
+    /// The word as typed (lower-cased by the tokenizer's normaliser).
+    pub text: String,
+    /// Indices into the token sequence (start token = 0).
+    pub token_indices: Vec<usize>,
+}

@@ -1,0 +1,406 @@
+//! KMeans over the rows of a self-attention matrix (after local-prompt-mixing's
+//! `attention_based_segmentation.py`, which runs scikit-learn's KMeans with `n_init=10`,
+//! `random_state=1`, k = 5 on the 32x32 self-attention): every query pixel is a point whose
+//! coordinates are the attention it pays to every pixel, so pixels that look at the same region end
+//! up in the same cluster.
+//!
+//! The algorithm is Lloyd's with greedy k-means++ seeding (`2 + ln k` candidates per centre, the one
+//! that lowers the potential most is kept), the best of `n_init` seeded runs by inertia, convergence
+//! when the centres move less than `tolerance` times the mean per-dimension variance of the data (as
+//! scikit-learn), and empty clusters moved to the points farthest from their centres. The random
+//! numbers come from attend's own SplitMix64, so clusterings match scikit-learn's in quality, not
+//! number for number.
+
+use super::{check_self_attention, dot, SegmentRng, Segmentation};
+use crate::analysis::heatmap::SelfAttentionMap;
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// Settings of [`kmeans`] and [`kmeans_segments`]; the defaults are local-prompt-mixing's.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KMeansSettings {
+    /// Number of clusters. Default 5.
+    pub k: usize,
+    /// Number of seeded runs; the one with the lowest inertia wins. Default 10.
+    pub n_init: usize,
+    /// Seed of the k-means++ initialisation. Default 1.
+    pub seed: u64,
+    /// Most Lloyd iterations per run. Default 300.
+    pub max_iterations: usize,
+    /// A run stops when the squared centre shift is below `tolerance` times the mean per-dimension
+    /// variance of the points. Default 1e-4.
+    pub tolerance: f32,
+}
+
+impl Default for KMeansSettings {
+    fn default() -> Self {
+        Self {
+            k: 5,
+            n_init: 10,
+            seed: 1,
+            max_iterations: 300,
+            tolerance: 1e-4,
+        }
+    }
+}
+
+/// The outcome of one clustering.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KMeansResult {
+    /// `[points]`: the cluster of each point, in `0..k`.
+    pub labels: Vec<usize>,
+    /// `[k, dim]`, row-major: the cluster centres.
+    pub centroids: Vec<f32>,
+    /// Number of clusters.
+    pub k: usize,
+    /// Sum of squared distances from the points to their centres.
+    pub inertia: f64,
+    /// Lloyd iterations of the winning run.
+    pub iterations: usize,
+}
+
+/// Clusters the rows of `points` (`[n, dim]`, row-major) into `settings.k` clusters.
+/// Fails when `points` is not a whole number of non-empty rows or when `k` is 0 or above `n`.
+pub fn kmeans(
+    points: &[f32],
+    dim: usize,
+    settings: &KMeansSettings,
+) -> PipelineResult<KMeansResult> {
+    let point_count = check_points(points, dim)?;
+    check_cluster_count(settings.k, point_count)?;
+    let squared_norms = squared_norms(points, dim);
+    let tolerance = absolute_tolerance(points, dim, settings.tolerance);
+    let mut rng = SegmentRng::new(settings.seed);
+    let mut best: Option<KMeansResult> = None;
+    for _ in 0..settings.n_init.max(1) {
+        let initial = kmeans_plus_plus(points, dim, &squared_norms, settings.k, &mut rng);
+        let result = lloyd(
+            points,
+            dim,
+            &squared_norms,
+            initial,
+            settings.max_iterations,
+            tolerance,
+        );
+        if best
+            .as_ref()
+            .is_none_or(|current| result.inertia < current.inertia)
+        {
+            best = Some(result);
+        }
+    }
+    best.ok_or_else(|| PipelineError::InvalidArgument {
+        name: "n_init",
+        reason: "no KMeans run was made".to_string(),
+    })
+}
+
+/// One Lloyd run from the given centres `[k, dim]` (DiffSeg's refinement: KMeans seeded with the
+/// merged proposals); `n_init` and `seed` are not used.
+pub fn kmeans_from_centroids(
+    points: &[f32],
+    dim: usize,
+    initial_centroids: &[f32],
+    settings: &KMeansSettings,
+) -> PipelineResult<KMeansResult> {
+    let point_count = check_points(points, dim)?;
+    if initial_centroids.is_empty() || initial_centroids.len() % dim != 0 {
+        return Err(PipelineError::InvalidArgument {
+            name: "initial centroids",
+            reason: format!(
+                "{} values is not a non-zero whole number of {dim}-long rows",
+                initial_centroids.len()
+            ),
+        });
+    }
+    check_cluster_count(initial_centroids.len() / dim, point_count)?;
+    let squared_norms = squared_norms(points, dim);
+    let tolerance = absolute_tolerance(points, dim, settings.tolerance);
+    Ok(lloyd(
+        points,
+        dim,
+        &squared_norms,
+        initial_centroids.to_vec(),
+        settings.max_iterations,
+        tolerance,
+    ))
+}
+
+/// Segments an `h x w` grid by clustering the rows of its self-attention `[h * w, h * w]`.
+pub fn kmeans_segments(
+    self_attention: &SelfAttentionMap,
+    settings: &KMeansSettings,
+) -> PipelineResult<Segmentation> {
+    check_self_attention(self_attention)?;
+    let cells = self_attention.h * self_attention.w;
+    let result = kmeans(&self_attention.data, cells, settings)?;
+    Segmentation::from_cluster_ids(self_attention.h, self_attention.w, &result.labels)
+}
+
+/// Number of rows of `points`, or an error when it is not a whole, non-zero number of rows.
+fn check_points(points: &[f32], dim: usize) -> PipelineResult<usize> {
+    if dim == 0 || points.is_empty() || points.len() % dim != 0 {
+        return Err(PipelineError::InvalidArgument {
+            name: "KMeans points",
+            reason: format!(
+                "{} values is not a non-zero whole number of {dim}-long rows",
+                points.len()
+            ),
+        });
+    }
+    Ok(points.len() / dim)
+}
+
+fn check_cluster_count(k: usize, point_count: usize) -> PipelineResult<()> {
+    if k == 0 || k > point_count {
+        return Err(PipelineError::InvalidArgument {
+            name: "k",
+            reason: format!("{k} clusters for {point_count} points (expected 1..={point_count})"),
+        });
+    }
+    Ok(())
+}
+
+/// `[n]`: `|x|²` of every row.
+fn squared_norms(points: &[f32], dim: usize) -> Vec<f32> {
+    points.chunks_exact(dim).map(|row| dot(row, row)).collect()
+}
+
+/// scikit-learn's tolerance: the relative `tolerance` times the mean over dimensions of the
+/// points' variance.
+fn absolute_tolerance(points: &[f32], dim: usize, tolerance: f32) -> f64 {
+    let point_count = (points.len() / dim) as f64;
+    let mut sums = vec![0.0f64; dim];
+    let mut squares = vec![0.0f64; dim];
+    for row in points.chunks_exact(dim) {
+        for ((sum, square), &value) in sums.iter_mut().zip(&mut squares).zip(row) {
+            let value = f64::from(value);
+            *sum += value;
+            *square += value * value;
+        }
+    }
+    let variance_sum: f64 = sums
+        .iter()
+        .zip(&squares)
+        .map(|(sum, square)| {
+            let mean = sum / point_count;
+            (square / point_count - mean * mean).max(0.0)
+        })
+        .sum();
+    f64::from(tolerance) * variance_sum / dim as f64
+}
+
+/// Squared distance between row `a` (with `|a|²`) and row `b` (with `|b|²`), never negative.
+fn squared_distance(a: &[f32], a_norm: f32, b: &[f32], b_norm: f32) -> f32 {
+    (a_norm - 2.0 * dot(a, b) + b_norm).max(0.0)
+}
+
+/// Greedy k-means++: the first centre uniformly at random; each next one the best (lowest total
+/// squared distance) of `2 + ln k` candidates drawn with probability proportional to the squared
+/// distance to the nearest centre so far. Returns `[k, dim]`.
+fn kmeans_plus_plus(
+    points: &[f32],
+    dim: usize,
+    squared_norms: &[f32],
+    k: usize,
+    rng: &mut SegmentRng,
+) -> Vec<f32> {
+    let point_count = squared_norms.len();
+    let row = |index: usize| &points[index * dim..(index + 1) * dim];
+    let distances_to = |centre: usize| -> Vec<f32> {
+        (0..point_count)
+            .map(|index| {
+                squared_distance(
+                    row(index),
+                    squared_norms[index],
+                    row(centre),
+                    squared_norms[centre],
+                )
+            })
+            .collect()
+    };
+    let candidate_count = 2 + (k as f64).ln() as usize;
+
+    let first = rng.below(point_count);
+    let mut centres = vec![first];
+    let mut closest = distances_to(first);
+    while centres.len() < k {
+        let potential: f64 = closest.iter().map(|&value| f64::from(value)).sum();
+        let mut best: Option<(f64, usize, Vec<f32>)> = None;
+        for _ in 0..candidate_count {
+            let candidate = sample_by_weight(&closest, potential, rng);
+            let candidate_closest: Vec<f32> = distances_to(candidate)
+                .into_iter()
+                .zip(&closest)
+                .map(|(new, &old)| new.min(old))
+                .collect();
+            let candidate_potential: f64 = candidate_closest
+                .iter()
+                .map(|&value| f64::from(value))
+                .sum();
+            if best
+                .as_ref()
+                .is_none_or(|(best_potential, _, _)| candidate_potential < *best_potential)
+            {
+                best = Some((candidate_potential, candidate, candidate_closest));
+            }
+        }
+        let Some((_, chosen, chosen_closest)) = best else {
+            break;
+        };
+        centres.push(chosen);
+        closest = chosen_closest;
+    }
+    centres
+        .iter()
+        .flat_map(|&centre| row(centre).iter().copied())
+        .collect()
+}
+
+/// An index drawn with probability `weights[i] / total`; uniform when every weight is 0.
+fn sample_by_weight(weights: &[f32], total: f64, rng: &mut SegmentRng) -> usize {
+    if total <= 0.0 {
+        return rng.below(weights.len());
+    }
+    let target = rng.unit() * total;
+    let mut cumulative = 0.0f64;
+    for (index, &weight) in weights.iter().enumerate() {
+        cumulative += f64::from(weight);
+        if cumulative > target {
+            return index;
+        }
+    }
+    // Rounding left the target past the end: the last point with weight.
+    weights
+        .iter()
+        .rposition(|&weight| weight > 0.0)
+        .unwrap_or(0)
+}
+
+/// Assigns every point to its nearest centre; fills `labels` and `distances` (squared) and returns
+/// the inertia.
+fn assign(
+    points: &[f32],
+    dim: usize,
+    squared_norms: &[f32],
+    centroids: &[f32],
+    labels: &mut [usize],
+    distances: &mut [f32],
+) -> f64 {
+    let centroid_norms = squared_norms_of(centroids, dim);
+    let mut inertia = 0.0f64;
+    for (((point, &point_norm), label), distance) in points
+        .chunks_exact(dim)
+        .zip(squared_norms)
+        .zip(labels.iter_mut())
+        .zip(distances.iter_mut())
+    {
+        let mut best = (f32::INFINITY, 0usize);
+        for (cluster, (centroid, &centroid_norm)) in
+            centroids.chunks_exact(dim).zip(&centroid_norms).enumerate()
+        {
+            let candidate = squared_distance(point, point_norm, centroid, centroid_norm);
+            if candidate < best.0 {
+                best = (candidate, cluster);
+            }
+        }
+        *distance = best.0;
+        *label = best.1;
+        inertia += f64::from(best.0);
+    }
+    inertia
+}
+
+fn squared_norms_of(rows: &[f32], dim: usize) -> Vec<f32> {
+    rows.chunks_exact(dim).map(|row| dot(row, row)).collect()
+}
+
+/// The mean of each cluster's points; an empty cluster takes the point farthest from its centre
+/// among those not yet used for this.
+fn update_centroids(
+    points: &[f32],
+    dim: usize,
+    labels: &[usize],
+    distances: &[f32],
+    k: usize,
+) -> Vec<f32> {
+    let mut sums = vec![0.0f64; k * dim];
+    let mut counts = vec![0usize; k];
+    for (point, &label) in points.chunks_exact(dim).zip(labels) {
+        counts[label] += 1;
+        for (sum, &value) in sums[label * dim..(label + 1) * dim].iter_mut().zip(point) {
+            *sum += f64::from(value);
+        }
+    }
+    let mut farthest_first: Vec<usize> = (0..labels.len()).collect();
+    farthest_first.sort_by(|&a, &b| distances[b].total_cmp(&distances[a]));
+    let mut relocations = farthest_first.into_iter();
+
+    let mut centroids = vec![0.0f32; k * dim];
+    for (cluster, centroid) in centroids.chunks_exact_mut(dim).enumerate() {
+        if counts[cluster] > 0 {
+            let scale = 1.0 / counts[cluster] as f64;
+            for (value, sum) in centroid.iter_mut().zip(&sums[cluster * dim..]) {
+                *value = (sum * scale) as f32;
+            }
+        } else if let Some(point) = relocations.next() {
+            centroid.copy_from_slice(&points[point * dim..(point + 1) * dim]);
+        }
+    }
+    centroids
+}
+
+/// Lloyd's iterations from `centroids` until the centres stop moving (squared shift <=
+/// `tolerance`) or `max_iterations`; the labels are those of the final centres.
+fn lloyd(
+    points: &[f32],
+    dim: usize,
+    squared_norms: &[f32],
+    mut centroids: Vec<f32>,
+    max_iterations: usize,
+    tolerance: f64,
+) -> KMeansResult {
+    let k = centroids.len() / dim;
+    let point_count = squared_norms.len();
+    let mut labels = vec![0usize; point_count];
+    let mut distances = vec![0.0f32; point_count];
+    let mut iterations = 0;
+    for _ in 0..max_iterations {
+        assign(
+            points,
+            dim,
+            squared_norms,
+            &centroids,
+            &mut labels,
+            &mut distances,
+        );
+        let updated = update_centroids(points, dim, &labels, &distances, k);
+        let shift: f64 = updated
+            .iter()
+            .zip(&centroids)
+            .map(|(&new, &old)| {
+                let difference = f64::from(new) - f64::from(old);
+                difference * difference
+            })
+            .sum();
+        centroids = updated;
+        iterations += 1;
+        if shift <= tolerance {
+            break;
+        }
+    }
+    let inertia = assign(
+        points,
+        dim,
+        squared_norms,
+        &centroids,
+        &mut labels,
+        &mut distances,
+    );
+    KMeansResult {
+        labels,
+        centroids,
+        k,
+        inertia,
+        iterations,
+    }
+}

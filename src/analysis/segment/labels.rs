@@ -1,0 +1,213 @@
+//! Naming segments with prompt words (after local-prompt-mixing): every word's cross-attention map is
+//! min-max normalised; a segment's score for a word is the mean of that map over the segment; the
+//! best word labels the segment when its score is above the threshold (0.3 there), otherwise the
+//! segment is background. All scores are kept.
+
+use super::Segmentation;
+use crate::analysis::heatmap::{min_max_normalize, resize_bilinear, Heatmap};
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// Settings of [`label_segments`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LabelSettings {
+    /// The best word labels a segment only when its score is above this. Default 0.3
+    /// (local-prompt-mixing).
+    pub threshold: f32,
+    /// The label of segments no word covers well enough. Default `background`.
+    pub background_label: String,
+}
+
+impl Default for LabelSettings {
+    fn default() -> Self {
+        Self {
+            threshold: 0.3,
+            background_label: "background".to_string(),
+        }
+    }
+}
+
+/// A word and its cross-attention map, borrowed: build it from a [`Heatmap`] (`From`) or from a plain
+/// `(text, map)` pair with [`WordMapRef::new`]. The map need not be normalised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WordMapRef<'a> {
+    /// The word.
+    pub word: &'a str,
+    /// Map height.
+    pub h: usize,
+    /// Map width.
+    pub w: usize,
+    /// `[h, w]`, row-major.
+    pub data: &'a [f32],
+}
+
+impl<'a> WordMapRef<'a> {
+    /// A word with its `[h, w]` map.
+    pub fn new(word: &'a str, h: usize, w: usize, data: &'a [f32]) -> Self {
+        Self { word, h, w, data }
+    }
+}
+
+impl<'a> From<&'a Heatmap> for WordMapRef<'a> {
+    fn from(heatmap: &'a Heatmap) -> Self {
+        Self {
+            word: &heatmap.word,
+            h: heatmap.h,
+            w: heatmap.w,
+            data: &heatmap.data,
+        }
+    }
+}
+
+/// One word's score for a segment.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WordScore {
+    /// The word.
+    pub word: String,
+    /// Mean of the word's min-max normalised map over the segment, 0..1.
+    pub score: f32,
+}
+
+/// A labelled segment: what the Segments view lists and `segments.json` holds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentInfo {
+    /// Segment id (index into the segmentation's ids).
+    pub id: usize,
+    /// The best word, or the background label.
+    pub label: String,
+    /// Index into the words of the best word when it labels the segment; `None` for background.
+    pub word_index: Option<usize>,
+    /// Every word's score, in the order the words were given.
+    pub scores: Vec<WordScore>,
+    /// Cells (pixels, for a segmentation at image resolution) in the segment.
+    pub pixel_count: usize,
+}
+
+impl SegmentInfo {
+    /// The score of the label word (0 for background).
+    pub fn label_score(&self) -> f32 {
+        self.word_index
+            .and_then(|index| self.scores.get(index))
+            .map_or(0.0, |score| score.score)
+    }
+}
+
+/// Scores every segment of `segmentation` against every word and labels it (see the module docs).
+///
+/// A word map at least as large as the segmentation is averaged over the map pixels whose nearest
+/// segmentation cell is in the segment; a smaller one is first upsampled bilinearly to the
+/// segmentation's grid. Maps are min-max normalised after that. Fails when a map's data is not
+/// `h * w` long or is empty.
+pub fn label_segments(
+    segmentation: &Segmentation,
+    words: &[WordMapRef<'_>],
+    settings: &LabelSettings,
+) -> PipelineResult<Vec<SegmentInfo>> {
+    let segment_count = segmentation.segment_count;
+    let pixel_counts = segmentation.cell_counts();
+    // scores[segment][word]
+    let mut scores = vec![vec![0.0f32; words.len()]; segment_count];
+    for (word_index, word) in words.iter().enumerate() {
+        if word.h == 0 || word.w == 0 || word.data.len() != word.h * word.w {
+            return Err(PipelineError::InvalidArgument {
+                name: "word map",
+                reason: format!(
+                    "map of {:?} has {} values for {}x{} (expected {}, not empty)",
+                    word.word,
+                    word.data.len(),
+                    word.h,
+                    word.w,
+                    word.h * word.w
+                ),
+            });
+        }
+        let word_scores = segment_means(segmentation, word);
+        for (segment_scores, score) in scores.iter_mut().zip(word_scores) {
+            segment_scores[word_index] = score;
+        }
+    }
+    Ok(scores
+        .into_iter()
+        .enumerate()
+        .map(|(id, segment_scores)| {
+            let best = segment_scores
+                .iter()
+                .enumerate()
+                .fold(
+                    None,
+                    |best: Option<(usize, f32)>, (index, &score)| match best {
+                        Some((_, best_score)) if best_score >= score => best,
+                        _ => Some((index, score)),
+                    },
+                )
+                .filter(|&(_, score)| score > settings.threshold);
+            SegmentInfo {
+                id,
+                label: best.map_or_else(
+                    || settings.background_label.clone(),
+                    |(index, _)| words[index].word.to_string(),
+                ),
+                word_index: best.map(|(index, _)| index),
+                scores: words
+                    .iter()
+                    .zip(segment_scores)
+                    .map(|(word, score)| WordScore {
+                        word: word.word.to_string(),
+                        score,
+                    })
+                    .collect(),
+                pixel_count: pixel_counts.get(id).copied().unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
+/// `[segment_count]`: the mean of the word's min-max normalised map over each segment (0 for a
+/// segment the map does not reach).
+fn segment_means(segmentation: &Segmentation, word: &WordMapRef<'_>) -> Vec<f32> {
+    let (seg_h, seg_w) = (segmentation.h, segmentation.w);
+    let mut sums = vec![0.0f64; segmentation.segment_count];
+    let mut counts = vec![0usize; segmentation.segment_count];
+    let mut accumulate = |label: usize, value: f32| {
+        if let (Some(sum), Some(count)) = (sums.get_mut(label), counts.get_mut(label)) {
+            *sum += f64::from(value);
+            *count += 1;
+        }
+    };
+    if word.h >= seg_h && word.w >= seg_w {
+        let mut map = word.data.to_vec();
+        min_max_normalize(&mut map);
+        for y in 0..word.h {
+            for x in 0..word.w {
+                let cell = (y * seg_h / word.h) * seg_w + x * seg_w / word.w;
+                if let Some(&label) = segmentation.labels.get(cell) {
+                    accumulate(label, map[y * word.w + x]);
+                }
+            }
+        }
+    } else {
+        let mut map = resize_bilinear(word.data, word.h, word.w, seg_h, seg_w);
+        min_max_normalize(&mut map);
+        for (&label, &value) in segmentation.labels.iter().zip(&map) {
+            accumulate(label, value);
+        }
+    }
+    sums.iter()
+        .zip(&counts)
+        .map(|(&sum, &count)| {
+            if count == 0 {
+                0.0
+            } else {
+                (sum / count as f64) as f32
+            }
+        })
+        .collect()
+}
+
+/// Ids of the segments labelled `label` (the union is that word's object mask).
+pub fn segments_with_label(segments: &[SegmentInfo], label: &str) -> Vec<usize> {
+    segments
+        .iter()
+        .filter(|segment| segment.label == label)
+        .map(|segment| segment.id)
+        .collect()
+}

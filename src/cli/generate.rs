@@ -1,0 +1,249 @@
+//! `attend generate`: one image from a prompt, with its attention maps, trajectory and heat maps on request.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use attend::analysis::export::{
+    a1111_parameters, write_attention_safetensors, write_atomically, write_png_rgb, GenerationParameters,
+};
+use attend::analysis::heatmap::{word_heatmaps, AggregationSettings, Heatmap};
+use attend::analysis::{colormap, WordSpan};
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::pipeline::model::StableDiffusion;
+use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
+use attend::pipeline::scheduler::SchedulerKind;
+use candle_core::Tensor;
+
+use super::{load_model, ModelArgs};
+
+/// Arguments of `attend generate`. Flag names are stable: scripts rely on them.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// The prompt (may be empty: unconditional).
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt (the unconditional half of classifier-free guidance).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise
+    /// (scaled by the scheduler's init noise sigma, as diffusers does).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Write the image (PNG with the generation parameters in a `parameters` text chunk).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write `latents_per_step` `[steps, 1, C, h, w]` and `timesteps` `[steps]` as safetensors.
+    #[arg(long)]
+    pub trajectory_out: Option<PathBuf>,
+    /// Write cross-attention per resolution `cross.<h>x<w>` `[steps, tokens, h, w]`, DAAM word heat maps
+    /// `word_heatmaps` `[words, H, W]`, and metadata `words` / `tokens`, as safetensors.
+    #[arg(long)]
+    pub attention_out: Option<PathBuf>,
+    /// Write one PNG per word: its heat map over the image.
+    #[arg(long)]
+    pub heatmaps_out: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Run `attend generate`.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()
+        .context("--scheduler")?;
+    // Fail before the (long) run when an output cannot be written.
+    for path in [&args.out, &args.trajectory_out, &args.attention_out].into_iter().flatten() {
+        check_writable_parent(path)?;
+    }
+    if let Some(dir) = &args.heatmaps_out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --heatmaps-out folder {}", dir.display()))?;
+    }
+    let model = load_model(&args.model)?;
+    let mut request = GenerateRequest::new(&model, args.prompt.clone());
+    request.negative_prompt.clone_from(&args.negative_prompt);
+    request.seed = args.seed;
+    request.steps = args.steps;
+    request.guidance = args.guidance;
+    request.scheduler = scheduler;
+    request.width = args.width.unwrap_or(request.width);
+    request.height = args.height.unwrap_or(request.height);
+    if let Some(path) = &args.init_latents {
+        request.init_latents = Some(read_init_latents(path)?);
+    }
+
+    let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
+    let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
+    let mut store = AttentionStore::new(StoreConfig { keep_self: false, ..StoreConfig::new(token_count) });
+    let started = Instant::now();
+    let quiet = args.quiet;
+    let mut on_step = |report: &attend::pipeline::sampling::StepReport| {
+        if !quiet {
+            let elapsed = started.elapsed().as_secs_f64();
+            let per_step = elapsed / (report.step_index + 1) as f64;
+            eprint!(
+                "\rstep {}/{}  {:.2} s/step  ETA {:.0} s   ",
+                report.step_index + 1,
+                report.step_count,
+                per_step,
+                per_step * (report.step_count - report.step_index - 1) as f64
+            );
+        }
+        Ok(())
+    };
+    let processor: Option<&mut dyn attend::attention::AttentionProcessor> =
+        if capture { Some(&mut store) } else { None };
+    let output = generate(&model, &request, processor, &mut on_step, &CancelToken::new())?;
+    if !quiet {
+        eprintln!("\rdone: {} steps in {:.1} s{}", request.steps, started.elapsed().as_secs_f64(), " ".repeat(20));
+    }
+    for warning in &output.warnings {
+        eprintln!("warning: {warning}");
+    }
+    store.finish_step()?;
+
+    let parameters = a1111_parameters(&generation_parameters(&model, &request, &output));
+    if let Some(path) = &args.out {
+        let image = &output.image;
+        write_png_rgb(path, image.width, image.height, &image.pixels, Some(&parameters))?;
+    }
+    if let Some(path) = &args.trajectory_out {
+        write_trajectory(path, &output)?;
+    }
+    if capture {
+        let words = &output.prompt_tokens.words;
+        let heatmaps = daam_heatmaps(&store, words, output.image.height, output.image.width);
+        if let Some(path) = &args.attention_out {
+            write_attention_safetensors(
+                path,
+                &store.cross_by_resolution(),
+                &heatmaps,
+                words,
+                &output.prompt_tokens.tokens,
+            )?;
+        }
+        if let Some(dir) = &args.heatmaps_out {
+            write_word_overlays(dir, &output, &heatmaps)?;
+        }
+    }
+    Ok(())
+}
+
+/// DAAM word heat maps at image size over every step (down + up blocks).
+pub fn daam_heatmaps(store: &AttentionStore, words: &[WordSpan], height: usize, width: usize) -> Vec<Heatmap> {
+    word_heatmaps(store.steps(), words, &AggregationSettings::default(), height, width)
+}
+
+/// The A1111 parameters of a finished run.
+pub fn generation_parameters(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    output: &GenerateOutput,
+) -> GenerationParameters {
+    GenerationParameters {
+        prompt: request.prompt.clone(),
+        negative_prompt: request.negative_prompt.clone(),
+        steps: request.steps,
+        sampler: output.scheduler.label().to_string(),
+        cfg_scale: request.guidance as f32,
+        seed: request.seed,
+        width: output.image.width,
+        height: output.image.height,
+        model: model.name().to_string(),
+        extra: Vec::new(),
+    }
+}
+
+/// One PNG per word: the heat map (inferno) blended over the image.
+fn write_word_overlays(dir: &Path, output: &GenerateOutput, heatmaps: &[Heatmap]) -> anyhow::Result<()> {
+    let image = &output.image;
+    for (index, heatmap) in heatmaps.iter().enumerate() {
+        let rgb = colormap::overlay(
+            &image.pixels,
+            image.width,
+            image.height,
+            &heatmap.data,
+            colormap::Colormap::Inferno,
+            0.6,
+            0.0,
+        );
+        let name = format!("{index:02}_{}.png", file_safe(&heatmap.word));
+        write_png_rgb(&dir.join(name), image.width, image.height, &rgb, Some(&heatmap.word))?;
+    }
+    Ok(())
+}
+
+/// Letters, digits, '-' and '_' of `text`; anything else becomes '_'.
+pub fn file_safe(text: &str) -> String {
+    text.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+/// Errors naming the path when its folder does not exist or is not writable.
+pub fn check_writable_parent(path: &Path) -> anyhow::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let metadata = std::fs::metadata(parent)
+        .with_context(|| format!("cannot write {}: folder {} does not exist", path.display(), parent.display()))?;
+    anyhow::ensure!(metadata.is_dir(), "cannot write {}: {} is not a folder", path.display(), parent.display());
+    anyhow::ensure!(
+        !metadata.permissions().readonly(),
+        "cannot write {}: folder {} is read-only",
+        path.display(),
+        parent.display()
+    );
+    anyhow::ensure!(!path.is_dir(), "cannot write {}: it is a folder", path.display());
+    Ok(())
+}
+
+/// Reads `latents` from a safetensors file.
+fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("--init-latents {}: not a readable safetensors file", path.display()))?;
+    let latents = tensors
+        .get("latents")
+        .with_context(|| format!("--init-latents {}: no tensor named `latents`", path.display()))?;
+    Ok(latents.to_dtype(candle_core::DType::F32)?)
+}
+
+/// Writes `latents_per_step` and `timesteps` as safetensors (f32), atomically.
+fn write_trajectory(path: &Path, output: &GenerateOutput) -> anyhow::Result<()> {
+    let latents = &output.latents_per_step;
+    let latent_values = latents.flatten_all()?.to_vec1::<f32>()?;
+    let timesteps: Vec<f32> = output.timesteps.iter().map(|&t| t as f32).collect();
+    let latent_bytes: Vec<u8> = latent_values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let timestep_bytes: Vec<u8> = timesteps.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("latents_per_step", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.dims().to_vec(), &latent_bytes)?),
+        ("timesteps", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![timesteps.len()], &timestep_bytes)?),
+    ];
+    let bytes = safetensors::tensor::serialize(views, None)?;
+    write_atomically(path, |file| file.write_all(&bytes))?;
+    Ok(())
+}

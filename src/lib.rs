@@ -1,0 +1,16 @@
+//! attend: make the attention layers of text-to-image diffusion models visible and editable.
+//!
+//! Layers (dependencies point downwards only; see README "Architecture"):
+//! - [`pipeline`]: candle models (CLIP text encoder, UNet, VAE), schedulers, model-folder loading, sampling.
+//! - [`attention`]: the processor hook every attention layer calls, and processors (store, edit controls).
+//! - [`analysis`]: plain-data heatmaps, DAAM aggregation, segmentation, masks, export. No candle tensors
+//!   in its public types.
+//! - [`scenes`]: the deterministic drawn-scene generator behind the bundled model (plain data).
+//! - `worker` / `ui`: the editor's background thread and the eframe window.
+
+pub mod analysis;
+pub mod attention;
+pub mod pipeline;
+pub mod scenes;
+pub mod ui;
+pub mod worker;

@@ -1,0 +1,14 @@
+//! Stable-Diffusion-family models in candle, with an attention hook in every attention layer.
+
+pub mod clip;
+pub mod error;
+pub mod model;
+pub mod rng;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{PipelineError, PipelineResult};

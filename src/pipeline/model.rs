@@ -1,0 +1,346 @@
+//! A Stable-Diffusion-family model folder (diffusers layout) loaded into memory.
+//!
+//! ```text
+//! model_index.json
+//! tokenizer/      vocab.json + merges.txt (+ tokenizer.json), tokenizer_config.json
+//! text_encoder/   config.json + model.safetensors
+//! unet/           config.json + diffusion_pytorch_model.safetensors
+//! vae/            config.json + diffusion_pytorch_model.safetensors   (absent in pixel space)
+//! scheduler/      scheduler_config.json
+//! ```
+//!
+//! A model whose `model_index.json` has `"vae": [null, null]` (or no `vae` entry) runs in pixel
+//! space: its "latents" are the image itself in `[-1, 1]`, with no VAE and no scaling.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
+use crate::pipeline::scheduler::SchedulerConfig;
+use crate::pipeline::tokenizer::PromptTokenizer;
+use crate::pipeline::unet::{Unet, UnetConfig};
+use crate::pipeline::vae::{AutoencoderKl, VaeConfig};
+use crate::pipeline::weights::{WeightFiles, WeightVariant};
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// How to load a model folder.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Compute dtype of the text encoder, UNet and VAE (f32 default; f16 / bf16 halve the memory).
+    pub dtype: DType,
+    /// Which weight files to prefer when the folder has full and fp16 ones.
+    pub variant: WeightVariant,
+    /// Where the weights live and the model runs (CPU default).
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            variant: WeightVariant::Full,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// The parts of `model_index.json` attend reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelIndex {
+    /// Pipeline class (`StableDiffusionPipeline`).
+    pub class_name: Option<String>,
+    /// True when the folder has a VAE (the `vae` entry is present and not `[null, null]`).
+    pub has_vae: bool,
+}
+
+impl ModelIndex {
+    /// Reads `model_index.json`; a missing file is [`PipelineError::Missing`], broken JSON
+    /// [`PipelineError::BadFile`].
+    pub fn from_file(path: &Path) -> PipelineResult<Self> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                PipelineError::Missing {
+                    what: "model_index.json",
+                    path: path.to_path_buf(),
+                }
+            } else {
+                PipelineError::BadFile {
+                    path: path.to_path_buf(),
+                    reason: err.to_string(),
+                }
+            }
+        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|err| PipelineError::BadFile {
+                path: path.to_path_buf(),
+                reason: format!("invalid JSON: {err}"),
+            })?;
+        let Some(object) = value.as_object() else {
+            return Err(PipelineError::BadFile {
+                path: path.to_path_buf(),
+                reason: "expected a JSON object".to_string(),
+            });
+        };
+        let has_vae = match object.get("vae") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Array(entry)) => entry.iter().any(|part| !part.is_null()),
+            Some(_) => true,
+        };
+        Ok(Self {
+            class_name: object
+                .get("_class_name")
+                .and_then(|name| name.as_str())
+                .map(str::to_string),
+            has_vae,
+        })
+    }
+}
+
+/// A loaded model: tokenizer, text encoder, UNet, optional VAE and scheduler settings.
+pub struct StableDiffusion {
+    name: String,
+    dir: PathBuf,
+    /// Prompt -> token ids.
+    pub tokenizer: PromptTokenizer,
+    /// The text encoder's config.
+    pub text_encoder_config: ClipTextConfig,
+    /// Token ids `[batch, 77]` -> text embeddings `[batch, 77, hidden]`.
+    pub text_encoder: ClipTextEncoder,
+    /// The denoiser (its config via `unet.config()`).
+    pub unet: Unet,
+    /// The VAE's config (`None` in pixel space).
+    pub vae_config: Option<VaeConfig>,
+    /// Latents <-> images (`None` in pixel space).
+    pub vae: Option<AutoencoderKl>,
+    /// `scheduler/scheduler_config.json`; replace it to run with other scheduler settings.
+    pub scheduler_config: SchedulerConfig,
+    dtype: DType,
+    device: Device,
+    warnings: Vec<String>,
+}
+
+impl StableDiffusion {
+    /// Loads the model folder `dir` (see the module docs for the layout). Every error names the file
+    /// or folder at fault.
+    pub fn load(dir: &Path, options: &LoadOptions) -> PipelineResult<Self> {
+        if !dir.is_dir() {
+            return Err(PipelineError::Missing {
+                what: "model folder",
+                path: dir.to_path_buf(),
+            });
+        }
+        let index = ModelIndex::from_file(&dir.join("model_index.json"))?;
+        let mut warnings = Vec::new();
+
+        let tokenizer = PromptTokenizer::from_folder(&dir.join("tokenizer"))?;
+
+        let text_encoder_dir = dir.join("text_encoder");
+        let text_encoder_config = ClipTextConfig::from_file(&text_encoder_dir.join("config.json"))?;
+        let text_encoder_weights =
+            open_weights(&text_encoder_dir, "text encoder weights", options, &mut warnings)?;
+        let text_encoder = ClipTextEncoder::new(
+            text_encoder_weights.var_builder(options.dtype, &options.device)?,
+            &text_encoder_config,
+        )
+        .map_err(|err| text_encoder_weights.weight_error(err))?;
+
+        let unet_dir = dir.join("unet");
+        let unet_config_path = unet_dir.join("config.json");
+        let unet_config = UnetConfig::from_file(&unet_config_path)?;
+        let unet_weights = open_weights(&unet_dir, "UNet weights", options, &mut warnings)?;
+        let unet = Unet::new(
+            unet_weights.var_builder(options.dtype, &options.device)?,
+            &unet_config,
+        )
+        .map_err(|err| unet_weights.weight_error(err))?;
+
+        let (vae_config, vae) = if index.has_vae {
+            let vae_dir = dir.join("vae");
+            let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
+            let vae_weights = open_weights(&vae_dir, "VAE weights", options, &mut warnings)?;
+            let vae = AutoencoderKl::new(
+                vae_weights.var_builder(options.dtype, &options.device)?,
+                &vae_config,
+            )
+            .map_err(|err| vae_weights.weight_error(err))?;
+            (Some(vae_config), Some(vae))
+        } else {
+            (None, None)
+        };
+
+        let scheduler_config =
+            SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+
+        let model = Self {
+            name: model_name(dir),
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_encoder_config,
+            text_encoder,
+            unet,
+            vae_config,
+            vae,
+            scheduler_config,
+            dtype: options.dtype,
+            device: options.device.clone(),
+            warnings,
+        };
+        model.check_components_fit(&unet_config_path)?;
+        Ok(model)
+    }
+
+    /// The UNet must take what the VAE (or pixel space) produces and attend to what the text
+    /// encoder produces.
+    fn check_components_fit(&self, unet_config_path: &Path) -> PipelineResult<()> {
+        let unet_config = self.unet.config();
+        let expected_channels = self.latent_channels_of_space();
+        if unet_config.in_channels != expected_channels {
+            let source = if self.vae.is_some() {
+                "the VAE's latent_channels"
+            } else {
+                "a pixel-space model's 3 colour channels"
+            };
+            return Err(PipelineError::BadConfig {
+                path: unet_config_path.to_path_buf(),
+                reason: format!(
+                    "in_channels is {} but {source} is {expected_channels}",
+                    unet_config.in_channels
+                ),
+            });
+        }
+        let text_width = self.text_encoder_config.hidden_size;
+        if unet_config.text_embedding_dim() != text_width {
+            return Err(PipelineError::BadConfig {
+                path: unet_config_path.to_path_buf(),
+                reason: format!(
+                    "cross_attention_dim is {} but the text encoder's hidden_size is {text_width}",
+                    unet_config.text_embedding_dim()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn latent_channels_of_space(&self) -> usize {
+        self.vae_config
+            .as_ref()
+            .map_or(3, |config| config.latent_channels)
+    }
+
+    /// The model's name (its folder name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The folder it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when the model denoises images directly (no VAE).
+    pub fn is_pixel_space(&self) -> bool {
+        self.vae.is_none()
+    }
+
+    /// Image pixels per latent pixel along each side (8 for SD, 1 in pixel space).
+    pub fn latent_downscale_factor(&self) -> usize {
+        self.vae.as_ref().map_or(1, AutoencoderKl::downscale_factor)
+    }
+
+    /// Channels of the latents (`[1, channels, h, w]`): 4 for SD, 3 in pixel space.
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    /// The VAE's `scaling_factor` (latents are divided by it before decoding); 1 in pixel space.
+    pub fn latent_scaling_factor(&self) -> f64 {
+        self.vae_config
+            .as_ref()
+            .map_or(1.0, |config| config.scaling_factor)
+    }
+
+    /// How many times the UNet halves the latent size (one per down block but the last).
+    pub fn unet_downsampling_count(&self) -> usize {
+        self.unet
+            .config()
+            .down_blocks()
+            .iter()
+            .filter(|block| block.downsample)
+            .count()
+    }
+
+    /// Image widths and heights must be multiples of this: the VAE factor times 2 per UNet
+    /// down-sampling (64 for SD, 8 for the tiny fixtures' 32 px).
+    pub fn size_multiple_px(&self) -> usize {
+        self.latent_downscale_factor() << self.unet_downsampling_count()
+    }
+
+    /// The size the model was trained at, `(width_px, height_px)`: the UNet's `sample_size` times the
+    /// VAE factor (`sample_size` 64 when the config has none).
+    pub fn default_size_px(&self) -> (usize, usize) {
+        let factor = self.latent_downscale_factor();
+        let (height, width) = match &self.unet.config().sample_size {
+            Some(serde_json::Value::Number(side)) => {
+                let side = side.as_u64().and_then(|side| usize::try_from(side).ok());
+                (side.unwrap_or(64), side.unwrap_or(64))
+            }
+            Some(serde_json::Value::Array(sides)) => {
+                let side = |index: usize| {
+                    sides
+                        .get(index)
+                        .and_then(serde_json::Value::as_u64)
+                        .and_then(|side| usize::try_from(side).ok())
+                        .unwrap_or(64)
+                };
+                (side(0), side(1))
+            }
+            _ => (64, 64),
+        };
+        (width * factor, height * factor)
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Things the user should know about how the model was loaded (e.g. fp16 weights used).
+    pub fn load_warnings(&self) -> &[String] {
+        &self.warnings
+    }
+}
+
+/// Finds and checks a component's weights, noting when only the other precision was available.
+fn open_weights(
+    component_dir: &Path,
+    what: &'static str,
+    options: &LoadOptions,
+    warnings: &mut Vec<String>,
+) -> PipelineResult<WeightFiles> {
+    let weights = WeightFiles::open(component_dir, what, options.variant)?;
+    let uses_fp16_files = weights
+        .paths()
+        .iter()
+        .any(|path| path.to_string_lossy().contains(".fp16"));
+    if uses_fp16_files && options.variant == WeightVariant::Full {
+        warnings.push(format!(
+            "{what}: only fp16 files found in {}; using them",
+            component_dir.display()
+        ));
+    }
+    Ok(weights)
+}
+
+/// The folder's name, or its path when it has none.
+fn model_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}

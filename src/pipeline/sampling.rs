@@ -1,0 +1,367 @@
+//! The sampling loop: prompt -> text embeddings -> denoising steps with classifier-free guidance ->
+//! image, with a report after every step, an optional attention processor and cancellation.
+//!
+//! It follows diffusers' `StableDiffusionPipeline.__call__`: the unconditional (negative prompt) and
+//! conditional halves run as one UNet batch `[uncond, cond]`, and
+//! `noise = uncond + guidance * (cond - uncond)` when `guidance > 1`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::attention::{AttentionHook, AttentionProcessor};
+use crate::pipeline::model::StableDiffusion;
+use crate::pipeline::rng::NoiseRng;
+use crate::pipeline::scheduler::{prepare_scheduler, SchedulerKind};
+use crate::pipeline::tokenizer::PromptTokens;
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// A cheap, clonable flag that stops a running [`generate`] between steps.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every holder's run to stop at its next step boundary.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (the unconditional half of classifier-free guidance); may be empty.
+    pub negative_prompt: String,
+    /// Seed of the initial noise (and of the ancestral noise of Euler ancestral).
+    pub seed: u64,
+    /// Denoising steps (at least 1).
+    pub steps: usize,
+    /// Classifier-free guidance scale; `<= 1` runs the conditional half only.
+    pub guidance: f64,
+    /// Image width in pixels (a multiple of [`StableDiffusion::size_multiple_px`]).
+    pub width: usize,
+    /// Image height in pixels (a multiple of [`StableDiffusion::size_multiple_px`]).
+    pub height: usize,
+    /// Scheduler; `None` uses the model's own (or DDIM when attend does not implement it).
+    pub scheduler: Option<SchedulerKind>,
+    /// Unit-variance initial noise `[1, channels, h, w]` (latent size); `None` draws it from `seed`.
+    pub init_latents: Option<Tensor>,
+    /// Attach a cheap RGB preview to every [`StepReport`].
+    pub preview: bool,
+}
+
+impl GenerateRequest {
+    /// A request for `prompt` at the model's default size: 30 steps, guidance 7.5, seed 0.
+    pub fn new(model: &StableDiffusion, prompt: impl Into<String>) -> Self {
+        let (width, height) = model.default_size_px();
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: 30,
+            guidance: 7.5,
+            width,
+            height,
+            scheduler: None,
+            init_latents: None,
+            preview: false,
+        }
+    }
+
+    /// True when the run uses classifier-free guidance (two-item UNet batch).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance > 1.0
+    }
+}
+
+/// An 8-bit RGB image as plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `[height, width, 3]` bytes, row-major.
+    pub pixels: Vec<u8>,
+}
+
+/// Sent to the caller after every denoising step.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// The step just finished, 0-based.
+    pub step_index: usize,
+    /// Number of steps in the run.
+    pub step_count: usize,
+    /// The timestep the UNet saw in this step.
+    pub timestep: f64,
+    /// Latents after the step, `[1, channels, h, w]` f32.
+    pub latents: Tensor,
+    /// A quick look at the latents (latent resolution), when the request asked for previews.
+    pub preview: Option<RgbImage>,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug)]
+pub struct GenerateOutput {
+    /// The final image.
+    pub image: RgbImage,
+    /// The final image as floats in `[0, 1]`, `[height, width, 3]` f32 (for parity checks).
+    pub image_f32: Tensor,
+    /// Latents after each step, `[steps, 1, channels, h, w]` f32.
+    pub latents_per_step: Tensor,
+    /// The timesteps the UNet saw, one per step.
+    pub timesteps: Vec<f64>,
+    /// The scheduler that ran.
+    pub scheduler: SchedulerKind,
+    /// The prompt's tokens (ids, token strings, word spans).
+    pub prompt_tokens: PromptTokens,
+    /// The negative prompt's tokens.
+    pub negative_tokens: PromptTokens,
+    /// Things the user should know: prompt truncation, scheduler substitution, ignored options.
+    pub warnings: Vec<String>,
+}
+
+/// Runs the sampling loop.
+///
+/// `processor` (when given) is called by every attention layer at every step; `on_step` after every
+/// step (an error from it stops the run and is returned). `cancel` is checked before every step;
+/// a cancelled run returns [`PipelineError::Cancelled`].
+pub fn generate(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    mut processor: Option<&mut dyn AttentionProcessor>,
+    on_step: &mut dyn FnMut(&StepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<GenerateOutput> {
+    let latent_shape = validate_request(model, request)?;
+    let device = model.device().clone();
+    let mut warnings = Vec::new();
+
+    let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
+    warnings.extend(prepared.warnings);
+    let mut scheduler = prepared.scheduler;
+    let timesteps = scheduler.timesteps().to_vec();
+    let step_count = timesteps.len();
+
+    let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
+    let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
+    warnings.extend(prompt_tokens.warning());
+    warnings.extend(
+        negative_tokens
+            .warning()
+            .map(|warning| format!("negative {warning}")),
+    );
+    let guided = request.uses_guidance();
+    let text_embeddings = {
+        let rows: Vec<&PromptTokens> = if guided {
+            vec![&negative_tokens, &prompt_tokens]
+        } else {
+            vec![&prompt_tokens]
+        };
+        let sequence_length = prompt_tokens.ids.len();
+        let ids: Vec<u32> = rows.iter().flat_map(|tokens| tokens.ids.clone()).collect();
+        let ids = Tensor::from_vec(ids, (rows.len(), sequence_length), &device)?;
+        model.text_encoder.forward(&ids)?
+    };
+
+    let mut rng = NoiseRng::new(request.seed);
+    let unit_noise = match &request.init_latents {
+        Some(latents) => latents.to_device(&device)?.to_dtype(DType::F32)?,
+        None => rng.randn(latent_shape.to_vec(), &device)?,
+    };
+    let mut latents = unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?;
+
+    let mut latents_per_step = Vec::with_capacity(step_count);
+    for (step_index, &timestep) in timesteps.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let model_input = if guided {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let model_input = scheduler.scale_model_input(&model_input, step_index)?;
+        let mut hook = processor.as_deref_mut().map(|processor| AttentionHook {
+            processor,
+            step_index,
+            step_count,
+            cfg: guided,
+        });
+        let model_output =
+            model
+                .unet
+                .forward(&model_input, timestep, &text_embeddings, hook.as_mut())?;
+        let model_output = model_output.to_dtype(DType::F32)?;
+        let guided_output = if guided {
+            let unconditional = model_output.narrow(0, 0, 1)?;
+            let conditional = model_output.narrow(0, 1, 1)?;
+            (&unconditional + (conditional - &unconditional)?.affine(request.guidance, 0.0)?)?
+        } else {
+            model_output
+        };
+        latents = scheduler.step(&guided_output, step_index, &latents, &mut rng)?;
+        latents_per_step.push(latents.clone());
+        let preview = if request.preview {
+            Some(latent_preview(&latents, model.is_pixel_space())?)
+        } else {
+            None
+        };
+        on_step(&StepReport {
+            step_index,
+            step_count,
+            timestep,
+            latents: latents.clone(),
+            preview,
+        })?;
+    }
+
+    let image_f32 = decode_to_unit_range(model, &latents)?;
+    let image = to_rgb8(&image_f32)?;
+    Ok(GenerateOutput {
+        image,
+        image_f32,
+        latents_per_step: Tensor::stack(&latents_per_step, 0)?,
+        timesteps,
+        scheduler: prepared.kind,
+        prompt_tokens,
+        negative_tokens,
+        warnings,
+    })
+}
+
+/// Checks steps, size and initial latents; returns the latent shape `[1, channels, h, w]`.
+fn validate_request(model: &StableDiffusion, request: &GenerateRequest) -> PipelineResult<[usize; 4]> {
+    if request.steps == 0 {
+        return Err(PipelineError::InvalidArgument {
+            name: "steps",
+            reason: "0 steps requested; at least 1 is needed".to_string(),
+        });
+    }
+    if !request.guidance.is_finite() {
+        return Err(PipelineError::InvalidArgument {
+            name: "guidance",
+            reason: format!("{} is not a finite number", request.guidance),
+        });
+    }
+    let multiple = model.size_multiple_px();
+    for (name, value) in [("width", request.width), ("height", request.height)] {
+        if value == 0 || value % multiple != 0 {
+            let lower = (value / multiple) * multiple;
+            let suggestion = if lower == 0 {
+                format!("{multiple}")
+            } else {
+                format!("{lower} or {}", lower + multiple)
+            };
+            return Err(PipelineError::InvalidArgument {
+                name,
+                reason: format!(
+                    "{value} px is not a positive multiple of {multiple} px (the VAE factor {} times 2 per UNet down-sampling); try {suggestion}",
+                    model.latent_downscale_factor()
+                ),
+            });
+        }
+    }
+    let factor = model.latent_downscale_factor();
+    let shape = [
+        1,
+        model.latent_channels(),
+        request.height / factor,
+        request.width / factor,
+    ];
+    if let Some(latents) = &request.init_latents {
+        if latents.dims() != shape {
+            return Err(PipelineError::InvalidArgument {
+                name: "init_latents",
+                reason: format!(
+                    "expected shape {shape:?} for a {}x{} image, got {:?}",
+                    request.width,
+                    request.height,
+                    latents.dims()
+                ),
+            });
+        }
+    }
+    Ok(shape)
+}
+
+/// Final latents `[1, channels, h, w]` -> image `[height, width, 3]` f32 in `[0, 1]`
+/// (VAE decode of `latents / scaling_factor`, or the latents themselves in pixel space).
+pub fn decode_to_unit_range(model: &StableDiffusion, latents: &Tensor) -> PipelineResult<Tensor> {
+    let image = match &model.vae {
+        Some(vae) => {
+            let scaled = latents.affine(1.0 / model.latent_scaling_factor(), 0.0)?;
+            vae.decode(&scaled)?.to_dtype(DType::F32)?
+        }
+        None => latents.to_dtype(DType::F32)?,
+    };
+    // diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1).
+    let unit = image.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
+    Ok(unit.squeeze(0)?.permute((1, 2, 0))?.contiguous()?)
+}
+
+/// `[height, width, 3]` floats in `[0, 1]` -> 8-bit image (`round(x * 255)`, as diffusers).
+pub fn to_rgb8(image: &Tensor) -> PipelineResult<RgbImage> {
+    let (height, width, _channels) = image.dims3()?;
+    let values = image.flatten_all()?.to_vec1::<f32>()?;
+    let pixels = values
+        .into_iter()
+        .map(|value| (value.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    Ok(RgbImage {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// Approximate RGB of SD latent channels: a fixed linear map per pixel (rows: latent channel, columns:
+/// R, G, B), the widely shared estimate by Keturn (2022) for SD 1.x latents, giving roughly `[-1, 1]`.
+const LATENT_TO_RGB: [[f32; 3]; 4] = [
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+];
+
+/// A cheap preview of latents `[1, channels, h, w]` at latent resolution: the fixed linear map above
+/// for 4-channel latents, the sample itself in pixel space (and channel 0 as grey otherwise).
+pub fn latent_preview(latents: &Tensor, pixel_space: bool) -> PipelineResult<RgbImage> {
+    let latents = latents.to_dtype(DType::F32)?.squeeze(0)?;
+    let (channels, height, width) = latents.dims3()?;
+    let rgb_minus_one_to_one = if pixel_space && channels == 3 {
+        latents
+    } else if channels == LATENT_TO_RGB.len() {
+        let flat: Vec<f32> = LATENT_TO_RGB.iter().flatten().copied().collect();
+        let map = Tensor::from_vec(flat, (4, 3), latents.device())?;
+        // [h * w, 4] x [4, 3] -> [h * w, 3] -> [3, h, w]
+        latents
+            .reshape((channels, height * width))?
+            .t()?
+            .matmul(&map)?
+            .t()?
+            .reshape((3, height, width))?
+    } else {
+        let grey = latents.narrow(0, 0, 1)?;
+        Tensor::cat(&[&grey, &grey, &grey], 0)?
+    };
+    let unit = rgb_minus_one_to_one
+        .affine(0.5, 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((1, 2, 0))?
+        .contiguous()?;
+    to_rgb8(&unit)
+}

@@ -1,0 +1,140 @@
+//! DDIM (Song et al. 2020) with `eta = 0`, as diffusers' `DDIMScheduler`.
+
+use candle_core::Tensor;
+
+use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{
+    leading_timesteps, numpy_linspace, numpy_round, trailing_timesteps, training_alphas_cumprod,
+};
+use super::{step_out_of_range, weighted_sum, Scheduler, SchedulerKind};
+use crate::pipeline::rng::NoiseRng;
+use crate::pipeline::PipelineResult;
+
+/// Deterministic DDIM sampling on integer timesteps.
+#[derive(Clone, Debug)]
+pub struct DdimScheduler {
+    timesteps: Vec<f64>,
+    alphas_cumprod: Vec<f64>,
+    /// Alpha product used after the last step (1 with `set_alpha_to_one`, else `alphas_cumprod[0]`).
+    final_alpha_cumprod: f64,
+    /// Distance between consecutive timesteps as diffusers computes it (`train // steps`).
+    step_ratio: usize,
+    prediction_type: PredictionType,
+    clip_range: Option<f64>,
+}
+
+impl DdimScheduler {
+    /// Sets up `steps` inference steps (at least 1, at most `num_train_timesteps`).
+    pub fn new(config: &SchedulerConfig, steps: usize) -> PipelineResult<Self> {
+        let train_steps = config.num_train_timesteps;
+        if steps == 0 || steps > train_steps {
+            return Err(step_out_of_range(steps, train_steps));
+        }
+        let alphas_cumprod = training_alphas_cumprod(config);
+        let timesteps = match config.spacing_for(SchedulerKind::Ddim) {
+            TimestepSpacing::Leading => leading_timesteps(train_steps, steps, config.steps_offset),
+            TimestepSpacing::Trailing => trailing_timesteps(train_steps, steps),
+            #[allow(clippy::cast_precision_loss)]
+            TimestepSpacing::Linspace => numpy_linspace(0.0, (train_steps - 1) as f64, steps)
+                .into_iter()
+                .rev()
+                .map(numpy_round)
+                .collect(),
+        };
+        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+        Ok(Self {
+            timesteps,
+            alphas_cumprod,
+            final_alpha_cumprod,
+            step_ratio: train_steps / steps,
+            prediction_type: config.prediction_type,
+            clip_range: config
+                .clip_sample
+                .unwrap_or(true)
+                .then_some(config.clip_sample_range),
+        })
+    }
+
+    /// `alphas_cumprod[t]`, or the final alpha product for negative `t`.
+    fn alpha_product(&self, timestep: i64) -> f64 {
+        usize::try_from(timestep)
+            .ok()
+            .and_then(|index| self.alphas_cumprod.get(index).copied())
+            .unwrap_or(self.final_alpha_cumprod)
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddim
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> PipelineResult<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut NoiseRng,
+    ) -> PipelineResult<Tensor> {
+        let Some(&timestep) = self.timesteps.get(step_index) else {
+            return Err(step_out_of_range(step_index, self.timesteps.len()));
+        };
+        // DDIM timesteps are whole numbers.
+        #[allow(clippy::cast_possible_truncation)]
+        let timestep = timestep as i64;
+        let previous_timestep = timestep - i64::try_from(self.step_ratio).unwrap_or(i64::MAX);
+        let alpha_t = self.alpha_product(timestep);
+        let alpha_prev = self.alpha_product(previous_timestep);
+        let beta_t = 1.0 - alpha_t;
+        let (mut predicted_clean, predicted_noise) = match self.prediction_type {
+            PredictionType::Epsilon => (
+                weighted_sum(
+                    1.0 / alpha_t.sqrt(),
+                    sample,
+                    -beta_t.sqrt() / alpha_t.sqrt(),
+                    model_output,
+                )?,
+                model_output.clone(),
+            ),
+            PredictionType::Sample => (
+                model_output.clone(),
+                weighted_sum(
+                    1.0 / beta_t.sqrt(),
+                    sample,
+                    -alpha_t.sqrt() / beta_t.sqrt(),
+                    model_output,
+                )?,
+            ),
+            PredictionType::VPrediction => (
+                weighted_sum(alpha_t.sqrt(), sample, -beta_t.sqrt(), model_output)?,
+                weighted_sum(alpha_t.sqrt(), model_output, beta_t.sqrt(), sample)?,
+            ),
+        };
+        if let Some(range) = self.clip_range {
+            predicted_clean = predicted_clean.clamp(-range, range)?;
+        }
+        // eta = 0: no noise, the direction term uses the full remaining variance.
+        weighted_sum(
+            alpha_prev.sqrt(),
+            &predicted_clean,
+            (1.0 - alpha_prev).sqrt(),
+            &predicted_noise,
+        )
+    }
+}

@@ -1,0 +1,124 @@
+//! Session files: the model, prompts, seed and settings of a generation as JSON, so that
+//! `attend --session F` reopens it and regenerates the same image.
+
+use std::path::{Path, PathBuf};
+
+use crate::ui::settings::{AggregationChoice, ViewSettings};
+use crate::worker::{GenerateParams, ModelSource};
+
+/// Value of a session file's `format` field.
+pub const SESSION_FORMAT: &str = "attend.session.v1";
+
+/// A saved session.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Session {
+    /// Always [`SESSION_FORMAT`].
+    pub format: String,
+    /// The model.
+    pub model: ModelSource,
+    /// The generation parameters, with defaults resolved (size and scheduler spelled out), so the
+    /// same image comes back.
+    pub params: GenerateParams,
+    /// How heat maps are drawn.
+    #[serde(default)]
+    pub view: ViewSettings,
+    /// What heat maps combine.
+    #[serde(default)]
+    pub aggregation: AggregationChoice,
+    /// The word whose heat map is shown (index into the prompt's words).
+    #[serde(default)]
+    pub selected_word: Option<usize>,
+}
+
+/// Why a session file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The file could not be read.
+    #[error("cannot read session {path}: {error}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+    /// The file is not valid session JSON.
+    #[error("session {path} is not valid: {error}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error (with line and column).
+        error: serde_json::Error,
+    },
+    /// The file is JSON but not an attend session.
+    #[error("session {path} has format {found:?}, expected {SESSION_FORMAT:?}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The `format` value found.
+        found: String,
+    },
+}
+
+impl Session {
+    /// Reads and checks a session file.
+    pub fn load(path: &Path) -> Result<Self, SessionError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SessionError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let session: Self = serde_json::from_str(&text).map_err(|error| SessionError::Parse {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        if session.format != SESSION_FORMAT {
+            return Err(SessionError::Format {
+                path: path.to_path_buf(),
+                found: session.format,
+            });
+        }
+        Ok(session)
+    }
+
+    /// Pretty JSON text of the session.
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs with string keys cannot fail; fall back to an empty object anyway.
+        serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_round_trips_and_wrong_files_are_named() {
+        let folder = tempfile::tempdir().unwrap();
+        let session = Session {
+            format: SESSION_FORMAT.to_owned(),
+            model: ModelSource::Folder(PathBuf::from("/models/tiny")),
+            params: GenerateParams {
+                prompt: "a cat".to_owned(),
+                seed: 42,
+                width_px: Some(64),
+                height_px: Some(64),
+                scheduler: Some("ddim".to_owned()),
+                ..GenerateParams::default()
+            },
+            view: ViewSettings::default(),
+            aggregation: AggregationChoice::default(),
+            selected_word: Some(1),
+        };
+        let path = folder.path().join("s.json");
+        std::fs::write(&path, session.to_json()).unwrap();
+        assert_eq!(Session::load(&path).unwrap(), session);
+
+        let other = folder.path().join("other.json");
+        std::fs::write(&other, session.to_json().replace(SESSION_FORMAT, "x")).unwrap();
+        let error = Session::load(&other).unwrap_err().to_string();
+        assert!(error.contains("other.json"), "{error}");
+
+        let broken = folder.path().join("broken.json");
+        std::fs::write(&broken, "{").unwrap();
+        assert!(matches!(Session::load(&broken), Err(SessionError::Parse { .. })));
+    }
+}

@@ -1,0 +1,277 @@
+//! [`PipelineEngine`]: the real [`Engine`], over the candle pipeline
+//! ([`crate::pipeline::model::StableDiffusion`], [`crate::pipeline::sampling::generate`]) with an
+//! [`AttentionStore`] recording every step's attention.
+//!
+//! The store is shared (`Rc<RefCell<_>>`) between the attention hook, which fills it inside the UNet,
+//! and the step callback, which closes each step and sends its maps; both run on the worker thread and
+//! never at the same time.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::str::FromStr as _;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::analysis::export::write_attention_safetensors;
+use crate::analysis::heatmap::{Heatmap, SelfAttentionMap, SelfAttentionSpan, StepCross, UnetPlace};
+use crate::analysis::WordSpan;
+use crate::attention::store::{AttentionStore, StoreConfig};
+use crate::attention::{AttentionProcessor, AttentionSite};
+use crate::pipeline::model::{LoadOptions, StableDiffusion};
+use crate::pipeline::sampling::{generate, CancelToken, GenerateRequest, StepReport};
+use crate::pipeline::scheduler::{prepare_scheduler, SchedulerKind};
+use crate::pipeline::PipelineError;
+use crate::worker::backend::{Engine, RunObserver, RunOutput};
+use crate::worker::error::EngineError;
+use crate::worker::plain::RgbImage;
+use crate::worker::protocol::{GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming};
+use crate::worker::thread::EngineFactory;
+
+/// Folder of the bundled model inside the source tree and next to installed binaries.
+pub const BUNDLED_MODEL_FOLDER: &str = "assets/attend-shapes";
+
+/// Where the bundled model is: `$ATTEND_BUNDLED_MODEL`, else `assets/attend-shapes` next to the
+/// executable or one of its parent folders, else in the source tree this binary was built from.
+pub fn bundled_model_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("ATTEND_BUNDLED_MODEL") {
+        return PathBuf::from(path);
+    }
+    if let Ok(executable) = std::env::current_exe() {
+        for folder in executable.ancestors().skip(1) {
+            let candidate = folder.join(BUNDLED_MODEL_FOLDER);
+            if candidate.is_dir() {
+                return candidate;
+            }
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED_MODEL_FOLDER)
+}
+
+/// The factory the editor uses for real models.
+pub fn pipeline_engine_factory() -> EngineFactory {
+    std::sync::Arc::new(|| Box::new(PipelineEngine::default()))
+}
+
+/// What the engine keeps of its latest run.
+struct LatestRun {
+    store: Rc<RefCell<AttentionStore>>,
+    words: Vec<WordSpan>,
+    tokens: Vec<String>,
+}
+
+/// The real engine. See the module docs.
+#[derive(Default)]
+pub struct PipelineEngine {
+    model: Option<StableDiffusion>,
+    source: Option<ModelSource>,
+    latest_run: Option<LatestRun>,
+}
+
+/// Lends the shared store to the UNet's attention hook.
+struct SharedStore(Rc<RefCell<AttentionStore>>);
+
+impl AttentionProcessor for SharedStore {
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut store = self
+            .0
+            .try_borrow_mut()
+            .map_err(|_| candle_core::Error::Msg("attention store is busy".to_owned()))?;
+        store.process_probabilities(site, probs)
+    }
+}
+
+fn to_worker_image(image: crate::pipeline::sampling::RgbImage) -> RgbImage {
+    RgbImage {
+        width: image.width,
+        height: image.height,
+        pixels: image.pixels,
+    }
+}
+
+impl Engine for PipelineEngine {
+    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
+        let dir = match source {
+            ModelSource::Bundled => {
+                let dir = bundled_model_dir();
+                if !dir.is_dir() {
+                    return Err(PipelineError::Missing {
+                        what: "bundled model folder",
+                        path: dir,
+                    }
+                    .into());
+                }
+                dir
+            }
+            ModelSource::Folder(dir) => dir.clone(),
+        };
+        let model = StableDiffusion::load(&dir, &LoadOptions::default())?;
+        let (default_width_px, default_height_px) = model.default_size_px();
+        let default_scheduler = model
+            .scheduler_config
+            .class_name
+            .as_deref()
+            .and_then(SchedulerKind::from_diffusers_class)
+            .unwrap_or(SchedulerKind::Ddim);
+        let info = ModelInfo {
+            source: source.clone(),
+            name: model.name().to_owned(),
+            default_width_px,
+            default_height_px,
+            size_multiple_px: model.size_multiple_px(),
+            default_scheduler: default_scheduler.name().to_owned(),
+            schedulers: SchedulerKind::ALL.iter().map(|kind| kind.name().to_owned()).collect(),
+            warnings: model.load_warnings().to_vec(),
+        };
+        self.model = Some(model);
+        self.source = Some(source.clone());
+        self.latest_run = None;
+        Ok(info)
+    }
+
+    fn generate(
+        &mut self,
+        params: &GenerateParams,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunOutput, EngineError> {
+        let Some(model) = &self.model else {
+            return Err(EngineError::NoModel);
+        };
+        let started_at = Instant::now();
+        let requested_kind = params
+            .scheduler
+            .as_deref()
+            .map(SchedulerKind::from_str)
+            .transpose()?;
+        let (default_width, default_height) = model.default_size_px();
+        let request = GenerateRequest {
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            seed: params.seed,
+            steps: params.steps,
+            guidance: params.guidance,
+            width: params.width_px.unwrap_or(default_width),
+            height: params.height_px.unwrap_or(default_height),
+            scheduler: requested_kind,
+            init_latents: None,
+            preview: true,
+        };
+        // Resolve what `generate` will do, to report it before the first step.
+        let prepared = prepare_scheduler(&model.scheduler_config, requested_kind, params.steps)?;
+        let prompt_tokens = model.tokenizer.encode(&params.prompt)?;
+        let mut warnings = prepared.warnings.clone();
+        warnings.extend(prompt_tokens.warning());
+        let resolved = GenerateParams {
+            scheduler: Some(prepared.kind.name().to_owned()),
+            width_px: Some(request.width),
+            height_px: Some(request.height),
+            ..params.clone()
+        };
+        observer.started(
+            &resolved,
+            PromptInfo {
+                words: prompt_tokens.words.clone(),
+                tokens: prompt_tokens.tokens.clone(),
+                warnings,
+            },
+        )?;
+
+        let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
+            prompt_tokens.token_count(),
+        ))));
+        self.latest_run = Some(LatestRun {
+            store: Rc::clone(&store),
+            words: prompt_tokens.words.clone(),
+            tokens: prompt_tokens.tokens.clone(),
+        });
+        let mut processor = SharedStore(Rc::clone(&store));
+        let mut observer_error: Option<EngineError> = None;
+        let mut step_started = Instant::now();
+        let mut on_step = |report: &StepReport| -> Result<(), PipelineError> {
+            let cross = {
+                let mut store = store.try_borrow_mut().map_err(|_| PipelineError::InvalidArgument {
+                    name: "attention store",
+                    reason: "busy during a step report".to_owned(),
+                })?;
+                store.finish_step()?;
+                store.latest_step().cloned().unwrap_or_else(|| StepCross {
+                    step_index: report.step_index,
+                    groups: Vec::new(),
+                })
+            };
+            let frame = StepFrame {
+                step_index: report.step_index,
+                step_count: report.step_count,
+                timestep: report.timestep,
+                preview: report.preview.clone().map(to_worker_image).unwrap_or_default(),
+                cross,
+                timing: StepTiming {
+                    step_secs: step_started.elapsed().as_secs_f64(),
+                    elapsed_secs: started_at.elapsed().as_secs_f64(),
+                },
+            };
+            step_started = Instant::now();
+            observer.step(frame).map_err(|error| {
+                observer_error = Some(error);
+                PipelineError::Cancelled
+            })
+        };
+        let result = generate(model, &request, Some(&mut processor), &mut on_step, &CancelToken::new());
+        if let Some(error) = observer_error {
+            return Err(error);
+        }
+        let output = result?;
+        let self_attention_grids = store
+            .try_borrow()
+            .map(|store| store.self_attention_resolutions())
+            .unwrap_or_default();
+        Ok(RunOutput {
+            image: to_worker_image(output.image),
+            self_attention_grids,
+        })
+    }
+
+    fn self_attention(
+        &self,
+        grid_h: usize,
+        grid_w: usize,
+        span: SelfAttentionSpan,
+    ) -> Result<Option<SelfAttentionMap>, EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Ok(None);
+        };
+        let store = run
+            .store
+            .try_borrow()
+            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        Ok(store.self_attention(
+            grid_h,
+            grid_w,
+            &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
+            span,
+        ))
+    }
+
+    fn write_attention(&self, path: &Path, word_heatmaps: &[Heatmap]) -> Result<(), EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Err(EngineError::Unavailable("no run to export".to_owned()));
+        };
+        let store = run
+            .store
+            .try_borrow()
+            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        write_attention_safetensors(
+            path,
+            &store.cross_by_resolution(),
+            word_heatmaps,
+            &run.words,
+            &run.tokens,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,529 @@
+//! A fake [`Engine`] that synthesises a preview image and attention maps without any model.
+//!
+//! Each prompt word gets a coloured blob at a place fixed by the seed and the word; its
+//! cross-attention is a Gaussian around that place that sharpens over the steps, and the image
+//! denoises towards the blobs. Deterministic: the same parameters give the same bytes.
+//! It serves the worker-protocol and UI tests, and UI work while the real engine is busy elsewhere.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::analysis::export::write_attention_safetensors;
+use crate::analysis::WordSpan;
+use crate::attention::UnetPlace;
+use crate::worker::backend::{Engine, RunObserver, RunOutput};
+use crate::worker::error::EngineError;
+use crate::worker::plain::{
+    CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross,
+};
+use crate::worker::protocol::{
+    GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
+};
+
+/// Knobs of the fake engine.
+#[derive(Clone, Debug, Default)]
+pub struct FakeEngineConfig {
+    /// Time each step takes (sleep), to exercise cancellation and progress.
+    pub step_delay: Duration,
+    /// Time loading a model takes.
+    pub load_delay: Duration,
+    /// If the prompt contains this word, the engine panics during step 1 (for panic-recovery tests).
+    pub panic_word: Option<String>,
+}
+
+/// The schedulers the fake pretends to have (the real engine's names).
+const FAKE_SCHEDULERS: [&str; 4] = ["ddim", "euler", "euler-a", "dpmpp-2m"];
+/// Sizes must be multiples of this (three halvings, like a small UNet).
+const FAKE_SIZE_MULTIPLE_PX: usize = 16;
+/// Prompt words beyond this are dropped with a warning (77 tokens minus start and end).
+const FAKE_MAX_WORDS: usize = 75;
+
+/// What the fake remembers of its latest run.
+#[derive(Clone, Debug, Default)]
+struct FakeRun {
+    /// Blob centres `(y, x)` in `[0, 1]` per word.
+    centres: Vec<(f32, f32)>,
+    /// Blob width at the last step (fraction of the image).
+    sigma: f32,
+    /// Self-attention grids kept.
+    self_grids: Vec<(usize, usize)>,
+    /// Every step's cross-attention.
+    steps: Vec<StepCross>,
+    /// Tokens of the prompt.
+    tokens: Vec<String>,
+    /// Words of the prompt.
+    words: Vec<WordSpan>,
+}
+
+/// The fake engine. See the module docs.
+pub struct FakeEngine {
+    config: FakeEngineConfig,
+    model: Option<ModelInfo>,
+    latest_run: Option<FakeRun>,
+}
+
+impl FakeEngine {
+    /// A fake engine with no model loaded.
+    pub fn new(config: FakeEngineConfig) -> Self {
+        Self {
+            config,
+            model: None,
+            latest_run: None,
+        }
+    }
+}
+
+impl Engine for FakeEngine {
+    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
+        std::thread::sleep(self.config.load_delay);
+        let name = match source {
+            ModelSource::Bundled => "fake shapes (synthetic)".to_owned(),
+            ModelSource::Folder(path) => {
+                let index = path.join("model_index.json");
+                if !index.is_file() {
+                    return Err(crate::pipeline::PipelineError::Missing {
+                        what: "model_index.json",
+                        path: index,
+                    }
+                    .into());
+                }
+                path.file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string())
+            }
+        };
+        let info = ModelInfo {
+            source: source.clone(),
+            name,
+            default_width_px: 64,
+            default_height_px: 64,
+            size_multiple_px: FAKE_SIZE_MULTIPLE_PX,
+            default_scheduler: FAKE_SCHEDULERS[0].to_owned(),
+            schedulers: FAKE_SCHEDULERS
+                .iter()
+                .map(|name| (*name).to_owned())
+                .collect(),
+            warnings: Vec::new(),
+        };
+        self.model = Some(info.clone());
+        self.latest_run = None;
+        Ok(info)
+    }
+
+    fn generate(
+        &mut self,
+        params: &GenerateParams,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunOutput, EngineError> {
+        let Some(model) = &self.model else {
+            return Err(EngineError::NoModel);
+        };
+        let started_at = Instant::now();
+        let resolved = resolve_params(params, model)?;
+        let width = resolved.width_px.unwrap_or(model.default_width_px);
+        let height = resolved.height_px.unwrap_or(model.default_height_px);
+        let prompt = tokenize(&resolved.prompt);
+        let word_count = prompt.words.len();
+        let centres: Vec<(f32, f32)> = prompt
+            .words
+            .iter()
+            .enumerate()
+            .map(|(index, word)| blob_centre(resolved.seed, &word.text, index))
+            .collect();
+        let tokens = prompt.tokens.clone();
+        let words = prompt.words.clone();
+        observer.started(&resolved, prompt)?;
+        self.latest_run = None;
+
+        let grids = [
+            (UnetPlace::Down, height / 4, width / 4, 2),
+            (UnetPlace::Down, height / 8, width / 8, 2),
+            (UnetPlace::Mid, height / 16, width / 16, 1),
+            (UnetPlace::Up, height / 8, width / 8, 3),
+            (UnetPlace::Up, height / 4, width / 4, 3),
+        ];
+        let mut run = FakeRun {
+            centres,
+            sigma: 0.5,
+            self_grids: vec![(height / 8, width / 8), (height / 4, width / 4)],
+            steps: Vec::with_capacity(resolved.steps),
+            tokens,
+            words,
+        };
+        let mut preview = RgbImage::black(width, height);
+        for step_index in 0..resolved.steps {
+            let step_started = Instant::now();
+            std::thread::sleep(self.config.step_delay);
+            if step_index == 1 {
+                if let Some(word) = &self.config.panic_word {
+                    if resolved.prompt.split_whitespace().any(|w| w == word) {
+                        std::panic::panic_any(format!(
+                            "fake engine: prompt contains the panic word {word:?}"
+                        ));
+                    }
+                }
+            }
+            let progress = (step_index + 1) as f32 / resolved.steps as f32;
+            run.sigma = 0.45 - 0.3 * progress;
+            let groups = grids
+                .iter()
+                .map(|&(place, grid_h, grid_w, layer_count)| CrossGroup {
+                    place,
+                    h: grid_h,
+                    w: grid_w,
+                    layer_count,
+                    token_count: word_count + 2,
+                    data: cross_maps(&run.centres, run.sigma, word_count + 2, grid_h, grid_w),
+                })
+                .collect();
+            let cross = StepCross { step_index, groups };
+            run.steps.push(cross.clone());
+            preview = synthesise_image(
+                &run.centres,
+                run.sigma,
+                progress,
+                resolved.seed,
+                width,
+                height,
+            );
+            observer.step(StepFrame {
+                step_index,
+                step_count: resolved.steps,
+                timestep: 1000.0 * (1.0 - step_index as f64 / resolved.steps as f64),
+                preview: preview.clone(),
+                cross,
+                timing: StepTiming {
+                    step_secs: step_started.elapsed().as_secs_f64(),
+                    elapsed_secs: started_at.elapsed().as_secs_f64(),
+                },
+            })?;
+            // Keep what we have so far, so a cancelled run can still be probed.
+            self.latest_run = Some(run.clone());
+        }
+        let self_attention_grids = run.self_grids.clone();
+        self.latest_run = Some(run);
+        Ok(RunOutput {
+            image: preview,
+            self_attention_grids,
+        })
+    }
+
+    fn self_attention(
+        &self,
+        grid_h: usize,
+        grid_w: usize,
+        _span: SelfAttentionSpan,
+    ) -> Result<Option<SelfAttentionMap>, EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Ok(None);
+        };
+        if !run.self_grids.contains(&(grid_h, grid_w)) {
+            return Ok(None);
+        }
+        Ok(Some(self_attention_map(run, grid_h, grid_w)))
+    }
+
+    fn write_attention(&self, path: &Path, word_heatmaps: &[Heatmap]) -> Result<(), EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Err(EngineError::Unavailable("no run to export".to_owned()));
+        };
+        let cross = cross_by_resolution(&run.steps);
+        write_attention_safetensors(path, &cross, word_heatmaps, &run.words, &run.tokens)?;
+        Ok(())
+    }
+}
+
+/// Checks and fills in defaults the way the real engine does.
+fn resolve_params(
+    params: &GenerateParams,
+    model: &ModelInfo,
+) -> Result<GenerateParams, EngineError> {
+    if params.steps == 0 || params.steps > 1000 {
+        return Err(EngineError::InvalidArgument {
+            name: "steps",
+            reason: format!("{} is not in 1..=1000", params.steps),
+        });
+    }
+    let mut resolved = params.clone();
+    for (name, value, default) in [
+        ("width", &mut resolved.width_px, model.default_width_px),
+        ("height", &mut resolved.height_px, model.default_height_px),
+    ] {
+        let size = value.unwrap_or(default);
+        if size == 0 || size % FAKE_SIZE_MULTIPLE_PX != 0 || size > 4096 {
+            return Err(EngineError::InvalidArgument {
+                name,
+                reason: format!("{size} px is not a positive multiple of {FAKE_SIZE_MULTIPLE_PX} (at most 4096)"),
+            });
+        }
+        *value = Some(size);
+    }
+    let scheduler = resolved
+        .scheduler
+        .clone()
+        .unwrap_or_else(|| model.default_scheduler.clone());
+    if !model.schedulers.contains(&scheduler) {
+        return Err(EngineError::InvalidArgument {
+            name: "scheduler",
+            reason: format!(
+                "{scheduler:?} is not one of {}",
+                model.schedulers.join(", ")
+            ),
+        });
+    }
+    resolved.scheduler = Some(scheduler);
+    Ok(resolved)
+}
+
+/// Whitespace words, punctuation stripped, lower-cased; tokens `<start>`, words, `<end>`.
+fn tokenize(prompt: &str) -> PromptInfo {
+    let mut words = Vec::new();
+    let mut tokens = vec!["<start>".to_owned()];
+    let mut warnings = Vec::new();
+    let mut dropped = Vec::new();
+    for raw in prompt.split_whitespace() {
+        let text: String = raw
+            .chars()
+            .filter(|c| c.is_alphanumeric())
+            .flat_map(char::to_lowercase)
+            .collect();
+        if text.is_empty() {
+            continue;
+        }
+        if words.len() == FAKE_MAX_WORDS {
+            dropped.push(text);
+            continue;
+        }
+        tokens.push(text.clone());
+        words.push(WordSpan {
+            text,
+            token_indices: vec![tokens.len() - 1],
+        });
+    }
+    tokens.push("<end>".to_owned());
+    if !dropped.is_empty() {
+        warnings.push(format!(
+            "prompt truncated to {} tokens; dropped: {}",
+            FAKE_MAX_WORDS + 2,
+            dropped.join(" ")
+        ));
+    }
+    PromptInfo {
+        words,
+        tokens,
+        warnings,
+    }
+}
+
+/// A 64-bit mix (splitmix64), for deterministic pseudo-random numbers.
+fn mix(mut value: u64) -> u64 {
+    value = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    value ^ (value >> 31)
+}
+
+/// A number in `[0, 1)` from a hash.
+fn unit(hash: u64) -> f32 {
+    (hash >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn text_hash(text: &str) -> u64 {
+    text.bytes().fold(0xCBF2_9CE4_8422_2325, |hash, byte| {
+        mix(hash ^ u64::from(byte))
+    })
+}
+
+/// Where a word's blob sits, `(y, x)` in `[0.2, 0.8]`.
+fn blob_centre(seed: u64, word: &str, index: usize) -> (f32, f32) {
+    let hash = mix(seed ^ text_hash(word) ^ mix(index as u64));
+    (0.2 + 0.6 * unit(hash), 0.2 + 0.6 * unit(mix(hash)))
+}
+
+/// The colour of word `index`'s blob.
+fn blob_colour(index: usize) -> [f32; 3] {
+    const PALETTE: [[f32; 3]; 6] = [
+        [230.0, 80.0, 60.0],
+        [60.0, 160.0, 230.0],
+        [250.0, 200.0, 50.0],
+        [90.0, 200.0, 110.0],
+        [180.0, 90.0, 220.0],
+        [240.0, 140.0, 40.0],
+    ];
+    PALETTE[index % PALETTE.len()]
+}
+
+fn gaussian(y: f32, x: f32, centre: (f32, f32), sigma: f32) -> f32 {
+    let (dy, dx) = (y - centre.0, x - centre.1);
+    (-(dy * dy + dx * dx) / (2.0 * sigma * sigma)).exp()
+}
+
+/// `[tokens, grid_h, grid_w]`: per pixel a distribution over tokens (start token takes most mass
+/// where no word's blob is).
+fn cross_maps(
+    centres: &[(f32, f32)],
+    sigma: f32,
+    token_count: usize,
+    grid_h: usize,
+    grid_w: usize,
+) -> Vec<f32> {
+    let plane = grid_h * grid_w;
+    let mut data = vec![0.0; token_count * plane];
+    let mut scores = vec![0.0f32; token_count];
+    for y in 0..grid_h {
+        for x in 0..grid_w {
+            let (fy, fx) = (
+                (y as f32 + 0.5) / grid_h as f32,
+                (x as f32 + 0.5) / grid_w as f32,
+            );
+            scores[0] = 1.0;
+            for (word_index, centre) in centres.iter().enumerate() {
+                scores[word_index + 1] = 4.0 * gaussian(fy, fx, *centre, sigma);
+            }
+            scores[token_count - 1] = 0.1;
+            let total: f32 = scores.iter().sum();
+            for (token, score) in scores.iter().enumerate() {
+                data[token * plane + y * grid_w + x] = score / total;
+            }
+        }
+    }
+    data
+}
+
+/// The preview at `progress` (0..1]: noise fading into blobs on a grey background.
+fn synthesise_image(
+    centres: &[(f32, f32)],
+    sigma: f32,
+    progress: f32,
+    seed: u64,
+    width: usize,
+    height: usize,
+) -> RgbImage {
+    let mut image = RgbImage::black(width, height);
+    let noise_amount = 1.0 - progress;
+    for y in 0..height {
+        for x in 0..width {
+            let (fy, fx) = (
+                (y as f32 + 0.5) / height as f32,
+                (x as f32 + 0.5) / width as f32,
+            );
+            let mut colour = [40.0f32, 44.0, 52.0];
+            for (index, centre) in centres.iter().enumerate() {
+                let weight = gaussian(fy, fx, *centre, sigma * 0.6).min(1.0);
+                let blob = blob_colour(index);
+                for channel in 0..3 {
+                    colour[channel] = colour[channel] * (1.0 - weight) + blob[channel] * weight;
+                }
+            }
+            let pixel = (y * width + x) * 3;
+            for channel in 0..3 {
+                let noise = unit(mix(seed ^ mix((pixel + channel) as u64))) * 255.0;
+                let value = colour[channel] * (1.0 - noise_amount) + noise * noise_amount;
+                image.pixels[pixel + channel] = value.clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    image
+}
+
+/// `[q, q]`: each query attends around itself and to the blob it belongs to.
+fn self_attention_map(run: &FakeRun, grid_h: usize, grid_w: usize) -> SelfAttentionMap {
+    let queries = grid_h * grid_w;
+    let mut data = vec![0.0; queries * queries];
+    let position = |index: usize| {
+        (
+            ((index / grid_w) as f32 + 0.5) / grid_h as f32,
+            ((index % grid_w) as f32 + 0.5) / grid_w as f32,
+        )
+    };
+    for query in 0..queries {
+        let query_position = position(query);
+        let owner = run
+            .centres
+            .iter()
+            .map(|centre| gaussian(query_position.0, query_position.1, *centre, run.sigma))
+            .enumerate()
+            .filter(|(_, weight)| *weight > 0.3)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(index, _)| run.centres[index]);
+        let row = &mut data[query * queries..(query + 1) * queries];
+        for (key, value) in row.iter_mut().enumerate() {
+            let (ky, kx) = position(key);
+            let local = gaussian(ky, kx, query_position, 0.08);
+            let blob = owner.map_or(0.0, |centre| gaussian(ky, kx, centre, run.sigma));
+            *value = local + blob;
+        }
+        let total: f32 = row.iter().sum();
+        if total > 0.0 {
+            row.iter_mut().for_each(|value| *value /= total);
+        }
+    }
+    SelfAttentionMap {
+        h: grid_h,
+        w: grid_w,
+        layer_count: 1,
+        step_count: 1,
+        data,
+    }
+}
+
+/// `(h, w) -> [steps, tokens, h, w]`: places averaged weighted by layer count, as the store's
+/// `cross_by_resolution` does.
+fn cross_by_resolution(steps: &[StepCross]) -> BTreeMap<(usize, usize), Vec<f32>> {
+    let mut out: BTreeMap<(usize, usize), Vec<f32>> = BTreeMap::new();
+    for step in steps {
+        let mut per_grid: BTreeMap<(usize, usize), (Vec<f32>, usize)> = BTreeMap::new();
+        for group in &step.groups {
+            let (sum, layers) = per_grid
+                .entry((group.h, group.w))
+                .or_insert_with(|| (vec![0.0; group.data.len()], 0));
+            sum.iter_mut()
+                .zip(&group.data)
+                .for_each(|(total, value)| *total += value * group.layer_count as f32);
+            *layers += group.layer_count;
+        }
+        for (grid, (sum, layers)) in per_grid {
+            let scale = 1.0 / layers.max(1) as f32;
+            out.entry(grid)
+                .or_default()
+                .extend(sum.iter().map(|value| value * scale));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenize_keeps_words_and_positions() {
+        let prompt = tokenize("An orange square, and a  BLUE circle!");
+        let texts: Vec<&str> = prompt.words.iter().map(|w| w.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["an", "orange", "square", "and", "a", "blue", "circle"]
+        );
+        assert_eq!(prompt.words[2].token_indices, [3]);
+        assert_eq!(prompt.tokens.len(), 9);
+    }
+
+    #[test]
+    fn cross_maps_are_distributions_over_tokens() {
+        let maps = cross_maps(&[(0.25, 0.25), (0.75, 0.75)], 0.2, 4, 8, 8);
+        for pixel in 0..64 {
+            let total: f32 = (0..4).map(|token| maps[token * 64 + pixel]).sum();
+            assert!((total - 1.0).abs() < 1e-5);
+        }
+        // Word 0's map peaks in the top-left quarter.
+        let word0 = &maps[64..128];
+        let peak = word0
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(index, _)| index)
+            .unwrap();
+        assert!(peak / 8 < 4 && peak % 8 < 4);
+    }
+}

@@ -1,0 +1,34 @@
+//! The editor's background thread: owns the diffusion engine, runs typed [`Command`]s and reports
+//! [`Event`]s over bounded channels. No egui here and no tensors in any message (plain `Vec`s with
+//! shapes), so the UI stays free of candle and the worker free of egui.
+//!
+//! | module | what it is |
+//! |---|---|
+//! | `protocol` | [`Command`], [`Event`] and their plain-data payloads |
+//! | `plain` | images and attention maps as `Vec`s with shapes |
+//! | `backend` | the [`Engine`] trait the thread drives |
+//! | `thread` | [`WorkerHandle`] and the worker loop (supersede, cancel, panic recovery) |
+//! | `engine` | [`PipelineEngine`]: the real engine over the candle pipeline and the attention store |
+//! | `fake` | [`FakeEngine`]: synthetic images and maps, for tests |
+//! | `export` | atomic file writes for exports |
+
+mod backend;
+mod engine;
+mod error;
+mod export;
+mod fake;
+mod plain;
+mod protocol;
+mod thread;
+
+pub use backend::{Engine, RunObserver, RunOutput};
+pub use engine::{bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER};
+pub use error::{EngineError, SendCommandError};
+pub use export::{write_png_file, write_text_file};
+pub use fake::{FakeEngine, FakeEngineConfig};
+pub use plain::{CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
+pub use protocol::{
+    Command, Event, GenerateParams, ModelInfo, ModelSource, PngExport, PromptInfo, StepFrame,
+    StepTiming,
+};
+pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};

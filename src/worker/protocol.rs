@@ -1,0 +1,294 @@
+//! The messages between the UI and the worker thread: [`Command`]s go in, [`Event`]s come out.
+//!
+//! Everything here is plain data (no tensors, no egui types), so either side can be replaced or tested
+//! alone. Every generation has a run id, given by [`crate::worker::WorkerHandle::generate`]; every event
+//! about a run names it, so the UI can drop the events of a run it has already superseded.
+//!
+//! Protocol, per run id: `Started`, then `Step` events in step order, then exactly one of `Finished`,
+//! `Cancelled` or `Failed`. A run superseded before it starts gets only `Cancelled { steps_done: 0 }`.
+
+use std::path::PathBuf;
+
+use crate::analysis::WordSpan;
+use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
+
+/// Which model to load.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ModelSource {
+    /// The model shipped with attend (`assets/attend-shapes/`).
+    #[default]
+    Bundled,
+    /// A diffusers-layout model folder chosen by the user.
+    Folder(PathBuf),
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bundled => write!(f, "bundled model"),
+            Self::Folder(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// What one generation needs. Together with the model this fixes the image exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct GenerateParams {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (the unconditional half of classifier-free guidance).
+    pub negative_prompt: String,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Number of denoising steps (>= 1).
+    pub steps: usize,
+    /// Classifier-free guidance scale; <= 1 disables guidance.
+    pub guidance: f64,
+    /// Scheduler name (`ddim`, `euler`, `euler-a`, `dpmpp-2m`); `None` uses the model's own.
+    pub scheduler: Option<String>,
+    /// Image width in pixels; `None` uses the model's default size.
+    pub width_px: Option<usize>,
+    /// Image height in pixels; `None` uses the model's default size.
+    pub height_px: Option<usize>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 1,
+            steps: 20,
+            guidance: 7.5,
+            scheduler: None,
+            width_px: None,
+            height_px: None,
+        }
+    }
+}
+
+/// What the UI learns about a loaded model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// Where it came from.
+    pub source: ModelSource,
+    /// A short name for the status line (folder name or the bundled model's name).
+    pub name: String,
+    /// Default image width in pixels.
+    pub default_width_px: usize,
+    /// Default image height in pixels.
+    pub default_height_px: usize,
+    /// Image sizes must be multiples of this many pixels.
+    pub size_multiple_px: usize,
+    /// The scheduler the model's own config asks for.
+    pub default_scheduler: String,
+    /// Scheduler names the engine accepts.
+    pub schedulers: Vec<String>,
+    /// Non-fatal remarks from loading (e.g. "PNDMScheduler not implemented, using DDIM").
+    pub warnings: Vec<String>,
+}
+
+/// How the prompt was tokenised for a run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PromptInfo {
+    /// One entry per prompt word, with its token positions.
+    pub words: Vec<WordSpan>,
+    /// The real tokens (start, prompt tokens, end), as the tokenizer spells them.
+    pub tokens: Vec<String>,
+    /// Warnings for the status line (prompt truncated, scheduler substituted, ...).
+    pub warnings: Vec<String>,
+}
+
+/// Time spent, for the progress bar.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// Seconds this step took.
+    pub step_secs: f64,
+    /// Seconds since the run started (including text encoding).
+    pub elapsed_secs: f64,
+}
+
+/// Everything the UI gets after one denoising step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepFrame {
+    /// 0-based step index.
+    pub step_index: usize,
+    /// Number of steps in the run.
+    pub step_count: usize,
+    /// The scheduler timestep of this step.
+    pub timestep: f64,
+    /// A cheap preview of the current sample (`[height, width, 3]` RGB).
+    pub preview: RgbImage,
+    /// This step's cross-attention maps (conditional half, heads and layers averaged per group).
+    pub cross: StepCross,
+    /// Timings.
+    pub timing: StepTiming,
+}
+
+/// One request to the worker. Each variant is answered by events (see the module docs).
+#[derive(Clone, Debug)]
+pub enum Command {
+    /// Load a model. On failure the previous model stays loaded. Supersedes a running generation.
+    LoadModel {
+        /// Which model.
+        source: ModelSource,
+    },
+    /// Generate an image. Supersedes (cancels) any earlier run.
+    Generate {
+        /// Id of this run, unique and increasing (assigned by the handle).
+        run_id: u64,
+        /// What to generate.
+        params: GenerateParams,
+    },
+    /// Cancel the running generation (takes effect before the next step starts).
+    Cancel,
+    /// Ask for the self-attention of the latest run at one resolution, answered by
+    /// [`Event::SelfAttention`].
+    RequestSelfAttention {
+        /// The run the UI shows (ignored if it is not the latest run).
+        run_id: u64,
+        /// Query grid height.
+        grid_h: usize,
+        /// Query grid width.
+        grid_w: usize,
+        /// Latest step or mean over steps.
+        span: SelfAttentionSpan,
+    },
+    /// Write PNG files (atomically). Answered by one [`Event::Exported`] or [`Event::ExportFailed`] per file.
+    ExportPngs {
+        /// The files to write.
+        files: Vec<PngExport>,
+    },
+    /// Write the raw attention maps of the latest run as safetensors (the CLI's `--attention-out` layout).
+    ExportAttention {
+        /// The run the UI shows; refused if it is not the latest finished run.
+        run_id: u64,
+        /// Destination file.
+        path: PathBuf,
+        /// The word heat maps shown, stored alongside as `word_heatmaps` `[words, H, W]`.
+        word_heatmaps: Vec<Heatmap>,
+    },
+    /// Write a text file atomically (session JSON).
+    ExportText {
+        /// Destination file.
+        path: PathBuf,
+        /// The file's content.
+        text: String,
+    },
+    /// Stop the worker thread.
+    Shutdown,
+}
+
+/// One PNG to write.
+#[derive(Clone, Debug)]
+pub struct PngExport {
+    /// Destination file.
+    pub path: PathBuf,
+    /// The pixels.
+    pub image: RgbImage,
+    /// A1111-style `parameters` text chunk, if any.
+    pub parameters: Option<String>,
+}
+
+/// What the worker reports.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A model is loaded and ready.
+    ModelLoaded {
+        /// About the model.
+        info: ModelInfo,
+    },
+    /// Loading failed; the previous model (if any) is still loaded.
+    ModelLoadFailed {
+        /// What was asked for.
+        source: ModelSource,
+        /// Why it failed (the full error chain).
+        message: String,
+    },
+    /// A run started; the prompt is tokenised.
+    Started {
+        /// The run.
+        run_id: u64,
+        /// Its parameters, with defaults resolved (size, scheduler).
+        params: GenerateParams,
+        /// How the prompt was tokenised.
+        prompt: PromptInfo,
+    },
+    /// One denoising step is done.
+    Step {
+        /// The run.
+        run_id: u64,
+        /// The step's preview, maps and timings.
+        frame: Box<StepFrame>,
+    },
+    /// The run finished.
+    Finished {
+        /// The run.
+        run_id: u64,
+        /// The final image.
+        image: RgbImage,
+        /// Seconds the whole run took.
+        elapsed_secs: f64,
+        /// Resolutions `(h, w)` at which self-attention was kept (for the probe).
+        self_attention_grids: Vec<(usize, usize)>,
+    },
+    /// The run was cancelled (or superseded) after `steps_done` steps.
+    Cancelled {
+        /// The run.
+        run_id: u64,
+        /// Steps completed before it stopped.
+        steps_done: usize,
+    },
+    /// The run (or, without a run id, some other command) failed.
+    Failed {
+        /// The run, if the failure belongs to one.
+        run_id: Option<u64>,
+        /// Why (the full error chain).
+        message: String,
+    },
+    /// Something the user should know, not an error.
+    Warning {
+        /// The message.
+        message: String,
+    },
+    /// The answer to [`Command::RequestSelfAttention`].
+    SelfAttention {
+        /// The run it belongs to.
+        run_id: u64,
+        /// The map, or `None` when the run kept none at that resolution.
+        map: Option<SelfAttentionMap>,
+    },
+    /// A file was written.
+    Exported {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A file could not be written (nothing partial is left behind).
+    ExportFailed {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The worker panicked; it was restarted with a fresh engine (and reloads the last model).
+    WorkerRestarted {
+        /// The panic message.
+        message: String,
+    },
+}
+
+impl Event {
+    /// The run this event belongs to, if any.
+    pub fn run_id(&self) -> Option<u64> {
+        match self {
+            Self::Started { run_id, .. }
+            | Self::Step { run_id, .. }
+            | Self::Finished { run_id, .. }
+            | Self::Cancelled { run_id, .. }
+            | Self::SelfAttention { run_id, .. } => Some(*run_id),
+            Self::Failed { run_id, .. } => *run_id,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The worker thread: owns the [`Engine`], runs [`Command`]s one at a time and reports [`Event`]s.
+//!
+//! ```text
+//!   UI thread                                   "attend-worker" thread
+//!   WorkerHandle ── Command (bounded) ───────▶  serve loop ─▶ Engine::generate
+//!        ▲                                          │  after each step: drain commands,
+//!        └──────── Event (bounded) ◀────────────────┘  check the cancel mark, emit Step
+//!   waker() is called after every event, so the UI repaints (the UI sets it to request_repaint)
+//! ```
+//!
+//! Cancelling: the handle marks runs as cancelled in a shared atomic (`cancel_up_to`: every run id
+//! up to it is cancelled) *before* it sends the command, so a running generation sees the mark at its
+//! next step boundary even though its command is still queued. A panic in the engine is caught; the
+//! worker reports it, builds a fresh engine and reloads the last model.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+
+use crate::worker::backend::{Engine, RunObserver};
+use crate::worker::error::{EngineError, SendCommandError};
+use crate::worker::export::{write_png_file, write_text_file};
+use crate::worker::protocol::{Command, Event, GenerateParams, ModelSource, PromptInfo, StepFrame};
+
+/// Builds a fresh engine; called on the worker thread at start and after a panic.
+pub type EngineFactory = Arc<dyn Fn() -> Box<dyn Engine> + Send + Sync>;
+
+/// Called after every event, to wake the UI (`move || ctx.request_repaint()`).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Capacity of the command queue (UI -> worker).
+pub const COMMAND_CAPACITY: usize = 64;
+/// Capacity of the event queue (worker -> UI). The worker waits when it is full (backpressure).
+pub const EVENT_CAPACITY: usize = 64;
+
+/// State shared by the handle and the thread.
+struct Shared {
+    /// Every run id `<=` this is cancelled. Run ids start at 1, so 0 cancels nothing.
+    cancel_up_to: AtomicU64,
+    /// Wakes the UI after each event.
+    waker: RwLock<Option<Waker>>,
+}
+
+impl Shared {
+    fn is_cancelled(&self, run_id: u64) -> bool {
+        run_id <= self.cancel_up_to.load(Ordering::SeqCst)
+    }
+
+    fn cancel_up_to(&self, run_id: u64) {
+        self.cancel_up_to.fetch_max(run_id, Ordering::SeqCst);
+    }
+
+    fn wake(&self) {
+        let waker = match self.waker.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(waker) = waker {
+            waker();
+        }
+    }
+}
+
+/// The UI's side of the worker: sends commands without blocking, receives events.
+///
+/// Dropping the handle cancels any run and lets the thread finish on its own (it is not joined, so a
+/// long step never blocks the UI).
+pub struct WorkerHandle {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    shared: Arc<Shared>,
+    last_run_id: u64,
+}
+
+impl WorkerHandle {
+    /// Starts the named worker thread `attend-worker` with an engine from `factory`.
+    pub fn spawn(factory: EngineFactory) -> std::io::Result<Self> {
+        let (command_tx, command_rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
+        let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_CAPACITY);
+        let shared = Arc::new(Shared {
+            cancel_up_to: AtomicU64::new(0),
+            waker: RwLock::new(None),
+        });
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("attend-worker".to_owned())
+            .spawn(move || {
+                worker_main(
+                    &factory,
+                    &command_rx,
+                    &Outbox {
+                        events: event_tx,
+                        shared: thread_shared,
+                    },
+                );
+            })?;
+        Ok(Self {
+            commands: command_tx,
+            events: event_rx,
+            shared,
+            last_run_id: 0,
+        })
+    }
+
+    /// Sets the closure called after every event (the UI passes `move || ctx.request_repaint()`).
+    pub fn set_waker(&self, waker: impl Fn() + Send + Sync + 'static) {
+        let waker: Waker = Arc::new(waker);
+        match self.shared.waker.write() {
+            Ok(mut guard) => *guard = Some(waker),
+            Err(poisoned) => *poisoned.into_inner() = Some(waker),
+        }
+    }
+
+    /// Starts a generation, superseding (cancelling) any earlier one. Returns the new run id.
+    pub fn generate(&mut self, params: GenerateParams) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::Generate { run_id, params })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Cancels the running generation (and any queued one).
+    pub fn cancel(&self) -> Result<(), SendCommandError> {
+        self.shared.cancel_up_to(self.last_run_id);
+        self.send(Command::Cancel)
+    }
+
+    /// Loads a model, cancelling any running generation first.
+    pub fn load_model(&self, source: ModelSource) -> Result<(), SendCommandError> {
+        self.shared.cancel_up_to(self.last_run_id);
+        self.send(Command::LoadModel { source })
+    }
+
+    /// Sends any other command without blocking. Use [`Self::generate`], [`Self::cancel`] and
+    /// [`Self::load_model`] for those three, so cancellation marks are set.
+    pub fn send(&self, command: Command) -> Result<(), SendCommandError> {
+        self.commands
+            .try_send(command)
+            .map_err(|error| match error {
+                TrySendError::Full(_) => SendCommandError::Busy,
+                TrySendError::Disconnected(_) => SendCommandError::Stopped,
+            })
+    }
+
+    /// The next event, if one is waiting (never blocks).
+    pub fn try_recv(&self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+
+    /// The event receiver, for callers that want to wait (tests, the headless CLI).
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Id of the latest run asked for (0 before the first).
+    pub fn last_run_id(&self) -> u64 {
+        self.last_run_id
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shared.cancel_up_to(u64::MAX);
+        // The thread also stops when the command channel closes; the explicit command is a courtesy.
+        let _ = self.commands.try_send(Command::Shutdown);
+    }
+}
+
+/// The UI went away (the event receiver was dropped).
+#[derive(Debug)]
+struct Disconnected;
+
+/// The worker's sending side: each event is followed by a wake-up call.
+struct Outbox {
+    events: Sender<Event>,
+    shared: Arc<Shared>,
+}
+
+impl Outbox {
+    fn emit(&self, event: Event) -> Result<(), Disconnected> {
+        self.events.send(event).map_err(|_| Disconnected)?;
+        self.shared.wake();
+        Ok(())
+    }
+}
+
+/// What the worker remembers across commands (and across a panic restart).
+struct WorkerState {
+    engine: Box<dyn Engine>,
+    /// The last model that loaded successfully, reloaded after a restart.
+    loaded_model: Option<ModelSource>,
+    /// Commands taken off the channel during a run, to run after it.
+    pending: VecDeque<Command>,
+    /// The run being generated, if any (for reporting a panic).
+    active_run: Option<u64>,
+    /// The latest run whose maps the engine holds (finished or cancelled after some steps).
+    latest_run: Option<u64>,
+    /// The latest run that finished.
+    latest_finished_run: Option<u64>,
+}
+
+fn worker_main(factory: &EngineFactory, commands: &Receiver<Command>, outbox: &Outbox) {
+    let Ok(engine) = std::panic::catch_unwind(AssertUnwindSafe(|| factory())) else {
+        let _ = outbox.emit(Event::Failed {
+            run_id: None,
+            message: "the engine could not be created (it panicked); the worker stopped".to_owned(),
+        });
+        return;
+    };
+    let mut state = WorkerState {
+        engine,
+        loaded_model: None,
+        pending: VecDeque::new(),
+        active_run: None,
+        latest_run: None,
+        latest_finished_run: None,
+    };
+    loop {
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| serve(&mut state, commands, outbox)));
+        let payload = match outcome {
+            Ok(_stopped) => return,
+            Err(payload) => payload,
+        };
+        let message = panic_message(payload.as_ref());
+        if let Some(run_id) = state.active_run.take() {
+            let failed = Event::Failed {
+                run_id: Some(run_id),
+                message: format!("the worker panicked: {message}"),
+            };
+            if outbox.emit(failed).is_err() {
+                return;
+            }
+        }
+        if outbox.emit(Event::WorkerRestarted { message }).is_err() {
+            return;
+        }
+        match std::panic::catch_unwind(AssertUnwindSafe(|| factory())) {
+            Ok(engine) => state.engine = engine,
+            Err(payload) => {
+                let _ = outbox.emit(Event::Failed {
+                    run_id: None,
+                    message: format!(
+                        "the engine could not be rebuilt ({}); the worker stopped",
+                        panic_message(payload.as_ref())
+                    ),
+                });
+                return;
+            }
+        }
+        state.latest_run = None;
+        state.latest_finished_run = None;
+        if let Some(source) = state.loaded_model.take() {
+            if load_model(&mut state, source, outbox).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Runs commands until shutdown or disconnection.
+fn serve(
+    state: &mut WorkerState,
+    commands: &Receiver<Command>,
+    outbox: &Outbox,
+) -> Result<(), Disconnected> {
+    loop {
+        let command = match state.pending.pop_front() {
+            Some(command) => command,
+            None => match commands.recv() {
+                Ok(command) => command,
+                Err(_) => return Ok(()),
+            },
+        };
+        match command {
+            Command::Shutdown => return Ok(()),
+            Command::LoadModel { source } => load_model(state, source, outbox)?,
+            Command::Generate { run_id, params } => {
+                generate(state, run_id, &params, commands, outbox)?;
+            }
+            Command::Cancel => {}
+            Command::RequestSelfAttention {
+                run_id,
+                grid_h,
+                grid_w,
+                span,
+            } => {
+                let event = if state.latest_run == Some(run_id) {
+                    match state.engine.self_attention(grid_h, grid_w, span) {
+                        Ok(map) => Event::SelfAttention { run_id, map },
+                        Err(error) => Event::Failed {
+                            run_id: None,
+                            message: format!("self-attention {grid_h}x{grid_w}: {error}"),
+                        },
+                    }
+                } else {
+                    Event::SelfAttention { run_id, map: None }
+                };
+                outbox.emit(event)?;
+            }
+            Command::ExportAttention {
+                run_id,
+                path,
+                word_heatmaps,
+            } => {
+                let result = if state.latest_finished_run == Some(run_id) {
+                    state.engine.write_attention(&path, &word_heatmaps)
+                } else {
+                    Err(EngineError::Unavailable(
+                        "the attention maps of that run are no longer held (only the latest finished run can be exported)"
+                            .to_owned(),
+                    ))
+                };
+                outbox.emit(export_event(path, result))?;
+            }
+            other @ (Command::ExportPngs { .. } | Command::ExportText { .. }) => {
+                write_plain_export(other, outbox)?;
+            }
+        }
+    }
+}
+
+/// Writes exports that need no engine (PNGs, text).
+fn write_plain_export(command: Command, outbox: &Outbox) -> Result<(), Disconnected> {
+    match command {
+        Command::ExportPngs { files } => {
+            for file in files {
+                let result = write_png_file(&file.path, &file.image, file.parameters.as_deref());
+                outbox.emit(export_event(file.path, result))?;
+            }
+        }
+        Command::ExportText { path, text } => {
+            let result = write_text_file(&path, &text);
+            outbox.emit(export_event(path, result))?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn export_event(path: std::path::PathBuf, result: Result<(), EngineError>) -> Event {
+    match result {
+        Ok(()) => Event::Exported { path },
+        Err(error) => Event::ExportFailed {
+            path,
+            message: error.to_string(),
+        },
+    }
+}
+
+fn load_model(
+    state: &mut WorkerState,
+    source: ModelSource,
+    outbox: &Outbox,
+) -> Result<(), Disconnected> {
+    match state.engine.load_model(&source) {
+        Ok(info) => {
+            state.loaded_model = Some(source);
+            state.latest_run = None;
+            state.latest_finished_run = None;
+            outbox.emit(Event::ModelLoaded { info })
+        }
+        Err(error) => outbox.emit(Event::ModelLoadFailed {
+            source,
+            message: error.to_string(),
+        }),
+    }
+}
+
+fn generate(
+    state: &mut WorkerState,
+    run_id: u64,
+    params: &GenerateParams,
+    commands: &Receiver<Command>,
+    outbox: &Outbox,
+) -> Result<(), Disconnected> {
+    if outbox.shared.is_cancelled(run_id) {
+        return outbox.emit(Event::Cancelled {
+            run_id,
+            steps_done: 0,
+        });
+    }
+    state.active_run = Some(run_id);
+    let mut observer = WorkerObserver {
+        run_id,
+        commands,
+        outbox,
+        pending: &mut state.pending,
+        steps_done: 0,
+        disconnected: false,
+    };
+    let started_at = Instant::now();
+    let result = state.engine.generate(params, &mut observer);
+    let steps_done = observer.steps_done;
+    let disconnected = observer.disconnected;
+    state.active_run = None;
+    if disconnected {
+        return Err(Disconnected);
+    }
+    if steps_done > 0 {
+        state.latest_run = Some(run_id);
+    }
+    match result {
+        Ok(output) => {
+            state.latest_run = Some(run_id);
+            state.latest_finished_run = Some(run_id);
+            outbox.emit(Event::Finished {
+                run_id,
+                image: output.image,
+                elapsed_secs: started_at.elapsed().as_secs_f64(),
+                self_attention_grids: output.self_attention_grids,
+            })
+        }
+        Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled { run_id, steps_done }),
+        Err(error) => outbox.emit(Event::Failed {
+            run_id: Some(run_id),
+            message: error.to_string(),
+        }),
+    }
+}
+
+/// Forwards a run's progress as events and, between steps, takes commands off the channel.
+struct WorkerObserver<'a> {
+    run_id: u64,
+    commands: &'a Receiver<Command>,
+    outbox: &'a Outbox,
+    pending: &'a mut VecDeque<Command>,
+    steps_done: usize,
+    disconnected: bool,
+}
+
+impl WorkerObserver<'_> {
+    fn emit(&mut self, event: Event) -> Result<(), EngineError> {
+        self.outbox.emit(event).map_err(|Disconnected| {
+            self.disconnected = true;
+            EngineError::Cancelled
+        })
+    }
+
+    /// Takes queued commands: plain exports run now, the rest wait for the run's end.
+    fn drain_commands(&mut self) -> Result<(), EngineError> {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Cancel) => {}
+                Ok(command @ (Command::ExportPngs { .. } | Command::ExportText { .. })) => {
+                    if write_plain_export(command, self.outbox).is_err() {
+                        self.disconnected = true;
+                        return Err(EngineError::Cancelled);
+                    }
+                }
+                Ok(command) => {
+                    if matches!(command, Command::Shutdown) {
+                        self.outbox.shared.cancel_up_to(u64::MAX);
+                    }
+                    self.pending.push_back(command);
+                }
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    return Err(EngineError::Cancelled);
+                }
+            }
+        }
+    }
+
+    fn check_cancelled(&self) -> Result<(), EngineError> {
+        if self.outbox.shared.is_cancelled(self.run_id) {
+            Err(EngineError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl RunObserver for WorkerObserver<'_> {
+    fn started(&mut self, params: &GenerateParams, prompt: PromptInfo) -> Result<(), EngineError> {
+        self.drain_commands()?;
+        self.check_cancelled()?;
+        self.emit(Event::Started {
+            run_id: self.run_id,
+            params: params.clone(),
+            prompt,
+        })
+    }
+
+    fn step(&mut self, frame: StepFrame) -> Result<(), EngineError> {
+        self.steps_done += 1;
+        self.emit(Event::Step {
+            run_id: self.run_id,
+            frame: Box::new(frame),
+        })?;
+        self.drain_commands()?;
+        self.check_cancelled()
+    }
+}
+
+/// The text of a panic payload (`&str` or `String`), or a placeholder.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}

@@ -1,0 +1,182 @@
+//! UNet parity with diffusers: `unet.out` and every attention module's probabilities of the
+//! tiny-sd1 / tiny-sd2 reference fixtures (tests/fixtures/README.md), plus the fp16 weight variant.
+
+// The fixtures are memory-mapped as the brief's loading recipe does; nothing writes them meanwhile.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use attend::attention::{AttentionHook, AttentionProcessor, AttentionSite};
+use attend::pipeline::unet::{Unet, UnetConfig};
+use candle_core::{DType, Device, Tensor};
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn load_unet(model: &str, weights: &str) -> Unet {
+    let config = UnetConfig::from_file(&fixture(&format!("{model}/unet/config.json"))).unwrap();
+    let path = fixture(&format!("{model}/unet/{weights}"));
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() };
+    Unet::new(vb, &config).unwrap()
+}
+
+fn references(model: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(&format!("{model}/reference_outputs.safetensors")), &Device::Cpu).unwrap()
+}
+
+/// Keeps the first batch item's probabilities of every attention call, by module path.
+#[derive(Default)]
+struct Capture {
+    probs: HashMap<String, Tensor>,
+    sites: Vec<AttentionSite>,
+}
+
+impl AttentionProcessor for Capture {
+    fn process_probabilities(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        assert_eq!(probs.dims(), &[site.batch * site.heads, site.queries(), site.keys]);
+        self.probs.insert(site.module_path(), probs.narrow(0, 0, site.heads)?);
+        self.sites.push(site.clone());
+        Ok(None)
+    }
+}
+
+fn unet_inputs(reference: &HashMap<String, Tensor>) -> (Tensor, f64, Tensor) {
+    let timestep = reference["unet.timestep"].flatten_all().unwrap().to_vec1::<i64>().unwrap()[0] as f64;
+    (
+        reference["unet.sample"].clone(),
+        timestep,
+        reference["unet.encoder_hidden_states"].clone(),
+    )
+}
+
+fn check_model(model: &str) {
+    let reference = references(model);
+    let unet = load_unet(model, "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+
+    let plain = unet.forward(&sample, timestep, &context, None).unwrap();
+    let diff = max_abs_diff(&plain, &reference["unet.out"]);
+    eprintln!("{model}: unet.out max abs diff (no hook) = {diff:e}");
+    assert!(diff < 1e-4, "{model}: unet.out differs by {diff}");
+
+    let mut capture = Capture::default();
+    let hooked = {
+        let mut hook = AttentionHook {
+            processor: &mut capture,
+            step_index: 3,
+            step_count: 8,
+            cfg: true,
+        };
+        unet.forward(&sample, timestep, &context, Some(&mut hook)).unwrap()
+    };
+    let hooked_diff = max_abs_diff(&hooked, &reference["unet.out"]);
+    eprintln!("{model}: unet.out max abs diff (with a reading hook) = {hooked_diff:e}");
+    assert!(hooked_diff < 1e-4);
+
+    let mut worst = 0f32;
+    let mut expected_modules = 0;
+    for (name, expected) in &reference {
+        let Some(module) = name.strip_prefix("attn_probs.") else {
+            continue;
+        };
+        expected_modules += 1;
+        let Some(actual) = capture.probs.get(module) else {
+            panic!("{model}: the hook never saw {module}");
+        };
+        let diff = max_abs_diff(actual, expected);
+        eprintln!("{model}: attn_probs.{module} max abs diff = {diff:e}");
+        assert!(diff < 1e-4, "{model}: {module} differs by {diff}");
+        worst = worst.max(diff);
+    }
+    assert_eq!(capture.probs.len(), expected_modules, "{model}: the hook saw modules the fixture lacks");
+    eprintln!("{model}: {expected_modules} attention modules, worst max abs diff = {worst:e}");
+    for site in &capture.sites {
+        assert_eq!((site.batch, site.step_index, site.step_count, site.cfg), (2, 3, 8, true));
+    }
+}
+
+#[test]
+fn tiny_sd1_matches_diffusers() {
+    check_model("tiny-sd1");
+}
+
+#[test]
+fn tiny_sd2_matches_diffusers() {
+    check_model("tiny-sd2");
+}
+
+fn manifest(name: &str) -> attend::pipeline::weights::ParameterManifest {
+    attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!("manifests/{name}.json"))).unwrap()
+}
+
+fn manifest_unet_config(manifest: &attend::pipeline::weights::ParameterManifest) -> UnetConfig {
+    let text = manifest.configs["unet"].to_string();
+    UnetConfig::from_json(&text, Path::new("manifest")).unwrap()
+}
+
+#[test]
+fn real_checkpoint_manifests_load_every_parameter() {
+    for name in ["sd15", "sd21", "sd-turbo"] {
+        let manifest = manifest(name);
+        let config = manifest_unet_config(&manifest);
+        let backend = manifest.backend("unet").unwrap();
+        Unet::new(backend.var_builder(DType::F32, &Device::Cpu), &config).unwrap();
+        let unrequested = backend.unrequested_names();
+        assert!(unrequested.is_empty(), "{name}: never requested {unrequested:?}");
+        eprintln!("{name}: all {} UNet parameters requested with their shapes", backend.parameter_count());
+    }
+}
+
+/// A UNet of a real checkpoint's shapes with small random weights (timing only).
+fn random_unet(name: &str) -> Unet {
+    let manifest = manifest(name);
+    let config = manifest_unet_config(&manifest);
+    let mut tensors = HashMap::new();
+    for (param, shape) in &manifest.parameters["unet"] {
+        let tensor = Tensor::randn(0f32, 0.02, shape.as_slice(), &Device::Cpu).unwrap();
+        tensors.insert(param.clone(), tensor);
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    Unet::new(vb, &config).unwrap()
+}
+
+/// `cargo test --test parity_unet timing -- --ignored --nocapture` (build without --release: deps are opt-level 3).
+#[test]
+#[ignore]
+fn timing_sd15_batch2() {
+    let unet = random_unet("sd15");
+    let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &Device::Cpu).unwrap();
+    let sizes: Vec<usize> = std::env::var("ATTEND_TIMING_SIZES")
+        .ok()
+        .map(|text| text.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![32, 64]);
+    for latent in sizes {
+        let sample = Tensor::randn(0f32, 1.0, (2, 4, latent, latent), &Device::Cpu).unwrap();
+        // Warm-up (page faults, allocator).
+        unet.forward(&sample, 500.0, &context, None).unwrap();
+        let start = std::time::Instant::now();
+        let out = unet.forward(&sample, 500.0, &context, None).unwrap();
+        eprintln!(
+            "SD1.5 UNet, batch 2, {latent}x{latent} latent ({} px): {:.2} s",
+            latent * 8,
+            start.elapsed().as_secs_f64()
+        );
+        assert_eq!(out.dims(), &[2, 4, latent, latent]);
+    }
+}

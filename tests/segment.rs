@@ -1,0 +1,604 @@
+//! Self-attention segmentation on synthetic attention: block-structured self-attention must split
+//! into its blocks (KMeans and DiffSeg), labels must follow the cross-attention, masks must have the
+//! right size, dilation and feathering, and the files must read back.
+
+use attend::analysis::heatmap::{Heatmap, SelfAttentionMap};
+use attend::analysis::segment::{
+    aggregate_self_attention, anchor_cells, binary_mask_to_mask, diffseg_segments, kmeans,
+    kmeans_segments, label_segments, mask_file_name, segment_self_attention, segments_mask,
+    segments_with_label, symmetric_kl, write_label_map_png, write_mask_png, write_segments_json,
+    DiffSegSettings, KMeansSettings, LabelSettings, MaskSettings, SegmentMethod, SegmentSettings,
+    Segmentation, SegmentsFile, WordMapRef,
+};
+
+/// Region of every cell of a `side x side` grid: 0 background, 1 a square, 2 a disc, 3 a bar.
+/// Boundaries fall on multiples of `side / 8`, so the same layout works at side/2.
+fn block_regions(side: usize) -> Vec<usize> {
+    let unit = side / 8;
+    (0..side * side)
+        .map(|index| {
+            let (y, x) = (index / side, index % side);
+            let (cy, cx) = (y / unit, x / unit);
+            if (1..4).contains(&cy) && (1..4).contains(&cx) {
+                1
+            } else if (4..7).contains(&cy) && (4..7).contains(&cx) {
+                2
+            } else if cy == 7 && cx < 3 {
+                3
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// A small deterministic noise source for the synthetic maps.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+    }
+}
+
+/// Self-attention where each pixel looks mostly at its own region (uniform there, a bit more at its
+/// neighbours), with a small leak everywhere and multiplicative noise. Rows sum to 1.
+fn block_self_attention(regions: &[usize], side: usize, seed: u64) -> SelfAttentionMap {
+    let cells = side * side;
+    let mut noise = Noise(seed);
+    let mut data = vec![0.0f32; cells * cells];
+    for query in 0..cells {
+        let (qy, qx) = ((query / side) as f32, (query % side) as f32);
+        let row = &mut data[query * cells..(query + 1) * cells];
+        for (key, value) in row.iter_mut().enumerate() {
+            let (ky, kx) = ((key / side) as f32, (key % side) as f32);
+            let same_region = regions[query] == regions[key];
+            let distance_sq = (qy - ky).powi(2) + (qx - kx).powi(2);
+            let local = (-distance_sq / (2.0 * (side as f32 / 8.0).powi(2))).exp();
+            let base = if same_region { 1.0 + 0.5 * local } else { 0.01 };
+            *value = base * (0.8 + 0.4 * noise.next());
+        }
+        let sum: f32 = row.iter().sum();
+        row.iter_mut().for_each(|value| *value /= sum);
+    }
+    SelfAttentionMap {
+        h: side,
+        w: side,
+        layer_count: 1,
+        step_count: 1,
+        data,
+    }
+}
+
+/// True when `segmentation` partitions the grid exactly like `regions` (ids may differ).
+fn same_partition(segmentation: &Segmentation, regions: &[usize]) -> bool {
+    let region_count = regions.iter().max().map_or(0, |max| max + 1);
+    if segmentation.segment_count != region_count {
+        return false;
+    }
+    let mut segment_of_region = vec![None; region_count];
+    for (&segment, &region) in segmentation.labels.iter().zip(regions) {
+        match segment_of_region[region] {
+            None => segment_of_region[region] = Some(segment),
+            Some(known) if known != segment => return false,
+            Some(_) => {}
+        }
+    }
+    let mut used: Vec<usize> = segment_of_region.into_iter().flatten().collect();
+    used.sort_unstable();
+    used.dedup();
+    used.len() == region_count
+}
+
+/// Fraction of cells where the segmentation's majority mapping to regions is right.
+fn agreement(segmentation: &Segmentation, regions: &[usize]) -> f32 {
+    let region_count = regions.iter().max().map_or(0, |max| max + 1);
+    let mut counts = vec![vec![0usize; region_count]; segmentation.segment_count];
+    for (&segment, &region) in segmentation.labels.iter().zip(regions) {
+        counts[segment][region] += 1;
+    }
+    let correct: usize = counts
+        .iter()
+        .map(|row| row.iter().copied().max().unwrap_or(0))
+        .sum();
+    correct as f32 / regions.len() as f32
+}
+
+#[test]
+fn kmeans_splits_block_attention_into_its_blocks() {
+    let side = 16;
+    let regions = block_regions(side);
+    let map = block_self_attention(&regions, side, 7);
+    let settings = KMeansSettings {
+        k: 4,
+        ..KMeansSettings::default()
+    };
+    let started = std::time::Instant::now();
+    let segmentation = kmeans_segments(&map, &settings).unwrap();
+    eprintln!(
+        "kmeans 16x16 k=4 n_init=10: {} segments, agreement {:.3}, {:.1} ms",
+        segmentation.segment_count,
+        agreement(&segmentation, &regions),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(same_partition(&segmentation, &regions));
+    // Ids follow raster order: the top-left background is segment 0.
+    assert_eq!(segmentation.labels[0], 0);
+
+    // Deterministic for a seed.
+    assert_eq!(kmeans_segments(&map, &settings).unwrap(), segmentation);
+
+    // The default k = 5 over 4 blocks: every segment stays inside one block.
+    let five = kmeans_segments(&map, &KMeansSettings::default()).unwrap();
+    assert_eq!(five.segment_count, 5);
+    assert_eq!(agreement(&five, &regions), 1.0);
+}
+
+#[test]
+fn kmeans_finds_well_separated_clusters_and_checks_its_input() {
+    // Three tight 2D clusters, given in a shuffled order.
+    let centres = [(0.0f32, 0.0f32), (10.0, 0.0), (0.0, 10.0)];
+    let mut noise = Noise(3);
+    let mut points = Vec::new();
+    let mut truth = Vec::new();
+    for index in 0..90 {
+        let cluster = (index * 7) % 3;
+        points.push(centres[cluster].0 + noise.next() - 0.5);
+        points.push(centres[cluster].1 + noise.next() - 0.5);
+        truth.push(cluster);
+    }
+    let settings = KMeansSettings {
+        k: 3,
+        n_init: 3,
+        ..KMeansSettings::default()
+    };
+    let result = kmeans(&points, 2, &settings).unwrap();
+    let found = Segmentation::from_cluster_ids(1, 90, &result.labels).unwrap();
+    assert!(same_partition(&found, &truth));
+    assert!(result.inertia < 90.0 * 0.5, "inertia {}", result.inertia);
+
+    assert!(kmeans(
+        &points,
+        2,
+        &KMeansSettings {
+            k: 0,
+            ..settings.clone()
+        }
+    )
+    .is_err());
+    assert!(kmeans(
+        &points,
+        2,
+        &KMeansSettings {
+            k: 91,
+            ..settings.clone()
+        }
+    )
+    .is_err());
+    assert!(kmeans(&points[..5], 2, &settings).is_err());
+    let bad_map = SelfAttentionMap {
+        h: 2,
+        w: 2,
+        layer_count: 1,
+        step_count: 1,
+        data: vec![0.25; 15],
+    };
+    let error = kmeans_segments(&bad_map, &settings).unwrap_err();
+    assert!(error.to_string().contains("2x2"), "{error}");
+}
+
+#[test]
+fn diffseg_finds_the_blocks_without_k() {
+    let side = 16;
+    let regions = block_regions(side);
+    let map = block_self_attention(&regions, side, 11);
+    let started = std::time::Instant::now();
+    let segmentation =
+        diffseg_segments(std::slice::from_ref(&map), &DiffSegSettings::default()).unwrap();
+    eprintln!(
+        "diffseg 16x16: {} segments, agreement {:.3}, {:.1} ms",
+        segmentation.segment_count,
+        agreement(&segmentation, &regions),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(same_partition(&segmentation, &regions));
+
+    // Without KMeans refinement too.
+    let unrefined = diffseg_segments(
+        std::slice::from_ref(&map),
+        &DiffSegSettings {
+            refine: false,
+            ..DiffSegSettings::default()
+        },
+    )
+    .unwrap();
+    assert!(same_partition(&unrefined, &regions));
+}
+
+#[test]
+fn diffseg_combines_resolutions() {
+    let fine = block_self_attention(&block_regions(16), 16, 5);
+    let coarse = block_self_attention(&block_regions(8), 8, 6);
+    let maps = [coarse, fine];
+
+    let aggregated = aggregate_self_attention(&maps, 16, 16).unwrap();
+    assert_eq!((aggregated.h, aggregated.w), (16, 16));
+    for row in aggregated.data.chunks_exact(256) {
+        let sum: f32 = row.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "row sum {sum}");
+    }
+    assert_eq!(aggregated.layer_count, 2);
+
+    let started = std::time::Instant::now();
+    let segmentation = diffseg_segments(&maps, &DiffSegSettings::default()).unwrap();
+    eprintln!(
+        "diffseg 8x8 + 16x16: {} segments, {:.1} ms",
+        segmentation.segment_count,
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!((segmentation.h, segmentation.w), (16, 16));
+    assert!(same_partition(&segmentation, &block_regions(16)));
+
+    // The dispatching entry point picks the method.
+    let settings = SegmentSettings {
+        method: SegmentMethod::DiffSeg,
+        ..SegmentSettings::default()
+    };
+    assert_eq!(
+        segment_self_attention(&maps, &settings).unwrap(),
+        segmentation
+    );
+    let kmeans_settings = SegmentSettings {
+        kmeans: KMeansSettings {
+            k: 4,
+            ..KMeansSettings::default()
+        },
+        ..SegmentSettings::default()
+    };
+    let by_kmeans = segment_self_attention(&maps, &kmeans_settings).unwrap();
+    assert_eq!(
+        (by_kmeans.h, by_kmeans.w),
+        (16, 16),
+        "KMeans uses the largest grid"
+    );
+    assert!(segment_self_attention(&[], &settings).is_err());
+}
+
+#[test]
+fn anchors_and_divergence_follow_diffseg() {
+    // DiffSeg's 16 anchors on 64 cells.
+    let anchors = anchor_cells(64, 64, 16);
+    assert_eq!(anchors.len(), 256);
+    let columns: Vec<usize> = anchors[..16].to_vec();
+    assert_eq!(
+        columns,
+        (0..16).map(|index| 1 + 4 * index).collect::<Vec<_>>()
+    );
+    assert_eq!(anchors[16], 5 * 64 + 1);
+    // On 32 cells: spacing 2, starting at 0; on 8 cells, every cell.
+    assert_eq!(anchor_cells(32, 32, 16)[..3], [0, 2, 4]);
+    assert_eq!(anchor_cells(8, 8, 16).len(), 64);
+
+    let p = [0.5f32, 0.25, 0.25];
+    let q = [0.25f32, 0.25, 0.5];
+    // 0.5 * [(0.25)(ln 2) + 0 + (-0.25)(ln 0.5)] = 0.25 ln 2
+    let expected = 0.25 * 2f32.ln();
+    let measured = symmetric_kl(&p, &q);
+    eprintln!("symmetric KL: {measured} vs {expected}");
+    assert!((measured - expected).abs() < 1e-6);
+    assert!((symmetric_kl(&p, &q) - symmetric_kl(&q, &p)).abs() < 1e-7);
+    assert_eq!(symmetric_kl(&p, &p), 0.0);
+}
+
+/// Word maps at `side x side`: high over the word's region (with a soft falloff), low elsewhere.
+fn word_map(regions: &[usize], side: usize, region: usize, word: &str) -> Heatmap {
+    let mut noise = Noise(region as u64 + 100);
+    let data = regions
+        .iter()
+        .map(|&cell_region| {
+            let base = if cell_region == region { 0.9 } else { 0.05 };
+            base + 0.1 * noise.next()
+        })
+        .collect();
+    Heatmap {
+        word: word.to_string(),
+        h: side,
+        w: side,
+        data,
+        peak: 1.0,
+    }
+}
+
+/// Nearest upsampling of a region grid.
+fn upsample_regions(regions: &[usize], side: usize, out_side: usize) -> Vec<usize> {
+    (0..out_side * out_side)
+        .map(|index| {
+            let (y, x) = (index / out_side, index % out_side);
+            regions[(y * side / out_side) * side + x * side / out_side]
+        })
+        .collect()
+}
+
+#[test]
+fn labels_follow_the_cross_attention() {
+    let side = 16;
+    let regions = block_regions(side);
+    let segmentation = kmeans_segments(
+        &block_self_attention(&regions, side, 7),
+        &KMeansSettings {
+            k: 4,
+            ..KMeansSettings::default()
+        },
+    )
+    .unwrap();
+    // Heat maps at image resolution (64x64) and one plain (text, map) pair at 8x8.
+    let image_regions = upsample_regions(&regions, side, 64);
+    let square = word_map(&image_regions, 64, 1, "square");
+    let disc = word_map(&image_regions, 64, 2, "circle");
+    let bar_regions = block_regions(8);
+    let bar = word_map(&bar_regions, 8, 3, "bar");
+    let words = [
+        WordMapRef::from(&square),
+        WordMapRef::from(&disc),
+        WordMapRef::new("bar", 8, 8, &bar.data),
+    ];
+    let segments = label_segments(&segmentation, &words, &LabelSettings::default()).unwrap();
+    assert_eq!(segments.len(), 4);
+
+    let segment_of_region =
+        |region: usize| segmentation.labels[regions.iter().position(|&r| r == region).unwrap()];
+    let expected = ["background", "square", "circle", "bar"];
+    for (region, expected_label) in expected.iter().enumerate() {
+        let segment = &segments[segment_of_region(region)];
+        eprintln!(
+            "segment {} ({} cells): {} {:?}",
+            segment.id,
+            segment.pixel_count,
+            segment.label,
+            segment
+                .scores
+                .iter()
+                .map(|score| format!("{} {:.2}", score.word, score.score))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(&segment.label, expected_label);
+        assert_eq!(
+            segment.pixel_count,
+            regions.iter().filter(|&&r| r == region).count()
+        );
+        assert_eq!(segment.scores.len(), 3);
+        if region > 0 {
+            assert!(segment.label_score() > 0.6);
+            assert_eq!(segment.word_index, Some(region - 1));
+        } else {
+            assert_eq!(segment.word_index, None);
+            assert!(segment.scores.iter().all(|score| score.score < 0.3));
+        }
+    }
+    assert_eq!(
+        segments_with_label(&segments, "square"),
+        vec![segment_of_region(1)]
+    );
+
+    // A higher threshold turns everything into background; a custom background label is used.
+    let strict = LabelSettings {
+        threshold: 0.99,
+        background_label: "rest".to_string(),
+    };
+    let all_rest = label_segments(&segmentation, &words, &strict).unwrap();
+    assert!(all_rest.iter().all(|segment| segment.label == "rest"));
+
+    let broken = [WordMapRef::new("x", 4, 4, &[0.0; 3])];
+    assert!(label_segments(&segmentation, &broken, &LabelSettings::default()).is_err());
+}
+
+fn square_segmentation() -> Segmentation {
+    // 8x8 grid, a 4x4 square at cells 2..6.
+    let labels: Vec<usize> = (0..64)
+        .map(|index| {
+            let (y, x) = (index / 8, index % 8);
+            usize::from((2..6).contains(&y) && (2..6).contains(&x))
+        })
+        .collect();
+    Segmentation::from_cluster_ids(8, 8, &labels).unwrap()
+}
+
+#[test]
+fn masks_upsample_dilate_and_feather() {
+    let segmentation = square_segmentation();
+    // 8x8 -> 32x32: the square covers pixels 8..24.
+    let mask = segments_mask(&segmentation, &[1], 32, 32, &MaskSettings::default());
+    assert_eq!((mask.h, mask.w), (32, 32));
+    let inside_square = |y: usize, x: usize| (8..24).contains(&y) && (8..24).contains(&x);
+    for y in 0..32 {
+        for x in 0..32 {
+            let expected = if inside_square(y, x) { 1.0 } else { 0.0 };
+            assert_eq!(mask.data[y * 32 + x], expected, "pixel ({y}, {x})");
+        }
+    }
+    assert_eq!(mask.covered_pixels(), 256);
+    // Both segments together cover everything; nothing selected covers nothing.
+    assert_eq!(
+        segments_mask(&segmentation, &[0, 1], 32, 32, &MaskSettings::default()).covered_pixels(),
+        1024
+    );
+    assert_eq!(
+        segments_mask(&segmentation, &[], 32, 32, &MaskSettings::default()).covered_pixels(),
+        0
+    );
+
+    // Dilation by 3 px: exactly the pixels within Euclidean distance 3 of the square.
+    let dilated = segments_mask(
+        &segmentation,
+        &[1],
+        32,
+        32,
+        &MaskSettings {
+            dilate_px: 3,
+            ..MaskSettings::default()
+        },
+    );
+    let distance_to_square = |y: usize, x: usize| {
+        let dy = (8f32 - y as f32).max(y as f32 - 23.0).max(0.0);
+        let dx = (8f32 - x as f32).max(x as f32 - 23.0).max(0.0);
+        (dy * dy + dx * dx).sqrt()
+    };
+    for y in 0..32 {
+        for x in 0..32 {
+            let expected = distance_to_square(y, x) <= 3.0;
+            assert_eq!(
+                dilated.data[y * 32 + x] == 1.0,
+                expected,
+                "pixel ({y}, {x})"
+            );
+        }
+    }
+    eprintln!(
+        "dilated by 3 px: {} pixels (square 256)",
+        dilated.covered_pixels()
+    );
+
+    // Erosion by 2 px: the 16x16 square loses 2 pixels per side.
+    let eroded = segments_mask(
+        &segmentation,
+        &[1],
+        32,
+        32,
+        &MaskSettings {
+            dilate_px: -2,
+            ..MaskSettings::default()
+        },
+    );
+    assert_eq!(eroded.covered_pixels(), 12 * 12);
+
+    // Feathering over 4 px: 0.5 on the edge, a ramp across it, 1 deep inside, 0 far outside,
+    // and about the same area.
+    let feathered = segments_mask(
+        &segmentation,
+        &[1],
+        32,
+        32,
+        &MaskSettings {
+            feather_px: 4.0,
+            ..MaskSettings::default()
+        },
+    );
+    let row = |x: usize| feathered.data[16 * 32 + x];
+    assert_eq!(row(16), 1.0);
+    assert_eq!(row(0), 0.0);
+    assert!(
+        (row(8) - 0.625).abs() < 1e-6,
+        "first inside pixel {}",
+        row(8)
+    );
+    assert!(
+        (row(7) - 0.375).abs() < 1e-6,
+        "first outside pixel {}",
+        row(7)
+    );
+    for x in 0..16 {
+        assert!(row(x) <= row(x + 1), "the ramp rises towards the inside");
+    }
+    let area: f32 = feathered.data.iter().sum();
+    eprintln!("feathered 4 px: area {area:.1} (hard mask 256)");
+    assert!((area - 256.0).abs() < 8.0);
+    assert!(feathered
+        .data
+        .iter()
+        .all(|value| (0.0..=1.0).contains(value)));
+}
+
+#[test]
+fn dilation_matches_brute_force_on_a_random_mask() {
+    let (h, w) = (23, 31);
+    let mut noise = Noise(9);
+    let binary: Vec<bool> = (0..h * w).map(|_| noise.next() < 0.05).collect();
+    for radius in [1, 2, 4] {
+        let mask = binary_mask_to_mask(&binary, h, w, radius, 0.0);
+        for y in 0..h {
+            for x in 0..w {
+                let near = (0..h * w).any(|index| {
+                    binary[index] && {
+                        let dy = (index / w) as f32 - y as f32;
+                        let dx = (index % w) as f32 - x as f32;
+                        (dy * dy + dx * dx).sqrt() <= radius as f32
+                    }
+                });
+                assert_eq!(mask.data[y * w + x] == 1.0, near, "r {radius} ({y}, {x})");
+            }
+        }
+    }
+    // Shrinking the complement grows the mask by the same amount.
+    let complement: Vec<bool> = binary.iter().map(|inside| !inside).collect();
+    let grown = binary_mask_to_mask(&binary, h, w, 2, 0.0).to_binary();
+    let shrunk = binary_mask_to_mask(&complement, h, w, -2, 0.0).to_binary();
+    assert!(grown.iter().zip(&shrunk).all(|(a, b)| *a == !*b));
+}
+
+#[test]
+fn resized_segmentation_agrees_with_masks() {
+    let segmentation = square_segmentation();
+    let resized = segmentation.resized(32, 32);
+    assert_eq!(resized.segment_count, 2);
+    let mask = segments_mask(&segmentation, &[1], 32, 32, &MaskSettings::default());
+    for (label, value) in resized.labels.iter().zip(&mask.data) {
+        assert_eq!(*label == 1, *value == 1.0);
+    }
+    assert_eq!(resized.cell_counts(), vec![1024 - 256, 256]);
+    assert_eq!(resized.segment_at_image_point(64, 64, 32, 32), Some(1));
+    assert_eq!(segmentation.segment_at_image_point(64, 64, 2, 2), Some(0));
+    assert_eq!(segmentation.segment_at_image_point(64, 64, 64, 2), None);
+    assert_eq!(resized.colourised().len(), 32 * 32 * 3);
+}
+
+#[test]
+fn files_round_trip() {
+    let folder = tempfile::tempdir().unwrap();
+    let segmentation = square_segmentation().resized(32, 32);
+    let labels_path = folder.path().join("labels.png");
+    write_label_map_png(&labels_path, &segmentation).unwrap();
+    let image = image::open(&labels_path).unwrap().to_luma8();
+    assert_eq!(image.dimensions(), (32, 32));
+    let ids: Vec<usize> = image
+        .pixels()
+        .map(|pixel| usize::from(pixel.0[0]))
+        .collect();
+    assert_eq!(ids, segmentation.labels);
+
+    let mask = segments_mask(&segmentation, &[1], 32, 32, &MaskSettings::default());
+    let mask_path = folder.path().join(mask_file_name(1, "Red circle!"));
+    assert!(mask_path.ends_with("mask_1_red_circle_.png"));
+    write_mask_png(&mask_path, &mask).unwrap();
+    let mask_image = image::open(&mask_path).unwrap().to_luma8();
+    let expected: Vec<u8> = mask
+        .data
+        .iter()
+        .map(|&value| (value * 255.0) as u8)
+        .collect();
+    assert_eq!(mask_image.into_raw(), expected);
+
+    let words = [WordMapRef::new("square", 8, 8, &[0.0; 64])];
+    let segments = label_segments(&segmentation, &words, &LabelSettings::default()).unwrap();
+    let file = SegmentsFile {
+        prompt: Some("a red square".to_string()),
+        method: SegmentMethod::KMeans,
+        width: 32,
+        height: 32,
+        segments,
+    };
+    let json_path = folder.path().join("segments.json");
+    write_segments_json(&json_path, &file).unwrap();
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let read: SegmentsFile = serde_json::from_str(&text).unwrap();
+    assert_eq!(read, file);
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["method"], "kmeans");
+    assert_eq!(value["segments"][1]["pixel_count"], 256);
+    assert_eq!(value["segments"][1]["label"], "background");
+    assert_eq!(value["segments"][1]["scores"][0]["word"], "square");
+    assert_eq!(mask_file_name(3, ""), "mask_3_segment.png");
+}

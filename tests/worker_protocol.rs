@@ -1,0 +1,390 @@
+//! The worker thread's protocol, driven with the fake engine: event order, supersede, cancel within a
+//! step, panic recovery, model-load failures and plain exports.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use attend::worker::{
+    Command, Event, FakeEngine, FakeEngineConfig, GenerateParams, Heatmap, ModelSource, PngExport,
+    RgbImage, SelfAttentionSpan, WorkerHandle,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn spawn(config: FakeEngineConfig) -> WorkerHandle {
+    WorkerHandle::spawn(Arc::new(move || Box::new(FakeEngine::new(config.clone())))).unwrap()
+}
+
+fn next_event(worker: &WorkerHandle) -> Event {
+    worker
+        .events()
+        .recv_timeout(TIMEOUT)
+        .expect("no event from the worker within the timeout")
+}
+
+fn params(prompt: &str, steps: usize) -> GenerateParams {
+    GenerateParams {
+        prompt: prompt.to_owned(),
+        steps,
+        seed: 7,
+        ..GenerateParams::default()
+    }
+}
+
+fn load_bundled(worker: &WorkerHandle) {
+    worker.load_model(ModelSource::Bundled).unwrap();
+    match next_event(worker) {
+        Event::ModelLoaded { info } => assert_eq!(info.default_width_px, 64),
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    }
+}
+
+/// Collects events until the terminal event of `run_id` (Finished / Cancelled / Failed).
+fn events_until_end_of(worker: &WorkerHandle, run_id: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(worker);
+        let terminal = matches!(
+            &event,
+            Event::Finished { run_id: id, .. } | Event::Cancelled { run_id: id, .. }
+                if *id == run_id
+        ) || matches!(&event, Event::Failed { run_id: Some(id), .. } if *id == run_id);
+        events.push(event);
+        if terminal {
+            return events;
+        }
+    }
+}
+
+#[test]
+fn a_run_reports_started_then_each_step_in_order_then_finished() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let wakes_in_waker = Arc::clone(&wakes);
+    worker.set_waker(move || {
+        wakes_in_waker.fetch_add(1, Ordering::SeqCst);
+    });
+    load_bundled(&worker);
+    let run_id = worker.generate(params("a red circle", 5)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    assert_eq!(events.len(), 7, "Started + 5 steps + Finished: {events:?}");
+    let Event::Started { prompt, params, .. } = &events[0] else {
+        panic!("first event must be Started, got {:?}", events[0]);
+    };
+    assert_eq!(prompt.words.len(), 3);
+    assert_eq!(
+        params.width_px,
+        Some(64),
+        "defaults are resolved in Started"
+    );
+    for (expected_index, event) in events[1..6].iter().enumerate() {
+        let Event::Step { run_id: id, frame } = event else {
+            panic!("expected Step, got {event:?}");
+        };
+        assert_eq!(*id, run_id);
+        assert_eq!(frame.step_index, expected_index);
+        assert_eq!(frame.step_count, 5);
+        assert!(frame.preview.is_consistent());
+        assert_eq!(frame.cross.step_index, expected_index);
+        for group in &frame.cross.groups {
+            assert_eq!(group.data.len(), prompt.tokens.len() * group.h * group.w);
+        }
+    }
+    let Event::Finished { image, .. } = &events[6] else {
+        panic!("last event must be Finished, got {:?}", events[6]);
+    };
+    assert_eq!((image.width, image.height), (64, 64));
+    // One wake-up per event (ModelLoaded + the 7 run events).
+    assert!(wakes.load(Ordering::SeqCst) >= 8);
+}
+
+#[test]
+fn the_same_parameters_give_the_same_image() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    load_bundled(&worker);
+    let first = worker.generate(params("a blue square", 3)).unwrap();
+    let first_events = events_until_end_of(&worker, first);
+    let second = worker.generate(params("a blue square", 3)).unwrap();
+    let second_events = events_until_end_of(&worker, second);
+    let image = |events: &[Event]| match events.last() {
+        Some(Event::Finished { image, .. }) => image.clone(),
+        other => panic!("expected Finished, got {other:?}"),
+    };
+    assert_eq!(image(&first_events), image(&second_events));
+}
+
+#[test]
+fn a_new_generate_supersedes_the_running_one() {
+    let mut worker = spawn(FakeEngineConfig {
+        step_delay: Duration::from_millis(40),
+        ..FakeEngineConfig::default()
+    });
+    load_bundled(&worker);
+    let first = worker.generate(params("a red circle", 50)).unwrap();
+    // Wait until the first run is under way.
+    loop {
+        if let Event::Step { .. } = next_event(&worker) {
+            break;
+        }
+    }
+    let second = worker.generate(params("a green triangle", 3)).unwrap();
+    let first_events = events_until_end_of(&worker, first);
+    match first_events.last() {
+        Some(Event::Cancelled { steps_done, .. }) => {
+            assert!(*steps_done < 50, "superseded run ran to the end");
+            eprintln!("superseded after {steps_done} of 50 steps");
+        }
+        other => panic!("expected the first run to be cancelled, got {other:?}"),
+    }
+    let second_events = events_until_end_of(&worker, second);
+    assert!(matches!(second_events.first(), Some(Event::Started { .. })));
+    assert!(matches!(second_events.last(), Some(Event::Finished { .. })));
+    assert!(second_events
+        .iter()
+        .all(|event| event.run_id() == Some(second)));
+}
+
+#[test]
+fn queued_generates_only_run_the_latest() {
+    let mut worker = spawn(FakeEngineConfig {
+        step_delay: Duration::from_millis(5),
+        ..FakeEngineConfig::default()
+    });
+    load_bundled(&worker);
+    let ids: Vec<u64> = (0..3)
+        .map(|index| worker.generate(params(&format!("word{index}"), 4)).unwrap())
+        .collect();
+    for &id in &ids[..2] {
+        let events = events_until_end_of(&worker, id);
+        assert!(
+            matches!(events.last(), Some(Event::Cancelled { .. })),
+            "run {id} should be superseded: {events:?}"
+        );
+    }
+    let events = events_until_end_of(&worker, ids[2]);
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+}
+
+#[test]
+fn cancel_takes_effect_within_one_step() {
+    let step_delay = Duration::from_millis(150);
+    let mut worker = spawn(FakeEngineConfig {
+        step_delay,
+        ..FakeEngineConfig::default()
+    });
+    load_bundled(&worker);
+    let run_id = worker.generate(params("a red circle", 40)).unwrap();
+    let mut steps_seen = 0;
+    while steps_seen < 2 {
+        if let Event::Step { .. } = next_event(&worker) {
+            steps_seen += 1;
+        }
+    }
+    let cancelled_at = Instant::now();
+    worker.cancel().unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    let latency = cancelled_at.elapsed();
+    let late_steps = events
+        .iter()
+        .filter(|event| matches!(event, Event::Step { .. }))
+        .count();
+    eprintln!("cancel latency {latency:?}, {late_steps} step(s) finished after the cancel");
+    assert!(late_steps <= 1, "more than one step ran after cancel");
+    assert!(latency < step_delay * 2 + Duration::from_millis(200));
+    match events.last() {
+        Some(Event::Cancelled { steps_done, .. }) => assert!(*steps_done <= 3),
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    // The worker is still usable.
+    let next = worker.generate(params("a square", 2)).unwrap();
+    let events = events_until_end_of(&worker, next);
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+}
+
+#[test]
+fn a_panic_in_the_engine_is_reported_and_the_worker_restarts() {
+    let mut worker = spawn(FakeEngineConfig {
+        panic_word: Some("explode".to_owned()),
+        ..FakeEngineConfig::default()
+    });
+    load_bundled(&worker);
+    let run_id = worker.generate(params("please explode now", 5)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    match events.last() {
+        Some(Event::Failed { message, .. }) => assert!(message.contains("panicked"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    match next_event(&worker) {
+        Event::WorkerRestarted { message } => assert!(message.contains("panic word")),
+        other => panic!("expected WorkerRestarted, got {other:?}"),
+    }
+    // The last model is reloaded on the fresh engine.
+    assert!(matches!(next_event(&worker), Event::ModelLoaded { .. }));
+    let next = worker.generate(params("a calm square", 3)).unwrap();
+    let events = events_until_end_of(&worker, next);
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+}
+
+#[test]
+fn a_bad_model_folder_keeps_the_previous_model() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    load_bundled(&worker);
+    let missing = std::env::temp_dir().join("attend-no-such-model-folder");
+    worker
+        .load_model(ModelSource::Folder(missing.clone()))
+        .unwrap();
+    match next_event(&worker) {
+        Event::ModelLoadFailed { source, message } => {
+            assert_eq!(source, ModelSource::Folder(missing));
+            assert!(message.contains("model_index.json"), "{message}");
+        }
+        other => panic!("expected ModelLoadFailed, got {other:?}"),
+    }
+    let run_id = worker.generate(params("still works", 2)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+}
+
+#[test]
+fn generating_without_a_model_fails_cleanly() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    let run_id = worker.generate(params("nothing loaded", 2)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    match events.last() {
+        Some(Event::Failed { message, .. }) => assert!(message.contains("no model")),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn self_attention_of_the_latest_run_is_plain_rows_that_sum_to_one() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    load_bundled(&worker);
+    let run_id = worker.generate(params("a red circle", 2)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    let Some(Event::Finished {
+        self_attention_grids,
+        ..
+    }) = events.last()
+    else {
+        panic!("expected Finished");
+    };
+    let (grid_h, grid_w) = self_attention_grids[0];
+    worker
+        .send(Command::RequestSelfAttention {
+            run_id,
+            grid_h,
+            grid_w,
+            span: SelfAttentionSpan::LatestStep,
+        })
+        .unwrap();
+    match next_event(&worker) {
+        Event::SelfAttention { map: Some(map), .. } => {
+            let queries = grid_h * grid_w;
+            assert_eq!(map.data.len(), queries * queries);
+            for row in map.data.chunks(queries) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+            }
+        }
+        other => panic!("expected a self-attention map, got {other:?}"),
+    }
+}
+
+#[test]
+fn png_exports_are_written_whole_or_not_at_all() {
+    let worker = spawn(FakeEngineConfig::default());
+    let folder = tempfile::tempdir().unwrap();
+    let good = folder.path().join("image.png");
+    let bad = folder.path().join("no-such-folder").join("image.png");
+    let image = RgbImage {
+        width: 4,
+        height: 2,
+        pixels: (0..24).collect(),
+    };
+    worker
+        .send(Command::ExportPngs {
+            files: vec![
+                PngExport {
+                    path: good.clone(),
+                    image: image.clone(),
+                    parameters: Some("a prompt\nSteps: 1".to_owned()),
+                },
+                PngExport {
+                    path: bad.clone(),
+                    image,
+                    parameters: None,
+                },
+            ],
+        })
+        .unwrap();
+    assert!(matches!(next_event(&worker), Event::Exported { path } if path == good));
+    match next_event(&worker) {
+        Event::ExportFailed { path, message } => {
+            assert_eq!(path, bad);
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected ExportFailed, got {other:?}"),
+    }
+    let decoded = image::open(&good).unwrap().to_rgb8();
+    assert_eq!(decoded.dimensions(), (4, 2));
+    assert_eq!(decoded.as_raw()[..6], [0, 1, 2, 3, 4, 5]);
+    let leftovers: Vec<_> = std::fs::read_dir(folder.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "only the finished PNG is left: {leftovers:?}"
+    );
+}
+
+#[test]
+fn attention_export_writes_the_latest_finished_run_as_safetensors() {
+    let mut worker = spawn(FakeEngineConfig::default());
+    load_bundled(&worker);
+    let run_id = worker.generate(params("a red circle", 3)).unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("maps.safetensors");
+    let heatmaps: Vec<Heatmap> = ["a", "red", "circle"]
+        .iter()
+        .map(|word| Heatmap {
+            word: (*word).to_owned(),
+            h: 8,
+            w: 8,
+            data: vec![0.5; 64],
+            peak: 1.0,
+        })
+        .collect();
+    worker
+        .send(Command::ExportAttention {
+            run_id,
+            path: path.clone(),
+            word_heatmaps: heatmaps,
+        })
+        .unwrap();
+    assert!(matches!(next_event(&worker), Event::Exported { path: written } if written == path));
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(tensors.tensor("word_heatmaps").unwrap().shape(), [3, 8, 8]);
+    // 3 steps, 5 tokens (start, 3 words, end), the fake's 16x16 grid.
+    assert_eq!(
+        tensors.tensor("cross.16x16").unwrap().shape(),
+        [3, 5, 16, 16]
+    );
+
+    // A stale run id is refused, and nothing is written.
+    let stale = folder.path().join("stale.safetensors");
+    worker
+        .send(Command::ExportAttention {
+            run_id: run_id + 100,
+            path: stale.clone(),
+            word_heatmaps: Vec::new(),
+        })
+        .unwrap();
+    assert!(matches!(next_event(&worker), Event::ExportFailed { .. }));
+    assert!(!stale.exists());
+}
