@@ -3,6 +3,9 @@
 //!
 //! Each broken folder is a copy of `tests/fixtures/tiny-sd1` in a temporary directory.
 
+// Test helpers may unwrap like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -95,7 +98,11 @@ fn fp16_variant_is_used_when_asked() {
         ..LoadOptions::default()
     };
     let model = StableDiffusion::load(&tiny_sd1(), &options).unwrap();
-    assert!(model.load_warnings().is_empty(), "{:?}", model.load_warnings());
+    assert!(
+        model.load_warnings().is_empty(),
+        "{:?}",
+        model.load_warnings()
+    );
 }
 
 #[test]
@@ -107,11 +114,18 @@ fn truncated_safetensors_is_a_bad_file() {
     let err = load_error(&dir);
     assert!(matches!(err, PipelineError::BadFile { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("diffusion_pytorch_model.safetensors"), "{message}");
+    assert!(
+        message.contains("diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
     assert!(message.contains("truncated"), "{message}");
 
     // Garbage where the header should be.
-    std::fs::write(&weights, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
+    std::fs::write(
+        &weights,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+    )
+    .unwrap();
     let err = load_error(&dir);
     assert!(matches!(err, PipelineError::BadFile { .. }), "{err:?}");
     assert!(err.to_string().contains("header"), "{err}");
@@ -119,11 +133,18 @@ fn truncated_safetensors_is_a_bad_file() {
 
 #[test]
 fn broken_config_json_is_a_bad_file() {
-    for config in ["unet/config.json", "scheduler/scheduler_config.json", "model_index.json"] {
+    for config in [
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+        "model_index.json",
+    ] {
         let (_temp, dir) = copy_of_tiny_sd1();
         std::fs::write(dir.join(config), "{ \"in_channels\": 4, ").unwrap();
         let err = load_error(&dir);
-        assert!(matches!(err, PipelineError::BadFile { .. }), "{config}: {err:?}");
+        assert!(
+            matches!(err, PipelineError::BadFile { .. }),
+            "{config}: {err:?}"
+        );
         assert!(err.to_string().contains(config), "{err}");
     }
 }
@@ -143,7 +164,10 @@ fn wrong_shape_weight_names_tensor_and_file() {
     let message = err.to_string();
     assert!(message.contains("final_layer_norm.weight"), "{message}");
     assert!(message.contains("model.safetensors"), "{message}");
-    assert!(message.contains("[33]") && message.contains("[32]"), "{message}");
+    assert!(
+        message.contains("[33]") && message.contains("[32]"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -162,7 +186,10 @@ fn unet_that_does_not_fit_pixel_space_is_a_config_error() {
 #[test]
 fn unknown_scheduler_name_lists_the_accepted_ones() {
     let err = "pndm".parse::<SchedulerKind>().unwrap_err();
-    assert!(matches!(err, PipelineError::InvalidArgument { .. }), "{err:?}");
+    assert!(
+        matches!(err, PipelineError::InvalidArgument { .. }),
+        "{err:?}"
+    );
     let message = err.to_string();
     for expected in ["pndm", "ddim", "euler", "euler-a", "dpmpp-2m"] {
         assert!(message.contains(expected), "{message}");
@@ -194,25 +221,43 @@ fn bad_run_parameters_name_the_value() {
     let mut request = quick_request(&model, "a cat");
     request.steps = 0;
     let err = run(&model, &request).unwrap_err();
-    assert!(matches!(err, PipelineError::InvalidArgument { name: "steps", .. }), "{err:?}");
+    assert!(
+        matches!(err, PipelineError::InvalidArgument { name: "steps", .. }),
+        "{err:?}"
+    );
 
     let mut request = quick_request(&model, "a cat");
     request.width = 36;
     let err = run(&model, &request).unwrap_err();
-    assert!(matches!(err, PipelineError::InvalidArgument { name: "width", .. }), "{err:?}");
+    assert!(
+        matches!(err, PipelineError::InvalidArgument { name: "width", .. }),
+        "{err:?}"
+    );
     let message = err.to_string();
-    assert!(message.contains("36") && message.contains("multiple of 8"), "{message}");
+    assert!(
+        message.contains("36") && message.contains("multiple of 8"),
+        "{message}"
+    );
 
     let mut request = quick_request(&model, "a cat");
     request.height = 0;
     let err = run(&model, &request).unwrap_err();
-    assert!(matches!(err, PipelineError::InvalidArgument { name: "height", .. }), "{err:?}");
+    assert!(
+        matches!(err, PipelineError::InvalidArgument { name: "height", .. }),
+        "{err:?}"
+    );
 
     let mut request = quick_request(&model, "a cat");
     request.init_latents = Some(Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap());
     let err = run(&model, &request).unwrap_err();
     assert!(
-        matches!(err, PipelineError::InvalidArgument { name: "init_latents", .. }),
+        matches!(
+            err,
+            PipelineError::InvalidArgument {
+                name: "init_latents",
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("[1, 4, 16, 16]"), "{err}");
@@ -270,7 +315,16 @@ fn cancel_and_step_errors_stop_the_run() {
         &CancelToken::new(),
     )
     .unwrap_err();
-    assert!(matches!(err, PipelineError::InvalidArgument { name: "on_step", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            PipelineError::InvalidArgument {
+                name: "on_step",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -295,9 +349,92 @@ fn same_seed_same_image_and_previews_have_latent_size() {
     assert_eq!(first.image, second.image);
     assert_eq!(previews.len(), 2);
     let preview = previews[0].as_ref().unwrap();
-    assert_eq!((preview.width, preview.height, preview.pixels.len()), (16, 16, 16 * 16 * 3));
+    assert_eq!(
+        (preview.width, preview.height, preview.pixels.len()),
+        (16, 16, 16 * 16 * 3)
+    );
 
     request.seed += 1;
     let third = run(&model, &request).unwrap();
     assert_ne!(first.image, third.image);
+}
+
+#[test]
+fn pixel_space_model_runs_without_a_vae() {
+    // Turn the tiny SD1 copy into a pixel-space model: no VAE, a UNet with 3 input and output
+    // channels (the first 3 of its conv_in / conv_out channels).
+    let (_temp, dir) = copy_of_tiny_sd1();
+    let index_path = dir.join("model_index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["vae"] = serde_json::json!([null, null]);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    std::fs::remove_dir_all(dir.join("vae")).unwrap();
+    let config_path = dir.join("unet/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["in_channels"] = serde_json::json!(3);
+    config["out_channels"] = serde_json::json!(3);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let weights_path = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
+    for (name, axis) in [
+        ("conv_in.weight", 1),
+        ("conv_out.weight", 0),
+        ("conv_out.bias", 0),
+    ] {
+        let narrowed = weights[name]
+            .narrow(axis, 0, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        weights.insert(name.to_string(), narrowed);
+    }
+    candle_core::safetensors::save(&weights, &weights_path).unwrap();
+
+    let model = load(&dir).unwrap();
+    assert!(model.is_pixel_space());
+    assert_eq!(model.latent_downscale_factor(), 1);
+    assert_eq!(model.latent_channels(), 3);
+    assert_eq!(model.default_size_px(), (16, 16));
+    assert_eq!(model.size_multiple_px(), 4);
+    let mut request = quick_request(&model, "a red circle");
+    request.preview = true;
+    let mut preview_sizes = Vec::new();
+    let output = generate(
+        &model,
+        &request,
+        None,
+        &mut |report| {
+            let preview = report.preview.as_ref().unwrap();
+            preview_sizes.push((preview.width, preview.height));
+            Ok(())
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
+    assert_eq!(preview_sizes, [(16, 16), (16, 16)]);
+    assert_eq!(output.latents_per_step.dims(), &[2, 1, 3, 16, 16]);
+    assert_eq!(output.image_f32.dims(), &[16, 16, 3]);
+    // In pixel space the image is the final sample mapped from [-1, 1] to [0, 1].
+    let last = output.latents_per_step.get(1).unwrap().squeeze(0).unwrap();
+    let expected = last
+        .affine(0.5, 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap();
+    let diff = (output.image_f32 - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
 }

@@ -7,6 +7,9 @@
 //! The manifests' configs are abridged, so each is laid over the tiny-sd1 fixture's config for the same
 //! component (keys the manifest leaves out are diffusers defaults in both).
 
+// Test helpers may unwrap like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
@@ -26,7 +29,10 @@ fn merged_config(
     config_file: &str,
     out_dir: &Path,
 ) -> PathBuf {
-    let base_path = fixtures().join("tiny-sd1").join(component).join(config_file);
+    let base_path = fixtures()
+        .join("tiny-sd1")
+        .join(component)
+        .join(config_file);
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(base_path).unwrap()).unwrap();
     let overrides = manifest.configs[component].as_object().unwrap();
@@ -77,9 +83,13 @@ fn full_size_models_request_every_checkpoint_parameter() {
         assert_all_requested(&backend, &format!("{checkpoint} text encoder"));
 
         let backend = manifest.backend("unet").unwrap();
-        let config =
-            UnetConfig::from_file(&merged_config(&manifest, "unet", "config.json", temp.path()))
-                .unwrap();
+        let config = UnetConfig::from_file(&merged_config(
+            &manifest,
+            "unet",
+            "config.json",
+            temp.path(),
+        ))
+        .unwrap();
         let unet = Unet::new(backend.var_builder(DType::F16, &device), &config)
             .unwrap_or_else(|err| panic!("{checkpoint} UNet: {err}"));
         drop(unet);
@@ -98,17 +108,22 @@ fn full_size_models_request_every_checkpoint_parameter() {
 
 #[test]
 fn manifest_backend_rejects_unknown_names_and_wrong_shapes() {
-    let manifest =
-        ParameterManifest::from_file(&fixtures().join("manifests/sd15.json")).unwrap();
+    let manifest = ParameterManifest::from_file(&fixtures().join("manifests/sd15.json")).unwrap();
     let backend = manifest.backend("vae").unwrap();
     let vb = backend.var_builder(DType::F16, &Device::Cpu);
-    let err = vb.get((128, 3, 3, 3), "not.a.parameter").unwrap_err().to_string();
+    let err = vb
+        .get((128, 3, 3, 3), "not.a.parameter")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not.a.parameter"), "{err}");
     let err = vb
         .get((64, 3, 3, 3), "encoder.conv_in.weight")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("encoder.conv_in.weight") && err.contains("[128, 3, 3, 3]"), "{err}");
+    assert!(
+        err.contains("encoder.conv_in.weight") && err.contains("[128, 3, 3, 3]"),
+        "{err}"
+    );
     let zeros = vb.get((128, 3, 3, 3), "encoder.conv_in.weight").unwrap();
     assert_eq!(zeros.dims(), &[128, 3, 3, 3]);
     assert_eq!(backend.requested_names().len(), 1);

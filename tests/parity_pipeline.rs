@@ -9,6 +9,9 @@
 //! divides by `sqrt(alpha_bar)` (about 0.17 at t = 876); the largest difference measured is ~2.2e-4
 //! (tiny-sd1, DDIM, step 8) on latents of magnitude up to ~50 (Euler), i.e. a few 1e-6 relative.
 
+// Test helpers may unwrap like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -61,20 +64,17 @@ fn check_model(model_name: &str) {
         request.scheduler = Some(kind);
         request.init_latents = Some(reference["pipeline.init_latents"].clone());
         assert_eq!((request.width, request.height), (32, 32));
-        let output = generate(
-            &model,
-            &request,
-            None,
-            &mut |_| Ok(()),
-            &CancelToken::new(),
-        )
-        .unwrap();
+        let output =
+            generate(&model, &request, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
 
         let expected_timesteps: Vec<f32> = reference[&format!("pipeline.{key}.timesteps")]
             .to_vec1()
             .unwrap();
         let timesteps: Vec<f32> = output.timesteps.iter().map(|&t| t as f32).collect();
-        assert_eq!(timesteps, expected_timesteps, "{model_name} {key} timesteps");
+        assert_eq!(
+            timesteps, expected_timesteps,
+            "{model_name} {key} timesteps"
+        );
 
         let expected_latents = &reference[&format!("pipeline.{key}.latents_per_step")];
         let mut worst_latent = 0f32;
@@ -84,7 +84,10 @@ fn check_model(model_name: &str) {
                 &expected_latents.get(step).unwrap(),
             );
             worst_latent = worst_latent.max(diff);
-            eprintln!("{model_name} {key}: latents after step {} max abs diff {diff:.2e}", step + 1);
+            eprintln!(
+                "{model_name} {key}: latents after step {} max abs diff {diff:.2e}",
+                step + 1
+            );
         }
         let image_diff = max_abs_diff(
             &output.image_f32,
@@ -112,4 +115,86 @@ fn tiny_sd1_matches_diffusers() {
 #[test]
 fn tiny_sd2_matches_diffusers() {
     check_model("tiny-sd2");
+}
+
+#[test]
+fn f16_compute_stays_close_to_the_f32_reference() {
+    let dir = fixture("tiny-sd1");
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("reference_outputs.safetensors"), &Device::Cpu)
+            .unwrap();
+    let options = LoadOptions {
+        dtype: candle_core::DType::F16,
+        ..LoadOptions::default()
+    };
+    let mut model = StableDiffusion::load(&dir, &options).unwrap();
+    model.scheduler_config =
+        SchedulerConfig::from_file(&dir.join("reference_scheduler_ddim.json")).unwrap();
+    let mut request = GenerateRequest::new(&model, "a photo of a cat wearing sunglasses");
+    request.steps = 8;
+    request.scheduler = Some(SchedulerKind::Ddim);
+    request.init_latents = Some(reference["pipeline.init_latents"].clone());
+    let output = generate(&model, &request, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
+    let image_diff = max_abs_diff(&output.image_f32, &reference["pipeline.ddim.image"]);
+    eprintln!("tiny-sd1 ddim f16: image max abs diff {image_diff:.2e}");
+    // Half precision: ~3 decimal digits per operation; measured 5.8e-3.
+    assert!(image_diff <= 2e-2, "f16 image differs by {image_diff:.2e}");
+}
+
+/// Records what every attention call reports about itself.
+#[derive(Default)]
+struct SiteRecorder {
+    calls: Vec<(usize, usize, usize, bool, usize)>,
+}
+
+impl attend::attention::AttentionProcessor for SiteRecorder {
+    fn process_probabilities(
+        &mut self,
+        site: &attend::attention::AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        assert_eq!(probs.dim(0)?, site.batch * site.heads);
+        self.calls.push((
+            site.step_index,
+            site.step_count,
+            site.batch,
+            site.cfg,
+            probs.dim(0)?,
+        ));
+        Ok(None)
+    }
+}
+
+#[test]
+fn processor_sees_every_step_and_the_guidance_batch() {
+    let model = StableDiffusion::load(&fixture("tiny-sd1"), &LoadOptions::default()).unwrap();
+    for (guidance, batch) in [(7.5, 2), (1.0, 1)] {
+        let mut request = GenerateRequest::new(&model, "a cat");
+        request.steps = 3;
+        request.guidance = guidance;
+        let mut recorder = SiteRecorder::default();
+        let plain = generate(&model, &request, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
+        let hooked = generate(
+            &model,
+            &request,
+            Some(&mut recorder),
+            &mut |_| Ok(()),
+            &CancelToken::new(),
+        )
+        .unwrap();
+        // A processor that changes nothing changes nothing.
+        assert_eq!(
+            max_abs_diff(&plain.latents_per_step, &hooked.latents_per_step),
+            0.0
+        );
+        // tiny-sd1 has 2 + 2 + 1 + 3 + 3 = 11 transformer blocks, each with attn1 and attn2.
+        assert_eq!(recorder.calls.len(), 3 * 11 * 2);
+        for (index, call) in recorder.calls.iter().enumerate() {
+            let (step_index, step_count, call_batch, cfg, _) = *call;
+            assert_eq!(step_index, index / 22);
+            assert_eq!(step_count, 3);
+            assert_eq!(call_batch, batch);
+            assert_eq!(cfg, batch == 2);
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! Parity of the prompt tokenizer and the CLIP text encoder with transformers' reference outputs
 //! (fixtures in tests/fixtures, see its README).
 
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
@@ -112,8 +115,12 @@ fn tokenizer_gives_the_reference_input_ids() {
     for model in ["tiny-sd1", "tiny-sd2"] {
         let reference = load_reference(model);
         let expected: Vec<Vec<i64>> = reference["text.input_ids"].to_vec2().unwrap();
-        let tokenizer = PromptTokenizer::from_folder(&fixtures().join(model).join("tokenizer")).unwrap();
-        for (prompt, expected_ids) in ["a photo of a cat wearing sunglasses", ""].iter().zip(&expected) {
+        let tokenizer =
+            PromptTokenizer::from_folder(&fixtures().join(model).join("tokenizer")).unwrap();
+        for (prompt, expected_ids) in ["a photo of a cat wearing sunglasses", ""]
+            .iter()
+            .zip(&expected)
+        {
             let ids: Vec<i64> = tokenizer
                 .encode(prompt)
                 .unwrap()

@@ -12,7 +12,9 @@ use attend::pipeline::unet::{Unet, UnetConfig};
 use candle_core::{DType, Device, Tensor};
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -32,12 +34,18 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn load_unet(model: &str, weights: &str) -> Unet {
     let config = UnetConfig::from_file(&fixture(&format!("{model}/unet/config.json"))).unwrap();
     let path = fixture(&format!("{model}/unet/{weights}"));
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap()
+    };
     Unet::new(vb, &config).unwrap()
 }
 
 fn references(model: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(&format!("{model}/reference_outputs.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixture(&format!("{model}/reference_outputs.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Keeps the first batch item's probabilities of every attention call, by module path.
@@ -48,16 +56,28 @@ struct Capture {
 }
 
 impl AttentionProcessor for Capture {
-    fn process_probabilities(&mut self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        assert_eq!(probs.dims(), &[site.batch * site.heads, site.queries(), site.keys]);
-        self.probs.insert(site.module_path(), probs.narrow(0, 0, site.heads)?);
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        assert_eq!(
+            probs.dims(),
+            &[site.batch * site.heads, site.queries(), site.keys]
+        );
+        self.probs
+            .insert(site.module_path(), probs.narrow(0, 0, site.heads)?);
         self.sites.push(site.clone());
         Ok(None)
     }
 }
 
 fn unet_inputs(reference: &HashMap<String, Tensor>) -> (Tensor, f64, Tensor) {
-    let timestep = reference["unet.timestep"].flatten_all().unwrap().to_vec1::<i64>().unwrap()[0] as f64;
+    let timestep = reference["unet.timestep"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()[0] as f64;
     (
         reference["unet.sample"].clone(),
         timestep,
@@ -83,7 +103,8 @@ fn check_model(model: &str) {
             step_count: 8,
             cfg: true,
         };
-        unet.forward(&sample, timestep, &context, Some(&mut hook)).unwrap()
+        unet.forward(&sample, timestep, &context, Some(&mut hook))
+            .unwrap()
     };
     let hooked_diff = max_abs_diff(&hooked, &reference["unet.out"]);
     eprintln!("{model}: unet.out max abs diff (with a reading hook) = {hooked_diff:e}");
@@ -104,10 +125,17 @@ fn check_model(model: &str) {
         assert!(diff < 1e-4, "{model}: {module} differs by {diff}");
         worst = worst.max(diff);
     }
-    assert_eq!(capture.probs.len(), expected_modules, "{model}: the hook saw modules the fixture lacks");
+    assert_eq!(
+        capture.probs.len(),
+        expected_modules,
+        "{model}: the hook saw modules the fixture lacks"
+    );
     eprintln!("{model}: {expected_modules} attention modules, worst max abs diff = {worst:e}");
     for site in &capture.sites {
-        assert_eq!((site.batch, site.step_index, site.step_count, site.cfg), (2, 3, 8, true));
+        assert_eq!(
+            (site.batch, site.step_index, site.step_count, site.cfg),
+            (2, 3, 8, true)
+        );
     }
 }
 
@@ -122,7 +150,10 @@ fn tiny_sd2_matches_diffusers() {
 }
 
 fn manifest(name: &str) -> attend::pipeline::weights::ParameterManifest {
-    attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!("manifests/{name}.json"))).unwrap()
+    attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!(
+        "manifests/{name}.json"
+    )))
+    .unwrap()
 }
 
 fn manifest_unet_config(manifest: &attend::pipeline::weights::ParameterManifest) -> UnetConfig {
@@ -138,9 +169,25 @@ fn real_checkpoint_manifests_load_every_parameter() {
         let backend = manifest.backend("unet").unwrap();
         Unet::new(backend.var_builder(DType::F32, &Device::Cpu), &config).unwrap();
         let unrequested = backend.unrequested_names();
-        assert!(unrequested.is_empty(), "{name}: never requested {unrequested:?}");
-        eprintln!("{name}: all {} UNet parameters requested with their shapes", backend.parameter_count());
+        assert!(
+            unrequested.is_empty(),
+            "{name}: never requested {unrequested:?}"
+        );
+        eprintln!(
+            "{name}: all {} UNet parameters requested with their shapes",
+            backend.parameter_count()
+        );
     }
+}
+
+/// User + system CPU seconds of this process (all threads), from `/proc/self/stat` (Linux).
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A UNet of a real checkpoint's shapes with small random weights (timing only).
@@ -164,19 +211,89 @@ fn timing_sd15_batch2() {
     let context = Tensor::randn(0f32, 1.0, (2, 77, 768), &Device::Cpu).unwrap();
     let sizes: Vec<usize> = std::env::var("ATTEND_TIMING_SIZES")
         .ok()
-        .map(|text| text.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .map(|text| {
+            text.split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .collect()
+        })
         .unwrap_or_else(|| vec![32, 64]);
     for latent in sizes {
         let sample = Tensor::randn(0f32, 1.0, (2, 4, latent, latent), &Device::Cpu).unwrap();
         // Warm-up (page faults, allocator).
         unet.forward(&sample, 500.0, &context, None).unwrap();
-        let start = std::time::Instant::now();
+        let (start, cpu_start) = (std::time::Instant::now(), process_cpu_secs());
         let out = unet.forward(&sample, 500.0, &context, None).unwrap();
         eprintln!(
-            "SD1.5 UNet, batch 2, {latent}x{latent} latent ({} px): {:.2} s",
+            "SD1.5 UNet, batch 2, {latent}x{latent} latent ({} px): {:.2} s wall, {:.2} s CPU",
             latent * 8,
-            start.elapsed().as_secs_f64()
+            start.elapsed().as_secs_f64(),
+            process_cpu_secs() - cpu_start
         );
         assert_eq!(out.dims(), &[2, 4, latent, latent]);
     }
+}
+
+fn time_it(label: &str, gflop: f64, mut run: impl FnMut()) {
+    run();
+    let start = std::time::Instant::now();
+    let reps = 3;
+    for _ in 0..reps {
+        run();
+    }
+    let secs = start.elapsed().as_secs_f64() / reps as f64;
+    eprintln!("{label:<48} {:8.1} ms  {:6.1} GFLOP/s", secs * 1e3, gflop / secs);
+}
+
+/// Speed of the primitives the SD 1.5 UNet spends its time in, at 512 px (64x64 latent), batch 2.
+#[test]
+#[ignore]
+fn timing_primitives() {
+    let cpu = &Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 320, 64, 64), cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.02, (320, 320, 3, 3), cpu).unwrap();
+    let flops = 2.0 * 2.0 * 4096.0 * 320.0 * 320.0 * 9.0 / 1e9;
+    time_it("conv2d 3x3 320->320 @64x64 b2", flops, || {
+        x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    });
+    let tokens = Tensor::randn(0f32, 1.0, (8192, 320), cpu).unwrap();
+    let lw = Tensor::randn(0f32, 0.02, (2560, 320), cpu).unwrap();
+    time_it("linear 8192x320 -> 2560", 2.0 * 8192.0 * 320.0 * 2560.0 / 1e9, || {
+        tokens.matmul(&lw.t().unwrap()).unwrap();
+    });
+    let q = Tensor::randn(0f32, 1.0, (16, 4096, 40), cpu).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (16, 4096, 40), cpu).unwrap();
+    time_it("scores [16,4096,40]x[16,40,4096]", 2.0 * 16.0 * 4096.0 * 4096.0 * 40.0 / 1e9, || {
+        q.matmul(&k.t().unwrap()).unwrap();
+    });
+    let scores = q.narrow(0, 0, 4).unwrap().matmul(&k.narrow(0, 0, 4).unwrap().t().unwrap()).unwrap();
+    time_it("softmax [4,4096,4096]", 0.0, || {
+        candle_nn::ops::softmax_last_dim(&scores).unwrap();
+    });
+    let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+    let v = k.narrow(0, 0, 4).unwrap();
+    time_it("probs@v [4,4096,4096]x[4,4096,40]", 2.0 * 4.0 * 4096.0 * 4096.0 * 40.0 / 1e9, || {
+        probs.matmul(&v).unwrap();
+    });
+    time_it("scale [4,4096,4096] * 0.15", 0.0, || {
+        (&scores * 0.15).unwrap();
+    });
+    let gn_w = Tensor::ones(320, DType::F32, cpu).unwrap();
+    let gn_b = Tensor::zeros(320, DType::F32, cpu).unwrap();
+    let gn = candle_nn::GroupNorm::new(gn_w, gn_b, 320, 32, 1e-5).unwrap();
+    time_it("candle group_norm [2,320,64,64]", 0.0, || {
+        candle_nn::Module::forward(&gn, &x).unwrap();
+    });
+    time_it("silu [2,320,64,64]", 0.0, || {
+        candle_nn::ops::silu(&x).unwrap();
+    });
+    time_it("transpose+contiguous [2,320,4096]", 0.0, || {
+        x.reshape((2, 320, 4096)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    });
+    time_it("add [2,320,64,64]", 0.0, || {
+        (&x + &x).unwrap();
+    });
+    let wide = Tensor::randn(0f32, 1.0, (8192, 1280), cpu).unwrap();
+    time_it("gelu_erf [8192,1280]", 0.0, || {
+        wide.gelu_erf().unwrap();
+    });
 }

@@ -11,7 +11,9 @@ use attend::pipeline::vae::{AutoencoderKl, VaeConfig};
 use candle_core::{DType, Device, Tensor};
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -31,12 +33,18 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn load_vae(model: &str) -> AutoencoderKl {
     let config = VaeConfig::from_file(&fixture(&format!("{model}/vae/config.json"))).unwrap();
     let path = fixture(&format!("{model}/vae/diffusion_pytorch_model.safetensors"));
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap()
+    };
     AutoencoderKl::new(vb, &config).unwrap()
 }
 
 fn references(model: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(&format!("{model}/reference_outputs.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixture(&format!("{model}/reference_outputs.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn check_model(model: &str) {
@@ -56,7 +64,9 @@ fn check_model(model: &str) {
 
     // A posterior sample with zero noise is the mean.
     let zero_noise = Tensor::zeros(mean.dims(), DType::F32, &Device::Cpu).unwrap();
-    let sample = vae.encode_sample(&reference["vae.encode.image"], &zero_noise).unwrap();
+    let sample = vae
+        .encode_sample(&reference["vae.encode.image"], &zero_noise)
+        .unwrap();
     assert!(max_abs_diff(&sample, &mean) < 1e-6);
 }
 
@@ -81,15 +91,23 @@ fn wrong_image_size_is_an_invalid_argument() {
 #[test]
 fn real_checkpoint_manifests_load_every_parameter() {
     for name in ["sd15", "sd21", "sd-turbo"] {
-        let manifest =
-            attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!("manifests/{name}.json"))).unwrap();
+        let manifest = attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!(
+            "manifests/{name}.json"
+        )))
+        .unwrap();
         let text = manifest.configs["vae"].to_string();
         let config = VaeConfig::from_json(&text, Path::new("manifest")).unwrap();
         assert_eq!(config.downscale_factor(), 8);
         let backend = manifest.backend("vae").unwrap();
         AutoencoderKl::new(backend.var_builder(DType::F32, &Device::Cpu), &config).unwrap();
         let unrequested = backend.unrequested_names();
-        assert!(unrequested.is_empty(), "{name}: never requested {unrequested:?}");
-        eprintln!("{name}: all {} VAE parameters requested with their shapes", backend.parameter_count());
+        assert!(
+            unrequested.is_empty(),
+            "{name}: never requested {unrequested:?}"
+        );
+        eprintln!(
+            "{name}: all {} VAE parameters requested with their shapes",
+            backend.parameter_count()
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The worker thread's protocol, driven with the fake engine: event order, supersede, cancel within a
 //! step, panic recovery, model-load failures and plain exports.
 
+// The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -387,4 +390,110 @@ fn attention_export_writes_the_latest_finished_run_as_safetensors() {
         .unwrap();
     assert!(matches!(next_event(&worker), Event::ExportFailed { .. }));
     assert!(!stale.exists());
+}
+
+/// The real engine over the candle pipeline, on the tiny SD 1.x fixture (random weights, 32 px).
+#[test]
+fn the_pipeline_engine_streams_steps_maps_and_exports_for_a_tiny_model() {
+    let model_dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
+    let mut worker = WorkerHandle::spawn(attend::worker::pipeline_engine_factory()).unwrap();
+    worker
+        .load_model(ModelSource::Folder(model_dir.clone()))
+        .unwrap();
+    let info = match next_event(&worker) {
+        Event::ModelLoaded { info } => info,
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    };
+    assert_eq!((info.default_width_px, info.default_height_px), (32, 32));
+    let run_id = worker
+        .generate(GenerateParams {
+            prompt: "a photo of a cat wearing sunglasses".to_owned(),
+            steps: 3,
+            seed: 3,
+            ..GenerateParams::default()
+        })
+        .unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    let Event::Started { prompt, params, .. } = &events[0] else {
+        panic!("expected Started, got {:?}", events[0]);
+    };
+    assert_eq!(params.scheduler.as_deref(), Some("ddim"));
+    assert_eq!(prompt.words.len(), 7);
+    let token_count = prompt.tokens.len();
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Step { frame, .. } => Some(frame),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 3);
+    for frame in &steps {
+        assert!(frame.preview.is_consistent() && frame.preview.width > 0);
+        assert!(
+            !frame.cross.groups.is_empty(),
+            "every step carries cross-attention maps"
+        );
+        for group in &frame.cross.groups {
+            assert_eq!(group.token_count, token_count);
+            assert_eq!(group.data.len(), token_count * group.h * group.w);
+            // Each pixel's attention over the kept tokens sums to at most 1 (softmax over 77 keys).
+            let cells = group.h * group.w;
+            let total: f32 = (0..token_count)
+                .map(|token| group.data[token * cells])
+                .sum();
+            assert!(total <= 1.0 + 1e-4, "{total}");
+        }
+    }
+    let Some(Event::Finished {
+        image,
+        self_attention_grids,
+        ..
+    }) = events.last()
+    else {
+        panic!("expected Finished, got {:?}", events.last());
+    };
+    assert_eq!((image.width, image.height), (32, 32));
+    assert!(!self_attention_grids.is_empty());
+    let (grid_h, grid_w) = self_attention_grids[0];
+    worker
+        .send(Command::RequestSelfAttention {
+            run_id,
+            grid_h,
+            grid_w,
+            span: SelfAttentionSpan::MeanOverSteps,
+        })
+        .unwrap();
+    match next_event(&worker) {
+        Event::SelfAttention { map: Some(map), .. } => {
+            let queries = grid_h * grid_w;
+            assert_eq!(map.data.len(), queries * queries);
+            let worst = map
+                .data
+                .chunks(queries)
+                .map(|row| (row.iter().sum::<f32>() - 1.0).abs())
+                .fold(0.0f32, f32::max);
+            eprintln!("self-attention {grid_h}x{grid_w}: rows sum to 1 within {worst:.2e}");
+            assert!(worst < 1e-4);
+        }
+        other => panic!("expected a self-attention map, got {other:?}"),
+    }
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("maps.safetensors");
+    worker
+        .send(Command::ExportAttention {
+            run_id,
+            path: path.clone(),
+            word_heatmaps: Vec::new(),
+        })
+        .unwrap();
+    assert!(matches!(next_event(&worker), Event::Exported { .. }));
+    let bytes = std::fs::read(&path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = tensors.names().into_iter().map(str::to_owned).collect();
+    assert!(
+        names.iter().any(|name| name.starts_with("cross.")),
+        "{names:?}"
+    );
 }

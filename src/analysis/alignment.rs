@@ -210,8 +210,12 @@ pub fn align_prompts(
         EditKind::Refine => {
             let token_sources = align_tokens(source.tokens, edit.tokens);
             let words = refine_word_pairs(source, edit, &token_sources);
-            let mapping =
-                refine_mapping_from(&token_sources, source.tokens.len(), edit.tokens.len(), length);
+            let mapping = refine_mapping_from(
+                &token_sources,
+                source.tokens.len(),
+                edit.tokens.len(),
+                length,
+            );
             Ok(PromptAlignment {
                 kind,
                 mapping,
@@ -298,7 +302,12 @@ pub fn refine_mapping(
     length: usize,
 ) -> TokenMapping {
     let token_sources = align_tokens(source.tokens, edit.tokens);
-    refine_mapping_from(&token_sources, source.tokens.len(), edit.tokens.len(), length)
+    refine_mapping_from(
+        &token_sources,
+        source.tokens.len(),
+        edit.tokens.len(),
+        length,
+    )
 }
 
 /// Global alignment of two token sequences (gap 0, match 1, mismatch -1): for each edited token,
@@ -426,10 +435,11 @@ fn refine_word_pairs(
         match source_index {
             Some(source_index) => {
                 // Source words skipped since the last pair were removed.
-                for skipped in next_unlisted_source..source_index {
-                    if !source_used[skipped] {
-                        source_used[skipped] = true;
-                        pairs.push(removed(skipped));
+                let skipped_range = next_unlisted_source.min(source_index)..source_index;
+                for (skipped, used) in source_used[skipped_range.clone()].iter_mut().enumerate() {
+                    if !*used {
+                        *used = true;
+                        pairs.push(removed(skipped_range.start + skipped));
                     }
                 }
                 source_used[source_index] = true;
@@ -451,8 +461,8 @@ fn refine_word_pairs(
             }),
         }
     }
-    for index in 0..source.words.len() {
-        if !source_used[index] {
+    for (index, used) in source_used.iter().enumerate() {
+        if !used {
             pairs.push(removed(index));
         }
     }
@@ -550,7 +560,8 @@ mod tests {
                 .all(|pair| pair.change == WordChange::Same));
         }
         assert_eq!(TokenMapping::identity(LENGTH), {
-            let alignment = align_prompts(&prompt.layout(), &prompt.layout(), LENGTH, None).unwrap();
+            let alignment =
+                align_prompts(&prompt.layout(), &prompt.layout(), LENGTH, None).unwrap();
             assert_eq!(alignment.kind, EditKind::Replace);
             alignment.mapping
         });
@@ -622,7 +633,8 @@ mod tests {
 
     #[test]
     fn replace_skips_punctuation_only_one_prompt_has() {
-        let source = Prompt::new(&[&["a"], &["cat"], &["sitting"]]).with_punctuation_after_word(1, ",");
+        let source =
+            Prompt::new(&[&["a"], &["cat"], &["sitting"]]).with_punctuation_after_word(1, ",");
         let edit = Prompt::new(&[&["a"], &["dog"], &["sitting"]]);
         let mapping = replace_mapping(&source.layout(), &edit.layout(), LENGTH).unwrap();
         assert_column(&mapping, 2, &[(2, 1.0)]);
@@ -636,9 +648,17 @@ mod tests {
         let source = Prompt::new(&[&["a"], &["cat"]]);
         let edit = Prompt::new(&[&["a"], &["black"], &["cat"]]);
         let error = replace_mapping(&source.layout(), &edit.layout(), LENGTH).unwrap_err();
-        assert!(error.to_string().contains("same number of words"), "{error}");
-        assert!(align_prompts(&source.layout(), &edit.layout(), LENGTH, Some(EditKind::Replace))
-            .is_err());
+        assert!(
+            error.to_string().contains("same number of words"),
+            "{error}"
+        );
+        assert!(align_prompts(
+            &source.layout(),
+            &edit.layout(),
+            LENGTH,
+            Some(EditKind::Replace)
+        )
+        .is_err());
     }
 
     #[test]
@@ -735,7 +755,10 @@ mod tests {
         let source = Prompt::new(&[&["a"], &["cat"]]);
         let edit = Prompt::new(&[&["a"], &["sun", "glasses"], &["dog"]]);
         let alignment = align_prompts(&source.layout(), &edit.layout(), LENGTH, None).unwrap();
-        assert_eq!(alignment.mapping.alphas[..6], [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(
+            alignment.mapping.alphas[..6],
+            [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        );
         assert_column(&alignment.mapping, 5, &[(3, 1.0)]);
         let changes: Vec<WordChange> = alignment.words.iter().map(|pair| pair.change).collect();
         assert_eq!(

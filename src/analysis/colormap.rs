@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn overlay_blends_above_threshold_only() {
-        let image = vec![100u8; 2 * 1 * 3];
+        let image = vec![100u8; 2 * 3]; // 2 x 1 pixels
         let heat = [0.2, 1.0];
         let out = overlay(&image, 2, 1, &heat, Colormap::Grey, 0.5, 0.5);
         assert_eq!(&out[0..3], &[100, 100, 100]);

@@ -3,9 +3,9 @@
 
 pub mod alignment;
 pub mod colormap;
-pub mod scene_check;
 pub mod export;
 pub mod heatmap;
+pub mod scene_check;
 pub mod segment;
 
 /// One prompt word and the positions of its sub-word tokens in the encoded (77-token) sequence.

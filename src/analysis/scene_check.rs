@@ -63,7 +63,12 @@ pub fn background_colour(labels: &[Option<Colour>], width: usize, height: usize)
 
 /// The largest 4-connected region of `colour`, with its shape test, or `None` when it has fewer than
 /// [`MIN_OBJECT_PIXELS`] pixels.
-pub fn find_object(labels: &[Option<Colour>], width: usize, height: usize, colour: Colour) -> Option<ObjectRegion> {
+pub fn find_object(
+    labels: &[Option<Colour>],
+    width: usize,
+    height: usize,
+    colour: Colour,
+) -> Option<ObjectRegion> {
     let mut seen = vec![false; width * height];
     let mut best: Option<Vec<usize>> = None;
     for start in 0..width * height {
@@ -110,7 +115,12 @@ pub fn find_object(labels: &[Option<Colour>], width: usize, height: usize, colou
 }
 
 /// Measures a region given by its mask.
-pub fn region_from_mask(colour: Colour, mask: Vec<bool>, width: usize, height: usize) -> ObjectRegion {
+pub fn region_from_mask(
+    colour: Colour,
+    mask: Vec<bool>,
+    width: usize,
+    height: usize,
+) -> ObjectRegion {
     let mut area = 0usize;
     let (mut sum_x, mut sum_y) = (0.0f64, 0.0f64);
     let (mut min_x, mut min_y, mut max_x, mut max_y) = (usize::MAX, usize::MAX, 0usize, 0usize);
@@ -174,14 +184,21 @@ pub fn classify_shape(solidity: f32, fill: f32) -> Shape {
 /// Area of the convex hull of integer points (monotone chain); sorts `points`.
 fn convex_hull_area(points: &mut [(i64, i64)]) -> f64 {
     points.sort_unstable();
-    let cross = |o: (i64, i64), a: (i64, i64), b: (i64, i64)| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
+    let cross = |o: (i64, i64), a: (i64, i64), b: (i64, i64)| {
+        (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
+    };
     let mut hull: Vec<(i64, i64)> = Vec::with_capacity(points.len());
     for pass in 0..2 {
         let start = hull.len();
-        let iter: Box<dyn Iterator<Item = &(i64, i64)>> =
-            if pass == 0 { Box::new(points.iter()) } else { Box::new(points.iter().rev()) };
+        let iter: Box<dyn Iterator<Item = &(i64, i64)>> = if pass == 0 {
+            Box::new(points.iter())
+        } else {
+            Box::new(points.iter().rev())
+        };
         for &point in iter {
-            while hull.len() >= start + 2 && cross(hull[hull.len() - 2], hull[hull.len() - 1], point) <= 0 {
+            while hull.len() >= start + 2
+                && cross(hull[hull.len() - 2], hull[hull.len() - 1], point) <= 0
+            {
                 hull.pop();
             }
             hull.push(point);
@@ -220,10 +237,15 @@ mod tests {
         for seed in 0..200 {
             let scene = generate_scene(seed, &options);
             let labels = palette_labels(&scene.rgb, scene.size_px, scene.size_px);
-            assert_eq!(background_colour(&labels, scene.size_px, scene.size_px), Some(scene.background));
+            assert_eq!(
+                background_colour(&labels, scene.size_px, scene.size_px),
+                Some(scene.background)
+            );
             for (object, truth) in scene.objects.iter().zip(&scene.masks) {
                 total += 1;
-                let Some(region) = find_object(&labels, scene.size_px, scene.size_px, object.colour) else {
+                let Some(region) =
+                    find_object(&labels, scene.size_px, scene.size_px, object.colour)
+                else {
                     continue;
                 };
                 // Occluded objects may lose their shape; count how often the test is right.
@@ -232,7 +254,10 @@ mod tests {
                 }
             }
         }
-        assert!(correct * 100 >= total * 95, "shape test right on {correct} of {total} drawn objects");
+        assert!(
+            correct * 100 >= total * 95,
+            "shape test right on {correct} of {total} drawn objects"
+        );
     }
 
     #[test]

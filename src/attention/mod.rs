@@ -3,6 +3,7 @@
 //!
 //! With no processor the UNet skips the call entirely, so the cost is nil.
 
+pub mod p2p;
 pub mod store;
 
 use candle_core::{Result, Tensor};

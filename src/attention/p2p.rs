@@ -34,8 +34,8 @@
 //! nearest a quarter of the latent side (16 at 64), or the side the config names.
 //!
 //! Memory of a replay recording: `heads * queries * keys` floats per recorded layer and step; for
-//! SD 1.x at 512 px about 66 MB per step (all 16 cross layers, 77 keys, plus the 16x16 and 8x8 self
-//! layers), 3.3 GB for 50 steps. The recording stays on the model's device.
+//! SD 1.x at 512 px about 77 MB per step (66 MB for the 16 cross layers with 77 keys, 11 MB for the
+//! 16x16 and 8x8 self layers), 3.8 GB for 50 steps. The recording stays on the model's device.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -187,7 +187,10 @@ impl LocalBlendConfig {
 
     /// True when the blend acts after step `step_index` of a run of `step_count` steps.
     pub fn is_active(&self, step_index: usize, step_count: usize) -> bool {
-        step_index >= StepWindow::until(self.start_fraction).self_steps(step_count).end
+        step_index
+            >= StepWindow::until(self.start_fraction)
+                .self_steps(step_count)
+                .end
     }
 }
 
@@ -285,7 +288,10 @@ pub fn local_blend_mask(
         if max.is_nan() || max <= 0.0 {
             return vec![false; cells];
         }
-        resized.iter().map(|&value| value / max > threshold).collect()
+        resized
+            .iter()
+            .map(|&value| value / max > threshold)
+            .collect()
     };
     let mut mask: Vec<bool> = region(source, &source.words, true, threshold)
         .into_iter()
@@ -327,7 +333,8 @@ fn max_pool_3x3(data: &[f32], h: usize, w: usize) -> Vec<f32> {
 }
 
 /// `x_src + mask * (x_edit - x_src)`: `source` and `edit` `[1, channels, h, w]`, `mask` `[h, w]`
-/// (broadcast over channels).
+/// (broadcast over channels). Cells inside the mask take the edited latent, the others the source's,
+/// both exactly.
 pub fn blend_latents(source: &Tensor, edit: &Tensor, mask: &BlendMask) -> PipelineResult<Tensor> {
     let (_, _, h, w) = edit.dims4()?;
     if (mask.h, mask.w) != (h, w) || mask.data.len() != h * w {
@@ -341,10 +348,26 @@ pub fn blend_latents(source: &Tensor, edit: &Tensor, mask: &BlendMask) -> Pipeli
             ),
         });
     }
-    let mask = Tensor::from_vec(mask.data.clone(), (1, 1, h, w), edit.device())?
-        .to_dtype(edit.dtype())?;
-    let difference = (edit - source)?;
-    Ok(source.broadcast_add(&difference.broadcast_mul(&mask)?)?)
+    if source.dims() != edit.dims() {
+        return Err(PipelineError::InvalidArgument {
+            name: "local blend latents",
+            reason: format!(
+                "source latents {:?} and edited latents {:?} differ in shape",
+                source.dims(),
+                edit.dims()
+            ),
+        });
+    }
+    // The mask is 0/1, so the blend is a selection; selecting keeps both sides bit-exact.
+    let inside: Vec<u8> = mask
+        .data
+        .iter()
+        .map(|&value| u8::from(value > 0.5))
+        .collect();
+    let inside = Tensor::from_vec(inside, (1, 1, h, w), edit.device())?
+        .broadcast_as(edit.shape())?
+        .contiguous()?;
+    Ok(inside.where_cond(edit, source)?)
 }
 
 /// Identifies one attention layer (its [`AttentionSite`] without the per-call fields).
@@ -702,7 +725,12 @@ impl PromptToPrompt {
     }
 
     /// True when layers with `queries` queries take the source's self-attention at this step.
-    pub fn replaces_self_attention(&self, queries: usize, step_index: usize, step_count: usize) -> bool {
+    pub fn replaces_self_attention(
+        &self,
+        queries: usize,
+        step_index: usize,
+        step_count: usize,
+    ) -> bool {
         queries <= self.self_replace.max_queries
             && self
                 .self_replace
@@ -721,7 +749,8 @@ impl PromptToPrompt {
         let Some(config) = &self.local_blend else {
             return Ok(None);
         };
-        let Some(&(h, w)) = choose_grid(self.blend_sums.keys(), config.map_side, latent_h, latent_w)
+        let Some(&(h, w)) =
+            choose_grid(self.blend_sums.keys(), config.map_side, latent_h, latent_w)
         else {
             return Ok(None);
         };
@@ -730,7 +759,11 @@ impl PromptToPrompt {
         };
         let scale = 1.0 / sums.map_count.max(1) as f64;
         let to_maps = |sum: &Tensor| -> PipelineResult<BlendWordMaps> {
-            let columns = sum.affine(scale, 0.0)?.t()?.contiguous()?.to_vec2::<f32>()?;
+            let columns = sum
+                .affine(scale, 0.0)?
+                .t()?
+                .contiguous()?
+                .to_vec2::<f32>()?;
             let mut columns = columns.into_iter();
             let words = columns.next().unwrap_or_default();
             let subtract_words = columns.next().unwrap_or_default();
@@ -787,7 +820,8 @@ impl PromptToPrompt {
         let Some((source_maps, edit_maps)) = self.blend_word_maps(latent_h, latent_w)? else {
             return Err(PipelineError::InvalidArgument {
                 name: "local blend",
-                reason: "no down/up cross-attention maps were collected before the blend step".into(),
+                reason: "no down/up cross-attention maps were collected before the blend step"
+                    .into(),
             });
         };
         let subtract = (!config.subtract_words.is_empty()).then_some(config.subtract_threshold);
@@ -880,7 +914,9 @@ impl PromptToPrompt {
         }
         let device = own.device().clone();
         let window_tensor = match &self.window_cache {
-            Some((step, count, tensor)) if *step == site.step_index && *count == site.step_count => {
+            Some((step, count, tensor))
+                if *step == site.step_index && *count == site.step_count =>
+            {
                 tensor.clone()
             }
             _ => {
@@ -890,7 +926,9 @@ impl PromptToPrompt {
             }
         };
         let own_share = own.broadcast_mul(&window_tensor.affine(-1.0, 1.0)?)?;
-        Ok(Some(reweighted.broadcast_mul(&window_tensor)?.add(&own_share)?))
+        Ok(Some(
+            reweighted.broadcast_mul(&window_tensor)?.add(&own_share)?,
+        ))
     }
 
     /// Adds the blend words' maps of this layer to the running sums.
@@ -1089,6 +1127,12 @@ impl AttentionProcessor for ChainedProcessors<'_> {
             }
         }
         Ok(current)
+    }
+    fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
+        for processor in &mut self.processors {
+            processor.step_finished(step_index)?;
+        }
+        Ok(())
     }
 }
 

@@ -424,6 +424,12 @@ impl AttentionProcessor for AttentionStore {
         }
         Ok(None)
     }
+
+    /// Converts the finished step's sums into plain data, so that [`AttentionStore::latest_step`]
+    /// shows it while the run goes on.
+    fn step_finished(&mut self, _step_index: usize) -> candle_core::Result<()> {
+        self.convert_pending()
+    }
 }
 
 #[cfg(test)]

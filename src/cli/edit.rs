@@ -1,10 +1,1011 @@
-//! `attend edit` (being written; see issue).
+//! `attend edit`: Prompt-to-Prompt. Generates the source prompt's image and the edited prompt's image
+//! from the same noise, the edited one taking its attention from the source (word swap, refine,
+//! reweight, local blend).
 
-/// Arguments of `attend edit`.
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use attend::analysis::alignment::EditKind;
+use attend::analysis::export::{
+    a1111_parameters, write_atomically, write_attention_safetensors, write_png_rgb,
+};
+use attend::analysis::heatmap::resize_nearest;
+use attend::analysis::scene_check::{find_object, palette_labels};
+use attend::attention::p2p::RecordConfig;
+use attend::attention::p2p::{
+    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+};
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::pipeline::edit_sampling::{
+    generate_edit, generate_edited_branch, record_source, EditBranch, EditObservers, EditOutput,
+    EditRequest, EditStepReport,
+};
+use attend::pipeline::model::StableDiffusion;
+use attend::pipeline::sampling::{generate, RgbImage};
+use attend::pipeline::sampling::{CancelToken, GenerateRequest};
+use attend::pipeline::scheduler::SchedulerKind;
+use attend::scenes::{generate_scene, Colour, Scene, SceneOptions, Shape};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+use super::generate::{check_writable_parent, daam_heatmaps, generation_parameters};
+use super::{load_model, ModelArgs};
+
+/// Arguments of `attend edit`. Flag names are stable: scripts rely on them.
 #[derive(Debug, clap::Args)]
-pub struct EditArgs {}
+pub struct EditArgs {
+    /// The source prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// The edited prompt: the same words with some swapped (replace), or words added/removed (refine).
+    #[arg(long)]
+    pub edit_prompt: String,
+    /// Negative prompt of both runs.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// How the prompts relate: auto (same word count: replace, else refine), replace or refine.
+    #[arg(long, default_value = "auto")]
+    pub edit_kind: String,
+    /// Scale the edited prompt's attention to a word: WORD=SCALE (0 removes, negative inverts). Repeatable.
+    #[arg(long, value_name = "WORD=SCALE")]
+    pub reweight: Vec<String>,
+    /// Cross-attention replacement window: a fraction F (steps 0..F) or START:END.
+    #[arg(long, default_value = "0.8", value_name = "F|START:END")]
+    pub cross_replace: String,
+    /// Cross-attention window of one word of the edited prompt: WORD=F or WORD=START:END. Repeatable.
+    #[arg(long, value_name = "WORD=F|WORD=START:END")]
+    pub cross_replace_word: Vec<String>,
+    /// Self-attention replacement window: a fraction F or START:END.
+    #[arg(long, default_value = "0.4", value_name = "F|START:END")]
+    pub self_replace: String,
+    /// Self-attention is replaced only in layers whose query grid side is at most this.
+    #[arg(long, default_value_t = 16)]
+    pub self_replace_max_side: usize,
+    /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts).
+    #[arg(long, value_name = "WORD[,WORD]")]
+    pub local_blend: Option<String>,
+    /// Local blend: words whose region must not change (WORD[,WORD]).
+    #[arg(long, value_name = "WORD[,WORD]")]
+    pub blend_subtract: Option<String>,
+    /// Local blend threshold on the max-normalised word map.
+    #[arg(long, default_value_t = 0.3)]
+    pub blend_threshold: f32,
+    /// Local blend starts after this fraction of the steps.
+    #[arg(long, default_value_t = 0.2)]
+    pub blend_start: f64,
+    /// Side of the cross-attention grid the blend mask is built from (default: a quarter of the latent side).
+    #[arg(long)]
+    pub blend_map_side: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seed of the initial noise (shared by both runs).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Run the source first and replay its recorded attention into an edited-only run (what the
+    /// editor does), instead of running both prompts in one batch.
+    #[arg(long)]
+    pub replay: bool,
+    /// Also write `source_attention.safetensors` and `edited_attention.safetensors` (the layout of
+    /// `attend generate --attention-out`).
+    #[arg(long)]
+    pub attention_out: bool,
+    /// Folder for `source.png`, `edited.png`, `blend_mask.png` (with local blend), `alignment.json`.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
 
 /// Run `attend edit`.
-pub fn run(_args: &EditArgs) -> anyhow::Result<()> {
-    anyhow::bail!("attend edit is not available yet")
+pub fn run(args: &EditArgs) -> anyhow::Result<()> {
+    let spec = edit_spec(args)?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()
+        .context("--scheduler")?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+    check_writable_parent(&args.out_dir.join("source.png"))?;
+    let model = load_model(&args.model)?;
+    let mut request = GenerateRequest::new(&model, args.prompt.clone());
+    request.negative_prompt.clone_from(&args.negative_prompt);
+    request.seed = args.seed;
+    request.steps = args.steps;
+    request.guidance = args.guidance;
+    request.scheduler = scheduler;
+    if let Some(path) = &args.init_latents {
+        request.init_latents = Some(read_init_latents(path)?);
+    }
+    let edit_request = EditRequest {
+        generate: request,
+        spec,
+        replay: args.replay,
+    };
+
+    let store_for = |prompt: &str| -> anyhow::Result<AttentionStore> {
+        Ok(AttentionStore::new(StoreConfig {
+            keep_self: false,
+            ..StoreConfig::new(model.tokenizer.encode(prompt)?.token_count())
+        }))
+    };
+    let mut source_store = store_for(&args.prompt)?;
+    let mut edited_store = store_for(&args.edit_prompt)?;
+    let observers = if args.attention_out {
+        EditObservers {
+            source: Some(&mut source_store),
+            edited: Some(&mut edited_store),
+        }
+    } else {
+        EditObservers::default()
+    };
+    let started = Instant::now();
+    let quiet = args.quiet;
+    let mut on_step = |report: &EditStepReport| {
+        if !quiet {
+            let branch = match report.branch {
+                EditBranch::Both => "source + edit",
+                EditBranch::Source => "source",
+                EditBranch::Edited => "edit",
+            };
+            eprint!(
+                "\r{branch}: step {}/{}  {:.1} s   ",
+                report.step_index + 1,
+                report.step_count,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    };
+    let output = generate_edit(
+        &model,
+        &edit_request,
+        observers,
+        &mut on_step,
+        &CancelToken::new(),
+    )?;
+    if !quiet {
+        eprintln!(
+            "\rdone in {:.1} s{}",
+            started.elapsed().as_secs_f64(),
+            " ".repeat(30)
+        );
+        for pair in &output.alignment.words {
+            eprintln!(
+                "  {:>12}  {:<8} {}",
+                pair.source_text,
+                format!("{:?}", pair.change).to_lowercase(),
+                pair.edit_text
+            );
+        }
+    }
+    let mut warnings = output.source.warnings.clone();
+    warnings.dedup();
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    write_outputs(args, &model, &edit_request, &output)?;
+    if args.attention_out {
+        for (store, run, name) in [
+            (
+                &mut source_store,
+                &output.source,
+                "source_attention.safetensors",
+            ),
+            (
+                &mut edited_store,
+                &output.edited,
+                "edited_attention.safetensors",
+            ),
+        ] {
+            store.finish_step()?;
+            let words = &run.prompt_tokens.words;
+            let heatmaps = daam_heatmaps(store, words, run.image.height, run.image.width);
+            write_attention_safetensors(
+                &args.out_dir.join(name),
+                &store.cross_by_resolution(),
+                &heatmaps,
+                words,
+                &run.prompt_tokens.tokens,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `source.png`, `edited.png`, `blend_mask.png` (with local blend) and `alignment.json`.
+fn write_outputs(
+    args: &EditArgs,
+    model: &StableDiffusion,
+    request: &EditRequest,
+    output: &EditOutput,
+) -> anyhow::Result<()> {
+    let source_parameters = generation_parameters(model, &request.generate, &output.source);
+    let mut edited_request = request.generate.clone();
+    edited_request.prompt.clone_from(&request.spec.edit_prompt);
+    let mut edited_parameters = generation_parameters(model, &edited_request, &output.edited);
+    edited_parameters.extra.push((
+        "Prompt-to-Prompt".to_string(),
+        serde_json::to_string(&request.spec)?,
+    ));
+    edited_parameters.extra.push((
+        "P2P source prompt".to_string(),
+        request.generate.prompt.clone(),
+    ));
+    for (run, parameters, name) in [
+        (&output.source, source_parameters, "source.png"),
+        (&output.edited, edited_parameters, "edited.png"),
+    ] {
+        let image = &run.image;
+        write_png_rgb(
+            &args.out_dir.join(name),
+            image.width,
+            image.height,
+            &image.pixels,
+            Some(&a1111_parameters(&parameters)),
+        )?;
+    }
+    if let Some(mask) = output.blend_masks.iter().rev().flatten().next() {
+        let (width, height) = (output.edited.image.width, output.edited.image.height);
+        let resized = resize_nearest(&mask.data, mask.h, mask.w, height, width);
+        let rgb: Vec<u8> = resized
+            .iter()
+            .flat_map(|&value| {
+                let grey = if value > 0.5 { 255 } else { 0 };
+                [grey; 3]
+            })
+            .collect();
+        write_png_rgb(
+            &args.out_dir.join("blend_mask.png"),
+            width,
+            height,
+            &rgb,
+            Some("local blend mask of the last step (white: may change)"),
+        )?;
+    }
+    let alignment = serde_json::json!({
+        "source_prompt": request.generate.prompt,
+        "edit": request.spec,
+        "kind": output.alignment.kind,
+        "words": output.alignment.words,
+        "blend_mask_coverage": output
+            .blend_masks
+            .iter()
+            .map(|mask| mask.as_ref().map(BlendMask::coverage))
+            .collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&alignment)?;
+    write_atomically(&args.out_dir.join("alignment.json"), |file| {
+        file.write_all(text.as_bytes())
+    })?;
+    Ok(())
+}
+
+/// Reads the unit-variance tensor `latents` from a safetensors file.
+fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
+    let tensors =
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
+            format!(
+                "--init-latents {}: not a readable safetensors file",
+                path.display()
+            )
+        })?;
+    let latents = tensors.get("latents").with_context(|| {
+        format!(
+            "--init-latents {}: no tensor named `latents`",
+            path.display()
+        )
+    })?;
+    Ok(latents.to_dtype(candle_core::DType::F32)?)
+}
+
+/// Arguments of `attend edit-eval`: Prompt-to-Prompt measured on drawn scenes of attend's generator.
+///
+/// Per seed: the scene's caption is generated (image seed = scene seed); the source is recorded once
+/// and replayed into each edit. Object `seed % objects` is the target.
+/// - **Swap**: its shape word becomes the next shape (circle -> square -> triangle -> star -> circle).
+///   Success: the target's colour is still found with its centroid within the tolerance, and every
+///   other object found in the source is found again with its centroid within the tolerance and the
+///   same shape verdict.
+/// - **Reweight**: the target's word (shape by default) scaled by each `--reweight-scales` value with
+///   the prompt unchanged. Removed: the target's colour is no longer found; weakened: removed or its
+///   area at most half the source's. Skipped when the word occurs twice in the caption.
+///
+/// Objects are found by colour (nearest palette entry, largest connected region) as in
+/// `attend eval-shapes`. Seeds where the source image lacks the target are counted and skipped.
+#[derive(Debug, clap::Args)]
+pub struct EditEvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Number of seeds.
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    pub start: u64,
+    /// Denoising steps per image.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Guidance scale (default: the generate default).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Cross-attention replacement window of the swap (F or START:END).
+    #[arg(long, default_value = "0.8")]
+    pub cross_replace: String,
+    /// Self-attention replacement window of the swap (F or START:END).
+    #[arg(long, default_value = "0.4")]
+    pub self_replace: String,
+    /// Reweight scales to measure, comma-separated.
+    #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
+    pub reweight_scales: String,
+    /// Which word of the target to reweight: shape or colour.
+    #[arg(long, default_value = "shape")]
+    pub reweight_word: String,
+    /// Centroid tolerance in pixels at 64 px (scaled to the image size).
+    #[arg(long, default_value_t = 4.0)]
+    pub centroid_tolerance_px: f32,
+    /// Also generate each swapped caption without Prompt-to-Prompt (same seed), for comparison.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Write per-seed results and the summary as JSON.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Write source / swapped / reweighted images here.
+    #[arg(long)]
+    pub images_out: Option<PathBuf>,
+}
+
+/// What was measured for one object of a scene in a generated image.
+#[derive(Clone, Debug, serde::Serialize)]
+struct FoundObject {
+    colour: Colour,
+    found: bool,
+    centroid_px: Option<(f32, f32)>,
+    area: usize,
+    shape: Option<Shape>,
+}
+
+fn measure_objects(image: &RgbImage, scene: &Scene) -> Vec<FoundObject> {
+    let labels = palette_labels(&image.pixels, image.width, image.height);
+    scene
+        .objects
+        .iter()
+        .map(|object| {
+            let region = find_object(&labels, image.width, image.height, object.colour);
+            FoundObject {
+                colour: object.colour,
+                found: region.is_some(),
+                centroid_px: region.as_ref().map(|region| region.centroid_px),
+                area: region.as_ref().map_or(0, |region| region.area),
+                shape: region.as_ref().map(|region| region.shape),
+            }
+        })
+        .collect()
+}
+
+/// One seed's results.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct SeedResult {
+    seed: u64,
+    caption: String,
+    target: usize,
+    source_has_target: bool,
+    swap_caption: String,
+    swap: Option<SwapVerdict>,
+    baseline: Option<SwapVerdict>,
+    reweights: Vec<ReweightVerdict>,
+    seconds: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct SwapVerdict {
+    target_kept: bool,
+    target_shift_px: Option<f32>,
+    new_shape_drawn: bool,
+    others_unchanged: bool,
+    success: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct ReweightVerdict {
+    scale: f32,
+    word: String,
+    removed: bool,
+    weakened: bool,
+    area_ratio: f32,
+    others_unchanged: bool,
+}
+
+/// Centroid distance scaled to a 64 px image.
+fn shift_at_64(a: (f32, f32), b: (f32, f32), width: usize) -> f32 {
+    let scale = 64.0 / width.max(1) as f32;
+    ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)).sqrt() * scale
+}
+
+fn others_unchanged(
+    source: &[FoundObject],
+    edited: &[FoundObject],
+    target: usize,
+    width: usize,
+    tolerance: f32,
+) -> bool {
+    source
+        .iter()
+        .zip(edited)
+        .enumerate()
+        .filter(|&(index, (before, _))| index != target && before.found)
+        .all(
+            |(_, (before, after))| match (before.centroid_px, after.centroid_px) {
+                (Some(a), Some(b)) => {
+                    shift_at_64(a, b, width) <= tolerance && before.shape == after.shape
+                }
+                _ => false,
+            },
+        )
+}
+
+fn judge_swap(
+    source: &[FoundObject],
+    edited: &[FoundObject],
+    target: usize,
+    new_shape: Shape,
+    width: usize,
+    tolerance: f32,
+) -> SwapVerdict {
+    let shift = match (source[target].centroid_px, edited[target].centroid_px) {
+        (Some(a), Some(b)) => Some(shift_at_64(a, b, width)),
+        _ => None,
+    };
+    let target_kept = shift.is_some_and(|shift| shift <= tolerance);
+    let others = others_unchanged(source, edited, target, width, tolerance);
+    SwapVerdict {
+        target_kept,
+        target_shift_px: shift,
+        new_shape_drawn: edited[target].shape == Some(new_shape),
+        others_unchanged: others,
+        success: target_kept && others,
+    }
+}
+
+/// The caption with the `target`-th shape word replaced.
+fn swap_shape_word(caption: &str, target: usize, new_shape: Shape) -> String {
+    let mut shape_index = 0usize;
+    caption
+        .split(' ')
+        .map(|word| {
+            if word.parse::<Shape>().is_ok() {
+                shape_index += 1;
+                if shape_index - 1 == target {
+                    return new_shape.word();
+                }
+            }
+            word
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn next_shape(shape: Shape) -> Shape {
+    let index = Shape::ALL.iter().position(|&s| s == shape).unwrap_or(0);
+    Shape::ALL[(index + 1) % Shape::ALL.len()]
+}
+
+/// Run `attend edit-eval`.
+pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
+    let cross = parse_window(&args.cross_replace).context("--cross-replace")?;
+    let self_window = parse_window(&args.self_replace).context("--self-replace")?;
+    let scales: Vec<f32> = args
+        .reweight_scales
+        .split(',')
+        .map(str::trim)
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            text.parse::<f32>()
+                .with_context(|| format!("--reweight-scales: {text:?} is not a number"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let reweight_colour = match args.reweight_word.as_str() {
+        "shape" => false,
+        "colour" | "color" => true,
+        other => anyhow::bail!("--reweight-word {other:?}: expected shape or colour"),
+    };
+    if let Some(dir) = &args.images_out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
+    }
+    if let Some(path) = &args.json_out {
+        check_writable_parent(path)?;
+    }
+    let model = load_model(&args.model)?;
+    let (width, _) = model.default_size_px();
+    let scene_options = SceneOptions {
+        size_px: width,
+        ..SceneOptions::default()
+    };
+    let cancel = CancelToken::new();
+    let mut results = Vec::new();
+    for seed in args.start..args.start + args.count {
+        let started = Instant::now();
+        let scene = generate_scene(seed, &scene_options);
+        let target = (seed % scene.objects.len() as u64) as usize;
+        let target_object = &scene.objects[target];
+        let new_shape = next_shape(target_object.shape);
+        let mut result = SeedResult {
+            seed,
+            caption: scene.caption.clone(),
+            target,
+            swap_caption: swap_shape_word(&scene.caption, target, new_shape),
+            ..SeedResult::default()
+        };
+        let mut request = GenerateRequest::new(&model, scene.caption.clone());
+        request.seed = seed;
+        request.steps = args.steps;
+        if let Some(guidance) = args.guidance {
+            request.guidance = guidance;
+        }
+        let self_replace = SelfReplace {
+            window: self_window,
+            ..SelfReplace::default()
+        };
+        let (source, recording) = record_source(
+            &model,
+            &request,
+            RecordConfig::default(),
+            None,
+            &mut |_| Ok(()),
+            &cancel,
+        )?;
+        let source_objects = measure_objects(&source.image, &scene);
+        result.source_has_target = source_objects[target].found;
+        let save = |name: String, image: &RgbImage| -> anyhow::Result<()> {
+            if let Some(dir) = &args.images_out {
+                write_png_rgb(
+                    &dir.join(name),
+                    image.width,
+                    image.height,
+                    &image.pixels,
+                    None,
+                )?;
+            }
+            Ok(())
+        };
+        save(format!("{seed:04}_source.png"), &source.image)?;
+        if result.source_has_target {
+            let spec = EditSpec {
+                cross_window: CrossWindow::uniform(cross),
+                self_replace,
+                ..EditSpec::new(result.swap_caption.clone())
+            };
+            let swapped = generate_edited_branch(
+                &model,
+                &request,
+                &spec,
+                Arc::clone(&recording),
+                None,
+                &mut |_| Ok(()),
+                &cancel,
+            )?;
+            save(format!("{seed:04}_swap.png"), &swapped.edited.image)?;
+            let swapped_objects = measure_objects(&swapped.edited.image, &scene);
+            result.swap = Some(judge_swap(
+                &source_objects,
+                &swapped_objects,
+                target,
+                new_shape,
+                width,
+                args.centroid_tolerance_px,
+            ));
+            if args.baseline {
+                let mut plain_request = request.clone();
+                plain_request.prompt.clone_from(&result.swap_caption);
+                let plain = generate(&model, &plain_request, None, &mut |_| Ok(()), &cancel)?;
+                save(format!("{seed:04}_swap_plain.png"), &plain.image)?;
+                let plain_objects = measure_objects(&plain.image, &scene);
+                result.baseline = Some(judge_swap(
+                    &source_objects,
+                    &plain_objects,
+                    target,
+                    new_shape,
+                    width,
+                    args.centroid_tolerance_px,
+                ));
+            }
+            let word = if reweight_colour {
+                target_object.colour.word()
+            } else {
+                target_object.shape.word()
+            };
+            let occurrences = scene.caption.split(' ').filter(|w| *w == word).count();
+            if occurrences == 1 {
+                for &scale in &scales {
+                    let spec = EditSpec {
+                        cross_window: CrossWindow::uniform(cross),
+                        self_replace,
+                        reweights: vec![Reweight {
+                            word: word.to_string(),
+                            scale,
+                        }],
+                        ..EditSpec::new(scene.caption.clone())
+                    };
+                    let reweighted = generate_edited_branch(
+                        &model,
+                        &request,
+                        &spec,
+                        Arc::clone(&recording),
+                        None,
+                        &mut |_| Ok(()),
+                        &cancel,
+                    )?;
+                    save(
+                        format!("{seed:04}_reweight_{scale}.png"),
+                        &reweighted.edited.image,
+                    )?;
+                    let objects = measure_objects(&reweighted.edited.image, &scene);
+                    let source_area = source_objects[target].area.max(1) as f32;
+                    let area_ratio = objects[target].area as f32 / source_area;
+                    result.reweights.push(ReweightVerdict {
+                        scale,
+                        word: word.to_string(),
+                        removed: !objects[target].found,
+                        weakened: !objects[target].found || area_ratio <= 0.5,
+                        area_ratio,
+                        others_unchanged: others_unchanged(
+                            &source_objects,
+                            &objects,
+                            target,
+                            width,
+                            args.centroid_tolerance_px,
+                        ),
+                    });
+                }
+            }
+        }
+        result.seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "seed {seed}: {:?} -> {:?}: {}",
+            result.caption,
+            result.swap_caption,
+            match &result.swap {
+                Some(verdict) => format!(
+                    "swap {} (shift {:.1} px, new shape {}, others {}){}",
+                    if verdict.success { "ok" } else { "FAILED" },
+                    verdict.target_shift_px.unwrap_or(f32::NAN),
+                    verdict.new_shape_drawn,
+                    verdict.others_unchanged,
+                    result
+                        .reweights
+                        .iter()
+                        .map(|r| format!(
+                            "; reweight {}={}: area x{:.2}{}",
+                            r.word,
+                            r.scale,
+                            r.area_ratio,
+                            if r.removed { " removed" } else { "" }
+                        ))
+                        .collect::<String>()
+                ),
+                None => "source lacks the target, skipped".to_string(),
+            }
+        );
+        results.push(result);
+    }
+    let summary = summarise(&results, &scales);
+    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    if let Some(path) = &args.json_out {
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "settings": {
+                "count": args.count,
+                "start": args.start,
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "cross_replace": args.cross_replace,
+                "self_replace": args.self_replace,
+                "reweight_word": args.reweight_word,
+                "centroid_tolerance_px_at_64": args.centroid_tolerance_px,
+                "model": model.name(),
+            },
+            "summary": summary,
+            "seeds": results,
+        }))?;
+        write_atomically(path, |file| file.write_all(text.as_bytes()))?;
+    }
+    Ok(())
+}
+
+/// Rates over the evaluated seeds.
+fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
+    let rate = |count: usize, total: usize| {
+        if total == 0 {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!((count as f64 / total as f64 * 1000.0).round() / 10.0)
+        }
+    };
+    let swaps: Vec<&SwapVerdict> = results.iter().filter_map(|r| r.swap.as_ref()).collect();
+    let baselines: Vec<&SwapVerdict> = results.iter().filter_map(|r| r.baseline.as_ref()).collect();
+    let swap_summary = |verdicts: &[&SwapVerdict]| {
+        serde_json::json!({
+            "cases": verdicts.len(),
+            "success_percent": rate(verdicts.iter().filter(|v| v.success).count(), verdicts.len()),
+            "target_kept_percent": rate(verdicts.iter().filter(|v| v.target_kept).count(), verdicts.len()),
+            "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
+            "new_shape_drawn_percent": rate(verdicts.iter().filter(|v| v.new_shape_drawn).count(), verdicts.len()),
+        })
+    };
+    let reweights: Vec<serde_json::Value> = scales
+        .iter()
+        .map(|&scale| {
+            let verdicts: Vec<&ReweightVerdict> = results
+                .iter()
+                .flat_map(|r| &r.reweights)
+                .filter(|v| v.scale == scale)
+                .collect();
+            let mut ratios: Vec<f32> = verdicts.iter().map(|v| v.area_ratio).collect();
+            ratios.sort_by(f32::total_cmp);
+            serde_json::json!({
+                "scale": scale,
+                "cases": verdicts.len(),
+                "removed_percent": rate(verdicts.iter().filter(|v| v.removed).count(), verdicts.len()),
+                "removed_or_weakened_percent": rate(verdicts.iter().filter(|v| v.weakened).count(), verdicts.len()),
+                "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
+                "median_area_ratio": ratios.get(ratios.len() / 2),
+            })
+        })
+        .collect();
+    let mut seconds: Vec<f64> = results.iter().map(|r| r.seconds).collect();
+    seconds.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "seeds": results.len(),
+        "source_lacks_target": results.iter().filter(|r| !r.source_has_target).count(),
+        "swap": swap_summary(&swaps),
+        "swap_without_p2p": if baselines.is_empty() { serde_json::Value::Null } else { swap_summary(&baselines) },
+        "reweight": reweights,
+        "median_seconds_per_seed": seconds.get(seconds.len() / 2),
+    })
+}
+
+/// The [`EditSpec`] the arguments describe.
+pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
+    let kind = match args.edit_kind.trim().to_ascii_lowercase().as_str() {
+        "auto" => None,
+        "replace" | "swap" => Some(EditKind::Replace),
+        "refine" => Some(EditKind::Refine),
+        other => anyhow::bail!("--edit-kind {other:?}: expected auto, replace or refine"),
+    };
+    let cross_default = parse_window(&args.cross_replace).context("--cross-replace")?;
+    let per_word = args
+        .cross_replace_word
+        .iter()
+        .map(|text| {
+            let (word, window) = split_word_value(text).context("--cross-replace-word")?;
+            let window =
+                parse_window(window).with_context(|| format!("--cross-replace-word {text:?}"))?;
+            Ok((word.to_string(), window))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let reweights = args
+        .reweight
+        .iter()
+        .map(|text| {
+            let (word, scale) = split_word_value(text).context("--reweight")?;
+            let scale: f32 = scale
+                .trim()
+                .parse()
+                .with_context(|| format!("--reweight {text:?}: {scale:?} is not a number"))?;
+            anyhow::ensure!(
+                scale.is_finite(),
+                "--reweight {text:?}: scale must be finite"
+            );
+            Ok(Reweight {
+                word: word.to_string(),
+                scale,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let self_window = parse_window(&args.self_replace).context("--self-replace")?;
+    let local_blend = match &args.local_blend {
+        Some(words) => {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&args.blend_threshold),
+                "--blend-threshold {} is outside 0..1",
+                args.blend_threshold
+            );
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&args.blend_start),
+                "--blend-start {} is outside 0..1",
+                args.blend_start
+            );
+            Some(LocalBlendConfig {
+                words: split_words(words),
+                subtract_words: args
+                    .blend_subtract
+                    .as_deref()
+                    .map(split_words)
+                    .unwrap_or_default(),
+                threshold: args.blend_threshold,
+                subtract_threshold: args.blend_threshold,
+                start_fraction: args.blend_start,
+                map_side: args.blend_map_side,
+            })
+        }
+        None => {
+            anyhow::ensure!(
+                args.blend_subtract.is_none(),
+                "--blend-subtract needs --local-blend"
+            );
+            None
+        }
+    };
+    if let Some(blend) = &local_blend {
+        anyhow::ensure!(!blend.words.is_empty(), "--local-blend names no word");
+    }
+    Ok(EditSpec {
+        edit_prompt: args.edit_prompt.clone(),
+        kind,
+        cross_window: CrossWindow {
+            default: cross_default,
+            per_word,
+        },
+        self_replace: SelfReplace {
+            window: self_window,
+            max_queries: args.self_replace_max_side * args.self_replace_max_side,
+        },
+        reweights,
+        local_blend,
+    })
+}
+
+/// `F` -> `0..F`; `START:END` -> `START..END`; fractions in `0..=1`.
+fn parse_window(text: &str) -> anyhow::Result<StepWindow> {
+    let fraction = |part: &str| -> anyhow::Result<f64> {
+        let value: f64 = part
+            .trim()
+            .parse()
+            .with_context(|| format!("{part:?} is not a number"))?;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&value),
+            "{value} is outside 0..1 (a fraction of the steps)"
+        );
+        Ok(value)
+    };
+    match text.split_once(':') {
+        Some((start, end)) => {
+            let (start, end) = (fraction(start)?, fraction(end)?);
+            anyhow::ensure!(start <= end, "window {text:?} ends before it starts");
+            Ok(StepWindow::new(start, end))
+        }
+        None => Ok(StepWindow::until(fraction(text)?)),
+    }
+}
+
+/// `WORD=VALUE` -> (`WORD`, `VALUE`), both non-empty.
+fn split_word_value(text: &str) -> anyhow::Result<(&str, &str)> {
+    let (word, value) = text
+        .rsplit_once('=')
+        .with_context(|| format!("{text:?} is not WORD=VALUE"))?;
+    let word = word.trim();
+    anyhow::ensure!(
+        !word.is_empty() && !value.trim().is_empty(),
+        "{text:?} is not WORD=VALUE"
+    );
+    Ok((word, value))
+}
+
+/// `"cat, dog"` -> `["cat", "dog"]`.
+fn split_words(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|word| !word.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<EditSpec> {
+        let mut argv = vec![
+            "attend",
+            "edit",
+            "--prompt",
+            "a red circle",
+            "--edit-prompt",
+            "a red square",
+            "--out-dir",
+            "out",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = super::super::Cli::try_parse_from(argv)?;
+        match cli.command {
+            Some(super::super::Command::Edit(args)) => edit_spec(&args),
+            _ => anyhow::bail!("not an edit command"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_reference() {
+        let spec = parse(&[]).unwrap();
+        assert_eq!(spec, EditSpec::new("a red square"));
+        assert_eq!(spec.cross_window.default, StepWindow::until(0.8));
+        assert_eq!(spec.self_replace.window, StepWindow::until(0.4));
+        assert_eq!(spec.self_replace.max_queries, 256);
+    }
+
+    #[test]
+    fn windows_reweights_and_blend_parse() {
+        let spec = parse(&[
+            "--cross-replace",
+            "0.1:0.9",
+            "--cross-replace-word",
+            "square=0.5",
+            "--cross-replace-word",
+            "red=0.2:0.6",
+            "--self-replace",
+            "0.3",
+            "--reweight",
+            "red=-1.5",
+            "--reweight",
+            "square=0",
+            "--local-blend",
+            "circle, square",
+            "--blend-subtract",
+            "red",
+            "--blend-threshold",
+            "0.4",
+            "--edit-kind",
+            "refine",
+        ])
+        .unwrap();
+        assert_eq!(spec.kind, Some(EditKind::Refine));
+        assert_eq!(spec.cross_window.default, StepWindow::new(0.1, 0.9));
+        assert_eq!(
+            spec.cross_window.per_word,
+            vec![
+                ("square".to_string(), StepWindow::until(0.5)),
+                ("red".to_string(), StepWindow::new(0.2, 0.6)),
+            ]
+        );
+        assert_eq!(spec.self_replace.window, StepWindow::until(0.3));
+        assert_eq!(spec.reweights[0].scale, -1.5);
+        assert_eq!(spec.reweights[1].word, "square");
+        let blend = spec.local_blend.unwrap();
+        assert_eq!(blend.words, vec!["circle", "square"]);
+        assert_eq!(blend.subtract_words, vec!["red"]);
+        assert_eq!(blend.threshold, 0.4);
+        assert_eq!(blend.start_fraction, 0.2);
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_flag() {
+        for (extra, flag) in [
+            (vec!["--cross-replace", "1.5"], "--cross-replace"),
+            (vec!["--cross-replace", "0.8:0.2"], "--cross-replace"),
+            (vec!["--reweight", "red"], "--reweight"),
+            (vec!["--reweight", "red=lots"], "--reweight"),
+            (vec!["--cross-replace-word", "=0.3"], "--cross-replace-word"),
+            (vec!["--edit-kind", "swapish"], "--edit-kind"),
+            (vec!["--blend-subtract", "red"], "--blend-subtract"),
+        ] {
+            let error = parse(&extra).unwrap_err();
+            assert!(format!("{error:#}").contains(flag), "{extra:?}: {error:#}");
+        }
+    }
 }

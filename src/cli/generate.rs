@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::analysis::export::{
-    a1111_parameters, write_attention_safetensors, write_atomically, write_png_rgb, GenerationParameters,
+    a1111_parameters, write_atomically, write_attention_safetensors, write_png_rgb,
+    GenerationParameters,
 };
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings, Heatmap};
 use attend::analysis::{colormap, WordSpan};
@@ -78,11 +79,15 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .transpose()
         .context("--scheduler")?;
     // Fail before the (long) run when an output cannot be written.
-    for path in [&args.out, &args.trajectory_out, &args.attention_out].into_iter().flatten() {
+    for path in [&args.out, &args.trajectory_out, &args.attention_out]
+        .into_iter()
+        .flatten()
+    {
         check_writable_parent(path)?;
     }
     if let Some(dir) = &args.heatmaps_out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --heatmaps-out folder {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --heatmaps-out folder {}", dir.display()))?;
     }
     let model = load_model(&args.model)?;
     let mut request = GenerateRequest::new(&model, args.prompt.clone());
@@ -99,7 +104,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
     let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
-    let mut store = AttentionStore::new(StoreConfig { keep_self: false, ..StoreConfig::new(token_count) });
+    let mut store = AttentionStore::new(StoreConfig {
+        keep_self: false,
+        ..StoreConfig::new(token_count)
+    });
     let started = Instant::now();
     let quiet = args.quiet;
     let mut on_step = |report: &attend::pipeline::sampling::StepReport| {
@@ -118,9 +126,20 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let processor: Option<&mut dyn attend::attention::AttentionProcessor> =
         if capture { Some(&mut store) } else { None };
-    let output = generate(&model, &request, processor, &mut on_step, &CancelToken::new())?;
+    let output = generate(
+        &model,
+        &request,
+        processor,
+        &mut on_step,
+        &CancelToken::new(),
+    )?;
     if !quiet {
-        eprintln!("\rdone: {} steps in {:.1} s{}", request.steps, started.elapsed().as_secs_f64(), " ".repeat(20));
+        eprintln!(
+            "\rdone: {} steps in {:.1} s{}",
+            request.steps,
+            started.elapsed().as_secs_f64(),
+            " ".repeat(20)
+        );
     }
     for warning in &output.warnings {
         eprintln!("warning: {warning}");
@@ -130,7 +149,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let parameters = a1111_parameters(&generation_parameters(&model, &request, &output));
     if let Some(path) = &args.out {
         let image = &output.image;
-        write_png_rgb(path, image.width, image.height, &image.pixels, Some(&parameters))?;
+        write_png_rgb(
+            path,
+            image.width,
+            image.height,
+            &image.pixels,
+            Some(&parameters),
+        )?;
     }
     if let Some(path) = &args.trajectory_out {
         write_trajectory(path, &output)?;
@@ -155,8 +180,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// DAAM word heat maps at image size over every step (down + up blocks).
-pub fn daam_heatmaps(store: &AttentionStore, words: &[WordSpan], height: usize, width: usize) -> Vec<Heatmap> {
-    word_heatmaps(store.steps(), words, &AggregationSettings::default(), height, width)
+pub fn daam_heatmaps(
+    store: &AttentionStore,
+    words: &[WordSpan],
+    height: usize,
+    width: usize,
+) -> Vec<Heatmap> {
+    word_heatmaps(
+        store.steps(),
+        words,
+        &AggregationSettings::default(),
+        height,
+        width,
+    )
 }
 
 /// The A1111 parameters of a finished run.
@@ -180,7 +216,11 @@ pub fn generation_parameters(
 }
 
 /// One PNG per word: the heat map (inferno) blended over the image.
-fn write_word_overlays(dir: &Path, output: &GenerateOutput, heatmaps: &[Heatmap]) -> anyhow::Result<()> {
+fn write_word_overlays(
+    dir: &Path,
+    output: &GenerateOutput,
+    heatmaps: &[Heatmap],
+) -> anyhow::Result<()> {
     let image = &output.image;
     for (index, heatmap) in heatmaps.iter().enumerate() {
         let rgb = colormap::overlay(
@@ -193,14 +233,28 @@ fn write_word_overlays(dir: &Path, output: &GenerateOutput, heatmaps: &[Heatmap]
             0.0,
         );
         let name = format!("{index:02}_{}.png", file_safe(&heatmap.word));
-        write_png_rgb(&dir.join(name), image.width, image.height, &rgb, Some(&heatmap.word))?;
+        write_png_rgb(
+            &dir.join(name),
+            image.width,
+            image.height,
+            &rgb,
+            Some(&heatmap.word),
+        )?;
     }
     Ok(())
 }
 
 /// Letters, digits, '-' and '_' of `text`; anything else becomes '_'.
 pub fn file_safe(text: &str) -> String {
-    text.chars().map(|c| if c.is_alphanumeric() || c == '-' { c } else { '_' }).collect()
+    text.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Errors naming the path when its folder does not exist or is not writable.
@@ -209,26 +263,48 @@ pub fn check_writable_parent(path: &Path) -> anyhow::Result<()> {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    let metadata = std::fs::metadata(parent)
-        .with_context(|| format!("cannot write {}: folder {} does not exist", path.display(), parent.display()))?;
-    anyhow::ensure!(metadata.is_dir(), "cannot write {}: {} is not a folder", path.display(), parent.display());
+    let metadata = std::fs::metadata(parent).with_context(|| {
+        format!(
+            "cannot write {}: folder {} does not exist",
+            path.display(),
+            parent.display()
+        )
+    })?;
+    anyhow::ensure!(
+        metadata.is_dir(),
+        "cannot write {}: {} is not a folder",
+        path.display(),
+        parent.display()
+    );
     anyhow::ensure!(
         !metadata.permissions().readonly(),
         "cannot write {}: folder {} is read-only",
         path.display(),
         parent.display()
     );
-    anyhow::ensure!(!path.is_dir(), "cannot write {}: it is a folder", path.display());
+    anyhow::ensure!(
+        !path.is_dir(),
+        "cannot write {}: it is a folder",
+        path.display()
+    );
     Ok(())
 }
 
 /// Reads `latents` from a safetensors file.
 fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .with_context(|| format!("--init-latents {}: not a readable safetensors file", path.display()))?;
-    let latents = tensors
-        .get("latents")
-        .with_context(|| format!("--init-latents {}: no tensor named `latents`", path.display()))?;
+    let tensors =
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
+            format!(
+                "--init-latents {}: not a readable safetensors file",
+                path.display()
+            )
+        })?;
+    let latents = tensors.get("latents").with_context(|| {
+        format!(
+            "--init-latents {}: no tensor named `latents`",
+            path.display()
+        )
+    })?;
     Ok(latents.to_dtype(candle_core::DType::F32)?)
 }
 
@@ -240,8 +316,22 @@ fn write_trajectory(path: &Path, output: &GenerateOutput) -> anyhow::Result<()> 
     let latent_bytes: Vec<u8> = latent_values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let timestep_bytes: Vec<u8> = timesteps.iter().flat_map(|v| v.to_le_bytes()).collect();
     let views = vec![
-        ("latents_per_step", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.dims().to_vec(), &latent_bytes)?),
-        ("timesteps", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![timesteps.len()], &timestep_bytes)?),
+        (
+            "latents_per_step",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                latents.dims().to_vec(),
+                &latent_bytes,
+            )?,
+        ),
+        (
+            "timesteps",
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![timesteps.len()],
+                &timestep_bytes,
+            )?,
+        ),
     ];
     let bytes = safetensors::tensor::serialize(views, None)?;
     write_atomically(path, |file| file.write_all(&bytes))?;

@@ -1,6 +1,8 @@
 //! Command-line interface. Each subcommand lives in its own file with its arguments and its `run`.
 
+mod bench;
 mod edit;
+mod eval_shapes;
 mod generate;
 mod scenes;
 mod segment;
@@ -38,6 +40,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a prompt, with its attention maps on request.
     Generate(generate::GenerateArgs),
+    /// Benchmarks (UNet step time with and without attention capture).
+    Bench(bench::BenchArgs),
+    /// Measure a model on generator scenes: object accuracy, attention IoU, seconds per image.
+    EvalShapes(eval_shapes::EvalShapesArgs),
     /// Write drawn scenes (images, masks, captions) from attend's deterministic generator.
     Scenes(scenes::ScenesArgs),
     /// Prompt-to-Prompt: generate a source image and an edited one (word swap, refine, reweight, local blend).
@@ -51,6 +57,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Generate(args)) => generate::run(&args),
         Some(Command::Scenes(args)) => scenes::run(&args),
+        Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
         None => anyhow::bail!("the editor is not built yet; use a subcommand (see --help)"),

@@ -1,10 +1,688 @@
-//! `attend segment` (being written; see issue).
+//! `attend segment`: generate an image, segment it from its self-attention, label the segments with
+//! prompt words, and write the image, the label map, the segments and one mask per segment.
+//!
+//! `attend segment-eval`: the same over drawn scenes, scored against the colour regions of the
+//! generated images (mIoU of the labelled object masks, label accuracy, time to segment).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use attend::analysis::export::{a1111_parameters, write_png_rgb};
+use attend::analysis::heatmap::{
+    word_heatmaps, AggregationSettings, Heatmap, SelfAttentionMap, SelfAttentionSpan,
+};
+use attend::analysis::scene_check::{find_object, iou, palette_labels};
+use attend::analysis::segment::{
+    is_label_candidate, mask_file_name, segment_and_label, write_label_map_png, write_mask_png,
+    write_segments_json, DiffSegSettings, KMeansSettings, LabelSettings, LabelledSegmentation,
+    MaskSettings, SegmentMethod, SegmentSettings, SegmentsFile, WordMapRef,
+};
+use attend::analysis::WordSpan;
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::attention::UnetPlace;
+use attend::pipeline::model::StableDiffusion;
+use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
+use attend::scenes::{generate_scene, SceneOptions};
+
+use super::{load_model, ModelArgs};
+
+/// How to segment and label; shared by `attend segment` and `attend segment-eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SegmentationArgs {
+    /// Clustering: kmeans (needs --k) or diffseg (finds the number of segments).
+    #[arg(long, default_value = "kmeans")]
+    pub method: SegmentMethod,
+    /// KMeans: number of segments.
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// KMeans: seeded runs, the best kept.
+    #[arg(long, default_value_t = 10)]
+    pub n_init: usize,
+    /// KMeans: seed of the initialisation.
+    #[arg(long, default_value_t = 1)]
+    pub kmeans_seed: u64,
+    /// DiffSeg: maps closer than this symmetric KL divergence merge.
+    #[arg(long, default_value_t = 0.9)]
+    pub kl_threshold: f32,
+    /// DiffSeg: merge passes.
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
+    /// A segment takes its best word only when the word's score is above this; else "background".
+    #[arg(long, default_value_t = 0.3)]
+    pub label_threshold: f32,
+    /// Words that compete for labels, comma-separated (default: the prompt's words without
+    /// function words and colour names).
+    #[arg(long, value_delimiter = ',')]
+    pub words: Option<Vec<String>>,
+    /// Self-attention of the last step only instead of the mean over all steps.
+    #[arg(long)]
+    pub last_step_only: bool,
+}
+
+impl SegmentationArgs {
+    /// The library settings these arguments describe.
+    fn settings(&self) -> SegmentSettings {
+        SegmentSettings {
+            method: self.method,
+            kmeans: KMeansSettings {
+                k: self.k,
+                n_init: self.n_init,
+                seed: self.kmeans_seed,
+                ..KMeansSettings::default()
+            },
+            diffseg: DiffSegSettings {
+                kl_threshold: self.kl_threshold,
+                passes: self.passes,
+                ..DiffSegSettings::default()
+            },
+            labels: LabelSettings {
+                threshold: self.label_threshold,
+                ..LabelSettings::default()
+            },
+        }
+    }
+
+    fn span(&self) -> SelfAttentionSpan {
+        if self.last_step_only {
+            SelfAttentionSpan::LatestStep
+        } else {
+            SelfAttentionSpan::MeanOverSteps
+        }
+    }
+}
 
 /// Arguments of `attend segment`.
 #[derive(Debug, clap::Args)]
-pub struct SegmentArgs {}
+pub struct SegmentArgs {
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (default: the generate default).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[command(flatten)]
+    pub segmentation: SegmentationArgs,
+    /// Masks: grow each mask by this many pixels (negative: shrink).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub dilate_px: i32,
+    /// Masks: soft edge this many pixels wide.
+    #[arg(long, default_value_t = 0.0)]
+    pub feather_px: f32,
+    /// Folder for image.png, labels.png, segments.png, segments.json and mask_<id>_<label>.png.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Arguments of `attend segment-eval`.
+#[derive(Debug, clap::Args)]
+pub struct SegmentEvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Number of scenes.
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// Seed of the first scene (scene i: caption from generator seed start + i, image seed
+    /// start + i; the bundled model trained on seeds from 1,000,000 on).
+    #[arg(long, default_value_t = 0)]
+    pub start: u64,
+    /// Denoising steps per image.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (default: the generate default).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[command(flatten)]
+    pub segmentation: SegmentationArgs,
+    /// Write the measurements (summary and per scene) as JSON here.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Write each image with its segment overlay here, for a look.
+    #[arg(long)]
+    pub images_out: Option<PathBuf>,
+}
+
+/// A generated image with its attention, ready to segment.
+struct Generated {
+    output: GenerateOutput,
+    store: AttentionStore,
+    request: GenerateRequest,
+}
+
+/// Generates `prompt` with an attention store that keeps self-attention.
+fn generate_with_attention(
+    model: &StableDiffusion,
+    prompt: &str,
+    seed: u64,
+    steps: usize,
+    guidance: Option<f64>,
+) -> anyhow::Result<Generated> {
+    let mut request = GenerateRequest::new(model, prompt.to_string());
+    request.seed = seed;
+    request.steps = steps;
+    if let Some(guidance) = guidance {
+        request.guidance = guidance;
+    }
+    let token_count = model.tokenizer.encode(prompt)?.token_count();
+    let mut store = AttentionStore::new(StoreConfig::new(token_count));
+    let output = generate(
+        model,
+        &request,
+        Some(&mut store),
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )?;
+    store.finish_step()?;
+    Ok(Generated {
+        output,
+        store,
+        request,
+    })
+}
+
+/// The self-attention maps the method uses: for KMeans the up and down blocks (local-prompt-mixing),
+/// for DiffSeg every block; one map per stored resolution, over the chosen steps.
+fn self_attention_maps(
+    store: &AttentionStore,
+    method: SegmentMethod,
+    span: SelfAttentionSpan,
+) -> Vec<SelfAttentionMap> {
+    let places: &[UnetPlace] = match method {
+        SegmentMethod::KMeans => &[UnetPlace::Down, UnetPlace::Up],
+        SegmentMethod::DiffSeg => &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
+    };
+    store
+        .self_attention_resolutions()
+        .into_iter()
+        .filter_map(|(h, w)| store.self_attention(h, w, places, span))
+        .collect()
+}
+
+/// The prompt words that compete for labels: the ones named in `--words` (each must be in the
+/// prompt), or by default those [`is_label_candidate`] keeps.
+fn label_words(
+    prompt_words: &[WordSpan],
+    chosen: Option<&[String]>,
+) -> anyhow::Result<Vec<WordSpan>> {
+    let Some(chosen) = chosen else {
+        return Ok(prompt_words
+            .iter()
+            .filter(|word| is_label_candidate(&word.text))
+            .cloned()
+            .collect());
+    };
+    let mut words = Vec::new();
+    for wanted in chosen {
+        let wanted = wanted.trim().to_lowercase();
+        let matching: Vec<&WordSpan> = prompt_words
+            .iter()
+            .filter(|word| word.text.to_lowercase() == wanted)
+            .collect();
+        anyhow::ensure!(
+            !matching.is_empty(),
+            "--words: {wanted:?} is not a word of the prompt (its words: {})",
+            prompt_words
+                .iter()
+                .map(|word| word.text.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        words.extend(matching.into_iter().cloned());
+    }
+    Ok(words)
+}
+
+/// Segments and labels a generated image (DAAM word heat maps at image size over every step).
+fn segment_generated(
+    generated: &Generated,
+    words: &[WordSpan],
+    arguments: &SegmentationArgs,
+) -> anyhow::Result<(LabelledSegmentation, Vec<Heatmap>)> {
+    let image = &generated.output.image;
+    let heatmaps = word_heatmaps(
+        generated.store.steps(),
+        words,
+        &AggregationSettings::default(),
+        image.height,
+        image.width,
+    );
+    let maps = self_attention_maps(&generated.store, arguments.method, arguments.span());
+    let word_maps: Vec<WordMapRef<'_>> = heatmaps.iter().map(WordMapRef::from).collect();
+    let result = segment_and_label(
+        &maps,
+        &word_maps,
+        &arguments.settings(),
+        image.height,
+        image.width,
+    )
+    .context("segmentation failed")?;
+    Ok((result, heatmaps))
+}
+
+/// `[h, w, 3]`: the image with every segment's colour blended over it (half and half).
+fn overlay_segments(image_rgb: &[u8], result: &LabelledSegmentation) -> Vec<u8> {
+    image_rgb
+        .iter()
+        .zip(result.image.colourised())
+        .map(|(&pixel, colour)| ((u16::from(pixel) + u16::from(colour)) / 2) as u8)
+        .collect()
+}
+
+/// `cat 0.65, sunglasses 0.19`: the scores, best first.
+fn scores_text(segment: &attend::analysis::segment::SegmentInfo) -> String {
+    let mut scores: Vec<_> = segment.scores.iter().collect();
+    scores.sort_by(|a, b| b.score.total_cmp(&a.score));
+    scores
+        .iter()
+        .map(|score| format!("{} {:.2}", score.word, score.score))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Run `attend segment`.
-pub fn run(_args: &SegmentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("attend segment is not available yet")
+pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+    let model = load_model(&args.model)?;
+    let started = Instant::now();
+    let generated =
+        generate_with_attention(&model, &args.prompt, args.seed, args.steps, args.guidance)?;
+    for warning in &generated.output.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let generation_secs = started.elapsed().as_secs_f64();
+    let words = label_words(
+        &generated.output.prompt_tokens.words,
+        args.segmentation.words.as_deref(),
+    )?;
+    if words.is_empty() {
+        eprintln!("warning: no prompt word competes for labels; every segment is background");
+    }
+    let started = Instant::now();
+    let (result, _) = segment_generated(&generated, &words, &args.segmentation)?;
+    let segment_secs = started.elapsed().as_secs_f64();
+
+    let image = &generated.output.image;
+    let parameters = a1111_parameters(&super::generate::generation_parameters(
+        &model,
+        &generated.request,
+        &generated.output,
+    ));
+    let out = &args.out_dir;
+    write_png_rgb(
+        &out.join("image.png"),
+        image.width,
+        image.height,
+        &image.pixels,
+        Some(&parameters),
+    )?;
+    write_label_map_png(&out.join("labels.png"), &result.image)?;
+    write_png_rgb(
+        &out.join("segments.png"),
+        image.width,
+        image.height,
+        &overlay_segments(&image.pixels, &result),
+        None,
+    )?;
+    write_segments_json(
+        &out.join("segments.json"),
+        &SegmentsFile {
+            prompt: Some(args.prompt.clone()),
+            method: result.method,
+            width: image.width,
+            height: image.height,
+            segments: result.segments.clone(),
+        },
+    )?;
+    let mask_settings = MaskSettings {
+        dilate_px: args.dilate_px,
+        feather_px: args.feather_px,
+        ..MaskSettings::default()
+    };
+    for segment in &result.segments {
+        let mask = result.mask(&[segment.id], &mask_settings);
+        write_mask_png(&out.join(mask_file_name(segment.id, &segment.label)), &mask)?;
+    }
+    if !args.quiet {
+        eprintln!(
+            "generated in {generation_secs:.1} s, segmented ({}, {} segments on {}x{}) in {:.0} ms",
+            result.method,
+            result.segments.len(),
+            result.grid.w,
+            result.grid.h,
+            segment_secs * 1e3
+        );
+        for segment in &result.segments {
+            println!(
+                "segment {} ({} px): {} [{}]",
+                segment.id,
+                segment.pixel_count,
+                segment.label,
+                scores_text(segment)
+            );
+        }
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+/// Measurements of one scene of `attend segment-eval`.
+#[derive(Debug, serde::Serialize)]
+struct SceneMeasurement {
+    seed: u64,
+    caption: String,
+    /// Objects the model drew in their colour (largest region of that colour found).
+    objects_drawn: usize,
+    objects: usize,
+    /// IoU of each drawn object's labelled mask with its colour region, caption order.
+    ious: Vec<f32>,
+    /// The same with the segments chosen by their overlap with the object instead of their label:
+    /// the segmentation's own quality, whatever the labels.
+    oracle_ious: Vec<f32>,
+    /// Segments lying mostly (> half their pixels) on a drawn object, and how many of them carry
+    /// that object's shape word.
+    object_segments: usize,
+    object_segments_right: usize,
+    /// Segments lying mostly off the objects, and how many of them are labelled background.
+    background_segments: usize,
+    background_segments_right: usize,
+    segments: usize,
+    generation_secs: f64,
+    segment_secs: f64,
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+/// The summary of `attend segment-eval`.
+#[derive(Debug, serde::Serialize)]
+struct EvalSummary {
+    method: SegmentMethod,
+    scenes: u64,
+    start: u64,
+    steps: usize,
+    objects: usize,
+    objects_drawn: usize,
+    mean_iou: f64,
+    oracle_mean_iou: f64,
+    label_accuracy: f64,
+    background_label_accuracy: f64,
+    mean_segments: f64,
+    median_segment_ms: f64,
+    mean_segment_ms: f64,
+    median_generation_secs: f64,
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+fn ratio(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+/// Run `attend segment-eval`.
+pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
+    let model = load_model(&args.model)?;
+    if let Some(dir) = &args.images_out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
+    }
+    let scene_options = SceneOptions::default();
+    let mut measurements = Vec::new();
+    for index in 0..args.count {
+        let seed = args.start + index;
+        let scene = generate_scene(seed, &scene_options);
+        let started = Instant::now();
+        let generated =
+            generate_with_attention(&model, &scene.caption, seed, args.steps, args.guidance)?;
+        let generation_secs = started.elapsed().as_secs_f64();
+        let words = label_words(
+            &generated.output.prompt_tokens.words,
+            args.segmentation.words.as_deref(),
+        )?;
+        let started = Instant::now();
+        let (result, _) = segment_generated(&generated, &words, &args.segmentation)?;
+        let segment_secs = started.elapsed().as_secs_f64();
+
+        let image = &generated.output.image;
+        let (width, height) = (image.width, image.height);
+        let colours = palette_labels(&image.pixels, width, height);
+        // Object i of the caption is named by the i-th shape word among the label words.
+        let shape_word_indices: Vec<usize> = words
+            .iter()
+            .enumerate()
+            .filter(|(_, word)| word.text.parse::<attend::scenes::Shape>().is_ok())
+            .map(|(index, _)| index)
+            .collect();
+        let regions: Vec<Option<Vec<bool>>> = scene
+            .objects
+            .iter()
+            .map(|object| find_object(&colours, width, height, object.colour).map(|r| r.mask))
+            .collect();
+
+        let mut ious = Vec::new();
+        for (object_index, region) in regions.iter().enumerate() {
+            let Some(region) = region else {
+                continue;
+            };
+            let word_index = shape_word_indices.get(object_index).copied();
+            let ids: Vec<usize> = result
+                .segments
+                .iter()
+                .filter(|segment| segment.word_index.is_some() && segment.word_index == word_index)
+                .map(|segment| segment.id)
+                .collect();
+            let predicted = result.mask(&ids, &MaskSettings::default()).to_binary();
+            ious.push(iou(&predicted, region));
+        }
+
+        let (mut object_segments, mut object_segments_right) = (0usize, 0usize);
+        let (mut background_segments, mut background_segments_right) = (0usize, 0usize);
+        // Per object, the segments lying mostly on it (what a perfect labelling would select).
+        let mut segments_on_object: Vec<Vec<usize>> = vec![Vec::new(); regions.len()];
+        for segment in &result.segments {
+            if segment.pixel_count == 0 {
+                continue;
+            }
+            let mut on_object = vec![0usize; regions.len()];
+            for (pixel, &label) in result.image.labels.iter().enumerate() {
+                if label != segment.id {
+                    continue;
+                }
+                for (object_index, region) in regions.iter().enumerate() {
+                    if region.as_ref().is_some_and(|mask| mask[pixel]) {
+                        on_object[object_index] += 1;
+                    }
+                }
+            }
+            let majority = on_object
+                .iter()
+                .position(|&count| count * 2 > segment.pixel_count);
+            match majority {
+                Some(object_index) => {
+                    segments_on_object[object_index].push(segment.id);
+                    object_segments += 1;
+                    let expected = shape_word_indices.get(object_index).copied();
+                    if expected.is_some() && segment.word_index == expected {
+                        object_segments_right += 1;
+                    }
+                }
+                None => {
+                    background_segments += 1;
+                    let is_shape = segment
+                        .word_index
+                        .is_some_and(|index| shape_word_indices.contains(&index));
+                    if !is_shape {
+                        background_segments_right += 1;
+                    }
+                }
+            }
+        }
+
+        let oracle_ious: Vec<f32> = regions
+            .iter()
+            .zip(&segments_on_object)
+            .filter_map(|(region, ids)| {
+                let region = region.as_ref()?;
+                let predicted = result.mask(ids, &MaskSettings::default()).to_binary();
+                Some(iou(&predicted, region))
+            })
+            .collect();
+
+        let measurement = SceneMeasurement {
+            seed,
+            caption: scene.caption.clone(),
+            objects_drawn: regions.iter().filter(|region| region.is_some()).count(),
+            objects: scene.objects.len(),
+            ious,
+            oracle_ious,
+            object_segments,
+            object_segments_right,
+            background_segments,
+            background_segments_right,
+            segments: result.segments.len(),
+            generation_secs,
+            segment_secs,
+        };
+        eprintln!(
+            "[{}/{}] seed {seed} \"{}\": IoU [{}] (by overlap [{}]), object segments {}/{} right, background {}/{}, {:.0} ms",
+            index + 1,
+            args.count,
+            scene.caption,
+            measurement
+                .ious
+                .iter()
+                .map(|value| format!("{value:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            measurement
+                .oracle_ious
+                .iter()
+                .map(|value| format!("{value:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            object_segments_right,
+            object_segments,
+            background_segments_right,
+            background_segments,
+            segment_secs * 1e3
+        );
+        if let Some(dir) = &args.images_out {
+            write_png_rgb(
+                &dir.join(format!("{seed:04}.png")),
+                width,
+                height,
+                &overlay_segments(&image.pixels, &result),
+                Some(&scene.caption),
+            )?;
+        }
+        measurements.push(measurement);
+    }
+
+    let mean_of = |values: &mut dyn Iterator<Item = f32>| {
+        let (sum, count) = values.fold((0.0f64, 0usize), |(sum, count), value| {
+            (sum + f64::from(value), count + 1)
+        });
+        if count == 0 {
+            0.0
+        } else {
+            sum / count as f64
+        }
+    };
+    let sum = |value: fn(&SceneMeasurement) -> usize| measurements.iter().map(value).sum::<usize>();
+    let mut segment_secs: Vec<f64> = measurements.iter().map(|m| m.segment_secs).collect();
+    let mut generation_secs: Vec<f64> = measurements.iter().map(|m| m.generation_secs).collect();
+    let scene_count = measurements.len().max(1) as f64;
+    let summary = EvalSummary {
+        method: args.segmentation.method,
+        scenes: args.count,
+        start: args.start,
+        steps: args.steps,
+        objects: sum(|m| m.objects),
+        objects_drawn: sum(|m| m.objects_drawn),
+        mean_iou: mean_of(&mut measurements.iter().flat_map(|m| m.ious.iter().copied())),
+        oracle_mean_iou: mean_of(
+            &mut measurements
+                .iter()
+                .flat_map(|m| m.oracle_ious.iter().copied()),
+        ),
+        label_accuracy: ratio(sum(|m| m.object_segments_right), sum(|m| m.object_segments)),
+        background_label_accuracy: ratio(
+            sum(|m| m.background_segments_right),
+            sum(|m| m.background_segments),
+        ),
+        mean_segments: sum(|m| m.segments) as f64 / scene_count,
+        median_segment_ms: median(&mut segment_secs) * 1e3,
+        mean_segment_ms: segment_secs.iter().sum::<f64>() / scene_count * 1e3,
+        median_generation_secs: median(&mut generation_secs),
+    };
+    println!(
+        "method {}: {} scenes, {}/{} objects drawn\n\
+         mIoU of labelled object masks vs colour regions: {:.3} (segments chosen by overlap: {:.3})\n\
+         label accuracy (segments over an object get its shape word): {:.1}% ({}/{})\n\
+         background segments labelled background: {:.1}% ({}/{})\n\
+         segments per scene: {:.1}; time to segment: median {:.0} ms, mean {:.0} ms; \
+         generation: median {:.2} s",
+        summary.method,
+        summary.scenes,
+        summary.objects_drawn,
+        summary.objects,
+        summary.mean_iou,
+        summary.oracle_mean_iou,
+        summary.label_accuracy * 100.0,
+        sum(|m| m.object_segments_right),
+        sum(|m| m.object_segments),
+        summary.background_label_accuracy * 100.0,
+        sum(|m| m.background_segments_right),
+        sum(|m| m.background_segments),
+        summary.mean_segments,
+        summary.median_segment_ms,
+        summary.mean_segment_ms,
+        summary.median_generation_secs
+    );
+    if let Some(path) = &args.json_out {
+        write_eval_json(path, &summary, &measurements)?;
+    }
+    Ok(())
+}
+
+// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
+#[allow(dead_code)]
+fn write_eval_json(
+    path: &Path,
+    summary: &EvalSummary,
+    scenes: &[SceneMeasurement],
+) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "summary": summary,
+        "scenes": scenes,
+    }))?;
+    attend::analysis::export::write_atomically(path, |writer| {
+        std::io::Write::write_all(writer, text.as_bytes())
+    })?;
+    Ok(())
 }

@@ -122,7 +122,7 @@ impl ClipTextConfig {
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("{key} must be positive"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "num_attention_heads {} does not divide hidden_size {}",
                 self.num_attention_heads, self.hidden_size
@@ -272,10 +272,9 @@ impl ClipTextEncoder {
         let embeddings = vb.pp("embeddings");
         let token_embedding =
             candle_nn::embedding(config.vocab_size, width, embeddings.pp("token_embedding"))?;
-        let position_embedding = embeddings.pp("position_embedding").get(
-            (config.max_position_embeddings, width),
-            "weight",
-        )?;
+        let position_embedding = embeddings
+            .pp("position_embedding")
+            .get((config.max_position_embeddings, width), "weight")?;
         let layers_vb = vb.pp("encoder").pp("layers");
         let layers = (0..config.num_hidden_layers)
             .map(|index| ClipEncoderLayer::new(layers_vb.pp(index), config))
@@ -337,4 +336,164 @@ fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Tensor> {
         })
         .collect();
     Tensor::from_vec(values, (seq, seq), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn tiny_config() -> ClipTextConfig {
+        ClipTextConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            max_position_embeddings: 6,
+            hidden_act: ClipActivation::Gelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// Random weights for [`tiny_config`], named as in transformers' state dict.
+    fn tiny_weights(prefix: &str) -> HashMap<String, Tensor> {
+        let config = tiny_config();
+        let (width, inner) = (config.hidden_size, config.intermediate_size);
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embeddings.token_embedding.weight".into(),
+                vec![config.vocab_size, width],
+            ),
+            (
+                "embeddings.position_embedding.weight".into(),
+                vec![config.max_position_embeddings, width],
+            ),
+            ("final_layer_norm.weight".into(), vec![width]),
+            ("final_layer_norm.bias".into(), vec![width]),
+        ];
+        for layer in 0..config.num_hidden_layers {
+            let name = |rest: &str| format!("encoder.layers.{layer}.{rest}");
+            for projection in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                shapes.push((
+                    name(&format!("self_attn.{projection}.weight")),
+                    vec![width, width],
+                ));
+                shapes.push((name(&format!("self_attn.{projection}.bias")), vec![width]));
+            }
+            for norm in ["layer_norm1", "layer_norm2"] {
+                shapes.push((name(&format!("{norm}.weight")), vec![width]));
+                shapes.push((name(&format!("{norm}.bias")), vec![width]));
+            }
+            shapes.push((name("mlp.fc1.weight"), vec![inner, width]));
+            shapes.push((name("mlp.fc1.bias"), vec![inner]));
+            shapes.push((name("mlp.fc2.weight"), vec![width, inner]));
+            shapes.push((name("mlp.fc2.bias"), vec![width]));
+        }
+        shapes
+            .into_iter()
+            .enumerate()
+            .map(|(index, (name, shape))| {
+                let count: usize = shape.iter().product();
+                let values: Vec<f32> = (0..count)
+                    .map(|i| (((i * 7 + index * 13) % 17) as f32 - 8.0) / 8.0)
+                    .collect();
+                let tensor = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+                (format!("{prefix}{name}"), tensor)
+            })
+            .collect()
+    }
+
+    fn encoder(prefix: &str, dtype: DType) -> ClipTextEncoder {
+        let vb = VarBuilder::from_tensors(tiny_weights(prefix), dtype, &Device::Cpu);
+        ClipTextEncoder::new(vb, &tiny_config()).unwrap()
+    }
+
+    fn ids() -> Tensor {
+        Tensor::new(&[[1u32, 4, 2, 9, 0, 0], [1, 3, 3, 0, 0, 0]], &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn text_model_prefix_is_optional() {
+        let plain = encoder("", DType::F32).forward(&ids()).unwrap();
+        let prefixed = encoder("text_model.", DType::F32).forward(&ids()).unwrap();
+        assert_eq!(plain.dims(), [2, 6, 8]);
+        assert_eq!(max_abs_diff(&plain, &prefixed), 0.0);
+    }
+
+    #[test]
+    fn causal_mask_hides_later_tokens() {
+        let model = encoder("", DType::F32);
+        let full = model.forward(&ids()).unwrap();
+        let prefix = model.forward(&ids().narrow(1, 0, 3).unwrap()).unwrap();
+        let diff = max_abs_diff(&full.narrow(1, 0, 3).unwrap(), &prefix);
+        assert!(diff < 1e-6, "earlier tokens changed by later ones: {diff}");
+    }
+
+    #[test]
+    fn half_precision_follows_single_precision() {
+        let single = encoder("", DType::F32).forward(&ids()).unwrap();
+        let half = encoder("", DType::F16).forward(&ids()).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        let diff = max_abs_diff(&single, &half.to_dtype(DType::F32).unwrap());
+        assert!(diff < 2e-2, "f16 vs f32: {diff}");
+    }
+
+    #[test]
+    fn too_long_input_is_an_invalid_argument() {
+        let too_long = Tensor::zeros((1, 7), DType::U32, &Device::Cpu).unwrap();
+        let error = encoder("", DType::F32).forward(&too_long).unwrap_err();
+        assert!(matches!(
+            error,
+            PipelineError::InvalidArgument {
+                name: "input_ids",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unsupported_activation_names_the_key_and_file() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("config.json");
+        std::fs::write(&path, r#"{"hidden_size": 8, "hidden_act": "relu"}"#).unwrap();
+        let error = ClipTextConfig::from_file(&path).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(error, PipelineError::BadConfig { .. }),
+            "{message}"
+        );
+        assert!(message.contains("hidden_act"), "{message}");
+        assert!(message.contains("config.json"), "{message}");
+    }
+
+    #[test]
+    fn missing_keys_take_transformers_defaults() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"hidden_act": "gelu", "hidden_size": 1024, "num_attention_heads": 16}"#,
+        )
+        .unwrap();
+        let config = ClipTextConfig::from_file(&path).unwrap();
+        assert_eq!(config.hidden_act, ClipActivation::Gelu);
+        assert_eq!(config.head_dim(), 64);
+        assert_eq!(config.max_position_embeddings, 77);
+        assert_eq!(config.num_hidden_layers, 12);
+    }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor};
 use crate::attention::{AttentionHook, AttentionProcessor};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
-use crate::pipeline::scheduler::{prepare_scheduler, SchedulerKind};
+use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
 use crate::pipeline::tokenizer::PromptTokens;
 use crate::pipeline::{PipelineError, PipelineResult};
 
@@ -152,7 +152,7 @@ pub fn generate(
 
     let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
     warnings.extend(prepared.warnings);
-    let mut scheduler = prepared.scheduler;
+    let scheduler = prepared.scheduler;
     let timesteps = scheduler.timesteps().to_vec();
     let step_count = timesteps.len();
 
@@ -165,58 +165,42 @@ pub fn generate(
             .map(|warning| format!("negative {warning}")),
     );
     let guided = request.uses_guidance();
-    let text_embeddings = {
-        let rows: Vec<&PromptTokens> = if guided {
-            vec![&negative_tokens, &prompt_tokens]
-        } else {
-            vec![&prompt_tokens]
-        };
-        let sequence_length = prompt_tokens.ids.len();
-        let ids: Vec<u32> = rows.iter().flat_map(|tokens| tokens.ids.clone()).collect();
-        let ids = Tensor::from_vec(ids, (rows.len(), sequence_length), &device)?;
-        model.text_encoder.forward(&ids)?
-    };
+    let text_embeddings = encode_prompt_batch(model, &[&prompt_tokens], &negative_tokens, guided)?;
 
     let mut rng = NoiseRng::new(request.seed);
-    let unit_noise = match &request.init_latents {
-        Some(latents) => latents.to_device(&device)?.to_dtype(DType::F32)?,
-        None => rng.randn(latent_shape.to_vec(), &device)?,
-    };
-    let mut latents = unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?;
+    let unit_noise = initial_noise(request, latent_shape, &device, &mut rng)?;
+    let mut rows = [DenoiseRow {
+        latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+        scheduler,
+        rng,
+    }];
 
     let mut latents_per_step = Vec::with_capacity(step_count);
     for (step_index, &timestep) in timesteps.iter().enumerate() {
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let model_input = if guided {
-            Tensor::cat(&[&latents, &latents], 0)?
-        } else {
-            latents.clone()
-        };
-        let model_input = scheduler.scale_model_input(&model_input, step_index)?;
-        let mut hook = processor.as_deref_mut().map(|processor| AttentionHook {
-            processor,
+        let step = DenoiseStep {
             step_index,
             step_count,
-            cfg: guided,
-        });
-        let model_output =
-            model
-                .unet
-                .forward(&model_input, timestep, &text_embeddings, hook.as_mut())?;
-        let model_output = model_output.to_dtype(DType::F32)?;
-        let guided_output = if guided {
-            let unconditional = model_output.narrow(0, 0, 1)?;
-            let conditional = model_output.narrow(0, 1, 1)?;
-            (&unconditional + (conditional - &unconditional)?.affine(request.guidance, 0.0)?)?
-        } else {
-            model_output
+            timestep,
+            guidance: request.guidance,
+            guided,
         };
-        latents = scheduler.step(&guided_output, step_index, &latents, &mut rng)?;
+        denoise_step(
+            model,
+            &mut rows,
+            &step,
+            &text_embeddings,
+            processor.as_deref_mut(),
+        )?;
+        if let Some(processor) = processor.as_deref_mut() {
+            processor.step_finished(step_index)?;
+        }
+        let latents = &rows[0].latents;
         latents_per_step.push(latents.clone());
         let preview = if request.preview {
-            Some(latent_preview(&latents, model.is_pixel_space())?)
+            Some(latent_preview(latents, model.is_pixel_space())?)
         } else {
             None
         };
@@ -228,6 +212,8 @@ pub fn generate(
             preview,
         })?;
     }
+    let [row] = rows;
+    let latents = row.latents;
 
     let image_f32 = decode_to_unit_range(model, &latents)?;
     let image = to_rgb8(&image_f32)?;
@@ -243,8 +229,116 @@ pub fn generate(
     })
 }
 
+/// One image being denoised: its own scheduler (schedulers keep state between steps), its own noise
+/// generator (for ancestral noise) and its latents `[1, channels, h, w]` f32.
+pub(crate) struct DenoiseRow {
+    /// The latents after the last step (the scaled initial noise before the first).
+    pub(crate) latents: Tensor,
+    /// This row's scheduler.
+    pub(crate) scheduler: Box<dyn Scheduler>,
+    /// This row's noise generator.
+    pub(crate) rng: NoiseRng,
+}
+
+/// Where a [`denoise_step`] is in the run and how it guides.
+pub(crate) struct DenoiseStep {
+    /// Step index, 0-based.
+    pub(crate) step_index: usize,
+    /// Steps in the run.
+    pub(crate) step_count: usize,
+    /// The timestep the UNet sees.
+    pub(crate) timestep: f64,
+    /// Classifier-free guidance scale.
+    pub(crate) guidance: f64,
+    /// True when the UNet batch holds an unconditional half (`guidance > 1`).
+    pub(crate) guided: bool,
+}
+
+/// Text embeddings of a UNet batch: `[negative x n, prompts...]` with guidance (`[2n, tokens, dim]`),
+/// `[prompts...]` without (`[n, tokens, dim]`).
+pub(crate) fn encode_prompt_batch(
+    model: &StableDiffusion,
+    prompts: &[&PromptTokens],
+    negative: &PromptTokens,
+    guided: bool,
+) -> PipelineResult<Tensor> {
+    let mut rows: Vec<&PromptTokens> = Vec::with_capacity(2 * prompts.len());
+    if guided {
+        rows.extend(std::iter::repeat_n(negative, prompts.len()));
+    }
+    rows.extend_from_slice(prompts);
+    let sequence_length = prompts
+        .first()
+        .map_or(negative.ids.len(), |tokens| tokens.ids.len());
+    let ids: Vec<u32> = rows.iter().flat_map(|tokens| tokens.ids.clone()).collect();
+    let ids = Tensor::from_vec(ids, (rows.len(), sequence_length), model.device())?;
+    model.text_encoder.forward(&ids)
+}
+
+/// Unit-variance initial noise `[1, channels, h, w]`: the request's, or drawn from `rng`.
+pub(crate) fn initial_noise(
+    request: &GenerateRequest,
+    latent_shape: [usize; 4],
+    device: &candle_core::Device,
+    rng: &mut NoiseRng,
+) -> PipelineResult<Tensor> {
+    match &request.init_latents {
+        Some(latents) => Ok(latents.to_device(device)?.to_dtype(DType::F32)?),
+        None => rng.randn(latent_shape.to_vec(), device),
+    }
+}
+
+/// One denoising step of every row as one UNet batch (`[uncond rows..., cond rows...]` with
+/// guidance, `[rows...]` without; `text_embeddings` in the same order, see
+/// [`encode_prompt_batch`]): guidance per row, then each row's scheduler steps its own latents.
+pub(crate) fn denoise_step<'borrow, 'processor>(
+    model: &StableDiffusion,
+    rows: &mut [DenoiseRow],
+    step: &DenoiseStep,
+    text_embeddings: &Tensor,
+    processor: Option<&'borrow mut (dyn AttentionProcessor + 'processor)>,
+) -> PipelineResult<()> {
+    let row_count = rows.len();
+    let mut inputs = Vec::with_capacity(row_count);
+    for row in rows.iter() {
+        inputs.push(
+            row.scheduler
+                .scale_model_input(&row.latents, step.step_index)?,
+        );
+    }
+    let halves = if step.guided { 2 } else { 1 };
+    let batch: Vec<&Tensor> = inputs.iter().cycle().take(halves * row_count).collect();
+    let model_input = Tensor::cat(&batch, 0)?;
+    let mut hook = processor.map(|processor| AttentionHook {
+        processor,
+        step_index: step.step_index,
+        step_count: step.step_count,
+        cfg: step.guided,
+    });
+    let model_output = model
+        .unet
+        .forward(&model_input, step.timestep, text_embeddings, hook.as_mut())?
+        .to_dtype(DType::F32)?;
+    for (index, row) in rows.iter_mut().enumerate() {
+        let guided_output = if step.guided {
+            let unconditional = model_output.narrow(0, index, 1)?;
+            let conditional = model_output.narrow(0, row_count + index, 1)?;
+            (&unconditional + (conditional - &unconditional)?.affine(step.guidance, 0.0)?)?
+        } else {
+            model_output.narrow(0, index, 1)?
+        };
+        row.latents =
+            row.scheduler
+                .step(&guided_output, step.step_index, &row.latents, &mut row.rng)?;
+    }
+    Ok(())
+}
+
 /// Checks steps, size and initial latents; returns the latent shape `[1, channels, h, w]`.
-fn validate_request(model: &StableDiffusion, request: &GenerateRequest) -> PipelineResult<[usize; 4]> {
+pub(crate) fn validate_request(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+) -> PipelineResult<[usize; 4]> {
     if request.steps == 0 {
         return Err(PipelineError::InvalidArgument {
             name: "steps",
@@ -269,8 +363,9 @@ fn validate_request(model: &StableDiffusion, request: &GenerateRequest) -> Pipel
             return Err(PipelineError::InvalidArgument {
                 name,
                 reason: format!(
-                    "{value} px is not a positive multiple of {multiple} px (the VAE factor {} times 2 per UNet down-sampling); try {suggestion}",
-                    model.latent_downscale_factor()
+                    "{value} px is not a positive multiple of {multiple} px (the VAE's downscale factor {} times 2 for each of the UNet's {} down-samplings); try {suggestion}",
+                    model.latent_downscale_factor(),
+                    model.unet_downsampling_count()
                 ),
             });
         }
@@ -364,4 +459,42 @@ pub fn latent_preview(latents: &Tensor, pixel_space: bool) -> PipelineResult<Rgb
         .permute((1, 2, 0))?
         .contiguous()?;
     to_rgb8(&unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn run_state_can_move_to_a_worker_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<StableDiffusion>();
+        assert_send::<GenerateRequest>();
+        assert_send::<GenerateOutput>();
+        assert_send::<CancelToken>();
+    }
+
+    #[test]
+    fn cancel_token_clones_share_the_flag() {
+        let token = CancelToken::new();
+        let clone = token.clone();
+        assert!(!clone.is_cancelled());
+        token.cancel();
+        assert!(clone.is_cancelled());
+    }
+
+    #[test]
+    fn previews_map_latents_and_pixels_to_bytes() {
+        let device = Device::Cpu;
+        // Pixel space: -1 -> 0, 0 -> 128 (127.5 rounds up), 1 -> 255.
+        let pixels = Tensor::from_vec(vec![-1f32, 0.0, 1.0], (1, 3, 1, 1), &device).unwrap();
+        let preview = latent_preview(&pixels, true).unwrap();
+        assert_eq!(preview.pixels, [0, 128, 255]);
+        // Four latent channels go through the fixed map: zero latents are mid-grey.
+        let latents = Tensor::zeros((1, 4, 2, 3), DType::F32, &device).unwrap();
+        let preview = latent_preview(&latents, false).unwrap();
+        assert_eq!((preview.width, preview.height), (3, 2));
+        assert!(preview.pixels.iter().all(|&value| value == 128));
+    }
 }

@@ -95,9 +95,9 @@ pub struct PromptTokenizer {
 }
 
 impl PromptTokenizer {
-    /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` when present, otherwise `vocab.json`
-    /// + `merges.txt` (CLIP BPE); `tokenizer_config.json` (optional) gives the special tokens and
-    /// `model_max_length`.
+    /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` when present, otherwise
+    /// `vocab.json` and `merges.txt` (CLIP BPE). The optional `tokenizer_config.json` gives the
+    /// special tokens and `model_max_length`.
     pub fn from_folder(dir: &Path) -> PipelineResult<Self> {
         if !dir.is_dir() {
             return Err(PipelineError::Missing {
@@ -549,8 +549,14 @@ mod tests {
         assert_eq!(encoded.words[74].token_indices, [75]);
         assert_eq!(encoded.dropped_words, ["tail"; 5]);
         let warning = encoded.warning().unwrap();
-        assert!(warning.starts_with("prompt truncated to 77 tokens"), "{warning}");
-        assert!(warning.ends_with("dropped: tail tail tail tail tail"), "{warning}");
+        assert!(
+            warning.starts_with("prompt truncated to 77 tokens"),
+            "{warning}"
+        );
+        assert!(
+            warning.ends_with("dropped: tail tail tail tail tail"),
+            "{warning}"
+        );
     }
 
     /// A tiny word-level `tokenizer.json` like the bundled model's, with its config.
@@ -619,7 +625,9 @@ mod tests {
             spans(&encoded),
             [("a", vec![1]), ("purple", vec![2]), ("square", vec![3])]
         );
-        let long = tokenizer.encode("an orange square an orange square an").unwrap();
+        let long = tokenizer
+            .encode("an orange square an orange square an")
+            .unwrap();
         assert_eq!(long.ids, [1, 4, 5, 6, 4, 5, 6, 2]);
         assert_eq!(long.truncated_from, Some(9));
         assert_eq!(long.dropped_words, ["an"]);

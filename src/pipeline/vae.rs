@@ -10,14 +10,17 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::pipeline::unet::layers::{Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample};
+use crate::pipeline::unet::kernels;
+use crate::pipeline::unet::layers::{
+    Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample,
+};
 use crate::pipeline::{PipelineError, PipelineResult};
 
 /// Epsilon of every group norm in the VAE (diffusers hard-codes 1e-6 there).
 const VAE_NORM_EPS: f64 = 1e-6;
 
 /// Upper bound on the score elements (`queries * keys`) of the mid-block attention held at once.
-const SCORE_CHUNK_ELEMENTS: usize = 16 * 1024 * 1024;
+const SCORE_CHUNK_ELEMENTS: usize = 2 * 1024 * 1024;
 
 fn default_three() -> usize {
     3
@@ -151,24 +154,37 @@ impl VaeConfig {
             )));
         }
         if self.act_fn != "silu" {
-            return Err(bad(format!("`act_fn` = {:?} is not supported", self.act_fn)));
+            return Err(bad(format!(
+                "`act_fn` = {:?} is not supported",
+                self.act_fn
+            )));
         }
         if self.down_block_types.len() != blocks
-            || self.down_block_types.iter().any(|kind| kind != "DownEncoderBlock2D")
+            || self
+                .down_block_types
+                .iter()
+                .any(|kind| kind != "DownEncoderBlock2D")
         {
             return Err(bad(format!(
                 "`down_block_types` must be {blocks} x \"DownEncoderBlock2D\", got {:?}",
                 self.down_block_types
             )));
         }
-        if self.up_block_types.len() != blocks || self.up_block_types.iter().any(|kind| kind != "UpDecoderBlock2D") {
+        if self.up_block_types.len() != blocks
+            || self
+                .up_block_types
+                .iter()
+                .any(|kind| kind != "UpDecoderBlock2D")
+        {
             return Err(bad(format!(
                 "`up_block_types` must be {blocks} x \"UpDecoderBlock2D\", got {:?}",
                 self.up_block_types
             )));
         }
         if self.latent_channels == 0 || self.in_channels == 0 || self.out_channels == 0 {
-            return Err(bad("`in_channels`, `out_channels` and `latent_channels` must be >= 1".to_string()));
+            return Err(bad(
+                "`in_channels`, `out_channels` and `latent_channels` must be >= 1".to_string(),
+            ));
         }
         Ok(())
     }
@@ -214,28 +230,23 @@ impl MidAttention {
         })
     }
 
-    /// `[b, c, h, w]` -> same shape.
+    /// `[b, h, w, c]` -> same shape.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((batch, channels, height * width))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (batch, height, width, channels) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs)?.reshape((batch, height * width, channels))?;
         let query = self.to_q.forward(&tokens)?;
         let key_t = self.to_k.forward(&tokens)?.t()?;
         let value = self.to_v.forward(&tokens)?;
-        let scale = (self.channels as f64).powf(-0.5);
+        let scale = (self.channels as f32).powf(-0.5);
         let queries = height * width;
         let chunk = (SCORE_CHUNK_ELEMENTS / queries.max(1)).clamp(1, queries);
         let mut outputs = Vec::with_capacity(queries.div_ceil(chunk));
         let mut start = 0;
         while start < queries {
             let len = chunk.min(queries - start);
-            let scores = (query.narrow(1, start, len)?.matmul(&key_t)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(value.dtype())?;
-            outputs.push(probs.matmul(&value)?);
+            let scores = query.narrow(1, start, len)?.matmul(&key_t)?.to_dtype(DType::F32)?;
+            kernels::scaled_softmax_in_place(&scores, scale)?;
+            outputs.push(scores.to_dtype(value.dtype())?.matmul(&value)?);
             start += len;
         }
         let attended = if outputs.len() == 1 {
@@ -244,11 +255,7 @@ impl MidAttention {
             Tensor::cat(&outputs, 1)?
         };
         let projected = self.to_out.forward(&attended)?;
-        let spatial = projected
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch, channels, height, width))?;
-        spatial + xs
+        projected.reshape((batch, height, width, channels))? + xs
     }
 }
 
@@ -261,10 +268,19 @@ struct VaeMidBlock {
 }
 
 impl VaeMidBlock {
-    fn new(vb: VarBuilder, channels: usize, groups: usize, with_attention: bool) -> PipelineResult<Self> {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        groups: usize,
+        with_attention: bool,
+    ) -> PipelineResult<Self> {
         let spec = resnet_spec(channels, channels, groups);
         let attention = if with_attention {
-            Some(MidAttention::new(vb.pp("attentions").pp("0"), channels, groups)?)
+            Some(MidAttention::new(
+                vb.pp("attentions").pp("0"),
+                channels,
+                groups,
+            )?)
         } else {
             None
         };
@@ -314,7 +330,7 @@ impl ResampleBlock {
             hidden = downsampler.forward(&hidden)?;
         }
         if let Some(upsampler) = &self.upsampler {
-            let (_, _, height, width) = hidden.dims4()?;
+            let (_, height, width, _) = hidden.dims4()?;
             hidden = upsampler.forward(&hidden, 2 * height, 2 * width)?;
         }
         Ok(hidden)
@@ -345,7 +361,11 @@ impl Encoder {
             let block_vb = vb.pp("down_blocks").pp(index.to_string());
             let resnets = (0..config.layers_per_block)
                 .map(|layer| {
-                    let resnet_in = if layer == 0 { in_channels } else { out_channels };
+                    let resnet_in = if layer == 0 {
+                        in_channels
+                    } else {
+                        out_channels
+                    };
                     ResnetBlock::new(
                         block_vb.pp("resnets").pp(layer.to_string()),
                         resnet_spec(resnet_in, out_channels, groups),
@@ -353,7 +373,11 @@ impl Encoder {
                 })
                 .collect::<PipelineResult<Vec<_>>>()?;
             let downsampler = if index + 1 < channels.len() {
-                Some(Downsample::new(block_vb.pp("downsamplers").pp("0"), out_channels, 0)?)
+                Some(Downsample::new(
+                    block_vb.pp("downsamplers").pp("0"),
+                    out_channels,
+                    0,
+                )?)
             } else {
                 None
             };
@@ -367,7 +391,12 @@ impl Encoder {
         Ok(Self {
             conv_in,
             blocks,
-            mid_block: VaeMidBlock::new(vb.pp("mid_block"), last, groups, config.mid_block_add_attention)?,
+            mid_block: VaeMidBlock::new(
+                vb.pp("mid_block"),
+                last,
+                groups,
+                config.mid_block_add_attention,
+            )?,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, last, VAE_NORM_EPS)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * config.latent_channels, 3, 1, 1)?,
         })
@@ -379,7 +408,8 @@ impl Encoder {
             hidden = block.forward(&hidden)?;
         }
         let hidden = self.mid_block.forward(&hidden)?;
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&hidden)?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&hidden)?)
     }
 }
 
@@ -399,7 +429,12 @@ impl Decoder {
         let groups = config.norm_num_groups;
         let deepest = reversed[0];
         let conv_in = Conv2d::new(vb.pp("conv_in"), config.latent_channels, deepest, 3, 1, 1)?;
-        let mid_block = VaeMidBlock::new(vb.pp("mid_block"), deepest, groups, config.mid_block_add_attention)?;
+        let mid_block = VaeMidBlock::new(
+            vb.pp("mid_block"),
+            deepest,
+            groups,
+            config.mid_block_add_attention,
+        )?;
         let mut blocks = Vec::with_capacity(reversed.len());
         let mut out_channels = deepest;
         for (index, &block_channels) in reversed.iter().enumerate() {
@@ -408,7 +443,11 @@ impl Decoder {
             let block_vb = vb.pp("up_blocks").pp(index.to_string());
             let resnets = (0..=config.layers_per_block)
                 .map(|layer| {
-                    let resnet_in = if layer == 0 { prev_channels } else { out_channels };
+                    let resnet_in = if layer == 0 {
+                        prev_channels
+                    } else {
+                        out_channels
+                    };
                     ResnetBlock::new(
                         block_vb.pp("resnets").pp(layer.to_string()),
                         resnet_spec(resnet_in, out_channels, groups),
@@ -416,7 +455,10 @@ impl Decoder {
                 })
                 .collect::<PipelineResult<Vec<_>>>()?;
             let upsampler = if index + 1 < reversed.len() {
-                Some(Upsample::new(block_vb.pp("upsamplers").pp("0"), out_channels)?)
+                Some(Upsample::new(
+                    block_vb.pp("upsamplers").pp("0"),
+                    out_channels,
+                )?)
             } else {
                 None
             };
@@ -430,8 +472,20 @@ impl Decoder {
             conv_in,
             mid_block,
             blocks,
-            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, out_channels, VAE_NORM_EPS)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), out_channels, config.out_channels, 3, 1, 1)?,
+            conv_norm_out: GroupNorm::new(
+                vb.pp("conv_norm_out"),
+                groups,
+                out_channels,
+                VAE_NORM_EPS,
+            )?,
+            conv_out: Conv2d::new(
+                vb.pp("conv_out"),
+                out_channels,
+                config.out_channels,
+                3,
+                1,
+                1,
+            )?,
         })
     }
 
@@ -441,7 +495,8 @@ impl Decoder {
         for block in &self.blocks {
             hidden = block.forward(&hidden)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&hidden)?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward_silu(&hidden)?)
     }
 }
 
@@ -528,11 +583,13 @@ impl AutoencoderKl {
     fn moments(&self, image: &Tensor) -> PipelineResult<Tensor> {
         self.check_image(image)?;
         let image = image.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let image = image.permute((0, 2, 3, 1))?.contiguous()?;
         let moments = self.encoder.forward(&image)?;
-        Ok(match &self.quant_conv {
+        let moments = match &self.quant_conv {
             Some(conv) => conv.forward(&moments)?,
             None => moments,
-        })
+        };
+        Ok(moments.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
     /// The posterior mean of `image` (`[b, in_channels, H, W]` in [-1, 1]):
@@ -555,7 +612,9 @@ impl AutoencoderKl {
                 reason: format!("expected shape {:?}, got {:?}", mean.dims(), noise.dims()),
             });
         }
-        let log_variance = moments.narrow(1, latent_channels, latent_channels)?.clamp(-30f32, 20f32)?;
+        let log_variance = moments
+            .narrow(1, latent_channels, latent_channels)?
+            .clamp(-30f32, 20f32)?;
         let std = (log_variance * 0.5)?.exp()?;
         let noise = noise.to_device(&self.device)?.to_dtype(DType::F32)?;
         let sample = (mean + std.mul(&noise)?)?;
@@ -566,7 +625,8 @@ impl AutoencoderKl {
     /// in about [-1, 1] (not clamped), in `latents`' dtype.
     pub fn decode(&self, latents: &Tensor) -> PipelineResult<Tensor> {
         match latents.dims4() {
-            Ok((_, channels, height, width)) if channels == self.config.latent_channels && height > 0 && width > 0 => {}
+            Ok((_, channels, height, width))
+                if channels == self.config.latent_channels && height > 0 && width > 0 => {}
             _ => {
                 return Err(PipelineError::InvalidArgument {
                     name: "latents",
@@ -580,10 +640,12 @@ impl AutoencoderKl {
         }
         let output_dtype = latents.dtype();
         let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let latents = latents.permute((0, 2, 3, 1))?.contiguous()?;
         let latents = match &self.post_quant_conv {
             Some(conv) => conv.forward(&latents)?,
             None => latents,
         };
-        Ok(self.decoder.forward(&latents)?.to_dtype(output_dtype)?)
+        let image = self.decoder.forward(&latents)?.permute((0, 3, 1, 2))?.contiguous()?;
+        Ok(image.to_dtype(output_dtype)?)
     }
 }

@@ -108,6 +108,7 @@ pub struct ScreenshotPlan {
 /// Progress of a [`ScreenshotPlan`].
 #[derive(Debug, Default)]
 struct ScreenshotProgress {
+    prepared: bool,
     frames_after_finish: u32,
     requested: bool,
     written: Arc<AtomicBool>,
@@ -286,12 +287,26 @@ impl EditorApp {
     /// map is shown.
     pub fn canvas_heat(&self) -> Option<(usize, usize, &[f32])> {
         let heat = self.canvas.heat();
-        (heat.version != 0).then_some((heat.width as usize, heat.height as usize, heat.values.as_slice()))
+        (heat.version != 0).then_some((
+            heat.width as usize,
+            heat.height as usize,
+            heat.values.as_slice(),
+        ))
+    }
+
+    /// True while an `ATTEND_SCREENSHOT` plan is active (hover tooltips are left out of the picture).
+    pub(super) fn taking_screenshot(&self) -> bool {
+        self.screenshot.is_some()
     }
 
     /// The probe's point `(y, x)` in 0..1 image coordinates, when probing.
     pub fn probe_point(&self) -> Option<(f32, f32)> {
         self.probe.enabled.then_some(self.probe.point).flatten()
+    }
+
+    /// The step the canvas and heat maps show (the timeline's position), if any step arrived.
+    pub fn timeline_step(&self) -> Option<usize> {
+        self.visible_steps().map(|(_, last)| last)
     }
 
     /// Number of word thumbnails in the token strip.
@@ -330,12 +345,23 @@ impl EditorApp {
                 self.generate_after_load = true;
                 self.push_status(StatusLevel::Info, "Will generate once the model is loaded");
             } else {
-                self.push_status(StatusLevel::Error, "No model is loaded: open a model folder first");
+                self.push_status(
+                    StatusLevel::Error,
+                    "No model is loaded: open a model folder first",
+                );
             }
             return;
         }
         match self.worker.generate(self.settings.params.clone()) {
-            Ok(run_id) => self.pending_run = Some(run_id),
+            Ok(run_id) => {
+                // The run on screen is superseded; its own late events will be dropped.
+                if let Some(run) = self.run.as_mut().filter(|run| run.is_running()) {
+                    run.outcome = RunOutcome::Cancelled {
+                        steps_done: run.steps.len(),
+                    };
+                }
+                self.pending_run = Some(run_id);
+            }
             Err(error) => self.push_status(StatusLevel::Error, format!("Cannot generate: {error}")),
         }
     }
@@ -355,7 +381,9 @@ impl EditorApp {
                 self.model.loading = Some(source);
                 self.pending_run = None;
             }
-            Err(error) => self.push_status(StatusLevel::Error, format!("Cannot load {source}: {error}")),
+            Err(error) => {
+                self.push_status(StatusLevel::Error, format!("Cannot load {source}: {error}"))
+            }
         }
     }
 
@@ -364,11 +392,13 @@ impl EditorApp {
         let file_name = self.default_file_name(&purpose);
         let start_folder = self.settings.export_folder.clone();
         let repaint = self.egui_ctx.clone();
-        let opened = self.dialogs.open(purpose, start_folder, file_name, move || {
-            if let Some(ctx) = &repaint {
-                ctx.request_repaint();
-            }
-        });
+        let opened = self
+            .dialogs
+            .open(purpose, start_folder, file_name, move || {
+                if let Some(ctx) = &repaint {
+                    ctx.request_repaint();
+                }
+            });
         if !opened {
             self.push_status(StatusLevel::Warning, "A file dialog is already open");
         }
@@ -382,7 +412,10 @@ impl EditorApp {
         let word = self
             .selected_word
             .and_then(|index| self.derived.heatmaps.get(index))
-            .map_or_else(|| "heatmap".to_owned(), |heatmap| sanitize_file_stem(&heatmap.word));
+            .map_or_else(
+                || "heatmap".to_owned(),
+                |heatmap| sanitize_file_stem(&heatmap.word),
+            );
         match purpose {
             DialogPurpose::SaveSession => format!("attend-{seed}.session.json"),
             DialogPurpose::ExportAttention => format!("attend-{seed}.attention.safetensors"),
@@ -452,11 +485,10 @@ impl EditorApp {
             Event::ModelLoadFailed { source, message } => {
                 self.model.loading = None;
                 self.generate_after_load = false;
-                let keeping = self
-                    .model
-                    .loaded
-                    .as_ref()
-                    .map_or_else(|| "no model is loaded".to_owned(), |info| format!("keeping {}", info.name));
+                let keeping = self.model.loaded.as_ref().map_or_else(
+                    || "no model is loaded".to_owned(),
+                    |info| format!("keeping {}", info.name),
+                );
                 self.push_status(
                     StatusLevel::Error,
                     format!("Could not load {source}: {message} ({keeping})"),
@@ -505,7 +537,10 @@ impl EditorApp {
                 if let Some(run) = self.run.as_mut().filter(|run| run.run_id == run_id) {
                     run.outcome = RunOutcome::Cancelled { steps_done };
                 }
-                self.push_status(StatusLevel::Info, format!("Cancelled after {steps_done} step(s)"));
+                self.push_status(
+                    StatusLevel::Info,
+                    format!("Cancelled after {steps_done} step(s)"),
+                );
             }
             Event::Failed { run_id, message } => {
                 if let Some(run_id) = run_id {
@@ -597,7 +632,19 @@ impl EditorApp {
             .settings
             .aggregation
             .to_settings(visible_first..=visible_last);
-        self.derived.heatmaps = word_heatmaps(&run.cross, &run.prompt.words, &settings, grid.0, grid.1);
+        let (first, last) = (*settings.steps.start(), *settings.steps.end());
+        // One summed step instead of the whole window keeps the cost per frame independent of the
+        // number of steps.
+        self.derived.heatmaps = match run.summed_cross(first, last).filter(|_| first <= last) {
+            Some(summed) => {
+                let all_steps = crate::analysis::heatmap::AggregationSettings {
+                    steps: 0..=usize::MAX,
+                    ..settings
+                };
+                word_heatmaps(&[summed], &run.prompt.words, &all_steps, grid.0, grid.1)
+            }
+            None => word_heatmaps(&run.cross, &run.prompt.words, &settings, grid.0, grid.1),
+        };
         self.derived.grid = grid;
         self.derived.version += 1;
         self.derived.key = Some(key);
@@ -623,7 +670,11 @@ impl EditorApp {
         if run.is_running() || run.cross.is_empty() {
             return;
         }
-        let Some(grid) = self.probe.grid.or_else(|| run.self_attention_grids.first().copied()) else {
+        let Some(grid) = self
+            .probe
+            .grid
+            .or_else(|| run.self_attention_grids.first().copied())
+        else {
             return;
         };
         self.probe.grid = Some(grid);
@@ -647,10 +698,9 @@ impl EditorApp {
     // The frame
     // ---------------------------------------------------------------------------------------------
 
-    /// Builds one frame. Called by eframe (through [`eframe::App::ui`]) and by tests.
-    pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
-        self.frame_times.begin_frame();
-        let ctx = ui.ctx().clone();
+    /// Takes the worker's events and finished dialogs (never blocks). Runs before every frame, and
+    /// also while the window is hidden, so the worker is never held up by a full event queue.
+    fn pump(&mut self, ctx: &egui::Context) {
         if !self.waker_installed {
             let waker_ctx = ctx.clone();
             self.worker.set_waker(move || waker_ctx.request_repaint());
@@ -663,6 +713,13 @@ impl EditorApp {
         while let Some((purpose, path)) = self.dialogs.poll() {
             self.handle_dialog_answer(purpose, path);
         }
+    }
+
+    /// Builds one frame. Called by eframe (through [`eframe::App::ui`]) and by tests.
+    pub fn frame_ui(&mut self, ui: &mut egui::Ui) {
+        self.frame_times.begin_frame();
+        let ctx = ui.ctx().clone();
+        self.pump(&ctx);
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
             self.generate();
         }
@@ -703,7 +760,8 @@ impl EditorApp {
         if !finished || progress.requested {
             return;
         }
-        if progress.frames_after_finish == 0 {
+        if progress.frames_after_finish == 0 && !progress.prepared {
+            progress.prepared = true;
             let plan = plan.clone();
             if let Some(word) = &plan.select_word {
                 self.selected_word = self
@@ -717,11 +775,16 @@ impl EditorApp {
                 self.probe.point = Some(point);
             }
         }
+        let probe_pending = self.probe.enabled && self.probe.map.is_none();
         let Some((plan, progress)) = &mut self.screenshot else {
             return;
         };
-        progress.frames_after_finish += 1;
         ctx.request_repaint();
+        if probe_pending {
+            // Wait for the self-attention map before counting frames.
+            return;
+        }
+        progress.frames_after_finish += 1;
         if progress.frames_after_finish < plan.settle_frames {
             return;
         }
@@ -736,7 +799,9 @@ impl EditorApp {
                 .flat_map(|pixel| [pixel.r(), pixel.g(), pixel.b()])
                 .collect();
             let [width, height] = image.size;
-            if let Err(error) = crate::analysis::export::write_png_rgb(&path, width, height, &rgb, None) {
+            if let Err(error) =
+                crate::analysis::export::write_png_rgb(&path, width, height, &rgb, None)
+            {
                 eprintln!("attend: screenshot: {error}");
             }
             written.store(true, Ordering::SeqCst);
@@ -751,6 +816,10 @@ impl EditorApp {
 }
 
 impl eframe::App for EditorApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.pump(ctx);
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.frame_ui(ui);
     }
@@ -768,7 +837,13 @@ impl eframe::App for EditorApp {
 pub(super) fn sanitize_file_stem(text: &str) -> String {
     let stem: String = text
         .chars()
-        .map(|c| if c.is_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if stem.is_empty() {
         "word".to_owned()

@@ -10,7 +10,9 @@ use egui::{Color32, Pos2, Rect, Sense, Vec2};
 use crate::analysis::colormap::overlay;
 use crate::analysis::heatmap::{min_max_normalize, resize_bilinear, self_attention_probe};
 use crate::ui::app::EditorApp;
-use crate::ui::heatmap_renderer::{flags, CanvasHeat, CanvasImage, HeatmapCallback, HeatmapUniforms};
+use crate::ui::heatmap_renderer::{
+    flags, CanvasHeat, CanvasImage, HeatmapCallback, HeatmapUniforms,
+};
 use crate::ui::settings::ViewSettings;
 
 /// Which heat grid the canvas shows, so it is rebuilt only when this changes.
@@ -148,16 +150,18 @@ impl EditorApp {
         if Some(&key) == self.canvas.heat_key.as_ref() {
             return (key, None);
         }
-        (key, CanvasHeat::new(heatmap.w, heatmap.h, heatmap.data.clone()))
+        (
+            key,
+            CanvasHeat::new(heatmap.w, heatmap.h, heatmap.data.clone()),
+        )
     }
 
     /// The canvas (central panel).
     pub(crate) fn canvas_ui(&mut self, ui: &mut egui::Ui) {
         self.update_canvas_data();
-        let (canvas_rect, response) = ui.allocate_exact_size(ui.available_size(), Sense::click_and_drag());
-        response.widget_info(|| {
-            egui::WidgetInfo::labeled(egui::Role::Canvas, true, "Canvas")
-        });
+        let (canvas_rect, response) =
+            ui.allocate_exact_size(ui.available_size(), Sense::click_and_drag());
+        response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Canvas, true, "Canvas"));
         let painter = ui.painter_at(canvas_rect);
         painter.rect_filled(canvas_rect, 0.0, ui.visuals().extreme_bg_color);
 
@@ -200,7 +204,8 @@ impl EditorApp {
             shader_flags |= flags::SMOOTH_IMAGE;
         }
         if self.canvas.gpu {
-            let mut uniforms = HeatmapUniforms::new(view.colormap, view.opacity, view.threshold, shader_flags);
+            let mut uniforms =
+                HeatmapUniforms::new(view.colormap, view.opacity, view.threshold, shader_flags);
             uniforms.uv_min = [uv_min.x, uv_min.y];
             uniforms.uv_max = [uv_max.x, uv_max.y];
             painter.add(egui_wgpu::Callback::new_paint_callback(
@@ -222,7 +227,7 @@ impl EditorApp {
         }
         self.probe_marker(&painter, image_rect);
         if let Some(pointer) = response.hover_pos() {
-            if image_rect.contains(pointer) && heat_shown {
+            if image_rect.contains(pointer) && heat_shown && !self.taking_screenshot() {
                 let uv = (pointer - image_rect.min) / image_rect.size();
                 let value = sample_bilinear(&self.canvas.heat, uv.y, uv.x);
                 response.on_hover_text_at_pointer(format!("heat {value:.2}"));
@@ -253,9 +258,7 @@ impl EditorApp {
             }
         }
         let probe_drag = self.probe.enabled && response.dragged_by(egui::PointerButton::Primary);
-        if (response.dragged() && !probe_drag)
-            || response.dragged_by(egui::PointerButton::Middle)
-        {
+        if (response.dragged() && !probe_drag) || response.dragged_by(egui::PointerButton::Middle) {
             self.canvas.pan += response.drag_delta();
         }
         if !self.probe.enabled {
@@ -264,7 +267,11 @@ impl EditorApp {
         let image_rect = image_rect_in(canvas_rect, &image, self.canvas.zoom, self.canvas.pan);
         let shift_hover = ui.input(|input| input.modifiers.shift) && response.hovered();
         let pick = response.clicked() || probe_drag || shift_hover;
-        if let Some(pointer) = response.interact_pointer_pos().or(response.hover_pos()).filter(|_| pick) {
+        if let Some(pointer) = response
+            .interact_pointer_pos()
+            .or(response.hover_pos())
+            .filter(|_| pick)
+        {
             if image_rect.contains(pointer) {
                 let uv = (pointer - image_rect.min) / image_rect.size();
                 self.probe.point = Some((uv.y.clamp(0.0, 1.0), uv.x.clamp(0.0, 1.0)));
@@ -290,7 +297,12 @@ impl EditorApp {
     }
 
     /// CPU fallback: the image with the heat map blended in, as an egui texture (rebuilt on change).
-    fn cpu_canvas_texture(&mut self, ctx: &egui::Context, image: &CanvasImage, heat_shown: bool) -> egui::TextureId {
+    fn cpu_canvas_texture(
+        &mut self,
+        ctx: &egui::Context,
+        image: &CanvasImage,
+        heat_shown: bool,
+    ) -> egui::TextureId {
         let view = self.settings.view.clone();
         let key = (image.version, self.canvas.heat.version, view.clone());
         if self.canvas.cpu_key.as_ref() != Some(&key) || self.canvas.cpu_texture.is_none() {
@@ -314,7 +326,15 @@ impl EditorApp {
                     width,
                 );
                 let opacity = if view.show_image { view.opacity } else { 1.0 };
-                rgb = overlay(&rgb, width, height, &upsampled, view.colormap, opacity, view.threshold);
+                rgb = overlay(
+                    &rgb,
+                    width,
+                    height,
+                    &upsampled,
+                    view.colormap,
+                    opacity,
+                    view.threshold,
+                );
             }
             let color_image = egui::ColorImage::from_rgb([width, height], &rgb);
             let options = if view.smooth_image {
@@ -324,7 +344,10 @@ impl EditorApp {
             };
             match &mut self.canvas.cpu_texture {
                 Some(texture) => texture.set(color_image, options),
-                None => self.canvas.cpu_texture = Some(ctx.load_texture("attend.canvas", color_image, options)),
+                None => {
+                    self.canvas.cpu_texture =
+                        Some(ctx.load_texture("attend.canvas", color_image, options))
+                }
             }
             self.canvas.cpu_key = Some(key);
         }

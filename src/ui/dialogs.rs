@@ -96,14 +96,22 @@ impl Dialogs {
     }
 }
 
-fn show_dialog(purpose: &DialogPurpose, start_folder: Option<PathBuf>, file_name: &str) -> Option<PathBuf> {
+fn show_dialog(
+    purpose: &DialogPurpose,
+    start_folder: Option<PathBuf>,
+    file_name: &str,
+) -> Option<PathBuf> {
     let mut dialog = rfd::FileDialog::new();
     if let Some(folder) = start_folder {
         dialog = dialog.set_directory(folder);
     }
     match purpose {
-        DialogPurpose::OpenModelFolder => dialog.set_title("Open a diffusers model folder").pick_folder(),
-        DialogPurpose::ExportAllHeatmaps => dialog.set_title("Folder for the word heat maps").pick_folder(),
+        DialogPurpose::OpenModelFolder => dialog
+            .set_title("Open a diffusers model folder")
+            .pick_folder(),
+        DialogPurpose::ExportAllHeatmaps => dialog
+            .set_title("Folder for the word heat maps")
+            .pick_folder(),
         DialogPurpose::OpenSession => dialog
             .set_title("Open session")
             .add_filter("attend session", &["json"])

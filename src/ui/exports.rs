@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::analysis::colormap::overlay;
 use crate::analysis::export::{a1111_parameters, GenerationParameters};
-use crate::analysis::heatmap::resize_bilinear;
+use crate::analysis::heatmap::{resize_bilinear, word_heatmaps};
 use crate::ui::app::{sanitize_file_stem, EditorApp, StatusLevel};
 use crate::ui::session::{Session, SESSION_FORMAT};
 use crate::worker::{Command, PngExport, RgbImage};
@@ -84,7 +84,13 @@ impl EditorApp {
     }
 
     /// The heat grid shown, upsampled to the image's size and colour-mapped (over the image or alone).
-    fn heatmap_rgb(&self, grid: &[f32], grid_h: usize, grid_w: usize, over_image: bool) -> Option<RgbImage> {
+    fn heatmap_rgb(
+        &self,
+        grid: &[f32],
+        grid_h: usize,
+        grid_w: usize,
+        over_image: bool,
+    ) -> Option<RgbImage> {
         let image = self.shown_image()?;
         let view = &self.settings.view;
         let heat = resize_bilinear(grid, grid_h, grid_w, image.height, image.width);
@@ -99,7 +105,9 @@ impl EditorApp {
                 view.threshold,
             )
         } else {
-            heat.iter().flat_map(|&value| view.colormap.rgb(value)).collect()
+            heat.iter()
+                .flat_map(|&value| view.colormap.rgb(value))
+                .collect()
         };
         Some(RgbImage {
             width: image.width,
@@ -115,7 +123,11 @@ impl EditorApp {
             self.push_status(StatusLevel::Warning, "No heat map is shown");
             return;
         }
-        let (grid, grid_h, grid_w) = (heat.values.clone(), heat.height as usize, heat.width as usize);
+        let (grid, grid_h, grid_w) = (
+            heat.values.clone(),
+            heat.height as usize,
+            heat.width as usize,
+        );
         let Some(image) = self.heatmap_rgb(&grid, grid_h, grid_w, over_image) else {
             self.push_status(StatusLevel::Warning, "There is no image to export yet");
             return;
@@ -138,28 +150,42 @@ impl EditorApp {
                 continue;
             };
             files.push(PngExport {
-                path: folder.join(format!("{index:02}-{}.png", sanitize_file_stem(&heatmap.word))),
+                path: folder.join(format!(
+                    "{index:02}-{}.png",
+                    sanitize_file_stem(&heatmap.word)
+                )),
                 image,
                 parameters: None,
             });
         }
         if files.is_empty() {
-            self.push_status(StatusLevel::Warning, "There are no word heat maps to export yet");
+            self.push_status(
+                StatusLevel::Warning,
+                "There are no word heat maps to export yet",
+            );
             return;
         }
         self.send_export(Command::ExportPngs { files });
     }
 
-    /// Writes the raw attention maps of the finished run and the word heat maps as safetensors.
+    /// Writes the raw attention maps of the finished run and the word heat maps (at image size, with
+    /// the aggregation settings on screen) as safetensors.
     pub(crate) fn export_attention(&mut self, path: PathBuf) {
         let Some(run) = &self.run else {
             self.push_status(StatusLevel::Warning, "There is no run to export");
             return;
         };
+        let (height, width) = run
+            .final_image
+            .as_ref()
+            .map_or(self.derived.grid, |image| (image.height, image.width));
+        let last_step = run.cross.len().saturating_sub(1);
+        let settings = self.settings.aggregation.to_settings(0..=last_step);
+        let word_heatmaps = word_heatmaps(&run.cross, &run.prompt.words, &settings, height, width);
         let command = Command::ExportAttention {
             run_id: run.run_id,
             path,
-            word_heatmaps: self.derived.heatmaps.clone(),
+            word_heatmaps,
         };
         self.send_export(command);
     }

@@ -80,7 +80,10 @@ impl FrameTimes {
             .map(|duration| format!("{:.3}\n", duration.as_secs_f64() * 1000.0))
             .collect();
         if let Err(error) = std::fs::write(&path, text) {
-            eprintln!("attend: cannot write frame times to {}: {error}", path.display());
+            eprintln!(
+                "attend: cannot write frame times to {}: {error}",
+                path.display()
+            );
         }
         if let Some(summary) = self.summary() {
             eprintln!(

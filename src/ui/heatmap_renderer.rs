@@ -163,7 +163,11 @@ pub struct HeatmapRenderer {
 impl HeatmapRenderer {
     /// Builds the pipeline for egui's render pass: `target_format` and `msaa_samples` must be the
     /// pass's (egui's defaults: no MSAA, so 1, and no depth buffer).
-    pub fn new(device: &wgpu::Device, target_format: wgpu::TextureFormat, msaa_samples: u32) -> Self {
+    pub fn new(
+        device: &wgpu::Device,
+        target_format: wgpu::TextureFormat,
+        msaa_samples: u32,
+    ) -> Self {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("attend heatmap shader"),
             source: wgpu::ShaderSource::Wgsl(HEATMAP_SHADER.into()),
@@ -239,7 +243,8 @@ impl HeatmapRenderer {
         });
         let image = create_texture(device, wgpu::TextureFormat::Rgba8Unorm, 1, 1, "image");
         let heat = create_texture(device, wgpu::TextureFormat::R32Float, 1, 1, "heat");
-        let bind_group = create_bind_group(device, &bind_group_layout, &uniform_buffer, &image, &heat);
+        let bind_group =
+            create_bind_group(device, &bind_group_layout, &uniform_buffer, &image, &heat);
         Self {
             pipeline,
             bind_group_layout,

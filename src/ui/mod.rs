@@ -84,10 +84,12 @@ impl EditorOptions {
             self.screenshot = std::env::var_os("ATTEND_SCREENSHOT").map(|path| ScreenshotPlan {
                 path: PathBuf::from(path),
                 select_word: std::env::var("ATTEND_SCREENSHOT_WORD").ok(),
-                probe_point: std::env::var("ATTEND_SCREENSHOT_PROBE").ok().and_then(|text| {
-                    let (y, x) = text.split_once(',')?;
-                    Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
-                }),
+                probe_point: std::env::var("ATTEND_SCREENSHOT_PROBE")
+                    .ok()
+                    .and_then(|text| {
+                        let (y, x) = text.split_once(',')?;
+                        Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
+                    }),
                 settle_frames: 10,
             });
         }

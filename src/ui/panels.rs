@@ -49,10 +49,26 @@ impl EditorApp {
             .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }));
         for (label, purpose, enabled) in [
             ("Export image...", DialogPurpose::ExportImage, has_image),
-            ("Export heat map over image...", DialogPurpose::ExportHeatmapOverImage, has_heatmap),
-            ("Export heat map alone...", DialogPurpose::ExportHeatmapAlone, has_heatmap),
-            ("Export all word heat maps...", DialogPurpose::ExportAllHeatmaps, has_image),
-            ("Export attention maps...", DialogPurpose::ExportAttention, finished),
+            (
+                "Export heat map over image...",
+                DialogPurpose::ExportHeatmapOverImage,
+                has_heatmap,
+            ),
+            (
+                "Export heat map alone...",
+                DialogPurpose::ExportHeatmapAlone,
+                has_heatmap,
+            ),
+            (
+                "Export all word heat maps...",
+                DialogPurpose::ExportAllHeatmaps,
+                has_image,
+            ),
+            (
+                "Export attention maps...",
+                DialogPurpose::ExportAttention,
+                finished,
+            ),
         ] {
             let enabled = enabled && !self.dialogs.is_open();
             if ui.add_enabled(enabled, egui::Button::new(label)).clicked() {
@@ -63,166 +79,207 @@ impl EditorApp {
 
     /// Model, prompts and generation parameters.
     pub(crate) fn controls_panel_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical().id_salt("attend.controls.scroll").show(ui, |ui| {
-            ui.heading("Model");
-            let model_text = match (&self.model.loading, &self.model.loaded) {
-                (Some(source), _) => format!("loading {source}..."),
-                (None, Some(info)) => info.name.clone(),
-                (None, None) => "none".to_owned(),
-            };
-            ui.label(model_text);
-            ui.horizontal(|ui| {
-                if ui.button("Open model folder...").clicked() {
-                    self.open_dialog(DialogPurpose::OpenModelFolder);
-                }
-                if ui.button("Bundled model").clicked() {
-                    self.load_model(ModelSource::Bundled);
-                }
-            });
-            ui.separator();
-
-            let params = &mut self.settings.params;
-            let label = ui.label("Prompt");
-            ui.add(
-                egui::TextEdit::multiline(&mut params.prompt)
-                    .desired_rows(3)
-                    .desired_width(f32::INFINITY)
-                    .hint_text("a red circle and a blue square"),
-            )
-            .labelled_by(label.id);
-            let label = ui.label("Negative prompt");
-            ui.add(
-                egui::TextEdit::multiline(&mut params.negative_prompt)
-                    .desired_rows(2)
-                    .desired_width(f32::INFINITY),
-            )
-            .labelled_by(label.id);
-
-            egui::Grid::new("attend.params").num_columns(2).show(ui, |ui| {
-                let label = ui.label("Seed");
+        egui::ScrollArea::vertical()
+            .id_salt("attend.controls.scroll")
+            .show(ui, |ui| {
+                ui.heading("Model");
+                let model_text = match (&self.model.loading, &self.model.loaded) {
+                    (Some(source), _) => format!("loading {source}..."),
+                    (None, Some(info)) => info.name.clone(),
+                    (None, None) => "none".to_owned(),
+                };
+                ui.label(model_text);
                 ui.horizontal(|ui| {
-                    ui.add(egui::DragValue::new(&mut params.seed).speed(1.0))
-                        .labelled_by(label.id);
-                    if ui.button("Random seed").clicked() {
-                        params.seed = random_seed();
+                    if ui.button("Open model folder...").clicked() {
+                        self.open_dialog(DialogPurpose::OpenModelFolder);
+                    }
+                    if ui.button("Bundled model").clicked() {
+                        self.load_model(ModelSource::Bundled);
                     }
                 });
-                ui.end_row();
+                ui.separator();
 
-                let label = ui.label("Steps");
-                ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
-                    .labelled_by(label.id);
-                ui.end_row();
-
-                let label = ui.label("Guidance");
+                let params = &mut self.settings.params;
+                let label = ui.label("Prompt");
                 ui.add(
-                    egui::DragValue::new(&mut params.guidance)
-                        .range(0.0..=30.0)
-                        .speed(0.1)
-                        .fixed_decimals(1),
+                    egui::TextEdit::multiline(&mut params.prompt)
+                        .desired_rows(3)
+                        .desired_width(f32::INFINITY)
+                        .hint_text("a red circle and a blue square"),
                 )
                 .labelled_by(label.id);
-                ui.end_row();
+                let label = ui.label("Negative prompt");
+                ui.add(
+                    egui::TextEdit::multiline(&mut params.negative_prompt)
+                        .desired_rows(2)
+                        .desired_width(f32::INFINITY),
+                )
+                .labelled_by(label.id);
 
-                ui.label("Scheduler");
-                let model = self.model.loaded.as_ref();
-                let default_name = model.map_or_else(
-                    || "model default".to_owned(),
-                    |info| format!("model default ({})", info.default_scheduler),
-                );
-                let selected_text = params.scheduler.clone().unwrap_or_else(|| default_name.clone());
-                egui::ComboBox::from_id_salt("attend.scheduler")
-                    .selected_text(selected_text)
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut params.scheduler, None, default_name);
-                        for name in model.map(|info| info.schedulers.clone()).unwrap_or_default() {
-                            ui.selectable_value(&mut params.scheduler, Some(name.clone()), name);
-                        }
+                egui::Grid::new("attend.params")
+                    .num_columns(2)
+                    .show(ui, |ui| {
+                        let label = ui.label("Seed");
+                        ui.horizontal(|ui| {
+                            ui.add(egui::DragValue::new(&mut params.seed).speed(1.0))
+                                .labelled_by(label.id);
+                            if ui.button("Random seed").clicked() {
+                                params.seed = random_seed();
+                            }
+                        });
+                        ui.end_row();
+
+                        let label = ui.label("Steps");
+                        ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
+                            .labelled_by(label.id);
+                        ui.end_row();
+
+                        let label = ui.label("Guidance");
+                        ui.add(
+                            egui::DragValue::new(&mut params.guidance)
+                                .range(0.0..=30.0)
+                                .speed(0.1)
+                                .fixed_decimals(1),
+                        )
+                        .labelled_by(label.id);
+                        ui.end_row();
+
+                        let label = ui.label("Scheduler");
+                        let model = self.model.loaded.as_ref();
+                        let default_name = model.map_or_else(
+                            || "model default".to_owned(),
+                            |info| format!("model default ({})", info.default_scheduler),
+                        );
+                        let selected_text = params
+                            .scheduler
+                            .clone()
+                            .unwrap_or_else(|| default_name.clone());
+                        egui::ComboBox::from_id_salt("attend.scheduler")
+                            .selected_text(selected_text)
+                            .show_ui(ui, |ui| {
+                                ui.selectable_value(&mut params.scheduler, None, default_name);
+                                for name in model
+                                    .map(|info| info.schedulers.clone())
+                                    .unwrap_or_default()
+                                {
+                                    ui.selectable_value(
+                                        &mut params.scheduler,
+                                        Some(name.clone()),
+                                        name,
+                                    );
+                                }
+                            })
+                            .response
+                            .labelled_by(label.id);
+                        ui.end_row();
+
+                        let label = ui.label("Size");
+                        let (default_width, default_height, multiple) =
+                            model.map_or((64, 64, 8), |info| {
+                                (
+                                    info.default_width_px,
+                                    info.default_height_px,
+                                    info.size_multiple_px.max(1),
+                                )
+                            });
+                        ui.horizontal(|ui| {
+                            let mut width = params.width_px.unwrap_or(default_width);
+                            let mut height = params.height_px.unwrap_or(default_height);
+                            let width_changed = ui
+                                .add(
+                                    egui::DragValue::new(&mut width)
+                                        .range(multiple..=4096)
+                                        .speed(multiple as f64),
+                                )
+                                .labelled_by(label.id)
+                                .on_hover_text("Width in pixels")
+                                .changed();
+                            ui.label("x");
+                            let height_changed = ui
+                                .add(
+                                    egui::DragValue::new(&mut height)
+                                        .range(multiple..=4096)
+                                        .speed(multiple as f64),
+                                )
+                                .on_hover_text("Height in pixels")
+                                .changed();
+                            if width_changed || height_changed {
+                                params.width_px = Some(width / multiple * multiple);
+                                params.height_px = Some(height / multiple * multiple);
+                            }
+                            if ui
+                                .add_enabled(
+                                    params.width_px.is_some() || params.height_px.is_some(),
+                                    egui::Button::new("Default"),
+                                )
+                                .on_hover_text("Use the model's default size")
+                                .clicked()
+                            {
+                                params.width_px = None;
+                                params.height_px = None;
+                            }
+                        });
+                        ui.end_row();
                     });
-                ui.end_row();
-
-                let label = ui.label("Size");
-                let (default_width, default_height, multiple) = model.map_or((64, 64, 8), |info| {
-                    (info.default_width_px, info.default_height_px, info.size_multiple_px.max(1))
-                });
+                ui.separator();
                 ui.horizontal(|ui| {
-                    let mut width = params.width_px.unwrap_or(default_width);
-                    let mut height = params.height_px.unwrap_or(default_height);
-                    let width_changed = ui
-                        .add(egui::DragValue::new(&mut width).range(multiple..=4096).speed(multiple as f64))
-                        .labelled_by(label.id)
-                        .on_hover_text("Width in pixels")
-                        .changed();
-                    ui.label("x");
-                    let height_changed = ui
-                        .add(egui::DragValue::new(&mut height).range(multiple..=4096).speed(multiple as f64))
-                        .on_hover_text("Height in pixels")
-                        .changed();
-                    if width_changed || height_changed {
-                        params.width_px = Some(width / multiple * multiple);
-                        params.height_px = Some(height / multiple * multiple);
+                    let generate = ui
+                        .add(egui::Button::new(RichText::new("Generate").strong()))
+                        .on_hover_text("Ctrl+Enter");
+                    if generate.clicked() {
+                        self.generate();
                     }
                     if ui
-                        .add_enabled(params.width_px.is_some() || params.height_px.is_some(), egui::Button::new("Default"))
-                        .on_hover_text("Use the model's default size")
+                        .add_enabled(self.is_generating(), egui::Button::new("Cancel"))
                         .clicked()
                     {
-                        params.width_px = None;
-                        params.height_px = None;
+                        self.cancel();
                     }
                 });
-                ui.end_row();
             });
-            ui.separator();
-            ui.horizontal(|ui| {
-                let generate = ui
-                    .add(egui::Button::new(RichText::new("Generate").strong()))
-                    .on_hover_text("Ctrl+Enter");
-                if generate.clicked() {
-                    self.generate();
-                }
-                if ui.add_enabled(self.is_generating(), egui::Button::new("Cancel")).clicked() {
-                    self.cancel();
-                }
-            });
-        });
     }
 
     /// View, aggregation, probe and export.
     pub(crate) fn view_panel_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical().id_salt("attend.view.scroll").show(ui, |ui| {
-            ui.heading("View");
-            let view = &mut self.settings.view;
-            egui::ComboBox::from_label("Colormap")
-                .selected_text(view.colormap.name())
-                .show_ui(ui, |ui| {
-                    for colormap in Colormap::ALL {
-                        ui.selectable_value(&mut view.colormap, colormap, colormap.name());
-                    }
-                });
-            ui.add(egui::Slider::new(&mut view.opacity, 0.0..=1.0).text("Opacity"));
-            ui.add(egui::Slider::new(&mut view.threshold, 0.0..=1.0).text("Threshold"));
-            ui.checkbox(&mut view.show_image, "Show image");
-            ui.checkbox(&mut view.show_heatmap, "Show heat map");
-            ui.checkbox(&mut view.smooth_image, "Smooth image");
-            if ui.button("Reset zoom").clicked() {
-                self.canvas.zoom = 1.0;
-                self.canvas.pan = egui::Vec2::ZERO;
-            }
-            ui.separator();
-            self.aggregation_ui(ui);
-            ui.separator();
-            self.probe_ui(ui);
-            ui.separator();
-            ui.heading("Export");
-            self.export_buttons_ui(ui);
-        });
+        egui::ScrollArea::vertical()
+            .id_salt("attend.view.scroll")
+            .show(ui, |ui| {
+                ui.heading("View");
+                let view = &mut self.settings.view;
+                egui::ComboBox::from_label("Colormap")
+                    .selected_text(view.colormap.name())
+                    .show_ui(ui, |ui| {
+                        for colormap in Colormap::ALL {
+                            ui.selectable_value(&mut view.colormap, colormap, colormap.name());
+                        }
+                    });
+                ui.add(egui::Slider::new(&mut view.opacity, 0.0..=1.0).text("Opacity"));
+                ui.add(egui::Slider::new(&mut view.threshold, 0.0..=1.0).text("Threshold"));
+                ui.checkbox(&mut view.show_image, "Show image");
+                ui.checkbox(&mut view.show_heatmap, "Show heat map");
+                ui.checkbox(&mut view.smooth_image, "Smooth image");
+                if ui.button("Reset zoom").clicked() {
+                    self.canvas.zoom = 1.0;
+                    self.canvas.pan = egui::Vec2::ZERO;
+                }
+                ui.separator();
+                self.aggregation_ui(ui);
+                ui.separator();
+                self.probe_ui(ui);
+                ui.separator();
+                ui.heading("Export");
+                self.export_buttons_ui(ui);
+            });
     }
 
     /// Resolutions, places, step window.
     fn aggregation_ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Aggregation");
-        let grids = self.run.as_ref().map(|run| run.cross_grids()).unwrap_or_default();
+        let grids = self
+            .run
+            .as_ref()
+            .map(|run| run.cross_grids())
+            .unwrap_or_default();
         let largest = grids.first().copied().unwrap_or((0, 0));
         let aggregation = &mut self.settings.aggregation;
         ui.label("Resolutions");
@@ -282,7 +339,10 @@ impl EditorApp {
         if aggregation.first_step > last {
             aggregation.first_step = last;
         }
-        ui.checkbox(&mut aggregation.normalize_tokens, "Normalise over words (DAAM)");
+        ui.checkbox(
+            &mut aggregation.normalize_tokens,
+            "Normalise over words (DAAM)",
+        );
     }
 
     /// Self-attention probe.
@@ -301,7 +361,11 @@ impl EditorApp {
             ui.weak("Available when a run has finished.");
             return;
         }
-        let current = self.probe.grid.filter(|grid| grids.contains(grid)).unwrap_or(grids[0]);
+        let current = self
+            .probe
+            .grid
+            .filter(|grid| grids.contains(grid))
+            .unwrap_or(grids[0]);
         let mut chosen = current;
         egui::ComboBox::from_label("Probe resolution")
             .selected_text(format!("{}x{}", current.0, current.1))
@@ -312,8 +376,16 @@ impl EditorApp {
             });
         self.probe.grid = Some(chosen);
         ui.horizontal(|ui| {
-            ui.radio_value(&mut self.settings.probe_span, SelfAttentionSpan::LatestStep, "Last step");
-            ui.radio_value(&mut self.settings.probe_span, SelfAttentionSpan::MeanOverSteps, "All steps");
+            ui.radio_value(
+                &mut self.settings.probe_span,
+                SelfAttentionSpan::LatestStep,
+                "Last step",
+            );
+            ui.radio_value(
+                &mut self.settings.probe_span,
+                SelfAttentionSpan::MeanOverSteps,
+                "All steps",
+            );
         });
         ui.weak("Click the canvas (or hold Shift and hover) to see where a pixel attends.");
     }
@@ -341,21 +413,32 @@ impl EditorApp {
                     .map_or_else(String::new, |secs| format!(", {secs:.2} s/step"));
                 let text = match &run.outcome {
                     RunOutcome::Running => {
-                        let eta = run.eta_secs().map_or_else(String::new, |secs| format!(", ETA {secs:.1} s"));
+                        let eta = run
+                            .eta_secs()
+                            .map_or_else(String::new, |secs| format!(", ETA {secs:.1} s"));
                         format!("step {done}/{}{speed}{eta}", run.step_count)
                     }
                     RunOutcome::Finished { elapsed_secs } => {
-                        format!("done: {done}/{} steps in {elapsed_secs:.1} s{speed}", run.step_count)
+                        format!(
+                            "done: {done}/{} steps in {elapsed_secs:.1} s{speed}",
+                            run.step_count
+                        )
                     }
                     RunOutcome::Cancelled { steps_done } => {
                         format!("cancelled after {steps_done}/{} steps", run.step_count)
                     }
-                    RunOutcome::Failed(_) => format!("failed after {done}/{} steps", run.step_count),
+                    RunOutcome::Failed(_) => {
+                        format!("failed after {done}/{} steps", run.step_count)
+                    }
                 };
                 (fraction, text)
             }
         };
-        ui.add(egui::ProgressBar::new(fraction).text(text).desired_width(ui.available_width()));
+        ui.add(
+            egui::ProgressBar::new(fraction)
+                .text(text)
+                .desired_width(ui.available_width()),
+        );
     }
 
     fn timeline_ui(&mut self, ui: &mut egui::Ui) {
@@ -378,7 +461,11 @@ impl EditorApp {
                 .add(egui::Slider::new(&mut step, 0..=last).integer())
                 .labelled_by(label.id);
             if response.changed() {
-                self.timeline.cursor = if step == last && run.is_running() { None } else { Some(step) };
+                self.timeline.cursor = if step == last && run.is_running() {
+                    None
+                } else {
+                    Some(step)
+                };
             }
             ui.checkbox(&mut self.timeline.only_this_step, "This step only");
             if let Some(record) = run.steps.get(step) {

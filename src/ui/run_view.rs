@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use crate::analysis::heatmap::StepCross;
+use crate::analysis::heatmap::{CrossGroup, StepCross};
 use crate::worker::{GenerateParams, PromptInfo, RgbImage, StepFrame, StepTiming};
 
 /// How a run ended (or that it has not).
@@ -50,6 +50,9 @@ pub struct RunView {
     pub steps: Vec<StepRecord>,
     /// Per received step: cross-attention (kept apart so it can be handed to analysis as a slice).
     pub cross: Vec<StepCross>,
+    /// Running sums of `cross`: entry `k` holds, per group, the sum of the maps of steps `0..=k`
+    /// (`None` once a step's groups differ from the first step's, which no engine does).
+    cumulative: Option<Vec<StepCross>>,
     /// The final image once finished.
     pub final_image: Option<RgbImage>,
     /// How it ended.
@@ -71,6 +74,7 @@ impl RunView {
             step_count,
             steps: Vec::with_capacity(step_count),
             cross: Vec::with_capacity(step_count),
+            cumulative: Some(Vec::with_capacity(step_count)),
             final_image: None,
             outcome: RunOutcome::Running,
             self_attention_grids: Vec::new(),
@@ -81,12 +85,75 @@ impl RunView {
     /// Adds a step (they arrive in order).
     pub fn push_step(&mut self, frame: StepFrame) {
         self.step_count = frame.step_count;
+        self.extend_cumulative(&frame.cross);
         self.cross.push(frame.cross);
         self.steps.push(StepRecord {
             timestep: frame.timestep,
             preview: frame.preview,
             timing: frame.timing,
         });
+    }
+
+    fn extend_cumulative(&mut self, step: &StepCross) {
+        let Some(cumulative) = &mut self.cumulative else {
+            return;
+        };
+        let next = match cumulative.last() {
+            None => step.clone(),
+            Some(previous) if same_groups(previous, step) => StepCross {
+                step_index: step.step_index,
+                groups: previous
+                    .groups
+                    .iter()
+                    .zip(&step.groups)
+                    .map(|(sum, group)| CrossGroup {
+                        data: sum
+                            .data
+                            .iter()
+                            .zip(&group.data)
+                            .map(|(a, b)| a + b)
+                            .collect(),
+                        ..group.clone()
+                    })
+                    .collect(),
+            },
+            Some(_) => {
+                self.cumulative = None;
+                return;
+            }
+        };
+        cumulative.push(next);
+    }
+
+    /// The cross-attention of steps `first..=last` summed into one step, so that aggregating it
+    /// equals aggregating the steps themselves (the layer counts are the same at every step) at the
+    /// cost of one. `None` when the steps are out of range or not summable.
+    pub fn summed_cross(&self, first: usize, last: usize) -> Option<StepCross> {
+        if first == last {
+            return self.cross.get(first).cloned();
+        }
+        let cumulative = self.cumulative.as_ref()?;
+        let upper = cumulative.get(last)?;
+        let Some(lower) = first.checked_sub(1).and_then(|index| cumulative.get(index)) else {
+            return Some(upper.clone());
+        };
+        Some(StepCross {
+            step_index: last,
+            groups: upper
+                .groups
+                .iter()
+                .zip(&lower.groups)
+                .map(|(upper, lower)| CrossGroup {
+                    data: upper
+                        .data
+                        .iter()
+                        .zip(&lower.data)
+                        .map(|(a, b)| a - b)
+                        .collect(),
+                    ..upper.clone()
+                })
+                .collect(),
+        })
     }
 
     /// True while steps are still coming.
@@ -130,5 +197,87 @@ impl RunView {
         grids.sort_by_key(|&(h, w)| std::cmp::Reverse(h * w));
         grids.dedup();
         grids
+    }
+}
+
+/// True when two steps have the same groups in the same order (so their maps can be added).
+fn same_groups(a: &StepCross, b: &StepCross) -> bool {
+    a.groups.len() == b.groups.len()
+        && a.groups.iter().zip(&b.groups).all(|(a, b)| {
+            (
+                a.place,
+                a.h,
+                a.w,
+                a.layer_count,
+                a.token_count,
+                a.data.len(),
+            ) == (
+                b.place,
+                b.h,
+                b.w,
+                b.layer_count,
+                b.token_count,
+                b.data.len(),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::heatmap::{word_heatmaps, AggregationSettings, UnetPlace};
+    use crate::analysis::WordSpan;
+
+    fn step(step_index: usize) -> StepCross {
+        let groups = [(UnetPlace::Down, 8, 2), (UnetPlace::Up, 4, 3)]
+            .iter()
+            .map(|&(place, side, layer_count)| CrossGroup {
+                place,
+                h: side,
+                w: side,
+                layer_count,
+                token_count: 4,
+                data: (0..4 * side * side)
+                    .map(|index| ((index * 7 + step_index * 13) % 17) as f32 / 17.0)
+                    .collect(),
+            })
+            .collect();
+        StepCross { step_index, groups }
+    }
+
+    #[test]
+    fn summed_steps_aggregate_like_the_steps_themselves() {
+        let mut run = RunView::new(1, GenerateParams::default(), PromptInfo::default());
+        for index in 0..6 {
+            run.push_step(StepFrame {
+                step_index: index,
+                step_count: 6,
+                timestep: 0.0,
+                preview: RgbImage::default(),
+                cross: step(index),
+                timing: StepTiming::default(),
+            });
+        }
+        let words = [WordSpan {
+            text: "w".to_owned(),
+            token_indices: vec![1, 2],
+        }];
+        for (first, last) in [(0, 5), (2, 4), (3, 3), (0, 0)] {
+            let settings = AggregationSettings {
+                steps: first..=last,
+                ..AggregationSettings::default()
+            };
+            let direct = word_heatmaps(&run.cross, &words, &settings, 8, 8);
+            let summed = run.summed_cross(first, last).unwrap();
+            let fast = word_heatmaps(&[summed], &words, &AggregationSettings::default(), 8, 8);
+            let max_diff = direct[0]
+                .data
+                .iter()
+                .zip(&fast[0].data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(max_diff < 1e-5, "{first}..={last}: {max_diff}");
+            assert!((direct[0].peak - fast[0].peak).abs() < 1e-4);
+        }
     }
 }

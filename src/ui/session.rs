@@ -119,6 +119,9 @@ mod tests {
 
         let broken = folder.path().join("broken.json");
         std::fs::write(&broken, "{").unwrap();
-        assert!(matches!(Session::load(&broken), Err(SessionError::Parse { .. })));
+        assert!(matches!(
+            Session::load(&broken),
+            Err(SessionError::Parse { .. })
+        ));
     }
 }

@@ -32,7 +32,11 @@ impl EditorApp {
         let heatmaps = &self.derived.heatmaps;
         self.token_strip.textures.truncate(heatmaps.len());
         for (index, heatmap) in heatmaps.iter().enumerate() {
-            let rgb: Vec<u8> = heatmap.data.iter().flat_map(|&value| colormap.rgb(value)).collect();
+            let rgb: Vec<u8> = heatmap
+                .data
+                .iter()
+                .flat_map(|&value| colormap.rgb(value))
+                .collect();
             let image = egui::ColorImage::from_rgb([heatmap.w, heatmap.h], &rgb);
             match self.token_strip.textures.get_mut(index) {
                 Some(texture) => texture.set(image, egui::TextureOptions::LINEAR),
@@ -68,7 +72,11 @@ impl EditorApp {
                     for (index, word) in run.prompt.words.iter().enumerate() {
                         let selected = self.selected_word == Some(index) && !self.probe.enabled;
                         let texture = self.token_strip.textures.get(index);
-                        let peak = self.derived.heatmaps.get(index).map_or(0.0, |heatmap| heatmap.peak);
+                        let peak = self
+                            .derived
+                            .heatmaps
+                            .get(index)
+                            .map_or(0.0, |heatmap| heatmap.peak);
                         let button = match texture {
                             Some(texture) => egui::Button::image_and_text(
                                 egui::Image::new((texture.id(), egui::Vec2::splat(THUMBNAIL_SIZE))),
@@ -76,12 +84,10 @@ impl EditorApp {
                             ),
                             None => egui::Button::new(word.text.as_str()),
                         };
-                        let response = ui
-                            .add(button.selected(selected))
-                            .on_hover_text(format!(
-                                "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
-                                word.text
-                            ));
+                        let response = ui.add(button.selected(selected)).on_hover_text(format!(
+                            "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
+                            word.text
+                        ));
                         if response.clicked() {
                             clicked = Some(index);
                         }

@@ -15,7 +15,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::analysis::export::write_attention_safetensors;
-use crate::analysis::heatmap::{Heatmap, SelfAttentionMap, SelfAttentionSpan, StepCross, UnetPlace};
+use crate::analysis::heatmap::{
+    Heatmap, SelfAttentionMap, SelfAttentionSpan, StepCross, UnetPlace,
+};
 use crate::analysis::WordSpan;
 use crate::attention::store::{AttentionStore, StoreConfig};
 use crate::attention::{AttentionProcessor, AttentionSite};
@@ -26,7 +28,9 @@ use crate::pipeline::PipelineError;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
-use crate::worker::protocol::{GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming};
+use crate::worker::protocol::{
+    GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
+};
 use crate::worker::thread::EngineFactory;
 
 /// Folder of the bundled model inside the source tree and next to installed binaries.
@@ -125,7 +129,10 @@ impl Engine for PipelineEngine {
             default_height_px,
             size_multiple_px: model.size_multiple_px(),
             default_scheduler: default_scheduler.name().to_owned(),
-            schedulers: SchedulerKind::ALL.iter().map(|kind| kind.name().to_owned()).collect(),
+            schedulers: SchedulerKind::ALL
+                .iter()
+                .map(|kind| kind.name().to_owned())
+                .collect(),
             warnings: model.load_warnings().to_vec(),
         };
         self.model = Some(model);
@@ -194,10 +201,13 @@ impl Engine for PipelineEngine {
         let mut step_started = Instant::now();
         let mut on_step = |report: &StepReport| -> Result<(), PipelineError> {
             let cross = {
-                let mut store = store.try_borrow_mut().map_err(|_| PipelineError::InvalidArgument {
-                    name: "attention store",
-                    reason: "busy during a step report".to_owned(),
-                })?;
+                let mut store =
+                    store
+                        .try_borrow_mut()
+                        .map_err(|_| PipelineError::InvalidArgument {
+                            name: "attention store",
+                            reason: "busy during a step report".to_owned(),
+                        })?;
                 store.finish_step()?;
                 store.latest_step().cloned().unwrap_or_else(|| StepCross {
                     step_index: report.step_index,
@@ -208,7 +218,11 @@ impl Engine for PipelineEngine {
                 step_index: report.step_index,
                 step_count: report.step_count,
                 timestep: report.timestep,
-                preview: report.preview.clone().map(to_worker_image).unwrap_or_default(),
+                preview: report
+                    .preview
+                    .clone()
+                    .map(to_worker_image)
+                    .unwrap_or_default(),
                 cross,
                 timing: StepTiming {
                     step_secs: step_started.elapsed().as_secs_f64(),
@@ -221,7 +235,13 @@ impl Engine for PipelineEngine {
                 PipelineError::Cancelled
             })
         };
-        let result = generate(model, &request, Some(&mut processor), &mut on_step, &CancelToken::new());
+        let result = generate(
+            model,
+            &request,
+            Some(&mut processor),
+            &mut on_step,
+            &CancelToken::new(),
+        );
         if let Some(error) = observer_error {
             return Err(error);
         }

@@ -411,16 +411,19 @@ fn synthesise_image(
             let mut colour = [40.0f32, 44.0, 52.0];
             for (index, centre) in centres.iter().enumerate() {
                 let weight = gaussian(fy, fx, *centre, sigma * 0.6).min(1.0);
-                let blob = blob_colour(index);
-                for channel in 0..3 {
-                    colour[channel] = colour[channel] * (1.0 - weight) + blob[channel] * weight;
+                for (value, blob) in colour.iter_mut().zip(blob_colour(index)) {
+                    *value = *value * (1.0 - weight) + blob * weight;
                 }
             }
             let pixel = (y * width + x) * 3;
-            for channel in 0..3 {
+            for (channel, (out, value)) in image.pixels[pixel..pixel + 3]
+                .iter_mut()
+                .zip(colour)
+                .enumerate()
+            {
                 let noise = unit(mix(seed ^ mix((pixel + channel) as u64))) * 255.0;
-                let value = colour[channel] * (1.0 - noise_amount) + noise * noise_amount;
-                image.pixels[pixel + channel] = value.clamp(0.0, 255.0) as u8;
+                *out =
+                    (value * (1.0 - noise_amount) + noise * noise_amount).clamp(0.0, 255.0) as u8;
             }
         }
     }

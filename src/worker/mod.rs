@@ -22,7 +22,9 @@ mod protocol;
 mod thread;
 
 pub use backend::{Engine, RunObserver, RunOutput};
-pub use engine::{bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER};
+pub use engine::{
+    bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
+};
 pub use error::{EngineError, SendCommandError};
 pub use export::{write_png_file, write_text_file};
 pub use fake::{FakeEngine, FakeEngineConfig};

@@ -166,13 +166,17 @@ fn symmetric_kl_with_logs(p: &[f32], log_p: &[f32], q: &[f32], log_q: &[f32]) ->
         &log_q[..length],
     );
     let mut lanes = [0.0f32; 8];
-    let full = length - length % 8;
-    for start in (0..full).step_by(8) {
-        for lane in 0..8 {
-            let index = start + lane;
-            lanes[lane] += (p[index] - q[index]) * (log_p[index] - log_q[index]);
+    for (((p8, log_p8), q8), log_q8) in p
+        .chunks_exact(8)
+        .zip(log_p.chunks_exact(8))
+        .zip(q.chunks_exact(8))
+        .zip(log_q.chunks_exact(8))
+    {
+        for (lane, sum) in lanes.iter_mut().enumerate() {
+            *sum += (p8[lane] - q8[lane]) * (log_p8[lane] - log_q8[lane]);
         }
     }
+    let full = length - length % 8;
     let tail: f32 = (full..length)
         .map(|index| (p[index] - q[index]) * (log_p[index] - log_q[index]))
         .sum();

@@ -103,7 +103,7 @@ pub fn kmeans_from_centroids(
     settings: &KMeansSettings,
 ) -> PipelineResult<KMeansResult> {
     let point_count = check_points(points, dim)?;
-    if initial_centroids.is_empty() || initial_centroids.len() % dim != 0 {
+    if initial_centroids.is_empty() || !initial_centroids.len().is_multiple_of(dim) {
         return Err(PipelineError::InvalidArgument {
             name: "initial centroids",
             reason: format!(
@@ -138,7 +138,7 @@ pub fn kmeans_segments(
 
 /// Number of rows of `points`, or an error when it is not a whole, non-zero number of rows.
 fn check_points(points: &[f32], dim: usize) -> PipelineResult<usize> {
-    if dim == 0 || points.is_empty() || points.len() % dim != 0 {
+    if dim == 0 || points.is_empty() || !points.len().is_multiple_of(dim) {
         return Err(PipelineError::InvalidArgument {
             name: "KMeans points",
             reason: format!(

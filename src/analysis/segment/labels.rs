@@ -211,3 +211,54 @@ pub fn segments_with_label(segments: &[SegmentInfo], label: &str) -> Vec<usize> 
         .map(|segment| segment.id)
         .collect()
 }
+
+/// Words that name nothing on their own: articles, prepositions, conjunctions, and the "a photo of"
+/// words that Cross-Image Attention also skips.
+const FUNCTION_WORDS: &[&str] = &[
+    "a",
+    "an",
+    "the",
+    "and",
+    "or",
+    "of",
+    "on",
+    "in",
+    "at",
+    "to",
+    "with",
+    "by",
+    "for",
+    "from",
+    "into",
+    "onto",
+    "over",
+    "under",
+    "near",
+    "next",
+    "its",
+    "his",
+    "her",
+    "their",
+    "is",
+    "are",
+    "photo",
+    "image",
+    "picture",
+    "painting",
+    "drawing",
+    "rendering",
+];
+
+/// Whether a prompt word should compete for segment labels by default: not a function word (see
+/// above) and not a colour name of the drawn-scene palette (colours are adjectives: they share the
+/// object's region with its noun and would take its label). The UI and the CLI let the user override.
+pub fn is_label_candidate(word: &str) -> bool {
+    let word = word.trim().to_lowercase();
+    if word.is_empty() || !word.chars().any(char::is_alphanumeric) {
+        return false;
+    }
+    if FUNCTION_WORDS.contains(&word.as_str()) {
+        return false;
+    }
+    word.parse::<crate::scenes::Colour>().is_err()
+}

@@ -86,8 +86,8 @@ pub fn segments_mask(
 }
 
 /// Grows (or shrinks, for negative `dilate_px`) a binary `[h, w]` mask and feathers its edge over
-/// `feather_px` pixels. A pixel is inside the grown mask when it lies within `dilate_px` pixels of the
-/// original (centre to centre); shrinking removes the pixels within `-dilate_px` of the outside.
+/// `feather_px` pixels. Growing adds the pixels within `dilate_px` pixels (centre to centre,
+/// Euclidean) of the mask; shrinking removes the pixels within `-dilate_px` pixels of the outside.
 /// A `binary` shorter than `h * w` counts the missing pixels as outside.
 pub fn binary_mask_to_mask(
     binary: &[bool],
@@ -96,39 +96,48 @@ pub fn binary_mask_to_mask(
     dilate_px: i32,
     feather_px: f32,
 ) -> Mask {
-    let inside = |index: usize| binary.get(index).copied().unwrap_or(false);
+    let mut inside: Vec<bool> = (0..h * w)
+        .map(|index| binary.get(index).copied().unwrap_or(false))
+        .collect();
+    if dilate_px > 0 {
+        let to_mask = squared_distance_transform(h, w, |index| inside[index]);
+        let reach = f64::from(dilate_px).powi(2);
+        inside = to_mask.iter().map(|&distance| distance <= reach).collect();
+    } else if dilate_px < 0 {
+        let to_outside = squared_distance_transform(h, w, |index| !inside[index]);
+        let reach = f64::from(dilate_px).powi(2);
+        inside = inside
+            .iter()
+            .zip(&to_outside)
+            .map(|(&is_inside, &distance)| is_inside && distance > reach)
+            .collect();
+    }
     let feather_px = if feather_px.is_finite() {
         feather_px.max(0.0)
     } else {
         0.0
     };
-    if dilate_px == 0 && feather_px == 0.0 {
+    if feather_px == 0.0 {
         return Mask {
             h,
             w,
-            data: (0..h * w)
-                .map(|index| if inside(index) { 1.0 } else { 0.0 })
+            data: inside
+                .iter()
+                .map(|&is_inside| if is_inside { 1.0 } else { 0.0 })
                 .collect(),
         };
     }
     // Signed distance to the edge: negative inside, positive outside, ±0.5 on the pixels next to it.
-    let outside_distance = squared_distance_transform(h, w, |index| inside(index));
-    let inside_distance = squared_distance_transform(h, w, |index| !inside(index));
+    let to_mask = squared_distance_transform(h, w, |index| inside[index]);
+    let to_outside = squared_distance_transform(h, w, |index| !inside[index]);
     let data = (0..h * w)
         .map(|index| {
-            let signed = if inside(index) {
-                0.5 - inside_distance[index].sqrt()
+            let signed = if inside[index] {
+                0.5 - to_outside[index].sqrt()
             } else {
-                outside_distance[index].sqrt() - 0.5
+                to_mask[index].sqrt() - 0.5
             };
-            let shifted = signed - f64::from(dilate_px);
-            if feather_px > 0.0 {
-                (0.5 - shifted / f64::from(feather_px)).clamp(0.0, 1.0) as f32
-            } else if shifted <= 0.0 {
-                1.0
-            } else {
-                0.0
-            }
+            (0.5 - signed / f64::from(feather_px)).clamp(0.0, 1.0) as f32
         })
         .collect();
     Mask { h, w, data }

@@ -31,7 +31,8 @@ pub use files::{
 };
 pub use kmeans::{kmeans, kmeans_from_centroids, kmeans_segments, KMeansResult, KMeansSettings};
 pub use labels::{
-    label_segments, segments_with_label, LabelSettings, SegmentInfo, WordMapRef, WordScore,
+    is_label_candidate, label_segments, segments_with_label, LabelSettings, SegmentInfo,
+    WordMapRef, WordScore,
 };
 pub use mask::{binary_mask_to_mask, segments_mask, Mask, MaskSettings};
 
@@ -236,7 +237,8 @@ impl FromStr for SegmentMethod {
     }
 }
 
-/// Everything [`segment_self_attention`] needs; the UI's method, k and threshold controls edit it.
+/// Everything [`segment_self_attention`] and [`segment_and_label`] need; the UI's method, k and
+/// threshold controls edit it.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentSettings {
     /// Which clustering to run.
@@ -245,6 +247,67 @@ pub struct SegmentSettings {
     pub kmeans: KMeansSettings,
     /// Settings of [`SegmentMethod::DiffSeg`].
     pub diffseg: DiffSegSettings,
+    /// How segments are named.
+    pub labels: LabelSettings,
+}
+
+/// A segmentation with its labels, at the attention grid and at image resolution: what the
+/// Segments view shows and `attend segment` writes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LabelledSegmentation {
+    /// The method that made it.
+    pub method: SegmentMethod,
+    /// Segment ids on the attention grid the clustering ran on (32x32 for SD at 512 px).
+    pub grid: Segmentation,
+    /// The same ids at image resolution ([`Segmentation::resized`]).
+    pub image: Segmentation,
+    /// One entry per segment id: label, every word's score, pixel count at image resolution.
+    pub segments: Vec<SegmentInfo>,
+}
+
+impl LabelledSegmentation {
+    /// The mask of the chosen segments at image resolution.
+    pub fn mask(&self, segment_ids: &[usize], settings: &MaskSettings) -> Mask {
+        segments_mask(
+            &self.grid,
+            segment_ids,
+            self.image.h,
+            self.image.w,
+            settings,
+        )
+    }
+
+    /// The segment under image pixel `(pixel_y, pixel_x)`, `None` outside the image.
+    pub fn segment_at_pixel(&self, pixel_y: usize, pixel_x: usize) -> Option<usize> {
+        self.image.segment_at(pixel_y, pixel_x)
+    }
+}
+
+/// Segments self-attention maps (see [`segment_self_attention`]), brings the segmentation to
+/// `image_h x image_w` and labels it with the words' maps (see [`label_segments`]), scoring at image
+/// resolution so pixel counts are image pixels.
+pub fn segment_and_label(
+    maps: &[SelfAttentionMap],
+    words: &[WordMapRef<'_>],
+    settings: &SegmentSettings,
+    image_h: usize,
+    image_w: usize,
+) -> PipelineResult<LabelledSegmentation> {
+    if image_h == 0 || image_w == 0 {
+        return Err(PipelineError::InvalidArgument {
+            name: "image size",
+            reason: format!("{image_w}x{image_h} is empty"),
+        });
+    }
+    let grid = segment_self_attention(maps, settings)?;
+    let image = grid.resized(image_h, image_w);
+    let segments = label_segments(&image, words, &settings.labels)?;
+    Ok(LabelledSegmentation {
+        method: settings.method,
+        grid,
+        image,
+        segments,
+    })
 }
 
 /// Segments self-attention maps with the chosen method: KMeans uses the map with the largest grid

@@ -216,16 +216,187 @@ pub(crate) fn step_out_of_range(step_index: usize, steps: usize) -> PipelineErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
+
+    /// Stable Diffusion's training schedule with the given spacing and no `_class_name`.
+    fn sd_config(spacing: TimestepSpacing) -> SchedulerConfig {
+        SchedulerConfig {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            timestep_spacing: Some(spacing),
+            steps_offset: 1,
+            clip_sample: Some(false),
+            set_alpha_to_one: Some(false),
+            ..SchedulerConfig::default()
+        }
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     #[test]
     fn kinds_parse_and_reject_with_the_accepted_names() {
         for kind in SchedulerKind::ALL {
             assert_eq!(kind.name().parse::<SchedulerKind>().unwrap(), kind);
+            assert_eq!(
+                SchedulerKind::from_diffusers_class(kind.diffusers_class()),
+                Some(kind)
+            );
         }
         let err = "pndm".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(
             err.contains("pndm") && err.contains("dpmpp-2m") && err.contains("euler-a"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn zero_or_too_many_steps_are_rejected() {
+        let config = sd_config(TimestepSpacing::Leading);
+        for steps in [0, 1001] {
+            let Err(err) = prepare_scheduler(&config, None, steps) else {
+                panic!("{steps} steps accepted");
+            };
+            assert!(
+                matches!(err, PipelineError::InvalidArgument { name: "steps", .. }),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestep_spacings_follow_diffusers() {
+        let euler = |spacing, steps| {
+            prepare_scheduler(&sd_config(spacing), Some(SchedulerKind::Euler), steps).unwrap()
+        };
+        // linspace keeps numpy's float32 fractions.
+        let expected: Vec<f64> = (0..8)
+            .rev()
+            .map(|i| f64::from((f64::from(i) * 999.0 / 7.0) as f32))
+            .collect();
+        assert_eq!(
+            euler(TimestepSpacing::Linspace, 8).scheduler.timesteps(),
+            &expected[..]
+        );
+        // sd-turbo: one trailing step at t = 999, started from the largest sigma itself.
+        let turbo = euler(TimestepSpacing::Trailing, 1).scheduler;
+        assert_eq!(turbo.timesteps(), &[999.0]);
+        assert!((turbo.init_noise_sigma() - 14.6146).abs() < 1e-3);
+        // leading spacing starts from sqrt(sigma_max^2 + 1) of its own (first) sigma.
+        let leading = euler::EulerScheduler::new(&sd_config(TimestepSpacing::Leading), 8).unwrap();
+        let first_sigma = leading.sigmas()[0];
+        assert!(
+            (leading.init_noise_sigma() - (first_sigma * first_sigma + 1.0).sqrt()).abs() < 1e-5
+        );
+
+        let ddim = prepare_scheduler(&sd_config(TimestepSpacing::Trailing), None, 4).unwrap();
+        assert_eq!(ddim.kind, SchedulerKind::Ddim);
+        assert_eq!(ddim.scheduler.timesteps(), &[999.0, 749.0, 499.0, 249.0]);
+
+        let dpm = prepare_scheduler(
+            &sd_config(TimestepSpacing::Leading),
+            Some(SchedulerKind::DpmPp2m),
+            8,
+        )
+        .unwrap();
+        assert_eq!(
+            dpm.scheduler.timesteps(),
+            &[889.0, 778.0, 667.0, 556.0, 445.0, 334.0, 223.0, 112.0]
+        );
+    }
+
+    #[test]
+    fn karras_sigmas_span_the_training_range() {
+        let config = SchedulerConfig {
+            use_karras_sigmas: true,
+            ..sd_config(TimestepSpacing::Linspace)
+        };
+        let euler = euler::EulerScheduler::new(&config, 10).unwrap();
+        let sigmas = euler.sigmas();
+        assert_eq!(sigmas.len(), 11);
+        assert!((sigmas[0] - 14.6146).abs() < 1e-3, "{sigmas:?}");
+        assert_eq!(sigmas[10], 0.0);
+        assert!(sigmas.windows(2).all(|pair| pair[0] > pair[1]));
+        let timesteps = euler.timesteps();
+        assert!((timesteps[0] - 999.0).abs() < 1e-3, "{timesteps:?}");
+        assert!(timesteps.windows(2).all(|pair| pair[0] > pair[1]));
+
+        let dpm = dpmpp_2m::DpmPp2mScheduler::new(&config, 10).unwrap();
+        assert_eq!(dpm.timesteps()[0], 999.0);
+        assert!(dpm.timesteps().iter().all(|t| t.fract() == 0.0));
+        assert!((f64::from(dpm.sigmas()[0]) - 14.6146).abs() < 1e-3);
+    }
+
+    #[test]
+    fn final_steps_land_on_the_clean_sample() {
+        // With one step every scheduler ends on sigma 0 (or alpha 1) and returns its clean-sample
+        // estimate, for any model output; Euler ancestral adds no noise there.
+        let device = Device::Cpu;
+        let sample = Tensor::arange(0f32, 8.0, &device)
+            .unwrap()
+            .reshape((1, 2, 2, 2))
+            .unwrap();
+        let noise = sample.affine(-0.5, 1.0).unwrap();
+        let mut rng = NoiseRng::new(1);
+        for kind in SchedulerKind::ALL {
+            let config = SchedulerConfig {
+                set_alpha_to_one: Some(true),
+                ..sd_config(TimestepSpacing::Trailing)
+            };
+            let mut prepared = prepare_scheduler(&config, Some(kind), 1).unwrap();
+            let scheduler = &mut prepared.scheduler;
+            let t = scheduler.timesteps()[0];
+            assert_eq!(t, 999.0, "{kind}");
+            let next = scheduler.step(&noise, 0, &sample, &mut rng).unwrap();
+            // x0 = (x - sqrt(1 - a) * eps) / sqrt(a) at t = 999.
+            let alpha = schedule::training_alphas_cumprod(&config)[999];
+            let clean = ((&sample - noise.affine((1.0 - alpha).sqrt(), 0.0).unwrap()).unwrap()
+                / alpha.sqrt())
+            .unwrap();
+            // Euler-family inputs live at a different scale: x_sigma = x_vp * sqrt(1 + sigma^2).
+            let clean = match kind {
+                SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                    let sigma = ((1.0 - alpha) / alpha).sqrt();
+                    (&sample - noise.affine(sigma, 0.0).unwrap()).unwrap()
+                }
+                SchedulerKind::Ddim | SchedulerKind::DpmPp2m => clean,
+            };
+            let diff = max_abs_diff(&next, &clean);
+            let scale = max_abs_diff(&clean, &clean.zeros_like().unwrap());
+            assert!(
+                diff <= 2e-5 * scale,
+                "{kind}: {diff} (values up to {scale})"
+            );
+            assert_eq!(next.dtype(), DType::F32);
+        }
+    }
+
+    #[test]
+    fn ancestral_noise_depends_on_the_seed_only() {
+        let config = sd_config(TimestepSpacing::Leading);
+        let device = Device::Cpu;
+        let sample = Tensor::ones((1, 4, 2, 2), DType::F32, &device).unwrap();
+        let run = |seed| {
+            let mut prepared =
+                prepare_scheduler(&config, Some(SchedulerKind::EulerAncestral), 4).unwrap();
+            let mut rng = NoiseRng::new(seed);
+            prepared
+                .scheduler
+                .step(&sample, 0, &sample, &mut rng)
+                .unwrap()
+        };
+        assert_eq!(max_abs_diff(&run(5), &run(5)), 0.0);
+        assert!(max_abs_diff(&run(5), &run(6)) > 1e-3);
     }
 }

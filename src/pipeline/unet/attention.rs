@@ -8,7 +8,8 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{GroupNorm, Linear, LayerNorm};
+use super::kernels;
+use super::layers::{GroupNorm, LayerNorm, Linear};
 use crate::attention::{AttentionHook, AttentionKind, AttentionSite, UnetPlace};
 use crate::pipeline::PipelineResult;
 
@@ -23,9 +24,13 @@ pub struct TransformerPlace {
     pub attention_index: usize,
 }
 
-/// Upper bound on the number of score elements (`rows * keys`) materialised at once when no hook
-/// needs the full probabilities: 16 Mi f32 = 64 MiB.
-const SCORE_CHUNK_ELEMENTS: usize = 16 * 1024 * 1024;
+/// Upper bound on the score elements (`heads * queries * keys`) materialised at once when no hook
+/// needs the full probabilities: 2 Mi f32 = 8 MiB, so the scores stay cache-friendly and the
+/// allocator reuses their buffer.
+const SCORE_CHUNK_ELEMENTS: usize = 2 * 1024 * 1024;
+
+/// Upper bound on the feed-forward's widest intermediate (`tokens * 8 * dim`) held at once.
+const FEED_FORWARD_CHUNK_ELEMENTS: usize = 4 * 1024 * 1024;
 
 /// One diffusers `Attention` module (`to_q`, `to_k`, `to_v` without bias, `to_out.0` with bias).
 #[derive(Clone, Debug)]
@@ -103,82 +108,116 @@ impl Attention {
         call: AttentionCall,
         hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let (batch, queries, _) = hidden.dims3()?;
-        let compute_dtype = hidden.dtype();
-        let score_dtype = if self.upcast { DType::F32 } else { compute_dtype };
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let query = self.split_heads(&self.to_q.forward(hidden)?)?;
-        let mut key = self.split_heads(&self.to_k.forward(context)?)?;
-        let mut value = self.split_heads(&self.to_v.forward(context)?)?;
-
+        let query = self.to_q.forward(hidden)?;
+        let key = self.to_k.forward(context)?;
+        let value = self.to_v.forward(context)?;
         let attended = match hook {
-            Some(hook) => {
-                let mut site = AttentionSite {
-                    place: call.place.place,
-                    block_index: call.place.block_index,
-                    attention_index: call.place.attention_index,
-                    layer_index: call.layer_index,
-                    kind: call.kind,
-                    query_h: call.query_h,
-                    query_w: call.query_w,
-                    heads: self.heads,
-                    keys: key.dim(1)?,
-                    batch,
-                    cfg: hook.cfg,
-                    step_index: hook.step_index,
-                    step_count: hook.step_count,
-                };
-                if let Some((new_key, new_value)) = hook.processor.process_keys_values(&site, &key, &value)? {
-                    key = new_key.to_dtype(compute_dtype)?;
-                    value = new_value.to_dtype(compute_dtype)?;
-                    site.keys = key.dim(1)?;
-                }
-                let scores = (query.to_dtype(score_dtype)?.matmul(&key.to_dtype(score_dtype)?.t()?)? * scale)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-                let probs = match hook.processor.process_probabilities(&site, &probs)? {
-                    Some(replaced) => replaced.to_dtype(DType::F32)?,
-                    None => probs,
-                };
-                probs.to_dtype(compute_dtype)?.matmul(&value)?
-            }
-            None => self.attend_chunked(&query, &key, &value, score_dtype, scale)?,
+            Some(hook) => self.attend_hooked(&query, &key, &value, call, hook)?,
+            None => self.attend_chunked(&query, &key, &value)?,
         };
-        let merged = self.merge_heads(&attended, batch)?;
-        debug_assert_eq!(merged.dim(1)?, queries);
-        self.to_out.forward(&merged)
+        self.to_out.forward(&attended)
     }
 
-    /// `softmax(q k^T * scale) v` over `[batch * heads, n, head_dim]`, in row blocks of bounded size.
-    fn attend_chunked(
+    fn score_dtype(&self, compute_dtype: DType) -> DType {
+        if self.upcast {
+            DType::F32
+        } else {
+            compute_dtype
+        }
+    }
+
+    fn scale(&self) -> f32 {
+        (self.head_dim as f32).powf(-0.5)
+    }
+
+    /// The hooked path: full `[batch * heads, queries, keys]` probabilities, handed to the processor.
+    /// `query` `[batch, queries, inner]`, `key`/`value` `[batch, keys, inner]` -> `[batch, queries, inner]`.
+    fn attend_hooked(
         &self,
         query: &Tensor,
         key: &Tensor,
         value: &Tensor,
-        score_dtype: DType,
-        scale: f64,
+        call: AttentionCall,
+        hook: &mut AttentionHook<'_>,
     ) -> candle_core::Result<Tensor> {
-        let (rows, _, _) = query.dims3()?;
-        let keys = key.dim(1)?;
-        let queries = query.dim(1)?;
+        let batch = query.dim(0)?;
         let compute_dtype = query.dtype();
-        let key_t = key.to_dtype(score_dtype)?.t()?;
-        let per_row = queries * keys;
-        let rows_per_chunk = (SCORE_CHUNK_ELEMENTS / per_row.max(1)).clamp(1, rows);
-        let mut outputs = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
-        let mut start = 0;
-        while start < rows {
-            let len = rows_per_chunk.min(rows - start);
-            let q = query.narrow(0, start, len)?.to_dtype(score_dtype)?;
-            let scores = (q.matmul(&key_t.narrow(0, start, len)?)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(compute_dtype)?;
-            outputs.push(probs.matmul(&value.narrow(0, start, len)?)?);
-            start += len;
+        let score_dtype = self.score_dtype(compute_dtype);
+        let query = self.split_heads(query)?;
+        let mut key = self.split_heads(key)?;
+        let mut value = self.split_heads(value)?;
+        let mut site = AttentionSite {
+            place: call.place.place,
+            block_index: call.place.block_index,
+            attention_index: call.place.attention_index,
+            layer_index: call.layer_index,
+            kind: call.kind,
+            query_h: call.query_h,
+            query_w: call.query_w,
+            heads: self.heads,
+            keys: key.dim(1)?,
+            batch,
+            cfg: hook.cfg,
+            step_index: hook.step_index,
+            step_count: hook.step_count,
+        };
+        if let Some((new_key, new_value)) = hook.processor.process_keys_values(&site, &key, &value)? {
+            key = new_key.to_dtype(compute_dtype)?;
+            value = new_value.to_dtype(compute_dtype)?;
+            site.keys = key.dim(1)?;
         }
-        if outputs.len() == 1 {
-            Ok(outputs.remove(0))
-        } else {
-            Tensor::cat(&outputs, 0)
+        let scores = query
+            .to_dtype(score_dtype)?
+            .matmul(&key.to_dtype(score_dtype)?.t()?)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        kernels::scaled_softmax_in_place(&scores, self.scale())?;
+        let probs = match hook.processor.process_probabilities(&site, &scores)? {
+            Some(replaced) => replaced.to_dtype(DType::F32)?,
+            None => scores,
+        };
+        let attended = probs.to_dtype(compute_dtype)?.matmul(&value)?;
+        self.merge_heads(&attended, batch)
+    }
+
+    /// `softmax(q k^T * scale) v` per batch item, heads read in place from `[batch, n, inner]` and
+    /// queries taken in blocks of bounded size. Same shapes as [`Attention::attend_hooked`].
+    fn attend_chunked(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, queries, inner) = query.dims3()?;
+        let keys = key.dim(1)?;
+        let compute_dtype = query.dtype();
+        let score_dtype = self.score_dtype(compute_dtype);
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let per_query = heads * keys;
+        let queries_per_chunk = (SCORE_CHUNK_ELEMENTS / per_query.max(1)).clamp(1, queries.max(1));
+        let mut items = Vec::with_capacity(batch);
+        for item in 0..batch {
+            // [heads, n, head_dim] views with strides (head_dim, inner, 1): no copies.
+            let item_query = query.get(item)?.reshape((queries, heads, head_dim))?.transpose(0, 1)?;
+            let item_key_t = key
+                .get(item)?
+                .reshape((keys, heads, head_dim))?
+                .permute((1, 2, 0))?
+                .to_dtype(score_dtype)?;
+            let item_value = value.get(item)?.reshape((keys, heads, head_dim))?.transpose(0, 1)?;
+            let mut pieces = Vec::with_capacity(queries.div_ceil(queries_per_chunk));
+            let mut start = 0;
+            while start < queries {
+                let len = queries_per_chunk.min(queries - start);
+                let block = item_query.narrow(1, start, len)?.to_dtype(score_dtype)?;
+                let scores = block.matmul(&item_key_t)?.to_dtype(DType::F32)?;
+                kernels::scaled_softmax_in_place(&scores, self.scale())?;
+                let attended = scores.to_dtype(compute_dtype)?.matmul(&item_value)?;
+                pieces.push(attended.transpose(0, 1)?.contiguous()?.reshape((len, inner))?);
+                start += len;
+            }
+            items.push(if pieces.len() == 1 {
+                pieces.remove(0)
+            } else {
+                Tensor::cat(&pieces, 0)?
+            });
         }
+        Tensor::stack(&items, 0)
     }
 }
 
@@ -200,14 +239,27 @@ impl FeedForward {
         })
     }
 
-    /// `[batch, n, dim]` -> `[batch, n, dim]`.
+    /// `[batch, n, dim]` -> `[batch, n, dim]`, in blocks of tokens of bounded size.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let projected = self.project_in.forward(xs)?;
-        let last = projected.rank() - 1;
-        let hidden = projected.narrow(last, 0, self.inner)?;
-        let gate = projected.narrow(last, self.inner, self.inner)?;
-        let gated = (hidden * gate.gelu_erf()?)?;
-        self.project_out.forward(&gated)
+        let (batch, tokens, dim) = xs.dims3()?;
+        let rows = batch * tokens;
+        let flat = xs.reshape((rows, dim))?;
+        let rows_per_chunk = (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
+        let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
+        let mut start = 0;
+        while start < rows {
+            let len = rows_per_chunk.min(rows - start);
+            let projected = self.project_in.forward(&flat.narrow(0, start, len)?)?;
+            let gated = kernels::geglu(&projected)?;
+            pieces.push(self.project_out.forward(&gated)?);
+            start += len;
+        }
+        let out = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, 0)?
+        };
+        out.reshape((batch, tokens, dim))
     }
 }
 
@@ -248,10 +300,21 @@ impl TransformerBlock {
     fn new(vb: VarBuilder, spec: &TransformerSpec) -> PipelineResult<Self> {
         let dim = spec.channels;
         let head_dim = dim / spec.heads;
-        let attn1_context = if spec.only_cross_attention { spec.context_dim } else { dim };
+        let attn1_context = if spec.only_cross_attention {
+            spec.context_dim
+        } else {
+            dim
+        };
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::new(vb.pp("attn1"), dim, attn1_context, spec.heads, head_dim, spec.upcast_attention)?,
+            attn1: Attention::new(
+                vb.pp("attn1"),
+                dim,
+                attn1_context,
+                spec.heads,
+                head_dim,
+                spec.upcast_attention,
+            )?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::new(
                 vb.pp("attn2"),
@@ -276,12 +339,19 @@ impl TransformerBlock {
         mut hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
         let normed = self.norm1.forward(hidden)?;
-        let self_context = if self.only_cross_attention { context } else { &normed };
+        let self_context = if self.only_cross_attention {
+            context
+        } else {
+            &normed
+        };
         let call1 = AttentionCall {
             kind: AttentionKind::SelfAttention,
             ..call
         };
-        let hidden = (self.attn1.forward(&normed, self_context, call1, hook.as_deref_mut())? + hidden)?;
+        let hidden = (self
+            .attn1
+            .forward(&normed, self_context, call1, hook.as_deref_mut())?
+            + hidden)?;
         let normed = self.norm2.forward(&hidden)?;
         let call2 = AttentionCall {
             kind: AttentionKind::Cross,
@@ -299,7 +369,7 @@ fn projection(vb: VarBuilder, channels: usize, linear: bool) -> PipelineResult<L
     if linear {
         Linear::new(vb, channels, channels, true)
     } else {
-        Ok(super::layers::Conv2d::new(vb, channels, channels, 1, 0, 1)?.as_linear()?)
+        Linear::from_pointwise_conv(vb, channels, channels)
     }
 }
 
@@ -316,10 +386,16 @@ pub struct Transformer2D {
 
 impl Transformer2D {
     /// Loads `norm`, `proj_in`, `transformer_blocks.*`, `proj_out` under `vb` (`.../attentions.{i}`).
-    pub fn new(vb: VarBuilder, spec: &TransformerSpec, place: TransformerPlace) -> PipelineResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        spec: &TransformerSpec,
+        place: TransformerPlace,
+    ) -> PipelineResult<Self> {
         let channels = spec.channels;
         let blocks = (0..spec.layers)
-            .map(|layer| TransformerBlock::new(vb.pp("transformer_blocks").pp(layer.to_string()), spec))
+            .map(|layer| {
+                TransformerBlock::new(vb.pp("transformer_blocks").pp(layer.to_string()), spec)
+            })
             .collect::<PipelineResult<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::new(vb.pp("norm"), spec.groups, channels, 1e-6)?,
@@ -330,19 +406,15 @@ impl Transformer2D {
         })
     }
 
-    /// `xs` `[batch, channels, h, w]`, `context` `[batch, seq, context_dim]` -> `[batch, channels, h, w]`.
+    /// `xs` `[batch, h, w, channels]`, `context` `[batch, seq, context_dim]` -> `[batch, h, w, channels]`.
     pub fn forward(
         &self,
         xs: &Tensor,
         context: &Tensor,
         mut hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let (batch, channels, height, width) = xs.dims4()?;
-        let normed = self.norm.forward(xs)?;
-        let tokens = normed
-            .reshape((batch, channels, height * width))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (batch, height, width, channels) = xs.dims4()?;
+        let tokens = self.norm.forward(xs)?.reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for (layer_index, block) in self.blocks.iter().enumerate() {
             let call = AttentionCall {
@@ -355,10 +427,6 @@ impl Transformer2D {
             hidden = block.forward(&hidden, context, call, hook.as_deref_mut())?;
         }
         let projected = self.proj_out.forward(&hidden)?;
-        let spatial = projected
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch, channels, height, width))?;
-        spatial + xs
+        projected.reshape((batch, height, width, channels))? + xs
     }
 }

@@ -4,7 +4,9 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Transformer2D, TransformerPlace, TransformerSpec};
-use super::config::{DownBlockKind, DownBlockPlan, MidBlockPlan, UnetConfig, UpBlockKind, UpBlockPlan};
+use super::config::{
+    DownBlockKind, DownBlockPlan, MidBlockPlan, UnetConfig, UpBlockKind, UpBlockPlan,
+};
 use super::layers::{Downsample, Linear, ResnetBlock, ResnetSpec, Upsample};
 use crate::attention::{AttentionHook, UnetPlace};
 use crate::pipeline::PipelineResult;
@@ -79,7 +81,13 @@ pub struct BlockInputs<'a> {
     pub context: &'a Tensor,
 }
 
-fn transformer_spec(config: &UnetConfig, channels: usize, heads: usize, layers: usize, only_cross: bool) -> TransformerSpec {
+fn transformer_spec(
+    config: &UnetConfig,
+    channels: usize,
+    heads: usize,
+    layers: usize,
+    only_cross: bool,
+) -> TransformerSpec {
     TransformerSpec {
         channels,
         heads,
@@ -102,11 +110,20 @@ pub struct DownBlock {
 
 impl DownBlock {
     /// Loads `resnets.*`, `attentions.*`, `downsamplers.0` under `vb` (`down_blocks.{index}`).
-    pub fn new(vb: VarBuilder, config: &UnetConfig, plan: &DownBlockPlan, index: usize) -> PipelineResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        config: &UnetConfig,
+        plan: &DownBlockPlan,
+        index: usize,
+    ) -> PipelineResult<Self> {
         let mut resnets = Vec::with_capacity(plan.layers);
         let mut attentions = Vec::new();
         for layer in 0..plan.layers {
-            let in_channels = if layer == 0 { plan.in_channels } else { plan.out_channels };
+            let in_channels = if layer == 0 {
+                plan.in_channels
+            } else {
+                plan.out_channels
+            };
             resnets.push(ResnetBlock::new(
                 vb.pp("resnets").pp(layer.to_string()),
                 ResnetSpec {
@@ -131,7 +148,11 @@ impl DownBlock {
                     block_index: index,
                     attention_index: layer,
                 };
-                attentions.push(Transformer2D::new(vb.pp("attentions").pp(layer.to_string()), &spec, place)?);
+                attentions.push(Transformer2D::new(
+                    vb.pp("attentions").pp(layer.to_string()),
+                    &spec,
+                    place,
+                )?);
             }
         }
         let downsampler = if plan.downsample {
@@ -150,7 +171,7 @@ impl DownBlock {
         })
     }
 
-    /// `[batch, in, h, w]` -> output `[batch, out, h', w']`; pushes every skip state onto `skips`.
+    /// `[batch, h, w, in]` -> output `[batch, h', w', out]`; pushes every skip state onto `skips`.
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -212,16 +233,19 @@ impl MidBlock {
         })
     }
 
-    /// `[batch, c, h, w]` -> same shape.
+    /// `[batch, h, w, c]` -> same shape.
     pub fn forward(
         &self,
         xs: &Tensor,
         inputs: &BlockInputs<'_>,
         hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let hidden = self.first_resnet.forward(xs, Some(inputs.activated_time_embedding))?;
+        let hidden = self
+            .first_resnet
+            .forward(xs, Some(inputs.activated_time_embedding))?;
         let hidden = self.attention.forward(&hidden, inputs.context, hook)?;
-        self.second_resnet.forward(&hidden, Some(inputs.activated_time_embedding))
+        self.second_resnet
+            .forward(&hidden, Some(inputs.activated_time_embedding))
     }
 }
 
@@ -235,7 +259,12 @@ pub struct UpBlock {
 
 impl UpBlock {
     /// Loads `resnets.*`, `attentions.*`, `upsamplers.0` under `vb` (`up_blocks.{index}`).
-    pub fn new(vb: VarBuilder, config: &UnetConfig, plan: &UpBlockPlan, index: usize) -> PipelineResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        config: &UnetConfig,
+        plan: &UpBlockPlan,
+        index: usize,
+    ) -> PipelineResult<Self> {
         let mut resnets = Vec::with_capacity(plan.layers);
         let mut attentions = Vec::new();
         for layer in 0..plan.layers {
@@ -273,11 +302,18 @@ impl UpBlock {
                     block_index: index,
                     attention_index: layer,
                 };
-                attentions.push(Transformer2D::new(vb.pp("attentions").pp(layer.to_string()), &spec, place)?);
+                attentions.push(Transformer2D::new(
+                    vb.pp("attentions").pp(layer.to_string()),
+                    &spec,
+                    place,
+                )?);
             }
         }
         let upsampler = if plan.upsample {
-            Some(Upsample::new(vb.pp("upsamplers").pp("0"), plan.out_channels)?)
+            Some(Upsample::new(
+                vb.pp("upsamplers").pp("0"),
+                plan.out_channels,
+            )?)
         } else {
             None
         };
@@ -293,8 +329,8 @@ impl UpBlock {
         self.resnets.len()
     }
 
-    /// `xs` `[batch, prev, h, w]` and this block's skips (popped from the end of `skips`) ->
-    /// `[batch, out, h, w]`, or `[batch, out, target_h, target_w]` after the upsampler when
+    /// `xs` `[batch, h, w, prev]` and this block's skips (popped from the end of `skips`) ->
+    /// `[batch, h, w, out]`, or `[batch, target_h, target_w, out]` after the upsampler when
     /// `upsample_to` is given.
     pub fn forward(
         &self,
@@ -309,14 +345,14 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("UNet up block ran out of skip connections");
             };
-            let joined = Tensor::cat(&[&hidden, &skip], 1)?;
+            let joined = Tensor::cat(&[&hidden, &skip], 3)?;
             hidden = resnet.forward(&joined, Some(inputs.activated_time_embedding))?;
             if let Some(attention) = self.attentions.get(layer) {
                 hidden = attention.forward(&hidden, inputs.context, hook.as_deref_mut())?;
             }
         }
         if let Some(upsampler) = &self.upsampler {
-            let (_, _, height, width) = hidden.dims4()?;
+            let (_, height, width, _) = hidden.dims4()?;
             let (target_h, target_w) = upsample_to.unwrap_or((2 * height, 2 * width));
             hidden = upsampler.forward(&hidden, target_h, target_w)?;
         }

@@ -56,14 +56,24 @@ fn default_true() -> bool {
     true
 }
 fn default_down_block_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_up_block_types() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 fn default_mid_block_type() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".to_string())
@@ -352,7 +362,9 @@ impl UnetConfig {
             reason,
         };
         let unsupported = |key: &str, value: String| {
-            bad(format!("`{key}` = {value} is not supported by attend's UNet"))
+            bad(format!(
+                "`{key}` = {value} is not supported by attend's UNet"
+            ))
         };
         let blocks = self.block_out_channels.len();
         if blocks == 0 {
@@ -371,10 +383,12 @@ impl UnetConfig {
             )));
         }
         for kind in &self.down_block_types {
-            down_block_kind(kind).ok_or_else(|| unsupported("down_block_types", format!("{kind:?}")))?;
+            down_block_kind(kind)
+                .ok_or_else(|| unsupported("down_block_types", format!("{kind:?}")))?;
         }
         for kind in &self.up_block_types {
-            up_block_kind(kind).ok_or_else(|| unsupported("up_block_types", format!("{kind:?}")))?;
+            up_block_kind(kind)
+                .ok_or_else(|| unsupported("up_block_types", format!("{kind:?}")))?;
         }
         if let Some(kind) = &self.mid_block_type {
             if kind != "UNetMidBlock2DCrossAttn" {
@@ -404,24 +418,40 @@ impl UnetConfig {
             ));
         }
         if self.time_embedding_type != "positional" {
-            return Err(unsupported("time_embedding_type", format!("{:?}", self.time_embedding_type)));
+            return Err(unsupported(
+                "time_embedding_type",
+                format!("{:?}", self.time_embedding_type),
+            ));
         }
         if self.attention_type != "default" {
-            return Err(unsupported("attention_type", format!("{:?}", self.attention_type)));
+            return Err(unsupported(
+                "attention_type",
+                format!("{:?}", self.attention_type),
+            ));
         }
         let null_only: [(&str, Option<String>); 10] = [
             ("class_embed_type", self.class_embed_type.clone()),
             ("addition_embed_type", self.addition_embed_type.clone()),
-            ("num_class_embeds", self.num_class_embeds.map(|v| v.to_string())),
+            (
+                "num_class_embeds",
+                self.num_class_embeds.map(|v| v.to_string()),
+            ),
             ("time_embedding_act_fn", self.time_embedding_act_fn.clone()),
             ("timestep_post_act", self.timestep_post_act.clone()),
-            ("time_cond_proj_dim", self.time_cond_proj_dim.map(|v| v.to_string())),
+            (
+                "time_cond_proj_dim",
+                self.time_cond_proj_dim.map(|v| v.to_string()),
+            ),
             (
                 "projection_class_embeddings_input_dim",
-                self.projection_class_embeddings_input_dim.map(|v| v.to_string()),
+                self.projection_class_embeddings_input_dim
+                    .map(|v| v.to_string()),
             ),
             ("cross_attention_norm", self.cross_attention_norm.clone()),
-            ("encoder_hid_dim", self.encoder_hid_dim.map(|v| v.to_string())),
+            (
+                "encoder_hid_dim",
+                self.encoder_hid_dim.map(|v| v.to_string()),
+            ),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.clone()),
         ];
         for (key, value) in null_only {
@@ -431,7 +461,10 @@ impl UnetConfig {
         }
         if let Some(value) = &self.reverse_transformer_layers_per_block {
             if !value.is_null() {
-                return Err(unsupported("reverse_transformer_layers_per_block", value.to_string()));
+                return Err(unsupported(
+                    "reverse_transformer_layers_per_block",
+                    value.to_string(),
+                ));
             }
         }
         let true_unsupported = [
@@ -445,13 +478,22 @@ impl UnetConfig {
             }
         }
         if self.conv_in_kernel % 2 == 0 {
-            return Err(unsupported("conv_in_kernel", self.conv_in_kernel.to_string()));
+            return Err(unsupported(
+                "conv_in_kernel",
+                self.conv_in_kernel.to_string(),
+            ));
         }
         if self.conv_out_kernel % 2 == 0 {
-            return Err(unsupported("conv_out_kernel", self.conv_out_kernel.to_string()));
+            return Err(unsupported(
+                "conv_out_kernel",
+                self.conv_out_kernel.to_string(),
+            ));
         }
         if self.downsample_padding > 1 {
-            return Err(unsupported("downsample_padding", self.downsample_padding.to_string()));
+            return Err(unsupported(
+                "downsample_padding",
+                self.downsample_padding.to_string(),
+            ));
         }
         if let PerBlock::List(_) = self.cross_attention_dim {
             return Err(unsupported(
@@ -460,23 +502,34 @@ impl UnetConfig {
             ));
         }
         let per_block_checks: [(&str, bool); 5] = [
-            ("layers_per_block", self.layers_per_block.resolve(blocks).is_none()),
+            (
+                "layers_per_block",
+                self.layers_per_block.resolve(blocks).is_none(),
+            ),
             (
                 "transformer_layers_per_block",
                 self.transformer_layers_per_block.resolve(blocks).is_none(),
             ),
-            ("attention_head_dim", self.attention_head_dim.resolve(blocks).is_none()),
+            (
+                "attention_head_dim",
+                self.attention_head_dim.resolve(blocks).is_none(),
+            ),
             (
                 "num_attention_heads",
                 self.num_attention_heads
                     .as_ref()
                     .is_some_and(|heads| heads.resolve(blocks).is_none()),
             ),
-            ("only_cross_attention", self.only_cross_attention.resolve(blocks).is_none()),
+            (
+                "only_cross_attention",
+                self.only_cross_attention.resolve(blocks).is_none(),
+            ),
         ];
         for (key, wrong_length) in per_block_checks {
             if wrong_length {
-                return Err(bad(format!("`{key}` is a list whose length is not {blocks}")));
+                return Err(bad(format!(
+                    "`{key}` is a list whose length is not {blocks}"
+                )));
             }
         }
         for (index, (&channels, &heads)) in self
@@ -522,13 +575,18 @@ impl UnetConfig {
     /// Attention heads per down block: `num_attention_heads`, or diffusers' `attention_head_dim` quirk.
     pub fn heads_per_block(&self) -> Vec<usize> {
         let blocks = self.block_count();
-        let source = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
+        let source = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim);
         source.resolve(blocks).unwrap_or_else(|| vec![8; blocks])
     }
 
     fn layers_per_block_resolved(&self) -> Vec<usize> {
         let blocks = self.block_count();
-        self.layers_per_block.resolve(blocks).unwrap_or_else(|| vec![2; blocks])
+        self.layers_per_block
+            .resolve(blocks)
+            .unwrap_or_else(|| vec![2; blocks])
     }
 
     fn transformer_layers_resolved(&self) -> Vec<usize> {
@@ -558,7 +616,8 @@ impl UnetConfig {
                 let in_channels = out_channels;
                 out_channels = self.block_out_channels[index];
                 DownBlockPlan {
-                    kind: down_block_kind(&self.down_block_types[index]).unwrap_or(DownBlockKind::Plain),
+                    kind: down_block_kind(&self.down_block_types[index])
+                        .unwrap_or(DownBlockKind::Plain),
                     in_channels,
                     out_channels,
                     layers: layers[index],
@@ -574,7 +633,10 @@ impl UnetConfig {
     /// The middle block, or `None` when `mid_block_type` is null.
     pub fn mid_block(&self) -> Option<MidBlockPlan> {
         self.mid_block_type.as_ref()?;
-        let only_cross_attention = match (self.mid_block_only_cross_attention, &self.only_cross_attention) {
+        let only_cross_attention = match (
+            self.mid_block_only_cross_attention,
+            &self.only_cross_attention,
+        ) {
             (Some(value), _) => value,
             (None, PerBlock::Same(value)) => *value,
             (None, PerBlock::List(_)) => false,
@@ -591,9 +653,13 @@ impl UnetConfig {
     pub fn up_blocks(&self) -> Vec<UpBlockPlan> {
         let reversed_channels: Vec<usize> = self.block_out_channels.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = self.heads_per_block().into_iter().rev().collect();
-        let reversed_layers: Vec<usize> = self.layers_per_block_resolved().into_iter().rev().collect();
-        let reversed_transformer_layers: Vec<usize> =
-            self.transformer_layers_resolved().into_iter().rev().collect();
+        let reversed_layers: Vec<usize> =
+            self.layers_per_block_resolved().into_iter().rev().collect();
+        let reversed_transformer_layers: Vec<usize> = self
+            .transformer_layers_resolved()
+            .into_iter()
+            .rev()
+            .collect();
         let reversed_only_cross: Vec<bool> = self.only_cross_resolved().into_iter().rev().collect();
         let blocks = self.block_count();
         let mut out_channels = reversed_channels[0];
@@ -665,7 +731,9 @@ mod tests {
 
     #[test]
     fn sd2_head_list_is_reversed_for_up_blocks() {
-        let config = parse(r#"{"attention_head_dim": [5, 10, 20, 20], "use_linear_projection": true}"#).unwrap();
+        let config =
+            parse(r#"{"attention_head_dim": [5, 10, 20, 20], "use_linear_projection": true}"#)
+                .unwrap();
         assert_eq!(config.heads_per_block(), vec![5, 10, 20, 20]);
         let heads: Vec<usize> = config.up_blocks().iter().map(|b| b.heads).collect();
         assert_eq!(heads, vec![20, 20, 10, 5]);
@@ -674,12 +742,24 @@ mod tests {
     #[test]
     fn unsupported_keys_are_named() {
         for (text, key) in [
-            (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
+            (
+                r#"{"addition_embed_type": "text_time"}"#,
+                "addition_embed_type",
+            ),
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
-            (r#"{"resnet_time_scale_shift": "scale_shift"}"#, "resnet_time_scale_shift"),
+            (
+                r#"{"resnet_time_scale_shift": "scale_shift"}"#,
+                "resnet_time_scale_shift",
+            ),
             (r#"{"dual_cross_attention": true}"#, "dual_cross_attention"),
-            (r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#, "mid_block_type"),
-            (r#"{"down_block_types": ["A", "B", "C", "D"]}"#, "down_block_types"),
+            (
+                r#"{"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}"#,
+                "mid_block_type",
+            ),
+            (
+                r#"{"down_block_types": ["A", "B", "C", "D"]}"#,
+                "down_block_types",
+            ),
             (r#"{"layers_per_block": [1, 2]}"#, "layers_per_block"),
         ] {
             let error = parse(text).unwrap_err().to_string();

@@ -1,22 +1,33 @@
-//! Building blocks shared by the UNet and the VAE: convolutions, linear layers, group norm, resnets
-//! and the resampling layers, loaded under diffusers' parameter names.
+//! Building blocks shared by the UNet and the VAE, loaded under diffusers' parameter names.
+//!
+//! Activations are **channels-last**, `[batch, h, w, channels]`: convolutions become one matrix
+//! product over image patches (see [`super::kernels`]) and the transformers' token layout
+//! `[batch, h * w, channels]` is the same memory, so no transposes are needed between them.
 
-use candle_core::{DType, Module as _, Tensor};
+use candle_core::{Module as _, Tensor};
 use candle_nn::VarBuilder;
 
+use super::kernels::{self, PatchGeometry};
 use crate::pipeline::PipelineResult;
 
-/// A 2-D convolution with bias (`weight` `[out, in, k, k]`, `bias` `[out]`), square kernel.
+/// Bytes of im2col patches materialised at once by a convolution (bounds memory and keeps the
+/// buffers out of the allocator's fresh-mmap path).
+const CONV_CHUNK_BYTES: usize = 8 << 20;
+
+/// A 2-D convolution with bias on channels-last input. The diffusers weight `[out, in, k, k]` is
+/// stored as `[out, k, k, in]` to match the patch layout.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// `[out, k, k, in]` (contiguous for real weights).
     weight: Tensor,
     bias: Tensor,
-    padding: usize,
-    stride: usize,
+    in_channels: usize,
+    out_channels: usize,
+    geometry: PatchGeometry,
 }
 
 impl Conv2d {
-    /// Loads `weight` and `bias` under `vb`.
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]` under `vb`; `padding` on every side.
     pub fn new(
         vb: VarBuilder,
         in_channels: usize,
@@ -25,30 +36,87 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> PipelineResult<Self> {
+        Self::with_padding(vb, in_channels, out_channels, kernel, stride, (padding, padding))
+    }
+
+    /// Like [`Conv2d::new`] with `(before, after)` zero padding (top/left, bottom/right).
+    pub fn with_padding(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        (pad_before, pad_after): (usize, usize),
+    ) -> PipelineResult<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = vb.get(out_channels, "bias")?;
+        let packed = weight.permute((0, 2, 3, 1))?;
+        // Repack real weights once; a lazily broadcast placeholder (shape-checking loads) stays a view.
+        let packed = if weight.is_contiguous() {
+            packed.contiguous()?
+        } else {
+            packed
+        };
         Ok(Self {
-            weight,
+            weight: packed,
             bias,
-            padding,
-            stride,
+            in_channels,
+            out_channels,
+            geometry: PatchGeometry {
+                kernel,
+                stride,
+                pad_before,
+                pad_after,
+            },
         })
     }
 
-    /// `[batch, in, h, w]` -> `[batch, out, h', w']`.
+    /// `[batch, h, w, in]` -> `[batch, h', w', out]`.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        let bias = self.bias.reshape((1, (), 1, 1))?;
-        out.broadcast_add(&bias)
+        self.forward_with_bias(xs, None)
     }
 
-    /// The weight as a linear layer's `[out, in]` matrix (for 1x1 convolutions).
-    pub fn as_linear(&self) -> candle_core::Result<Linear> {
-        let (out_channels, in_channels, _, _) = self.weight.dims4()?;
-        Ok(Linear {
-            weight: self.weight.reshape((out_channels, in_channels))?,
-            bias: Some(self.bias.clone()),
-        })
+    /// Like [`Conv2d::forward`], adding `extra_bias` `[batch, out]` (one row per batch item) to the
+    /// output, e.g. a resnet's time-embedding projection.
+    pub fn forward_with_bias(&self, xs: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (batch, height, width, channels) = xs.dims4()?;
+        if channels != self.in_channels {
+            candle_core::bail!("conv expects {} input channels, got {channels}", self.in_channels);
+        }
+        let geometry = self.geometry;
+        let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
+        let patch = geometry.kernel * geometry.kernel * self.in_channels;
+        let weight_t = self.weight.reshape((self.out_channels, patch))?.t()?;
+        let is_pointwise = geometry.kernel == 1 && geometry.stride == 1 && geometry.pad_before == 0 && geometry.pad_after == 0;
+        let xs = xs.contiguous()?;
+        let row_bytes = out_w * patch * xs.dtype().size_in_bytes();
+        let rows_per_chunk = (CONV_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out_h.max(1));
+        let mut pieces = Vec::new();
+        for item in 0..batch {
+            let bias = match extra_bias {
+                Some(extra) => (&self.bias + extra.get(item)?)?,
+                None => self.bias.clone(),
+            };
+            let mut start = 0;
+            while start < out_h {
+                let rows = rows_per_chunk.min(out_h - start);
+                let first = item * out_h + start;
+                let patches = if is_pointwise {
+                    xs.reshape((batch * height * width, channels))?
+                        .narrow(0, first * out_w, rows * out_w)?
+                } else {
+                    kernels::im2col(&xs, geometry, first..first + rows)?
+                };
+                pieces.push(patches.matmul(&weight_t)?.broadcast_add(&bias)?);
+                start += rows;
+            }
+        }
+        let out = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, 0)?
+        };
+        out.reshape((batch, out_h, out_w, self.out_channels))
     }
 }
 
@@ -71,6 +139,18 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// A 1x1 convolution's `weight` `[out, in, 1, 1]` and `bias` under `vb`, as a linear layer.
+    pub fn from_pointwise_conv(vb: VarBuilder, in_features: usize, out_features: usize) -> PipelineResult<Self> {
+        let weight = vb.get((out_features, in_features, 1, 1), "weight")?;
+        let bias = vb.get(out_features, "bias")?;
+        // `squeeze` keeps a lazily broadcast placeholder a view.
+        let weight = weight.squeeze(3)?.squeeze(2)?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
+    }
+
     /// `[..., in]` -> `[..., out]`; the leading dimensions are flattened into one matrix product.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
@@ -90,8 +170,8 @@ impl Linear {
     }
 }
 
-/// Group normalisation over `[batch, channels, ...]` with a per-channel affine transform, optionally
-/// followed by SiLU (the pair every resnet uses).
+/// Group normalisation of channels-last `[batch, ..., channels]` data with a per-channel affine
+/// transform, optionally followed by SiLU (the pair every resnet uses).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -113,39 +193,14 @@ impl GroupNorm {
         })
     }
 
-    /// `[batch, channels, ...]` -> same shape, normalised per (batch, group).
+    /// `[batch, ..., channels]` -> same shape, normalised per (batch item, channel group).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_impl(xs, false)
+        kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false)
     }
 
     /// `silu(group_norm(xs))`, same shape.
     pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_impl(xs, true)
-    }
-
-    fn forward_impl(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        if dims.len() < 2 {
-            candle_core::bail!("group norm needs [batch, channels, ...], got {dims:?}");
-        }
-        let (batch, channels) = (dims[0], dims[1]);
-        if channels % self.groups != 0 {
-            candle_core::bail!("group norm: {channels} channels do not split into {} groups", self.groups);
-        }
-        let input_dtype = xs.dtype();
-        let group_size = xs.elem_count() / (batch * self.groups);
-        let grouped = xs.to_dtype(DType::F32)?.reshape((batch, self.groups, group_size))?;
-        let mean = (grouped.sum_keepdim(2)? / group_size as f64)?;
-        let centered = grouped.broadcast_sub(&mean)?;
-        let variance = (centered.sqr()?.sum_keepdim(2)? / group_size as f64)?;
-        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        let mut affine_dims = vec![1usize; dims.len()];
-        affine_dims[1] = channels;
-        let weight = self.weight.to_dtype(DType::F32)?.reshape(affine_dims.clone())?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape(affine_dims)?;
-        let out = normed.reshape(dims)?.broadcast_mul(&weight)?.broadcast_add(&bias)?;
-        let out = if silu { candle_nn::ops::silu(&out)? } else { out };
-        out.to_dtype(input_dtype)
+        kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true)
     }
 }
 
@@ -237,17 +292,14 @@ impl ResnetBlock {
         })
     }
 
-    /// `xs` `[batch, in, h, w]`, `time_embedding` `[batch, width]` (already SiLU-activated, as every
-    /// resnet applies SiLU to it first) -> `[batch, out, h, w]`.
+    /// `xs` `[batch, h, w, in]`, `activated_time_embedding` `[batch, width]` (the SiLU every resnet
+    /// applies to the time embedding, computed once by the caller) -> `[batch, h, w, out]`.
     pub fn forward(&self, xs: &Tensor, activated_time_embedding: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let hidden = match (&self.time_emb_proj, activated_time_embedding) {
-            (Some(projection), Some(embedding)) => {
-                let time = projection.forward(embedding)?.unsqueeze(2)?.unsqueeze(3)?;
-                hidden.broadcast_add(&time)?
-            }
-            _ => hidden,
+        let time = match (&self.time_emb_proj, activated_time_embedding) {
+            (Some(projection), Some(embedding)) => Some(projection.forward(embedding)?),
+            _ => None,
         };
+        let hidden = self.conv1.forward_with_bias(&self.norm1.forward_silu(xs)?, time.as_ref())?;
         let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
@@ -263,30 +315,24 @@ impl ResnetBlock {
 }
 
 /// diffusers' `Downsample2D` with a convolution (`conv`, 3x3, stride 2). Padding 1 pads all sides;
-/// padding 0 (the VAE) pads one pixel right and bottom first.
+/// padding 0 (the VAE) pads one pixel right and bottom, as diffusers does before its convolution.
 #[derive(Clone, Debug)]
 pub struct Downsample {
     conv: Conv2d,
-    pad_right_bottom: bool,
 }
 
 impl Downsample {
     /// Loads `conv` under `vb` (`vb` is `.../downsamplers.0`).
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> PipelineResult<Self> {
+        let pads = if padding == 0 { (0, 1) } else { (padding, padding) };
         Ok(Self {
-            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, padding, 2)?,
-            pad_right_bottom: padding == 0,
+            conv: Conv2d::with_padding(vb.pp("conv"), channels, channels, 3, 2, pads)?,
         })
     }
 
-    /// `[batch, c, h, w]` -> `[batch, c, ceil(h/2), ceil(w/2)]` (padding 1).
+    /// `[batch, h, w, c]` -> `[batch, ceil(h/2), ceil(w/2), c]` (padding 1; `floor` sizes for padding 0).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if self.pad_right_bottom {
-            let padded = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-            self.conv.forward(&padded)
-        } else {
-            self.conv.forward(xs)
-        }
+        self.conv.forward(xs)
     }
 }
 
@@ -304,9 +350,9 @@ impl Upsample {
         })
     }
 
-    /// `[batch, c, h, w]` -> `[batch, c, target_h, target_w]` (nearest, as torch's `interpolate`).
+    /// `[batch, h, w, c]` -> `[batch, target_h, target_w, c]` (nearest, as torch's `interpolate`).
     pub fn forward(&self, xs: &Tensor, target_h: usize, target_w: usize) -> candle_core::Result<Tensor> {
-        let upsampled = xs.upsample_nearest2d(target_h, target_w)?;
+        let upsampled = kernels::upsample_nearest(xs, target_h, target_w)?;
         self.conv.forward(&upsampled)
     }
 }

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod config;
+pub mod kernels;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};
@@ -56,7 +57,14 @@ impl Unet {
             .down_blocks()
             .iter()
             .enumerate()
-            .map(|(index, plan)| DownBlock::new(vb.pp("down_blocks").pp(index.to_string()), config, plan, index))
+            .map(|(index, plan)| {
+                DownBlock::new(
+                    vb.pp("down_blocks").pp(index.to_string()),
+                    config,
+                    plan,
+                    index,
+                )
+            })
             .collect::<PipelineResult<Vec<_>>>()?;
         let mid_block = match config.mid_block() {
             Some(plan) => Some(MidBlock::new(vb.pp("mid_block"), config, &plan)?),
@@ -66,9 +74,21 @@ impl Unet {
             .up_blocks()
             .iter()
             .enumerate()
-            .map(|(index, plan)| UpBlock::new(vb.pp("up_blocks").pp(index.to_string()), config, plan, index))
+            .map(|(index, plan)| {
+                UpBlock::new(
+                    vb.pp("up_blocks").pp(index.to_string()),
+                    config,
+                    plan,
+                    index,
+                )
+            })
             .collect::<PipelineResult<Vec<_>>>()?;
-        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), config.groups(), first_channels, config.norm_eps)?;
+        let conv_norm_out = GroupNorm::new(
+            vb.pp("conv_norm_out"),
+            config.groups(),
+            first_channels,
+            config.norm_eps,
+        )?;
         let conv_out = Conv2d::new(
             vb.pp("conv_out"),
             first_channels,
@@ -121,10 +141,11 @@ impl Unet {
         encoder_hidden_states: &Tensor,
         mut hook: Option<&mut AttentionHook<'_>>,
     ) -> PipelineResult<Tensor> {
-        let (batch, channels, height, width) = sample.dims4().map_err(|_| PipelineError::InvalidArgument {
-            name: "sample",
-            reason: format!("expected [batch, channels, h, w], got {:?}", sample.dims()),
-        })?;
+        let (batch, channels, height, width) =
+            sample.dims4().map_err(|_| PipelineError::InvalidArgument {
+                name: "sample",
+                reason: format!("expected [batch, channels, h, w], got {:?}", sample.dims()),
+            })?;
         if channels != self.config.in_channels || height == 0 || width == 0 {
             return Err(PipelineError::InvalidArgument {
                 name: "sample",
@@ -161,7 +182,9 @@ impl Unet {
         } else {
             sample
         };
-        let context = encoder_hidden_states.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let context = encoder_hidden_states
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
 
         let features = timestep_features(
             timestep,
@@ -179,6 +202,8 @@ impl Unet {
             context: &context,
         };
 
+        // Channels-last inside: [batch, h, w, channels].
+        let sample = sample.permute((0, 2, 3, 1))?.contiguous()?;
         let mut hidden = self.conv_in.forward(&sample)?;
         let mut skips = vec![hidden.clone()];
         for block in &self.down_blocks {
@@ -192,15 +217,21 @@ impl Unet {
             let remaining = skips.len().saturating_sub(block.skip_count());
             let upsample_to = match remaining.checked_sub(1).and_then(|index| skips.get(index)) {
                 Some(next_skip) => {
-                    let (_, _, next_h, next_w) = next_skip.dims4()?;
+                    let (_, next_h, next_w, _) = next_skip.dims4()?;
                     Some((next_h, next_w))
                 }
                 None => None,
             };
-            hidden = block.forward(&hidden, &inputs, &mut skips, upsample_to, hook.as_deref_mut())?;
+            hidden = block.forward(
+                &hidden,
+                &inputs,
+                &mut skips,
+                upsample_to,
+                hook.as_deref_mut(),
+            )?;
         }
         let hidden = self.conv_norm_out.forward_silu(&hidden)?;
-        let out = self.conv_out.forward(&hidden)?;
+        let out = self.conv_out.forward(&hidden)?.permute((0, 3, 1, 2))?.contiguous()?;
         Ok(out.to_dtype(output_dtype)?)
     }
 }

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Regenerates the editor screenshots in screenshots/ from the real window, and measures frame times.
+#
+# Runs `attend --prompt ... --generate` under Xvfb (wgpu on lavapipe, Mesa's software Vulkan). The
+# editor itself captures its window once the run has finished (ATTEND_SCREENSHOT, see
+# src/ui/mod.rs `EditorOptions::with_environment`) and quits; ATTEND_FRAME_TIMES logs the build time
+# of every frame, and the p50/p99 summary is printed at exit.
+#
+# Needs: xvfb, mesa-vulkan-drivers (and imagemagick for the optional full-screen capture):
+#   apt-get install -y xvfb mesa-vulkan-drivers imagemagick
+# Usage: scripts/screenshots.sh [path/to/attend]   (default: builds and uses target/debug/attend)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+binary="${1:-}"
+if [[ -z "$binary" ]]; then
+    cargo build --bin attend
+    binary=target/debug/attend
+fi
+out=screenshots
+mkdir -p "$out"
+
+display=":${ATTEND_XVFB_DISPLAY:-97}"
+Xvfb "$display" -screen 0 1400x900x24 -nolisten tcp &
+xvfb_pid=$!
+runtime_dir="$(mktemp -d)"
+cleanup() {
+    kill "$xvfb_pid" 2>/dev/null || true
+    rm -rf "$runtime_dir"
+}
+trap cleanup EXIT
+sleep 1
+export DISPLAY="$display" XDG_RUNTIME_DIR="$runtime_dir" WGPU_BACKEND=vulkan
+# Keep the user's persisted settings out of the pictures.
+export XDG_DATA_HOME="$runtime_dir/data" XDG_CONFIG_HOME="$runtime_dir/config"
+
+prompt="${ATTEND_SCREENSHOT_PROMPT:-a red circle above a blue square}"
+seed="${ATTEND_SCREENSHOT_SEED:-7}"
+
+shot() {
+    local name="$1"
+    shift
+    echo "== $name"
+    env ATTEND_SCREENSHOT="$out/$name.png" ATTEND_FRAME_TIMES="$runtime_dir/$name.frame-times.csv" "$@" \
+        timeout 900 "$binary" --prompt "$prompt" --seed "$seed" --generate
+}
+
+# The word heat map of "circle" over the image, thumbnails for every word.
+shot editor-word env ATTEND_SCREENSHOT_WORD=circle
+# The self-attention probe on the square.
+shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.7,0.5
+
+for csv in "$runtime_dir"/*.frame-times.csv; do
+    sort -n "$csv" | awk -v name="$(basename "$csv")" '
+        { t[NR] = $1 }
+        END {
+            p50 = t[int((NR - 1) * 0.50 + 0.5) + 1]; p99 = t[int((NR - 1) * 0.99 + 0.5) + 1];
+            printf "%s: %d frames, build time p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", name, NR, p50, p99, t[NR]
+        }'
+done

@@ -1,0 +1,161 @@
+//! `attend bench unet`: median seconds of one UNet call with a classifier-free-guidance batch of 2,
+//! with or without attention capture (the [`AttentionStore`] of the editor).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::attention::{AttentionHook, AttentionProcessor};
+use attend::pipeline::rng::NoiseRng;
+use attend::pipeline::unet::config::UnetConfig;
+use attend::pipeline::unet::Unet;
+use attend::pipeline::weights::RandomWeights;
+use candle_core::{DType, Device};
+
+use super::load_model;
+
+/// Benchmarks.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[command(subcommand)]
+    pub target: BenchTarget,
+}
+
+/// What `attend bench` can measure.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchTarget {
+    /// One UNet call (CFG batch of 2).
+    Unet(UnetBenchArgs),
+}
+
+/// Arguments of `attend bench unet`.
+#[derive(Debug, clap::Args)]
+pub struct UnetBenchArgs {
+    /// Model folder whose UNet (and text width) to use.
+    #[arg(long, value_name = "DIR", conflicts_with = "random_config")]
+    pub model: Option<PathBuf>,
+    /// Instead of a model folder: a UNet `config.json` (or a shape manifest such as SD 1.5's, whose
+    /// `configs.unet` is used) built with random weights in memory, nothing read or written.
+    #[arg(long, value_name = "FILE")]
+    pub random_config: Option<PathBuf>,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Pixels per latent cell (8 for SD; 1 for pixel-space models); default: from the model.
+    #[arg(long)]
+    pub latent_factor: Option<usize>,
+    /// Capture attention as the editor does (cross-attention of every layer, self-attention up to 32x32).
+    #[arg(long)]
+    pub capture: bool,
+    /// Tokens kept per cross-attention map when capturing (a prompt of about 8 words).
+    #[arg(long, default_value_t = 12)]
+    pub capture_tokens: usize,
+    /// Timed calls (after one warm-up call).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `attend bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    match &args.target {
+        BenchTarget::Unet(unet_args) => bench_unet(unet_args),
+    }
+}
+
+fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
+    let device = Device::Cpu;
+    let (unet, latent_factor) = match (&args.model, &args.random_config) {
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+            let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
+            let config = UnetConfig::from_json(&unet_json.to_string(), path)?;
+            let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
+            (Unet::new(vb, &config)?, args.latent_factor.unwrap_or(8))
+        }
+        (Some(dir), None) => {
+            let model = load_model(&super::ModelArgs { dir: Some(dir.clone()), fp16_weights: false })?;
+            let factor = args.latent_factor.unwrap_or_else(|| model.latent_downscale_factor());
+            (model.unet, factor)
+        }
+        (None, None) => {
+            let model = load_model(&super::ModelArgs { dir: None, fp16_weights: false })?;
+            let factor = args.latent_factor.unwrap_or_else(|| model.latent_downscale_factor());
+            (model.unet, factor)
+        }
+    };
+    let config = unet.config().clone();
+    anyhow::ensure!(
+        args.width % latent_factor == 0 && args.height % latent_factor == 0,
+        "--width {} / --height {} must be multiples of the latent factor {latent_factor}",
+        args.width,
+        args.height
+    );
+    let (latent_h, latent_w) = (args.height / latent_factor, args.width / latent_factor);
+    let mut rng = NoiseRng::new(1);
+    let sample = rng.randn(vec![2, config.in_channels, latent_h, latent_w], &device)?;
+    let text_width = config
+        .cross_attention_dim
+        .resolve(1)
+        .and_then(|dims| dims.first().copied())
+        .context("per-block cross_attention_dim is not supported by the benchmark")?;
+    let context = rng.randn(vec![2, 77, text_width], &device)?;
+    let mut store = AttentionStore::new(StoreConfig::new(args.capture_tokens));
+    let mut seconds = Vec::with_capacity(args.iters);
+    for iteration in 0..=args.iters {
+        store.clear();
+        let started = Instant::now();
+        let mut hook = args.capture.then(|| AttentionHook {
+            processor: &mut store as &mut dyn AttentionProcessor,
+            step_index: 0,
+            step_count: 1,
+            cfg: true,
+        });
+        let output = unet.forward(&sample, 500.0, &context, hook.as_mut())?;
+        drop(hook);
+        if args.capture {
+            store.finish_step()?;
+        }
+        // Make sure the work is done (candle's CPU ops are eager, but be explicit).
+        let _ = output.dims();
+        if iteration > 0 {
+            seconds.push(started.elapsed().as_secs_f64());
+        }
+    }
+    seconds.sort_by(f64::total_cmp);
+    let median = seconds[seconds.len() / 2];
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "unet_step_secs": median,
+                "capture": args.capture,
+                "width": args.width,
+                "height": args.height,
+                "iters": args.iters,
+                "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            })
+        );
+    } else {
+        println!(
+            "UNet call, CFG batch 2, {}x{} px (latent {latent_h}x{latent_w}), capture {}: median {median:.3} s over {} calls (min {:.3}, max {:.3})",
+            args.width,
+            args.height,
+            if args.capture { "on" } else { "off" },
+            seconds.len(),
+            seconds[0],
+            seconds[seconds.len() - 1]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,561 @@
+//! Prompt-to-Prompt sampling: the source prompt's image and the edited prompt's image from the same
+//! noise, the edited one steered by [`PromptToPrompt`] (see `crate::attention::p2p`).
+//!
+//! Two ways to run, with the same result up to floating-point batching effects:
+//! - **batch** ([`generate_edit`] with `replay: false`): one loop, UNet batch
+//!   `[uncond_src, uncond_edit, cond_src, cond_edit]`, as google/prompt-to-prompt does;
+//! - **replay** ([`record_source`], then [`generate_edited_branch`] as often as the edit changes): the
+//!   source runs alone while a [`SourceRecorder`] keeps its attention and latents; the edited prompt
+//!   then runs alone and reads them back. The editor uses this to re-run only the edited branch.
+//!
+//! Each row keeps its own scheduler and noise generator, so the source row of a batch run follows
+//! exactly the steps of a plain [`generate`] of the source prompt (ancestral noise included), and
+//! the edited row draws the same ancestral noise a plain run of the edited prompt would.
+//!
+//! Local blend acts on the edited latents after every step from its start on:
+//! `x_edit = x_src + mask * (x_edit - x_src)`.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::analysis::alignment::{PromptAlignment, PromptLayout};
+use crate::attention::p2p::{
+    BlendMask, ChainedProcessors, EditSpec, PromptToPrompt, RecordConfig, SourceMode,
+    SourceRecorder, SourceRecording,
+};
+use crate::attention::{AttentionProcessor, AttentionSite};
+use crate::pipeline::model::StableDiffusion;
+use crate::pipeline::rng::NoiseRng;
+use crate::pipeline::sampling::{
+    decode_to_unit_range, denoise_step, encode_prompt_batch, generate, initial_noise, to_rgb8,
+    validate_request, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest,
+    StepReport,
+};
+use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
+use crate::pipeline::tokenizer::PromptTokens;
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// What to generate: the source run's settings (its `prompt` is the source prompt) and the edit.
+#[derive(Clone, Debug)]
+pub struct EditRequest {
+    /// Source prompt, negative prompt, seed, steps, guidance, size, scheduler, initial noise.
+    pub generate: GenerateRequest,
+    /// The edited prompt and the Prompt-to-Prompt controls.
+    pub spec: EditSpec,
+    /// Run the source first and replay its attention into an edited-only run, instead of one batch.
+    pub replay: bool,
+}
+
+/// Which run a step report belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditBranch {
+    /// Batch mode: both prompts stepped together.
+    Both,
+    /// Replay mode, first run: the source alone.
+    Source,
+    /// Replay mode, second run: the edited prompt alone.
+    Edited,
+}
+
+/// Sent after every denoising step.
+#[derive(Clone, Debug)]
+pub struct EditStepReport {
+    /// Which run.
+    pub branch: EditBranch,
+    /// The step just finished, 0-based.
+    pub step_index: usize,
+    /// Steps of the run.
+    pub step_count: usize,
+    /// The timestep the UNet saw.
+    pub timestep: f64,
+    /// Source latents after the step, `[1, channels, h, w]` ([`EditBranch::Both`] and
+    /// [`EditBranch::Source`]).
+    pub source_latents: Option<Tensor>,
+    /// Edited latents after the step and its local blend, `[1, channels, h, w]`
+    /// ([`EditBranch::Both`] and [`EditBranch::Edited`]).
+    pub edited_latents: Option<Tensor>,
+    /// The local-blend mask applied at this step, if one was.
+    pub blend_mask: Option<BlendMask>,
+}
+
+/// Processors that watch one run each (for heat maps, export). Each sees its own run as a plain
+/// `[uncond, cond]` batch (`[cond]` without guidance) after the edit, whatever the mode; what they
+/// return is ignored (they cannot change the attention).
+#[derive(Default)]
+pub struct EditObservers<'a> {
+    /// Watches the source prompt's run.
+    pub source: Option<&'a mut dyn AttentionProcessor>,
+    /// Watches the edited prompt's run.
+    pub edited: Option<&'a mut dyn AttentionProcessor>,
+}
+
+/// The result of an edit.
+#[derive(Clone, Debug)]
+pub struct EditOutput {
+    /// The source prompt's run.
+    pub source: GenerateOutput,
+    /// The edited prompt's run.
+    pub edited: GenerateOutput,
+    /// The alignment the edit used.
+    pub alignment: PromptAlignment,
+    /// Per step: the local-blend mask applied after it (`None` before the blend start or without
+    /// local blend).
+    pub blend_masks: Vec<Option<BlendMask>>,
+    /// Replay mode: the source's recording, to run further edits of the same source.
+    pub recording: Option<Arc<SourceRecording>>,
+}
+
+/// Runs an edit (batch or replay, see the module docs).
+pub fn generate_edit(
+    model: &StableDiffusion,
+    request: &EditRequest,
+    observers: EditObservers<'_>,
+    on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<EditOutput> {
+    if request.replay {
+        let (source, recording) = record_source(
+            model,
+            &request.generate,
+            RecordConfig {
+                self_max_queries: request.spec.self_replace.max_queries,
+                batch_item: 0,
+            },
+            observers.source,
+            on_step,
+            cancel,
+        )?;
+        let branch = generate_edited_branch(
+            model,
+            &request.generate,
+            &request.spec,
+            Arc::clone(&recording),
+            observers.edited,
+            on_step,
+            cancel,
+        )?;
+        return Ok(EditOutput {
+            source,
+            edited: branch.edited,
+            alignment: branch.alignment,
+            blend_masks: branch.blend_masks,
+            recording: Some(recording),
+        });
+    }
+    generate_edit_batch(model, request, observers, on_step, cancel)
+}
+
+/// Replay mode, first run: a plain [`generate`] of the source prompt that records what
+/// [`generate_edited_branch`] needs (attention per step and layer, latents per step).
+pub fn record_source(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    record: RecordConfig,
+    observer: Option<&mut dyn AttentionProcessor>,
+    on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<(GenerateOutput, Arc<SourceRecording>)> {
+    let mut recorder = SourceRecorder::new(record);
+    let mut report = |step: &StepReport| {
+        on_step(&EditStepReport {
+            branch: EditBranch::Source,
+            step_index: step.step_index,
+            step_count: step.step_count,
+            timestep: step.timestep,
+            source_latents: Some(step.latents.clone()),
+            edited_latents: None,
+            blend_mask: None,
+        })
+    };
+    let output = {
+        let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut recorder];
+        if let Some(observer) = observer {
+            processors.push(observer);
+        }
+        let mut chain = ChainedProcessors::new(processors);
+        generate(model, request, Some(&mut chain), &mut report, cancel)?
+    };
+    let step_count = output.timesteps.len();
+    for step_index in 0..step_count {
+        let latents = output.latents_per_step.get(step_index)?;
+        recorder
+            .recording_mut()
+            .record_latents(step_index, &latents);
+    }
+    Ok((output, recorder.finish()))
+}
+
+/// The edited prompt's run of a replay.
+#[derive(Clone, Debug)]
+pub struct EditedBranch {
+    /// The edited prompt's run.
+    pub edited: GenerateOutput,
+    /// The alignment the edit used.
+    pub alignment: PromptAlignment,
+    /// Per step: the local-blend mask applied after it.
+    pub blend_masks: Vec<Option<BlendMask>>,
+}
+
+/// Replay mode, second run: the edited prompt alone, its attention steered by the source's
+/// `recording` (from [`record_source`] with the same `request`: seed, steps, size, scheduler).
+pub fn generate_edited_branch(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    spec: &EditSpec,
+    recording: Arc<SourceRecording>,
+    observer: Option<&mut dyn AttentionProcessor>,
+    on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<EditedBranch> {
+    let setup = RunSetup::new(model, request, spec)?;
+    if recording.step_count() != setup.step_count {
+        return Err(PipelineError::InvalidArgument {
+            name: "source recording",
+            reason: format!(
+                "it has {} steps, the edited run {}; record the source with the same settings",
+                recording.step_count(),
+                setup.step_count
+            ),
+        });
+    }
+    let mut p2p = setup.processor(spec, SourceMode::Replay(Arc::clone(&recording)))?;
+    let text_embeddings = encode_prompt_batch(
+        model,
+        &[&setup.edit_tokens],
+        &setup.negative_tokens,
+        setup.guided,
+    )?;
+    let mut rows = [setup.row(model, request)?.0];
+    let mut latents_per_step = Vec::with_capacity(setup.step_count);
+    let mut blend_masks = Vec::with_capacity(setup.step_count);
+    let mut observer = observer;
+    for (step_index, &timestep) in setup.timesteps.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let step = setup.step(request, step_index, timestep);
+        {
+            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut p2p];
+            if let Some(observer) = observer.as_deref_mut() {
+                processors.push(observer);
+            }
+            let mut chain = ChainedProcessors::new(processors);
+            denoise_step(model, &mut rows, &step, &text_embeddings, Some(&mut chain))?;
+            chain.step_finished(step_index)?;
+        }
+        let Some(source_latents) = recording.latents_after_step(step_index) else {
+            return Err(PipelineError::InvalidArgument {
+                name: "source recording",
+                reason: format!("no source latents after step {step_index}"),
+            });
+        };
+        let source_latents = source_latents.to_device(rows[0].latents.device())?;
+        let mask = blend_row(&mut p2p, &step, &source_latents, &mut rows[0])?;
+        latents_per_step.push(rows[0].latents.clone());
+        on_step(&EditStepReport {
+            branch: EditBranch::Edited,
+            step_index,
+            step_count: setup.step_count,
+            timestep,
+            source_latents: None,
+            edited_latents: Some(rows[0].latents.clone()),
+            blend_mask: mask.clone(),
+        })?;
+        blend_masks.push(mask);
+    }
+    let [row] = rows;
+    let edited = setup.output(
+        model,
+        row.latents,
+        latents_per_step,
+        setup.edit_tokens.clone(),
+    )?;
+    Ok(EditedBranch {
+        edited,
+        alignment: p2p.alignment().clone(),
+        blend_masks,
+    })
+}
+
+/// Batch mode: both prompts in one loop.
+fn generate_edit_batch(
+    model: &StableDiffusion,
+    request: &EditRequest,
+    observers: EditObservers<'_>,
+    on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<EditOutput> {
+    let generate_request = &request.generate;
+    let setup = RunSetup::new(model, generate_request, &request.spec)?;
+    let mut p2p = setup.processor(&request.spec, SourceMode::Batch)?;
+    let text_embeddings = encode_prompt_batch(
+        model,
+        &[&setup.source_tokens, &setup.edit_tokens],
+        &setup.negative_tokens,
+        setup.guided,
+    )?;
+    let (source_row, rng_after_noise) = setup.row(model, generate_request)?;
+    let edit_row = DenoiseRow {
+        latents: source_row.latents.clone(),
+        scheduler: RunSetup::scheduler(model, generate_request)?,
+        rng: rng_after_noise,
+    };
+    let mut rows = [source_row, edit_row];
+    let mut source_view = observers.source.map(|inner| ItemView {
+        inner,
+        item: 0,
+        items: 2,
+    });
+    let mut edited_view = observers.edited.map(|inner| ItemView {
+        inner,
+        item: 1,
+        items: 2,
+    });
+    let mut source_per_step = Vec::with_capacity(setup.step_count);
+    let mut edited_per_step = Vec::with_capacity(setup.step_count);
+    let mut blend_masks = Vec::with_capacity(setup.step_count);
+    for (step_index, &timestep) in setup.timesteps.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let step = setup.step(generate_request, step_index, timestep);
+        {
+            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut p2p];
+            if let Some(view) = source_view.as_mut() {
+                processors.push(view);
+            }
+            if let Some(view) = edited_view.as_mut() {
+                processors.push(view);
+            }
+            let mut chain = ChainedProcessors::new(processors);
+            denoise_step(model, &mut rows, &step, &text_embeddings, Some(&mut chain))?;
+            chain.step_finished(step_index)?;
+        }
+        let [source, edited] = &mut rows;
+        let mask = blend_row(&mut p2p, &step, &source.latents, edited)?;
+        source_per_step.push(source.latents.clone());
+        edited_per_step.push(edited.latents.clone());
+        on_step(&EditStepReport {
+            branch: EditBranch::Both,
+            step_index,
+            step_count: setup.step_count,
+            timestep,
+            source_latents: Some(source.latents.clone()),
+            edited_latents: Some(edited.latents.clone()),
+            blend_mask: mask.clone(),
+        })?;
+        blend_masks.push(mask);
+    }
+    let [source_row, edit_row] = rows;
+    let source = setup.output(
+        model,
+        source_row.latents,
+        source_per_step,
+        setup.source_tokens.clone(),
+    )?;
+    let edited = setup.output(
+        model,
+        edit_row.latents,
+        edited_per_step,
+        setup.edit_tokens.clone(),
+    )?;
+    Ok(EditOutput {
+        source,
+        edited,
+        alignment: p2p.alignment().clone(),
+        blend_masks,
+        recording: None,
+    })
+}
+
+/// Applies the local blend to `edited` after `step`; returns the mask used.
+fn blend_row(
+    p2p: &mut PromptToPrompt,
+    step: &DenoiseStep,
+    source_latents: &Tensor,
+    edited: &mut DenoiseRow,
+) -> PipelineResult<Option<BlendMask>> {
+    match p2p.blend_edit_latents(
+        step.step_index,
+        step.step_count,
+        source_latents,
+        &edited.latents,
+    )? {
+        Some(blended) => {
+            edited.latents = blended;
+            Ok(p2p.latest_mask().cloned())
+        }
+        None => Ok(None),
+    }
+}
+
+/// What both modes prepare the same way.
+struct RunSetup {
+    latent_shape: [usize; 4],
+    timesteps: Vec<f64>,
+    step_count: usize,
+    scheduler_kind: SchedulerKind,
+    guided: bool,
+    source_tokens: PromptTokens,
+    edit_tokens: PromptTokens,
+    negative_tokens: PromptTokens,
+    warnings: Vec<String>,
+}
+
+impl RunSetup {
+    fn new(
+        model: &StableDiffusion,
+        request: &GenerateRequest,
+        spec: &EditSpec,
+    ) -> PipelineResult<Self> {
+        let latent_shape = validate_request(model, request)?;
+        let prepared =
+            prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
+        let timesteps = prepared.scheduler.timesteps().to_vec();
+        let mut warnings = prepared.warnings;
+        let source_tokens = model.tokenizer.encode(&request.prompt)?;
+        let edit_tokens = model.tokenizer.encode(&spec.edit_prompt)?;
+        let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
+        warnings.extend(source_tokens.warning());
+        warnings.extend(
+            edit_tokens
+                .warning()
+                .map(|warning| format!("edited {warning}")),
+        );
+        warnings.extend(
+            negative_tokens
+                .warning()
+                .map(|warning| format!("negative {warning}")),
+        );
+        Ok(Self {
+            latent_shape,
+            step_count: timesteps.len(),
+            timesteps,
+            scheduler_kind: prepared.kind,
+            guided: request.uses_guidance(),
+            source_tokens,
+            edit_tokens,
+            negative_tokens,
+            warnings,
+        })
+    }
+
+    fn processor(&self, spec: &EditSpec, mode: SourceMode) -> PipelineResult<PromptToPrompt> {
+        PromptToPrompt::new(
+            spec,
+            &PromptLayout {
+                tokens: &self.source_tokens.tokens,
+                words: &self.source_tokens.words,
+            },
+            &PromptLayout {
+                tokens: &self.edit_tokens.tokens,
+                words: &self.edit_tokens.words,
+            },
+            self.source_tokens.ids.len(),
+            mode,
+        )
+    }
+
+    fn scheduler(
+        model: &StableDiffusion,
+        request: &GenerateRequest,
+    ) -> PipelineResult<Box<dyn Scheduler>> {
+        Ok(prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?.scheduler)
+    }
+
+    /// A row starting from the request's noise, and the noise generator's state after drawing it.
+    fn row(
+        &self,
+        model: &StableDiffusion,
+        request: &GenerateRequest,
+    ) -> PipelineResult<(DenoiseRow, NoiseRng)> {
+        let scheduler = Self::scheduler(model, request)?;
+        let mut rng = NoiseRng::new(request.seed);
+        let unit_noise = initial_noise(request, self.latent_shape, model.device(), &mut rng)?;
+        let latents = unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?;
+        Ok((
+            DenoiseRow {
+                latents,
+                scheduler,
+                rng: rng.clone(),
+            },
+            rng,
+        ))
+    }
+
+    fn step(&self, request: &GenerateRequest, step_index: usize, timestep: f64) -> DenoiseStep {
+        DenoiseStep {
+            step_index,
+            step_count: self.step_count,
+            timestep,
+            guidance: request.guidance,
+            guided: self.guided,
+        }
+    }
+
+    fn output(
+        &self,
+        model: &StableDiffusion,
+        latents: Tensor,
+        latents_per_step: Vec<Tensor>,
+        prompt_tokens: PromptTokens,
+    ) -> PipelineResult<GenerateOutput> {
+        let image_f32 = decode_to_unit_range(model, &latents)?;
+        let image = to_rgb8(&image_f32)?;
+        Ok(GenerateOutput {
+            image,
+            image_f32,
+            latents_per_step: Tensor::stack(&latents_per_step, 0)?,
+            timesteps: self.timesteps.clone(),
+            scheduler: self.scheduler_kind,
+            prompt_tokens,
+            negative_tokens: self.negative_tokens.clone(),
+            warnings: self.warnings.clone(),
+        })
+    }
+}
+
+/// Shows one prompt's rows of a multi-prompt batch to an observer as a plain run:
+/// `[uncond_item, cond_item]` with guidance, `[item]` without.
+struct ItemView<'a> {
+    inner: &'a mut dyn AttentionProcessor,
+    /// Which prompt of the batch.
+    item: usize,
+    /// Prompts in the batch.
+    items: usize,
+}
+
+impl AttentionProcessor for ItemView<'_> {
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let halves = if site.cfg { 2 } else { 1 };
+        if site.batch != halves * self.items {
+            candle_core::bail!(
+                "edit observer: {} has a batch of {}, expected {} prompts x {halves}",
+                site.module_path(),
+                site.batch,
+                self.items
+            );
+        }
+        let heads = site.heads;
+        let mut parts = Vec::with_capacity(halves);
+        for half in 0..halves {
+            parts.push(probs.narrow(0, (half * self.items + self.item) * heads, heads)?);
+        }
+        let view = Tensor::cat(&parts, 0)?;
+        let view_site = AttentionSite {
+            batch: halves,
+            ..site.clone()
+        };
+        self.inner.process_probabilities(&view_site, &view)?;
+        Ok(None)
+    }
+
+    fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
+        self.inner.step_finished(step_index)
+    }
+}

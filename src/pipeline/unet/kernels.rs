@@ -1,0 +1,636 @@
+//! CPU kernels for the channels-last (`[batch, h, w, channels]`) UNet and VAE: im2col for
+//! convolutions, group norm (+ SiLU), nearest upsampling, an in-place scaled softmax and GEGLU.
+//!
+//! They are candle custom ops over `CpuStorage`, so they run on the CPU device only. Large
+//! tensors are split over the machine's cores with scoped (named) threads; small ones run inline.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
+
+/// Below this many elements of work a kernel runs on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+fn worker_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `work` on every item of `items`, spread over up to `worker_count()` threads (the calling
+/// thread included) that take items from a shared queue; if a thread cannot be started, the others
+/// simply take its share.
+fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
+    let workers = worker_count().min(items.len());
+    if workers <= 1 {
+        items.into_iter().for_each(work);
+        return;
+    }
+    let queue = std::sync::Mutex::new(items);
+    let next = || queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+    let drain = || {
+        while let Some(item) = next() {
+            work(item);
+        }
+    };
+    std::thread::scope(|scope| {
+        let drain = &drain;
+        let handles: Vec<_> = (1..workers)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("attend-kernel".to_string())
+                    .spawn_scoped(scope, drain)
+                    .ok()
+            })
+            .collect();
+        drain();
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+}
+
+/// How many pieces to cut `units` of `unit_cost` elements into (1 = run inline).
+fn piece_count(units: usize, unit_cost: usize) -> usize {
+    if worker_count() <= 1 || units.saturating_mul(unit_cost) < PARALLEL_MIN_ELEMENTS {
+        1
+    } else {
+        (2 * worker_count()).min(units).max(1)
+    }
+}
+
+/// Splits `0..units` into contiguous ranges, runs `job` on each (in parallel when `units *
+/// unit_cost` is large enough) and returns the results in range order.
+fn parallel_ranges<R: Send>(units: usize, unit_cost: usize, job: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    let pieces = piece_count(units, unit_cost);
+    if pieces <= 1 {
+        return vec![job(0..units)];
+    }
+    let per_piece = units.div_ceil(pieces);
+    let slots: Vec<std::sync::Mutex<Option<R>>> = (0..pieces).map(|_| std::sync::Mutex::new(None)).collect();
+    let items: Vec<usize> = (0..pieces).collect();
+    run_queue(items, |index| {
+        let range = (index * per_piece).min(units)..((index + 1) * per_piece).min(units);
+        let result = job(range);
+        *slots[index].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
+    });
+    slots
+        .into_iter()
+        .filter_map(|slot| slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+        .collect()
+}
+
+/// Splits `data` (made of `units` equal units) into pieces and runs `job(first_unit, piece)` on
+/// each, in parallel when `data` is large enough.
+fn parallel_chunks_mut<T: Send>(data: &mut [T], units: usize, job: impl Fn(usize, &mut [T]) + Sync) {
+    let unit_len = if units == 0 { 0 } else { data.len() / units };
+    let pieces = piece_count(units, unit_len);
+    if pieces <= 1 || unit_len == 0 {
+        job(0, data);
+        return;
+    }
+    let per_piece = units.div_ceil(pieces);
+    let items: Vec<(usize, &mut [T])> = data
+        .chunks_mut(per_piece * unit_len)
+        .enumerate()
+        .map(|(index, piece)| (index * per_piece, piece))
+        .collect();
+    run_queue(items, |(first_unit, piece)| job(first_unit, piece));
+}
+
+/// `e^x` for f32 (Cephes' `expf` polynomial, about 2 ulp), written branch-free so loops vectorise.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * z + r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    y * f32::from_bits(bits)
+}
+
+/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.
+#[inline(always)]
+pub fn fast_erf(x: f32) -> f32 {
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
+    sign * (1.0 - poly * fast_exp(-a * a))
+}
+
+/// `x * sigmoid(x)`.
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + fast_exp(-x))
+}
+
+/// `x * Phi(x)` with the exact (erf) normal CDF, as `torch.nn.functional.gelu`.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+fn contiguous_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// im2col for a channels-last image: each output pixel's `k x k x c` patch as one row, in
+/// `(kh, kw, c)` order, for output rows `rows` of every batch item flattened as `batch * out_h`.
+struct Im2Col {
+    kernel: usize,
+    stride: usize,
+    pad_before: usize,
+    pad_after: usize,
+    /// Range over `batch * out_h` (row `r` is batch `r / out_h`, output row `r % out_h`).
+    rows: Range<usize>,
+}
+
+impl Im2Col {
+    fn output_size(&self, size: usize) -> usize {
+        (size + self.pad_before + self.pad_after - self.kernel) / self.stride + 1
+    }
+
+    fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
+        let (_, height, width, channels) = dims;
+        let (out_h, out_w) = (self.output_size(height), self.output_size(width));
+        let patch = self.kernel * self.kernel * channels;
+        let row_len = out_w * patch;
+        let row_count = self.rows.len();
+        let mut out = vec![T::zero(); row_count * row_len];
+        let first_row = self.rows.start;
+        let fill = |first: usize, piece: &mut [T]| {
+            for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
+                let flat_row = first_row + first + offset;
+                let (batch, out_y) = (flat_row / out_h, flat_row % out_h);
+                let image = &src[batch * height * width * channels..(batch + 1) * height * width * channels];
+                for (out_x, dst_patch) in dst_row.chunks_mut(patch).enumerate() {
+                    for kh in 0..self.kernel {
+                        let in_y = (out_y * self.stride + kh) as isize - self.pad_before as isize;
+                        for kw in 0..self.kernel {
+                            let in_x = (out_x * self.stride + kw) as isize - self.pad_before as isize;
+                            let dst = &mut dst_patch[(kh * self.kernel + kw) * channels..][..channels];
+                            if in_y >= 0 && (in_y as usize) < height && in_x >= 0 && (in_x as usize) < width {
+                                let start = (in_y as usize * width + in_x as usize) * channels;
+                                dst.copy_from_slice(&image[start..start + channels]);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        parallel_chunks_mut(&mut out, row_count, fill);
+        out
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "attend-im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let (_, height, width, channels) = dims;
+        let out_w = self.output_size(width);
+        let _ = height;
+        let shape = Shape::from_dims(&[self.rows.len() * out_w, self.kernel * self.kernel * channels]);
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout, "im2col")?, dims)),
+            CpuStorage::F16(_) => CpuStorage::F16(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
+            _ => candle_core::bail!("im2col: unsupported dtype {:?}", layout.shape()),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// Geometry of a channels-last convolution's patch extraction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchGeometry {
+    /// Square kernel side.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding before (top, left).
+    pub pad_before: usize,
+    /// Zero padding after (bottom, right).
+    pub pad_after: usize,
+}
+
+impl PatchGeometry {
+    /// Output side for an input side.
+    pub fn output_size(&self, size: usize) -> usize {
+        (size + self.pad_before + self.pad_after).saturating_sub(self.kernel) / self.stride + 1
+    }
+}
+
+/// Patches of `xs` `[batch, h, w, c]` for flattened output rows `rows` (over `batch * out_h`):
+/// `[rows.len() * out_w, k * k * c]`, columns in `(kh, kw, c)` order.
+pub fn im2col(xs: &Tensor, geometry: PatchGeometry, rows: Range<usize>) -> Result<Tensor> {
+    let (_, height, width, _) = xs.dims4()?;
+    if height + geometry.pad_before + geometry.pad_after < geometry.kernel
+        || width + geometry.pad_before + geometry.pad_after < geometry.kernel
+    {
+        candle_core::bail!("im2col: {height}x{width} input is smaller than the {} kernel", geometry.kernel);
+    }
+    let xs = xs.contiguous()?;
+    xs.apply_op1_no_bwd(&Im2Col {
+        kernel: geometry.kernel,
+        stride: geometry.stride,
+        pad_before: geometry.pad_before,
+        pad_after: geometry.pad_after,
+        rows,
+    })
+}
+
+/// Group norm over channels-last data with per-channel affine, optionally followed by SiLU.
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    fn run(&self, src: &[f32], batch: usize) -> Vec<f32> {
+        let channels = self.weight.len();
+        let per_group = channels / self.groups;
+        let pixels = src.len() / (batch * channels);
+        let mut out = vec![0f32; src.len()];
+        for item in 0..batch {
+            let image = &src[item * pixels * channels..(item + 1) * pixels * channels];
+            // Per-channel sums in f64 over pixel ranges, merged afterwards.
+            let partials = parallel_ranges(pixels, channels, |range| {
+                let mut sum = vec![0f64; channels];
+                let mut sum_sq = vec![0f64; channels];
+                for pixel in image[range.start * channels..range.end * channels].chunks_exact(channels) {
+                    for ((s, q), &v) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(pixel) {
+                        let v = f64::from(v);
+                        *s += v;
+                        *q += v * v;
+                    }
+                }
+                (sum, sum_sq)
+            });
+            let mut scale = vec![0f32; channels];
+            let mut shift = vec![0f32; channels];
+            let count = (pixels * per_group) as f64;
+            for group in 0..self.groups {
+                let channel_range = group * per_group..(group + 1) * per_group;
+                let (mut total, mut total_sq) = (0f64, 0f64);
+                for (sum, sum_sq) in &partials {
+                    total += sum[channel_range.clone()].iter().sum::<f64>();
+                    total_sq += sum_sq[channel_range.clone()].iter().sum::<f64>();
+                }
+                let mean = total / count;
+                let variance = (total_sq / count - mean * mean).max(0.0);
+                let inv_std = 1.0 / (variance + self.eps).sqrt();
+                for channel in channel_range {
+                    let s = inv_std * f64::from(self.weight[channel]);
+                    scale[channel] = s as f32;
+                    shift[channel] = (f64::from(self.bias[channel]) - mean * s) as f32;
+                }
+            }
+            let out_image = &mut out[item * pixels * channels..(item + 1) * pixels * channels];
+            parallel_chunks_mut(out_image, pixels, |first_pixel, piece| {
+                let source = &image[first_pixel * channels..first_pixel * channels + piece.len()];
+                for (dst_pixel, src_pixel) in piece.chunks_exact_mut(channels).zip(source.chunks_exact(channels)) {
+                    for (((d, &v), &s), &t) in dst_pixel.iter_mut().zip(src_pixel).zip(&scale).zip(&shift) {
+                        let y = v * s + t;
+                        *d = if self.silu { silu(y) } else { y };
+                    }
+                }
+            });
+        }
+        out
+    }
+}
+
+impl CustomOp1 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "attend-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let batch = dims.first().copied().unwrap_or(1);
+        let src = contiguous_slice::<f32>(storage, layout, "group norm")?;
+        Ok((CpuStorage::F32(self.run(src, batch)), layout.shape().clone()))
+    }
+}
+
+/// Group norm of channels-last `xs` `[batch, ..., channels]` with `weight`/`bias` `[channels]`,
+/// then SiLU when `silu`. Statistics in f64; computed in f32 and returned in `xs`' dtype.
+pub fn group_norm(xs: &Tensor, groups: usize, eps: f64, weight: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+    let channels = xs.dim(xs.rank() - 1)?;
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
+    }
+    let dtype = xs.dtype();
+    let op = GroupNormOp {
+        groups,
+        eps,
+        weight: weight.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        silu,
+    };
+    xs.to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&op)?
+        .to_dtype(dtype)
+}
+
+/// Nearest-neighbour resize of channels-last data (torch `interpolate(mode="nearest")`:
+/// source index `floor(dst * in / out)`).
+struct UpsampleNearest {
+    height: usize,
+    width: usize,
+}
+
+impl UpsampleNearest {
+    fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
+        let (batch, in_h, in_w, channels) = dims;
+        let (out_h, out_w) = (self.height, self.width);
+        let mut out = vec![T::zero(); batch * out_h * out_w * channels];
+        let row_len = out_w * channels;
+        parallel_chunks_mut(&mut out, batch * out_h, |first, piece| {
+            for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
+                let flat = first + offset;
+                let (item, y) = (flat / out_h, flat % out_h);
+                let src_y = (y * in_h / out_h).min(in_h - 1);
+                let src_row = &src[(item * in_h + src_y) * in_w * channels..][..in_w * channels];
+                for (x, dst) in dst_row.chunks_mut(channels).enumerate() {
+                    let src_x = (x * in_w / out_w).min(in_w - 1);
+                    dst.copy_from_slice(&src_row[src_x * channels..(src_x + 1) * channels]);
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for UpsampleNearest {
+    fn name(&self) -> &'static str {
+        "attend-upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let shape = Shape::from_dims(&[dims.0, self.height, self.width, dims.3]);
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout, "upsample")?, dims)),
+            CpuStorage::F16(_) => CpuStorage::F16(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
+            _ => candle_core::bail!("upsample: unsupported dtype"),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// Nearest upsampling of `xs` `[batch, h, w, c]` to `[batch, height, width, c]`.
+pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, in_h, in_w, _) = xs.dims4()?;
+    if in_h == 0 || in_w == 0 {
+        candle_core::bail!("upsample: empty input");
+    }
+    xs.contiguous()?.apply_op1_no_bwd(&UpsampleNearest { height, width })
+}
+
+/// In-place `softmax(scale * x)` over the last dimension of an f32 tensor.
+struct ScaledSoftmaxInPlace {
+    scale: f32,
+}
+
+impl InplaceOp1 for ScaledSoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "attend-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("scaled softmax: input must be contiguous");
+        };
+        let row_len = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("scaled softmax: only f32 is supported");
+        };
+        let data = &mut data[start..end];
+        let rows = data.len() / row_len;
+        let scale = self.scale;
+        parallel_chunks_mut(data, rows, |_, piece| {
+            for row in piece.chunks_exact_mut(row_len) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for value in row.iter_mut() {
+                    let e = fast_exp((*value - max) * scale);
+                    *value = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for value in row.iter_mut() {
+                    *value *= inv;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Replaces the f32 tensor `scores` (contiguous, owned by the caller) with
+/// `softmax(scale * scores)` along its last dimension.
+pub fn scaled_softmax_in_place(scores: &Tensor, scale: f32) -> Result<()> {
+    if scores.dtype() != candle_core::DType::F32 || !scores.is_contiguous() {
+        candle_core::bail!("scaled softmax: needs a contiguous f32 tensor");
+    }
+    scores.inplace_op1(&ScaledSoftmaxInPlace { scale })
+}
+
+/// GEGLU: `[rows, 2 * inner]` -> `[rows, inner]`, `hidden * gelu(gate)` with `hidden` the first half.
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "attend-geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("geglu: odd last dimension {width}");
+        }
+        let inner = width / 2;
+        let src = contiguous_slice::<f32>(storage, layout, "geglu")?;
+        let rows = src.len() / width.max(1);
+        let mut out = vec![0f32; rows * inner];
+        parallel_chunks_mut(&mut out, rows, |first, piece| {
+            for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
+                let row = &src[(first + offset) * width..(first + offset + 1) * width];
+                let (hidden, gate) = row.split_at(inner);
+                for ((d, &h), &g) in dst.iter_mut().zip(hidden).zip(gate) {
+                    *d = h * gelu(g);
+                }
+            }
+        });
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(out), Shape::from_dims(&out_dims)))
+    }
+}
+
+/// `[..., 2 * inner]` -> `[..., inner]`: first half times exact GELU of the second half (f32).
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let dtype = projected.dtype();
+    projected
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&Geglu)?
+        .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn fast_exp_and_erf_are_accurate() {
+        let mut worst_exp = 0f64;
+        let mut worst_erf = 0f64;
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let exact = f64::from(x).exp();
+            worst_exp = worst_exp.max(((f64::from(fast_exp(x)) - exact) / exact).abs());
+            let exact_erf = libm_erf(f64::from(x));
+            worst_erf = worst_erf.max((f64::from(fast_erf(x)) - exact_erf).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp}");
+        assert!(worst_erf < 3e-7, "erf abs error {worst_erf}");
+    }
+
+    /// erf by its Taylor series / continued fraction (f64), for the test only.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 6.0 {
+            return x.signum();
+        }
+        if x.abs() < 2.5 {
+            let mut term = x;
+            let mut sum = x;
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            return sum * 2.0 / std::f64::consts::PI.sqrt();
+        }
+        // erfc continued fraction for large |x|.
+        let a = x.abs();
+        let mut fraction = 0.0;
+        for n in (1..200).rev() {
+            fraction = (n as f64 / 2.0) / (a + fraction);
+        }
+        let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + fraction);
+        x.signum() * (1.0 - erfc)
+    }
+
+    #[test]
+    fn im2col_matmul_matches_conv2d() {
+        let device = Device::Cpu;
+        for (height, width, stride, pad_before, pad_after) in [(7, 5, 1, 1, 1), (9, 6, 2, 1, 1), (8, 8, 2, 0, 1)] {
+            let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
+            let padded = image
+                .pad_with_zeros(2, pad_before, pad_after)
+                .unwrap()
+                .pad_with_zeros(3, pad_before, pad_after)
+                .unwrap();
+            let expected = padded.conv2d(&weight, 0, stride, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
+            let geometry = PatchGeometry {
+                kernel: 3,
+                stride,
+                pad_before,
+                pad_after,
+            };
+            let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
+            let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let mut pieces = Vec::new();
+            let split = out_h + 1;
+            for rows in [0..split, split..2 * out_h] {
+                let cols = im2col(&nhwc, geometry, rows).unwrap();
+                let packed = weight.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap().reshape((5, 54)).unwrap();
+                pieces.push(cols.matmul(&packed.t().unwrap()).unwrap());
+            }
+            let actual = Tensor::cat(&pieces, 0).unwrap().reshape((2, out_h, out_w, 5)).unwrap();
+            assert!(max_diff(&actual, &expected) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        let device = Device::Cpu;
+        let xs = (Tensor::randn(0f32, 1.0, (2, 64, 5, 7), &device).unwrap() + 3.0).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
+        let reference = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 64, 8, 1e-5).unwrap();
+        let expected = candle_nn::Module::forward(&reference, &xs).unwrap();
+        let nhwc = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        let plain = group_norm(&nhwc, 8, 1e-5, &weight, &bias, false).unwrap();
+        assert!(max_diff(&plain.permute((0, 3, 1, 2)).unwrap(), &expected) < 1e-5);
+        let activated = group_norm(&nhwc, 8, 1e-5, &weight, &bias, true).unwrap();
+        let expected_silu = candle_nn::ops::silu(&expected).unwrap();
+        assert!(max_diff(&activated.permute((0, 3, 1, 2)).unwrap(), &expected_silu) < 1e-5);
+    }
+
+    #[test]
+    fn upsample_matches_candle_nearest() {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &device).unwrap();
+        for (height, width) in [(8, 10), (7, 9), (4, 5)] {
+            let expected = xs.upsample_nearest2d(height, width).unwrap();
+            let nhwc = xs.permute((0, 2, 3, 1)).unwrap();
+            let actual = upsample_nearest(&nhwc, height, width).unwrap().permute((0, 3, 1, 2)).unwrap();
+            assert_eq!(max_diff(&actual, &expected), 0.0);
+        }
+    }
+
+    #[test]
+    fn scaled_softmax_and_geglu_match_candle() {
+        let device = Device::Cpu;
+        let scores = Tensor::randn(0f32, 4.0, (3, 5, 77), &device).unwrap();
+        let expected = candle_nn::ops::softmax_last_dim(&(&scores * 0.3).unwrap()).unwrap();
+        let actual = scores.copy().unwrap();
+        scaled_softmax_in_place(&actual, 0.3).unwrap();
+        assert!(max_diff(&actual, &expected) < 1e-6);
+
+        let projected = Tensor::randn(0f32, 2.0, (4, 3, 16), &device).unwrap();
+        let hidden = projected.narrow(2, 0, 8).unwrap();
+        let gate = projected.narrow(2, 8, 8).unwrap();
+        let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
+        assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
+    }
+}

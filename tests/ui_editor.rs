@@ -1,0 +1,559 @@
+//! The editor driven through egui_kittest (AccessKit: widgets are found by their labels), with the
+//! fake engine: typing a prompt, generating, progress, the token strip, selecting a word, cancelling,
+//! exports, a bad model folder, a crashing engine, sessions and settings persistence.
+//!
+//! These tests need no GPU: the canvas falls back to CPU composition. `tests/ui_render.rs` renders
+//! through wgpu (lavapipe on CI).
+
+// The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attend::ui::{
+    DialogPurpose, EditorApp, EditorOptions, EditorSettings, EngineKind, RunOutcome, Session,
+    StatusLevel, SETTINGS_STORAGE_KEY,
+};
+use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
+use egui_kittest::kittest::Queryable as _;
+use egui_kittest::Harness;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn fake_factory(config: FakeEngineConfig) -> EngineFactory {
+    Arc::new(move || Box::new(FakeEngine::new(config.clone())))
+}
+
+fn options(prompt: &str) -> EditorOptions {
+    EditorOptions {
+        prompt: Some(prompt.to_owned()),
+        steps: Some(6),
+        engine: EngineKind::Fake,
+        ..EditorOptions::default()
+    }
+}
+
+fn harness_with(options: EditorOptions, config: FakeEngineConfig) -> Harness<'static, EditorApp> {
+    let app = EditorApp::new(options, None, None, fake_factory(config)).unwrap();
+    Harness::builder()
+        .with_size(egui::vec2(1280.0, 820.0))
+        .build_ui_state(|ui, app: &mut EditorApp| app.frame_ui(ui), app)
+}
+
+/// Steps the harness until `done` holds (the worker runs on its own thread meanwhile).
+fn run_until(
+    harness: &mut Harness<'static, EditorApp>,
+    what: &str,
+    done: impl Fn(&EditorApp) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        harness.step();
+        if done(harness.state()) {
+            return;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "timed out waiting for {what}; status: {:?}",
+            harness.state().status_messages()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn model_loaded(harness: &mut Harness<'static, EditorApp>) {
+    run_until(harness, "the model", |app| app.loaded_model().is_some());
+}
+
+fn finished(app: &EditorApp) -> bool {
+    app.run_view()
+        .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
+        && !app.is_generating()
+}
+
+fn last_status(app: &EditorApp) -> String {
+    app.status_messages()
+        .last()
+        .map(|message| message.text.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn typing_a_prompt_and_generating_fills_progress_and_one_thumbnail_per_word() {
+    let mut harness = harness_with(options(""), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    harness.get_by_label("Prompt").focus();
+    harness.step();
+    harness
+        .get_by_label("Prompt")
+        .type_text("a red circle near a blue square");
+    harness.step();
+    assert_eq!(
+        harness.state().settings().params.prompt,
+        "a red circle near a blue square"
+    );
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+
+    let app = harness.state();
+    let run = app.run_view().unwrap();
+    assert_eq!(run.steps.len(), 6);
+    assert_eq!(run.prompt.words.len(), 7);
+    assert_eq!(app.word_heatmaps().len(), 7);
+    assert_eq!(app.thumbnail_count(), 7);
+    // The progress bar reports the whole run.
+    harness.get_by_label_contains("done: 6/6 steps");
+    // One thumbnail button per word.
+    for word in ["red", "circle", "near", "blue", "square"] {
+        harness.get_by_label(word);
+    }
+    assert!(
+        harness.state().canvas_heat().is_some(),
+        "a word is selected by default"
+    );
+}
+
+#[test]
+fn progress_is_shown_while_running_and_steps_arrive_live() {
+    let mut harness = harness_with(
+        EditorOptions {
+            steps: Some(30),
+            ..options("a green triangle")
+        },
+        FakeEngineConfig {
+            step_delay: Duration::from_millis(30),
+            ..FakeEngineConfig::default()
+        },
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "a few steps", |app| {
+        app.run_view().is_some_and(|run| run.steps.len() >= 3)
+    });
+    harness.step();
+    assert!(harness.state().is_generating());
+    harness.get_by_label_contains("ETA");
+    let live_words = harness.state().thumbnail_count();
+    assert_eq!(live_words, 3, "thumbnails exist during the run");
+    run_until(&mut harness, "the end", finished);
+}
+
+#[test]
+fn ctrl_enter_generates() {
+    let mut harness = harness_with(options("a square"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    run_until(&mut harness, "the run to finish", finished);
+}
+
+#[test]
+fn clicking_a_word_selects_its_heatmap() {
+    let mut harness = harness_with(
+        options("a red circle and a blue square"),
+        FakeEngineConfig::default(),
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+    let words: Vec<String> = harness
+        .state()
+        .run_view()
+        .unwrap()
+        .prompt
+        .words
+        .iter()
+        .map(|word| word.text.clone())
+        .collect();
+    for word in ["red", "square"] {
+        let index = words.iter().position(|text| text == word).unwrap();
+        harness.get_by_label(word).click();
+        harness.run_steps(2);
+        let app = harness.state();
+        assert_eq!(app.selected_word(), Some(index));
+        let (_, _, shown) = app.canvas_heat().unwrap();
+        assert_eq!(
+            shown,
+            app.word_heatmaps()[index].data.as_slice(),
+            "the canvas shows {word}"
+        );
+    }
+    // Hovering a thumbnail shows its peak value.
+    harness.get_by_label("circle").hover();
+    harness.run_steps(6);
+    harness.get_by_label_contains("circle: peak attention");
+}
+
+#[test]
+fn cancel_mid_run_stops_within_a_step() {
+    let mut harness = harness_with(
+        EditorOptions {
+            steps: Some(50),
+            ..options("a slow circle")
+        },
+        FakeEngineConfig {
+            step_delay: Duration::from_millis(60),
+            ..FakeEngineConfig::default()
+        },
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "two steps", |app| {
+        app.run_view().is_some_and(|run| run.steps.len() >= 2)
+    });
+    let steps_at_cancel = harness.state().run_view().unwrap().steps.len();
+    harness.get_by_label("Cancel").click();
+    run_until(&mut harness, "the cancellation", |app| {
+        app.run_view()
+            .is_some_and(|run| matches!(run.outcome, RunOutcome::Cancelled { .. }))
+    });
+    let run = harness.state().run_view().unwrap();
+    eprintln!(
+        "cancelled at step {steps_at_cancel}, stopped after {} of 50",
+        run.steps.len()
+    );
+    assert!(run.steps.len() <= steps_at_cancel + 2);
+    assert!(last_status(harness.state()).contains("Cancelled"));
+    assert!(!harness.state().is_generating());
+}
+
+/// Answers every dialog with a path chosen per purpose.
+fn answer_dialogs(
+    harness: &mut Harness<'static, EditorApp>,
+    answers: Vec<(DialogPurpose, PathBuf)>,
+) {
+    let answers = Arc::new(Mutex::new(answers));
+    harness
+        .state_mut()
+        .answer_dialogs_with(Box::new(move |purpose| {
+            answers
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(wanted, _)| wanted == purpose)
+                .map(|(_, path)| path.clone())
+        }));
+}
+
+#[test]
+fn exports_write_a_png_with_parameters_heatmaps_safetensors_and_a_session() {
+    let folder = tempfile::tempdir().unwrap();
+    let image_path = folder.path().join("image.png");
+    let heatmap_path = folder.path().join("heat.png");
+    let attention_path = folder.path().join("maps.safetensors");
+    let session_path = folder.path().join("session.json");
+    let words_folder = folder.path().join("words");
+    std::fs::create_dir(&words_folder).unwrap();
+    let mut harness = harness_with(options("a red circle"), FakeEngineConfig::default());
+    answer_dialogs(
+        &mut harness,
+        vec![
+            (DialogPurpose::ExportImage, image_path.clone()),
+            (DialogPurpose::ExportHeatmapOverImage, heatmap_path.clone()),
+            (DialogPurpose::ExportAttention, attention_path.clone()),
+            (DialogPurpose::SaveSession, session_path.clone()),
+            (DialogPurpose::ExportAllHeatmaps, words_folder.clone()),
+        ],
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+
+    let wrote = |path: &PathBuf| {
+        let path = path.clone();
+        move |app: &EditorApp| {
+            app.status_messages()
+                .iter()
+                .any(|message| message.text == format!("Wrote {}", path.display()))
+        }
+    };
+    harness.get_by_label("Export image...").click();
+    run_until(&mut harness, "the image export", wrote(&image_path));
+    harness
+        .get_by_label("Export heat map over image...")
+        .click();
+    run_until(&mut harness, "the heat map export", wrote(&heatmap_path));
+    harness.get_by_label("Export attention maps...").click();
+    run_until(&mut harness, "the attention export", wrote(&attention_path));
+    harness.get_by_label("Export all word heat maps...").click();
+    run_until(
+        &mut harness,
+        "the word heat maps",
+        wrote(&words_folder.join("02-circle.png")),
+    );
+    harness.get_by_label("File").click();
+    harness.run_steps(3);
+    harness.get_by_label("Save session...").click();
+    run_until(&mut harness, "the session", wrote(&session_path));
+
+    // The PNG decodes and carries the A1111 parameters.
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&image_path).unwrap(),
+    ));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    assert_eq!((info.width, info.height), (64, 64));
+    let parameters = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|chunk| chunk.keyword == "parameters")
+        .expect("parameters text chunk");
+    assert!(
+        parameters
+            .text
+            .starts_with("a red circle\nSteps: 6, Sampler: DDIM"),
+        "{}",
+        parameters.text
+    );
+    let heat = image::open(&heatmap_path).unwrap();
+    assert_eq!((heat.width(), heat.height()), (64, 64));
+    assert_eq!(std::fs::read_dir(&words_folder).unwrap().count(), 3);
+
+    // The safetensors file holds the raw maps and the word heat maps.
+    let bytes = std::fs::read(&attention_path).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let words = tensors.tensor("word_heatmaps").unwrap();
+    assert_eq!(words.shape(), [3, 64, 64], "word heat maps at image size");
+    let cross = tensors.tensor("cross.16x16").unwrap();
+    assert_eq!(cross.shape(), [6, 5, 16, 16]);
+
+    let session = Session::load(&session_path).unwrap();
+    assert_eq!(session.params.prompt, "a red circle");
+    assert_eq!(
+        session.params.width_px,
+        Some(64),
+        "the session spells out the size"
+    );
+}
+
+#[test]
+fn a_session_reopens_and_regenerates_the_same_image() {
+    let folder = tempfile::tempdir().unwrap();
+    let session_path = folder.path().join("session.json");
+    let mut first = harness_with(options("two blue squares"), FakeEngineConfig::default());
+    answer_dialogs(
+        &mut first,
+        vec![(DialogPurpose::SaveSession, session_path.clone())],
+    );
+    model_loaded(&mut first);
+    first.get_by_label("Generate").click();
+    run_until(&mut first, "the first run", finished);
+    first.get_by_label("File").click();
+    first.run_steps(3);
+    first.get_by_label("Save session...").click();
+    run_until(&mut first, "the session", |app| {
+        app.status_messages()
+            .iter()
+            .any(|message| message.text.starts_with("Wrote"))
+    });
+    let first_image = first
+        .state()
+        .run_view()
+        .unwrap()
+        .final_image
+        .clone()
+        .unwrap();
+
+    let mut second = harness_with(
+        EditorOptions {
+            session: Some(session_path),
+            engine: EngineKind::Fake,
+            ..EditorOptions::default()
+        },
+        FakeEngineConfig::default(),
+    );
+    run_until(&mut second, "the regenerated run", finished);
+    let second_app = second.state();
+    assert_eq!(second_app.settings().params.prompt, "two blue squares");
+    assert_eq!(
+        second_app.run_view().unwrap().final_image.as_ref(),
+        Some(&first_image)
+    );
+}
+
+#[test]
+fn a_bad_model_folder_shows_an_error_and_the_app_stays_usable() {
+    let not_a_model = tempfile::tempdir().unwrap();
+    let mut harness = harness_with(options("still usable"), FakeEngineConfig::default());
+    answer_dialogs(
+        &mut harness,
+        vec![(
+            DialogPurpose::OpenModelFolder,
+            not_a_model.path().to_path_buf(),
+        )],
+    );
+    model_loaded(&mut harness);
+    let model_name = harness.state().loaded_model().unwrap().name.clone();
+    // The button in the controls panel (the File menu is closed, so the label is unique).
+    harness.get_by_label("Open model folder...").click();
+    run_until(&mut harness, "the load error", |app| {
+        app.status_messages()
+            .iter()
+            .any(|message| message.level == StatusLevel::Error)
+    });
+    harness.step();
+    let error = last_status(harness.state());
+    assert!(error.contains("model_index.json"), "{error}");
+    assert!(error.contains(&format!("keeping {model_name}")), "{error}");
+    harness.get_by_label_contains("model_index.json");
+    assert_eq!(harness.state().loaded_model().unwrap().name, model_name);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "a run with the previous model", finished);
+}
+
+#[test]
+fn a_crashing_engine_is_reported_and_the_editor_recovers() {
+    let mut harness = harness_with(
+        options("please explode"),
+        FakeEngineConfig {
+            panic_word: Some("explode".to_owned()),
+            ..FakeEngineConfig::default()
+        },
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the crash report", |app| {
+        app.status_messages()
+            .iter()
+            .any(|message| message.text.contains("crashed"))
+    });
+    run_until(&mut harness, "the model to reload", |app| {
+        app.loaded_model().is_some()
+    });
+    harness.state_mut();
+    harness.get_by_label("Prompt").focus();
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    harness.get_by_label("Prompt").type_text("a calm circle");
+    harness.step();
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "a run after the restart", finished);
+}
+
+#[test]
+fn the_probe_picks_a_pixel_and_shows_its_self_attention() {
+    let mut harness = harness_with(options("a red circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.get_by_label("Probe self-attention").click();
+    harness.step();
+    let image_rect = harness.state().canvas_image_rect().unwrap();
+    let target = image_rect.min + image_rect.size() * egui::vec2(0.25, 0.75);
+    harness.hover_at(target);
+    harness.step();
+    harness.event(egui::Event::PointerButton {
+        pos: target,
+        button: egui::PointerButton::Primary,
+        pressed: true,
+        modifiers: egui::Modifiers::NONE,
+    });
+    harness.step();
+    harness.event(egui::Event::PointerButton {
+        pos: target,
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: egui::Modifiers::NONE,
+    });
+    harness.step();
+    let (y, x) = harness
+        .state()
+        .probe_point()
+        .expect("the click picks a probe point");
+    assert!(
+        (y - 0.75).abs() < 0.02 && (x - 0.25).abs() < 0.02,
+        "{y} {x}"
+    );
+    run_until(&mut harness, "the probe map", |app| {
+        app.canvas_heat().is_some()
+    });
+    let (width, height, values) = harness.state().canvas_heat().unwrap();
+    // The fake's self-attention is local: the probe map peaks near the probed cell.
+    let peak = values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(index, _)| index)
+        .unwrap();
+    let (peak_y, peak_x) = (
+        (peak / width) as f32 / height as f32,
+        (peak % width) as f32 / width as f32,
+    );
+    eprintln!(
+        "probe at ({y:.2}, {x:.2}) peaks at ({peak_y:.2}, {peak_x:.2}) on a {width}x{height} grid"
+    );
+    assert!((peak_y - y).abs() < 0.3 && (peak_x - x).abs() < 0.3);
+}
+
+/// An in-memory eframe storage.
+#[derive(Default)]
+struct MemoryStorage(std::collections::HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    fn flush(&mut self) {}
+}
+
+#[test]
+fn settings_persist_through_eframe_storage() {
+    let mut harness = harness_with(options("remember me"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    harness.state_mut().view_settings_mut().opacity = 0.25;
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(harness.state_mut(), &mut storage);
+    let restored: EditorSettings = eframe::get_value(&storage, SETTINGS_STORAGE_KEY).unwrap();
+    assert_eq!(restored.params.prompt, "remember me");
+    assert_eq!(restored.view.opacity, 0.25);
+
+    let app = EditorApp::new(
+        EditorOptions {
+            engine: EngineKind::Fake,
+            ..EditorOptions::default()
+        },
+        Some(restored),
+        None,
+        fake_factory(FakeEngineConfig::default()),
+    )
+    .unwrap();
+    assert_eq!(app.settings().params.prompt, "remember me");
+}
+
+#[test]
+fn the_timeline_scrubs_back_to_earlier_steps() {
+    let mut harness = harness_with(options("a red circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+    assert_eq!(harness.state().timeline_step(), Some(5));
+    let final_peak = harness.state().word_heatmaps()[1].peak;
+    harness.get_by_label("Step").set_value_accesskit(2.0);
+    harness.run_steps(2);
+    assert_eq!(harness.state().timeline_step(), Some(2));
+    let early_peak = harness.state().word_heatmaps()[1].peak;
+    eprintln!("peak of 'red' summed over 6 steps {final_peak:.3}, over 3 steps {early_peak:.3}");
+    assert!(early_peak < final_peak, "fewer steps are summed at step 2");
+    // "This step only" shows that step's maps alone.
+    harness.get_by_label("This step only").click();
+    harness.run_steps(2);
+    let single_peak = harness.state().word_heatmaps()[1].peak;
+    assert!(single_peak < early_peak);
+    // Back to the latest step.
+    harness.get_by_label("Latest step").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().timeline_step(), Some(5));
+}
