@@ -34,7 +34,7 @@ export DISPLAY="$display" XDG_RUNTIME_DIR="$runtime_dir" WGPU_BACKEND=vulkan
 # Keep the user's persisted settings out of the pictures.
 export XDG_DATA_HOME="$runtime_dir/data" XDG_CONFIG_HOME="$runtime_dir/config"
 
-prompt="${ATTEND_SCREENSHOT_PROMPT:-a red circle above a blue square}"
+prompt="${ATTEND_SCREENSHOT_PROMPT:-a red circle and a blue square}"
 seed="${ATTEND_SCREENSHOT_SEED:-7}"
 
 shot() {

@@ -541,7 +541,9 @@ fn the_timeline_scrubs_back_to_earlier_steps() {
     harness.step();
     assert_eq!(harness.state().timeline_step(), Some(5));
     let final_peak = harness.state().word_heatmaps()[1].peak;
-    harness.get_by_label("Step").set_value_accesskit(2.0);
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::Slider, "Step")
+        .set_value_accesskit(2.0);
     harness.run_steps(2);
     assert_eq!(harness.state().timeline_step(), Some(2));
     let early_peak = harness.state().word_heatmaps()[1].peak;

@@ -183,9 +183,22 @@ fn a_tiny_sd1_run_can_be_cancelled_and_regenerated() {
             .last()
             .is_some_and(|message| message.text.starts_with("Could not load"))
     });
-    let error = harness.state().status_messages().last().unwrap().text.clone();
+    let error = harness
+        .state()
+        .status_messages()
+        .last()
+        .unwrap()
+        .text
+        .clone();
     eprintln!("{error}");
-    assert!(error.contains("model_index.json") && error.contains("keeping tiny-sd1"), "{error}");
+    assert!(
+        error.contains("model_index.json") && error.contains("keeping tiny-sd1"),
+        "{error}"
+    );
     harness.get_by_label("Generate").click();
-    run_until(&mut harness, "a run with tiny-sd1 after the error", finished);
+    run_until(
+        &mut harness,
+        "a run with tiny-sd1 after the error",
+        finished,
+    );
 }

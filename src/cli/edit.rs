@@ -323,9 +323,10 @@ fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
 ///   Success: the target's colour is still found with its centroid within the tolerance, and every
 ///   other object found in the source is found again with its centroid within the tolerance and the
 ///   same shape verdict.
-/// - **Reweight**: the target's word (shape by default) scaled by each `--reweight-scales` value with
-///   the prompt unchanged. Removed: the target's colour is no longer found; weakened: removed or its
-///   area at most half the source's. Skipped when the word occurs twice in the caption.
+/// - **Reweight**: the target's words (colour and shape by default) scaled by each
+///   `--reweight-scales` value with the prompt unchanged. Removed: the target's colour is no longer
+///   found; weakened: removed or its area at most half the source's. Skipped when a word occurs twice
+///   in the caption.
 ///
 /// Objects are found by colour (nearest palette entry, largest connected region) as in
 /// `attend eval-shapes`. Seeds where the source image lacks the target are counted and skipped.
@@ -354,8 +355,8 @@ pub struct EditEvalArgs {
     /// Reweight scales to measure, comma-separated.
     #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
     pub reweight_scales: String,
-    /// Which word of the target to reweight: shape or colour.
-    #[arg(long, default_value = "shape")]
+    /// Which words of the target to reweight: shape, colour or both.
+    #[arg(long, default_value = "both")]
     pub reweight_word: String,
     /// Centroid tolerance in pixels at 64 px (scaled to the image size).
     #[arg(long, default_value_t = 4.0)]
@@ -520,10 +521,11 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--reweight-scales: {text:?} is not a number"))
         })
         .collect::<anyhow::Result<_>>()?;
-    let reweight_colour = match args.reweight_word.as_str() {
-        "shape" => false,
-        "colour" | "color" => true,
-        other => anyhow::bail!("--reweight-word {other:?}: expected shape or colour"),
+    let (reweight_shape, reweight_colour) = match args.reweight_word.as_str() {
+        "shape" => (true, false),
+        "colour" | "color" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("--reweight-word {other:?}: expected shape, colour or both"),
     };
     if let Some(dir) = &args.images_out {
         std::fs::create_dir_all(dir)
@@ -626,21 +628,28 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                     args.centroid_tolerance_px,
                 ));
             }
-            let word = if reweight_colour {
-                target_object.colour.word()
-            } else {
-                target_object.shape.word()
-            };
-            let occurrences = scene.caption.split(' ').filter(|w| *w == word).count();
-            if occurrences == 1 {
+            let mut words: Vec<&str> = Vec::new();
+            if reweight_colour {
+                words.push(target_object.colour.word());
+            }
+            if reweight_shape {
+                words.push(target_object.shape.word());
+            }
+            let unique = words
+                .iter()
+                .all(|word| scene.caption.split(' ').filter(|w| w == word).count() == 1);
+            if unique {
                 for &scale in &scales {
                     let spec = EditSpec {
                         cross_window: CrossWindow::uniform(cross),
                         self_replace,
-                        reweights: vec![Reweight {
-                            word: word.to_string(),
-                            scale,
-                        }],
+                        reweights: words
+                            .iter()
+                            .map(|word| Reweight {
+                                word: (*word).to_string(),
+                                scale,
+                            })
+                            .collect(),
                         ..EditSpec::new(scene.caption.clone())
                     };
                     let reweighted = generate_edited_branch(
@@ -661,7 +670,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                     let area_ratio = objects[target].area as f32 / source_area;
                     result.reweights.push(ReweightVerdict {
                         scale,
-                        word: word.to_string(),
+                        word: words.join("+"),
                         removed: !objects[target].found,
                         weakened: !objects[target].found || area_ratio <= 0.5,
                         area_ratio,

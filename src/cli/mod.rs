@@ -61,7 +61,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
-        None => anyhow::bail!("the editor is not built yet; use a subcommand (see --help)"),
+        None => attend::ui::run_editor(
+            attend::ui::EditorOptions {
+                prompt: cli.prompt,
+                seed: cli.seed,
+                model: cli.model,
+                generate: cli.generate,
+                session: cli.session,
+                ..attend::ui::EditorOptions::default()
+            }
+            .with_environment(),
+        ),
     }
 }
 

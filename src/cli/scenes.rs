@@ -22,7 +22,8 @@ pub struct ScenesArgs {
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
-    /// `png`: images/, masks/ and scenes.jsonl; `raw`: images.u8 ([N, size, size, 3] bytes) and captions.txt,
+    /// `png`: images/, masks/ and scenes.jsonl; `raw`: images.u8 (`[N, size, size, 3]` bytes),
+    /// objects.u8 (`[N, size, size]`: 0 background, k for the caption's k-th object) and captions.txt,
     /// the training format.
     #[arg(long, default_value = "png", value_parser = ["png", "raw"])]
     pub format: String,
@@ -44,10 +45,12 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
     if args.format == "raw" {
         let mut images =
             Vec::with_capacity(usize::try_from(args.count)? * args.size * args.size * 3);
+        let mut object_ids = Vec::with_capacity(images.capacity() / 3);
         let mut captions = String::new();
         for index in 0..args.count {
             let scene = generate_scene(args.start + index, &options);
             images.extend_from_slice(&scene.rgb);
+            object_ids.extend(scene_object_ids(&scene));
             captions.push_str(&scene.caption);
             captions.push('\n');
         }
@@ -55,6 +58,7 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
         write_atomically(&args.out.join("captions.txt"), |file| {
             file.write_all(captions.as_bytes())
         })?;
+        write_atomically(&args.out.join("objects.u8"), |file| file.write_all(&object_ids))?;
         return Ok(());
     }
     let images_dir = args.out.join("images");
@@ -103,4 +107,17 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
     })?;
     println!("wrote {} scenes to {}", args.count, args.out.display());
     Ok(())
+}
+
+/// Per pixel, 0 for the background or `k` (1-based) for the caption's k-th object that is visible there.
+fn scene_object_ids(scene: &attend::scenes::Scene) -> Vec<u8> {
+    let mut ids = vec![0u8; scene.size_px * scene.size_px];
+    for (object_index, mask) in scene.masks.iter().enumerate() {
+        for (id, &inside) in ids.iter_mut().zip(mask) {
+            if inside {
+                *id = u8::try_from(object_index + 1).unwrap_or(u8::MAX);
+            }
+        }
+    }
+    ids
 }

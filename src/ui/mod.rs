@@ -1,6 +1,6 @@
 //! The eframe window: prompt and settings panels, the canvas with the heat map blended over the
 //! image (drawn by `shaders/heatmap.wgsl`), the token strip, the timeline and exports.
-//! The only module that uses egui; it never uses candle (it talks to [`crate::worker`]).
+//! The only module that uses egui; it holds no tensors (it talks to [`crate::worker`] in plain data).
 //!
 //! | module | what it is |
 //! |---|---|
@@ -40,7 +40,7 @@ use crate::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
 /// Which engine the editor drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EngineKind {
-    /// The candle pipeline (real models).
+    /// The real engine over [`crate::pipeline`] (real models).
     #[default]
     Pipeline,
     /// The synthetic engine (no model needed; for demos of the UI and tests).

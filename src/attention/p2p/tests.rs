@@ -1,6 +1,7 @@
 //! Unit tests of the Prompt-to-Prompt processor on synthetic attention.
 
 use super::*;
+use crate::analysis::alignment::EditKind;
 use crate::analysis::WordSpan;
 use candle_core::{DType, Device};
 

@@ -509,6 +509,231 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
+/// Winograd F(2x2, 3x3) filter transform `U = G g G^T` of a 3x3 convolution weight in the
+/// channels-last packing `[out, 3, 3, in]`: returns `[16, in, out]` (f32), one `in x out` matrix
+/// per transform position.
+pub fn winograd_filter(packed_weight: &Tensor) -> Result<Tensor> {
+    let (out_channels, kernel_h, kernel_w, in_channels) = packed_weight.dims4()?;
+    if (kernel_h, kernel_w) != (3, 3) {
+        candle_core::bail!("winograd: 3x3 kernels only, got {kernel_h}x{kernel_w}");
+    }
+    let values: Vec<f32> = packed_weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let plane = in_channels * out_channels;
+    let mut transformed = vec![0f32; 16 * plane];
+    let per_k = |k: usize, c: usize| -> [f32; 16] {
+        let g = |i: usize, j: usize| values[((k * 3 + i) * 3 + j) * in_channels + c];
+        // Rows of G g (4 x 3), then (G g) G^T (4 x 4).
+        let mut gg = [[0f32; 3]; 4];
+        for j in 0..3 {
+            let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
+            gg[0][j] = g0;
+            gg[1][j] = 0.5 * (g0 + g1 + g2);
+            gg[2][j] = 0.5 * (g0 - g1 + g2);
+            gg[3][j] = g2;
+        }
+        let mut result = [0f32; 16];
+        for (row, [a, b, cc]) in gg.iter().enumerate() {
+            let columns = [*a, 0.5 * (a + b + cc), 0.5 * (a - b + cc), *cc];
+            result[row * 4..row * 4 + 4].copy_from_slice(&columns);
+        }
+        result
+    };
+    // Rows of the output are (position, c); split the c range over workers.
+    let pieces = parallel_ranges(in_channels, 16 * out_channels, |range| {
+        let mut local = vec![0f32; 16 * range.len() * out_channels];
+        for (local_c, c) in range.clone().enumerate() {
+            for k in 0..out_channels {
+                for (position, value) in per_k(k, c).iter().enumerate() {
+                    local[(position * range.len() + local_c) * out_channels + k] = *value;
+                }
+            }
+        }
+        (range, local)
+    });
+    for (range, local) in pieces {
+        for position in 0..16 {
+            let src = &local[position * range.len() * out_channels..][..range.len() * out_channels];
+            transformed[position * plane + range.start * out_channels..][..src.len()].copy_from_slice(src);
+        }
+    }
+    Tensor::from_vec(transformed, (16, in_channels, out_channels), packed_weight.device())
+}
+
+/// Winograd F(2x2, 3x3) input transform `V = B^T d B` of the 4x4 tiles (stride 2, padding 1)
+/// covering tile rows `tile_rows` of batch item `item`: `[16, tile_rows.len() * tiles_w, c]`.
+struct WinogradInput {
+    item: usize,
+    tile_rows: Range<usize>,
+}
+
+impl WinogradInput {
+    fn run(&self, src: &[f32], (_, height, width, channels): (usize, usize, usize, usize)) -> Vec<f32> {
+        let tiles_w = width.div_ceil(2);
+        let tiles = self.tile_rows.len() * tiles_w;
+        let plane = tiles * channels;
+        let mut out = vec![0f32; 16 * plane];
+        let image = &src[self.item * height * width * channels..][..height * width * channels];
+        let first_tile_row = self.tile_rows.start;
+        // Each worker handles whole tiles; the 16 outputs of a tile live in 16 planes, so workers
+        // write through per-plane slices of their own tile range.
+        let work = |range: Range<usize>| {
+            let mut local = vec![0f32; 16 * range.len() * channels];
+            let zeros = vec![0f32; channels];
+            for (local_tile, tile) in range.clone().enumerate() {
+                let (tile_row, tile_col) = (first_tile_row + tile / tiles_w, tile % tiles_w);
+                let pixel = |dy: usize, dx: usize| -> &[f32] {
+                    let y = (2 * tile_row + dy) as isize - 1;
+                    let x = (2 * tile_col + dx) as isize - 1;
+                    if y < 0 || x < 0 || y as usize >= height || x as usize >= width {
+                        &zeros
+                    } else {
+                        &image[(y as usize * width + x as usize) * channels..][..channels]
+                    }
+                };
+                let d: [[&[f32]; 4]; 4] = std::array::from_fn(|dy| std::array::from_fn(|dx| pixel(dy, dx)));
+                for c in 0..channels {
+                    let v = |dy: usize, dx: usize| d[dy][dx][c];
+                    // B^T d (rows), then (B^T d) B (columns).
+                    let mut t = [[0f32; 4]; 4];
+                    for j in 0..4 {
+                        t[0][j] = v(0, j) - v(2, j);
+                        t[1][j] = v(1, j) + v(2, j);
+                        t[2][j] = v(2, j) - v(1, j);
+                        t[3][j] = v(1, j) - v(3, j);
+                    }
+                    for (i, row) in t.iter().enumerate() {
+                        let values = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
+                        for (j, value) in values.iter().enumerate() {
+                            local[((i * 4 + j) * range.len() + local_tile) * channels + c] = *value;
+                        }
+                    }
+                }
+            }
+            (range, local)
+        };
+        for (range, local) in parallel_ranges(tiles, 16 * channels, work) {
+            let count = range.len();
+            for position in 0..16 {
+                let src_plane = &local[position * count * channels..][..count * channels];
+                out[position * plane + range.start * channels..][..count * channels].copy_from_slice(src_plane);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for WinogradInput {
+    fn name(&self) -> &'static str {
+        "attend-winograd-input"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let tiles = self.tile_rows.len() * dims.2.div_ceil(2);
+        let src = contiguous_slice::<f32>(storage, layout, "winograd input")?;
+        Ok((
+            CpuStorage::F32(self.run(src, dims)),
+            Shape::from_dims(&[16, tiles, dims.3]),
+        ))
+    }
+}
+
+/// Winograd F(2x2, 3x3) output transform `Y = A^T m A` plus bias: `[16, tiles, k]` for tile rows
+/// `tile_rows` -> output rows `[2 * start, min(2 * end, height))`, `[rows, width, k]`.
+struct WinogradOutput {
+    tile_rows: Range<usize>,
+    height: usize,
+    width: usize,
+    bias: Vec<f32>,
+}
+
+impl WinogradOutput {
+    fn out_rows(&self) -> Range<usize> {
+        2 * self.tile_rows.start..(2 * self.tile_rows.end).min(self.height)
+    }
+
+    fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
+        let tiles_w = self.width.div_ceil(2);
+        let rows = self.out_rows();
+        let row_len = self.width * channels;
+        let mut out = vec![0f32; rows.len() * row_len];
+        let plane = tiles * channels;
+        let first_row = rows.start;
+        // Workers take whole output rows; each output row belongs to one tile row.
+        parallel_chunks_mut(&mut out, rows.len(), |first, piece| {
+            for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
+                let y = first_row + first + offset;
+                let (tile_row, within) = (y / 2 - self.tile_rows.start, y % 2);
+                for tile_col in 0..tiles_w {
+                    let tile = tile_row * tiles_w + tile_col;
+                    let m = |position: usize| &src[position * plane + tile * channels..][..channels];
+                    let planes: [&[f32]; 16] = std::array::from_fn(m);
+                    for x_within in 0..2 {
+                        let x = 2 * tile_col + x_within;
+                        if x >= self.width {
+                            continue;
+                        }
+                        let dst = &mut dst_row[x * channels..][..channels];
+                        for (k, value) in dst.iter_mut().enumerate() {
+                            let p = |i: usize, j: usize| planes[i * 4 + j][k];
+                            // Row `within` of A^T m: [m0+m1+m2, m1-m2-m3] per column.
+                            let row = |j: usize| {
+                                if within == 0 {
+                                    p(0, j) + p(1, j) + p(2, j)
+                                } else {
+                                    p(1, j) - p(2, j) - p(3, j)
+                                }
+                            };
+                            let result = if x_within == 0 {
+                                row(0) + row(1) + row(2)
+                            } else {
+                                row(1) - row(2) - row(3)
+                            };
+                            *value = result + self.bias[k];
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for WinogradOutput {
+    fn name(&self) -> &'static str {
+        "attend-winograd-output"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (positions, tiles, channels) = layout.shape().dims3()?;
+        if positions != 16 || channels != self.bias.len() {
+            candle_core::bail!("winograd output: unexpected shape {:?}", layout.shape());
+        }
+        let src = contiguous_slice::<f32>(storage, layout, "winograd output")?;
+        Ok((
+            CpuStorage::F32(self.run(src, tiles, channels)),
+            Shape::from_dims(&[self.out_rows().len(), self.width, channels]),
+        ))
+    }
+}
+
+/// Winograd tiles of item `item`, tile rows `tile_rows`, of `xs` `[batch, h, w, c]` (f32):
+/// `[16, tiles, c]`.
+pub fn winograd_input(xs: &Tensor, item: usize, tile_rows: Range<usize>) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&WinogradInput { item, tile_rows })
+}
+
+/// Output rows of tile rows `tile_rows` from the transformed products `m` `[16, tiles, k]` (f32):
+/// `[rows, width, k]` with `bias` (`k` values) added.
+pub fn winograd_output(m: &Tensor, tile_rows: Range<usize>, height: usize, width: usize, bias: Vec<f32>) -> Result<Tensor> {
+    m.contiguous()?.apply_op1_no_bwd(&WinogradOutput {
+        tile_rows,
+        height,
+        width,
+        bias,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,5 +857,32 @@ mod tests {
         let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
         assert!(max_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
         assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
+    }
+
+    #[test]
+    fn winograd_matches_conv2d() {
+        let device = Device::Cpu;
+        for (height, width) in [(6, 6), (7, 5), (1, 3), (9, 4)] {
+            let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
+            let expected = image.conv2d(&weight, 1, 1, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
+            let filter = winograd_filter(&weight.permute((0, 2, 3, 1)).unwrap()).unwrap();
+            let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let tile_rows = height.div_ceil(2);
+            let mut pieces = Vec::new();
+            for item in 0..2 {
+                for rows in [0..tile_rows / 2, tile_rows / 2..tile_rows] {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let v = winograd_input(&nhwc, item, rows.clone()).unwrap();
+                    let m = v.matmul(&filter).unwrap();
+                    pieces.push(winograd_output(&m, rows, height, width, vec![0.0; 5]).unwrap());
+                }
+            }
+            let actual = Tensor::cat(&pieces, 0).unwrap().reshape((2, height, width, 5)).unwrap();
+            let diff = max_diff(&actual, &expected);
+            assert!(diff < 1e-4, "{height}x{width}: {diff}");
+        }
     }
 }

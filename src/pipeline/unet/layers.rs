@@ -4,7 +4,7 @@
 //! product over image patches (see [`super::kernels`]) and the transformers' token layout
 //! `[batch, h * w, channels]` is the same memory, so no transposes are needed between them.
 
-use candle_core::{Module as _, Tensor};
+use candle_core::{DType, Module as _, Tensor};
 use candle_nn::VarBuilder;
 
 use super::kernels::{self, PatchGeometry};
@@ -14,12 +14,33 @@ use crate::pipeline::PipelineResult;
 /// buffers out of the allocator's fresh-mmap path).
 const CONV_CHUNK_BYTES: usize = 8 << 20;
 
+/// Elements of Winograd tiles (`16 * tiles * max(in, out)`) materialised at once.
+const WINOGRAD_CHUNK_ELEMENTS: usize = 4 << 20;
+
+/// 3x3 convolutions with at most this many output channels keep their Winograd-transformed filter
+/// (16/9 of the weight; about 200 MB more for SD 1.5, all in its high-resolution layers).
+const WINOGRAD_STORED_MAX_OUT_CHANNELS: usize = 640;
+
+/// Wider 3x3 convolutions transform their filter on each call when the input has at least this
+/// many 2x2 tiles (the transform then costs far less than the multiplications it saves).
+const WINOGRAD_ON_THE_FLY_MIN_TILES: usize = 128;
+
+/// How a convolution multiplies.
+#[derive(Clone, Debug)]
+enum ConvKernel {
+    /// im2col patches times the weight `[out, k, k, in]` (contiguous for real weights).
+    Patches(Tensor),
+    /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (3x3, stride 1, padding 1, f32).
+    Winograd(Tensor),
+    /// The weight `[out, 3, 3, in]`, transformed on the fly for large inputs, im2col otherwise.
+    WinogradOnTheFly(Tensor),
+}
+
 /// A 2-D convolution with bias on channels-last input. The diffusers weight `[out, in, k, k]` is
-/// stored as `[out, k, k, in]` to match the patch layout.
+/// repacked as `[out, k, k, in]` to match the patch layout, or transformed for Winograd.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    /// `[out, k, k, in]` (contiguous for real weights).
-    weight: Tensor,
+    kernel_weights: ConvKernel,
     bias: Tensor,
     in_channels: usize,
     out_channels: usize,
@@ -50,15 +71,22 @@ impl Conv2d {
     ) -> PipelineResult<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = vb.get(out_channels, "bias")?;
+        // A lazily broadcast placeholder (shape-checking loads) is not real data: keep it a view.
+        let is_real = weight.is_contiguous();
         let packed = weight.permute((0, 2, 3, 1))?;
-        // Repack real weights once; a lazily broadcast placeholder (shape-checking loads) stays a view.
-        let packed = if weight.is_contiguous() {
-            packed.contiguous()?
+        let packed = if is_real { packed.contiguous()? } else { packed };
+        let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
+        let kernel_weights = if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
+                ConvKernel::Winograd(kernels::winograd_filter(&packed)?)
+            } else {
+                ConvKernel::WinogradOnTheFly(packed)
+            }
         } else {
-            packed
+            ConvKernel::Patches(packed)
         };
         Ok(Self {
-            weight: packed,
+            kernel_weights,
             bias,
             in_channels,
             out_channels,
@@ -83,20 +111,41 @@ impl Conv2d {
         if channels != self.in_channels {
             candle_core::bail!("conv expects {} input channels, got {channels}", self.in_channels);
         }
+        let xs = xs.contiguous()?;
+        match &self.kernel_weights {
+            ConvKernel::Patches(packed) => self.forward_patches(&xs, packed, extra_bias),
+            ConvKernel::Winograd(filter) => self.forward_winograd(&xs, filter, extra_bias),
+            ConvKernel::WinogradOnTheFly(packed) => {
+                let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
+                if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
+                    self.forward_winograd(&xs, &kernels::winograd_filter(packed)?, extra_bias)
+                } else {
+                    self.forward_patches(&xs, packed, extra_bias)
+                }
+            }
+        }
+    }
+
+    /// The bias of batch item `item`: `bias + extra_bias[item]`, `[out]`.
+    fn item_bias(&self, extra_bias: Option<&Tensor>, item: usize) -> candle_core::Result<Tensor> {
+        match extra_bias {
+            Some(extra) => &self.bias + extra.get(item)?,
+            None => Ok(self.bias.clone()),
+        }
+    }
+
+    fn forward_patches(&self, xs: &Tensor, packed: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (batch, height, width, channels) = xs.dims4()?;
         let geometry = self.geometry;
         let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
         let patch = geometry.kernel * geometry.kernel * self.in_channels;
-        let weight_t = self.weight.reshape((self.out_channels, patch))?.t()?;
+        let weight_t = packed.reshape((self.out_channels, patch))?.t()?;
         let is_pointwise = geometry.kernel == 1 && geometry.stride == 1 && geometry.pad_before == 0 && geometry.pad_after == 0;
-        let xs = xs.contiguous()?;
         let row_bytes = out_w * patch * xs.dtype().size_in_bytes();
         let rows_per_chunk = (CONV_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out_h.max(1));
         let mut pieces = Vec::new();
         for item in 0..batch {
-            let bias = match extra_bias {
-                Some(extra) => (&self.bias + extra.get(item)?)?,
-                None => self.bias.clone(),
-            };
+            let bias = self.item_bias(extra_bias, item)?;
             let mut start = 0;
             while start < out_h {
                 let rows = rows_per_chunk.min(out_h - start);
@@ -105,7 +154,7 @@ impl Conv2d {
                     xs.reshape((batch * height * width, channels))?
                         .narrow(0, first * out_w, rows * out_w)?
                 } else {
-                    kernels::im2col(&xs, geometry, first..first + rows)?
+                    kernels::im2col(xs, geometry, first..first + rows)?
                 };
                 pieces.push(patches.matmul(&weight_t)?.broadcast_add(&bias)?);
                 start += rows;
@@ -117,6 +166,33 @@ impl Conv2d {
             Tensor::cat(&pieces, 0)?
         };
         out.reshape((batch, out_h, out_w, self.out_channels))
+    }
+
+    /// Winograd F(2x2, 3x3): per batch item and block of tile rows, transform the input tiles,
+    /// multiply by the transformed filter (16 matrix products) and transform back.
+    fn forward_winograd(&self, xs: &Tensor, filter: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (batch, height, width, _) = xs.dims4()?;
+        let (tile_rows, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let widest = self.in_channels.max(self.out_channels);
+        let rows_per_chunk = (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, tile_rows.max(1));
+        let mut pieces = Vec::new();
+        for item in 0..batch {
+            let bias: Vec<f32> = self.item_bias(extra_bias, item)?.to_dtype(DType::F32)?.to_vec1()?;
+            let mut start = 0;
+            while start < tile_rows {
+                let rows = start..(start + rows_per_chunk).min(tile_rows);
+                let transformed = kernels::winograd_input(xs, item, rows.clone())?;
+                let products = transformed.matmul(filter)?;
+                pieces.push(kernels::winograd_output(&products, rows.clone(), height, width, bias.clone())?);
+                start = rows.end;
+            }
+        }
+        let out = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, 0)?
+        };
+        out.reshape((batch, height, width, self.out_channels))
     }
 }
 

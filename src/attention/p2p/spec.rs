@@ -1,0 +1,180 @@
+//! The plain-data description of an edit: step windows, reweights, local blend settings.
+
+use std::ops::Range;
+
+use crate::analysis::alignment::EditKind;
+
+/// A window of denoising steps, as fractions of the run (`0.0..=1.0`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepWindow {
+    /// Fraction of the run where the window opens.
+    pub start: f64,
+    /// Fraction of the run where it closes (exclusive).
+    pub end: f64,
+}
+
+impl StepWindow {
+    /// The window from the first step to `end` (the reference's single-number form).
+    pub fn until(end: f64) -> Self {
+        Self { start: 0.0, end }
+    }
+
+    /// The window `start..end`.
+    pub fn new(start: f64, end: f64) -> Self {
+        Self { start, end }
+    }
+
+    /// Steps of a cross-attention window in a run of `step_count` steps:
+    /// `floor(start * (N + 1)) .. floor(end * (N + 1))`, cut to `0..N`.
+    pub fn cross_steps(&self, step_count: usize) -> Range<usize> {
+        self.steps_over(step_count + 1, step_count)
+    }
+
+    /// Steps of a self-attention window (and of the local blend start) in a run of `step_count`
+    /// steps: `floor(start * N) .. floor(end * N)`.
+    pub fn self_steps(&self, step_count: usize) -> Range<usize> {
+        self.steps_over(step_count, step_count)
+    }
+
+    fn steps_over(&self, table_rows: usize, step_count: usize) -> Range<usize> {
+        let scaled = |fraction: f64| {
+            let value = (fraction * table_rows as f64).floor();
+            if value.is_nan() || value <= 0.0 {
+                0
+            } else {
+                (value as usize).min(step_count)
+            }
+        };
+        let start = scaled(self.start);
+        start..scaled(self.end).max(start)
+    }
+}
+
+/// The cross-attention replacement window: one for every token, with overrides for words of the
+/// edited prompt (the reference's `{"default_": .., word: ..}` form).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CrossWindow {
+    /// The window of every token without an override (including start, end and padding tokens).
+    pub default: StepWindow,
+    /// `(word of the edited prompt, window)`; every occurrence of the word gets the window.
+    pub per_word: Vec<(String, StepWindow)>,
+}
+
+impl CrossWindow {
+    /// The same window for every token.
+    pub fn uniform(window: StepWindow) -> Self {
+        Self {
+            default: window,
+            per_word: Vec::new(),
+        }
+    }
+}
+
+/// Self-attention replacement: inside the window, layers with at most `max_queries` queries take the
+/// source's self-attention.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SelfReplace {
+    /// Steps where the source's self-attention is used.
+    pub window: StepWindow,
+    /// Largest query count (`h * w`) of a layer that is replaced; 256 (16x16) in the reference.
+    pub max_queries: usize,
+}
+
+impl Default for SelfReplace {
+    fn default() -> Self {
+        Self {
+            window: StepWindow::until(0.4),
+            max_queries: 16 * 16,
+        }
+    }
+}
+
+/// Scale the edited prompt's attention to a word (the reference's equalizer).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reweight {
+    /// A word of the edited prompt; every occurrence is scaled.
+    pub word: String,
+    /// The factor; 1 changes nothing, 0 removes the word's attention, negative values invert it.
+    pub scale: f32,
+}
+
+/// Local blend settings.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LocalBlendConfig {
+    /// Words whose maps decide where the edited latent may change; each is looked up in both prompts
+    /// (the source's occurrences in the source's attention, the edit's in the edited attention).
+    pub words: Vec<String>,
+    /// Words whose region must not change (optional).
+    pub subtract_words: Vec<String>,
+    /// Threshold on the max-normalised, max-pooled map. Default 0.3.
+    pub threshold: f32,
+    /// Threshold of the subtract-words' map (not pooled). Default 0.3.
+    pub subtract_threshold: f32,
+    /// The blend acts after each step from `floor(start_fraction * N)` on. Default 0.2.
+    pub start_fraction: f64,
+    /// Side of the cross-attention grid whose maps are used; `None`: the grid nearest a quarter of
+    /// the latent side (16 for a 64x64 latent, as in the reference).
+    pub map_side: Option<usize>,
+}
+
+impl Default for LocalBlendConfig {
+    fn default() -> Self {
+        Self {
+            words: Vec::new(),
+            subtract_words: Vec::new(),
+            threshold: 0.3,
+            subtract_threshold: 0.3,
+            start_fraction: 0.2,
+            map_side: None,
+        }
+    }
+}
+
+impl LocalBlendConfig {
+    /// Default settings blending on these words.
+    pub fn new(words: Vec<String>) -> Self {
+        Self {
+            words,
+            ..Self::default()
+        }
+    }
+
+    /// True when the blend acts after step `step_index` of a run of `step_count` steps.
+    pub fn is_active(&self, step_index: usize, step_count: usize) -> bool {
+        step_index
+            >= StepWindow::until(self.start_fraction)
+                .self_steps(step_count)
+                .end
+    }
+}
+
+/// Everything that defines an edit, as plain data (what a session file keeps).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EditSpec {
+    /// The edited prompt.
+    pub edit_prompt: String,
+    /// Replace or refine; `None` infers it (same word count: replace).
+    pub kind: Option<EditKind>,
+    /// Cross-attention replacement window. Default `0.0..0.8`.
+    pub cross_window: CrossWindow,
+    /// Self-attention replacement. Default `0.0..0.4`, layers up to 16x16.
+    pub self_replace: SelfReplace,
+    /// Per-word scales applied after replace/refine.
+    pub reweights: Vec<Reweight>,
+    /// Local blend; `None` lets the whole image change.
+    pub local_blend: Option<LocalBlendConfig>,
+}
+
+impl EditSpec {
+    /// The reference's typical settings (cross 0.8, self 0.4, no reweight, no blend) for this prompt.
+    pub fn new(edit_prompt: impl Into<String>) -> Self {
+        Self {
+            edit_prompt: edit_prompt.into(),
+            kind: None,
+            cross_window: CrossWindow::uniform(StepWindow::until(0.8)),
+            self_replace: SelfReplace::default(),
+            reweights: Vec::new(),
+            local_blend: None,
+        }
+    }
+}
