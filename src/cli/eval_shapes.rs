@@ -136,12 +136,16 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
                 Some(&scene.caption),
             )?;
         }
+        let done = (index + 1) as f64;
+        let running_iou = if ious.is_empty() { 0.0 } else { ious.iter().sum::<f32>() / ious.len() as f32 };
         eprintln!(
-            "[{}/{}] seed {seed} \"{}\" -> {}",
+            "[{}/{}] seed {seed} \"{}\" -> {} | so far: scenes right {:.1}%, objects right {:.1}%, mean IoU {running_iou:.3}",
             index + 1,
             args.count,
             scene.caption,
-            verdicts.join("; ")
+            verdicts.join("; "),
+            100.0 * scenes_correct as f64 / done,
+            100.0 * objects_correct as f64 / objects_total.max(1) as f64,
         );
     }
     seconds.sort_by(f64::total_cmp);
