@@ -62,13 +62,24 @@ fn ui_never_uses_candle() {
 fn only_ui_uses_egui() {
     let gui = ["egui", "eframe", "wgpu"];
     let mut found = Vec::new();
-    for layer in ["pipeline", "attention", "analysis", "worker", "scenes.rs", "cli"] {
+    for layer in [
+        "pipeline",
+        "attention",
+        "analysis",
+        "worker",
+        "scenes.rs",
+        "cli",
+    ] {
         let path = src().join(layer);
         if path.is_dir() {
             found.extend(violations(&path, &gui));
         } else {
             let code = code_of(&path);
-            found.extend(gui.iter().filter(|p| code.contains(*p)).map(|p| format!("{} uses `{p}`", path.display())));
+            found.extend(
+                gui.iter()
+                    .filter(|p| code.contains(*p))
+                    .map(|p| format!("{} uses `{p}`", path.display())),
+            );
         }
     }
     assert!(found.is_empty(), "{found:#?}");
@@ -89,17 +100,29 @@ fn no_tensor_crosses_the_worker_channels() {
             found.push(file);
         }
     }
-    assert!(found.is_empty(), "channel messages mention tensors: {found:?}");
+    assert!(
+        found.is_empty(),
+        "channel messages mention tensors: {found:?}"
+    );
 }
 
 #[test]
 fn lower_layers_do_not_reach_up() {
     let mut found = Vec::new();
     for layer in ["pipeline", "attention", "analysis"] {
-        found.extend(violations(&src().join(layer), &["crate::worker", "crate::ui"]));
+        found.extend(violations(
+            &src().join(layer),
+            &["crate::worker", "crate::ui"],
+        ));
     }
     let scenes = code_of(&src().join("scenes.rs"));
-    for pattern in ["crate::pipeline", "crate::attention", "crate::analysis", "crate::worker", "crate::ui"] {
+    for pattern in [
+        "crate::pipeline",
+        "crate::attention",
+        "crate::analysis",
+        "crate::worker",
+        "crate::ui",
+    ] {
         if scenes.contains(pattern) {
             found.push(format!("scenes.rs uses `{pattern}`"));
         }
@@ -110,5 +133,8 @@ fn lower_layers_do_not_reach_up() {
 #[test]
 fn threads_are_named() {
     let found = violations(&src(), &["thread::spawn("]);
-    assert!(found.is_empty(), "use std::thread::Builder with a name: {found:#?}");
+    assert!(
+        found.is_empty(),
+        "use std::thread::Builder with a name: {found:#?}"
+    );
 }

@@ -17,20 +17,63 @@ use candle_core::{Device, Tensor};
 #[test]
 fn tiny_sd1_fp16_unet_variant_stays_close_to_the_fp32_reference() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
-    let options = LoadOptions { variant: WeightVariant::Fp16, ..LoadOptions::default() };
+    let options = LoadOptions {
+        variant: WeightVariant::Fp16,
+        ..LoadOptions::default()
+    };
     let model = StableDiffusion::load(&dir, &options).unwrap();
-    let reference = candle_core::safetensors::load(dir.join("reference_outputs.safetensors"), &Device::Cpu).unwrap();
-    let timestep = reference["unet.timestep"].flatten_all().unwrap().to_vec1::<i64>().unwrap()[0] as f64;
+    let reference =
+        candle_core::safetensors::load(dir.join("reference_outputs.safetensors"), &Device::Cpu)
+            .unwrap();
+    let timestep = reference["unet.timestep"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()[0] as f64;
     let output = model
         .unet
-        .forward(&reference["unet.sample"], timestep, &reference["unet.encoder_hidden_states"], None)
+        .forward(
+            &reference["unet.sample"],
+            timestep,
+            &reference["unet.encoder_hidden_states"],
+            None,
+        )
         .unwrap();
     let expected: &Tensor = &reference["unet.out"];
-    let diff = (&output - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    eprintln!("tiny-sd1 fp16 UNet variant: max abs diff {diff:e} (largest reference value {scale})");
+    let diff = (&output - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = expected
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!(
+        "tiny-sd1 fp16 UNet variant: max abs diff {diff:e} (largest reference value {scale})"
+    );
     assert!(diff < 1e-4, "fp16 variant differs by {diff}");
     // And the fp16 file is the one the loader picked.
-    let files = attend::pipeline::weights::find_weight_files(&dir.join("unet"), "UNet weights", WeightVariant::Fp16).unwrap();
-    assert!(files.iter().all(|file| file.to_string_lossy().ends_with(".fp16.safetensors")), "{files:?}");
+    let files = attend::pipeline::weights::find_weight_files(
+        &dir.join("unet"),
+        "UNet weights",
+        WeightVariant::Fp16,
+    )
+    .unwrap();
+    assert!(
+        files
+            .iter()
+            .all(|file| file.to_string_lossy().ends_with(".fp16.safetensors")),
+        "{files:?}"
+    );
 }

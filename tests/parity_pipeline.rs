@@ -182,10 +182,13 @@ fn processor_sees_every_step_and_the_guidance_batch() {
             &CancelToken::new(),
         )
         .unwrap();
-        // A processor that changes nothing changes nothing.
-        assert_eq!(
-            max_abs_diff(&plain.latents_per_step, &hooked.latents_per_step),
-            0.0
+        // A processor that changes nothing changes nothing, up to float summation order: without a
+        // hook the UNet may use its fused attention kernel, which never materialises the
+        // probabilities and adds in another order (measured 5.6e-5 on latents of magnitude ~10).
+        let diff = max_abs_diff(&plain.latents_per_step, &hooked.latents_per_step);
+        assert!(
+            diff < 1e-4,
+            "a reading processor changed the latents by {diff}"
         );
         // tiny-sd1 has 2 + 2 + 1 + 3 + 3 = 11 transformer blocks, each with attn1 and attn2.
         assert_eq!(recorder.calls.len(), 3 * 11 * 2);

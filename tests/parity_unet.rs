@@ -185,8 +185,18 @@ fn process_cpu_secs() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |index: usize| fields.get(index).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -207,7 +217,10 @@ fn random_unet(name: &str) -> Unet {
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
             })
             .collect();
-        tensors.insert(param.clone(), Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap());
+        tensors.insert(
+            param.clone(),
+            Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap(),
+        );
     }
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Unet::new(vb, &config).unwrap()
@@ -251,7 +264,11 @@ fn time_it(label: &str, gflop: f64, mut run: impl FnMut()) {
         run();
     }
     let secs = start.elapsed().as_secs_f64() / reps as f64;
-    eprintln!("{label:<48} {:8.1} ms  {:6.1} GFLOP/s", secs * 1e3, gflop / secs);
+    eprintln!(
+        "{label:<48} {:8.1} ms  {:6.1} GFLOP/s",
+        secs * 1e3,
+        gflop / secs
+    );
 }
 
 /// Speed of the primitives the SD 1.5 UNet spends its time in, at 512 px (64x64 latent), batch 2.
@@ -267,23 +284,39 @@ fn timing_primitives() {
     });
     let tokens = Tensor::randn(0f32, 1.0, (8192, 320), cpu).unwrap();
     let lw = Tensor::randn(0f32, 0.02, (2560, 320), cpu).unwrap();
-    time_it("linear 8192x320 -> 2560", 2.0 * 8192.0 * 320.0 * 2560.0 / 1e9, || {
-        tokens.matmul(&lw.t().unwrap()).unwrap();
-    });
+    time_it(
+        "linear 8192x320 -> 2560",
+        2.0 * 8192.0 * 320.0 * 2560.0 / 1e9,
+        || {
+            tokens.matmul(&lw.t().unwrap()).unwrap();
+        },
+    );
     let q = Tensor::randn(0f32, 1.0, (16, 4096, 40), cpu).unwrap();
     let k = Tensor::randn(0f32, 1.0, (16, 4096, 40), cpu).unwrap();
-    time_it("scores [16,4096,40]x[16,40,4096]", 2.0 * 16.0 * 4096.0 * 4096.0 * 40.0 / 1e9, || {
-        q.matmul(&k.t().unwrap()).unwrap();
-    });
-    let scores = q.narrow(0, 0, 4).unwrap().matmul(&k.narrow(0, 0, 4).unwrap().t().unwrap()).unwrap();
+    time_it(
+        "scores [16,4096,40]x[16,40,4096]",
+        2.0 * 16.0 * 4096.0 * 4096.0 * 40.0 / 1e9,
+        || {
+            q.matmul(&k.t().unwrap()).unwrap();
+        },
+    );
+    let scores = q
+        .narrow(0, 0, 4)
+        .unwrap()
+        .matmul(&k.narrow(0, 0, 4).unwrap().t().unwrap())
+        .unwrap();
     time_it("softmax [4,4096,4096]", 0.0, || {
         candle_nn::ops::softmax_last_dim(&scores).unwrap();
     });
     let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
     let v = k.narrow(0, 0, 4).unwrap();
-    time_it("probs@v [4,4096,4096]x[4,4096,40]", 2.0 * 4.0 * 4096.0 * 4096.0 * 40.0 / 1e9, || {
-        probs.matmul(&v).unwrap();
-    });
+    time_it(
+        "probs@v [4,4096,4096]x[4,4096,40]",
+        2.0 * 4.0 * 4096.0 * 4096.0 * 40.0 / 1e9,
+        || {
+            probs.matmul(&v).unwrap();
+        },
+    );
     time_it("scale [4,4096,4096] * 0.15", 0.0, || {
         (&scores * 0.15).unwrap();
     });
@@ -297,7 +330,12 @@ fn timing_primitives() {
         candle_nn::ops::silu(&x).unwrap();
     });
     time_it("transpose+contiguous [2,320,4096]", 0.0, || {
-        x.reshape((2, 320, 4096)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        x.reshape((2, 320, 4096))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
     });
     time_it("add [2,320,64,64]", 0.0, || {
         (&x + &x).unwrap();

@@ -1,14 +1,19 @@
 //! Self-attention segmentation on synthetic attention: block-structured self-attention must split
 //! into its blocks (KMeans and DiffSeg), labels must follow the cross-attention, masks must have the
-//! right size, dilation and feathering, and the files must read back.
+//! right size, dilation and feathering, and the files must read back. Then `attend segment` end to
+//! end on one scene (the bundled model when present, else the tiny SD 1.x fixture).
+
+// Test helpers unwrap like the tests themselves (clippy.toml only exempts #[test] functions).
+#![allow(clippy::unwrap_used)]
 
 use attend::analysis::heatmap::{Heatmap, SelfAttentionMap};
 use attend::analysis::segment::{
     aggregate_self_attention, anchor_cells, binary_mask_to_mask, diffseg_segments,
     is_label_candidate, kmeans, kmeans_segments, label_segments, mask_file_name, segment_and_label,
     segment_self_attention, segments_mask, segments_with_label, symmetric_kl, write_label_map_png,
-    write_mask_png, write_segments_json, DiffSegSettings, KMeansSettings, LabelSettings,
-    MaskSettings, SegmentMethod, SegmentSettings, Segmentation, SegmentsFile, WordMapRef,
+    write_mask_png, write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings,
+    LabelSettings, MaskSettings, SegmentMethod, SegmentSettings, Segmentation, SegmentsFile,
+    WordMapRef,
 };
 
 /// Region of every cell of a `side x side` grid: 0 background, 1 a square, 2 a disc, 3 a bar.
@@ -132,10 +137,21 @@ fn kmeans_splits_block_attention_into_its_blocks() {
     // Deterministic for a seed.
     assert_eq!(kmeans_segments(&map, &settings).unwrap(), segmentation);
 
-    // The default k = 5 over 4 blocks: every segment stays inside one block.
-    let five = kmeans_segments(&map, &KMeansSettings::default()).unwrap();
+    // k = 5 over 4 blocks: local-prompt-mixing's KMeans splits one block, every segment staying
+    // inside one block; attend's default merges the split halves back.
+    let five = kmeans_segments(&map, &KMeansSettings::reference()).unwrap();
     assert_eq!(five.segment_count, 5);
     assert_eq!(agreement(&five, &regions), 1.0);
+    let merged = kmeans_segments(&map, &KMeansSettings::default()).unwrap();
+    assert!(same_partition(&merged, &regions));
+    let eight = KMeansSettings {
+        k: 8,
+        ..KMeansSettings::default()
+    };
+    assert!(same_partition(
+        &kmeans_segments(&map, &eight).unwrap(),
+        &regions
+    ));
 }
 
 #[test]
@@ -207,16 +223,22 @@ fn diffseg_finds_the_blocks_without_k() {
     );
     assert!(same_partition(&segmentation, &regions));
 
-    // Without KMeans refinement too.
-    let unrefined = diffseg_segments(
-        std::slice::from_ref(&map),
-        &DiffSegSettings {
+    // Without KMeans refinement, and with DiffSeg's own settings (absolute threshold 0.9, per-cell
+    // argmax): the blocks are sharp enough for both.
+    for settings in [
+        DiffSegSettings {
             refine: false,
             ..DiffSegSettings::default()
         },
-    )
-    .unwrap();
-    assert!(same_partition(&unrefined, &regions));
+        DiffSegSettings::reference(),
+        DiffSegSettings {
+            cell_assignment: CellAssignment::ProposalArgmax,
+            ..DiffSegSettings::default()
+        },
+    ] {
+        let other = diffseg_segments(std::slice::from_ref(&map), &settings).unwrap();
+        assert!(same_partition(&other, &regions), "{settings:?}");
+    }
 }
 
 #[test]
@@ -412,7 +434,7 @@ fn square_segmentation() -> Segmentation {
             usize::from((2..6).contains(&y) && (2..6).contains(&x))
         })
         .collect();
-    Segmentation::from_cluster_ids(8, 8, &labels).expect("a valid 8x8 label grid")
+    Segmentation::from_cluster_ids(8, 8, &labels).unwrap()
 }
 
 /// Brute force: is pixel `(y, x)` within `radius` (Euclidean, centre to centre) of a `true` pixel?
@@ -820,7 +842,8 @@ fn segment_command_end_to_end() {
     let (_, _, bundled) = end_to_end_model();
     let (out, file) = run_segment_command(&["--method", "kmeans", "--k", "4"], "8");
     assert_eq!(file.method, SegmentMethod::KMeans);
-    assert_eq!(file.segments.len(), 4);
+    // k = 4 at most: clusters with near-identical centres merge.
+    assert!((2..=4).contains(&file.segments.len()));
     if bundled {
         // Only shape words and "background" compete by default (no colours, no articles).
         let words: Vec<&str> = file.segments[0]
@@ -863,233 +886,4 @@ fn segment_command_end_to_end() {
     });
     assert!(soft || file.segments.len() == 1);
     std::fs::remove_dir_all(out).unwrap();
-}
-
-// TEMPORARY harness (removed before hand-off).
-#[allow(dead_code, unused_imports, missing_docs, clippy::all)]
-mod cli {
-    #[path = "/work/main/src/cli/generate.rs"]
-    pub mod generate;
-    #[path = "/work/main/src/cli/segment.rs"]
-    pub mod segment;
-    use std::path::PathBuf;
-    #[derive(Debug, Clone, clap::Args)]
-    pub struct ModelArgs {
-        #[arg(long = "model", value_name = "DIR")]
-        pub dir: Option<PathBuf>,
-        #[arg(long)]
-        pub fp16_weights: bool,
-    }
-    pub fn load_model(
-        args: &ModelArgs,
-    ) -> anyhow::Result<attend::pipeline::model::StableDiffusion> {
-        let dir = args.dir.clone().unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/attend-shapes"))
-        });
-        Ok(attend::pipeline::model::StableDiffusion::load(
-            &dir,
-            &attend::pipeline::model::LoadOptions::default(),
-        )?)
-    }
-}
-
-#[test]
-#[ignore]
-fn temporary_segment_eval() {
-    use clap::Parser as _;
-    #[derive(clap::Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: cli::segment::SegmentEvalArgs,
-    }
-    let line = std::env::var("SEGMENT_EVAL_ARGS").unwrap_or_default();
-    let wrapper = Wrapper::parse_from(std::iter::once("x").chain(line.split_whitespace()));
-    cli::segment::run_eval(&wrapper.args).unwrap();
-}
-
-#[test]
-#[ignore]
-fn temporary_cross_dump() {
-    use attend::attention::store::{AttentionStore, StoreConfig};
-    use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
-    let model = cli::load_model(&cli::ModelArgs {
-        dir: None,
-        fp16_weights: false,
-    })
-    .unwrap();
-    let seed: u64 = std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let scene = attend::scenes::generate_scene(seed, &attend::scenes::SceneOptions::default());
-    let mut request = GenerateRequest::new(&model, scene.caption.clone());
-    request.seed = seed;
-    request.steps = 20;
-    let tokens = model.tokenizer.encode(&scene.caption).unwrap();
-    let mut store = AttentionStore::new(StoreConfig::new(tokens.token_count()));
-    let output = generate(
-        &model,
-        &request,
-        Some(&mut store),
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
-    store.finish_step().unwrap();
-    let image = &output.image;
-    let colours =
-        attend::analysis::scene_check::palette_labels(&image.pixels, image.width, image.height);
-    eprintln!("caption {:?}", scene.caption);
-    eprintln!("tokens {:?}", tokens.tokens);
-    // Sum groups over steps.
-    let mut sums: std::collections::BTreeMap<String, (usize, usize, Vec<f32>)> = Default::default();
-    for step in store.steps() {
-        for g in &step.groups {
-            let e = sums.entry(format!("{:?}{}", g.place, g.h)).or_insert((
-                g.h,
-                g.token_count,
-                vec![0.0; g.data.len()],
-            ));
-            e.2.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b);
-        }
-    }
-    let mut regions: Vec<(String, Vec<bool>)> = scene
-        .objects
-        .iter()
-        .map(|o| {
-            (
-                format!("{} {}", o.colour, o.shape),
-                colours.iter().map(|c| *c == Some(o.colour)).collect(),
-            )
-        })
-        .collect();
-    regions.push((
-        "bg".into(),
-        colours
-            .iter()
-            .map(|c| *c == Some(scene.background))
-            .collect(),
-    ));
-    for (name, (h, tc, data)) in &sums {
-        eprintln!("group {name}");
-        let cells = h * h;
-        for (rname, mask) in &regions {
-            let mut line = format!("  {rname:>16}:");
-            for t in 0..*tc {
-                let map = &data[t * cells..(t + 1) * cells];
-                let (mut s, mut n) = (0.0, 0);
-                for y in 0..64 {
-                    for x in 0..64 {
-                        if mask[y * 64 + x] {
-                            s += map[(y * h / 64) * h + x * h / 64];
-                            n += 1;
-                        }
-                    }
-                }
-                line += &format!(" {:.3}", s / n.max(1) as f32);
-            }
-            eprintln!("{line}");
-        }
-    }
-}
-
-#[test]
-#[ignore]
-fn temporary_head_entropy() {
-    use attend::attention::{AttentionKind, AttentionProcessor, AttentionSite};
-    use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
-    use candle_core::Tensor;
-    struct Probe;
-    impl AttentionProcessor for Probe {
-        fn process_probabilities(
-            &mut self,
-            site: &AttentionSite,
-            probs: &Tensor,
-        ) -> candle_core::Result<Option<Tensor>> {
-            if site.kind != AttentionKind::Cross || site.step_index != 10 {
-                return Ok(None);
-            }
-            let heads = site.heads;
-            let cond = probs
-                .narrow(0, heads, heads)?
-                .to_dtype(candle_core::DType::F32)?; // [heads, q, k]
-            let data: Vec<Vec<Vec<f32>>> = cond.to_vec3()?;
-            let mut line = format!("{} q{}:", site.module_path(), site.queries());
-            for head in &data {
-                let mut entropy = 0.0f32;
-                let mut max_token = vec![0.0f32; 12];
-                for row in head {
-                    entropy -= row
-                        .iter()
-                        .map(|p| if *p > 0.0 { p * p.ln() } else { 0.0 })
-                        .sum::<f32>();
-                    for t in 0..12 {
-                        max_token[t] = max_token[t].max(row[t]);
-                    }
-                }
-                entropy /= head.len() as f32;
-                line += &format!(
-                    " H{entropy:.2}/max[{}]",
-                    max_token
-                        .iter()
-                        .map(|v| format!("{v:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
-            }
-            eprintln!("{line}");
-            Ok(None)
-        }
-    }
-    let model = cli::load_model(&cli::ModelArgs {
-        dir: None,
-        fp16_weights: false,
-    })
-    .unwrap();
-    let mut request = GenerateRequest::new(&model, "a black circle on a green background");
-    request.seed = 3;
-    request.steps = 20;
-    let mut probe = Probe;
-    generate(
-        &model,
-        &request,
-        Some(&mut probe),
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
-}
-
-#[test]
-#[ignore]
-fn temporary_self_dump() {
-    use attend::analysis::heatmap::SelfAttentionSpan;
-    use attend::attention::store::{AttentionStore, StoreConfig};
-    use attend::attention::UnetPlace;
-    use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
-    let model = cli::load_model(&cli::ModelArgs { dir: None, fp16_weights: false }).unwrap();
-    let dir = std::path::Path::new("/tmp/selfdump");
-    std::fs::create_dir_all(dir).unwrap();
-    for seed in 0..4u64 {
-        let scene = attend::scenes::generate_scene(seed, &attend::scenes::SceneOptions::default());
-        let mut request = GenerateRequest::new(&model, scene.caption.clone());
-        request.seed = seed;
-        request.steps = 20;
-        let tokens = model.tokenizer.encode(&scene.caption).unwrap();
-        let mut store = AttentionStore::new(StoreConfig::new(tokens.token_count()));
-        let output = generate(&model, &request, Some(&mut store), &mut |_| Ok(()), &CancelToken::new()).unwrap();
-        store.finish_step().unwrap();
-        std::fs::write(dir.join(format!("{seed}_image.rgb")), &output.image.pixels).unwrap();
-        for (h, w) in store.self_attention_resolutions() {
-            for (span, name) in [(SelfAttentionSpan::MeanOverSteps, "mean"), (SelfAttentionSpan::LatestStep, "last")] {
-                for (places, pname) in [(&[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up][..], "all"), (&[UnetPlace::Up][..], "up")] {
-                    if let Some(map) = store.self_attention(h, w, places, span) {
-                        let bytes: Vec<u8> = map.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                        std::fs::write(dir.join(format!("{seed}_{h}_{name}_{pname}.f32")), bytes).unwrap();
-                    }
-                }
-            }
-        }
-        eprintln!("seed {seed}: {}", scene.caption);
-    }
 }

@@ -75,22 +75,33 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let (unet, latent_factor) = match (&args.model, &args.random_config) {
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
             let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
             let config = UnetConfig::from_json(&unet_json.to_string(), path)?;
             let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
             (Unet::new(vb, &config)?, args.latent_factor.unwrap_or(8))
         }
         (Some(dir), None) => {
-            let model = load_model(&super::ModelArgs { dir: Some(dir.clone()), fp16_weights: false })?;
-            let factor = args.latent_factor.unwrap_or_else(|| model.latent_downscale_factor());
+            let model = load_model(&super::ModelArgs {
+                dir: Some(dir.clone()),
+                fp16_weights: false,
+            })?;
+            let factor = args
+                .latent_factor
+                .unwrap_or_else(|| model.latent_downscale_factor());
             (model.unet, factor)
         }
         (None, None) => {
-            let model = load_model(&super::ModelArgs { dir: None, fp16_weights: false })?;
-            let factor = args.latent_factor.unwrap_or_else(|| model.latent_downscale_factor());
+            let model = load_model(&super::ModelArgs {
+                dir: None,
+                fp16_weights: false,
+            })?;
+            let factor = args
+                .latent_factor
+                .unwrap_or_else(|| model.latent_downscale_factor());
             (model.unet, factor)
         }
     };

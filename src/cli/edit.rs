@@ -322,7 +322,8 @@ fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
 /// - **Swap**: its shape word becomes the next shape (circle -> square -> triangle -> star -> circle).
 ///   Success: the target's colour is still found with its centroid within the tolerance, and every
 ///   other object found in the source is found again with its centroid within the tolerance and the
-///   same shape verdict.
+///   same shape verdict. Also reported: the same judged by the target's bounding-box centre, which
+///   a shape change does not move (a triangle's centroid sits lower in its box than a square's).
 /// - **Reweight**: the target's words (colour and shape by default) scaled by each
 ///   `--reweight-scales` value with the prompt unchanged. Removed: the target's colour is no longer
 ///   found; weakened: removed or its area at most half the source's. Skipped when a word occurs twice
@@ -352,6 +353,9 @@ pub struct EditEvalArgs {
     /// Self-attention replacement window of the swap (F or START:END).
     #[arg(long, default_value = "0.4")]
     pub self_replace: String,
+    /// Self-attention is replaced only in layers whose query grid side is at most this.
+    #[arg(long, default_value_t = 16)]
+    pub self_replace_max_side: usize,
     /// Reweight scales to measure, comma-separated.
     #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
     pub reweight_scales: String,
@@ -378,6 +382,8 @@ struct FoundObject {
     colour: Colour,
     found: bool,
     centroid_px: Option<(f32, f32)>,
+    /// Centre of the bounding box (does not move when a shape changes into another of the same box).
+    box_centre_px: Option<(f32, f32)>,
     area: usize,
     shape: Option<Shape>,
 }
@@ -393,11 +399,28 @@ fn measure_objects(image: &RgbImage, scene: &Scene) -> Vec<FoundObject> {
                 colour: object.colour,
                 found: region.is_some(),
                 centroid_px: region.as_ref().map(|region| region.centroid_px),
+                box_centre_px: region
+                    .as_ref()
+                    .and_then(|region| box_centre(&region.mask, image.width)),
                 area: region.as_ref().map_or(0, |region| region.area),
                 shape: region.as_ref().map(|region| region.shape),
             }
         })
         .collect()
+}
+
+/// Centre of the bounding box of a `[h, w]` mask with `width` columns.
+fn box_centre(mask: &[bool], width: usize) -> Option<(f32, f32)> {
+    let mut bounds: Option<(usize, usize, usize, usize)> = None;
+    for (index, _) in mask.iter().enumerate().filter(|(_, &inside)| inside) {
+        let (x, y) = (index % width, index / width);
+        bounds = Some(match bounds {
+            None => (x, y, x, y),
+            Some((x0, y0, x1, y1)) => (x0.min(x), y0.min(y), x1.max(x), y1.max(y)),
+        });
+    }
+    let (x0, y0, x1, y1) = bounds?;
+    Some(((x0 + x1) as f32 / 2.0 + 0.5, (y0 + y1) as f32 / 2.0 + 0.5))
 }
 
 /// One seed's results.
@@ -418,6 +441,10 @@ struct SeedResult {
 struct SwapVerdict {
     target_kept: bool,
     target_shift_px: Option<f32>,
+    /// Shift of the target's bounding-box centre (at 64 px).
+    target_box_shift_px: Option<f32>,
+    /// Success judged by the bounding-box centre instead of the centroid.
+    success_by_box: bool,
     new_shape_drawn: bool,
     others_unchanged: bool,
     success: bool,
@@ -474,10 +501,16 @@ fn judge_swap(
         _ => None,
     };
     let target_kept = shift.is_some_and(|shift| shift <= tolerance);
+    let box_shift = match (source[target].box_centre_px, edited[target].box_centre_px) {
+        (Some(a), Some(b)) => Some(shift_at_64(a, b, width)),
+        _ => None,
+    };
     let others = others_unchanged(source, edited, target, width, tolerance);
     SwapVerdict {
         target_kept,
         target_shift_px: shift,
+        target_box_shift_px: box_shift,
+        success_by_box: others && box_shift.is_some_and(|shift| shift <= tolerance),
         new_shape_drawn: edited[target].shape == Some(new_shape),
         others_unchanged: others,
         success: target_kept && others,
@@ -563,12 +596,15 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         }
         let self_replace = SelfReplace {
             window: self_window,
-            ..SelfReplace::default()
+            max_queries: args.self_replace_max_side * args.self_replace_max_side,
         };
         let (source, recording) = record_source(
             &model,
             &request,
-            RecordConfig::default(),
+            RecordConfig {
+                self_max_queries: self_replace.max_queries,
+                batch_item: 0,
+            },
             None,
             &mut |_| Ok(()),
             &cancel,
@@ -692,9 +728,10 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
             result.swap_caption,
             match &result.swap {
                 Some(verdict) => format!(
-                    "swap {} (shift {:.1} px, new shape {}, others {}){}",
+                    "swap {} (shift {:.1} px, box {:.1} px, new shape {}, others {}){}",
                     if verdict.success { "ok" } else { "FAILED" },
                     verdict.target_shift_px.unwrap_or(f32::NAN),
+                    verdict.target_box_shift_px.unwrap_or(f32::NAN),
                     verdict.new_shape_drawn,
                     verdict.others_unchanged,
                     result
@@ -725,6 +762,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 "guidance": args.guidance,
                 "cross_replace": args.cross_replace,
                 "self_replace": args.self_replace,
+                "self_replace_max_side": args.self_replace_max_side,
                 "reweight_word": args.reweight_word,
                 "centroid_tolerance_px_at_64": args.centroid_tolerance_px,
                 "model": model.name(),
@@ -752,6 +790,7 @@ fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
         serde_json::json!({
             "cases": verdicts.len(),
             "success_percent": rate(verdicts.iter().filter(|v| v.success).count(), verdicts.len()),
+            "success_by_box_centre_percent": rate(verdicts.iter().filter(|v| v.success_by_box).count(), verdicts.len()),
             "target_kept_percent": rate(verdicts.iter().filter(|v| v.target_kept).count(), verdicts.len()),
             "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
             "new_shape_drawn_percent": rate(verdicts.iter().filter(|v| v.new_shape_drawn).count(), verdicts.len()),

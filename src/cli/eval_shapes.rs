@@ -137,7 +137,11 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
             )?;
         }
         let done = (index + 1) as f64;
-        let running_iou = if ious.is_empty() { 0.0 } else { ious.iter().sum::<f32>() / ious.len() as f32 };
+        let running_iou = if ious.is_empty() {
+            0.0
+        } else {
+            ious.iter().sum::<f32>() / ious.len() as f32
+        };
         eprintln!(
             "[{}/{}] seed {seed} \"{}\" -> {} | so far: scenes right {:.1}%, objects right {:.1}%, mean IoU {running_iou:.3}",
             index + 1,

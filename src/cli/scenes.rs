@@ -58,7 +58,9 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
         write_atomically(&args.out.join("captions.txt"), |file| {
             file.write_all(captions.as_bytes())
         })?;
-        write_atomically(&args.out.join("objects.u8"), |file| file.write_all(&object_ids))?;
+        write_atomically(&args.out.join("objects.u8"), |file| {
+            file.write_all(&object_ids)
+        })?;
         return Ok(());
     }
     let images_dir = args.out.join("images");

@@ -4,7 +4,7 @@
 //! `attend segment-eval`: the same over drawn scenes, scored against the colour regions of the
 //! generated images (mIoU of the labelled object masks, label accuracy, time to segment).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -15,8 +15,8 @@ use attend::analysis::heatmap::{
 use attend::analysis::scene_check::{find_object, iou, palette_labels};
 use attend::analysis::segment::{
     is_label_candidate, mask_file_name, segment_and_label, write_label_map_png, write_mask_png,
-    write_segments_json, DiffSegSettings, KMeansSettings, LabelSettings, LabelledSegmentation,
-    MaskSettings, SegmentMethod, SegmentSettings, SegmentsFile, WordMapRef,
+    write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings, LabelSettings,
+    LabelledSegmentation, MaskSettings, SegmentMethod, SegmentSettings, SegmentsFile, WordMapRef,
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
@@ -33,7 +33,7 @@ pub struct SegmentationArgs {
     /// Clustering: kmeans (needs --k) or diffseg (finds the number of segments).
     #[arg(long, default_value = "kmeans")]
     pub method: SegmentMethod,
-    /// KMeans: number of segments.
+    /// KMeans: number of clusters (the most segments: near-identical clusters merge).
     #[arg(long, default_value_t = 5)]
     pub k: usize,
     /// KMeans: seeded runs, the best kept.
@@ -42,9 +42,22 @@ pub struct SegmentationArgs {
     /// KMeans: seed of the initialisation.
     #[arg(long, default_value_t = 1)]
     pub kmeans_seed: u64,
-    /// DiffSeg: maps closer than this symmetric KL divergence merge.
-    #[arg(long, default_value_t = 0.9)]
-    pub kl_threshold: f32,
+    /// KMeans: merge clusters whose centres differ by less than this fraction of the largest
+    /// divergence between centres (0: keep all k).
+    #[arg(long, default_value_t = 0.05)]
+    pub merge_fraction: f32,
+    /// DiffSeg: maps merge when their symmetric KL divergence is below this fraction of the 95th
+    /// percentile of the divergences between anchors.
+    #[arg(long, default_value_t = 0.25)]
+    pub kl_relative: f32,
+    /// DiffSeg: an absolute merge threshold instead of --kl-relative (DiffSeg's own: 0.9, tuned on
+    /// SD's 64x64 maps).
+    #[arg(long)]
+    pub kl_threshold: Option<f32>,
+    /// DiffSeg: give each cell the proposal with the most attention at it (DiffSeg's rule) instead
+    /// of the proposal nearest to the cell's own attention.
+    #[arg(long)]
+    pub argmax_cells: bool,
     /// DiffSeg: merge passes.
     #[arg(long, default_value_t = 3)]
     pub passes: usize,
@@ -69,11 +82,23 @@ impl SegmentationArgs {
                 k: self.k,
                 n_init: self.n_init,
                 seed: self.kmeans_seed,
+                merge_fraction: (self.merge_fraction > 0.0).then_some(self.merge_fraction),
                 ..KMeansSettings::default()
             },
             diffseg: DiffSegSettings {
-                kl_threshold: self.kl_threshold,
+                kl_threshold: self
+                    .kl_threshold
+                    .unwrap_or(DiffSegSettings::reference().kl_threshold),
+                relative_threshold: match self.kl_threshold {
+                    Some(_) => None,
+                    None => Some(self.kl_relative),
+                },
                 passes: self.passes,
+                cell_assignment: if self.argmax_cells {
+                    CellAssignment::ProposalArgmax
+                } else {
+                    CellAssignment::NearestProposal
+                },
                 ..DiffSegSettings::default()
             },
             labels: LabelSettings {
@@ -151,6 +176,9 @@ pub struct SegmentEvalArgs {
     /// Write each image with its segment overlay here, for a look.
     #[arg(long)]
     pub images_out: Option<PathBuf>,
+    /// Measure only --method (default: both methods, on the same images).
+    #[arg(long)]
+    pub single_method: bool,
 }
 
 /// A generated image with its attention, ready to segment.
@@ -377,13 +405,16 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
-/// Measurements of one scene of `attend segment-eval`.
+// `attend segment-eval`. Its `#[allow(dead_code)]`s go once cli/mod.rs has the variant
+// `SegmentEval(segment::SegmentEvalArgs)` dispatching to `segment::run_eval`.
+
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+/// What `attend segment-eval` measures on one scene with one method.
 #[derive(Debug, serde::Serialize)]
 struct SceneMeasurement {
     seed: u64,
     caption: String,
+    method: SegmentMethod,
     /// Objects the model drew in their colour (largest region of that colour found).
     objects_drawn: usize,
     objects: usize,
@@ -396,7 +427,7 @@ struct SceneMeasurement {
     /// that object's shape word.
     object_segments: usize,
     object_segments_right: usize,
-    /// Segments lying mostly off the objects, and how many of them are labelled background.
+    /// Segments lying mostly off the objects, and how many of them carry no shape word.
     background_segments: usize,
     background_segments_right: usize,
     segments: usize,
@@ -404,36 +435,141 @@ struct SceneMeasurement {
     segment_secs: f64,
 }
 
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
-/// The summary of `attend segment-eval`.
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+/// The summary of `attend segment-eval` for one method.
 #[derive(Debug, serde::Serialize)]
 struct EvalSummary {
     method: SegmentMethod,
-    scenes: u64,
-    start: u64,
-    steps: usize,
+    scenes: usize,
     objects: usize,
     objects_drawn: usize,
     mean_iou: f64,
     oracle_mean_iou: f64,
     label_accuracy: f64,
+    object_segments: usize,
     background_label_accuracy: f64,
+    background_segments: usize,
     mean_segments: f64,
     median_segment_ms: f64,
     mean_segment_ms: f64,
     median_generation_secs: f64,
 }
 
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+/// Scores a labelled segmentation against the colour regions of the generated image.
+fn measure_scene(
+    scene: &attend::scenes::Scene,
+    image: &attend::pipeline::sampling::RgbImage,
+    words: &[WordSpan],
+    result: &LabelledSegmentation,
+) -> SceneMeasurement {
+    let (width, height) = (image.width, image.height);
+    let colours = palette_labels(&image.pixels, width, height);
+    // Object i of the caption is named by the i-th shape word among the label words.
+    let shape_word_indices: Vec<usize> = words
+        .iter()
+        .enumerate()
+        .filter(|(_, word)| word.text.parse::<attend::scenes::Shape>().is_ok())
+        .map(|(index, _)| index)
+        .collect();
+    let regions: Vec<Option<Vec<bool>>> = scene
+        .objects
+        .iter()
+        .map(|object| find_object(&colours, width, height, object.colour).map(|r| r.mask))
+        .collect();
+    let mask_of = |ids: &[usize]| result.mask(ids, &MaskSettings::default()).to_binary();
+
+    let mut ious = Vec::new();
+    for (object_index, region) in regions.iter().enumerate() {
+        let Some(region) = region else {
+            continue;
+        };
+        let word_index = shape_word_indices.get(object_index).copied();
+        let ids: Vec<usize> = result
+            .segments
+            .iter()
+            .filter(|segment| segment.word_index.is_some() && segment.word_index == word_index)
+            .map(|segment| segment.id)
+            .collect();
+        ious.push(iou(&mask_of(&ids), region));
+    }
+
+    let (mut object_segments, mut object_segments_right) = (0usize, 0usize);
+    let (mut background_segments, mut background_segments_right) = (0usize, 0usize);
+    // Per object, the segments lying mostly on it (what a perfect labelling would select).
+    let mut segments_on_object: Vec<Vec<usize>> = vec![Vec::new(); regions.len()];
+    for segment in &result.segments {
+        if segment.pixel_count == 0 {
+            continue;
+        }
+        let mut on_object = vec![0usize; regions.len()];
+        for (pixel, _) in result
+            .image
+            .labels
+            .iter()
+            .enumerate()
+            .filter(|&(_, &label)| label == segment.id)
+        {
+            for (count, region) in on_object.iter_mut().zip(&regions) {
+                if region.as_ref().is_some_and(|mask| mask[pixel]) {
+                    *count += 1;
+                }
+            }
+        }
+        match on_object
+            .iter()
+            .position(|&count| count * 2 > segment.pixel_count)
+        {
+            Some(object_index) => {
+                segments_on_object[object_index].push(segment.id);
+                object_segments += 1;
+                let expected = shape_word_indices.get(object_index).copied();
+                if expected.is_some() && segment.word_index == expected {
+                    object_segments_right += 1;
+                }
+            }
+            None => {
+                background_segments += 1;
+                let carries_shape = segment
+                    .word_index
+                    .is_some_and(|index| shape_word_indices.contains(&index));
+                if !carries_shape {
+                    background_segments_right += 1;
+                }
+            }
+        }
+    }
+    let oracle_ious: Vec<f32> = regions
+        .iter()
+        .zip(&segments_on_object)
+        .filter_map(|(region, ids)| Some(iou(&mask_of(ids), region.as_ref()?)))
+        .collect();
+
+    SceneMeasurement {
+        seed: 0,
+        caption: scene.caption.clone(),
+        method: result.method,
+        objects_drawn: regions.iter().filter(|region| region.is_some()).count(),
+        objects: scene.objects.len(),
+        ious,
+        oracle_ious,
+        object_segments,
+        object_segments_right,
+        background_segments,
+        background_segments_right,
+        segments: result.segments.len(),
+        generation_secs: 0.0,
+        segment_secs: 0.0,
+    }
+}
+
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn ratio(part: usize, whole: usize) -> f64 {
     if whole == 0 {
         0.0
@@ -442,8 +578,81 @@ fn ratio(part: usize, whole: usize) -> f64 {
     }
 }
 
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, count) = values.fold((0.0, 0usize), |(sum, count), value| {
+        (sum + value, count + 1)
+    });
+    if count == 0 {
+        0.0
+    } else {
+        sum / count as f64
+    }
+}
+
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+fn summarise(method: SegmentMethod, scenes: &[&SceneMeasurement]) -> EvalSummary {
+    let sum =
+        |value: fn(&SceneMeasurement) -> usize| scenes.iter().map(|m| value(m)).sum::<usize>();
+    let mut segment_secs: Vec<f64> = scenes.iter().map(|m| m.segment_secs).collect();
+    let mut generation_secs: Vec<f64> = scenes.iter().map(|m| m.generation_secs).collect();
+    EvalSummary {
+        method,
+        scenes: scenes.len(),
+        objects: sum(|m| m.objects),
+        objects_drawn: sum(|m| m.objects_drawn),
+        mean_iou: mean(
+            scenes
+                .iter()
+                .flat_map(|m| m.ious.iter().map(|&v| f64::from(v))),
+        ),
+        oracle_mean_iou: mean(
+            scenes
+                .iter()
+                .flat_map(|m| m.oracle_ious.iter().map(|&v| f64::from(v))),
+        ),
+        label_accuracy: ratio(sum(|m| m.object_segments_right), sum(|m| m.object_segments)),
+        object_segments: sum(|m| m.object_segments),
+        background_label_accuracy: ratio(
+            sum(|m| m.background_segments_right),
+            sum(|m| m.background_segments),
+        ),
+        background_segments: sum(|m| m.background_segments),
+        mean_segments: mean(scenes.iter().map(|m| m.segments as f64)),
+        median_segment_ms: median(&mut segment_secs) * 1e3,
+        mean_segment_ms: mean(segment_secs.iter().copied()) * 1e3,
+        median_generation_secs: median(&mut generation_secs),
+    }
+}
+
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
+fn print_summary(summary: &EvalSummary) {
+    println!(
+        "{}: {} scenes, {}/{} objects drawn\n  \
+         mIoU of labelled object masks vs colour regions: {:.3} \
+         (segments chosen by overlap instead of label: {:.3})\n  \
+         label accuracy (segments over an object get its shape word): {:.1}% of {}\n  \
+         segments off the objects without a shape word: {:.1}% of {}\n  \
+         segments per scene {:.1}; time to segment: median {:.0} ms, mean {:.0} ms; \
+         generation: median {:.1} s",
+        summary.method,
+        summary.scenes,
+        summary.objects_drawn,
+        summary.objects,
+        summary.mean_iou,
+        summary.oracle_mean_iou,
+        summary.label_accuracy * 100.0,
+        summary.object_segments,
+        summary.background_label_accuracy * 100.0,
+        summary.background_segments,
+        summary.mean_segments,
+        summary.median_segment_ms,
+        summary.mean_segment_ms,
+        summary.median_generation_secs
+    );
+}
+
+#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 /// Run `attend segment-eval`.
 pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
@@ -451,6 +660,11 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
     }
+    let methods: Vec<SegmentMethod> = if args.single_method {
+        vec![args.segmentation.method]
+    } else {
+        SegmentMethod::ALL.to_vec()
+    };
     let scene_options = SceneOptions::default();
     let mut measurements = Vec::new();
     for index in 0..args.count {
@@ -464,225 +678,86 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
             &generated.output.prompt_tokens.words,
             args.segmentation.words.as_deref(),
         )?;
-        let started = Instant::now();
-        let (result, _) = segment_generated(&generated, &words, &args.segmentation)?;
-        let segment_secs = started.elapsed().as_secs_f64();
-
         let image = &generated.output.image;
-        let (width, height) = (image.width, image.height);
-        let colours = palette_labels(&image.pixels, width, height);
-        // Object i of the caption is named by the i-th shape word among the label words.
-        let shape_word_indices: Vec<usize> = words
-            .iter()
-            .enumerate()
-            .filter(|(_, word)| word.text.parse::<attend::scenes::Shape>().is_ok())
-            .map(|(index, _)| index)
-            .collect();
-        let regions: Vec<Option<Vec<bool>>> = scene
-            .objects
-            .iter()
-            .map(|object| find_object(&colours, width, height, object.colour).map(|r| r.mask))
-            .collect();
-
-        let mut ious = Vec::new();
-        for (object_index, region) in regions.iter().enumerate() {
-            let Some(region) = region else {
-                continue;
+        let mut lines = Vec::new();
+        for &method in &methods {
+            let arguments = SegmentationArgs {
+                method,
+                ..args.segmentation.clone()
             };
-            let word_index = shape_word_indices.get(object_index).copied();
-            let ids: Vec<usize> = result
-                .segments
-                .iter()
-                .filter(|segment| segment.word_index.is_some() && segment.word_index == word_index)
-                .map(|segment| segment.id)
-                .collect();
-            let predicted = result.mask(&ids, &MaskSettings::default()).to_binary();
-            ious.push(iou(&predicted, region));
+            let started = Instant::now();
+            let (result, _) = segment_generated(&generated, &words, &arguments)?;
+            let segment_secs = started.elapsed().as_secs_f64();
+            let measurement = SceneMeasurement {
+                seed,
+                generation_secs,
+                segment_secs,
+                ..measure_scene(&scene, image, &words, &result)
+            };
+            let listed = |values: &[f32]| {
+                values
+                    .iter()
+                    .map(|value| format!("{value:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            lines.push(format!(
+                "  {method}: {} segments, IoU [{}] (by overlap [{}]), object segments {}/{} right, \
+                 others {}/{} without a shape word, {:.0} ms",
+                measurement.segments,
+                listed(&measurement.ious),
+                listed(&measurement.oracle_ious),
+                measurement.object_segments_right,
+                measurement.object_segments,
+                measurement.background_segments_right,
+                measurement.background_segments,
+                segment_secs * 1e3
+            ));
+            if let Some(dir) = &args.images_out {
+                write_png_rgb(
+                    &dir.join(format!("{seed:04}_{method}.png")),
+                    image.width,
+                    image.height,
+                    &overlay_segments(&image.pixels, &result),
+                    Some(&scene.caption),
+                )?;
+            }
+            measurements.push(measurement);
         }
-
-        let (mut object_segments, mut object_segments_right) = (0usize, 0usize);
-        let (mut background_segments, mut background_segments_right) = (0usize, 0usize);
-        // Per object, the segments lying mostly on it (what a perfect labelling would select).
-        let mut segments_on_object: Vec<Vec<usize>> = vec![Vec::new(); regions.len()];
-        for segment in &result.segments {
-            if segment.pixel_count == 0 {
-                continue;
-            }
-            let mut on_object = vec![0usize; regions.len()];
-            for (pixel, &label) in result.image.labels.iter().enumerate() {
-                if label != segment.id {
-                    continue;
-                }
-                for (object_index, region) in regions.iter().enumerate() {
-                    if region.as_ref().is_some_and(|mask| mask[pixel]) {
-                        on_object[object_index] += 1;
-                    }
-                }
-            }
-            let majority = on_object
-                .iter()
-                .position(|&count| count * 2 > segment.pixel_count);
-            match majority {
-                Some(object_index) => {
-                    segments_on_object[object_index].push(segment.id);
-                    object_segments += 1;
-                    let expected = shape_word_indices.get(object_index).copied();
-                    if expected.is_some() && segment.word_index == expected {
-                        object_segments_right += 1;
-                    }
-                }
-                None => {
-                    background_segments += 1;
-                    let is_shape = segment
-                        .word_index
-                        .is_some_and(|index| shape_word_indices.contains(&index));
-                    if !is_shape {
-                        background_segments_right += 1;
-                    }
-                }
-            }
-        }
-
-        let oracle_ious: Vec<f32> = regions
-            .iter()
-            .zip(&segments_on_object)
-            .filter_map(|(region, ids)| {
-                let region = region.as_ref()?;
-                let predicted = result.mask(ids, &MaskSettings::default()).to_binary();
-                Some(iou(&predicted, region))
-            })
-            .collect();
-
-        let measurement = SceneMeasurement {
-            seed,
-            caption: scene.caption.clone(),
-            objects_drawn: regions.iter().filter(|region| region.is_some()).count(),
-            objects: scene.objects.len(),
-            ious,
-            oracle_ious,
-            object_segments,
-            object_segments_right,
-            background_segments,
-            background_segments_right,
-            segments: result.segments.len(),
-            generation_secs,
-            segment_secs,
-        };
         eprintln!(
-            "[{}/{}] seed {seed} \"{}\": IoU [{}] (by overlap [{}]), object segments {}/{} right, background {}/{}, {:.0} ms",
+            "[{}/{}] seed {seed} \"{}\" ({generation_secs:.1} s)\n{}",
             index + 1,
             args.count,
             scene.caption,
-            measurement
-                .ious
-                .iter()
-                .map(|value| format!("{value:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            measurement
-                .oracle_ious
-                .iter()
-                .map(|value| format!("{value:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            object_segments_right,
-            object_segments,
-            background_segments_right,
-            background_segments,
-            segment_secs * 1e3
+            lines.join("\n")
         );
-        if let Some(dir) = &args.images_out {
-            write_png_rgb(
-                &dir.join(format!("{seed:04}.png")),
-                width,
-                height,
-                &overlay_segments(&image.pixels, &result),
-                Some(&scene.caption),
-            )?;
-        }
-        measurements.push(measurement);
     }
 
-    let mean_of = |values: &mut dyn Iterator<Item = f32>| {
-        let (sum, count) = values.fold((0.0f64, 0usize), |(sum, count), value| {
-            (sum + f64::from(value), count + 1)
-        });
-        if count == 0 {
-            0.0
-        } else {
-            sum / count as f64
-        }
-    };
-    let sum = |value: fn(&SceneMeasurement) -> usize| measurements.iter().map(value).sum::<usize>();
-    let mut segment_secs: Vec<f64> = measurements.iter().map(|m| m.segment_secs).collect();
-    let mut generation_secs: Vec<f64> = measurements.iter().map(|m| m.generation_secs).collect();
-    let scene_count = measurements.len().max(1) as f64;
-    let summary = EvalSummary {
-        method: args.segmentation.method,
-        scenes: args.count,
-        start: args.start,
-        steps: args.steps,
-        objects: sum(|m| m.objects),
-        objects_drawn: sum(|m| m.objects_drawn),
-        mean_iou: mean_of(&mut measurements.iter().flat_map(|m| m.ious.iter().copied())),
-        oracle_mean_iou: mean_of(
-            &mut measurements
+    let summaries: Vec<EvalSummary> = methods
+        .iter()
+        .map(|&method| {
+            let scenes: Vec<&SceneMeasurement> = measurements
                 .iter()
-                .flat_map(|m| m.oracle_ious.iter().copied()),
-        ),
-        label_accuracy: ratio(sum(|m| m.object_segments_right), sum(|m| m.object_segments)),
-        background_label_accuracy: ratio(
-            sum(|m| m.background_segments_right),
-            sum(|m| m.background_segments),
-        ),
-        mean_segments: sum(|m| m.segments) as f64 / scene_count,
-        median_segment_ms: median(&mut segment_secs) * 1e3,
-        mean_segment_ms: segment_secs.iter().sum::<f64>() / scene_count * 1e3,
-        median_generation_secs: median(&mut generation_secs),
-    };
+                .filter(|measurement| measurement.method == method)
+                .collect();
+            summarise(method, &scenes)
+        })
+        .collect();
     println!(
-        "method {}: {} scenes, {}/{} objects drawn\n\
-         mIoU of labelled object masks vs colour regions: {:.3} (segments chosen by overlap: {:.3})\n\
-         label accuracy (segments over an object get its shape word): {:.1}% ({}/{})\n\
-         background segments labelled background: {:.1}% ({}/{})\n\
-         segments per scene: {:.1}; time to segment: median {:.0} ms, mean {:.0} ms; \
-         generation: median {:.2} s",
-        summary.method,
-        summary.scenes,
-        summary.objects_drawn,
-        summary.objects,
-        summary.mean_iou,
-        summary.oracle_mean_iou,
-        summary.label_accuracy * 100.0,
-        sum(|m| m.object_segments_right),
-        sum(|m| m.object_segments),
-        summary.background_label_accuracy * 100.0,
-        sum(|m| m.background_segments_right),
-        sum(|m| m.background_segments),
-        summary.mean_segments,
-        summary.median_segment_ms,
-        summary.mean_segment_ms,
-        summary.median_generation_secs
+        "segment-eval: scenes {}..{}, {} steps",
+        args.start,
+        args.start + args.count,
+        args.steps
     );
+    summaries.iter().for_each(print_summary);
     if let Some(path) = &args.json_out {
-        write_eval_json(path, &summary, &measurements)?;
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "summaries": summaries,
+            "scenes": measurements,
+        }))?;
+        attend::analysis::export::write_atomically(path, |writer| {
+            std::io::Write::write_all(writer, text.as_bytes())
+        })?;
     }
-    Ok(())
-}
-
-// Until `attend segment-eval` is wired into cli/mod.rs, the evaluation is unused in the binary.
-#[allow(dead_code)]
-fn write_eval_json(
-    path: &Path,
-    summary: &EvalSummary,
-    scenes: &[SceneMeasurement],
-) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(&serde_json::json!({
-        "summary": summary,
-        "scenes": scenes,
-    }))?;
-    attend::analysis::export::write_atomically(path, |writer| {
-        std::io::Write::write_all(writer, text.as_bytes())
-    })?;
     Ok(())
 }

@@ -233,7 +233,10 @@ impl MidAttention {
     /// `[b, h, w, c]` -> same shape.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, height, width, channels) = xs.dims4()?;
-        let tokens = self.group_norm.forward(xs)?.reshape((batch, height * width, channels))?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((batch, height * width, channels))?;
         let query = self.to_q.forward(&tokens)?;
         let key_t = self.to_k.forward(&tokens)?.t()?;
         let value = self.to_v.forward(&tokens)?;
@@ -244,7 +247,10 @@ impl MidAttention {
         let mut start = 0;
         while start < queries {
             let len = chunk.min(queries - start);
-            let scores = query.narrow(1, start, len)?.matmul(&key_t)?.to_dtype(DType::F32)?;
+            let scores = query
+                .narrow(1, start, len)?
+                .matmul(&key_t)?
+                .to_dtype(DType::F32)?;
             kernels::scaled_softmax_in_place(&scores, scale)?;
             outputs.push(scores.to_dtype(value.dtype())?.matmul(&value)?);
             start += len;
@@ -645,7 +651,11 @@ impl AutoencoderKl {
             Some(conv) => conv.forward(&latents)?,
             None => latents,
         };
-        let image = self.decoder.forward(&latents)?.permute((0, 3, 1, 2))?.contiguous()?;
+        let image = self
+            .decoder
+            .forward(&latents)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
         Ok(image.to_dtype(output_dtype)?)
     }
 }

@@ -694,7 +694,13 @@ impl RandomWeights {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
-    fn tensor(&self, shape: &[usize], name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn tensor(
+        &self,
+        shape: &[usize],
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
         });
@@ -704,7 +710,11 @@ impl RandomWeights {
         let values: Vec<f32> = (0..count)
             .map(|_| {
                 let noise = rng.next_normal_f64() as f32 * 0.02;
-                if is_norm_scale { 1.0 + noise } else { noise }
+                if is_norm_scale {
+                    1.0 + noise
+                } else {
+                    noise
+                }
             })
             .collect();
         Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
@@ -723,7 +733,12 @@ impl SimpleBackend for RandomWeights {
         self.tensor(shape.dims(), name, dtype, device)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _device: &Device,
+    ) -> candle_core::Result<Tensor> {
         Err(candle_core::Error::Msg(format!(
             "random weights need a shape for `{name}`"
         )))

@@ -10,12 +10,18 @@
 //! scikit-learn), and empty clusters moved to the points farthest from their centres. The random
 //! numbers come from attend's own SplitMix64, so clusterings match scikit-learn's in quality, not
 //! number for number.
+//!
+//! One addition, on by default ([`KMeansSettings::merge_fraction`]): clusters whose centres are
+//! nearly the same distribution merge, so a plain background is one segment rather than k - n
+//! speckled ones. On the bundled model, background splits have centre divergences of 0.006-0.03
+//! against 0.06-1.7 between real regions.
 
-use super::{check_self_attention, dot, SegmentRng, Segmentation};
+use super::{check_self_attention, dot, symmetric_kl, SegmentRng, Segmentation};
 use crate::analysis::heatmap::SelfAttentionMap;
 use crate::pipeline::{PipelineError, PipelineResult};
 
-/// Settings of [`kmeans`] and [`kmeans_segments`]; the defaults are local-prompt-mixing's.
+/// Settings of [`kmeans`] and [`kmeans_segments`]; the defaults are local-prompt-mixing's, plus
+/// the merging of near-identical clusters (see [`KMeansSettings::reference`] for theirs alone).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KMeansSettings {
     /// Number of clusters. Default 5.
@@ -29,6 +35,12 @@ pub struct KMeansSettings {
     /// A run stops when the squared centre shift is below `tolerance` times the mean per-dimension
     /// variance of the points. Default 1e-4.
     pub tolerance: f32,
+    /// [`kmeans_segments`] only: clusters whose centres' symmetric KL divergence is below this
+    /// fraction of the largest divergence between centres merge (transitively). When k is larger
+    /// than the number of regions, KMeans splits a uniform region (a plain background) into
+    /// arbitrary speckled parts whose centres are nearly identical; merging them leaves one clean
+    /// segment, so k acts as the most segments wanted. Default `Some(0.05)`; `None` keeps all k.
+    pub merge_fraction: Option<f32>,
 }
 
 impl Default for KMeansSettings {
@@ -39,6 +51,17 @@ impl Default for KMeansSettings {
             seed: 1,
             max_iterations: 300,
             tolerance: 1e-4,
+            merge_fraction: Some(0.05),
+        }
+    }
+}
+
+impl KMeansSettings {
+    /// local-prompt-mixing's settings alone: k = 5, 10 runs, seed 1, no merging.
+    pub fn reference() -> Self {
+        Self {
+            merge_fraction: None,
+            ..Self::default()
         }
     }
 }
@@ -133,7 +156,50 @@ pub fn kmeans_segments(
     check_self_attention(self_attention)?;
     let cells = self_attention.h * self_attention.w;
     let result = kmeans(&self_attention.data, cells, settings)?;
-    Segmentation::from_cluster_ids(self_attention.h, self_attention.w, &result.labels)
+    let labels = match settings.merge_fraction {
+        Some(fraction) => merge_similar_clusters(&result, cells, fraction),
+        None => result.labels,
+    };
+    Segmentation::from_cluster_ids(self_attention.h, self_attention.w, &labels)
+}
+
+/// Relabels the points so that clusters whose centres (attention distributions) are closer than
+/// `fraction` times the largest divergence between occupied clusters share a label.
+fn merge_similar_clusters(result: &KMeansResult, dim: usize, fraction: f32) -> Vec<usize> {
+    let mut occupied = vec![false; result.k];
+    for &label in &result.labels {
+        occupied[label] = true;
+    }
+    let centre = |cluster: usize| &result.centroids[cluster * dim..(cluster + 1) * dim];
+    let mut pairs = Vec::new();
+    for first in (0..result.k).filter(|&cluster| occupied[cluster]) {
+        for second in (first + 1..result.k).filter(|&cluster| occupied[cluster]) {
+            pairs.push((first, second, symmetric_kl(centre(first), centre(second))));
+        }
+    }
+    let largest = pairs
+        .iter()
+        .map(|&(_, _, divergence)| divergence)
+        .fold(0.0f32, f32::max);
+    // Union-find over the clusters: each points towards its representative.
+    let mut representative: Vec<usize> = (0..result.k).collect();
+    let find = |representative: &[usize], mut cluster: usize| {
+        while representative[cluster] != cluster {
+            cluster = representative[cluster];
+        }
+        cluster
+    };
+    for &(first, second, divergence) in &pairs {
+        if divergence < fraction * largest {
+            let (a, b) = (find(&representative, first), find(&representative, second));
+            representative[a.max(b)] = a.min(b);
+        }
+    }
+    result
+        .labels
+        .iter()
+        .map(|&label| find(&representative, label))
+        .collect()
 }
 
 /// Number of rows of `points`, or an error when it is not a whole, non-zero number of rows.

@@ -24,7 +24,8 @@ mod labels;
 mod mask;
 
 pub use diffseg::{
-    aggregate_self_attention, anchor_cells, diffseg_segments, symmetric_kl, DiffSegSettings,
+    aggregate_self_attention, anchor_cells, diffseg_segments, symmetric_kl, CellAssignment,
+    DiffSegSettings,
 };
 pub use files::{
     mask_file_name, write_label_map_png, write_mask_png, write_segments_json, SegmentsFile,

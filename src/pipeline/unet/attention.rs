@@ -24,10 +24,10 @@ pub struct TransformerPlace {
     pub attention_index: usize,
 }
 
-/// Upper bound on the score elements (`heads * queries * keys`) materialised at once when no hook
-/// needs the full probabilities: 2 Mi f32 = 8 MiB, so the scores stay cache-friendly and the
-/// allocator reuses their buffer.
-const SCORE_CHUNK_ELEMENTS: usize = 2 * 1024 * 1024;
+/// Score elements (`heads * queries * keys`) of one block of queries when no hook needs the full
+/// probabilities: 512 Ki f32 = 2 MiB, so a block's scores stay in a core's cache between the
+/// product, the softmax and the product with the values.
+const SCORE_CHUNK_ELEMENTS: usize = 512 * 1024;
 
 /// Upper bound on the feed-forward's widest intermediate (`tokens * 8 * dim`) held at once.
 const FEED_FORWARD_CHUNK_ELEMENTS: usize = 4 * 1024 * 1024;
@@ -83,20 +83,12 @@ impl Attention {
 
     /// `[batch, n, heads * head_dim]` -> `[batch * heads, n, head_dim]` (contiguous).
     fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, tokens, _) = xs.dims3()?;
-        xs.reshape((batch, tokens, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch * self.heads, tokens, self.head_dim))
+        kernels::split_heads(xs, self.heads)
     }
 
     /// `[batch * heads, n, head_dim]` -> `[batch, n, heads * head_dim]`.
-    fn merge_heads(&self, xs: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
-        let (_, tokens, _) = xs.dims3()?;
-        xs.reshape((batch, self.heads, tokens, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((batch, tokens, self.heads * self.head_dim))
+    fn merge_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::merge_heads(xs, self.heads)
     }
 
     /// `hidden` `[batch, queries, query_dim]`, `context` `[batch, keys, context_dim]` (the hidden
@@ -161,7 +153,9 @@ impl Attention {
             step_index: hook.step_index,
             step_count: hook.step_count,
         };
-        if let Some((new_key, new_value)) = hook.processor.process_keys_values(&site, &key, &value)? {
+        if let Some((new_key, new_value)) =
+            hook.processor.process_keys_values(&site, &key, &value)?
+        {
             key = new_key.to_dtype(compute_dtype)?;
             value = new_value.to_dtype(compute_dtype)?;
             site.keys = key.dim(1)?;
@@ -177,47 +171,59 @@ impl Attention {
             None => scores,
         };
         let attended = probs.to_dtype(compute_dtype)?.matmul(&value)?;
-        self.merge_heads(&attended, batch)
+        self.merge_heads(&attended)
     }
 
-    /// `softmax(q k^T * scale) v` per batch item, heads read in place from `[batch, n, inner]` and
-    /// queries taken in blocks of bounded size. Same shapes as [`Attention::attend_hooked`].
-    fn attend_chunked(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> candle_core::Result<Tensor> {
+    /// `softmax(q k^T * scale) v` in blocks of queries whose scores stay cache-sized, the blocks
+    /// spread over the cores. Same shapes as [`Attention::attend_hooked`].
+    fn attend_chunked(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (batch, queries, inner) = query.dims3()?;
         let keys = key.dim(1)?;
         let compute_dtype = query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
-        let (heads, head_dim) = (self.heads, self.head_dim);
-        let per_query = heads * keys;
-        let queries_per_chunk = (SCORE_CHUNK_ELEMENTS / per_query.max(1)).clamp(1, queries.max(1));
-        let mut items = Vec::with_capacity(batch);
-        for item in 0..batch {
-            // [heads, n, head_dim] views with strides (head_dim, inner, 1): no copies.
-            let item_query = query.get(item)?.reshape((queries, heads, head_dim))?.transpose(0, 1)?;
-            let item_key_t = key
-                .get(item)?
-                .reshape((keys, heads, head_dim))?
-                .permute((1, 2, 0))?
-                .to_dtype(score_dtype)?;
-            let item_value = value.get(item)?.reshape((keys, heads, head_dim))?.transpose(0, 1)?;
-            let mut pieces = Vec::with_capacity(queries.div_ceil(queries_per_chunk));
-            let mut start = 0;
-            while start < queries {
-                let len = queries_per_chunk.min(queries - start);
-                let block = item_query.narrow(1, start, len)?.to_dtype(score_dtype)?;
-                let scores = block.matmul(&item_key_t)?.to_dtype(DType::F32)?;
+        let heads = self.heads;
+        // Contiguous per-head operands: [batch * heads, n, head_dim] and keys as [.., head_dim, keys].
+        let query = self.split_heads(query)?.to_dtype(score_dtype)?;
+        let key_t = kernels::split_heads_transposed(key, heads)?.to_dtype(score_dtype)?;
+        let value = self.split_heads(value)?;
+        let block = (SCORE_CHUNK_ELEMENTS / (heads * keys).max(1)).clamp(1, queries.max(1));
+        let blocks_per_item = queries.div_ceil(block);
+        let total_scores = batch * heads * queries * keys;
+        let results = kernels::parallel_map(
+            batch * blocks_per_item,
+            total_scores >= SCORE_CHUNK_ELEMENTS,
+            |unit| {
+                let (item, block_index) = (unit / blocks_per_item, unit % blocks_per_item);
+                let start = block_index * block;
+                let len = block.min(queries - start);
+                let rows = item * heads;
+                let scores = query
+                    .narrow(0, rows, heads)?
+                    .narrow(1, start, len)?
+                    .matmul(&key_t.narrow(0, rows, heads)?)?
+                    .to_dtype(DType::F32)?;
                 kernels::scaled_softmax_in_place(&scores, self.scale())?;
-                let attended = scores.to_dtype(compute_dtype)?.matmul(&item_value)?;
-                pieces.push(attended.transpose(0, 1)?.contiguous()?.reshape((len, inner))?);
-                start += len;
-            }
-            items.push(if pieces.len() == 1 {
-                pieces.remove(0)
-            } else {
-                Tensor::cat(&pieces, 0)?
-            });
-        }
-        Tensor::stack(&items, 0)
+                scores
+                    .to_dtype(compute_dtype)?
+                    .matmul(&value.narrow(0, rows, heads)?)
+            },
+        );
+        let blocks = results
+            .into_iter()
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let items = blocks
+            .chunks(blocks_per_item)
+            .map(|item_blocks| Tensor::cat(item_blocks, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // [batch * heads, n, head_dim] -> [batch, n, heads * head_dim].
+        let merged = self.merge_heads(&Tensor::cat(&items, 0)?)?;
+        debug_assert_eq!(merged.dims(), &[batch, queries, inner]);
+        Ok(merged)
     }
 }
 
@@ -244,7 +250,8 @@ impl FeedForward {
         let (batch, tokens, dim) = xs.dims3()?;
         let rows = batch * tokens;
         let flat = xs.reshape((rows, dim))?;
-        let rows_per_chunk = (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
+        let rows_per_chunk =
+            (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
         let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut start = 0;
         while start < rows {
@@ -414,7 +421,10 @@ impl Transformer2D {
         mut hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
         let (batch, height, width, channels) = xs.dims4()?;
-        let tokens = self.norm.forward(xs)?.reshape((batch, height * width, channels))?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for (layer_index, block) in self.blocks.iter().enumerate() {
             let call = AttentionCall {

@@ -27,7 +27,12 @@ fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
         return;
     }
     let queue = std::sync::Mutex::new(items);
-    let next = || queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+    let next = || {
+        queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    };
     let drain = || {
         while let Some(item) = next() {
             work(item);
@@ -63,28 +68,70 @@ fn piece_count(units: usize, unit_cost: usize) -> usize {
 
 /// Splits `0..units` into contiguous ranges, runs `job` on each (in parallel when `units *
 /// unit_cost` is large enough) and returns the results in range order.
-fn parallel_ranges<R: Send>(units: usize, unit_cost: usize, job: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+fn parallel_ranges<R: Send>(
+    units: usize,
+    unit_cost: usize,
+    job: impl Fn(Range<usize>) -> R + Sync,
+) -> Vec<R> {
     let pieces = piece_count(units, unit_cost);
     if pieces <= 1 {
         return vec![job(0..units)];
     }
     let per_piece = units.div_ceil(pieces);
-    let slots: Vec<std::sync::Mutex<Option<R>>> = (0..pieces).map(|_| std::sync::Mutex::new(None)).collect();
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        (0..pieces).map(|_| std::sync::Mutex::new(None)).collect();
     let items: Vec<usize> = (0..pieces).collect();
     run_queue(items, |index| {
         let range = (index * per_piece).min(units)..((index + 1) * per_piece).min(units);
         let result = job(range);
-        *slots[index].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
+        *slots[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
     });
     slots
         .into_iter()
-        .filter_map(|slot| slot.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+        .filter_map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
+        .collect()
+}
+
+/// Runs `job(index)` for every index in `0..count`, on up to `worker_count()` threads when
+/// `parallel`, and returns the results in index order.
+pub fn parallel_map<R: Send>(
+    count: usize,
+    parallel: bool,
+    job: impl Fn(usize) -> R + Sync,
+) -> Vec<R> {
+    if !parallel || count <= 1 || worker_count() <= 1 {
+        return (0..count).map(job).collect();
+    }
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        (0..count).map(|_| std::sync::Mutex::new(None)).collect();
+    // Reversed so that the queue (popped from the back) hands out low indices first.
+    run_queue((0..count).rev().collect(), |index| {
+        let result = job(index);
+        *slots[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
+    });
+    slots
+        .into_iter()
+        .filter_map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
         .collect()
 }
 
 /// Splits `data` (made of `units` equal units) into pieces and runs `job(first_unit, piece)` on
 /// each, in parallel when `data` is large enough.
-fn parallel_chunks_mut<T: Send>(data: &mut [T], units: usize, job: impl Fn(usize, &mut [T]) + Sync) {
+fn parallel_chunks_mut<T: Send>(
+    data: &mut [T],
+    units: usize,
+    job: impl Fn(usize, &mut [T]) + Sync,
+) {
     let unit_len = if units == 0 { 0 } else { data.len() / units };
     let pieces = piece_count(units, unit_len);
     if pieces <= 1 || unit_len == 0 {
@@ -126,7 +173,9 @@ pub fn fast_erf(x: f32) -> f32 {
     let sign = if x < 0.0 { -1.0 } else { 1.0 };
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
     sign * (1.0 - poly * fast_exp(-a * a))
 }
 
@@ -142,7 +191,11 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-fn contiguous_slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [T]> {
+fn contiguous_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
     let data = storage.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -178,14 +231,21 @@ impl Im2Col {
             for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
                 let flat_row = first_row + first + offset;
                 let (batch, out_y) = (flat_row / out_h, flat_row % out_h);
-                let image = &src[batch * height * width * channels..(batch + 1) * height * width * channels];
+                let image = &src
+                    [batch * height * width * channels..(batch + 1) * height * width * channels];
                 for (out_x, dst_patch) in dst_row.chunks_mut(patch).enumerate() {
                     for kh in 0..self.kernel {
                         let in_y = (out_y * self.stride + kh) as isize - self.pad_before as isize;
                         for kw in 0..self.kernel {
-                            let in_x = (out_x * self.stride + kw) as isize - self.pad_before as isize;
-                            let dst = &mut dst_patch[(kh * self.kernel + kw) * channels..][..channels];
-                            if in_y >= 0 && (in_y as usize) < height && in_x >= 0 && (in_x as usize) < width {
+                            let in_x =
+                                (out_x * self.stride + kw) as isize - self.pad_before as isize;
+                            let dst =
+                                &mut dst_patch[(kh * self.kernel + kw) * channels..][..channels];
+                            if in_y >= 0
+                                && (in_y as usize) < height
+                                && in_x >= 0
+                                && (in_x as usize) < width
+                            {
                                 let start = (in_y as usize * width + in_x as usize) * channels;
                                 dst.copy_from_slice(&image[start..start + channels]);
                             }
@@ -209,12 +269,23 @@ impl CustomOp1 for Im2Col {
         let (_, height, width, channels) = dims;
         let out_w = self.output_size(width);
         let _ = height;
-        let shape = Shape::from_dims(&[self.rows.len() * out_w, self.kernel * self.kernel * channels]);
+        let shape = Shape::from_dims(&[
+            self.rows.len() * out_w,
+            self.kernel * self.kernel * channels,
+        ]);
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout, "im2col")?, dims)),
-            CpuStorage::F16(_) => CpuStorage::F16(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice(storage, layout, "im2col")?, dims)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout, "im2col")?, dims))
+            }
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(self.run(contiguous_slice(storage, layout, "im2col")?, dims))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "im2col")?, dims))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.run(contiguous_slice(storage, layout, "im2col")?, dims))
+            }
             _ => candle_core::bail!("im2col: unsupported dtype {:?}", layout.shape()),
         };
         Ok((out, shape))
@@ -248,7 +319,10 @@ pub fn im2col(xs: &Tensor, geometry: PatchGeometry, rows: Range<usize>) -> Resul
     if height + geometry.pad_before + geometry.pad_after < geometry.kernel
         || width + geometry.pad_before + geometry.pad_after < geometry.kernel
     {
-        candle_core::bail!("im2col: {height}x{width} input is smaller than the {} kernel", geometry.kernel);
+        candle_core::bail!(
+            "im2col: {height}x{width} input is smaller than the {} kernel",
+            geometry.kernel
+        );
     }
     let xs = xs.contiguous()?;
     xs.apply_op1_no_bwd(&Im2Col {
@@ -281,7 +355,9 @@ impl GroupNormOp {
             let partials = parallel_ranges(pixels, channels, |range| {
                 let mut sum = vec![0f64; channels];
                 let mut sum_sq = vec![0f64; channels];
-                for pixel in image[range.start * channels..range.end * channels].chunks_exact(channels) {
+                for pixel in
+                    image[range.start * channels..range.end * channels].chunks_exact(channels)
+                {
                     for ((s, q), &v) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(pixel) {
                         let v = f64::from(v);
                         *s += v;
@@ -312,8 +388,13 @@ impl GroupNormOp {
             let out_image = &mut out[item * pixels * channels..(item + 1) * pixels * channels];
             parallel_chunks_mut(out_image, pixels, |first_pixel, piece| {
                 let source = &image[first_pixel * channels..first_pixel * channels + piece.len()];
-                for (dst_pixel, src_pixel) in piece.chunks_exact_mut(channels).zip(source.chunks_exact(channels)) {
-                    for (((d, &v), &s), &t) in dst_pixel.iter_mut().zip(src_pixel).zip(&scale).zip(&shift) {
+                for (dst_pixel, src_pixel) in piece
+                    .chunks_exact_mut(channels)
+                    .zip(source.chunks_exact(channels))
+                {
+                    for (((d, &v), &s), &t) in
+                        dst_pixel.iter_mut().zip(src_pixel).zip(&scale).zip(&shift)
+                    {
                         let y = v * s + t;
                         *d = if self.silu { silu(y) } else { y };
                     }
@@ -333,13 +414,23 @@ impl CustomOp1 for GroupNormOp {
         let dims = layout.shape().dims();
         let batch = dims.first().copied().unwrap_or(1);
         let src = contiguous_slice::<f32>(storage, layout, "group norm")?;
-        Ok((CpuStorage::F32(self.run(src, batch)), layout.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.run(src, batch)),
+            layout.shape().clone(),
+        ))
     }
 }
 
 /// Group norm of channels-last `xs` `[batch, ..., channels]` with `weight`/`bias` `[channels]`,
 /// then SiLU when `silu`. Statistics in f64; computed in f32 and returned in `xs`' dtype.
-pub fn group_norm(xs: &Tensor, groups: usize, eps: f64, weight: &Tensor, bias: &Tensor, silu: bool) -> Result<Tensor> {
+pub fn group_norm(
+    xs: &Tensor,
+    groups: usize,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    silu: bool,
+) -> Result<Tensor> {
     let channels = xs.dim(xs.rank() - 1)?;
     if groups == 0 || channels % groups != 0 {
         candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
@@ -396,10 +487,18 @@ impl CustomOp1 for UpsampleNearest {
         let dims = layout.shape().dims4()?;
         let shape = Shape::from_dims(&[dims.0, self.height, self.width, dims.3]);
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout, "upsample")?, dims)),
-            CpuStorage::F16(_) => CpuStorage::F16(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
-            CpuStorage::BF16(_) => CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice(storage, layout, "upsample")?, dims)),
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.run(contiguous_slice::<f32>(storage, layout, "upsample")?, dims),
+            ),
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
             _ => candle_core::bail!("upsample: unsupported dtype"),
         };
         Ok((out, shape))
@@ -412,7 +511,40 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
     if in_h == 0 || in_w == 0 {
         candle_core::bail!("upsample: empty input");
     }
-    xs.contiguous()?.apply_op1_no_bwd(&UpsampleNearest { height, width })
+    xs.contiguous()?
+        .apply_op1_no_bwd(&UpsampleNearest { height, width })
+}
+
+/// Maximum of a slice, in 8 independent lanes so the loop vectorises.
+#[inline]
+fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// Sum of a slice, in 8 independent lanes so the loop vectorises.
+#[inline]
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// In-place `softmax(scale * x)` over the last dimension of an f32 tensor.
@@ -438,14 +570,11 @@ impl InplaceOp1 for ScaledSoftmaxInPlace {
         let scale = self.scale;
         parallel_chunks_mut(data, rows, |_, piece| {
             for row in piece.chunks_exact_mut(row_len) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
+                let max = lane_max(row);
                 for value in row.iter_mut() {
-                    let e = fast_exp((*value - max) * scale);
-                    *value = e;
-                    sum += e;
+                    *value = fast_exp((*value - max) * scale);
                 }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / lane_sum(row);
                 for value in row.iter_mut() {
                     *value *= inv;
                 }
@@ -510,53 +639,75 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 }
 
 /// Winograd F(2x2, 3x3) filter transform `U = G g G^T` of a 3x3 convolution weight in the
-/// channels-last packing `[out, 3, 3, in]`: returns `[16, in, out]` (f32), one `in x out` matrix
-/// per transform position.
+/// channels-last packing `[out, 3, 3, in]`: returns `[16, out, in]` (f32), one `out x in` matrix
+/// per transform position (use its transpose `[16, in, out]` as the right-hand factor).
 pub fn winograd_filter(packed_weight: &Tensor) -> Result<Tensor> {
     let (out_channels, kernel_h, kernel_w, in_channels) = packed_weight.dims4()?;
     if (kernel_h, kernel_w) != (3, 3) {
         candle_core::bail!("winograd: 3x3 kernels only, got {kernel_h}x{kernel_w}");
     }
-    let values: Vec<f32> = packed_weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-    let plane = in_channels * out_channels;
-    let mut transformed = vec![0f32; 16 * plane];
-    let per_k = |k: usize, c: usize| -> [f32; 16] {
-        let g = |i: usize, j: usize| values[((k * 3 + i) * 3 + j) * in_channels + c];
-        // Rows of G g (4 x 3), then (G g) G^T (4 x 4).
-        let mut gg = [[0f32; 3]; 4];
-        for j in 0..3 {
-            let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
-            gg[0][j] = g0;
-            gg[1][j] = 0.5 * (g0 + g1 + g2);
-            gg[2][j] = 0.5 * (g0 - g1 + g2);
-            gg[3][j] = g2;
-        }
-        let mut result = [0f32; 16];
-        for (row, [a, b, cc]) in gg.iter().enumerate() {
-            let columns = [*a, 0.5 * (a + b + cc), 0.5 * (a - b + cc), *cc];
-            result[row * 4..row * 4 + 4].copy_from_slice(&columns);
-        }
-        result
-    };
-    // Rows of the output are (position, c); split the c range over workers.
-    let pieces = parallel_ranges(in_channels, 16 * out_channels, |range| {
-        let mut local = vec![0f32; 16 * range.len() * out_channels];
-        for (local_c, c) in range.clone().enumerate() {
-            for k in 0..out_channels {
-                for (position, value) in per_k(k, c).iter().enumerate() {
-                    local[(position * range.len() + local_c) * out_channels + k] = *value;
+    let packed = packed_weight
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?;
+    let values = contiguous_values(&packed)?;
+    let c = in_channels;
+    let plane = out_channels * in_channels;
+    // Each worker handles a range of output channels and returns its 16 row blocks.
+    let pieces = parallel_ranges(out_channels, 16 * in_channels, |range| {
+        let mut local = vec![0f32; 16 * range.len() * c];
+        let mut gg = vec![0f32; 12 * c];
+        for (local_k, k) in range.clone().enumerate() {
+            let g = |i: usize, j: usize| &values[((k * 3 + i) * 3 + j) * c..][..c];
+            // Rows of G g: gg[r][j] = sum_i G[r][i] g[i][j], each a vector over input channels.
+            for j in 0..3 {
+                let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
+                for ch in 0..c {
+                    gg[j * c + ch] = g0[ch];
+                    gg[(3 + j) * c + ch] = 0.5 * (g0[ch] + g1[ch] + g2[ch]);
+                    gg[(6 + j) * c + ch] = 0.5 * (g0[ch] - g1[ch] + g2[ch]);
+                    gg[(9 + j) * c + ch] = g2[ch];
+                }
+            }
+            // (G g) G^T: per row r, columns [a, (a+b+c)/2, (a-b+c)/2, c].
+            for r in 0..4 {
+                let (a, b, cc) = (
+                    &gg[(r * 3) * c..][..c],
+                    &gg[(r * 3 + 1) * c..][..c],
+                    &gg[(r * 3 + 2) * c..][..c],
+                );
+                for column in 0..4 {
+                    let dst = &mut local[((r * 4 + column) * range.len() + local_k) * c..][..c];
+                    for (ch, d) in dst.iter_mut().enumerate() {
+                        *d = match column {
+                            0 => a[ch],
+                            1 => 0.5 * (a[ch] + b[ch] + cc[ch]),
+                            2 => 0.5 * (a[ch] - b[ch] + cc[ch]),
+                            _ => cc[ch],
+                        };
+                    }
                 }
             }
         }
         (range, local)
     });
+    let mut transformed = vec![0f32; 16 * plane];
     for (range, local) in pieces {
+        let block = range.len() * c;
         for position in 0..16 {
-            let src = &local[position * range.len() * out_channels..][..range.len() * out_channels];
-            transformed[position * plane + range.start * out_channels..][..src.len()].copy_from_slice(src);
+            transformed[position * plane + range.start * c..][..block]
+                .copy_from_slice(&local[position * block..][..block]);
         }
     }
-    Tensor::from_vec(transformed, (16, in_channels, out_channels), packed_weight.device())
+    Tensor::from_vec(
+        transformed,
+        (16, out_channels, in_channels),
+        packed_weight.device(),
+    )
+}
+
+/// The f32 values of a contiguous tensor (a copy).
+fn contiguous_values(xs: &Tensor) -> Result<Vec<f32>> {
+    xs.flatten_all()?.to_vec1()
 }
 
 /// Winograd F(2x2, 3x3) input transform `V = B^T d B` of the 4x4 tiles (stride 2, padding 1)
@@ -567,7 +718,11 @@ struct WinogradInput {
 }
 
 impl WinogradInput {
-    fn run(&self, src: &[f32], (_, height, width, channels): (usize, usize, usize, usize)) -> Vec<f32> {
+    fn run(
+        &self,
+        src: &[f32],
+        (_, height, width, channels): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
         let tiles_w = width.div_ceil(2);
         let tiles = self.tile_rows.len() * tiles_w;
         let plane = tiles * channels;
@@ -590,7 +745,8 @@ impl WinogradInput {
                         &image[(y as usize * width + x as usize) * channels..][..channels]
                     }
                 };
-                let d: [[&[f32]; 4]; 4] = std::array::from_fn(|dy| std::array::from_fn(|dx| pixel(dy, dx)));
+                let d: [[&[f32]; 4]; 4] =
+                    std::array::from_fn(|dy| std::array::from_fn(|dx| pixel(dy, dx)));
                 for c in 0..channels {
                     let v = |dy: usize, dx: usize| d[dy][dx][c];
                     // B^T d (rows), then (B^T d) B (columns).
@@ -602,7 +758,12 @@ impl WinogradInput {
                         t[3][j] = v(1, j) - v(3, j);
                     }
                     for (i, row) in t.iter().enumerate() {
-                        let values = [row[0] - row[2], row[1] + row[2], row[2] - row[1], row[1] - row[3]];
+                        let values = [
+                            row[0] - row[2],
+                            row[1] + row[2],
+                            row[2] - row[1],
+                            row[1] - row[3],
+                        ];
                         for (j, value) in values.iter().enumerate() {
                             local[((i * 4 + j) * range.len() + local_tile) * channels + c] = *value;
                         }
@@ -615,7 +776,8 @@ impl WinogradInput {
             let count = range.len();
             for position in 0..16 {
                 let src_plane = &local[position * count * channels..][..count * channels];
-                out[position * plane + range.start * channels..][..count * channels].copy_from_slice(src_plane);
+                out[position * plane + range.start * channels..][..count * channels]
+                    .copy_from_slice(src_plane);
             }
         }
         out
@@ -666,7 +828,8 @@ impl WinogradOutput {
                 let (tile_row, within) = (y / 2 - self.tile_rows.start, y % 2);
                 for tile_col in 0..tiles_w {
                     let tile = tile_row * tiles_w + tile_col;
-                    let m = |position: usize| &src[position * plane + tile * channels..][..channels];
+                    let m =
+                        |position: usize| &src[position * plane + tile * channels..][..channels];
                     let planes: [&[f32]; 16] = std::array::from_fn(m);
                     for x_within in 0..2 {
                         let x = 2 * tile_col + x_within;
@@ -720,12 +883,19 @@ impl CustomOp1 for WinogradOutput {
 /// Winograd tiles of item `item`, tile rows `tile_rows`, of `xs` `[batch, h, w, c]` (f32):
 /// `[16, tiles, c]`.
 pub fn winograd_input(xs: &Tensor, item: usize, tile_rows: Range<usize>) -> Result<Tensor> {
-    xs.contiguous()?.apply_op1_no_bwd(&WinogradInput { item, tile_rows })
+    xs.contiguous()?
+        .apply_op1_no_bwd(&WinogradInput { item, tile_rows })
 }
 
 /// Output rows of tile rows `tile_rows` from the transformed products `m` `[16, tiles, k]` (f32):
 /// `[rows, width, k]` with `bias` (`k` values) added.
-pub fn winograd_output(m: &Tensor, tile_rows: Range<usize>, height: usize, width: usize, bias: Vec<f32>) -> Result<Tensor> {
+pub fn winograd_output(
+    m: &Tensor,
+    tile_rows: Range<usize>,
+    height: usize,
+    width: usize,
+    bias: Vec<f32>,
+) -> Result<Tensor> {
     m.contiguous()?.apply_op1_no_bwd(&WinogradOutput {
         tile_rows,
         height,
@@ -734,13 +904,217 @@ pub fn winograd_output(m: &Tensor, tile_rows: Range<usize>, height: usize, width
     })
 }
 
+/// Rearranges attention heads between `[batch, n, heads * head_dim]` and per-head layouts.
+#[derive(Clone, Copy)]
+enum HeadLayout {
+    /// `[batch, n, heads * head_dim]` -> `[batch * heads, n, head_dim]`.
+    Split,
+    /// `[batch, n, heads * head_dim]` -> `[batch * heads, head_dim, n]`.
+    SplitTransposed,
+    /// `[batch * heads, n, head_dim]` -> `[batch, n, heads * head_dim]`.
+    Merge,
+}
+
+struct Heads {
+    heads: usize,
+    layout: HeadLayout,
+}
+
+impl Heads {
+    fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize)) -> (Vec<T>, Vec<usize>) {
+        let heads = self.heads;
+        let mut out = vec![T::zero(); src.len()];
+        match self.layout {
+            HeadLayout::Split => {
+                let (batch, tokens, inner) = dims;
+                let head_dim = inner / heads;
+                // Output rows are (batch, head, token); each copies one head_dim run.
+                parallel_chunks_mut(&mut out, batch * heads * tokens, |first, piece| {
+                    for (offset, dst) in piece.chunks_exact_mut(head_dim).enumerate() {
+                        let row = first + offset;
+                        let (item_head, token) = (row / tokens, row % tokens);
+                        let (item, head) = (item_head / heads, item_head % heads);
+                        dst.copy_from_slice(
+                            &src[(item * tokens + token) * inner + head * head_dim..][..head_dim],
+                        );
+                    }
+                });
+                (out, vec![batch * heads, tokens, head_dim])
+            }
+            HeadLayout::SplitTransposed => {
+                let (batch, tokens, inner) = dims;
+                let head_dim = inner / heads;
+                // Output rows are (batch, head, j); each gathers one value per token.
+                parallel_chunks_mut(&mut out, batch * heads * head_dim, |first, piece| {
+                    for (offset, dst) in piece.chunks_exact_mut(tokens).enumerate() {
+                        let row = first + offset;
+                        let (item_head, j) = (row / head_dim, row % head_dim);
+                        let (item, head) = (item_head / heads, item_head % heads);
+                        let base = item * tokens * inner + head * head_dim + j;
+                        for (token, d) in dst.iter_mut().enumerate() {
+                            *d = src[base + token * inner];
+                        }
+                    }
+                });
+                (out, vec![batch * heads, head_dim, tokens])
+            }
+            HeadLayout::Merge => {
+                let (batch_heads, tokens, head_dim) = dims;
+                let batch = batch_heads / heads;
+                let inner = heads * head_dim;
+                // Output rows are (batch, token); each gathers `heads` runs.
+                parallel_chunks_mut(&mut out, batch * tokens, |first, piece| {
+                    for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
+                        let row = first + offset;
+                        let (item, token) = (row / tokens, row % tokens);
+                        for (head, dst_head) in dst.chunks_exact_mut(head_dim).enumerate() {
+                            let start = ((item * heads + head) * tokens + token) * head_dim;
+                            dst_head.copy_from_slice(&src[start..start + head_dim]);
+                        }
+                    }
+                });
+                (out, vec![batch, tokens, inner])
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Heads {
+    fn name(&self) -> &'static str {
+        "attend-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims3()?;
+        let (out, shape) = match storage {
+            CpuStorage::F32(_) => {
+                let (v, s) = self.run(contiguous_slice::<f32>(storage, layout, "heads")?, dims);
+                (CpuStorage::F32(v), s)
+            }
+            CpuStorage::F16(_) => {
+                let (v, s) = self.run(contiguous_slice(storage, layout, "heads")?, dims);
+                (CpuStorage::F16(v), s)
+            }
+            CpuStorage::BF16(_) => {
+                let (v, s) = self.run(contiguous_slice(storage, layout, "heads")?, dims);
+                (CpuStorage::BF16(v), s)
+            }
+            CpuStorage::F64(_) => {
+                let (v, s) = self.run(contiguous_slice(storage, layout, "heads")?, dims);
+                (CpuStorage::F64(v), s)
+            }
+            _ => candle_core::bail!("heads: unsupported dtype"),
+        };
+        Ok((out, Shape::from_dims(&shape)))
+    }
+}
+
+fn check_heads(inner: usize, heads: usize) -> Result<()> {
+    if heads == 0 || inner % heads != 0 {
+        candle_core::bail!("attention: width {inner} does not split into {heads} heads");
+    }
+    Ok(())
+}
+
+/// `[batch, n, heads * head_dim]` -> `[batch * heads, n, head_dim]` (contiguous).
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    check_heads(xs.dim(2)?, heads)?;
+    xs.contiguous()?.apply_op1_no_bwd(&Heads {
+        heads,
+        layout: HeadLayout::Split,
+    })
+}
+
+/// `[batch, n, heads * head_dim]` -> `[batch * heads, head_dim, n]` (contiguous; keys for `q k^T`).
+pub fn split_heads_transposed(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    check_heads(xs.dim(2)?, heads)?;
+    xs.contiguous()?.apply_op1_no_bwd(&Heads {
+        heads,
+        layout: HeadLayout::SplitTransposed,
+    })
+}
+
+/// `[batch * heads, n, head_dim]` -> `[batch, n, heads * head_dim]` (contiguous).
+pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    if heads == 0 || xs.dim(0)? % heads != 0 {
+        candle_core::bail!(
+            "attention: {} rows do not hold whole groups of {heads} heads",
+            xs.dim(0)?
+        );
+    }
+    xs.contiguous()?.apply_op1_no_bwd(&Heads {
+        heads,
+        layout: HeadLayout::Merge,
+    })
+}
+
+/// Adds `bias` (`[..., n]` last-dimension values) in place to a contiguous f32 tensor the caller owns.
+struct AddBiasInPlace<'a> {
+    bias: &'a [f32],
+}
+
+impl InplaceOp1 for AddBiasInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "attend-add-bias"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("add bias: tensor must be contiguous");
+        };
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("add bias: only f32 is supported");
+        };
+        let width = self.bias.len().max(1);
+        let data = &mut data[start..end];
+        let rows = data.len() / width;
+        parallel_chunks_mut(data, rows, |_, piece| {
+            for row in piece.chunks_exact_mut(width) {
+                for (value, &b) in row.iter_mut().zip(self.bias) {
+                    *value += b;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `xs + bias` over the last dimension. Adds in place when `xs` is a freshly computed contiguous
+/// f32 tensor (`owned`), otherwise falls back to a broadcast add.
+pub fn add_bias(xs: Tensor, bias: &Tensor, owned: bool) -> Result<Tensor> {
+    let width = xs.dim(xs.rank() - 1)?;
+    if owned
+        && xs.dtype() == candle_core::DType::F32
+        && xs.is_contiguous()
+        && bias.elem_count() == width
+    {
+        let values: Vec<f32> = bias
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        xs.inplace_op1(&AddBiasInPlace { bias: &values })?;
+        Ok(xs)
+    } else {
+        xs.broadcast_add(bias)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -785,7 +1159,9 @@ mod tests {
     #[test]
     fn im2col_matmul_matches_conv2d() {
         let device = Device::Cpu;
-        for (height, width, stride, pad_before, pad_after) in [(7, 5, 1, 1, 1), (9, 6, 2, 1, 1), (8, 8, 2, 0, 1)] {
+        for (height, width, stride, pad_before, pad_after) in
+            [(7, 5, 1, 1, 1), (9, 6, 2, 1, 1), (8, 8, 2, 0, 1)]
+        {
             let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
             let padded = image
@@ -793,7 +1169,11 @@ mod tests {
                 .unwrap()
                 .pad_with_zeros(3, pad_before, pad_after)
                 .unwrap();
-            let expected = padded.conv2d(&weight, 0, stride, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
+            let expected = padded
+                .conv2d(&weight, 0, stride, 1, 1)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap();
             let geometry = PatchGeometry {
                 kernel: 3,
                 stride,
@@ -806,10 +1186,19 @@ mod tests {
             let split = out_h + 1;
             for rows in [0..split, split..2 * out_h] {
                 let cols = im2col(&nhwc, geometry, rows).unwrap();
-                let packed = weight.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap().reshape((5, 54)).unwrap();
+                let packed = weight
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((5, 54))
+                    .unwrap();
                 pieces.push(cols.matmul(&packed.t().unwrap()).unwrap());
             }
-            let actual = Tensor::cat(&pieces, 0).unwrap().reshape((2, out_h, out_w, 5)).unwrap();
+            let actual = Tensor::cat(&pieces, 0)
+                .unwrap()
+                .reshape((2, out_h, out_w, 5))
+                .unwrap();
             assert!(max_diff(&actual, &expected) < 1e-4);
         }
     }
@@ -820,7 +1209,8 @@ mod tests {
         let xs = (Tensor::randn(0f32, 1.0, (2, 64, 5, 7), &device).unwrap() + 3.0).unwrap();
         let weight = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
-        let reference = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 64, 8, 1e-5).unwrap();
+        let reference =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 64, 8, 1e-5).unwrap();
         let expected = candle_nn::Module::forward(&reference, &xs).unwrap();
         let nhwc = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
         let plain = group_norm(&nhwc, 8, 1e-5, &weight, &bias, false).unwrap();
@@ -837,7 +1227,10 @@ mod tests {
         for (height, width) in [(8, 10), (7, 9), (4, 5)] {
             let expected = xs.upsample_nearest2d(height, width).unwrap();
             let nhwc = xs.permute((0, 2, 3, 1)).unwrap();
-            let actual = upsample_nearest(&nhwc, height, width).unwrap().permute((0, 3, 1, 2)).unwrap();
+            let actual = upsample_nearest(&nhwc, height, width)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
             assert_eq!(max_diff(&actual, &expected), 0.0);
         }
     }
@@ -865,8 +1258,15 @@ mod tests {
         for (height, width) in [(6, 6), (7, 5), (1, 3), (9, 4)] {
             let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
-            let expected = image.conv2d(&weight, 1, 1, 1, 1).unwrap().permute((0, 2, 3, 1)).unwrap();
-            let filter = winograd_filter(&weight.permute((0, 2, 3, 1)).unwrap()).unwrap();
+            let expected = image
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap();
+            let filter = winograd_filter(&weight.permute((0, 2, 3, 1)).unwrap())
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
             let tile_rows = height.div_ceil(2);
             let mut pieces = Vec::new();
@@ -880,9 +1280,37 @@ mod tests {
                     pieces.push(winograd_output(&m, rows, height, width, vec![0.0; 5]).unwrap());
                 }
             }
-            let actual = Tensor::cat(&pieces, 0).unwrap().reshape((2, height, width, 5)).unwrap();
+            let actual = Tensor::cat(&pieces, 0)
+                .unwrap()
+                .reshape((2, height, width, 5))
+                .unwrap();
             let diff = max_diff(&actual, &expected);
             assert!(diff < 1e-4, "{height}x{width}: {diff}");
         }
+    }
+
+    #[test]
+    fn head_layouts_match_candle() {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 12), &device).unwrap();
+        let expected = xs
+            .reshape((2, 5, 3, 4))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((6, 5, 4))
+            .unwrap();
+        let split = split_heads(&xs, 3).unwrap();
+        assert_eq!(max_diff(&split, &expected), 0.0);
+        let transposed = split_heads_transposed(&xs, 3).unwrap();
+        assert_eq!(
+            max_diff(&transposed, &expected.transpose(1, 2).unwrap()),
+            0.0
+        );
+        assert_eq!(max_diff(&merge_heads(&split, 3).unwrap(), &xs), 0.0);
+        let bias = Tensor::randn(0f32, 1.0, 12, &device).unwrap();
+        let expected = xs.broadcast_add(&bias).unwrap();
+        let added = add_bias(xs.copy().unwrap(), &bias, true).unwrap();
+        assert_eq!(max_diff(&added, &expected), 0.0);
     }
 }

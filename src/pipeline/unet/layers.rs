@@ -28,9 +28,10 @@ const WINOGRAD_ON_THE_FLY_MIN_TILES: usize = 128;
 /// How a convolution multiplies.
 #[derive(Clone, Debug)]
 enum ConvKernel {
-    /// im2col patches times the weight `[out, k, k, in]` (contiguous for real weights).
+    /// im2col patches times the weight as `[k * k * in, out]` (contiguous for real weights).
     Patches(Tensor),
-    /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (3x3, stride 1, padding 1, f32).
+    /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (contiguous;
+    /// 3x3, stride 1, padding 1, f32).
     Winograd(Tensor),
     /// The weight `[out, 3, 3, in]`, transformed on the fly for large inputs, im2col otherwise.
     WinogradOnTheFly(Tensor),
@@ -57,7 +58,14 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> PipelineResult<Self> {
-        Self::with_padding(vb, in_channels, out_channels, kernel, stride, (padding, padding))
+        Self::with_padding(
+            vb,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            (padding, padding),
+        )
     }
 
     /// Like [`Conv2d::new`] with `(before, after)` zero padding (top/left, bottom/right).
@@ -74,17 +82,26 @@ impl Conv2d {
         // A lazily broadcast placeholder (shape-checking loads) is not real data: keep it a view.
         let is_real = weight.is_contiguous();
         let packed = weight.permute((0, 2, 3, 1))?;
-        let packed = if is_real { packed.contiguous()? } else { packed };
-        let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
-        let kernel_weights = if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
-            if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
-                ConvKernel::Winograd(kernels::winograd_filter(&packed)?)
-            } else {
-                ConvKernel::WinogradOnTheFly(packed)
-            }
+        let packed = if is_real {
+            packed.contiguous()?
         } else {
-            ConvKernel::Patches(packed)
+            packed
         };
+        let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
+        let kernel_weights =
+            if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+                if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
+                    let filter = kernels::winograd_filter(&packed)?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    ConvKernel::Winograd(filter)
+                } else {
+                    ConvKernel::WinogradOnTheFly(packed)
+                }
+            } else {
+                let patch = kernel * kernel * in_channels;
+                ConvKernel::Patches(transposed(&packed.reshape((out_channels, patch))?)?)
+            };
         Ok(Self {
             kernel_weights,
             bias,
@@ -106,21 +123,31 @@ impl Conv2d {
 
     /// Like [`Conv2d::forward`], adding `extra_bias` `[batch, out]` (one row per batch item) to the
     /// output, e.g. a resnet's time-embedding projection.
-    pub fn forward_with_bias(&self, xs: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    pub fn forward_with_bias(
+        &self,
+        xs: &Tensor,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (batch, height, width, channels) = xs.dims4()?;
         if channels != self.in_channels {
-            candle_core::bail!("conv expects {} input channels, got {channels}", self.in_channels);
+            candle_core::bail!(
+                "conv expects {} input channels, got {channels}",
+                self.in_channels
+            );
         }
         let xs = xs.contiguous()?;
         match &self.kernel_weights {
-            ConvKernel::Patches(packed) => self.forward_patches(&xs, packed, extra_bias),
+            ConvKernel::Patches(matrix) => self.forward_patches(&xs, matrix, extra_bias),
             ConvKernel::Winograd(filter) => self.forward_winograd(&xs, filter, extra_bias),
             ConvKernel::WinogradOnTheFly(packed) => {
                 let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
                 if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
-                    self.forward_winograd(&xs, &kernels::winograd_filter(packed)?, extra_bias)
+                    let filter = kernels::winograd_filter(packed)?.transpose(1, 2)?;
+                    self.forward_winograd(&xs, &filter, extra_bias)
                 } else {
-                    self.forward_patches(&xs, packed, extra_bias)
+                    let patch = 9 * self.in_channels;
+                    let matrix = packed.reshape((self.out_channels, patch))?.t()?;
+                    self.forward_patches(&xs, &matrix, extra_bias)
                 }
             }
         }
@@ -134,13 +161,21 @@ impl Conv2d {
         }
     }
 
-    fn forward_patches(&self, xs: &Tensor, packed: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// im2col path; `matrix` is the weight as `[k * k * in, out]`.
+    fn forward_patches(
+        &self,
+        xs: &Tensor,
+        matrix: &Tensor,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (batch, height, width, channels) = xs.dims4()?;
         let geometry = self.geometry;
         let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
         let patch = geometry.kernel * geometry.kernel * self.in_channels;
-        let weight_t = packed.reshape((self.out_channels, patch))?.t()?;
-        let is_pointwise = geometry.kernel == 1 && geometry.stride == 1 && geometry.pad_before == 0 && geometry.pad_after == 0;
+        let is_pointwise = geometry.kernel == 1
+            && geometry.stride == 1
+            && geometry.pad_before == 0
+            && geometry.pad_after == 0;
         let row_bytes = out_w * patch * xs.dtype().size_in_bytes();
         let rows_per_chunk = (CONV_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out_h.max(1));
         let mut pieces = Vec::new();
@@ -151,12 +186,15 @@ impl Conv2d {
                 let rows = rows_per_chunk.min(out_h - start);
                 let first = item * out_h + start;
                 let patches = if is_pointwise {
-                    xs.reshape((batch * height * width, channels))?
-                        .narrow(0, first * out_w, rows * out_w)?
+                    xs.reshape((batch * height * width, channels))?.narrow(
+                        0,
+                        first * out_w,
+                        rows * out_w,
+                    )?
                 } else {
                     kernels::im2col(xs, geometry, first..first + rows)?
                 };
-                pieces.push(patches.matmul(&weight_t)?.broadcast_add(&bias)?);
+                pieces.push(kernels::add_bias(patches.matmul(matrix)?, &bias, true)?);
                 start += rows;
             }
         }
@@ -170,20 +208,35 @@ impl Conv2d {
 
     /// Winograd F(2x2, 3x3): per batch item and block of tile rows, transform the input tiles,
     /// multiply by the transformed filter (16 matrix products) and transform back.
-    fn forward_winograd(&self, xs: &Tensor, filter: &Tensor, extra_bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn forward_winograd(
+        &self,
+        xs: &Tensor,
+        filter: &Tensor,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (batch, height, width, _) = xs.dims4()?;
         let (tile_rows, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
         let widest = self.in_channels.max(self.out_channels);
-        let rows_per_chunk = (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, tile_rows.max(1));
+        let rows_per_chunk =
+            (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, tile_rows.max(1));
         let mut pieces = Vec::new();
         for item in 0..batch {
-            let bias: Vec<f32> = self.item_bias(extra_bias, item)?.to_dtype(DType::F32)?.to_vec1()?;
+            let bias: Vec<f32> = self
+                .item_bias(extra_bias, item)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
             let mut start = 0;
             while start < tile_rows {
                 let rows = start..(start + rows_per_chunk).min(tile_rows);
                 let transformed = kernels::winograd_input(xs, item, rows.clone())?;
                 let products = transformed.matmul(filter)?;
-                pieces.push(kernels::winograd_output(&products, rows.clone(), height, width, bias.clone())?);
+                pieces.push(kernels::winograd_output(
+                    &products,
+                    rows.clone(),
+                    height,
+                    width,
+                    bias.clone(),
+                )?);
                 start = rows.end;
             }
         }
@@ -196,33 +249,56 @@ impl Conv2d {
     }
 }
 
+/// `[rows, cols]` -> `[cols, rows]`, materialised for real (contiguous) weights; a lazily
+/// broadcast placeholder from a shape-checking load stays a view.
+fn transposed(weight: &Tensor) -> candle_core::Result<Tensor> {
+    if weight.is_contiguous() {
+        weight.t()?.contiguous()
+    } else {
+        weight.t()
+    }
+}
+
 /// A linear layer (`weight` `[out, in]`, optional `bias` `[out]`) applied to the last dimension.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    /// `[in, out]`: the transposed weight, contiguous for real weights (faster to multiply).
+    weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Loads `weight` (and `bias` when `with_bias`) under `vb`.
-    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, with_bias: bool) -> PipelineResult<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        with_bias: bool,
+    ) -> PipelineResult<Self> {
         let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if with_bias {
             Some(vb.get(out_features, "bias")?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight_t: transposed(&weight)?,
+            bias,
+        })
     }
 
     /// A 1x1 convolution's `weight` `[out, in, 1, 1]` and `bias` under `vb`, as a linear layer.
-    pub fn from_pointwise_conv(vb: VarBuilder, in_features: usize, out_features: usize) -> PipelineResult<Self> {
+    pub fn from_pointwise_conv(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+    ) -> PipelineResult<Self> {
         let weight = vb.get((out_features, in_features, 1, 1), "weight")?;
         let bias = vb.get(out_features, "bias")?;
         // `squeeze` keeps a lazily broadcast placeholder a view.
         let weight = weight.squeeze(3)?.squeeze(2)?;
         Ok(Self {
-            weight,
+            weight_t: transposed(&weight)?,
             bias: Some(bias),
         })
     }
@@ -235,9 +311,9 @@ impl Linear {
         };
         let rows: usize = leading.iter().product();
         let flat = xs.reshape((rows, in_features))?;
-        let out = flat.matmul(&self.weight.t()?)?;
+        let out = flat.matmul(&self.weight_t)?;
         let out = match &self.bias {
-            Some(bias) => out.broadcast_add(bias)?,
+            Some(bias) => kernels::add_bias(out, bias, true)?,
             None => out,
         };
         let mut out_dims = leading.to_vec();
@@ -347,13 +423,25 @@ impl ResnetBlock {
         let norm1 = GroupNorm::new(vb.pp("norm1"), groups, in_channels, eps)?;
         let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?;
         let time_emb_proj = match time_embedding_width {
-            Some(width) => Some(Linear::new(vb.pp("time_emb_proj"), width, out_channels, true)?),
+            Some(width) => Some(Linear::new(
+                vb.pp("time_emb_proj"),
+                width,
+                out_channels,
+                true,
+            )?),
             None => None,
         };
         let norm2 = GroupNorm::new(vb.pp("norm2"), groups, out_channels, eps)?;
         let conv2 = Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?;
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 0, 1)?)
+            Some(Conv2d::new(
+                vb.pp("conv_shortcut"),
+                in_channels,
+                out_channels,
+                1,
+                0,
+                1,
+            )?)
         } else {
             None
         };
@@ -370,12 +458,18 @@ impl ResnetBlock {
 
     /// `xs` `[batch, h, w, in]`, `activated_time_embedding` `[batch, width]` (the SiLU every resnet
     /// applies to the time embedding, computed once by the caller) -> `[batch, h, w, out]`.
-    pub fn forward(&self, xs: &Tensor, activated_time_embedding: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        activated_time_embedding: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let time = match (&self.time_emb_proj, activated_time_embedding) {
             (Some(projection), Some(embedding)) => Some(projection.forward(embedding)?),
             _ => None,
         };
-        let hidden = self.conv1.forward_with_bias(&self.norm1.forward_silu(xs)?, time.as_ref())?;
+        let hidden = self
+            .conv1
+            .forward_with_bias(&self.norm1.forward_silu(xs)?, time.as_ref())?;
         let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
@@ -400,7 +494,11 @@ pub struct Downsample {
 impl Downsample {
     /// Loads `conv` under `vb` (`vb` is `.../downsamplers.0`).
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> PipelineResult<Self> {
-        let pads = if padding == 0 { (0, 1) } else { (padding, padding) };
+        let pads = if padding == 0 {
+            (0, 1)
+        } else {
+            (padding, padding)
+        };
         Ok(Self {
             conv: Conv2d::with_padding(vb.pp("conv"), channels, channels, 3, 2, pads)?,
         })
@@ -427,7 +525,12 @@ impl Upsample {
     }
 
     /// `[batch, h, w, c]` -> `[batch, target_h, target_w, c]` (nearest, as torch's `interpolate`).
-    pub fn forward(&self, xs: &Tensor, target_h: usize, target_w: usize) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        target_h: usize,
+        target_w: usize,
+    ) -> candle_core::Result<Tensor> {
         let upsampled = kernels::upsample_nearest(xs, target_h, target_w)?;
         self.conv.forward(&upsampled)
     }

@@ -231,7 +231,11 @@ impl Unet {
             )?;
         }
         let hidden = self.conv_norm_out.forward_silu(&hidden)?;
-        let out = self.conv_out.forward(&hidden)?.permute((0, 3, 1, 2))?.contiguous()?;
+        let out = self
+            .conv_out
+            .forward(&hidden)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
         Ok(out.to_dtype(output_dtype)?)
     }
 }
