@@ -50,6 +50,10 @@ pub enum Command {
     Edit(edit::EditArgs),
     /// Segment an image from its self-attention and label the segments with prompt words.
     Segment(segment::SegmentArgs),
+    /// Measure Prompt-to-Prompt word swaps and reweights on the bundled model over fixed seeds.
+    EditEval(edit::EditEvalArgs),
+    /// Measure segmentation (mIoU, label accuracy, time) on the bundled model over fixed scenes.
+    SegmentEval(segment::SegmentEvalArgs),
 }
 
 /// Run what the command line asks for.
@@ -61,6 +65,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
+        Some(Command::EditEval(args)) => edit::run_eval(&args),
+        Some(Command::SegmentEval(args)) => segment::run_eval(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
