@@ -149,6 +149,51 @@ fn tiny_sd2_matches_diffusers() {
     check_model("tiny-sd2");
 }
 
+/// Non-square latents whose halvings are odd (13x10 -> 7x5 -> 4x3), at a fractional timestep:
+/// the up blocks must upsample to each skip connection's size, as diffusers' `upsample_size` does.
+#[test]
+fn odd_non_square_latents_and_fractional_timesteps_match_diffusers() {
+    let reference =
+        candle_core::safetensors::load(fixture("unet_odd_sizes/unet_odd_sizes.safetensors"), &Device::Cpu).unwrap();
+    for model in ["tiny-sd1", "tiny-sd2"] {
+        let key = model.replace('-', "_");
+        let unet = load_unet(model, "diffusion_pytorch_model.safetensors");
+        let timestep = reference[&format!("{key}.timestep")].to_vec1::<f32>().unwrap()[0];
+        assert_eq!(timestep, 437.25);
+        let out = unet
+            .forward(
+                &reference[&format!("{key}.sample")],
+                f64::from(timestep),
+                &reference[&format!("{key}.encoder_hidden_states")],
+                None,
+            )
+            .unwrap();
+        let diff = max_abs_diff(&out, &reference[&format!("{key}.out")]);
+        eprintln!("{model}: 13x10 latent, t = 437.25: unet.out max abs diff = {diff:e}");
+        assert!(diff < 1e-4, "{model}: {diff}");
+    }
+}
+
+/// The fp16 weight file, loaded and computed in f32, against the fp32 reference output.
+///
+/// Tolerance: the fixture's fp32 weights are the fp16 ones widened (every value is exactly
+/// representable in f16; the two files hold the same numbers), so loading the f16 file must give the
+/// very same f32 model: the outputs of both loads are compared for equality, and the reference is
+/// held to the fp32 bound of 1e-4 (measured: the same max difference as the fp32 file, ~5e-6).
+#[test]
+fn fp16_weights_computed_in_f32_match_the_fp32_reference() {
+    let reference = references("tiny-sd1");
+    let from_f16 = load_unet("tiny-sd1", "diffusion_pytorch_model.fp16.safetensors");
+    let from_f32 = load_unet("tiny-sd1", "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+    let out = from_f16.forward(&sample, timestep, &context, None).unwrap();
+    let diff = max_abs_diff(&out, &reference["unet.out"]);
+    eprintln!("tiny-sd1 fp16 weights (computed in f32): unet.out max abs diff = {diff:e}");
+    assert!(diff < 1e-4, "{diff}");
+    let same_model = from_f32.forward(&sample, timestep, &context, None).unwrap();
+    assert_eq!(max_abs_diff(&out, &same_model), 0.0, "f16 and f32 files should load to the same f32 weights");
+}
+
 fn manifest(name: &str) -> attend::pipeline::weights::ParameterManifest {
     attend::pipeline::weights::ParameterManifest::from_file(&fixture(&format!(
         "manifests/{name}.json"

@@ -368,6 +368,9 @@ pub struct EditEvalArgs {
     /// Also generate each swapped caption without Prompt-to-Prompt (same seed), for comparison.
     #[arg(long)]
     pub baseline: bool,
+    /// Measure only the reweights (no swap).
+    #[arg(long)]
+    pub skip_swap: bool,
     /// Write per-seed results and the summary as JSON.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -445,6 +448,8 @@ struct SwapVerdict {
     target_box_shift_px: Option<f32>,
     /// Success judged by the bounding-box centre instead of the centroid.
     success_by_box: bool,
+    /// Success, and the target now has the new shape (the edit took).
+    success_with_new_shape: bool,
     new_shape_drawn: bool,
     others_unchanged: bool,
     success: bool,
@@ -511,6 +516,7 @@ fn judge_swap(
         target_shift_px: shift,
         target_box_shift_px: box_shift,
         success_by_box: others && box_shift.is_some_and(|shift| shift <= tolerance),
+        success_with_new_shape: target_kept && others && edited[target].shape == Some(new_shape),
         new_shape_drawn: edited[target].shape == Some(new_shape),
         others_unchanged: others,
         success: target_kept && others,
@@ -625,44 +631,46 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         };
         save(format!("{seed:04}_source.png"), &source.image)?;
         if result.source_has_target {
-            let spec = EditSpec {
-                cross_window: CrossWindow::uniform(cross),
-                self_replace,
-                ..EditSpec::new(result.swap_caption.clone())
-            };
-            let swapped = generate_edited_branch(
-                &model,
-                &request,
-                &spec,
-                Arc::clone(&recording),
-                None,
-                &mut |_| Ok(()),
-                &cancel,
-            )?;
-            save(format!("{seed:04}_swap.png"), &swapped.edited.image)?;
-            let swapped_objects = measure_objects(&swapped.edited.image, &scene);
-            result.swap = Some(judge_swap(
-                &source_objects,
-                &swapped_objects,
-                target,
-                new_shape,
-                width,
-                args.centroid_tolerance_px,
-            ));
-            if args.baseline {
-                let mut plain_request = request.clone();
-                plain_request.prompt.clone_from(&result.swap_caption);
-                let plain = generate(&model, &plain_request, None, &mut |_| Ok(()), &cancel)?;
-                save(format!("{seed:04}_swap_plain.png"), &plain.image)?;
-                let plain_objects = measure_objects(&plain.image, &scene);
-                result.baseline = Some(judge_swap(
+            if !args.skip_swap {
+                let spec = EditSpec {
+                    cross_window: CrossWindow::uniform(cross),
+                    self_replace,
+                    ..EditSpec::new(result.swap_caption.clone())
+                };
+                let swapped = generate_edited_branch(
+                    &model,
+                    &request,
+                    &spec,
+                    Arc::clone(&recording),
+                    None,
+                    &mut |_| Ok(()),
+                    &cancel,
+                )?;
+                save(format!("{seed:04}_swap.png"), &swapped.edited.image)?;
+                let swapped_objects = measure_objects(&swapped.edited.image, &scene);
+                result.swap = Some(judge_swap(
                     &source_objects,
-                    &plain_objects,
+                    &swapped_objects,
                     target,
                     new_shape,
                     width,
                     args.centroid_tolerance_px,
                 ));
+                if args.baseline {
+                    let mut plain_request = request.clone();
+                    plain_request.prompt.clone_from(&result.swap_caption);
+                    let plain = generate(&model, &plain_request, None, &mut |_| Ok(()), &cancel)?;
+                    save(format!("{seed:04}_swap_plain.png"), &plain.image)?;
+                    let plain_objects = measure_objects(&plain.image, &scene);
+                    result.baseline = Some(judge_swap(
+                        &source_objects,
+                        &plain_objects,
+                        target,
+                        new_shape,
+                        width,
+                        args.centroid_tolerance_px,
+                    ));
+                }
             }
             let mut words: Vec<&str> = Vec::new();
             if reweight_colour {
@@ -791,6 +799,7 @@ fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
             "cases": verdicts.len(),
             "success_percent": rate(verdicts.iter().filter(|v| v.success).count(), verdicts.len()),
             "success_by_box_centre_percent": rate(verdicts.iter().filter(|v| v.success_by_box).count(), verdicts.len()),
+            "success_with_new_shape_percent": rate(verdicts.iter().filter(|v| v.success_with_new_shape).count(), verdicts.len()),
             "target_kept_percent": rate(verdicts.iter().filter(|v| v.target_kept).count(), verdicts.len()),
             "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
             "new_shape_drawn_percent": rate(verdicts.iter().filter(|v| v.new_shape_drawn).count(), verdicts.len()),
