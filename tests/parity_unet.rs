@@ -153,12 +153,17 @@ fn tiny_sd2_matches_diffusers() {
 /// the up blocks must upsample to each skip connection's size, as diffusers' `upsample_size` does.
 #[test]
 fn odd_non_square_latents_and_fractional_timesteps_match_diffusers() {
-    let reference =
-        candle_core::safetensors::load(fixture("unet_odd_sizes/unet_odd_sizes.safetensors"), &Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(
+        fixture("unet_odd_sizes/unet_odd_sizes.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     for model in ["tiny-sd1", "tiny-sd2"] {
         let key = model.replace('-', "_");
         let unet = load_unet(model, "diffusion_pytorch_model.safetensors");
-        let timestep = reference[&format!("{key}.timestep")].to_vec1::<f32>().unwrap()[0];
+        let timestep = reference[&format!("{key}.timestep")]
+            .to_vec1::<f32>()
+            .unwrap()[0];
         assert_eq!(timestep, 437.25);
         let out = unet
             .forward(
@@ -191,7 +196,11 @@ fn fp16_weights_computed_in_f32_match_the_fp32_reference() {
     eprintln!("tiny-sd1 fp16 weights (computed in f32): unet.out max abs diff = {diff:e}");
     assert!(diff < 1e-4, "{diff}");
     let same_model = from_f32.forward(&sample, timestep, &context, None).unwrap();
-    assert_eq!(max_abs_diff(&out, &same_model), 0.0, "f16 and f32 files should load to the same f32 weights");
+    assert_eq!(
+        max_abs_diff(&out, &same_model),
+        0.0,
+        "f16 and f32 files should load to the same f32 weights"
+    );
 }
 
 fn manifest(name: &str) -> attend::pipeline::weights::ParameterManifest {
