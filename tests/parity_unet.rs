@@ -3,6 +3,8 @@
 
 // The fixtures are memory-mapped as the brief's loading recipe does; nothing writes them meanwhile.
 #![allow(unsafe_code)]
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,12 @@ impl AttentionProcessor for Capture {
             probs.dims(),
             &[site.batch * site.heads, site.queries(), site.keys]
         );
+        assert_eq!(probs.dtype(), DType::F32);
+        let expected_keys = match site.kind {
+            attend::attention::AttentionKind::SelfAttention => site.queries(),
+            attend::attention::AttentionKind::Cross => 77,
+        };
+        assert_eq!(site.keys, expected_keys, "{}", site.module_path());
         self.probs
             .insert(site.module_path(), probs.narrow(0, 0, site.heads)?);
         self.sites.push(site.clone());
@@ -147,6 +155,96 @@ fn tiny_sd1_matches_diffusers() {
 #[test]
 fn tiny_sd2_matches_diffusers() {
     check_model("tiny-sd2");
+}
+
+/// Appends every key/value a second time: each score then appears twice, so the probabilities halve
+/// and the attention output is unchanged. Checks the key/value hook, `site.keys` after it, and that
+/// a returned probability tensor is used.
+struct DuplicateKeys {
+    calls: usize,
+}
+
+impl AttentionProcessor for DuplicateKeys {
+    fn process_keys_values(
+        &mut self,
+        site: &AttentionSite,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        assert_eq!(keys.dims()[..2], [site.batch * site.heads, site.keys]);
+        assert_eq!(keys.dims(), values.dims());
+        Ok(Some((
+            Tensor::cat(&[keys, keys], 1)?,
+            Tensor::cat(&[values, values], 1)?,
+        )))
+    }
+
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let base_keys = match site.kind {
+            attend::attention::AttentionKind::SelfAttention => site.queries(),
+            attend::attention::AttentionKind::Cross => 77,
+        };
+        assert_eq!(site.keys, 2 * base_keys);
+        assert_eq!(probs.dim(2)?, site.keys);
+        self.calls += 1;
+        // Returned unchanged but as a new tensor: the UNet must use what comes back.
+        Ok(Some(probs.copy()?))
+    }
+}
+
+/// Replaces every probability row with uniform weights.
+struct Uniform;
+
+impl AttentionProcessor for Uniform {
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((probs.ones_like()? / site.keys as f64)?))
+    }
+}
+
+#[test]
+fn hook_can_replace_keys_values_and_probabilities() {
+    let reference = references("tiny-sd2");
+    let unet = load_unet("tiny-sd2", "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+    let mut duplicate = DuplicateKeys { calls: 0 };
+    let out = {
+        let mut hook = AttentionHook {
+            processor: &mut duplicate,
+            step_index: 0,
+            step_count: 1,
+            cfg: false,
+        };
+        unet.forward(&sample, timestep, &context, Some(&mut hook))
+            .unwrap()
+    };
+    assert_eq!(duplicate.calls, 22);
+    let diff = max_abs_diff(&out, &reference["unet.out"]);
+    eprintln!("tiny-sd2 with every key/value duplicated: unet.out max abs diff = {diff:e}");
+    assert!(diff < 1e-4);
+
+    let uniform = {
+        let mut processor = Uniform;
+        let mut hook = AttentionHook {
+            processor: &mut processor,
+            step_index: 0,
+            step_count: 1,
+            cfg: false,
+        };
+        unet.forward(&sample, timestep, &context, Some(&mut hook))
+            .unwrap()
+    };
+    assert!(
+        max_abs_diff(&uniform, &reference["unet.out"]) > 1e-2,
+        "replaced probabilities must change the output"
+    );
 }
 
 /// Non-square latents whose halvings are odd (13x10 -> 7x5 -> 4x3), at a fractional timestep:

@@ -3,6 +3,8 @@
 
 // The fixtures are memory-mapped as the brief's loading recipe does; nothing writes them meanwhile.
 #![allow(unsafe_code)]
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

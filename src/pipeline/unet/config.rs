@@ -477,13 +477,13 @@ impl UnetConfig {
                 return Err(unsupported(key, "true".to_string()));
             }
         }
-        if self.conv_in_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 "conv_in_kernel",
                 self.conv_in_kernel.to_string(),
             ));
         }
-        if self.conv_out_kernel % 2 == 0 {
+        if self.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(
                 "conv_out_kernel",
                 self.conv_out_kernel.to_string(),

@@ -132,7 +132,7 @@ fn parallel_chunks_mut<T: Send>(
     units: usize,
     job: impl Fn(usize, &mut [T]) + Sync,
 ) {
-    let unit_len = if units == 0 { 0 } else { data.len() / units };
+    let unit_len = data.len().checked_div(units).unwrap_or(0);
     let pieces = piece_count(units, unit_len);
     if pieces <= 1 || unit_len == 0 {
         job(0, data);
@@ -161,7 +161,7 @@ pub fn fast_exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * z + r + 1.0;
     let bits = ((n as i32 + 127) as u32) << 23;
     y * f32::from_bits(bits)
@@ -734,6 +734,7 @@ impl WinogradInput {
         let work = |range: Range<usize>| {
             let mut local = vec![0f32; 16 * range.len() * channels];
             let zeros = vec![0f32; channels];
+            let mut t = vec![0f32; 16 * channels];
             for (local_tile, tile) in range.clone().enumerate() {
                 let (tile_row, tile_col) = (first_tile_row + tile / tiles_w, tile % tiles_w);
                 let pixel = |dy: usize, dx: usize| -> &[f32] {
@@ -745,27 +746,39 @@ impl WinogradInput {
                         &image[(y as usize * width + x as usize) * channels..][..channels]
                     }
                 };
-                let d: [[&[f32]; 4]; 4] =
-                    std::array::from_fn(|dy| std::array::from_fn(|dx| pixel(dy, dx)));
-                for c in 0..channels {
-                    let v = |dy: usize, dx: usize| d[dy][dx][c];
-                    // B^T d (rows), then (B^T d) B (columns).
-                    let mut t = [[0f32; 4]; 4];
-                    for j in 0..4 {
-                        t[0][j] = v(0, j) - v(2, j);
-                        t[1][j] = v(1, j) + v(2, j);
-                        t[2][j] = v(2, j) - v(1, j);
-                        t[3][j] = v(1, j) - v(3, j);
+                // B^T d over rows (vectors over channels), then (B^T d) B over columns.
+                for j in 0..4 {
+                    let (d0, d1, d2, d3) = (pixel(0, j), pixel(1, j), pixel(2, j), pixel(3, j));
+                    let (t0, rest) = t.split_at_mut(4 * channels);
+                    let (t1, rest) = rest.split_at_mut(4 * channels);
+                    let (t2, t3) = rest.split_at_mut(4 * channels);
+                    let column = j * channels..(j + 1) * channels;
+                    for (c, (((a, b), e), f)) in t0[column.clone()]
+                        .iter_mut()
+                        .zip(&mut t1[column.clone()])
+                        .zip(&mut t2[column.clone()])
+                        .zip(&mut t3[column])
+                        .enumerate()
+                    {
+                        *a = d0[c] - d2[c];
+                        *b = d1[c] + d2[c];
+                        *e = d2[c] - d1[c];
+                        *f = d1[c] - d3[c];
                     }
-                    for (i, row) in t.iter().enumerate() {
-                        let values = [
-                            row[0] - row[2],
-                            row[1] + row[2],
-                            row[2] - row[1],
-                            row[1] - row[3],
-                        ];
-                        for (j, value) in values.iter().enumerate() {
-                            local[((i * 4 + j) * range.len() + local_tile) * channels + c] = *value;
+                }
+                for i in 0..4 {
+                    let row = |j: usize| &t[(i * 4 + j) * channels..][..channels];
+                    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                    for j in 0..4 {
+                        let dst = &mut local[((i * 4 + j) * range.len() + local_tile) * channels..]
+                            [..channels];
+                        for (c, value) in dst.iter_mut().enumerate() {
+                            *value = match j {
+                                0 => r0[c] - r2[c],
+                                1 => r1[c] + r2[c],
+                                2 => r2[c] - r1[c],
+                                _ => r1[c] - r3[c],
+                            };
                         }
                     }
                 }
@@ -1010,7 +1023,7 @@ impl CustomOp1 for Heads {
 }
 
 fn check_heads(inner: usize, heads: usize) -> Result<()> {
-    if heads == 0 || inner % heads != 0 {
+    if heads == 0 || !inner.is_multiple_of(heads) {
         candle_core::bail!("attention: width {inner} does not split into {heads} heads");
     }
     Ok(())
