@@ -113,3 +113,43 @@ fn real_checkpoint_manifests_load_every_parameter() {
         );
     }
 }
+
+/// `cargo test --test parity_vae timing -- --ignored --nocapture`: SD VAE decode of one 64x64
+/// latent (512 px) with random weights of the real shapes.
+#[test]
+#[ignore]
+fn timing_sd_vae_decode_512() {
+    let manifest =
+        attend::pipeline::weights::ParameterManifest::from_file(&fixture("manifests/sd15.json"))
+            .unwrap();
+    let config =
+        VaeConfig::from_json(&manifest.configs["vae"].to_string(), Path::new("manifest")).unwrap();
+    let mut tensors = HashMap::new();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for (param, shape) in &manifest.parameters["vae"] {
+        let count: usize = shape.iter().product();
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect();
+        tensors.insert(
+            param.clone(),
+            Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap(),
+        );
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vae = AutoencoderKl::new(vb, &config).unwrap();
+    let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).unwrap();
+    vae.decode(&latents).unwrap();
+    let start = std::time::Instant::now();
+    let image = vae.decode(&latents).unwrap();
+    eprintln!(
+        "SD VAE decode, 64x64 latent -> 512x512: {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(image.dims(), &[1, 3, 512, 512]);
+}

@@ -91,6 +91,74 @@ def encode_captions(tokenizer, captions, pad_id):
     return torch.from_numpy(ids)
 
 
+SHAPES = {"circle", "square", "triangle", "star"}
+COLOURS = {"red", "green", "blue", "yellow", "purple", "orange", "white", "black"}
+
+
+def object_token_positions(captions, tokenizer, max_objects=3):
+    """`[N, max_objects, 2]` token positions of each object's colour and shape word (-1: no object).
+
+    Object k is the caption's k-th "{colour} {shape}" pair, the same order as objects.u8's ids."""
+    positions = np.full((len(captions), max_objects, 2), -1, dtype=np.int64)
+    for row, encoding in enumerate(tokenizer.encode_batch(captions)):
+        tokens = encoding.tokens
+        k = 0
+        for index, token in enumerate(tokens):
+            if token in SHAPES and index > 0 and tokens[index - 1] in COLOURS and k < max_objects:
+                positions[row, k] = (index - 1, index)
+                k += 1
+    return torch.from_numpy(positions)
+
+
+class CrossAttentionRecorder:
+    """A diffusers attention processor for the attn2 (cross-attention) modules that computes the softmax
+    probabilities explicitly and keeps them (`[batch * heads, queries, tokens]`) for the grounding loss."""
+
+    def __init__(self):
+        self.maps = []
+        self.enabled = False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)
+        if self.enabled:
+            self.maps.append((attn.heads, probs))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def grounding_loss(maps, object_masks, positions, valid):
+    """TokenCompose-style token loss: for every object's colour and shape token, the share of its
+    (spatially normalised) cross-attention that falls outside the object, squared, averaged over layers.
+
+    maps: list of (heads, `[batch * heads, h * w, tokens]`); object_masks: `[batch, 64, 64]` object ids;
+    positions: `[batch, 3, 2]` token positions (-1 none); valid: `[batch]` rows with a caption."""
+    total = 0.0
+    count = 0
+    batch = object_masks.shape[0]
+    for heads, probs in maps:
+        queries = probs.shape[1]
+        side = int(round(math.sqrt(queries)))
+        attention = probs.view(batch, heads, queries, -1).mean(1)  # [batch, h*w, tokens]
+        for k in range(positions.shape[1]):
+            mask = (object_masks == k + 1).float()[:, None]
+            mask = F.adaptive_avg_pool2d(mask, side).flatten(1)  # [batch, h*w], fraction covered
+            present = valid & (positions[:, k, 0] >= 0) & (mask.sum(1) > 0)
+            if not present.any():
+                continue
+            for which in range(2):
+                token = positions[:, k, which].clamp(min=0)
+                column = attention.gather(2, token[:, None, None].expand(-1, queries, 1)).squeeze(2)
+                column = column / (column.sum(1, keepdim=True) + 1e-8)
+                inside = (column * mask).sum(1)
+                per_row = (1 - inside) ** 2
+                total = total + (per_row * present.float()).sum()
+                count += int(present.sum())
+    return total / max(count, 1)
+
+
 def augment_ids(ids, vocab, generator, drop_prob, device):
     """Caption dropout (-> empty prompt, for guidance), plus occasional unknown words and punctuation
     inserted after the start token or before the end, so that what people type works."""
@@ -106,7 +174,7 @@ def augment_ids(ids, vocab, generator, drop_prob, device):
         token = extras[torch.randint(len(extras), (1,), generator=generator, device=device)]
         ids[row, 2:] = ids[row, 1:-1].clone()
         ids[row, 1] = token
-    return ids
+    return ids, insert.long(), drop
 
 
 def export_model(folder, text_model, unet, tokenizer, text_config, unet_config, scheduler_config):
@@ -171,12 +239,21 @@ def main():
     parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
     parser.add_argument("--samples", default=None, help="write a PNG grid of samples here at the end")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    parser.add_argument("--grounding", type=float, default=0.0,
+                        help="weight of the cross-attention grounding loss (needs objects.u8); 0: off")
+    parser.add_argument("--grounding-max-t", type=int, default=800,
+                        help="apply the grounding loss only at timesteps below this")
+    parser.add_argument("--log-every", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--warmup", type=int, default=500, help="learning-rate warm-up steps")
     args = parser.parse_args()
 
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     tokenizer, vocab = build_tokenizer()
@@ -188,6 +265,10 @@ def main():
     ema_unet = UNet2DConditionModel(**unet_config).to(device)
     ema_text.load_state_dict(text_model.state_dict())
     ema_unet.load_state_dict(unet.state_dict())
+    recorder = CrossAttentionRecorder()
+    if args.grounding > 0:
+        unet.set_attn_processor({name: (recorder if name.endswith("attn2.processor") else processor)
+                                 for name, processor in unet.attn_processors.items()})
     parameters = list(text_model.parameters()) + list(unet.parameters())
     ema_parameters = list(ema_text.parameters()) + list(ema_unet.parameters())
     print(f"parameters: unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M, "
@@ -195,7 +276,7 @@ def main():
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
 
     def lr_at(step, trained_secs):
-        warmup = 500
+        warmup = args.warmup
         if step < warmup:
             return args.lr * (step + 1) / warmup
         progress = min(1.0, trained_secs / (args.plan_minutes * 60))
@@ -231,6 +312,11 @@ def main():
     assert len(captions) == len(images), (len(captions), len(images))
     images = torch.from_numpy(images).to(device)
     caption_ids = encode_captions(tokenizer, captions, vocab["<|endoftext|>"]).to(device)
+    if args.grounding > 0:
+        objects = np.fromfile(os.path.join(args.data, "objects.u8"), dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        assert len(objects) == len(images), (len(objects), len(images))
+        objects = torch.from_numpy(objects).to(device)
+        positions = object_token_positions(captions, tokenizer).to(device)
     print(f"data: {len(images)} scenes", flush=True)
     alphas_cumprod = cosine_alphas_cumprod().to(device)
     generator = torch.Generator(device=device).manual_seed(1234 + step)
@@ -245,6 +331,7 @@ def main():
     start = time.time()
     last_checkpoint = start
     losses = []
+    ground_losses = []
     text_model.train()
     unet.train()
     while True:
@@ -255,7 +342,7 @@ def main():
         x0 = images[index].permute(0, 3, 1, 2).float() / 127.5 - 1
         flip = torch.rand(args.batch, generator=generator, device=device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        ids = augment_ids(caption_ids[index], vocab, generator, 0.1, device)
+        ids, shift, dropped = augment_ids(caption_ids[index], vocab, generator, 0.1, device)
         t = torch.randint(0, 1000, (args.batch,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         a = alphas_cumprod[t][:, None, None, None]
@@ -263,12 +350,25 @@ def main():
         v_target = a.sqrt() * noise - (1 - a).sqrt() * x0
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, trained_before + time.time() - start)
+        recorder.maps = []
+        recorder.enabled = args.grounding > 0
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             hidden = text_model(ids).last_hidden_state
             v_pred = unet(x_t, t, encoder_hidden_states=hidden).sample
         snr = a.flatten() / (1 - a.flatten())
         weight = torch.clamp(snr, max=5.0) / (snr + 1)
         loss = (weight * ((v_pred.float() - v_target) ** 2).mean(dim=(1, 2, 3))).mean()
+        denoise_loss = loss.detach()
+        if args.grounding > 0:
+            masks = objects[index]
+            masks = torch.where(flip[:, None, None], masks.flip(2), masks)
+            token_positions = positions[index]
+            token_positions = torch.where(token_positions >= 0, token_positions + shift[:, None, None], token_positions)
+            valid = ~dropped & (t < args.grounding_max_t)
+            ground = grounding_loss([(h, p.float()) for h, p in recorder.maps], masks, token_positions, valid)
+            recorder.maps = []
+            ground_losses.append(float(ground.detach()) if torch.is_tensor(ground) else float(ground))
+            loss = loss + args.grounding * ground
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -277,11 +377,12 @@ def main():
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_parameters, parameters, 1 - decay)
-        losses.append(loss.item() if step % 50 == 0 else None)
-        if step % 200 == 0:
+        losses.append(denoise_loss.item() if (step % 50 == 0 or device == "cpu") else None)
+        if step % args.log_every == 0:
             recent = [l for l in losses[-1000:] if l is not None]
             remaining = args.minutes * 60 - (time.time() - start)
-            print(f"step {step} loss {np.mean(recent):.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+            grounding_text = f" grounding {np.mean(ground_losses[-200:]):.4f}" if ground_losses else ""
+            print(f"step {step} loss {np.mean(recent):.4f}{grounding_text} lr {optimizer.param_groups[0]['lr']:.2e} "
                   f"elapsed {time.time() - start:.0f}s left {remaining:.0f}s", flush=True)
         if time.time() - last_checkpoint > args.checkpoint_minutes * 60:
             save_state()

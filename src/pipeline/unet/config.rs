@@ -610,13 +610,16 @@ impl UnetConfig {
         let transformer_layers = self.transformer_layers_resolved();
         let only_cross = self.only_cross_resolved();
         let blocks = self.block_count();
-        let mut out_channels = self.block_out_channels[0];
+        let mut out_channels = self.block_out_channels.first().copied().unwrap_or(0);
         (0..blocks)
             .map(|index| {
                 let in_channels = out_channels;
                 out_channels = self.block_out_channels[index];
                 DownBlockPlan {
-                    kind: down_block_kind(&self.down_block_types[index])
+                    kind: self
+                        .down_block_types
+                        .get(index)
+                        .and_then(|name| down_block_kind(name))
                         .unwrap_or(DownBlockKind::Plain),
                     in_channels,
                     out_channels,
@@ -662,13 +665,17 @@ impl UnetConfig {
             .collect();
         let reversed_only_cross: Vec<bool> = self.only_cross_resolved().into_iter().rev().collect();
         let blocks = self.block_count();
-        let mut out_channels = reversed_channels[0];
+        let mut out_channels = reversed_channels.first().copied().unwrap_or(0);
         (0..blocks)
             .map(|index| {
                 let prev_output_channels = out_channels;
                 out_channels = reversed_channels[index];
                 UpBlockPlan {
-                    kind: up_block_kind(&self.up_block_types[index]).unwrap_or(UpBlockKind::Plain),
+                    kind: self
+                        .up_block_types
+                        .get(index)
+                        .and_then(|name| up_block_kind(name))
+                        .unwrap_or(UpBlockKind::Plain),
                     prev_output_channels,
                     in_channels: reversed_channels[(index + 1).min(blocks - 1)],
                     out_channels,
