@@ -3,7 +3,7 @@
 //! reweight, local blend).
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -25,13 +25,11 @@ use attend::pipeline::edit_sampling::{
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, RgbImage};
 use attend::pipeline::sampling::{CancelToken, GenerateRequest};
-use attend::pipeline::scheduler::SchedulerKind;
 use attend::scenes::{generate_scene, Colour, Scene, SceneOptions, Shape};
-use candle_core::Tensor;
 use std::sync::Arc;
 
 use super::generate::{check_writable_parent, daam_heatmaps, generation_parameters};
-use super::{load_model, ModelArgs};
+use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend edit`. Flag names are stable: scripts rely on them.
 #[derive(Debug, clap::Args)]
@@ -42,9 +40,6 @@ pub struct EditArgs {
     /// The edited prompt: the same words with some swapped (replace), or words added/removed (refine).
     #[arg(long)]
     pub edit_prompt: String,
-    /// Negative prompt of both runs.
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
     /// How the prompts relate: auto (same word count: replace, else refine), replace or refine.
     #[arg(long, default_value = "auto")]
     pub edit_kind: String,
@@ -80,21 +75,9 @@ pub struct EditArgs {
     pub blend_map_side: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Seed of the initial noise (shared by both runs).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
-    #[arg(long)]
-    pub scheduler: Option<String>,
-    /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise.
-    #[arg(long)]
-    pub init_latents: Option<PathBuf>,
+    /// Seed, steps, guidance, scheduler, size, negative prompt and initial noise, shared by both runs.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Run the source first and replay its recorded attention into an edited-only run (what the
     /// editor does), instead of running both prompts in one batch.
     #[arg(long)]
@@ -114,25 +97,12 @@ pub struct EditArgs {
 /// Run `attend edit`.
 pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     let spec = edit_spec(args)?;
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(str::parse::<SchedulerKind>)
-        .transpose()
-        .context("--scheduler")?;
+    args.sampling.check()?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
     check_writable_parent(&args.out_dir.join("source.png"))?;
     let model = load_model(&args.model)?;
-    let mut request = GenerateRequest::new(&model, args.prompt.clone());
-    request.negative_prompt.clone_from(&args.negative_prompt);
-    request.seed = args.seed;
-    request.steps = args.steps;
-    request.guidance = args.guidance;
-    request.scheduler = scheduler;
-    if let Some(path) = &args.init_latents {
-        request.init_latents = Some(read_init_latents(path)?);
-    }
+    let request = args.sampling.request(&model, &args.prompt)?;
     let edit_request = EditRequest {
         generate: request,
         spec,
@@ -295,24 +265,6 @@ fn write_outputs(
         file.write_all(text.as_bytes())
     })?;
     Ok(())
-}
-
-/// Reads the unit-variance tensor `latents` from a safetensors file.
-fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
-    let tensors =
-        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
-            format!(
-                "--init-latents {}: not a readable safetensors file",
-                path.display()
-            )
-        })?;
-    let latents = tensors.get("latents").with_context(|| {
-        format!(
-            "--init-latents {}: no tensor named `latents`",
-            path.display()
-        )
-    })?;
-    Ok(latents.to_dtype(candle_core::DType::F32)?)
 }
 
 /// Arguments of `attend edit-eval`: Prompt-to-Prompt measured on drawn scenes of attend's generator.
@@ -899,6 +851,7 @@ pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
                 subtract_threshold: args.blend_threshold,
                 start_fraction: args.blend_start,
                 map_side: args.blend_map_side,
+                mask: None,
             })
         }
         None => {

@@ -14,10 +14,8 @@ use attend::analysis::{colormap, WordSpan};
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
-use attend::pipeline::scheduler::SchedulerKind;
-use candle_core::Tensor;
 
-use super::{load_model, ModelArgs};
+use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend generate`. Flag names are stable: scripts rely on them.
 #[derive(Debug, clap::Args)]
@@ -25,33 +23,10 @@ pub struct GenerateArgs {
     /// The prompt (may be empty: unconditional).
     #[arg(long)]
     pub prompt: String,
-    /// Negative prompt (the unconditional half of classifier-free guidance).
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (<= 1 disables guidance).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
-    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
-    #[arg(long)]
-    pub scheduler: Option<String>,
-    /// Image width in pixels (default: the model's native size).
-    #[arg(long)]
-    pub width: Option<usize>,
-    /// Image height in pixels (default: the model's native size).
-    #[arg(long)]
-    pub height: Option<usize>,
-    /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise
-    /// (scaled by the scheduler's init noise sigma, as diffusers does).
-    #[arg(long)]
-    pub init_latents: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Write the image (PNG with the generation parameters in a `parameters` text chunk).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -72,12 +47,7 @@ pub struct GenerateArgs {
 
 /// Run `attend generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(str::parse::<SchedulerKind>)
-        .transpose()
-        .context("--scheduler")?;
+    args.sampling.check()?;
     // Fail before the (long) run when an output cannot be written.
     for path in [&args.out, &args.trajectory_out, &args.attention_out]
         .into_iter()
@@ -90,17 +60,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create --heatmaps-out folder {}", dir.display()))?;
     }
     let model = load_model(&args.model)?;
-    let mut request = GenerateRequest::new(&model, args.prompt.clone());
-    request.negative_prompt.clone_from(&args.negative_prompt);
-    request.seed = args.seed;
-    request.steps = args.steps;
-    request.guidance = args.guidance;
-    request.scheduler = scheduler;
-    request.width = args.width.unwrap_or(request.width);
-    request.height = args.height.unwrap_or(request.height);
-    if let Some(path) = &args.init_latents {
-        request.init_latents = Some(read_init_latents(path)?);
-    }
+    let request = args.sampling.request(&model, &args.prompt)?;
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
     let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
@@ -288,24 +248,6 @@ pub fn check_writable_parent(path: &Path) -> anyhow::Result<()> {
         path.display()
     );
     Ok(())
-}
-
-/// Reads `latents` from a safetensors file.
-fn read_init_latents(path: &Path) -> anyhow::Result<Tensor> {
-    let tensors =
-        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
-            format!(
-                "--init-latents {}: not a readable safetensors file",
-                path.display()
-            )
-        })?;
-    let latents = tensors.get("latents").with_context(|| {
-        format!(
-            "--init-latents {}: no tensor named `latents`",
-            path.display()
-        )
-    })?;
-    Ok(latents.to_dtype(candle_core::DType::F32)?)
 }
 
 /// Writes `latents_per_step` and `timesteps` as safetensors (f32), atomically.

@@ -81,9 +81,91 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Where the bundled model lives (`assets/attend-shapes` in the source tree).
-pub fn bundled_model_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/attend-shapes"))
+/// Sampling settings shared by `generate` and `edit` (the same flags, the same meaning).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Negative prompt (the unconditional half of classifier-free guidance).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise
+    /// (scaled by the scheduler's init noise sigma, as diffusers does).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+}
+
+impl SamplingArgs {
+    /// A request for `prompt` with these settings (the model's defaults where a flag is absent).
+    pub fn request(
+        &self,
+        model: &attend::pipeline::model::StableDiffusion,
+        prompt: &str,
+    ) -> anyhow::Result<attend::pipeline::sampling::GenerateRequest> {
+        use anyhow::Context as _;
+        let mut request = attend::pipeline::sampling::GenerateRequest::new(model, prompt);
+        request.negative_prompt.clone_from(&self.negative_prompt);
+        request.seed = self.seed;
+        request.steps = self.steps;
+        request.guidance = self.guidance;
+        request.scheduler = self
+            .scheduler
+            .as_deref()
+            .map(str::parse::<attend::pipeline::scheduler::SchedulerKind>)
+            .transpose()
+            .context("--scheduler")?;
+        request.width = self.width.unwrap_or(request.width);
+        request.height = self.height.unwrap_or(request.height);
+        if let Some(path) = &self.init_latents {
+            request.init_latents = Some(read_init_latents(path)?);
+        }
+        Ok(request)
+    }
+
+    /// Checks the flags that need no model (the scheduler name), so a bad value fails at once.
+    pub fn check(&self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        if let Some(name) = &self.scheduler {
+            name.parse::<attend::pipeline::scheduler::SchedulerKind>()
+                .context("--scheduler")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the unit-variance tensor `latents` from a safetensors file.
+fn read_init_latents(path: &std::path::Path) -> anyhow::Result<candle_core::Tensor> {
+    use anyhow::Context as _;
+    let tensors =
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
+            format!(
+                "--init-latents {}: not a readable safetensors file",
+                path.display()
+            )
+        })?;
+    let latents = tensors.get("latents").with_context(|| {
+        format!(
+            "--init-latents {}: no tensor named `latents`",
+            path.display()
+        )
+    })?;
+    Ok(latents.to_dtype(candle_core::DType::F32)?)
 }
 
 /// Model selection shared by the subcommands.
@@ -104,7 +186,7 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::S
     let dir = match &args.dir {
         Some(dir) => dir.clone(),
         None => {
-            let dir = bundled_model_dir();
+            let dir = attend::worker::bundled_model_dir();
             anyhow::ensure!(
                 dir.join("model_index.json").is_file(),
                 "the bundled model is missing from {} (it ships with attend's source tree); pass --model DIR",
