@@ -5,7 +5,8 @@
 // Test helpers may unwrap like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+use common::{fixture, max_abs_diff};
 
 use attend::analysis::alignment::{align_prompts, EditKind, PromptLayout, WordChange};
 use attend::attention::p2p::{CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow};
@@ -13,13 +14,6 @@ use attend::pipeline::edit_sampling::{generate_edit, EditObservers, EditOutput, 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
 use attend::pipeline::tokenizer::{PromptTokenizer, PromptTokens};
-use candle_core::Tensor;
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
 
 fn layout(tokens: &PromptTokens) -> PromptLayout<'_> {
     PromptLayout {
@@ -91,20 +85,6 @@ const STEPS: usize = 8;
 
 fn tiny_sd1() -> StableDiffusion {
     StableDiffusion::load(&fixture("tiny-sd1"), &LoadOptions::default()).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn run_edit(model: &StableDiffusion, spec: EditSpec, replay: bool) -> EditOutput {

@@ -12,8 +12,9 @@
 // Test helpers may unwrap like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{fixture, max_abs_diff};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
@@ -22,27 +23,6 @@ use candle_core::{Device, Tensor};
 
 const LATENT_TOLERANCE: f32 = 3e-4;
 const IMAGE_TOLERANCE: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-        .join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn check_model(model_name: &str) {
     let dir = fixture(model_name);

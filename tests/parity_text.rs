@@ -4,6 +4,8 @@
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
@@ -131,19 +133,6 @@ fn tokenizer_gives_the_reference_input_ids() {
             assert_eq!(&ids, expected_ids, "{model} ids of {prompt:?}");
         }
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_text_encoder(model: &str) {

@@ -6,32 +6,14 @@
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{fixture, max_abs_diff, references};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use attend::attention::{AttentionHook, AttentionProcessor, AttentionSite};
 use attend::pipeline::unet::{Unet, UnetConfig};
 use candle_core::{DType, Device, Tensor};
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn load_unet(model: &str, weights: &str) -> Unet {
     let config = UnetConfig::from_file(&fixture(&format!("{model}/unet/config.json"))).unwrap();
@@ -40,14 +22,6 @@ fn load_unet(model: &str, weights: &str) -> Unet {
         candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap()
     };
     Unet::new(vb, &config).unwrap()
-}
-
-fn references(model: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixture(&format!("{model}/reference_outputs.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 /// Keeps the first batch item's probabilities of every attention call, by module path.

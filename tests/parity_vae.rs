@@ -6,31 +6,13 @@
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{fixture, max_abs_diff, references};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use attend::pipeline::vae::{AutoencoderKl, VaeConfig};
 use candle_core::{DType, Device, Tensor};
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn load_vae(model: &str) -> AutoencoderKl {
     let config = VaeConfig::from_file(&fixture(&format!("{model}/vae/config.json"))).unwrap();
@@ -39,14 +21,6 @@ fn load_vae(model: &str) -> AutoencoderKl {
         candle_nn::VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap()
     };
     AutoencoderKl::new(vb, &config).unwrap()
-}
-
-fn references(model: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixture(&format!("{model}/reference_outputs.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
 }
 
 fn check_model(model: &str) {
