@@ -49,6 +49,10 @@ shot() {
 shot editor-word env ATTEND_SCREENSHOT_WORD=circle
 # The self-attention probe on the square.
 shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.7,0.5
+# The Segments view with the segment at that point selected (its mask previewed).
+shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.7,0.5
+# Edit mode: "circle -> square" swapped by Prompt-to-Prompt, source | edited side by side.
+shot editor-edit env ATTEND_SCREENSHOT_EDIT="a red square and a blue square"
 
 for csv in "$runtime_dir"/*.frame-times.csv; do
     sort -n "$csv" | awk -v name="$(basename "$csv")" '

@@ -166,10 +166,10 @@ impl PromptToPrompt {
         let mut source_blend_weights = vec![[0.0f32; 2]; length];
         let mut edit_blend_weights = vec![[0.0f32; 2]; length];
         if let Some(blend) = &spec.local_blend {
-            if blend.words.is_empty() {
+            if blend.words.is_empty() && blend.mask.is_none() {
                 return Err(PipelineError::InvalidArgument {
                     name: "local blend",
-                    reason: "no words given".into(),
+                    reason: "no words and no mask given".into(),
                 });
             }
             for (column, words) in [(0, &blend.words), (1, &blend.subtract_words)] {
@@ -348,6 +348,12 @@ impl PromptToPrompt {
             return Ok(None);
         }
         let (_, _, latent_h, latent_w) = edit.dims4()?;
+        if let Some(user_mask) = &config.mask {
+            let mask = user_blend_mask(user_mask, latent_h, latent_w)?;
+            let blended = blend_latents(source, edit, &mask)?;
+            self.latest_mask = Some(mask);
+            return Ok(Some(blended));
+        }
         let Some((source_maps, edit_maps)) = self.blend_word_maps(latent_h, latent_w)? else {
             return Err(PipelineError::InvalidArgument {
                 name: "local blend",
@@ -628,6 +634,50 @@ pub(super) fn check_shape(
         );
     }
     Ok(())
+}
+
+/// A user's local-blend mask at latent resolution: the mean of the mask cells each latent cell
+/// covers (the nearest cell when the mask is coarser than the latent), 1 where it is at least 0.5.
+fn user_blend_mask(
+    mask: &BlendMask,
+    latent_h: usize,
+    latent_w: usize,
+) -> PipelineResult<BlendMask> {
+    if mask.h == 0 || mask.w == 0 || mask.data.len() != mask.h * mask.w {
+        return Err(PipelineError::InvalidArgument {
+            name: "local blend mask",
+            reason: format!(
+                "a {}x{} mask needs {} values, it has {}",
+                mask.h,
+                mask.w,
+                mask.h * mask.w,
+                mask.data.len()
+            ),
+        });
+    }
+    let span = |cell: usize, cells: usize, size: usize| {
+        let first = cell * size / cells;
+        let last = ((cell + 1) * size).div_ceil(cells).max(first + 1).min(size);
+        first..last
+    };
+    let mut data = Vec::with_capacity(latent_h * latent_w);
+    for y in 0..latent_h {
+        let rows = span(y, latent_h, mask.h);
+        for x in 0..latent_w {
+            let columns = span(x, latent_w, mask.w);
+            let count = (rows.len() * columns.len()).max(1) as f32;
+            let sum: f32 = rows
+                .clone()
+                .flat_map(|row| mask.data[row * mask.w..(row + 1) * mask.w][columns.clone()].iter())
+                .sum();
+            data.push(if sum / count >= 0.5 { 1.0 } else { 0.0 });
+        }
+    }
+    Ok(BlendMask {
+        h: latent_h,
+        w: latent_w,
+        data,
+    })
 }
 
 fn missing_word(name: &'static str, word: &str, edit: &PromptLayout<'_>) -> PipelineError {

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use crate::analysis::heatmap::{word_heatmaps, Heatmap, SelfAttentionMap, SelfAttentionSpan};
 use crate::ui::canvas::CanvasState;
 use crate::ui::dialogs::{DialogOverride, DialogPurpose, Dialogs};
+use crate::ui::edit_mode::EditState;
 use crate::ui::frame_times::{FrameTimeSummary, FrameTimes};
 use crate::ui::run_view::{RunOutcome, RunView};
+use crate::ui::segments_view::SegmentsState;
 use crate::ui::session::Session;
 use crate::ui::settings::{AggregationChoice, EditorSettings, SETTINGS_STORAGE_KEY};
 use crate::ui::token_strip::TokenStrip;
@@ -103,6 +105,12 @@ pub struct ScreenshotPlan {
     pub probe_point: Option<(f32, f32)>,
     /// Frames to wait after the run finished (lets the layout settle).
     pub settle_frames: u32,
+    /// Enter edit mode with this edited prompt, and take the screenshot once the edit finished
+    /// (`ATTEND_SCREENSHOT_EDIT`).
+    pub edit_prompt: Option<String>,
+    /// Show the Segments view and select the segment at this point `(y, x)` in 0..1 image
+    /// coordinates (`ATTEND_SCREENSHOT_SEGMENTS`).
+    pub segments_point: Option<(f32, f32)>,
 }
 
 /// Progress of a [`ScreenshotPlan`].
@@ -130,6 +138,10 @@ pub struct EditorApp {
     pub(super) canvas: CanvasState,
     pub(super) token_strip: TokenStrip,
     pub(super) probe: ProbeState,
+    /// Edit mode (Prompt-to-Prompt).
+    pub(super) edit: EditState,
+    /// The Segments view.
+    pub(super) segments: SegmentsState,
     pub(super) status: Vec<StatusMessage>,
     pub(super) dialogs: Dialogs,
     frame_times: FrameTimes,
@@ -169,6 +181,8 @@ impl EditorApp {
             canvas: CanvasState::new(gpu_canvas),
             token_strip: TokenStrip::default(),
             probe: ProbeState::default(),
+            edit: EditState::default(),
+            segments: SegmentsState::default(),
             status: Vec::new(),
             dialogs: Dialogs::default(),
             frame_times: FrameTimes::new(options.frame_times_path.clone()),
@@ -179,6 +193,13 @@ impl EditorApp {
             egui_ctx: None,
         };
         app.apply_options(options);
+        if let Some(prompt) = app
+            .screenshot
+            .as_ref()
+            .and_then(|(plan, _)| plan.edit_prompt.clone())
+        {
+            app.enter_edit_mode(&prompt);
+        }
         Ok(app)
     }
 
@@ -220,6 +241,7 @@ impl EditorApp {
         self.settings.view = session.view;
         self.settings.aggregation = session.aggregation;
         self.selected_word = session.selected_word;
+        self.apply_edit_session(session.edit);
     }
 
     /// Opens a session: settings, model (reloaded if different) and a fresh generation.
@@ -260,7 +282,9 @@ impl EditorApp {
 
     /// True while a generation is asked for or running.
     pub fn is_generating(&self) -> bool {
-        self.pending_run.is_some() || self.run.as_ref().is_some_and(RunView::is_running)
+        self.pending_run.is_some()
+            || self.run.as_ref().is_some_and(RunView::is_running)
+            || self.edit_is_running()
     }
 
     /// The word heat maps on screen.
@@ -352,6 +376,10 @@ impl EditorApp {
             }
             return;
         }
+        if self.edit_mode() {
+            self.generate_edit_run(self.settings.params.clone());
+            return;
+        }
         match self.worker.generate(self.settings.params.clone()) {
             Ok(run_id) => {
                 // The run on screen is superseded; its own late events will be dropped.
@@ -405,6 +433,9 @@ impl EditorApp {
     }
 
     fn default_file_name(&self, purpose: &DialogPurpose) -> String {
+        if let Some(name) = self.segments_file_name(purpose) {
+            return name;
+        }
         let seed = self
             .run
             .as_ref()
@@ -449,6 +480,9 @@ impl EditorApp {
             DialogPurpose::ExportHeatmapAlone => self.export_heatmap(path, false),
             DialogPurpose::ExportAllHeatmaps => self.export_all_heatmaps(&path),
             DialogPurpose::ExportAttention => self.export_attention(path),
+            DialogPurpose::ExportSegmentMask
+            | DialogPurpose::ExportSegmentLabels
+            | DialogPurpose::ExportSegmentsJson => self.export_segments_file(&purpose, path),
         }
     }
 
@@ -457,6 +491,9 @@ impl EditorApp {
     // ---------------------------------------------------------------------------------------------
 
     fn handle_event(&mut self, event: Event) {
+        let Some(event) = self.take_edit_event(event) else {
+            return;
+        };
         let current_run = self.pending_run.or(self.run.as_ref().map(|run| run.run_id));
         if let Some(run_id) = event.run_id() {
             let for_shown_run = Some(run_id) == current_run;
@@ -576,8 +613,17 @@ impl EditorApp {
                     format!("Could not write {}: {message}", path.display()),
                 );
             }
+            // Edit mode: taken by `take_edit_event` above.
+            Event::EditStarted { .. } | Event::EditStep { .. } | Event::EditFinished { .. } => {}
+            Event::Segmented {
+                run_id,
+                request,
+                result,
+                secs,
+            } => self.handle_segmented(run_id, request, result, secs),
             Event::WorkerRestarted { message } => {
                 self.pending_run = None;
+                self.segments_worker_restarted();
                 if self.model.loaded.take().is_some() {
                     // The worker reloads the last model on its fresh engine.
                     self.model.loading = Some(self.settings.model.clone());
@@ -596,7 +642,7 @@ impl EditorApp {
 
     /// The step range the heat maps cover: everything up to the timeline's step, or that step alone.
     pub(super) fn visible_steps(&self) -> Option<(usize, usize)> {
-        let run = self.run.as_ref()?;
+        let run = self.shown_run()?;
         let last = run.cross.len().checked_sub(1)?;
         let cursor = self.timeline.cursor.unwrap_or(last).min(last);
         Some(if self.timeline.only_this_step {
@@ -608,7 +654,12 @@ impl EditorApp {
 
     /// Recomputes the word heat maps if the run, the timeline or the aggregation changed.
     fn update_derived_maps(&mut self) {
-        let Some(run) = &self.run else {
+        let shown = if self.shows_edited_run() {
+            &self.edit.run
+        } else {
+            &self.run
+        };
+        let Some(run) = shown else {
             if self.derived.key.is_some() {
                 self.derived = DerivedMaps::default();
             }
@@ -720,11 +771,13 @@ impl EditorApp {
         self.frame_times.begin_frame();
         let ctx = ui.ctx().clone();
         self.pump(&ctx);
+        self.edit_auto_run(ui);
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
             self.generate();
         }
         self.update_derived_maps();
         self.request_probe_map();
+        self.update_segments();
 
         self.menu_bar_ui(ui);
         egui::Panel::bottom("attend.bottom")
@@ -738,7 +791,12 @@ impl EditorApp {
             .resizable(true)
             .default_size(250.0)
             .show(ui, |ui| self.view_panel_ui(ui));
-        egui::CentralPanel::default().show(ui, |ui| self.canvas_ui(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            // Edit mode compares source and edited images; otherwise the plain canvas.
+            if !self.edit_canvas_ui(ui) {
+                self.canvas_ui(ui);
+            }
+        });
 
         self.screenshot_step(&ctx);
         self.frame_times.end_frame();
@@ -746,10 +804,15 @@ impl EditorApp {
 
     /// Drives an `ATTEND_SCREENSHOT` plan: select, probe, wait, capture, quit.
     fn screenshot_step(&mut self, ctx: &egui::Context) {
+        let wants_edit = self
+            .screenshot
+            .as_ref()
+            .is_some_and(|(plan, _)| plan.edit_prompt.is_some());
         let finished = self
             .run
             .as_ref()
-            .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }));
+            .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
+            && (!wants_edit || self.edit_finished());
         let Some((plan, progress)) = &mut self.screenshot else {
             return;
         };
@@ -774,8 +837,18 @@ impl EditorApp {
                 self.probe.enabled = true;
                 self.probe.point = Some(point);
             }
+            if plan.segments_point.is_some() {
+                self.screenshot_show_segments();
+            }
         }
-        let probe_pending = self.probe.enabled && self.probe.map.is_none();
+        let mut probe_pending = self.probe.enabled && self.probe.map.is_none();
+        let segments_point = self
+            .screenshot
+            .as_ref()
+            .and_then(|(plan, _)| plan.segments_point);
+        if let Some(point) = segments_point {
+            probe_pending |= self.screenshot_segments_pending(point);
+        }
         let Some((plan, progress)) = &mut self.screenshot else {
             return;
         };

@@ -90,7 +90,7 @@ fn empty_heat() -> CanvasHeat {
 impl EditorApp {
     /// The step the canvas shows and whether it is the final image.
     fn shown_step(&self) -> Option<(u64, usize, bool)> {
-        let run = self.run.as_ref()?;
+        let run = self.shown_run()?;
         let last = run.steps.len().checked_sub(1)?;
         let step = self.timeline.cursor.unwrap_or(last).min(last);
         Some((run.run_id, step, step == last && run.final_image.is_some()))
@@ -101,7 +101,7 @@ impl EditorApp {
         let image_key = self.shown_step();
         if image_key != self.canvas.image_key {
             self.canvas.image = image_key.and_then(|(_, step, _)| {
-                let image = self.run.as_ref()?.image_at(step)?;
+                let image = self.shown_run()?.image_at(step)?;
                 CanvasImage::from_rgb(image.width, image.height, &image.pixels).map(Arc::new)
             });
             self.canvas.image_key = image_key;
@@ -116,6 +116,10 @@ impl EditorApp {
 
     /// What heat grid to show now; the grid is built only when the key is new.
     fn heat_source(&self) -> (HeatSourceKey, Option<CanvasHeat>) {
+        if self.segments_active() {
+            // The Segments view draws its own overlay.
+            return (HeatSourceKey::Nothing, None);
+        }
         if self.probe.enabled {
             if let (Some(point), Some((run_id, span, map))) = (self.probe.point, &self.probe.map) {
                 let current_run = self.run.as_ref().map(|run| run.run_id);
@@ -225,6 +229,9 @@ impl EditorApp {
                 Color32::WHITE,
             );
         }
+        if self.segments_active() {
+            self.segments_overlay_ui(ui, &painter, &response, image_rect, visible);
+        }
         self.probe_marker(&painter, image_rect);
         if let Some(pointer) = response.hover_pos() {
             if image_rect.contains(pointer) && heat_shown && !self.taking_screenshot() {
@@ -260,6 +267,11 @@ impl EditorApp {
         let probe_drag = self.probe.enabled && response.dragged_by(egui::PointerButton::Primary);
         if (response.dragged() && !probe_drag) || response.dragged_by(egui::PointerButton::Middle) {
             self.canvas.pan += response.drag_delta();
+        }
+        if self.segments_active() {
+            let image_rect = image_rect_in(canvas_rect, &image, self.canvas.zoom, self.canvas.pan);
+            self.segments_canvas_input(ui, response, image_rect);
+            return;
         }
         if !self.probe.enabled {
             return;

@@ -24,6 +24,13 @@ pub enum DialogPurpose {
     ExportAllHeatmaps,
     /// Choose where to save the raw attention maps (safetensors).
     ExportAttention,
+    // Segments view.
+    /// Choose where to save the selected segments' mask (PNG).
+    ExportSegmentMask,
+    /// Choose where to save the label map of segment ids (PNG).
+    ExportSegmentLabels,
+    /// Choose where to save the segments (JSON).
+    ExportSegmentsJson,
 }
 
 /// Answers dialogs synchronously instead of showing them (tests).
@@ -126,9 +133,16 @@ fn show_dialog(
             .add_filter("safetensors", &["safetensors"])
             .set_file_name(file_name)
             .save_file(),
+        DialogPurpose::ExportSegmentsJson => dialog
+            .set_title("Export segments")
+            .add_filter("JSON", &["json"])
+            .set_file_name(file_name)
+            .save_file(),
         DialogPurpose::ExportImage
         | DialogPurpose::ExportHeatmapOverImage
-        | DialogPurpose::ExportHeatmapAlone => dialog
+        | DialogPurpose::ExportHeatmapAlone
+        | DialogPurpose::ExportSegmentMask
+        | DialogPurpose::ExportSegmentLabels => dialog
             .set_title("Export PNG")
             .add_filter("PNG image", &["png"])
             .set_file_name(file_name)

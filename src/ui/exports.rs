@@ -206,6 +206,7 @@ impl EditorApp {
             view: self.settings.view.clone(),
             aggregation: self.settings.aggregation.clone(),
             selected_word: self.selected_word,
+            edit: self.edit_session(),
         }
     }
 

@@ -7,20 +7,24 @@
 //! | `app` | [`EditorApp`]: state, worker events, actions, frame layout |
 //! | `panels` | menu bar, controls, view/aggregation/probe panel, progress, timeline, status |
 //! | `canvas` | zoomable canvas, probe input, GPU or CPU drawing |
-//! | `token_strip` | one live thumbnail per prompt word |
+//! | `token_strip` | one live thumbnail per prompt word (with word weights in edit mode) |
+//! | `edit_mode` | Prompt-to-Prompt edits: edited prompt, alignment, windows, local blend, source and edited images compared |
 //! | `heatmap_renderer` | the wgpu pipeline behind `shaders/heatmap.wgsl` |
 //! | `exports` | image / heat map / attention / session exports |
+//! | `segments_view` | the Segments view: segment overlay, list, selection, mask, exports |
 //! | `settings`, `session` | persisted settings and session files |
 //! | `dialogs`, `frame_times` | rfd dialogs on a helper thread; frame build-time log |
 
 mod app;
 mod canvas;
 mod dialogs;
+mod edit_mode;
 mod exports;
 mod frame_times;
 pub mod heatmap_renderer;
 mod panels;
 mod run_view;
+mod segments_view;
 mod session;
 mod settings;
 mod token_strip;
@@ -30,8 +34,10 @@ use std::sync::Arc;
 
 pub use app::{EditorApp, ScreenshotPlan, StatusLevel, StatusMessage};
 pub use dialogs::{DialogOverride, DialogPurpose};
+pub use edit_mode::{CompareMode, EditBranchView, EditSession};
 pub use frame_times::FrameTimeSummary;
 pub use run_view::{RunOutcome, RunView};
+pub use segments_view::CanvasView;
 pub use session::{Session, SessionError, SESSION_FORMAT};
 pub use settings::{AggregationChoice, EditorSettings, ViewSettings, SETTINGS_STORAGE_KEY};
 
@@ -75,7 +81,10 @@ pub struct EditorOptions {
 impl EditorOptions {
     /// Fills the developer options from the environment when not set:
     /// `ATTEND_FRAME_TIMES=file.csv`, `ATTEND_SCREENSHOT=file.png` (with `ATTEND_SCREENSHOT_WORD=word`
-    /// and `ATTEND_SCREENSHOT_PROBE=y,x` in 0..1), `ATTEND_ENGINE=fake`.
+    /// and `ATTEND_SCREENSHOT_PROBE=y,x` in 0..1, or `ATTEND_SCREENSHOT_SEGMENTS=y,x`: the Segments
+    /// view with the segment at that point selected), `ATTEND_ENGINE=fake`;
+    /// `ATTEND_SCREENSHOT_EDIT=prompt` enters edit mode with that edited prompt and takes the
+    /// screenshot once the edit finished.
     pub fn with_environment(mut self) -> Self {
         if self.frame_times_path.is_none() {
             self.frame_times_path = std::env::var_os("ATTEND_FRAME_TIMES").map(PathBuf::from);
@@ -91,6 +100,13 @@ impl EditorOptions {
                         Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
                     }),
                 settle_frames: 10,
+                edit_prompt: std::env::var("ATTEND_SCREENSHOT_EDIT").ok(),
+                segments_point: std::env::var("ATTEND_SCREENSHOT_SEGMENTS")
+                    .ok()
+                    .and_then(|text| {
+                        let (y, x) = text.split_once(',')?;
+                        Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
+                    }),
             });
         }
         if std::env::var("ATTEND_ENGINE").is_ok_and(|value| value == "fake") {

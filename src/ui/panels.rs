@@ -236,6 +236,8 @@ impl EditorApp {
                         self.cancel();
                     }
                 });
+                // Edit mode (Prompt-to-Prompt).
+                self.edit_panel_ui(ui);
             });
     }
 
@@ -244,6 +246,13 @@ impl EditorApp {
         egui::ScrollArea::vertical()
             .id_salt("attend.view.scroll")
             .show(ui, |ui| {
+                self.canvas_view_ui(ui);
+                if self.segments_active() {
+                    ui.separator();
+                    self.segments_panel_ui(ui);
+                    return;
+                }
+                ui.separator();
                 ui.heading("View");
                 let view = &mut self.settings.view;
                 egui::ComboBox::from_label("Colormap")
@@ -402,7 +411,13 @@ impl EditorApp {
     }
 
     fn progress_ui(&mut self, ui: &mut egui::Ui) {
-        let (fraction, text) = match (&self.run, self.pending_run) {
+        // A running source first, else the run the heat maps show (the edited one in edit mode).
+        let progress_run = self
+            .run
+            .as_ref()
+            .filter(|run| run.is_running())
+            .or(self.shown_run());
+        let (fraction, text) = match (progress_run, self.pending_run) {
             (_, Some(_)) => (0.0, "starting...".to_owned()),
             (None, None) => (0.0, "idle".to_owned()),
             (Some(run), None) => {
@@ -442,7 +457,12 @@ impl EditorApp {
     }
 
     fn timeline_ui(&mut self, ui: &mut egui::Ui) {
-        let Some(run) = &self.run else {
+        let shown = if self.shows_edited_run() {
+            &self.edit.run
+        } else {
+            &self.run
+        };
+        let Some(run) = shown else {
             return;
         };
         let received = run.steps.len();

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::ui::edit_mode::EditSession;
 use crate::ui::settings::{AggregationChoice, ViewSettings};
 use crate::worker::{GenerateParams, ModelSource};
 
@@ -28,6 +29,9 @@ pub struct Session {
     /// The word whose heat map is shown (index into the prompt's words).
     #[serde(default)]
     pub selected_word: Option<usize>,
+    /// Edit mode: the Prompt-to-Prompt edit of the image (absent in older files: no edit).
+    #[serde(default)]
+    pub edit: Option<EditSession>,
 }
 
 /// Why a session file could not be read.
@@ -107,6 +111,7 @@ mod tests {
             view: ViewSettings::default(),
             aggregation: AggregationChoice::default(),
             selected_word: Some(1),
+            edit: None,
         };
         let path = folder.path().join("s.json");
         std::fs::write(&path, session.to_json()).unwrap();

@@ -53,7 +53,14 @@ impl EditorApp {
     /// The strip of word thumbnails.
     pub(crate) fn token_strip_ui(&mut self, ui: &mut egui::Ui) {
         self.update_thumbnails(ui.ctx());
-        let Some(run) = &self.run else {
+        // Edit mode: the edited run's words, each with its weight slider.
+        let edit_weights = self.shows_edited_run();
+        let shown = if edit_weights {
+            &self.edit.run
+        } else {
+            &self.run
+        };
+        let Some(run) = shown else {
             ui.label("Word heat maps appear here while the image is generated.");
             return;
         };
@@ -84,10 +91,29 @@ impl EditorApp {
                             ),
                             None => egui::Button::new(word.text.as_str()),
                         };
-                        let response = ui.add(button.selected(selected)).on_hover_text(format!(
+                        let hover = format!(
                             "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
                             word.text
-                        ));
+                        );
+                        let response = if edit_weights {
+                            ui.vertical(|ui| {
+                                let response =
+                                    ui.add(button.selected(selected)).on_hover_text(hover);
+                                let first = !run.prompt.words[..index]
+                                    .iter()
+                                    .any(|other| other.text == word.text);
+                                crate::ui::edit_mode::weight_slider(
+                                    ui,
+                                    &mut self.edit.settings.spec,
+                                    &word.text,
+                                    first,
+                                );
+                                response
+                            })
+                            .inner
+                        } else {
+                            ui.add(button.selected(selected)).on_hover_text(hover)
+                        };
                         if response.clicked() {
                             clicked = Some(index);
                         }

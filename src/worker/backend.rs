@@ -8,6 +8,11 @@ use std::path::Path;
 use crate::worker::error::EngineError;
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame};
+// Edit mode.
+use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
+// Segments view.
+use crate::analysis::segment::LabelledSegmentation;
+use crate::worker::segment::SegmentRequest;
 
 /// Receives a run's progress. Returning `Err` from either method stops the run with that error
 /// (the worker returns [`EngineError::Cancelled`] to cancel).
@@ -17,7 +22,44 @@ pub trait RunObserver {
 
     /// One step is done.
     fn step(&mut self, frame: StepFrame) -> Result<(), EngineError>;
+
+    // --- Edit mode ---
+    /// An edit run recorded its source and the source's image is ready (before the edited branch).
+    fn source_finished(&mut self, output: &RunOutput) -> Result<(), EngineError> {
+        let _ = output;
+        Ok(())
+    }
+
+    /// An edit's edited branch starts.
+    fn edit_started(&mut self, info: EditInfo) -> Result<(), EngineError> {
+        let _ = info;
+        Ok(())
+    }
+
+    /// One step of an edit's edited branch is done.
+    fn edit_step(
+        &mut self,
+        frame: StepFrame,
+        blend_mask: Option<BlendMask>,
+    ) -> Result<(), EngineError> {
+        let _ = (frame, blend_mask);
+        Ok(())
+    }
+    // --- end Edit mode ---
 }
+
+// --- Edit mode ---
+/// The result of [`Engine::generate_edit`].
+#[derive(Clone, Debug)]
+pub struct EditRunOutput {
+    /// The source run, when it was recorded by this call (`None`: an earlier recording was reused).
+    pub source: Option<RunOutput>,
+    /// The edited image, unless only the source was asked for.
+    pub edited: Option<RgbImage>,
+    /// The last local-blend mask applied to the edited branch, if any.
+    pub blend_mask: Option<BlendMask>,
+}
+// --- end Edit mode ---
 
 /// The result of a finished run.
 #[derive(Clone, Debug)]
@@ -52,4 +94,31 @@ pub trait Engine {
     /// given word heat maps and the run's words and tokens to a safetensors file, atomically
     /// ([`crate::analysis::export::write_attention_safetensors`], the CLI's `--attention-out` layout).
     fn write_attention(&self, path: &Path, word_heatmaps: &[Heatmap]) -> Result<(), EngineError>;
+
+    /// Runs a Prompt-to-Prompt edit (see [`crate::worker::Command::GenerateEdit`]): records the
+    /// source unless the engine holds a recording made with the same `params`, then runs the edited
+    /// branch of `spec` (none for `None`). The source run is reported through `started`, `step` and
+    /// `source_finished`, the edited branch through `edit_started` and `edit_step`. Engines without
+    /// edits leave the default, which refuses.
+    fn generate_edit(
+        &mut self,
+        params: &GenerateParams,
+        spec: Option<&EditSpec>,
+        observer: &mut dyn RunObserver,
+    ) -> Result<EditRunOutput, EngineError> {
+        let _ = (params, spec, observer);
+        Err(EngineError::Unavailable(
+            "this engine cannot run Prompt-to-Prompt edits".to_owned(),
+        ))
+    }
+
+    /// Segments the latest run from its stored self-attention and labels the segments with its
+    /// prompt words (the Segments view). Engines that keep no attention leave the default, which
+    /// refuses.
+    fn segment(&self, request: &SegmentRequest) -> Result<LabelledSegmentation, EngineError> {
+        let _ = request;
+        Err(EngineError::Unavailable(
+            "this engine cannot segment its runs".to_owned(),
+        ))
+    }
 }

@@ -32,6 +32,9 @@ use crate::worker::protocol::{
     GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
+// Segments view.
+use crate::analysis::segment::LabelledSegmentation;
+use crate::worker::segment::{requested_grids, segment_run, self_attention_places, SegmentRequest};
 
 /// Folder of the bundled model inside the source tree and next to installed binaries.
 pub const BUNDLED_MODEL_FOLDER: &str = "assets/attend-shapes";
@@ -58,11 +61,16 @@ pub fn pipeline_engine_factory() -> EngineFactory {
     std::sync::Arc::new(|| Box::new(PipelineEngine::default()))
 }
 
+// Edit mode.
+mod edit;
+
 /// What the engine keeps of its latest run.
 struct LatestRun {
     store: Rc<RefCell<AttentionStore>>,
     words: Vec<WordSpan>,
     tokens: Vec<String>,
+    /// Image size `(height, width)` in pixels (Segments view).
+    image_size: (usize, usize),
 }
 
 /// The real engine. See the module docs.
@@ -71,6 +79,20 @@ pub struct PipelineEngine {
     model: Option<StableDiffusion>,
     source: Option<ModelSource>,
     latest_run: Option<LatestRun>,
+    // Edit mode.
+    /// The recorded source of the editor's edits.
+    edit_source: Option<edit::EditSource>,
+    /// How many sources were recorded so far.
+    source_recordings: u64,
+}
+
+// Edit mode.
+impl PipelineEngine {
+    /// How many times this engine recorded an edit's source (an edit that reuses the recording
+    /// does not count), for tests and diagnostics.
+    pub fn source_recordings(&self) -> u64 {
+        self.source_recordings
+    }
 }
 
 /// Lends the shared store to the UNet's attention hook.
@@ -138,6 +160,7 @@ impl Engine for PipelineEngine {
         self.model = Some(model);
         self.source = Some(source.clone());
         self.latest_run = None;
+        self.edit_source = None;
         Ok(info)
     }
 
@@ -195,6 +218,7 @@ impl Engine for PipelineEngine {
             store: Rc::clone(&store),
             words: prompt_tokens.words.clone(),
             tokens: prompt_tokens.tokens.clone(),
+            image_size: (request.height, request.width),
         });
         let mut processor = SharedStore(Rc::clone(&store));
         let mut observer_error: Option<EngineError> = None;
@@ -293,5 +317,34 @@ impl Engine for PipelineEngine {
             &run.tokens,
         )?;
         Ok(())
+    }
+
+    // Edit mode.
+    fn generate_edit(
+        &mut self,
+        params: &GenerateParams,
+        spec: Option<&crate::worker::protocol::EditSpec>,
+        observer: &mut dyn RunObserver,
+    ) -> Result<crate::worker::backend::EditRunOutput, EngineError> {
+        self.run_edit(params, spec, observer)
+    }
+
+    // Segments view: clusters the stored self-attention as `attend segment` does.
+    fn segment(&self, request: &SegmentRequest) -> Result<LabelledSegmentation, EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Err(EngineError::Unavailable("no run to segment".to_owned()));
+        };
+        let store = run
+            .store
+            .try_borrow()
+            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        let places = self_attention_places(request.settings.method);
+        let maps: Vec<SelfAttentionMap> =
+            requested_grids(request, &store.self_attention_resolutions())?
+                .into_iter()
+                .filter_map(|(h, w)| store.self_attention(h, w, places, request.span))
+                .collect();
+        let (image_h, image_w) = run.image_size;
+        segment_run(&maps, store.steps(), &run.words, image_h, image_w, request)
     }
 }

@@ -20,6 +20,9 @@ use crate::worker::plain::{
 use crate::worker::protocol::{
     GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
 };
+// Segments view.
+use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
+use crate::worker::segment::{requested_grids, segment_run, SegmentRequest};
 
 /// Knobs of the fake engine.
 #[derive(Clone, Debug, Default)]
@@ -54,13 +57,23 @@ struct FakeRun {
     tokens: Vec<String>,
     /// Words of the prompt.
     words: Vec<WordSpan>,
+    /// Image size `(height, width)` in pixels (Segments view).
+    image_size: (usize, usize),
 }
+
+// Edit mode.
+mod edit;
 
 /// The fake engine. See the module docs.
 pub struct FakeEngine {
     config: FakeEngineConfig,
     model: Option<ModelInfo>,
     latest_run: Option<FakeRun>,
+    // Edit mode.
+    /// The recorded source of edits.
+    edit_source: Option<edit::FakeEditSource>,
+    /// How many sources were recorded so far.
+    source_recordings: u64,
 }
 
 impl FakeEngine {
@@ -70,7 +83,14 @@ impl FakeEngine {
             config,
             model: None,
             latest_run: None,
+            edit_source: None,
+            source_recordings: 0,
         }
+    }
+
+    /// How many times this engine recorded an edit's source (edit mode).
+    pub fn source_recordings(&self) -> u64 {
+        self.source_recordings
     }
 }
 
@@ -108,6 +128,7 @@ impl Engine for FakeEngine {
         };
         self.model = Some(info.clone());
         self.latest_run = None;
+        self.edit_source = None;
         Ok(info)
     }
 
@@ -150,6 +171,7 @@ impl Engine for FakeEngine {
             steps: Vec::with_capacity(resolved.steps),
             tokens,
             words,
+            image_size: (height, width),
         };
         let mut preview = RgbImage::black(width, height);
         for step_index in 0..resolved.steps {
@@ -231,6 +253,30 @@ impl Engine for FakeEngine {
         let cross = cross_by_resolution(&run.steps);
         write_attention_safetensors(path, &cross, word_heatmaps, &run.words, &run.tokens)?;
         Ok(())
+    }
+
+    // Edit mode.
+    fn generate_edit(
+        &mut self,
+        params: &GenerateParams,
+        spec: Option<&crate::worker::protocol::EditSpec>,
+        observer: &mut dyn RunObserver,
+    ) -> Result<crate::worker::backend::EditRunOutput, EngineError> {
+        self.run_edit(params, spec, observer)
+    }
+
+    // Segments view: the synthetic self-attention is block-structured (one block per object word),
+    // so the clustering finds the objects.
+    fn segment(&self, request: &SegmentRequest) -> Result<LabelledSegmentation, EngineError> {
+        let Some(run) = &self.latest_run else {
+            return Err(EngineError::Unavailable("no run to segment".to_owned()));
+        };
+        let maps: Vec<SelfAttentionMap> = requested_grids(request, &run.self_grids)?
+            .into_iter()
+            .map(|(h, w)| self_attention_map(run, h, w))
+            .collect();
+        let (image_h, image_w) = run.image_size;
+        segment_run(&maps, &run.steps, &run.words, image_h, image_w, request)
     }
 }
 
@@ -430,7 +476,17 @@ fn synthesise_image(
     image
 }
 
-/// `[q, q]`: each query attends around itself and to the blob it belongs to.
+/// Share of a self-attention row that goes to the query's own object (or the background).
+const FAKE_BLOCK_SHARE: f32 = 0.75;
+/// Share spread evenly over every cell (real attention is never exactly zero anywhere); the rest
+/// is local attention around the query.
+const FAKE_UNIFORM_SHARE: f32 = 0.05;
+
+/// `[q, q]`, block-structured: each query spends [`FAKE_BLOCK_SHARE`] of its attention evenly on
+/// the cells of the object it lies on (or of the background), [`FAKE_UNIFORM_SHARE`] evenly on all
+/// cells and the rest around itself, so every
+/// row peaks at its own cell and clustering the rows finds the objects. Objects are the blobs of
+/// the words that can name things ([`is_label_candidate`]; every word's when none can).
 fn self_attention_map(run: &FakeRun, grid_h: usize, grid_w: usize) -> SelfAttentionMap {
     let queries = grid_h * grid_w;
     let mut data = vec![0.0; queries * queries];
@@ -440,26 +496,48 @@ fn self_attention_map(run: &FakeRun, grid_h: usize, grid_w: usize) -> SelfAttent
             ((index % grid_w) as f32 + 0.5) / grid_w as f32,
         )
     };
+    let mut objects: Vec<(f32, f32)> = run
+        .words
+        .iter()
+        .zip(&run.centres)
+        .filter(|(word, _)| is_label_candidate(&word.text))
+        .map(|(_, centre)| *centre)
+        .collect();
+    if objects.is_empty() {
+        objects = run.centres.clone();
+    }
+    // The object each cell lies on (`objects.len()`: the background), by the drawn blob's width.
+    let owners: Vec<usize> = (0..queries)
+        .map(|cell| {
+            let (y, x) = position(cell);
+            objects
+                .iter()
+                .map(|centre| gaussian(y, x, *centre, run.sigma * 0.6))
+                .enumerate()
+                .filter(|(_, weight)| *weight > 0.3)
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(objects.len(), |(index, _)| index)
+        })
+        .collect();
+    let mut block_sizes = vec![0usize; objects.len() + 1];
+    owners.iter().for_each(|&owner| block_sizes[owner] += 1);
     for query in 0..queries {
         let query_position = position(query);
-        let owner = run
-            .centres
-            .iter()
-            .map(|centre| gaussian(query_position.0, query_position.1, *centre, run.sigma))
-            .enumerate()
-            .filter(|(_, weight)| *weight > 0.3)
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(index, _)| run.centres[index]);
+        let owner = owners[query];
         let row = &mut data[query * queries..(query + 1) * queries];
         for (key, value) in row.iter_mut().enumerate() {
             let (ky, kx) = position(key);
-            let local = gaussian(ky, kx, query_position, 0.08);
-            let blob = owner.map_or(0.0, |centre| gaussian(ky, kx, centre, run.sigma));
-            *value = local + blob;
+            *value = gaussian(ky, kx, query_position, 0.08);
         }
-        let total: f32 = row.iter().sum();
-        if total > 0.0 {
-            row.iter_mut().for_each(|value| *value /= total);
+        let local_total: f32 = row.iter().sum();
+        let block_value = FAKE_BLOCK_SHARE / block_sizes[owner].max(1) as f32;
+        let uniform_value = FAKE_UNIFORM_SHARE / queries as f32;
+        let local_share = 1.0 - FAKE_BLOCK_SHARE - FAKE_UNIFORM_SHARE;
+        for (value, &key_owner) in row.iter_mut().zip(&owners) {
+            *value = *value * local_share / local_total.max(f32::MIN_POSITIVE) + uniform_value;
+            if key_owner == owner {
+                *value += block_value;
+            }
         }
     }
     SelfAttentionMap {

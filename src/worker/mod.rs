@@ -11,6 +11,7 @@
 //! | `engine` | [`PipelineEngine`]: the real engine over the candle pipeline and the attention store |
 //! | `fake` | [`FakeEngine`]: synthetic images and maps, for tests |
 //! | `export` | atomic file writes for exports |
+//! | `segment` | segmenting a finished run for the Segments view; segmentation file exports |
 
 mod backend;
 mod engine;
@@ -19,6 +20,7 @@ mod export;
 mod fake;
 mod plain;
 mod protocol;
+mod segment;
 mod thread;
 
 pub use backend::{Engine, RunObserver, RunOutput};
@@ -34,3 +36,11 @@ pub use protocol::{
     StepTiming,
 };
 pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};
+// Segments view.
+pub use segment::{SegmentFileExport, SegmentRequest};
+// Edit mode.
+pub use backend::EditRunOutput;
+pub use protocol::{
+    BlendMask, CrossWindow, EditInfo, EditKind, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
+    StepWindow, WordChange, WordPair,
+};

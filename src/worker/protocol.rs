@@ -11,6 +11,14 @@ use std::path::PathBuf;
 
 use crate::analysis::WordSpan;
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
+// Edit mode.
+pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
+pub use crate::attention::p2p::{
+    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+};
+// Segments view.
+use crate::analysis::segment::LabelledSegmentation;
+use crate::worker::segment::{SegmentFileExport, SegmentRequest};
 
 /// Which model to load.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -178,6 +186,40 @@ pub enum Command {
     },
     /// Stop the worker thread.
     Shutdown,
+
+    // --- Segments view (issue #6, item 2) ---------------------------------------------------
+    /// Segment the latest finished run from its stored self-attention and label the segments with
+    /// its prompt words (no new diffusion). Answered by [`Event::Segmented`].
+    Segment {
+        /// The run the UI shows; refused if it is not the latest finished run.
+        run_id: u64,
+        /// Method, settings, resolution and step span.
+        request: SegmentRequest,
+    },
+    /// Write segmentation files (mask PNG, label map PNG, segments JSON) atomically. Answered by one
+    /// [`Event::Exported`] or [`Event::ExportFailed`] per file.
+    ExportSegmentFiles {
+        /// The files to write.
+        files: Vec<SegmentFileExport>,
+    },
+    // --- end Segments view ---------------------------------------------------------------------
+
+    // --- Edit mode (issue #5, items 3 and 4) --------------------------------------------------
+    /// A Prompt-to-Prompt edit of `params`' image (replay mode). The engine keeps the source run's
+    /// recording (latents and attention): when `params` match the recorded source (prompt, negative,
+    /// seed, steps, size, scheduler, guidance) only the edited branch runs; otherwise the source is
+    /// recorded first and reported as a normal run (`Started`, `Step`s, `Finished`). The edited
+    /// branch is reported by [`Event::EditStarted`], [`Event::EditStep`]s and then exactly one of
+    /// [`Event::EditFinished`], `Cancelled` or `Failed`. Supersedes (cancels) any earlier run.
+    GenerateEdit {
+        /// Id of this run, unique and increasing (assigned by the handle).
+        run_id: u64,
+        /// The source run's parameters.
+        params: GenerateParams,
+        /// The edit; `None` only records the source (so that later edits need no source run).
+        spec: Option<EditSpec>,
+    },
+    // --- end Edit mode -------------------------------------------------------------------------
 }
 
 /// One PNG to write.
@@ -276,6 +318,50 @@ pub enum Event {
         /// The panic message.
         message: String,
     },
+
+    // --- Segments view (issue #6, item 2) ---------------------------------------------------
+    /// The answer to [`Command::Segment`].
+    Segmented {
+        /// The run it belongs to.
+        run_id: u64,
+        /// What was asked for (the UI keeps the answer to its latest request).
+        request: SegmentRequest,
+        /// The labelled segmentation, or why there is none.
+        result: Result<LabelledSegmentation, String>,
+        /// Seconds the segmentation took.
+        secs: f64,
+    },
+    // --- end Segments view ---------------------------------------------------------------------
+
+    // --- Edit mode (issue #5, items 3 and 4) --------------------------------------------------
+    /// The edited branch of a [`Command::GenerateEdit`] started.
+    EditStarted {
+        /// The run.
+        run_id: u64,
+        /// The edited prompt, the alignment, and whether the source was reused.
+        info: EditInfo,
+    },
+    /// One step of the edited branch is done.
+    EditStep {
+        /// The run.
+        run_id: u64,
+        /// The edited run's preview, maps and timings.
+        frame: Box<StepFrame>,
+        /// The local-blend mask applied after this step (latent resolution), if one was.
+        blend_mask: Option<BlendMask>,
+    },
+    /// The edited branch finished.
+    EditFinished {
+        /// The run.
+        run_id: u64,
+        /// The edited image.
+        image: RgbImage,
+        /// Seconds the edited branch took.
+        elapsed_secs: f64,
+        /// The last local-blend mask applied (latent resolution), if any.
+        blend_mask: Option<BlendMask>,
+    },
+    // --- end Edit mode -------------------------------------------------------------------------
 }
 
 impl Event {
@@ -286,9 +372,30 @@ impl Event {
             | Self::Step { run_id, .. }
             | Self::Finished { run_id, .. }
             | Self::Cancelled { run_id, .. }
-            | Self::SelfAttention { run_id, .. } => Some(*run_id),
+            | Self::SelfAttention { run_id, .. }
+            | Self::Segmented { run_id, .. }
+            | Self::EditStarted { run_id, .. }
+            | Self::EditStep { run_id, .. }
+            | Self::EditFinished { run_id, .. } => Some(*run_id),
             Self::Failed { run_id, .. } => *run_id,
             _ => None,
         }
     }
+}
+
+// --- Edit mode (issue #5, items 3 and 4) ----------------------------------------------------------
+
+/// What the UI learns when an edit's edited branch starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EditInfo {
+    /// How the edited prompt was tokenised.
+    pub edit_prompt: PromptInfo,
+    /// Word swap or refine (as given, or inferred from the word counts).
+    pub kind: EditKind,
+    /// The word-to-word alignment (source word -> edited word, added and removed words).
+    pub words: Vec<WordPair>,
+    /// True when the source's recording of an earlier run was reused (no source run this time).
+    pub source_reused: bool,
+    /// How many times this engine has recorded a source so far (for tests and the status line).
+    pub source_recordings: u64,
 }

@@ -21,10 +21,12 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
-use crate::worker::backend::{Engine, RunObserver};
+use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::{EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::protocol::{Command, Event, GenerateParams, ModelSource, PromptInfo, StepFrame};
+// Edit mode.
+use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
 pub type EngineFactory = Arc<dyn Fn() -> Box<dyn Engine> + Send + Sync>;
@@ -120,6 +122,24 @@ impl WorkerHandle {
         let run_id = self.last_run_id + 1;
         self.shared.cancel_up_to(run_id - 1);
         self.send(Command::Generate { run_id, params })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Starts a Prompt-to-Prompt edit ([`Command::GenerateEdit`]), superseding (cancelling) any
+    /// earlier run. Returns the new run id.
+    pub fn generate_edit(
+        &mut self,
+        params: GenerateParams,
+        spec: Option<EditSpec>,
+    ) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::GenerateEdit {
+            run_id,
+            params,
+            spec,
+        })?;
         self.last_run_id = run_id;
         Ok(run_id)
     }
@@ -283,6 +303,14 @@ fn serve(
             Command::Generate { run_id, params } => {
                 generate(state, run_id, &params, commands, outbox)?;
             }
+            // Edit mode.
+            Command::GenerateEdit {
+                run_id,
+                params,
+                spec,
+            } => {
+                generate_edit(state, run_id, &params, spec.as_ref(), commands, outbox)?;
+            }
             Command::Cancel => {}
             Command::RequestSelfAttention {
                 run_id,
@@ -318,8 +346,28 @@ fn serve(
                 };
                 outbox.emit(export_event(path, result))?;
             }
-            other @ (Command::ExportPngs { .. } | Command::ExportText { .. }) => {
+            other @ (Command::ExportPngs { .. }
+            | Command::ExportText { .. }
+            | Command::ExportSegmentFiles { .. }) => {
                 write_plain_export(other, outbox)?;
+            }
+            // Segments view.
+            Command::Segment { run_id, request } => {
+                let started_at = Instant::now();
+                let result = if state.latest_finished_run == Some(run_id) {
+                    state
+                        .engine
+                        .segment(&request)
+                        .map_err(|error| error.to_string())
+                } else {
+                    Err("only the latest finished run can be segmented".to_owned())
+                };
+                outbox.emit(Event::Segmented {
+                    run_id,
+                    request,
+                    result,
+                    secs: started_at.elapsed().as_secs_f64(),
+                })?;
             }
         }
     }
@@ -337,6 +385,13 @@ fn write_plain_export(command: Command, outbox: &Outbox) -> Result<(), Disconnec
         Command::ExportText { path, text } => {
             let result = write_text_file(&path, &text);
             outbox.emit(export_event(path, result))?;
+        }
+        // Segments view.
+        Command::ExportSegmentFiles { files } => {
+            for file in files {
+                let result = file.write();
+                outbox.emit(export_event(file.path().to_path_buf(), result))?;
+            }
         }
         _ => {}
     }
@@ -393,6 +448,8 @@ fn generate(
         pending: &mut state.pending,
         steps_done: 0,
         disconnected: false,
+        started_at: Instant::now(),
+        source_finished: false,
     };
     let started_at = Instant::now();
     let result = state.engine.generate(params, &mut observer);
@@ -432,6 +489,10 @@ struct WorkerObserver<'a> {
     pending: &'a mut VecDeque<Command>,
     steps_done: usize,
     disconnected: bool,
+    /// When the run (or, after `edit_started`, the edited branch) started.
+    started_at: Instant,
+    /// Edit runs: the source was recorded and reported `Finished`.
+    source_finished: bool,
 }
 
 impl WorkerObserver<'_> {
@@ -447,7 +508,11 @@ impl WorkerObserver<'_> {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Cancel) => {}
-                Ok(command @ (Command::ExportPngs { .. } | Command::ExportText { .. })) => {
+                Ok(
+                    command @ (Command::ExportPngs { .. }
+                    | Command::ExportText { .. }
+                    | Command::ExportSegmentFiles { .. }),
+                ) => {
                     if write_plain_export(command, self.outbox).is_err() {
                         self.disconnected = true;
                         return Err(EngineError::Cancelled);
@@ -497,7 +562,115 @@ impl RunObserver for WorkerObserver<'_> {
         self.drain_commands()?;
         self.check_cancelled()
     }
+
+    // --- Edit mode ---
+    fn source_finished(&mut self, output: &RunOutput) -> Result<(), EngineError> {
+        self.source_finished = true;
+        self.emit(Event::Finished {
+            run_id: self.run_id,
+            image: output.image.clone(),
+            elapsed_secs: self.started_at.elapsed().as_secs_f64(),
+            self_attention_grids: output.self_attention_grids.clone(),
+        })?;
+        self.drain_commands()?;
+        self.check_cancelled()
+    }
+
+    fn edit_started(&mut self, info: EditInfo) -> Result<(), EngineError> {
+        self.drain_commands()?;
+        self.check_cancelled()?;
+        self.started_at = Instant::now();
+        self.emit(Event::EditStarted {
+            run_id: self.run_id,
+            info,
+        })
+    }
+
+    fn edit_step(
+        &mut self,
+        frame: StepFrame,
+        blend_mask: Option<BlendMask>,
+    ) -> Result<(), EngineError> {
+        self.steps_done += 1;
+        self.emit(Event::EditStep {
+            run_id: self.run_id,
+            frame: Box::new(frame),
+            blend_mask,
+        })?;
+        self.drain_commands()?;
+        self.check_cancelled()
+    }
+    // --- end Edit mode ---
 }
+
+// --- Edit mode ---
+
+/// Runs a [`Command::GenerateEdit`]: the source (when the engine records it) as a normal run, then
+/// the edited branch as `EditStarted`, `EditStep`s and `EditFinished`.
+fn generate_edit(
+    state: &mut WorkerState,
+    run_id: u64,
+    params: &GenerateParams,
+    spec: Option<&EditSpec>,
+    commands: &Receiver<Command>,
+    outbox: &Outbox,
+) -> Result<(), Disconnected> {
+    if outbox.shared.is_cancelled(run_id) {
+        return outbox.emit(Event::Cancelled {
+            run_id,
+            steps_done: 0,
+        });
+    }
+    state.active_run = Some(run_id);
+    let mut observer = WorkerObserver {
+        run_id,
+        commands,
+        outbox,
+        pending: &mut state.pending,
+        steps_done: 0,
+        disconnected: false,
+        started_at: Instant::now(),
+        source_finished: false,
+    };
+    let result = state.engine.generate_edit(params, spec, &mut observer);
+    let steps_done = observer.steps_done;
+    let disconnected = observer.disconnected;
+    let source_finished = observer.source_finished;
+    let edit_started_at = observer.started_at;
+    state.active_run = None;
+    if disconnected {
+        return Err(Disconnected);
+    }
+    if source_finished {
+        // The engine's maps (probe, export, segments) are the source's of this run.
+        state.latest_run = Some(run_id);
+        state.latest_finished_run = Some(run_id);
+    } else if steps_done > 0 && spec.is_none() {
+        state.latest_run = Some(run_id);
+    }
+    match result {
+        Ok(output) => match output.edited {
+            Some(image) => outbox.emit(Event::EditFinished {
+                run_id,
+                image,
+                elapsed_secs: edit_started_at.elapsed().as_secs_f64(),
+                blend_mask: output.blend_mask,
+            }),
+            None if source_finished => Ok(()),
+            None => outbox.emit(Event::Failed {
+                run_id: Some(run_id),
+                message: "the engine returned neither a source nor an edited image".to_owned(),
+            }),
+        },
+        Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled { run_id, steps_done }),
+        Err(error) => outbox.emit(Event::Failed {
+            run_id: Some(run_id),
+            message: error.to_string(),
+        }),
+    }
+}
+
+// --- end Edit mode ---
 
 /// The text of a panic payload (`&str` or `String`), or a placeholder.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

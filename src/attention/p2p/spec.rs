@@ -3,6 +3,7 @@
 use std::ops::Range;
 
 use crate::analysis::alignment::EditKind;
+use crate::attention::p2p::BlendMask;
 
 /// A window of denoising steps, as fractions of the run (`0.0..=1.0`).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -115,6 +116,11 @@ pub struct LocalBlendConfig {
     /// Side of the cross-attention grid whose maps are used; `None`: the grid nearest a quarter of
     /// the latent side (16 for a 64x64 latent, as in the reference).
     pub map_side: Option<usize>,
+    /// A mask given by the user (e.g. from a segment), at any resolution, 1 where the edited latent
+    /// may change. When set it replaces the word-derived mask (resized to the latent, nearest, cells
+    /// at least 0.5 inside); `words` may then be empty. Old files without it load as `None`.
+    #[serde(default)]
+    pub mask: Option<BlendMask>,
 }
 
 impl Default for LocalBlendConfig {
@@ -126,6 +132,7 @@ impl Default for LocalBlendConfig {
             subtract_threshold: 0.3,
             start_fraction: 0.2,
             map_side: None,
+            mask: None,
         }
     }
 }

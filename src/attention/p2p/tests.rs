@@ -723,3 +723,59 @@ fn chained_processors_see_the_edited_attention() {
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-6, "{diff}");
 }
+
+#[test]
+fn a_user_mask_replaces_the_word_mask() {
+    // Left half of a 16x16 image mask; no blend words at all.
+    let mask = BlendMask {
+        h: 16,
+        w: 16,
+        data: (0..256)
+            .map(|index| if index % 16 < 8 { 1.0 } else { 0.0 })
+            .collect(),
+    };
+    let spec = EditSpec {
+        local_blend: Some(LocalBlendConfig {
+            mask: Some(mask),
+            start_fraction: 0.0,
+            ..LocalBlendConfig::new(Vec::new())
+        }),
+        ..EditSpec::new("a red square")
+    };
+    let mut p2p = processor("a red circle", "a red square", &spec, SourceMode::Batch);
+    let source = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let edit = Tensor::ones((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let blended = p2p
+        .blend_edit_latents(0, 5, &source, &edit)
+        .unwrap()
+        .unwrap();
+    let rows = blended
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for row in rows {
+        assert_eq!(row, [1.0, 1.0, 0.0, 0.0]);
+    }
+    let latest = p2p.latest_mask().unwrap();
+    assert_eq!((latest.h, latest.w), (4, 4));
+    assert_eq!(latest.coverage(), 0.5);
+
+    // Without words and without a mask the spec is refused.
+    let empty = EditSpec {
+        local_blend: Some(LocalBlendConfig::new(Vec::new())),
+        ..EditSpec::new("a red square")
+    };
+    let source_prompt = Prompt::new("a red circle");
+    let edit_prompt = Prompt::new("a red square");
+    assert!(PromptToPrompt::new(
+        &empty,
+        &source_prompt.layout(),
+        &edit_prompt.layout(),
+        LENGTH,
+        SourceMode::Batch
+    )
+    .is_err());
+}

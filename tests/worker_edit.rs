@@ -1,0 +1,314 @@
+//! Edit mode through the worker protocol (`Command::GenerateEdit`): the source is recorded once and
+//! reused by later edits, re-recorded when its parameters change; with the real engine on the
+//! bundled model, and with the fake engine.
+
+// The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attend::worker::{
+    pipeline_engine_factory, CrossWindow, EditInfo, EditSpec, EngineFactory, Event, FakeEngine,
+    FakeEngineConfig, GenerateParams, LocalBlendConfig, ModelSource, Reweight, RgbImage,
+    SelfReplace, StepWindow, WordChange, WorkerHandle,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn next_event(worker: &WorkerHandle) -> Event {
+    worker
+        .events()
+        .recv_timeout(TIMEOUT)
+        .expect("no event from the worker within the timeout")
+}
+
+fn load_bundled(worker: &WorkerHandle) {
+    worker.load_model(ModelSource::Bundled).unwrap();
+    match next_event(worker) {
+        Event::ModelLoaded { info } => assert_eq!(info.default_width_px, 64),
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    }
+}
+
+/// What one `GenerateEdit` reported.
+#[derive(Debug, Default)]
+struct EditEvents {
+    source_started: usize,
+    source_steps: usize,
+    source_image: Option<RgbImage>,
+    edit_info: Option<EditInfo>,
+    edit_steps: usize,
+    last_edit_step: Option<usize>,
+    edited_image: Option<RgbImage>,
+    masks: usize,
+    cancelled: bool,
+    failed: Option<String>,
+}
+
+/// Collects the events of `run_id` until its terminal event.
+fn collect(worker: &WorkerHandle, run_id: u64, expect_edit: bool) -> EditEvents {
+    let mut seen = EditEvents::default();
+    loop {
+        match next_event(worker) {
+            Event::Started { run_id: id, .. } if id == run_id => seen.source_started += 1,
+            Event::Step { run_id: id, .. } if id == run_id => seen.source_steps += 1,
+            Event::Finished {
+                run_id: id, image, ..
+            } if id == run_id => {
+                seen.source_image = Some(image);
+                if !expect_edit {
+                    return seen;
+                }
+            }
+            Event::EditStarted { run_id: id, info } if id == run_id => seen.edit_info = Some(info),
+            Event::EditStep {
+                run_id: id,
+                frame,
+                blend_mask,
+            } if id == run_id => {
+                assert!(
+                    seen.last_edit_step
+                        .is_none_or(|last| frame.step_index == last + 1),
+                    "edited steps in order"
+                );
+                seen.last_edit_step = Some(frame.step_index);
+                assert!(frame.preview.is_consistent());
+                seen.edit_steps += 1;
+                seen.masks += usize::from(blend_mask.is_some());
+            }
+            Event::EditFinished {
+                run_id: id, image, ..
+            } if id == run_id => {
+                seen.edited_image = Some(image);
+                return seen;
+            }
+            Event::Cancelled { run_id: id, .. } if id == run_id => {
+                seen.cancelled = true;
+                return seen;
+            }
+            Event::Failed {
+                run_id: Some(id),
+                message,
+            } if id == run_id => {
+                seen.failed = Some(message);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn params(prompt: &str, steps: usize) -> GenerateParams {
+    GenerateParams {
+        prompt: prompt.to_owned(),
+        steps,
+        seed: 3,
+        guidance: 7.5,
+        ..GenerateParams::default()
+    }
+}
+
+/// Cross and self windows over the whole run: the edited prompt takes all of the source's attention.
+fn full_windows(edit_prompt: &str) -> EditSpec {
+    EditSpec {
+        cross_window: CrossWindow::uniform(StepWindow::until(1.0)),
+        self_replace: SelfReplace {
+            window: StepWindow::until(1.0),
+            max_queries: 16 * 16,
+        },
+        ..EditSpec::new(edit_prompt)
+    }
+}
+
+fn differing_pixels(a: &RgbImage, b: &RgbImage) -> usize {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.pixels
+        .iter()
+        .zip(&b.pixels)
+        .filter(|(x, y)| x != y)
+        .count()
+}
+
+/// The protocol the editor relies on, for any engine: source recorded once, edits reuse it, a
+/// parameter change records it again, an identity edit gives the source image.
+fn source_is_recorded_once_and_reused(factory: EngineFactory, steps: usize) {
+    let mut worker = WorkerHandle::spawn(factory).unwrap();
+    load_bundled(&worker);
+    let source = params("a red circle and a blue square", steps);
+
+    // 1. A swap: the source is recorded (reported as a normal run), then the edited branch.
+    let run = worker
+        .generate_edit(
+            source.clone(),
+            Some(EditSpec::new("a red square and a blue square")),
+        )
+        .unwrap();
+    let first = collect(&worker, run, true);
+    assert_eq!(first.failed, None);
+    assert_eq!(first.source_started, 1);
+    assert_eq!(first.source_steps, steps);
+    assert_eq!(first.edit_steps, steps);
+    let info = first.edit_info.as_ref().unwrap();
+    assert!(!info.source_reused);
+    assert_eq!(info.source_recordings, 1);
+    let swapped: Vec<(&str, &str)> = info
+        .words
+        .iter()
+        .filter(|pair| pair.change == WordChange::Swapped)
+        .map(|pair| (pair.source_text.as_str(), pair.edit_text.as_str()))
+        .collect();
+    assert_eq!(swapped.len(), 1, "{:?}", info.words);
+    assert!(swapped[0].0.starts_with("circle") && swapped[0].1.starts_with("square"));
+    let source_image = first.source_image.clone().unwrap();
+    let swapped_image = first.edited_image.clone().unwrap();
+    assert!(differing_pixels(&source_image, &swapped_image) > 0);
+
+    // 2. A second, different edit (reweight + local blend): only the edited branch runs.
+    let run = worker
+        .generate_edit(
+            source.clone(),
+            Some(EditSpec {
+                reweights: vec![Reweight {
+                    word: "blue".to_owned(),
+                    scale: 2.0,
+                }],
+                local_blend: Some(LocalBlendConfig {
+                    start_fraction: 0.0,
+                    ..LocalBlendConfig::new(vec!["circle".to_owned(), "square".to_owned()])
+                }),
+                ..EditSpec::new("a red square and a blue square")
+            }),
+        )
+        .unwrap();
+    let second = collect(&worker, run, true);
+    assert_eq!(second.failed, None);
+    assert_eq!(second.source_started, 0, "the source must not run again");
+    assert_eq!(second.source_steps, 0);
+    assert_eq!(second.edit_steps, steps);
+    assert_eq!(
+        second.masks, steps,
+        "local blend reports its mask every step"
+    );
+    let info = second.edit_info.as_ref().unwrap();
+    assert!(info.source_reused);
+    assert_eq!(info.source_recordings, 1);
+
+    // 3. Identical prompts with full windows: the edited image is the source image.
+    let run = worker
+        .generate_edit(
+            source.clone(),
+            Some(full_windows("a red circle and a blue square")),
+        )
+        .unwrap();
+    let identity = collect(&worker, run, true);
+    assert_eq!(identity.failed, None);
+    assert_eq!(identity.source_started, 0);
+    assert_eq!(identity.edit_info.as_ref().unwrap().source_recordings, 1);
+    assert_eq!(
+        differing_pixels(&source_image, identity.edited_image.as_ref().unwrap()),
+        0,
+        "an identity edit must reproduce the source image"
+    );
+
+    // 4. A changed source parameter (the seed) records the source again.
+    let run = worker
+        .generate_edit(
+            GenerateParams {
+                seed: 4,
+                ..source.clone()
+            },
+            Some(EditSpec::new("a red square and a blue square")),
+        )
+        .unwrap();
+    let reseeded = collect(&worker, run, true);
+    assert_eq!(reseeded.failed, None);
+    assert_eq!(reseeded.source_started, 1);
+    let info = reseeded.edit_info.as_ref().unwrap();
+    assert!(!info.source_reused);
+    assert_eq!(info.source_recordings, 2);
+
+    // 5. A bad edit fails with a message naming the word; the worker goes on.
+    let run = worker
+        .generate_edit(
+            GenerateParams {
+                seed: 4,
+                ..source.clone()
+            },
+            Some(EditSpec {
+                reweights: vec![Reweight {
+                    word: "giraffe".to_owned(),
+                    scale: 2.0,
+                }],
+                ..EditSpec::new("a red square and a blue square")
+            }),
+        )
+        .unwrap();
+    let failed = collect(&worker, run, true);
+    assert!(
+        failed
+            .failed
+            .as_deref()
+            .is_some_and(|m| m.contains("giraffe")),
+        "{failed:?}"
+    );
+}
+
+#[test]
+fn the_pipeline_engine_records_the_source_once_and_replays_edits() {
+    source_is_recorded_once_and_reused(pipeline_engine_factory(), 4);
+}
+
+#[test]
+fn the_fake_engine_records_the_source_once_and_replays_edits() {
+    source_is_recorded_once_and_reused(
+        Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default()))),
+        5,
+    );
+}
+
+#[test]
+fn an_edit_can_be_cancelled_and_a_record_only_run_finishes_like_a_generate() {
+    let mut worker = WorkerHandle::spawn(Arc::new(|| {
+        Box::new(FakeEngine::new(FakeEngineConfig {
+            step_delay: Duration::from_millis(20),
+            ..FakeEngineConfig::default()
+        }))
+    }))
+    .unwrap();
+    load_bundled(&worker);
+    let source = params("a green triangle", 6);
+    // Record only (no edit): a normal run's events.
+    let run = worker.generate_edit(source.clone(), None).unwrap();
+    let recorded = collect(&worker, run, false);
+    assert_eq!(recorded.source_started, 1);
+    assert_eq!(recorded.source_steps, 6);
+    assert!(recorded.source_image.is_some());
+
+    // An edit superseded by the next one is cancelled; the next reuses the source.
+    let first = worker
+        .generate_edit(
+            GenerateParams {
+                steps: 6,
+                ..source.clone()
+            },
+            Some(EditSpec::new("a green circle")),
+        )
+        .unwrap();
+    // Wait until the edited branch runs, then supersede it.
+    loop {
+        if let Event::EditStep { run_id, .. } = next_event(&worker) {
+            if run_id == first {
+                break;
+            }
+        }
+    }
+    let second = worker
+        .generate_edit(source, Some(EditSpec::new("a green square")))
+        .unwrap();
+    let cancelled = collect(&worker, first, true);
+    assert!(cancelled.cancelled, "{cancelled:?}");
+    let done = collect(&worker, second, true);
+    assert!(done.edited_image.is_some(), "{done:?}");
+    assert!(done.edit_info.unwrap().source_reused);
+}
