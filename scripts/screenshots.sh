@@ -47,6 +47,8 @@ shot() {
 
 # The word heat map of "circle" over the image, thumbnails for every word.
 shot editor-word env ATTEND_SCREENSHOT_WORD=circle
+# During a run (step 8 of 20): the live preview and the heat map of "circle" so far.
+shot editor-running env ATTEND_SCREENSHOT_AT_STEP=8 ATTEND_SCREENSHOT_WORD=circle
 # The self-attention probe on the square.
 shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.7,0.5
 # The Segments view with the segment at that point selected (its mask previewed).

@@ -121,7 +121,10 @@ fn bad_sizes_and_steps_name_the_value() {
     // A flag value that is not a number is clap's error, naming the flag.
     let stderr = fails(&generate_args(model, &["--seed", "minus-one"]));
     assert!(stderr.contains("--seed"), "{stderr}");
-    assert!(files_in(out.path()).is_empty(), "no partial image left behind");
+    assert!(
+        files_in(out.path()).is_empty(),
+        "no partial image left behind"
+    );
 }
 
 #[test]
@@ -141,12 +144,9 @@ fn init_latents_that_are_not_safetensors_or_have_the_wrong_shape() {
     // A valid file with a tensor of the wrong shape.
     let wrong = dir.path().join("wrong.safetensors");
     let values = vec![0u8; 4 * 3 * 5 * 5];
-    let view = safetensors::tensor::TensorView::new(
-        safetensors::Dtype::F32,
-        vec![1, 3, 5, 5],
-        &values,
-    )
-    .unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 3, 5, 5], &values)
+            .unwrap();
     safetensors::serialize_to_file([("latents", view)], None, &wrong).unwrap();
     let stderr = fails(&generate_args(
         model,
@@ -157,9 +157,8 @@ fn init_latents_that_are_not_safetensors_or_have_the_wrong_shape() {
 
     // A file without a `latents` tensor.
     let other = dir.path().join("other.safetensors");
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &values[..4])
-            .unwrap();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &values[..4])
+        .unwrap();
     safetensors::serialize_to_file([("noise", view)], None, &other).unwrap();
     let stderr = fails(&generate_args(
         model,

@@ -441,24 +441,7 @@ fn the_probe_picks_a_pixel_and_shows_its_self_attention() {
     run_until(&mut harness, "the run to finish", finished);
     harness.get_by_label("Probe self-attention").click();
     harness.step();
-    let image_rect = harness.state().canvas_image_rect().unwrap();
-    let target = image_rect.min + image_rect.size() * egui::vec2(0.25, 0.75);
-    harness.hover_at(target);
-    harness.step();
-    harness.event(egui::Event::PointerButton {
-        pos: target,
-        button: egui::PointerButton::Primary,
-        pressed: true,
-        modifiers: egui::Modifiers::NONE,
-    });
-    harness.step();
-    harness.event(egui::Event::PointerButton {
-        pos: target,
-        button: egui::PointerButton::Primary,
-        pressed: false,
-        modifiers: egui::Modifiers::NONE,
-    });
-    harness.step();
+    click_canvas_at(&mut harness, egui::vec2(0.25, 0.75));
     let (y, x) = harness
         .state()
         .probe_point()
@@ -486,6 +469,53 @@ fn the_probe_picks_a_pixel_and_shows_its_self_attention() {
         "probe at ({y:.2}, {x:.2}) peaks at ({peak_y:.2}, {peak_x:.2}) on a {width}x{height} grid"
     );
     assert!((peak_y - y).abs() < 0.3 && (peak_x - x).abs() < 0.3);
+}
+
+/// Clicks the canvas image at `fraction` (x, y) of its size.
+fn click_canvas_at(harness: &mut Harness<'static, EditorApp>, fraction: egui::Vec2) {
+    let image_rect = harness.state().canvas_image_rect().unwrap();
+    let target = image_rect.min + image_rect.size() * fraction;
+    harness.hover_at(target);
+    harness.step();
+    for pressed in [true, false] {
+        harness.event(egui::Event::PointerButton {
+            pos: target,
+            button: egui::PointerButton::Primary,
+            pressed,
+            modifiers: egui::Modifiers::NONE,
+        });
+        harness.step();
+    }
+}
+
+#[test]
+fn the_probe_works_while_a_run_goes_on() {
+    let config = FakeEngineConfig {
+        step_delay: Duration::from_millis(60),
+        ..FakeEngineConfig::default()
+    };
+    let mut options = options("a red circle");
+    options.steps = Some(40);
+    let mut harness = harness_with(options, config);
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "two steps", |app| {
+        app.run_view().is_some_and(|run| run.steps.len() >= 2)
+    });
+    harness.get_by_label("Probe self-attention").click();
+    harness.step();
+    click_canvas_at(&mut harness, egui::vec2(0.5, 0.5));
+    run_until(&mut harness, "the probe map during the run", |app| {
+        app.canvas_heat().is_some()
+    });
+    let steps_then = harness.state().run_view().unwrap().steps.len();
+    assert!(
+        harness.state().is_generating(),
+        "the map arrived while the run went on (after {steps_then} of 40 steps)"
+    );
+    eprintln!("probe map shown after {steps_then} of 40 steps");
+    run_until(&mut harness, "the run to finish", finished);
+    assert!(harness.state().canvas_heat().is_some());
 }
 
 /// An in-memory eframe storage.

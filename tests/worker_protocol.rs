@@ -497,3 +497,57 @@ fn the_pipeline_engine_streams_steps_maps_and_exports_for_a_tiny_model() {
         "{names:?}"
     );
 }
+
+#[test]
+fn the_probe_is_answered_during_a_run_after_the_next_step() {
+    let mut worker = spawn(FakeEngineConfig {
+        step_delay: Duration::from_millis(80),
+        ..FakeEngineConfig::default()
+    });
+    load_bundled(&worker);
+    let run_id = worker.generate(params("a red circle", 12)).unwrap();
+    let mut steps_seen = 0;
+    while steps_seen < 2 {
+        if let Event::Step { .. } = next_event(&worker) {
+            steps_seen += 1;
+        }
+    }
+    worker
+        .send(Command::RequestSelfAttention {
+            run_id,
+            grid_h: 16,
+            grid_w: 16,
+            span: SelfAttentionSpan::LatestStep,
+        })
+        .unwrap();
+    let events = events_until_end_of(&worker, run_id);
+    let answer_at = events
+        .iter()
+        .position(|event| matches!(event, Event::SelfAttention { .. }))
+        .expect("the probe request was answered");
+    let steps_before_answer = events[..answer_at]
+        .iter()
+        .filter(|event| matches!(event, Event::Step { .. }))
+        .count();
+    let steps_after_answer = events[answer_at..]
+        .iter()
+        .filter(|event| matches!(event, Event::Step { .. }))
+        .count();
+    eprintln!("probe answered after {steps_before_answer} more step(s), {steps_after_answer} steps followed");
+    assert!(
+        steps_before_answer <= 1,
+        "answered at the next step boundary"
+    );
+    assert!(steps_after_answer >= 5, "answered while the run went on");
+    match &events[answer_at] {
+        Event::SelfAttention {
+            run_id: answered,
+            map: Some(map),
+        } => {
+            assert_eq!(*answered, run_id);
+            assert_eq!(map.data.len(), 256 * 256);
+        }
+        other => panic!("expected a map, got {other:?}"),
+    }
+    assert!(matches!(events.last(), Some(Event::Finished { .. })));
+}

@@ -90,8 +90,11 @@ pub(super) struct ProbeState {
     pub(super) point: Option<(f32, f32)>,
     /// The map received from the worker, with the run and span it belongs to.
     pub(super) map: Option<(u64, SelfAttentionSpan, SelfAttentionMap)>,
-    /// The last request sent `(run, grid, span)`, so it is sent once.
-    pub(super) requested: Option<(u64, (usize, usize), SelfAttentionSpan)>,
+    /// The last request sent `(run, grid, span, steps received then)`: sent once per finished run,
+    /// and again after each new step while the run goes on.
+    pub(super) requested: Option<(u64, (usize, usize), SelfAttentionSpan, usize)>,
+    /// A request is on its way to the worker (during a run, the next waits for its answer).
+    pub(super) awaiting: bool,
 }
 
 /// A screenshot to take once the first run has finished (`ATTEND_SCREENSHOT`), then quit.
@@ -111,6 +114,9 @@ pub struct ScreenshotPlan {
     /// Show the Segments view and select the segment at this point `(y, x)` in 0..1 image
     /// coordinates (`ATTEND_SCREENSHOT_SEGMENTS`).
     pub segments_point: Option<(f32, f32)>,
+    /// Take it during the run, once this many steps have arrived, instead of after the run
+    /// (`ATTEND_SCREENSHOT_AT_STEP`).
+    pub at_step: Option<usize>,
 }
 
 /// Progress of a [`ScreenshotPlan`].
@@ -548,6 +554,7 @@ impl EditorApp {
                 }
                 self.probe.map = None;
                 self.probe.requested = None;
+                self.probe.awaiting = false;
             }
             Event::Step { frame, .. } => {
                 if let Some(run) = &mut self.run {
@@ -593,16 +600,20 @@ impl EditorApp {
             Event::Warning { message } => self.push_status(StatusLevel::Warning, message),
             Event::SelfAttention { run_id, map } => match map {
                 Some(map) => {
+                    self.probe.awaiting = false;
                     let span = self
                         .probe
                         .requested
-                        .map_or(self.settings.probe_span, |(_, _, span)| span);
+                        .map_or(self.settings.probe_span, |(_, _, span, _)| span);
                     self.probe.map = Some((run_id, span, map));
                 }
-                None => self.push_status(
-                    StatusLevel::Warning,
-                    "No self-attention was kept at that resolution for this run",
-                ),
+                None => {
+                    self.probe.awaiting = false;
+                    self.push_status(
+                        StatusLevel::Warning,
+                        "No self-attention was kept at that resolution for this run",
+                    );
+                }
             },
             Event::Exported { path } => {
                 self.push_status(StatusLevel::Info, format!("Wrote {}", path.display()));
@@ -718,19 +729,31 @@ impl EditorApp {
         let Some(run) = &self.run else {
             return;
         };
-        if run.is_running() || run.cross.is_empty() {
+        if run.cross.is_empty() {
             return;
         }
+        let grids = run.probe_grids();
         let Some(grid) = self
             .probe
             .grid
-            .or_else(|| run.self_attention_grids.first().copied())
+            .filter(|grid| grids.contains(grid))
+            .or_else(|| grids.first().copied())
         else {
             return;
         };
         self.probe.grid = Some(grid);
-        let wanted = (run.run_id, grid, self.settings.probe_span);
+        let wanted = (run.run_id, grid, self.settings.probe_span, run.steps.len());
         if self.probe.requested == Some(wanted) {
+            return;
+        }
+        // While the run goes on, ask again after each step, but only once the last answer is in.
+        let same_query = self
+            .probe
+            .requested
+            .is_some_and(|(run_id, old_grid, span, _)| {
+                (run_id, old_grid, span) == (wanted.0, wanted.1, wanted.2)
+            });
+        if same_query && self.probe.awaiting && run.is_running() {
             return;
         }
         let command = crate::worker::Command::RequestSelfAttention {
@@ -740,7 +763,10 @@ impl EditorApp {
             span: self.settings.probe_span,
         };
         match self.worker.send(command) {
-            Ok(()) => self.probe.requested = Some(wanted),
+            Ok(()) => {
+                self.probe.requested = Some(wanted);
+                self.probe.awaiting = true;
+            }
             Err(error) => self.push_status(StatusLevel::Error, format!("Cannot probe: {error}")),
         }
     }
@@ -808,11 +834,19 @@ impl EditorApp {
             .screenshot
             .as_ref()
             .is_some_and(|(plan, _)| plan.edit_prompt.is_some());
-        let finished = self
-            .run
-            .as_ref()
-            .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
-            && (!wants_edit || self.edit_finished());
+        let at_step = self.screenshot.as_ref().and_then(|(plan, _)| plan.at_step);
+        let finished = match at_step {
+            Some(steps) => self
+                .run
+                .as_ref()
+                .is_some_and(|run| run.steps.len() >= steps),
+            None => {
+                self.run
+                    .as_ref()
+                    .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
+                    && (!wants_edit || self.edit_finished())
+            }
+        };
         let Some((plan, progress)) = &mut self.screenshot else {
             return;
         };

@@ -84,7 +84,8 @@ impl EditorOptions {
     /// and `ATTEND_SCREENSHOT_PROBE=y,x` in 0..1, or `ATTEND_SCREENSHOT_SEGMENTS=y,x`: the Segments
     /// view with the segment at that point selected), `ATTEND_ENGINE=fake`;
     /// `ATTEND_SCREENSHOT_EDIT=prompt` enters edit mode with that edited prompt and takes the
-    /// screenshot once the edit finished.
+    /// screenshot once the edit finished; `ATTEND_SCREENSHOT_AT_STEP=n` takes it during the run,
+    /// once n steps have arrived.
     pub fn with_environment(mut self) -> Self {
         if self.frame_times_path.is_none() {
             self.frame_times_path = std::env::var_os("ATTEND_FRAME_TIMES").map(PathBuf::from);
@@ -107,6 +108,9 @@ impl EditorOptions {
                         let (y, x) = text.split_once(',')?;
                         Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
                     }),
+                at_step: std::env::var("ATTEND_SCREENSHOT_AT_STEP")
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok()),
             });
         }
         if std::env::var("ATTEND_ENGINE").is_ok_and(|value| value == "fake") {

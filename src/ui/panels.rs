@@ -7,7 +7,7 @@ use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::SelfAttentionSpan;
 use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::dialogs::DialogPurpose;
-use crate::ui::run_view::RunOutcome;
+use crate::ui::run_view::{RunOutcome, RunView};
 use crate::worker::ModelSource;
 
 impl EditorApp {
@@ -361,13 +361,13 @@ impl EditorApp {
         let grids = self
             .run
             .as_ref()
-            .map(|run| run.self_attention_grids.clone())
+            .map(RunView::probe_grids)
             .unwrap_or_default();
         if !self.probe.enabled {
             return;
         }
         if grids.is_empty() {
-            ui.weak("Available when a run has finished.");
+            ui.weak("Available once a run has made its first step.");
             return;
         }
         let current = self

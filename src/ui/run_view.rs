@@ -187,6 +187,19 @@ impl RunView {
         self.steps.get(step.min(last)).map(|record| &record.preview)
     }
 
+    /// Query grids `(h, w)` the self-attention probe can use: what the finished run kept, or while
+    /// it runs, the attention grids received so far whose sides are at most 32 (what the engine's
+    /// store keeps by default), largest first.
+    pub fn probe_grids(&self) -> Vec<(usize, usize)> {
+        if !self.self_attention_grids.is_empty() || !self.is_running() {
+            return self.self_attention_grids.clone();
+        }
+        self.cross_grids()
+            .into_iter()
+            .filter(|&(h, w)| h.max(w) <= 32)
+            .collect()
+    }
+
     /// The attention grids `(h, w)` present in the received steps, largest first.
     pub fn cross_grids(&self) -> Vec<(usize, usize)> {
         let mut grids: Vec<(usize, usize)> = self

@@ -14,6 +14,17 @@ use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
 use crate::analysis::segment::LabelledSegmentation;
 use crate::worker::segment::SegmentRequest;
 
+/// A request for the self-attention of a running generation at one query grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelfAttentionQuery {
+    /// Query grid height.
+    pub grid_h: usize,
+    /// Query grid width.
+    pub grid_w: usize,
+    /// Latest step or mean over the steps so far.
+    pub span: SelfAttentionSpan,
+}
+
 /// Receives a run's progress. Returning `Err` from either method stops the run with that error
 /// (the worker returns [`EngineError::Cancelled`] to cancel).
 pub trait RunObserver {
@@ -22,6 +33,23 @@ pub trait RunObserver {
 
     /// One step is done.
     fn step(&mut self, frame: StepFrame) -> Result<(), EngineError>;
+
+    /// A self-attention query the UI sent for this run while it generates, if one is waiting. The
+    /// engine takes it after a step and answers with [`Self::self_attention`] from the maps so far.
+    fn take_self_attention_query(&mut self) -> Option<SelfAttentionQuery> {
+        None
+    }
+
+    /// The answer to a query taken with [`Self::take_self_attention_query`] (`None`: no map kept at
+    /// that resolution).
+    fn self_attention(
+        &mut self,
+        query: SelfAttentionQuery,
+        map: Option<SelfAttentionMap>,
+    ) -> Result<(), EngineError> {
+        let _ = (query, map);
+        Ok(())
+    }
 
     // --- Edit mode ---
     /// An edit run recorded its source and the source's image is ready (before the edited branch).

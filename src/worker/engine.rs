@@ -254,7 +254,22 @@ impl Engine for PipelineEngine {
                 },
             };
             step_started = Instant::now();
-            observer.step(frame).map_err(|error| {
+            let answer = || -> Result<(), EngineError> {
+                observer.step(frame)?;
+                if let Some(query) = observer.take_self_attention_query() {
+                    let map = store.try_borrow().ok().and_then(|store| {
+                        store.self_attention(
+                            query.grid_h,
+                            query.grid_w,
+                            &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
+                            query.span,
+                        )
+                    });
+                    observer.self_attention(query, map)?;
+                }
+                Ok(())
+            };
+            answer().map_err(|error| {
                 observer_error = Some(error);
                 PipelineError::Cancelled
             })

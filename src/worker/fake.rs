@@ -220,6 +220,13 @@ impl Engine for FakeEngine {
                     elapsed_secs: started_at.elapsed().as_secs_f64(),
                 },
             })?;
+            if let Some(query) = observer.take_self_attention_query() {
+                let map = run
+                    .self_grids
+                    .contains(&(query.grid_h, query.grid_w))
+                    .then(|| self_attention_map(&run, query.grid_h, query.grid_w));
+                observer.self_attention(query, map)?;
+            }
             // Keep what we have so far, so a cancelled run can still be probed.
             self.latest_run = Some(run.clone());
         }

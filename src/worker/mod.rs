@@ -23,7 +23,7 @@ mod protocol;
 mod segment;
 mod thread;
 
-pub use backend::{Engine, RunObserver, RunOutput};
+pub use backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
 pub use engine::{
     bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
 };

@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
-use crate::worker::backend::{Engine, RunObserver, RunOutput};
+use crate::worker::backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
 use crate::worker::error::{EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
+use crate::worker::plain::SelfAttentionMap;
 use crate::worker::protocol::{Command, Event, GenerateParams, ModelSource, PromptInfo, StepFrame};
 // Edit mode.
 use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
@@ -450,6 +451,7 @@ fn generate(
         disconnected: false,
         started_at: Instant::now(),
         source_finished: false,
+        self_attention_query: None,
     };
     let started_at = Instant::now();
     let result = state.engine.generate(params, &mut observer);
@@ -493,6 +495,8 @@ struct WorkerObserver<'a> {
     started_at: Instant,
     /// Edit runs: the source was recorded and reported `Finished`.
     source_finished: bool,
+    /// The probe's latest request for this run, answered by the engine after the next step.
+    self_attention_query: Option<SelfAttentionQuery>,
 }
 
 impl WorkerObserver<'_> {
@@ -508,6 +512,18 @@ impl WorkerObserver<'_> {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::Cancel) => {}
+                Ok(Command::RequestSelfAttention {
+                    run_id,
+                    grid_h,
+                    grid_w,
+                    span,
+                }) if run_id == self.run_id => {
+                    self.self_attention_query = Some(SelfAttentionQuery {
+                        grid_h,
+                        grid_w,
+                        span,
+                    });
+                }
                 Ok(
                     command @ (Command::ExportPngs { .. }
                     | Command::ExportText { .. }
@@ -561,6 +577,21 @@ impl RunObserver for WorkerObserver<'_> {
         })?;
         self.drain_commands()?;
         self.check_cancelled()
+    }
+
+    fn take_self_attention_query(&mut self) -> Option<SelfAttentionQuery> {
+        self.self_attention_query.take()
+    }
+
+    fn self_attention(
+        &mut self,
+        _query: SelfAttentionQuery,
+        map: Option<SelfAttentionMap>,
+    ) -> Result<(), EngineError> {
+        self.emit(Event::SelfAttention {
+            run_id: self.run_id,
+            map,
+        })
     }
 
     // --- Edit mode ---
@@ -631,6 +662,7 @@ fn generate_edit(
         disconnected: false,
         started_at: Instant::now(),
         source_finished: false,
+        self_attention_query: None,
     };
     let result = state.engine.generate_edit(params, spec, &mut observer);
     let steps_done = observer.steps_done;
