@@ -6,6 +6,9 @@
 //! - the lower layers (`pipeline`, `attention`, `analysis`, `scenes`) never reach up into `worker` or `ui`;
 //! - threads are named (no bare `std::thread::spawn` in the library).
 
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 fn rust_files(dir: &Path) -> Vec<PathBuf> {

@@ -8,6 +8,9 @@
 //! f32 parity bound; for real checkpoints, whose fp32 weights are not f16-exact, rounding a weight to
 //! f16 changes it by up to 2^-11 relative and the difference grows accordingly.
 
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};

@@ -106,8 +106,9 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         }
     };
     let config = unet.config().clone();
+    anyhow::ensure!(latent_factor > 0, "--latent-factor must be at least 1");
     anyhow::ensure!(
-        args.width % latent_factor == 0 && args.height % latent_factor == 0,
+        args.width.is_multiple_of(latent_factor) && args.height.is_multiple_of(latent_factor),
         "--width {} / --height {} must be multiples of the latent factor {latent_factor}",
         args.width,
         args.height
@@ -126,14 +127,15 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     for iteration in 0..=args.iters {
         store.clear();
         let started = Instant::now();
-        let mut hook = args.capture.then(|| AttentionHook {
-            processor: &mut store as &mut dyn AttentionProcessor,
-            step_index: 0,
-            step_count: 1,
-            cfg: true,
-        });
-        let output = unet.forward(&sample, 500.0, &context, hook.as_mut())?;
-        drop(hook);
+        let output = {
+            let mut hook = args.capture.then_some(AttentionHook {
+                processor: &mut store as &mut dyn AttentionProcessor,
+                step_index: 0,
+                step_count: 1,
+                cfg: true,
+            });
+            unet.forward(&sample, 500.0, &context, hook.as_mut())?
+        };
         if args.capture {
             store.finish_step()?;
         }
