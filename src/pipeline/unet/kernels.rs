@@ -14,7 +14,8 @@ const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
 fn worker_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
-    *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    // The same count candle's own CPU kernels use (`RAYON_NUM_THREADS`, else the available cores).
+    *COUNT.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
 /// Runs `work` on every item of `items`, spread over up to `worker_count()` threads (the calling
