@@ -96,10 +96,11 @@ COLOURS = {"red", "green", "blue", "yellow", "purple", "orange", "white", "black
 
 
 def object_token_positions(captions, tokenizer, max_objects=3):
-    """`[N, max_objects, 2]` token positions of each object's colour and shape word (-1: no object).
+    """`[N, max_objects + 1, 2]` token positions (-1: none): for object k, its colour and shape word;
+    in the last slot, the background's colour word and the word "background" (when named).
 
     Object k is the caption's k-th "{colour} {shape}" pair, the same order as objects.u8's ids."""
-    positions = np.full((len(captions), max_objects, 2), -1, dtype=np.int64)
+    positions = np.full((len(captions), max_objects + 1, 2), -1, dtype=np.int64)
     for row, encoding in enumerate(tokenizer.encode_batch(captions)):
         tokens = encoding.tokens
         k = 0
@@ -107,6 +108,8 @@ def object_token_positions(captions, tokenizer, max_objects=3):
             if token in SHAPES and index > 0 and tokens[index - 1] in COLOURS and k < max_objects:
                 positions[row, k] = (index - 1, index)
                 k += 1
+            if token == "background" and index > 0 and tokens[index - 1] in COLOURS:
+                positions[row, max_objects] = (index - 1, index)
     return torch.from_numpy(positions)
 
 
@@ -134,7 +137,8 @@ def grounding_loss(maps, object_masks, positions, valid):
     (spatially normalised) cross-attention that falls outside the object, squared, averaged over layers.
 
     maps: list of (heads, `[batch * heads, h * w, tokens]`); object_masks: `[batch, 64, 64]` object ids;
-    positions: `[batch, 3, 2]` token positions (-1 none); valid: `[batch]` rows with a caption."""
+    positions: `[batch, objects + 1, 2]` token positions (-1 none; last slot: the background);
+    valid: `[batch]` rows with a caption."""
     total = 0.0
     count = 0
     batch = object_masks.shape[0]
@@ -143,7 +147,9 @@ def grounding_loss(maps, object_masks, positions, valid):
         side = int(round(math.sqrt(queries)))
         attention = probs.view(batch, heads, queries, -1).mean(1)  # [batch, h*w, tokens]
         for k in range(positions.shape[1]):
-            mask = (object_masks == k + 1).float()[:, None]
+            # The last slot is the background (object id 0).
+            object_id = 0 if k == positions.shape[1] - 1 else k + 1
+            mask = (object_masks == object_id).float()[:, None]
             mask = F.adaptive_avg_pool2d(mask, side).flatten(1)  # [batch, h*w], fraction covered
             present = valid & (positions[:, k, 0] >= 0) & (mask.sum(1) > 0)
             if not present.any():
