@@ -35,7 +35,7 @@ export DISPLAY="$display" XDG_RUNTIME_DIR="$runtime_dir" WGPU_BACKEND=vulkan
 export XDG_DATA_HOME="$runtime_dir/data" XDG_CONFIG_HOME="$runtime_dir/config"
 
 prompt="${ATTEND_SCREENSHOT_PROMPT:-a red circle and a blue square}"
-seed="${ATTEND_SCREENSHOT_SEED:-7}"
+seed="${ATTEND_SCREENSHOT_SEED:-0}"
 
 shot() {
     local name="$1"
@@ -50,9 +50,9 @@ shot editor-word env ATTEND_SCREENSHOT_WORD=circle
 # During a run (step 8 of 20): the live preview and the heat map of "circle" so far.
 shot editor-running env ATTEND_SCREENSHOT_AT_STEP=8 ATTEND_SCREENSHOT_WORD=circle
 # The self-attention probe on the square.
-shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.7,0.5
+shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.75,0.4
 # The Segments view with the segment at that point selected (its mask previewed).
-shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.7,0.5
+shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.75,0.4
 # Edit mode: "circle -> square" swapped by Prompt-to-Prompt, source | edited side by side.
 shot editor-edit env ATTEND_SCREENSHOT_EDIT="a red square and a blue square"
 

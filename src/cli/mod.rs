@@ -196,7 +196,8 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::S
         }
     };
     let mut options = attend::pipeline::model::LoadOptions::default();
-    if args.fp16_weights {
+    // The bundled model ships its UNet as the fp16 variant only (no note needed about that).
+    if args.fp16_weights || args.dir.is_none() {
         options.variant = attend::pipeline::weights::WeightVariant::Fp16;
     }
     let model = attend::pipeline::model::StableDiffusion::load(&dir, &options)

@@ -136,7 +136,16 @@ impl Engine for PipelineEngine {
             }
             ModelSource::Folder(dir) => dir.clone(),
         };
-        let model = StableDiffusion::load(&dir, &LoadOptions::default())?;
+        // The bundled model ships its UNet as the fp16 variant only; asking for that variant keeps
+        // the "only fp16 files found" note (meant for user folders) out of the status line.
+        let options = match source {
+            ModelSource::Bundled => LoadOptions {
+                variant: crate::pipeline::weights::WeightVariant::Fp16,
+                ..LoadOptions::default()
+            },
+            ModelSource::Folder(_) => LoadOptions::default(),
+        };
+        let model = StableDiffusion::load(&dir, &options)?;
         let (default_width_px, default_height_px) = model.default_size_px();
         let default_scheduler = model
             .scheduler_config
