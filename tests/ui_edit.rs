@@ -5,8 +5,9 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod ui_common;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use attend::ui::{CompareMode, EditorApp, EditorOptions, EngineKind, RunOutcome, Session};
 use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
@@ -24,9 +25,7 @@ fn fake_factory() -> EngineFactory {
 
 fn harness_with(options: EditorOptions) -> Harness<'static, EditorApp> {
     let app = EditorApp::new(options, None, None, fake_factory()).unwrap();
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 1000.0))
-        .build_ui_state(|ui, app: &mut EditorApp| app.frame_ui(ui), app)
+    ui_common::harness_of(app, egui::vec2(1400.0, 1000.0))
 }
 
 fn options(prompt: &str) -> EditorOptions {
@@ -43,25 +42,11 @@ fn run_until(
     what: &str,
     done: impl Fn(&EditorApp) -> bool,
 ) {
-    let started = Instant::now();
-    loop {
-        harness.step();
-        if done(harness.state()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; status: {:?}",
-            harness.state().status_messages()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ui_common::run_until_within(harness, what, TIMEOUT, done);
 }
 
 fn source_finished(app: &EditorApp) -> bool {
-    app.run_view()
-        .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
-        && !app.is_generating()
+    ui_common::finished(app)
 }
 
 fn edit_finished(app: &EditorApp) -> bool {

@@ -8,9 +8,10 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod ui_common;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use attend::ui::{
     DialogPurpose, EditorApp, EditorOptions, EditorSettings, EngineKind, RunOutcome, Session,
@@ -37,41 +38,22 @@ fn options(prompt: &str) -> EditorOptions {
 
 fn harness_with(options: EditorOptions, config: FakeEngineConfig) -> Harness<'static, EditorApp> {
     let app = EditorApp::new(options, None, None, fake_factory(config)).unwrap();
-    Harness::builder()
-        .with_size(egui::vec2(1280.0, 820.0))
-        .build_ui_state(|ui, app: &mut EditorApp| app.frame_ui(ui), app)
+    ui_common::harness_of(app, egui::vec2(1280.0, 820.0))
 }
 
-/// Steps the harness until `done` holds (the worker runs on its own thread meanwhile).
 fn run_until(
     harness: &mut Harness<'static, EditorApp>,
     what: &str,
     done: impl Fn(&EditorApp) -> bool,
 ) {
-    let started = Instant::now();
-    loop {
-        harness.step();
-        if done(harness.state()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; status: {:?}",
-            harness.state().status_messages()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ui_common::run_until_within(harness, what, TIMEOUT, done);
 }
 
 fn model_loaded(harness: &mut Harness<'static, EditorApp>) {
     run_until(harness, "the model", |app| app.loaded_model().is_some());
 }
 
-fn finished(app: &EditorApp) -> bool {
-    app.run_view()
-        .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
-        && !app.is_generating()
-}
+use ui_common::finished;
 
 fn last_status(app: &EditorApp) -> String {
     app.status_messages()

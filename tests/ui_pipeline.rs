@@ -5,6 +5,7 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod ui_common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +26,7 @@ fn harness_for(model: Option<PathBuf>, prompt: &str, steps: usize) -> Harness<'s
         ..EditorOptions::default()
     };
     let app = EditorApp::new(options, None, None, pipeline_engine_factory()).unwrap();
-    Harness::builder()
-        .with_size(egui::vec2(1280.0, 820.0))
-        .build_ui_state(|ui, app: &mut EditorApp| app.frame_ui(ui), app)
+    ui_common::harness_of(app, egui::vec2(1280.0, 820.0))
 }
 
 fn run_until(
@@ -35,26 +34,10 @@ fn run_until(
     what: &str,
     done: impl Fn(&EditorApp) -> bool,
 ) {
-    let started = Instant::now();
-    loop {
-        harness.step();
-        if done(harness.state()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; status: {:?}",
-            harness.state().status_messages()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    ui_common::run_until_within(harness, what, TIMEOUT, done);
 }
 
-fn finished(app: &EditorApp) -> bool {
-    app.run_view()
-        .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
-        && !app.is_generating()
-}
+use ui_common::finished;
 
 #[test]
 fn the_bundled_model_generates_with_live_word_heatmaps_and_exports() {

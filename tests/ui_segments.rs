@@ -7,6 +7,7 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod ui_common;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,9 +35,7 @@ fn harness() -> Harness<'static, EditorApp> {
         ..EditorOptions::default()
     };
     let app = EditorApp::new(options, None, None, factory).unwrap();
-    Harness::builder()
-        .with_size(egui::vec2(1280.0, 820.0))
-        .build_ui_state(|ui, app: &mut EditorApp| app.frame_ui(ui), app)
+    ui_common::harness_of(app, egui::vec2(1280.0, 820.0))
 }
 
 fn run_until(
@@ -44,19 +43,7 @@ fn run_until(
     what: &str,
     done: impl Fn(&EditorApp) -> bool,
 ) {
-    let started = Instant::now();
-    loop {
-        harness.step();
-        if done(harness.state()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "timed out waiting for {what}; status: {:?}",
-            harness.state().status_messages()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ui_common::run_until_within(harness, what, TIMEOUT, done);
 }
 
 fn segmented(app: &EditorApp) -> bool {

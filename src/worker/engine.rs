@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::str::FromStr as _;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -22,8 +21,8 @@ use crate::analysis::WordSpan;
 use crate::attention::store::{AttentionStore, StoreConfig};
 use crate::attention::{AttentionProcessor, AttentionSite};
 use crate::pipeline::model::{LoadOptions, StableDiffusion};
-use crate::pipeline::sampling::{generate, CancelToken, GenerateRequest, StepReport};
-use crate::pipeline::scheduler::{prepare_scheduler, SchedulerKind};
+use crate::pipeline::sampling::{generate, CancelToken, StepReport};
+use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::PipelineError;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
@@ -182,35 +181,13 @@ impl Engine for PipelineEngine {
             return Err(EngineError::NoModel);
         };
         let started_at = Instant::now();
-        let requested_kind = params
-            .scheduler
-            .as_deref()
-            .map(SchedulerKind::from_str)
-            .transpose()?;
-        let (default_width, default_height) = model.default_size_px();
-        let request = GenerateRequest {
-            prompt: params.prompt.clone(),
-            negative_prompt: params.negative_prompt.clone(),
-            seed: params.seed,
-            steps: params.steps,
-            guidance: params.guidance,
-            width: params.width_px.unwrap_or(default_width),
-            height: params.height_px.unwrap_or(default_height),
-            scheduler: requested_kind,
-            init_latents: None,
-            preview: true,
-        };
         // Resolve what `generate` will do, to report it before the first step.
-        let prepared = prepare_scheduler(&model.scheduler_config, requested_kind, params.steps)?;
-        let prompt_tokens = model.tokenizer.encode(&params.prompt)?;
-        let mut warnings = prepared.warnings.clone();
-        warnings.extend(prompt_tokens.warning());
-        let resolved = GenerateParams {
-            scheduler: Some(prepared.kind.name().to_owned()),
-            width_px: Some(request.width),
-            height_px: Some(request.height),
-            ..params.clone()
-        };
+        let edit::PreparedRun {
+            request,
+            resolved,
+            tokens: prompt_tokens,
+            warnings,
+        } = edit::prepare(model, params)?;
         observer.started(
             &resolved,
             PromptInfo {

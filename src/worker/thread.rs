@@ -442,17 +442,7 @@ fn generate(
         });
     }
     state.active_run = Some(run_id);
-    let mut observer = WorkerObserver {
-        run_id,
-        commands,
-        outbox,
-        pending: &mut state.pending,
-        steps_done: 0,
-        disconnected: false,
-        started_at: Instant::now(),
-        source_finished: false,
-        self_attention_query: None,
-    };
+    let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
     let started_at = Instant::now();
     let result = state.engine.generate(params, &mut observer);
     let steps_done = observer.steps_done;
@@ -499,7 +489,26 @@ struct WorkerObserver<'a> {
     self_attention_query: Option<SelfAttentionQuery>,
 }
 
-impl WorkerObserver<'_> {
+impl<'a> WorkerObserver<'a> {
+    fn new(
+        run_id: u64,
+        commands: &'a Receiver<Command>,
+        outbox: &'a Outbox,
+        pending: &'a mut VecDeque<Command>,
+    ) -> Self {
+        Self {
+            run_id,
+            commands,
+            outbox,
+            pending,
+            steps_done: 0,
+            disconnected: false,
+            started_at: Instant::now(),
+            source_finished: false,
+            self_attention_query: None,
+        }
+    }
+
     fn emit(&mut self, event: Event) -> Result<(), EngineError> {
         self.outbox.emit(event).map_err(|Disconnected| {
             self.disconnected = true;
@@ -653,17 +662,7 @@ fn generate_edit(
         });
     }
     state.active_run = Some(run_id);
-    let mut observer = WorkerObserver {
-        run_id,
-        commands,
-        outbox,
-        pending: &mut state.pending,
-        steps_done: 0,
-        disconnected: false,
-        started_at: Instant::now(),
-        source_finished: false,
-        self_attention_query: None,
-    };
+    let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
     let result = state.engine.generate_edit(params, spec, &mut observer);
     let steps_done = observer.steps_done;
     let disconnected = observer.disconnected;

@@ -35,14 +35,19 @@ pub(super) struct EditSource {
 }
 
 /// A run's request with everything resolved, and its prompt's tokens.
-struct PreparedRun {
-    request: GenerateRequest,
-    resolved: GenerateParams,
-    tokens: PromptTokens,
-    warnings: Vec<String>,
+pub(super) struct PreparedRun {
+    pub(super) request: GenerateRequest,
+    pub(super) resolved: GenerateParams,
+    pub(super) tokens: PromptTokens,
+    pub(super) warnings: Vec<String>,
 }
 
-fn prepare(model: &StableDiffusion, params: &GenerateParams) -> Result<PreparedRun, EngineError> {
+/// The request a run's parameters describe, with the defaults resolved (size, scheduler) and the
+/// prompt tokenised, so the run can be reported before its first step.
+pub(super) fn prepare(
+    model: &StableDiffusion,
+    params: &GenerateParams,
+) -> Result<PreparedRun, EngineError> {
     let requested_kind = params
         .scheduler
         .as_deref()
