@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{fixture, max_abs_diff, references};
+use common::{fixture, max_abs_diff, random_tensors, references};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -353,24 +353,7 @@ fn process_cpu_secs() -> f64 {
 fn random_unet(name: &str) -> Unet {
     let manifest = manifest(name);
     let config = manifest_unet_config(&manifest);
-    let mut tensors = HashMap::new();
-    // A cheap xorshift fill in [-0.02, 0.02): values do not matter for timing, only shapes.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for (param, shape) in &manifest.parameters["unet"] {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-            })
-            .collect();
-        tensors.insert(
-            param.clone(),
-            Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap(),
-        );
-    }
+    let tensors = random_tensors(&manifest.parameters["unet"], 0x9E37_79B9_7F4A_7C15u64);
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Unet::new(vb, &config).unwrap()
 }

@@ -7,8 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{fixture, max_abs_diff, references};
-use std::collections::HashMap;
+use common::{fixture, max_abs_diff, random_tensors, references};
 use std::path::Path;
 
 use attend::pipeline::vae::{AutoencoderKl, VaeConfig};
@@ -98,23 +97,7 @@ fn timing_sd_vae_decode_512() {
             .unwrap();
     let config =
         VaeConfig::from_json(&manifest.configs["vae"].to_string(), Path::new("manifest")).unwrap();
-    let mut tensors = HashMap::new();
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    for (param, shape) in &manifest.parameters["vae"] {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-            })
-            .collect();
-        tensors.insert(
-            param.clone(),
-            Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap(),
-        );
-    }
+    let tensors = random_tensors(&manifest.parameters["vae"], 0x2545_F491_4F6C_DD1Du64);
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let vae = AutoencoderKl::new(vb, &config).unwrap();
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).unwrap();

@@ -453,34 +453,16 @@ fn synthesise_image(
     width: usize,
     height: usize,
 ) -> RgbImage {
-    let mut image = RgbImage::black(width, height);
-    let noise_amount = 1.0 - progress;
-    for y in 0..height {
-        for x in 0..width {
-            let (fy, fx) = (
-                (y as f32 + 0.5) / height as f32,
-                (x as f32 + 0.5) / width as f32,
-            );
-            let mut colour = [40.0f32, 44.0, 52.0];
-            for (index, centre) in centres.iter().enumerate() {
-                let weight = gaussian(fy, fx, *centre, sigma * 0.6).min(1.0);
-                for (value, blob) in colour.iter_mut().zip(blob_colour(index)) {
-                    *value = *value * (1.0 - weight) + blob * weight;
-                }
-            }
-            let pixel = (y * width + x) * 3;
-            for (channel, (out, value)) in image.pixels[pixel..pixel + 3]
-                .iter_mut()
-                .zip(colour)
-                .enumerate()
-            {
-                let noise = unit(mix(seed ^ mix((pixel + channel) as u64))) * 255.0;
-                *out =
-                    (value * (1.0 - noise_amount) + noise * noise_amount).clamp(0.0, 255.0) as u8;
-            }
-        }
-    }
-    image
+    let blobs: Vec<edit::Blob> = centres
+        .iter()
+        .enumerate()
+        .map(|(index, &centre)| edit::Blob {
+            centre,
+            colour: blob_colour(index),
+            strength: 1.0,
+        })
+        .collect();
+    edit::synthesise_blobs(&blobs, sigma, progress, seed, width, height)
 }
 
 /// Share of a self-attention row that goes to the query's own object (or the background).

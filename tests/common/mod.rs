@@ -38,3 +38,28 @@ pub fn references(model: &str) -> HashMap<String, Tensor> {
     )
     .unwrap()
 }
+
+/// Small random weights (xorshift, uniform in [-0.02, 0.02)) for every `(name, shape)` of a
+/// checkpoint manifest's component: values do not matter for timing, only shapes.
+pub fn random_tensors<'a>(
+    parameters: impl IntoIterator<Item = (&'a String, &'a Vec<usize>)>,
+    seed: u64,
+) -> HashMap<String, Tensor> {
+    let mut state = seed | 1;
+    parameters
+        .into_iter()
+        .map(|(name, shape)| {
+            let count: usize = shape.iter().product();
+            let values: Vec<f32> = (0..count)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+                })
+                .collect();
+            let tensor = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
+            (name.clone(), tensor)
+        })
+        .collect()
+}

@@ -34,10 +34,10 @@ pub(super) struct FakeEditSource {
 }
 
 /// One blob of the edited image.
-struct Blob {
-    centre: (f32, f32),
-    colour: [f32; 3],
-    strength: f32,
+pub(super) struct Blob {
+    pub(super) centre: (f32, f32),
+    pub(super) colour: [f32; 3],
+    pub(super) strength: f32,
 }
 
 impl FakeEngine {
@@ -319,7 +319,7 @@ fn blend_images(source: &RgbImage, edited: &RgbImage, mask: &BlendMask) -> RgbIm
 
 /// The fake's image formula (`synthesise_image`) with a colour and a strength per blob; with the
 /// source's colours and strength 1 it gives the same bytes.
-fn synthesise_blobs(
+pub(super) fn synthesise_blobs(
     blobs: &[Blob],
     sigma: f32,
     progress: f32,
