@@ -312,3 +312,52 @@ fn an_edit_can_be_cancelled_and_a_record_only_run_finishes_like_a_generate() {
     assert!(done.edited_image.is_some(), "{done:?}");
     assert!(done.edit_info.unwrap().source_reused);
 }
+
+/// The self-attention probe is answered while an edit's source is being recorded (real engine),
+/// after the next step, not only once the whole edit is done.
+#[test]
+fn the_probe_is_answered_while_the_source_of_an_edit_runs() {
+    let mut worker = WorkerHandle::spawn(pipeline_engine_factory()).unwrap();
+    load_bundled(&worker);
+    let run_id = worker
+        .generate_edit(
+            params("a red circle and a blue square", 6),
+            Some(EditSpec::new("a red square and a blue square")),
+        )
+        .unwrap();
+    // Wait for the first source step, then ask.
+    loop {
+        if let Event::Step { run_id: id, .. } = next_event(&worker) {
+            assert_eq!(id, run_id);
+            break;
+        }
+    }
+    worker
+        .send(attend::worker::Command::RequestSelfAttention {
+            run_id,
+            grid_h: 16,
+            grid_w: 16,
+            span: attend::worker::SelfAttentionSpan::LatestStep,
+        })
+        .unwrap();
+    let mut source_steps_after_request = 0;
+    loop {
+        match next_event(&worker) {
+            Event::Step { .. } => source_steps_after_request += 1,
+            Event::SelfAttention { run_id: id, map } => {
+                assert_eq!(id, run_id);
+                let map = map.expect("16x16 self-attention is kept");
+                assert_eq!(map.data.len(), 256 * 256);
+                break;
+            }
+            Event::Finished { .. } | Event::EditFinished { .. } => {
+                panic!("the probe was not answered during the source run")
+            }
+            _ => {}
+        }
+    }
+    eprintln!("probe answered after {source_steps_after_request} more source step(s)");
+    assert!(source_steps_after_request <= 1);
+    let rest = collect(&worker, run_id, true);
+    assert!(rest.edited_image.is_some(), "{rest:?}");
+}

@@ -55,6 +55,25 @@ pub fn bundled_model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(BUNDLED_MODEL_FOLDER)
 }
 
+/// Answers the probe's request for the running run, if one is waiting, from the maps stored so far.
+fn answer_self_attention_query(
+    observer: &mut dyn RunObserver,
+    store: &RefCell<AttentionStore>,
+) -> Result<(), EngineError> {
+    let Some(query) = observer.take_self_attention_query() else {
+        return Ok(());
+    };
+    let map = store.try_borrow().ok().and_then(|store| {
+        store.self_attention(
+            query.grid_h,
+            query.grid_w,
+            &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
+            query.span,
+        )
+    });
+    observer.self_attention(query, map)
+}
+
 /// The factory the editor uses for real models.
 pub fn pipeline_engine_factory() -> EngineFactory {
     std::sync::Arc::new(|| Box::new(PipelineEngine::default()))
@@ -242,18 +261,7 @@ impl Engine for PipelineEngine {
             step_started = Instant::now();
             let answer = || -> Result<(), EngineError> {
                 observer.step(frame)?;
-                if let Some(query) = observer.take_self_attention_query() {
-                    let map = store.try_borrow().ok().and_then(|store| {
-                        store.self_attention(
-                            query.grid_h,
-                            query.grid_w,
-                            &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
-                            query.span,
-                        )
-                    });
-                    observer.self_attention(query, map)?;
-                }
-                Ok(())
+                answer_self_attention_query(&mut *observer, &store)
             };
             answer().map_err(|error| {
                 observer_error = Some(error);

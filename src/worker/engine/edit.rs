@@ -176,7 +176,10 @@ impl PipelineEngine {
                     started_at.elapsed().as_secs_f64(),
                 )?;
                 step_started = Instant::now();
-                observer.step(frame).map_err(|error| {
+                let answered = observer
+                    .step(frame)
+                    .and_then(|()| super::answer_self_attention_query(&mut *observer, &store));
+                answered.map_err(|error| {
                     observer_error = Some(error);
                     PipelineError::Cancelled
                 })
