@@ -6,6 +6,8 @@
 // Test helpers may unwrap like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -426,15 +428,6 @@ fn pixel_space_model_runs_without_a_vae() {
         .unwrap()
         .permute((1, 2, 0))
         .unwrap();
-    let diff = (output.image_f32 - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&output.image_f32, &expected);
     assert_eq!(diff, 0.0);
 }

@@ -11,6 +11,8 @@
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::max_abs_diff;
 use std::path::Path;
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -43,16 +45,7 @@ fn tiny_sd1_fp16_unet_variant_stays_close_to_the_fp32_reference() {
         )
         .unwrap();
     let expected: &Tensor = &reference["unet.out"];
-    let diff = (&output - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&output, expected);
     let scale = expected
         .abs()
         .unwrap()

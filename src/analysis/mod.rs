@@ -17,3 +17,17 @@ pub struct WordSpan {
     /// Indices into the token sequence (start token = 0).
     pub token_indices: Vec<usize>,
 }
+
+/// A prompt's words without a tokenizer: split at whitespace, punctuation dropped, lower-cased,
+/// empty pieces skipped (for previews and the fake engine, before a real tokenizer answers).
+pub fn plain_words(prompt: &str) -> impl Iterator<Item = String> + '_ {
+    prompt
+        .split_whitespace()
+        .map(|raw| {
+            raw.chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|text| !text.is_empty())
+}

@@ -582,6 +582,19 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
             Ok(())
         };
         save(format!("{seed:04}_source.png"), &source.image)?;
+        // The edited prompt's image, replaying the recorded source.
+        let edited_image = |spec: &EditSpec| -> anyhow::Result<RgbImage> {
+            let branch = generate_edited_branch(
+                &model,
+                &request,
+                spec,
+                Arc::clone(&recording),
+                None,
+                &mut |_| Ok(()),
+                &cancel,
+            )?;
+            Ok(branch.edited.image)
+        };
         if result.source_has_target {
             if !args.skip_swap {
                 let spec = EditSpec {
@@ -589,17 +602,9 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                     self_replace,
                     ..EditSpec::new(result.swap_caption.clone())
                 };
-                let swapped = generate_edited_branch(
-                    &model,
-                    &request,
-                    &spec,
-                    Arc::clone(&recording),
-                    None,
-                    &mut |_| Ok(()),
-                    &cancel,
-                )?;
-                save(format!("{seed:04}_swap.png"), &swapped.edited.image)?;
-                let swapped_objects = measure_objects(&swapped.edited.image, &scene);
+                let swapped_image = edited_image(&spec)?;
+                save(format!("{seed:04}_swap.png"), &swapped_image)?;
+                let swapped_objects = measure_objects(&swapped_image, &scene);
                 result.swap = Some(judge_swap(
                     &source_objects,
                     &swapped_objects,
@@ -648,20 +653,9 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                             .collect(),
                         ..EditSpec::new(scene.caption.clone())
                     };
-                    let reweighted = generate_edited_branch(
-                        &model,
-                        &request,
-                        &spec,
-                        Arc::clone(&recording),
-                        None,
-                        &mut |_| Ok(()),
-                        &cancel,
-                    )?;
-                    save(
-                        format!("{seed:04}_reweight_{scale}.png"),
-                        &reweighted.edited.image,
-                    )?;
-                    let objects = measure_objects(&reweighted.edited.image, &scene);
+                    let reweighted_image = edited_image(&spec)?;
+                    save(format!("{seed:04}_reweight_{scale}.png"), &reweighted_image)?;
+                    let objects = measure_objects(&reweighted_image, &scene);
                     let source_area = source_objects[target].area.max(1) as f32;
                     let area_ratio = objects[target].area as f32 / source_area;
                     result.reweights.push(ReweightVerdict {

@@ -124,15 +124,7 @@ impl EditState {
 fn whitespace_layout(prompt: &str) -> (Vec<String>, Vec<WordSpan>) {
     let mut tokens = vec!["<start>".to_owned()];
     let mut words = Vec::new();
-    for raw in prompt.split_whitespace() {
-        let text: String = raw
-            .chars()
-            .filter(|c| c.is_alphanumeric())
-            .flat_map(char::to_lowercase)
-            .collect();
-        if text.is_empty() {
-            continue;
-        }
+    for text in crate::analysis::plain_words(prompt) {
         tokens.push(text.clone());
         words.push(WordSpan {
             text,

@@ -335,15 +335,7 @@ fn tokenize(prompt: &str) -> PromptInfo {
     let mut tokens = vec!["<start>".to_owned()];
     let mut warnings = Vec::new();
     let mut dropped = Vec::new();
-    for raw in prompt.split_whitespace() {
-        let text: String = raw
-            .chars()
-            .filter(|c| c.is_alphanumeric())
-            .flat_map(char::to_lowercase)
-            .collect();
-        if text.is_empty() {
-            continue;
-        }
+    for text in crate::analysis::plain_words(prompt) {
         if words.len() == FAKE_MAX_WORDS {
             dropped.push(text);
             continue;

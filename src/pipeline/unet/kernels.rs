@@ -79,23 +79,9 @@ fn parallel_ranges<R: Send>(
         return vec![job(0..units)];
     }
     let per_piece = units.div_ceil(pieces);
-    let slots: Vec<std::sync::Mutex<Option<R>>> =
-        (0..pieces).map(|_| std::sync::Mutex::new(None)).collect();
-    let items: Vec<usize> = (0..pieces).collect();
-    run_queue(items, |index| {
-        let range = (index * per_piece).min(units)..((index + 1) * per_piece).min(units);
-        let result = job(range);
-        *slots[index]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
-    });
-    slots
-        .into_iter()
-        .filter_map(|slot| {
-            slot.into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        })
-        .collect()
+    parallel_map(pieces, true, |index| {
+        job((index * per_piece).min(units)..((index + 1) * per_piece).min(units))
+    })
 }
 
 /// Runs `job(index)` for every index in `0..count`, on up to `worker_count()` threads when
