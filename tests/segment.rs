@@ -12,8 +12,8 @@ use attend::analysis::segment::{
     is_label_candidate, kmeans, kmeans_segments, label_segments, mask_file_name, segment_and_label,
     segment_self_attention, segments_mask, segments_with_label, symmetric_kl, write_label_map_png,
     write_mask_png, write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings,
-    LabelSettings, MaskSettings, SegmentMethod, SegmentSettings, Segmentation, SegmentsFile,
-    WordMapRef,
+    LabelChoice, LabelSettings, MaskSettings, SegmentMethod, SegmentSettings, Segmentation,
+    SegmentsFile, WordMapRef,
 };
 
 /// Region of every cell of a `side x side` grid: 0 background, 1 a square, 2 a disc, 3 a bar.
@@ -340,6 +340,7 @@ fn word_map(regions: &[usize], side: usize, region: usize, word: &str) -> Heatma
         w: side,
         data,
         peak: 1.0,
+        floor: 0.0,
     }
 }
 
@@ -418,12 +419,82 @@ fn labels_follow_the_cross_attention() {
     let strict = LabelSettings {
         threshold: 0.99,
         background_label: "rest".to_string(),
+        ..LabelSettings::default()
     };
     let all_rest = label_segments(&segmentation, &words, &strict).unwrap();
     assert!(all_rest.iter().all(|segment| segment.label == "rest"));
 
     let broken = [WordMapRef::new("x", 4, 4, &[0.0; 3])];
     assert!(label_segments(&segmentation, &broken, &LabelSettings::default()).is_err());
+}
+
+/// Two words over the same segment: "cat" with strong raw attention there, "hat" with a map that is
+/// higher once min-max normalised but has a seventh of the raw attention. The default
+/// choice compares raw attention, local-prompt-mixing's rule the normalised scores.
+#[test]
+fn label_choice_compares_raw_attention_or_normalised_scores() {
+    let segmentation = square_segmentation();
+    let cells = segmentation.h * segmentation.w;
+    let inside = |cell: usize| segmentation.labels[cell] == 1;
+    let map = |high: f32, low: f32| -> Vec<f32> {
+        (0..cells)
+            .map(|cell| if inside(cell) { high } else { low })
+            .collect()
+    };
+    // Inside the square "cat" alternates 0.9 and 0.5 (normalised mean 0.78, raw mean 0.7 * 2).
+    let cat_data = map(0.9, 0.0)
+        .into_iter()
+        .enumerate()
+        .map(|(cell, value)| {
+            if cell % 2 == 1 && value > 0.0 {
+                0.5
+            } else {
+                value
+            }
+        })
+        .collect();
+    let cat = Heatmap {
+        word: "cat".to_string(),
+        h: segmentation.h,
+        w: segmentation.w,
+        data: cat_data,
+        peak: 2.0,
+        floor: 0.0,
+    };
+    let hat = Heatmap {
+        word: "hat".to_string(),
+        data: map(1.0, 0.0),
+        peak: 0.2,
+        ..cat.clone()
+    };
+    let words = [WordMapRef::from(&cat), WordMapRef::from(&hat)];
+    let label_of_segment_1 = |choice: LabelChoice| {
+        let settings = LabelSettings {
+            choice,
+            ..LabelSettings::default()
+        };
+        let segments = label_segments(&segmentation, &words, &settings).unwrap();
+        let scores = &segments[1].scores;
+        assert!((scores[0].attention - 1.4).abs() < 1e-5, "{scores:?}");
+        assert!((scores[1].attention - 0.2).abs() < 1e-5, "{scores:?}");
+        assert_eq!(segments[0].label, "background");
+        segments[1].label.clone()
+    };
+    assert_eq!(label_of_segment_1(LabelChoice::MostAttention), "cat");
+    assert_eq!(label_of_segment_1(LabelChoice::HighestScore), "hat");
+    // Raw attention decides only among words above the threshold.
+    let mut weak_inside = map(0.2, 0.0);
+    weak_inside[0] = 1.0;
+    let weak_cat = Heatmap {
+        data: weak_inside,
+        peak: 5.0,
+        ..cat.clone()
+    };
+    let words = [WordMapRef::from(&weak_cat), WordMapRef::from(&hat)];
+    let segments = label_segments(&segmentation, &words, &LabelSettings::default()).unwrap();
+    assert_eq!(segments[1].label, "hat");
+    assert_eq!("highest-score".parse(), Ok(LabelChoice::HighestScore));
+    assert!("loudest".parse::<LabelChoice>().is_err());
 }
 
 fn square_segmentation() -> Segmentation {

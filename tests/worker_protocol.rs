@@ -360,6 +360,7 @@ fn attention_export_writes_the_latest_finished_run_as_safetensors() {
             w: 8,
             data: vec![0.5; 64],
             peak: 1.0,
+            floor: 0.0,
         })
         .collect();
     worker

@@ -252,6 +252,8 @@ def main():
     parser.add_argument("--log-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--warmup", type=int, default=500, help="learning-rate warm-up steps")
+    parser.add_argument("--multi-object-weight", type=float, default=1.0,
+                        help="sample scenes with 2 or more objects this many times as often as 1-object scenes")
     args = parser.parse_args()
 
     from diffusers import UNet2DConditionModel
@@ -323,6 +325,8 @@ def main():
         assert len(objects) == len(images), (len(objects), len(images))
         objects = torch.from_numpy(objects).to(device)
         positions = object_token_positions(captions, tokenizer).to(device)
+    object_counts = torch.tensor([caption.split(" on a")[0].count(" and ") + 1 for caption in captions])
+    scene_weights = torch.where(object_counts >= 2, args.multi_object_weight, 1.0).to(device)
     print(f"data: {len(images)} scenes", flush=True)
     alphas_cumprod = cosine_alphas_cumprod().to(device)
     generator = torch.Generator(device=device).manual_seed(1234 + step)
@@ -344,7 +348,7 @@ def main():
         elapsed = time.time() - start
         if elapsed > args.minutes * 60 or (args.max_steps is not None and step >= args.max_steps):
             break
-        index = torch.randint(len(images), (args.batch,), generator=generator, device=device)
+        index = torch.multinomial(scene_weights, args.batch, replacement=True, generator=generator)
         x0 = images[index].permute(0, 3, 1, 2).float() / 127.5 - 1
         flip = torch.rand(args.batch, generator=generator, device=device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)

@@ -519,6 +519,7 @@ mod tests {
             w: 2,
             data: vec![0.0, 1.0],
             peak: 3.0,
+            floor: 0.0,
         };
         let path = folder.path().join("cat.png");
         write_heatmap_png(&path, &heatmap, Colormap::Grey, None).unwrap();
@@ -548,6 +549,7 @@ mod tests {
             w: 3,
             data: vec![0.25; 6],
             peak: 1.0,
+            floor: 0.0,
         }];
         write_attention_safetensors(&path, &cross, &heatmaps, &words, &tokens).unwrap();
 

@@ -187,6 +187,17 @@ pub struct Heatmap {
     /// Maximum of the map before normalisation (attention summed over the chosen steps), so maps of
     /// different words can be compared.
     pub peak: f32,
+    /// Minimum of the map before normalisation: with [`Heatmap::peak`] it gives back the raw
+    /// attention, `floor + value * (peak - floor)` (see [`Heatmap::raw_range`]).
+    #[serde(default)]
+    pub floor: f32,
+}
+
+impl Heatmap {
+    /// `(floor, peak)`: the raw attention that `data`'s 0 and 1 stand for.
+    pub fn raw_range(&self) -> (f32, f32) {
+        (self.floor, self.peak)
+    }
 }
 
 /// Sum of the layer maps of one group over the selected steps.
@@ -372,6 +383,7 @@ fn heatmap_from_tokens(
         w: out_w,
         data: vec![0.0; out_h * out_w],
         peak: 0.0,
+        floor: 0.0,
     };
     let Some(token_maps) = token_maps else {
         return empty();
@@ -380,13 +392,14 @@ fn heatmap_from_tokens(
         return empty();
     };
     let mut data = resize_bicubic(&mean, token_maps.h, token_maps.w, out_h, out_w);
-    let peak = min_max_normalize(&mut data).map_or(0.0, |(_, max)| max);
+    let (floor, peak) = min_max_normalize(&mut data).unwrap_or((0.0, 0.0));
     Heatmap {
         word: label.to_string(),
         h: out_h,
         w: out_w,
         data,
         peak,
+        floor,
     }
 }
 

@@ -308,7 +308,15 @@ pub struct EditEvalArgs {
     /// Self-attention is replaced only in layers whose query grid side is at most this.
     #[arg(long, default_value_t = 16)]
     pub self_replace_max_side: usize,
-    /// Reweight scales to measure, comma-separated.
+    /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
+    /// the target object's colour word and of its old and new shape words may change (a shape word
+    /// that another object shares is left out, as it would open that object's region too).
+    #[arg(long)]
+    pub local_blend: bool,
+    /// Local blend threshold on the max-normalised word map (with `--local-blend`).
+    #[arg(long, default_value_t = 0.3)]
+    pub blend_threshold: f32,
+    /// Reweight scales to measure, comma-separated (empty: none).
     #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
     pub reweight_scales: String,
     /// Which words of the target to reweight: shape, colour or both.
@@ -512,6 +520,11 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--reweight-scales: {text:?} is not a number"))
         })
         .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.blend_threshold),
+        "--blend-threshold {} is outside 0..1",
+        args.blend_threshold
+    );
     let (reweight_shape, reweight_colour) = match args.reweight_word.as_str() {
         "shape" => (true, false),
         "colour" | "color" => (false, true),
@@ -597,9 +610,28 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         };
         if result.source_has_target {
             if !args.skip_swap {
+                // The target's colour word names it alone (object colours differ); a shape word
+                // joins only where no other object shares it, since the blend looks words up by
+                // text and would open the other object's region too.
+                let occurrences = |caption: &str, word: &str| {
+                    caption.split(' ').filter(|&other| other == word).count()
+                };
+                let mut blend_words = vec![target_object.colour.word().to_string()];
+                if occurrences(&scene.caption, target_object.shape.word()) == 1 {
+                    blend_words.push(target_object.shape.word().to_string());
+                }
+                if occurrences(&result.swap_caption, new_shape.word()) == 1 {
+                    blend_words.push(new_shape.word().to_string());
+                }
+                let local_blend = args.local_blend.then(|| LocalBlendConfig {
+                    words: blend_words,
+                    threshold: args.blend_threshold,
+                    ..LocalBlendConfig::default()
+                });
                 let spec = EditSpec {
                     cross_window: CrossWindow::uniform(cross),
                     self_replace,
+                    local_blend,
                     ..EditSpec::new(result.swap_caption.clone())
                 };
                 let swapped_image = edited_image(&spec)?;
@@ -717,6 +749,8 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 "cross_replace": args.cross_replace,
                 "self_replace": args.self_replace,
                 "self_replace_max_side": args.self_replace_max_side,
+                "local_blend": args.local_blend,
+                "blend_threshold": args.blend_threshold,
                 "reweight_word": args.reweight_word,
                 "centroid_tolerance_px_at_64": args.centroid_tolerance_px,
                 "model": model.name(),

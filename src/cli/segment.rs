@@ -12,11 +12,12 @@ use attend::analysis::export::{a1111_parameters, write_png_rgb};
 use attend::analysis::heatmap::{
     word_heatmaps, AggregationSettings, Heatmap, SelfAttentionMap, SelfAttentionSpan,
 };
-use attend::analysis::scene_check::{find_object, iou, palette_labels};
+use attend::analysis::scene_check::{find_object, iou, palette_labels, ObjectRegion};
 use attend::analysis::segment::{
     is_label_candidate, mask_file_name, segment_and_label, write_label_map_png, write_mask_png,
-    write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings, LabelSettings,
-    LabelledSegmentation, MaskSettings, SegmentMethod, SegmentSettings, SegmentsFile, WordMapRef,
+    write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings, LabelChoice,
+    LabelSettings, LabelledSegmentation, MaskSettings, SegmentMethod, SegmentSettings,
+    SegmentsFile, WordMapRef,
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
@@ -64,6 +65,10 @@ pub struct SegmentationArgs {
     /// A segment takes its best word only when the word's score is above this; else "background".
     #[arg(long, default_value_t = 0.3)]
     pub label_threshold: f32,
+    /// Among the words above the threshold: most-attention (the word with the most raw
+    /// cross-attention over the segment) or highest-score (local-prompt-mixing's rule).
+    #[arg(long, default_value = "most-attention")]
+    pub label_choice: LabelChoice,
     /// Words that compete for labels, comma-separated (default: the prompt's words without
     /// function words and colour names).
     #[arg(long, value_delimiter = ',')]
@@ -103,6 +108,7 @@ impl SegmentationArgs {
             },
             labels: LabelSettings {
                 threshold: self.label_threshold,
+                choice: self.label_choice,
                 ..LabelSettings::default()
             },
         }
@@ -176,7 +182,8 @@ pub struct SegmentEvalArgs {
     /// Write each image with its segment overlay here, for a look.
     #[arg(long)]
     pub images_out: Option<PathBuf>,
-    /// Measure only --method (default: both methods, on the same images).
+    /// Measure only --method with --label-choice (default: both methods with both label choices,
+    /// on the same images).
     #[arg(long)]
     pub single_method: bool,
 }
@@ -405,18 +412,20 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-// `attend segment-eval`. Its `#[allow(dead_code)]`s go once cli/mod.rs has the variant
-// `SegmentEval(segment::SegmentEvalArgs)` dispatching to `segment::run_eval`.
+// `attend segment-eval`.
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 /// What `attend segment-eval` measures on one scene with one method.
 #[derive(Debug, serde::Serialize)]
 struct SceneMeasurement {
     seed: u64,
     caption: String,
     method: SegmentMethod,
-    /// Objects the model drew in their colour (largest region of that colour found).
+    label_choice: LabelChoice,
+    /// Objects the model drew in their colour (largest region of that colour found, at most half
+    /// the image).
     objects_drawn: usize,
+    /// Objects whose colour covers more than half the image (not counted as drawn).
+    objects_flooded: usize,
     objects: usize,
     /// IoU of each drawn object's labelled mask with its colour region, caption order.
     ious: Vec<f32>,
@@ -435,14 +444,15 @@ struct SceneMeasurement {
     segment_secs: f64,
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 /// The summary of `attend segment-eval` for one method.
 #[derive(Debug, serde::Serialize)]
 struct EvalSummary {
     method: SegmentMethod,
+    label_choice: LabelChoice,
     scenes: usize,
     objects: usize,
     objects_drawn: usize,
+    objects_flooded: usize,
     mean_iou: f64,
     oracle_mean_iou: f64,
     label_accuracy: f64,
@@ -455,7 +465,6 @@ struct EvalSummary {
     median_generation_secs: f64,
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 /// Scores a labelled segmentation against the colour regions of the generated image.
 fn measure_scene(
     scene: &attend::scenes::Scene,
@@ -472,10 +481,25 @@ fn measure_scene(
         .filter(|(_, word)| word.text.parse::<attend::scenes::Shape>().is_ok())
         .map(|(index, _)| index)
         .collect();
-    let regions: Vec<Option<Vec<bool>>> = scene
+    // An object is drawn when its colour has a region, and that region is not most of the image (a
+    // colour flooding the image is not an object and has no outline to segment).
+    let found: Vec<Option<ObjectRegion>> = scene
         .objects
         .iter()
-        .map(|object| find_object(&colours, width, height, object.colour).map(|r| r.mask))
+        .map(|object| find_object(&colours, width, height, object.colour))
+        .collect();
+    let flooded = found
+        .iter()
+        .flatten()
+        .filter(|region| region.area * 2 > width * height)
+        .count();
+    let regions: Vec<Option<Vec<bool>>> = found
+        .into_iter()
+        .map(|region| {
+            region
+                .filter(|r| r.area * 2 <= width * height)
+                .map(|r| r.mask)
+        })
         .collect();
     let mask_of = |ids: &[usize]| result.mask(ids, &MaskSettings::default()).to_binary();
 
@@ -549,7 +573,9 @@ fn measure_scene(
         seed: 0,
         caption: scene.caption.clone(),
         method: result.method,
+        label_choice: LabelChoice::default(),
         objects_drawn: regions.iter().filter(|region| region.is_some()).count(),
+        objects_flooded: flooded,
         objects: scene.objects.len(),
         ious,
         oracle_ious,
@@ -563,13 +589,11 @@ fn measure_scene(
     }
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn ratio(part: usize, whole: usize) -> f64 {
     if whole == 0 {
         0.0
@@ -578,7 +602,6 @@ fn ratio(part: usize, whole: usize) -> f64 {
     }
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, count) = values.fold((0.0, 0usize), |(sum, count), value| {
         (sum + value, count + 1)
@@ -590,17 +613,21 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
-fn summarise(method: SegmentMethod, scenes: &[&SceneMeasurement]) -> EvalSummary {
+fn summarise(
+    (method, label_choice): (SegmentMethod, LabelChoice),
+    scenes: &[&SceneMeasurement],
+) -> EvalSummary {
     let sum =
         |value: fn(&SceneMeasurement) -> usize| scenes.iter().map(|m| value(m)).sum::<usize>();
     let mut segment_secs: Vec<f64> = scenes.iter().map(|m| m.segment_secs).collect();
     let mut generation_secs: Vec<f64> = scenes.iter().map(|m| m.generation_secs).collect();
     EvalSummary {
         method,
+        label_choice,
         scenes: scenes.len(),
         objects: sum(|m| m.objects),
         objects_drawn: sum(|m| m.objects_drawn),
+        objects_flooded: sum(|m| m.objects_flooded),
         mean_iou: mean(
             scenes
                 .iter()
@@ -625,10 +652,9 @@ fn summarise(method: SegmentMethod, scenes: &[&SceneMeasurement]) -> EvalSummary
     }
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 fn print_summary(summary: &EvalSummary) {
     println!(
-        "{}: {} scenes, {}/{} objects drawn\n  \
+        "{} ({} labels): {} scenes, {}/{} objects drawn ({} more flooded the image)\n  \
          mIoU of labelled object masks vs colour regions: {:.3} \
          (segments chosen by overlap instead of label: {:.3})\n  \
          label accuracy (segments over an object get its shape word): {:.1}% of {}\n  \
@@ -636,9 +662,11 @@ fn print_summary(summary: &EvalSummary) {
          segments per scene {:.1}; time to segment: median {:.0} ms, mean {:.0} ms; \
          generation: median {:.1} s",
         summary.method,
+        summary.label_choice,
         summary.scenes,
         summary.objects_drawn,
         summary.objects,
+        summary.objects_flooded,
         summary.mean_iou,
         summary.oracle_mean_iou,
         summary.label_accuracy * 100.0,
@@ -652,7 +680,6 @@ fn print_summary(summary: &EvalSummary) {
     );
 }
 
-#[allow(dead_code)] // until `SegmentEval` is wired into cli/mod.rs
 /// Run `attend segment-eval`.
 pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
@@ -660,10 +687,14 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
     }
-    let methods: Vec<SegmentMethod> = if args.single_method {
-        vec![args.segmentation.method]
+    // (method, label choice) pairs, measured on the same images.
+    let variants: Vec<(SegmentMethod, LabelChoice)> = if args.single_method {
+        vec![(args.segmentation.method, args.segmentation.label_choice)]
     } else {
-        SegmentMethod::ALL.to_vec()
+        SegmentMethod::ALL
+            .into_iter()
+            .flat_map(|method| LabelChoice::ALL.map(|choice| (method, choice)))
+            .collect()
     };
     let scene_options = SceneOptions::default();
     let mut measurements = Vec::new();
@@ -680,9 +711,10 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
         )?;
         let image = &generated.output.image;
         let mut lines = Vec::new();
-        for &method in &methods {
+        for &(method, label_choice) in &variants {
             let arguments = SegmentationArgs {
                 method,
+                label_choice,
                 ..args.segmentation.clone()
             };
             let started = Instant::now();
@@ -690,6 +722,7 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
             let segment_secs = started.elapsed().as_secs_f64();
             let measurement = SceneMeasurement {
                 seed,
+                label_choice,
                 generation_secs,
                 segment_secs,
                 ..measure_scene(&scene, image, &words, &result)
@@ -702,7 +735,7 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
                     .join(", ")
             };
             lines.push(format!(
-                "  {method}: {} segments, IoU [{}] (by overlap [{}]), object segments {}/{} right, \
+                "  {method} ({label_choice}): {} segments, IoU [{}] (by overlap [{}]), object segments {}/{} right, \
                  others {}/{} without a shape word, {:.0} ms",
                 measurement.segments,
                 listed(&measurement.ious),
@@ -715,7 +748,7 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
             ));
             if let Some(dir) = &args.images_out {
                 write_png_rgb(
-                    &dir.join(format!("{seed:04}_{method}.png")),
+                    &dir.join(format!("{seed:04}_{method}_{label_choice}.png")),
                     image.width,
                     image.height,
                     &overlay_segments(&image.pixels, &result),
@@ -733,14 +766,16 @@ pub fn run_eval(args: &SegmentEvalArgs) -> anyhow::Result<()> {
         );
     }
 
-    let summaries: Vec<EvalSummary> = methods
+    let summaries: Vec<EvalSummary> = variants
         .iter()
-        .map(|&method| {
+        .map(|&(method, label_choice)| {
             let scenes: Vec<&SceneMeasurement> = measurements
                 .iter()
-                .filter(|measurement| measurement.method == method)
+                .filter(|measurement| {
+                    measurement.method == method && measurement.label_choice == label_choice
+                })
                 .collect();
-            summarise(method, &scenes)
+            summarise((method, label_choice), &scenes)
         })
         .collect();
     println!(

@@ -15,8 +15,9 @@ use egui::{Color32, Pos2, Rect, RichText, Stroke};
 
 use crate::analysis::heatmap::SelfAttentionSpan;
 use crate::analysis::segment::{
-    segment_colour, DiffSegSettings, KMeansSettings, LabelSettings, LabelledSegmentation, Mask,
-    MaskSettings, SegmentInfo, SegmentMethod, SegmentSettings, SegmentsFile,
+    segment_colour, DiffSegSettings, KMeansSettings, LabelChoice, LabelSettings,
+    LabelledSegmentation, Mask, MaskSettings, SegmentInfo, SegmentMethod, SegmentSettings,
+    SegmentsFile,
 };
 use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::dialogs::DialogPurpose;
@@ -67,6 +68,7 @@ pub(crate) struct SegmentsState {
     k: usize,
     diffseg_threshold: f32,
     label_threshold: f32,
+    label_choice: LabelChoice,
     /// Self-attention grid to cluster; `None`: the method's own choice.
     grid: Option<(usize, usize)>,
     span: SelfAttentionSpan,
@@ -98,6 +100,7 @@ impl Default for SegmentsState {
                 .relative_threshold
                 .unwrap_or(0.25),
             label_threshold: LabelSettings::default().threshold,
+            label_choice: LabelChoice::default(),
             grid: None,
             span: SelfAttentionSpan::MeanOverSteps,
             mask_settings: MaskSettings::default(),
@@ -122,6 +125,7 @@ impl SegmentsState {
             method: self.method,
             labels: LabelSettings {
                 threshold: self.label_threshold,
+                choice: self.label_choice,
                 ..LabelSettings::default()
             },
             ..SegmentSettings::default()
@@ -596,6 +600,28 @@ impl EditorApp {
                     .labelled_by(label.id)
                     .on_hover_text("A segment takes its best word only above this score");
                 ui.end_row();
+                ui.label("Label by");
+                ui.horizontal(|ui| {
+                    ui.radio_value(
+                        &mut state.label_choice,
+                        LabelChoice::MostAttention,
+                        "Most attention",
+                    )
+                    .on_hover_text(
+                        "Of the words above the threshold, the one with the most raw \
+                         cross-attention over the segment",
+                    );
+                    ui.radio_value(
+                        &mut state.label_choice,
+                        LabelChoice::HighestScore,
+                        "Highest score",
+                    )
+                    .on_hover_text(
+                        "The word with the highest score (mean of its min-max normalised map; \
+                         local-prompt-mixing's rule)",
+                    );
+                });
+                ui.end_row();
                 let label = ui.label("Resolution");
                 let auto_text = match state.method {
                     SegmentMethod::KMeans => "auto (largest)",
@@ -1042,6 +1068,7 @@ mod tests {
                     scores: vec![WordScore {
                         word: "w".to_owned(),
                         score: 0.1,
+                        attention: 0.1,
                     }],
                     pixel_count: 0,
                 })

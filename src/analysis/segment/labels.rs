@@ -1,7 +1,11 @@
 //! Naming segments with prompt words (after local-prompt-mixing): every word's cross-attention map is
-//! min-max normalised; a segment's score for a word is the mean of that map over the segment; the
-//! best word labels the segment when its score is above the threshold (0.3 there), otherwise the
-//! segment is background. All scores are kept.
+//! min-max normalised; a segment's score for a word is the mean of that map over the segment; a word
+//! can label the segment only when its score is above the threshold (0.3 there), otherwise the
+//! segment is background. Among the words above the threshold, attend by default picks the one with
+//! the most raw attention over the segment ([`LabelChoice::MostAttention`]): the words of one prompt
+//! share each pixel's softmax, so their raw attention is comparable, whereas min-max normalisation
+//! stretches a word that is weak everywhere to full range. local-prompt-mixing's rule (the highest
+//! score) is [`LabelChoice::HighestScore`]. All scores are kept.
 
 use super::Segmentation;
 use crate::analysis::heatmap::{min_max_normalize, resize_bilinear, Heatmap};
@@ -15,6 +19,9 @@ pub struct LabelSettings {
     pub threshold: f32,
     /// The label of segments no word covers well enough. Default `background`.
     pub background_label: String,
+    /// How the label is chosen among the words above the threshold.
+    #[serde(default)]
+    pub choice: LabelChoice,
 }
 
 impl Default for LabelSettings {
@@ -22,12 +29,58 @@ impl Default for LabelSettings {
         Self {
             threshold: 0.3,
             background_label: "background".to_string(),
+            choice: LabelChoice::default(),
         }
     }
 }
 
+/// How a segment's label is chosen among the words whose score is above the threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LabelChoice {
+    /// The word with the most raw cross-attention over the segment ([`WordScore::attention`]).
+    /// Default.
+    #[default]
+    MostAttention,
+    /// The word with the highest score, the mean of its min-max normalised map
+    /// (local-prompt-mixing).
+    HighestScore,
+}
+
+impl LabelChoice {
+    /// Both choices, for menus.
+    pub const ALL: [LabelChoice; 2] = [LabelChoice::MostAttention, LabelChoice::HighestScore];
+
+    /// A short name for menus and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelChoice::MostAttention => "most-attention",
+            LabelChoice::HighestScore => "highest-score",
+        }
+    }
+}
+
+impl std::fmt::Display for LabelChoice {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LabelChoice {
+    type Err = String;
+
+    /// Case-insensitive `most-attention` or `highest-score`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        LabelChoice::ALL
+            .into_iter()
+            .find(|choice| choice.name().eq_ignore_ascii_case(text.trim()))
+            .ok_or_else(|| {
+                format!("unknown label choice {text:?} (expected most-attention or highest-score)")
+            })
+    }
+}
+
 /// A word and its cross-attention map, borrowed: build it from a [`Heatmap`] (`From`) or from a plain
-/// `(text, map)` pair with [`WordMapRef::new`]. The map need not be normalised.
+/// `(text, map)` pair of raw attention with [`WordMapRef::new`]. The map need not be normalised.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WordMapRef<'a> {
     /// The word.
@@ -38,12 +91,27 @@ pub struct WordMapRef<'a> {
     pub w: usize,
     /// `[h, w]`, row-major.
     pub data: &'a [f32],
+    /// `(floor, peak)`: the raw attention of a value `v` of `data` is `floor + v * (peak - floor)`
+    /// (`(0, 1)` when `data` is raw attention itself).
+    pub raw_range: (f32, f32),
 }
 
 impl<'a> WordMapRef<'a> {
-    /// A word with its `[h, w]` map.
+    /// A word with its `[h, w]` map of raw attention.
     pub fn new(word: &'a str, h: usize, w: usize, data: &'a [f32]) -> Self {
-        Self { word, h, w, data }
+        Self {
+            word,
+            h,
+            w,
+            data,
+            raw_range: (0.0, 1.0),
+        }
+    }
+
+    /// Raw attention for the mean `value` of `data` over some cells.
+    fn raw(&self, value: f32) -> f32 {
+        let (floor, peak) = self.raw_range;
+        floor + value * (peak - floor)
     }
 }
 
@@ -54,6 +122,7 @@ impl<'a> From<&'a Heatmap> for WordMapRef<'a> {
             h: heatmap.h,
             w: heatmap.w,
             data: &heatmap.data,
+            raw_range: heatmap.raw_range(),
         }
     }
 }
@@ -65,6 +134,10 @@ pub struct WordScore {
     pub word: String,
     /// Mean of the word's min-max normalised map over the segment, 0..1.
     pub score: f32,
+    /// Mean raw cross-attention of the word over the segment (comparable between the words of one
+    /// prompt; what [`LabelChoice::MostAttention`] compares).
+    #[serde(default)]
+    pub attention: f32,
 }
 
 /// A labelled segment: what the Segments view lists and `segments.json` holds.
@@ -104,8 +177,8 @@ pub fn label_segments(
 ) -> PipelineResult<Vec<SegmentInfo>> {
     let segment_count = segmentation.segment_count;
     let pixel_counts = segmentation.cell_counts();
-    // scores[segment][word]
-    let mut scores = vec![vec![0.0f32; words.len()]; segment_count];
+    // scores[segment][word]: (score, raw attention)
+    let mut scores = vec![vec![(0.0f32, 0.0f32); words.len()]; segment_count];
     for (word_index, word) in words.iter().enumerate() {
         if word.h == 0 || word.w == 0 || word.data.len() != word.h * word.w {
             return Err(PipelineError::InvalidArgument {
@@ -121,8 +194,8 @@ pub fn label_segments(
             });
         }
         let word_scores = segment_means(segmentation, word);
-        for (segment_scores, score) in scores.iter_mut().zip(word_scores) {
-            segment_scores[word_index] = score;
+        for (segment_scores, (score, mean)) in scores.iter_mut().zip(word_scores) {
+            segment_scores[word_index] = (score, word.raw(mean));
         }
     }
     Ok(scores
@@ -132,14 +205,18 @@ pub fn label_segments(
             let best = segment_scores
                 .iter()
                 .enumerate()
+                .filter(|(_, &(score, _))| score > settings.threshold)
+                .map(|(index, &(score, attention))| match settings.choice {
+                    LabelChoice::MostAttention => (index, attention),
+                    LabelChoice::HighestScore => (index, score),
+                })
                 .fold(
                     None,
-                    |best: Option<(usize, f32)>, (index, &score)| match best {
-                        Some((_, best_score)) if best_score >= score => best,
-                        _ => Some((index, score)),
+                    |best: Option<(usize, f32)>, (index, key)| match best {
+                        Some((_, best_key)) if best_key >= key => best,
+                        _ => Some((index, key)),
                     },
-                )
-                .filter(|&(_, score)| score > settings.threshold);
+                );
             SegmentInfo {
                 id,
                 label: best.map_or_else(
@@ -150,9 +227,10 @@ pub fn label_segments(
                 scores: words
                     .iter()
                     .zip(segment_scores)
-                    .map(|(word, score)| WordScore {
+                    .map(|(word, (score, attention))| WordScore {
                         word: word.word.to_string(),
                         score,
+                        attention,
                     })
                     .collect(),
                 pixel_count: pixel_counts.get(id).copied().unwrap_or(0),
@@ -161,43 +239,50 @@ pub fn label_segments(
         .collect())
 }
 
-/// `[segment_count]`: the mean of the word's min-max normalised map over each segment (0 for a
-/// segment the map does not reach).
-fn segment_means(segmentation: &Segmentation, word: &WordMapRef<'_>) -> Vec<f32> {
+/// `[segment_count]`: per segment, the mean of the word's min-max normalised map and the mean of
+/// its map as given (both 0 for a segment the map does not reach).
+fn segment_means(segmentation: &Segmentation, word: &WordMapRef<'_>) -> Vec<(f32, f32)> {
     let (seg_h, seg_w) = (segmentation.h, segmentation.w);
-    let mut sums = vec![0.0f64; segmentation.segment_count];
-    let mut counts = vec![0usize; segmentation.segment_count];
-    let mut accumulate = |label: usize, value: f32| {
-        if let (Some(sum), Some(count)) = (sums.get_mut(label), counts.get_mut(label)) {
-            *sum += f64::from(value);
-            *count += 1;
+    // (sum of normalised, sum as given, count) per segment
+    let mut sums = vec![(0.0f64, 0.0f64, 0usize); segmentation.segment_count];
+    let mut accumulate = |label: usize, normalised: f32, given: f32| {
+        if let Some(sum) = sums.get_mut(label) {
+            sum.0 += f64::from(normalised);
+            sum.1 += f64::from(given);
+            sum.2 += 1;
         }
     };
-    if word.h >= seg_h && word.w >= seg_w {
-        let mut map = word.data.to_vec();
-        min_max_normalize(&mut map);
-        for y in 0..word.h {
-            for x in 0..word.w {
-                let cell = (y * seg_h / word.h) * seg_w + x * seg_w / word.w;
-                if let Some(&label) = segmentation.labels.get(cell) {
-                    accumulate(label, map[y * word.w + x]);
-                }
-            }
-        }
-    } else {
-        let mut map = resize_bilinear(word.data, word.h, word.w, seg_h, seg_w);
-        min_max_normalize(&mut map);
-        for (&label, &value) in segmentation.labels.iter().zip(&map) {
-            accumulate(label, value);
+    // The map on (or above) the segmentation's grid, and the segmentation cell of each of its cells.
+    let (given, cell_of): (Vec<f32>, Box<dyn Fn(usize) -> usize>) =
+        if word.h >= seg_h && word.w >= seg_w {
+            let (map_h, map_w) = (word.h, word.w);
+            (
+                word.data.to_vec(),
+                Box::new(move |index| {
+                    let (y, x) = (index / map_w, index % map_w);
+                    (y * seg_h / map_h) * seg_w + x * seg_w / map_w
+                }),
+            )
+        } else {
+            (
+                resize_bilinear(word.data, word.h, word.w, seg_h, seg_w),
+                Box::new(|index| index),
+            )
+        };
+    let mut normalised = given.clone();
+    min_max_normalize(&mut normalised);
+    for (index, (&value, &given_value)) in normalised.iter().zip(&given).enumerate() {
+        if let Some(&label) = segmentation.labels.get(cell_of(index)) {
+            accumulate(label, value, given_value);
         }
     }
     sums.iter()
-        .zip(&counts)
-        .map(|(&sum, &count)| {
+        .map(|&(normalised_sum, given_sum, count)| {
             if count == 0 {
-                0.0
+                (0.0, 0.0)
             } else {
-                (sum / count as f64) as f32
+                let count = count as f64;
+                ((normalised_sum / count) as f32, (given_sum / count) as f32)
             }
         })
         .collect()

@@ -32,8 +32,8 @@ pub use files::{
 };
 pub use kmeans::{kmeans, kmeans_from_centroids, kmeans_segments, KMeansResult, KMeansSettings};
 pub use labels::{
-    is_label_candidate, label_segments, segments_with_label, LabelSettings, SegmentInfo,
-    WordMapRef, WordScore,
+    is_label_candidate, label_segments, segments_with_label, LabelChoice, LabelSettings,
+    SegmentInfo, WordMapRef, WordScore,
 };
 pub use mask::{binary_mask_to_mask, segments_mask, Mask, MaskSettings};
 
