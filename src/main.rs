@@ -6,6 +6,7 @@ mod cli;
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
+    keep_freed_memory_in_the_heap();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -15,3 +16,25 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Every UNet layer allocates and frees tensors of a few hundred KiB to tens of MiB. glibc's malloc
+/// serves those with fresh `mmap`s and gives them back on free by default, so each layer pays page
+/// faults and the kernel's page zeroing again (a third of a generation's CPU time on the bundled
+/// model was system time). Raising the mmap and trim thresholds keeps freed blocks in the heap for
+/// reuse: a 20-step generation of the bundled model took 11% less wall time (README).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory_in_the_heap() {
+    // glibc's largest allowed mmap threshold on 64-bit; blocks above it are still mapped.
+    const MMAP_THRESHOLD_BYTES: libc::c_int = 32 << 20;
+    const TRIM_THRESHOLD_BYTES: libc::c_int = 1 << 30;
+    // SAFETY: `mallopt` only changes allocator tuning parameters; it is called before any other
+    // thread exists, and an out-of-range value is rejected by glibc (return value 0), not UB.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory_in_the_heap() {}

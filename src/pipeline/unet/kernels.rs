@@ -112,6 +112,71 @@ pub fn parallel_map<R: Send>(
         .collect()
 }
 
+/// Declares an element-wise kernel whose loops are compiled once per vector instruction level
+/// (AVX-512, AVX2+FMA, ...), the level picked at run time: `simd_kernel!(Name<'a> { field: Type, ..
+/// } => body)` makes a struct; `pulp::Arch::new().dispatch(Name { .. })` runs `body` (with the
+/// fields bound by name) inside a function with the level's target features. Everything `body`
+/// calls must be `#[inline(always)]` to be vectorised for the level. (A closure would not do: its
+/// body is compiled on its own, for the baseline instruction set.)
+macro_rules! simd_kernel {
+    ($(#[$meta:meta])* $name:ident<$lt:lifetime> { $($field:ident: $ty:ty),* $(,)? } => $body:block) => {
+        $(#[$meta])*
+        struct $name<$lt> {
+            $($field: $ty),*
+        }
+
+        impl<$lt> pulp::WithSimd for $name<$lt> {
+            type Output = ();
+
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _simd: S) {
+                let Self { $($field),* } = self;
+                $body
+            }
+        }
+    };
+}
+
+simd_kernel!(
+    /// `softmax(scale * row)` in place for each `row_len` row of `piece`.
+    SoftmaxRows<'data> { piece: &'data mut [f32], row_len: usize, scale: f32 } => {
+        softmax_rows(piece, row_len, scale);
+    }
+);
+
+simd_kernel!(
+    /// GEGLU rows: `dst[r] = hidden * gelu(gate)` for `src` rows `first..` (`[hidden | gate]`).
+    GegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], first: usize, inner: usize } => {
+        let width = 2 * inner;
+        for (offset, dst_row) in dst.chunks_exact_mut(inner).enumerate() {
+            let row = &src[(first + offset) * width..(first + offset + 1) * width];
+            let (hidden, gate) = row.split_at(inner);
+            for ((d, &h), &g) in dst_row.iter_mut().zip(hidden).zip(gate) {
+                *d = h * gelu(g);
+            }
+        }
+    }
+);
+
+simd_kernel!(
+    /// Group norm's affine step per pixel, `y = x * scale + shift`, then SiLU when `silu_after`.
+    NormalizePixels<'data> {
+        dst: &'data mut [f32],
+        src: &'data [f32],
+        scale: &'data [f32],
+        shift: &'data [f32],
+        silu_after: bool,
+    } => {
+        let channels = scale.len();
+        for (dst_pixel, src_pixel) in dst.chunks_exact_mut(channels).zip(src.chunks_exact(channels)) {
+            for (((d, &v), &s), &t) in dst_pixel.iter_mut().zip(src_pixel).zip(scale).zip(shift) {
+                let y = v * s + t;
+                *d = if silu_after { silu(y) } else { y };
+            }
+        }
+    }
+);
+
 /// Splits `data` (made of `units` equal units) into pieces and runs `job(first_unit, piece)` on
 /// each, in parallel when `data` is large enough.
 fn parallel_chunks_mut<T: Send>(
@@ -142,7 +207,10 @@ pub fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `shifted`'s low mantissa bits hold round(x * log2 e) + 2^22 (no float -> int cast, whose
+    // saturating semantics would keep the loop scalar).
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let z = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -150,7 +218,8 @@ pub fn fast_exp(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * z + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // (2^22 + n + 127) << 23 keeps just the biased exponent n + 127 (1..=254 after the clamp).
+    let bits = shifted.to_bits().wrapping_add(127) << 23;
     y * f32::from_bits(bits)
 }
 
@@ -375,17 +444,13 @@ impl GroupNormOp {
             let out_image = &mut out[item * pixels * channels..(item + 1) * pixels * channels];
             parallel_chunks_mut(out_image, pixels, |first_pixel, piece| {
                 let source = &image[first_pixel * channels..first_pixel * channels + piece.len()];
-                for (dst_pixel, src_pixel) in piece
-                    .chunks_exact_mut(channels)
-                    .zip(source.chunks_exact(channels))
-                {
-                    for (((d, &v), &s), &t) in
-                        dst_pixel.iter_mut().zip(src_pixel).zip(&scale).zip(&shift)
-                    {
-                        let y = v * s + t;
-                        *d = if self.silu { silu(y) } else { y };
-                    }
-                }
+                pulp::Arch::new().dispatch(NormalizePixels {
+                    dst: piece,
+                    src: source,
+                    scale: &scale,
+                    shift: &shift,
+                    silu_after: self.silu,
+                });
             });
         }
         out
@@ -503,7 +568,7 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
 }
 
 /// Maximum of a slice, in 8 independent lanes so the loop vectorises.
-#[inline]
+#[inline(always)]
 fn lane_max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = values.chunks_exact(8);
@@ -521,7 +586,7 @@ fn lane_max(values: &[f32]) -> f32 {
 }
 
 /// Sum of a slice, in 8 independent lanes so the loop vectorises.
-#[inline]
+#[inline(always)]
 fn lane_sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = values.chunks_exact(8);
@@ -532,6 +597,21 @@ fn lane_sum(values: &[f32]) -> f32 {
     }
     let tail: f32 = chunks.remainder().iter().sum();
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `softmax(scale * row)` in place for each `row_len` row of `piece`.
+#[inline(always)]
+fn softmax_rows(piece: &mut [f32], row_len: usize, scale: f32) {
+    for row in piece.chunks_exact_mut(row_len) {
+        let max = lane_max(row);
+        for value in row.iter_mut() {
+            *value = fast_exp((*value - max) * scale);
+        }
+        let inv = 1.0 / lane_sum(row);
+        for value in row.iter_mut() {
+            *value *= inv;
+        }
+    }
 }
 
 /// In-place `softmax(scale * x)` over the last dimension of an f32 tensor.
@@ -556,16 +636,11 @@ impl InplaceOp1 for ScaledSoftmaxInPlace {
         let rows = data.len() / row_len;
         let scale = self.scale;
         parallel_chunks_mut(data, rows, |_, piece| {
-            for row in piece.chunks_exact_mut(row_len) {
-                let max = lane_max(row);
-                for value in row.iter_mut() {
-                    *value = fast_exp((*value - max) * scale);
-                }
-                let inv = 1.0 / lane_sum(row);
-                for value in row.iter_mut() {
-                    *value *= inv;
-                }
-            }
+            pulp::Arch::new().dispatch(SoftmaxRows {
+                piece,
+                row_len,
+                scale,
+            });
         });
         Ok(())
     }
@@ -599,13 +674,12 @@ impl CustomOp1 for Geglu {
         let rows = src.len() / width.max(1);
         let mut out = vec![0f32; rows * inner];
         parallel_chunks_mut(&mut out, rows, |first, piece| {
-            for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
-                let row = &src[(first + offset) * width..(first + offset + 1) * width];
-                let (hidden, gate) = row.split_at(inner);
-                for ((d, &h), &g) in dst.iter_mut().zip(hidden).zip(gate) {
-                    *d = h * gelu(g);
-                }
-            }
+            pulp::Arch::new().dispatch(GegluRows {
+                dst: piece,
+                src,
+                first,
+                inner,
+            });
         });
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
@@ -1129,6 +1203,16 @@ mod tests {
             worst_erf = worst_erf.max((f64::from(fast_erf(x)) - exact_erf).abs());
         }
         assert!(worst_exp < 3e-7, "exp relative error {worst_exp}");
+        // Out of range inputs clamp to e^-87 and e^88 (finite, positive).
+        for (x, clamped) in [
+            (-1000.0f32, -87.0f64),
+            (-87.0, -87.0),
+            (88.0, 88.0),
+            (1e6, 88.0),
+        ] {
+            let relative = (f64::from(fast_exp(x)) - clamped.exp()).abs() / clamped.exp();
+            assert!(relative < 3e-7, "exp({x}) relative error {relative}");
+        }
         assert!(worst_erf < 3e-7, "erf abs error {worst_erf}");
     }
 
