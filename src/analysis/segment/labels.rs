@@ -252,23 +252,22 @@ fn segment_means(segmentation: &Segmentation, word: &WordMapRef<'_>) -> Vec<(f32
             sum.2 += 1;
         }
     };
-    // The map on (or above) the segmentation's grid, and the segmentation cell of each of its cells.
-    let (given, cell_of): (Vec<f32>, Box<dyn Fn(usize) -> usize>) =
-        if word.h >= seg_h && word.w >= seg_w {
-            let (map_h, map_w) = (word.h, word.w);
-            (
-                word.data.to_vec(),
-                Box::new(move |index| {
-                    let (y, x) = (index / map_w, index % map_w);
-                    (y * seg_h / map_h) * seg_w + x * seg_w / map_w
-                }),
-            )
-        } else {
-            (
-                resize_bilinear(word.data, word.h, word.w, seg_h, seg_w),
-                Box::new(|index| index),
-            )
-        };
+    // The map on (or above) the segmentation's grid; a smaller map is upsampled to the grid first.
+    let on_grid = word.h >= seg_h && word.w >= seg_w;
+    let given = if on_grid {
+        word.data.to_vec()
+    } else {
+        resize_bilinear(word.data, word.h, word.w, seg_h, seg_w)
+    };
+    let (map_h, map_w) = if on_grid {
+        (word.h, word.w)
+    } else {
+        (seg_h, seg_w)
+    };
+    let cell_of = |index: usize| {
+        let (y, x) = (index / map_w, index % map_w);
+        (y * seg_h / map_h) * seg_w + x * seg_w / map_w
+    };
     let mut normalised = given.clone();
     min_max_normalize(&mut normalised);
     for (index, (&value, &given_value)) in normalised.iter().zip(&given).enumerate() {
