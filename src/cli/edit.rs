@@ -520,11 +520,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--reweight-scales: {text:?} is not a number"))
         })
         .collect::<anyhow::Result<_>>()?;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.blend_threshold),
-        "--blend-threshold {} is outside 0..1",
-        args.blend_threshold
-    );
+    check_blend_threshold(args.blend_threshold)?;
     let (reweight_shape, reweight_colour) = match args.reweight_word.as_str() {
         "shape" => (true, false),
         "colour" | "color" => (false, true),
@@ -858,11 +854,7 @@ pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
     let self_window = parse_window(&args.self_replace).context("--self-replace")?;
     let local_blend = match &args.local_blend {
         Some(words) => {
-            anyhow::ensure!(
-                (0.0..=1.0).contains(&args.blend_threshold),
-                "--blend-threshold {} is outside 0..1",
-                args.blend_threshold
-            );
+            check_blend_threshold(args.blend_threshold)?;
             anyhow::ensure!(
                 (0.0..=1.0).contains(&args.blend_start),
                 "--blend-start {} is outside 0..1",
@@ -907,6 +899,15 @@ pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
         reweights,
         local_blend,
     })
+}
+
+/// `--blend-threshold` must be a fraction in `0..=1`.
+fn check_blend_threshold(threshold: f32) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&threshold),
+        "--blend-threshold {threshold} is outside 0..1"
+    );
+    Ok(())
 }
 
 /// `F` -> `0..F`; `START:END` -> `START..END`; fractions in `0..=1`.

@@ -488,18 +488,15 @@ fn measure_scene(
         .iter()
         .map(|object| find_object(&colours, width, height, object.colour))
         .collect();
+    let floods = |region: &ObjectRegion| region.area * 2 > width * height;
     let flooded = found
         .iter()
         .flatten()
-        .filter(|region| region.area * 2 > width * height)
+        .filter(|region| floods(region))
         .count();
     let regions: Vec<Option<Vec<bool>>> = found
         .into_iter()
-        .map(|region| {
-            region
-                .filter(|r| r.area * 2 <= width * height)
-                .map(|r| r.mask)
-        })
+        .map(|region| region.filter(|region| !floods(region)).map(|r| r.mask))
         .collect();
     let mask_of = |ids: &[usize]| result.mask(ids, &MaskSettings::default()).to_binary();
 
