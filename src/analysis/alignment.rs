@@ -469,14 +469,51 @@ fn refine_word_pairs(
     pairs
 }
 
-/// Token positions of every word of `words` whose text equals `word` (ignoring ASCII case and
-/// surrounding spaces), in prompt order; empty when the prompt has no such word.
+/// Splits a word as callers name it into its text and, optionally, which occurrence of that text
+/// is meant: `"square#2"` is the second "square" of a prompt (counted from 1), `"square"` every
+/// "square". Surrounding spaces are ignored; a `#` not followed by a number from 1 up is part of
+/// the text.
+pub fn parse_word_selector(word: &str) -> (&str, Option<usize>) {
+    let word = word.trim();
+    if let Some((text, number)) = word.rsplit_once('#') {
+        if let Ok(occurrence @ 1..) = number.parse::<usize>() {
+            if !text.trim().is_empty() {
+                return (text.trim(), Some(occurrence));
+            }
+        }
+    }
+    (word, None)
+}
+
+/// The selector that names the word at `index` of `words` alone: its text, plus `#k` (its
+/// occurrence, from 1) when the text occurs more than once in `words` or in `other_words` (the
+/// other prompt of an edit, where a plain text would also pick the repeats).
+pub fn word_selector(words: &[WordSpan], index: usize, other_words: &[WordSpan]) -> String {
+    let Some(word) = words.get(index) else {
+        return String::new();
+    };
+    let same = |span: &&WordSpan| span.text.eq_ignore_ascii_case(&word.text);
+    let repeated =
+        words.iter().filter(same).count() > 1 || other_words.iter().filter(same).count() > 1;
+    if repeated {
+        let occurrence = words[..=index].iter().filter(same).count();
+        format!("{}#{occurrence}", word.text)
+    } else {
+        word.text.clone()
+    }
+}
+
+/// Token positions of the words of `words` that `word` selects (see [`parse_word_selector`]): every
+/// word whose text equals it (ignoring ASCII case), or only its k-th occurrence for `"text#k"`; in
+/// prompt order, empty when the prompt has no such word.
 pub fn word_token_indices(words: &[WordSpan], word: &str) -> Vec<usize> {
-    let wanted = word.trim();
+    let (wanted, occurrence) = parse_word_selector(word);
     words
         .iter()
         .filter(|span| span.text.eq_ignore_ascii_case(wanted))
-        .flat_map(|span| span.token_indices.iter().copied())
+        .enumerate()
+        .filter(|(seen, _)| occurrence.is_none_or(|k| k == seen + 1))
+        .flat_map(|(_, span)| span.token_indices.iter().copied())
         .collect()
 }
 
@@ -794,5 +831,22 @@ mod tests {
         assert_eq!(word_token_indices(&prompt.words, " A "), vec![1, 4]);
         assert_eq!(word_token_indices(&prompt.words, "sunglasses"), vec![5, 6]);
         assert!(word_token_indices(&prompt.words, "dog").is_empty());
+    }
+
+    #[test]
+    fn word_selectors_pick_one_occurrence() {
+        let prompt = Prompt::new(&[&["a"], &["red"], &["square"], &["and"], &["a"], &["square"]]);
+        assert_eq!(word_token_indices(&prompt.words, "square#2"), vec![6]);
+        assert_eq!(word_token_indices(&prompt.words, " Square#1 "), vec![3]);
+        assert!(word_token_indices(&prompt.words, "square#3").is_empty());
+        assert_eq!(word_token_indices(&prompt.words, "square"), vec![3, 6]);
+        assert_eq!(parse_word_selector("c#"), ("c#", None));
+        assert_eq!(parse_word_selector("#2"), ("#2", None));
+        assert_eq!(parse_word_selector("x#0"), ("x#0", None));
+        let single = Prompt::new(&[&["a"], &["square"]]);
+        assert_eq!(word_selector(&prompt.words, 5, &single.words), "square#2");
+        assert_eq!(word_selector(&prompt.words, 1, &single.words), "red");
+        // Unique here but repeated in the other prompt: still numbered.
+        assert_eq!(word_selector(&single.words, 1, &prompt.words), "square#1");
     }
 }

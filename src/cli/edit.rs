@@ -25,7 +25,7 @@ use attend::pipeline::edit_sampling::{
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, RgbImage};
 use attend::pipeline::sampling::{CancelToken, GenerateRequest};
-use attend::scenes::{generate_scene, Colour, Scene, SceneOptions, Shape};
+use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};
 use std::sync::Arc;
 
 use super::generate::{check_writable_parent, daam_heatmaps, generation_parameters};
@@ -58,7 +58,8 @@ pub struct EditArgs {
     /// Self-attention is replaced only in layers whose query grid side is at most this.
     #[arg(long, default_value_t = 16)]
     pub self_replace_max_side: usize,
-    /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts).
+    /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
+    /// `square#2` names the second "square" of a prompt alone).
     #[arg(long, value_name = "WORD[,WORD]")]
     pub local_blend: Option<String>,
     /// Local blend: words whose region must not change (WORD[,WORD]).
@@ -309,8 +310,8 @@ pub struct EditEvalArgs {
     #[arg(long, default_value_t = 16)]
     pub self_replace_max_side: usize,
     /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
-    /// the target object's colour word and of its old and new shape words may change (a shape word
-    /// that another object shares is left out, as it would open that object's region too).
+    /// the target object's colour word and of its old and new shape words may change (each named by
+    /// its occurrence, `square#2`, so another object of the same shape stays closed).
     #[arg(long)]
     pub local_blend: bool,
     /// Local blend threshold on the max-normalised word map (with `--local-blend`).
@@ -501,6 +502,24 @@ fn swap_shape_word(caption: &str, target: usize, new_shape: Shape) -> String {
         .join(" ")
 }
 
+/// Local-blend words of a swap of `objects[target]`'s shape to `new_shape`: the target's colour
+/// word, its shape word in the source caption and `new_shape` in the swapped caption, each as
+/// `word#k` (its occurrence among the objects, which the caption names first and in order).
+fn swap_blend_words(objects: &[SceneObject], target: usize, new_shape: Shape) -> Vec<String> {
+    let before = &objects[..target.min(objects.len())];
+    let Some(object) = objects.get(target) else {
+        return Vec::new();
+    };
+    let colour_k = 1 + before.iter().filter(|o| o.colour == object.colour).count();
+    let shape_k = 1 + before.iter().filter(|o| o.shape == object.shape).count();
+    let new_k = 1 + before.iter().filter(|o| o.shape == new_shape).count();
+    vec![
+        format!("{}#{colour_k}", object.colour.word()),
+        format!("{}#{shape_k}", object.shape.word()),
+        format!("{}#{new_k}", new_shape.word()),
+    ]
+}
+
 fn next_shape(shape: Shape) -> Shape {
     let index = Shape::ALL.iter().position(|&s| s == shape).unwrap_or(0);
     Shape::ALL[(index + 1) % Shape::ALL.len()]
@@ -606,19 +625,10 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         };
         if result.source_has_target {
             if !args.skip_swap {
-                // The target's colour word names it alone (object colours differ); a shape word
-                // joins only where no other object shares it, since the blend looks words up by
-                // text and would open the other object's region too.
-                let occurrences = |caption: &str, word: &str| {
-                    caption.split(' ').filter(|&other| other == word).count()
-                };
-                let mut blend_words = vec![target_object.colour.word().to_string()];
-                if occurrences(&scene.caption, target_object.shape.word()) == 1 {
-                    blend_words.push(target_object.shape.word().to_string());
-                }
-                if occurrences(&result.swap_caption, new_shape.word()) == 1 {
-                    blend_words.push(new_shape.word().to_string());
-                }
+                // The target's colour word and its old and new shape words, each named by its
+                // occurrence ("square#2"), so a shape that another object shares does not open
+                // that object's region too. Objects come first in the caption, in order.
+                let blend_words = swap_blend_words(&scene.objects, target, new_shape);
                 let local_blend = args.local_blend.then(|| LocalBlendConfig {
                     words: blend_words,
                     threshold: args.blend_threshold,
@@ -959,6 +969,32 @@ fn split_words(text: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use clap::Parser as _;
+
+    #[test]
+    fn swap_blend_words_name_the_target_by_occurrence() {
+        let scene = generate_scene(3, &SceneOptions::default());
+        let mut objects = scene.objects.clone();
+        objects.truncate(1);
+        let mut second = objects[0].clone();
+        second.colour = if objects[0].colour == Colour::ALL[0] {
+            Colour::ALL[1]
+        } else {
+            Colour::ALL[0]
+        };
+        objects.push(second);
+        let shape = objects[0].shape;
+        let new_shape = next_shape(shape);
+        let words = swap_blend_words(&objects, 1, new_shape);
+        assert_eq!(
+            words,
+            vec![
+                format!("{}#1", objects[1].colour.word()),
+                format!("{}#2", shape.word()),
+                format!("{}#1", new_shape.word()),
+            ]
+        );
+        assert!(swap_blend_words(&objects, 5, new_shape).is_empty());
+    }
 
     fn parse(extra: &[&str]) -> anyhow::Result<EditSpec> {
         let mut argv = vec![

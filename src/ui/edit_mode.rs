@@ -14,7 +14,9 @@
 
 use egui::{Color32, Rect, Sense, Vec2};
 
-use crate::analysis::alignment::{align_prompts, EditKind, PromptLayout, WordChange, WordPair};
+use crate::analysis::alignment::{
+    align_prompts, word_selector, word_token_indices, EditKind, PromptLayout, WordChange, WordPair,
+};
 use crate::analysis::segment::Mask;
 use crate::analysis::WordSpan;
 use crate::ui::app::{EditorApp, StatusLevel};
@@ -180,7 +182,7 @@ fn set_word_weight(spec: &mut EditSpec, word: &str, scale: f32) {
     }
 }
 
-/// True when `word` is a local-blend word of `spec`.
+/// True when `word` (a word selector such as `square#2`) is a local-blend word of `spec`.
 fn is_blend_word(spec: &EditSpec, word: &str) -> bool {
     spec.local_blend.as_ref().is_some_and(|blend| {
         blend
@@ -208,21 +210,35 @@ fn set_blend_words(spec: &mut EditSpec, words: &[&str], on: bool) {
     }
 }
 
+/// The local-blend words of one aligned pair: its source word and its edited word, each named by
+/// position when the text repeats ("square#2"), so that in "a red square and a blue square" the
+/// blue square's checkbox blends only the blue square.
+fn pair_blend_selectors(
+    pair: &WordPair,
+    source_words: &[WordSpan],
+    edit_words: &[WordSpan],
+) -> Vec<String> {
+    let mut selectors = Vec::with_capacity(2);
+    if let Some(index) = pair.source_word {
+        selectors.push(word_selector(source_words, index, edit_words));
+    }
+    if let Some(index) = pair.edit_word {
+        let selector = word_selector(edit_words, index, source_words);
+        if !selectors.contains(&selector) {
+            selectors.push(selector);
+        }
+    }
+    selectors.retain(|selector| !selector.is_empty());
+    selectors
+}
+
 /// Drops reweights and blend words that are no longer words of the prompts (after the edited
 /// prompt changed), so the engine does not refuse the spec.
 fn prune_spec(spec: &mut EditSpec, source_prompt: &str) {
     let (_, edit_words) = whitespace_layout(&spec.edit_prompt);
     let (_, source_words) = whitespace_layout(source_prompt);
-    let in_edit = |word: &str| {
-        edit_words
-            .iter()
-            .any(|span| span.text.eq_ignore_ascii_case(word))
-    };
-    let in_source = |word: &str| {
-        source_words
-            .iter()
-            .any(|span| span.text.eq_ignore_ascii_case(word))
-    };
+    let in_edit = |word: &str| !word_token_indices(&edit_words, word).is_empty();
+    let in_source = |word: &str| !word_token_indices(&source_words, word).is_empty();
     spec.reweights.retain(|reweight| in_edit(&reweight.word));
     if let Some(blend) = &mut spec.local_blend {
         blend.words.retain(|word| in_edit(word) || in_source(word));
@@ -770,19 +786,20 @@ impl EditorApp {
         let pairs = preview_alignment(source_prompt, &spec.edit_prompt, spec.kind)
             .map(|(_, words)| words)
             .unwrap_or_default();
+        let (_, source_words) = whitespace_layout(source_prompt);
+        let (_, edit_words) = whitespace_layout(&spec.edit_prompt);
         ui.horizontal_wrapped(|ui| {
             for pair in &pairs {
-                let words: Vec<&str> = [pair.source_text.as_str(), pair.edit_text.as_str()]
-                    .into_iter()
-                    .filter(|word| !word.is_empty())
-                    .collect();
-                let Some(first) = words.first() else {
+                let selectors = pair_blend_selectors(pair, &source_words, &edit_words);
+                let words: Vec<&str> = selectors.iter().map(String::as_str).collect();
+                if words.is_empty() {
                     continue;
-                };
+                }
                 let mut on = words.iter().any(|word| is_blend_word(spec, word));
                 let text = match pair.change {
                     WordChange::Swapped => format!("{} / {}", pair.source_text, pair.edit_text),
-                    _ => (*first).to_owned(),
+                    _ if pair.edit_text.is_empty() => pair.source_text.clone(),
+                    _ => pair.edit_text.clone(),
                 };
                 let label = format!("Blend {text}");
                 let response = ui.checkbox(&mut on, text.as_str());
@@ -1252,5 +1269,29 @@ mod tests {
         spec.edit_prompt = "a red circle".to_owned();
         prune_spec(&mut spec, "a red circle");
         assert!(spec.reweights.is_empty(), "square left the edited prompt");
+    }
+
+    #[test]
+    fn blend_checkboxes_name_repeated_words_by_position() {
+        let source = "a red square and a blue square";
+        let edit = "a red square and a blue circle";
+        let (_, pairs) = preview_alignment(source, edit, None).unwrap();
+        let (_, source_words) = whitespace_layout(source);
+        let (_, edit_words) = whitespace_layout(edit);
+        let selectors: Vec<Vec<String>> = pairs
+            .iter()
+            .map(|pair| pair_blend_selectors(pair, &source_words, &edit_words))
+            .collect();
+        assert_eq!(selectors[2], vec!["square#1"]);
+        assert_eq!(selectors[6], vec!["square#2", "circle"]);
+        assert_eq!(selectors[5], vec!["blue"]);
+        // Only the blue square's tokens are selected in the source, and the blend survives pruning.
+        assert_eq!(word_token_indices(&source_words, "square#2"), vec![7]);
+        let mut spec = EditSpec::new(edit);
+        let words: Vec<&str> = selectors[6].iter().map(String::as_str).collect();
+        set_blend_words(&mut spec, &words, true);
+        prune_spec(&mut spec, source);
+        assert!(is_blend_word(&spec, "square#2") && is_blend_word(&spec, "circle"));
+        assert!(!is_blend_word(&spec, "square#1"));
     }
 }

@@ -57,7 +57,8 @@ impl StepWindow {
 pub struct CrossWindow {
     /// The window of every token without an override (including start, end and padding tokens).
     pub default: StepWindow,
-    /// `(word of the edited prompt, window)`; every occurrence of the word gets the window.
+    /// `(word of the edited prompt, window)`; every occurrence of the word gets the window (only
+    /// the k-th for `word#k`).
     pub per_word: Vec<(String, StepWindow)>,
 }
 
@@ -93,7 +94,7 @@ impl Default for SelfReplace {
 /// Scale the edited prompt's attention to a word (the reference's equalizer).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reweight {
-    /// A word of the edited prompt; every occurrence is scaled.
+    /// A word of the edited prompt; every occurrence is scaled, or only the k-th for `word#k`.
     pub word: String,
     /// The factor; 1 changes nothing, 0 removes the word's attention, negative values invert it.
     pub scale: f32,
@@ -104,6 +105,8 @@ pub struct Reweight {
 pub struct LocalBlendConfig {
     /// Words whose maps decide where the edited latent may change; each is looked up in both prompts
     /// (the source's occurrences in the source's attention, the edit's in the edited attention).
+    /// `word#k` names only the k-th occurrence in each prompt ("square#2" in "a red square and a blue
+    /// square" is the blue one).
     pub words: Vec<String>,
     /// Words whose region must not change (optional).
     pub subtract_words: Vec<String>,

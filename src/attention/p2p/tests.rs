@@ -183,6 +183,23 @@ fn window_arithmetic_follows_the_reference() {
     expected_late[2] = 0.0;
     expected_late[5] = 0.0;
     assert_eq!(p2p.cross_window_weights(2, 4), expected_late);
+    // "square#2" names the second occurrence alone.
+    let spec = EditSpec {
+        cross_window: CrossWindow {
+            default: StepWindow::until(1.0),
+            per_word: vec![("square#2".into(), StepWindow::until(0.5))],
+        },
+        ..EditSpec::new("a square and a square")
+    };
+    let second_only = processor(
+        "a circle and a circle",
+        "a square and a square",
+        &spec,
+        SourceMode::Batch,
+    );
+    let mut expected_second = expected_open;
+    expected_second[5] = 0.0;
+    assert_eq!(second_only.cross_window_weights(2, 4), expected_second);
     assert!(p2p.replaces_self_attention(256, 0, 10));
     assert!(!p2p.replaces_self_attention(257, 0, 10));
     assert!(!p2p.replaces_self_attention(64, 4, 10));
