@@ -140,12 +140,15 @@ fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_contr
     assert_eq!(spec.cross_window.default.end, 0.5);
     assert_eq!(spec.self_replace.window.end, 0.2);
 
-    // Local blend on the swapped word: a mask comes back and is drawn.
+    // Local blend on the swapped word: a mask comes back and is drawn. "square" is repeated in the
+    // edited prompt, so the checkbox names the first one alone (the blue square stays closed).
     harness.get_by_label("Blend circle / square").click();
     harness.step();
     let blend = harness.state().edit_spec().local_blend.clone().unwrap();
-    assert!(blend.words.contains(&"circle".to_owned()));
-    assert!(blend.words.contains(&"square".to_owned()));
+    assert_eq!(
+        blend.words,
+        vec!["circle".to_owned(), "square#1".to_owned()]
+    );
     run_until(&mut harness, "the blended edit", |app| {
         edit_finished(app) && app.edit_blend_mask().is_some()
     });

@@ -507,13 +507,22 @@ pub fn word_selector(words: &[WordSpan], index: usize, other_words: &[WordSpan])
 /// word whose text equals it (ignoring ASCII case), or only its k-th occurrence for `"text#k"`; in
 /// prompt order, empty when the prompt has no such word.
 pub fn word_token_indices(words: &[WordSpan], word: &str) -> Vec<usize> {
+    selected_words(words, word)
+        .into_iter()
+        .flat_map(|index| words[index].token_indices.iter().copied())
+        .collect()
+}
+
+/// Indices into `words` of the words that `word` selects (see [`parse_word_selector`]), in order.
+pub fn selected_words(words: &[WordSpan], word: &str) -> Vec<usize> {
     let (wanted, occurrence) = parse_word_selector(word);
     words
         .iter()
-        .filter(|span| span.text.eq_ignore_ascii_case(wanted))
+        .enumerate()
+        .filter(|(_, span)| span.text.eq_ignore_ascii_case(wanted))
         .enumerate()
         .filter(|(seen, _)| occurrence.is_none_or(|k| k == seen + 1))
-        .flat_map(|(_, span)| span.token_indices.iter().copied())
+        .map(|(_, (index, _))| index)
         .collect()
 }
 
@@ -840,6 +849,7 @@ mod tests {
         assert_eq!(word_token_indices(&prompt.words, " Square#1 "), vec![3]);
         assert!(word_token_indices(&prompt.words, "square#3").is_empty());
         assert_eq!(word_token_indices(&prompt.words, "square"), vec![3, 6]);
+        assert_eq!(selected_words(&prompt.words, "square#2"), vec![5]);
         assert_eq!(parse_word_selector("c#"), ("c#", None));
         assert_eq!(parse_word_selector("#2"), ("#2", None));
         assert_eq!(parse_word_selector("x#0"), ("x#0", None));

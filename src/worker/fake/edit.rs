@@ -9,7 +9,9 @@
 
 use std::time::Instant;
 
-use crate::analysis::alignment::{align_prompts, word_token_indices, PromptLayout, WordChange};
+use crate::analysis::alignment::{
+    align_prompts, selected_words, word_token_indices, PromptLayout, WordChange,
+};
 use crate::attention::UnetPlace;
 use crate::worker::backend::{EditRunOutput, RunObserver};
 use crate::worker::error::EngineError;
@@ -275,15 +277,11 @@ fn fake_blend_mask(
                 _ => {
                     let mut centres = Vec::new();
                     for word in &blend.words {
-                        for (index, span) in source.run.words.iter().enumerate() {
-                            if span.text.eq_ignore_ascii_case(word) {
-                                centres.extend(source.run.centres.get(index).copied());
-                            }
+                        for index in selected_words(&source.run.words, word) {
+                            centres.extend(source.run.centres.get(index).copied());
                         }
-                        for (index, span) in edit_prompt.words.iter().enumerate() {
-                            if span.text.eq_ignore_ascii_case(word) {
-                                centres.extend(edit_centres.get(index).copied());
-                            }
+                        for index in selected_words(&edit_prompt.words, word) {
+                            centres.extend(edit_centres.get(index).copied());
                         }
                     }
                     centres
