@@ -155,6 +155,67 @@ fn kmeans_splits_block_attention_into_its_blocks() {
 }
 
 #[test]
+fn kmeans_dissolves_outline_slivers_but_keeps_small_objects() {
+    // 32x32: background, a 10x10 object, a 4x4 object (1.6% of the grid) and an 8-cell sliver
+    // along the big object's edge (0.8%), the kind of cluster KMeans makes of outline cells.
+    let side = 32;
+    let regions: Vec<usize> = (0..side * side)
+        .map(|cell| {
+            let (y, x) = (cell / side, cell % side);
+            if (4..14).contains(&y) && (4..14).contains(&x) {
+                1
+            } else if y == 14 && (4..12).contains(&x) {
+                2
+            } else if (22..26).contains(&y) && (22..26).contains(&x) {
+                3
+            } else {
+                0
+            }
+        })
+        .collect();
+    let map = block_self_attention(&regions, side, 11);
+    let reference = KMeansSettings {
+        k: 4,
+        ..KMeansSettings::reference()
+    };
+    let kept = kmeans_segments(&map, &reference).unwrap();
+    assert!(
+        same_partition(&kept, &regions),
+        "without dissolving the sliver is a segment"
+    );
+    let dissolved = kmeans_segments(
+        &map,
+        &KMeansSettings {
+            k: 4,
+            ..KMeansSettings::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dissolved.segment_count, 3);
+    // Background, big object and small object keep one segment each (three different ones); the
+    // sliver's cells joined them.
+    let mut segment_of_region = [None; 4];
+    for (&segment, &region) in dissolved.labels.iter().zip(&regions) {
+        if region == 2 {
+            continue;
+        }
+        let known = segment_of_region[region].get_or_insert(segment);
+        assert_eq!(*known, segment, "region {region} is split");
+    }
+    let mut distinct: Vec<usize> = segment_of_region.iter().flatten().copied().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3);
+    // A fraction of 0 keeps every cluster.
+    let none = KMeansSettings {
+        k: 4,
+        min_segment_fraction: Some(0.0),
+        ..KMeansSettings::reference()
+    };
+    assert_eq!(kmeans_segments(&map, &none).unwrap().segment_count, 4);
+}
+
+#[test]
 fn kmeans_finds_well_separated_clusters_and_checks_its_input() {
     // Three tight 2D clusters, given in a shuffled order.
     let centres = [(0.0f32, 0.0f32), (10.0, 0.0), (0.0, 10.0)];

@@ -47,6 +47,10 @@ pub struct SegmentationArgs {
     /// divergence between centres (0: keep all k).
     #[arg(long, default_value_t = 0.05)]
     pub merge_fraction: f32,
+    /// KMeans: clusters smaller than this fraction of the grid (outline slivers) join their
+    /// nearest cluster (0: keep all).
+    #[arg(long, default_value_t = 0.01)]
+    pub min_segment_fraction: f32,
     /// DiffSeg: maps merge when their symmetric KL divergence is below this fraction of the 95th
     /// percentile of the divergences between anchors.
     #[arg(long, default_value_t = 0.25)]
@@ -88,6 +92,8 @@ impl SegmentationArgs {
                 n_init: self.n_init,
                 seed: self.kmeans_seed,
                 merge_fraction: (self.merge_fraction > 0.0).then_some(self.merge_fraction),
+                min_segment_fraction: (self.min_segment_fraction > 0.0)
+                    .then_some(self.min_segment_fraction),
                 ..KMeansSettings::default()
             },
             diffseg: DiffSegSettings {

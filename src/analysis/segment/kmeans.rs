@@ -41,6 +41,18 @@ pub struct KMeansSettings {
     /// arbitrary speckled parts whose centres are nearly identical; merging them leaves one clean
     /// segment, so k acts as the most segments wanted. Default `Some(0.05)`; `None` keeps all k.
     pub merge_fraction: Option<f32>,
+    /// [`kmeans_segments`] only: after merging, a cluster with fewer cells than this fraction of
+    /// the grid is dissolved and each of its cells joins the nearest remaining cluster (squared
+    /// distance to the cluster's mean attention, KMeans' own measure). KMeans gives the mixed
+    /// attention of an object's outline cells a cluster of their own: thin rims of a few cells
+    /// whose word scores fall between object and background. Default `Some(0.01)` (about 10
+    /// cells at 32x32; the smallest scene object covers about twice that); `None` keeps them.
+    #[serde(default = "default_min_segment_fraction")]
+    pub min_segment_fraction: Option<f32>,
+}
+
+fn default_min_segment_fraction() -> Option<f32> {
+    Some(0.01)
 }
 
 impl Default for KMeansSettings {
@@ -52,15 +64,17 @@ impl Default for KMeansSettings {
             max_iterations: 300,
             tolerance: 1e-4,
             merge_fraction: Some(0.05),
+            min_segment_fraction: default_min_segment_fraction(),
         }
     }
 }
 
 impl KMeansSettings {
-    /// local-prompt-mixing's settings alone: k = 5, 10 runs, seed 1, no merging.
+    /// local-prompt-mixing's settings alone: k = 5, 10 runs, seed 1, no merging or dissolving.
     pub fn reference() -> Self {
         Self {
             merge_fraction: None,
+            min_segment_fraction: None,
             ..Self::default()
         }
     }
@@ -160,7 +174,71 @@ pub fn kmeans_segments(
         Some(fraction) => merge_similar_clusters(&result, cells, fraction),
         None => result.labels,
     };
+    let labels = match settings.min_segment_fraction {
+        Some(fraction) => dissolve_small_clusters(&self_attention.data, cells, labels, fraction),
+        None => labels,
+    };
     Segmentation::from_cluster_ids(self_attention.h, self_attention.w, &labels)
+}
+
+/// Gives the points of every cluster with fewer than `fraction * points` members to the nearest
+/// cluster (squared distance to its mean) among the others. The largest cluster always stays.
+fn dissolve_small_clusters(
+    points: &[f32],
+    dim: usize,
+    mut labels: Vec<usize>,
+    fraction: f32,
+) -> Vec<usize> {
+    let count = labels.len();
+    let clusters = labels.iter().copied().max().map_or(0, |max| max + 1);
+    let mut sizes = vec![0usize; clusters];
+    for &label in &labels {
+        sizes[label] += 1;
+    }
+    #[allow(clippy::cast_precision_loss, clippy::cast_sign_loss)]
+    let min_size = (fraction.max(0.0) * count as f32).ceil() as usize;
+    let largest = (0..clusters)
+        .max_by_key(|&cluster| sizes[cluster])
+        .unwrap_or(0);
+    let kept: Vec<usize> = (0..clusters)
+        .filter(|&cluster| sizes[cluster] > 0 && (sizes[cluster] >= min_size || cluster == largest))
+        .collect();
+    if kept.len() == (0..clusters).filter(|&cluster| sizes[cluster] > 0).count() {
+        return labels;
+    }
+    // Means of the kept clusters.
+    let mut means = vec![0.0f64; kept.len() * dim];
+    for (point, &label) in points.chunks_exact(dim).zip(&labels) {
+        if let Some(slot) = kept.iter().position(|&cluster| cluster == label) {
+            for (sum, &value) in means[slot * dim..(slot + 1) * dim].iter_mut().zip(point) {
+                *sum += f64::from(value);
+            }
+        }
+    }
+    let means: Vec<f32> = means
+        .chunks_exact(dim)
+        .zip(&kept)
+        .flat_map(|(sum, &cluster)| {
+            let scale = 1.0 / sizes[cluster] as f64;
+            sum.iter().map(move |&value| (value * scale) as f32)
+        })
+        .collect();
+    let mean_norms = squared_norms_of(&means, dim);
+    for (point, label) in points.chunks_exact(dim).zip(labels.iter_mut()) {
+        if kept.contains(label) {
+            continue;
+        }
+        let point_norm = dot(point, point);
+        let nearest = means
+            .chunks_exact(dim)
+            .zip(&mean_norms)
+            .map(|(mean, &norm)| squared_distance(point, point_norm, mean, norm))
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(largest, |(slot, _)| kept[slot]);
+        *label = nearest;
+    }
+    labels
 }
 
 /// Relabels the points so that clusters whose centres (attention distributions) are closer than
