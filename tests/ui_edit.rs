@@ -139,6 +139,22 @@ fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_contr
     let spec = harness.state().edit_spec().clone();
     assert_eq!(spec.cross_window.default.end, 0.5);
     assert_eq!(spec.self_replace.window.end, 0.2);
+    // Self layers: the run's self-attention grids are offered; the reference's 16x16 is the default.
+    assert_eq!(spec.self_replace.max_queries, 256);
+    harness.get_by_label("Self layers up to").click();
+    harness.run_steps(2);
+    harness.get_by_label("8x8 and coarser").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().edit_spec().self_replace.max_queries, 64);
+    harness.get_by_label("Self layers up to").click();
+    harness.run_steps(2);
+    harness
+        .get_all_by_label("16x16 and coarser")
+        .last()
+        .unwrap()
+        .click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().edit_spec().self_replace.max_queries, 256);
 
     // Local blend on the swapped word: a mask comes back and is drawn. "square" is repeated in the
     // edited prompt, so the checkbox names the first one alone (the blue square stays closed).

@@ -777,6 +777,45 @@ impl EditorApp {
             );
         window_sliders(ui, &mut spec.cross_window.default, "Cross");
         window_sliders(ui, &mut spec.self_replace.window, "Self");
+        // Which self-attention layers take the source's attention: the reference replaces those of
+        // at most 16x16 queries (SD's two coarsest); a model whose layout lives in finer layers
+        // (the bundled 64x64-pixel model's are 32x32 and 16x16) keeps it better with more.
+        let mut sides: Vec<usize> = self
+            .run
+            .as_ref()
+            .map(RunView::probe_grids)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(h, w)| h.max(w))
+            // The source's self-attention is recorded for every replaced layer and step: 64x64
+            // layers (SD at 512 px) would take gigabytes.
+            .filter(|&side| side <= 32)
+            .collect();
+        sides.push(16);
+        sides.sort_unstable();
+        sides.dedup();
+        let spec = &mut self.edit.settings.spec;
+        let current = self_replace_side(spec.self_replace.max_queries);
+        if !sides.contains(&current) {
+            sides.push(current);
+            sides.sort_unstable();
+        }
+        let mut chosen = current;
+        egui::ComboBox::from_label("Self layers up to")
+            .selected_text(format!("{current}x{current} and coarser"))
+            .show_ui(ui, |ui| {
+                for &side in &sides {
+                    ui.selectable_value(&mut chosen, side, format!("{side}x{side} and coarser"));
+                }
+            })
+            .response
+            .on_hover_text(
+                "Self-attention layers with at most this many query cells take the source's \
+                 self-attention inside the self window (the reference: 16x16)",
+            );
+        if chosen != current {
+            spec.self_replace.max_queries = chosen * chosen;
+        }
     }
 
     /// Local-blend words (and the Segments view's mask).
@@ -1205,6 +1244,11 @@ fn window_sliders(ui: &mut egui::Ui, window: &mut StepWindow, name: &str) {
     if end_changed {
         window.end = end.max(window.start);
     }
+}
+
+/// The side of the largest square grid with at most `max_queries` cells.
+fn self_replace_side(max_queries: usize) -> usize {
+    max_queries.isqrt()
 }
 
 /// One alignment entry: "circle -> square" (swapped), "+ big" (added), "- red" (removed), "a".
