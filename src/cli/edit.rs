@@ -714,32 +714,34 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
             }
         }
         result.seconds = started.elapsed().as_secs_f64();
+        let swap_text = match &result.swap {
+            Some(verdict) => format!(
+                "swap {} (shift {:.1} px, box {:.1} px, new shape {}, others {})",
+                if verdict.success { "ok" } else { "FAILED" },
+                verdict.target_shift_px.unwrap_or(f32::NAN),
+                verdict.target_box_shift_px.unwrap_or(f32::NAN),
+                verdict.new_shape_drawn,
+                verdict.others_unchanged,
+            ),
+            None if !result.source_has_target => "source lacks the target, skipped".to_string(),
+            None => "swap skipped".to_string(),
+        };
+        let reweight_text: String = result
+            .reweights
+            .iter()
+            .map(|r| {
+                format!(
+                    "; reweight {}={}: area x{:.2}{}",
+                    r.word,
+                    r.scale,
+                    r.area_ratio,
+                    if r.removed { " removed" } else { "" }
+                )
+            })
+            .collect();
         eprintln!(
-            "seed {seed}: {:?} -> {:?}: {}",
-            result.caption,
-            result.swap_caption,
-            match &result.swap {
-                Some(verdict) => format!(
-                    "swap {} (shift {:.1} px, box {:.1} px, new shape {}, others {}){}",
-                    if verdict.success { "ok" } else { "FAILED" },
-                    verdict.target_shift_px.unwrap_or(f32::NAN),
-                    verdict.target_box_shift_px.unwrap_or(f32::NAN),
-                    verdict.new_shape_drawn,
-                    verdict.others_unchanged,
-                    result
-                        .reweights
-                        .iter()
-                        .map(|r| format!(
-                            "; reweight {}={}: area x{:.2}{}",
-                            r.word,
-                            r.scale,
-                            r.area_ratio,
-                            if r.removed { " removed" } else { "" }
-                        ))
-                        .collect::<String>()
-                ),
-                None => "source lacks the target, skipped".to_string(),
-            }
+            "seed {seed}: {:?} -> {:?}: {swap_text}{reweight_text}",
+            result.caption, result.swap_caption,
         );
         results.push(result);
     }
