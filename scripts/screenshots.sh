@@ -52,7 +52,7 @@ shot editor-running env ATTEND_SCREENSHOT_AT_STEP=8 ATTEND_SCREENSHOT_WORD=circl
 # The self-attention probe on the square.
 shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.75,0.4
 # The Segments view with the segment at that point selected (its mask previewed).
-shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.75,0.4
+shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.75,0.52
 # Edit mode: "circle -> square" swapped by Prompt-to-Prompt, source | edited side by side.
 shot editor-edit env ATTEND_SCREENSHOT_EDIT="a red square and a blue square"
 
