@@ -203,13 +203,17 @@ fn dissolve_small_clusters(
     let kept: Vec<usize> = (0..clusters)
         .filter(|&cluster| sizes[cluster] > 0 && (sizes[cluster] >= min_size || cluster == largest))
         .collect();
-    if kept.len() == (0..clusters).filter(|&cluster| sizes[cluster] > 0).count() {
+    if kept.len() == sizes.iter().filter(|&&size| size > 0).count() {
         return labels;
     }
-    // Means of the kept clusters.
+    // Each kept cluster's slot in `means`; `None` for the clusters being dissolved.
+    let mut slot_of = vec![None; clusters];
+    for (slot, &cluster) in kept.iter().enumerate() {
+        slot_of[cluster] = Some(slot);
+    }
     let mut means = vec![0.0f64; kept.len() * dim];
     for (point, &label) in points.chunks_exact(dim).zip(&labels) {
-        if let Some(slot) = kept.iter().position(|&cluster| cluster == label) {
+        if let Some(slot) = slot_of[label] {
             for (sum, &value) in means[slot * dim..(slot + 1) * dim].iter_mut().zip(point) {
                 *sum += f64::from(value);
             }
@@ -225,7 +229,7 @@ fn dissolve_small_clusters(
         .collect();
     let mean_norms = squared_norms_of(&means, dim);
     for (point, label) in points.chunks_exact(dim).zip(labels.iter_mut()) {
-        if kept.contains(label) {
+        if slot_of[*label].is_some() {
             continue;
         }
         let point_norm = dot(point, point);

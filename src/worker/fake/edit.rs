@@ -264,6 +264,16 @@ fn fake_blend_mask(
 ) -> BlendMask {
     let (height, width) = source.run.image_size;
     let (h, w) = ((height / 8).max(1), (width / 8).max(1));
+    // The blend words' blob centres in both prompts (the same for every cell).
+    let mut centres = Vec::new();
+    for word in &blend.words {
+        for index in selected_words(&source.run.words, word) {
+            centres.extend(source.run.centres.get(index).copied());
+        }
+        for index in selected_words(&edit_prompt.words, word) {
+            centres.extend(edit_centres.get(index).copied());
+        }
+    }
     let mut data = vec![0.0f32; h * w];
     for (y, row) in data.chunks_mut(w).enumerate() {
         for (x, value) in row.iter_mut().enumerate() {
@@ -274,20 +284,9 @@ fn fake_blend_mask(
                     let mx = ((fx * mask.w as f32) as usize).min(mask.w - 1);
                     mask.data.get(my * mask.w + mx).copied().unwrap_or(0.0) >= 0.5
                 }
-                _ => {
-                    let mut centres = Vec::new();
-                    for word in &blend.words {
-                        for index in selected_words(&source.run.words, word) {
-                            centres.extend(source.run.centres.get(index).copied());
-                        }
-                        for index in selected_words(&edit_prompt.words, word) {
-                            centres.extend(edit_centres.get(index).copied());
-                        }
-                    }
-                    centres
-                        .iter()
-                        .any(|&centre| gaussian(fy, fx, centre, sigma.max(0.12)) > blend.threshold)
-                }
+                _ => centres
+                    .iter()
+                    .any(|&centre| gaussian(fy, fx, centre, sigma.max(0.12)) > blend.threshold),
             };
             *value = if inside { 1.0 } else { 0.0 };
         }
