@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use attend::ui::{CompareMode, EditorApp, EditorOptions, EngineKind, RunOutcome, Session};
-use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
+use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, SelfReplace, StepWindow};
 use egui::accesskit::Role;
 use egui_kittest::kittest::Queryable as _;
 use egui_kittest::Harness;
@@ -88,6 +88,12 @@ fn edited_pixels(app: &EditorApp) -> Vec<u8> {
 fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_controls() {
     let mut harness = harness_with(options(SOURCE_PROMPT));
     source_then_edit_prompt(&mut harness);
+    // The (fake) bundled model recommends its own self-attention replacement, as the real one does.
+    let recommended = SelfReplace {
+        window: StepWindow::until(0.2),
+        max_queries: 32 * 32,
+    };
+    assert_eq!(harness.state().edit_spec().self_replace, recommended);
 
     // The alignment, word to word, before anything runs.
     harness.get_by_label("Alignment: Word swap");
@@ -134,13 +140,13 @@ fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_contr
         .set_value_accesskit(0.5);
     harness
         .get_by_role_and_label(Role::Slider, "Self end")
-        .set_value_accesskit(0.2);
+        .set_value_accesskit(0.3);
     harness.step();
     let spec = harness.state().edit_spec().clone();
     assert_eq!(spec.cross_window.default.end, 0.5);
-    assert_eq!(spec.self_replace.window.end, 0.2);
-    // Self layers: the run's self-attention grids are offered; the reference's 16x16 is the default.
-    assert_eq!(spec.self_replace.max_queries, 256);
+    assert_eq!(spec.self_replace.window.end, 0.3);
+    // Self layers: the run's self-attention grids are offered beside the model's recommendation.
+    assert_eq!(spec.self_replace.max_queries, 32 * 32);
     harness.get_by_label("Self layers up to").click();
     harness.run_steps(2);
     harness.get_by_label("8x8 and coarser").click();
@@ -204,6 +210,14 @@ fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_contr
     harness.step();
     harness.step();
     harness.get_by_role_and_label(Role::Slider, "Weight of square");
+
+    // Reset: the reference's windows with the model's recommended self-attention replacement.
+    harness.get_by_label("Reset edit").click();
+    harness.step();
+    let spec = harness.state().edit_spec().clone();
+    assert_eq!(spec.self_replace, recommended);
+    assert_eq!(spec.cross_window.default, StepWindow::until(0.8));
+    assert!(spec.reweights.is_empty() && spec.local_blend.is_none());
 }
 
 #[test]
@@ -249,6 +263,25 @@ fn a_session_keeps_the_edit_and_reopens_to_the_same_edited_image() {
     assert!(reopened.state().edit_mode());
     assert_eq!(reopened.state().edit_spec(), harness.state().edit_spec());
     assert_eq!(edited_pixels(reopened.state()), edited);
+
+    // A session's own self-attention setting wins over the model's recommendation.
+    let mut value: serde_json::Value = serde_json::from_str(&session.to_json()).unwrap();
+    value["edit"]["spec"]["self_replace"] = serde_json::json!({
+        "window": {"start": 0.0, "end": 0.4},
+        "max_queries": 256,
+    });
+    let reference = folder.path().join("reference.session.json");
+    std::fs::write(&reference, value.to_string()).unwrap();
+    let mut reopened = harness_with(EditorOptions {
+        session: Some(reference),
+        engine: EngineKind::Fake,
+        ..EditorOptions::default()
+    });
+    run_until(&mut reopened, "the reopened edit", edit_finished);
+    assert_eq!(
+        reopened.state().edit_spec().self_replace,
+        SelfReplace::default()
+    );
 
     // Session files from before edit mode still load (no edit).
     let mut value: serde_json::Value = serde_json::from_str(&session.to_json()).unwrap();

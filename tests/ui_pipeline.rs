@@ -65,6 +65,14 @@ fn the_bundled_model_generates_with_live_word_heatmaps_and_exports() {
     run_until(&mut harness, "the bundled model", |app| {
         app.loaded_model().is_some()
     });
+    // The bundled folder recommends its Prompt-to-Prompt self-attention setting (model_index.json),
+    // and a new edit starts from it.
+    let recommended = harness.state().loaded_model().unwrap().edit_self_replace;
+    assert_eq!(
+        (recommended.window.end, recommended.max_queries),
+        (0.2, 32 * 32)
+    );
+    assert_eq!(harness.state().edit_spec().self_replace, recommended);
     harness.get_by_label("Prompt").focus();
     harness.step();
     harness
@@ -125,6 +133,11 @@ fn a_tiny_sd1_run_can_be_cancelled_and_regenerated() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
     let mut harness = harness_for(Some(model), "a photo of a cat", 200);
     run_until(&mut harness, "tiny-sd1", |app| app.loaded_model().is_some());
+    // A checkpoint without `_attend_edit_defaults` gets the reference's self-attention setting.
+    assert_eq!(
+        harness.state().loaded_model().unwrap().edit_self_replace,
+        attend::worker::SelfReplace::default()
+    );
     harness.get_by_label("Generate").click();
     run_until(&mut harness, "a few steps", |app| {
         app.run_view().is_some_and(|run| run.steps.len() >= 3)

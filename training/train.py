@@ -132,13 +132,17 @@ class CrossAttentionRecorder:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def grounding_loss(maps, object_masks, positions, valid):
+def grounding_loss(maps, object_masks, positions, valid, coverage=0.0):
     """TokenCompose-style token loss: for every object's colour and shape token, the share of its
     (spatially normalised) cross-attention that falls outside the object, squared, averaged over layers.
 
     maps: list of (heads, `[batch * heads, h * w, tokens]`); object_masks: `[batch, 64, 64]` object ids;
     positions: `[batch, objects + 1, 2]` token positions (-1 none; last slot: the background);
-    valid: `[batch]` rows with a caption."""
+    valid: `[batch]` rows with a caption.
+    coverage: weight of a coverage term added per word and layer, `1 - soft Dice` between the map
+    divided by its maximum and the mask (round 5): the mass term alone is satisfied by maps that sit
+    on the object's interior, which a thresholded map then under-covers; Dice also asks that the
+    whole object be lit."""
     total = 0.0
     count = 0
     batch = object_masks.shape[0]
@@ -160,6 +164,10 @@ def grounding_loss(maps, object_masks, positions, valid):
                 column = column / (column.sum(1, keepdim=True) + 1e-8)
                 inside = (column * mask).sum(1)
                 per_row = (1 - inside) ** 2
+                if coverage > 0:
+                    lit = column / (column.amax(1, keepdim=True) + 1e-8)
+                    dice = 2 * (lit * mask).sum(1) / (lit.sum(1) + mask.sum(1) + 1e-8)
+                    per_row = per_row + coverage * (1 - dice)
                 total = total + (per_row * present.float()).sum()
                 count += int(present.sum())
     return total / max(count, 1)
@@ -201,7 +209,10 @@ def export_model(folder, text_model, unet, tokenizer, text_config, unet_config, 
         json.dump(scheduler_config, f, indent=2)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-                   "_attend_pixel_space": True, "scheduler": ["diffusers", "DDIMScheduler"],
+                   "_attend_pixel_space": True,
+                   # attend's Prompt-to-Prompt defaults for this model (see the project README):
+                   "_attend_edit_defaults": {"self_replace": 0.2, "self_replace_max_side": 32},
+                   "scheduler": ["diffusers", "DDIMScheduler"],
                    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": [None, None],
                    "safety_checker": [None, None], "feature_extractor": [None, None]}, f, indent=2)
@@ -247,6 +258,8 @@ def main():
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
     parser.add_argument("--grounding", type=float, default=0.0,
                         help="weight of the cross-attention grounding loss (needs objects.u8); 0: off")
+    parser.add_argument("--coverage", type=float, default=0.0,
+                        help="weight of the coverage (soft Dice) term inside the grounding loss; 0: off")
     parser.add_argument("--grounding-max-t", type=int, default=800,
                         help="apply the grounding loss only at timesteps below this")
     parser.add_argument("--log-every", type=int, default=200)
@@ -375,7 +388,8 @@ def main():
             token_positions = positions[index]
             token_positions = torch.where(token_positions >= 0, token_positions + shift[:, None, None], token_positions)
             valid = ~dropped & (t < args.grounding_max_t)
-            ground = grounding_loss([(h, p.float()) for h, p in recorder.maps], masks, token_positions, valid)
+            ground = grounding_loss([(h, p.float()) for h, p in recorder.maps], masks, token_positions, valid,
+                                    coverage=args.coverage)
             recorder.maps = []
             ground_losses.append(float(ground.detach()) if torch.is_tensor(ground) else float(ground))
             loss = loss + args.grounding * ground

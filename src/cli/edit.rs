@@ -22,7 +22,7 @@ use attend::pipeline::edit_sampling::{
     generate_edit, generate_edited_branch, record_source, EditBranch, EditObservers, EditOutput,
     EditRequest, EditStepReport,
 };
-use attend::pipeline::model::StableDiffusion;
+use attend::pipeline::model::{EditDefaults, StableDiffusion};
 use attend::pipeline::sampling::{generate, RgbImage};
 use attend::pipeline::sampling::{CancelToken, GenerateRequest};
 use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};
@@ -52,12 +52,15 @@ pub struct EditArgs {
     /// Cross-attention window of one word of the edited prompt: WORD=F or WORD=START:END. Repeatable.
     #[arg(long, value_name = "WORD=F|WORD=START:END")]
     pub cross_replace_word: Vec<String>,
-    /// Self-attention replacement window: a fraction F or START:END.
-    #[arg(long, default_value = "0.4", value_name = "F|START:END")]
-    pub self_replace: String,
-    /// Self-attention is replaced only in layers whose query grid side is at most this.
-    #[arg(long, default_value_t = 16)]
-    pub self_replace_max_side: usize,
+    /// Self-attention replacement window: a fraction F or START:END. Default: the model's
+    /// recommendation (`_attend_edit_defaults` in model_index.json; 0.2 for the bundled model), else
+    /// the reference's 0.4.
+    #[arg(long, value_name = "F|START:END")]
+    pub self_replace: Option<String>,
+    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: the
+    /// model's recommendation (32 for the bundled model), else the reference's 16.
+    #[arg(long, value_name = "SIDE")]
+    pub self_replace_max_side: Option<usize>,
     /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
     /// `square#2` names the second "square" of a prompt alone).
     #[arg(long, value_name = "WORD[,WORD]")]
@@ -97,12 +100,14 @@ pub struct EditArgs {
 
 /// Run `attend edit`.
 pub fn run(args: &EditArgs) -> anyhow::Result<()> {
-    let spec = edit_spec(args)?;
+    // Checked before the model loads, so a typo is reported at once.
+    edit_spec(args, EditDefaults::default())?;
     args.sampling.check()?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
     check_writable_parent(&args.out_dir.join("source.png"))?;
     let model = load_model(&args.model)?;
+    let spec = edit_spec(args, model.edit_defaults())?;
     let request = args.sampling.request(&model, &args.prompt)?;
     let edit_request = EditRequest {
         generate: request,
@@ -303,12 +308,14 @@ pub struct EditEvalArgs {
     /// Cross-attention replacement window of the swap (F or START:END).
     #[arg(long, default_value = "0.8")]
     pub cross_replace: String,
-    /// Self-attention replacement window of the swap (F or START:END).
-    #[arg(long, default_value = "0.4")]
-    pub self_replace: String,
-    /// Self-attention is replaced only in layers whose query grid side is at most this.
-    #[arg(long, default_value_t = 16)]
-    pub self_replace_max_side: usize,
+    /// Self-attention replacement window of the swap (F or START:END). Default: the model's
+    /// recommendation (0.2 for the bundled model), else the reference's 0.4.
+    #[arg(long, value_name = "F|START:END")]
+    pub self_replace: Option<String>,
+    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: the
+    /// model's recommendation (32 for the bundled model), else the reference's 16.
+    #[arg(long, value_name = "SIDE")]
+    pub self_replace_max_side: Option<usize>,
     /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
     /// the target object's colour word and of its old and new shape words may change (each named by
     /// its occurrence, `square#2`, so another object of the same shape stays closed).
@@ -528,7 +535,11 @@ fn next_shape(shape: Shape) -> Shape {
 /// Run `attend edit-eval`.
 pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
     let cross = parse_window(&args.cross_replace).context("--cross-replace")?;
-    let self_window = parse_window(&args.self_replace).context("--self-replace")?;
+    self_replace_from_args(
+        args.self_replace.as_deref(),
+        args.self_replace_max_side,
+        EditDefaults::default(),
+    )?;
     let scales: Vec<f32> = args
         .reweight_scales
         .split(',')
@@ -554,6 +565,17 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         check_writable_parent(path)?;
     }
     let model = load_model(&args.model)?;
+    let self_replace = self_replace_from_args(
+        args.self_replace.as_deref(),
+        args.self_replace_max_side,
+        model.edit_defaults(),
+    )?;
+    eprintln!(
+        "self-attention replaced in layers up to {side}x{side} for steps {:.2}..{:.2} of the run",
+        self_replace.window.start,
+        self_replace.window.end,
+        side = self_replace.max_queries.isqrt()
+    );
     let (width, _) = model.default_size_px();
     let scene_options = SceneOptions {
         size_px: width,
@@ -580,10 +602,6 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         if let Some(guidance) = args.guidance {
             request.guidance = guidance;
         }
-        let self_replace = SelfReplace {
-            window: self_window,
-            max_queries: args.self_replace_max_side * args.self_replace_max_side,
-        };
         let (source, recording) = record_source(
             &model,
             &request,
@@ -755,8 +773,8 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 "steps": args.steps,
                 "guidance": args.guidance,
                 "cross_replace": args.cross_replace,
-                "self_replace": args.self_replace,
-                "self_replace_max_side": args.self_replace_max_side,
+                "self_replace": [self_replace.window.start, self_replace.window.end],
+                "self_replace_max_side": self_replace.max_queries.isqrt(),
                 "local_blend": args.local_blend,
                 "blend_threshold": args.blend_threshold,
                 "reweight_word": args.reweight_word,
@@ -825,8 +843,34 @@ fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
     })
 }
 
-/// The [`EditSpec`] the arguments describe.
-pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
+/// `--self-replace` and `--self-replace-max-side`, each falling back to the model's recommendation
+/// ([`SelfReplace::recommended`]).
+fn self_replace_from_args(
+    window: Option<&str>,
+    max_side: Option<usize>,
+    defaults: EditDefaults,
+) -> anyhow::Result<SelfReplace> {
+    let recommended = SelfReplace::recommended(defaults);
+    let window = match window {
+        Some(text) => parse_window(text).context("--self-replace")?,
+        None => recommended.window,
+    };
+    let max_queries = match max_side {
+        Some(0) => anyhow::bail!("--self-replace-max-side 0: a grid side is at least 1"),
+        Some(side) => side
+            .checked_mul(side)
+            .with_context(|| format!("--self-replace-max-side {side} is too large"))?,
+        None => recommended.max_queries,
+    };
+    Ok(SelfReplace {
+        window,
+        max_queries,
+    })
+}
+
+/// The [`EditSpec`] the arguments describe, with `defaults` (the model's recommendation) where a
+/// self-attention flag is left out.
+pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<EditSpec> {
     let kind = match args.edit_kind.trim().to_ascii_lowercase().as_str() {
         "auto" => None,
         "replace" | "swap" => Some(EditKind::Replace),
@@ -863,7 +907,11 @@ pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let self_window = parse_window(&args.self_replace).context("--self-replace")?;
+    let self_replace = self_replace_from_args(
+        args.self_replace.as_deref(),
+        args.self_replace_max_side,
+        defaults,
+    )?;
     let local_blend = match &args.local_blend {
         Some(words) => {
             check_blend_threshold(args.blend_threshold)?;
@@ -904,10 +952,7 @@ pub fn edit_spec(args: &EditArgs) -> anyhow::Result<EditSpec> {
             default: cross_default,
             per_word,
         },
-        self_replace: SelfReplace {
-            window: self_window,
-            max_queries: args.self_replace_max_side * args.self_replace_max_side,
-        },
+        self_replace,
         reweights,
         local_blend,
     })
@@ -999,6 +1044,10 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> anyhow::Result<EditSpec> {
+        parse_for_model(extra, EditDefaults::default())
+    }
+
+    fn parse_for_model(extra: &[&str], defaults: EditDefaults) -> anyhow::Result<EditSpec> {
         let mut argv = vec![
             "attend",
             "edit",
@@ -1012,7 +1061,7 @@ mod tests {
         argv.extend_from_slice(extra);
         let cli = super::super::Cli::try_parse_from(argv)?;
         match cli.command {
-            Some(super::super::Command::Edit(args)) => edit_spec(&args),
+            Some(super::super::Command::Edit(args)) => edit_spec(&args, defaults),
             _ => anyhow::bail!("not an edit command"),
         }
     }
@@ -1024,6 +1073,28 @@ mod tests {
         assert_eq!(spec.cross_window.default, StepWindow::until(0.8));
         assert_eq!(spec.self_replace.window, StepWindow::until(0.4));
         assert_eq!(spec.self_replace.max_queries, 256);
+    }
+
+    #[test]
+    fn self_flags_left_out_take_the_model_recommendation() {
+        let bundled_like = EditDefaults {
+            self_replace_end: Some(0.2),
+            self_replace_max_side: Some(32),
+        };
+        let spec = parse_for_model(&[], bundled_like).unwrap();
+        assert_eq!(spec.self_replace.window, StepWindow::until(0.2));
+        assert_eq!(spec.self_replace.max_queries, 32 * 32);
+        let spec = parse_for_model(&["--self-replace-max-side", "16"], bundled_like).unwrap();
+        assert_eq!(spec.self_replace.window, StepWindow::until(0.2));
+        assert_eq!(spec.self_replace.max_queries, 256);
+        let spec = parse_for_model(&["--self-replace", "0.4"], bundled_like).unwrap();
+        assert_eq!(spec.self_replace.window, StepWindow::until(0.4));
+        assert_eq!(spec.self_replace.max_queries, 32 * 32);
+        let err = parse_for_model(&["--self-replace-max-side", "0"], bundled_like).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--self-replace-max-side 0"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -47,12 +47,74 @@ impl Default for LoadOptions {
 }
 
 /// The parts of `model_index.json` attend reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelIndex {
     /// Pipeline class (`StableDiffusionPipeline`).
     pub class_name: Option<String>,
     /// True when the folder has a VAE (the `vae` entry is present and not `[null, null]`).
     pub has_vae: bool,
+    /// The model's own recommendation for Prompt-to-Prompt edits (`_attend_edit_defaults`).
+    pub edit_defaults: EditDefaults,
+}
+
+/// Prompt-to-Prompt settings a model folder recommends for itself, read from the optional
+/// `_attend_edit_defaults` object of `model_index.json` (`{"self_replace": 0.2,
+/// "self_replace_max_side": 32}`). A field that is absent means "the reference's value" (self window
+/// 0.4, layers up to 16x16), so real checkpoints, which never carry the key, get P2P's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EditDefaults {
+    /// End of the self-attention replacement window, as a fraction of the steps (`0..=1`).
+    pub self_replace_end: Option<f64>,
+    /// Largest query-grid side whose self-attention is replaced.
+    pub self_replace_max_side: Option<usize>,
+}
+
+impl EditDefaults {
+    const KEY: &'static str = "_attend_edit_defaults";
+
+    /// Parses the `_attend_edit_defaults` value of `path`'s JSON (`None`: the key is absent).
+    fn from_json(value: Option<&serde_json::Value>, path: &Path) -> PipelineResult<Self> {
+        let bad = |reason: String| PipelineError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("{}: {reason}", Self::KEY),
+        };
+        let Some(value) = value else {
+            return Ok(Self::default());
+        };
+        let Some(object) = value.as_object() else {
+            return Err(bad(format!("expected an object, found {value}")));
+        };
+        let mut defaults = Self::default();
+        for (key, entry) in object {
+            match key.as_str() {
+                "self_replace" => {
+                    let end = entry
+                        .as_f64()
+                        .filter(|end| (0.0..=1.0).contains(end))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "self_replace must be a number in 0..=1, found {entry}"
+                            ))
+                        })?;
+                    defaults.self_replace_end = Some(end);
+                }
+                "self_replace_max_side" => {
+                    let side = entry
+                        .as_u64()
+                        .and_then(|side| usize::try_from(side).ok())
+                        .filter(|side| (1..=4096).contains(side))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "self_replace_max_side must be a whole number in 1..=4096, found {entry}"
+                            ))
+                        })?;
+                    defaults.self_replace_max_side = Some(side);
+                }
+                other => return Err(bad(format!("unknown setting \"{other}\""))),
+            }
+        }
+        Ok(defaults)
+    }
 }
 
 impl ModelIndex {
@@ -94,6 +156,7 @@ impl ModelIndex {
                 .and_then(|name| name.as_str())
                 .map(str::to_string),
             has_vae,
+            edit_defaults: EditDefaults::from_json(object.get(EditDefaults::KEY), path)?,
         })
     }
 }
@@ -119,6 +182,7 @@ pub struct StableDiffusion {
     dtype: DType,
     device: Device,
     warnings: Vec<String>,
+    edit_defaults: EditDefaults,
 }
 
 impl StableDiffusion {
@@ -215,6 +279,7 @@ impl StableDiffusion {
             dtype: options.dtype,
             device: options.device.clone(),
             warnings,
+            edit_defaults: index.edit_defaults,
         };
         model.check_components_fit(&unet_config_path)?;
         Ok(model)
@@ -266,6 +331,12 @@ impl StableDiffusion {
     /// The folder it was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The Prompt-to-Prompt settings the folder recommends (`_attend_edit_defaults`; empty for
+    /// checkpoints without it).
+    pub fn edit_defaults(&self) -> EditDefaults {
+        self.edit_defaults
     }
 
     /// True when the model denoises images directly (no VAE).
@@ -373,4 +444,85 @@ fn model_name(dir: &Path) -> String {
         || dir.display().to_string(),
         |name| name.to_string_lossy().into_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index_with(extra: serde_json::Value) -> (tempfile::TempDir, PathBuf) {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("model_index.json");
+        let mut index = serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "vae": ["diffusers", "AutoencoderKL"],
+        });
+        if let (Some(index), Some(extra)) = (index.as_object_mut(), extra.as_object()) {
+            index.extend(extra.clone());
+        }
+        std::fs::write(&path, index.to_string()).unwrap();
+        (temp, path)
+    }
+
+    #[test]
+    fn edit_defaults_are_empty_without_the_key_and_read_when_present() {
+        let (_temp, path) = index_with(serde_json::json!({}));
+        let index = ModelIndex::from_file(&path).unwrap();
+        assert_eq!(index.edit_defaults, EditDefaults::default());
+        assert!(index.has_vae);
+
+        let (_temp, path) = index_with(serde_json::json!({
+            "_attend_edit_defaults": {"self_replace": 0.2, "self_replace_max_side": 32}
+        }));
+        let index = ModelIndex::from_file(&path).unwrap();
+        assert_eq!(
+            index.edit_defaults,
+            EditDefaults {
+                self_replace_end: Some(0.2),
+                self_replace_max_side: Some(32),
+            }
+        );
+
+        let (_temp, path) = index_with(serde_json::json!({
+            "_attend_edit_defaults": {"self_replace_max_side": 8}
+        }));
+        let defaults = ModelIndex::from_file(&path).unwrap().edit_defaults;
+        assert_eq!(defaults.self_replace_end, None);
+        assert_eq!(defaults.self_replace_max_side, Some(8));
+    }
+
+    #[test]
+    fn bad_edit_defaults_name_the_file_and_the_setting() {
+        for (value, expected) in [
+            (serde_json::json!(3), "expected an object"),
+            (
+                serde_json::json!({"self_replace": 1.5}),
+                "self_replace must be",
+            ),
+            (
+                serde_json::json!({"self_replace": "0.2"}),
+                "self_replace must be",
+            ),
+            (
+                serde_json::json!({"self_replace_max_side": 0}),
+                "self_replace_max_side must be",
+            ),
+            (
+                serde_json::json!({"self_replace_max_side": 16.5}),
+                "self_replace_max_side must be",
+            ),
+            (
+                serde_json::json!({"cross_replace": 0.8}),
+                "unknown setting \"cross_replace\"",
+            ),
+        ] {
+            let (_temp, path) = index_with(serde_json::json!({ "_attend_edit_defaults": value }));
+            let err = ModelIndex::from_file(&path).unwrap_err();
+            assert!(matches!(err, PipelineError::BadFile { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(message.contains("model_index.json"), "{message}");
+            assert!(message.contains("_attend_edit_defaults"), "{message}");
+            assert!(message.contains(expected), "{message}");
+        }
+    }
 }

@@ -521,6 +521,7 @@ impl EditorApp {
                 self.settings.model = info.source.clone();
                 self.model.loaded = Some(info);
                 self.model.loading = None;
+                self.follow_model_edit_defaults();
                 if std::mem::take(&mut self.generate_after_load) {
                     self.generate();
                 }

@@ -23,7 +23,7 @@ use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::run_view::{RunOutcome, RunView};
 use crate::worker::{
     BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig, Reweight, RgbImage,
-    StepWindow,
+    SelfReplace, StepWindow,
 };
 
 /// The edited run's view gets the run id with this bit set, so that caches keyed by run id (heat
@@ -113,6 +113,9 @@ pub(super) struct EditState {
     mask_texture: CachedTexture,
     /// Bumped when the blend mask changes, for `mask_texture`'s key.
     mask_version: u64,
+    /// The self-attention replacement was set by hand or by a session file; until then it follows
+    /// the loaded model's recommendation ([`ModelInfo::edit_self_replace`]).
+    self_replace_chosen: bool,
 }
 
 impl EditState {
@@ -324,7 +327,11 @@ impl EditorApp {
 
     /// Takes a session's edit mode (none: edit mode off).
     pub(super) fn apply_edit_session(&mut self, session: Option<EditSession>) {
+        self.edit.self_replace_chosen = session.is_some();
         self.edit.settings = session.unwrap_or_default();
+        if !self.edit.self_replace_chosen {
+            self.edit.settings.spec.self_replace = self.recommended_self_replace();
+        }
         self.edit.run = None;
         self.edit.info = None;
         self.edit.blend_mask = None;
@@ -685,9 +692,19 @@ impl EditorApp {
                     .map_or_else(|| self.settings.params.clone(), |run| run.params.clone());
                 self.generate_edit_run(params);
             }
-            if ui.button("Reset edit").clicked() {
+            if ui
+                .button("Reset edit")
+                .on_hover_text(
+                    "Back to the default windows and the model's recommended self layers",
+                )
+                .clicked()
+            {
                 let prompt = self.edit.settings.spec.edit_prompt.clone();
-                self.edit.settings.spec = EditSpec::new(prompt);
+                self.edit.settings.spec = EditSpec {
+                    self_replace: self.recommended_self_replace(),
+                    ..EditSpec::new(prompt)
+                };
+                self.edit.self_replace_chosen = false;
             }
         });
 
@@ -767,8 +784,33 @@ impl EditorApp {
         }
     }
 
+    /// The loaded model's recommended self-attention replacement (the reference's before a model
+    /// has loaded).
+    fn recommended_self_replace(&self) -> SelfReplace {
+        self.model
+            .loaded
+            .as_ref()
+            .map_or_else(SelfReplace::default, |info| info.edit_self_replace)
+    }
+
+    /// A model finished loading: an edit whose self-attention replacement nobody chose takes the
+    /// model's recommendation.
+    pub(super) fn follow_model_edit_defaults(&mut self) {
+        if !self.edit.self_replace_chosen {
+            self.edit.settings.spec.self_replace = self.recommended_self_replace();
+        }
+    }
+
     /// Cross- and self-attention windows.
     fn windows_ui(&mut self, ui: &mut egui::Ui) {
+        let self_replace_before = self.edit.settings.spec.self_replace;
+        self.window_controls_ui(ui);
+        if self.edit.settings.spec.self_replace != self_replace_before {
+            self.edit.self_replace_chosen = true;
+        }
+    }
+
+    fn window_controls_ui(&mut self, ui: &mut egui::Ui) {
         let spec = &mut self.edit.settings.spec;
         ui.label("Attention windows (fraction of the steps)")
             .on_hover_text(
@@ -778,9 +820,9 @@ impl EditorApp {
         window_sliders(ui, &mut spec.cross_window.default, "Cross");
         window_sliders(ui, &mut spec.self_replace.window, "Self");
         // Which self-attention layers take the source's attention: the reference replaces those of
-        // at most 16x16 queries (SD's two coarsest). Finer layers hold the source closer, shapes
-        // included: on the bundled model 32x32 kept the target in place in 15 of 16 swaps but drew
-        // the new shape in only 5 (16x16: 10 of 16 and 10).
+        // at most 16x16 queries (SD's two coarsest at 512 px); a model folder may recommend its own
+        // (the bundled model: 32x32 and coarser, its two grids, for the first 20% of the steps).
+        // Finer layers and longer windows hold the source closer, its shapes too.
         let mut sides: Vec<usize> = self
             .run
             .as_ref()
@@ -812,8 +854,8 @@ impl EditorApp {
             .response
             .on_hover_text(
                 "Self-attention layers with at most this many query cells take the source's \
-                 self-attention inside the self window (the reference: 16x16). Finer layers \
-                 keep more of the source, its shapes too",
+                 self-attention inside the self window (the reference: 16x16; the default is \
+                 the model's recommendation). Finer layers keep more of the source, its shapes too",
             );
         if chosen != current {
             spec.self_replace.max_queries = chosen * chosen;

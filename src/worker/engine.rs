@@ -28,7 +28,7 @@ use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{
-    GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
+    GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
 // Segments view.
@@ -183,6 +183,7 @@ impl Engine for PipelineEngine {
                 .map(|kind| kind.name().to_owned())
                 .collect(),
             warnings: model.load_warnings().to_vec(),
+            edit_self_replace: SelfReplace::recommended(model.edit_defaults()),
         };
         self.model = Some(model);
         self.source = Some(source.clone());

@@ -18,7 +18,8 @@ use crate::worker::plain::{
     CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross,
 };
 use crate::worker::protocol::{
-    GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame, StepTiming,
+    GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
+    StepWindow,
 };
 // Segments view.
 use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
@@ -125,6 +126,14 @@ impl Engine for FakeEngine {
                 .map(|name| (*name).to_owned())
                 .collect(),
             warnings: Vec::new(),
+            // Like the real bundled model, the fake one recommends its own self-attention window.
+            edit_self_replace: match source {
+                ModelSource::Bundled => SelfReplace {
+                    window: StepWindow::until(0.2),
+                    max_queries: 32 * 32,
+                },
+                ModelSource::Folder(_) => SelfReplace::default(),
+            },
         };
         self.model = Some(info.clone());
         self.latest_run = None;

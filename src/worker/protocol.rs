@@ -95,6 +95,9 @@ pub struct ModelInfo {
     pub schedulers: Vec<String>,
     /// Non-fatal remarks from loading (e.g. "PNDMScheduler not implemented, using DDIM").
     pub warnings: Vec<String>,
+    /// The self-attention replacement a new edit starts with: the reference's (first 40% of the
+    /// steps, layers up to 16x16) unless the model folder recommends its own.
+    pub edit_self_replace: SelfReplace,
 }
 
 /// How the prompt was tokenised for a run.

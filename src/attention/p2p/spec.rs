@@ -4,6 +4,7 @@ use std::ops::Range;
 
 use crate::analysis::alignment::EditKind;
 use crate::attention::p2p::BlendMask;
+use crate::pipeline::model::EditDefaults;
 
 /// A window of denoising steps, as fractions of the run (`0.0..=1.0`).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -87,6 +88,22 @@ impl Default for SelfReplace {
         Self {
             window: StepWindow::until(0.4),
             max_queries: 16 * 16,
+        }
+    }
+}
+
+impl SelfReplace {
+    /// The reference's setting with what a model folder recommends in its place
+    /// ([`EditDefaults`]; the bundled model asks for layers up to 32x32 for the first 20% of the steps).
+    pub fn recommended(defaults: EditDefaults) -> Self {
+        let reference = Self::default();
+        Self {
+            window: defaults
+                .self_replace_end
+                .map_or(reference.window, StepWindow::until),
+            max_queries: defaults
+                .self_replace_max_side
+                .map_or(reference.max_queries, |side| side * side),
         }
     }
 }
@@ -185,6 +202,14 @@ impl EditSpec {
             self_replace: SelfReplace::default(),
             reweights: Vec::new(),
             local_blend: None,
+        }
+    }
+
+    /// [`EditSpec::new`] with the model's recommended self-attention replacement.
+    pub fn for_model(edit_prompt: impl Into<String>, defaults: EditDefaults) -> Self {
+        Self {
+            self_replace: SelfReplace::recommended(defaults),
+            ..Self::new(edit_prompt)
         }
     }
 }

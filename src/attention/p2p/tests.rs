@@ -796,3 +796,39 @@ fn a_user_mask_replaces_the_word_mask() {
     )
     .is_err());
 }
+
+#[test]
+fn model_recommendations_replace_only_what_they_name() {
+    use crate::pipeline::model::EditDefaults;
+    assert_eq!(
+        SelfReplace::recommended(EditDefaults::default()),
+        SelfReplace::default()
+    );
+    let both = EditDefaults {
+        self_replace_end: Some(0.2),
+        self_replace_max_side: Some(32),
+    };
+    assert_eq!(
+        SelfReplace::recommended(both),
+        SelfReplace {
+            window: StepWindow::until(0.2),
+            max_queries: 32 * 32,
+        }
+    );
+    let side_only = EditDefaults {
+        self_replace_end: None,
+        self_replace_max_side: Some(8),
+    };
+    let recommended = SelfReplace::recommended(side_only);
+    assert_eq!(recommended.window, SelfReplace::default().window);
+    assert_eq!(recommended.max_queries, 64);
+    let spec = EditSpec::for_model("a red square", both);
+    assert_eq!(spec.self_replace, SelfReplace::recommended(both));
+    assert_eq!(
+        EditSpec {
+            self_replace: SelfReplace::default(),
+            ..spec
+        },
+        EditSpec::new("a red square")
+    );
+}
