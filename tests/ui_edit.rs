@@ -69,6 +69,11 @@ fn source_then_edit_prompt(harness: &mut Harness<'static, EditorApp>) {
         SOURCE_PROMPT,
         "the edited prompt starts as the source prompt"
     );
+    // No word changed yet (a reweight would keep the prompt): the reference's self-attention setting.
+    assert_eq!(
+        harness.state().edit_spec().self_replace,
+        SelfReplace::default()
+    );
     harness.get_by_label("Edit prompt").focus();
     harness.step();
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
@@ -88,7 +93,7 @@ fn edited_pixels(app: &EditorApp) -> Vec<u8> {
 fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_controls() {
     let mut harness = harness_with(options(SOURCE_PROMPT));
     source_then_edit_prompt(&mut harness);
-    // The (fake) bundled model recommends its own self-attention replacement, as the real one does.
+    // A word changed: the (fake) bundled model's recommendation for such edits, as the real one has.
     let recommended = SelfReplace {
         window: StepWindow::until(0.2),
         max_queries: 32 * 32,

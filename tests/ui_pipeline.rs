@@ -65,14 +65,17 @@ fn the_bundled_model_generates_with_live_word_heatmaps_and_exports() {
     run_until(&mut harness, "the bundled model", |app| {
         app.loaded_model().is_some()
     });
-    // The bundled folder recommends its Prompt-to-Prompt self-attention setting (model_index.json),
-    // and a new edit starts from it.
+    // The bundled folder recommends its Prompt-to-Prompt self-attention setting for edits that
+    // change words (model_index.json); an edit that changes no word keeps the reference's.
     let recommended = harness.state().loaded_model().unwrap().edit_self_replace;
     assert_eq!(
         (recommended.window.end, recommended.max_queries),
         (0.2, 32 * 32)
     );
-    assert_eq!(harness.state().edit_spec().self_replace, recommended);
+    assert_eq!(
+        harness.state().edit_spec().self_replace,
+        attend::worker::SelfReplace::default()
+    );
     harness.get_by_label("Prompt").focus();
     harness.step();
     harness

@@ -45,7 +45,9 @@ mod spec;
 pub use blend::{blend_latents, local_blend_mask, BlendMask, BlendWordMaps};
 pub use chain::ChainedProcessors;
 pub use replay::{RecordConfig, SourceRecorder, SourceRecording};
-pub use spec::{CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow};
+pub use spec::{
+    changes_words, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

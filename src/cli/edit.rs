@@ -52,13 +52,14 @@ pub struct EditArgs {
     /// Cross-attention window of one word of the edited prompt: WORD=F or WORD=START:END. Repeatable.
     #[arg(long, value_name = "WORD=F|WORD=START:END")]
     pub cross_replace_word: Vec<String>,
-    /// Self-attention replacement window: a fraction F or START:END. Default: the model's
-    /// recommendation (`_attend_edit_defaults` in model_index.json; 0.2 for the bundled model), else
-    /// the reference's 0.4.
+    /// Self-attention replacement window: a fraction F or START:END. Default: when the edited prompt
+    /// changes words, the model's recommendation (`_attend_edit_defaults` in model_index.json; 0.2
+    /// for the bundled model), else the reference's 0.4.
     #[arg(long, value_name = "F|START:END")]
     pub self_replace: Option<String>,
-    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: the
-    /// model's recommendation (32 for the bundled model), else the reference's 16.
+    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: when
+    /// the edited prompt changes words, the model's recommendation (32 for the bundled model), else
+    /// the reference's 16.
     #[arg(long, value_name = "SIDE")]
     pub self_replace_max_side: Option<usize>,
     /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
@@ -308,12 +309,14 @@ pub struct EditEvalArgs {
     /// Cross-attention replacement window of the swap (F or START:END).
     #[arg(long, default_value = "0.8")]
     pub cross_replace: String,
-    /// Self-attention replacement window of the swap (F or START:END). Default: the model's
-    /// recommendation (0.2 for the bundled model), else the reference's 0.4.
+    /// Self-attention replacement window (F or START:END), for swaps and reweights. Default: for
+    /// swaps the model's recommendation (0.2 for the bundled model), else the reference's 0.4; for
+    /// reweights (the prompt unchanged) the reference's 0.4.
     #[arg(long, value_name = "F|START:END")]
     pub self_replace: Option<String>,
-    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: the
-    /// model's recommendation (32 for the bundled model), else the reference's 16.
+    /// Self-attention is replaced only in layers whose query grid side is at most this. Default: for
+    /// swaps the model's recommendation (32 for the bundled model), else the reference's 16; for
+    /// reweights 16.
     #[arg(long, value_name = "SIDE")]
     pub self_replace_max_side: Option<usize>,
     /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
@@ -538,7 +541,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
     self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
-        EditDefaults::default(),
+        SelfReplace::default(),
     )?;
     let scales: Vec<f32> = args
         .reweight_scales
@@ -565,17 +568,29 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
         check_writable_parent(path)?;
     }
     let model = load_model(&args.model)?;
+    // Swaps change a word and take the model's recommendation; reweights keep the source prompt
+    // and take the reference's setting (`SelfReplace::recommended_for`), unless the flags say.
     let self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
-        model.edit_defaults(),
+        SelfReplace::recommended(model.edit_defaults()),
     )?;
-    eprintln!(
-        "self-attention replaced in layers up to {side}x{side} for steps {:.2}..{:.2} of the run",
-        self_replace.window.start,
-        self_replace.window.end,
-        side = self_replace.max_queries.isqrt()
-    );
+    let reweight_self_replace = self_replace_from_args(
+        args.self_replace.as_deref(),
+        args.self_replace_max_side,
+        SelfReplace::default(),
+    )?;
+    for (what, setting) in [
+        ("swaps", self_replace),
+        ("reweights", reweight_self_replace),
+    ] {
+        eprintln!(
+            "{what}: self-attention replaced in layers up to {side}x{side} for steps {:.2}..{:.2} of the run",
+            setting.window.start,
+            setting.window.end,
+            side = setting.max_queries.isqrt()
+        );
+    }
     let (width, _) = model.default_size_px();
     let scene_options = SceneOptions {
         size_px: width,
@@ -606,7 +621,9 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
             &model,
             &request,
             RecordConfig {
-                self_max_queries: self_replace.max_queries,
+                self_max_queries: self_replace
+                    .max_queries
+                    .max(reweight_self_replace.max_queries),
                 batch_item: 0,
             },
             None,
@@ -699,7 +716,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 for &scale in &scales {
                     let spec = EditSpec {
                         cross_window: CrossWindow::uniform(cross),
-                        self_replace,
+                        self_replace: reweight_self_replace,
                         reweights: words
                             .iter()
                             .map(|word| Reweight {
@@ -775,6 +792,11 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
                 "cross_replace": args.cross_replace,
                 "self_replace": [self_replace.window.start, self_replace.window.end],
                 "self_replace_max_side": self_replace.max_queries.isqrt(),
+                "reweight_self_replace": [
+                    reweight_self_replace.window.start,
+                    reweight_self_replace.window.end,
+                ],
+                "reweight_self_replace_max_side": reweight_self_replace.max_queries.isqrt(),
                 "local_blend": args.local_blend,
                 "blend_threshold": args.blend_threshold,
                 "reweight_word": args.reweight_word,
@@ -843,14 +865,13 @@ fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
     })
 }
 
-/// `--self-replace` and `--self-replace-max-side`, each falling back to the model's recommendation
-/// ([`SelfReplace::recommended`]).
+/// `--self-replace` and `--self-replace-max-side`, each falling back to `recommended` (the model's
+/// recommendation for the edit, [`SelfReplace::recommended_for`]).
 fn self_replace_from_args(
     window: Option<&str>,
     max_side: Option<usize>,
-    defaults: EditDefaults,
+    recommended: SelfReplace,
 ) -> anyhow::Result<SelfReplace> {
-    let recommended = SelfReplace::recommended(defaults);
     let window = match window {
         Some(text) => parse_window(text).context("--self-replace")?,
         None => recommended.window,
@@ -910,7 +931,7 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
     let self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
-        defaults,
+        SelfReplace::recommended_for(defaults, &args.prompt, &args.edit_prompt),
     )?;
     let local_blend = match &args.local_blend {
         Some(words) => {
@@ -1090,6 +1111,25 @@ mod tests {
         let spec = parse_for_model(&["--self-replace", "0.4"], bundled_like).unwrap();
         assert_eq!(spec.self_replace.window, StepWindow::until(0.4));
         assert_eq!(spec.self_replace.max_queries, 32 * 32);
+        // The test's prompt pair swaps a word; a reweight of the source prompt keeps the reference.
+        let cli = super::super::Cli::try_parse_from([
+            "attend",
+            "edit",
+            "--prompt",
+            "a red circle",
+            "--edit-prompt",
+            "A red circle",
+            "--reweight",
+            "circle=0",
+            "--out-dir",
+            "out",
+        ])
+        .unwrap();
+        let Some(super::super::Command::Edit(args)) = cli.command else {
+            panic!("not an edit command");
+        };
+        let spec = edit_spec(&args, bundled_like).unwrap();
+        assert_eq!(spec.self_replace, SelfReplace::default());
         let err = parse_for_model(&["--self-replace-max-side", "0"], bundled_like).unwrap_err();
         assert!(
             format!("{err:#}").contains("--self-replace-max-side 0"),

@@ -57,10 +57,11 @@ pub struct ModelIndex {
     pub edit_defaults: EditDefaults,
 }
 
-/// Prompt-to-Prompt settings a model folder recommends for itself, read from the optional
-/// `_attend_edit_defaults` object of `model_index.json` (`{"self_replace": 0.2,
-/// "self_replace_max_side": 32}`). A field that is absent means "the reference's value" (self window
-/// 0.4, layers up to 16x16), so real checkpoints, which never carry the key, get P2P's defaults.
+/// Prompt-to-Prompt settings a model folder recommends for its edits that change words (swaps and
+/// refinements), read from the optional `_attend_edit_defaults` object of `model_index.json`
+/// (`{"self_replace": 0.2, "self_replace_max_side": 32}`). A field that is absent means "the
+/// reference's value" (self window 0.4, layers up to 16x16), so real checkpoints, which never carry
+/// the key, get P2P's defaults.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EditDefaults {
     /// End of the self-attention replacement window, as a fraction of the steps (`0..=1`).

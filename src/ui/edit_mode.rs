@@ -22,8 +22,8 @@ use crate::analysis::WordSpan;
 use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::run_view::{RunOutcome, RunView};
 use crate::worker::{
-    BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig, Reweight, RgbImage,
-    SelfReplace, StepWindow,
+    changes_words, BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig,
+    Reweight, RgbImage, SelfReplace, StepWindow,
 };
 
 /// The edited run's view gets the run id with this bit set, so that caches keyed by run id (heat
@@ -657,10 +657,7 @@ impl EditorApp {
         if !self.edit.settings.enabled {
             return;
         }
-        let source_prompt = self.run.as_ref().map_or_else(
-            || self.settings.params.prompt.clone(),
-            |run| run.params.prompt.clone(),
-        );
+        let source_prompt = self.edit_source_prompt();
 
         let label = ui.label("Edit prompt");
         let response = ui
@@ -674,6 +671,7 @@ impl EditorApp {
         if response.changed() {
             prune_spec(&mut self.edit.settings.spec, &source_prompt);
         }
+        self.follow_model_edit_defaults();
 
         self.alignment_ui(ui, &source_prompt);
         self.windows_ui(ui);
@@ -700,11 +698,9 @@ impl EditorApp {
                 .clicked()
             {
                 let prompt = self.edit.settings.spec.edit_prompt.clone();
-                self.edit.settings.spec = EditSpec {
-                    self_replace: self.recommended_self_replace(),
-                    ..EditSpec::new(prompt)
-                };
+                self.edit.settings.spec = EditSpec::new(prompt);
                 self.edit.self_replace_chosen = false;
+                self.follow_model_edit_defaults();
             }
         });
 
@@ -784,17 +780,33 @@ impl EditorApp {
         }
     }
 
-    /// The loaded model's recommended self-attention replacement (the reference's before a model
-    /// has loaded).
-    fn recommended_self_replace(&self) -> SelfReplace {
-        self.model
-            .loaded
-            .as_ref()
-            .map_or_else(SelfReplace::default, |info| info.edit_self_replace)
+    /// The prompt of the source run (the prompt field's before any run).
+    fn edit_source_prompt(&self) -> String {
+        self.run.as_ref().map_or_else(
+            || self.settings.params.prompt.clone(),
+            |run| run.params.prompt.clone(),
+        )
     }
 
-    /// A model finished loading: an edit whose self-attention replacement nobody chose takes the
-    /// model's recommendation.
+    /// The self-attention replacement the edit starts with: the loaded model's recommendation when
+    /// the edited prompt changes words, the reference's when it only reweights the source (and
+    /// before a model has loaded).
+    fn recommended_self_replace(&self) -> SelfReplace {
+        if changes_words(
+            &self.edit_source_prompt(),
+            &self.edit.settings.spec.edit_prompt,
+        ) {
+            self.model
+                .loaded
+                .as_ref()
+                .map_or_else(SelfReplace::default, |info| info.edit_self_replace)
+        } else {
+            SelfReplace::default()
+        }
+    }
+
+    /// A model finished loading or the edited prompt changed: an edit whose self-attention
+    /// replacement nobody chose takes the recommendation.
     pub(super) fn follow_model_edit_defaults(&mut self) {
         if !self.edit.self_replace_chosen {
             self.edit.settings.spec.self_replace = self.recommended_self_replace();

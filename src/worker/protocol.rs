@@ -14,7 +14,8 @@ use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpa
 // Edit mode.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
 pub use crate::attention::p2p::{
-    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+    changes_words, BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
+    StepWindow,
 };
 // Segments view.
 use crate::analysis::segment::LabelledSegmentation;

@@ -822,8 +822,13 @@ fn model_recommendations_replace_only_what_they_name() {
     let recommended = SelfReplace::recommended(side_only);
     assert_eq!(recommended.window, SelfReplace::default().window);
     assert_eq!(recommended.max_queries, 64);
-    let spec = EditSpec::for_model("a red square", both);
+    // Recommendations are for edits that change words; a reweight of the source keeps the reference.
+    let spec = EditSpec::for_model("a red circle", "a red square", both);
     assert_eq!(spec.self_replace, SelfReplace::recommended(both));
+    let reweight_only = EditSpec::for_model("A red circle.", "a red  circle", both);
+    assert_eq!(reweight_only.self_replace, SelfReplace::default());
+    assert!(changes_words("a red circle", "a red circle and a square"));
+    assert!(!changes_words("a red circle", "a, Red circle"));
     assert_eq!(
         EditSpec {
             self_replace: SelfReplace::default(),
