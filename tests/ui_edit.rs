@@ -168,13 +168,14 @@ fn an_edit_shows_its_alignment_runs_only_the_edited_branch_and_follows_the_contr
     assert_eq!(harness.state().edit_spec().self_replace.max_queries, 256);
 
     // Local blend on the swapped word: a mask comes back and is drawn. "square" is repeated in the
-    // edited prompt, so the checkbox names the first one alone (the blue square stays closed).
+    // edited prompt, so the checkbox names the first one alone, in the edited prompt only (the
+    // source's first square is the blue one, which stays closed).
     harness.get_by_label("Blend circle / square").click();
     harness.step();
     let blend = harness.state().edit_spec().local_blend.clone().unwrap();
     assert_eq!(
         blend.words,
-        vec!["circle".to_owned(), "square#1".to_owned()]
+        vec!["circle".to_owned(), "edit:square#1".to_owned()]
     );
     run_until(&mut harness, "the blended edit", |app| {
         edit_finished(app) && app.edit_blend_mask().is_some()

@@ -485,6 +485,21 @@ pub fn parse_word_selector(word: &str) -> (&str, Option<usize>) {
     (word, None)
 }
 
+/// Which prompts of an edit a local-blend word is looked up in: `"source:circle"` only in the
+/// source prompt, `"edit:square#1"` only in the edited one, a plain selector in both. Returns
+/// `(in_source, in_edit, selector)`. Needed when occurrences shift between the prompts: in "a red
+/// circle and a blue square" -> "a red square and a blue square", the edited prompt's `square#1` is
+/// the red square, the source's is the blue one.
+pub fn split_prompt_scope(word: &str) -> (bool, bool, &str) {
+    if let Some(selector) = word.strip_prefix("source:") {
+        (true, false, selector)
+    } else if let Some(selector) = word.strip_prefix("edit:") {
+        (false, true, selector)
+    } else {
+        (true, true, word)
+    }
+}
+
 /// The selector that names the word at `index` of `words` alone: its text, plus `#k` (its
 /// occurrence, from 1) when the text occurs more than once in `words` or in `other_words` (the
 /// other prompt of an edit, where a plain text would also pick the repeats).

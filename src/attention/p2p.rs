@@ -55,8 +55,9 @@ use std::sync::Arc;
 use candle_core::{bail, Device, Tensor};
 
 use crate::analysis::alignment::{
-    align_prompts, word_token_indices, PromptAlignment, PromptLayout,
+    align_prompts, split_prompt_scope, word_token_indices, PromptAlignment, PromptLayout,
 };
+use crate::analysis::WordSpan;
 use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
 use crate::pipeline::{PipelineError, PipelineResult};
 
@@ -176,8 +177,16 @@ impl PromptToPrompt {
             }
             for (column, words) in [(0, &blend.words), (1, &blend.subtract_words)] {
                 for word in words {
-                    let source_tokens = word_token_indices(source.words, word);
-                    let edit_tokens = word_token_indices(edit.words, word);
+                    let (in_source, in_edit, selector) = split_prompt_scope(word);
+                    let lookup = |wanted: bool, words: &[WordSpan]| {
+                        if wanted {
+                            word_token_indices(words, selector)
+                        } else {
+                            Vec::new()
+                        }
+                    };
+                    let source_tokens = lookup(in_source, source.words);
+                    let edit_tokens = lookup(in_edit, edit.words);
                     if source_tokens.is_empty() && edit_tokens.is_empty() {
                         return Err(PipelineError::InvalidArgument {
                             name: "local blend word",

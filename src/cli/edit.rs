@@ -63,7 +63,8 @@ pub struct EditArgs {
     #[arg(long, value_name = "SIDE")]
     pub self_replace_max_side: Option<usize>,
     /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
-    /// `square#2` names the second "square" of a prompt alone).
+    /// `square#2` names the second "square" of a prompt alone; `source:WORD` / `edit:WORD` look it up
+    /// in one prompt only).
     #[arg(long, value_name = "WORD[,WORD]")]
     pub local_blend: Option<String>,
     /// Local blend: words whose region must not change (WORD[,WORD]).
@@ -523,10 +524,13 @@ fn swap_blend_words(objects: &[SceneObject], target: usize, new_shape: Shape) ->
     let colour_k = 1 + before.iter().filter(|o| o.colour == object.colour).count();
     let shape_k = 1 + before.iter().filter(|o| o.shape == object.shape).count();
     let new_k = 1 + before.iter().filter(|o| o.shape == new_shape).count();
+    // The colour word is the same object in both captions; the old shape is looked up in the
+    // source alone and the new one in the swapped caption alone, where an occurrence number could
+    // name another object.
     vec![
         format!("{}#{colour_k}", object.colour.word()),
-        format!("{}#{shape_k}", object.shape.word()),
-        format!("{}#{new_k}", new_shape.word()),
+        format!("source:{}#{shape_k}", object.shape.word()),
+        format!("edit:{}#{new_k}", new_shape.word()),
     ]
 }
 
@@ -1057,8 +1061,8 @@ mod tests {
             words,
             vec![
                 format!("{}#1", objects[1].colour.word()),
-                format!("{}#2", shape.word()),
-                format!("{}#1", new_shape.word()),
+                format!("source:{}#2", shape.word()),
+                format!("edit:{}#1", new_shape.word()),
             ]
         );
         assert!(swap_blend_words(&objects, 5, new_shape).is_empty());

@@ -15,7 +15,8 @@
 use egui::{Color32, Rect, Sense, Vec2};
 
 use crate::analysis::alignment::{
-    align_prompts, word_selector, word_token_indices, EditKind, PromptLayout, WordChange, WordPair,
+    align_prompts, split_prompt_scope, word_selector, word_token_indices, EditKind, PromptLayout,
+    WordChange, WordPair,
 };
 use crate::analysis::segment::Mask;
 use crate::analysis::WordSpan;
@@ -221,17 +222,31 @@ fn pair_blend_selectors(
     source_words: &[WordSpan],
     edit_words: &[WordSpan],
 ) -> Vec<String> {
+    let source_selector = pair
+        .source_word
+        .map(|index| word_selector(source_words, index, edit_words));
+    let edit_selector = pair
+        .edit_word
+        .map(|index| word_selector(edit_words, index, source_words));
+    // A selector that would also pick a word of the other prompt is kept to its own prompt
+    // ("edit:square#1" when the source's first square is another object), unless both prompts'
+    // selectors are the same (an unchanged word, looked up in both).
+    let scoped = |selector: String, scope: &str, other: &[WordSpan]| {
+        if word_token_indices(other, &selector).is_empty() {
+            selector
+        } else {
+            format!("{scope}:{selector}")
+        }
+    };
     let mut selectors = Vec::with_capacity(2);
-    if let Some(index) = pair.source_word {
-        selectors.push(word_selector(source_words, index, edit_words));
-    }
-    if let Some(index) = pair.edit_word {
-        let selector = word_selector(edit_words, index, source_words);
-        if !selectors.contains(&selector) {
-            selectors.push(selector);
+    match (source_selector, edit_selector) {
+        (Some(source), Some(edit)) if source == edit => selectors.push(source),
+        (source, edit) => {
+            selectors.extend(source.map(|selector| scoped(selector, "source", edit_words)));
+            selectors.extend(edit.map(|selector| scoped(selector, "edit", source_words)));
         }
     }
-    selectors.retain(|selector| !selector.is_empty());
+    selectors.retain(|selector| !selector.is_empty() && !selector.ends_with(':'));
     selectors
 }
 
@@ -244,7 +259,10 @@ fn prune_spec(spec: &mut EditSpec, source_prompt: &str) {
     let in_source = |word: &str| !word_token_indices(&source_words, word).is_empty();
     spec.reweights.retain(|reweight| in_edit(&reweight.word));
     if let Some(blend) = &mut spec.local_blend {
-        blend.words.retain(|word| in_edit(word) || in_source(word));
+        blend.words.retain(|word| {
+            let (source_scope, edit_scope, selector) = split_prompt_scope(word);
+            (edit_scope && in_edit(selector)) || (source_scope && in_source(selector))
+        });
         if blend.words.is_empty() && blend.mask.is_none() {
             spec.local_blend = None;
         }
@@ -345,16 +363,18 @@ impl EditorApp {
         self.edit.settings.enabled = true;
         self.settings.view.show_heatmap = false;
         self.edit.settings.spec.edit_prompt = edit_prompt.to_owned();
-        if let Ok((_, pairs)) = preview_alignment(&self.settings.params.prompt, edit_prompt, None) {
+        let source_prompt = self.settings.params.prompt.clone();
+        if let Ok((_, pairs)) = preview_alignment(&source_prompt, edit_prompt, None) {
+            // The same selectors as the blend checkboxes: a repeated word by its occurrence.
+            let (_, source_words) = whitespace_layout(&source_prompt);
+            let (_, edit_words) = whitespace_layout(edit_prompt);
             for pair in pairs
                 .iter()
                 .filter(|pair| pair.change == WordChange::Swapped)
             {
-                set_blend_words(
-                    &mut self.edit.settings.spec,
-                    &[pair.source_text.as_str(), pair.edit_text.as_str()],
-                    true,
-                );
+                let selectors = pair_blend_selectors(pair, &source_words, &edit_words);
+                let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+                set_blend_words(&mut self.edit.settings.spec, &selectors, true);
             }
         }
     }
@@ -1393,5 +1413,30 @@ mod tests {
         prune_spec(&mut spec, source);
         assert!(is_blend_word(&spec, "square#2") && is_blend_word(&spec, "circle"));
         assert!(!is_blend_word(&spec, "square#1"));
+
+        // The other way round the source has no second square, so the plain selector is safe.
+        let (source, edit) = (edit, source);
+        let (_, pairs) = preview_alignment(source, edit, None).unwrap();
+        let (_, source_words) = whitespace_layout(source);
+        let (_, edit_words) = whitespace_layout(edit);
+        let swapped = pair_blend_selectors(&pairs[6], &source_words, &edit_words);
+        assert_eq!(swapped, vec!["circle", "square#2"]);
+        // But when the swapped word comes first, the edited prompt's first square is the red one
+        // and the source's first square the blue one: the selector is kept to the edited prompt.
+        let (_, pairs) = preview_alignment(
+            "a red circle and a blue square",
+            "a red square and a blue square",
+            None,
+        )
+        .unwrap();
+        let (_, source_words) = whitespace_layout("a red circle and a blue square");
+        let (_, edit_words) = whitespace_layout("a red square and a blue square");
+        let swapped = pair_blend_selectors(&pairs[2], &source_words, &edit_words);
+        assert_eq!(swapped, vec!["circle", "edit:square#1"]);
+        let mut spec = EditSpec::new("a red square and a blue square");
+        let words: Vec<&str> = swapped.iter().map(String::as_str).collect();
+        set_blend_words(&mut spec, &words, true);
+        prune_spec(&mut spec, "a red circle and a blue square");
+        assert!(is_blend_word(&spec, "edit:square#1") && is_blend_word(&spec, "circle"));
     }
 }

@@ -143,7 +143,8 @@ pub struct LocalBlendConfig {
     /// Words whose maps decide where the edited latent may change; each is looked up in both prompts
     /// (the source's occurrences in the source's attention, the edit's in the edited attention).
     /// `word#k` names only the k-th occurrence in each prompt ("square#2" in "a red square and a blue
-    /// square" is the blue one).
+    /// square" is the blue one); a `source:` or `edit:` prefix looks the word up in that prompt alone
+    /// ("edit:square#1").
     pub words: Vec<String>,
     /// Words whose region must not change (optional).
     pub subtract_words: Vec<String>,

@@ -837,3 +837,50 @@ fn model_recommendations_replace_only_what_they_name() {
         EditSpec::new("a red square")
     );
 }
+
+#[test]
+fn scoped_blend_words_are_looked_up_in_their_own_prompt() {
+    // "a circle and a square" -> "a square and a square": the edited prompt's first square (token
+    // 2) is the swapped object; the source's first square (token 5) is the other one.
+    let spec_with = |words: &[&str]| EditSpec {
+        local_blend: Some(LocalBlendConfig::new(
+            words.iter().map(|word| (*word).to_owned()).collect(),
+        )),
+        ..EditSpec::new("a square and a square")
+    };
+    let blended_tokens = |weights: &[[f32; 2]]| -> Vec<usize> {
+        (0..weights.len())
+            .filter(|&token| weights[token][0] > 0.0)
+            .collect()
+    };
+    let plain = processor(
+        "a circle and a square",
+        "a square and a square",
+        &spec_with(&["circle", "square#1"]),
+        SourceMode::Batch,
+    );
+    assert_eq!(blended_tokens(&plain.source_blend_weights), vec![2, 5]);
+    assert_eq!(blended_tokens(&plain.edit_blend_weights), vec![2]);
+    let scoped = processor(
+        "a circle and a square",
+        "a square and a square",
+        &spec_with(&["source:circle", "edit:square#1"]),
+        SourceMode::Batch,
+    );
+    assert_eq!(blended_tokens(&scoped.source_blend_weights), vec![2]);
+    assert_eq!(blended_tokens(&scoped.edit_blend_weights), vec![2]);
+    // A scoped word missing from its prompt is an error naming it.
+    let spec = spec_with(&["edit:circle"]);
+    let source = Prompt::new("a circle and a square");
+    let edit = Prompt::new("a square and a square");
+    let err = PromptToPrompt::new(
+        &spec,
+        &source.layout(),
+        &edit.layout(),
+        LENGTH,
+        SourceMode::Batch,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("edit:circle"), "{err}");
+}

@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use crate::analysis::alignment::{
-    align_prompts, selected_words, word_token_indices, PromptLayout, WordChange,
+    align_prompts, selected_words, split_prompt_scope, word_token_indices, PromptLayout, WordChange,
 };
 use crate::attention::UnetPlace;
 use crate::worker::backend::{EditRunOutput, RunObserver};
@@ -267,11 +267,16 @@ fn fake_blend_mask(
     // The blend words' blob centres in both prompts (the same for every cell).
     let mut centres = Vec::new();
     for word in &blend.words {
-        for index in selected_words(&source.run.words, word) {
-            centres.extend(source.run.centres.get(index).copied());
+        let (in_source, in_edit, selector) = split_prompt_scope(word);
+        if in_source {
+            for index in selected_words(&source.run.words, selector) {
+                centres.extend(source.run.centres.get(index).copied());
+            }
         }
-        for index in selected_words(&edit_prompt.words, word) {
-            centres.extend(edit_centres.get(index).copied());
+        if in_edit {
+            for index in selected_words(&edit_prompt.words, selector) {
+                centres.extend(edit_centres.get(index).copied());
+            }
         }
     }
     let mut data = vec![0.0f32; h * w];
