@@ -224,10 +224,12 @@ fn pair_blend_selectors(
 ) -> Vec<String> {
     let source_selector = pair
         .source_word
-        .map(|index| word_selector(source_words, index, edit_words));
+        .map(|index| word_selector(source_words, index, edit_words))
+        .filter(|selector| !selector.is_empty());
     let edit_selector = pair
         .edit_word
-        .map(|index| word_selector(edit_words, index, source_words));
+        .map(|index| word_selector(edit_words, index, source_words))
+        .filter(|selector| !selector.is_empty());
     // A selector that would also pick a word of the other prompt is kept to its own prompt
     // ("edit:square#1" when the source's first square is another object), unless both prompts'
     // selectors are the same (an unchanged word, looked up in both).
@@ -246,7 +248,6 @@ fn pair_blend_selectors(
             selectors.extend(edit.map(|selector| scoped(selector, "edit", source_words)));
         }
     }
-    selectors.retain(|selector| !selector.is_empty() && !selector.ends_with(':'));
     selectors
 }
 
