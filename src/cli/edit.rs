@@ -573,7 +573,7 @@ pub fn run_eval(args: &EditEvalArgs) -> anyhow::Result<()> {
     }
     let model = load_model(&args.model)?;
     // Swaps change a word and take the model's recommendation; reweights keep the source prompt
-    // and take the reference's setting (`SelfReplace::recommended_for`), unless the flags say.
+    // and take the reference's setting (`SelfReplace::for_edit`), unless the flags say.
     let self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
@@ -870,7 +870,7 @@ fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
 }
 
 /// `--self-replace` and `--self-replace-max-side`, each falling back to `recommended` (the model's
-/// recommendation for the edit, [`SelfReplace::recommended_for`]).
+/// recommendation for the edit, [`SelfReplace::for_edit`]).
 fn self_replace_from_args(
     window: Option<&str>,
     max_side: Option<usize>,
@@ -935,7 +935,11 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
     let self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
-        SelfReplace::recommended_for(defaults, &args.prompt, &args.edit_prompt),
+        SelfReplace::for_edit(
+            SelfReplace::recommended(defaults),
+            &args.prompt,
+            &args.edit_prompt,
+        ),
     )?;
     let local_blend = match &args.local_blend {
         Some(words) => {

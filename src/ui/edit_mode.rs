@@ -23,8 +23,8 @@ use crate::analysis::WordSpan;
 use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::run_view::{RunOutcome, RunView};
 use crate::worker::{
-    changes_words, BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig,
-    Reweight, RgbImage, SelfReplace, StepWindow,
+    BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig, Reweight, RgbImage,
+    SelfReplace, StepWindow,
 };
 
 /// The edited run's view gets the run id with this bit set, so that caches keyed by run id (heat
@@ -813,17 +813,16 @@ impl EditorApp {
     /// the edited prompt changes words, the reference's when it only reweights the source (and
     /// before a model has loaded).
     fn recommended_self_replace(&self) -> SelfReplace {
-        if changes_words(
+        let word_edit = self
+            .model
+            .loaded
+            .as_ref()
+            .map_or_else(SelfReplace::default, |info| info.edit_self_replace);
+        SelfReplace::for_edit(
+            word_edit,
             &self.edit_source_prompt(),
             &self.edit.settings.spec.edit_prompt,
-        ) {
-            self.model
-                .loaded
-                .as_ref()
-                .map_or_else(SelfReplace::default, |info| info.edit_self_replace)
-        } else {
-            SelfReplace::default()
-        }
+        )
     }
 
     /// A model finished loading or the edited prompt changed: an edit whose self-attention

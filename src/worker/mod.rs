@@ -41,6 +41,6 @@ pub use segment::{SegmentFileExport, SegmentRequest};
 // Edit mode.
 pub use backend::EditRunOutput;
 pub use protocol::{
-    changes_words, BlendMask, CrossWindow, EditInfo, EditKind, EditSpec, LocalBlendConfig,
-    Reweight, SelfReplace, StepWindow, WordChange, WordPair,
+    BlendMask, CrossWindow, EditInfo, EditKind, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
+    StepWindow, WordChange, WordPair,
 };

@@ -14,8 +14,7 @@ use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpa
 // Edit mode.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
 pub use crate::attention::p2p::{
-    changes_words, BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
-    StepWindow,
+    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
 };
 // Segments view.
 use crate::analysis::segment::LabelledSegmentation;

@@ -108,15 +108,15 @@ impl SelfReplace {
         }
     }
 
-    /// The setting an edit starts with: the model's recommendation ([`SelfReplace::recommended`])
-    /// when the edited prompt changes words (a swap or a refinement), the reference's when it only
-    /// reweights the source prompt. Holding the source's layout is what keeps a swapped object in
-    /// place, and what keeps a reweighted object from going away (on the bundled model a weight of
-    /// -1 removed or halved the object in 42% of cases with its recommendation, 67% with the
-    /// reference's setting).
-    pub fn recommended_for(defaults: EditDefaults, source_prompt: &str, edit_prompt: &str) -> Self {
+    /// The setting an edit starts with: `word_edit` (the model's recommendation,
+    /// [`SelfReplace::recommended`]) when the edited prompt changes words (a swap or a refinement),
+    /// the reference's when it only reweights the source prompt. Holding the source's layout is what
+    /// keeps a swapped object in place, and what keeps a reweighted object from going away (on the
+    /// bundled model a weight of -1 removed or halved the object in 42% of cases with its
+    /// recommendation, 67% with the reference's setting).
+    pub fn for_edit(word_edit: Self, source_prompt: &str, edit_prompt: &str) -> Self {
         if changes_words(source_prompt, edit_prompt) {
-            Self::recommended(defaults)
+            word_edit
         } else {
             Self::default()
         }
@@ -223,20 +223,6 @@ impl EditSpec {
             self_replace: SelfReplace::default(),
             reweights: Vec::new(),
             local_blend: None,
-        }
-    }
-
-    /// [`EditSpec::new`] with the self-attention replacement the model recommends for this edit of
-    /// `source_prompt` ([`SelfReplace::recommended_for`]).
-    pub fn for_model(
-        source_prompt: &str,
-        edit_prompt: impl Into<String>,
-        defaults: EditDefaults,
-    ) -> Self {
-        let edit_prompt = edit_prompt.into();
-        Self {
-            self_replace: SelfReplace::recommended_for(defaults, source_prompt, &edit_prompt),
-            ..Self::new(edit_prompt)
         }
     }
 }

@@ -823,19 +823,13 @@ fn model_recommendations_replace_only_what_they_name() {
     assert_eq!(recommended.window, SelfReplace::default().window);
     assert_eq!(recommended.max_queries, 64);
     // Recommendations are for edits that change words; a reweight of the source keeps the reference.
-    let spec = EditSpec::for_model("a red circle", "a red square", both);
-    assert_eq!(spec.self_replace, SelfReplace::recommended(both));
-    let reweight_only = EditSpec::for_model("A red circle.", "a red  circle", both);
-    assert_eq!(reweight_only.self_replace, SelfReplace::default());
+    let word_edit = SelfReplace::recommended(both);
+    let swap = SelfReplace::for_edit(word_edit, "a red circle", "a red square");
+    assert_eq!(swap, SelfReplace::recommended(both));
+    let reweight_only = SelfReplace::for_edit(word_edit, "A red circle.", "a red  circle");
+    assert_eq!(reweight_only, SelfReplace::default());
     assert!(changes_words("a red circle", "a red circle and a square"));
     assert!(!changes_words("a red circle", "a, Red circle"));
-    assert_eq!(
-        EditSpec {
-            self_replace: SelfReplace::default(),
-            ..spec
-        },
-        EditSpec::new("a red square")
-    );
 }
 
 #[test]
