@@ -221,6 +221,83 @@ fn hook_can_replace_keys_values_and_probabilities() {
     );
 }
 
+/// Duplicates every layer's keys and doubles its values, and takes the probabilities only when
+/// `wants` (declined, the UNet runs its fused attention under the hook); counts what it was asked.
+#[derive(Default)]
+struct DoubledValues {
+    wants: bool,
+    asked: usize,
+    key_value_calls: usize,
+}
+
+impl AttentionProcessor for DoubledValues {
+    fn wants_probabilities(&self, _site: &AttentionSite) -> bool {
+        self.wants
+    }
+
+    fn process_keys_values(
+        &mut self,
+        _site: &AttentionSite,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        self.key_value_calls += 1;
+        let doubled = (values * 2.0)?;
+        Ok(Some((
+            Tensor::cat(&[keys, keys], 1)?,
+            Tensor::cat(&[&doubled, &doubled], 1)?,
+        )))
+    }
+
+    fn process_probabilities(
+        &mut self,
+        _site: &AttentionSite,
+        _probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.asked += 1;
+        Ok(None)
+    }
+}
+
+#[test]
+fn declined_probabilities_are_not_materialised_and_change_nothing() {
+    let reference = references("tiny-sd1");
+    let unet = load_unet("tiny-sd1", "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+    let run = |wants: bool| {
+        let mut processor = DoubledValues {
+            wants,
+            ..DoubledValues::default()
+        };
+        let out = {
+            let mut hook = AttentionHook {
+                processor: &mut processor,
+                step_index: 0,
+                step_count: 1,
+                cfg: true,
+            };
+            unet.forward(&sample, timestep, &context, Some(&mut hook))
+                .unwrap()
+        };
+        (out, processor.asked, processor.key_value_calls)
+    };
+    let (taken, asked_taken, calls_taken) = run(true);
+    let (declined, asked_declined, calls_declined) = run(false);
+    assert!(asked_taken > 0);
+    assert_eq!(
+        asked_declined, 0,
+        "declined probabilities must not be handed over"
+    );
+    assert_eq!(calls_taken, calls_declined);
+    // The replaced values count on both paths, and the two paths agree.
+    assert!(max_abs_diff(&declined, &reference["unet.out"]) > 1e-3);
+    let diff = max_abs_diff(&declined, &taken);
+    eprintln!(
+        "tiny-sd1, doubled values, fused vs materialised probabilities: max abs diff = {diff:e}"
+    );
+    assert!(diff < 1e-5);
+}
+
 /// Non-square latents whose halvings are odd (13x10 -> 7x5 -> 4x3), at a fractional timestep:
 /// the up blocks must upsample to each skip connection's size, as diffusers' `upsample_size` does.
 #[test]

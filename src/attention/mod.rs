@@ -100,6 +100,13 @@ pub trait AttentionProcessor {
         probs: &Tensor,
     ) -> Result<Option<Tensor>>;
 
+    /// Whether [`AttentionProcessor::process_probabilities`] needs `site`'s probabilities. When it
+    /// answers false, the layer computes its attention without materialising them (fused, in
+    /// cache-sized blocks) and does not call `process_probabilities` for it. Default: true.
+    fn wants_probabilities(&self, _site: &AttentionSite) -> bool {
+        true
+    }
+
     /// Inspect or replace keys and values before the scores are computed (for shared attention).
     /// `keys`/`values` are `[batch * heads, keys, head_dim]`. Default: unchanged.
     fn process_keys_values(

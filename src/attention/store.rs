@@ -19,10 +19,11 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::analysis::heatmap::{CrossGroup, SelfAttentionMap, SelfAttentionSpan, StepCross};
 use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
+use crate::pipeline::unet::kernels;
 use crate::pipeline::PipelineResult;
 
 /// What [`AttentionStore`] keeps.
@@ -341,6 +342,11 @@ impl AttentionStore {
     }
 
     /// `[queries, keys]` f32: the recorded batch item's probabilities averaged over heads.
+    /// Whether `site` (a self-attention layer) is one whose maps the store keeps.
+    fn keeps_self_attention(&self, site: &AttentionSite) -> bool {
+        self.config.keep_self && site.query_h.max(site.query_w) <= self.config.self_max_side
+    }
+
     fn head_mean(&self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<Tensor> {
         let (batch_heads, queries, keys) = probs.dims3()?;
         if batch_heads != site.batch * site.heads || queries != site.queries() || keys != site.keys
@@ -365,10 +371,7 @@ impl AttentionStore {
                 site.module_path()
             );
         }
-        probs
-            .narrow(0, item * site.heads, site.heads)?
-            .to_dtype(DType::F32)?
-            .mean(0)
+        kernels::mean_of_planes(&probs.narrow(0, item * site.heads, site.heads)?)
     }
 }
 
@@ -397,6 +400,13 @@ fn accumulate(
 }
 
 impl AttentionProcessor for AttentionStore {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        match site.kind {
+            AttentionKind::Cross => true,
+            AttentionKind::SelfAttention => self.keeps_self_attention(site),
+        }
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,
@@ -414,9 +424,7 @@ impl AttentionProcessor for AttentionStore {
                 accumulate(&mut self.pending_cross, key, map)?;
             }
             AttentionKind::SelfAttention => {
-                if self.config.keep_self
-                    && site.query_h.max(site.query_w) <= self.config.self_max_side
-                {
+                if self.keeps_self_attention(site) {
                     let map = self.head_mean(site, probs)?;
                     accumulate(&mut self.pending_self, key, map)?;
                 }
@@ -435,7 +443,7 @@ impl AttentionProcessor for AttentionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn site(
         place: UnetPlace,

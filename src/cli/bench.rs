@@ -1,12 +1,14 @@
 //! `attend bench unet`: median seconds of one UNet call with a classifier-free-guidance batch of 2,
 //! with or without attention capture (the [`AttentionStore`] of the editor).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::attention::{AttentionHook, AttentionProcessor};
+use attend::pipeline::profile::{self, StageTotal};
 use attend::pipeline::rng::NoiseRng;
 use attend::pipeline::unet::config::UnetConfig;
 use attend::pipeline::unet::Unet;
@@ -61,6 +63,10 @@ pub struct UnetBenchArgs {
     /// Print one JSON line instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also print where the timed calls spent their time, per layer kind and size (convolutions,
+    /// linear layers, attention, norms; the rest is "unlabelled"), summed over the timed calls.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Run `attend bench`.
@@ -124,8 +130,10 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     let context = rng.randn(vec![2, 77, text_width], &device)?;
     let mut store = AttentionStore::new(StoreConfig::new(args.capture_tokens));
     let mut seconds = Vec::with_capacity(args.iters);
+    let mut total_seconds = 0.0;
     for iteration in 0..=args.iters {
         store.clear();
+        profile::set_enabled(args.profile && iteration > 0);
         let started = Instant::now();
         let output = {
             let mut hook = args.capture.then_some(AttentionHook {
@@ -143,8 +151,10 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         let _ = output.dims();
         if iteration > 0 {
             seconds.push(started.elapsed().as_secs_f64());
+            total_seconds += started.elapsed().as_secs_f64();
         }
     }
+    profile::set_enabled(false);
     seconds.sort_by(f64::total_cmp);
     let median = seconds[seconds.len() / 2];
     if args.json {
@@ -170,5 +180,35 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             seconds[seconds.len() - 1]
         );
     }
+    if args.profile {
+        print_profile(profile::take_totals(), total_seconds, args.iters);
+    }
     Ok(())
+}
+
+/// The stage table of `--profile`: most expensive first, with each stage's share of the timed
+/// calls' wall time, then what no stage covered.
+fn print_profile(totals: BTreeMap<String, StageTotal>, total_seconds: f64, calls: usize) {
+    let mut rows: Vec<(String, StageTotal)> = totals.into_iter().collect();
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.elapsed));
+    let per_call = |seconds: f64| seconds / calls as f64 * 1e3;
+    println!("stage (summed over {calls} timed calls)  ms/UNet-call  share  runs/UNet-call");
+    let mut covered = 0.0;
+    for (label, total) in &rows {
+        let seconds = total.elapsed.as_secs_f64();
+        covered += seconds;
+        println!(
+            "{label:<60} {:>9.1} {:>5.1}% {:>6}",
+            per_call(seconds),
+            100.0 * seconds / total_seconds.max(f64::MIN_POSITIVE),
+            total.calls / calls as u64
+        );
+    }
+    let rest = (total_seconds - covered).max(0.0);
+    println!(
+        "{:<60} {:>9.1} {:>5.1}%",
+        "unlabelled",
+        per_call(rest),
+        100.0 * rest / total_seconds.max(f64::MIN_POSITIVE)
+    );
 }

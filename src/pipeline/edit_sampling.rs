@@ -527,6 +527,14 @@ struct ItemView<'a> {
 }
 
 impl AttentionProcessor for ItemView<'_> {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        let halves = if site.cfg { 2 } else { 1 };
+        self.inner.wants_probabilities(&AttentionSite {
+            batch: halves,
+            ..site.clone()
+        })
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,

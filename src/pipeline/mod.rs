@@ -4,6 +4,7 @@ pub mod clip;
 pub mod edit_sampling;
 pub mod error;
 pub mod model;
+pub mod profile;
 pub mod rng;
 pub mod sampling;
 pub mod scheduler;

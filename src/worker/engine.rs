@@ -117,6 +117,13 @@ impl PipelineEngine {
 struct SharedStore(Rc<RefCell<AttentionStore>>);
 
 impl AttentionProcessor for SharedStore {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        // A busy store fails loudly in `process_probabilities`; ask for the probabilities then.
+        self.0
+            .try_borrow()
+            .map_or(true, |store| store.wants_probabilities(site))
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,

@@ -18,6 +18,12 @@ impl<'a> ChainedProcessors<'a> {
 }
 
 impl AttentionProcessor for ChainedProcessors<'_> {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        self.processors
+            .iter()
+            .any(|processor| processor.wants_probabilities(site))
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,

@@ -133,6 +133,11 @@ impl SourceRecorder {
 }
 
 impl AttentionProcessor for SourceRecorder {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        site.kind == AttentionKind::Cross
+            || site.queries() <= self.recording.config.self_max_queries
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,

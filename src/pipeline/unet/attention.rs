@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use super::kernels;
 use super::layers::{GroupNorm, LayerNorm, Linear};
 use crate::attention::{AttentionHook, AttentionKind, AttentionSite, UnetPlace};
-use crate::pipeline::PipelineResult;
+use crate::pipeline::{profile, PipelineResult};
 
 /// Where a transformer sits in the UNet: enough to build every [`AttentionSite`] inside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,20 @@ pub struct AttentionCall {
     pub query_w: usize,
 }
 
+impl AttentionCall {
+    /// The `--profile` label of this call's attention stage `stage` (`""` for the whole core).
+    fn profile_label(&self, stage: &str, keys: usize) -> String {
+        let kind = match self.kind {
+            AttentionKind::SelfAttention => "self",
+            AttentionKind::Cross => "cross",
+        };
+        format!(
+            "attention {kind}{stage} {}x{} queries, {keys} keys",
+            self.query_h, self.query_w
+        )
+    }
+}
+
 impl Attention {
     /// Loads `to_q`, `to_k`, `to_v`, `to_out.0` under `vb`. `context_dim` is the key/value input width.
     pub fn new(
@@ -104,8 +118,12 @@ impl Attention {
         let key = self.to_k.forward(context)?;
         let value = self.to_v.forward(context)?;
         let attended = match hook {
+            // Measures its own stages (products, processor).
             Some(hook) => self.attend_hooked(&query, &key, &value, call, hook)?,
-            None => self.attend_chunked(&query, &key, &value)?,
+            None => profile::measure(
+                || call.profile_label("", key.dim(1).unwrap_or(0)),
+                || self.attend_chunked(&query, &key, &value),
+            )?,
         };
         self.to_out.forward(&attended)
     }
@@ -135,6 +153,8 @@ impl Attention {
         let batch = query.dim(0)?;
         let compute_dtype = query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
+        let merged_query = query;
+        let merged_value = value;
         let query = self.split_heads(query)?;
         let mut key = self.split_heads(key)?;
         let mut value = self.split_heads(value)?;
@@ -153,16 +173,59 @@ impl Attention {
             step_index: hook.step_index,
             step_count: hook.step_count,
         };
+        let mut values_replaced = false;
         if let Some((new_key, new_value)) =
             hook.processor.process_keys_values(&site, &key, &value)?
         {
             key = new_key.to_dtype(compute_dtype)?;
             value = new_value.to_dtype(compute_dtype)?;
             site.keys = key.dim(1)?;
+            values_replaced = true;
         }
+        if (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu() {
+            // Blocked products on head views, spread over the cores.
+            let keys = site.keys;
+            let merged_value = |value: &Tensor| {
+                if values_replaced {
+                    self.merge_heads(value)
+                } else {
+                    Ok(merged_value.clone())
+                }
+            };
+            if !hook.processor.wants_probabilities(&site) {
+                return profile::measure(
+                    || call.profile_label(" fused", keys),
+                    || {
+                        let key_t = key.t()?.contiguous()?;
+                        let value = merged_value(&value)?;
+                        let scale = self.scale();
+                        kernels::fused_attention(merged_query, &key_t, &value, self.heads, scale)
+                    },
+                );
+            }
+            let scores = profile::measure(
+                || call.profile_label(" probabilities", keys),
+                || {
+                    let key_t = key.t()?.contiguous()?;
+                    kernels::attention_probabilities(merged_query, &key_t, self.heads, self.scale())
+                },
+            )?;
+            let probs = profile::measure(
+                || call.profile_label(" processor", keys),
+                || hook.processor.process_probabilities(&site, &scores),
+            )?
+            .unwrap_or(scores);
+            return profile::measure(
+                || call.profile_label(" values", keys),
+                || kernels::attend_probabilities(&probs, &merged_value(&value)?, self.heads),
+            );
+        }
+        // A contiguous `[batch * heads, head_dim, keys]`: the GEMM would gather a transposed view
+        // element by element.
+        let key_t = key.to_dtype(score_dtype)?.t()?.contiguous()?;
         let scores = query
             .to_dtype(score_dtype)?
-            .matmul(&key.to_dtype(score_dtype)?.t()?)?
+            .matmul(&key_t)?
             .to_dtype(DType::F32)?
             .contiguous()?;
         kernels::scaled_softmax_in_place(&scores, self.scale())?;
@@ -187,6 +250,10 @@ impl Attention {
         let compute_dtype = query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
         let heads = self.heads;
+        if (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu() {
+            let key_t = kernels::split_heads_transposed(key, heads)?;
+            return kernels::fused_attention(query, &key_t, value, heads, self.scale());
+        }
         // Contiguous per-head operands: [batch * heads, n, head_dim] and keys as [.., head_dim, keys].
         let query = self.split_heads(query)?.to_dtype(score_dtype)?;
         let key_t = kernels::split_heads_transposed(key, heads)?.to_dtype(score_dtype)?;
@@ -257,7 +324,10 @@ impl FeedForward {
         while start < rows {
             let len = rows_per_chunk.min(rows - start);
             let projected = self.project_in.forward(&flat.narrow(0, start, len)?)?;
-            let gated = kernels::geglu(&projected)?;
+            let gated = profile::measure(
+                || format!("geglu {:?}", projected.dims()),
+                || kernels::geglu(&projected),
+            )?;
             pieces.push(self.project_out.forward(&gated)?);
             start += len;
         }

@@ -655,6 +655,479 @@ pub fn scaled_softmax_in_place(scores: &Tensor, scale: f32) -> Result<()> {
     scores.inplace_op1(&ScaledSoftmaxInPlace { scale })
 }
 
+/// A read-only strided f32 matrix inside a slice (for [`gemm_single_thread`]).
+#[derive(Clone, Copy)]
+struct MatrixView<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl MatrixView<'_> {
+    /// Whether every element lies inside `data` (`offset + (rows-1) * rs + (cols-1) * cs`).
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || self.offset + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst[offset..]` (row stride `dst_row_stride`, unit column stride) `= lhs * rhs` on the calling
+/// thread only (the callers already spread their blocks over the cores).
+fn gemm_single_thread(
+    dst: &mut [f32],
+    dst_offset: usize,
+    dst_row_stride: usize,
+    lhs: MatrixView<'_>,
+    rhs: MatrixView<'_>,
+) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let dst_view = MatrixView {
+        data: dst,
+        offset: dst_offset,
+        rows: m,
+        cols: n,
+        row_stride: dst_row_stride,
+        col_stride: 1,
+    };
+    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_view.in_bounds() {
+        candle_core::bail!(
+            "gemm: operands out of bounds or mismatched ({m}x{k} * {}x{n})",
+            rhs.rows
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: every element the GEMM reads or writes lies inside its slice (checked above), the
+    // destination is borrowed mutably so it cannot alias the inputs, and `read_dst` is false, so
+    // the destination's previous values are never read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(dst_offset),
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.data.as_ptr().add(lhs.offset),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr().add(rhs.offset),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok(())
+}
+
+/// Score elements (`queries x keys`) one attention block keeps at once: small enough for the
+/// core's L2 cache.
+const ATTENTION_BLOCK_SCORES: usize = 64 * 1024;
+
+/// Fused multi-head attention `softmax(scale * q k^T) v` for f32 activations, without head
+/// split/merge copies: blocks of queries (with all their heads) are spread over the cores and each
+/// block runs its two products single-threaded on strided head views, with the block's scores
+/// kept cache-sized.
+struct FusedAttention<'a> {
+    /// `[batch, queries, heads * d]`.
+    query: &'a [f32],
+    /// `[batch * heads, d, keys]`.
+    key_t: &'a [f32],
+    /// `[batch, keys, heads * d]`.
+    value: &'a [f32],
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl FusedAttention<'_> {
+    fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// `[batch, queries, heads * d]`.
+    fn run(&self) -> Result<Vec<f32>> {
+        let (batch, queries, keys, inner) = (self.batch, self.queries, self.keys, self.inner());
+        if self.key_t.len() != batch * inner * keys
+            || self.value.len() != batch * keys * inner
+            || self.query.len() != batch * queries * inner
+        {
+            candle_core::bail!("fused attention: inconsistent shapes");
+        }
+        let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+        let mut out = vec![0f32; batch * queries * inner];
+        parallel_rows(&mut out, inner, |first_row, piece| {
+            let rows_here = piece.len() / inner.max(1);
+            let mut scores = vec![0f32; block_rows.min(rows_here) * keys];
+            for_each_block(
+                first_row,
+                rows_here,
+                queries,
+                block_rows,
+                |global, rows, row| {
+                    self.block(global, rows, &mut scores[..rows * keys], piece, row)
+                },
+            )
+        })?;
+        Ok(out)
+    }
+
+    /// Queries `first..first + rows` of the flattened `[batch * queries]` (one batch item), every
+    /// head, written from row `out_row` of `out_piece` on; `scores` holds `rows * keys`.
+    fn block(
+        &self,
+        first: usize,
+        rows: usize,
+        scores: &mut [f32],
+        out_piece: &mut [f32],
+        out_row: usize,
+    ) -> Result<()> {
+        let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
+        let item = first / self.queries;
+        for head in 0..self.heads {
+            let query = MatrixView {
+                data: self.query,
+                offset: first * inner + head * head_dim,
+                rows,
+                cols: head_dim,
+                row_stride: inner,
+                col_stride: 1,
+            };
+            let key_t = MatrixView {
+                data: self.key_t,
+                offset: (item * self.heads + head) * head_dim * keys,
+                rows: head_dim,
+                cols: keys,
+                row_stride: keys,
+                col_stride: 1,
+            };
+            gemm_single_thread(scores, 0, keys, query, key_t)?;
+            pulp::Arch::new().dispatch(SoftmaxRows {
+                piece: scores,
+                row_len: keys,
+                scale: self.scale,
+            });
+            let probabilities = MatrixView {
+                data: scores,
+                offset: 0,
+                rows,
+                cols: keys,
+                row_stride: keys,
+                col_stride: 1,
+            };
+            let value = MatrixView {
+                data: self.value,
+                offset: item * keys * inner + head * head_dim,
+                rows: keys,
+                cols: head_dim,
+                row_stride: inner,
+                col_stride: 1,
+            };
+            gemm_single_thread(
+                out_piece,
+                out_row * inner + head * head_dim,
+                inner,
+                probabilities,
+                value,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The f32 values of `xs` (contiguous), for the attention kernels below.
+fn attention_operand(xs: &Tensor) -> Result<Tensor> {
+    if !xs.device().is_cpu() {
+        candle_core::bail!("attention kernels: CPU tensors only");
+    }
+    xs.to_dtype(candle_core::DType::F32)?.contiguous()
+}
+
+/// Runs `job` on the contiguous f32 values of `xs` (see [`attention_operand`]).
+fn with_values<R>(xs: &Tensor, job: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = xs.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("attention kernels: CPU tensors only");
+    };
+    job(contiguous_slice(storage, layout, "attention")?)
+}
+
+/// Splits `rows` rows of a `[groups * group_rows, ...]` output into blocks of at most
+/// `block_rows` that stay inside one group, calling `job(first_row_global, rows, row_in_piece)`.
+fn for_each_block(
+    first_row: usize,
+    rows_here: usize,
+    group_rows: usize,
+    block_rows: usize,
+    mut job: impl FnMut(usize, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let mut row = 0;
+    while row < rows_here {
+        let within = (first_row + row) % group_rows.max(1);
+        let rows = block_rows.min(rows_here - row).min(group_rows - within);
+        job(first_row + row, rows, row)?;
+        row += rows;
+    }
+    Ok(())
+}
+
+/// Runs `job(first_row, piece)` over row pieces of `out` (rows of `row_len`) in parallel and
+/// returns the first error any piece met.
+fn parallel_rows(
+    out: &mut [f32],
+    row_len: usize,
+    job: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let rows = out.len() / row_len.max(1);
+    let failure = std::sync::Mutex::new(None);
+    parallel_chunks_mut(out, rows, |first_row, piece| {
+        if let Err(error) = job(first_row, piece) {
+            *failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+        }
+    });
+    match failure
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Attention probabilities `softmax(scale * q k^T)` per head (f32): `query` `[batch, queries,
+/// heads * d]`, `key_t` `[batch * heads, d, keys]` -> `[batch * heads, queries, keys]`. The
+/// products run in cache-sized blocks spread over the cores (no head split copy of `query`).
+pub fn attention_probabilities(
+    query: &Tensor,
+    key_t: &Tensor,
+    heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, queries, inner) = query.dims3()?;
+    let (batch_heads, head_dim, keys) = key_t.dims3()?;
+    check_heads(inner, heads)?;
+    if batch_heads != batch * heads || head_dim * heads != inner {
+        candle_core::bail!(
+            "attention probabilities: query {:?} and key_t {:?} do not match {heads} heads",
+            query.dims(),
+            key_t.dims()
+        );
+    }
+    let (query_f32, key_t_f32) = (attention_operand(query)?, attention_operand(key_t)?);
+    let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+    let mut out = vec![0f32; batch_heads * queries * keys];
+    with_values(&query_f32, |query| {
+        with_values(&key_t_f32, |key_t| {
+            parallel_rows(&mut out, keys, |first_row, piece| {
+                let rows_here = piece.len() / keys.max(1);
+                for_each_block(
+                    first_row,
+                    rows_here,
+                    queries,
+                    block_rows,
+                    |global, rows, row| {
+                        let (batch_head, query_index) = (global / queries, global % queries);
+                        let (item, head) = (batch_head / heads, batch_head % heads);
+                        let lhs = MatrixView {
+                            data: query,
+                            offset: (item * queries + query_index) * inner + head * head_dim,
+                            rows,
+                            cols: head_dim,
+                            row_stride: inner,
+                            col_stride: 1,
+                        };
+                        let rhs = MatrixView {
+                            data: key_t,
+                            offset: batch_head * head_dim * keys,
+                            rows: head_dim,
+                            cols: keys,
+                            row_stride: keys,
+                            col_stride: 1,
+                        };
+                        gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
+                        pulp::Arch::new().dispatch(SoftmaxRows {
+                            piece: &mut piece[row * keys..(row + rows) * keys],
+                            row_len: keys,
+                            scale,
+                        });
+                        Ok(())
+                    },
+                )
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (batch_heads, queries, keys), query.device())
+}
+
+/// `probabilities v` per head, heads merged (f32 in, `value`'s dtype out): `probabilities`
+/// `[batch * heads, queries, keys]`, `value` `[batch, keys, heads * d]` -> `[batch, queries,
+/// heads * d]`, in blocks of queries spread over the cores (no head split/merge copies).
+pub fn attend_probabilities(
+    probabilities: &Tensor,
+    value: &Tensor,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch_heads, queries, keys) = probabilities.dims3()?;
+    let (batch, value_keys, inner) = value.dims3()?;
+    check_heads(inner, heads)?;
+    if batch_heads != batch * heads || value_keys != keys {
+        candle_core::bail!(
+            "attend probabilities: probabilities {:?} and value {:?} do not match {heads} heads",
+            probabilities.dims(),
+            value.dims()
+        );
+    }
+    let head_dim = inner / heads;
+    let (probabilities_f32, value_f32) =
+        (attention_operand(probabilities)?, attention_operand(value)?);
+    let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+    let mut out = vec![0f32; batch * queries * inner];
+    with_values(&probabilities_f32, |probabilities| {
+        with_values(&value_f32, |value| {
+            parallel_rows(&mut out, inner, |first_row, piece| {
+                let rows_here = piece.len() / inner.max(1);
+                for_each_block(
+                    first_row,
+                    rows_here,
+                    queries,
+                    block_rows,
+                    |global, rows, row| {
+                        let (item, query_index) = (global / queries, global % queries);
+                        for head in 0..heads {
+                            let lhs = MatrixView {
+                                data: probabilities,
+                                offset: ((item * heads + head) * queries + query_index) * keys,
+                                rows,
+                                cols: keys,
+                                row_stride: keys,
+                                col_stride: 1,
+                            };
+                            let rhs = MatrixView {
+                                data: value,
+                                offset: item * keys * inner + head * head_dim,
+                                rows: keys,
+                                cols: head_dim,
+                                row_stride: inner,
+                                col_stride: 1,
+                            };
+                            gemm_single_thread(
+                                piece,
+                                row * inner + head * head_dim,
+                                inner,
+                                lhs,
+                                rhs,
+                            )?;
+                        }
+                        Ok(())
+                    },
+                )
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (batch, queries, inner), value.device())?.to_dtype(value.dtype())
+}
+
+/// `softmax(scale * q k^T) v` over `heads` heads for f32 tensors: `query` `[batch, queries,
+/// heads * d]`, `key_t` `[batch * heads, d, keys]` (see [`split_heads_transposed`]), `value`
+/// `[batch, keys, heads * d]` -> `[batch, queries, heads * d]`. Scores are never materialised
+/// beyond one cache-sized block per core.
+pub fn fused_attention(
+    query: &Tensor,
+    key_t: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, queries, inner) = query.dims3()?;
+    let (batch_heads, head_dim, keys) = key_t.dims3()?;
+    check_heads(inner, heads)?;
+    if batch_heads != batch * heads
+        || head_dim * heads != inner
+        || value.dims3()? != (batch, keys, inner)
+    {
+        candle_core::bail!(
+            "fused attention: query {:?}, key_t {:?}, value {:?} do not match {heads} heads",
+            query.dims(),
+            key_t.dims(),
+            value.dims()
+        );
+    }
+    let (query_f32, key_t_f32, value_f32) = (
+        attention_operand(query)?,
+        attention_operand(key_t)?,
+        attention_operand(value)?,
+    );
+    let out = with_values(&query_f32, |query| {
+        with_values(&key_t_f32, |key_t| {
+            with_values(&value_f32, |value| {
+                FusedAttention {
+                    query,
+                    key_t,
+                    value,
+                    batch,
+                    queries,
+                    keys,
+                    heads,
+                    head_dim,
+                    scale,
+                }
+                .run()
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (batch, queries, inner), query.device())?.to_dtype(query.dtype())
+}
+
+/// The mean over the first dimension of an f32-convertible tensor: `[planes, ...]` -> `[...]`
+/// (e.g. the head mean of attention probabilities), summed plane by plane in order with
+/// contiguous, vectorised loops spread over the cores.
+pub fn mean_of_planes(xs: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims();
+    let Some((&planes, rest)) = dims.split_first() else {
+        candle_core::bail!("mean of planes: a scalar has no planes");
+    };
+    if planes == 0 || !xs.device().is_cpu() {
+        return xs.to_dtype(candle_core::DType::F32)?.mean(0);
+    }
+    let plane: usize = rest.iter().product();
+    let values = attention_operand(xs)?;
+    let mut out = vec![0f32; plane];
+    let inverse = 1.0 / planes as f32;
+    with_values(&values, |values| {
+        parallel_chunks_mut(&mut out, plane, |first, piece| {
+            for index in 0..planes {
+                let src = &values[index * plane + first..][..piece.len()];
+                for (sum, &v) in piece.iter_mut().zip(src) {
+                    *sum += v;
+                }
+            }
+            for sum in piece.iter_mut() {
+                *sum *= inverse;
+            }
+        });
+        Ok(())
+    })?;
+    Tensor::from_vec(out, rest, xs.device())
+}
+
 /// GEGLU: `[rows, 2 * inner]` -> `[rows, inner]`, `hidden * gelu(gate)` with `hidden` the first half.
 struct Geglu;
 
@@ -699,82 +1172,88 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
-/// Winograd F(2x2, 3x3) filter transform `U = G g G^T` of a 3x3 convolution weight in the
-/// channels-last packing `[out, 3, 3, in]`: returns `[16, out, in]` (f32), one `out x in` matrix
-/// per transform position (use its transpose `[16, in, out]` as the right-hand factor).
-pub fn winograd_filter(packed_weight: &Tensor) -> Result<Tensor> {
-    let (out_channels, kernel_h, kernel_w, in_channels) = packed_weight.dims4()?;
-    if (kernel_h, kernel_w) != (3, 3) {
-        candle_core::bail!("winograd: 3x3 kernels only, got {kernel_h}x{kernel_w}");
+/// Winograd F(2x2, 3x3) filter transform `U = G g G^T` of a 3x3 convolution weight given as the
+/// im2col matrix `[3 * 3 * in, out]` (rows in `(kh, kw, in)` order): returns `[16, in, out]` (f32,
+/// contiguous), one `in x out` right-hand factor per transform position.
+///
+/// Both layouts keep `out` innermost, so the transform streams nine `in x out` planes into sixteen
+/// and the products read the result with contiguous rows (a transposed view would make the GEMM
+/// gather it element by element).
+pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
+    let (rows, out_channels) = matrix.dims2()?;
+    if rows % 9 != 0 {
+        candle_core::bail!("winograd: a 3x3 weight matrix has 9 * in rows, got {rows}");
     }
-    let packed = packed_weight
-        .to_dtype(candle_core::DType::F32)?
-        .contiguous()?;
-    let values = contiguous_values(&packed)?;
-    let c = in_channels;
-    let plane = out_channels * in_channels;
-    // Each worker handles a range of output channels and returns its 16 row blocks.
-    let pieces = parallel_ranges(out_channels, 16 * in_channels, |range| {
-        let mut local = vec![0f32; 16 * range.len() * c];
-        let mut gg = vec![0f32; 12 * c];
-        for (local_k, k) in range.clone().enumerate() {
-            let g = |i: usize, j: usize| &values[((k * 3 + i) * 3 + j) * c..][..c];
-            // Rows of G g: gg[r][j] = sum_i G[r][i] g[i][j], each a vector over input channels.
-            for j in 0..3 {
-                let (g0, g1, g2) = (g(0, j), g(1, j), g(2, j));
-                for ch in 0..c {
-                    gg[j * c + ch] = g0[ch];
-                    gg[(3 + j) * c + ch] = 0.5 * (g0[ch] + g1[ch] + g2[ch]);
-                    gg[(6 + j) * c + ch] = 0.5 * (g0[ch] - g1[ch] + g2[ch]);
-                    gg[(9 + j) * c + ch] = g2[ch];
-                }
-            }
-            // (G g) G^T: per row r, columns [a, (a+b+c)/2, (a-b+c)/2, c].
+    let in_channels = rows / 9;
+    let plane = in_channels * out_channels;
+    let matrix = matrix.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = matrix.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("winograd: CPU tensors only");
+    };
+    let values: &[f32] = contiguous_slice(storage, layout, "winograd filter")?;
+    let mut transformed = vec![0f32; 16 * plane];
+    // Each piece is one range of plane elements, written at all 16 positions.
+    let pieces = piece_count(plane, 25).max(1);
+    let per_piece = plane.div_ceil(pieces).max(1);
+    let mut items: Vec<(usize, Vec<&mut [f32]>)> = (0..plane.div_ceil(per_piece))
+        .map(|index| (index * per_piece, Vec::with_capacity(16)))
+        .collect();
+    for position in transformed.chunks_mut(plane.max(1)) {
+        for (item, piece) in items.iter_mut().zip(position.chunks_mut(per_piece)) {
+            item.1.push(piece);
+        }
+    }
+    run_queue(items, |(first, mut outputs)| {
+        let len = outputs[0].len();
+        let g: [&[f32]; 9] = std::array::from_fn(|index| &values[index * plane + first..][..len]);
+        const BLOCK: usize = 512;
+        let mut rows = [[0f32; BLOCK]; 3];
+        for start in (0..len).step_by(BLOCK) {
+            let block = BLOCK.min(len - start);
             for r in 0..4 {
-                let (a, b, cc) = (
-                    &gg[(r * 3) * c..][..c],
-                    &gg[(r * 3 + 1) * c..][..c],
-                    &gg[(r * 3 + 2) * c..][..c],
-                );
+                // Row r of G g, for each kernel column j: rows[j] = sum_i G[r][i] g[i][j].
+                for (j, row) in rows.iter_mut().enumerate() {
+                    let [a, b, c] = [0, 1, 2].map(|i| &g[i * 3 + j][start..start + block]);
+                    let row = &mut row[..block];
+                    for (((t, &a), &b), &c) in row.iter_mut().zip(a).zip(b).zip(c) {
+                        *t = winograd_g(r, a, b, c);
+                    }
+                }
+                // (G g) G^T: column `column` of row r.
                 for column in 0..4 {
-                    let dst = &mut local[((r * 4 + column) * range.len() + local_k) * c..][..c];
-                    for (ch, d) in dst.iter_mut().enumerate() {
-                        *d = match column {
-                            0 => a[ch],
-                            1 => 0.5 * (a[ch] + b[ch] + cc[ch]),
-                            2 => 0.5 * (a[ch] - b[ch] + cc[ch]),
-                            _ => cc[ch],
-                        };
+                    let dst = &mut outputs[r * 4 + column][start..start + block];
+                    let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
+                    for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
+                        *d = winograd_g(column, a, b, c);
                     }
                 }
             }
         }
-        (range, local)
     });
-    let mut transformed = vec![0f32; 16 * plane];
-    for (range, local) in pieces {
-        let block = range.len() * c;
-        for position in 0..16 {
-            transformed[position * plane + range.start * c..][..block]
-                .copy_from_slice(&local[position * block..][..block]);
-        }
-    }
     Tensor::from_vec(
         transformed,
-        (16, out_channels, in_channels),
-        packed_weight.device(),
+        (16, in_channels, out_channels),
+        matrix.device(),
     )
 }
 
-/// The f32 values of a contiguous tensor (a copy).
-fn contiguous_values(xs: &Tensor) -> Result<Vec<f32>> {
-    xs.flatten_all()?.to_vec1()
+/// Row `r` of Winograd's `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to
+/// `(a, b, c)`.
+#[inline(always)]
+fn winograd_g(r: usize, a: f32, b: f32, c: f32) -> f32 {
+    match r {
+        0 => a,
+        1 => 0.5 * (a + b + c),
+        2 => 0.5 * (a - b + c),
+        _ => c,
+    }
 }
 
 /// Winograd F(2x2, 3x3) input transform `V = B^T d B` of the 4x4 tiles (stride 2, padding 1)
-/// covering tile rows `tile_rows` of batch item `item`: `[16, tile_rows.len() * tiles_w, c]`.
+/// covering tile rows `tile_rows`, counted over the whole batch (row `r` is batch item
+/// `r / tiles_h`, tile row `r % tiles_h`): `[16, tile_rows.len() * tiles_w, c]`.
 struct WinogradInput {
-    item: usize,
     tile_rows: Range<usize>,
 }
 
@@ -784,11 +1263,11 @@ impl WinogradInput {
         src: &[f32],
         (_, height, width, channels): (usize, usize, usize, usize),
     ) -> Vec<f32> {
-        let tiles_w = width.div_ceil(2);
+        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
         let tiles = self.tile_rows.len() * tiles_w;
         let plane = tiles * channels;
         let mut out = vec![0f32; 16 * plane];
-        let image = &src[self.item * height * width * channels..][..height * width * channels];
+        let image_len = height * width * channels;
         let first_tile_row = self.tile_rows.start;
         // Each worker handles whole tiles; the 16 outputs of a tile live in 16 planes, so workers
         // write through per-plane slices of their own tile range.
@@ -797,7 +1276,9 @@ impl WinogradInput {
             let zeros = vec![0f32; channels];
             let mut t = vec![0f32; 16 * channels];
             for (local_tile, tile) in range.clone().enumerate() {
-                let (tile_row, tile_col) = (first_tile_row + tile / tiles_w, tile % tiles_w);
+                let (batch_row, tile_col) = (first_tile_row + tile / tiles_w, tile % tiles_w);
+                let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+                let image = &src[item * image_len..][..image_len];
                 let pixel = |dy: usize, dx: usize| -> &[f32] {
                     let y = (2 * tile_row + dy) as isize - 1;
                     let x = (2 * tile_col + dx) as isize - 1;
@@ -875,17 +1356,30 @@ impl CustomOp1 for WinogradInput {
 }
 
 /// Winograd F(2x2, 3x3) output transform `Y = A^T m A` plus bias: `[16, tiles, k]` for tile rows
-/// `tile_rows` -> output rows `[2 * start, min(2 * end, height))`, `[rows, width, k]`.
+/// `tile_rows` (counted over the batch, as in [`WinogradInput`]) -> their output rows in order,
+/// `[rows, width, k]` (two per tile row, one for the last of an odd height).
 struct WinogradOutput {
     tile_rows: Range<usize>,
     height: usize,
     width: usize,
-    bias: Vec<f32>,
+    /// `[1, k]` (every item) or `[batch, k]` (one row per batch item).
+    biases: Vec<f32>,
 }
 
 impl WinogradOutput {
-    fn out_rows(&self) -> Range<usize> {
-        2 * self.tile_rows.start..(2 * self.tile_rows.end).min(self.height)
+    /// Per output row: (tile row within the chunk, row within the tile, batch item).
+    fn out_rows(&self) -> Vec<(usize, usize, usize)> {
+        let tiles_h = self.height.div_ceil(2);
+        let mut rows = Vec::with_capacity(2 * self.tile_rows.len());
+        for (local, batch_row) in self.tile_rows.clone().enumerate() {
+            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+            for within in 0..2 {
+                if 2 * tile_row + within < self.height {
+                    rows.push((local, within, item));
+                }
+            }
+        }
+        rows
     }
 
     fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
@@ -894,12 +1388,13 @@ impl WinogradOutput {
         let row_len = self.width * channels;
         let mut out = vec![0f32; rows.len() * row_len];
         let plane = tiles * channels;
-        let first_row = rows.start;
+        let bias_rows = self.biases.len() / channels.max(1);
         // Workers take whole output rows; each output row belongs to one tile row.
         parallel_chunks_mut(&mut out, rows.len(), |first, piece| {
             for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
-                let y = first_row + first + offset;
-                let (tile_row, within) = (y / 2 - self.tile_rows.start, y % 2);
+                let (tile_row, within, item) = rows[first + offset];
+                let bias =
+                    &self.biases[if bias_rows > 1 { item } else { 0 } * channels..][..channels];
                 for tile_col in 0..tiles_w {
                     let tile = tile_row * tiles_w + tile_col;
                     let m =
@@ -926,7 +1421,7 @@ impl WinogradOutput {
                             } else {
                                 row(1) - row(2) - row(3)
                             };
-                            *value = result + self.bias[k];
+                            *value = result + bias[k];
                         }
                     }
                 }
@@ -943,7 +1438,7 @@ impl CustomOp1 for WinogradOutput {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (positions, tiles, channels) = layout.shape().dims3()?;
-        if positions != 16 || channels != self.bias.len() {
+        if positions != 16 || channels == 0 || !self.biases.len().is_multiple_of(channels) {
             candle_core::bail!("winograd output: unexpected shape {:?}", layout.shape());
         }
         let src = contiguous_slice::<f32>(storage, layout, "winograd output")?;
@@ -954,27 +1449,28 @@ impl CustomOp1 for WinogradOutput {
     }
 }
 
-/// Winograd tiles of item `item`, tile rows `tile_rows`, of `xs` `[batch, h, w, c]` (f32):
-/// `[16, tiles, c]`.
-pub fn winograd_input(xs: &Tensor, item: usize, tile_rows: Range<usize>) -> Result<Tensor> {
+/// Winograd tiles of tile rows `tile_rows` of `xs` `[batch, h, w, c]` (f32), the rows counted over
+/// the whole batch (`batch * ceil(h / 2)` of them; one chunk may span items): `[16, tiles, c]`.
+pub fn winograd_input(xs: &Tensor, tile_rows: Range<usize>) -> Result<Tensor> {
     xs.contiguous()?
-        .apply_op1_no_bwd(&WinogradInput { item, tile_rows })
+        .apply_op1_no_bwd(&WinogradInput { tile_rows })
 }
 
-/// Output rows of tile rows `tile_rows` from the transformed products `m` `[16, tiles, k]` (f32):
-/// `[rows, width, k]` with `bias` (`k` values) added.
+/// Output rows of tile rows `tile_rows` (counted as in [`winograd_input`]) from the transformed
+/// products `m` `[16, tiles, k]` (f32): `[rows, width, k]` with `biases` added, given as `k`
+/// values for every item or `batch * k` values (one row per item).
 pub fn winograd_output(
     m: &Tensor,
     tile_rows: Range<usize>,
     height: usize,
     width: usize,
-    bias: Vec<f32>,
+    biases: Vec<f32>,
 ) -> Result<Tensor> {
     m.contiguous()?.apply_op1_no_bwd(&WinogradOutput {
         tile_rows,
         height,
         width,
-        bias,
+        biases,
     })
 }
 
@@ -1336,6 +1832,80 @@ mod tests {
         assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
     }
 
+    /// Plain per-head attention: `[batch, n, heads * d]` inputs -> (probabilities `[batch * heads,
+    /// queries, keys]`, output `[batch, queries, heads * d]`).
+    fn reference_attention(
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> (Tensor, Tensor) {
+        let split = |xs: &Tensor| {
+            let (batch, n, inner) = xs.dims3().unwrap();
+            xs.reshape((batch, n, heads, inner / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((batch * heads, n, inner / heads))
+                .unwrap()
+        };
+        let (q, k, v) = (split(query), split(key), split(value));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let out = probs.matmul(&v).unwrap();
+        let (batch, queries, inner) = query.dims3().unwrap();
+        let merged = out
+            .reshape((batch, heads, queries, inner / heads))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((batch, queries, inner))
+            .unwrap();
+        (probs, merged)
+    }
+
+    #[test]
+    fn attention_kernels_match_plain_attention() {
+        let device = Device::Cpu;
+        // 600 keys make blocks of 109 queries: blocks end inside and at the items' 250 queries.
+        for (batch, queries, keys, heads, head_dim) in [(2, 250, 600, 3, 5), (1, 7, 77, 2, 8)] {
+            let inner = heads * head_dim;
+            let query = Tensor::randn(0f32, 1.0, (batch, queries, inner), &device).unwrap();
+            let key = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+            let value = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let (probs, expected) = reference_attention(&query, &key, &value, heads, scale);
+            let key_t = split_heads_transposed(&key, heads).unwrap();
+
+            let fused = fused_attention(&query, &key_t, &value, heads, scale as f32).unwrap();
+            assert!(max_diff(&fused, &expected) < 1e-5);
+            let computed = attention_probabilities(&query, &key_t, heads, scale as f32).unwrap();
+            assert!(max_diff(&computed, &probs) < 1e-6);
+            let attended = attend_probabilities(&probs, &value, heads).unwrap();
+            assert!(max_diff(&attended, &expected) < 1e-5);
+        }
+        // Shapes that do not fit are errors, not panics.
+        let query = Tensor::zeros((1, 4, 6), DType::F32, &device).unwrap();
+        let key_t = Tensor::zeros((2, 3, 5), DType::F32, &device).unwrap();
+        let value = Tensor::zeros((1, 4, 6), DType::F32, &device).unwrap();
+        assert!(fused_attention(&query, &key_t, &value, 2, 1.0).is_err());
+        assert!(attention_probabilities(&query, &key_t, 4, 1.0).is_err());
+        let probs = Tensor::zeros((2, 4, 5), DType::F32, &device).unwrap();
+        assert!(attend_probabilities(&probs, &value, 2).is_err());
+    }
+
+    #[test]
+    fn mean_of_planes_matches_mean() {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (3, 300, 301), &device).unwrap();
+        let expected = xs.mean(0).unwrap();
+        assert!(max_diff(&mean_of_planes(&xs).unwrap(), &expected) < 1e-6);
+        let narrowed = xs.narrow(0, 1, 2).unwrap();
+        let expected = narrowed.mean(0).unwrap();
+        assert!(max_diff(&mean_of_planes(&narrowed).unwrap(), &expected) < 1e-6);
+    }
+
     #[test]
     fn winograd_matches_conv2d() {
         let device = Device::Cpu;
@@ -1347,29 +1917,37 @@ mod tests {
                 .unwrap()
                 .permute((0, 2, 3, 1))
                 .unwrap();
-            let filter = winograd_filter(&weight.permute((0, 2, 3, 1)).unwrap())
+            let matrix = weight
+                .permute((2, 3, 1, 0))
                 .unwrap()
-                .transpose(1, 2)
+                .contiguous()
+                .unwrap()
+                .reshape((54, 5))
                 .unwrap();
+            let filter = winograd_filter(&matrix).unwrap();
+            assert_eq!(filter.dims(), &[16, 6, 5]);
+            assert!(filter.is_contiguous());
             let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-            let tile_rows = height.div_ceil(2);
-            let mut pieces = Vec::new();
-            for item in 0..2 {
-                for rows in [0..tile_rows / 2, tile_rows / 2..tile_rows] {
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let v = winograd_input(&nhwc, item, rows.clone()).unwrap();
+            // Chunks of tile rows that start, end and cross batch items anywhere; a bias per item.
+            let batch_rows = 2 * height.div_ceil(2);
+            let biases: Vec<f32> = (0..10).map(|i| i as f32 * 0.25 - 1.0).collect();
+            let bias_tensor = Tensor::from_vec(biases.clone(), (2, 1, 1, 5), &device).unwrap();
+            let expected = expected.broadcast_add(&bias_tensor).unwrap();
+            for chunk in [1, 2, 3, batch_rows] {
+                let mut pieces = Vec::new();
+                for start in (0..batch_rows).step_by(chunk) {
+                    let rows = start..(start + chunk).min(batch_rows);
+                    let v = winograd_input(&nhwc, rows.clone()).unwrap();
                     let m = v.matmul(&filter).unwrap();
-                    pieces.push(winograd_output(&m, rows, height, width, vec![0.0; 5]).unwrap());
+                    pieces.push(winograd_output(&m, rows, height, width, biases.clone()).unwrap());
                 }
+                let actual = Tensor::cat(&pieces, 0)
+                    .unwrap()
+                    .reshape((2, height, width, 5))
+                    .unwrap();
+                let diff = max_diff(&actual, &expected);
+                assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
             }
-            let actual = Tensor::cat(&pieces, 0)
-                .unwrap()
-                .reshape((2, height, width, 5))
-                .unwrap();
-            let diff = max_diff(&actual, &expected);
-            assert!(diff < 1e-4, "{height}x{width}: {diff}");
         }
     }
 

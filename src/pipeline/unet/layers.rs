@@ -8,11 +8,11 @@ use candle_core::{DType, Module as _, Tensor};
 use candle_nn::VarBuilder;
 
 use super::kernels::{self, PatchGeometry};
-use crate::pipeline::PipelineResult;
+use crate::pipeline::{profile, PipelineResult};
 
 /// Bytes of im2col patches materialised at once by a convolution (bounds memory and keeps the
 /// buffers out of the allocator's fresh-mmap path).
-const CONV_CHUNK_BYTES: usize = 8 << 20;
+const CONV_CHUNK_BYTES: usize = 16 << 20;
 
 /// Elements of Winograd tiles (`16 * tiles * max(in, out)`) materialised at once.
 const WINOGRAD_CHUNK_ELEMENTS: usize = 4 << 20;
@@ -33,12 +33,13 @@ enum ConvKernel {
     /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (contiguous;
     /// 3x3, stride 1, padding 1, f32).
     Winograd(Tensor),
-    /// The weight `[out, 3, 3, in]`, transformed on the fly for large inputs, im2col otherwise.
+    /// The weight as `[3 * 3 * in, out]` (contiguous for real weights), transformed on the fly
+    /// for large inputs and used as the im2col matrix otherwise.
     WinogradOnTheFly(Tensor),
 }
 
 /// A 2-D convolution with bias on channels-last input. The diffusers weight `[out, in, k, k]` is
-/// repacked as `[out, k, k, in]` to match the patch layout, or transformed for Winograd.
+/// repacked as `[k * k * in, out]` to match the patch layout, or transformed for Winograd.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     kernel_weights: ConvKernel,
@@ -81,26 +82,29 @@ impl Conv2d {
         let bias = vb.get(out_channels, "bias")?;
         // A lazily broadcast placeholder (shape-checking loads) is not real data: keep it a view.
         let is_real = weight.is_contiguous();
-        let packed = weight.permute((0, 2, 3, 1))?;
-        let packed = if is_real {
-            packed.contiguous()?
+        let patch = kernel * kernel * in_channels;
+        // `[out, k, k, in]` (the patch order) -> `[k * k * in, out]`: the GEMM's right-hand factor
+        // with contiguous rows.
+        let matrix = if is_real {
+            transposed(
+                &weight
+                    .permute((0, 2, 3, 1))?
+                    .reshape((out_channels, patch))?,
+            )?
         } else {
-            packed
+            Tensor::zeros((), weight.dtype(), weight.device())?
+                .broadcast_as((patch, out_channels))?
         };
         let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
         let kernel_weights =
             if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
                 if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
-                    let filter = kernels::winograd_filter(&packed)?
-                        .transpose(1, 2)?
-                        .contiguous()?;
-                    ConvKernel::Winograd(filter)
+                    ConvKernel::Winograd(kernels::winograd_filter(&matrix)?)
                 } else {
-                    ConvKernel::WinogradOnTheFly(packed)
+                    ConvKernel::WinogradOnTheFly(matrix)
                 }
             } else {
-                let patch = kernel * kernel * in_channels;
-                ConvKernel::Patches(transposed(&packed.reshape((out_channels, patch))?)?)
+                ConvKernel::Patches(matrix)
             };
         Ok(Self {
             kernel_weights,
@@ -136,18 +140,42 @@ impl Conv2d {
             );
         }
         let xs = xs.contiguous()?;
+        let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
+        let label = || {
+            let method = match &self.kernel_weights {
+                ConvKernel::Patches(_) => "im2col",
+                ConvKernel::Winograd(_) => "winograd",
+                ConvKernel::WinogradOnTheFly(_) if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES => {
+                    "winograd+filter"
+                }
+                ConvKernel::WinogradOnTheFly(_) => "im2col",
+            };
+            let kernel = self.geometry.kernel;
+            format!(
+                "conv{kernel}x{kernel} {method} {}->{} @{height}x{width}",
+                self.in_channels, self.out_channels
+            )
+        };
+        profile::measure(label, || self.forward_contiguous(&xs, tiles, extra_bias))
+    }
+
+    /// [`Conv2d::forward_with_bias`] on contiguous input with `tiles` 2x2 Winograd tiles.
+    fn forward_contiguous(
+        &self,
+        xs: &Tensor,
+        tiles: usize,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let xs = xs.clone();
         match &self.kernel_weights {
             ConvKernel::Patches(matrix) => self.forward_patches(&xs, matrix, extra_bias),
             ConvKernel::Winograd(filter) => self.forward_winograd(&xs, filter, extra_bias),
-            ConvKernel::WinogradOnTheFly(packed) => {
-                let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
+            ConvKernel::WinogradOnTheFly(matrix) => {
                 if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
-                    let filter = kernels::winograd_filter(packed)?.transpose(1, 2)?;
+                    let filter = kernels::winograd_filter(matrix)?;
                     self.forward_winograd(&xs, &filter, extra_bias)
                 } else {
-                    let patch = 9 * self.in_channels;
-                    let matrix = packed.reshape((self.out_channels, patch))?.t()?;
-                    self.forward_patches(&xs, &matrix, extra_bias)
+                    self.forward_patches(&xs, matrix, extra_bias)
                 }
             }
         }
@@ -161,7 +189,9 @@ impl Conv2d {
         }
     }
 
-    /// im2col path; `matrix` is the weight as `[k * k * in, out]`.
+    /// im2col path; `matrix` is the weight as `[k * k * in, out]`. The whole batch goes through
+    /// each product (chunks of output rows may span items), so the weight is read once per chunk
+    /// rather than once per item.
     fn forward_patches(
         &self,
         xs: &Tensor,
@@ -177,26 +207,39 @@ impl Conv2d {
             && geometry.pad_before == 0
             && geometry.pad_after == 0;
         let row_bytes = out_w * patch * xs.dtype().size_in_bytes();
-        let rows_per_chunk = (CONV_CHUNK_BYTES / row_bytes.max(1)).clamp(1, out_h.max(1));
+        let batch_rows = batch * out_h;
+        let rows_per_chunk = (CONV_CHUNK_BYTES / row_bytes.max(1)).clamp(1, batch_rows.max(1));
+        let biases = (0..batch)
+            .map(|item| self.item_bias(extra_bias, item))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut pieces = Vec::new();
-        for item in 0..batch {
-            let bias = self.item_bias(extra_bias, item)?;
-            let mut start = 0;
-            while start < out_h {
-                let rows = rows_per_chunk.min(out_h - start);
-                let first = item * out_h + start;
-                let patches = if is_pointwise {
-                    xs.reshape((batch * height * width, channels))?.narrow(
-                        0,
-                        first * out_w,
-                        rows * out_w,
-                    )?
+        let mut start = 0;
+        while start < batch_rows {
+            let rows = rows_per_chunk.min(batch_rows - start);
+            let patches = if is_pointwise {
+                xs.reshape((batch * height * width, channels))?.narrow(
+                    0,
+                    start * out_w,
+                    rows * out_w,
+                )?
+            } else {
+                kernels::im2col(xs, geometry, start..start + rows)?
+            };
+            let product = patches.matmul(matrix)?;
+            // Each item's rows of the chunk get that item's bias.
+            let mut row = start;
+            while row < start + rows {
+                let item = row / out_h;
+                let item_end = ((item + 1) * out_h).min(start + rows);
+                let part = if (row, item_end) == (start, start + rows) {
+                    product.clone()
                 } else {
-                    kernels::im2col(xs, geometry, first..first + rows)?
+                    product.narrow(0, (row - start) * out_w, (item_end - row) * out_w)?
                 };
-                pieces.push(kernels::add_bias(patches.matmul(matrix)?, &bias, true)?);
-                start += rows;
+                pieces.push(kernels::add_bias(part, &biases[item], true)?);
+                row = item_end;
             }
+            start += rows;
         }
         let out = if pieces.len() == 1 {
             pieces.remove(0)
@@ -206,8 +249,9 @@ impl Conv2d {
         out.reshape((batch, out_h, out_w, self.out_channels))
     }
 
-    /// Winograd F(2x2, 3x3): per batch item and block of tile rows, transform the input tiles,
-    /// multiply by the transformed filter (16 matrix products) and transform back.
+    /// Winograd F(2x2, 3x3): per block of tile rows (counted over the whole batch, so the filter
+    /// is read once per block rather than once per item), transform the input tiles, multiply by
+    /// the transformed filter (16 matrix products) and transform back.
     fn forward_winograd(
         &self,
         xs: &Tensor,
@@ -215,30 +259,34 @@ impl Conv2d {
         extra_bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (batch, height, width, _) = xs.dims4()?;
-        let (tile_rows, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let batch_rows = batch * tiles_h;
         let widest = self.in_channels.max(self.out_channels);
         let rows_per_chunk =
-            (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, tile_rows.max(1));
-        let mut pieces = Vec::new();
-        for item in 0..batch {
-            let bias: Vec<f32> = self
-                .item_bias(extra_bias, item)?
+            (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
+        // `[batch, out]` when each item has its own bias, else `[out]`.
+        let biases: Vec<f32> = match extra_bias {
+            Some(extra) => extra
+                .broadcast_add(&self.bias)?
                 .to_dtype(DType::F32)?
-                .to_vec1()?;
-            let mut start = 0;
-            while start < tile_rows {
-                let rows = start..(start + rows_per_chunk).min(tile_rows);
-                let transformed = kernels::winograd_input(xs, item, rows.clone())?;
-                let products = transformed.matmul(filter)?;
-                pieces.push(kernels::winograd_output(
-                    &products,
-                    rows.clone(),
-                    height,
-                    width,
-                    bias.clone(),
-                )?);
-                start = rows.end;
-            }
+                .flatten_all()?
+                .to_vec1()?,
+            None => self.bias.to_dtype(DType::F32)?.to_vec1()?,
+        };
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        while start < batch_rows {
+            let rows = start..(start + rows_per_chunk).min(batch_rows);
+            let transformed = kernels::winograd_input(xs, rows.clone())?;
+            let products = transformed.matmul(filter)?;
+            pieces.push(kernels::winograd_output(
+                &products,
+                rows.clone(),
+                height,
+                width,
+                biases.clone(),
+            )?);
+            start = rows.end;
         }
         let out = if pieces.len() == 1 {
             pieces.remove(0)
@@ -311,11 +359,15 @@ impl Linear {
         };
         let rows: usize = leading.iter().product();
         let flat = xs.reshape((rows, in_features))?;
-        let out = flat.matmul(&self.weight_t)?;
-        let out = match &self.bias {
-            Some(bias) => kernels::add_bias(out, bias, true)?,
-            None => out,
-        };
+        let out_features = self.weight_t.dim(1)?;
+        let label = || format!("linear {in_features}->{out_features} x{rows}");
+        let out = profile::measure(label, || {
+            let out = flat.matmul(&self.weight_t)?;
+            match &self.bias {
+                Some(bias) => kernels::add_bias(out, bias, true),
+                None => Ok(out),
+            }
+        })?;
         let mut out_dims = leading.to_vec();
         out_dims.push(out.dim(1)?);
         out.reshape(out_dims)
@@ -347,12 +399,18 @@ impl GroupNorm {
 
     /// `[batch, ..., channels]` -> same shape, normalised per (batch item, channel group).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false)
+        profile::measure(
+            || format!("group norm {:?}", xs.dims()),
+            || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false),
+        )
     }
 
     /// `silu(group_norm(xs))`, same shape.
     pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true)
+        profile::measure(
+            || format!("group norm + silu {:?}", xs.dims()),
+            || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true),
+        )
     }
 }
 
@@ -531,7 +589,10 @@ impl Upsample {
         target_h: usize,
         target_w: usize,
     ) -> candle_core::Result<Tensor> {
-        let upsampled = kernels::upsample_nearest(xs, target_h, target_w)?;
+        let upsampled = profile::measure(
+            || format!("upsample {:?}", xs.dims()),
+            || kernels::upsample_nearest(xs, target_h, target_w),
+        )?;
         self.conv.forward(&upsampled)
     }
 }
