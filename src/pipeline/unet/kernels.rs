@@ -145,6 +145,20 @@ simd_kernel!(
 );
 
 simd_kernel!(
+    /// `exp(scale * (row - max(row)))` in place for each `row_len` row of `piece`, each row's sum
+    /// written to `sums` (the softmax without its division, which the caller applies later to
+    /// fewer values).
+    UnnormalisedSoftmaxRows<'data> {
+        piece: &'data mut [f32], row_len: usize, scale: f32, sums: &'data mut [f32]
+    } => {
+        for (row, sum) in piece.chunks_exact_mut(row_len).zip(sums.iter_mut()) {
+            let max = lane_max(row);
+            *sum = exp_and_sum(row, max, scale);
+        }
+    }
+);
+
+simd_kernel!(
     /// GEGLU rows: `dst[r] = hidden * gelu(gate)` for `src` rows `first..` (`[hidden | gate]`).
     GegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], first: usize, inner: usize } => {
         let width = 2 * inner;
@@ -570,8 +584,8 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
 /// Maximum of a slice, in 8 independent lanes so the loop vectorises.
 #[inline(always)]
 fn lane_max(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = values.chunks_exact(8);
+    let mut lanes = [f32::NEG_INFINITY; REDUCTION_LANES];
+    let mut chunks = values.chunks_exact(REDUCTION_LANES);
     for chunk in &mut chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane = if v > *lane { v } else { *lane };
@@ -585,17 +599,27 @@ fn lane_max(values: &[f32]) -> f32 {
     lanes.iter().copied().fold(tail, f32::max)
 }
 
-/// Sum of a slice, in 8 independent lanes so the loop vectorises.
+/// Independent accumulators of the row reductions: four AVX-512 registers, so the loops are not
+/// bound by the latency of one register's chain of adds.
+const REDUCTION_LANES: usize = 64;
+
+/// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum (in
+/// [`REDUCTION_LANES`] lanes, so the loop vectorises).
 #[inline(always)]
-fn lane_sum(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = values.chunks_exact(8);
+fn exp_and_sum(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    let mut lanes = [0f32; REDUCTION_LANES];
+    let mut chunks = row.chunks_exact_mut(REDUCTION_LANES);
     for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
+        for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *value = fast_exp((*value - max) * scale);
+            *lane += *value;
         }
     }
-    let tail: f32 = chunks.remainder().iter().sum();
+    let mut tail = 0.0;
+    for value in chunks.into_remainder() {
+        *value = fast_exp((*value - max) * scale);
+        tail += *value;
+    }
     lanes.iter().sum::<f32>() + tail
 }
 
@@ -604,10 +628,7 @@ fn lane_sum(values: &[f32]) -> f32 {
 fn softmax_rows(piece: &mut [f32], row_len: usize, scale: f32) {
     for row in piece.chunks_exact_mut(row_len) {
         let max = lane_max(row);
-        for value in row.iter_mut() {
-            *value = fast_exp((*value - max) * scale);
-        }
-        let inv = 1.0 / lane_sum(row);
+        let inv = 1.0 / exp_and_sum(row, max, scale);
         for value in row.iter_mut() {
             *value *= inv;
         }
@@ -733,9 +754,9 @@ fn gemm_single_thread(
     Ok(())
 }
 
-/// Score elements (`queries x keys`) one attention block keeps at once: small enough for the
-/// core's L2 cache.
-const ATTENTION_BLOCK_SCORES: usize = 64 * 1024;
+/// Score elements (`queries x keys`) one attention block keeps at once: small enough to stay in
+/// the core's L2 cache beside one head's keys and values.
+const ATTENTION_BLOCK_SCORES: usize = 256 * 1024;
 
 /// Fused multi-head attention `softmax(scale * q k^T) v` for f32 activations, without head
 /// split/merge copies: blocks of queries (with all their heads) are spread over the cores and each
@@ -771,84 +792,120 @@ impl FusedAttention<'_> {
             candle_core::bail!("fused attention: inconsistent shapes");
         }
         let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+        let head_dim = self.head_dim;
+        // One unit per (item, head): its keys and values stay in the core's cache while all its
+        // query blocks pass; each unit returns its `[queries, d]` result.
+        let units = parallel_map(batch * self.heads, batch * queries * keys >= 4096, |unit| {
+            let mut scores = vec![0f32; block_rows.min(queries) * keys];
+            let mut sums = vec![0f32; block_rows.min(queries)];
+            let mut local = vec![0f32; queries * head_dim];
+            let (item, head) = (unit / self.heads, unit % self.heads);
+            // The head's values as a contiguous `[keys, d]` (read once per query block).
+            let value: Vec<f32> = self.value[item * keys * inner..][..keys * inner]
+                .chunks_exact(inner)
+                .flat_map(|row| &row[head * head_dim..][..head_dim])
+                .copied()
+                .collect();
+            for_each_block(0, queries, queries, block_rows, |first, rows, _| {
+                let block = Block {
+                    first,
+                    rows,
+                    scores: &mut scores[..rows * keys],
+                    sums: &mut sums[..rows],
+                };
+                self.block(item, head, &value, block, &mut local)
+            })?;
+            Ok::<_, candle_core::Error>(local)
+        });
         let mut out = vec![0f32; batch * queries * inner];
-        parallel_rows(&mut out, inner, |first_row, piece| {
-            let rows_here = piece.len() / inner.max(1);
-            let mut scores = vec![0f32; block_rows.min(rows_here) * keys];
-            for_each_block(
-                first_row,
-                rows_here,
-                queries,
-                block_rows,
-                |global, rows, row| {
-                    self.block(global, rows, &mut scores[..rows * keys], piece, row)
-                },
-            )
-        })?;
+        for (unit, local) in units.into_iter().enumerate() {
+            let local = local?;
+            let (item, head) = (unit / self.heads, unit % self.heads);
+            let rows = out[item * queries * inner..][..queries * inner].chunks_exact_mut(inner);
+            for (dst, src) in rows.zip(local.chunks_exact(head_dim)) {
+                dst[head * head_dim..][..head_dim].copy_from_slice(src);
+            }
+        }
         Ok(out)
     }
 
-    /// Queries `first..first + rows` of the flattened `[batch * queries]` (one batch item), every
-    /// head, written from row `out_row` of `out_piece` on; `scores` holds `rows * keys`.
+    /// Queries `block.first..block.first + block.rows` of batch item `item`, head `head`, whose
+    /// values are `value` (`[keys, d]`): written to the same rows of `local` (`[queries, d]`).
     fn block(
         &self,
-        first: usize,
-        rows: usize,
-        scores: &mut [f32],
-        out_piece: &mut [f32],
-        out_row: usize,
+        item: usize,
+        head: usize,
+        value: &[f32],
+        block: Block<'_>,
+        local: &mut [f32],
     ) -> Result<()> {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
-        let item = first / self.queries;
-        for head in 0..self.heads {
-            let query = MatrixView {
-                data: self.query,
-                offset: first * inner + head * head_dim,
-                rows,
-                cols: head_dim,
-                row_stride: inner,
-                col_stride: 1,
-            };
-            let key_t = MatrixView {
-                data: self.key_t,
-                offset: (item * self.heads + head) * head_dim * keys,
-                rows: head_dim,
-                cols: keys,
-                row_stride: keys,
-                col_stride: 1,
-            };
-            gemm_single_thread(scores, 0, keys, query, key_t)?;
-            pulp::Arch::new().dispatch(SoftmaxRows {
-                piece: scores,
-                row_len: keys,
-                scale: self.scale,
-            });
-            let probabilities = MatrixView {
-                data: scores,
-                offset: 0,
-                rows,
-                cols: keys,
-                row_stride: keys,
-                col_stride: 1,
-            };
-            let value = MatrixView {
-                data: self.value,
-                offset: item * keys * inner + head * head_dim,
-                rows: keys,
-                cols: head_dim,
-                row_stride: inner,
-                col_stride: 1,
-            };
-            gemm_single_thread(
-                out_piece,
-                out_row * inner + head * head_dim,
-                inner,
-                probabilities,
-                value,
-            )?;
+        let Block {
+            first,
+            rows,
+            scores,
+            sums,
+        } = block;
+        let query = MatrixView {
+            data: self.query,
+            offset: (item * self.queries + first) * inner + head * head_dim,
+            rows,
+            cols: head_dim,
+            row_stride: inner,
+            col_stride: 1,
+        };
+        let key_t = MatrixView {
+            data: self.key_t,
+            offset: (item * self.heads + head) * head_dim * keys,
+            rows: head_dim,
+            cols: keys,
+            row_stride: keys,
+            col_stride: 1,
+        };
+        gemm_single_thread(scores, 0, keys, query, key_t)?;
+        pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
+            piece: scores,
+            row_len: keys,
+            scale: self.scale,
+            sums,
+        });
+        let weights = MatrixView {
+            data: scores,
+            offset: 0,
+            rows,
+            cols: keys,
+            row_stride: keys,
+            col_stride: 1,
+        };
+        let value = MatrixView {
+            data: value,
+            offset: 0,
+            rows: keys,
+            cols: head_dim,
+            row_stride: head_dim,
+            col_stride: 1,
+        };
+        gemm_single_thread(local, first * head_dim, head_dim, weights, value)?;
+        // The softmax's division, applied to the `d` outputs of a row instead of its `keys` weights.
+        let outputs = local[first * head_dim..(first + rows) * head_dim].chunks_exact_mut(head_dim);
+        for (row, &sum) in outputs.zip(sums.iter()) {
+            let inverse = 1.0 / sum;
+            for value in row {
+                *value *= inverse;
+            }
         }
         Ok(())
     }
+}
+
+/// One block of queries of [`FusedAttention`] with its scratch space.
+struct Block<'a> {
+    first: usize,
+    rows: usize,
+    /// `[rows, keys]`.
+    scores: &'a mut [f32],
+    /// `[rows]`: the softmax denominators.
+    sums: &'a mut [f32],
 }
 
 /// The f32 values of `xs` (contiguous), for the attention kernels below.
@@ -1204,9 +1261,27 @@ pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
             item.1.push(piece);
         }
     }
-    run_queue(items, |(first, mut outputs)| {
+    run_queue(items, |(first, outputs)| {
+        let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
+            return;
+        };
         let len = outputs[0].len();
-        let g: [&[f32]; 9] = std::array::from_fn(|index| &values[index * plane + first..][..len]);
+        let inputs: [&[f32]; 9] =
+            std::array::from_fn(|index| &values[index * plane + first..][..len]);
+        pulp::Arch::new().dispatch(WinogradFilterPiece { inputs, outputs });
+    });
+    Tensor::from_vec(
+        transformed,
+        (16, in_channels, out_channels),
+        matrix.device(),
+    )
+}
+
+simd_kernel!(
+    /// One range of the Winograd filter transform: the nine `(kh, kw)` planes' elements `inputs`
+    /// -> the sixteen transform positions' elements `outputs` (all the same length).
+    WinogradFilterPiece<'data> { inputs: [&'data [f32]; 9], outputs: [&'data mut [f32]; 16] } => {
+        let len = outputs[0].len();
         const BLOCK: usize = 512;
         let mut rows = [[0f32; BLOCK]; 3];
         for start in (0..len).step_by(BLOCK) {
@@ -1214,28 +1289,35 @@ pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
             for r in 0..4 {
                 // Row r of G g, for each kernel column j: rows[j] = sum_i G[r][i] g[i][j].
                 for (j, row) in rows.iter_mut().enumerate() {
-                    let [a, b, c] = [0, 1, 2].map(|i| &g[i * 3 + j][start..start + block]);
-                    let row = &mut row[..block];
-                    for (((t, &a), &b), &c) in row.iter_mut().zip(a).zip(b).zip(c) {
-                        *t = winograd_g(r, a, b, c);
-                    }
+                    let [a, b, c] = [0, 1, 2].map(|i| &inputs[i * 3 + j][start..start + block]);
+                    winograd_g_rows(r, &mut row[..block], a, b, c);
                 }
                 // (G g) G^T: column `column` of row r.
+                let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
                 for column in 0..4 {
                     let dst = &mut outputs[r * 4 + column][start..start + block];
-                    let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
-                    for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
-                        *d = winograd_g(column, a, b, c);
-                    }
+                    winograd_g_rows(column, dst, a, b, c);
                 }
             }
         }
-    });
-    Tensor::from_vec(
-        transformed,
-        (16, in_channels, out_channels),
-        matrix.device(),
-    )
+    }
+);
+
+/// `dst = G[r] . (a, b, c)` element-wise (see [`winograd_g`]), with `r` fixed per loop.
+#[inline(always)]
+fn winograd_g_rows(r: usize, dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    #[inline(always)]
+    fn rows<const R: usize>(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+        for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
+            *d = winograd_g(R, a, b, c);
+        }
+    }
+    match r {
+        0 => rows::<0>(dst, a, b, c),
+        1 => rows::<1>(dst, a, b, c),
+        2 => rows::<2>(dst, a, b, c),
+        _ => rows::<3>(dst, a, b, c),
+    }
 }
 
 /// Row `r` of Winograd's `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to
@@ -1263,79 +1345,110 @@ impl WinogradInput {
         src: &[f32],
         (_, height, width, channels): (usize, usize, usize, usize),
     ) -> Vec<f32> {
-        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let tiles_w = width.div_ceil(2);
         let tiles = self.tile_rows.len() * tiles_w;
         let plane = tiles * channels;
         let mut out = vec![0f32; 16 * plane];
-        let image_len = height * width * channels;
-        let first_tile_row = self.tile_rows.start;
-        // Each worker handles whole tiles; the 16 outputs of a tile live in 16 planes, so workers
-        // write through per-plane slices of their own tile range.
-        let work = |range: Range<usize>| {
-            let mut local = vec![0f32; 16 * range.len() * channels];
-            let zeros = vec![0f32; channels];
-            let mut t = vec![0f32; 16 * channels];
-            for (local_tile, tile) in range.clone().enumerate() {
-                let (batch_row, tile_col) = (first_tile_row + tile / tiles_w, tile % tiles_w);
-                let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
-                let image = &src[item * image_len..][..image_len];
-                let pixel = |dy: usize, dx: usize| -> &[f32] {
-                    let y = (2 * tile_row + dy) as isize - 1;
-                    let x = (2 * tile_col + dx) as isize - 1;
-                    if y < 0 || x < 0 || y as usize >= height || x as usize >= width {
-                        &zeros
-                    } else {
-                        &image[(y as usize * width + x as usize) * channels..][..channels]
-                    }
-                };
-                // B^T d over rows (vectors over channels), then (B^T d) B over columns.
-                for j in 0..4 {
-                    let (d0, d1, d2, d3) = (pixel(0, j), pixel(1, j), pixel(2, j), pixel(3, j));
-                    let (t0, rest) = t.split_at_mut(4 * channels);
-                    let (t1, rest) = rest.split_at_mut(4 * channels);
-                    let (t2, t3) = rest.split_at_mut(4 * channels);
-                    let column = j * channels..(j + 1) * channels;
-                    for (c, (((a, b), e), f)) in t0[column.clone()]
-                        .iter_mut()
-                        .zip(&mut t1[column.clone()])
-                        .zip(&mut t2[column.clone()])
-                        .zip(&mut t3[column])
-                        .enumerate()
-                    {
-                        *a = d0[c] - d2[c];
-                        *b = d1[c] + d2[c];
-                        *e = d2[c] - d1[c];
-                        *f = d1[c] - d3[c];
-                    }
-                }
-                for i in 0..4 {
-                    let row = |j: usize| &t[(i * 4 + j) * channels..][..channels];
-                    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-                    for j in 0..4 {
-                        let dst = &mut local[((i * 4 + j) * range.len() + local_tile) * channels..]
-                            [..channels];
-                        for (c, value) in dst.iter_mut().enumerate() {
-                            *value = match j {
-                                0 => r0[c] - r2[c],
-                                1 => r1[c] + r2[c],
-                                2 => r2[c] - r1[c],
-                                _ => r1[c] - r3[c],
-                            };
-                        }
-                    }
-                }
-            }
-            (range, local)
-        };
-        for (range, local) in parallel_ranges(tiles, 16 * channels, work) {
-            let count = range.len();
-            for position in 0..16 {
-                let src_plane = &local[position * count * channels..][..count * channels];
-                out[position * plane + range.start * channels..][..count * channels]
-                    .copy_from_slice(src_plane);
+        if plane == 0 {
+            return out;
+        }
+        // Pieces of whole tiles; each writes its tiles' rows of all 16 position planes.
+        let pieces = piece_count(tiles, 16 * channels);
+        let per_piece = tiles.div_ceil(pieces).max(1);
+        let mut items: Vec<(usize, Vec<&mut [f32]>)> = (0..tiles.div_ceil(per_piece))
+            .map(|index| (index * per_piece, Vec::with_capacity(16)))
+            .collect();
+        for position in out.chunks_mut(plane) {
+            for (item, piece) in items
+                .iter_mut()
+                .zip(position.chunks_mut(per_piece * channels))
+            {
+                item.1.push(piece);
             }
         }
+        run_queue(items, |(first_tile, outputs)| {
+            let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
+                return;
+            };
+            pulp::Arch::new().dispatch(WinogradInputTiles {
+                src,
+                geometry: [height, width, channels],
+                first_tile: self.tile_rows.start * tiles_w + first_tile,
+                outputs,
+            });
+        });
         out
+    }
+}
+
+simd_kernel!(
+    /// Winograd input transform of consecutive tiles, counted over the batch from `first_tile`
+    /// (`tile = batch_row * tiles_w + column`), written to the 16 position planes `outputs`
+    /// (`[tiles, channels]` each). `src` is `[batch, height, width, channels]`.
+    WinogradInputTiles<'data> {
+        src: &'data [f32],
+        geometry: [usize; 3],
+        first_tile: usize,
+        outputs: [&'data mut [f32]; 16],
+    } => {
+        let [height, width, channels] = geometry;
+        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let image_len = height * width * channels;
+        let count = outputs[0].len() / channels.max(1);
+        let zeros = vec![0f32; channels];
+        let mut t = vec![0f32; 4 * channels];
+        for local in 0..count {
+            let tile = first_tile + local;
+            let (batch_row, tile_col) = (tile / tiles_w, tile % tiles_w);
+            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+            let image = &src[item * image_len..][..image_len];
+            let pixel = |dy: usize, dx: usize| -> &[f32] {
+                let (y, x) = (2 * tile_row + dy, 2 * tile_col + dx);
+                if y == 0 || x == 0 || y > height || x > width {
+                    &zeros
+                } else {
+                    &image[((y - 1) * width + x - 1) * channels..][..channels]
+                }
+            };
+            for i in 0..4 {
+                // Row i of B^T d, per tile column j: t[j] over channels.
+                for (j, tj) in t.chunks_exact_mut(channels).enumerate() {
+                    let (d0, d1, d2, d3) = (pixel(0, j), pixel(1, j), pixel(2, j), pixel(3, j));
+                    winograd_b_rows(i, tj, d0, d1, d2, d3);
+                }
+                // (B^T d) B: column j of row i.
+                let (t0, rest) = t.split_at(channels);
+                let (t1, rest) = rest.split_at(channels);
+                let (t2, t3) = rest.split_at(channels);
+                for j in 0..4 {
+                    let dst = &mut outputs[i * 4 + j][local * channels..][..channels];
+                    winograd_b_rows(j, dst, t0, t1, t2, t3);
+                }
+            }
+        }
+    }
+);
+
+/// Row `r` of Winograd's `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`
+/// applied element-wise: `dst = B^T[r] . (a, b, c, d)`, with `r` fixed per loop.
+#[inline(always)]
+fn winograd_b_rows(r: usize, dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32]) {
+    #[inline(always)]
+    fn rows<const R: usize>(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32]) {
+        for ((((out, &a), &b), &c), &d) in dst.iter_mut().zip(a).zip(b).zip(c).zip(d) {
+            *out = match R {
+                0 => a - c,
+                1 => b + c,
+                2 => c - b,
+                _ => b - d,
+            };
+        }
+    }
+    match r {
+        0 => rows::<0>(dst, a, b, c, d),
+        1 => rows::<1>(dst, a, b, c, d),
+        2 => rows::<2>(dst, a, b, c, d),
+        _ => rows::<3>(dst, a, b, c, d),
     }
 }
 

@@ -262,8 +262,11 @@ impl Conv2d {
         let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
         let batch_rows = batch * tiles_h;
         let widest = self.in_channels.max(self.out_channels);
+        // Chunks hold at least as many elements as the filter, so a wide filter (larger than the
+        // tiles themselves) is read once, not once per chunk.
+        let chunk_elements = WINOGRAD_CHUNK_ELEMENTS.max(filter.elem_count());
         let rows_per_chunk =
-            (WINOGRAD_CHUNK_ELEMENTS / (16 * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
+            (chunk_elements / (16 * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
         // `[batch, out]` when each item has its own bias, else `[out]`.
         let biases: Vec<f32> = match extra_bias {
             Some(extra) => extra
