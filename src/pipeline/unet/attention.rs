@@ -317,8 +317,11 @@ impl FeedForward {
         let (batch, tokens, dim) = xs.dims3()?;
         let rows = batch * tokens;
         let flat = xs.reshape((rows, dim))?;
-        let rows_per_chunk =
+        // Equal chunks of at most the bound (a small remainder chunk would multiply poorly and
+        // read the weights once more for little work).
+        let max_rows =
             (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
+        let rows_per_chunk = rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1);
         let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut start = 0;
         while start < rows {

@@ -908,6 +908,60 @@ struct Block<'a> {
     sums: &'a mut [f32],
 }
 
+/// `a` `[m, k]` times `b` `[k, n]` (f32 results) with the columns of `b` split over the cores,
+/// each part one single-threaded product: for products with few rows (`m` up to a few hundred),
+/// where reading `b` is most of the work, each core then reads only its share of `b`.
+pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (b_rows, n) = b.dims2()?;
+    if b_rows != k {
+        candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
+    }
+    let (a_f32, b_f32) = (attention_operand(a)?, attention_operand(b)?);
+    // Column parts of whole 16-lane vectors, two per core for balance.
+    let parts = (2 * worker_count()).min(n.div_ceil(16)).max(1);
+    let part_columns = n.div_ceil(parts).div_ceil(16) * 16;
+    let parts = n.div_ceil(part_columns.max(1)).max(1);
+    let results = with_values(&a_f32, |a_values| {
+        with_values(&b_f32, |b_values| {
+            Ok(parallel_map(parts, parts > 1, |part| {
+                let start = part * part_columns;
+                let columns = part_columns.min(n - start);
+                let mut local = vec![0f32; m * columns];
+                let lhs = MatrixView {
+                    data: a_values,
+                    offset: 0,
+                    rows: m,
+                    cols: k,
+                    row_stride: k,
+                    col_stride: 1,
+                };
+                let rhs = MatrixView {
+                    data: b_values,
+                    offset: start,
+                    rows: k,
+                    cols: columns,
+                    row_stride: n,
+                    col_stride: 1,
+                };
+                gemm_single_thread(&mut local, 0, columns, lhs, rhs).map(|()| (start, local))
+            }))
+        })
+    })?;
+    let mut out = vec![0f32; m * n];
+    for result in results {
+        let (start, local) = result?;
+        let columns = local.len() / m.max(1);
+        if columns == 0 {
+            continue;
+        }
+        for (dst, src) in out.chunks_exact_mut(n).zip(local.chunks_exact(columns)) {
+            dst[start..start + columns].copy_from_slice(src);
+        }
+    }
+    Tensor::from_vec(out, (m, n), a.device())
+}
+
 /// The f32 values of `xs` (contiguous), for the attention kernels below.
 fn attention_operand(xs: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu() {
@@ -2006,6 +2060,23 @@ mod tests {
         assert!(attention_probabilities(&query, &key_t, 4, 1.0).is_err());
         let probs = Tensor::zeros((2, 4, 5), DType::F32, &device).unwrap();
         assert!(attend_probabilities(&probs, &value, 2).is_err());
+    }
+
+    #[test]
+    fn split_column_product_matches_matmul() {
+        let device = Device::Cpu;
+        // Column counts that split evenly, unevenly, and not at all.
+        for (m, k, n) in [(5, 33, 100), (1, 7, 16), (32, 64, 1280), (3, 2, 5)] {
+            let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
+            let expected = a.matmul(&b).unwrap();
+            let actual = matmul_split_columns(&a, &b).unwrap();
+            assert_eq!(actual.dims(), &[m, n]);
+            assert!(max_diff(&actual, &expected) < 1e-4, "{m}x{k}x{n}");
+        }
+        let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
+        let b = Tensor::zeros((4, 5), DType::F32, &device).unwrap();
+        assert!(matmul_split_columns(&a, &b).is_err());
     }
 
     #[test]

@@ -225,7 +225,7 @@ impl Conv2d {
             } else {
                 kernels::im2col(xs, geometry, start..start + rows)?
             };
-            let product = patches.matmul(matrix)?;
+            let product = product_of(&patches, matrix)?;
             // Each item's rows of the chunk get that item's bias.
             let mut row = start;
             while row < start + rows {
@@ -300,6 +300,28 @@ impl Conv2d {
     }
 }
 
+/// Rows up to which a matrix product splits the weight's columns over the cores (each core
+/// reads its share of the weight) instead of leaving the split to the GEMM.
+const SPLIT_COLUMNS_MAX_ROWS: usize = 256;
+
+/// `xs` `[rows, in]` times `weight` `[in, out]`: products with few rows and a large real weight
+/// take [`kernels::matmul_split_columns`].
+fn product_of(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, _) = xs.dims2()?;
+    let wide = weight.elem_count() >= 1 << 20;
+    if rows <= SPLIT_COLUMNS_MAX_ROWS
+        && wide
+        && xs.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && weight.is_contiguous()
+        && xs.device().is_cpu()
+    {
+        kernels::matmul_split_columns(xs, weight)
+    } else {
+        xs.matmul(weight)
+    }
+}
+
 /// `[rows, cols]` -> `[cols, rows]`, materialised for real (contiguous) weights; a lazily
 /// broadcast placeholder from a shape-checking load stays a view.
 fn transposed(weight: &Tensor) -> candle_core::Result<Tensor> {
@@ -365,7 +387,7 @@ impl Linear {
         let out_features = self.weight_t.dim(1)?;
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
-            let out = flat.matmul(&self.weight_t)?;
+            let out = product_of(&flat, &self.weight_t)?;
             match &self.bias {
                 Some(bias) => kernels::add_bias(out, bias, true),
                 None => Ok(out),
