@@ -281,7 +281,7 @@ impl Conv2d {
         while start < batch_rows {
             let rows = start..(start + rows_per_chunk).min(batch_rows);
             let transformed = kernels::winograd_input(xs, rows.clone())?;
-            let products = transformed.matmul(filter)?;
+            let products = kernels::batched_matmul_parallel(&transformed, filter)?;
             pieces.push(kernels::winograd_output(
                 &products,
                 rows.clone(),
@@ -304,21 +304,22 @@ impl Conv2d {
 /// reads its share of the weight) instead of leaving the split to the GEMM.
 const SPLIT_COLUMNS_MAX_ROWS: usize = 256;
 
-/// `xs` `[rows, in]` times `weight` `[in, out]`: products with few rows and a large real weight
-/// take [`kernels::matmul_split_columns`].
+/// `xs` `[rows, in]` times `weight` `[in, out]`, split over the cores by attend rather than inside
+/// the GEMM: by the weight's columns for few rows and a large weight (each core reads its share of
+/// the weight), by rows otherwise (each core one product, no per-call thread hand-offs).
 fn product_of(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let (rows, _) = xs.dims2()?;
     let wide = weight.elem_count() >= 1 << 20;
-    if rows <= SPLIT_COLUMNS_MAX_ROWS
-        && wide
-        && xs.dtype() == DType::F32
+    let plain_f32 = xs.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && weight.is_contiguous()
-        && xs.device().is_cpu()
-    {
+        && xs.device().is_cpu();
+    if !plain_f32 {
+        xs.matmul(weight)
+    } else if rows <= SPLIT_COLUMNS_MAX_ROWS && wide {
         kernels::matmul_split_columns(xs, weight)
     } else {
-        xs.matmul(weight)
+        kernels::matmul_split_rows(xs, weight)
     }
 }
 
