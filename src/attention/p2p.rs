@@ -525,6 +525,16 @@ impl PromptToPrompt {
 }
 
 impl AttentionProcessor for PromptToPrompt {
+    /// Cross-attention always (word edits, blend maps); self-attention only where it is replaced.
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        match site.kind {
+            AttentionKind::Cross => true,
+            AttentionKind::SelfAttention => {
+                self.replaces_self_attention(site.queries(), site.step_index, site.step_count)
+            }
+        }
+    }
+
     fn process_probabilities(
         &mut self,
         site: &AttentionSite,

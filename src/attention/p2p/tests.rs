@@ -203,6 +203,12 @@ fn window_arithmetic_follows_the_reference() {
     assert!(p2p.replaces_self_attention(256, 0, 10));
     assert!(!p2p.replaces_self_attention(257, 0, 10));
     assert!(!p2p.replaces_self_attention(64, 4, 10));
+    // Probabilities are asked for where they are used: every cross-attention layer, and the
+    // self-attention layers inside the self-replace window and size.
+    assert!(p2p.wants_probabilities(&site(AttentionKind::Cross, 64, 4, 9, 10)));
+    assert!(p2p.wants_probabilities(&site(AttentionKind::SelfAttention, 16, 4, 0, 10)));
+    assert!(!p2p.wants_probabilities(&site(AttentionKind::SelfAttention, 17, 4, 0, 10)));
+    assert!(!p2p.wants_probabilities(&site(AttentionKind::SelfAttention, 8, 4, 4, 10)));
 }
 
 #[test]
