@@ -759,6 +759,11 @@ fn gemm_single_thread(
 /// elements 311 ms, 256 Ki 241 ms, 512 Ki 221 ms, 1 Mi 218 ms per layer.
 const ATTENTION_BLOCK_SCORES: usize = 512 * 1024;
 
+/// Query rows per attention block: [`ATTENTION_BLOCK_SCORES`] scores, at least 8 rows.
+fn attention_block_rows(queries: usize, keys: usize) -> usize {
+    (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8))
+}
+
 /// Fused multi-head attention `softmax(scale * q k^T) v` for f32 activations, without head
 /// split/merge copies: blocks of queries (with all their heads) are spread over the cores and each
 /// block runs its two products single-threaded on strided head views, with the block's scores
@@ -792,7 +797,7 @@ impl FusedAttention<'_> {
         {
             candle_core::bail!("fused attention: inconsistent shapes");
         }
-        let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+        let block_rows = attention_block_rows(queries, keys);
         let head_dim = self.head_dim;
         // One unit per (item, head): its keys and values stay in the core's cache while all its
         // query blocks pass; each unit returns its `[queries, d]` result.
@@ -918,36 +923,33 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b_rows != k {
         candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let (a_f32, b_f32) = (attention_operand(a)?, attention_operand(b)?);
     // Column parts of whole 16-lane vectors, two per core for balance.
     let parts = (2 * worker_count()).min(n.div_ceil(16)).max(1);
     let part_columns = n.div_ceil(parts).div_ceil(16) * 16;
     let parts = n.div_ceil(part_columns.max(1)).max(1);
-    let results = with_values(&a_f32, |a_values| {
-        with_values(&b_f32, |b_values| {
-            Ok(parallel_map(parts, parts > 1, |part| {
-                let start = part * part_columns;
-                let columns = part_columns.min(n - start);
-                let mut local = vec![0f32; m * columns];
-                let lhs = MatrixView {
-                    data: a_values,
-                    offset: 0,
-                    rows: m,
-                    cols: k,
-                    row_stride: k,
-                    col_stride: 1,
-                };
-                let rhs = MatrixView {
-                    data: b_values,
-                    offset: start,
-                    rows: k,
-                    cols: columns,
-                    row_stride: n,
-                    col_stride: 1,
-                };
-                gemm_single_thread(&mut local, 0, columns, lhs, rhs).map(|()| (start, local))
-            }))
-        })
+    let results = with_f32_pair(a, b, |a_values, b_values| {
+        Ok(parallel_map(parts, parts > 1, |part| {
+            let start = part * part_columns;
+            let columns = part_columns.min(n - start);
+            let mut local = vec![0f32; m * columns];
+            let lhs = MatrixView {
+                data: a_values,
+                offset: 0,
+                rows: m,
+                cols: k,
+                row_stride: k,
+                col_stride: 1,
+            };
+            let rhs = MatrixView {
+                data: b_values,
+                offset: start,
+                rows: k,
+                cols: columns,
+                row_stride: n,
+                col_stride: 1,
+            };
+            gemm_single_thread(&mut local, 0, columns, lhs, rhs).map(|()| (start, local))
+        }))
     })?;
     let mut out = vec![0f32; m * n];
     for result in results {
@@ -971,30 +973,27 @@ pub fn matmul_split_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b_rows != k {
         candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let (a_f32, b_f32) = (attention_operand(a)?, attention_operand(b)?);
     let mut out = vec![0f32; m * n];
-    with_values(&a_f32, |a_values| {
-        with_values(&b_f32, |b_values| {
-            parallel_rows(&mut out, n, |first, piece| {
-                let rows = piece.len() / n.max(1);
-                let lhs = MatrixView {
-                    data: a_values,
-                    offset: first * k,
-                    rows,
-                    cols: k,
-                    row_stride: k,
-                    col_stride: 1,
-                };
-                let rhs = MatrixView {
-                    data: b_values,
-                    offset: 0,
-                    rows: k,
-                    cols: n,
-                    row_stride: n,
-                    col_stride: 1,
-                };
-                gemm_single_thread(piece, 0, n, lhs, rhs)
-            })
+    with_f32_pair(a, b, |a_values, b_values| {
+        parallel_rows(&mut out, n, |first, piece| {
+            let rows = piece.len() / n.max(1);
+            let lhs = MatrixView {
+                data: a_values,
+                offset: first * k,
+                rows,
+                cols: k,
+                row_stride: k,
+                col_stride: 1,
+            };
+            let rhs = MatrixView {
+                data: b_values,
+                offset: 0,
+                rows: k,
+                cols: n,
+                row_stride: n,
+                col_stride: 1,
+            };
+            gemm_single_thread(piece, 0, n, lhs, rhs)
         })
     })?;
     Tensor::from_vec(out, (m, n), a.device())
@@ -1009,53 +1008,60 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if (b_batch, b_rows) != (batch, k) {
         candle_core::bail!("batched matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let (a_f32, b_f32) = (attention_operand(a)?, attention_operand(b)?);
     let mut out = vec![0f32; batch * m * n];
-    with_values(&a_f32, |a_values| {
-        with_values(&b_f32, |b_values| {
-            parallel_rows(&mut out, m * n, |first, piece| {
-                for (index, dst) in piece.chunks_exact_mut((m * n).max(1)).enumerate() {
-                    let item = first + index;
-                    let lhs = MatrixView {
-                        data: a_values,
-                        offset: item * m * k,
-                        rows: m,
-                        cols: k,
-                        row_stride: k,
-                        col_stride: 1,
-                    };
-                    let rhs = MatrixView {
-                        data: b_values,
-                        offset: item * k * n,
-                        rows: k,
-                        cols: n,
-                        row_stride: n,
-                        col_stride: 1,
-                    };
-                    gemm_single_thread(dst, 0, n, lhs, rhs)?;
-                }
-                Ok(())
-            })
+    with_f32_pair(a, b, |a_values, b_values| {
+        parallel_rows(&mut out, m * n, |first, piece| {
+            for (index, dst) in piece.chunks_exact_mut((m * n).max(1)).enumerate() {
+                let item = first + index;
+                let lhs = MatrixView {
+                    data: a_values,
+                    offset: item * m * k,
+                    rows: m,
+                    cols: k,
+                    row_stride: k,
+                    col_stride: 1,
+                };
+                let rhs = MatrixView {
+                    data: b_values,
+                    offset: item * k * n,
+                    rows: k,
+                    cols: n,
+                    row_stride: n,
+                    col_stride: 1,
+                };
+                gemm_single_thread(dst, 0, n, lhs, rhs)?;
+            }
+            Ok(())
         })
     })?;
     Tensor::from_vec(out, (batch, m, n), a.device())
 }
 
-/// The f32 values of `xs` (contiguous), for the attention kernels below.
-fn attention_operand(xs: &Tensor) -> Result<Tensor> {
+/// The f32 values of `xs` (contiguous), for the kernels below.
+fn f32_operand(xs: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu() {
         candle_core::bail!("attention kernels: CPU tensors only");
     }
     xs.to_dtype(candle_core::DType::F32)?.contiguous()
 }
 
-/// Runs `job` on the contiguous f32 values of `xs` (see [`attention_operand`]).
+/// Runs `job` on the contiguous f32 values of `xs` (see [`f32_operand`]).
 fn with_values<R>(xs: &Tensor, job: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = xs.storage_and_layout();
     let candle_core::Storage::Cpu(storage) = &*storage else {
         candle_core::bail!("attention kernels: CPU tensors only");
     };
     job(contiguous_slice(storage, layout, "attention")?)
+}
+
+/// Runs `job` on the contiguous f32 values of `a` and `b` (converted as [`f32_operand`] does).
+fn with_f32_pair<R>(
+    a: &Tensor,
+    b: &Tensor,
+    job: impl FnOnce(&[f32], &[f32]) -> Result<R>,
+) -> Result<R> {
+    let (a, b) = (f32_operand(a)?, f32_operand(b)?);
+    with_values(&a, |a| with_values(&b, |b| job(a, b)))
 }
 
 /// Splits `rows` rows of a `[groups * group_rows, ...]` output into blocks of at most
@@ -1121,47 +1127,44 @@ pub fn attention_probabilities(
             key_t.dims()
         );
     }
-    let (query_f32, key_t_f32) = (attention_operand(query)?, attention_operand(key_t)?);
-    let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+    let block_rows = attention_block_rows(queries, keys);
     let mut out = vec![0f32; batch_heads * queries * keys];
-    with_values(&query_f32, |query| {
-        with_values(&key_t_f32, |key_t| {
-            parallel_rows(&mut out, keys, |first_row, piece| {
-                let rows_here = piece.len() / keys.max(1);
-                for_each_block(
-                    first_row,
-                    rows_here,
-                    queries,
-                    block_rows,
-                    |global, rows, row| {
-                        let (batch_head, query_index) = (global / queries, global % queries);
-                        let (item, head) = (batch_head / heads, batch_head % heads);
-                        let lhs = MatrixView {
-                            data: query,
-                            offset: (item * queries + query_index) * inner + head * head_dim,
-                            rows,
-                            cols: head_dim,
-                            row_stride: inner,
-                            col_stride: 1,
-                        };
-                        let rhs = MatrixView {
-                            data: key_t,
-                            offset: batch_head * head_dim * keys,
-                            rows: head_dim,
-                            cols: keys,
-                            row_stride: keys,
-                            col_stride: 1,
-                        };
-                        gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
-                        pulp::Arch::new().dispatch(SoftmaxRows {
-                            piece: &mut piece[row * keys..(row + rows) * keys],
-                            row_len: keys,
-                            scale,
-                        });
-                        Ok(())
-                    },
-                )
-            })
+    with_f32_pair(query, key_t, |query, key_t| {
+        parallel_rows(&mut out, keys, |first_row, piece| {
+            let rows_here = piece.len() / keys.max(1);
+            for_each_block(
+                first_row,
+                rows_here,
+                queries,
+                block_rows,
+                |global, rows, row| {
+                    let (batch_head, query_index) = (global / queries, global % queries);
+                    let (item, head) = (batch_head / heads, batch_head % heads);
+                    let lhs = MatrixView {
+                        data: query,
+                        offset: (item * queries + query_index) * inner + head * head_dim,
+                        rows,
+                        cols: head_dim,
+                        row_stride: inner,
+                        col_stride: 1,
+                    };
+                    let rhs = MatrixView {
+                        data: key_t,
+                        offset: batch_head * head_dim * keys,
+                        rows: head_dim,
+                        cols: keys,
+                        row_stride: keys,
+                        col_stride: 1,
+                    };
+                    gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
+                    pulp::Arch::new().dispatch(SoftmaxRows {
+                        piece: &mut piece[row * keys..(row + rows) * keys],
+                        row_len: keys,
+                        scale,
+                    });
+                    Ok(())
+                },
+            )
         })
     })?;
     Tensor::from_vec(out, (batch_heads, queries, keys), query.device())
@@ -1186,50 +1189,40 @@ pub fn attend_probabilities(
         );
     }
     let head_dim = inner / heads;
-    let (probabilities_f32, value_f32) =
-        (attention_operand(probabilities)?, attention_operand(value)?);
-    let block_rows = (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8));
+    let block_rows = attention_block_rows(queries, keys);
     let mut out = vec![0f32; batch * queries * inner];
-    with_values(&probabilities_f32, |probabilities| {
-        with_values(&value_f32, |value| {
-            parallel_rows(&mut out, inner, |first_row, piece| {
-                let rows_here = piece.len() / inner.max(1);
-                for_each_block(
-                    first_row,
-                    rows_here,
-                    queries,
-                    block_rows,
-                    |global, rows, row| {
-                        let (item, query_index) = (global / queries, global % queries);
-                        for head in 0..heads {
-                            let lhs = MatrixView {
-                                data: probabilities,
-                                offset: ((item * heads + head) * queries + query_index) * keys,
-                                rows,
-                                cols: keys,
-                                row_stride: keys,
-                                col_stride: 1,
-                            };
-                            let rhs = MatrixView {
-                                data: value,
-                                offset: item * keys * inner + head * head_dim,
-                                rows: keys,
-                                cols: head_dim,
-                                row_stride: inner,
-                                col_stride: 1,
-                            };
-                            gemm_single_thread(
-                                piece,
-                                row * inner + head * head_dim,
-                                inner,
-                                lhs,
-                                rhs,
-                            )?;
-                        }
-                        Ok(())
-                    },
-                )
-            })
+    with_f32_pair(probabilities, value, |probabilities, value| {
+        parallel_rows(&mut out, inner, |first_row, piece| {
+            let rows_here = piece.len() / inner.max(1);
+            for_each_block(
+                first_row,
+                rows_here,
+                queries,
+                block_rows,
+                |global, rows, row| {
+                    let (item, query_index) = (global / queries, global % queries);
+                    for head in 0..heads {
+                        let lhs = MatrixView {
+                            data: probabilities,
+                            offset: ((item * heads + head) * queries + query_index) * keys,
+                            rows,
+                            cols: keys,
+                            row_stride: keys,
+                            col_stride: 1,
+                        };
+                        let rhs = MatrixView {
+                            data: value,
+                            offset: item * keys * inner + head * head_dim,
+                            rows: keys,
+                            cols: head_dim,
+                            row_stride: inner,
+                            col_stride: 1,
+                        };
+                        gemm_single_thread(piece, row * inner + head * head_dim, inner, lhs, rhs)?;
+                    }
+                    Ok(())
+                },
+            )
         })
     })?;
     Tensor::from_vec(out, (batch, queries, inner), value.device())?.to_dtype(value.dtype())
@@ -1261,9 +1254,9 @@ pub fn fused_attention(
         );
     }
     let (query_f32, key_t_f32, value_f32) = (
-        attention_operand(query)?,
-        attention_operand(key_t)?,
-        attention_operand(value)?,
+        f32_operand(query)?,
+        f32_operand(key_t)?,
+        f32_operand(value)?,
     );
     let out = with_values(&query_f32, |query| {
         with_values(&key_t_f32, |key_t| {
@@ -1298,7 +1291,7 @@ pub fn mean_of_planes(xs: &Tensor) -> Result<Tensor> {
         return xs.to_dtype(candle_core::DType::F32)?.mean(0);
     }
     let plane: usize = rest.iter().product();
-    let values = attention_operand(xs)?;
+    let values = f32_operand(xs)?;
     let mut out = vec![0f32; plane];
     let inverse = 1.0 / planes as f32;
     with_values(&values, |values| {
