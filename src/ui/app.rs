@@ -502,7 +502,11 @@ impl EditorApp {
         };
         let current_run = self.pending_run.or(self.run.as_ref().map(|run| run.run_id));
         if let Some(run_id) = event.run_id() {
-            let for_shown_run = Some(run_id) == current_run;
+            // The run on screen may still finish after a newer request went out (an edit that
+            // superseded it mid-way reuses its finished source): its image is kept.
+            let finishes_run_on_screen = matches!(event, Event::Finished { .. })
+                && self.run.as_ref().is_some_and(|run| run.run_id == run_id);
+            let for_shown_run = Some(run_id) == current_run || finishes_run_on_screen;
             if !for_shown_run && !matches!(event, Event::Failed { .. }) {
                 // A superseded run: its late events are dropped.
                 return;
@@ -579,7 +583,13 @@ impl EditorApp {
                 if self.pending_run == Some(run_id) {
                     self.pending_run = None;
                 }
-                if let Some(run) = self.run.as_mut().filter(|run| run.run_id == run_id) {
+                // A superseded edit run may be cancelled after its source part finished: the
+                // finished source stays finished (a later edit reuses it).
+                if let Some(run) = self
+                    .run
+                    .as_mut()
+                    .filter(|run| run.run_id == run_id && run.is_running())
+                {
                     run.outcome = RunOutcome::Cancelled { steps_done };
                 }
                 self.push_status(
@@ -592,7 +602,11 @@ impl EditorApp {
                     if self.pending_run == Some(run_id) {
                         self.pending_run = None;
                     }
-                    if let Some(run) = self.run.as_mut().filter(|run| run.run_id == run_id) {
+                    if let Some(run) = self
+                        .run
+                        .as_mut()
+                        .filter(|run| run.run_id == run_id && run.is_running())
+                    {
                         run.outcome = RunOutcome::Failed(message.clone());
                     }
                 }
@@ -957,5 +971,77 @@ pub(super) fn sanitize_file_stem(text: &str) -> String {
         "word".to_owned()
     } else {
         stem
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{FakeEngine, FakeEngineConfig, GenerateParams, PromptInfo, RgbImage};
+
+    fn app() -> EditorApp {
+        let factory: EngineFactory =
+            Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default())));
+        EditorApp::new(EditorOptions::default(), None, None, factory).unwrap()
+    }
+
+    /// An edit that superseded a run mid-way may reuse that run's finished source: the worker then
+    /// reports the source finished (after the newer request went out) and the old edit cancelled.
+    /// The source on screen must end finished with its image, whatever order those come in.
+    #[test]
+    fn a_superseded_runs_finished_source_stays_finished() {
+        let mut app = app();
+        app.run = Some(RunView::new(
+            2,
+            GenerateParams::default(),
+            PromptInfo::default(),
+        ));
+        // The newer edit (run 3) went out; sending it marked the running source cancelled.
+        app.pending_run = Some(3);
+        if let Some(run) = app.run.as_mut() {
+            run.outcome = RunOutcome::Cancelled { steps_done: 3 };
+        }
+        let image = RgbImage {
+            width: 1,
+            height: 1,
+            pixels: vec![1, 2, 3],
+        };
+        app.handle_event(Event::Finished {
+            run_id: 2,
+            image: image.clone(),
+            elapsed_secs: 0.5,
+            self_attention_grids: Vec::new(),
+        });
+        app.handle_event(Event::Cancelled {
+            run_id: 2,
+            steps_done: 3,
+        });
+        let run = app.run.as_ref().unwrap();
+        assert!(matches!(run.outcome, RunOutcome::Finished { .. }));
+        assert_eq!(run.final_image, Some(image));
+        assert_eq!(
+            app.pending_run,
+            Some(3),
+            "the newer request is still awaited"
+        );
+
+        // A late event of some other, superseded run is still dropped.
+        app.handle_event(Event::Finished {
+            run_id: 1,
+            image: RgbImage::default(),
+            elapsed_secs: 0.1,
+            self_attention_grids: Vec::new(),
+        });
+        assert_eq!(app.run.as_ref().unwrap().run_id, 2);
+        assert_eq!(
+            app.run
+                .as_ref()
+                .unwrap()
+                .final_image
+                .as_ref()
+                .unwrap()
+                .pixels,
+            vec![1, 2, 3]
+        );
     }
 }
