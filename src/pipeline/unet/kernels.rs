@@ -676,7 +676,8 @@ pub fn scaled_softmax_in_place(scores: &Tensor, scale: f32) -> Result<()> {
     scores.inplace_op1(&ScaledSoftmaxInPlace { scale })
 }
 
-/// A read-only strided f32 matrix inside a slice (for [`gemm_single_thread`]).
+/// A read-only f32 matrix inside a slice, rows `row_stride` apart, columns adjacent (for
+/// [`gemm_single_thread`]).
 #[derive(Clone, Copy)]
 struct MatrixView<'a> {
     data: &'a [f32],
@@ -684,16 +685,30 @@ struct MatrixView<'a> {
     rows: usize,
     cols: usize,
     row_stride: usize,
-    col_stride: usize,
 }
 
-impl MatrixView<'_> {
-    /// Whether every element lies inside `data` (`offset + (rows-1) * rs + (cols-1) * cs`).
+impl<'a> MatrixView<'a> {
+    /// `rows x cols` starting at `data[offset]`, rows `row_stride` apart.
+    fn new(
+        data: &'a [f32],
+        offset: usize,
+        (rows, cols): (usize, usize),
+        row_stride: usize,
+    ) -> Self {
+        Self {
+            data,
+            offset,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+
+    /// Whether every element lies inside `data` (`offset + (rows-1) * row_stride + cols - 1`).
     fn in_bounds(&self) -> bool {
         self.rows == 0
             || self.cols == 0
-            || self.offset + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
+            || self.offset + (self.rows - 1) * self.row_stride + self.cols - 1 < self.data.len()
     }
 }
 
@@ -707,14 +722,7 @@ fn gemm_single_thread(
     rhs: MatrixView<'_>,
 ) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let dst_view = MatrixView {
-        data: dst,
-        offset: dst_offset,
-        rows: m,
-        cols: n,
-        row_stride: dst_row_stride,
-        col_stride: 1,
-    };
+    let dst_view = MatrixView::new(dst, dst_offset, (m, n), dst_row_stride);
     if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_view.in_bounds() {
         candle_core::bail!(
             "gemm: operands out of bounds or mismatched ({m}x{k} * {}x{n})",
@@ -738,10 +746,10 @@ fn gemm_single_thread(
             dst_row_stride as isize,
             false,
             lhs.data.as_ptr().add(lhs.offset),
-            lhs.col_stride as isize,
+            1,
             lhs.row_stride as isize,
             rhs.data.as_ptr().add(rhs.offset),
-            rhs.col_stride as isize,
+            1,
             rhs.row_stride as isize,
             0.0,
             1.0,
@@ -852,22 +860,18 @@ impl FusedAttention<'_> {
             scores,
             sums,
         } = block;
-        let query = MatrixView {
-            data: self.query,
-            offset: (item * self.queries + first) * inner + head * head_dim,
-            rows,
-            cols: head_dim,
-            row_stride: inner,
-            col_stride: 1,
-        };
-        let key_t = MatrixView {
-            data: self.key_t,
-            offset: (item * self.heads + head) * head_dim * keys,
-            rows: head_dim,
-            cols: keys,
-            row_stride: keys,
-            col_stride: 1,
-        };
+        let query = MatrixView::new(
+            self.query,
+            (item * self.queries + first) * inner + head * head_dim,
+            (rows, head_dim),
+            inner,
+        );
+        let key_t = MatrixView::new(
+            self.key_t,
+            (item * self.heads + head) * head_dim * keys,
+            (head_dim, keys),
+            keys,
+        );
         gemm_single_thread(scores, 0, keys, query, key_t)?;
         pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
             piece: scores,
@@ -875,22 +879,8 @@ impl FusedAttention<'_> {
             scale: self.scale,
             sums,
         });
-        let weights = MatrixView {
-            data: scores,
-            offset: 0,
-            rows,
-            cols: keys,
-            row_stride: keys,
-            col_stride: 1,
-        };
-        let value = MatrixView {
-            data: value,
-            offset: 0,
-            rows: keys,
-            cols: head_dim,
-            row_stride: head_dim,
-            col_stride: 1,
-        };
+        let weights = MatrixView::new(scores, 0, (rows, keys), keys);
+        let value = MatrixView::new(value, 0, (keys, head_dim), head_dim);
         gemm_single_thread(local, first * head_dim, head_dim, weights, value)?;
         // The softmax's division, applied to the `d` outputs of a row instead of its `keys` weights.
         let outputs = local[first * head_dim..(first + rows) * head_dim].chunks_exact_mut(head_dim);
@@ -932,22 +922,8 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             let start = part * part_columns;
             let columns = part_columns.min(n - start);
             let mut local = vec![0f32; m * columns];
-            let lhs = MatrixView {
-                data: a_values,
-                offset: 0,
-                rows: m,
-                cols: k,
-                row_stride: k,
-                col_stride: 1,
-            };
-            let rhs = MatrixView {
-                data: b_values,
-                offset: start,
-                rows: k,
-                cols: columns,
-                row_stride: n,
-                col_stride: 1,
-            };
+            let lhs = MatrixView::new(a_values, 0, (m, k), k);
+            let rhs = MatrixView::new(b_values, start, (k, columns), n);
             gemm_single_thread(&mut local, 0, columns, lhs, rhs).map(|()| (start, local))
         }))
     })?;
@@ -977,22 +953,8 @@ pub fn matmul_split_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     with_f32_pair(a, b, |a_values, b_values| {
         parallel_rows(&mut out, n, |first, piece| {
             let rows = piece.len() / n.max(1);
-            let lhs = MatrixView {
-                data: a_values,
-                offset: first * k,
-                rows,
-                cols: k,
-                row_stride: k,
-                col_stride: 1,
-            };
-            let rhs = MatrixView {
-                data: b_values,
-                offset: 0,
-                rows: k,
-                cols: n,
-                row_stride: n,
-                col_stride: 1,
-            };
+            let lhs = MatrixView::new(a_values, first * k, (rows, k), k);
+            let rhs = MatrixView::new(b_values, 0, (k, n), n);
             gemm_single_thread(piece, 0, n, lhs, rhs)
         })
     })?;
@@ -1013,22 +975,8 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         parallel_rows(&mut out, m * n, |first, piece| {
             for (index, dst) in piece.chunks_exact_mut((m * n).max(1)).enumerate() {
                 let item = first + index;
-                let lhs = MatrixView {
-                    data: a_values,
-                    offset: item * m * k,
-                    rows: m,
-                    cols: k,
-                    row_stride: k,
-                    col_stride: 1,
-                };
-                let rhs = MatrixView {
-                    data: b_values,
-                    offset: item * k * n,
-                    rows: k,
-                    cols: n,
-                    row_stride: n,
-                    col_stride: 1,
-                };
+                let lhs = MatrixView::new(a_values, item * m * k, (m, k), k);
+                let rhs = MatrixView::new(b_values, item * k * n, (k, n), n);
                 gemm_single_thread(dst, 0, n, lhs, rhs)?;
             }
             Ok(())
@@ -1083,6 +1031,28 @@ fn for_each_block(
     Ok(())
 }
 
+/// Runs `job(first_row_global, rows, piece, row_in_piece)` over blocks of at most `block_rows`
+/// rows of `out` (rows of `row_len`, in groups of `group_rows` that no block crosses), the
+/// pieces in parallel; returns the first error.
+fn parallel_row_blocks(
+    out: &mut [f32],
+    row_len: usize,
+    group_rows: usize,
+    block_rows: usize,
+    job: impl Fn(usize, usize, &mut [f32], usize) -> Result<()> + Sync,
+) -> Result<()> {
+    parallel_rows(out, row_len, |first_row, piece| {
+        let rows_here = piece.len() / row_len.max(1);
+        for_each_block(
+            first_row,
+            rows_here,
+            group_rows,
+            block_rows,
+            |global, rows, row| job(global, rows, piece, row),
+        )
+    })
+}
+
 /// Runs `job(first_row, piece)` over row pieces of `out` (rows of `row_len`) in parallel and
 /// returns the first error any piece met.
 fn parallel_rows(
@@ -1130,42 +1100,31 @@ pub fn attention_probabilities(
     let block_rows = attention_block_rows(queries, keys);
     let mut out = vec![0f32; batch_heads * queries * keys];
     with_f32_pair(query, key_t, |query, key_t| {
-        parallel_rows(&mut out, keys, |first_row, piece| {
-            let rows_here = piece.len() / keys.max(1);
-            for_each_block(
-                first_row,
-                rows_here,
-                queries,
-                block_rows,
-                |global, rows, row| {
-                    let (batch_head, query_index) = (global / queries, global % queries);
-                    let (item, head) = (batch_head / heads, batch_head % heads);
-                    let lhs = MatrixView {
-                        data: query,
-                        offset: (item * queries + query_index) * inner + head * head_dim,
-                        rows,
-                        cols: head_dim,
-                        row_stride: inner,
-                        col_stride: 1,
-                    };
-                    let rhs = MatrixView {
-                        data: key_t,
-                        offset: batch_head * head_dim * keys,
-                        rows: head_dim,
-                        cols: keys,
-                        row_stride: keys,
-                        col_stride: 1,
-                    };
-                    gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
-                    pulp::Arch::new().dispatch(SoftmaxRows {
-                        piece: &mut piece[row * keys..(row + rows) * keys],
-                        row_len: keys,
-                        scale,
-                    });
-                    Ok(())
-                },
-            )
-        })
+        parallel_row_blocks(
+            &mut out,
+            keys,
+            queries,
+            block_rows,
+            |global, rows, piece, row| {
+                let (batch_head, query_index) = (global / queries, global % queries);
+                let (item, head) = (batch_head / heads, batch_head % heads);
+                let lhs = MatrixView::new(
+                    query,
+                    (item * queries + query_index) * inner + head * head_dim,
+                    (rows, head_dim),
+                    inner,
+                );
+                let rhs =
+                    MatrixView::new(key_t, batch_head * head_dim * keys, (head_dim, keys), keys);
+                gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
+                pulp::Arch::new().dispatch(SoftmaxRows {
+                    piece: &mut piece[row * keys..(row + rows) * keys],
+                    row_len: keys,
+                    scale,
+                });
+                Ok(())
+            },
+        )
     })?;
     Tensor::from_vec(out, (batch_heads, queries, keys), query.device())
 }
@@ -1192,38 +1151,31 @@ pub fn attend_probabilities(
     let block_rows = attention_block_rows(queries, keys);
     let mut out = vec![0f32; batch * queries * inner];
     with_f32_pair(probabilities, value, |probabilities, value| {
-        parallel_rows(&mut out, inner, |first_row, piece| {
-            let rows_here = piece.len() / inner.max(1);
-            for_each_block(
-                first_row,
-                rows_here,
-                queries,
-                block_rows,
-                |global, rows, row| {
-                    let (item, query_index) = (global / queries, global % queries);
-                    for head in 0..heads {
-                        let lhs = MatrixView {
-                            data: probabilities,
-                            offset: ((item * heads + head) * queries + query_index) * keys,
-                            rows,
-                            cols: keys,
-                            row_stride: keys,
-                            col_stride: 1,
-                        };
-                        let rhs = MatrixView {
-                            data: value,
-                            offset: item * keys * inner + head * head_dim,
-                            rows: keys,
-                            cols: head_dim,
-                            row_stride: inner,
-                            col_stride: 1,
-                        };
-                        gemm_single_thread(piece, row * inner + head * head_dim, inner, lhs, rhs)?;
-                    }
-                    Ok(())
-                },
-            )
-        })
+        parallel_row_blocks(
+            &mut out,
+            inner,
+            queries,
+            block_rows,
+            |global, rows, piece, row| {
+                let (item, query_index) = (global / queries, global % queries);
+                for head in 0..heads {
+                    let lhs = MatrixView::new(
+                        probabilities,
+                        ((item * heads + head) * queries + query_index) * keys,
+                        (rows, keys),
+                        keys,
+                    );
+                    let rhs = MatrixView::new(
+                        value,
+                        item * keys * inner + head * head_dim,
+                        (keys, head_dim),
+                        inner,
+                    );
+                    gemm_single_thread(piece, row * inner + head * head_dim, inner, lhs, rhs)?;
+                }
+                Ok(())
+            },
+        )
     })?;
     Tensor::from_vec(out, (batch, queries, inner), value.device())?.to_dtype(value.dtype())
 }
