@@ -4,6 +4,7 @@
 //! They are candle custom ops over `CpuStorage`, so they run on the CPU device only. Large
 //! tensors are split over the machine's cores with scoped (named) threads; small ones run inline.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -295,7 +296,6 @@ impl Im2Col {
         let patch = self.kernel * self.kernel * channels;
         let row_len = out_w * patch;
         let row_count = self.rows.len();
-        let mut out = vec![T::zero(); row_count * row_len];
         let first_row = self.rows.start;
         let fill = |first: usize, piece: &mut [T]| {
             for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
@@ -324,8 +324,8 @@ impl Im2Col {
                 }
             }
         };
-        parallel_chunks_mut(&mut out, row_count, fill);
-        out
+        // Zeroed pieces: padding positions are skipped below and stay zero.
+        parallel_filled(row_count * row_len, row_count, fill)
     }
 }
 
@@ -418,7 +418,8 @@ impl GroupNormOp {
         let channels = self.weight.len();
         let per_group = channels / self.groups;
         let pixels = src.len() / (batch * channels);
-        let mut out = vec![0f32; src.len()];
+        // Per item: the affine step's per-channel scale and shift.
+        let mut affine = Vec::with_capacity(batch);
         for item in 0..batch {
             let image = &src[item * pixels * channels..(item + 1) * pixels * channels];
             // Per-channel sums in f64 over pixel ranges, merged afterwards.
@@ -455,19 +456,29 @@ impl GroupNormOp {
                     shift[channel] = (f64::from(self.bias[channel]) - mean * s) as f32;
                 }
             }
-            let out_image = &mut out[item * pixels * channels..(item + 1) * pixels * channels];
-            parallel_chunks_mut(out_image, pixels, |first_pixel, piece| {
-                let source = &image[first_pixel * channels..first_pixel * channels + piece.len()];
+            affine.push((scale, shift));
+        }
+        parallel_filled(src.len(), batch * pixels, |first_pixel, piece| {
+            // A piece may span items: normalise each item's part with its own statistics.
+            let mut pixel = first_pixel;
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let item = pixel / pixels.max(1);
+                let count = (pixels - pixel % pixels).min(rest.len() / channels);
+                let (part, tail) = std::mem::take(&mut rest).split_at_mut(count * channels);
+                let (scale, shift) = &affine[item];
+                let source = &src[pixel * channels..][..part.len()];
                 pulp::Arch::new().dispatch(NormalizePixels {
-                    dst: piece,
+                    dst: part,
                     src: source,
-                    scale: &scale,
-                    shift: &shift,
+                    scale,
+                    shift,
                     silu_after: self.silu,
                 });
-            });
-        }
-        out
+                pixel += count;
+                rest = tail;
+            }
+        })
     }
 }
 
@@ -526,9 +537,8 @@ impl UpsampleNearest {
     fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
         let (batch, in_h, in_w, channels) = dims;
         let (out_h, out_w) = (self.height, self.width);
-        let mut out = vec![T::zero(); batch * out_h * out_w * channels];
         let row_len = out_w * channels;
-        parallel_chunks_mut(&mut out, batch * out_h, |first, piece| {
+        parallel_filled(batch * out_h * row_len, batch * out_h, |first, piece| {
             for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
                 let flat = first + offset;
                 let (item, y) = (flat / out_h, flat % out_h);
@@ -539,8 +549,7 @@ impl UpsampleNearest {
                     dst.copy_from_slice(&src_row[src_x * channels..(src_x + 1) * channels]);
                 }
             }
-        });
-        out
+        })
     }
 }
 
@@ -704,26 +713,56 @@ impl<'a> MatrixView<'a> {
         }
     }
 
-    /// Whether every element lies inside `data` (`offset + (rows-1) * row_stride + cols - 1`).
+    /// Whether every element lies inside `data`.
     fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || self.offset + (self.rows - 1) * self.row_stride + self.cols - 1 < self.data.len()
+        matrix_fits(
+            self.data.len(),
+            self.offset,
+            (self.rows, self.cols),
+            self.row_stride,
+        )
+    }
+}
+
+/// Whether a `rows x cols` matrix at `offset`, rows `row_stride` apart, lies inside `len` elements
+/// (its last element is `offset + (rows-1) * row_stride + cols - 1`).
+fn matrix_fits(len: usize, offset: usize, (rows, cols): (usize, usize), row_stride: usize) -> bool {
+    rows == 0 || cols == 0 || offset + (rows - 1) * row_stride + cols - 1 < len
+}
+
+/// Where [`gemm_single_thread`] may write its f32 results: values or uninitialised slots (the
+/// GEMM only writes them).
+trait GemmDestination {
+    /// The first element and the number of elements.
+    fn raw_parts(&mut self) -> (*mut f32, usize);
+}
+
+impl GemmDestination for [f32] {
+    fn raw_parts(&mut self) -> (*mut f32, usize) {
+        (self.as_mut_ptr(), self.len())
+    }
+}
+
+impl GemmDestination for [MaybeUninit<f32>] {
+    fn raw_parts(&mut self) -> (*mut f32, usize) {
+        (self.as_mut_ptr().cast(), self.len())
     }
 }
 
 /// `dst[offset..]` (row stride `dst_row_stride`, unit column stride) `= lhs * rhs` on the calling
-/// thread only (the callers already spread their blocks over the cores).
-fn gemm_single_thread(
-    dst: &mut [f32],
+/// thread only (the callers already spread their blocks over the cores). The product's elements
+/// of `dst` are written, never read, so `dst` may be uninitialised.
+fn gemm_single_thread<D: GemmDestination + ?Sized>(
+    dst: &mut D,
     dst_offset: usize,
     dst_row_stride: usize,
     lhs: MatrixView<'_>,
     rhs: MatrixView<'_>,
 ) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let dst_view = MatrixView::new(dst, dst_offset, (m, n), dst_row_stride);
-    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_view.in_bounds() {
+    let (dst_ptr, dst_len) = dst.raw_parts();
+    let dst_fits = matrix_fits(dst_len, dst_offset, (m, n), dst_row_stride);
+    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_fits {
         candle_core::bail!(
             "gemm: operands out of bounds or mismatched ({m}x{k} * {}x{n})",
             rhs.rows
@@ -735,13 +774,14 @@ fn gemm_single_thread(
     #[allow(unsafe_code)]
     // SAFETY: every element the GEMM reads or writes lies inside its slice (checked above), the
     // destination is borrowed mutably so it cannot alias the inputs, and `read_dst` is false, so
-    // the destination's previous values are never read.
+    // the destination's previous values are never read (gemm then sets its `alpha` to zero and
+    // every path skips reading `dst`; gemm-common 0.19).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr().add(dst_offset),
+            dst_ptr.add(dst_offset),
             1,
             dst_row_stride as isize,
             false,
@@ -760,6 +800,26 @@ fn gemm_single_thread(
         );
     }
     Ok(())
+}
+
+/// `dst` `[m, n]` (contiguous, exactly `m * n` slots) `= lhs * rhs` on the calling thread,
+/// handed back initialised.
+fn gemm_uninit<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    lhs: MatrixView<'_>,
+    rhs: MatrixView<'_>,
+) -> Result<&'d mut [f32]> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    if dst.len() != m * n {
+        candle_core::bail!("gemm: {} output slots for a {m}x{n} product", dst.len());
+    }
+    gemm_single_thread(dst, 0, n, lhs, rhs)?;
+    #[allow(unsafe_code)]
+    // SAFETY: the product covers all `m * n` slots (row stride `n`, offset 0), and the GEMM wrote
+    // each one (it returned without error); `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe {
+        Ok(&mut *(std::ptr::from_mut(dst) as *mut [f32]))
+    }
 }
 
 /// Score elements (`queries x keys`) one attention block keeps at once (2 MiB, about one core's
@@ -831,16 +891,21 @@ impl FusedAttention<'_> {
             })?;
             Ok::<_, candle_core::Error>(local)
         });
-        let mut out = vec![0f32; batch * queries * inner];
-        for (unit, local) in units.into_iter().enumerate() {
-            let local = local?;
-            let (item, head) = (unit / self.heads, unit % self.heads);
-            let rows = out[item * queries * inner..][..queries * inner].chunks_exact_mut(inner);
-            for (dst, src) in rows.zip(local.chunks_exact(head_dim)) {
-                dst[head * head_dim..][..head_dim].copy_from_slice(src);
-            }
-        }
-        Ok(out)
+        let units = units.into_iter().collect::<Result<Vec<_>>>()?;
+        // Rows `(item, query)` gather each head's `d` outputs from its unit.
+        Ok(parallel_filled(
+            batch * queries * inner,
+            batch * queries,
+            |first, piece| {
+                for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
+                    let (item, query) = ((first + offset) / queries, (first + offset) % queries);
+                    for (head, dst_head) in dst.chunks_exact_mut(head_dim).enumerate() {
+                        let local = &units[item * self.heads + head];
+                        dst_head.copy_from_slice(&local[query * head_dim..][..head_dim]);
+                    }
+                }
+            },
+        ))
     }
 
     /// Queries `block.first..block.first + block.rows` of batch item `item`, head `head`, whose
@@ -916,28 +981,26 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     // Column parts of whole 16-lane vectors, two per core for balance.
     let parts = (2 * worker_count()).min(n.div_ceil(16)).max(1);
     let part_columns = n.div_ceil(parts).div_ceil(16) * 16;
-    let parts = n.div_ceil(part_columns.max(1)).max(1);
-    let results = with_f32_pair(a, b, |a_values, b_values| {
-        Ok(parallel_map(parts, parts > 1, |part| {
+    // Part `p`'s `[m, columns]` product is the `p`-th piece of `by_part`.
+    let by_part = with_f32_pair(a, b, |a_values, b_values| {
+        parallel_pieces(m * n, m * part_columns, k, |part, slots| {
             let start = part * part_columns;
             let columns = part_columns.min(n - start);
-            let mut local = vec![0f32; m * columns];
             let lhs = MatrixView::new(a_values, 0, (m, k), k);
             let rhs = MatrixView::new(b_values, start, (k, columns), n);
-            gemm_single_thread(&mut local, 0, columns, lhs, rhs).map(|()| (start, local))
-        }))
+            gemm_uninit(slots, lhs, rhs)
+        })
     })?;
-    let mut out = vec![0f32; m * n];
-    for result in results {
-        let (start, local) = result?;
-        let columns = local.len() / m.max(1);
-        if columns == 0 {
-            continue;
+    let out = parallel_filled(m * n, m, |first_row, piece| {
+        for (offset, dst) in piece.chunks_exact_mut(n).enumerate() {
+            let row = first_row + offset;
+            for (part, src) in by_part.chunks((m * part_columns).max(1)).enumerate() {
+                let start = part * part_columns;
+                let columns = part_columns.min(n - start);
+                dst[start..start + columns].copy_from_slice(&src[row * columns..][..columns]);
+            }
         }
-        for (dst, src) in out.chunks_exact_mut(n).zip(local.chunks_exact(columns)) {
-            dst[start..start + columns].copy_from_slice(src);
-        }
-    }
+    });
     Tensor::from_vec(out, (m, n), a.device())
 }
 
@@ -949,13 +1012,13 @@ pub fn matmul_split_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b_rows != k {
         candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let mut out = vec![0f32; m * n];
-    with_f32_pair(a, b, |a_values, b_values| {
-        parallel_rows(&mut out, n, |first, piece| {
-            let rows = piece.len() / n.max(1);
-            let lhs = MatrixView::new(a_values, first * k, (rows, k), k);
+    let piece_rows = m.div_ceil(piece_count(m, n));
+    let out = with_f32_pair(a, b, |a_values, b_values| {
+        parallel_pieces(m * n, piece_rows * n, k, |index, slots| {
+            let rows = slots.len() / n.max(1);
+            let lhs = MatrixView::new(a_values, index * piece_rows * k, (rows, k), k);
             let rhs = MatrixView::new(b_values, 0, (k, n), n);
-            gemm_single_thread(piece, 0, n, lhs, rhs)
+            gemm_uninit(slots, lhs, rhs)
         })
     })?;
     Tensor::from_vec(out, (m, n), a.device())
@@ -970,16 +1033,11 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if (b_batch, b_rows) != (batch, k) {
         candle_core::bail!("batched matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let mut out = vec![0f32; batch * m * n];
-    with_f32_pair(a, b, |a_values, b_values| {
-        parallel_rows(&mut out, m * n, |first, piece| {
-            for (index, dst) in piece.chunks_exact_mut((m * n).max(1)).enumerate() {
-                let item = first + index;
-                let lhs = MatrixView::new(a_values, item * m * k, (m, k), k);
-                let rhs = MatrixView::new(b_values, item * k * n, (k, n), n);
-                gemm_single_thread(dst, 0, n, lhs, rhs)?;
-            }
-            Ok(())
+    let out = with_f32_pair(a, b, |a_values, b_values| {
+        parallel_pieces(batch * m * n, m * n, k, |item, slots| {
+            let lhs = MatrixView::new(a_values, item * m * k, (m, k), k);
+            let rhs = MatrixView::new(b_values, item * k * n, (k, n), n);
+            gemm_uninit(slots, lhs, rhs)
         })
     })?;
     Tensor::from_vec(out, (batch, m, n), a.device())
@@ -1031,51 +1089,210 @@ fn for_each_block(
     Ok(())
 }
 
-/// Runs `job(first_row_global, rows, piece, row_in_piece)` over blocks of at most `block_rows`
-/// rows of `out` (rows of `row_len`, in groups of `group_rows` that no block crosses), the
-/// pieces in parallel; returns the first error.
+/// Collects the first error of jobs that run on several threads.
+#[derive(Default)]
+struct FirstError(std::sync::Mutex<Option<candle_core::Error>>);
+
+impl FirstError {
+    fn record(&self, result: Result<()>) {
+        if let Err(error) = result {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert(error);
+        }
+    }
+
+    fn into_result(self) -> Result<()> {
+        match self
+            .0
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `slots` set to zero and handed back as values.
+fn zeroed<T: WithDType>(slots: &mut [MaybeUninit<T>]) -> &mut [T] {
+    slots.fill(MaybeUninit::new(T::zero()));
+    #[allow(unsafe_code)]
+    // SAFETY: every slot was initialised on the line above, and `MaybeUninit<T>` has the size,
+    // alignment and layout of `T`.
+    unsafe {
+        &mut *(std::ptr::from_mut(slots) as *mut [T])
+    }
+}
+
+/// A vector of `len` values whose slots `fill` hands out, cut into pieces, to the workers, each
+/// piece passed through [`zeroed`] before a kernel writes it. `vec![zero; len]` would zero the
+/// whole buffer on the calling thread while the other cores wait (about 5% of a UNet call at
+/// 256 px); here each core zeroes the piece it is about to write, while it is in its cache.
+///
+/// # Safety
+/// `fill` must pass every slot through [`zeroed`] (or otherwise initialise it) before it
+/// returns, unless it panics.
+#[allow(unsafe_code)]
+unsafe fn filled_in_pieces<T: WithDType>(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>]),
+) -> Vec<T> {
+    let mut buffer = Vec::with_capacity(len);
+    fill(&mut buffer.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialised all `len` slots (the caller's contract); a panic in it unwinds
+    // past this line and drops the vector empty.
+    unsafe {
+        buffer.set_len(len);
+    }
+    buffer
+}
+
+/// A vector of `len` values (`units` equal units) made by `job(first_unit, piece)` over pieces of
+/// whole units, as [`parallel_chunks_mut`] cuts them, each piece zeroed first by its worker (so
+/// values a kernel skips, such as padding, are zero).
+fn parallel_filled<T: WithDType>(
+    len: usize,
+    units: usize,
+    job: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    #[allow(unsafe_code)]
+    // SAFETY: `parallel_chunks_mut` hands every slot to exactly one job (its pieces cover the
+    // slice, or the whole slice goes to one job), and each job zeroes its piece first.
+    unsafe {
+        filled_in_pieces(len, |slots| {
+            parallel_chunks_mut(slots, units, |first, piece| job(first, zeroed(piece)));
+        })
+    }
+}
+
+/// Runs `job` on `slots`, which must hand all of them back initialised (for instance through
+/// [`gemm_uninit`]); the returned slice is checked against `slots` by address and length. When
+/// the job fails or hands back less, `slots` are zeroed and an error returned, so that `slots`
+/// are initialised whatever happens.
+fn initialise_piece(
+    slots: &mut [MaybeUninit<f32>],
+    job: impl for<'a> FnOnce(&'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]>,
+) -> Result<()> {
+    let (start, len) = (slots.as_ptr().cast::<f32>(), slots.len());
+    let result = job(&mut *slots).and_then(|values| {
+        if std::ptr::eq(values.as_ptr(), start) && values.len() == len {
+            Ok(())
+        } else {
+            candle_core::bail!(
+                "kernel output: a piece of {len} values came back with {} initialised",
+                values.len()
+            )
+        }
+    });
+    if result.is_err() {
+        zeroed(slots);
+    }
+    result
+}
+
+/// A vector of `len` values made by `job(index, piece)` over consecutive pieces of `piece_len`
+/// values (the last one shorter), queued to the cores when `len * cost_per_value` is large
+/// enough. Each job hands its piece back initialised (see [`initialise_piece`]), so nothing is
+/// zeroed first: for products, whose GEMM writes every value (cost: the inner dimension).
+/// Returns the first error any piece met.
+fn parallel_pieces(
+    len: usize,
+    piece_len: usize,
+    cost_per_value: usize,
+    job: impl for<'a> Fn(usize, &'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]> + Sync,
+) -> Result<Vec<f32>> {
+    let failure = FirstError::default();
+    #[allow(unsafe_code)]
+    // SAFETY: the pieces cover the slots, and `initialise_piece` leaves each one initialised.
+    let out = unsafe {
+        filled_in_pieces(len, |slots| {
+            let pieces: Vec<_> = slots.chunks_mut(piece_len.max(1)).enumerate().collect();
+            let run = |(index, piece): (usize, &mut [MaybeUninit<f32>])| {
+                failure.record(initialise_piece(piece, |piece| job(index, piece)));
+            };
+            if len.saturating_mul(cost_per_value) >= PARALLEL_MIN_ELEMENTS && pieces.len() > 1 {
+                run_queue(pieces.into_iter().rev().collect(), run);
+            } else {
+                pieces.into_iter().for_each(run);
+            }
+        })
+    };
+    failure.into_result().map(|()| out)
+}
+
+/// `planes` planes of `plane_len` values made by `job(first, pieces)`, where `pieces` holds the
+/// same range of every plane (`first..first + piece_len`, the last range shorter), the ranges
+/// spread over the cores and zeroed first by their worker.
+fn parallel_filled_planes(
+    planes: usize,
+    plane_len: usize,
+    piece_len: usize,
+    job: impl Fn(usize, Vec<&mut [f32]>) + Sync,
+) -> Vec<f32> {
+    let piece_len = piece_len.max(1);
+    #[allow(unsafe_code)]
+    // SAFETY: the pieces, `piece_len` chunks of every `plane_len` chunk of the slots, cover all of
+    // them, and each worker zeroes all of its pieces before its job sees them.
+    unsafe {
+        filled_in_pieces(planes * plane_len, |slots| {
+            let mut items: Vec<(usize, Vec<&mut [MaybeUninit<f32>]>)> = (0..plane_len
+                .div_ceil(piece_len))
+                .map(|index| (index * piece_len, Vec::with_capacity(planes)))
+                .collect();
+            for plane in slots.chunks_mut(plane_len.max(1)) {
+                for (item, piece) in items.iter_mut().zip(plane.chunks_mut(piece_len)) {
+                    item.1.push(piece);
+                }
+            }
+            run_queue(items, |(first, pieces)| {
+                job(first, pieces.into_iter().map(zeroed).collect());
+            });
+        })
+    }
+}
+
+/// A `[rows, row_len]` output made by `job(first_row, block)` over blocks of at most
+/// `block_rows` rows that stay inside one group of `group_rows` rows. The blocks go to the cores
+/// from a queue; each job hands its block back initialised (see [`initialise_piece`]). Returns
+/// the first error any block met.
 fn parallel_row_blocks(
-    out: &mut [f32],
+    rows: usize,
     row_len: usize,
     group_rows: usize,
     block_rows: usize,
-    job: impl Fn(usize, usize, &mut [f32], usize) -> Result<()> + Sync,
-) -> Result<()> {
-    parallel_rows(out, row_len, |first_row, piece| {
-        let rows_here = piece.len() / row_len.max(1);
-        for_each_block(
-            first_row,
-            rows_here,
-            group_rows,
-            block_rows,
-            |global, rows, row| job(global, rows, piece, row),
-        )
-    })
-}
-
-/// Runs `job(first_row, piece)` over row pieces of `out` (rows of `row_len`) in parallel and
-/// returns the first error any piece met.
-fn parallel_rows(
-    out: &mut [f32],
-    row_len: usize,
-    job: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
-) -> Result<()> {
-    let rows = out.len() / row_len.max(1);
-    let failure = std::sync::Mutex::new(None);
-    parallel_chunks_mut(out, rows, |first_row, piece| {
-        if let Err(error) = job(first_row, piece) {
-            *failure
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
-        }
-    });
-    match failure
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-    {
-        Some(error) => Err(error),
-        None => Ok(()),
-    }
+    job: impl for<'a> Fn(usize, &'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]> + Sync,
+) -> Result<Vec<f32>> {
+    let failure = FirstError::default();
+    #[allow(unsafe_code)]
+    // SAFETY: the blocks are consecutive cuts of the slots, and whatever is left after the last
+    // one is zeroed; `initialise_piece` leaves every block initialised.
+    let out = unsafe {
+        filled_in_pieces(rows * row_len, |slots| {
+            let mut blocks = Vec::new();
+            let mut rest = slots;
+            let cut = for_each_block(0, rows, group_rows, block_rows, |first, count, _| {
+                let (block, tail) = std::mem::take(&mut rest).split_at_mut(count * row_len);
+                blocks.push((first, block));
+                rest = tail;
+                Ok(())
+            });
+            failure.record(cut);
+            zeroed(rest);
+            let run = |(first, block): (usize, &mut [MaybeUninit<f32>])| {
+                failure.record(initialise_piece(block, |block| job(first, block)));
+            };
+            if rows * row_len >= PARALLEL_MIN_ELEMENTS {
+                // Reversed: the queue hands out its last item first.
+                blocks.reverse();
+                run_queue(blocks, run);
+            } else {
+                blocks.into_iter().for_each(run);
+            }
+        })
+    };
+    failure.into_result().map(|()| out)
 }
 
 /// Attention probabilities `softmax(scale * q k^T)` per head (f32): `query` `[batch, queries,
@@ -1098,14 +1315,14 @@ pub fn attention_probabilities(
         );
     }
     let block_rows = attention_block_rows(queries, keys);
-    let mut out = vec![0f32; batch_heads * queries * keys];
-    with_f32_pair(query, key_t, |query, key_t| {
+    let out = with_f32_pair(query, key_t, |query, key_t| {
         parallel_row_blocks(
-            &mut out,
+            batch_heads * queries,
             keys,
             queries,
             block_rows,
-            |global, rows, piece, row| {
+            |global, slots| {
+                let rows = slots.len() / keys.max(1);
                 let (batch_head, query_index) = (global / queries, global % queries);
                 let (item, head) = (batch_head / heads, batch_head % heads);
                 let lhs = MatrixView::new(
@@ -1116,13 +1333,13 @@ pub fn attention_probabilities(
                 );
                 let rhs =
                     MatrixView::new(key_t, batch_head * head_dim * keys, (head_dim, keys), keys);
-                gemm_single_thread(piece, row * keys, keys, lhs, rhs)?;
+                let scores = gemm_uninit(slots, lhs, rhs)?;
                 pulp::Arch::new().dispatch(SoftmaxRows {
-                    piece: &mut piece[row * keys..(row + rows) * keys],
+                    piece: &mut *scores,
                     row_len: keys,
                     scale,
                 });
-                Ok(())
+                Ok(scores)
             },
         )
     })?;
@@ -1149,14 +1366,16 @@ pub fn attend_probabilities(
     }
     let head_dim = inner / heads;
     let block_rows = attention_block_rows(queries, keys);
-    let mut out = vec![0f32; batch * queries * inner];
-    with_f32_pair(probabilities, value, |probabilities, value| {
+    let out = with_f32_pair(probabilities, value, |probabilities, value| {
         parallel_row_blocks(
-            &mut out,
+            batch * queries,
             inner,
             queries,
             block_rows,
-            |global, rows, piece, row| {
+            |global, slots| {
+                let rows = slots.len() / inner.max(1);
+                // Each head writes its own columns of the block.
+                let block = zeroed(slots);
                 let (item, query_index) = (global / queries, global % queries);
                 for head in 0..heads {
                     let lhs = MatrixView::new(
@@ -1171,9 +1390,9 @@ pub fn attend_probabilities(
                         (keys, head_dim),
                         inner,
                     );
-                    gemm_single_thread(piece, row * inner + head * head_dim, inner, lhs, rhs)?;
+                    gemm_single_thread(&mut *block, head * head_dim, inner, lhs, rhs)?;
                 }
-                Ok(())
+                Ok(block)
             },
         )
     })?;
@@ -1244,10 +1463,9 @@ pub fn mean_of_planes(xs: &Tensor) -> Result<Tensor> {
     }
     let plane: usize = rest.iter().product();
     let values = f32_operand(xs)?;
-    let mut out = vec![0f32; plane];
     let inverse = 1.0 / planes as f32;
-    with_values(&values, |values| {
-        parallel_chunks_mut(&mut out, plane, |first, piece| {
+    let out = with_values(&values, |values| {
+        Ok(parallel_filled(plane, plane, |first, piece: &mut [f32]| {
             for index in 0..planes {
                 let src = &values[index * plane + first..][..piece.len()];
                 for (sum, &v) in piece.iter_mut().zip(src) {
@@ -1257,8 +1475,7 @@ pub fn mean_of_planes(xs: &Tensor) -> Result<Tensor> {
             for sum in piece.iter_mut() {
                 *sum *= inverse;
             }
-        });
-        Ok(())
+        }))
     })?;
     Tensor::from_vec(out, rest, xs.device())
 }
@@ -1280,8 +1497,7 @@ impl CustomOp1 for Geglu {
         let inner = width / 2;
         let src = contiguous_slice::<f32>(storage, layout, "geglu")?;
         let rows = src.len() / width.max(1);
-        let mut out = vec![0f32; rows * inner];
-        parallel_chunks_mut(&mut out, rows, |first, piece| {
+        let out = parallel_filled(rows * inner, rows, |first, piece| {
             pulp::Arch::new().dispatch(GegluRows {
                 dst: piece,
                 src,
@@ -1327,19 +1543,10 @@ pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
         candle_core::bail!("winograd: CPU tensors only");
     };
     let values: &[f32] = contiguous_slice(storage, layout, "winograd filter")?;
-    let mut transformed = vec![0f32; 16 * plane];
     // Each piece is one range of plane elements, written at all 16 positions.
     let pieces = piece_count(plane, 25).max(1);
     let per_piece = plane.div_ceil(pieces).max(1);
-    let mut items: Vec<(usize, Vec<&mut [f32]>)> = (0..plane.div_ceil(per_piece))
-        .map(|index| (index * per_piece, Vec::with_capacity(16)))
-        .collect();
-    for position in transformed.chunks_mut(plane.max(1)) {
-        for (item, piece) in items.iter_mut().zip(position.chunks_mut(per_piece)) {
-            item.1.push(piece);
-        }
-    }
-    run_queue(items, |(first, outputs)| {
+    let transformed = parallel_filled_planes(16, plane, per_piece, |first, outputs| {
         let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
             return;
         };
@@ -1426,36 +1633,23 @@ impl WinogradInput {
         let tiles_w = width.div_ceil(2);
         let tiles = self.tile_rows.len() * tiles_w;
         let plane = tiles * channels;
-        let mut out = vec![0f32; 16 * plane];
         if plane == 0 {
-            return out;
+            return Vec::new();
         }
         // Pieces of whole tiles; each writes its tiles' rows of all 16 position planes.
         let pieces = piece_count(tiles, 16 * channels);
         let per_piece = tiles.div_ceil(pieces).max(1);
-        let mut items: Vec<(usize, Vec<&mut [f32]>)> = (0..tiles.div_ceil(per_piece))
-            .map(|index| (index * per_piece, Vec::with_capacity(16)))
-            .collect();
-        for position in out.chunks_mut(plane) {
-            for (item, piece) in items
-                .iter_mut()
-                .zip(position.chunks_mut(per_piece * channels))
-            {
-                item.1.push(piece);
-            }
-        }
-        run_queue(items, |(first_tile, outputs)| {
+        parallel_filled_planes(16, plane, per_piece * channels, |first, outputs| {
             let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
                 return;
             };
             pulp::Arch::new().dispatch(WinogradInputTiles {
                 src,
                 geometry: [height, width, channels],
-                first_tile: self.tile_rows.start * tiles_w + first_tile,
+                first_tile: self.tile_rows.start * tiles_w + first / channels,
                 outputs,
             });
-        });
-        out
+        })
     }
 }
 
@@ -1577,11 +1771,10 @@ impl WinogradOutput {
         let tiles_w = self.width.div_ceil(2);
         let rows = self.out_rows();
         let row_len = self.width * channels;
-        let mut out = vec![0f32; rows.len() * row_len];
         let plane = tiles * channels;
         let bias_rows = self.biases.len() / channels.max(1);
         // Workers take whole output rows; each output row belongs to one tile row.
-        parallel_chunks_mut(&mut out, rows.len(), |first, piece| {
+        let out = parallel_filled(rows.len() * row_len, rows.len(), |first, piece| {
             for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
                 let (tile_row, within, item) = rows[first + offset];
                 let bias =
@@ -1684,13 +1877,12 @@ struct Heads {
 impl Heads {
     fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize)) -> (Vec<T>, Vec<usize>) {
         let heads = self.heads;
-        let mut out = vec![T::zero(); src.len()];
         match self.layout {
             HeadLayout::Split => {
                 let (batch, tokens, inner) = dims;
                 let head_dim = inner / heads;
                 // Output rows are (batch, head, token); each copies one head_dim run.
-                parallel_chunks_mut(&mut out, batch * heads * tokens, |first, piece| {
+                let out = parallel_filled(src.len(), batch * heads * tokens, |first, piece| {
                     for (offset, dst) in piece.chunks_exact_mut(head_dim).enumerate() {
                         let row = first + offset;
                         let (item_head, token) = (row / tokens, row % tokens);
@@ -1706,7 +1898,7 @@ impl Heads {
                 let (batch, tokens, inner) = dims;
                 let head_dim = inner / heads;
                 // Output rows are (batch, head, j); each gathers one value per token.
-                parallel_chunks_mut(&mut out, batch * heads * head_dim, |first, piece| {
+                let out = parallel_filled(src.len(), batch * heads * head_dim, |first, piece| {
                     for (offset, dst) in piece.chunks_exact_mut(tokens).enumerate() {
                         let row = first + offset;
                         let (item_head, j) = (row / head_dim, row % head_dim);
@@ -1724,7 +1916,7 @@ impl Heads {
                 let batch = batch_heads / heads;
                 let inner = heads * head_dim;
                 // Output rows are (batch, token); each gathers `heads` runs.
-                parallel_chunks_mut(&mut out, batch * tokens, |first, piece| {
+                let out = parallel_filled(src.len(), batch * tokens, |first, piece| {
                     for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
                         let row = first + offset;
                         let (item, token) = (row / tokens, row % tokens);
@@ -1977,18 +2169,58 @@ mod tests {
     #[test]
     fn group_norm_matches_candle() {
         let device = Device::Cpu;
-        let xs = (Tensor::randn(0f32, 1.0, (2, 64, 5, 7), &device).unwrap() + 3.0).unwrap();
-        let weight = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
-        let reference =
-            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 64, 8, 1e-5).unwrap();
-        let expected = candle_nn::Module::forward(&reference, &xs).unwrap();
-        let nhwc = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-        let plain = group_norm(&nhwc, 8, 1e-5, &weight, &bias, false).unwrap();
-        assert!(max_diff(&plain.permute((0, 3, 1, 2)).unwrap(), &expected) < 1e-5);
-        let activated = group_norm(&nhwc, 8, 1e-5, &weight, &bias, true).unwrap();
-        let expected_silu = candle_nn::ops::silu(&expected).unwrap();
-        assert!(max_diff(&activated.permute((0, 3, 1, 2)).unwrap(), &expected_silu) < 1e-5);
+        // The second shape is large enough to run in pieces, some of which span two items.
+        for shape in [(2, 64, 5, 7), (3, 64, 20, 21)] {
+            let xs = (Tensor::randn(0f32, 1.0, shape, &device).unwrap() + 3.0).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 64, &device).unwrap();
+            let reference =
+                candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 64, 8, 1e-5).unwrap();
+            let expected = candle_nn::Module::forward(&reference, &xs).unwrap();
+            let nhwc = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            let plain = group_norm(&nhwc, 8, 1e-5, &weight, &bias, false).unwrap();
+            assert!(max_diff(&plain.permute((0, 3, 1, 2)).unwrap(), &expected) < 1e-5);
+            let activated = group_norm(&nhwc, 8, 1e-5, &weight, &bias, true).unwrap();
+            let expected_silu = candle_nn::ops::silu(&expected).unwrap();
+            assert!(max_diff(&activated.permute((0, 3, 1, 2)).unwrap(), &expected_silu) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn output_pieces_come_back_initialised_or_fail() {
+        let mut slots = vec![MaybeUninit::new(7f32); 6];
+        // A job that initialises only part of its piece is an error, and the piece is zeroed.
+        let short = initialise_piece(&mut slots, |piece| Ok(zeroed(&mut piece[..4])));
+        assert!(short.unwrap_err().to_string().contains("4 initialised"));
+        let failed = initialise_piece(&mut slots, |_| candle_core::bail!("no product"));
+        assert!(failed.unwrap_err().to_string().contains("no product"));
+        initialise_piece(&mut slots, |piece| {
+            let values = zeroed(piece);
+            values.fill(2.0);
+            Ok(values)
+        })
+        .unwrap();
+        // A failing block's error comes back from the whole output, large or small.
+        for rows in [4, 4096] {
+            let result = parallel_row_blocks(rows, 32, rows, 2, |first, block| {
+                if first == rows / 2 {
+                    candle_core::bail!("block at row {first}");
+                }
+                Ok(zeroed(block))
+            });
+            let expected = format!("block at row {}", rows / 2);
+            assert!(result.unwrap_err().to_string().contains(&expected));
+        }
+        let out = parallel_pieces(10_000, 3_000, 16, |index, piece| {
+            let values = zeroed(piece);
+            values.fill(index as f32);
+            Ok(values)
+        })
+        .unwrap();
+        assert_eq!(
+            (out[0], out[2_999], out[3_000], out[9_999]),
+            (0.0, 0.0, 1.0, 3.0)
+        );
     }
 
     #[test]
