@@ -526,6 +526,79 @@ pub fn group_norm(
         .to_dtype(dtype)
 }
 
+simd_kernel!(
+    /// Layer norm of each `weight.len()`-wide row of `src` into `dst`: two passes in f32 lanes
+    /// (mean, then the mean squared deviation), then `(v - mean) / sqrt(var + eps) * w + b`.
+    LayerNormRows<'data> {
+        dst: &'data mut [f32],
+        src: &'data [f32],
+        weight: &'data [f32],
+        bias: &'data [f32],
+        eps: f32,
+    } => {
+        let width = weight.len();
+        let inverse_width = 1.0 / width as f32;
+        for (dst_row, row) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
+            let mean = lane_sum(row, |v| v) * inverse_width;
+            let variance = lane_sum(row, |v| (v - mean) * (v - mean)) * inverse_width;
+            let inverse_std = 1.0 / (variance + eps).sqrt();
+            for (((d, &v), &w), &b) in dst_row.iter_mut().zip(row).zip(weight).zip(bias) {
+                *d = (v - mean) * inverse_std * w + b;
+            }
+        }
+    }
+);
+
+/// Layer norm over rows of channels-last f32 data with per-channel affine.
+struct LayerNormOp {
+    eps: f32,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl CustomOp1 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "attend-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = self.weight.len();
+        let src = contiguous_slice::<f32>(storage, layout, "layer norm")?;
+        if width == 0 || src.len() % width != 0 || self.bias.len() != width {
+            candle_core::bail!(
+                "layer norm: {:?} does not end in the {width} channels of the weight",
+                layout.shape().dims()
+            );
+        }
+        let rows = src.len() / width;
+        let out = parallel_filled(src.len(), rows, |first, piece| {
+            let source = &src[first * width..][..piece.len()];
+            pulp::Arch::new().dispatch(LayerNormRows {
+                dst: piece,
+                src: source,
+                weight: &self.weight,
+                bias: &self.bias,
+                eps: self.eps,
+            });
+        });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// Layer norm of `xs` `[..., channels]` over its last dimension, with `weight`/`bias`
+/// `[channels]` (statistics in f32, as torch computes them for f32 input); returned in `xs`' dtype.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = LayerNormOp {
+        eps: eps as f32,
+        weight: weight.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+        bias: bias.to_dtype(candle_core::DType::F32)?.to_vec1()?,
+    };
+    xs.to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&op)?
+        .to_dtype(xs.dtype())
+}
+
 /// Nearest-neighbour resize of channels-last data (torch `interpolate(mode="nearest")`:
 /// source index `floor(dst * in / out)`).
 struct UpsampleNearest {
@@ -606,6 +679,20 @@ fn lane_max(values: &[f32]) -> f32 {
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
     lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// The sum of `f(v)` over `values`, in [`REDUCTION_LANES`] lanes so the loop vectorises.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; REDUCTION_LANES];
+    let mut chunks = values.chunks_exact(REDUCTION_LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Independent accumulators of the row reductions: four AVX-512 registers, so the loops are not
@@ -2245,6 +2332,26 @@ mod tests {
                 .unwrap();
             assert_eq!(max_diff(&actual, &expected), 0.0);
         }
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() {
+        let device = Device::Cpu;
+        // Widths with and without a lane remainder; the large shape runs in pieces.
+        for shape in [(2, 5, 40), (2, 300, 320), (1, 7, 77)] {
+            let width = shape.2;
+            let xs = (Tensor::randn(0f32, 2.0, shape, &device).unwrap() + 5.0).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, width, &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, width, &device).unwrap();
+            let expected = candle_nn::ops::layer_norm(&xs, &weight, &bias, 1e-5).unwrap();
+            let actual = layer_norm(&xs, &weight, &bias, 1e-5).unwrap();
+            assert_eq!(actual.dims(), expected.dims());
+            assert!(max_diff(&actual, &expected) < 1e-4, "{shape:?}");
+        }
+        let wrong = Tensor::zeros((2, 3, 8), DType::F32, &device).unwrap();
+        let weight = Tensor::ones(5, DType::F32, &device).unwrap();
+        let error = layer_norm(&wrong, &weight, &weight, 1e-5).unwrap_err();
+        assert!(error.to_string().contains("5 channels"), "{error}");
     }
 
     #[test]

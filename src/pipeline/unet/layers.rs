@@ -4,7 +4,7 @@
 //! product over image patches (see [`super::kernels`]) and the transformers' token layout
 //! `[batch, h * w, channels]` is the same memory, so no transposes are needed between them.
 
-use candle_core::{DType, Module as _, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::kernels::{self, PatchGeometry};
@@ -443,22 +443,38 @@ impl GroupNorm {
 /// Layer normalisation over the last dimension with weight and bias (`[channels]`).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
     /// Loads `weight` and `bias` under `vb`.
     pub fn new(vb: VarBuilder, channels: usize, eps: f64) -> PipelineResult<Self> {
-        let weight = vb.get(channels, "weight")?;
-        let bias = vb.get(channels, "bias")?;
         Ok(Self {
-            inner: candle_nn::LayerNorm::new(weight, bias, eps),
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            eps,
         })
     }
 
     /// `[..., channels]` -> same shape.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(&xs.contiguous()?)
+        profile::measure(
+            || format!("layer norm {:?}", xs.dims()),
+            || {
+                if xs.device().is_cpu() {
+                    kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
+                } else {
+                    candle_nn::ops::layer_norm(
+                        &xs.contiguous()?,
+                        &self.weight,
+                        &self.bias,
+                        self.eps as f32,
+                    )
+                }
+            },
+        )
     }
 }
 
