@@ -183,6 +183,28 @@ impl AttentionProcessor for Uniform {
     }
 }
 
+/// The cross-attention keys and values are cached per text embedding: a call with another
+/// embedding must not reuse them, and a repeated embedding gives the same output.
+#[test]
+fn text_projections_follow_the_embedding() {
+    let reference = references("tiny-sd1");
+    let unet = load_unet("tiny-sd1", "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+    let first = unet.forward(&sample, timestep, &context, None).unwrap();
+    let other_context = context.affine(0.5, 0.25).unwrap();
+    let other = unet
+        .forward(&sample, timestep, &other_context, None)
+        .unwrap();
+    let fresh = load_unet("tiny-sd1", "diffusion_pytorch_model.safetensors");
+    let expected_other = fresh
+        .forward(&sample, timestep, &other_context, None)
+        .unwrap();
+    assert_eq!(max_abs_diff(&other, &expected_other), 0.0);
+    assert!(max_abs_diff(&other, &first) > 1e-3);
+    let again = unet.forward(&sample, timestep, &context, None).unwrap();
+    assert_eq!(max_abs_diff(&again, &first), 0.0);
+}
+
 #[test]
 fn hook_can_replace_keys_values_and_probabilities() {
     let reference = references("tiny-sd2");

@@ -5,6 +5,8 @@
 //! `[batch * heads, queries, keys]` (batch-major), so a processor sees exactly what diffusers'
 //! classic `AttnProcessor` computes.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -42,6 +44,22 @@ pub struct Attention {
     heads: usize,
     head_dim: usize,
     upcast: bool,
+    /// Cross-attention keys and values of the last text embedding this module saw.
+    text_projection: Arc<Mutex<Option<TextProjection>>>,
+}
+
+/// `to_k` and `to_v` of one text embedding. A sampling run passes the same embedding tensor to
+/// every step, so its projections are computed once per run instead of once per step (diffusers
+/// recomputes them every step).
+#[derive(Debug)]
+struct TextProjection {
+    /// The embedding's tensor id: unique for the life of the process, shared only by clones of
+    /// the same (immutable) tensor.
+    context: candle_core::TensorId,
+    /// `[batch, keys, heads * head_dim]`.
+    key: Tensor,
+    /// `[batch, keys, heads * head_dim]`.
+    value: Tensor,
 }
 
 /// Everything an [`Attention`] call needs to describe itself to the hook.
@@ -92,7 +110,37 @@ impl Attention {
             heads,
             head_dim,
             upcast,
+            text_projection: Arc::default(),
         })
+    }
+
+    /// `to_k(context)` and `to_v(context)`; for cross-attention, from the cache when `context`
+    /// is the embedding of the previous call.
+    fn keys_values(
+        &self,
+        context: &Tensor,
+        kind: AttentionKind,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if kind != AttentionKind::Cross {
+            return Ok((self.to_k.forward(context)?, self.to_v.forward(context)?));
+        }
+        let mut cache = self
+            .text_projection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cached) = cache
+            .as_ref()
+            .filter(|cached| cached.context == context.id())
+        {
+            return Ok((cached.key.clone(), cached.value.clone()));
+        }
+        let (key, value) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
+        *cache = Some(TextProjection {
+            context: context.id(),
+            key: key.clone(),
+            value: value.clone(),
+        });
+        Ok((key, value))
     }
 
     /// `[batch, n, heads * head_dim]` -> `[batch * heads, n, head_dim]` (contiguous).
@@ -115,8 +163,7 @@ impl Attention {
         hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
         let query = self.to_q.forward(hidden)?;
-        let key = self.to_k.forward(context)?;
-        let value = self.to_v.forward(context)?;
+        let (key, value) = self.keys_values(context, call.kind)?;
         let attended = match hook {
             // Measures its own stages (products, processor).
             Some(hook) => self.attend_hooked(&query, &key, &value, call, hook)?,
@@ -154,8 +201,7 @@ impl Attention {
         let compute_dtype = query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
         let merged_query = query;
-        let merged_value = value;
-        let query = self.split_heads(query)?;
+        let (merged_key, merged_value) = (key, value);
         let mut key = self.split_heads(key)?;
         let mut value = self.split_heads(value)?;
         let mut site = AttentionSite {
@@ -192,11 +238,20 @@ impl Attention {
                     Ok(merged_value.clone())
                 }
             };
+            // `[batch * heads, head_dim, keys]`, by the parallel kernel unless a processor
+            // replaced the keys.
+            let key_t = |key: &Tensor| {
+                if values_replaced {
+                    key.t()?.contiguous()
+                } else {
+                    kernels::split_heads_transposed(merged_key, self.heads)
+                }
+            };
             if !hook.processor.wants_probabilities(&site) {
                 return profile::measure(
                     || call.profile_label(" fused", keys),
                     || {
-                        let key_t = key.t()?.contiguous()?;
+                        let key_t = key_t(&key)?;
                         let value = merged_value(&value)?;
                         let scale = self.scale();
                         kernels::fused_attention(merged_query, &key_t, &value, self.heads, scale)
@@ -206,7 +261,7 @@ impl Attention {
             let scores = profile::measure(
                 || call.profile_label(" probabilities", keys),
                 || {
-                    let key_t = key.t()?.contiguous()?;
+                    let key_t = key_t(&key)?;
                     kernels::attention_probabilities(merged_query, &key_t, self.heads, self.scale())
                 },
             )?;
@@ -223,7 +278,8 @@ impl Attention {
         // A contiguous `[batch * heads, head_dim, keys]`: the GEMM would gather a transposed view
         // element by element.
         let key_t = key.to_dtype(score_dtype)?.t()?.contiguous()?;
-        let scores = query
+        let scores = self
+            .split_heads(query)?
             .to_dtype(score_dtype)?
             .matmul(&key_t)?
             .to_dtype(DType::F32)?
