@@ -1288,34 +1288,61 @@ fn initialise_piece(
     result
 }
 
+/// A vector of `len` values cut into consecutive pieces `(tag, length)`, each made by
+/// `job(tag, piece)`, which hands its piece back initialised (see [`initialise_piece`]), so nothing
+/// is zeroed first. Slots past the last piece are zeroed. The pieces go to the cores from a queue
+/// when `parallel`; returns the first error any piece met.
+fn parallel_initialised(
+    len: usize,
+    pieces: &[(usize, usize)],
+    parallel: bool,
+    job: impl for<'a> Fn(usize, &'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]> + Sync,
+) -> Result<Vec<f32>> {
+    let failure = FirstError::default();
+    #[allow(unsafe_code)]
+    // SAFETY: the pieces are consecutive cuts of the slots and whatever is left after the last one
+    // is zeroed; `initialise_piece` leaves every piece initialised.
+    let out = unsafe {
+        filled_in_pieces(len, |slots| {
+            let mut cut = Vec::with_capacity(pieces.len());
+            let mut rest = slots;
+            for &(tag, length) in pieces {
+                let length = length.min(rest.len());
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(length);
+                cut.push((tag, piece));
+                rest = tail;
+            }
+            zeroed(rest);
+            let run = |(tag, piece): (usize, &mut [MaybeUninit<f32>])| {
+                failure.record(initialise_piece(piece, |piece| job(tag, piece)));
+            };
+            if parallel && cut.len() > 1 {
+                // Reversed: the queue hands out its last item first.
+                cut.reverse();
+                run_queue(cut, run);
+            } else {
+                cut.into_iter().for_each(run);
+            }
+        })
+    };
+    failure.into_result().map(|()| out)
+}
+
 /// A vector of `len` values made by `job(index, piece)` over consecutive pieces of `piece_len`
 /// values (the last one shorter), queued to the cores when `len * cost_per_value` is large
-/// enough. Each job hands its piece back initialised (see [`initialise_piece`]), so nothing is
-/// zeroed first: for products, whose GEMM writes every value (cost: the inner dimension).
-/// Returns the first error any piece met.
+/// enough: for products, whose GEMM writes every value (cost: the inner dimension).
 fn parallel_pieces(
     len: usize,
     piece_len: usize,
     cost_per_value: usize,
     job: impl for<'a> Fn(usize, &'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]> + Sync,
 ) -> Result<Vec<f32>> {
-    let failure = FirstError::default();
-    #[allow(unsafe_code)]
-    // SAFETY: the pieces cover the slots, and `initialise_piece` leaves each one initialised.
-    let out = unsafe {
-        filled_in_pieces(len, |slots| {
-            let pieces: Vec<_> = slots.chunks_mut(piece_len.max(1)).enumerate().collect();
-            let run = |(index, piece): (usize, &mut [MaybeUninit<f32>])| {
-                failure.record(initialise_piece(piece, |piece| job(index, piece)));
-            };
-            if len.saturating_mul(cost_per_value) >= PARALLEL_MIN_ELEMENTS && pieces.len() > 1 {
-                run_queue(pieces.into_iter().rev().collect(), run);
-            } else {
-                pieces.into_iter().for_each(run);
-            }
-        })
-    };
-    failure.into_result().map(|()| out)
+    let piece_len = piece_len.max(1);
+    let pieces: Vec<_> = (0..len.div_ceil(piece_len))
+        .map(|index| (index, piece_len.min(len - index * piece_len)))
+        .collect();
+    let parallel = len.saturating_mul(cost_per_value) >= PARALLEL_MIN_ELEMENTS;
+    parallel_initialised(len, &pieces, parallel, job)
 }
 
 /// `planes` planes of `plane_len` values made by `job(first, pieces)`, where `pieces` holds the
@@ -1350,9 +1377,8 @@ fn parallel_filled_planes(
 }
 
 /// A `[rows, row_len]` output made by `job(first_row, block)` over blocks of at most
-/// `block_rows` rows that stay inside one group of `group_rows` rows. The blocks go to the cores
-/// from a queue; each job hands its block back initialised (see [`initialise_piece`]). Returns
-/// the first error any block met.
+/// `block_rows` rows that stay inside one group of `group_rows` rows, queued to the cores; each
+/// job hands its block back initialised (see [`parallel_initialised`]).
 fn parallel_row_blocks(
     rows: usize,
     row_len: usize,
@@ -1360,35 +1386,13 @@ fn parallel_row_blocks(
     block_rows: usize,
     job: impl for<'a> Fn(usize, &'a mut [MaybeUninit<f32>]) -> Result<&'a mut [f32]> + Sync,
 ) -> Result<Vec<f32>> {
-    let failure = FirstError::default();
-    #[allow(unsafe_code)]
-    // SAFETY: the blocks are consecutive cuts of the slots, and whatever is left after the last
-    // one is zeroed; `initialise_piece` leaves every block initialised.
-    let out = unsafe {
-        filled_in_pieces(rows * row_len, |slots| {
-            let mut blocks = Vec::new();
-            let mut rest = slots;
-            let cut = for_each_block(0, rows, group_rows, block_rows, |first, count, _| {
-                let (block, tail) = std::mem::take(&mut rest).split_at_mut(count * row_len);
-                blocks.push((first, block));
-                rest = tail;
-                Ok(())
-            });
-            failure.record(cut);
-            zeroed(rest);
-            let run = |(first, block): (usize, &mut [MaybeUninit<f32>])| {
-                failure.record(initialise_piece(block, |block| job(first, block)));
-            };
-            if rows * row_len >= PARALLEL_MIN_ELEMENTS {
-                // Reversed: the queue hands out its last item first.
-                blocks.reverse();
-                run_queue(blocks, run);
-            } else {
-                blocks.into_iter().for_each(run);
-            }
-        })
-    };
-    failure.into_result().map(|()| out)
+    let mut blocks = Vec::new();
+    for_each_block(0, rows, group_rows, block_rows, |first, count, _| {
+        blocks.push((first, count * row_len));
+        Ok(())
+    })?;
+    let len = rows * row_len;
+    parallel_initialised(len, &blocks, len >= PARALLEL_MIN_ELEMENTS, job)
 }
 
 /// Attention probabilities `softmax(scale * q k^T)` per head (f32): `query` `[batch, queries,
