@@ -10,6 +10,7 @@
 
 pub mod analysis;
 pub mod attention;
+pub mod hook;
 pub mod pipeline;
 pub mod scenes;
 pub mod ui;

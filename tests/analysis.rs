@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use attend::analysis::colormap::{overlay, Colormap};
 use attend::analysis::export::{write_attention_safetensors, write_png_rgb};
+use attend::analysis::heatmap::UnetPlace;
 use attend::analysis::heatmap::{
     aggregate_token_maps, min_max_normalize, resize_bicubic, word_heatmaps, AggregationSettings,
     SelfAttentionSpan,
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
+use attend::hook::{AttentionKind, AttentionProcessor, AttentionSite};
 use candle_core::{DType, Device, Tensor};
 
 const END_TOKEN: i64 = 49407;

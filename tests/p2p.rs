@@ -9,8 +9,10 @@ mod common;
 use common::{fixture, max_abs_diff};
 
 use attend::analysis::alignment::{align_prompts, EditKind, PromptLayout, WordChange};
-use attend::attention::p2p::{CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow};
-use attend::pipeline::edit_sampling::{generate_edit, EditObservers, EditOutput, EditRequest};
+use attend::analysis::edit_spec::{
+    CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow,
+};
+use attend::attention::edit_sampling::{generate_edit, EditObservers, EditOutput, EditRequest};
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
 use attend::pipeline::tokenizer::{PromptTokenizer, PromptTokens};

@@ -127,10 +127,10 @@ struct SiteRecorder {
     calls: Vec<(usize, usize, usize, bool, usize)>,
 }
 
-impl attend::attention::AttentionProcessor for SiteRecorder {
+impl attend::hook::AttentionProcessor for SiteRecorder {
     fn process_probabilities(
         &mut self,
-        site: &attend::attention::AttentionSite,
+        site: &attend::hook::AttentionSite,
         probs: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         assert_eq!(probs.dim(0)?, site.batch * site.heads);

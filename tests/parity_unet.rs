@@ -11,7 +11,7 @@ use common::{fixture, max_abs_diff, random_tensors, references};
 use std::collections::HashMap;
 use std::path::Path;
 
-use attend::attention::{AttentionHook, AttentionProcessor, AttentionSite};
+use attend::hook::{AttentionHook, AttentionProcessor, AttentionSite, QueryKeyValue};
 use attend::pipeline::unet::{Unet, UnetConfig};
 use candle_core::{DType, Device, Tensor};
 
@@ -43,8 +43,8 @@ impl AttentionProcessor for Capture {
         );
         assert_eq!(probs.dtype(), DType::F32);
         let expected_keys = match site.kind {
-            attend::attention::AttentionKind::SelfAttention => site.queries(),
-            attend::attention::AttentionKind::Cross => 77,
+            attend::hook::AttentionKind::SelfAttention => site.queries(),
+            attend::hook::AttentionKind::Cross => 77,
         };
         assert_eq!(site.keys, expected_keys, "{}", site.module_path());
         self.probs
@@ -132,25 +132,31 @@ fn tiny_sd2_matches_diffusers() {
 }
 
 /// Appends every key/value a second time: each score then appears twice, so the probabilities halve
-/// and the attention output is unchanged. Checks the key/value hook, `site.keys` after it, and that
-/// a returned probability tensor is used.
+/// and the attention output is unchanged. Checks the query/key/value stage, `site.keys` after it,
+/// and that a returned probability tensor is used.
 struct DuplicateKeys {
     calls: usize,
 }
 
 impl AttentionProcessor for DuplicateKeys {
-    fn process_keys_values(
+    fn wants_queries_keys_values(&self, _site: &AttentionSite) -> bool {
+        true
+    }
+
+    fn process_queries_keys_values(
         &mut self,
         site: &AttentionSite,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        assert_eq!(keys.dims()[..2], [site.batch * site.heads, site.keys]);
-        assert_eq!(keys.dims(), values.dims());
-        Ok(Some((
-            Tensor::cat(&[keys, keys], 1)?,
-            Tensor::cat(&[values, values], 1)?,
-        )))
+        projections: &QueryKeyValue,
+    ) -> candle_core::Result<Option<QueryKeyValue>> {
+        let QueryKeyValue { query, key, value } = projections;
+        assert_eq!(key.dims()[..2], [site.batch, site.keys]);
+        assert_eq!(query.dims()[..2], [site.batch, site.queries()]);
+        assert_eq!(key.dims(), value.dims());
+        Ok(Some(QueryKeyValue {
+            query: query.clone(),
+            key: Tensor::cat(&[key, key], 1)?,
+            value: Tensor::cat(&[value, value], 1)?,
+        }))
     }
 
     fn process_probabilities(
@@ -159,8 +165,8 @@ impl AttentionProcessor for DuplicateKeys {
         probs: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let base_keys = match site.kind {
-            attend::attention::AttentionKind::SelfAttention => site.queries(),
-            attend::attention::AttentionKind::Cross => 77,
+            attend::hook::AttentionKind::SelfAttention => site.queries(),
+            attend::hook::AttentionKind::Cross => 77,
         };
         assert_eq!(site.keys, 2 * base_keys);
         assert_eq!(probs.dim(2)?, site.keys);
@@ -181,6 +187,69 @@ impl AttentionProcessor for Uniform {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some((probs.ones_like()? / site.keys as f64)?))
     }
+}
+
+/// Replaces every layer's queries with zeros (all scores 0: uniform attention) and declines the
+/// probabilities, so the layers run fused on the replaced projections.
+struct ZeroQueries {
+    calls: usize,
+}
+
+impl AttentionProcessor for ZeroQueries {
+    fn wants_queries_keys_values(&self, _site: &AttentionSite) -> bool {
+        true
+    }
+
+    fn process_queries_keys_values(
+        &mut self,
+        _site: &AttentionSite,
+        projections: &QueryKeyValue,
+    ) -> candle_core::Result<Option<QueryKeyValue>> {
+        self.calls += 1;
+        Ok(Some(QueryKeyValue {
+            query: projections.query.zeros_like()?,
+            ..projections.clone()
+        }))
+    }
+
+    fn wants_probabilities(&self, _site: &AttentionSite) -> bool {
+        false
+    }
+
+    fn process_probabilities(
+        &mut self,
+        _site: &AttentionSite,
+        _probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        panic!("declined probabilities must not be handed over");
+    }
+}
+
+/// Zero queries through the fused path give what uniform probabilities give through the
+/// probability path: the query stage reaches the fused kernel.
+#[test]
+fn replaced_queries_reach_the_fused_path() {
+    let reference = references("tiny-sd1");
+    let unet = load_unet("tiny-sd1", "diffusion_pytorch_model.safetensors");
+    let (sample, timestep, context) = unet_inputs(&reference);
+    let run = |processor: &mut dyn AttentionProcessor| {
+        let mut hook = AttentionHook {
+            processor,
+            step_index: 0,
+            step_count: 1,
+            cfg: false,
+        };
+        unet.forward(&sample, timestep, &context, Some(&mut hook))
+            .unwrap()
+    };
+    let mut zero = ZeroQueries { calls: 0 };
+    let zeroed = run(&mut zero);
+    let uniform = run(&mut Uniform);
+    assert_eq!(zero.calls, 22);
+    let diff = max_abs_diff(&zeroed, &uniform);
+    eprintln!("zero queries (fused) vs uniform probabilities: max abs diff = {diff:e}");
+    assert!(diff < 1e-4, "{diff}");
+    assert!(max_abs_diff(&zeroed, &reference["unet.out"]) > 1e-2);
 }
 
 /// The cross-attention keys and values are cached per text embedding: a call with another
@@ -206,7 +275,7 @@ fn text_projections_follow_the_embedding() {
 }
 
 #[test]
-fn hook_can_replace_keys_values_and_probabilities() {
+fn hook_can_replace_queries_keys_values_and_probabilities() {
     let reference = references("tiny-sd2");
     let unet = load_unet("tiny-sd2", "diffusion_pytorch_model.safetensors");
     let (sample, timestep, context) = unet_inputs(&reference);
@@ -257,18 +326,23 @@ impl AttentionProcessor for DoubledValues {
         self.wants
     }
 
-    fn process_keys_values(
+    fn wants_queries_keys_values(&self, _site: &AttentionSite) -> bool {
+        true
+    }
+
+    fn process_queries_keys_values(
         &mut self,
         _site: &AttentionSite,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        projections: &QueryKeyValue,
+    ) -> candle_core::Result<Option<QueryKeyValue>> {
         self.key_value_calls += 1;
-        let doubled = (values * 2.0)?;
-        Ok(Some((
-            Tensor::cat(&[keys, keys], 1)?,
-            Tensor::cat(&[&doubled, &doubled], 1)?,
-        )))
+        let QueryKeyValue { query, key, value } = projections;
+        let doubled = (value * 2.0)?;
+        Ok(Some(QueryKeyValue {
+            query: query.clone(),
+            key: Tensor::cat(&[key, key], 1)?,
+            value: Tensor::cat(&[&doubled, &doubled], 1)?,
+        }))
     }
 
     fn process_probabilities(

@@ -26,7 +26,7 @@
 //! not by spaces as in the reference, so `"a cat, sitting"` has the words `a`, `cat`, `sitting`.
 
 use crate::analysis::WordSpan;
-use crate::pipeline::{PipelineError, PipelineResult};
+use crate::analysis::{AnalysisError, AnalysisResult};
 
 /// One encoded prompt as the aligner needs it (from `PromptTokens::tokens` and `PromptTokens::words`).
 #[derive(Clone, Copy, Debug)]
@@ -179,7 +179,7 @@ pub fn align_prompts(
     edit: &PromptLayout<'_>,
     length: usize,
     kind: Option<EditKind>,
-) -> PipelineResult<PromptAlignment> {
+) -> AnalysisResult<PromptAlignment> {
     let kind = kind.unwrap_or_else(|| infer_edit_kind(source, edit));
     match kind {
         EditKind::Replace => {
@@ -233,9 +233,9 @@ pub fn replace_mapping(
     source: &PromptLayout<'_>,
     edit: &PromptLayout<'_>,
     length: usize,
-) -> PipelineResult<TokenMapping> {
+) -> AnalysisResult<TokenMapping> {
     if source.words.len() != edit.words.len() {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "edit prompt",
             reason: format!(
                 "a word swap needs the same number of words: the source has {} ({}), the edit {} ({}); \

@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
 use crate::analysis::WordSpan;
-pub use crate::attention::UnetPlace;
 
 /// Added to the per-pixel token sum before dividing (DAAM's `normalize=True` uses the same constant).
 const TOKEN_NORMALIZE_EPSILON: f32 = 1e-6;
@@ -35,6 +34,19 @@ const TOKEN_NORMALIZE_EPSILON: f32 = 1e-6;
 const MIN_MAX_EPSILON: f32 = 1e-8;
 /// DAAM skips maps whose side is this many times smaller than the latent's.
 const DAAM_SKIPPED_FACTOR: usize = 8;
+
+/// Which part of the UNet an attention layer sits in.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum UnetPlace {
+    /// Encoder (down) blocks.
+    Down,
+    /// The middle block.
+    Mid,
+    /// Decoder (up) blocks.
+    Up,
+}
 
 /// Cross-attention of one (place, resolution) group at one step: heads averaged, and averaged over the
 /// `layer_count` layers of that place with this query grid.

@@ -3,10 +3,14 @@
 
 pub mod alignment;
 pub mod colormap;
+pub mod edit_spec;
+mod error;
 pub mod export;
 pub mod heatmap;
 pub mod scene_check;
 pub mod segment;
+
+pub use error::{AnalysisError, AnalysisResult};
 
 /// One prompt word and the positions of its sub-word tokens in the encoded (77-token) sequence.
 /// Position 0 is the start token, so the first word's tokens start at 1.

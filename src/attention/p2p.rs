@@ -38,16 +38,10 @@
 //! 16x16 and 8x8 self layers), 3.8 GB for 50 steps. The recording stays on the model's device.
 
 mod blend;
-mod chain;
 mod replay;
-mod spec;
 
-pub use blend::{blend_latents, local_blend_mask, BlendMask, BlendWordMaps};
-pub use chain::ChainedProcessors;
+pub use blend::{blend_latents, local_blend_mask, BlendWordMaps};
 pub use replay::{RecordConfig, SourceRecorder, SourceRecording};
-pub use spec::{
-    changes_words, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
-};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,8 +51,10 @@ use candle_core::{bail, Device, Tensor};
 use crate::analysis::alignment::{
     align_prompts, split_prompt_scope, word_token_indices, PromptAlignment, PromptLayout,
 };
+use crate::analysis::edit_spec::{BlendMask, EditSpec, LocalBlendConfig, SelfReplace, StepWindow};
+use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::WordSpan;
-use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
+use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
 use crate::pipeline::{PipelineError, PipelineResult};
 
 use blend::choose_grid;

@@ -21,8 +21,9 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 
+use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::heatmap::{CrossGroup, SelfAttentionMap, SelfAttentionSpan, StepCross};
-use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
+use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
 use crate::pipeline::unet::kernels;
 use crate::pipeline::PipelineResult;
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::attention::{AttentionHook, AttentionProcessor};
+use attend::hook::{AttentionHook, AttentionProcessor};
 use attend::pipeline::profile::{self, StageTotal};
 use attend::pipeline::rng::NoiseRng;
 use attend::pipeline::unet::config::UnetConfig;

@@ -8,21 +8,22 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::analysis::alignment::EditKind;
+use attend::analysis::edit_spec::EditDefaults;
+use attend::analysis::edit_spec::{
+    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+};
 use attend::analysis::export::{
     a1111_parameters, write_atomically, write_attention_safetensors, write_png_rgb,
 };
 use attend::analysis::heatmap::resize_nearest;
 use attend::analysis::scene_check::{find_object, palette_labels};
-use attend::attention::p2p::RecordConfig;
-use attend::attention::p2p::{
-    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
-};
-use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::pipeline::edit_sampling::{
+use attend::attention::edit_sampling::{
     generate_edit, generate_edited_branch, record_source, EditBranch, EditObservers, EditOutput,
     EditRequest, EditStepReport,
 };
-use attend::pipeline::model::{EditDefaults, StableDiffusion};
+use attend::attention::p2p::RecordConfig;
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, RgbImage};
 use attend::pipeline::sampling::{CancelToken, GenerateRequest};
 use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};

@@ -84,7 +84,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let processor: Option<&mut dyn attend::attention::AttentionProcessor> =
+    let processor: Option<&mut dyn attend::hook::AttentionProcessor> =
         if capture { Some(&mut store) } else { None };
     let output = generate(
         &model,

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::analysis::export::{a1111_parameters, write_png_rgb};
+use attend::analysis::heatmap::UnetPlace;
 use attend::analysis::heatmap::{
     word_heatmaps, AggregationSettings, Heatmap, SelfAttentionMap, SelfAttentionSpan,
 };
@@ -21,7 +22,6 @@ use attend::analysis::segment::{
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::attention::UnetPlace;
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
 use attend::scenes::{generate_scene, SceneOptions};

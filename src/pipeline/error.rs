@@ -48,6 +48,9 @@ pub enum PipelineError {
     /// The run was cancelled through its cancel token.
     #[error("cancelled")]
     Cancelled,
+    /// An analysis step (prompt alignment, segmentation) refused its input.
+    #[error(transparent)]
+    Analysis(#[from] crate::analysis::AnalysisError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -1,7 +1,6 @@
 //! Stable-Diffusion-family models in candle, with an attention hook in every attention layer.
 
 pub mod clip;
-pub mod edit_sampling;
 pub mod error;
 pub mod model;
 pub mod profile;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use crate::analysis::edit_spec::EditDefaults;
 use crate::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
 use crate::pipeline::scheduler::SchedulerConfig;
 use crate::pipeline::tokenizer::PromptTokenizer;
@@ -55,19 +56,6 @@ pub struct ModelIndex {
     pub has_vae: bool,
     /// The model's own recommendation for Prompt-to-Prompt edits (`_attend_edit_defaults`).
     pub edit_defaults: EditDefaults,
-}
-
-/// Prompt-to-Prompt settings a model folder recommends for its edits that change words (swaps and
-/// refinements), read from the optional `_attend_edit_defaults` object of `model_index.json`
-/// (`{"self_replace": 0.2, "self_replace_max_side": 32}`). A field that is absent means "the
-/// reference's value" (self window 0.4, layers up to 16x16), so real checkpoints, which never carry
-/// the key, get P2P's defaults.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct EditDefaults {
-    /// End of the self-attention replacement window, as a fraction of the steps (`0..=1`).
-    pub self_replace_end: Option<f64>,
-    /// Largest query-grid side whose self-attention is replaced.
-    pub self_replace_max_side: Option<usize>,
 }
 
 impl EditDefaults {

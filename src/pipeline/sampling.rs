@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::attention::{AttentionHook, AttentionProcessor};
+use crate::hook::{AttentionHook, AttentionProcessor};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
@@ -134,7 +134,220 @@ pub struct GenerateOutput {
     pub warnings: Vec<String>,
 }
 
-/// Runs the sampling loop.
+/// A run with everything resolved before its first step: the request checked, the prompts
+/// tokenised and the scheduler prepared, each exactly once. Build it with [`prepare_run`], show
+/// its tokens and warnings, then hand it to a [`Sampler`].
+pub struct PreparedRun {
+    /// The request as given.
+    pub request: GenerateRequest,
+    /// Latent shape `[1, channels, h, w]`.
+    pub latent_shape: [usize; 4],
+    /// The scheduler that runs (the model's own, the requested one, or DDIM as a substitute).
+    pub scheduler_kind: SchedulerKind,
+    /// The timesteps the UNet will see, one per step.
+    pub timesteps: Vec<f64>,
+    /// The prompt's tokens (ids, token strings, word spans).
+    pub prompt_tokens: PromptTokens,
+    /// The negative prompt's tokens.
+    pub negative_tokens: PromptTokens,
+    /// Things the user should know: prompt truncation, scheduler substitution, ignored options.
+    pub warnings: Vec<String>,
+    /// The prepared scheduler until a sampler takes it.
+    scheduler: Option<Box<dyn Scheduler>>,
+}
+
+impl Clone for PreparedRun {
+    /// Everything but the prepared scheduler, which belongs to one run: sampling the clone
+    /// prepares a fresh scheduler of the same kind and steps.
+    fn clone(&self) -> Self {
+        Self {
+            request: self.request.clone(),
+            latent_shape: self.latent_shape,
+            scheduler_kind: self.scheduler_kind,
+            timesteps: self.timesteps.clone(),
+            prompt_tokens: self.prompt_tokens.clone(),
+            negative_tokens: self.negative_tokens.clone(),
+            warnings: self.warnings.clone(),
+            scheduler: None,
+        }
+    }
+}
+
+impl PreparedRun {
+    /// Number of denoising steps.
+    pub fn step_count(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// A fresh scheduler of the same kind and steps (for a second image that must follow the
+    /// same schedule, e.g. the edited row of a Prompt-to-Prompt batch).
+    pub(crate) fn scheduler_copy(
+        &self,
+        model: &StableDiffusion,
+    ) -> PipelineResult<Box<dyn Scheduler>> {
+        Ok(prepare_scheduler(
+            &model.scheduler_config,
+            self.request.scheduler,
+            self.request.steps,
+        )?
+        .scheduler)
+    }
+
+    /// The prepared scheduler, taken out (a run owns it); a fresh copy once it was taken.
+    pub(crate) fn take_scheduler(
+        &mut self,
+        model: &StableDiffusion,
+    ) -> PipelineResult<Box<dyn Scheduler>> {
+        match self.scheduler.take() {
+            Some(scheduler) => Ok(scheduler),
+            None => self.scheduler_copy(model),
+        }
+    }
+}
+
+/// Checks `request`, tokenises its prompts and prepares its scheduler (see [`PreparedRun`]).
+pub fn prepare_run(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+) -> PipelineResult<PreparedRun> {
+    let latent_shape = validate_request(model, request)?;
+    let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
+    let mut warnings = prepared.warnings;
+    let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
+    let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
+    warnings.extend(prompt_tokens.warning());
+    warnings.extend(
+        negative_tokens
+            .warning()
+            .map(|warning| format!("negative {warning}")),
+    );
+    Ok(PreparedRun {
+        request: request.clone(),
+        latent_shape,
+        scheduler_kind: prepared.kind,
+        timesteps: prepared.scheduler.timesteps().to_vec(),
+        prompt_tokens,
+        negative_tokens,
+        warnings,
+        scheduler: Some(prepared.scheduler),
+    })
+}
+
+/// The sampling loop, one step per call, so that the caller owns the loop: it reads its processor
+/// between steps, reports in its own terms and stops when it likes (no callbacks, no shared cells).
+///
+/// ```text
+/// let mut sampler = Sampler::new(model, prepare_run(model, &request)?)?;
+/// while let Some(report) = sampler.step(Some(&mut store))? { /* show report, read store */ }
+/// let output = sampler.finish()?;
+/// ```
+pub struct Sampler<'model> {
+    model: &'model StableDiffusion,
+    run: PreparedRun,
+    /// `[negative, prompt]` with guidance, `[prompt]` without: `[rows, 77, dim]`.
+    text_embeddings: Tensor,
+    row: DenoiseRow,
+    latents_per_step: Vec<Tensor>,
+    next_step: usize,
+}
+
+impl<'model> Sampler<'model> {
+    /// Encodes the prompts and draws the initial noise of `run`.
+    pub fn new(model: &'model StableDiffusion, mut run: PreparedRun) -> PipelineResult<Self> {
+        let guided = run.request.uses_guidance();
+        let text_embeddings =
+            encode_prompt_batch(model, &[&run.prompt_tokens], &run.negative_tokens, guided)?;
+        let mut rng = NoiseRng::new(run.request.seed);
+        let unit_noise = initial_noise(&run.request, run.latent_shape, model.device(), &mut rng)?;
+        let scheduler = run.take_scheduler(model)?;
+        let row = DenoiseRow {
+            latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+            scheduler,
+            rng,
+        };
+        Ok(Self {
+            model,
+            latents_per_step: Vec::with_capacity(run.step_count()),
+            run,
+            text_embeddings,
+            row,
+            next_step: 0,
+        })
+    }
+
+    /// The run being sampled (tokens, timesteps, warnings).
+    pub fn run(&self) -> &PreparedRun {
+        &self.run
+    }
+
+    /// Runs the next denoising step, `processor` (when given) called by every attention layer and
+    /// told when the step is over. `None` once every step has run.
+    pub fn step(
+        &mut self,
+        mut processor: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<StepReport>> {
+        let step_index = self.next_step;
+        let Some(&timestep) = self.run.timesteps.get(step_index) else {
+            return Ok(None);
+        };
+        let step = DenoiseStep {
+            step_index,
+            step_count: self.run.step_count(),
+            timestep,
+            guidance: self.run.request.guidance,
+            guided: self.run.request.uses_guidance(),
+        };
+        denoise_step(
+            self.model,
+            std::slice::from_mut(&mut self.row),
+            &step,
+            &self.text_embeddings,
+            processor.as_deref_mut(),
+        )?;
+        if let Some(processor) = processor {
+            processor.step_finished(step_index)?;
+        }
+        self.next_step += 1;
+        let latents = self.row.latents.clone();
+        self.latents_per_step.push(latents.clone());
+        let preview = if self.run.request.preview {
+            Some(latent_preview(&latents, self.model.is_pixel_space())?)
+        } else {
+            None
+        };
+        Ok(Some(StepReport {
+            step_index,
+            step_count: step.step_count,
+            timestep,
+            latents,
+            preview,
+        }))
+    }
+
+    /// Decodes the final latents (after the last step; earlier, the latents so far).
+    pub fn finish(self) -> PipelineResult<GenerateOutput> {
+        let image_f32 = decode_to_unit_range(self.model, &self.row.latents)?;
+        let image = to_rgb8(&image_f32)?;
+        let latents_per_step = if self.latents_per_step.is_empty() {
+            self.row.latents.unsqueeze(0)?
+        } else {
+            Tensor::stack(&self.latents_per_step, 0)?
+        };
+        let run = self.run;
+        Ok(GenerateOutput {
+            image,
+            image_f32,
+            latents_per_step,
+            timesteps: run.timesteps,
+            scheduler: run.scheduler_kind,
+            prompt_tokens: run.prompt_tokens,
+            negative_tokens: run.negative_tokens,
+            warnings: run.warnings,
+        })
+    }
+}
+
+/// Runs a whole sampling loop (a [`Sampler`] driven to the end).
 ///
 /// `processor` (when given) is called by every attention layer at every step; `on_step` after every
 /// step (an error from it stops the run and is returned). `cancel` is checked before every step;
@@ -146,87 +359,17 @@ pub fn generate(
     on_step: &mut dyn FnMut(&StepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<GenerateOutput> {
-    let latent_shape = validate_request(model, request)?;
-    let device = model.device().clone();
-    let mut warnings = Vec::new();
-
-    let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
-    warnings.extend(prepared.warnings);
-    let scheduler = prepared.scheduler;
-    let timesteps = scheduler.timesteps().to_vec();
-    let step_count = timesteps.len();
-
-    let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
-    let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
-    warnings.extend(prompt_tokens.warning());
-    warnings.extend(
-        negative_tokens
-            .warning()
-            .map(|warning| format!("negative {warning}")),
-    );
-    let guided = request.uses_guidance();
-    let text_embeddings = encode_prompt_batch(model, &[&prompt_tokens], &negative_tokens, guided)?;
-
-    let mut rng = NoiseRng::new(request.seed);
-    let unit_noise = initial_noise(request, latent_shape, &device, &mut rng)?;
-    let mut rows = [DenoiseRow {
-        latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
-        scheduler,
-        rng,
-    }];
-
-    let mut latents_per_step = Vec::with_capacity(step_count);
-    for (step_index, &timestep) in timesteps.iter().enumerate() {
+    let mut sampler = Sampler::new(model, prepare_run(model, request)?)?;
+    loop {
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let step = DenoiseStep {
-            step_index,
-            step_count,
-            timestep,
-            guidance: request.guidance,
-            guided,
+        let Some(report) = sampler.step(processor.as_deref_mut())? else {
+            break;
         };
-        denoise_step(
-            model,
-            &mut rows,
-            &step,
-            &text_embeddings,
-            processor.as_deref_mut(),
-        )?;
-        if let Some(processor) = processor.as_deref_mut() {
-            processor.step_finished(step_index)?;
-        }
-        let latents = &rows[0].latents;
-        latents_per_step.push(latents.clone());
-        let preview = if request.preview {
-            Some(latent_preview(latents, model.is_pixel_space())?)
-        } else {
-            None
-        };
-        on_step(&StepReport {
-            step_index,
-            step_count,
-            timestep,
-            latents: latents.clone(),
-            preview,
-        })?;
+        on_step(&report)?;
     }
-    let [row] = rows;
-    let latents = row.latents;
-
-    let image_f32 = decode_to_unit_range(model, &latents)?;
-    let image = to_rgb8(&image_f32)?;
-    Ok(GenerateOutput {
-        image,
-        image_f32,
-        latents_per_step: Tensor::stack(&latents_per_step, 0)?,
-        timesteps,
-        scheduler: prepared.kind,
-        prompt_tokens,
-        negative_tokens,
-        warnings,
-    })
+    sampler.finish()
 }
 
 /// One image being denoised: its own scheduler (schedulers keep state between steps), its own noise

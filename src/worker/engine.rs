@@ -2,16 +2,13 @@
 //! ([`crate::pipeline::model::StableDiffusion`], [`crate::pipeline::sampling::generate`]) with an
 //! [`AttentionStore`] recording every step's attention.
 //!
-//! The store is shared (`Rc<RefCell<_>>`) between the attention hook, which fills it inside the UNet,
-//! and the step callback, which closes each step and sends its maps; both run on the worker thread and
-//! never at the same time.
+//! The engine drives the sampling loop itself, one [`Sampler`] step at a time: the store is lent to
+//! the UNet's attention hook during a step and read between steps (each step's maps go out as a
+//! frame), so it needs no sharing. The run's prompt is prepared once ([`prepare_run`]) and reported
+//! before the first step; an observer's error stops the run as itself.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::Instant;
-
-use candle_core::Tensor;
 
 use crate::analysis::export::write_attention_safetensors;
 use crate::analysis::heatmap::{
@@ -19,9 +16,8 @@ use crate::analysis::heatmap::{
 };
 use crate::analysis::WordSpan;
 use crate::attention::store::{AttentionStore, StoreConfig};
-use crate::attention::{AttentionProcessor, AttentionSite};
 use crate::pipeline::model::{LoadOptions, StableDiffusion};
-use crate::pipeline::sampling::{generate, CancelToken, StepReport};
+use crate::pipeline::sampling::{CancelToken, PreparedRun, Sampler, StepReport};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::PipelineError;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
@@ -58,19 +54,17 @@ pub fn bundled_model_dir() -> PathBuf {
 /// Answers the probe's request for the running run, if one is waiting, from the maps stored so far.
 fn answer_self_attention_query(
     observer: &mut dyn RunObserver,
-    store: &RefCell<AttentionStore>,
+    store: &AttentionStore,
 ) -> Result<(), EngineError> {
     let Some(query) = observer.take_self_attention_query() else {
         return Ok(());
     };
-    let map = store.try_borrow().ok().and_then(|store| {
-        store.self_attention(
-            query.grid_h,
-            query.grid_w,
-            &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
-            query.span,
-        )
-    });
+    let map = store.self_attention(
+        query.grid_h,
+        query.grid_w,
+        &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
+        query.span,
+    );
     observer.self_attention(query, map)
 }
 
@@ -84,7 +78,7 @@ mod edit;
 
 /// What the engine keeps of its latest run.
 struct LatestRun {
-    store: Rc<RefCell<AttentionStore>>,
+    store: AttentionStore,
     words: Vec<WordSpan>,
     tokens: Vec<String>,
     /// Image size `(height, width)` in pixels (Segments view).
@@ -110,30 +104,6 @@ impl PipelineEngine {
     /// does not count), for tests and diagnostics.
     pub fn source_recordings(&self) -> u64 {
         self.source_recordings
-    }
-}
-
-/// Lends the shared store to the UNet's attention hook.
-struct SharedStore(Rc<RefCell<AttentionStore>>);
-
-impl AttentionProcessor for SharedStore {
-    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
-        // A busy store fails loudly in `process_probabilities`; ask for the probabilities then.
-        self.0
-            .try_borrow()
-            .map_or(true, |store| store.wants_probabilities(site))
-    }
-
-    fn process_probabilities(
-        &mut self,
-        site: &AttentionSite,
-        probs: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let mut store = self
-            .0
-            .try_borrow_mut()
-            .map_err(|_| candle_core::Error::Msg("attention store is busy".to_owned()))?;
-        store.process_probabilities(site, probs)
     }
 }
 
@@ -207,92 +177,24 @@ impl Engine for PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let started_at = Instant::now();
-        // Resolve what `generate` will do, to report it before the first step.
-        let edit::PreparedRun {
-            request,
-            resolved,
-            tokens: prompt_tokens,
-            warnings,
-        } = edit::prepare(model, params)?;
-        observer.started(
-            &resolved,
-            PromptInfo {
-                words: prompt_tokens.words.clone(),
-                tokens: prompt_tokens.tokens.clone(),
-                warnings,
-            },
-        )?;
-
-        let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
-            prompt_tokens.token_count(),
-        ))));
+        let cancel = CancelToken::new();
+        let (run, resolved, warnings) = edit::prepare(model, params)?;
+        observer.started(&resolved, prompt_info(&run, warnings))?;
+        let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
+        let words = run.prompt_tokens.words.clone();
+        let tokens = run.prompt_tokens.tokens.clone();
+        let image_size = (run.request.height, run.request.width);
+        let result = sample_with_store(model, run, &mut store, observer, &cancel);
+        let self_attention_grids = store.self_attention_resolutions();
+        // The store is kept even when the run stops early: its maps so far stay explorable.
         self.latest_run = Some(LatestRun {
-            store: Rc::clone(&store),
-            words: prompt_tokens.words.clone(),
-            tokens: prompt_tokens.tokens.clone(),
-            image_size: (request.height, request.width),
+            store,
+            words,
+            tokens,
+            image_size,
         });
-        let mut processor = SharedStore(Rc::clone(&store));
-        let mut observer_error: Option<EngineError> = None;
-        let mut step_started = Instant::now();
-        let mut on_step = |report: &StepReport| -> Result<(), PipelineError> {
-            let cross = {
-                let mut store =
-                    store
-                        .try_borrow_mut()
-                        .map_err(|_| PipelineError::InvalidArgument {
-                            name: "attention store",
-                            reason: "busy during a step report".to_owned(),
-                        })?;
-                store.finish_step()?;
-                store.latest_step().cloned().unwrap_or_else(|| StepCross {
-                    step_index: report.step_index,
-                    groups: Vec::new(),
-                })
-            };
-            let frame = StepFrame {
-                step_index: report.step_index,
-                step_count: report.step_count,
-                timestep: report.timestep,
-                preview: report
-                    .preview
-                    .clone()
-                    .map(to_worker_image)
-                    .unwrap_or_default(),
-                cross,
-                timing: StepTiming {
-                    step_secs: step_started.elapsed().as_secs_f64(),
-                    elapsed_secs: started_at.elapsed().as_secs_f64(),
-                },
-            };
-            step_started = Instant::now();
-            let answer = || -> Result<(), EngineError> {
-                observer.step(frame)?;
-                answer_self_attention_query(&mut *observer, &store)
-            };
-            answer().map_err(|error| {
-                observer_error = Some(error);
-                PipelineError::Cancelled
-            })
-        };
-        let result = generate(
-            model,
-            &request,
-            Some(&mut processor),
-            &mut on_step,
-            &CancelToken::new(),
-        );
-        if let Some(error) = observer_error {
-            return Err(error);
-        }
-        let output = result?;
-        let self_attention_grids = store
-            .try_borrow()
-            .map(|store| store.self_attention_resolutions())
-            .unwrap_or_default();
         Ok(RunOutput {
-            image: to_worker_image(output.image),
+            image: to_worker_image(result?.image),
             self_attention_grids,
         })
     }
@@ -306,10 +208,7 @@ impl Engine for PipelineEngine {
         let Some(run) = &self.latest_run else {
             return Ok(None);
         };
-        let store = run
-            .store
-            .try_borrow()
-            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        let store = &run.store;
         Ok(store.self_attention(
             grid_h,
             grid_w,
@@ -322,10 +221,7 @@ impl Engine for PipelineEngine {
         let Some(run) = &self.latest_run else {
             return Err(EngineError::Unavailable("no run to export".to_owned()));
         };
-        let store = run
-            .store
-            .try_borrow()
-            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        let store = &run.store;
         write_attention_safetensors(
             path,
             &store.cross_by_resolution(),
@@ -351,10 +247,7 @@ impl Engine for PipelineEngine {
         let Some(run) = &self.latest_run else {
             return Err(EngineError::Unavailable("no run to segment".to_owned()));
         };
-        let store = run
-            .store
-            .try_borrow()
-            .map_err(|_| EngineError::Unavailable("the attention store is busy".to_owned()))?;
+        let store = &run.store;
         let places = self_attention_places(request.settings.method);
         let maps: Vec<SelfAttentionMap> =
             requested_grids(request, &store.self_attention_resolutions())?
@@ -364,4 +257,61 @@ impl Engine for PipelineEngine {
         let (image_h, image_w) = run.image_size;
         segment_run(&maps, store.steps(), &run.words, image_h, image_w, request)
     }
+}
+
+/// The prompt facts of a prepared run, as the channel reports them.
+fn prompt_info(run: &PreparedRun, warnings: Vec<String>) -> PromptInfo {
+    PromptInfo {
+        words: run.prompt_tokens.words.clone(),
+        tokens: run.prompt_tokens.tokens.clone(),
+        warnings,
+    }
+}
+
+/// One step's frame: the store's maps of the step just finished, the preview, the timings.
+fn step_frame(store: &AttentionStore, report: &StepReport, timing: StepTiming) -> StepFrame {
+    StepFrame {
+        step_index: report.step_index,
+        step_count: report.step_count,
+        timestep: report.timestep,
+        preview: report
+            .preview
+            .clone()
+            .map(to_worker_image)
+            .unwrap_or_default(),
+        cross: store.latest_step().cloned().unwrap_or_else(|| StepCross {
+            step_index: report.step_index,
+            groups: Vec::new(),
+        }),
+        timing,
+    }
+}
+
+/// Samples `run` to the end with `store` on the attention hook, sending a frame after every step
+/// and answering the probe between steps. Stops at the first error, which is returned as itself.
+fn sample_with_store(
+    model: &StableDiffusion,
+    run: PreparedRun,
+    store: &mut AttentionStore,
+    observer: &mut dyn RunObserver,
+    cancel: &CancelToken,
+) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
+    let started_at = Instant::now();
+    let mut sampler = Sampler::new(model, run)?;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let step_started = Instant::now();
+        let Some(report) = sampler.step(Some(&mut *store))? else {
+            break;
+        };
+        let timing = StepTiming {
+            step_secs: step_started.elapsed().as_secs_f64(),
+            elapsed_secs: started_at.elapsed().as_secs_f64(),
+        };
+        observer.step(step_frame(store, &report, timing))?;
+        answer_self_attention_query(&mut *observer, store)?;
+    }
+    Ok(sampler.finish()?)
 }

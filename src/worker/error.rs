@@ -1,6 +1,7 @@
 //! Errors of the worker layer.
 
 use crate::analysis::export::ExportError;
+use crate::analysis::AnalysisError;
 use crate::pipeline::PipelineError;
 
 /// Anything an [`crate::worker::Engine`] or the worker thread can fail with.
@@ -9,6 +10,9 @@ pub enum EngineError {
     /// The pipeline failed (model loading, tokenising, sampling).
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// An analysis (segmentation, alignment) refused its settings.
+    #[error(transparent)]
+    Analysis(#[from] AnalysisError),
     /// A command needs a model and none is loaded.
     #[error("no model is loaded")]
     NoModel,

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::analysis::export::write_attention_safetensors;
+use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::WordSpan;
-use crate::attention::UnetPlace;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::{

@@ -13,7 +13,7 @@ use crate::analysis::WordSpan;
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 // Edit mode.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
-pub use crate::attention::p2p::{
+pub use crate::analysis::edit_spec::{
     BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
 };
 // Segments view.

@@ -32,7 +32,7 @@
 
 use super::{check_self_attention, kmeans_from_centroids, KMeansSettings, Segmentation};
 use crate::analysis::heatmap::{resize_bilinear, SelfAttentionMap};
-use crate::pipeline::{PipelineError, PipelineResult};
+use crate::analysis::{AnalysisError, AnalysisResult};
 
 /// Probabilities are floored at this value before taking logarithms.
 const PROBABILITY_FLOOR: f32 = 1e-12;
@@ -116,15 +116,15 @@ pub fn aggregate_self_attention(
     maps: &[SelfAttentionMap],
     grid_h: usize,
     grid_w: usize,
-) -> PipelineResult<SelfAttentionMap> {
+) -> AnalysisResult<SelfAttentionMap> {
     if maps.is_empty() {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "self-attention maps",
             reason: "no self-attention map to aggregate (was self-attention stored?)".to_string(),
         });
     }
     if grid_h == 0 || grid_w == 0 {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "DiffSeg grid",
             reason: format!("{grid_h}x{grid_w} is empty"),
         });
@@ -242,7 +242,7 @@ fn symmetric_kl_with_logs(p: &[f32], log_p: &[f32], q: &[f32], log_q: &[f32]) ->
 pub fn diffseg_segments(
     maps: &[SelfAttentionMap],
     settings: &DiffSegSettings,
-) -> PipelineResult<Segmentation> {
+) -> AnalysisResult<Segmentation> {
     let (grid_h, grid_w) = match settings.grid {
         Some(grid) => grid,
         None => maps
@@ -250,7 +250,7 @@ pub fn diffseg_segments(
             .rev()
             .max_by_key(|map| map.h * map.w)
             .map(|map| (map.h, map.w))
-            .ok_or_else(|| PipelineError::InvalidArgument {
+            .ok_or_else(|| AnalysisError::InvalidArgument {
                 name: "self-attention maps",
                 reason: "no self-attention map to segment (was self-attention stored?)".to_string(),
             })?,
@@ -297,7 +297,7 @@ pub fn diffseg_segments(
         proposals = merge_proposals(&proposals, kl_threshold);
     }
     if proposals.is_empty() {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "DiffSeg anchors",
             reason: format!(
                 "no proposal was made (anchor_side {}, threshold {kl_threshold})",

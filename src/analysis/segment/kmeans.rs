@@ -18,7 +18,7 @@
 
 use super::{check_self_attention, dot, symmetric_kl, SegmentRng, Segmentation};
 use crate::analysis::heatmap::SelfAttentionMap;
-use crate::pipeline::{PipelineError, PipelineResult};
+use crate::analysis::{AnalysisError, AnalysisResult};
 
 /// Settings of [`kmeans`] and [`kmeans_segments`]; the defaults are local-prompt-mixing's, plus
 /// the merging of near-identical clusters (see [`KMeansSettings::reference`] for theirs alone).
@@ -101,7 +101,7 @@ pub fn kmeans(
     points: &[f32],
     dim: usize,
     settings: &KMeansSettings,
-) -> PipelineResult<KMeansResult> {
+) -> AnalysisResult<KMeansResult> {
     let point_count = check_points(points, dim)?;
     check_cluster_count(settings.k, point_count)?;
     let squared_norms = squared_norms(points, dim);
@@ -125,7 +125,7 @@ pub fn kmeans(
             best = Some(result);
         }
     }
-    best.ok_or_else(|| PipelineError::InvalidArgument {
+    best.ok_or_else(|| AnalysisError::InvalidArgument {
         name: "n_init",
         reason: "no KMeans run was made".to_string(),
     })
@@ -138,10 +138,10 @@ pub fn kmeans_from_centroids(
     dim: usize,
     initial_centroids: &[f32],
     settings: &KMeansSettings,
-) -> PipelineResult<KMeansResult> {
+) -> AnalysisResult<KMeansResult> {
     let point_count = check_points(points, dim)?;
     if initial_centroids.is_empty() || !initial_centroids.len().is_multiple_of(dim) {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "initial centroids",
             reason: format!(
                 "{} values is not a non-zero whole number of {dim}-long rows",
@@ -166,7 +166,7 @@ pub fn kmeans_from_centroids(
 pub fn kmeans_segments(
     self_attention: &SelfAttentionMap,
     settings: &KMeansSettings,
-) -> PipelineResult<Segmentation> {
+) -> AnalysisResult<Segmentation> {
     check_self_attention(self_attention)?;
     let cells = self_attention.h * self_attention.w;
     let result = kmeans(&self_attention.data, cells, settings)?;
@@ -285,9 +285,9 @@ fn merge_similar_clusters(result: &KMeansResult, dim: usize, fraction: f32) -> V
 }
 
 /// Number of rows of `points`, or an error when it is not a whole, non-zero number of rows.
-fn check_points(points: &[f32], dim: usize) -> PipelineResult<usize> {
+fn check_points(points: &[f32], dim: usize) -> AnalysisResult<usize> {
     if dim == 0 || points.is_empty() || !points.len().is_multiple_of(dim) {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "KMeans points",
             reason: format!(
                 "{} values is not a non-zero whole number of {dim}-long rows",
@@ -298,9 +298,9 @@ fn check_points(points: &[f32], dim: usize) -> PipelineResult<usize> {
     Ok(points.len() / dim)
 }
 
-fn check_cluster_count(k: usize, point_count: usize) -> PipelineResult<()> {
+fn check_cluster_count(k: usize, point_count: usize) -> AnalysisResult<()> {
     if k == 0 || k > point_count {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "k",
             reason: format!("{k} clusters for {point_count} points (expected 1..={point_count})"),
         });

@@ -9,7 +9,7 @@
 
 use super::Segmentation;
 use crate::analysis::heatmap::{min_max_normalize, resize_bilinear, Heatmap};
-use crate::pipeline::{PipelineError, PipelineResult};
+use crate::analysis::{AnalysisError, AnalysisResult};
 
 /// Settings of [`label_segments`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -174,14 +174,14 @@ pub fn label_segments(
     segmentation: &Segmentation,
     words: &[WordMapRef<'_>],
     settings: &LabelSettings,
-) -> PipelineResult<Vec<SegmentInfo>> {
+) -> AnalysisResult<Vec<SegmentInfo>> {
     let segment_count = segmentation.segment_count;
     let pixel_counts = segmentation.cell_counts();
     // scores[segment][word]: (score, raw attention)
     let mut scores = vec![vec![(0.0f32, 0.0f32); words.len()]; segment_count];
     for (word_index, word) in words.iter().enumerate() {
         if word.h == 0 || word.w == 0 || word.data.len() != word.h * word.w {
-            return Err(PipelineError::InvalidArgument {
+            return Err(AnalysisError::InvalidArgument {
                 name: "word map",
                 reason: format!(
                     "map of {:?} has {} values for {}x{} (expected {}, not empty)",

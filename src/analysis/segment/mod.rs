@@ -41,7 +41,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::analysis::heatmap::{resize_bilinear, SelfAttentionMap};
-use crate::pipeline::{PipelineError, PipelineResult};
+use crate::analysis::{AnalysisError, AnalysisResult};
 
 /// A segmentation: one segment id per cell of an `h x w` grid.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -60,9 +60,9 @@ pub struct Segmentation {
 impl Segmentation {
     /// Builds a segmentation from arbitrary cluster ids `[h, w]`, renumbering them `0..n` in the order
     /// they first appear in raster order. Fails when `labels` is not `h * w` long or the grid is empty.
-    pub fn from_cluster_ids(h: usize, w: usize, cluster_ids: &[usize]) -> PipelineResult<Self> {
+    pub fn from_cluster_ids(h: usize, w: usize, cluster_ids: &[usize]) -> AnalysisResult<Self> {
         if h == 0 || w == 0 || cluster_ids.len() != h * w {
-            return Err(PipelineError::InvalidArgument {
+            return Err(AnalysisError::InvalidArgument {
                 name: "segment labels",
                 reason: format!(
                     "{} labels for a {h}x{w} grid (expected {}, grid not empty)",
@@ -293,9 +293,9 @@ pub fn segment_and_label(
     settings: &SegmentSettings,
     image_h: usize,
     image_w: usize,
-) -> PipelineResult<LabelledSegmentation> {
+) -> AnalysisResult<LabelledSegmentation> {
     if image_h == 0 || image_w == 0 {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "image size",
             reason: format!("{image_w}x{image_h} is empty"),
         });
@@ -316,14 +316,14 @@ pub fn segment_and_label(
 pub fn segment_self_attention(
     maps: &[SelfAttentionMap],
     settings: &SegmentSettings,
-) -> PipelineResult<Segmentation> {
+) -> AnalysisResult<Segmentation> {
     match settings.method {
         SegmentMethod::KMeans => {
             let largest = maps
                 .iter()
                 .rev()
                 .max_by_key(|map| map.h * map.w)
-                .ok_or_else(|| PipelineError::InvalidArgument {
+                .ok_or_else(|| AnalysisError::InvalidArgument {
                     name: "self-attention maps",
                     reason: "no self-attention map to segment (was self-attention stored?)"
                         .to_string(),
@@ -335,10 +335,10 @@ pub fn segment_self_attention(
 }
 
 /// Checks that a self-attention map is `[h * w, h * w]` and not empty.
-fn check_self_attention(map: &SelfAttentionMap) -> PipelineResult<()> {
+fn check_self_attention(map: &SelfAttentionMap) -> AnalysisResult<()> {
     let cells = map.h * map.w;
     if cells == 0 || map.data.len() != cells * cells {
-        return Err(PipelineError::InvalidArgument {
+        return Err(AnalysisError::InvalidArgument {
             name: "self-attention map",
             reason: format!(
                 "{}x{} grid with {} values (expected {cells}² = {}, grid not empty)",

@@ -3,29 +3,9 @@
 
 use candle_core::Tensor;
 
+use crate::analysis::edit_spec::BlendMask;
 use crate::analysis::heatmap::resize_nearest;
 use crate::pipeline::{PipelineError, PipelineResult};
-
-/// A binary mask at latent resolution (1 where the edited latent may change).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct BlendMask {
-    /// Rows.
-    pub h: usize,
-    /// Columns.
-    pub w: usize,
-    /// `[h, w]`, row-major, 0 or 1.
-    pub data: Vec<f32>,
-}
-
-impl BlendMask {
-    /// Fraction of cells that are 1.
-    pub fn coverage(&self) -> f32 {
-        if self.data.is_empty() {
-            return 0.0;
-        }
-        self.data.iter().sum::<f32>() / self.data.len() as f32
-    }
-}
 
 /// The local blend's word maps of one prompt at one grid: means over heads, layers and the steps so
 /// far.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Tensor};
 
 use super::check_shape;
-use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
+use crate::analysis::heatmap::UnetPlace;
+use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
 
 /// Identifies one attention layer (its [`AttentionSite`] without the per-call fields).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,6 +3,8 @@
 use super::*;
 use crate::analysis::alignment::EditKind;
 use crate::analysis::WordSpan;
+use crate::analysis::edit_spec::{changes_words, CrossWindow, Reweight};
+use crate::hook::ChainedProcessors;
 use candle_core::{DType, Device};
 
 /// Encoded length used by these tests (keys of every cross-attention layer).
@@ -805,7 +807,7 @@ fn a_user_mask_replaces_the_word_mask() {
 
 #[test]
 fn model_recommendations_replace_only_what_they_name() {
-    use crate::pipeline::model::EditDefaults;
+    use crate::analysis::edit_spec::EditDefaults;
     assert_eq!(
         SelfReplace::recommended(EditDefaults::default()),
         SelfReplace::default()

@@ -12,7 +12,8 @@ use candle_nn::VarBuilder;
 
 use super::kernels;
 use super::layers::{GroupNorm, LayerNorm, Linear};
-use crate::attention::{AttentionHook, AttentionKind, AttentionSite, UnetPlace};
+use crate::analysis::heatmap::UnetPlace;
+use crate::hook::{AttentionHook, AttentionKind, AttentionSite, QueryKeyValue};
 use crate::pipeline::{profile, PipelineResult};
 
 /// Where a transformer sits in the UNet: enough to build every [`AttentionSite`] inside it.
@@ -165,8 +166,8 @@ impl Attention {
         let query = self.to_q.forward(hidden)?;
         let (key, value) = self.keys_values(context, call.kind)?;
         let attended = match hook {
-            // Measures its own stages (products, processor).
-            Some(hook) => self.attend_hooked(&query, &key, &value, call, hook)?,
+            // Measures its own stages (processors, products).
+            Some(hook) => self.attend_hooked(query, key, value, call, hook)?,
             None => profile::measure(
                 || call.profile_label("", key.dim(1).unwrap_or(0)),
                 || self.attend_chunked(&query, &key, &value),
@@ -187,23 +188,17 @@ impl Attention {
         (self.head_dim as f32).powf(-0.5)
     }
 
-    /// The hooked path: full `[batch * heads, queries, keys]` probabilities, handed to the processor.
+    /// The hooked path (see [`crate::hook`]): the query/key/value stage when the processor wants
+    /// it, then the probability stage when it wants that, else the fused kernel.
     /// `query` `[batch, queries, inner]`, `key`/`value` `[batch, keys, inner]` -> `[batch, queries, inner]`.
     fn attend_hooked(
         &self,
-        query: &Tensor,
-        key: &Tensor,
-        value: &Tensor,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
         call: AttentionCall,
         hook: &mut AttentionHook<'_>,
     ) -> candle_core::Result<Tensor> {
-        let batch = query.dim(0)?;
-        let compute_dtype = query.dtype();
-        let score_dtype = self.score_dtype(compute_dtype);
-        let merged_query = query;
-        let (merged_key, merged_value) = (key, value);
-        let mut key = self.split_heads(key)?;
-        let mut value = self.split_heads(value)?;
         let mut site = AttentionSite {
             place: call.place.place,
             block_index: call.place.block_index,
@@ -214,55 +209,42 @@ impl Attention {
             query_w: call.query_w,
             heads: self.heads,
             keys: key.dim(1)?,
-            batch,
+            batch: query.dim(0)?,
             cfg: hook.cfg,
             step_index: hook.step_index,
             step_count: hook.step_count,
         };
-        let mut values_replaced = false;
-        if let Some((new_key, new_value)) =
-            hook.processor.process_keys_values(&site, &key, &value)?
-        {
-            key = new_key.to_dtype(compute_dtype)?;
-            value = new_value.to_dtype(compute_dtype)?;
-            site.keys = key.dim(1)?;
-            values_replaced = true;
+        let mut projections = QueryKeyValue { query, key, value };
+        if hook.processor.wants_queries_keys_values(&site) {
+            let replaced = profile::measure(
+                || call.profile_label(" projections processor", site.keys),
+                || {
+                    hook.processor
+                        .process_queries_keys_values(&site, &projections)
+                },
+            )?;
+            if let Some(replaced) = replaced {
+                projections = self.checked_projections(&site, &projections, replaced)?;
+                site.keys = projections.key.dim(1)?;
+            }
         }
+        let QueryKeyValue { query, key, value } = projections;
+        let keys = site.keys;
+        if !hook.processor.wants_probabilities(&site) {
+            return profile::measure(
+                || call.profile_label(" fused", keys),
+                || self.attend_chunked(&query, &key, &value),
+            );
+        }
+        let compute_dtype = query.dtype();
+        let score_dtype = self.score_dtype(compute_dtype);
         if (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu() {
             // Blocked products on head views, spread over the cores.
-            let keys = site.keys;
-            let merged_value = |value: &Tensor| {
-                if values_replaced {
-                    self.merge_heads(value)
-                } else {
-                    Ok(merged_value.clone())
-                }
-            };
-            // `[batch * heads, head_dim, keys]`, by the parallel kernel unless a processor
-            // replaced the keys.
-            let key_t = |key: &Tensor| {
-                if values_replaced {
-                    key.t()?.contiguous()
-                } else {
-                    kernels::split_heads_transposed(merged_key, self.heads)
-                }
-            };
-            if !hook.processor.wants_probabilities(&site) {
-                return profile::measure(
-                    || call.profile_label(" fused", keys),
-                    || {
-                        let key_t = key_t(&key)?;
-                        let value = merged_value(&value)?;
-                        let scale = self.scale();
-                        kernels::fused_attention(merged_query, &key_t, &value, self.heads, scale)
-                    },
-                );
-            }
             let scores = profile::measure(
                 || call.profile_label(" probabilities", keys),
                 || {
-                    let key_t = key_t(&key)?;
-                    kernels::attention_probabilities(merged_query, &key_t, self.heads, self.scale())
+                    let key_t = kernels::split_heads_transposed(&key, self.heads)?;
+                    kernels::attention_probabilities(&query, &key_t, self.heads, self.scale())
                 },
             )?;
             let probs = profile::measure(
@@ -272,14 +254,14 @@ impl Attention {
             .unwrap_or(scores);
             return profile::measure(
                 || call.profile_label(" values", keys),
-                || kernels::attend_probabilities(&probs, &merged_value(&value)?, self.heads),
+                || kernels::attend_probabilities(&probs, &value, self.heads),
             );
         }
         // A contiguous `[batch * heads, head_dim, keys]`: the GEMM would gather a transposed view
         // element by element.
-        let key_t = key.to_dtype(score_dtype)?.t()?.contiguous()?;
+        let key_t = kernels::split_heads_transposed(&key, self.heads)?.to_dtype(score_dtype)?;
         let scores = self
-            .split_heads(query)?
+            .split_heads(&query)?
             .to_dtype(score_dtype)?
             .matmul(&key_t)?
             .to_dtype(DType::F32)?
@@ -289,8 +271,42 @@ impl Attention {
             Some(replaced) => replaced.to_dtype(DType::F32)?,
             None => scores,
         };
-        let attended = probs.to_dtype(compute_dtype)?.matmul(&value)?;
+        let attended = probs
+            .to_dtype(compute_dtype)?
+            .matmul(&self.split_heads(&value)?)?;
         self.merge_heads(&attended)
+    }
+
+    /// A processor's replacement projections, checked against the originals (same batch, queries
+    /// and channels; as many values as keys) and brought to the layer's dtype, contiguous.
+    fn checked_projections(
+        &self,
+        site: &AttentionSite,
+        original: &QueryKeyValue,
+        replaced: QueryKeyValue,
+    ) -> candle_core::Result<QueryKeyValue> {
+        let (batch, queries, inner) = original.query.dims3()?;
+        let (key_batch, keys, key_inner) = replaced.key.dims3()?;
+        if replaced.query.dims() != [batch, queries, inner]
+            || (key_batch, key_inner) != (batch, inner)
+            || replaced.value.dims() != [batch, keys, inner]
+        {
+            candle_core::bail!(
+                "{}: a processor returned query {:?}, key {:?}, value {:?}; expected query \
+                 {:?} and keys/values [{batch}, any, {inner}]",
+                site.module_path(),
+                replaced.query.dims(),
+                replaced.key.dims(),
+                replaced.value.dims(),
+                original.query.dims()
+            );
+        }
+        let dtype = original.query.dtype();
+        Ok(QueryKeyValue {
+            query: replaced.query.to_dtype(dtype)?.contiguous()?,
+            key: replaced.key.to_dtype(dtype)?.contiguous()?,
+            value: replaced.value.to_dtype(dtype)?.contiguous()?,
+        })
     }
 
     /// `softmax(q k^T * scale) v` in blocks of queries whose scores stay cache-sized, the blocks

@@ -8,7 +8,8 @@ use super::config::{
     DownBlockKind, DownBlockPlan, MidBlockPlan, UnetConfig, UpBlockKind, UpBlockPlan,
 };
 use super::layers::{Downsample, Linear, ResnetBlock, ResnetSpec, Upsample};
-use crate::attention::{AttentionHook, UnetPlace};
+use crate::analysis::heatmap::UnetPlace;
+use crate::hook::AttentionHook;
 use crate::pipeline::PipelineResult;
 
 /// The sinusoidal timestep features of diffusers' `Timesteps`, computed in f32 exactly as torch

@@ -27,7 +27,7 @@ pub mod layers;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::attention::AttentionHook;
+use crate::hook::AttentionHook;
 use crate::pipeline::{PipelineError, PipelineResult};
 use blocks::{timestep_features, BlockInputs, DownBlock, MidBlock, TimeEmbedding, UpBlock};
 pub use config::UnetConfig;

@@ -1,25 +1,23 @@
 //! Edit mode of [`PipelineEngine`]: Prompt-to-Prompt in replay mode. The source run is recorded once
-//! ([`record_source`]: attention and latents per step) and kept with the parameters it was made with;
-//! every later edit of the same source runs only the edited branch ([`generate_edited_branch`]).
+//! ([`SourceRecordingRun`]: attention and latents per step) and kept with the parameters it was made
+//! with; every later edit of the same source runs only the edited branch ([`EditedBranchRun`]).
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::analysis::alignment::{align_prompts, PromptLayout};
+use crate::analysis::edit_spec::{BlendMask, EditSpec};
 use crate::analysis::heatmap::StepCross;
-use crate::attention::p2p::{BlendMask, EditSpec, RecordConfig, SourceRecording};
+use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRecordingRun};
+use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
-use crate::pipeline::edit_sampling::{generate_edited_branch, record_source, EditStepReport};
 use crate::pipeline::model::StableDiffusion;
-use crate::pipeline::sampling::{latent_preview, CancelToken, GenerateRequest};
-use crate::pipeline::scheduler::{prepare_scheduler, SchedulerKind};
-use crate::pipeline::tokenizer::PromptTokens;
-use crate::pipeline::PipelineError;
+use crate::pipeline::sampling::{
+    latent_preview, prepare_run, CancelToken, GenerateOutput, GenerateRequest, PreparedRun,
+};
+use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
-use crate::worker::engine::{to_worker_image, LatestRun, PipelineEngine, SharedStore};
+use crate::worker::engine::{prompt_info, to_worker_image, LatestRun, PipelineEngine};
 use crate::worker::error::EngineError;
 use crate::worker::protocol::{EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming};
 
@@ -34,20 +32,13 @@ pub(super) struct EditSource {
     recording: Arc<SourceRecording>,
 }
 
-/// A run's request with everything resolved, and its prompt's tokens.
-pub(super) struct PreparedRun {
-    pub(super) request: GenerateRequest,
-    pub(super) resolved: GenerateParams,
-    pub(super) tokens: PromptTokens,
-    pub(super) warnings: Vec<String>,
-}
-
-/// The request a run's parameters describe, with the defaults resolved (size, scheduler) and the
-/// prompt tokenised, so the run can be reported before its first step.
+/// Resolves a run's parameters (size, scheduler defaults) and prepares the run once: checked,
+/// tokenised and scheduled, so it can be reported before its first step. Returns the prepared run,
+/// the parameters with the defaults filled in, and the warnings to show.
 pub(super) fn prepare(
     model: &StableDiffusion,
     params: &GenerateParams,
-) -> Result<PreparedRun, EngineError> {
+) -> Result<(PreparedRun, GenerateParams, Vec<String>), EngineError> {
     let requested_kind = params
         .scheduler
         .as_deref()
@@ -66,45 +57,24 @@ pub(super) fn prepare(
         init_latents: None,
         preview: true,
     };
-    let prepared = prepare_scheduler(&model.scheduler_config, requested_kind, params.steps)?;
-    let tokens = model.tokenizer.encode(&params.prompt)?;
-    let mut warnings = prepared.warnings.clone();
-    warnings.extend(tokens.warning());
+    let run = prepare_run(model, &request)?;
     let resolved = GenerateParams {
-        scheduler: Some(prepared.kind.name().to_owned()),
+        scheduler: Some(run.scheduler_kind.name().to_owned()),
         width_px: Some(request.width),
         height_px: Some(request.height),
         ..params.clone()
     };
-    Ok(PreparedRun {
-        request,
-        resolved,
-        tokens,
-        warnings,
-    })
+    let warnings = run.warnings.clone();
+    Ok((run, resolved, warnings))
 }
 
-/// Closes the store's step and builds the step's frame.
-fn step_frame(
+/// The frame of an edit step: the store's maps of the step, a preview of the branch's latents.
+fn edit_step_frame(
     model: &StableDiffusion,
-    store: &Rc<RefCell<AttentionStore>>,
+    store: &AttentionStore,
     report: &EditStepReport,
-    step_secs: f64,
-    elapsed_secs: f64,
-) -> Result<StepFrame, PipelineError> {
-    let cross = {
-        let mut store = store
-            .try_borrow_mut()
-            .map_err(|_| PipelineError::InvalidArgument {
-                name: "attention store",
-                reason: "busy during a step report".to_owned(),
-            })?;
-        store.finish_step()?;
-        store.latest_step().cloned().unwrap_or_else(|| StepCross {
-            step_index: report.step_index,
-            groups: Vec::new(),
-        })
-    };
+    timing: StepTiming,
+) -> Result<StepFrame, EngineError> {
     let latents = report
         .edited_latents
         .as_ref()
@@ -118,11 +88,11 @@ fn step_frame(
         step_count: report.step_count,
         timestep: report.timestep,
         preview,
-        cross,
-        timing: StepTiming {
-            step_secs,
-            elapsed_secs,
-        },
+        cross: store.latest_step().cloned().unwrap_or_else(|| StepCross {
+            step_index: report.step_index,
+            groups: Vec::new(),
+        }),
+        timing,
     })
 }
 
@@ -137,81 +107,48 @@ impl PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let started_at = Instant::now();
-        let run = prepare(model, params)?;
+        let cancel = CancelToken::new();
+        let (run, resolved, warnings) = prepare(model, params)?;
+        // The edited branch needs the source's facts after the source run took the prepared run.
+        let source_run = run.clone();
         let wanted_queries = spec.map_or(16 * 16, |spec| spec.self_replace.max_queries);
         let reusable = spec.is_some()
             && self.edit_source.as_ref().is_some_and(|source| {
-                source.params == run.resolved && source.self_max_queries >= wanted_queries
+                source.params == resolved && source.self_max_queries >= wanted_queries
             });
         let mut source_output = None;
-        if !reusable {
+        if reusable {
+            // The recorded source stands for this run; nothing of it is sampled again.
+        } else {
             self.edit_source = None;
-            observer.started(
-                &run.resolved,
-                PromptInfo {
-                    words: run.tokens.words.clone(),
-                    tokens: run.tokens.tokens.clone(),
-                    warnings: run.warnings.clone(),
-                },
-            )?;
-            let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
-                run.tokens.token_count(),
-            ))));
-            self.latest_run = Some(LatestRun {
-                store: Rc::clone(&store),
-                words: run.tokens.words.clone(),
-                tokens: run.tokens.tokens.clone(),
-                image_size: (run.request.height, run.request.width),
-            });
-            let mut processor = SharedStore(Rc::clone(&store));
-            let mut observer_error: Option<EngineError> = None;
-            let mut step_started = Instant::now();
-            let mut on_step = |report: &EditStepReport| -> Result<(), PipelineError> {
-                let frame = step_frame(
-                    model,
-                    &store,
-                    report,
-                    step_started.elapsed().as_secs_f64(),
-                    started_at.elapsed().as_secs_f64(),
-                )?;
-                step_started = Instant::now();
-                let answered = observer
-                    .step(frame)
-                    .and_then(|()| super::answer_self_attention_query(&mut *observer, &store));
-                answered.map_err(|error| {
-                    observer_error = Some(error);
-                    PipelineError::Cancelled
-                })
-            };
+            observer.started(&resolved, prompt_info(&run, warnings))?;
+            let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
+            let words = run.prompt_tokens.words.clone();
+            let tokens = run.prompt_tokens.tokens.clone();
+            let image_size = (run.request.height, run.request.width);
             let self_max_queries = wanted_queries.max(16 * 16);
-            let result = record_source(
-                model,
-                &run.request,
-                RecordConfig {
-                    self_max_queries,
-                    batch_item: 0,
-                },
-                Some(&mut processor),
-                &mut on_step,
-                &CancelToken::new(),
-            );
-            if let Some(error) = observer_error {
-                return Err(error);
-            }
+            let record = RecordConfig {
+                self_max_queries,
+                batch_item: 0,
+            };
+            let result = record_with_store(model, run, record, &mut store, observer, &cancel);
+            let self_attention_grids = store.self_attention_resolutions();
+            self.latest_run = Some(LatestRun {
+                store,
+                words,
+                tokens,
+                image_size,
+            });
             let (output, recording) = result?;
             self.source_recordings += 1;
             self.edit_source = Some(EditSource {
-                params: run.resolved.clone(),
+                params: resolved.clone(),
                 self_max_queries,
                 recording,
             });
             let source = RunOutput {
                 image: to_worker_image(output.image),
-                self_attention_grids: store
-                    .try_borrow()
-                    .map(|store| store.self_attention_resolutions())
-                    .unwrap_or_default(),
+                self_attention_grids,
             };
             observer.source_finished(&source)?;
             source_output = Some(source);
@@ -234,20 +171,10 @@ impl PipelineEngine {
         };
 
         // The edited branch.
-        let edit_started_at = Instant::now();
-        let edit_tokens = model.tokenizer.encode(&spec.edit_prompt)?;
-        let alignment = align_prompts(
-            &PromptLayout {
-                tokens: &run.tokens.tokens,
-                words: &run.tokens.words,
-            },
-            &PromptLayout {
-                tokens: &edit_tokens.tokens,
-                words: &edit_tokens.words,
-            },
-            run.tokens.ids.len(),
-            spec.kind,
-        )?;
+        let started_at = Instant::now();
+        let mut branch = EditedBranchRun::new(model, &source_run, spec, recording)?;
+        let edit_tokens = branch.edit_tokens();
+        let alignment = branch.alignment();
         observer.edit_started(EditInfo {
             edit_prompt: PromptInfo {
                 words: edit_tokens.words.clone(),
@@ -263,41 +190,23 @@ impl PipelineEngine {
             source_reused: reusable,
             source_recordings: self.source_recordings,
         })?;
-        let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
-            edit_tokens.token_count(),
-        ))));
-        let mut processor = SharedStore(Rc::clone(&store));
-        let mut observer_error: Option<EngineError> = None;
-        let mut step_started = Instant::now();
-        let mut on_step = |report: &EditStepReport| -> Result<(), PipelineError> {
-            let frame = step_frame(
-                model,
-                &store,
-                report,
-                step_started.elapsed().as_secs_f64(),
-                edit_started_at.elapsed().as_secs_f64(),
-            )?;
-            step_started = Instant::now();
-            observer
-                .edit_step(frame, report.blend_mask.clone())
-                .map_err(|error| {
-                    observer_error = Some(error);
-                    PipelineError::Cancelled
-                })
-        };
-        let result = generate_edited_branch(
-            model,
-            &run.request,
-            spec,
-            recording,
-            Some(&mut processor),
-            &mut on_step,
-            &CancelToken::new(),
-        );
-        if let Some(error) = observer_error {
-            return Err(error);
+        let mut store = AttentionStore::new(StoreConfig::new(edit_tokens.token_count()));
+        loop {
+            if cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let step_started = Instant::now();
+            let Some(report) = branch.step(Some(&mut store))? else {
+                break;
+            };
+            let timing = StepTiming {
+                step_secs: step_started.elapsed().as_secs_f64(),
+                elapsed_secs: started_at.elapsed().as_secs_f64(),
+            };
+            let frame = edit_step_frame(model, &store, &report, timing)?;
+            observer.edit_step(frame, report.blend_mask)?;
         }
-        let branch = result?;
+        let branch = branch.finish()?;
         let blend_mask: Option<BlendMask> =
             branch.blend_masks.iter().rev().flatten().next().cloned();
         Ok(EditRunOutput {
@@ -306,4 +215,34 @@ impl PipelineEngine {
             blend_mask,
         })
     }
+}
+
+/// Records the source run with `store` watching it, sending a frame after every step and
+/// answering the probe between steps.
+fn record_with_store(
+    model: &StableDiffusion,
+    run: PreparedRun,
+    record: RecordConfig,
+    store: &mut AttentionStore,
+    observer: &mut dyn RunObserver,
+    cancel: &CancelToken,
+) -> Result<(GenerateOutput, Arc<SourceRecording>), EngineError> {
+    let started_at = Instant::now();
+    let mut recording = SourceRecordingRun::new(model, run, record)?;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let step_started = Instant::now();
+        let Some(report) = recording.step(Some(&mut *store))? else {
+            break;
+        };
+        let timing = StepTiming {
+            step_secs: step_started.elapsed().as_secs_f64(),
+            elapsed_secs: started_at.elapsed().as_secs_f64(),
+        };
+        observer.step(edit_step_frame(model, store, &report, timing)?)?;
+        super::answer_self_attention_query(&mut *observer, store)?;
+    }
+    Ok(recording.finish()?)
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use crate::analysis::alignment::{
     align_prompts, selected_words, split_prompt_scope, word_token_indices, PromptLayout, WordChange,
 };
-use crate::attention::UnetPlace;
+use crate::analysis::heatmap::UnetPlace;
 use crate::worker::backend::{EditRunOutput, RunObserver};
 use crate::worker::error::EngineError;
 use crate::worker::fake::{

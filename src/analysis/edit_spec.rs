@@ -1,10 +1,44 @@
-//! The plain-data description of an edit: step windows, reweights, local blend settings.
+//! The plain-data description of a Prompt-to-Prompt edit: step windows, reweights, local blend
+//! settings, the local-blend mask, and what a model recommends. `crate::attention::p2p` turns it
+//! into attention edits; the worker's channel carries it as it is.
 
 use std::ops::Range;
 
 use crate::analysis::alignment::EditKind;
-use crate::attention::p2p::BlendMask;
-use crate::pipeline::model::EditDefaults;
+
+/// A binary mask at latent resolution (1 where the edited latent may change).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlendMask {
+    /// Rows.
+    pub h: usize,
+    /// Columns.
+    pub w: usize,
+    /// `[h, w]`, row-major, 0 or 1.
+    pub data: Vec<f32>,
+}
+
+impl BlendMask {
+    /// Fraction of cells that are 1.
+    pub fn coverage(&self) -> f32 {
+        if self.data.is_empty() {
+            return 0.0;
+        }
+        self.data.iter().sum::<f32>() / self.data.len() as f32
+    }
+}
+
+/// Prompt-to-Prompt settings a model folder recommends for its edits that change words (swaps and
+/// refinements), read from the optional `_attend_edit_defaults` object of `model_index.json`
+/// (`{"self_replace": 0.2, "self_replace_max_side": 32}`). A field that is absent means "the
+/// reference's value" (self window 0.4, layers up to 16x16), so real checkpoints, which never carry
+/// the key, get P2P's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EditDefaults {
+    /// End of the self-attention replacement window, as a fraction of the steps (`0..=1`).
+    pub self_replace_end: Option<f64>,
+    /// Largest query-grid side whose self-attention is replaced.
+    pub self_replace_max_side: Option<usize>,
+}
 
 /// A window of denoising steps, as fractions of the run (`0.0..=1.0`).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -2,10 +2,10 @@
 
 use candle_core::Tensor;
 
-use crate::attention::{AttentionProcessor, AttentionSite};
+use crate::hook::{AttentionProcessor, AttentionSite, QueryKeyValue};
 
 /// Runs several processors in turn on every layer, each seeing the probabilities the previous one
-/// returned (e.g. [`PromptToPrompt`] then an attention store that records what was used).
+/// returned (e.g. Prompt-to-Prompt then an attention store that records what was used).
 pub struct ChainedProcessors<'a> {
     processors: Vec<&'a mut dyn AttentionProcessor>,
 }
@@ -39,24 +39,30 @@ impl AttentionProcessor for ChainedProcessors<'_> {
         Ok(current)
     }
 
-    fn process_keys_values(
+    fn wants_queries_keys_values(&self, site: &AttentionSite) -> bool {
+        self.processors
+            .iter()
+            .any(|processor| processor.wants_queries_keys_values(site))
+    }
+
+    fn process_queries_keys_values(
         &mut self,
         site: &AttentionSite,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let mut current: Option<(Tensor, Tensor)> = None;
+        projections: &QueryKeyValue,
+    ) -> candle_core::Result<Option<QueryKeyValue>> {
+        let mut current: Option<QueryKeyValue> = None;
         for processor in &mut self.processors {
-            let (input_keys, input_values) = match &current {
-                Some((keys, values)) => (keys, values),
-                None => (keys, values),
-            };
-            if let Some(replaced) = processor.process_keys_values(site, input_keys, input_values)? {
+            if !processor.wants_queries_keys_values(site) {
+                continue;
+            }
+            let input = current.as_ref().unwrap_or(projections);
+            if let Some(replaced) = processor.process_queries_keys_values(site, input)? {
                 current = Some(replaced);
             }
         }
         Ok(current)
     }
+
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
         for processor in &mut self.processors {
             processor.step_finished(step_index)?;

@@ -1,5 +1,5 @@
 //! Prompt-to-Prompt sampling: the source prompt's image and the edited prompt's image from the same
-//! noise, the edited one steered by [`PromptToPrompt`] (see `crate::attention::p2p`).
+//! noise, the edited one steered by [`PromptToPrompt`] (see [`crate::attention::p2p`]).
 //!
 //! Two ways to run, with the same result up to floating-point batching effects:
 //! - **batch** ([`generate_edit`] with `replay: false`): one loop, UNet batch
@@ -9,7 +9,7 @@
 //!   then runs alone and reads them back. The editor uses this to re-run only the edited branch.
 //!
 //! Each row keeps its own scheduler and noise generator, so the source row of a batch run follows
-//! exactly the steps of a plain [`generate`] of the source prompt (ancestral noise included), and
+//! exactly the steps of a plain [`crate::pipeline::sampling::generate`] of the source prompt (ancestral noise included), and
 //! the edited row draws the same ancestral noise a plain run of the edited prompt would.
 //!
 //! Local blend acts on the edited latents after every step from its start on:
@@ -20,17 +20,16 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::analysis::alignment::{PromptAlignment, PromptLayout};
+use crate::analysis::edit_spec::{BlendMask, EditSpec};
 use crate::attention::p2p::{
-    BlendMask, ChainedProcessors, EditSpec, PromptToPrompt, RecordConfig, SourceMode,
-    SourceRecorder, SourceRecording,
+    PromptToPrompt, RecordConfig, SourceMode, SourceRecorder, SourceRecording,
 };
-use crate::attention::{AttentionProcessor, AttentionSite};
+use crate::hook::{AttentionProcessor, AttentionSite, ChainedProcessors};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
-    decode_to_unit_range, denoise_step, encode_prompt_batch, generate, initial_noise, to_rgb8,
-    validate_request, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest,
-    StepReport,
+    decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run, to_rgb8,
+    CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest, PreparedRun, Sampler,
 };
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
 use crate::pipeline::tokenizer::PromptTokens;
@@ -146,44 +145,88 @@ pub fn generate_edit(
     generate_edit_batch(model, request, observers, on_step, cancel)
 }
 
-/// Replay mode, first run: a plain [`generate`] of the source prompt that records what
+/// Replay mode, first run: a plain [`crate::pipeline::sampling::generate`] of the source prompt that records what
 /// [`generate_edited_branch`] needs (attention per step and layer, latents per step).
 pub fn record_source(
     model: &StableDiffusion,
     request: &GenerateRequest,
     record: RecordConfig,
-    observer: Option<&mut dyn AttentionProcessor>,
+    mut observer: Option<&mut dyn AttentionProcessor>,
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<(GenerateOutput, Arc<SourceRecording>)> {
-    let mut recorder = SourceRecorder::new(record);
-    let mut report = |step: &StepReport| {
-        on_step(&EditStepReport {
+    let mut run = SourceRecordingRun::new(model, prepare_run(model, request)?, record)?;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let Some(report) = run.step(observer.as_deref_mut())? else {
+            break;
+        };
+        on_step(&report)?;
+    }
+    run.finish()
+}
+
+/// Replay mode, first run, one step per call (see [`Sampler`]): the source prompt sampled as a
+/// plain run while a [`SourceRecorder`] keeps its attention and latents.
+pub struct SourceRecordingRun<'model> {
+    sampler: Sampler<'model>,
+    recorder: SourceRecorder,
+}
+
+impl<'model> SourceRecordingRun<'model> {
+    /// Starts recording the run `source` describes.
+    pub fn new(
+        model: &'model StableDiffusion,
+        source: PreparedRun,
+        record: RecordConfig,
+    ) -> PipelineResult<Self> {
+        Ok(Self {
+            sampler: Sampler::new(model, source)?,
+            recorder: SourceRecorder::new(record),
+        })
+    }
+
+    /// The run being recorded.
+    pub fn run(&self) -> &PreparedRun {
+        self.sampler.run()
+    }
+
+    /// The next step, `observer` watching it beside the recorder; `None` after the last.
+    pub fn step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<EditStepReport>> {
+        let report = {
+            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut self.recorder];
+            if let Some(observer) = observer {
+                processors.push(observer);
+            }
+            let mut chain = ChainedProcessors::new(processors);
+            self.sampler.step(Some(&mut chain))?
+        };
+        let Some(report) = report else {
+            return Ok(None);
+        };
+        self.recorder
+            .recording_mut()
+            .record_latents(report.step_index, &report.latents);
+        Ok(Some(EditStepReport {
             branch: EditBranch::Source,
-            step_index: step.step_index,
-            step_count: step.step_count,
-            timestep: step.timestep,
-            source_latents: Some(step.latents.clone()),
+            step_index: report.step_index,
+            step_count: report.step_count,
+            timestep: report.timestep,
+            source_latents: Some(report.latents),
             edited_latents: None,
             blend_mask: None,
-        })
-    };
-    let output = {
-        let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut recorder];
-        if let Some(observer) = observer {
-            processors.push(observer);
-        }
-        let mut chain = ChainedProcessors::new(processors);
-        generate(model, request, Some(&mut chain), &mut report, cancel)?
-    };
-    let step_count = output.timesteps.len();
-    for step_index in 0..step_count {
-        let latents = output.latents_per_step.get(step_index)?;
-        recorder
-            .recording_mut()
-            .record_latents(step_index, &latents);
+        }))
     }
-    Ok((output, recorder.finish()))
+
+    /// The source's image and its recording.
+    pub fn finish(self) -> PipelineResult<(GenerateOutput, Arc<SourceRecording>)> {
+        Ok((self.sampler.finish()?, self.recorder.finish()))
+    }
 }
 
 /// The edited prompt's run of a replay.
@@ -204,78 +247,154 @@ pub fn generate_edited_branch(
     request: &GenerateRequest,
     spec: &EditSpec,
     recording: Arc<SourceRecording>,
-    observer: Option<&mut dyn AttentionProcessor>,
+    mut observer: Option<&mut dyn AttentionProcessor>,
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<EditedBranch> {
-    let setup = RunSetup::new(model, request, spec)?;
-    if recording.step_count() != setup.step_count {
-        return Err(PipelineError::InvalidArgument {
-            name: "source recording",
-            reason: format!(
-                "it has {} steps, the edited run {}; record the source with the same settings",
-                recording.step_count(),
-                setup.step_count
-            ),
-        });
-    }
-    let mut p2p = setup.processor(spec, SourceMode::Replay(Arc::clone(&recording)))?;
-    let text_embeddings = encode_prompt_batch(
-        model,
-        &[&setup.edit_tokens],
-        &setup.negative_tokens,
-        setup.guided,
-    )?;
-    let mut rows = [setup.row(model, request)?.0];
-    let mut latents_per_step = Vec::with_capacity(setup.step_count);
-    let mut blend_masks = Vec::with_capacity(setup.step_count);
-    let mut observer = observer;
-    for (step_index, &timestep) in setup.timesteps.iter().enumerate() {
+    let mut run = EditedBranchRun::new(model, &prepare_run(model, request)?, spec, recording)?;
+    loop {
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let step = setup.step(request, step_index, timestep);
+        let Some(report) = run.step(observer.as_deref_mut())? else {
+            break;
+        };
+        on_step(&report)?;
+    }
+    run.finish()
+}
+
+/// Replay mode, second run, one step per call (see [`Sampler`]).
+pub struct EditedBranchRun<'model> {
+    model: &'model StableDiffusion,
+    setup: RunSetup,
+    guidance: f64,
+    recording: Arc<SourceRecording>,
+    p2p: PromptToPrompt,
+    /// `[negative, edited]` with guidance, `[edited]` without.
+    text_embeddings: Tensor,
+    row: DenoiseRow,
+    latents_per_step: Vec<Tensor>,
+    blend_masks: Vec<Option<BlendMask>>,
+}
+
+impl<'model> EditedBranchRun<'model> {
+    /// Prepares the edit `spec` of the recorded `source` run (only the edited prompt is
+    /// tokenised here; `source` was prepared once by [`prepare_run`]).
+    pub fn new(
+        model: &'model StableDiffusion,
+        source: &PreparedRun,
+        spec: &EditSpec,
+        recording: Arc<SourceRecording>,
+    ) -> PipelineResult<Self> {
+        let setup = RunSetup::new(model, source, spec)?;
+        if recording.step_count() != setup.step_count {
+            return Err(PipelineError::InvalidArgument {
+                name: "source recording",
+                reason: format!(
+                    "it has {} steps, the edited run {}; record the source with the same settings",
+                    recording.step_count(),
+                    setup.step_count
+                ),
+            });
+        }
+        let p2p = setup.processor(spec, SourceMode::Replay(Arc::clone(&recording)))?;
+        let text_embeddings = encode_prompt_batch(
+            model,
+            &[&setup.edit_tokens],
+            &setup.negative_tokens,
+            setup.guided,
+        )?;
+        let row = setup.row(model, &source.request)?.0;
+        Ok(Self {
+            model,
+            guidance: source.request.guidance,
+            latents_per_step: Vec::with_capacity(setup.step_count),
+            blend_masks: Vec::with_capacity(setup.step_count),
+            setup,
+            recording,
+            p2p,
+            text_embeddings,
+            row,
+        })
+    }
+
+    /// The edited prompt's tokens.
+    pub fn edit_tokens(&self) -> &PromptTokens {
+        &self.setup.edit_tokens
+    }
+
+    /// The word alignment the edit uses.
+    pub fn alignment(&self) -> &PromptAlignment {
+        self.p2p.alignment()
+    }
+
+    /// The next step, `observer` watching the edited run; `None` after the last.
+    pub fn step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<EditStepReport>> {
+        let step_index = self.latents_per_step.len();
+        let Some(&timestep) = self.setup.timesteps.get(step_index) else {
+            return Ok(None);
+        };
+        let step = DenoiseStep {
+            step_index,
+            step_count: self.setup.step_count,
+            timestep,
+            guidance: self.guidance,
+            guided: self.setup.guided,
+        };
         {
-            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut p2p];
-            if let Some(observer) = observer.as_deref_mut() {
+            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut self.p2p];
+            if let Some(observer) = observer {
                 processors.push(observer);
             }
             let mut chain = ChainedProcessors::new(processors);
-            denoise_step(model, &mut rows, &step, &text_embeddings, Some(&mut chain))?;
+            denoise_step(
+                self.model,
+                std::slice::from_mut(&mut self.row),
+                &step,
+                &self.text_embeddings,
+                Some(&mut chain),
+            )?;
             chain.step_finished(step_index)?;
         }
-        let Some(source_latents) = recording.latents_after_step(step_index) else {
+        let Some(source_latents) = self.recording.latents_after_step(step_index) else {
             return Err(PipelineError::InvalidArgument {
                 name: "source recording",
                 reason: format!("no source latents after step {step_index}"),
             });
         };
-        let source_latents = source_latents.to_device(rows[0].latents.device())?;
-        let mask = blend_row(&mut p2p, &step, &source_latents, &mut rows[0])?;
-        latents_per_step.push(rows[0].latents.clone());
-        on_step(&EditStepReport {
+        let source_latents = source_latents.to_device(self.row.latents.device())?;
+        let mask = blend_row(&mut self.p2p, &step, &source_latents, &mut self.row)?;
+        self.latents_per_step.push(self.row.latents.clone());
+        self.blend_masks.push(mask.clone());
+        Ok(Some(EditStepReport {
             branch: EditBranch::Edited,
             step_index,
-            step_count: setup.step_count,
+            step_count: self.setup.step_count,
             timestep,
             source_latents: None,
-            edited_latents: Some(rows[0].latents.clone()),
-            blend_mask: mask.clone(),
-        })?;
-        blend_masks.push(mask);
+            edited_latents: Some(self.row.latents.clone()),
+            blend_mask: mask,
+        }))
     }
-    let [row] = rows;
-    let edited = setup.output(
-        model,
-        row.latents,
-        latents_per_step,
-        setup.edit_tokens.clone(),
-    )?;
-    Ok(EditedBranch {
-        edited,
-        alignment: p2p.alignment().clone(),
-        blend_masks,
-    })
+
+    /// The edited image, the alignment and the masks applied.
+    pub fn finish(self) -> PipelineResult<EditedBranch> {
+        let edited = self.setup.output(
+            self.model,
+            self.row.latents,
+            self.latents_per_step,
+            self.setup.edit_tokens.clone(),
+        )?;
+        Ok(EditedBranch {
+            edited,
+            alignment: self.p2p.alignment().clone(),
+            blend_masks: self.blend_masks,
+        })
+    }
 }
 
 /// Batch mode: both prompts in one loop.
@@ -287,7 +406,7 @@ fn generate_edit_batch(
     cancel: &CancelToken,
 ) -> PipelineResult<EditOutput> {
     let generate_request = &request.generate;
-    let setup = RunSetup::new(model, generate_request, &request.spec)?;
+    let setup = RunSetup::new(model, &prepare_run(model, generate_request)?, &request.spec)?;
     let mut p2p = setup.processor(&request.spec, SourceMode::Batch)?;
     let text_embeddings = encode_prompt_batch(
         model,
@@ -404,39 +523,25 @@ struct RunSetup {
 }
 
 impl RunSetup {
-    fn new(
-        model: &StableDiffusion,
-        request: &GenerateRequest,
-        spec: &EditSpec,
-    ) -> PipelineResult<Self> {
-        let latent_shape = validate_request(model, request)?;
-        let prepared =
-            prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
-        let timesteps = prepared.scheduler.timesteps().to_vec();
-        let mut warnings = prepared.warnings;
-        let source_tokens = model.tokenizer.encode(&request.prompt)?;
+    /// The edit of `source` (checked, tokenised and scheduled once by [`prepare_run`]): only the
+    /// edited prompt is tokenised here.
+    fn new(model: &StableDiffusion, source: &PreparedRun, spec: &EditSpec) -> PipelineResult<Self> {
         let edit_tokens = model.tokenizer.encode(&spec.edit_prompt)?;
-        let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
-        warnings.extend(source_tokens.warning());
+        let mut warnings = source.warnings.clone();
         warnings.extend(
             edit_tokens
                 .warning()
                 .map(|warning| format!("edited {warning}")),
         );
-        warnings.extend(
-            negative_tokens
-                .warning()
-                .map(|warning| format!("negative {warning}")),
-        );
         Ok(Self {
-            latent_shape,
-            step_count: timesteps.len(),
-            timesteps,
-            scheduler_kind: prepared.kind,
-            guided: request.uses_guidance(),
-            source_tokens,
+            latent_shape: source.latent_shape,
+            step_count: source.step_count(),
+            timesteps: source.timesteps.clone(),
+            scheduler_kind: source.scheduler_kind,
+            guided: source.request.uses_guidance(),
+            source_tokens: source.prompt_tokens.clone(),
             edit_tokens,
-            negative_tokens,
+            negative_tokens: source.negative_tokens.clone(),
             warnings,
         })
     }

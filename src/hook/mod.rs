@@ -1,0 +1,162 @@
+//! The attention hook: every attention layer of the UNet describes itself with an [`AttentionSite`]
+//! and hands its work to an [`AttentionProcessor`] in two stages:
+//!
+//! 1. **queries, keys and values** (`[batch, tokens, heads * head_dim]`, before the scores): a
+//!    processor may replace them, e.g. to let one image attend to another's keys and values
+//!    (shared attention);
+//! 2. **probabilities** (`[batch * heads, queries, keys]`, after the softmax): a processor may read
+//!    them (store, analyse) or replace them (Prompt-to-Prompt).
+//!
+//! A layer asks first whether each stage is wanted: a stage no processor wants costs nothing, and a
+//! layer whose probabilities nobody wants runs the fused attention kernel (the scores never exist in
+//! full). With no processor at all the UNet skips the hook entirely.
+//!
+//! This layer sits below the pipeline (which calls it) and the processors (which implement it); it
+//! depends only on candle and the plain [`UnetPlace`] of [`crate::analysis`].
+
+mod chain;
+
+use candle_core::{Result, Tensor};
+
+pub use chain::ChainedProcessors;
+
+use crate::analysis::heatmap::UnetPlace;
+
+/// Self-attention (`attn1`, keys from the latent pixels) or cross-attention (`attn2`, keys from text tokens).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum AttentionKind {
+    /// `attn1`: queries and keys are latent pixels.
+    SelfAttention,
+    /// `attn2`: queries are latent pixels, keys are text tokens.
+    Cross,
+}
+
+/// Describes one attention call, so a processor knows where in the UNet and when it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionSite {
+    /// Down, mid or up.
+    pub place: UnetPlace,
+    /// Index of the block within its place (`down_blocks.{block_index}`); 0 for mid.
+    pub block_index: usize,
+    /// Index of the `Transformer2DModel` within the block (`attentions.{attention_index}`).
+    pub attention_index: usize,
+    /// Index of the transformer layer inside it (`transformer_blocks.{layer_index}`).
+    pub layer_index: usize,
+    /// Self or cross attention.
+    pub kind: AttentionKind,
+    /// Query grid height (latent rows at this resolution).
+    pub query_h: usize,
+    /// Query grid width.
+    pub query_w: usize,
+    /// Number of attention heads.
+    pub heads: usize,
+    /// Number of keys (77 text tokens for cross, `query_h * query_w` for self).
+    pub keys: usize,
+    /// Batch size of the UNet call (2 with classifier-free guidance: unconditional half first).
+    pub batch: usize,
+    /// True when the batch is `[unconditional..., conditional...]` (CFG); editing acts on the second half.
+    pub cfg: bool,
+    /// Denoising step index, 0-based (0 outside a sampling loop).
+    pub step_index: usize,
+    /// Total number of denoising steps of the run (1 outside a sampling loop).
+    pub step_count: usize,
+}
+
+impl AttentionSite {
+    /// The diffusers module path of this attention, e.g.
+    /// `down_blocks.0.attentions.1.transformer_blocks.0.attn2`.
+    pub fn module_path(&self) -> String {
+        let block = match self.place {
+            UnetPlace::Down => format!("down_blocks.{}", self.block_index),
+            UnetPlace::Mid => "mid_block".to_string(),
+            UnetPlace::Up => format!("up_blocks.{}", self.block_index),
+        };
+        let attn = match self.kind {
+            AttentionKind::SelfAttention => "attn1",
+            AttentionKind::Cross => "attn2",
+        };
+        format!(
+            "{block}.attentions.{}.transformer_blocks.{}.{attn}",
+            self.attention_index, self.layer_index
+        )
+    }
+
+    /// Number of queries (`query_h * query_w`).
+    pub fn queries(&self) -> usize {
+        self.query_h * self.query_w
+    }
+}
+
+/// One attention layer's projections, heads merged: `query` `[batch, queries, heads * head_dim]`,
+/// `key` and `value` `[batch, keys, heads * head_dim]` (batch-major; with classifier-free guidance
+/// the unconditional items come first). Channel `c` belongs to head `c / head_dim`.
+#[derive(Clone, Debug)]
+pub struct QueryKeyValue {
+    /// `[batch, queries, heads * head_dim]`.
+    pub query: Tensor,
+    /// `[batch, keys, heads * head_dim]`.
+    pub key: Tensor,
+    /// `[batch, keys, heads * head_dim]`.
+    pub value: Tensor,
+}
+
+/// What every attention layer calls; see the module docs for the two stages. Each stage is asked
+/// for first (`wants_*`), so a processor pays only for what it uses.
+pub trait AttentionProcessor {
+    /// Whether [`AttentionProcessor::process_queries_keys_values`] wants `site`'s projections.
+    /// Default: false (the layer does not call it).
+    fn wants_queries_keys_values(&self, _site: &AttentionSite) -> bool {
+        false
+    }
+
+    /// Inspect or replace one layer's queries, keys and values before the scores are computed
+    /// (shared attention: concatenate another image's keys and values, normalise queries and keys).
+    /// The replacement may change the number of keys (the [`AttentionSite::keys`] the probability
+    /// stage sees follows it) but not the batch, the queries or the channel count.
+    /// Return `Ok(None)` to keep them. Default: unchanged.
+    fn process_queries_keys_values(
+        &mut self,
+        _site: &AttentionSite,
+        _projections: &QueryKeyValue,
+    ) -> Result<Option<QueryKeyValue>> {
+        Ok(None)
+    }
+
+    /// Whether [`AttentionProcessor::process_probabilities`] needs `site`'s probabilities. When it
+    /// answers false, the layer computes its attention without materialising them (fused, in
+    /// cache-sized blocks) and does not call `process_probabilities` for it. Default: true.
+    fn wants_probabilities(&self, _site: &AttentionSite) -> bool {
+        true
+    }
+
+    /// Inspect or replace one layer's attention probabilities, called after the softmax.
+    ///
+    /// `probs` is `[batch * heads, queries, keys]`, batch-major (all heads of batch item 0 first),
+    /// f32. Return `Ok(Some(t))` with a tensor of the same shape to replace the probabilities,
+    /// `Ok(None)` to keep them.
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> Result<Option<Tensor>>;
+
+    /// Called by the sampling loop after every denoising step (after the scheduler step), so a
+    /// processor can close that step's records. Default: nothing.
+    fn step_finished(&mut self, _step_index: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What the UNet's forward pass receives to call the hook: the processor and the step it is in.
+pub struct AttentionHook<'a> {
+    /// The processor every attention layer calls.
+    pub processor: &'a mut dyn AttentionProcessor,
+    /// Denoising step index, 0-based.
+    pub step_index: usize,
+    /// Total number of steps in the run.
+    pub step_count: usize,
+    /// True when the UNet batch is a CFG batch `[uncond..., cond...]`.
+    pub cfg: bool,
+}
