@@ -106,8 +106,7 @@ fn tokenizer_gives_the_reference_input_ids() {
     for model in ["tiny-sd1", "tiny-sd2"] {
         let reference = references(model);
         let expected: Vec<Vec<i64>> = reference["text.input_ids"].to_vec2().unwrap();
-        let tokenizer =
-            PromptTokenizer::from_folder(&fixture(model).join("tokenizer")).unwrap();
+        let tokenizer = PromptTokenizer::from_folder(&fixture(model).join("tokenizer")).unwrap();
         for (prompt, expected_ids) in ["a photo of a cat wearing sunglasses", ""]
             .iter()
             .zip(&expected)
