@@ -1,16 +1,16 @@
 #!/bin/bash
 # attend (capture off, then on) vs diffusers, one SD 1.5 UNet call (random weights, CFG batch 2,
-# fp32, CPU), alternating, two rounds, 256 and 512 px. Needs a release build and python3 with torch + diffusers.
+# fp32, CPU), alternating, two passes, 256 and 512 px. Needs a release build and python3 with torch + diffusers.
 # Usage: scripts/bench_unet_ab.sh [path/to/attend]
 set -u
 cd "$(dirname "$0")/.."
 attend=${1:-target/release/attend}
-for round in 1 2; do
+for pass in 1 2; do
   for size in 256 512; do
     iters=$([ "$size" = 256 ] && echo 8 || echo 4)
     for capture in "" --capture; do
-      echo "round $round attend $size: $("$attend" bench unet --random-config tests/fixtures/manifests/sd15.json --width $size --height $size --iters $iters --json $capture) load $(cut -d' ' -f1 /proc/loadavg)"
+      echo "pass $pass attend $size: $("$attend" bench unet --random-config tests/fixtures/manifests/sd15.json --width $size --height $size --iters $iters --json $capture) load $(cut -d' ' -f1 /proc/loadavg)"
     done
-    echo "round $round diffusers $size: $(python3 scripts/bench_diffusers_unet.py $size $iters) load $(cut -d' ' -f1 /proc/loadavg)"
+    echo "pass $pass diffusers $size: $(python3 scripts/bench_diffusers_unet.py $size $iters) load $(cut -d' ' -f1 /proc/loadavg)"
   done
 done

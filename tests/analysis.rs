@@ -5,8 +5,9 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{max_abs_diff, references};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use attend::analysis::colormap::{overlay, Colormap};
 use attend::analysis::export::{write_attention_safetensors, write_png_rgb};
@@ -23,9 +24,7 @@ use candle_core::{DType, Device, Tensor};
 const END_TOKEN: i64 = 49407;
 
 fn reference_outputs() -> HashMap<String, Tensor> {
-    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-sd1/reference_outputs.safetensors");
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    references("tiny-sd1")
 }
 
 /// Parses `down_blocks.1.attentions.0.transformer_blocks.0.attn2` into a site for a batch of 1.
@@ -84,15 +83,6 @@ fn reference_sites(outputs: &HashMap<String, Tensor>) -> Vec<(AttentionSite, Ten
             )
         })
         .collect()
-}
-
-fn max_abs_diff(actual: &[f32], expected: &[f32]) -> f32 {
-    assert_eq!(actual.len(), expected.len());
-    actual
-        .iter()
-        .zip(expected)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::max_abs_diff;
+use common::{edit_json, fixture, max_abs_diff};
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -18,7 +18,7 @@ use attend::pipeline::{PipelineError, PipelineResult};
 use candle_core::{DType, Device, Tensor};
 
 fn tiny_sd1() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
+    fixture("tiny-sd1")
 }
 
 /// Copies `source` into a fresh temporary folder (without the large reference outputs).
@@ -175,11 +175,9 @@ fn wrong_shape_weight_names_tensor_and_file() {
 #[test]
 fn unet_that_does_not_fit_pixel_space_is_a_config_error() {
     let (_temp, dir) = copy_of_tiny_sd1();
-    let index_path = dir.join("model_index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
-    index["vae"] = serde_json::json!([null, null]);
-    std::fs::write(&index_path, index.to_string()).unwrap();
+    edit_json(&dir.join("model_index.json"), |index| {
+        index["vae"] = serde_json::json!([null, null]);
+    });
     let err = load_error(&dir);
     assert!(matches!(err, PipelineError::BadConfig { .. }), "{err:?}");
     assert!(err.to_string().contains("unet/config.json"), "{err}");
@@ -201,11 +199,9 @@ fn unknown_scheduler_name_lists_the_accepted_ones() {
 #[test]
 fn unimplemented_scheduler_class_runs_as_ddim_with_a_warning() {
     let (_temp, dir) = copy_of_tiny_sd1();
-    let config_path = dir.join("scheduler/scheduler_config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["_class_name"] = serde_json::json!("PNDMScheduler");
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    edit_json(&dir.join("scheduler/scheduler_config.json"), |config| {
+        config["_class_name"] = serde_json::json!("PNDMScheduler");
+    });
     let model = load(&dir).unwrap();
     let output = run(&model, &quick_request(&model, "a cat")).unwrap();
     assert_eq!(output.scheduler, SchedulerKind::Ddim);
@@ -366,18 +362,14 @@ fn pixel_space_model_runs_without_a_vae() {
     // Turn the tiny SD1 copy into a pixel-space model: no VAE, a UNet with 3 input and output
     // channels (the first 3 of its conv_in / conv_out channels).
     let (_temp, dir) = copy_of_tiny_sd1();
-    let index_path = dir.join("model_index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
-    index["vae"] = serde_json::json!([null, null]);
-    std::fs::write(&index_path, index.to_string()).unwrap();
+    edit_json(&dir.join("model_index.json"), |index| {
+        index["vae"] = serde_json::json!([null, null]);
+    });
     std::fs::remove_dir_all(dir.join("vae")).unwrap();
-    let config_path = dir.join("unet/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["in_channels"] = serde_json::json!(3);
-    config["out_channels"] = serde_json::json!(3);
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    edit_json(&dir.join("unet/config.json"), |config| {
+        config["in_channels"] = serde_json::json!(3);
+        config["out_channels"] = serde_json::json!(3);
+    });
     std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
     let weights_path = dir.join("unet/diffusion_pytorch_model.safetensors");
     let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();

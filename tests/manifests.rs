@@ -10,6 +10,8 @@
 // Test helpers may unwrap like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::{fixture, read_json};
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
@@ -18,10 +20,6 @@ use attend::pipeline::vae::{AutoencoderKl, VaeConfig};
 use attend::pipeline::weights::{ManifestBackend, ParameterManifest};
 use candle_core::{DType, Device};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 /// Writes the manifest's config for `component` over tiny-sd1's `config_file` into `out_dir`.
 fn merged_config(
     manifest: &ParameterManifest,
@@ -29,12 +27,8 @@ fn merged_config(
     config_file: &str,
     out_dir: &Path,
 ) -> PathBuf {
-    let base_path = fixtures()
-        .join("tiny-sd1")
-        .join(component)
-        .join(config_file);
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(base_path).unwrap()).unwrap();
+    let base_path = fixture("tiny-sd1").join(component).join(config_file);
+    let mut config = read_json(&base_path);
     let overrides = manifest.configs[component].as_object().unwrap();
     for (key, value) in overrides {
         config[key] = value.clone();
@@ -66,7 +60,7 @@ fn full_size_models_request_every_checkpoint_parameter() {
     // One checkpoint and one component at a time keeps memory bounded.
     for checkpoint in ["sd15", "sd21", "sd-turbo"] {
         let manifest =
-            ParameterManifest::from_file(&fixtures().join(format!("manifests/{checkpoint}.json")))
+            ParameterManifest::from_file(&fixture(&format!("manifests/{checkpoint}.json")))
                 .unwrap();
 
         let backend = manifest.backend("text_encoder").unwrap();
@@ -108,7 +102,7 @@ fn full_size_models_request_every_checkpoint_parameter() {
 
 #[test]
 fn manifest_backend_rejects_unknown_names_and_wrong_shapes() {
-    let manifest = ParameterManifest::from_file(&fixtures().join("manifests/sd15.json")).unwrap();
+    let manifest = ParameterManifest::from_file(&fixture("manifests/sd15.json")).unwrap();
     let backend = manifest.backend("vae").unwrap();
     let vb = backend.var_builder(DType::F16, &Device::Cpu);
     let err = vb

@@ -166,10 +166,10 @@ fn processor_sees_every_step_and_the_guidance_batch() {
         // hook the UNet may use its fused attention kernel, which never materialises the
         // probabilities and adds in another order (4e-6 apart in one UNet call). Guidance 7.5
         // multiplies that gap between the CFG halves every step; on latents of magnitude ~10 it
-        // measured 5.6e-5 (session 6) and 1.1e-4 (session 7, whose layer norm brought the 8-step
+        // measured 5.6e-5, and 1.1e-4 with the two-pass layer norm (which brought the 8-step
         // latents closer to diffusers': 2.5e-4 -> 1.9e-4). The bound is the one the fixture
-        // trajectories use (3e-4, README); a processor that edits anything moves the latents by
-        // orders of magnitude more.
+        // trajectories use (3e-4, `LATENT_TOLERANCE`); a processor that edits anything moves the
+        // latents by orders of magnitude more.
         let diff = max_abs_diff(&plain.latents_per_step, &hooked.latents_per_step);
         assert!(
             diff < 3e-4,

@@ -5,16 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::max_abs_diff;
-use std::path::{Path, PathBuf};
+use common::{fixture, max_abs_diff, read_json, references};
 
 use attend::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
 use attend::pipeline::tokenizer::PromptTokenizer;
-use candle_core::{DType, Device, Tensor};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use candle_core::{DType, Device};
 
 /// One case of `clip_tokenizer/reference_token_ids.json`.
 #[derive(serde::Deserialize)]
@@ -26,16 +21,15 @@ struct ReferenceCase {
 }
 
 fn reference_cases() -> Vec<ReferenceCase> {
-    let path = fixtures().join("clip_tokenizer/reference_token_ids.json");
-    let text = std::fs::read_to_string(path).unwrap();
-    let cases: Vec<ReferenceCase> = serde_json::from_str(&text).unwrap();
+    let json = read_json(&fixture("clip_tokenizer/reference_token_ids.json"));
+    let cases: Vec<ReferenceCase> = serde_json::from_value(json).unwrap();
     assert_eq!(cases.len(), 17);
     cases
 }
 
 #[test]
 fn vocab_and_merges_tokenizer_matches_transformers() {
-    let tokenizer = PromptTokenizer::from_folder(&fixtures().join("tiny-sd1/tokenizer")).unwrap();
+    let tokenizer = PromptTokenizer::from_folder(&fixture("tiny-sd1/tokenizer")).unwrap();
     assert_eq!(tokenizer.max_length(), 77);
     assert_eq!(tokenizer.pad_token().id, 49407);
     for case in reference_cases() {
@@ -60,7 +54,7 @@ fn vocab_and_merges_tokenizer_matches_transformers() {
 
 #[test]
 fn tokenizer_json_matches_transformers_up_to_the_end_token() {
-    let tokenizer = PromptTokenizer::from_folder(&fixtures().join("tiny-sd2/tokenizer")).unwrap();
+    let tokenizer = PromptTokenizer::from_folder(&fixture("tiny-sd2/tokenizer")).unwrap();
     let pad_id = tokenizer.pad_token().id;
     assert_eq!(tokenizer.pad_token().text, "!");
     assert_eq!(pad_id, 0);
@@ -89,17 +83,12 @@ fn tokenizer_json_matches_transformers_up_to_the_end_token() {
     }
 }
 
-fn load_reference(model: &str) -> std::collections::HashMap<String, Tensor> {
-    let path = fixtures().join(model).join("reference_outputs.safetensors");
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
 /// A folder with SD2's `tokenizer_config.json` (pad `!`) but no `tokenizer.json` must tokenize
 /// exactly like SD2's `tokenizer.json`: both paths register the special tokens the same way.
 #[test]
 fn both_tokenizer_paths_agree_with_pad_token_exclamation_mark() {
     let folder = tempfile::tempdir().unwrap();
-    let sd2 = fixtures().join("tiny-sd2/tokenizer");
+    let sd2 = fixture("tiny-sd2/tokenizer");
     for file in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
         std::fs::copy(sd2.join(file), folder.path().join(file)).unwrap();
     }
@@ -115,10 +104,9 @@ fn both_tokenizer_paths_agree_with_pad_token_exclamation_mark() {
 #[test]
 fn tokenizer_gives_the_reference_input_ids() {
     for model in ["tiny-sd1", "tiny-sd2"] {
-        let reference = load_reference(model);
+        let reference = references(model);
         let expected: Vec<Vec<i64>> = reference["text.input_ids"].to_vec2().unwrap();
-        let tokenizer =
-            PromptTokenizer::from_folder(&fixtures().join(model).join("tokenizer")).unwrap();
+        let tokenizer = PromptTokenizer::from_folder(&fixture(model).join("tokenizer")).unwrap();
         for (prompt, expected_ids) in ["a photo of a cat wearing sunglasses", ""]
             .iter()
             .zip(&expected)
@@ -136,7 +124,7 @@ fn tokenizer_gives_the_reference_input_ids() {
 }
 
 fn check_text_encoder(model: &str) {
-    let folder = fixtures().join(model).join("text_encoder");
+    let folder = fixture(model).join("text_encoder");
     let config = ClipTextConfig::from_file(&folder.join("config.json")).unwrap();
     // SAFETY: the fixture file is not modified while the test maps it.
     #[allow(unsafe_code)]
@@ -149,7 +137,7 @@ fn check_text_encoder(model: &str) {
         .unwrap()
     };
     let encoder = ClipTextEncoder::new(vb, &config).unwrap();
-    let reference = load_reference(model);
+    let reference = references(model);
     let input_ids = reference["text.input_ids"].to_dtype(DType::U32).unwrap();
     let expected = &reference["text.last_hidden_state"];
     let output = encoder.forward(&input_ids).unwrap();

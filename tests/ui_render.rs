@@ -1,6 +1,9 @@
-//! The canvas drawn through wgpu and `shaders/heatmap.wgsl` (headless: lavapipe on CI, any adapter
-//! here): colours at the heat map's peak match the CPU colormap, the threshold hides heat, and changing
-//! colormap/opacity/threshold uploads uniforms only.
+//! The canvas drawn through wgpu and `shaders/heatmap.wgsl`: colours at the heat map's peak match
+//! the CPU colormap, the threshold hides heat, and changing colormap/opacity/threshold uploads
+//! uniforms only.
+//!
+//! Headless: lavapipe on CI, any adapter elsewhere. Without an adapter the tests fail, unless
+//! `ATTEND_SKIP_GPU_TESTS=1` skips them (printed).
 //!
 //! With `ATTEND_WRITE_SCREENSHOTS=folder` the rendered frames are also written there as PNGs.
 
@@ -17,8 +20,17 @@ use attend::worker::{FakeEngine, FakeEngineConfig};
 use egui_kittest::kittest::Queryable as _;
 use egui_kittest::Harness;
 
-/// A headless wgpu device, or `None` (with a note) when the machine has no adapter at all.
+/// The variable that skips these tests (visibly) on a machine without any wgpu adapter.
+const SKIP_VARIABLE: &str = "ATTEND_SKIP_GPU_TESTS";
+
+/// A headless wgpu device. A machine without an adapter fails the test with what to install (CI
+/// installs Mesa's lavapipe, see `.ci/run`); `ATTEND_SKIP_GPU_TESTS=1` skips it instead, printing
+/// so, and then this is `None`.
 fn render_state() -> Option<egui_wgpu::RenderState> {
+    if std::env::var(SKIP_VARIABLE).is_ok_and(|value| value == "1") {
+        eprintln!("SKIPPED: {SKIP_VARIABLE}=1, the wgpu rendering test did not run");
+        return None;
+    }
     let created = std::panic::catch_unwind(|| {
         egui_kittest::wgpu::create_render_state(
             egui_kittest::wgpu::default_wgpu_setup(),
@@ -27,10 +39,10 @@ fn render_state() -> Option<egui_wgpu::RenderState> {
     });
     match created {
         Ok(state) => Some(state),
-        Err(_) => {
-            eprintln!("SKIPPED: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
-            None
-        }
+        Err(_) => panic!(
+            "no wgpu adapter: install a Vulkan driver (Debian/Ubuntu: apt-get install \
+             mesa-vulkan-drivers libvulkan1), or set {SKIP_VARIABLE}=1 to skip this test"
+        ),
     }
 }
 

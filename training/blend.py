@@ -1,9 +1,9 @@
 """Weight-space interpolation of two exported attend-shapes folders (WiSE-FT style):
 out = (1 - alpha) * base + alpha * tuned, tensor by tensor, for the UNet (fp16 variant) and the text
-encoder; every other file is copied from `tuned`. Used in round 5 to trade the coverage fine-tune's
-sharper attention maps against the base model's object accuracy (see README.md, "Round 5").
+encoder; every other file is copied from `tuned`. Made attend-shapes v5: it trades the coverage
+fine-tune's sharper attention maps against the base model's object accuracy (see README.md, "v5").
 
-    python3 training/blend.py --base assets/attend-shapes --tuned export_round5 --alpha 0.3 --out blend
+    python3 training/blend.py --base assets/attend-shapes --tuned export_v5 --alpha 0.3 --out blend
 """
 import argparse
 import os

@@ -140,9 +140,9 @@ def grounding_loss(maps, object_masks, positions, valid, coverage=0.0):
     positions: `[batch, objects + 1, 2]` token positions (-1 none; last slot: the background);
     valid: `[batch]` rows with a caption.
     coverage: weight of a coverage term added per word and layer, `1 - soft Dice` between the map
-    divided by its maximum and the mask (round 5): the mass term alone is satisfied by maps that sit
-    on the object's interior, which a thresholded map then under-covers; Dice also asks that the
-    whole object be lit."""
+    divided by its maximum and the mask (new in attend-shapes v5): the mass term alone is satisfied
+    by maps that sit on the object's interior, which a thresholded map then under-covers; Dice also
+    asks that the whole object be lit."""
     total = 0.0
     count = 0
     batch = object_masks.shape[0]

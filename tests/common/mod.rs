@@ -1,12 +1,12 @@
-//! Helpers shared by the parity tests: fixture paths, reference tensors, differences.
-//! (Each test binary uses a subset, hence `dead_code`.)
+//! Helpers shared by the integration tests: fixture paths, reference tensors, JSON config files,
+//! differences. (Each test binary uses a subset, hence `dead_code`.)
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// `tests/fixtures/<path>`.
 pub fn fixture(path: &str) -> PathBuf {
@@ -15,19 +15,79 @@ pub fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
-/// Largest absolute element difference of two tensors of the same shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// Values a difference can be taken of: a tensor (any float dtype, compared as f32) or f32 values.
+pub trait Values {
+    /// The shape, which must match the other side's (`[len]` for plain values).
+    fn shape(&self) -> Vec<usize>;
+    /// Every element as f32, in row-major order.
+    fn values(&self) -> Vec<f32>;
+}
+
+impl Values for Tensor {
+    fn shape(&self) -> Vec<usize> {
+        self.dims().to_vec()
+    }
+
+    fn values(&self) -> Vec<f32> {
+        self.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+}
+
+impl Values for [f32] {
+    fn shape(&self) -> Vec<usize> {
+        vec![self.len()]
+    }
+
+    fn values(&self) -> Vec<f32> {
+        self.to_vec()
+    }
+}
+
+impl Values for Vec<f32> {
+    fn shape(&self) -> Vec<usize> {
+        self.as_slice().shape()
+    }
+
+    fn values(&self) -> Vec<f32> {
+        self.clone()
+    }
+}
+
+/// Largest absolute element difference of two tensors (or f32 value lists) of the same shape; NaN
+/// if either side holds a NaN, so a bound `diff < tolerance` fails on it.
+pub fn max_abs_diff<A: Values + ?Sized, B: Values + ?Sized>(a: &A, b: &B) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shape mismatch");
+    a.values()
+        .iter()
+        .zip(b.values())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |worst: f32, diff| {
+            if worst.is_nan() || diff.is_nan() {
+                f32::NAN
+            } else {
+                worst.max(diff)
+            }
+        })
+}
+
+/// Reads a JSON file (a model folder's `model_index.json`, a component's `config.json`, ...).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()))
+}
+
+/// Rewrites a JSON file in place: reads it, lets `edit` change the value, writes it back.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value = read_json(path);
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
 }
 
 /// The reference tensors diffusers wrote for a fixture model (`<model>/reference_outputs.safetensors`).
