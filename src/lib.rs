@@ -1,12 +1,17 @@
 //! attend: make the attention layers of text-to-image diffusion models visible and editable.
 //!
-//! Layers (dependencies point downwards only; see README "Architecture"):
-//! - [`pipeline`]: candle models (CLIP text encoder, UNet, VAE), schedulers, model-folder loading, sampling.
-//! - [`attention`]: the processor hook every attention layer calls, and processors (store, edit controls).
-//! - [`analysis`]: plain-data heatmaps, DAAM aggregation, segmentation, masks, export. No candle tensors
-//!   in its public types.
+//! Layers, bottom up; each imports only the layers above it in this list (checked by
+//! `tests/architecture.rs`; see README "Architecture"):
 //! - [`scenes`]: the deterministic drawn-scene generator behind the bundled model (plain data).
-//! - `worker` / `ui`: the editor's background thread and the eframe window.
+//! - `kernels`: CPU kernels as candle custom ops (threads, SIMD, convolutions, attention).
+//! - [`analysis`]: plain data: heat maps, aggregation, segmentation, masks, edit specs, export. No
+//!   candle.
+//! - [`hook`]: the attention hook every attention layer calls (sites, the processor trait with its
+//!   query/key/value and probability stages).
+//! - [`pipeline`]: candle models (CLIP text encoder, UNet, VAE), schedulers, loading, sampling.
+//! - [`attention`]: the processors (attention store; Prompt-to-Prompt and its sampling loops).
+//! - [`worker`]: the editor's background thread (typed commands and events, plain data only).
+//! - [`ui`]: the eframe window.
 
 pub mod analysis;
 pub mod attention;

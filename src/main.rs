@@ -21,7 +21,7 @@ fn main() -> std::process::ExitCode {
 /// serves those with fresh `mmap`s and gives them back on free by default, so each layer pays page
 /// faults and the kernel's page zeroing again (a third of a generation's CPU time on the bundled
 /// model was system time). Raising the mmap and trim thresholds keeps freed blocks in the heap for
-/// reuse: a 20-step generation of the bundled model took 11% less wall time (README).
+/// reuse: a 20-step generation of the bundled model took 11% less wall time (docs/benchmarks.md).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory_in_the_heap() {
     // glibc's largest allowed mmap threshold on 64-bit; blocks above it are still mapped.
@@ -35,7 +35,7 @@ fn keep_freed_memory_in_the_heap() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
         // Blocks above the largest threshold (the 64 MiB of one 32x32 layer's captured
         // probabilities) come from the heap too instead of fresh mappings: SD 1.5 at 256 px with
-        // capture, 1.62-1.64 -> 1.57-1.58 s per UNet call, peak RSS unchanged (README).
+        // capture, 1.62-1.64 -> 1.57-1.58 s per UNet call, peak RSS unchanged (docs/benchmarks.md).
         libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }

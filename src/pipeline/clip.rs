@@ -343,6 +343,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::pipeline::max_abs_diff;
 
     fn tiny_config() -> ClipTextConfig {
         ClipTextConfig {
@@ -412,19 +413,6 @@ mod tests {
 
     fn ids() -> Tensor {
         Tensor::new(&[[1u32, 4, 2, 9, 0, 0], [1, 3, 3, 0, 0, 0]], &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

@@ -2,9 +2,10 @@
 
 use super::*;
 use crate::analysis::alignment::EditKind;
-use crate::analysis::WordSpan;
 use crate::analysis::edit_spec::{changes_words, CrossWindow, Reweight};
+use crate::analysis::WordSpan;
 use crate::hook::ChainedProcessors;
+use crate::pipeline::max_abs_diff;
 use candle_core::{DType, Device};
 
 /// Encoded length used by these tests (keys of every cross-attention layer).
@@ -114,19 +115,6 @@ fn stack(items: &[&Tensor]) -> Tensor {
 
 fn item(probs: &Tensor, index: usize) -> Tensor {
     probs.narrow(0, index * HEADS, HEADS).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Runs the processor on a batch `[uncond_src, uncond_edit, cond_src, cond_edit]` and returns the

@@ -216,6 +216,7 @@ pub(crate) fn step_out_of_range(step_index: usize, steps: usize) -> PipelineErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::max_abs_diff;
     use candle_core::{DType, Device};
 
     /// Stable Diffusion's training schedule with the given spacing and no `_class_name`.
@@ -230,19 +231,6 @@ mod tests {
             set_alpha_to_one: Some(false),
             ..SchedulerConfig::default()
         }
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
