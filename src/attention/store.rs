@@ -23,7 +23,7 @@ use candle_core::Tensor;
 
 use crate::analysis::heatmap::{CrossGroup, SelfAttentionMap, SelfAttentionSpan, StepCross};
 use crate::attention::{AttentionKind, AttentionProcessor, AttentionSite, UnetPlace};
-use crate::pipeline::unet::kernels;
+use crate::kernels;
 use crate::pipeline::PipelineResult;
 
 /// What [`AttentionStore`] keeps.
