@@ -1,9 +1,9 @@
 //! attend: make the attention layers of text-to-image diffusion models visible and editable.
 //!
-//! Layers, bottom up; each imports only the layers above it in this list (checked by
+//! Layers, bottom up; each imports only itself and the layers listed before it (checked by
 //! `tests/architecture.rs`; see README "Architecture"):
 //! - [`scenes`]: the deterministic drawn-scene generator behind the bundled model (plain data).
-//! - `kernels`: CPU kernels as candle custom ops (threads, SIMD, convolutions, attention).
+//! - [`kernels`]: CPU kernels as candle custom ops (threads, SIMD, convolutions, attention).
 //! - [`analysis`]: plain data: heat maps, aggregation, segmentation, masks, edit specs, export. No
 //!   candle.
 //! - [`hook`]: the attention hook every attention layer calls (sites, the processor trait with its
@@ -16,6 +16,7 @@
 pub mod analysis;
 pub mod attention;
 pub mod hook;
+pub mod kernels;
 pub mod pipeline;
 pub mod scenes;
 pub mod ui;

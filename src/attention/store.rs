@@ -24,7 +24,7 @@ use candle_core::Tensor;
 use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::heatmap::{CrossGroup, SelfAttentionMap, SelfAttentionSpan, StepCross};
 use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
-use crate::pipeline::unet::kernels;
+use crate::kernels;
 use crate::pipeline::PipelineResult;
 
 /// What [`AttentionStore`] keeps.

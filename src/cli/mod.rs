@@ -2,6 +2,7 @@
 
 mod bench;
 mod edit;
+mod edit_eval;
 mod eval_shapes;
 mod generate;
 mod scenes;
@@ -51,7 +52,7 @@ pub enum Command {
     /// Segment an image from its self-attention and label the segments with prompt words.
     Segment(segment::SegmentArgs),
     /// Measure Prompt-to-Prompt word swaps and reweights on the bundled model over fixed seeds.
-    EditEval(edit::EditEvalArgs),
+    EditEval(edit_eval::EditEvalArgs),
     /// Measure segmentation (mIoU, label accuracy, time) on the bundled model over fixed scenes.
     SegmentEval(segment::SegmentEvalArgs),
 }
@@ -65,7 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
-        Some(Command::EditEval(args)) => edit::run_eval(&args),
+        Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment::run_eval(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::pipeline::unet::kernels;
+use crate::kernels;
 use crate::pipeline::unet::layers::{
     Conv2d, Downsample, GroupNorm, Linear, ResnetBlock, ResnetSpec, Upsample,
 };

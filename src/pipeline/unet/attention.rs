@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::kernels;
 use super::layers::{GroupNorm, LayerNorm, Linear};
 use crate::analysis::heatmap::UnetPlace;
 use crate::hook::{AttentionHook, AttentionKind, AttentionSite, QueryKeyValue};
+use crate::kernels;
 use crate::pipeline::{profile, PipelineResult};
 
 /// Where a transformer sits in the UNet: enough to build every [`AttentionSite`] inside it.

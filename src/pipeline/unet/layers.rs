@@ -1,13 +1,13 @@
 //! Building blocks shared by the UNet and the VAE, loaded under diffusers' parameter names.
 //!
 //! Activations are **channels-last**, `[batch, h, w, channels]`: convolutions become one matrix
-//! product over image patches (see [`super::kernels`]) and the transformers' token layout
+//! product over image patches (see [`crate::kernels`]) and the transformers' token layout
 //! `[batch, h * w, channels]` is the same memory, so no transposes are needed between them.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::kernels::{self, PatchGeometry};
+use crate::kernels::{self, PatchGeometry};
 use crate::pipeline::{profile, PipelineResult};
 
 /// Bytes of im2col patches materialised at once by a convolution (bounds memory and keeps the

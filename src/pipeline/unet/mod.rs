@@ -4,7 +4,7 @@
 //! Parameter names mirror diffusers' state dict (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`),
 //! so a model folder's `unet/diffusion_pytorch_model.safetensors` loads as-is.
 //!
-//! How it computes (CPU device; the kernels in [`kernels`] are CPU custom ops):
+//! How it computes (CPU device; the kernels in [`crate::kernels`] are CPU custom ops):
 //! - activations are channels-last `[batch, h, w, channels]` between the entry and exit permutes, so
 //!   the transformers' `[batch, h * w, channels]` tokens need no transposes;
 //! - 3x3 stride-1 convolutions use Winograd F(2x2, 3x3) (2.25x fewer multiplications; the transformed
@@ -16,12 +16,11 @@
 //!
 //! Module map: [`config`] (the config and its resolved block plans), [`layers`] (convolution,
 //! linear, norms, resnet, resampling), [`attention`] (transformers and the hooked attention),
-//! [`blocks`] (down/mid/up blocks, timestep embedding), [`kernels`].
+//! [`blocks`] (down/mid/up blocks, timestep embedding).
 
 pub mod attention;
 pub mod blocks;
 pub mod config;
-pub mod kernels;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};

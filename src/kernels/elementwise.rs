@@ -1,0 +1,224 @@
+//! Element-wise kernels over channels-last data: GEGLU (exact GELU), a bias added in place, and
+//! nearest-neighbour upsampling.
+
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
+
+use super::buffers::parallel_filled;
+use super::operands::contiguous_slice;
+use super::simd::{gelu, simd_kernel};
+use super::threads::parallel_chunks_mut;
+
+simd_kernel!(
+    /// GEGLU rows: `dst[r] = hidden * gelu(gate)` for `src` rows `first..` (`[hidden | gate]`).
+    GegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], first: usize, inner: usize } => {
+        let width = 2 * inner;
+        for (offset, dst_row) in dst.chunks_exact_mut(inner).enumerate() {
+            let row = &src[(first + offset) * width..(first + offset + 1) * width];
+            let (hidden, gate) = row.split_at(inner);
+            for ((d, &h), &g) in dst_row.iter_mut().zip(hidden).zip(gate) {
+                *d = h * gelu(g);
+            }
+        }
+    }
+);
+
+/// GEGLU: `[rows, 2 * inner]` -> `[rows, inner]`, `hidden * gelu(gate)` with `hidden` the first half.
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "attend-geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        let width = dims.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            candle_core::bail!("geglu: odd last dimension {width}");
+        }
+        let inner = width / 2;
+        let src = contiguous_slice::<f32>(storage, layout, "geglu")?;
+        let rows = src.len() / width.max(1);
+        let out = parallel_filled(rows * inner, rows, |first, piece| {
+            pulp::Arch::new().dispatch(GegluRows {
+                dst: piece,
+                src,
+                first,
+                inner,
+            });
+        });
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(out), Shape::from_dims(&out_dims)))
+    }
+}
+
+/// `[..., 2 * inner]` -> `[..., inner]`: first half times exact GELU of the second half (f32).
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let dtype = projected.dtype();
+    projected
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&Geglu)?
+        .to_dtype(dtype)
+}
+
+/// Adds `bias` (`[..., n]` last-dimension values) in place to a contiguous f32 tensor the caller owns.
+struct AddBiasInPlace<'a> {
+    bias: &'a [f32],
+}
+
+impl InplaceOp1 for AddBiasInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "attend-add-bias"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("add bias: tensor must be contiguous");
+        };
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("add bias: only f32 is supported");
+        };
+        let width = self.bias.len().max(1);
+        let data = &mut data[start..end];
+        let rows = data.len() / width;
+        parallel_chunks_mut(data, rows, |_, piece| {
+            for row in piece.chunks_exact_mut(width) {
+                for (value, &b) in row.iter_mut().zip(self.bias) {
+                    *value += b;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `xs + bias` over the last dimension. Adds in place when `xs` is a freshly computed contiguous
+/// f32 tensor (`owned`), otherwise falls back to a broadcast add.
+pub fn add_bias(xs: Tensor, bias: &Tensor, owned: bool) -> Result<Tensor> {
+    let width = xs.dim(xs.rank() - 1)?;
+    if owned
+        && xs.dtype() == candle_core::DType::F32
+        && xs.is_contiguous()
+        && bias.elem_count() == width
+    {
+        let values: Vec<f32> = bias
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        xs.inplace_op1(&AddBiasInPlace { bias: &values })?;
+        Ok(xs)
+    } else {
+        xs.broadcast_add(bias)
+    }
+}
+
+/// Nearest-neighbour resize of channels-last data (torch `interpolate(mode="nearest")`:
+/// source index `floor(dst * in / out)`).
+struct UpsampleNearest {
+    height: usize,
+    width: usize,
+}
+
+impl UpsampleNearest {
+    fn run<T: WithDType>(&self, src: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
+        let (batch, in_h, in_w, channels) = dims;
+        let (out_h, out_w) = (self.height, self.width);
+        let row_len = out_w * channels;
+        parallel_filled(batch * out_h * row_len, batch * out_h, |first, piece| {
+            for (offset, dst_row) in piece.chunks_mut(row_len).enumerate() {
+                let flat = first + offset;
+                let (item, y) = (flat / out_h, flat % out_h);
+                let src_y = (y * in_h / out_h).min(in_h - 1);
+                let src_row = &src[(item * in_h + src_y) * in_w * channels..][..in_w * channels];
+                for (x, dst) in dst_row.chunks_mut(channels).enumerate() {
+                    let src_x = (x * in_w / out_w).min(in_w - 1);
+                    dst.copy_from_slice(&src_row[src_x * channels..(src_x + 1) * channels]);
+                }
+            }
+        })
+    }
+}
+
+impl CustomOp1 for UpsampleNearest {
+    fn name(&self) -> &'static str {
+        "attend-upsample-nearest"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let shape = Shape::from_dims(&[dims.0, self.height, self.width, dims.3]);
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.run(contiguous_slice::<f32>(storage, layout, "upsample")?, dims),
+            ),
+            CpuStorage::F16(_) => {
+                CpuStorage::F16(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
+            CpuStorage::BF16(_) => {
+                CpuStorage::BF16(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.run(contiguous_slice(storage, layout, "upsample")?, dims))
+            }
+            _ => candle_core::bail!("upsample: unsupported dtype"),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// Nearest upsampling of `xs` `[batch, h, w, c]` to `[batch, height, width, c]`.
+pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, in_h, in_w, _) = xs.dims4()?;
+    if in_h == 0 || in_w == 0 {
+        candle_core::bail!("upsample: empty input");
+    }
+    xs.contiguous()?
+        .apply_op1_no_bwd(&UpsampleNearest { height, width })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_support::max_diff;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn geglu_matches_candle() {
+        let device = Device::Cpu;
+        let projected = Tensor::randn(0f32, 2.0, (4, 3, 16), &device).unwrap();
+        let hidden = projected.narrow(2, 0, 8).unwrap();
+        let gate = projected.narrow(2, 8, 8).unwrap();
+        let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
+        assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
+    }
+
+    #[test]
+    fn add_bias_in_place_matches_broadcast_add() {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 12), &device).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 12, &device).unwrap();
+        let expected = xs.broadcast_add(&bias).unwrap();
+        let added = add_bias(xs.copy().unwrap(), &bias, true).unwrap();
+        assert_eq!(max_diff(&added, &expected), 0.0);
+    }
+
+    #[test]
+    fn upsample_matches_candle_nearest() {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &device).unwrap();
+        for (height, width) in [(8, 10), (7, 9), (4, 5)] {
+            let expected = xs.upsample_nearest2d(height, width).unwrap();
+            let nhwc = xs.permute((0, 2, 3, 1)).unwrap();
+            let actual = upsample_nearest(&nhwc, height, width)
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
+            assert_eq!(max_diff(&actual, &expected), 0.0);
+        }
+    }
+}

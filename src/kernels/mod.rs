@@ -1,0 +1,54 @@
+//! CPU kernels for attend's channels-last (`[batch, h, w, channels]`) models: im2col and Winograd
+//! convolutions, group and layer norm, softmax, GEGLU, nearest upsampling, matrix products split
+//! over the cores, multi-head attention without head copies, and the head rearrangements.
+//!
+//! A layer of its own below the pipeline, the attention hook and the processors: the UNet, the VAE
+//! and the attention store all call it, and it imports nothing else of attend (only candle, std,
+//! `gemm` and `pulp`). The kernels are candle custom ops over `CpuStorage` (or work on the
+//! contiguous f32 values of CPU tensors), so they run on the CPU device only. Large tensors are
+//! split over the machine's cores with scoped (named) threads; small ones run inline.
+//!
+//! | file | what it is |
+//! |---|---|
+//! | `threads.rs` | worker count, the shared queue drained by named scoped threads, cutting work into ranges, chunks and row blocks |
+//! | `buffers.rs` | output vectors the workers initialise piece by piece (zeroed by their worker, or checked after a product) |
+//! | `operands.rs` | reading a tensor's CPU storage: contiguous slices, f32 operands |
+//! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |
+//! | `conv.rs` | im2col patches and their geometry |
+//! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms |
+//! | `norm.rs` | group norm (+ SiLU), layer norm |
+//! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
+//! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
+//! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
+//! | `heads.rs` | attention heads split (plain or transposed) and merged |
+//! | `elementwise.rs` | GEGLU, bias added in place, nearest upsampling |
+//!
+//! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
+//! call) and `buffers.rs` (outputs initialised piece by piece).
+
+mod attention;
+mod buffers;
+mod conv;
+mod elementwise;
+mod gemm;
+mod heads;
+mod norm;
+mod operands;
+mod simd;
+mod softmax;
+#[cfg(test)]
+mod test_support;
+mod threads;
+mod winograd;
+
+pub use attention::{
+    attend_probabilities, attention_probabilities, fused_attention, mean_of_planes,
+};
+pub use conv::{im2col, PatchGeometry};
+pub use elementwise::{add_bias, geglu, upsample_nearest};
+pub use gemm::{batched_matmul_parallel, matmul_split_columns, matmul_split_rows};
+pub use heads::{merge_heads, split_heads, split_heads_transposed};
+pub use norm::{group_norm, layer_norm};
+pub use softmax::scaled_softmax_in_place;
+pub use threads::parallel_map;
+pub use winograd::{winograd_filter, winograd_input, winograd_output};

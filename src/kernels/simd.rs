@@ -1,0 +1,170 @@
+//! Vector-friendly math: the `simd_kernel!` macro that compiles a kernel's loops once per vector
+//! instruction level, branch-free `exp`/`erf` with SiLU and GELU on top, and lane-parallel
+//! reductions (maximum, sum) for row kernels.
+
+/// Declares an element-wise kernel whose loops are compiled once per vector instruction level
+/// (AVX-512, AVX2+FMA, ...), the level picked at run time: `simd_kernel!(Name<'a> { field: Type, ..
+/// } => body)` makes a struct; `pulp::Arch::new().dispatch(Name { .. })` runs `body` (with the
+/// fields bound by name) inside a function with the level's target features. Everything `body`
+/// calls must be `#[inline(always)]` to be vectorised for the level. (A closure would not do: its
+/// body is compiled on its own, for the baseline instruction set.) A visibility before the name
+/// (`pub(super) Name<'a>`) applies to the struct and its fields, for kernels that other kernel
+/// files dispatch.
+macro_rules! simd_kernel {
+    ($(#[$meta:meta])* $vis:vis $name:ident<$lt:lifetime> { $($field:ident: $ty:ty),* $(,)? } => $body:block) => {
+        $(#[$meta])*
+        $vis struct $name<$lt> {
+            $($vis $field: $ty),*
+        }
+
+        impl<$lt> pulp::WithSimd for $name<$lt> {
+            type Output = ();
+
+            #[inline(always)]
+            fn with_simd<S: pulp::Simd>(self, _simd: S) {
+                let Self { $($field),* } = self;
+                $body
+            }
+        }
+    };
+}
+
+pub(super) use simd_kernel;
+
+/// `e^x` for f32 (Cephes' `expf` polynomial, about 2 ulp), written branch-free so loops vectorise.
+#[inline(always)]
+pub(super) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let x = x.clamp(-87.0, 88.0);
+    // `shifted`'s low mantissa bits hold round(x * log2 e) + 2^22 (no float -> int cast, whose
+    // saturating semantics would keep the loop scalar).
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let z = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * z + r + 1.0;
+    // (2^22 + n + 127) << 23 keeps just the biased exponent n + 127 (1..=254 after the clamp).
+    let bits = shifted.to_bits().wrapping_add(127) << 23;
+    y * f32::from_bits(bits)
+}
+
+/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.
+#[inline(always)]
+pub(super) fn fast_erf(x: f32) -> f32 {
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    sign * (1.0 - poly * fast_exp(-a * a))
+}
+
+/// `x * sigmoid(x)`.
+#[inline(always)]
+pub(super) fn silu(x: f32) -> f32 {
+    x / (1.0 + fast_exp(-x))
+}
+
+/// `x * Phi(x)` with the exact (erf) normal CDF, as `torch.nn.functional.gelu`.
+#[inline(always)]
+pub(super) fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Maximum of a slice, in [`REDUCTION_LANES`] independent lanes so the loop vectorises.
+#[inline(always)]
+pub(super) fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; REDUCTION_LANES];
+    let mut chunks = values.chunks_exact(REDUCTION_LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// The sum of `f(v)` over `values`, in [`REDUCTION_LANES`] lanes so the loop vectorises.
+#[inline(always)]
+pub(super) fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; REDUCTION_LANES];
+    let mut chunks = values.chunks_exact(REDUCTION_LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Independent accumulators of the row reductions: four AVX-512 registers, so the loops are not
+/// bound by the latency of one register's chain of adds.
+pub(super) const REDUCTION_LANES: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_and_erf_are_accurate() {
+        let mut worst_exp = 0f64;
+        let mut worst_erf = 0f64;
+        for i in -8000..=8000 {
+            let x = i as f32 * 0.01;
+            let exact = f64::from(x).exp();
+            worst_exp = worst_exp.max(((f64::from(fast_exp(x)) - exact) / exact).abs());
+            let exact_erf = libm_erf(f64::from(x));
+            worst_erf = worst_erf.max((f64::from(fast_erf(x)) - exact_erf).abs());
+        }
+        assert!(worst_exp < 3e-7, "exp relative error {worst_exp}");
+        // Out of range inputs clamp to e^-87 and e^88 (finite, positive).
+        for (x, clamped) in [
+            (-1000.0f32, -87.0f64),
+            (-87.0, -87.0),
+            (88.0, 88.0),
+            (1e6, 88.0),
+        ] {
+            let relative = (f64::from(fast_exp(x)) - clamped.exp()).abs() / clamped.exp();
+            assert!(relative < 3e-7, "exp({x}) relative error {relative}");
+        }
+        assert!(worst_erf < 3e-7, "erf abs error {worst_erf}");
+    }
+
+    /// erf by its Taylor series / continued fraction (f64), for the test only.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 6.0 {
+            return x.signum();
+        }
+        if x.abs() < 2.5 {
+            let mut term = x;
+            let mut sum = x;
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            return sum * 2.0 / std::f64::consts::PI.sqrt();
+        }
+        // erfc continued fraction for large |x|.
+        let a = x.abs();
+        let mut fraction = 0.0;
+        for n in (1..200).rev() {
+            fraction = (n as f64 / 2.0) / (a + fraction);
+        }
+        let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + fraction);
+        x.signum() * (1.0 - erfc)
+    }
+}

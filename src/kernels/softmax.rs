@@ -1,0 +1,118 @@
+//! Row softmax kernels: `softmax(scale * x)` in place over the last dimension, and the
+//! unnormalised form (exponentials and row sums) whose division the fused attention applies later.
+
+use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
+
+use super::simd::{fast_exp, lane_max, simd_kernel, REDUCTION_LANES};
+use super::threads::parallel_chunks_mut;
+
+simd_kernel!(
+    /// `softmax(scale * row)` in place for each `row_len` row of `piece`.
+    pub(super) SoftmaxRows<'data> { piece: &'data mut [f32], row_len: usize, scale: f32 } => {
+        softmax_rows(piece, row_len, scale);
+    }
+);
+
+simd_kernel!(
+    /// `exp(scale * (row - max(row)))` in place for each `row_len` row of `piece`, each row's sum
+    /// written to `sums` (the softmax without its division, which the caller applies later to
+    /// fewer values).
+    pub(super) UnnormalisedSoftmaxRows<'data> {
+        piece: &'data mut [f32], row_len: usize, scale: f32, sums: &'data mut [f32]
+    } => {
+        for (row, sum) in piece.chunks_exact_mut(row_len).zip(sums.iter_mut()) {
+            let max = lane_max(row);
+            *sum = exp_and_sum(row, max, scale);
+        }
+    }
+);
+
+/// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum (in
+/// [`REDUCTION_LANES`] lanes, so the loop vectorises).
+#[inline(always)]
+fn exp_and_sum(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    let mut lanes = [0f32; REDUCTION_LANES];
+    let mut chunks = row.chunks_exact_mut(REDUCTION_LANES);
+    for chunk in &mut chunks {
+        for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *value = fast_exp((*value - max) * scale);
+            *lane += *value;
+        }
+    }
+    let mut tail = 0.0;
+    for value in chunks.into_remainder() {
+        *value = fast_exp((*value - max) * scale);
+        tail += *value;
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `softmax(scale * row)` in place for each `row_len` row of `piece`.
+#[inline(always)]
+fn softmax_rows(piece: &mut [f32], row_len: usize, scale: f32) {
+    for row in piece.chunks_exact_mut(row_len) {
+        let max = lane_max(row);
+        let inv = 1.0 / exp_and_sum(row, max, scale);
+        for value in row.iter_mut() {
+            *value *= inv;
+        }
+    }
+}
+
+/// In-place `softmax(scale * x)` over the last dimension of an f32 tensor.
+struct ScaledSoftmaxInPlace {
+    scale: f32,
+}
+
+impl InplaceOp1 for ScaledSoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "attend-scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("scaled softmax: input must be contiguous");
+        };
+        let row_len = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("scaled softmax: only f32 is supported");
+        };
+        let data = &mut data[start..end];
+        let rows = data.len() / row_len;
+        let scale = self.scale;
+        parallel_chunks_mut(data, rows, |_, piece| {
+            pulp::Arch::new().dispatch(SoftmaxRows {
+                piece,
+                row_len,
+                scale,
+            });
+        });
+        Ok(())
+    }
+}
+
+/// Replaces the f32 tensor `scores` (contiguous, owned by the caller) with
+/// `softmax(scale * scores)` along its last dimension.
+pub fn scaled_softmax_in_place(scores: &Tensor, scale: f32) -> Result<()> {
+    if scores.dtype() != candle_core::DType::F32 || !scores.is_contiguous() {
+        candle_core::bail!("scaled softmax: needs a contiguous f32 tensor");
+    }
+    scores.inplace_op1(&ScaledSoftmaxInPlace { scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_support::max_diff;
+    use candle_core::Device;
+
+    #[test]
+    fn scaled_softmax_matches_candle() {
+        let device = Device::Cpu;
+        let scores = Tensor::randn(0f32, 4.0, (3, 5, 77), &device).unwrap();
+        let expected = candle_nn::ops::softmax_last_dim(&(&scores * 0.3).unwrap()).unwrap();
+        let actual = scores.copy().unwrap();
+        scaled_softmax_in_place(&actual, 0.3).unwrap();
+        assert!(max_diff(&actual, &expected) < 1e-6);
+    }
+}

@@ -1,0 +1,399 @@
+//! Winograd F(2x2, 3x3) convolution for channels-last 3x3, stride-1 layers: the filter transform
+//! `G g G^T` (once per weight), the input transform `B^T d B` of 4x4 tiles and the output
+//! transform `A^T m A` plus bias; the sixteen products between them run on the GEMM.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::buffers::{parallel_filled, parallel_filled_planes};
+use super::operands::contiguous_slice;
+use super::simd::simd_kernel;
+use super::threads::piece_count;
+
+/// Winograd F(2x2, 3x3) filter transform `U = G g G^T` of a 3x3 convolution weight given as the
+/// im2col matrix `[3 * 3 * in, out]` (rows in `(kh, kw, in)` order): returns `[16, in, out]` (f32,
+/// contiguous), one `in x out` right-hand factor per transform position.
+///
+/// Both layouts keep `out` innermost, so the transform streams nine `in x out` planes into sixteen
+/// and the products read the result with contiguous rows (a transposed view would make the GEMM
+/// gather it element by element).
+pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
+    let (rows, out_channels) = matrix.dims2()?;
+    if rows % 9 != 0 {
+        candle_core::bail!("winograd: a 3x3 weight matrix has 9 * in rows, got {rows}");
+    }
+    let in_channels = rows / 9;
+    let plane = in_channels * out_channels;
+    let matrix = matrix.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = matrix.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("winograd: CPU tensors only");
+    };
+    let values: &[f32] = contiguous_slice(storage, layout, "winograd filter")?;
+    // Each piece is one range of plane elements, written at all 16 positions.
+    let pieces = piece_count(plane, 25).max(1);
+    let per_piece = plane.div_ceil(pieces).max(1);
+    let transformed = parallel_filled_planes(16, plane, per_piece, |first, outputs| {
+        let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
+            return;
+        };
+        let len = outputs[0].len();
+        let inputs: [&[f32]; 9] =
+            std::array::from_fn(|index| &values[index * plane + first..][..len]);
+        pulp::Arch::new().dispatch(WinogradFilterPiece { inputs, outputs });
+    });
+    Tensor::from_vec(
+        transformed,
+        (16, in_channels, out_channels),
+        matrix.device(),
+    )
+}
+
+simd_kernel!(
+    /// One range of the Winograd filter transform: the nine `(kh, kw)` planes' elements `inputs`
+    /// -> the sixteen transform positions' elements `outputs` (all the same length).
+    WinogradFilterPiece<'data> { inputs: [&'data [f32]; 9], outputs: [&'data mut [f32]; 16] } => {
+        let len = outputs[0].len();
+        const BLOCK: usize = 512;
+        let mut rows = [[0f32; BLOCK]; 3];
+        for start in (0..len).step_by(BLOCK) {
+            let block = BLOCK.min(len - start);
+            for r in 0..4 {
+                // Row r of G g, for each kernel column j: rows[j] = sum_i G[r][i] g[i][j].
+                for (j, row) in rows.iter_mut().enumerate() {
+                    let [a, b, c] = [0, 1, 2].map(|i| &inputs[i * 3 + j][start..start + block]);
+                    winograd_g_rows(r, &mut row[..block], a, b, c);
+                }
+                // (G g) G^T: column `column` of row r.
+                let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
+                for column in 0..4 {
+                    let dst = &mut outputs[r * 4 + column][start..start + block];
+                    winograd_g_rows(column, dst, a, b, c);
+                }
+            }
+        }
+    }
+);
+
+/// `dst = G[r] . (a, b, c)` element-wise (see [`winograd_g`]), with `r` fixed per loop.
+#[inline(always)]
+fn winograd_g_rows(r: usize, dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    #[inline(always)]
+    fn rows<const R: usize>(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+        for (((d, &a), &b), &c) in dst.iter_mut().zip(a).zip(b).zip(c) {
+            *d = winograd_g(R, a, b, c);
+        }
+    }
+    match r {
+        0 => rows::<0>(dst, a, b, c),
+        1 => rows::<1>(dst, a, b, c),
+        2 => rows::<2>(dst, a, b, c),
+        _ => rows::<3>(dst, a, b, c),
+    }
+}
+
+/// Row `r` of Winograd's `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to
+/// `(a, b, c)`.
+#[inline(always)]
+fn winograd_g(r: usize, a: f32, b: f32, c: f32) -> f32 {
+    match r {
+        0 => a,
+        1 => 0.5 * (a + b + c),
+        2 => 0.5 * (a - b + c),
+        _ => c,
+    }
+}
+
+/// Winograd F(2x2, 3x3) input transform `V = B^T d B` of the 4x4 tiles (stride 2, padding 1)
+/// covering tile rows `tile_rows`, counted over the whole batch (row `r` is batch item
+/// `r / tiles_h`, tile row `r % tiles_h`): `[16, tile_rows.len() * tiles_w, c]`.
+struct WinogradInput {
+    tile_rows: Range<usize>,
+}
+
+impl WinogradInput {
+    fn run(
+        &self,
+        src: &[f32],
+        (_, height, width, channels): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let tiles_w = width.div_ceil(2);
+        let tiles = self.tile_rows.len() * tiles_w;
+        let plane = tiles * channels;
+        if plane == 0 {
+            return Vec::new();
+        }
+        // Pieces of whole tiles; each writes its tiles' rows of all 16 position planes.
+        let pieces = piece_count(tiles, 16 * channels);
+        let per_piece = tiles.div_ceil(pieces).max(1);
+        parallel_filled_planes(16, plane, per_piece * channels, |first, outputs| {
+            let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
+                return;
+            };
+            pulp::Arch::new().dispatch(WinogradInputTiles {
+                src,
+                geometry: [height, width, channels],
+                first_tile: self.tile_rows.start * tiles_w + first / channels,
+                outputs,
+            });
+        })
+    }
+}
+
+simd_kernel!(
+    /// Winograd input transform of consecutive tiles, counted over the batch from `first_tile`
+    /// (`tile = batch_row * tiles_w + column`), written to the 16 position planes `outputs`
+    /// (`[tiles, channels]` each). `src` is `[batch, height, width, channels]`.
+    WinogradInputTiles<'data> {
+        src: &'data [f32],
+        geometry: [usize; 3],
+        first_tile: usize,
+        outputs: [&'data mut [f32]; 16],
+    } => {
+        let [height, width, channels] = geometry;
+        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
+        let image_len = height * width * channels;
+        let count = outputs[0].len() / channels.max(1);
+        let zeros = vec![0f32; channels];
+        let mut t = vec![0f32; 4 * channels];
+        for local in 0..count {
+            let tile = first_tile + local;
+            let (batch_row, tile_col) = (tile / tiles_w, tile % tiles_w);
+            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+            let image = &src[item * image_len..][..image_len];
+            let pixel = |dy: usize, dx: usize| -> &[f32] {
+                let (y, x) = (2 * tile_row + dy, 2 * tile_col + dx);
+                if y == 0 || x == 0 || y > height || x > width {
+                    &zeros
+                } else {
+                    &image[((y - 1) * width + x - 1) * channels..][..channels]
+                }
+            };
+            for i in 0..4 {
+                // Row i of B^T d, per tile column j: t[j] over channels.
+                for (j, tj) in t.chunks_exact_mut(channels).enumerate() {
+                    let (d0, d1, d2, d3) = (pixel(0, j), pixel(1, j), pixel(2, j), pixel(3, j));
+                    winograd_b_rows(i, tj, d0, d1, d2, d3);
+                }
+                // (B^T d) B: column j of row i.
+                let (t0, rest) = t.split_at(channels);
+                let (t1, rest) = rest.split_at(channels);
+                let (t2, t3) = rest.split_at(channels);
+                for j in 0..4 {
+                    let dst = &mut outputs[i * 4 + j][local * channels..][..channels];
+                    winograd_b_rows(j, dst, t0, t1, t2, t3);
+                }
+            }
+        }
+    }
+);
+
+/// Row `r` of Winograd's `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`
+/// applied element-wise: `dst = B^T[r] . (a, b, c, d)`, with `r` fixed per loop.
+#[inline(always)]
+fn winograd_b_rows(r: usize, dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32]) {
+    #[inline(always)]
+    fn rows<const R: usize>(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32]) {
+        for ((((out, &a), &b), &c), &d) in dst.iter_mut().zip(a).zip(b).zip(c).zip(d) {
+            *out = match R {
+                0 => a - c,
+                1 => b + c,
+                2 => c - b,
+                _ => b - d,
+            };
+        }
+    }
+    match r {
+        0 => rows::<0>(dst, a, b, c, d),
+        1 => rows::<1>(dst, a, b, c, d),
+        2 => rows::<2>(dst, a, b, c, d),
+        _ => rows::<3>(dst, a, b, c, d),
+    }
+}
+
+impl CustomOp1 for WinogradInput {
+    fn name(&self) -> &'static str {
+        "attend-winograd-input"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let tiles = self.tile_rows.len() * dims.2.div_ceil(2);
+        let src = contiguous_slice::<f32>(storage, layout, "winograd input")?;
+        Ok((
+            CpuStorage::F32(self.run(src, dims)),
+            Shape::from_dims(&[16, tiles, dims.3]),
+        ))
+    }
+}
+
+/// Winograd F(2x2, 3x3) output transform `Y = A^T m A` plus bias: `[16, tiles, k]` for tile rows
+/// `tile_rows` (counted over the batch, as in [`WinogradInput`]) -> their output rows in order,
+/// `[rows, width, k]` (two per tile row, one for the last of an odd height).
+struct WinogradOutput {
+    tile_rows: Range<usize>,
+    height: usize,
+    width: usize,
+    /// `[1, k]` (every item) or `[batch, k]` (one row per batch item).
+    biases: Vec<f32>,
+}
+
+impl WinogradOutput {
+    /// Per output row: (tile row within the chunk, row within the tile, batch item).
+    fn out_rows(&self) -> Vec<(usize, usize, usize)> {
+        let tiles_h = self.height.div_ceil(2);
+        let mut rows = Vec::with_capacity(2 * self.tile_rows.len());
+        for (local, batch_row) in self.tile_rows.clone().enumerate() {
+            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+            for within in 0..2 {
+                if 2 * tile_row + within < self.height {
+                    rows.push((local, within, item));
+                }
+            }
+        }
+        rows
+    }
+
+    fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
+        let tiles_w = self.width.div_ceil(2);
+        let rows = self.out_rows();
+        let row_len = self.width * channels;
+        let plane = tiles * channels;
+        let bias_rows = self.biases.len() / channels.max(1);
+        // Workers take whole output rows; each output row belongs to one tile row.
+        let out = parallel_filled(rows.len() * row_len, rows.len(), |first, piece| {
+            for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
+                let (tile_row, within, item) = rows[first + offset];
+                let bias =
+                    &self.biases[if bias_rows > 1 { item } else { 0 } * channels..][..channels];
+                for tile_col in 0..tiles_w {
+                    let tile = tile_row * tiles_w + tile_col;
+                    let m =
+                        |position: usize| &src[position * plane + tile * channels..][..channels];
+                    let planes: [&[f32]; 16] = std::array::from_fn(m);
+                    for x_within in 0..2 {
+                        let x = 2 * tile_col + x_within;
+                        if x >= self.width {
+                            continue;
+                        }
+                        let dst = &mut dst_row[x * channels..][..channels];
+                        for (k, value) in dst.iter_mut().enumerate() {
+                            let p = |i: usize, j: usize| planes[i * 4 + j][k];
+                            // Row `within` of A^T m: [m0+m1+m2, m1-m2-m3] per column.
+                            let row = |j: usize| {
+                                if within == 0 {
+                                    p(0, j) + p(1, j) + p(2, j)
+                                } else {
+                                    p(1, j) - p(2, j) - p(3, j)
+                                }
+                            };
+                            let result = if x_within == 0 {
+                                row(0) + row(1) + row(2)
+                            } else {
+                                row(1) - row(2) - row(3)
+                            };
+                            *value = result + bias[k];
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for WinogradOutput {
+    fn name(&self) -> &'static str {
+        "attend-winograd-output"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (positions, tiles, channels) = layout.shape().dims3()?;
+        if positions != 16 || channels == 0 || !self.biases.len().is_multiple_of(channels) {
+            candle_core::bail!("winograd output: unexpected shape {:?}", layout.shape());
+        }
+        let src = contiguous_slice::<f32>(storage, layout, "winograd output")?;
+        Ok((
+            CpuStorage::F32(self.run(src, tiles, channels)),
+            Shape::from_dims(&[self.out_rows().len(), self.width, channels]),
+        ))
+    }
+}
+
+/// Winograd tiles of tile rows `tile_rows` of `xs` `[batch, h, w, c]` (f32), the rows counted over
+/// the whole batch (`batch * ceil(h / 2)` of them; one chunk may span items): `[16, tiles, c]`.
+pub fn winograd_input(xs: &Tensor, tile_rows: Range<usize>) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op1_no_bwd(&WinogradInput { tile_rows })
+}
+
+/// Output rows of tile rows `tile_rows` (counted as in [`winograd_input`]) from the transformed
+/// products `m` `[16, tiles, k]` (f32): `[rows, width, k]` with `biases` added, given as `k`
+/// values for every item or `batch * k` values (one row per item).
+pub fn winograd_output(
+    m: &Tensor,
+    tile_rows: Range<usize>,
+    height: usize,
+    width: usize,
+    biases: Vec<f32>,
+) -> Result<Tensor> {
+    m.contiguous()?.apply_op1_no_bwd(&WinogradOutput {
+        tile_rows,
+        height,
+        width,
+        biases,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_support::max_diff;
+    use candle_core::Device;
+
+    #[test]
+    fn winograd_matches_conv2d() {
+        let device = Device::Cpu;
+        for (height, width) in [(6, 6), (7, 5), (1, 3), (9, 4)] {
+            let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
+            let expected = image
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap();
+            let matrix = weight
+                .permute((2, 3, 1, 0))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((54, 5))
+                .unwrap();
+            let filter = winograd_filter(&matrix).unwrap();
+            assert_eq!(filter.dims(), &[16, 6, 5]);
+            assert!(filter.is_contiguous());
+            let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            // Chunks of tile rows that start, end and cross batch items anywhere; a bias per item.
+            let batch_rows = 2 * height.div_ceil(2);
+            let biases: Vec<f32> = (0..10).map(|i| i as f32 * 0.25 - 1.0).collect();
+            let bias_tensor = Tensor::from_vec(biases.clone(), (2, 1, 1, 5), &device).unwrap();
+            let expected = expected.broadcast_add(&bias_tensor).unwrap();
+            for chunk in [1, 2, 3, batch_rows] {
+                let mut pieces = Vec::new();
+                for start in (0..batch_rows).step_by(chunk) {
+                    let rows = start..(start + chunk).min(batch_rows);
+                    let v = winograd_input(&nhwc, rows.clone()).unwrap();
+                    let m = v.matmul(&filter).unwrap();
+                    pieces.push(winograd_output(&m, rows, height, width, biases.clone()).unwrap());
+                }
+                let actual = Tensor::cat(&pieces, 0)
+                    .unwrap()
+                    .reshape((2, height, width, 5))
+                    .unwrap();
+                let diff = max_diff(&actual, &expected);
+                assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
+            }
+        }
+    }
+}
