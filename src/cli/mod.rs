@@ -7,6 +7,7 @@ mod eval_shapes;
 mod generate;
 mod scenes;
 mod segment;
+mod segment_eval;
 
 use std::path::PathBuf;
 
@@ -54,7 +55,7 @@ pub enum Command {
     /// Measure Prompt-to-Prompt word swaps and reweights on the bundled model over fixed seeds.
     EditEval(edit_eval::EditEvalArgs),
     /// Measure segmentation (mIoU, label accuracy, time) on the bundled model over fixed scenes.
-    SegmentEval(segment::SegmentEvalArgs),
+    SegmentEval(segment_eval::SegmentEvalArgs),
 }
 
 /// Run what the command line asks for.
@@ -67,7 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
         Some(Command::EditEval(args)) => edit_eval::run(&args),
-        Some(Command::SegmentEval(args)) => segment::run_eval(&args),
+        Some(Command::SegmentEval(args)) => segment_eval::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
