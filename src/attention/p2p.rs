@@ -5,8 +5,8 @@
 //! | control | what the edited prompt's conditional attention becomes |
 //! |---|---|
 //! | replace / refine ([`crate::analysis::alignment`]) | cross: `alpha * (source @ mapping) + (1 - alpha) * own` per token |
-//! | reweight ([`Reweight`]) | the above times a per-token scale (negative allowed, no renormalisation) |
-//! | cross window ([`CrossWindow`]) | per token and step: the above inside the window, `own` outside |
+//! | reweight ([`Reweight`](crate::analysis::edit_spec::Reweight)) | the above times a per-token scale (negative allowed, no renormalisation) |
+//! | cross window ([`CrossWindow`](crate::analysis::edit_spec::CrossWindow)) | per token and step: the above inside the window, `own` outside |
 //! | self window ([`SelfReplace`]) | self-attention of layers with at most `max_queries` queries: the source's, inside the window |
 //! | local blend ([`LocalBlendConfig`]) | after each step from `start_fraction` of the steps: `x_edit = x_src + mask * (x_edit - x_src)` |
 //!

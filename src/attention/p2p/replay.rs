@@ -35,7 +35,8 @@ impl LayerKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordConfig {
     /// Self-attention is kept for layers with at most this many queries (the largest
-    /// [`SelfReplace::max_queries`] the replay may use). Default 256 (16x16).
+    /// [`crate::analysis::edit_spec::SelfReplace::max_queries`] the replay may use). Default 256
+    /// (16x16).
     pub self_max_queries: usize,
     /// Which item of the conditional half is the source. Default 0.
     pub batch_item: usize,
