@@ -546,11 +546,18 @@ impl EditorApp {
     // The views' commands
     // ---------------------------------------------------------------------------------------------
 
-    /// Applies the commands the views asked for this frame, in order.
-    fn apply_commands(&mut self) {
-        for command in self.commands.take() {
+    /// Applies the commands the views asked for this frame, in order. When there were any, this
+    /// pass drew the state before them: egui runs another pass at once (its input already taken),
+    /// so the frame shows the state as changed.
+    fn apply_commands(&mut self, egui_ctx: &egui::Context) {
+        let commands = self.commands.take();
+        if commands.is_empty() {
+            return;
+        }
+        for command in commands {
             self.apply(command);
         }
+        egui_ctx.request_discard("a view changed the editor's state");
     }
 
     /// Applies one command.
@@ -788,7 +795,6 @@ impl EditorApp {
         let egui_ctx = ui.ctx().clone();
         self.pump(&egui_ctx);
         if self.state.modes.active() == ModeKind::Edit {
-            self.state.follow_edit_recommendation();
             self.edit_auto_run(&egui_ctx);
         }
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
@@ -806,7 +812,11 @@ impl EditorApp {
             self.views.segments.update(&ctx, &mut self.commands);
         }
         self.views_ui(ui);
-        self.apply_commands();
+        self.apply_commands(&egui_ctx);
+        if self.state.modes.active() == ModeKind::Edit {
+            // The edited prompt may have changed: an unchosen self-attention replacement follows.
+            self.state.follow_edit_recommendation();
+        }
 
         if let Some(screenshot) = &mut self.screenshot {
             let segments = &self.views.segments;
@@ -817,7 +827,7 @@ impl EditorApp {
                 segment_selected: !segments.selected().is_empty(),
             };
             screenshot.step(&egui_ctx, &self.state, &watch, &mut self.commands);
-            self.apply_commands();
+            self.apply_commands(&egui_ctx);
         }
         self.frame_times.end_frame();
     }
