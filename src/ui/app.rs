@@ -546,6 +546,7 @@ impl EditorApp {
                 run_id,
                 params,
                 prompt,
+                ..
             } => {
                 for warning in &prompt.warnings {
                     self.push_status(StatusLevel::Warning, warning.clone());
@@ -639,8 +640,6 @@ impl EditorApp {
                     format!("Could not write {}: {message}", path.display()),
                 );
             }
-            // Edit mode: taken by `take_edit_event` above.
-            Event::EditStarted { .. } | Event::EditStep { .. } | Event::EditFinished { .. } => {}
             Event::Segmented {
                 run_id,
                 request,
@@ -1008,9 +1007,11 @@ mod tests {
         };
         app.handle_event(Event::Finished {
             run_id: 2,
+            branch: crate::worker::Branch::Source,
             image: image.clone(),
             elapsed_secs: 0.5,
             self_attention_grids: Vec::new(),
+            blend_mask: None,
         });
         app.handle_event(Event::Cancelled {
             run_id: 2,
@@ -1028,9 +1029,11 @@ mod tests {
         // A late event of some other, superseded run is still dropped.
         app.handle_event(Event::Finished {
             run_id: 1,
+            branch: crate::worker::Branch::Source,
             image: RgbImage::default(),
             elapsed_secs: 0.1,
             self_attention_grids: Vec::new(),
+            blend_mask: None,
         });
         assert_eq!(app.run.as_ref().unwrap().run_id, 2);
         assert_eq!(

@@ -23,8 +23,8 @@ use crate::analysis::WordSpan;
 use crate::ui::app::{EditorApp, StatusLevel};
 use crate::ui::run_view::{RunOutcome, RunView};
 use crate::worker::{
-    BlendMask, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig, Reweight, RgbImage,
-    SelfReplace, StepWindow,
+    BlendMask, Branch, EditInfo, EditSpec, Event, GenerateParams, LocalBlendConfig, Reweight,
+    RgbImage, SelfReplace, StepWindow,
 };
 
 /// The edited run's view gets the run id with this bit set, so that caches keyed by run id (heat
@@ -507,20 +507,30 @@ impl EditorApp {
     pub(super) fn take_edit_event(&mut self, event: Event) -> Option<Event> {
         let active = self.edit.active_run;
         match event {
-            Event::Started { run_id, .. } if Some(run_id) == active => {
+            Event::Started {
+                run_id,
+                branch: Branch::Source,
+                ..
+            } if Some(run_id) == active => {
                 // The source is recorded again: the edited image on screen is stale.
                 self.edit.run = None;
                 self.edit.blend_mask = None;
                 Some(event)
             }
-            Event::EditStarted { run_id, info } => {
-                if Some(run_id) != active {
+            Event::Started {
+                run_id,
+                branch: Branch::Edited,
+                prompt,
+                edit,
+                ..
+            } => {
+                let Some(info) = edit.filter(|_| Some(run_id) == active) else {
                     return None;
-                }
+                };
                 if self.pending_run == Some(run_id) {
                     self.pending_run = None;
                 }
-                for warning in &info.edit_prompt.warnings {
+                for warning in &prompt.warnings {
                     self.push_status(StatusLevel::Warning, warning.clone());
                 }
                 let mut params = self
@@ -529,12 +539,8 @@ impl EditorApp {
                     .map(|run| run.params.clone())
                     .unwrap_or_default();
                 params.prompt = self.edit.settings.spec.edit_prompt.clone();
-                let word_count = info.edit_prompt.words.len();
-                self.edit.run = Some(RunView::new(
-                    run_id | EDIT_VIEW_BIT,
-                    params,
-                    info.edit_prompt.clone(),
-                ));
+                let word_count = prompt.words.len();
+                self.edit.run = Some(RunView::new(run_id | EDIT_VIEW_BIT, params, prompt));
                 let source_prompt = self
                     .run
                     .as_ref()
@@ -551,8 +557,9 @@ impl EditorApp {
                 }
                 None
             }
-            Event::EditStep {
+            Event::Step {
                 run_id,
+                branch: Branch::Edited,
                 frame,
                 blend_mask,
             } => {
@@ -568,11 +575,13 @@ impl EditorApp {
                 }
                 None
             }
-            Event::EditFinished {
+            Event::Finished {
                 run_id,
+                branch: Branch::Edited,
                 image,
                 elapsed_secs,
                 blend_mask,
+                ..
             } => {
                 if Some(run_id) != active {
                     return None;

@@ -86,7 +86,8 @@ impl RunView {
     pub fn push_step(&mut self, frame: StepFrame) {
         self.step_count = frame.step_count;
         self.extend_cumulative(&frame.cross);
-        self.cross.push(frame.cross);
+        self.cross
+            .push(std::sync::Arc::unwrap_or_clone(frame.cross));
         self.steps.push(StepRecord {
             timestep: frame.timestep,
             preview: frame.preview,
@@ -267,7 +268,7 @@ mod tests {
                 step_count: 6,
                 timestep: 0.0,
                 preview: RgbImage::default(),
-                cross: step(index),
+                cross: std::sync::Arc::new(step(index)),
                 timing: StepTiming::default(),
             });
         }
