@@ -5,7 +5,7 @@
 //! Aggregating a summed step equals aggregating the steps themselves because every step has the
 //! same groups with the same layer counts (checked by [`same_groups`]; sums stop otherwise).
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 
 use crate::analysis::heatmap::{CrossGroup, StepCross};
 
@@ -34,15 +34,16 @@ impl CrossPrefixSums {
     }
 
     /// Extends the sums by the last step of `steps` (call once after each step is appended; the
-    /// steps arrive in order).
-    pub fn push_last(&mut self, steps: &[StepCross]) {
+    /// steps arrive in order). `steps` may hold the steps or shared pointers to them.
+    pub fn push_last<S: Borrow<StepCross>>(&mut self, steps: &[S]) {
         let Some(sums) = &mut self.sums else {
             return;
         };
         let Some((step, earlier)) = steps.split_last() else {
             return;
         };
-        let Some(previous) = sums.last().or(earlier.first()) else {
+        let step = step.borrow();
+        let Some(previous) = sums.last().or(earlier.first().map(Borrow::borrow)) else {
             // The first step: its own sum.
             return;
         };
@@ -68,9 +69,13 @@ impl CrossPrefixSums {
     }
 
     /// The sum of `steps[..=last]` (borrowed: no copy).
-    fn prefix<'a>(&'a self, steps: &'a [StepCross], last: usize) -> Option<&'a StepCross> {
+    fn prefix<'a, S: Borrow<StepCross>>(
+        &'a self,
+        steps: &'a [S],
+        last: usize,
+    ) -> Option<&'a StepCross> {
         if last == 0 {
-            return steps.first();
+            return steps.first().map(Borrow::borrow);
         }
         self.sums.as_ref()?.get(last - 1)
     }
@@ -78,9 +83,9 @@ impl CrossPrefixSums {
     /// The cross-attention of steps `first..=last` summed into one step. Borrowed when the window
     /// is one step or starts at step 0; otherwise the difference of two running sums (one new step).
     /// `None` when the window is empty, out of range or the steps are not summable.
-    pub fn window<'a>(
+    pub fn window<'a, S: Borrow<StepCross>>(
         &'a self,
-        steps: &'a [StepCross],
+        steps: &'a [S],
         first: usize,
         last: usize,
     ) -> Option<Cow<'a, StepCross>> {
@@ -88,7 +93,7 @@ impl CrossPrefixSums {
             return None;
         }
         if first == last {
-            return steps.get(first).map(Cow::Borrowed);
+            return steps.get(first).map(|step| Cow::Borrowed(step.borrow()));
         }
         let upper = self.prefix(steps, last)?;
         let Some(lower_index) = first.checked_sub(1) else {

@@ -28,8 +28,8 @@ use crate::ui::state::{AppState, CanvasView, StatusLevel, StatusMessage};
 use crate::ui::token_strip::{token_strip_ui, TokenStrip};
 use crate::ui::EditorOptions;
 use crate::worker::{
-    BlendMask, Command, EditInfo, EditSpec, EngineFactory, Event, GenerateParams, ModelInfo,
-    ModelSource, WorkerHandle,
+    BlendMask, Branch, Command, EditInfo, EditSpec, EngineFactory, Event, GenerateParams,
+    ModelInfo, ModelSource, WorkerHandle,
 };
 
 /// Each view's own state (what no other view reads).
@@ -641,19 +641,26 @@ impl EditorApp {
     // Events from the worker
     // ---------------------------------------------------------------------------------------------
 
-    /// Routes one worker event to the state it belongs to: the edit's edited branch, or the run on
-    /// screen (an edit's source included) and everything else.
+    /// Routes one worker event to the state it belongs to: the edited branch to the edit mode, the
+    /// source branch (a plain run or an edit's source) and everything else to the run on screen.
     fn handle_event(&mut self, event: Event) {
         let state = &mut self.state;
         let edit = &mut state.modes.edit;
         match event {
-            Event::EditStarted { run_id, info } => {
+            Event::Started {
+                run_id,
+                branch: Branch::Edited,
+                params,
+                prompt,
+                edit: Some(info),
+            } => {
                 if edit.is_active_run(run_id) {
-                    state.edit_branch_started(run_id, info);
+                    state.edit_branch_started(run_id, params, prompt, info);
                 }
             }
-            Event::EditStep {
+            Event::Step {
                 run_id,
+                branch: Branch::Edited,
                 frame,
                 blend_mask,
             } => {
@@ -661,11 +668,13 @@ impl EditorApp {
                     edit.branch_step(*frame, blend_mask);
                 }
             }
-            Event::EditFinished {
+            Event::Finished {
                 run_id,
+                branch: Branch::Edited,
                 image,
                 elapsed_secs,
                 blend_mask,
+                ..
             } => {
                 if edit.is_active_run(run_id) {
                     edit.branch_finished(image, elapsed_secs, blend_mask, &mut state.status);
@@ -721,14 +730,21 @@ impl EditorApp {
             }
             Event::Started {
                 run_id,
+                branch: Branch::Source,
                 params,
                 prompt,
+                ..
             } => {
                 state.modes.edit.source_restarted(run_id);
                 state.run_started(run_id, params, prompt);
             }
-            Event::Step { frame, .. } => state.run_step(*frame),
+            Event::Step {
+                branch: Branch::Source,
+                frame,
+                ..
+            } => state.run_step(*frame),
             Event::Finished {
+                branch: Branch::Source,
                 image,
                 elapsed_secs,
                 self_attention_grids,
@@ -764,8 +780,20 @@ impl EditorApp {
                 self.views.segments.worker_restarted();
                 state.worker_restarted(&message);
             }
-            // The edited branch of an edit that is no longer the active one.
-            Event::EditStarted { .. } | Event::EditStep { .. } | Event::EditFinished { .. } => {}
+            // The edited branch of an edit that is no longer the active one (or an edited
+            // `Started` without its alignment, which the worker never sends).
+            Event::Started {
+                branch: Branch::Edited,
+                ..
+            }
+            | Event::Step {
+                branch: Branch::Edited,
+                ..
+            }
+            | Event::Finished {
+                branch: Branch::Edited,
+                ..
+            } => {}
         }
     }
 
@@ -939,7 +967,7 @@ impl eframe::App for EditorApp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ui::run_view::{RunBranch, RunOutcome};
+    use crate::ui::run_view::RunOutcome;
     use crate::worker::{FakeEngine, FakeEngineConfig, PromptInfo, RgbImage};
 
     fn app() -> EditorApp {
@@ -956,7 +984,7 @@ mod tests {
         let mut app = app();
         app.state.run = Some(RunView::new(
             2,
-            RunBranch::Source,
+            Branch::Source,
             GenerateParams::default(),
             PromptInfo::default(),
         ));
@@ -972,9 +1000,11 @@ mod tests {
         };
         app.handle_event(Event::Finished {
             run_id: 2,
+            branch: Branch::Source,
             image: image.clone(),
             elapsed_secs: 0.5,
             self_attention_grids: Vec::new(),
+            blend_mask: None,
         });
         app.handle_event(Event::Cancelled {
             run_id: 2,
@@ -992,9 +1022,11 @@ mod tests {
         // A late event of some other, superseded run is still dropped.
         app.handle_event(Event::Finished {
             run_id: 1,
+            branch: Branch::Source,
             image: RgbImage::default(),
             elapsed_secs: 0.1,
             self_attention_grids: Vec::new(),
+            blend_mask: None,
         });
         let run = app.state.run.as_ref().unwrap();
         assert_eq!(run.run_id, 2);

@@ -243,7 +243,13 @@ fn export_attention(state: &AppState, path: PathBuf) -> Result<Command, &'static
         .map_or(state.derived.grid, |image| (image.height, image.width));
     let last_step = run.cross.len().saturating_sub(1);
     let settings = state.settings.aggregation.to_settings(0..=last_step);
-    let word_heatmaps = word_heatmaps(&run.cross, &run.prompt.words, &settings, height, width);
+    let word_heatmaps = word_heatmaps(
+        &run.cross_copies(),
+        &run.prompt.words,
+        &settings,
+        height,
+        width,
+    );
     Ok(Command::ExportAttention {
         run_id: run.run_id,
         path,

@@ -52,7 +52,7 @@ pub use app::EditorApp;
 pub use dialogs::{DialogOverride, DialogPurpose};
 pub use frame_times::FrameTimeSummary;
 pub use mode::ModeKind;
-pub use run_view::{RunBranch, RunKey, RunOutcome, RunView};
+pub use run_view::{RunKey, RunOutcome, RunView};
 pub use screenshot::ScreenshotPlan;
 pub use session::{
     CompareMode, EditBranchView, EditSession, Session, SessionError, SESSION_FORMAT,

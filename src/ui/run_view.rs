@@ -3,11 +3,12 @@
 //! [`CrossPrefixSums`] without copying them.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::analysis::aggregate::CrossPrefixSums;
 use crate::analysis::heatmap::StepCross;
-use crate::worker::{GenerateParams, PromptInfo, RgbImage, StepFrame, StepTiming};
+use crate::worker::{Branch, GenerateParams, PromptInfo, RgbImage, StepFrame, StepTiming};
 
 /// How a run ended (or that it has not).
 #[derive(Clone, Debug, PartialEq)]
@@ -28,24 +29,13 @@ pub enum RunOutcome {
     Failed(String),
 }
 
-/// Which branch of a run a [`RunView`] holds: a plain run and an edit's source are the source
-/// branch; an edit's edited prompt is the edited branch (same run id).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum RunBranch {
-    /// The prompt as typed (a plain run, or the source of an edit).
-    #[default]
-    Source,
-    /// The edited prompt of an edit.
-    Edited,
-}
-
 /// What caches of a run's data are keyed by: its id and branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RunKey {
     /// The run id the worker gave it.
     pub run_id: u64,
     /// Which branch of that run.
-    pub branch: RunBranch,
+    pub branch: Branch,
 }
 
 /// One received step.
@@ -64,8 +54,9 @@ pub struct StepRecord {
 pub struct RunView {
     /// Its id.
     pub run_id: u64,
-    /// Which branch of the run.
-    pub branch: RunBranch,
+    /// Which branch of the run: a plain run and an edit's source are [`Branch::Source`], an edit's
+    /// edited prompt [`Branch::Edited`] (same run id).
+    pub branch: Branch,
     /// Parameters, defaults resolved.
     pub params: GenerateParams,
     /// Words and tokens.
@@ -74,8 +65,8 @@ pub struct RunView {
     pub step_count: usize,
     /// Per received step: preview and timing (index = step index).
     pub steps: Vec<StepRecord>,
-    /// Per received step: cross-attention (kept apart so it can be handed to analysis as a slice).
-    pub cross: Vec<StepCross>,
+    /// Per received step: cross-attention, shared with the worker's event (never copied).
+    pub cross: Vec<Arc<StepCross>>,
     /// Running sums of `cross`, for step windows at the cost of one step.
     sums: CrossPrefixSums,
     /// The final image once finished.
@@ -90,7 +81,7 @@ pub struct RunView {
 
 impl RunView {
     /// A run (branch) that has just started.
-    pub fn new(run_id: u64, branch: RunBranch, params: GenerateParams, prompt: PromptInfo) -> Self {
+    pub fn new(run_id: u64, branch: Branch, params: GenerateParams, prompt: PromptInfo) -> Self {
         let step_count = params.steps;
         Self {
             run_id,
@@ -116,7 +107,7 @@ impl RunView {
         }
     }
 
-    /// Adds a step (they arrive in order). The step's maps are moved in, not copied.
+    /// Adds a step (they arrive in order). The step's maps are shared, not copied.
     pub fn push_step(&mut self, frame: StepFrame) {
         self.step_count = frame.step_count;
         self.cross.push(frame.cross);
@@ -134,6 +125,16 @@ impl RunView {
     /// summable.
     pub fn summed_cross(&self, first: usize, last: usize) -> Option<Cow<'_, StepCross>> {
         self.sums.window(&self.cross, first, last)
+    }
+
+    /// Copies of every step's cross-attention, for analysis that takes a slice of steps (an
+    /// export of the whole run; heat maps of steps that cannot be summed). Per frame the heat
+    /// maps use [`Self::summed_cross`] instead, which copies nothing.
+    pub fn cross_copies(&self) -> Vec<StepCross> {
+        self.cross
+            .iter()
+            .map(|step| StepCross::clone(step))
+            .collect()
     }
 
     /// True while steps are still coming.

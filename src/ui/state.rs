@@ -6,10 +6,11 @@ use crate::analysis::heatmap::{
     word_heatmaps, AggregationSettings, Heatmap, SelfAttentionMap, SelfAttentionSpan,
 };
 use crate::ui::mode::Modes;
-use crate::ui::run_view::{RunBranch, RunKey, RunOutcome, RunView};
+use crate::ui::run_view::{RunKey, RunOutcome, RunView};
 use crate::ui::settings::{AggregationChoice, EditorSettings};
 use crate::worker::{
-    Command, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame,
+    Branch, Command, EditInfo, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace,
+    StepFrame,
 };
 
 /// How serious a status message is.
@@ -263,7 +264,13 @@ impl AppState {
                     grid.1,
                 )
             }
-            None => word_heatmaps(&run.cross, &run.prompt.words, &settings, grid.0, grid.1),
+            None => word_heatmaps(
+                &run.cross_copies(),
+                &run.prompt.words,
+                &settings,
+                grid.0,
+                grid.1,
+            ),
         };
         self.derived.heatmaps = heatmaps;
         self.derived.grid = grid;
@@ -371,7 +378,7 @@ impl AppState {
         }
         let word_count = prompt.words.len();
         self.pending_run = None;
-        self.run = Some(RunView::new(run_id, RunBranch::Source, params, prompt));
+        self.run = Some(RunView::new(run_id, Branch::Source, params, prompt));
         self.timeline.cursor = None;
         if self.selected_word.is_some_and(|index| index >= word_count) {
             self.selected_word = None;
@@ -473,15 +480,26 @@ impl AppState {
     }
 
     /// The edited branch of the active edit run `run_id` started.
-    pub(crate) fn edit_branch_started(&mut self, run_id: u64, info: crate::worker::EditInfo) {
+    pub(crate) fn edit_branch_started(
+        &mut self,
+        run_id: u64,
+        params: GenerateParams,
+        prompt: PromptInfo,
+        info: EditInfo,
+    ) {
         if self.pending_run == Some(run_id) {
             self.pending_run = None;
         }
-        let word_count = info.edit_prompt.words.len();
-        let source = self.source_params().clone();
-        self.modes
-            .edit
-            .branch_started_with(run_id, info, &source, &mut self.status);
+        let word_count = prompt.words.len();
+        let source_prompt = self.source_params().prompt.clone();
+        self.modes.edit.branch_started_with(
+            run_id,
+            params,
+            prompt,
+            info,
+            &source_prompt,
+            &mut self.status,
+        );
         if self.shows_edited_run() {
             self.timeline.cursor = None;
             if self.selected_word.is_some_and(|index| index >= word_count) {

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -28,7 +29,7 @@ use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{
-    GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
+    Branch, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
 // Segments view.
@@ -71,7 +72,7 @@ fn answer_self_attention_query(
             query.span,
         )
     });
-    observer.self_attention(query, map)
+    Ok(observer.self_attention(query, map)?)
 }
 
 /// The factory the editor uses for real models.
@@ -203,6 +204,7 @@ impl Engine for PipelineEngine {
         &mut self,
         params: &GenerateParams,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<RunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
@@ -216,12 +218,14 @@ impl Engine for PipelineEngine {
             warnings,
         } = edit::prepare(model, params)?;
         observer.started(
+            Branch::Source,
             &resolved,
             PromptInfo {
                 words: prompt_tokens.words.clone(),
                 tokens: prompt_tokens.tokens.clone(),
                 warnings,
             },
+            None,
         )?;
 
         let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
@@ -260,7 +264,7 @@ impl Engine for PipelineEngine {
                     .clone()
                     .map(to_worker_image)
                     .unwrap_or_default(),
-                cross,
+                cross: Arc::new(cross),
                 timing: StepTiming {
                     step_secs: step_started.elapsed().as_secs_f64(),
                     elapsed_secs: started_at.elapsed().as_secs_f64(),
@@ -268,7 +272,7 @@ impl Engine for PipelineEngine {
             };
             step_started = Instant::now();
             let answer = || -> Result<(), EngineError> {
-                observer.step(frame)?;
+                observer.step(Branch::Source, frame, None)?;
                 answer_self_attention_query(&mut *observer, &store)
             };
             answer().map_err(|error| {
@@ -276,13 +280,7 @@ impl Engine for PipelineEngine {
                 PipelineError::Cancelled
             })
         };
-        let result = generate(
-            model,
-            &request,
-            Some(&mut processor),
-            &mut on_step,
-            &CancelToken::new(),
-        );
+        let result = generate(model, &request, Some(&mut processor), &mut on_step, cancel);
         if let Some(error) = observer_error {
             return Err(error);
         }
@@ -342,8 +340,9 @@ impl Engine for PipelineEngine {
         params: &GenerateParams,
         spec: Option<&crate::worker::protocol::EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<crate::worker::backend::EditRunOutput, EngineError> {
-        self.run_edit(params, spec, observer)
+        self.run_edit(params, spec, observer, cancel)
     }
 
     // Segments view: clusters the stored self-attention as `attend segment` does.

@@ -24,12 +24,12 @@ pub(crate) mod panel;
 pub(crate) mod spec;
 
 use crate::analysis::segment::Mask;
-use crate::ui::run_view::{RunBranch, RunOutcome, RunView};
+use crate::ui::run_view::{RunOutcome, RunView};
 use crate::ui::session::{EditBranchView, EditSession};
 use crate::ui::state::{StatusLevel, StatusLog};
 use crate::worker::{
-    BlendMask, EditInfo, EditSpec, GenerateParams, LocalBlendConfig, RgbImage, SelfReplace,
-    StepFrame,
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, LocalBlendConfig, PromptInfo, RgbImage,
+    SelfReplace, StepFrame,
 };
 
 /// Edit mode's state: the user's edit and what the worker reported about its latest run.
@@ -41,7 +41,7 @@ pub(crate) struct EditMode {
     active_run: Option<u64>,
     /// The spec of the latest edit sent, so a changed spec re-runs the edited branch.
     last_sent_spec: Option<EditSpec>,
-    /// The edited run (branch [`RunBranch::Edited`]).
+    /// The edited run (branch [`Branch::Edited`]).
     run: Option<RunView>,
     /// What the engine reported about it (its alignment), with the source prompt it belongs to.
     info: Option<(String, EditInfo)>,
@@ -280,26 +280,22 @@ impl EditMode {
         }
     }
 
-    /// The edited branch of run `run_id` started; `source` is the source run's parameters.
+    /// The edited branch of run `run_id` started with `params` (the edited prompt's), its tokens
+    /// and how it aligns with `source_prompt`.
     pub(crate) fn branch_started_with(
         &mut self,
         run_id: u64,
+        params: GenerateParams,
+        prompt: PromptInfo,
         info: EditInfo,
-        source: &GenerateParams,
+        source_prompt: &str,
         status: &mut StatusLog,
     ) {
-        for warning in &info.edit_prompt.warnings {
+        for warning in &prompt.warnings {
             status.push(StatusLevel::Warning, warning.clone());
         }
-        let mut params = source.clone();
-        params.prompt.clone_from(&self.session.spec.edit_prompt);
-        self.run = Some(RunView::new(
-            run_id,
-            RunBranch::Edited,
-            params,
-            info.edit_prompt.clone(),
-        ));
-        self.info = Some((source.prompt.clone(), info));
+        self.run = Some(RunView::new(run_id, Branch::Edited, params, prompt));
+        self.info = Some((source_prompt.to_owned(), info));
         self.blend_mask = None;
         self.mask_version += 1;
     }

@@ -21,7 +21,9 @@ use crate::pipeline::PipelineError;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
 use crate::worker::engine::{to_worker_image, LatestRun, PipelineEngine, SharedStore};
 use crate::worker::error::EngineError;
-use crate::worker::protocol::{EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming};
+use crate::worker::protocol::{
+    Branch, EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming,
+};
 
 /// The recorded source of the edits, and what it was made from.
 pub(super) struct EditSource {
@@ -118,7 +120,7 @@ fn step_frame(
         step_count: report.step_count,
         timestep: report.timestep,
         preview,
-        cross,
+        cross: Arc::new(cross),
         timing: StepTiming {
             step_secs,
             elapsed_secs,
@@ -133,6 +135,7 @@ impl PipelineEngine {
         params: &GenerateParams,
         spec: Option<&EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<EditRunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
@@ -148,12 +151,14 @@ impl PipelineEngine {
         if !reusable {
             self.edit_source = None;
             observer.started(
+                Branch::Source,
                 &run.resolved,
                 PromptInfo {
                     words: run.tokens.words.clone(),
                     tokens: run.tokens.tokens.clone(),
                     warnings: run.warnings.clone(),
                 },
+                None,
             )?;
             let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
                 run.tokens.token_count(),
@@ -177,7 +182,8 @@ impl PipelineEngine {
                 )?;
                 step_started = Instant::now();
                 let answered = observer
-                    .step(frame)
+                    .step(Branch::Source, frame, None)
+                    .map_err(EngineError::from)
                     .and_then(|()| super::answer_self_attention_query(&mut *observer, &store));
                 answered.map_err(|error| {
                     observer_error = Some(error);
@@ -194,7 +200,7 @@ impl PipelineEngine {
                 },
                 Some(&mut processor),
                 &mut on_step,
-                &CancelToken::new(),
+                cancel,
             );
             if let Some(error) = observer_error {
                 return Err(error);
@@ -248,8 +254,13 @@ impl PipelineEngine {
             run.tokens.ids.len(),
             spec.kind,
         )?;
-        observer.edit_started(EditInfo {
-            edit_prompt: PromptInfo {
+        observer.started(
+            Branch::Edited,
+            &GenerateParams {
+                prompt: spec.edit_prompt.clone(),
+                ..run.resolved.clone()
+            },
+            PromptInfo {
                 words: edit_tokens.words.clone(),
                 tokens: edit_tokens.tokens.clone(),
                 warnings: edit_tokens
@@ -258,11 +269,13 @@ impl PipelineEngine {
                     .into_iter()
                     .collect(),
             },
-            kind: alignment.kind,
-            words: alignment.words.clone(),
-            source_reused: reusable,
-            source_recordings: self.source_recordings,
-        })?;
+            Some(EditInfo {
+                kind: alignment.kind,
+                words: alignment.words.clone(),
+                source_reused: reusable,
+                source_recordings: self.source_recordings,
+            }),
+        )?;
         let store = Rc::new(RefCell::new(AttentionStore::new(StoreConfig::new(
             edit_tokens.token_count(),
         ))));
@@ -279,9 +292,9 @@ impl PipelineEngine {
             )?;
             step_started = Instant::now();
             observer
-                .edit_step(frame, report.blend_mask.clone())
+                .step(Branch::Edited, frame, report.blend_mask.clone())
                 .map_err(|error| {
-                    observer_error = Some(error);
+                    observer_error = Some(error.into());
                     PipelineError::Cancelled
                 })
         };
@@ -292,7 +305,7 @@ impl PipelineEngine {
             recording,
             Some(&mut processor),
             &mut on_step,
-            &CancelToken::new(),
+            cancel,
         );
         if let Some(error) = observer_error {
             return Err(error);
