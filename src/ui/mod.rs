@@ -13,6 +13,7 @@
 //! | `state` | [`state::AppState`]: what the views share (settings, model, run, selection, timeline, probe, heat maps, status, modes) |
 //! | `context` | [`context::ViewContext`]: the read-only view of the state a view draws from |
 //! | `command` | [`command::UiCommand`]: every change a view can ask for |
+//! | `events` | the worker's events, each routed once to the state it belongs to |
 //! | `mode` | the editor modes ([`ModeKind`]) and their state: plain generation, Prompt-to-Prompt edit |
 //! | `run_view` | [`RunView`]: one run (or an edit's branch) as received: previews, maps, outcome |
 //! | `panels` | menu bar, generation controls, view / aggregation / probe panel, progress, timeline, status |
@@ -32,6 +33,7 @@ mod command;
 mod context;
 mod dialogs;
 mod edit;
+mod events;
 mod exports;
 mod frame_times;
 pub mod heatmap_renderer;
