@@ -128,7 +128,7 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
             elapsed_secs,
             self_attention_grids,
             ..
-        } => state.run_finished_with(image, elapsed_secs, self_attention_grids),
+        } => state.finish_run(image, elapsed_secs, self_attention_grids),
         Event::Cancelled { run_id, steps_done } => state.run_cancelled(run_id, steps_done),
         Event::Failed { run_id, message } => state.run_failed(run_id, message),
         Event::Warning { message } => state.status.push(StatusLevel::Warning, message),

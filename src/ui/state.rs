@@ -396,7 +396,7 @@ impl AppState {
     }
 
     /// The run on screen finished.
-    pub(crate) fn run_finished_with(
+    pub(crate) fn finish_run(
         &mut self,
         image: crate::worker::RgbImage,
         elapsed_secs: f64,

@@ -149,7 +149,7 @@ impl EditMode {
     // Changes from the user (through commands)
     // ---------------------------------------------------------------------------------------------
 
-    /// Turns edit mode on or off; turning it on with no edited prompt starts from `source_prompt`.
+    /// Turns edit mode on or off (the edit itself stays, for when it is turned on again).
     pub(crate) fn set_enabled(&mut self, enabled: bool) {
         self.session.enabled = enabled;
     }
