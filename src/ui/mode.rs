@@ -1,8 +1,8 @@
 //! The editor's modes: what a generation makes and how the canvas shows it. Plain generation has no
 //! state of its own; every other mode owns its state in one field of [`Modes`] and its module
-//! (panel, canvas comparison, event handling), so a new mode (Style Aligned, appearance transfer)
-//! adds a [`ModeKind`] variant, a field here and a module, and leaves [`crate::ui::EditorApp`] and
-//! the other views as they are.
+//! (state and events, panel, canvas comparison). A new mode (Style Aligned, appearance transfer)
+//! adds a [`ModeKind`] variant, a field here and its module; [`crate::ui::EditorApp`]'s fields stay
+//! as they are (its layout draws the mode's views, and the event routing hands it its branch).
 //!
 //! A mode's state stays while another mode is on, so switching back finds it as it was (and a
 //! session saves an edit prompt even with edit mode off).
