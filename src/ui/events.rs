@@ -180,8 +180,12 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::analysis::alignment::EditKind;
+    use crate::ui::mode::ModeKind;
     use crate::ui::run_view::{RunOutcome, RunView};
-    use crate::worker::{GenerateParams, PromptInfo, RgbImage};
+    use crate::worker::{
+        EditInfo, EditSpec, GenerateParams, PromptInfo, RgbImage, StepCross, StepFrame, StepTiming,
+    };
 
     /// An edit that superseded a run mid-way may reuse that run's finished source: the worker then
     /// reports the source finished (after the newer request went out) and the old edit cancelled.
@@ -251,5 +255,144 @@ mod tests {
         let run = state.run.as_ref().unwrap();
         assert_eq!(run.run_id, 2);
         assert_eq!(run.final_image.as_ref().unwrap().pixels, vec![1, 2, 3]);
+    }
+
+    fn frame(step_index: usize) -> Box<StepFrame> {
+        Box::new(StepFrame {
+            step_index,
+            step_count: 2,
+            timestep: 0.0,
+            preview: RgbImage::default(),
+            cross: std::sync::Arc::new(StepCross {
+                step_index,
+                groups: Vec::new(),
+            }),
+            timing: StepTiming::default(),
+        })
+    }
+
+    fn edit_info() -> EditInfo {
+        EditInfo {
+            kind: EditKind::Replace,
+            words: Vec::new(),
+            source_reused: false,
+            source_recordings: 1,
+        }
+    }
+
+    /// Every event of one edit run, in the worker's order, lands once where it belongs: the source
+    /// branch on the run on screen, the edited branch on the edit mode; nothing is left pending.
+    #[test]
+    fn an_edit_runs_two_branches_reach_the_run_and_the_edit() {
+        let mut state = AppState::default();
+        let mut segments = SegmentsState::default();
+        state.modes.set_active(ModeKind::Edit);
+        state.supersede_runs(1);
+        state.modes.edit.sent(1, Some(EditSpec::new("a square")));
+        let events = [
+            Event::Started {
+                run_id: 1,
+                branch: Branch::Source,
+                params: GenerateParams::default(),
+                prompt: PromptInfo::default(),
+                edit: None,
+            },
+            Event::Step {
+                run_id: 1,
+                branch: Branch::Source,
+                frame: frame(0),
+                blend_mask: None,
+            },
+            Event::Finished {
+                run_id: 1,
+                branch: Branch::Source,
+                image: RgbImage::default(),
+                elapsed_secs: 1.0,
+                self_attention_grids: vec![(8, 8)],
+                blend_mask: None,
+            },
+            Event::Started {
+                run_id: 1,
+                branch: Branch::Edited,
+                params: GenerateParams::default(),
+                prompt: PromptInfo::default(),
+                edit: Some(edit_info()),
+            },
+            Event::Step {
+                run_id: 1,
+                branch: Branch::Edited,
+                frame: frame(0),
+                blend_mask: None,
+            },
+            Event::Step {
+                run_id: 1,
+                branch: Branch::Edited,
+                frame: frame(1),
+                blend_mask: None,
+            },
+            Event::Finished {
+                run_id: 1,
+                branch: Branch::Edited,
+                image: RgbImage::default(),
+                elapsed_secs: 1.0,
+                self_attention_grids: Vec::new(),
+                blend_mask: None,
+            },
+        ];
+        for event in events {
+            assert_eq!(
+                route_event(&mut state, &mut segments, event),
+                AfterEvent::Nothing
+            );
+        }
+        let source = state.run.as_ref().unwrap();
+        assert_eq!(source.steps.len(), 1);
+        assert_eq!(source.self_attention_grids, vec![(8, 8)]);
+        assert!(matches!(source.outcome, RunOutcome::Finished { .. }));
+        let edited = state.modes.edit.run().unwrap();
+        assert_eq!((edited.run_id, edited.branch), (1, Branch::Edited));
+        assert_eq!(edited.steps.len(), 2);
+        assert!(state.modes.edit.finished());
+        assert!(!state.is_generating());
+        assert_eq!(state.shown_run().unwrap().branch, Branch::Edited);
+    }
+
+    /// A newer run supersedes an edit: the old edit's edited events are dropped, and its end no
+    /// longer counts as generating.
+    #[test]
+    fn a_superseded_edits_events_are_dropped() {
+        let mut state = AppState::default();
+        let mut segments = SegmentsState::default();
+        state.modes.set_active(ModeKind::Edit);
+        state.supersede_runs(1);
+        state.modes.edit.sent(1, Some(EditSpec::new("a square")));
+        // A plain run goes out (edit mode off); the edit's branch then reports late.
+        state.modes.set_active(ModeKind::Plain);
+        state.supersede_runs(2);
+        route_event(
+            &mut state,
+            &mut segments,
+            Event::Started {
+                run_id: 1,
+                branch: Branch::Edited,
+                params: GenerateParams::default(),
+                prompt: PromptInfo::default(),
+                edit: Some(edit_info()),
+            },
+        );
+        assert!(
+            state.modes.edit.run().is_none(),
+            "the superseded edit's branch is not shown"
+        );
+        route_event(
+            &mut state,
+            &mut segments,
+            Event::Cancelled {
+                run_id: 1,
+                steps_done: 0,
+            },
+        );
+        assert!(!state.modes.edit.is_running());
+        assert_eq!(state.pending_run, Some(2), "the plain run is still awaited");
     }
 }

@@ -551,6 +551,7 @@ impl AppState {
                 steps_done: run.steps.len(),
             };
         }
+        self.modes.edit.run_ended_by(run_id);
         self.pending_run = Some(run_id);
     }
 }

@@ -360,6 +360,19 @@ impl EditMode {
         }
     }
 
+    /// A newer run `run_id` went out: an older edit run is superseded (its edited branch stops
+    /// where it was, and its late events are dropped).
+    pub(crate) fn run_ended_by(&mut self, run_id: u64) {
+        if self.active_run.is_some_and(|active| active < run_id) {
+            self.active_run = None;
+            if let Some(run) = self.run.as_mut().filter(|run| run.is_running()) {
+                run.outcome = RunOutcome::Cancelled {
+                    steps_done: run.steps.len(),
+                };
+            }
+        }
+    }
+
     /// The worker restarted: the edit run died with the old engine.
     pub(crate) fn worker_restarted(&mut self) {
         self.active_run = None;
