@@ -524,9 +524,7 @@ impl EditorApp {
                 edit,
                 ..
             } => {
-                let Some(info) = edit.filter(|_| Some(run_id) == active) else {
-                    return None;
-                };
+                let info = edit.filter(|_| Some(run_id) == active)?;
                 if self.pending_run == Some(run_id) {
                     self.pending_run = None;
                 }
