@@ -15,8 +15,8 @@ use attend::worker::{
     RgbImage, SelfAttentionSpan, WorkerHandle,
 };
 use worker_common::{
-    events_until_steps, is_step_of, load_bundled, next_event, spawn_fake as spawn, spawn_gated,
-    step_count,
+    events_until_steps, is_step_of, load_bundled, next_event, next_event_of, spawn_fake as spawn,
+    spawn_gated, step_count,
 };
 
 /// The seed of every run here.
@@ -120,19 +120,15 @@ fn a_new_generate_supersedes_the_running_one_before_its_next_step() {
     let first = worker.generate(params("a red circle", 50)).unwrap();
     gate.allow(1);
     events_until_steps(&worker, first, Branch::Source, 1);
-    // The first run now waits before its second step.
+    // The first run now waits before its second step. The permit given after the supersede would
+    // let it take that step if it did not check its cancel token first.
     let second = worker.generate(params("a green triangle", 3)).unwrap();
-    let first_events = events_until_end_of(&worker, first);
-    assert_eq!(
-        step_count(&first_events, first),
-        0,
-        "no step after the supersede: {first_events:?}"
-    );
-    match first_events.last() {
-        Some(Event::Cancelled { steps_done, .. }) => assert_eq!(*steps_done, 1),
+    gate.allow(1);
+    match next_event_of(&worker, first) {
+        Event::Cancelled { steps_done, .. } => assert_eq!(steps_done, 1),
         other => panic!("expected the first run to be cancelled, got {other:?}"),
     }
-    gate.allow(3);
+    gate.allow(2);
     let second_events = events_until_end_of(&worker, second);
     assert!(matches!(second_events.first(), Some(Event::Started { .. })));
     assert!(matches!(second_events.last(), Some(Event::Finished { .. })));
@@ -172,19 +168,15 @@ fn cancel_stops_the_run_before_its_next_step() {
     gate.allow(2);
     events_until_steps(&worker, run_id, Branch::Source, 2);
     worker.cancel().unwrap();
-    let events = events_until_end_of(&worker, run_id);
-    assert_eq!(
-        step_count(&events, run_id),
-        0,
-        "a step ran after the cancel: {events:?}"
-    );
-    match events.last() {
-        Some(Event::Cancelled { steps_done, .. }) => assert_eq!(*steps_done, 2),
-        other => panic!("expected Cancelled, got {other:?}"),
+    // A run that did not check its cancel token would take this permit for a third step.
+    gate.allow(1);
+    match next_event_of(&worker, run_id) {
+        Event::Cancelled { steps_done, .. } => assert_eq!(steps_done, 2),
+        other => panic!("expected Cancelled and no further step, got {other:?}"),
     }
-    // The worker is still usable, and the cancelled run left the gate's permits alone.
+    // The worker is still usable, and the cancelled run left the permit to it.
     let next = worker.generate(params("a square", 2)).unwrap();
-    gate.allow(2);
+    gate.allow(1);
     let events = events_until_end_of(&worker, next);
     assert!(matches!(events.last(), Some(Event::Finished { .. })));
     assert_eq!(step_count(&events, next), 2);

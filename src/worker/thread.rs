@@ -437,7 +437,8 @@ fn write_plain_export(command: Command, outbox: &Outbox) -> Result<(), Disconnec
     Ok(())
 }
 
-fn export_event(path: std::path::PathBuf, result: Result<(), EngineError>) -> Event {
+/// `Exported`, or `ExportFailed` with the error's message.
+fn export_event(path: std::path::PathBuf, result: Result<(), impl std::fmt::Display>) -> Event {
     match result {
         Ok(()) => Event::Exported { path },
         Err(error) => Event::ExportFailed {

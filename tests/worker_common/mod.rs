@@ -43,6 +43,16 @@ pub fn next_event(worker: &WorkerHandle) -> Event {
         .expect("no event from the worker within the timeout")
 }
 
+/// The next event of run `run_id`, skipping other events.
+pub fn next_event_of(worker: &WorkerHandle, run_id: u64) -> Event {
+    loop {
+        let event = next_event(worker);
+        if event.run_id() == Some(run_id) {
+            return event;
+        }
+    }
+}
+
 /// Loads the bundled model and checks the answer (the fake's and the real bundled model's default
 /// size is 64 px).
 pub fn load_bundled(worker: &WorkerHandle) {
