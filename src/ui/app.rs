@@ -1,6 +1,6 @@
 //! The editor application: it holds the shared state ([`AppState`]) and each view's own state,
-//! lays out the frame, routes each worker event once, and applies the views' [`UiCommand`]s in one
-//! place. Each frame it pulls the worker's events (never blocking), draws the views from a
+//! lays out the frame, and applies the views' [`UiCommand`]s in one place. Each frame it pulls the
+//! worker's events (never blocking) and hands each to [`route_event`], draws the views from a
 //! read-only [`ViewContext`], then applies what they asked for.
 
 use std::path::PathBuf;

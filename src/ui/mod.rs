@@ -5,11 +5,11 @@
 //! Views are components: each view owns its state, draws from a read-only [`context::ViewContext`]
 //! (the shared [`state::AppState`] and facts of the frame) and asks for changes with
 //! [`command::UiCommand`]s, which [`EditorApp`] applies in one place. No view calls another; the app
-//! lays them out and routes each worker event once.
+//! lays them out, and each worker event is routed once (`events`).
 //!
 //! | module | what it is |
 //! |---|---|
-//! | `app` | [`EditorApp`]: holds the shared state and the views' states, lays out the frame, routes worker events, applies commands |
+//! | `app` | [`EditorApp`]: holds the shared state and the views' states, lays out the frame, applies commands, sends to the worker |
 //! | `state` | [`state::AppState`]: what the views share (settings, model, run, selection, timeline, probe, heat maps, status, modes) |
 //! | `context` | [`context::ViewContext`]: the read-only view of the state a view draws from |
 //! | `command` | [`command::UiCommand`]: every change a view can ask for |
