@@ -3,7 +3,7 @@
 #
 # Runs `attend --prompt ... --generate` under Xvfb (wgpu on lavapipe, Mesa's software Vulkan). The
 # editor itself captures its window once the run has finished (ATTEND_SCREENSHOT, see
-# src/ui/mod.rs `EditorOptions::with_environment`) and quits; ATTEND_FRAME_TIMES logs the build time
+# src/ui/screenshot.rs `ScreenshotPlan::from_environment`) and quits; ATTEND_FRAME_TIMES logs the build time
 # of every frame, and the p50/p99 summary is printed at exit.
 #
 # Needs: xvfb, mesa-vulkan-drivers (and imagemagick for the optional full-screen capture):

@@ -17,7 +17,7 @@ use attend::ui::{
     DialogPurpose, EditorApp, EditorOptions, EditorSettings, EngineKind, RunOutcome, Session,
     StatusLevel, SETTINGS_STORAGE_KEY,
 };
-use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
+use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, StepGate};
 use egui_kittest::kittest::Queryable as _;
 use egui_kittest::Harness;
 
@@ -100,27 +100,35 @@ fn typing_a_prompt_and_generating_fills_progress_and_one_thumbnail_per_word() {
 
 #[test]
 fn progress_is_shown_while_running_and_steps_arrive_live() {
+    // The engine takes a step only when the test allows it: after three steps the run is still
+    // going, whatever the machine's speed.
+    let gate = StepGate::new();
     let mut harness = harness_with(
         EditorOptions {
             steps: Some(30),
             ..options("a green triangle")
         },
         FakeEngineConfig {
-            step_delay: Duration::from_millis(30),
+            step_delay: Duration::ZERO,
+            step_gate: Some(gate.clone()),
             ..FakeEngineConfig::default()
         },
     );
     model_loaded(&mut harness);
     harness.get_by_label("Generate").click();
-    run_until(&mut harness, "a few steps", |app| {
-        app.run_view().is_some_and(|run| run.steps.len() >= 3)
+    gate.allow(3);
+    run_until(&mut harness, "three steps", |app| {
+        app.run_view().is_some_and(|run| run.steps.len() == 3)
     });
     harness.step();
     assert!(harness.state().is_generating());
+    harness.get_by_label_contains("step 3/30");
     harness.get_by_label_contains("ETA");
     let live_words = harness.state().thumbnail_count();
     assert_eq!(live_words, 3, "thumbnails exist during the run");
+    gate.allow(27);
     run_until(&mut harness, "the end", finished);
+    assert_eq!(harness.state().run_view().unwrap().steps.len(), 30);
 }
 
 #[test]
@@ -170,36 +178,40 @@ fn clicking_a_word_selects_its_heatmap() {
 }
 
 #[test]
-fn cancel_mid_run_stops_within_a_step() {
+fn cancel_mid_run_stops_before_the_next_step() {
+    // Two steps are allowed; the third waits at the gate when Cancel is clicked, so the run must
+    // stop after exactly two, and no step may arrive after it (even once more are allowed).
+    let gate = StepGate::new();
     let mut harness = harness_with(
         EditorOptions {
             steps: Some(50),
             ..options("a slow circle")
         },
         FakeEngineConfig {
-            step_delay: Duration::from_millis(60),
+            step_delay: Duration::ZERO,
+            step_gate: Some(gate.clone()),
             ..FakeEngineConfig::default()
         },
     );
     model_loaded(&mut harness);
     harness.get_by_label("Generate").click();
+    gate.allow(2);
     run_until(&mut harness, "two steps", |app| {
-        app.run_view().is_some_and(|run| run.steps.len() >= 2)
+        app.run_view().is_some_and(|run| run.steps.len() == 2)
     });
-    let steps_at_cancel = harness.state().run_view().unwrap().steps.len();
     harness.get_by_label("Cancel").click();
     run_until(&mut harness, "the cancellation", |app| {
         app.run_view()
             .is_some_and(|run| matches!(run.outcome, RunOutcome::Cancelled { .. }))
     });
+    gate.allow(5);
+    harness.run_steps(5);
     let run = harness.state().run_view().unwrap();
-    eprintln!(
-        "cancelled at step {steps_at_cancel}, stopped after {} of 50",
-        run.steps.len()
-    );
-    assert!(run.steps.len() <= steps_at_cancel + 2);
-    assert!(last_status(harness.state()).contains("Cancelled"));
+    assert_eq!(run.outcome, RunOutcome::Cancelled { steps_done: 2 });
+    assert_eq!(run.steps.len(), 2);
+    assert_eq!(last_status(harness.state()), "Cancelled after 2 step(s)");
     assert!(!harness.state().is_generating());
+    harness.get_by_label_contains("cancelled after 2/50 steps");
 }
 
 /// Answers every dialog with a path chosen per purpose.
@@ -472,8 +484,12 @@ fn click_canvas_at(harness: &mut Harness<'static, EditorApp>, fraction: egui::Ve
 
 #[test]
 fn the_probe_works_while_a_run_goes_on() {
+    // The run holds at the gate between steps; the worker answers a probe request after the step
+    // that follows it, so one more step is allowed and the run then waits while the map is shown.
+    let gate = StepGate::new();
     let config = FakeEngineConfig {
-        step_delay: Duration::from_millis(60),
+        step_delay: Duration::ZERO,
+        step_gate: Some(gate.clone()),
         ..FakeEngineConfig::default()
     };
     let mut options = options("a red circle");
@@ -481,21 +497,25 @@ fn the_probe_works_while_a_run_goes_on() {
     let mut harness = harness_with(options, config);
     model_loaded(&mut harness);
     harness.get_by_label("Generate").click();
+    gate.allow(2);
     run_until(&mut harness, "two steps", |app| {
-        app.run_view().is_some_and(|run| run.steps.len() >= 2)
+        app.run_view().is_some_and(|run| run.steps.len() == 2)
     });
     harness.get_by_label("Probe self-attention").click();
     harness.step();
     click_canvas_at(&mut harness, egui::vec2(0.5, 0.5));
+    harness.run_steps(2);
+    assert!(
+        harness.state().canvas_heat().is_none(),
+        "no map before it was made"
+    );
+    gate.allow(1);
     run_until(&mut harness, "the probe map during the run", |app| {
         app.canvas_heat().is_some()
     });
-    let steps_then = harness.state().run_view().unwrap().steps.len();
-    assert!(
-        harness.state().is_generating(),
-        "the map arrived while the run went on (after {steps_then} of 40 steps)"
-    );
-    eprintln!("probe map shown after {steps_then} of 40 steps");
+    assert!(harness.state().is_generating());
+    assert_eq!(harness.state().run_view().unwrap().steps.len(), 3);
+    gate.allow(37);
     run_until(&mut harness, "the run to finish", finished);
     assert!(harness.state().canvas_heat().is_some());
 }

@@ -5,31 +5,19 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod worker_common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use attend::worker::{
-    pipeline_engine_factory, CrossWindow, EditInfo, EditSpec, EngineFactory, Event, FakeEngine,
-    FakeEngineConfig, GenerateParams, LocalBlendConfig, ModelSource, Reweight, RgbImage,
-    SelfReplace, StepWindow, WordChange, WorkerHandle,
+    pipeline_engine_factory, Branch, Command, CrossWindow, EditInfo, EditSpec, EngineFactory,
+    Event, FakeEngine, FakeEngineConfig, GenerateParams, LocalBlendConfig, Reweight, RgbImage,
+    SelfAttentionSpan, SelfReplace, StepWindow, WordChange, WorkerHandle,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn next_event(worker: &WorkerHandle) -> Event {
-    worker
-        .events()
-        .recv_timeout(TIMEOUT)
-        .expect("no event from the worker within the timeout")
-}
-
-fn load_bundled(worker: &WorkerHandle) {
-    worker.load_model(ModelSource::Bundled).unwrap();
-    match next_event(worker) {
-        Event::ModelLoaded { info } => assert_eq!(info.default_width_px, 64),
-        other => panic!("expected ModelLoaded, got {other:?}"),
-    }
-}
+use worker_common::{
+    ends_run, events_until_end_of, events_until_steps, is_step_of, load_bundled, next_event,
+    next_event_of, spawn_gated, step_count,
+};
 
 /// What one `GenerateEdit` reported.
 #[derive(Debug, Default)]
@@ -38,6 +26,7 @@ struct EditEvents {
     source_steps: usize,
     source_image: Option<RgbImage>,
     edit_info: Option<EditInfo>,
+    edit_params: Option<GenerateParams>,
     edit_steps: usize,
     last_edit_step: Option<usize>,
     edited_image: Option<RgbImage>,
@@ -46,27 +35,61 @@ struct EditEvents {
     failed: Option<String>,
 }
 
-/// Collects the events of `run_id` until its terminal event.
+/// Collects the events of `run_id` until its terminal event: the edited branch's `Finished` when
+/// `expect_edit`, else the source's (or `Cancelled` / `Failed`). Events of other runs are ignored.
 fn collect(worker: &WorkerHandle, run_id: u64, expect_edit: bool) -> EditEvents {
+    let last = if expect_edit {
+        Branch::Edited
+    } else {
+        Branch::Source
+    };
     let mut seen = EditEvents::default();
-    loop {
-        match next_event(worker) {
-            Event::Started { run_id: id, .. } if id == run_id => seen.source_started += 1,
-            Event::Step { run_id: id, .. } if id == run_id => seen.source_steps += 1,
-            Event::Finished {
-                run_id: id, image, ..
-            } if id == run_id => {
-                seen.source_image = Some(image);
-                if !expect_edit {
-                    return seen;
-                }
+    let events = events_until_end_of(worker, run_id, last);
+    for event in events {
+        if event.run_id() != Some(run_id) {
+            continue;
+        }
+        match event {
+            Event::Started {
+                branch: Branch::Source,
+                edit,
+                ..
+            } => {
+                assert_eq!(edit, None, "the source has no edit info");
+                seen.source_started += 1;
             }
-            Event::EditStarted { run_id: id, info } if id == run_id => seen.edit_info = Some(info),
-            Event::EditStep {
-                run_id: id,
+            Event::Step {
+                branch: Branch::Source,
+                blend_mask,
+                ..
+            } => {
+                assert_eq!(blend_mask, None, "the source has no blend mask");
+                seen.source_steps += 1;
+            }
+            Event::Finished {
+                branch: Branch::Source,
+                image,
+                ..
+            } => seen.source_image = Some(image),
+            Event::Started {
+                branch: Branch::Edited,
+                params,
+                edit,
+                ..
+            } => {
+                assert!(
+                    edit.is_some(),
+                    "the edited branch starts with its edit info"
+                );
+                seen.edit_info = edit;
+                seen.edit_params = Some(params);
+            }
+            Event::Step {
+                branch: Branch::Edited,
                 frame,
                 blend_mask,
-            } if id == run_id => {
+                ..
+            } => {
                 assert!(
                     seen.last_edit_step
                         .is_none_or(|last| frame.step_index == last + 1),
@@ -77,36 +100,24 @@ fn collect(worker: &WorkerHandle, run_id: u64, expect_edit: bool) -> EditEvents 
                 seen.edit_steps += 1;
                 seen.masks += usize::from(blend_mask.is_some());
             }
-            Event::EditFinished {
-                run_id: id, image, ..
-            } if id == run_id => {
-                seen.edited_image = Some(image);
-                return seen;
-            }
-            Event::Cancelled { run_id: id, .. } if id == run_id => {
-                seen.cancelled = true;
-                return seen;
-            }
-            Event::Failed {
-                run_id: Some(id),
-                message,
-            } if id == run_id => {
-                seen.failed = Some(message);
-                return seen;
-            }
+            Event::Finished {
+                branch: Branch::Edited,
+                image,
+                ..
+            } => seen.edited_image = Some(image),
+            Event::Cancelled { .. } => seen.cancelled = true,
+            Event::Failed { message, .. } => seen.failed = Some(message),
             _ => {}
         }
     }
+    seen
 }
 
+/// The seed of every source here.
+const SEED: u64 = 3;
+
 fn params(prompt: &str, steps: usize) -> GenerateParams {
-    GenerateParams {
-        prompt: prompt.to_owned(),
-        steps,
-        seed: 3,
-        guidance: 7.5,
-        ..GenerateParams::default()
-    }
+    worker_common::params(prompt, steps, SEED)
 }
 
 /// Cross and self windows over the whole run: the edited prompt takes all of the source's attention.
@@ -152,6 +163,16 @@ fn source_is_recorded_once_and_reused(factory: EngineFactory, steps: usize) {
     let info = first.edit_info.as_ref().unwrap();
     assert!(!info.source_reused);
     assert_eq!(info.source_recordings, 1);
+    let edit_params = first.edit_params.as_ref().unwrap();
+    assert_eq!(edit_params.prompt, "a red square and a blue square");
+    assert_eq!(
+        (edit_params.seed, edit_params.steps),
+        (source.seed, source.steps)
+    );
+    assert!(
+        edit_params.width_px.is_some() && edit_params.scheduler.is_some(),
+        "the edited branch's parameters are resolved"
+    );
     let swapped: Vec<(&str, &str)> = info
         .words
         .iter()
@@ -261,60 +282,56 @@ fn the_pipeline_engine_records_the_source_once_and_replays_edits() {
 
 #[test]
 fn the_fake_engine_records_the_source_once_and_replays_edits() {
-    source_is_recorded_once_and_reused(
-        Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default()))),
-        5,
-    );
+    let factory: EngineFactory =
+        Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default())));
+    source_is_recorded_once_and_reused(factory, 5);
 }
 
 #[test]
 fn an_edit_can_be_cancelled_and_a_record_only_run_finishes_like_a_generate() {
-    let mut worker = WorkerHandle::spawn(Arc::new(|| {
-        Box::new(FakeEngine::new(FakeEngineConfig {
-            step_delay: Duration::from_millis(20),
-            ..FakeEngineConfig::default()
-        }))
-    }))
-    .unwrap();
+    let (mut worker, gate) = spawn_gated();
     load_bundled(&worker);
     let source = params("a green triangle", 6);
     // Record only (no edit): a normal run's events.
     let run = worker.generate_edit(source.clone(), None).unwrap();
+    gate.allow(6);
     let recorded = collect(&worker, run, false);
+    assert_eq!(recorded.failed, None);
     assert_eq!(recorded.source_started, 1);
     assert_eq!(recorded.source_steps, 6);
     assert!(recorded.source_image.is_some());
+    assert!(recorded.edit_info.is_none());
 
-    // An edit superseded by the next one is cancelled; the next reuses the source.
+    // An edit superseded by the next one stops before its next edited step; the next edit reuses
+    // the source.
     let first = worker
-        .generate_edit(
-            GenerateParams {
-                steps: 6,
-                ..source.clone()
-            },
-            Some(EditSpec::new("a green circle")),
-        )
+        .generate_edit(source.clone(), Some(EditSpec::new("a green circle")))
         .unwrap();
-    // Wait until the edited branch runs, then supersede it.
-    loop {
-        if let Event::EditStep { run_id, .. } = next_event(&worker) {
-            if run_id == first {
-                break;
-            }
-        }
-    }
+    gate.allow(2);
+    let before = events_until_steps(&worker, first, Branch::Edited, 2);
+    assert_eq!(
+        step_count(&before, first),
+        2,
+        "the recorded source is reused"
+    );
     let second = worker
         .generate_edit(source, Some(EditSpec::new("a green square")))
         .unwrap();
-    let cancelled = collect(&worker, first, true);
-    assert!(cancelled.cancelled, "{cancelled:?}");
+    // A run that did not check its cancel token would take this permit for a third step.
+    gate.allow(1);
+    match next_event_of(&worker, first) {
+        Event::Cancelled { steps_done, .. } => assert_eq!(steps_done, 2),
+        other => panic!("expected the first edit to be cancelled, got {other:?}"),
+    }
+    gate.allow(5);
     let done = collect(&worker, second, true);
     assert!(done.edited_image.is_some(), "{done:?}");
+    assert_eq!(done.edit_steps, 6);
     assert!(done.edit_info.unwrap().source_reused);
 }
 
 /// The self-attention probe is answered while an edit's source is being recorded (real engine),
-/// after the next step, not only once the whole edit is done.
+/// at a step boundary, not only once the whole edit is done.
 #[test]
 fn the_probe_is_answered_while_the_source_of_an_edit_runs() {
     let mut worker = WorkerHandle::spawn(pipeline_engine_factory()).unwrap();
@@ -325,39 +342,38 @@ fn the_probe_is_answered_while_the_source_of_an_edit_runs() {
             Some(EditSpec::new("a red square and a blue square")),
         )
         .unwrap();
-    // Wait for the first source step, then ask.
-    loop {
-        if let Event::Step { run_id: id, .. } = next_event(&worker) {
-            assert_eq!(id, run_id);
-            break;
-        }
-    }
+    // Asked at once: the worker takes the request at its first look at the queue (when the
+    // source starts or after one of its six steps).
     worker
-        .send(attend::worker::Command::RequestSelfAttention {
+        .send(Command::RequestSelfAttention {
             run_id,
             grid_h: 16,
             grid_w: 16,
-            span: attend::worker::SelfAttentionSpan::LatestStep,
+            span: SelfAttentionSpan::LatestStep,
         })
         .unwrap();
-    let mut source_steps_after_request = 0;
+    let mut before_answer = Vec::new();
     loop {
-        match next_event(&worker) {
-            Event::Step { .. } => source_steps_after_request += 1,
-            Event::SelfAttention { run_id: id, map } => {
-                assert_eq!(id, run_id);
-                let map = map.expect("16x16 self-attention is kept");
-                assert_eq!(map.data.len(), 256 * 256);
-                break;
-            }
-            Event::Finished { .. } | Event::EditFinished { .. } => {
-                panic!("the probe was not answered during the source run")
-            }
-            _ => {}
+        let event = next_event(&worker);
+        if let Event::SelfAttention { run_id: id, map } = &event {
+            assert_eq!(*id, run_id);
+            let map = map.as_ref().expect("16x16 self-attention is kept");
+            assert_eq!(map.data.len(), 256 * 256);
+            break;
         }
+        assert!(
+            !matches!(event, Event::Finished { .. }) && !ends_run(&event, run_id, Branch::Edited),
+            "the probe was not answered during the source run: {event:?}"
+        );
+        before_answer.push(event);
     }
-    eprintln!("probe answered after {source_steps_after_request} more source step(s)");
-    assert!(source_steps_after_request <= 1);
+    assert!(
+        before_answer
+            .last()
+            .is_some_and(|event| is_step_of(event, run_id, Branch::Source)),
+        "answered right after a source step: {before_answer:?}"
+    );
     let rest = collect(&worker, run_id, true);
     assert!(rest.edited_image.is_some(), "{rest:?}");
+    assert_eq!(step_count(&before_answer, run_id) + rest.source_steps, 6);
 }

@@ -1,63 +1,34 @@
-//! The worker thread's protocol, driven with the fake engine: event order, supersede, cancel within a
-//! step, panic recovery, model-load failures and plain exports.
+//! The worker thread's protocol, driven with the fake engine: event order, supersede, cancel before
+//! the next step, panic recovery, model-load failures and plain exports. Runs that must stop at a
+//! known step are held by the fake's step gate, so the tests count steps and never measure time.
 
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod worker_common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use attend::worker::{
-    Command, Event, FakeEngine, FakeEngineConfig, GenerateParams, Heatmap, ModelSource, PngExport,
+    Branch, Command, Event, FakeEngineConfig, GenerateParams, Heatmap, ModelSource, PngExport,
     RgbImage, SelfAttentionSpan, WorkerHandle,
 };
+use worker_common::{
+    events_until_steps, is_step_of, load_bundled, next_event, next_event_of, spawn_fake as spawn,
+    spawn_gated, step_count,
+};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn spawn(config: FakeEngineConfig) -> WorkerHandle {
-    WorkerHandle::spawn(Arc::new(move || Box::new(FakeEngine::new(config.clone())))).unwrap()
-}
-
-fn next_event(worker: &WorkerHandle) -> Event {
-    worker
-        .events()
-        .recv_timeout(TIMEOUT)
-        .expect("no event from the worker within the timeout")
-}
+/// The seed of every run here.
+const SEED: u64 = 7;
 
 fn params(prompt: &str, steps: usize) -> GenerateParams {
-    GenerateParams {
-        prompt: prompt.to_owned(),
-        steps,
-        seed: 7,
-        ..GenerateParams::default()
-    }
+    worker_common::params(prompt, steps, SEED)
 }
 
-fn load_bundled(worker: &WorkerHandle) {
-    worker.load_model(ModelSource::Bundled).unwrap();
-    match next_event(worker) {
-        Event::ModelLoaded { info } => assert_eq!(info.default_width_px, 64),
-        other => panic!("expected ModelLoaded, got {other:?}"),
-    }
-}
-
-/// Collects events until the terminal event of `run_id` (Finished / Cancelled / Failed).
+/// Collects events until the end of plain run `run_id` (Finished / Cancelled / Failed).
 fn events_until_end_of(worker: &WorkerHandle, run_id: u64) -> Vec<Event> {
-    let mut events = Vec::new();
-    loop {
-        let event = next_event(worker);
-        let terminal = matches!(
-            &event,
-            Event::Finished { run_id: id, .. } | Event::Cancelled { run_id: id, .. }
-                if *id == run_id
-        ) || matches!(&event, Event::Failed { run_id: Some(id), .. } if *id == run_id);
-        events.push(event);
-        if terminal {
-            return events;
-        }
-    }
+    worker_common::events_until_end_of(worker, run_id, Branch::Source)
 }
 
 #[test]
@@ -72,8 +43,18 @@ fn a_run_reports_started_then_each_step_in_order_then_finished() {
     let run_id = worker.generate(params("a red circle", 5)).unwrap();
     let events = events_until_end_of(&worker, run_id);
     assert_eq!(events.len(), 7, "Started + 5 steps + Finished: {events:?}");
-    let Event::Started { prompt, params, .. } = &events[0] else {
-        panic!("first event must be Started, got {:?}", events[0]);
+    let Event::Started {
+        branch: Branch::Source,
+        prompt,
+        params,
+        edit: None,
+        ..
+    } = &events[0]
+    else {
+        panic!(
+            "first event must be Started of the source, got {:?}",
+            events[0]
+        );
     };
     assert_eq!(prompt.words.len(), 3);
     assert_eq!(
@@ -82,8 +63,14 @@ fn a_run_reports_started_then_each_step_in_order_then_finished() {
         "defaults are resolved in Started"
     );
     for (expected_index, event) in events[1..6].iter().enumerate() {
-        let Event::Step { run_id: id, frame } = event else {
-            panic!("expected Step, got {event:?}");
+        let Event::Step {
+            run_id: id,
+            branch: Branch::Source,
+            frame,
+            blend_mask: None,
+        } = event
+        else {
+            panic!("expected a source Step without a mask, got {event:?}");
         };
         assert_eq!(*id, run_id);
         assert_eq!(frame.step_index, expected_index);
@@ -94,8 +81,17 @@ fn a_run_reports_started_then_each_step_in_order_then_finished() {
             assert_eq!(group.data.len(), prompt.tokens.len() * group.h * group.w);
         }
     }
-    let Event::Finished { image, .. } = &events[6] else {
-        panic!("last event must be Finished, got {:?}", events[6]);
+    let Event::Finished {
+        branch: Branch::Source,
+        image,
+        blend_mask: None,
+        ..
+    } = &events[6]
+    else {
+        panic!(
+            "last event must be Finished of the source, got {:?}",
+            events[6]
+        );
     };
     assert_eq!((image.width, image.height), (64, 64));
     // One wake-up per event (ModelLoaded + the 7 run events).
@@ -118,31 +114,25 @@ fn the_same_parameters_give_the_same_image() {
 }
 
 #[test]
-fn a_new_generate_supersedes_the_running_one() {
-    let mut worker = spawn(FakeEngineConfig {
-        step_delay: Duration::from_millis(40),
-        ..FakeEngineConfig::default()
-    });
+fn a_new_generate_supersedes_the_running_one_before_its_next_step() {
+    let (mut worker, gate) = spawn_gated();
     load_bundled(&worker);
     let first = worker.generate(params("a red circle", 50)).unwrap();
-    // Wait until the first run is under way.
-    loop {
-        if let Event::Step { .. } = next_event(&worker) {
-            break;
-        }
-    }
+    gate.allow(1);
+    events_until_steps(&worker, first, Branch::Source, 1);
+    // The first run now waits before its second step. The permit given after the supersede would
+    // let it take that step if it did not check its cancel token first.
     let second = worker.generate(params("a green triangle", 3)).unwrap();
-    let first_events = events_until_end_of(&worker, first);
-    match first_events.last() {
-        Some(Event::Cancelled { steps_done, .. }) => {
-            assert!(*steps_done < 50, "superseded run ran to the end");
-            eprintln!("superseded after {steps_done} of 50 steps");
-        }
+    gate.allow(1);
+    match next_event_of(&worker, first) {
+        Event::Cancelled { steps_done, .. } => assert_eq!(steps_done, 1),
         other => panic!("expected the first run to be cancelled, got {other:?}"),
     }
+    gate.allow(2);
     let second_events = events_until_end_of(&worker, second);
     assert!(matches!(second_events.first(), Some(Event::Started { .. })));
     assert!(matches!(second_events.last(), Some(Event::Finished { .. })));
+    assert_eq!(step_count(&second_events, second), 3);
     assert!(second_events
         .iter()
         .all(|event| event.run_id() == Some(second)));
@@ -150,59 +140,46 @@ fn a_new_generate_supersedes_the_running_one() {
 
 #[test]
 fn queued_generates_only_run_the_latest() {
-    let mut worker = spawn(FakeEngineConfig {
-        step_delay: Duration::from_millis(5),
-        ..FakeEngineConfig::default()
-    });
+    let (mut worker, gate) = spawn_gated();
     load_bundled(&worker);
+    // No step can start before all three are sent.
     let ids: Vec<u64> = (0..3)
         .map(|index| worker.generate(params(&format!("word{index}"), 4)).unwrap())
         .collect();
+    gate.allow(4);
     for &id in &ids[..2] {
         let events = events_until_end_of(&worker, id);
         assert!(
-            matches!(events.last(), Some(Event::Cancelled { .. })),
-            "run {id} should be superseded: {events:?}"
+            matches!(events.last(), Some(Event::Cancelled { steps_done: 0, .. })),
+            "run {id} should be superseded before any step: {events:?}"
         );
+        assert_eq!(step_count(&events, id), 0);
     }
     let events = events_until_end_of(&worker, ids[2]);
     assert!(matches!(events.last(), Some(Event::Finished { .. })));
+    assert_eq!(step_count(&events, ids[2]), 4);
 }
 
 #[test]
-fn cancel_takes_effect_within_one_step() {
-    let step_delay = Duration::from_millis(150);
-    let mut worker = spawn(FakeEngineConfig {
-        step_delay,
-        ..FakeEngineConfig::default()
-    });
+fn cancel_stops_the_run_before_its_next_step() {
+    let (mut worker, gate) = spawn_gated();
     load_bundled(&worker);
     let run_id = worker.generate(params("a red circle", 40)).unwrap();
-    let mut steps_seen = 0;
-    while steps_seen < 2 {
-        if let Event::Step { .. } = next_event(&worker) {
-            steps_seen += 1;
-        }
-    }
-    let cancelled_at = Instant::now();
+    gate.allow(2);
+    events_until_steps(&worker, run_id, Branch::Source, 2);
     worker.cancel().unwrap();
-    let events = events_until_end_of(&worker, run_id);
-    let latency = cancelled_at.elapsed();
-    let late_steps = events
-        .iter()
-        .filter(|event| matches!(event, Event::Step { .. }))
-        .count();
-    eprintln!("cancel latency {latency:?}, {late_steps} step(s) finished after the cancel");
-    assert!(late_steps <= 1, "more than one step ran after cancel");
-    assert!(latency < step_delay * 2 + Duration::from_millis(200));
-    match events.last() {
-        Some(Event::Cancelled { steps_done, .. }) => assert!(*steps_done <= 3),
-        other => panic!("expected Cancelled, got {other:?}"),
+    // A run that did not check its cancel token would take this permit for a third step.
+    gate.allow(1);
+    match next_event_of(&worker, run_id) {
+        Event::Cancelled { steps_done, .. } => assert_eq!(steps_done, 2),
+        other => panic!("expected Cancelled and no further step, got {other:?}"),
     }
-    // The worker is still usable.
+    // The worker is still usable, and the cancelled run left the permit to it.
     let next = worker.generate(params("a square", 2)).unwrap();
+    gate.allow(1);
     let events = events_until_end_of(&worker, next);
     assert!(matches!(events.last(), Some(Event::Finished { .. })));
+    assert_eq!(step_count(&events, next), 2);
 }
 
 #[test]
@@ -416,8 +393,14 @@ fn the_pipeline_engine_streams_steps_maps_and_exports_for_a_tiny_model() {
         })
         .unwrap();
     let events = events_until_end_of(&worker, run_id);
-    let Event::Started { prompt, params, .. } = &events[0] else {
-        panic!("expected Started, got {:?}", events[0]);
+    let Event::Started {
+        branch: Branch::Source,
+        prompt,
+        params,
+        ..
+    } = &events[0]
+    else {
+        panic!("expected Started of the source, got {:?}", events[0]);
     };
     assert_eq!(params.scheduler.as_deref(), Some("ddim"));
     assert_eq!(prompt.words.len(), 7);
@@ -501,18 +484,11 @@ fn the_pipeline_engine_streams_steps_maps_and_exports_for_a_tiny_model() {
 
 #[test]
 fn the_probe_is_answered_during_a_run_after_the_next_step() {
-    let mut worker = spawn(FakeEngineConfig {
-        step_delay: Duration::from_millis(80),
-        ..FakeEngineConfig::default()
-    });
+    let (mut worker, gate) = spawn_gated();
     load_bundled(&worker);
     let run_id = worker.generate(params("a red circle", 12)).unwrap();
-    let mut steps_seen = 0;
-    while steps_seen < 2 {
-        if let Event::Step { .. } = next_event(&worker) {
-            steps_seen += 1;
-        }
-    }
+    gate.allow(2);
+    events_until_steps(&worker, run_id, Branch::Source, 2);
     worker
         .send(Command::RequestSelfAttention {
             run_id,
@@ -521,34 +497,39 @@ fn the_probe_is_answered_during_a_run_after_the_next_step() {
             span: SelfAttentionSpan::LatestStep,
         })
         .unwrap();
-    let events = events_until_end_of(&worker, run_id);
-    let answer_at = events
-        .iter()
-        .position(|event| matches!(event, Event::SelfAttention { .. }))
-        .expect("the probe request was answered");
-    let steps_before_answer = events[..answer_at]
-        .iter()
-        .filter(|event| matches!(event, Event::Step { .. }))
-        .count();
-    let steps_after_answer = events[answer_at..]
-        .iter()
-        .filter(|event| matches!(event, Event::Step { .. }))
-        .count();
-    eprintln!("probe answered after {steps_before_answer} more step(s), {steps_after_answer} steps followed");
+    // The worker takes the request after the second step (if it had not looked yet) or after the
+    // third: it answers at that step boundary while the run waits at the gate.
+    gate.allow(1);
+    let mut before_answer = Vec::new();
+    let answer = loop {
+        match next_event(&worker) {
+            Event::SelfAttention {
+                run_id: answered,
+                map,
+            } => break (answered, map),
+            event => {
+                assert!(
+                    is_step_of(&event, run_id, Branch::Source),
+                    "only a step may come before the answer: {event:?}"
+                );
+                before_answer.push(event);
+            }
+        }
+    };
     assert!(
-        steps_before_answer <= 1,
-        "answered at the next step boundary"
+        before_answer.len() <= 1,
+        "answered at the next step boundary: {before_answer:?}"
     );
-    assert!(steps_after_answer >= 5, "answered while the run went on");
-    match &events[answer_at] {
-        Event::SelfAttention {
-            run_id: answered,
-            map: Some(map),
-        } => {
-            assert_eq!(*answered, run_id);
+    match answer {
+        (answered, Some(map)) => {
+            assert_eq!(answered, run_id);
             assert_eq!(map.data.len(), 256 * 256);
         }
         other => panic!("expected a map, got {other:?}"),
     }
+    // The run goes on after the answer.
+    gate.allow(9);
+    let events = events_until_end_of(&worker, run_id);
+    assert_eq!(step_count(&events, run_id), 10 - before_answer.len());
     assert!(matches!(events.last(), Some(Event::Finished { .. })));
 }

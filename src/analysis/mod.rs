@@ -1,11 +1,13 @@
 //! Plain-data analysis of attention: heatmaps, aggregation, segmentation, masks, export.
 //! Nothing here takes or returns candle tensors in its public API.
 
+pub mod aggregate;
 pub mod alignment;
 pub mod colormap;
 pub mod edit_spec;
 mod error;
 pub mod export;
+pub mod geometry;
 pub mod heatmap;
 pub mod scene_check;
 pub mod segment;

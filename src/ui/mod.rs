@@ -2,44 +2,65 @@
 //! image (drawn by `shaders/heatmap.wgsl`), the token strip, the timeline and exports.
 //! The only module that uses egui; it holds no tensors (it talks to [`crate::worker`] in plain data).
 //!
+//! Views are components: each view owns its state, draws from a read-only [`context::ViewContext`]
+//! (the shared [`state::AppState`] and facts of the frame) and asks for changes with
+//! [`command::UiCommand`]s, which [`EditorApp`] applies in one place. No view calls another; the app
+//! lays them out, and each worker event is routed once (`events`).
+//!
 //! | module | what it is |
 //! |---|---|
-//! | `app` | [`EditorApp`]: state, worker events, actions, frame layout |
-//! | `panels` | menu bar, controls, view/aggregation/probe panel, progress, timeline, status |
+//! | `app` | [`EditorApp`]: holds the shared state and the views' states, lays out the frame, applies commands, sends to the worker |
+//! | `state` | [`state::AppState`]: what the views share (settings, model, run, selection, timeline, probe, heat maps, status, modes) |
+//! | `context` | [`context::ViewContext`]: the read-only view of the state a view draws from |
+//! | `command` | [`command::UiCommand`]: every change a view can ask for |
+//! | `events` | the worker's events, each routed once to the state it belongs to |
+//! | `mode` | the editor modes ([`ModeKind`]) and their state: plain generation, Prompt-to-Prompt edit |
+//! | `run_view` | [`RunView`]: one run (or an edit's branch) as received: previews, maps, outcome |
+//! | `panels` | menu bar, generation controls, view / aggregation / probe panel, progress, timeline, status |
 //! | `canvas` | zoomable canvas, probe input, GPU or CPU drawing |
 //! | `token_strip` | one live thumbnail per prompt word (with word weights in edit mode) |
-//! | `edit_mode` | Prompt-to-Prompt edits: edited prompt, alignment, windows, local blend, source and edited images compared |
+//! | `edit` | edit mode: its state and events, spec helpers, the edit panel, the source / edited comparison |
+//! | `segments` | the Segments view: state and requests, panel (list, mask, exports), canvas overlay |
+//! | `exports` | image / heat map / attention / session exports as worker commands |
 //! | `heatmap_renderer` | the wgpu pipeline behind `shaders/heatmap.wgsl` |
-//! | `exports` | image / heat map / attention / session exports |
-//! | `segments_view` | the Segments view: segment overlay, list, selection, mask, exports |
-//! | `settings`, `session` | persisted settings and session files |
+//! | `screenshot` | `ATTEND_SCREENSHOT` automation: select, probe, capture, quit |
+//! | `settings`, `session` | persisted settings; session files (with the edit's part) |
 //! | `dialogs`, `frame_times` | rfd dialogs on a helper thread; frame build-time log |
 
 mod app;
 mod canvas;
+mod command;
+mod context;
 mod dialogs;
-mod edit_mode;
+mod edit;
+mod events;
 mod exports;
 mod frame_times;
 pub mod heatmap_renderer;
+mod mode;
 mod panels;
 mod run_view;
-mod segments_view;
+mod screenshot;
+mod segments;
 mod session;
 mod settings;
+mod state;
 mod token_strip;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use app::{EditorApp, ScreenshotPlan, StatusLevel, StatusMessage};
+pub use app::EditorApp;
 pub use dialogs::{DialogOverride, DialogPurpose};
-pub use edit_mode::{CompareMode, EditBranchView, EditSession};
 pub use frame_times::FrameTimeSummary;
-pub use run_view::{RunOutcome, RunView};
-pub use segments_view::CanvasView;
-pub use session::{Session, SessionError, SESSION_FORMAT};
+pub use mode::ModeKind;
+pub use run_view::{RunKey, RunOutcome, RunView};
+pub use screenshot::ScreenshotPlan;
+pub use session::{
+    CompareMode, EditBranchView, EditSession, Session, SessionError, SESSION_FORMAT,
+};
 pub use settings::{AggregationChoice, EditorSettings, ViewSettings, SETTINGS_STORAGE_KEY};
+pub use state::{CanvasView, StatusLevel, StatusMessage};
 
 use crate::worker::{EngineFactory, FakeEngine, FakeEngineConfig};
 
@@ -91,27 +112,7 @@ impl EditorOptions {
             self.frame_times_path = std::env::var_os("ATTEND_FRAME_TIMES").map(PathBuf::from);
         }
         if self.screenshot.is_none() {
-            self.screenshot = std::env::var_os("ATTEND_SCREENSHOT").map(|path| ScreenshotPlan {
-                path: PathBuf::from(path),
-                select_word: std::env::var("ATTEND_SCREENSHOT_WORD").ok(),
-                probe_point: std::env::var("ATTEND_SCREENSHOT_PROBE")
-                    .ok()
-                    .and_then(|text| {
-                        let (y, x) = text.split_once(',')?;
-                        Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
-                    }),
-                settle_frames: 10,
-                edit_prompt: std::env::var("ATTEND_SCREENSHOT_EDIT").ok(),
-                segments_point: std::env::var("ATTEND_SCREENSHOT_SEGMENTS")
-                    .ok()
-                    .and_then(|text| {
-                        let (y, x) = text.split_once(',')?;
-                        Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
-                    }),
-                at_step: std::env::var("ATTEND_SCREENSHOT_AT_STEP")
-                    .ok()
-                    .and_then(|text| text.trim().parse().ok()),
-            });
+            self.screenshot = ScreenshotPlan::from_environment();
         }
         if std::env::var("ATTEND_ENGINE").is_ok_and(|value| value == "fake") {
             self.engine = EngineKind::Fake;

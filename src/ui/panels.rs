@@ -1,521 +1,523 @@
-//! The panels around the canvas: menu bar, generation controls (left), view / aggregation / probe /
-//! export (right), and progress, timeline, token strip and status line (bottom).
+//! The panels around the canvas, as views that read the [`ViewContext`] and ask for changes with
+//! [`UiCommand`]s: the menu bar, the generation controls (left), the canvas view switch, view
+//! settings, aggregation, probe and export buttons (right), and progress, timeline and status line
+//! (bottom).
 
 use egui::RichText;
 
 use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::SelfAttentionSpan;
-use crate::ui::app::{EditorApp, StatusLevel};
+use crate::ui::command::{UiCommand, UiCommands};
+use crate::ui::context::ViewContext;
 use crate::ui::dialogs::DialogPurpose;
 use crate::ui::run_view::{RunOutcome, RunView};
+use crate::ui::state::{CanvasView, StatusLevel};
 use crate::worker::ModelSource;
 
-impl EditorApp {
-    /// File and Export menus.
-    pub(crate) fn menu_bar_ui(&mut self, ui: &mut egui::Ui) {
-        egui::Panel::top("attend.menu").show(ui, |ui| {
-            egui::MenuBar::new().ui(ui, |ui| {
-                ui.menu_button("File", |ui| {
-                    if ui.button("Open model folder...").clicked() {
-                        self.open_dialog(DialogPurpose::OpenModelFolder);
-                    }
-                    if ui.button("Use bundled model").clicked() {
-                        self.load_model(ModelSource::Bundled);
-                    }
-                    ui.separator();
-                    if ui.button("Open session...").clicked() {
-                        self.open_dialog(DialogPurpose::OpenSession);
-                    }
-                    if ui.button("Save session...").clicked() {
-                        self.open_dialog(DialogPurpose::SaveSession);
-                    }
-                    ui.separator();
-                    if ui.button("Quit").clicked() {
-                        ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
-                    }
-                });
-                ui.menu_button("Export", |ui| self.export_buttons_ui(ui));
+/// File and Export menus.
+pub(crate) fn menu_bar_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    egui::Panel::top("attend.menu").show(ui, |ui| {
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("File", |ui| {
+                if ui.button("Open model folder...").clicked() {
+                    commands.push(UiCommand::OpenDialog(DialogPurpose::OpenModelFolder));
+                }
+                if ui.button("Use bundled model").clicked() {
+                    commands.push(UiCommand::LoadModel(ModelSource::Bundled));
+                }
+                ui.separator();
+                if ui.button("Open session...").clicked() {
+                    commands.push(UiCommand::OpenDialog(DialogPurpose::OpenSession));
+                }
+                if ui.button("Save session...").clicked() {
+                    commands.push(UiCommand::OpenDialog(DialogPurpose::SaveSession));
+                }
+                ui.separator();
+                if ui.button("Quit").clicked() {
+                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+                }
             });
+            ui.menu_button("Export", |ui| export_buttons_ui(ctx, ui, commands));
         });
-    }
+    });
+}
 
-    /// The export actions (menu and right panel).
-    fn export_buttons_ui(&mut self, ui: &mut egui::Ui) {
-        let has_image = self.run.as_ref().is_some_and(|run| !run.steps.is_empty());
-        let has_heatmap = has_image && self.canvas.heat().version != 0;
-        let finished = self
-            .run
-            .as_ref()
-            .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }));
-        for (label, purpose, enabled) in [
-            ("Export image...", DialogPurpose::ExportImage, has_image),
-            (
-                "Export heat map over image...",
-                DialogPurpose::ExportHeatmapOverImage,
-                has_heatmap,
-            ),
-            (
-                "Export heat map alone...",
-                DialogPurpose::ExportHeatmapAlone,
-                has_heatmap,
-            ),
-            (
-                "Export all word heat maps...",
-                DialogPurpose::ExportAllHeatmaps,
-                has_image,
-            ),
-            (
-                "Export attention maps...",
-                DialogPurpose::ExportAttention,
-                finished,
-            ),
-        ] {
-            let enabled = enabled && !self.dialogs.is_open();
-            if ui.add_enabled(enabled, egui::Button::new(label)).clicked() {
-                self.open_dialog(purpose);
-            }
+/// The export actions (menu and right panel).
+fn export_buttons_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let run = ctx.state.run.as_ref();
+    let has_image = run.is_some_and(|run| !run.steps.is_empty());
+    let has_heatmap = has_image && ctx.heat_shown;
+    let finished = ctx.state.run_finished();
+    for (label, purpose, enabled) in [
+        ("Export image...", DialogPurpose::ExportImage, has_image),
+        (
+            "Export heat map over image...",
+            DialogPurpose::ExportHeatmapOverImage,
+            has_heatmap,
+        ),
+        (
+            "Export heat map alone...",
+            DialogPurpose::ExportHeatmapAlone,
+            has_heatmap,
+        ),
+        (
+            "Export all word heat maps...",
+            DialogPurpose::ExportAllHeatmaps,
+            has_image,
+        ),
+        (
+            "Export attention maps...",
+            DialogPurpose::ExportAttention,
+            finished,
+        ),
+    ] {
+        let enabled = enabled && !ctx.dialog_open;
+        if ui.add_enabled(enabled, egui::Button::new(label)).clicked() {
+            commands.push(UiCommand::OpenDialog(purpose));
         }
     }
+}
 
-    /// Model, prompts and generation parameters.
-    pub(crate) fn controls_panel_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical()
-            .id_salt("attend.controls.scroll")
-            .show(ui, |ui| {
-                ui.heading("Model");
-                let model_text = match (&self.model.loading, &self.model.loaded) {
-                    (Some(source), _) => format!("loading {source}..."),
-                    (None, Some(info)) => info.name.clone(),
-                    (None, None) => "none".to_owned(),
-                };
-                ui.label(model_text);
-                ui.horizontal(|ui| {
-                    if ui.button("Open model folder...").clicked() {
-                        self.open_dialog(DialogPurpose::OpenModelFolder);
-                    }
-                    if ui.button("Bundled model").clicked() {
-                        self.load_model(ModelSource::Bundled);
-                    }
-                });
-                ui.separator();
+/// Model, prompts and generation parameters (the top of the left panel).
+pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let state = ctx.state;
+    ui.heading("Model");
+    let model_text = match (&state.model.loading, &state.model.loaded) {
+        (Some(source), _) => format!("loading {source}..."),
+        (None, Some(info)) => info.name.clone(),
+        (None, None) => "none".to_owned(),
+    };
+    ui.label(model_text);
+    ui.horizontal(|ui| {
+        if ui.button("Open model folder...").clicked() {
+            commands.push(UiCommand::OpenDialog(DialogPurpose::OpenModelFolder));
+        }
+        if ui.button("Bundled model").clicked() {
+            commands.push(UiCommand::LoadModel(ModelSource::Bundled));
+        }
+    });
+    ui.separator();
 
-                let params = &mut self.settings.params;
-                let label = ui.label("Prompt");
-                ui.add(
-                    egui::TextEdit::multiline(&mut params.prompt)
-                        .desired_rows(3)
-                        .desired_width(f32::INFINITY)
-                        .hint_text("a red circle and a blue square"),
-                )
+    let mut params_copy = state.settings.params.clone();
+    let params = &mut params_copy;
+    let label = ui.label("Prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut params.prompt)
+            .desired_rows(3)
+            .desired_width(f32::INFINITY)
+            .hint_text("a red circle and a blue square"),
+    )
+    .labelled_by(label.id);
+    let label = ui.label("Negative prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut params.negative_prompt)
+            .desired_rows(2)
+            .desired_width(f32::INFINITY),
+    )
+    .labelled_by(label.id);
+
+    egui::Grid::new("attend.params")
+        .num_columns(2)
+        .show(ui, |ui| {
+            let label = ui.label("Seed");
+            ui.horizontal(|ui| {
+                ui.add(egui::DragValue::new(&mut params.seed).speed(1.0))
+                    .labelled_by(label.id);
+                if ui.button("Random seed").clicked() {
+                    params.seed = random_seed();
+                }
+            });
+            ui.end_row();
+
+            let label = ui.label("Steps");
+            ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
                 .labelled_by(label.id);
-                let label = ui.label("Negative prompt");
-                ui.add(
-                    egui::TextEdit::multiline(&mut params.negative_prompt)
-                        .desired_rows(2)
-                        .desired_width(f32::INFINITY),
-                )
-                .labelled_by(label.id);
+            ui.end_row();
 
-                egui::Grid::new("attend.params")
-                    .num_columns(2)
-                    .show(ui, |ui| {
-                        let label = ui.label("Seed");
-                        ui.horizontal(|ui| {
-                            ui.add(egui::DragValue::new(&mut params.seed).speed(1.0))
-                                .labelled_by(label.id);
-                            if ui.button("Random seed").clicked() {
-                                params.seed = random_seed();
-                            }
-                        });
-                        ui.end_row();
+            let label = ui.label("Guidance");
+            ui.add(
+                egui::DragValue::new(&mut params.guidance)
+                    .range(0.0..=30.0)
+                    .speed(0.1)
+                    .fixed_decimals(1),
+            )
+            .labelled_by(label.id);
+            ui.end_row();
 
-                        let label = ui.label("Steps");
-                        ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
-                            .labelled_by(label.id);
-                        ui.end_row();
-
-                        let label = ui.label("Guidance");
-                        ui.add(
-                            egui::DragValue::new(&mut params.guidance)
-                                .range(0.0..=30.0)
-                                .speed(0.1)
-                                .fixed_decimals(1),
-                        )
-                        .labelled_by(label.id);
-                        ui.end_row();
-
-                        let label = ui.label("Scheduler");
-                        let model = self.model.loaded.as_ref();
-                        let default_name = model.map_or_else(
-                            || "model default".to_owned(),
-                            |info| format!("model default ({})", info.default_scheduler),
-                        );
-                        let selected_text = params
-                            .scheduler
-                            .clone()
-                            .unwrap_or_else(|| default_name.clone());
-                        egui::ComboBox::from_id_salt("attend.scheduler")
-                            .selected_text(selected_text)
-                            .show_ui(ui, |ui| {
-                                ui.selectable_value(&mut params.scheduler, None, default_name);
-                                for name in model
-                                    .map(|info| info.schedulers.clone())
-                                    .unwrap_or_default()
-                                {
-                                    ui.selectable_value(
-                                        &mut params.scheduler,
-                                        Some(name.clone()),
-                                        name,
-                                    );
-                                }
-                            })
-                            .response
-                            .labelled_by(label.id);
-                        ui.end_row();
-
-                        let label = ui.label("Size");
-                        let (default_width, default_height, multiple) =
-                            model.map_or((64, 64, 8), |info| {
-                                (
-                                    info.default_width_px,
-                                    info.default_height_px,
-                                    info.size_multiple_px.max(1),
-                                )
-                            });
-                        ui.horizontal(|ui| {
-                            let mut width = params.width_px.unwrap_or(default_width);
-                            let mut height = params.height_px.unwrap_or(default_height);
-                            let width_changed = ui
-                                .add(
-                                    egui::DragValue::new(&mut width)
-                                        .range(multiple..=4096)
-                                        .speed(multiple as f64),
-                                )
-                                .labelled_by(label.id)
-                                .on_hover_text("Width in pixels")
-                                .changed();
-                            ui.label("x");
-                            let height_changed = ui
-                                .add(
-                                    egui::DragValue::new(&mut height)
-                                        .range(multiple..=4096)
-                                        .speed(multiple as f64),
-                                )
-                                .on_hover_text("Height in pixels")
-                                .changed();
-                            if width_changed || height_changed {
-                                params.width_px = Some(width / multiple * multiple);
-                                params.height_px = Some(height / multiple * multiple);
-                            }
-                            if ui
-                                .add_enabled(
-                                    params.width_px.is_some() || params.height_px.is_some(),
-                                    egui::Button::new("Default"),
-                                )
-                                .on_hover_text("Use the model's default size")
-                                .clicked()
-                            {
-                                params.width_px = None;
-                                params.height_px = None;
-                            }
-                        });
-                        ui.end_row();
-                    });
-                ui.separator();
-                ui.horizontal(|ui| {
-                    let generate = ui
-                        .add(egui::Button::new(RichText::new("Generate").strong()))
-                        .on_hover_text("Ctrl+Enter");
-                    if generate.clicked() {
-                        self.generate();
-                    }
-                    if ui
-                        .add_enabled(self.is_generating(), egui::Button::new("Cancel"))
-                        .clicked()
+            let label = ui.label("Scheduler");
+            let model = state.model.loaded.as_ref();
+            let default_name = model.map_or_else(
+                || "model default".to_owned(),
+                |info| format!("model default ({})", info.default_scheduler),
+            );
+            let selected_text = params
+                .scheduler
+                .clone()
+                .unwrap_or_else(|| default_name.clone());
+            egui::ComboBox::from_id_salt("attend.scheduler")
+                .selected_text(selected_text)
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut params.scheduler, None, default_name);
+                    for name in model
+                        .map(|info| info.schedulers.clone())
+                        .unwrap_or_default()
                     {
-                        self.cancel();
+                        ui.selectable_value(&mut params.scheduler, Some(name.clone()), name);
                     }
+                })
+                .response
+                .labelled_by(label.id);
+            ui.end_row();
+
+            let label = ui.label("Size");
+            let (default_width, default_height, multiple) = model.map_or((64, 64, 8), |info| {
+                (
+                    info.default_width_px,
+                    info.default_height_px,
+                    info.size_multiple_px.max(1),
+                )
+            });
+            ui.horizontal(|ui| {
+                let mut width = params.width_px.unwrap_or(default_width);
+                let mut height = params.height_px.unwrap_or(default_height);
+                let width_changed = ui
+                    .add(
+                        egui::DragValue::new(&mut width)
+                            .range(multiple..=4096)
+                            .speed(multiple as f64),
+                    )
+                    .labelled_by(label.id)
+                    .on_hover_text("Width in pixels")
+                    .changed();
+                ui.label("x");
+                let height_changed = ui
+                    .add(
+                        egui::DragValue::new(&mut height)
+                            .range(multiple..=4096)
+                            .speed(multiple as f64),
+                    )
+                    .on_hover_text("Height in pixels")
+                    .changed();
+                if width_changed || height_changed {
+                    params.width_px = Some(width / multiple * multiple);
+                    params.height_px = Some(height / multiple * multiple);
+                }
+                if ui
+                    .add_enabled(
+                        params.width_px.is_some() || params.height_px.is_some(),
+                        egui::Button::new("Default"),
+                    )
+                    .on_hover_text("Use the model's default size")
+                    .clicked()
+                {
+                    params.width_px = None;
+                    params.height_px = None;
+                }
+            });
+            ui.end_row();
+        });
+    ui.separator();
+    ui.horizontal(|ui| {
+        let generate = ui
+            .add(egui::Button::new(RichText::new("Generate").strong()))
+            .on_hover_text("Ctrl+Enter");
+        if generate.clicked() {
+            commands.push(UiCommand::Generate);
+        }
+        if ui
+            .add_enabled(state.is_generating(), egui::Button::new("Cancel"))
+            .clicked()
+        {
+            commands.push(UiCommand::Cancel);
+        }
+    });
+    if params_copy != state.settings.params {
+        // Before Generate, which then runs with the new parameters.
+        commands.push_first(UiCommand::SetParams(params_copy));
+    }
+}
+
+/// The switch between the word heat map, the probe and the segments (top of the right panel).
+pub(crate) fn canvas_view_switch_ui(
+    ctx: &ViewContext<'_>,
+    ui: &mut egui::Ui,
+    commands: &mut UiCommands,
+) {
+    let current = ctx.state.canvas_view;
+    ui.horizontal(|ui| {
+        for (view, label) in [
+            (CanvasView::WordHeatmap, "Heat map"),
+            (CanvasView::Probe, "Probe"),
+            (CanvasView::Segments, "Segments"),
+        ] {
+            if ui.selectable_label(current == view, label).clicked() {
+                commands.push(UiCommand::SetCanvasView(view));
+            }
+        }
+    });
+}
+
+/// View settings, aggregation, probe and export (the right panel outside the Segments view).
+pub(crate) fn view_panel_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    ui.heading("View");
+    let mut view = ctx.state.settings.view.clone();
+    egui::ComboBox::from_label("Colormap")
+        .selected_text(view.colormap.name())
+        .show_ui(ui, |ui| {
+            for colormap in Colormap::ALL {
+                ui.selectable_value(&mut view.colormap, colormap, colormap.name());
+            }
+        });
+    ui.add(egui::Slider::new(&mut view.opacity, 0.0..=1.0).text("Opacity"));
+    ui.add(egui::Slider::new(&mut view.threshold, 0.0..=1.0).text("Threshold"));
+    ui.checkbox(&mut view.show_image, "Show image");
+    ui.checkbox(&mut view.show_heatmap, "Show heat map");
+    ui.checkbox(&mut view.smooth_image, "Smooth image");
+    if view != ctx.state.settings.view {
+        commands.push(UiCommand::SetView(view));
+    }
+    if ui.button("Reset zoom").clicked() {
+        commands.push(UiCommand::ResetZoom);
+    }
+    ui.separator();
+    aggregation_ui(ctx, ui, commands);
+    ui.separator();
+    probe_ui(ctx, ui, commands);
+    ui.separator();
+    ui.heading("Export");
+    export_buttons_ui(ctx, ui, commands);
+}
+
+/// Resolutions, places, step window.
+fn aggregation_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    ui.heading("Aggregation");
+    let run = ctx.state.run.as_ref();
+    let grids = run.map(RunView::cross_grids).unwrap_or_default();
+    let largest = grids.first().copied().unwrap_or((0, 0));
+    let mut aggregation = ctx.state.settings.aggregation.clone();
+    ui.label("Resolutions");
+    ui.horizontal_wrapped(|ui| {
+        for &(h, w) in &grids {
+            // DAAM's default skips grids 8 times smaller than the largest one.
+            let in_default = h * 8 > largest.0 && w * 8 > largest.1;
+            let mut chosen = aggregation
+                .resolutions
+                .as_ref()
+                .map_or(in_default, |set| set.contains(&(h, w)));
+            if ui.checkbox(&mut chosen, format!("{h}x{w}")).changed() {
+                let mut set = aggregation.resolutions.clone().unwrap_or_else(|| {
+                    grids
+                        .iter()
+                        .copied()
+                        .filter(|&(gh, gw)| gh * 8 > largest.0 && gw * 8 > largest.1)
+                        .collect()
                 });
-                // Edit mode (Prompt-to-Prompt).
-                self.edit_panel_ui(ui);
-            });
-    }
-
-    /// View, aggregation, probe and export.
-    pub(crate) fn view_panel_ui(&mut self, ui: &mut egui::Ui) {
-        egui::ScrollArea::vertical()
-            .id_salt("attend.view.scroll")
-            .show(ui, |ui| {
-                self.canvas_view_ui(ui);
-                if self.segments_active() {
-                    ui.separator();
-                    self.segments_panel_ui(ui);
-                    return;
+                if chosen {
+                    set.insert((h, w));
+                } else {
+                    set.remove(&(h, w));
                 }
-                ui.separator();
-                ui.heading("View");
-                let view = &mut self.settings.view;
-                egui::ComboBox::from_label("Colormap")
-                    .selected_text(view.colormap.name())
-                    .show_ui(ui, |ui| {
-                        for colormap in Colormap::ALL {
-                            ui.selectable_value(&mut view.colormap, colormap, colormap.name());
-                        }
-                    });
-                ui.add(egui::Slider::new(&mut view.opacity, 0.0..=1.0).text("Opacity"));
-                ui.add(egui::Slider::new(&mut view.threshold, 0.0..=1.0).text("Threshold"));
-                ui.checkbox(&mut view.show_image, "Show image");
-                ui.checkbox(&mut view.show_heatmap, "Show heat map");
-                ui.checkbox(&mut view.smooth_image, "Smooth image");
-                if ui.button("Reset zoom").clicked() {
-                    self.canvas.zoom = 1.0;
-                    self.canvas.pan = egui::Vec2::ZERO;
-                }
-                ui.separator();
-                self.aggregation_ui(ui);
-                ui.separator();
-                self.probe_ui(ui);
-                ui.separator();
-                ui.heading("Export");
-                self.export_buttons_ui(ui);
-            });
-    }
-
-    /// Resolutions, places, step window.
-    fn aggregation_ui(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Aggregation");
-        let grids = self
-            .run
-            .as_ref()
-            .map(|run| run.cross_grids())
-            .unwrap_or_default();
-        let largest = grids.first().copied().unwrap_or((0, 0));
-        let aggregation = &mut self.settings.aggregation;
-        ui.label("Resolutions");
-        ui.horizontal_wrapped(|ui| {
-            for &(h, w) in &grids {
-                // DAAM's default skips grids 8 times smaller than the largest one.
-                let in_default = h * 8 > largest.0 && w * 8 > largest.1;
-                let mut chosen = aggregation
-                    .resolutions
-                    .as_ref()
-                    .map_or(in_default, |set| set.contains(&(h, w)));
-                if ui.checkbox(&mut chosen, format!("{h}x{w}")).changed() {
-                    let mut set = aggregation.resolutions.clone().unwrap_or_else(|| {
-                        grids
-                            .iter()
-                            .copied()
-                            .filter(|&(gh, gw)| gh * 8 > largest.0 && gw * 8 > largest.1)
-                            .collect()
-                    });
-                    if chosen {
-                        set.insert((h, w));
-                    } else {
-                        set.remove(&(h, w));
-                    }
-                    aggregation.resolutions = Some(set);
-                }
+                aggregation.resolutions = Some(set);
             }
-            if grids.is_empty() {
-                ui.weak("(after the first step)");
-            }
-        });
-        if aggregation.resolutions.is_some() && ui.button("DAAM default resolutions").clicked() {
-            aggregation.resolutions = None;
-        }
-        ui.horizontal(|ui| {
-            ui.label("Places");
-            ui.checkbox(&mut aggregation.down, "Down");
-            ui.checkbox(&mut aggregation.mid, "Mid");
-            ui.checkbox(&mut aggregation.up, "Up");
-        });
-        let step_count = self.run.as_ref().map_or(1, |run| run.step_count.max(1));
-        let last_index = step_count - 1;
-        let mut first = aggregation.first_step.min(last_index);
-        let mut last = aggregation.last_step.unwrap_or(last_index).min(last_index);
-        let first_changed = ui
-            .add(egui::Slider::new(&mut first, 0..=last_index).text("First step"))
-            .changed();
-        let last_changed = ui
-            .add(egui::Slider::new(&mut last, 0..=last_index).text("Last step"))
-            .changed();
-        if first_changed {
-            aggregation.first_step = first;
-        }
-        if last_changed {
-            aggregation.last_step = (last < last_index).then_some(last);
-        }
-        if aggregation.first_step > last {
-            aggregation.first_step = last;
-        }
-        ui.checkbox(
-            &mut aggregation.normalize_tokens,
-            "Normalise over words (DAAM)",
-        );
-    }
-
-    /// Self-attention probe.
-    fn probe_ui(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Self-attention probe");
-        ui.checkbox(&mut self.probe.enabled, "Probe self-attention");
-        let grids = self
-            .run
-            .as_ref()
-            .map(RunView::probe_grids)
-            .unwrap_or_default();
-        if !self.probe.enabled {
-            return;
         }
         if grids.is_empty() {
-            ui.weak("Available once a run has made its first step.");
-            return;
+            ui.weak("(after the first step)");
         }
-        let current = self
-            .probe
-            .grid
-            .filter(|grid| grids.contains(grid))
-            .unwrap_or(grids[0]);
-        let mut chosen = current;
-        egui::ComboBox::from_label("Probe resolution")
-            .selected_text(format!("{}x{}", current.0, current.1))
-            .show_ui(ui, |ui| {
-                for grid in &grids {
-                    ui.selectable_value(&mut chosen, *grid, format!("{}x{}", grid.0, grid.1));
-                }
-            });
-        self.probe.grid = Some(chosen);
-        ui.horizontal(|ui| {
-            ui.radio_value(
-                &mut self.settings.probe_span,
-                SelfAttentionSpan::LatestStep,
-                "Last step",
-            );
-            ui.radio_value(
-                &mut self.settings.probe_span,
-                SelfAttentionSpan::MeanOverSteps,
-                "All steps",
-            );
-        });
-        ui.weak("Click the canvas (or hold Shift and hover) to see where a pixel attends.");
+    });
+    if aggregation.resolutions.is_some() && ui.button("DAAM default resolutions").clicked() {
+        aggregation.resolutions = None;
     }
-
-    /// Progress, timeline, token strip, status line.
-    pub(crate) fn bottom_panel_ui(&mut self, ui: &mut egui::Ui) {
-        ui.add_space(4.0);
-        self.progress_ui(ui);
-        self.timeline_ui(ui);
-        ui.separator();
-        self.token_strip_ui(ui);
-        ui.separator();
-        self.status_line_ui(ui);
+    ui.horizontal(|ui| {
+        ui.label("Places");
+        ui.checkbox(&mut aggregation.down, "Down");
+        ui.checkbox(&mut aggregation.mid, "Mid");
+        ui.checkbox(&mut aggregation.up, "Up");
+    });
+    let step_count = run.map_or(1, |run| run.step_count.max(1));
+    let last_index = step_count - 1;
+    let mut first = aggregation.first_step.min(last_index);
+    let mut last = aggregation.last_step.unwrap_or(last_index).min(last_index);
+    let first_changed = ui
+        .add(egui::Slider::new(&mut first, 0..=last_index).text("First step"))
+        .changed();
+    let last_changed = ui
+        .add(egui::Slider::new(&mut last, 0..=last_index).text("Last step"))
+        .changed();
+    if first_changed {
+        aggregation.first_step = first;
     }
-
-    fn progress_ui(&mut self, ui: &mut egui::Ui) {
-        // A running source first, else the run the heat maps show (the edited one in edit mode).
-        let progress_run = self
-            .run
-            .as_ref()
-            .filter(|run| run.is_running())
-            .or(self.shown_run());
-        let (fraction, text) = match (progress_run, self.pending_run) {
-            (_, Some(_)) => (0.0, "starting...".to_owned()),
-            (None, None) => (0.0, "idle".to_owned()),
-            (Some(run), None) => {
-                let done = run.steps.len();
-                let fraction = done as f32 / run.step_count.max(1) as f32;
-                let speed = run
-                    .secs_per_step()
-                    .map_or_else(String::new, |secs| format!(", {secs:.2} s/step"));
-                let text = match &run.outcome {
-                    RunOutcome::Running => {
-                        let eta = run
-                            .eta_secs()
-                            .map_or_else(String::new, |secs| format!(", ETA {secs:.1} s"));
-                        format!("step {done}/{}{speed}{eta}", run.step_count)
-                    }
-                    RunOutcome::Finished { elapsed_secs } => {
-                        format!(
-                            "done: {done}/{} steps in {elapsed_secs:.1} s{speed}",
-                            run.step_count
-                        )
-                    }
-                    RunOutcome::Cancelled { steps_done } => {
-                        format!("cancelled after {steps_done}/{} steps", run.step_count)
-                    }
-                    RunOutcome::Failed(_) => {
-                        format!("failed after {done}/{} steps", run.step_count)
-                    }
-                };
-                (fraction, text)
-            }
-        };
-        ui.add(
-            egui::ProgressBar::new(fraction)
-                .text(text)
-                .desired_width(ui.available_width()),
-        );
+    if last_changed {
+        aggregation.last_step = (last < last_index).then_some(last);
     }
+    if aggregation.first_step > last {
+        aggregation.first_step = last;
+    }
+    ui.checkbox(
+        &mut aggregation.normalize_tokens,
+        "Normalise over words (DAAM)",
+    );
+    if aggregation != ctx.state.settings.aggregation {
+        commands.push(UiCommand::SetAggregation(aggregation));
+    }
+}
 
-    fn timeline_ui(&mut self, ui: &mut egui::Ui) {
-        let shown = if self.shows_edited_run() {
-            &self.edit.run
+/// Self-attention probe.
+fn probe_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let state = ctx.state;
+    ui.heading("Self-attention probe");
+    let mut probing = state.canvas_view == CanvasView::Probe;
+    if ui.checkbox(&mut probing, "Probe self-attention").changed() {
+        commands.push(UiCommand::SetCanvasView(if probing {
+            CanvasView::Probe
         } else {
-            &self.run
-        };
-        let Some(run) = shown else {
-            return;
-        };
-        let received = run.steps.len();
-        if received == 0 {
-            return;
-        }
-        let last = received - 1;
-        ui.horizontal(|ui| {
-            let mut follow_live = self.timeline.cursor.is_none();
-            if ui.checkbox(&mut follow_live, "Latest step").changed() {
-                self.timeline.cursor = if follow_live { None } else { Some(last) };
-            }
-            let mut step = self.timeline.cursor.unwrap_or(last).min(last);
-            let label = ui.label("Step");
-            let response = ui
-                .add(egui::Slider::new(&mut step, 0..=last).integer())
-                .labelled_by(label.id);
-            if response.changed() {
-                self.timeline.cursor = if step == last && run.is_running() {
-                    None
-                } else {
-                    Some(step)
-                };
-            }
-            ui.checkbox(&mut self.timeline.only_this_step, "This step only");
-            if let Some(record) = run.steps.get(step) {
-                ui.weak(format!("t = {:.0}", record.timestep));
+            CanvasView::WordHeatmap
+        }));
+    }
+    if !probing {
+        return;
+    }
+    let grids = state
+        .run
+        .as_ref()
+        .map(RunView::probe_grids)
+        .unwrap_or_default();
+    let Some(&first_grid) = grids.first() else {
+        ui.weak("Available once a run has made its first step.");
+        return;
+    };
+    let current = state
+        .probe
+        .grid
+        .filter(|grid| grids.contains(grid))
+        .unwrap_or(first_grid);
+    let mut chosen = current;
+    egui::ComboBox::from_label("Probe resolution")
+        .selected_text(format!("{}x{}", current.0, current.1))
+        .show_ui(ui, |ui| {
+            for grid in &grids {
+                ui.selectable_value(&mut chosen, *grid, format!("{}x{}", grid.0, grid.1));
             }
         });
+    if state.probe.grid != Some(chosen) {
+        commands.push(UiCommand::SetProbeGrid(chosen));
     }
+    let mut span = state.settings.probe_span;
+    ui.horizontal(|ui| {
+        ui.radio_value(&mut span, SelfAttentionSpan::LatestStep, "Last step");
+        ui.radio_value(&mut span, SelfAttentionSpan::MeanOverSteps, "All steps");
+    });
+    if span != state.settings.probe_span {
+        commands.push(UiCommand::SetProbeSpan(span));
+    }
+    ui.weak("Click the canvas (or hold Shift and hover) to see where a pixel attends.");
+}
 
-    fn status_line_ui(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
-            let Some(message) = self.status.last() else {
-                ui.weak("Ready");
-                return;
+/// The progress bar: a running source first, else the run the heat maps show (the edited one in
+/// edit mode).
+pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
+    let state = ctx.state;
+    let progress_run = state
+        .run
+        .as_ref()
+        .filter(|run| run.is_running())
+        .or(state.shown_run());
+    let (fraction, text) = match (progress_run, state.pending_run) {
+        (_, Some(_)) => (0.0, "starting...".to_owned()),
+        (None, None) => (0.0, "idle".to_owned()),
+        (Some(run), None) => {
+            let done = run.steps.len();
+            let fraction = done as f32 / run.step_count.max(1) as f32;
+            let speed = run
+                .secs_per_step()
+                .map_or_else(String::new, |secs| format!(", {secs:.2} s/step"));
+            let text = match &run.outcome {
+                RunOutcome::Running => {
+                    let eta = run
+                        .eta_secs()
+                        .map_or_else(String::new, |secs| format!(", ETA {secs:.1} s"));
+                    format!("step {done}/{}{speed}{eta}", run.step_count)
+                }
+                RunOutcome::Finished { elapsed_secs } => {
+                    format!(
+                        "done: {done}/{} steps in {elapsed_secs:.1} s{speed}",
+                        run.step_count
+                    )
+                }
+                RunOutcome::Cancelled { steps_done } => {
+                    format!("cancelled after {steps_done}/{} steps", run.step_count)
+                }
+                RunOutcome::Failed(_) => {
+                    format!("failed after {done}/{} steps", run.step_count)
+                }
             };
-            let colour = match message.level {
-                StatusLevel::Info => ui.visuals().text_color(),
-                StatusLevel::Warning => ui.visuals().warn_fg_color,
-                StatusLevel::Error => ui.visuals().error_fg_color,
+            (fraction, text)
+        }
+    };
+    ui.add(
+        egui::ProgressBar::new(fraction)
+            .text(text)
+            .desired_width(ui.available_width()),
+    );
+}
+
+/// The timeline: follow the latest step, or scrub to an earlier one.
+pub(crate) fn timeline_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let Some(run) = ctx.state.shown_run() else {
+        return;
+    };
+    let Some(last) = run.steps.len().checked_sub(1) else {
+        return;
+    };
+    let mut timeline = ctx.state.timeline;
+    ui.horizontal(|ui| {
+        let mut follow_live = timeline.cursor.is_none();
+        if ui.checkbox(&mut follow_live, "Latest step").changed() {
+            timeline.cursor = if follow_live { None } else { Some(last) };
+        }
+        let mut step = timeline.cursor.unwrap_or(last).min(last);
+        let label = ui.label("Step");
+        let response = ui
+            .add(egui::Slider::new(&mut step, 0..=last).integer())
+            .labelled_by(label.id);
+        if response.changed() {
+            timeline.cursor = if step == last && run.is_running() {
+                None
+            } else {
+                Some(step)
             };
-            let response = ui.label(RichText::new(&message.text).color(colour));
-            let history: Vec<String> = self
-                .status
-                .iter()
-                .rev()
-                .take(10)
-                .map(|message| message.text.clone())
-                .collect();
-            response.on_hover_text(history.join("\n"));
-        });
+        }
+        ui.checkbox(&mut timeline.only_this_step, "This step only");
+        if let Some(record) = run.steps.get(step) {
+            ui.weak(format!("t = {:.0}", record.timestep));
+        }
+    });
+    if timeline != ctx.state.timeline {
+        commands.push(UiCommand::SetTimeline(timeline));
     }
+}
+
+/// The latest status message, with the history on hover.
+pub(crate) fn status_line_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
+    let messages = ctx.state.status.messages();
+    ui.horizontal(|ui| {
+        let Some(message) = messages.last() else {
+            ui.weak("Ready");
+            return;
+        };
+        let colour = match message.level {
+            StatusLevel::Info => ui.visuals().text_color(),
+            StatusLevel::Warning => ui.visuals().warn_fg_color,
+            StatusLevel::Error => ui.visuals().error_fg_color,
+        };
+        let response = ui.label(RichText::new(&message.text).color(colour));
+        let history: Vec<String> = messages
+            .iter()
+            .rev()
+            .take(10)
+            .map(|message| message.text.clone())
+            .collect();
+        response.on_hover_text(history.join("\n"));
+    });
 }
 
 /// A seed from the clock (no RNG crate needed; only has to differ between clicks).

@@ -1,9 +1,14 @@
-//! What the UI holds about the run it shows: every step's preview and maps, and its outcome.
+//! What the UI holds about a run it shows: every step's preview and maps, and its outcome.
+//! A run's steps are kept once (moved out of the worker's events); step windows are summed through
+//! [`CrossPrefixSums`] without copying them.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::analysis::heatmap::{CrossGroup, StepCross};
-use crate::worker::{GenerateParams, PromptInfo, RgbImage, StepFrame, StepTiming};
+use crate::analysis::aggregate::CrossPrefixSums;
+use crate::analysis::heatmap::StepCross;
+use crate::worker::{Branch, GenerateParams, PromptInfo, RgbImage, StepFrame, StepTiming};
 
 /// How a run ended (or that it has not).
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +29,15 @@ pub enum RunOutcome {
     Failed(String),
 }
 
+/// What caches of a run's data are keyed by: its id and branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RunKey {
+    /// The run id the worker gave it.
+    pub run_id: u64,
+    /// Which branch of that run.
+    pub branch: Branch,
+}
+
 /// One received step.
 #[derive(Clone, Debug)]
 pub struct StepRecord {
@@ -35,11 +49,14 @@ pub struct StepRecord {
     pub timing: StepTiming,
 }
 
-/// The run on screen.
+/// A run on screen.
 #[derive(Clone, Debug)]
 pub struct RunView {
     /// Its id.
     pub run_id: u64,
+    /// Which branch of the run: a plain run and an edit's source are [`Branch::Source`], an edit's
+    /// edited prompt [`Branch::Edited`] (same run id).
+    pub branch: Branch,
     /// Parameters, defaults resolved.
     pub params: GenerateParams,
     /// Words and tokens.
@@ -48,11 +65,10 @@ pub struct RunView {
     pub step_count: usize,
     /// Per received step: preview and timing (index = step index).
     pub steps: Vec<StepRecord>,
-    /// Per received step: cross-attention (kept apart so it can be handed to analysis as a slice).
-    pub cross: Vec<StepCross>,
-    /// Running sums of `cross`: entry `k` holds, per group, the sum of the maps of steps `0..=k`
-    /// (`None` once a step's groups differ from the first step's, which no engine does).
-    cumulative: Option<Vec<StepCross>>,
+    /// Per received step: cross-attention, shared with the worker's event (never copied).
+    pub cross: Vec<Arc<StepCross>>,
+    /// Running sums of `cross`, for step windows at the cost of one step.
+    sums: CrossPrefixSums,
     /// The final image once finished.
     pub final_image: Option<RgbImage>,
     /// How it ended.
@@ -64,17 +80,18 @@ pub struct RunView {
 }
 
 impl RunView {
-    /// A run that has just started.
-    pub fn new(run_id: u64, params: GenerateParams, prompt: PromptInfo) -> Self {
+    /// A run (branch) that has just started.
+    pub fn new(run_id: u64, branch: Branch, params: GenerateParams, prompt: PromptInfo) -> Self {
         let step_count = params.steps;
         Self {
             run_id,
+            branch,
             params,
             prompt,
             step_count,
             steps: Vec::with_capacity(step_count),
             cross: Vec::with_capacity(step_count),
-            cumulative: Some(Vec::with_capacity(step_count)),
+            sums: CrossPrefixSums::with_capacity(step_count),
             final_image: None,
             outcome: RunOutcome::Running,
             self_attention_grids: Vec::new(),
@@ -82,11 +99,19 @@ impl RunView {
         }
     }
 
-    /// Adds a step (they arrive in order).
+    /// What caches of this run's data are keyed by.
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            run_id: self.run_id,
+            branch: self.branch,
+        }
+    }
+
+    /// Adds a step (they arrive in order). The step's maps are shared, not copied.
     pub fn push_step(&mut self, frame: StepFrame) {
         self.step_count = frame.step_count;
-        self.extend_cumulative(&frame.cross);
         self.cross.push(frame.cross);
+        self.sums.push_last(&self.cross);
         self.steps.push(StepRecord {
             timestep: frame.timestep,
             preview: frame.preview,
@@ -94,66 +119,22 @@ impl RunView {
         });
     }
 
-    fn extend_cumulative(&mut self, step: &StepCross) {
-        let Some(cumulative) = &mut self.cumulative else {
-            return;
-        };
-        let next = match cumulative.last() {
-            None => step.clone(),
-            Some(previous) if same_groups(previous, step) => StepCross {
-                step_index: step.step_index,
-                groups: previous
-                    .groups
-                    .iter()
-                    .zip(&step.groups)
-                    .map(|(sum, group)| CrossGroup {
-                        data: sum
-                            .data
-                            .iter()
-                            .zip(&group.data)
-                            .map(|(a, b)| a + b)
-                            .collect(),
-                        ..group.clone()
-                    })
-                    .collect(),
-            },
-            Some(_) => {
-                self.cumulative = None;
-                return;
-            }
-        };
-        cumulative.push(next);
+    /// The cross-attention of steps `first..=last` summed into one step, so that aggregating it
+    /// equals aggregating the steps themselves at the cost of one (borrowed unless the window
+    /// starts after step 0 and spans several steps). `None` when the steps are out of range or not
+    /// summable.
+    pub fn summed_cross(&self, first: usize, last: usize) -> Option<Cow<'_, StepCross>> {
+        self.sums.window(&self.cross, first, last)
     }
 
-    /// The cross-attention of steps `first..=last` summed into one step, so that aggregating it
-    /// equals aggregating the steps themselves (the layer counts are the same at every step) at the
-    /// cost of one. `None` when the steps are out of range or not summable.
-    pub fn summed_cross(&self, first: usize, last: usize) -> Option<StepCross> {
-        if first == last {
-            return self.cross.get(first).cloned();
-        }
-        let cumulative = self.cumulative.as_ref()?;
-        let upper = cumulative.get(last)?;
-        let Some(lower) = first.checked_sub(1).and_then(|index| cumulative.get(index)) else {
-            return Some(upper.clone());
-        };
-        Some(StepCross {
-            step_index: last,
-            groups: upper
-                .groups
-                .iter()
-                .zip(&lower.groups)
-                .map(|(upper, lower)| CrossGroup {
-                    data: upper
-                        .data
-                        .iter()
-                        .zip(&lower.data)
-                        .map(|(a, b)| a - b)
-                        .collect(),
-                    ..upper.clone()
-                })
-                .collect(),
-        })
+    /// Copies of every step's cross-attention, for analysis that takes a slice of steps (an
+    /// export of the whole run; heat maps of steps that cannot be summed). Per frame the heat
+    /// maps use [`Self::summed_cross`] instead, which copies nothing.
+    pub fn cross_copies(&self) -> Vec<StepCross> {
+        self.cross
+            .iter()
+            .map(|step| StepCross::clone(step))
+            .collect()
     }
 
     /// True while steps are still coming.
@@ -210,87 +191,5 @@ impl RunView {
         grids.sort_by_key(|&(h, w)| std::cmp::Reverse(h * w));
         grids.dedup();
         grids
-    }
-}
-
-/// True when two steps have the same groups in the same order (so their maps can be added).
-fn same_groups(a: &StepCross, b: &StepCross) -> bool {
-    a.groups.len() == b.groups.len()
-        && a.groups.iter().zip(&b.groups).all(|(a, b)| {
-            (
-                a.place,
-                a.h,
-                a.w,
-                a.layer_count,
-                a.token_count,
-                a.data.len(),
-            ) == (
-                b.place,
-                b.h,
-                b.w,
-                b.layer_count,
-                b.token_count,
-                b.data.len(),
-            )
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::analysis::heatmap::{word_heatmaps, AggregationSettings, UnetPlace};
-    use crate::analysis::WordSpan;
-
-    fn step(step_index: usize) -> StepCross {
-        let groups = [(UnetPlace::Down, 8, 2), (UnetPlace::Up, 4, 3)]
-            .iter()
-            .map(|&(place, side, layer_count)| CrossGroup {
-                place,
-                h: side,
-                w: side,
-                layer_count,
-                token_count: 4,
-                data: (0..4 * side * side)
-                    .map(|index| ((index * 7 + step_index * 13) % 17) as f32 / 17.0)
-                    .collect(),
-            })
-            .collect();
-        StepCross { step_index, groups }
-    }
-
-    #[test]
-    fn summed_steps_aggregate_like_the_steps_themselves() {
-        let mut run = RunView::new(1, GenerateParams::default(), PromptInfo::default());
-        for index in 0..6 {
-            run.push_step(StepFrame {
-                step_index: index,
-                step_count: 6,
-                timestep: 0.0,
-                preview: RgbImage::default(),
-                cross: step(index),
-                timing: StepTiming::default(),
-            });
-        }
-        let words = [WordSpan {
-            text: "w".to_owned(),
-            token_indices: vec![1, 2],
-        }];
-        for (first, last) in [(0, 5), (2, 4), (3, 3), (0, 0)] {
-            let settings = AggregationSettings {
-                steps: first..=last,
-                ..AggregationSettings::default()
-            };
-            let direct = word_heatmaps(&run.cross, &words, &settings, 8, 8);
-            let summed = run.summed_cross(first, last).unwrap();
-            let fast = word_heatmaps(&[summed], &words, &AggregationSettings::default(), 8, 8);
-            let max_diff = direct[0]
-                .data
-                .iter()
-                .zip(&fast[0].data)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(max_diff < 1e-5, "{first}..={last}: {max_diff}");
-            assert!((direct[0].peak - fast[0].peak).abs() < 1e-4);
-        }
     }
 }

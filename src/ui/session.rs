@@ -1,11 +1,11 @@
 //! Session files: the model, prompts, seed and settings of a generation as JSON, so that
-//! `attend --session F` reopens it and regenerates the same image.
+//! `attend --session F` reopens it and regenerates the same image; with the editor modes' parts
+//! ([`EditSession`]: the Prompt-to-Prompt edit).
 
 use std::path::{Path, PathBuf};
 
-use crate::ui::edit_mode::EditSession;
 use crate::ui::settings::{AggregationChoice, ViewSettings};
-use crate::worker::{GenerateParams, ModelSource};
+use crate::worker::{EditSpec, GenerateParams, ModelSource};
 
 /// Value of a session file's `format` field.
 pub const SESSION_FORMAT: &str = "attend.session.v1";
@@ -32,6 +32,58 @@ pub struct Session {
     /// Edit mode: the Prompt-to-Prompt edit of the image (absent in older files: no edit).
     #[serde(default)]
     pub edit: Option<EditSession>,
+}
+
+/// How source and edited image are compared on the canvas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CompareMode {
+    /// Source on the left, edited on the right.
+    #[default]
+    SideBySide,
+    /// One image over the other, split by a vertical divider the user drags.
+    Swipe,
+}
+
+/// Which run the heat maps, token strip and timeline show in edit mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum EditBranchView {
+    /// The source prompt's run.
+    Source,
+    /// The edited prompt's run.
+    #[default]
+    Edited,
+}
+
+/// Edit mode as saved in a session file: with the session's parameters it reproduces the edited
+/// image exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct EditSession {
+    /// Edit mode is on.
+    pub enabled: bool,
+    /// The edit (edited prompt, windows, weights, local blend).
+    pub spec: EditSpec,
+    /// Side by side or swipe.
+    pub compare: CompareMode,
+    /// Swipe divider position, 0..1 of the image width.
+    pub swipe: f32,
+    /// Which run's heat maps are shown.
+    pub viewing: EditBranchView,
+    /// Draw the local-blend mask over the edited image.
+    pub show_blend_mask: bool,
+}
+
+impl Default for EditSession {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            spec: EditSpec::new(""),
+            compare: CompareMode::default(),
+            swipe: 0.5,
+            viewing: EditBranchView::default(),
+            show_blend_mask: true,
+        }
+    }
 }
 
 /// Why a session file could not be read.

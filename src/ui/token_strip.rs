@@ -1,8 +1,11 @@
 //! The token strip: one live thumbnail per prompt word. Click one to show its heat map on the canvas;
-//! hover for its peak value.
+//! hover for its peak value. In edit mode, showing the edited run, each word has a weight slider.
 
 use crate::analysis::colormap::Colormap;
-use crate::ui::app::EditorApp;
+use crate::ui::command::{UiCommand, UiCommands};
+use crate::ui::context::ViewContext;
+use crate::ui::edit::spec::{word_weight, WEIGHT_RANGE};
+use crate::ui::state::CanvasView;
 
 /// Side of a thumbnail, in points.
 const THUMBNAIL_SIZE: f32 = 56.0;
@@ -19,110 +22,132 @@ impl TokenStrip {
     pub(crate) fn len(&self) -> usize {
         self.textures.len()
     }
-}
 
-impl EditorApp {
     /// Redraws the thumbnails when the heat maps or the colormap changed.
-    fn update_thumbnails(&mut self, ctx: &egui::Context) {
-        let key = (self.derived.version, self.settings.view.colormap);
-        if self.token_strip.key == Some(key) {
+    fn update_thumbnails(&mut self, ctx: &ViewContext<'_>, egui_ctx: &egui::Context) {
+        let derived = &ctx.state.derived;
+        let colormap = ctx.state.settings.view.colormap;
+        let key = (derived.version, colormap);
+        if self.key == Some(key) {
             return;
         }
-        let colormap = self.settings.view.colormap;
-        let heatmaps = &self.derived.heatmaps;
-        self.token_strip.textures.truncate(heatmaps.len());
-        for (index, heatmap) in heatmaps.iter().enumerate() {
+        self.textures.truncate(derived.heatmaps.len());
+        for (index, heatmap) in derived.heatmaps.iter().enumerate() {
             let rgb: Vec<u8> = heatmap
                 .data
                 .iter()
                 .flat_map(|&value| colormap.rgb(value))
                 .collect();
             let image = egui::ColorImage::from_rgb([heatmap.w, heatmap.h], &rgb);
-            match self.token_strip.textures.get_mut(index) {
+            match self.textures.get_mut(index) {
                 Some(texture) => texture.set(image, egui::TextureOptions::LINEAR),
-                None => self.token_strip.textures.push(ctx.load_texture(
+                None => self.textures.push(egui_ctx.load_texture(
                     format!("attend.thumbnail.{index}"),
                     image,
                     egui::TextureOptions::LINEAR,
                 )),
             }
         }
-        self.token_strip.key = Some(key);
+        self.key = Some(key);
     }
+}
 
-    /// The strip of word thumbnails.
-    pub(crate) fn token_strip_ui(&mut self, ui: &mut egui::Ui) {
-        self.update_thumbnails(ui.ctx());
-        // Edit mode: the edited run's words, each with its weight slider.
-        let edit_weights = self.shows_edited_run();
-        let shown = if edit_weights {
-            &self.edit.run
-        } else {
-            &self.run
-        };
-        let Some(run) = shown else {
-            ui.label("Word heat maps appear here while the image is generated.");
-            return;
-        };
-        if run.prompt.words.is_empty() {
-            ui.label("The prompt has no words.");
-            return;
-        }
-        let steps_shown = self
-            .visible_steps()
-            .map_or(0, |(first, last)| last + 1 - first);
-        let mut clicked = None;
-        egui::ScrollArea::horizontal()
-            .id_salt("attend.token_strip")
-            .show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    for (index, word) in run.prompt.words.iter().enumerate() {
-                        let selected = self.selected_word == Some(index) && !self.probe.enabled;
-                        let texture = self.token_strip.textures.get(index);
-                        let peak = self
-                            .derived
-                            .heatmaps
-                            .get(index)
-                            .map_or(0.0, |heatmap| heatmap.peak);
-                        let button = match texture {
-                            Some(texture) => egui::Button::image_and_text(
-                                egui::Image::new((texture.id(), egui::Vec2::splat(THUMBNAIL_SIZE))),
-                                word.text.as_str(),
-                            ),
-                            None => egui::Button::new(word.text.as_str()),
-                        };
-                        let hover = format!(
-                            "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
-                            word.text
-                        );
-                        let response = if edit_weights {
-                            ui.vertical(|ui| {
-                                let response =
-                                    ui.add(button.selected(selected)).on_hover_text(hover);
-                                let first = !run.prompt.words[..index]
-                                    .iter()
-                                    .any(|other| other.text == word.text);
-                                crate::ui::edit_mode::weight_slider(
-                                    ui,
-                                    &mut self.edit.settings.spec,
-                                    &word.text,
-                                    first,
-                                );
-                                response
-                            })
-                            .inner
-                        } else {
-                            ui.add(button.selected(selected)).on_hover_text(hover)
-                        };
-                        if response.clicked() {
-                            clicked = Some(index);
-                        }
-                    }
-                });
-            });
-        if let Some(index) = clicked {
-            self.selected_word = Some(index);
-            self.probe.enabled = false;
-        }
+/// The strip of word thumbnails.
+pub(crate) fn token_strip_ui(
+    ctx: &ViewContext<'_>,
+    ui: &mut egui::Ui,
+    strip: &mut TokenStrip,
+    commands: &mut UiCommands,
+) {
+    strip.update_thumbnails(ctx, ui.ctx());
+    let state = ctx.state;
+    // Edit mode: the edited run's words, each with its weight slider.
+    let edit_weights = state.shows_edited_run();
+    let Some(run) = state.shown_run() else {
+        ui.label("Word heat maps appear here while the image is generated.");
+        return;
+    };
+    if run.prompt.words.is_empty() {
+        ui.label("The prompt has no words.");
+        return;
     }
+    let steps_shown = state
+        .visible_steps()
+        .map_or(0, |(first, last)| last + 1 - first);
+    let probing = state.canvas_view == CanvasView::Probe;
+    egui::ScrollArea::horizontal()
+        .id_salt("attend.token_strip")
+        .show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for (index, word) in run.prompt.words.iter().enumerate() {
+                    let selected = state.selected_word == Some(index) && !probing;
+                    let peak = state
+                        .derived
+                        .heatmaps
+                        .get(index)
+                        .map_or(0.0, |heatmap| heatmap.peak);
+                    let button = match strip.textures.get(index) {
+                        Some(texture) => egui::Button::image_and_text(
+                            egui::Image::new((texture.id(), egui::Vec2::splat(THUMBNAIL_SIZE))),
+                            word.text.as_str(),
+                        ),
+                        None => egui::Button::new(word.text.as_str()),
+                    };
+                    let hover = format!(
+                        "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
+                        word.text
+                    );
+                    let response = if edit_weights {
+                        ui.vertical(|ui| {
+                            let response = ui.add(button.selected(selected)).on_hover_text(hover);
+                            // A word's weight applies to all its occurrences: the first has the
+                            // slider.
+                            let first = !run.prompt.words[..index]
+                                .iter()
+                                .any(|other| other.text == word.text);
+                            let weight = word_weight(state.modes.edit.spec(), &word.text);
+                            if let Some(weight) = weight_slider_ui(ui, &word.text, weight, first) {
+                                commands.push(UiCommand::SetWordWeight {
+                                    word: word.text.clone(),
+                                    weight,
+                                });
+                            }
+                            response
+                        })
+                        .inner
+                    } else {
+                        ui.add(button.selected(selected)).on_hover_text(hover)
+                    };
+                    if response.clicked() {
+                        commands.push(UiCommand::SelectWord(index));
+                    }
+                }
+            });
+        });
+}
+
+/// A weight slider for `word` (range [`WEIGHT_RANGE`], 1 = no change), labelled "Weight of <word>";
+/// returns the new weight when it was moved. Only the first occurrence (`first`) gets the slider;
+/// the others show the value.
+fn weight_slider_ui(ui: &mut egui::Ui, word: &str, weight: f32, first: bool) -> Option<f32> {
+    if !first {
+        ui.weak(format!("weight {weight:.1}"))
+            .on_hover_text("Set by the first occurrence of the word");
+        return None;
+    }
+    let mut weight = weight;
+    ui.spacing_mut().slider_width = 56.0;
+    let response = ui
+        .add(
+            egui::Slider::new(&mut weight, WEIGHT_RANGE)
+                .fixed_decimals(1)
+                .step_by(0.1),
+        )
+        .on_hover_text(format!(
+            "Weight of \"{word}\" in the edited prompt's attention: 1 = unchanged, 0 = removed, \
+             negative = inverted"
+        ));
+    let label = format!("Weight of {word}");
+    response.widget_info(|| egui::WidgetInfo::slider(true, f64::from(weight), &label));
+    response.changed().then_some(weight)
 }

@@ -1,17 +1,19 @@
-//! What the worker thread needs from a diffusion backend: the [`Engine`] trait.
+//! What the worker thread needs from a diffusion backend: the [`Engine`] trait, and the
+//! [`RunObserver`] an engine reports a run's progress to.
 //!
 //! The real backend is [`crate::worker::PipelineEngine`] (candle); [`crate::worker::FakeEngine`]
 //! synthesises images and maps for tests and UI work without a model.
 
 use std::path::Path;
 
-use crate::worker::error::EngineError;
-use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
-use crate::worker::protocol::{GenerateParams, ModelInfo, ModelSource, PromptInfo, StepFrame};
-// Edit mode.
-use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
-// Segments view.
 use crate::analysis::segment::LabelledSegmentation;
+use crate::pipeline::sampling::CancelToken;
+use crate::worker::error::{Disconnected, EngineError};
+use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
+use crate::worker::protocol::{
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, ModelInfo, ModelSource, PromptInfo,
+    StepFrame,
+};
 use crate::worker::segment::SegmentRequest;
 
 /// A request for the self-attention of a running generation at one query grid.
@@ -25,17 +27,34 @@ pub struct SelfAttentionQuery {
     pub span: SelfAttentionSpan,
 }
 
-/// Receives a run's progress. Returning `Err` from either method stops the run with that error
-/// (the worker returns [`EngineError::Cancelled`] to cancel).
+/// Receives a run's progress, one stream for both branches of a run ([`Branch`]). A method fails
+/// only when nobody receives the reports any more ([`Disconnected`]); the engine then stops the run
+/// and returns that error. Cancelling is not the observer's business: engines check the run's
+/// [`CancelToken`].
 pub trait RunObserver {
-    /// The prompt is tokenised; `params` has its defaults resolved (size, scheduler).
-    fn started(&mut self, params: &GenerateParams, prompt: PromptInfo) -> Result<(), EngineError>;
+    /// A branch starts: its prompt is tokenised; `params` has its defaults resolved (size,
+    /// scheduler) and, for [`Branch::Edited`], the edited prompt. `edit` is `Some` exactly for
+    /// [`Branch::Edited`].
+    fn started(
+        &mut self,
+        branch: Branch,
+        params: &GenerateParams,
+        prompt: PromptInfo,
+        edit: Option<EditInfo>,
+    ) -> Result<(), Disconnected>;
 
-    /// One step is done.
-    fn step(&mut self, frame: StepFrame) -> Result<(), EngineError>;
+    /// One step of `branch` is done; `blend_mask` is the local-blend mask applied after it (edited
+    /// branch only, latent resolution `[h, w]`).
+    fn step(
+        &mut self,
+        branch: Branch,
+        frame: StepFrame,
+        blend_mask: Option<BlendMask>,
+    ) -> Result<(), Disconnected>;
 
     /// A self-attention query the UI sent for this run while it generates, if one is waiting. The
-    /// engine takes it after a step and answers with [`Self::self_attention`] from the maps so far.
+    /// engine takes it after a source step and answers with [`Self::self_attention`] from the maps
+    /// so far.
     fn take_self_attention_query(&mut self) -> Option<SelfAttentionQuery> {
         None
     }
@@ -46,37 +65,19 @@ pub trait RunObserver {
         &mut self,
         query: SelfAttentionQuery,
         map: Option<SelfAttentionMap>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Disconnected> {
         let _ = (query, map);
         Ok(())
     }
 
-    // --- Edit mode ---
-    /// An edit run recorded its source and the source's image is ready (before the edited branch).
-    fn source_finished(&mut self, output: &RunOutput) -> Result<(), EngineError> {
+    /// An edit run recorded its source and the source's image is ready, before the edited branch
+    /// starts. (A plain run's end is the engine's return value.)
+    fn source_finished(&mut self, output: &RunOutput) -> Result<(), Disconnected> {
         let _ = output;
         Ok(())
     }
-
-    /// An edit's edited branch starts.
-    fn edit_started(&mut self, info: EditInfo) -> Result<(), EngineError> {
-        let _ = info;
-        Ok(())
-    }
-
-    /// One step of an edit's edited branch is done.
-    fn edit_step(
-        &mut self,
-        frame: StepFrame,
-        blend_mask: Option<BlendMask>,
-    ) -> Result<(), EngineError> {
-        let _ = (frame, blend_mask);
-        Ok(())
-    }
-    // --- end Edit mode ---
 }
 
-// --- Edit mode ---
 /// The result of [`Engine::generate_edit`].
 #[derive(Clone, Debug)]
 pub struct EditRunOutput {
@@ -87,7 +88,6 @@ pub struct EditRunOutput {
     /// The last local-blend mask applied to the edited branch, if any.
     pub blend_mask: Option<BlendMask>,
 }
-// --- end Edit mode ---
 
 /// The result of a finished run.
 #[derive(Clone, Debug)]
@@ -99,15 +99,21 @@ pub struct RunOutput {
 }
 
 /// A diffusion backend driven by the worker thread. It lives on that thread only.
+///
+/// A run ([`Self::generate`], [`Self::generate_edit`]) checks `cancel` before every step of every
+/// branch and stops with a cancelled error ([`EngineError::is_cancelled`]) once it is tripped; the
+/// worker trips it when the run is cancelled or superseded.
 pub trait Engine {
     /// Loads a model. On error the previously loaded model must stay usable.
     fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError>;
 
-    /// Runs one generation, reporting to `observer` after tokenising and after every step.
+    /// Runs one generation, reporting its [`Branch::Source`] to `observer` after tokenising and
+    /// after every step.
     fn generate(
         &mut self,
         params: &GenerateParams,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<RunOutput, EngineError>;
 
     /// Self-attention of the latest run at `(grid_h, grid_w)`, or `None` if it was not kept.
@@ -125,16 +131,17 @@ pub trait Engine {
 
     /// Runs a Prompt-to-Prompt edit (see [`crate::worker::Command::GenerateEdit`]): records the
     /// source unless the engine holds a recording made with the same `params`, then runs the edited
-    /// branch of `spec` (none for `None`). The source run is reported through `started`, `step` and
-    /// `source_finished`, the edited branch through `edit_started` and `edit_step`. Engines without
-    /// edits leave the default, which refuses.
+    /// branch of `spec` (none for `None`). The source is reported as [`Branch::Source`] (`started`,
+    /// `step`s, `source_finished`), the edited branch as [`Branch::Edited`] (`started` with the
+    /// [`EditInfo`], `step`s). Engines without edits leave the default, which refuses.
     fn generate_edit(
         &mut self,
         params: &GenerateParams,
         spec: Option<&EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<EditRunOutput, EngineError> {
-        let _ = (params, spec, observer);
+        let _ = (params, spec, observer, cancel);
         Err(EngineError::Unavailable(
             "this engine cannot run Prompt-to-Prompt edits".to_owned(),
         ))

@@ -8,6 +8,7 @@
 //! before the first step; an observer's error stops the run as itself.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::analysis::export::write_attention_safetensors;
@@ -24,7 +25,7 @@ use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{
-    GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
+    Branch, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
 // Segments view.
@@ -65,7 +66,7 @@ fn answer_self_attention_query(
         &[UnetPlace::Down, UnetPlace::Mid, UnetPlace::Up],
         query.span,
     );
-    observer.self_attention(query, map)
+    Ok(observer.self_attention(query, map)?)
 }
 
 /// The factory the editor uses for real models.
@@ -173,18 +174,18 @@ impl Engine for PipelineEngine {
         &mut self,
         params: &GenerateParams,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<RunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let cancel = CancelToken::new();
         let (run, resolved, warnings) = edit::prepare(model, params)?;
-        observer.started(&resolved, prompt_info(&run, warnings))?;
+        observer.started(Branch::Source, &resolved, prompt_info(&run, warnings), None)?;
         let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
         let words = run.prompt_tokens.words.clone();
         let tokens = run.prompt_tokens.tokens.clone();
         let image_size = (run.request.height, run.request.width);
-        let result = sample_with_store(model, run, &mut store, observer, &cancel);
+        let result = sample_with_store(model, run, &mut store, observer, cancel);
         let self_attention_grids = store.self_attention_resolutions();
         // The store is kept even when the run stops early: its maps so far stay explorable.
         self.latest_run = Some(LatestRun {
@@ -238,8 +239,9 @@ impl Engine for PipelineEngine {
         params: &GenerateParams,
         spec: Option<&crate::worker::protocol::EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<crate::worker::backend::EditRunOutput, EngineError> {
-        self.run_edit(params, spec, observer)
+        self.run_edit(params, spec, observer, cancel)
     }
 
     // Segments view: clusters the stored self-attention as `attend segment` does.
@@ -279,10 +281,10 @@ fn step_frame(store: &AttentionStore, report: &StepReport, timing: StepTiming) -
             .clone()
             .map(to_worker_image)
             .unwrap_or_default(),
-        cross: store.latest_step().cloned().unwrap_or_else(|| StepCross {
+        cross: Arc::new(store.latest_step().cloned().unwrap_or_else(|| StepCross {
             step_index: report.step_index,
             groups: Vec::new(),
-        }),
+        })),
         timing,
     }
 }
@@ -310,7 +312,7 @@ fn sample_with_store(
             step_secs: step_started.elapsed().as_secs_f64(),
             elapsed_secs: started_at.elapsed().as_secs_f64(),
         };
-        observer.step(step_frame(store, &report, timing))?;
+        observer.step(Branch::Source, step_frame(store, &report, timing), None)?;
         answer_self_attention_query(&mut *observer, store)?;
     }
     Ok(sampler.finish()?)

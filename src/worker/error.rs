@@ -7,7 +7,8 @@ use crate::pipeline::PipelineError;
 /// Anything an [`crate::worker::Engine`] or the worker thread can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The pipeline failed (model loading, tokenising, sampling).
+    /// The pipeline failed (model loading, tokenising, sampling); a run stopped by its cancel token
+    /// is [`PipelineError::Cancelled`] (see [`EngineError::is_cancelled`]).
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     /// An analysis (segmentation, alignment) refused its settings.
@@ -16,9 +17,12 @@ pub enum EngineError {
     /// A command needs a model and none is loaded.
     #[error("no model is loaded")]
     NoModel,
-    /// The run was cancelled or superseded.
+    /// The run saw its cancel token tripped (cancelled or superseded) and stopped.
     #[error("cancelled")]
     Cancelled,
+    /// The run's observer can no longer report: nobody receives the worker's events.
+    #[error(transparent)]
+    Disconnected(#[from] Disconnected),
     /// A generation parameter is invalid.
     #[error("invalid {name}: {reason}")]
     InvalidArgument {
@@ -36,7 +40,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// True for a cancelled run (either this error's own variant or the pipeline's).
+    /// True for a run stopped by its cancel token (the engine's own check or the pipeline's).
     pub fn is_cancelled(&self) -> bool {
         matches!(
             self,
@@ -44,6 +48,12 @@ impl EngineError {
         )
     }
 }
+
+/// The receiver of the worker's events is gone (the editor closed its handle). The only way a
+/// [`crate::worker::RunObserver`] fails: the run stops and nothing more is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the receiver of the worker's events is gone")]
+pub struct Disconnected;
 
 /// Why a command could not be handed to the worker.
 #[derive(Debug, thiserror::Error)]

@@ -4,8 +4,7 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use crate::analysis::export::{write_atomically, write_png_rgb};
-use crate::worker::error::EngineError;
+use crate::analysis::export::{write_atomically, write_png_rgb, ExportError};
 use crate::worker::plain::RgbImage;
 
 /// Writes `image` as a PNG at `path` atomically; `parameters` becomes an A1111 `parameters` text chunk.
@@ -13,13 +12,11 @@ pub fn write_png_file(
     path: &Path,
     image: &RgbImage,
     parameters: Option<&str>,
-) -> Result<(), EngineError> {
-    write_png_rgb(path, image.width, image.height, &image.pixels, parameters)?;
-    Ok(())
+) -> Result<(), ExportError> {
+    write_png_rgb(path, image.width, image.height, &image.pixels, parameters)
 }
 
 /// Writes `text` at `path` atomically.
-pub fn write_text_file(path: &Path, text: &str) -> Result<(), EngineError> {
-    write_atomically(path, |writer| writer.write_all(text.as_bytes()))?;
-    Ok(())
+pub fn write_text_file(path: &Path, text: &str) -> Result<(), ExportError> {
+    write_atomically(path, |writer| writer.write_all(text.as_bytes()))
 }

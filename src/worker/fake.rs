@@ -7,33 +7,90 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::analysis::export::write_attention_safetensors;
 use crate::analysis::heatmap::UnetPlace;
+use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
 use crate::analysis::WordSpan;
-use crate::worker::backend::{Engine, RunObserver, RunOutput};
+use crate::pipeline::sampling::CancelToken;
+use crate::worker::backend::{EditRunOutput, Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::{
     CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross,
 };
 use crate::worker::protocol::{
-    GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
-    StepWindow,
+    Branch, EditSpec, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame,
+    StepTiming, StepWindow,
 };
-// Segments view.
-use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
 use crate::worker::segment::{requested_grids, segment_run, SegmentRequest};
 
 /// Knobs of the fake engine.
 #[derive(Clone, Debug, Default)]
 pub struct FakeEngineConfig {
-    /// Time each step takes (sleep), to exercise cancellation and progress.
+    /// Time each step takes (sleep), to show progress in the editor.
     pub step_delay: Duration,
     /// Time loading a model takes.
     pub load_delay: Duration,
     /// If the prompt contains this word, the engine panics during step 1 (for panic-recovery tests).
     pub panic_word: Option<String>,
+    /// When set, every step of every branch waits for a permit from this gate before it starts, so
+    /// a test can hold a run at a step boundary and know exactly how many steps ran.
+    pub step_gate: Option<StepGate>,
+}
+
+/// Permits for the fake engine's steps (see [`FakeEngineConfig::step_gate`]). Clones share the
+/// permits.
+#[derive(Clone, Debug, Default)]
+pub struct StepGate {
+    /// Permits not taken yet, and the signal that more were given.
+    permits: Arc<(Mutex<usize>, Condvar)>,
+}
+
+/// How often a step waiting at the gate looks at its cancel token.
+const GATE_CANCEL_POLL: Duration = Duration::from_millis(5);
+
+impl StepGate {
+    /// A gate with no permits: the next step waits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets `steps` more steps start.
+    pub fn allow(&self, steps: usize) {
+        let (permits, given) = &*self.permits;
+        *Self::lock(permits) += steps;
+        given.notify_all();
+    }
+
+    /// Waits for a permit and takes it; returns `false` without taking one once `cancel` is
+    /// tripped (a cancelled run leaves its permits to the next run).
+    fn take(&self, cancel: &CancelToken) -> bool {
+        let (permits, given) = &*self.permits;
+        let mut available = Self::lock(permits);
+        loop {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            if *available > 0 {
+                *available -= 1;
+                return true;
+            }
+            available = match given.wait_timeout(available, GATE_CANCEL_POLL) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    fn lock(permits: &Mutex<usize>) -> MutexGuard<'_, usize> {
+        // A count cannot be left half-written by a panic.
+        match permits.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
 }
 
 /// The schedulers the fake pretends to have (the real engine's names).
@@ -52,8 +109,8 @@ struct FakeRun {
     sigma: f32,
     /// Self-attention grids kept.
     self_grids: Vec<(usize, usize)>,
-    /// Every step's cross-attention.
-    steps: Vec<StepCross>,
+    /// Every step's cross-attention, shared with the steps' frames.
+    steps: Vec<Arc<StepCross>>,
     /// Tokens of the prompt.
     tokens: Vec<String>,
     /// Words of the prompt.
@@ -62,7 +119,6 @@ struct FakeRun {
     image_size: (usize, usize),
 }
 
-// Edit mode.
 mod edit;
 
 /// The fake engine. See the module docs.
@@ -70,7 +126,6 @@ pub struct FakeEngine {
     config: FakeEngineConfig,
     model: Option<ModelInfo>,
     latest_run: Option<FakeRun>,
-    // Edit mode.
     /// The recorded source of edits.
     edit_source: Option<edit::FakeEditSource>,
     /// How many sources were recorded so far.
@@ -92,6 +147,20 @@ impl FakeEngine {
     /// How many times this engine recorded an edit's source (edit mode).
     pub fn source_recordings(&self) -> u64 {
         self.source_recordings
+    }
+
+    /// Waits at the step gate, if there is one, then checks `cancel`: the start of every step.
+    fn begin_step(&self, cancel: &CancelToken) -> Result<(), EngineError> {
+        let permitted = self
+            .config
+            .step_gate
+            .as_ref()
+            .is_none_or(|gate| gate.take(cancel));
+        if !permitted || cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        std::thread::sleep(self.config.step_delay);
+        Ok(())
     }
 }
 
@@ -145,6 +214,7 @@ impl Engine for FakeEngine {
         &mut self,
         params: &GenerateParams,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<RunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
@@ -154,95 +224,28 @@ impl Engine for FakeEngine {
         let width = resolved.width_px.unwrap_or(model.default_width_px);
         let height = resolved.height_px.unwrap_or(model.default_height_px);
         let prompt = tokenize(&resolved.prompt);
-        let word_count = prompt.words.len();
         let centres: Vec<(f32, f32)> = prompt
             .words
             .iter()
             .enumerate()
             .map(|(index, word)| blob_centre(resolved.seed, &word.text, index))
             .collect();
-        let tokens = prompt.tokens.clone();
-        let words = prompt.words.clone();
-        observer.started(&resolved, prompt)?;
-        self.latest_run = None;
-
-        let grids = [
-            (UnetPlace::Down, height / 4, width / 4, 2),
-            (UnetPlace::Down, height / 8, width / 8, 2),
-            (UnetPlace::Mid, height / 16, width / 16, 1),
-            (UnetPlace::Up, height / 8, width / 8, 3),
-            (UnetPlace::Up, height / 4, width / 4, 3),
-        ];
         let mut run = FakeRun {
             centres,
             sigma: 0.5,
             self_grids: vec![(height / 8, width / 8), (height / 4, width / 4)],
             steps: Vec::with_capacity(resolved.steps),
-            tokens,
-            words,
+            tokens: prompt.tokens.clone(),
+            words: prompt.words.clone(),
             image_size: (height, width),
         };
-        let mut preview = RgbImage::black(width, height);
-        for step_index in 0..resolved.steps {
-            let step_started = Instant::now();
-            std::thread::sleep(self.config.step_delay);
-            if step_index == 1 {
-                if let Some(word) = &self.config.panic_word {
-                    if resolved.prompt.split_whitespace().any(|w| w == word) {
-                        std::panic::panic_any(format!(
-                            "fake engine: prompt contains the panic word {word:?}"
-                        ));
-                    }
-                }
-            }
-            let progress = (step_index + 1) as f32 / resolved.steps as f32;
-            run.sigma = 0.45 - 0.3 * progress;
-            let groups = grids
-                .iter()
-                .map(|&(place, grid_h, grid_w, layer_count)| CrossGroup {
-                    place,
-                    h: grid_h,
-                    w: grid_w,
-                    layer_count,
-                    token_count: word_count + 2,
-                    data: cross_maps(&run.centres, run.sigma, word_count + 2, grid_h, grid_w),
-                })
-                .collect();
-            let cross = StepCross { step_index, groups };
-            run.steps.push(cross.clone());
-            preview = synthesise_image(
-                &run.centres,
-                run.sigma,
-                progress,
-                resolved.seed,
-                width,
-                height,
-            );
-            observer.step(StepFrame {
-                step_index,
-                step_count: resolved.steps,
-                timestep: 1000.0 * (1.0 - step_index as f64 / resolved.steps as f64),
-                preview: preview.clone(),
-                cross,
-                timing: StepTiming {
-                    step_secs: step_started.elapsed().as_secs_f64(),
-                    elapsed_secs: started_at.elapsed().as_secs_f64(),
-                },
-            })?;
-            if let Some(query) = observer.take_self_attention_query() {
-                let map = run
-                    .self_grids
-                    .contains(&(query.grid_h, query.grid_w))
-                    .then(|| self_attention_map(&run, query.grid_h, query.grid_w));
-                observer.self_attention(query, map)?;
-            }
-            // Keep what we have so far, so a cancelled run can still be probed.
-            self.latest_run = Some(run.clone());
-        }
+        observer.started(Branch::Source, &resolved, prompt, None)?;
+        let denoised = self.denoise(&resolved, &mut run, observer, cancel, started_at);
         let self_attention_grids = run.self_grids.clone();
-        self.latest_run = Some(run);
+        // What ran is kept, so a cancelled run can still be probed.
+        self.latest_run = (!run.steps.is_empty()).then_some(run);
         Ok(RunOutput {
-            image: preview,
+            image: denoised?,
             self_attention_grids,
         })
     }
@@ -271,14 +274,14 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    // Edit mode.
     fn generate_edit(
         &mut self,
         params: &GenerateParams,
-        spec: Option<&crate::worker::protocol::EditSpec>,
+        spec: Option<&EditSpec>,
         observer: &mut dyn RunObserver,
-    ) -> Result<crate::worker::backend::EditRunOutput, EngineError> {
-        self.run_edit(params, spec, observer)
+        cancel: &CancelToken,
+    ) -> Result<EditRunOutput, EngineError> {
+        self.run_edit(params, spec, observer, cancel)
     }
 
     // Segments view: the synthetic self-attention is block-structured (one block per object word),
@@ -291,9 +294,100 @@ impl Engine for FakeEngine {
             .into_iter()
             .map(|(h, w)| self_attention_map(run, h, w))
             .collect();
+        let steps: Vec<StepCross> = run
+            .steps
+            .iter()
+            .map(|step| StepCross::clone(step))
+            .collect();
         let (image_h, image_w) = run.image_size;
-        segment_run(&maps, &run.steps, &run.words, image_h, image_w, request)
+        segment_run(&maps, &steps, &run.words, image_h, image_w, request)
     }
+}
+
+impl FakeEngine {
+    /// The steps of a plain run (or an edit's source): each step's maps go into `run` and to the
+    /// observer; returns the final image.
+    fn denoise(
+        &self,
+        resolved: &GenerateParams,
+        run: &mut FakeRun,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+        started_at: Instant,
+    ) -> Result<RgbImage, EngineError> {
+        let (height, width) = run.image_size;
+        let token_count = run.tokens.len();
+        let grids = fake_grids(height, width);
+        let mut preview = RgbImage::black(width, height);
+        for step_index in 0..resolved.steps {
+            let step_started = Instant::now();
+            self.begin_step(cancel)?;
+            if step_index == 1 {
+                if let Some(word) = &self.config.panic_word {
+                    if resolved.prompt.split_whitespace().any(|w| w == word) {
+                        std::panic::panic_any(format!(
+                            "fake engine: prompt contains the panic word {word:?}"
+                        ));
+                    }
+                }
+            }
+            let progress = (step_index + 1) as f32 / resolved.steps as f32;
+            run.sigma = 0.45 - 0.3 * progress;
+            let groups = grids
+                .iter()
+                .map(|&(place, grid_h, grid_w, layer_count)| CrossGroup {
+                    place,
+                    h: grid_h,
+                    w: grid_w,
+                    layer_count,
+                    token_count,
+                    data: cross_maps(&run.centres, run.sigma, token_count, grid_h, grid_w),
+                })
+                .collect();
+            let cross = Arc::new(StepCross { step_index, groups });
+            run.steps.push(Arc::clone(&cross));
+            preview = synthesise_image(
+                &run.centres,
+                run.sigma,
+                progress,
+                resolved.seed,
+                width,
+                height,
+            );
+            let frame = StepFrame {
+                step_index,
+                step_count: resolved.steps,
+                timestep: 1000.0 * (1.0 - step_index as f64 / resolved.steps as f64),
+                preview: preview.clone(),
+                cross,
+                timing: StepTiming {
+                    step_secs: step_started.elapsed().as_secs_f64(),
+                    elapsed_secs: started_at.elapsed().as_secs_f64(),
+                },
+            };
+            observer.step(Branch::Source, frame, None)?;
+            if let Some(query) = observer.take_self_attention_query() {
+                let map = run
+                    .self_grids
+                    .contains(&(query.grid_h, query.grid_w))
+                    .then(|| self_attention_map(run, query.grid_h, query.grid_w));
+                observer.self_attention(query, map)?;
+            }
+        }
+        Ok(preview)
+    }
+}
+
+/// The fake UNet's attention places and grids: `(place, h, w, layers)` for an image of
+/// `height x width` pixels.
+fn fake_grids(height: usize, width: usize) -> [(UnetPlace, usize, usize, usize); 5] {
+    [
+        (UnetPlace::Down, height / 4, width / 4, 2),
+        (UnetPlace::Down, height / 8, width / 8, 2),
+        (UnetPlace::Mid, height / 16, width / 16, 1),
+        (UnetPlace::Up, height / 8, width / 8, 3),
+        (UnetPlace::Up, height / 4, width / 4, 3),
+    ]
 }
 
 /// Checks and fills in defaults the way the real engine does.
@@ -541,7 +635,7 @@ fn self_attention_map(run: &FakeRun, grid_h: usize, grid_w: usize) -> SelfAttent
 
 /// `(h, w) -> [steps, tokens, h, w]`: places averaged weighted by layer count, as the store's
 /// `cross_by_resolution` does.
-fn cross_by_resolution(steps: &[StepCross]) -> BTreeMap<(usize, usize), Vec<f32>> {
+fn cross_by_resolution(steps: &[Arc<StepCross>]) -> BTreeMap<(usize, usize), Vec<f32>> {
     let mut out: BTreeMap<(usize, usize), Vec<f32>> = BTreeMap::new();
     for step in steps {
         let mut per_grid: BTreeMap<(usize, usize), (Vec<f32>, usize)> = BTreeMap::new();

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `protocol` | [`Command`], [`Event`] and their plain-data payloads |
 //! | `plain` | images and attention maps as `Vec`s with shapes |
-//! | `backend` | the [`Engine`] trait the thread drives |
+//! | `backend` | the [`Engine`] trait the thread drives and the [`RunObserver`] it reports to |
 //! | `thread` | [`WorkerHandle`] and the worker loop (supersede, cancel, panic recovery) |
 //! | `engine` | [`PipelineEngine`]: the real engine over the candle pipeline and the attention store |
 //! | `fake` | [`FakeEngine`]: synthetic images and maps, for tests |
@@ -23,23 +23,21 @@ mod protocol;
 mod segment;
 mod thread;
 
-pub use backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
+pub use backend::{EditRunOutput, Engine, RunObserver, RunOutput, SelfAttentionQuery};
 pub use engine::{
     bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
 };
-pub use error::{EngineError, SendCommandError};
+pub use error::{Disconnected, EngineError, SendCommandError};
 pub use export::{write_png_file, write_text_file};
-pub use fake::{FakeEngine, FakeEngineConfig};
+pub use fake::{FakeEngine, FakeEngineConfig, StepGate};
 pub use plain::{CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 pub use protocol::{
-    Command, Event, GenerateParams, ModelInfo, ModelSource, PngExport, PromptInfo, StepFrame,
-    StepTiming,
+    Branch, Command, Event, GenerateParams, ModelInfo, ModelSource, PngExport, PromptInfo,
+    StepFrame, StepTiming,
 };
-pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};
-// Segments view.
 pub use segment::{SegmentFileExport, SegmentRequest};
-// Edit mode.
-pub use backend::EditRunOutput;
+pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};
+// Prompt-to-Prompt edits.
 pub use protocol::{
     BlendMask, CrossWindow, EditInfo, EditKind, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
     StepWindow, WordChange, WordPair,

@@ -4,21 +4,30 @@
 //! alone. Every generation has a run id, given by [`crate::worker::WorkerHandle::generate`]; every event
 //! about a run names it, so the UI can drop the events of a run it has already superseded.
 //!
-//! Protocol, per run id: `Started`, then `Step` events in step order, then exactly one of `Finished`,
-//! `Cancelled` or `Failed`. A run superseded before it starts gets only `Cancelled { steps_done: 0 }`.
+//! A run streams one kind of event for plain and edited images: `Started`, `Step` and `Finished`,
+//! each naming the [`Branch`] it reports. Per run id:
+//!
+//! - [`Command::Generate`]: `Started`, `Step`s in step order, `Finished`, all of [`Branch::Source`].
+//! - [`Command::GenerateEdit`]: the same for the source when it is recorded (nothing when an earlier
+//!   recording is reused), then, unless only the source was asked for, `Started`, `Step`s and
+//!   `Finished` of [`Branch::Edited`].
+//!
+//! `Cancelled` or `Failed` can come in place of any of these events and ends the run; otherwise the
+//! `Finished` of its last branch ends it. A run superseded before it starts gets only
+//! `Cancelled { steps_done: 0 }`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use crate::analysis::segment::LabelledSegmentation;
 use crate::analysis::WordSpan;
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
-// Edit mode.
+use crate::worker::segment::{SegmentFileExport, SegmentRequest};
+// The Prompt-to-Prompt edit's description and results.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
 pub use crate::analysis::edit_spec::{
     BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
 };
-// Segments view.
-use crate::analysis::segment::LabelledSegmentation;
-use crate::worker::segment::{SegmentFileExport, SegmentRequest};
 
 /// Which model to load.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -131,10 +140,21 @@ pub struct StepFrame {
     pub timestep: f64,
     /// A cheap preview of the current sample (`[height, width, 3]` RGB).
     pub preview: RgbImage,
-    /// This step's cross-attention maps (conditional half, heads and layers averaged per group).
-    pub cross: StepCross,
+    /// This step's cross-attention maps (conditional half, heads and layers averaged per group),
+    /// shared with the engine's record of the run rather than copied.
+    pub cross: Arc<StepCross>,
     /// Timings.
     pub timing: StepTiming,
+}
+
+/// Which branch of a run a `Started`, `Step` or `Finished` event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Branch {
+    /// The image of the run's own parameters: all of a [`Command::Generate`], and the recorded
+    /// source of a [`Command::GenerateEdit`].
+    Source,
+    /// The Prompt-to-Prompt edited image of a [`Command::GenerateEdit`].
+    Edited,
 }
 
 /// One request to the worker. Each variant is answered by events (see the module docs).
@@ -190,7 +210,7 @@ pub enum Command {
     /// Stop the worker thread.
     Shutdown,
 
-    // --- Segments view (issue #6, item 2) ---------------------------------------------------
+    // Segments view.
     /// Segment the latest finished run from its stored self-attention and label the segments with
     /// its prompt words (no new diffusion). Answered by [`Event::Segmented`].
     Segment {
@@ -205,15 +225,14 @@ pub enum Command {
         /// The files to write.
         files: Vec<SegmentFileExport>,
     },
-    // --- end Segments view ---------------------------------------------------------------------
 
-    // --- Edit mode (issue #5, items 3 and 4) --------------------------------------------------
+    // Prompt-to-Prompt edits.
     /// A Prompt-to-Prompt edit of `params`' image (replay mode). The engine keeps the source run's
     /// recording (latents and attention): when `params` match the recorded source (prompt, negative,
     /// seed, steps, size, scheduler, guidance) only the edited branch runs; otherwise the source is
-    /// recorded first and reported as a normal run (`Started`, `Step`s, `Finished`). The edited
-    /// branch is reported by [`Event::EditStarted`], [`Event::EditStep`]s and then exactly one of
-    /// [`Event::EditFinished`], `Cancelled` or `Failed`. Supersedes (cancels) any earlier run.
+    /// recorded first and reported as [`Branch::Source`] (`Started`, `Step`s, `Finished`). The
+    /// edited branch is reported as [`Branch::Edited`] (`Started`, `Step`s, then exactly one of
+    /// `Finished`, `Cancelled` or `Failed`). Supersedes (cancels) any earlier run.
     GenerateEdit {
         /// Id of this run, unique and increasing (assigned by the handle).
         run_id: u64,
@@ -222,7 +241,6 @@ pub enum Command {
         /// The edit; `None` only records the source (so that later edits need no source run).
         spec: Option<EditSpec>,
     },
-    // --- end Edit mode -------------------------------------------------------------------------
 }
 
 /// One PNG to write.
@@ -251,38 +269,56 @@ pub enum Event {
         /// Why it failed (the full error chain).
         message: String,
     },
-    /// A run started; the prompt is tokenised.
+    /// A branch of a run started; its prompt is tokenised.
     Started {
         /// The run.
         run_id: u64,
-        /// Its parameters, with defaults resolved (size, scheduler).
+        /// The branch that starts.
+        branch: Branch,
+        /// The branch's parameters, with defaults resolved (size, scheduler); for
+        /// [`Branch::Edited`] the prompt is the edited prompt.
         params: GenerateParams,
-        /// How the prompt was tokenised.
+        /// How the branch's prompt was tokenised (warnings of the edited prompt start with
+        /// "edited").
         prompt: PromptInfo,
+        /// How the edited prompt aligns with the source: `Some` exactly for [`Branch::Edited`].
+        edit: Option<EditInfo>,
     },
-    /// One denoising step is done.
+    /// One denoising step of a branch is done.
     Step {
         /// The run.
         run_id: u64,
+        /// The branch the step belongs to.
+        branch: Branch,
         /// The step's preview, maps and timings.
         frame: Box<StepFrame>,
+        /// The local-blend mask applied after this step (latent resolution `[h, w]`), if one was
+        /// (only on [`Branch::Edited`]).
+        blend_mask: Option<BlendMask>,
     },
-    /// The run finished.
+    /// A branch of a run finished. The last branch's `Finished` ends the run; a
+    /// [`Branch::Source`] `Finished` that is followed by a [`Branch::Edited`] `Started` does not.
     Finished {
         /// The run.
         run_id: u64,
-        /// The final image.
+        /// The branch that finished.
+        branch: Branch,
+        /// The branch's final image.
         image: RgbImage,
-        /// Seconds the whole run took.
+        /// Seconds the branch took (for [`Branch::Source`] including text encoding).
         elapsed_secs: f64,
-        /// Resolutions `(h, w)` at which self-attention was kept (for the probe).
+        /// Resolutions `(h, w)` at which self-attention was kept, for the probe and the Segments
+        /// view; empty for [`Branch::Edited`] (they read the source's).
         self_attention_grids: Vec<(usize, usize)>,
+        /// The last local-blend mask applied (latent resolution `[h, w]`), if any (only on
+        /// [`Branch::Edited`]).
+        blend_mask: Option<BlendMask>,
     },
     /// The run was cancelled (or superseded) after `steps_done` steps.
     Cancelled {
         /// The run.
         run_id: u64,
-        /// Steps completed before it stopped.
+        /// Steps of all its branches completed before it stopped.
         steps_done: usize,
     },
     /// The run (or, without a run id, some other command) failed.
@@ -322,7 +358,7 @@ pub enum Event {
         message: String,
     },
 
-    // --- Segments view (issue #6, item 2) ---------------------------------------------------
+    // Segments view.
     /// The answer to [`Command::Segment`].
     Segmented {
         /// The run it belongs to.
@@ -334,37 +370,6 @@ pub enum Event {
         /// Seconds the segmentation took.
         secs: f64,
     },
-    // --- end Segments view ---------------------------------------------------------------------
-
-    // --- Edit mode (issue #5, items 3 and 4) --------------------------------------------------
-    /// The edited branch of a [`Command::GenerateEdit`] started.
-    EditStarted {
-        /// The run.
-        run_id: u64,
-        /// The edited prompt, the alignment, and whether the source was reused.
-        info: EditInfo,
-    },
-    /// One step of the edited branch is done.
-    EditStep {
-        /// The run.
-        run_id: u64,
-        /// The edited run's preview, maps and timings.
-        frame: Box<StepFrame>,
-        /// The local-blend mask applied after this step (latent resolution), if one was.
-        blend_mask: Option<BlendMask>,
-    },
-    /// The edited branch finished.
-    EditFinished {
-        /// The run.
-        run_id: u64,
-        /// The edited image.
-        image: RgbImage,
-        /// Seconds the edited branch took.
-        elapsed_secs: f64,
-        /// The last local-blend mask applied (latent resolution), if any.
-        blend_mask: Option<BlendMask>,
-    },
-    // --- end Edit mode -------------------------------------------------------------------------
 }
 
 impl Event {
@@ -376,23 +381,26 @@ impl Event {
             | Self::Finished { run_id, .. }
             | Self::Cancelled { run_id, .. }
             | Self::SelfAttention { run_id, .. }
-            | Self::Segmented { run_id, .. }
-            | Self::EditStarted { run_id, .. }
-            | Self::EditStep { run_id, .. }
-            | Self::EditFinished { run_id, .. } => Some(*run_id),
+            | Self::Segmented { run_id, .. } => Some(*run_id),
             Self::Failed { run_id, .. } => *run_id,
+            _ => None,
+        }
+    }
+
+    /// The branch a `Started`, `Step` or `Finished` event reports; `None` for the other events.
+    pub fn branch(&self) -> Option<Branch> {
+        match self {
+            Self::Started { branch, .. }
+            | Self::Step { branch, .. }
+            | Self::Finished { branch, .. } => Some(*branch),
             _ => None,
         }
     }
 }
 
-// --- Edit mode (issue #5, items 3 and 4) ----------------------------------------------------------
-
-/// What the UI learns when an edit's edited branch starts.
+/// How an edit's edited prompt relates to its source, told when the edited branch starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EditInfo {
-    /// How the edited prompt was tokenised.
-    pub edit_prompt: PromptInfo,
     /// Word swap or refine (as given, or inferred from the word counts).
     pub kind: EditKind,
     /// The word-to-word alignment (source word -> edited word, added and removed words).

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::analysis::export::ExportError;
 use crate::analysis::heatmap::{
     word_heatmaps, AggregationSettings, SelfAttentionMap, SelfAttentionSpan, StepCross, UnetPlace,
 };
@@ -63,13 +64,12 @@ impl SegmentFileExport {
     }
 
     /// Writes the file atomically (nothing partial is left behind on failure).
-    pub fn write(&self) -> Result<(), EngineError> {
+    pub fn write(&self) -> Result<(), ExportError> {
         match self {
-            Self::Mask { path, mask } => write_mask_png(path, mask)?,
-            Self::LabelMap { path, labels } => write_label_map_png(path, labels)?,
-            Self::Json { path, file } => write_segments_json(path, file)?,
+            Self::Mask { path, mask } => write_mask_png(path, mask),
+            Self::LabelMap { path, labels } => write_label_map_png(path, labels),
+            Self::Json { path, file } => write_segments_json(path, file),
         }
-        Ok(())
     }
 }
 

@@ -2,32 +2,37 @@
 //!
 //! ```text
 //!   UI thread                                   "attend-worker" thread
-//!   WorkerHandle ── Command (bounded) ───────▶  serve loop ─▶ Engine::generate
-//!        ▲                                          │  after each step: drain commands,
-//!        └──────── Event (bounded) ◀────────────────┘  check the cancel mark, emit Step
+//!   WorkerHandle ── Command (bounded) ───────▶  serve loop ─▶ Engine::generate(_edit)
+//!        │ cancel: trips the run's token ─────────────────────▶ checked before each step
+//!        ▲                                          │  after each step: emit Step,
+//!        └──────── Event (bounded) ◀────────────────┘  drain commands (probe, exports)
 //!   waker() is called after every event, so the UI repaints (the UI sets it to request_repaint)
 //! ```
 //!
 //! Cancelling: the handle marks runs as cancelled in a shared atomic (`cancel_up_to`: every run id
-//! up to it is cancelled) *before* it sends the command, so a running generation sees the mark at its
-//! next step boundary even though its command is still queued. A panic in the engine is caught; the
-//! worker reports it, builds a fresh engine and reloads the last model.
+//! up to it is cancelled) *before* it sends the command, and trips the [`CancelToken`] of the run
+//! being generated, which is the token the engine checks before each step. So a running generation
+//! stops at its next step boundary even though its command is still queued, and a queued one never
+//! starts. A panic in the engine is caught; the worker reports it, builds a fresh engine and reloads
+//! the last model.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
+use crate::pipeline::sampling::CancelToken;
 use crate::worker::backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
-use crate::worker::error::{EngineError, SendCommandError};
+use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
-use crate::worker::plain::SelfAttentionMap;
-use crate::worker::protocol::{Command, Event, GenerateParams, ModelSource, PromptInfo, StepFrame};
-// Edit mode.
-use crate::worker::protocol::{BlendMask, EditInfo, EditSpec};
+use crate::worker::plain::{RgbImage, SelfAttentionMap};
+use crate::worker::protocol::{
+    BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, ModelSource, PromptInfo,
+    StepFrame,
+};
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
 pub type EngineFactory = Arc<dyn Fn() -> Box<dyn Engine> + Send + Sync>;
@@ -44,17 +49,48 @@ pub const EVENT_CAPACITY: usize = 64;
 struct Shared {
     /// Every run id `<=` this is cancelled. Run ids start at 1, so 0 cancels nothing.
     cancel_up_to: AtomicU64,
+    /// The run being generated and the token its engine checks.
+    running: Mutex<Option<(u64, CancelToken)>>,
     /// Wakes the UI after each event.
     waker: RwLock<Option<Waker>>,
 }
 
 impl Shared {
-    fn is_cancelled(&self, run_id: u64) -> bool {
-        run_id <= self.cancel_up_to.load(Ordering::SeqCst)
-    }
-
+    /// Cancels every run up to `run_id`: queued ones never start, a running one stops at its next
+    /// step boundary.
     fn cancel_up_to(&self, run_id: u64) {
         self.cancel_up_to.fetch_max(run_id, Ordering::SeqCst);
+        if let Some((running_id, token)) = &*self.running() {
+            if *running_id <= run_id {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Registers `run_id` as the running run and returns its cancel token, already tripped when the
+    /// run was cancelled before it started. The mark is read under the lock that
+    /// [`Self::cancel_up_to`] takes after setting it, so no cancel is lost in between.
+    fn begin_run(&self, run_id: u64) -> CancelToken {
+        let token = CancelToken::new();
+        let mut running = self.running();
+        if run_id <= self.cancel_up_to.load(Ordering::SeqCst) {
+            token.cancel();
+        }
+        *running = Some((run_id, token.clone()));
+        token
+    }
+
+    /// No run is being generated any more.
+    fn end_run(&self) {
+        *self.running() = None;
+    }
+
+    fn running(&self) -> MutexGuard<'_, Option<(u64, CancelToken)>> {
+        // The guarded value is a plain id and token; a panic elsewhere cannot leave it half-written.
+        match self.running.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     fn wake(&self) {
@@ -86,6 +122,7 @@ impl WorkerHandle {
         let (event_tx, event_rx) = crossbeam_channel::bounded(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
             cancel_up_to: AtomicU64::new(0),
+            running: Mutex::new(None),
             waker: RwLock::new(None),
         });
         let thread_shared = Arc::clone(&shared);
@@ -192,10 +229,6 @@ impl Drop for WorkerHandle {
     }
 }
 
-/// The UI went away (the event receiver was dropped).
-#[derive(Debug)]
-struct Disconnected;
-
 /// The worker's sending side: each event is followed by a wake-up call.
 struct Outbox {
     events: Sender<Event>,
@@ -249,6 +282,7 @@ fn worker_main(factory: &EngineFactory, commands: &Receiver<Command>, outbox: &O
             Err(payload) => payload,
         };
         let message = panic_message(payload.as_ref());
+        outbox.shared.end_run();
         if let Some(run_id) = state.active_run.take() {
             let failed = Event::Failed {
                 run_id: Some(run_id),
@@ -302,15 +336,21 @@ fn serve(
             Command::Shutdown => return Ok(()),
             Command::LoadModel { source } => load_model(state, source, outbox)?,
             Command::Generate { run_id, params } => {
-                generate(state, run_id, &params, commands, outbox)?;
+                run(
+                    state,
+                    run_id,
+                    RunRequest::Generate(&params),
+                    commands,
+                    outbox,
+                )?;
             }
-            // Edit mode.
             Command::GenerateEdit {
                 run_id,
                 params,
                 spec,
             } => {
-                generate_edit(state, run_id, &params, spec.as_ref(), commands, outbox)?;
+                let request = RunRequest::Edit(&params, spec.as_ref());
+                run(state, run_id, request, commands, outbox)?;
             }
             Command::Cancel => {}
             Command::RequestSelfAttention {
@@ -352,7 +392,6 @@ fn serve(
             | Command::ExportSegmentFiles { .. }) => {
                 write_plain_export(other, outbox)?;
             }
-            // Segments view.
             Command::Segment { run_id, request } => {
                 let started_at = Instant::now();
                 let result = if state.latest_finished_run == Some(run_id) {
@@ -387,7 +426,6 @@ fn write_plain_export(command: Command, outbox: &Outbox) -> Result<(), Disconnec
             let result = write_text_file(&path, &text);
             outbox.emit(export_event(path, result))?;
         }
-        // Segments view.
         Command::ExportSegmentFiles { files } => {
             for file in files {
                 let result = file.write();
@@ -399,7 +437,8 @@ fn write_plain_export(command: Command, outbox: &Outbox) -> Result<(), Disconnec
     Ok(())
 }
 
-fn export_event(path: std::path::PathBuf, result: Result<(), EngineError>) -> Event {
+/// `Exported`, or `ExportFailed` with the error's message.
+fn export_event(path: std::path::PathBuf, result: Result<(), impl std::fmt::Display>) -> Event {
     match result {
         Ok(()) => Event::Exported { path },
         Err(error) => Event::ExportFailed {
@@ -428,14 +467,28 @@ fn load_model(
     }
 }
 
-fn generate(
+/// What a run command asks the engine for.
+#[derive(Clone, Copy)]
+enum RunRequest<'a> {
+    /// [`Command::Generate`].
+    Generate(&'a GenerateParams),
+    /// [`Command::GenerateEdit`].
+    Edit(&'a GenerateParams, Option<&'a EditSpec>),
+}
+
+/// Runs a [`Command::Generate`] or [`Command::GenerateEdit`] under a fresh cancel token and reports
+/// its end: the last branch's `Finished`, `Cancelled` or `Failed`. Only a lost event receiver is
+/// returned.
+fn run(
     state: &mut WorkerState,
     run_id: u64,
-    params: &GenerateParams,
+    request: RunRequest<'_>,
     commands: &Receiver<Command>,
     outbox: &Outbox,
 ) -> Result<(), Disconnected> {
-    if outbox.shared.is_cancelled(run_id) {
+    let cancel = outbox.shared.begin_run(run_id);
+    if cancel.is_cancelled() {
+        outbox.shared.end_run();
         return outbox.emit(Event::Cancelled {
             run_id,
             steps_done: 0,
@@ -443,34 +496,74 @@ fn generate(
     }
     state.active_run = Some(run_id);
     let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
-    let started_at = Instant::now();
-    let result = state.engine.generate(params, &mut observer);
-    let steps_done = observer.steps_done;
-    let disconnected = observer.disconnected;
+    let result = match request {
+        RunRequest::Generate(params) => state
+            .engine
+            .generate(params, &mut observer, &cancel)
+            .map(RunEnd::Source),
+        RunRequest::Edit(params, spec) => state
+            .engine
+            .generate_edit(params, spec, &mut observer, &cancel)
+            .map(|output| RunEnd::Edit(output.edited, output.blend_mask)),
+    };
+    let WorkerObserver {
+        source_started,
+        source_steps,
+        edited_steps,
+        source_finished,
+        branch_started_at,
+        ..
+    } = observer;
     state.active_run = None;
-    if disconnected {
-        return Err(Disconnected);
+    outbox.shared.end_run();
+    if source_started {
+        // The engine's maps (probe, export, segments) are this run's source's now.
+        let source_done = source_finished || matches!(result, Ok(RunEnd::Source(_)));
+        state.latest_run = (source_steps > 0).then_some(run_id);
+        state.latest_finished_run = source_done.then_some(run_id);
     }
-    if steps_done > 0 {
-        state.latest_run = Some(run_id);
-    }
+    let elapsed_secs = branch_started_at.elapsed().as_secs_f64();
     match result {
-        Ok(output) => {
-            state.latest_run = Some(run_id);
-            state.latest_finished_run = Some(run_id);
-            outbox.emit(Event::Finished {
-                run_id,
-                image: output.image,
-                elapsed_secs: started_at.elapsed().as_secs_f64(),
-                self_attention_grids: output.self_attention_grids,
-            })
-        }
-        Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled { run_id, steps_done }),
+        Ok(RunEnd::Source(output)) => outbox.emit(Event::Finished {
+            run_id,
+            branch: Branch::Source,
+            image: output.image,
+            elapsed_secs,
+            self_attention_grids: output.self_attention_grids,
+            blend_mask: None,
+        }),
+        Ok(RunEnd::Edit(Some(image), blend_mask)) => outbox.emit(Event::Finished {
+            run_id,
+            branch: Branch::Edited,
+            image,
+            elapsed_secs,
+            self_attention_grids: Vec::new(),
+            blend_mask,
+        }),
+        // Only the source was asked for; its `Finished` went out during the run.
+        Ok(RunEnd::Edit(None, _)) if source_finished => Ok(()),
+        Ok(RunEnd::Edit(None, _)) => outbox.emit(Event::Failed {
+            run_id: Some(run_id),
+            message: "the engine returned neither a source nor an edited image".to_owned(),
+        }),
+        Err(EngineError::Disconnected(disconnected)) => Err(disconnected),
+        Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled {
+            run_id,
+            steps_done: source_steps + edited_steps,
+        }),
         Err(error) => outbox.emit(Event::Failed {
             run_id: Some(run_id),
             message: error.to_string(),
         }),
     }
+}
+
+/// How an engine's run ended well.
+enum RunEnd {
+    /// A plain run's output.
+    Source(RunOutput),
+    /// An edit run's edited image (none when only the source was asked for) and last blend mask.
+    Edit(Option<RgbImage>, Option<BlendMask>),
 }
 
 /// Forwards a run's progress as events and, between steps, takes commands off the channel.
@@ -479,10 +572,15 @@ struct WorkerObserver<'a> {
     commands: &'a Receiver<Command>,
     outbox: &'a Outbox,
     pending: &'a mut VecDeque<Command>,
-    steps_done: usize,
-    disconnected: bool,
-    /// When the run (or, after `edit_started`, the edited branch) started.
-    started_at: Instant,
+    /// The source branch started (the engine replaced its maps with this run's).
+    source_started: bool,
+    /// Steps of the source branch reported so far.
+    source_steps: usize,
+    /// Steps of the edited branch reported so far.
+    edited_steps: usize,
+    /// When the branch being reported started: the run (so the source's time includes preparing
+    /// it), then the edited branch.
+    branch_started_at: Instant,
     /// Edit runs: the source was recorded and reported `Finished`.
     source_finished: bool,
     /// The probe's latest request for this run, answered by the engine after the next step.
@@ -501,25 +599,21 @@ impl<'a> WorkerObserver<'a> {
             commands,
             outbox,
             pending,
-            steps_done: 0,
-            disconnected: false,
-            started_at: Instant::now(),
+            source_started: false,
+            source_steps: 0,
+            edited_steps: 0,
+            branch_started_at: Instant::now(),
             source_finished: false,
             self_attention_query: None,
         }
     }
 
-    fn emit(&mut self, event: Event) -> Result<(), EngineError> {
-        self.outbox.emit(event).map_err(|Disconnected| {
-            self.disconnected = true;
-            EngineError::Cancelled
-        })
-    }
-
-    /// Takes queued commands: plain exports run now, the rest wait for the run's end.
-    fn drain_commands(&mut self) -> Result<(), EngineError> {
+    /// Takes queued commands: plain exports run now, a probe request for this run is kept for the
+    /// engine, the rest wait for the run's end (a `Shutdown` also cancels the run).
+    fn drain_commands(&mut self) -> Result<(), Disconnected> {
         loop {
             match self.commands.try_recv() {
+                // The handle tripped the run's token before sending it.
                 Ok(Command::Cancel) => {}
                 Ok(Command::RequestSelfAttention {
                     run_id,
@@ -537,12 +631,7 @@ impl<'a> WorkerObserver<'a> {
                     command @ (Command::ExportPngs { .. }
                     | Command::ExportText { .. }
                     | Command::ExportSegmentFiles { .. }),
-                ) => {
-                    if write_plain_export(command, self.outbox).is_err() {
-                        self.disconnected = true;
-                        return Err(EngineError::Cancelled);
-                    }
-                }
+                ) => write_plain_export(command, self.outbox)?,
                 Ok(command) => {
                     if matches!(command, Command::Shutdown) {
                         self.outbox.shared.cancel_up_to(u64::MAX);
@@ -550,42 +639,52 @@ impl<'a> WorkerObserver<'a> {
                     self.pending.push_back(command);
                 }
                 Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    return Err(EngineError::Cancelled);
-                }
+                // The handle is gone, and with it the event receiver.
+                Err(TryRecvError::Disconnected) => return Err(Disconnected),
             }
-        }
-    }
-
-    fn check_cancelled(&self) -> Result<(), EngineError> {
-        if self.outbox.shared.is_cancelled(self.run_id) {
-            Err(EngineError::Cancelled)
-        } else {
-            Ok(())
         }
     }
 }
 
 impl RunObserver for WorkerObserver<'_> {
-    fn started(&mut self, params: &GenerateParams, prompt: PromptInfo) -> Result<(), EngineError> {
+    fn started(
+        &mut self,
+        branch: Branch,
+        params: &GenerateParams,
+        prompt: PromptInfo,
+        edit: Option<EditInfo>,
+    ) -> Result<(), Disconnected> {
         self.drain_commands()?;
-        self.check_cancelled()?;
-        self.emit(Event::Started {
+        match branch {
+            Branch::Source => self.source_started = true,
+            Branch::Edited => self.branch_started_at = Instant::now(),
+        }
+        self.outbox.emit(Event::Started {
             run_id: self.run_id,
+            branch,
             params: params.clone(),
             prompt,
+            edit,
         })
     }
 
-    fn step(&mut self, frame: StepFrame) -> Result<(), EngineError> {
-        self.steps_done += 1;
-        self.emit(Event::Step {
+    fn step(
+        &mut self,
+        branch: Branch,
+        frame: StepFrame,
+        blend_mask: Option<BlendMask>,
+    ) -> Result<(), Disconnected> {
+        match branch {
+            Branch::Source => self.source_steps += 1,
+            Branch::Edited => self.edited_steps += 1,
+        }
+        self.outbox.emit(Event::Step {
             run_id: self.run_id,
+            branch,
             frame: Box::new(frame),
+            blend_mask,
         })?;
-        self.drain_commands()?;
-        self.check_cancelled()
+        self.drain_commands()
     }
 
     fn take_self_attention_query(&mut self) -> Option<SelfAttentionQuery> {
@@ -596,112 +695,26 @@ impl RunObserver for WorkerObserver<'_> {
         &mut self,
         _query: SelfAttentionQuery,
         map: Option<SelfAttentionMap>,
-    ) -> Result<(), EngineError> {
-        self.emit(Event::SelfAttention {
+    ) -> Result<(), Disconnected> {
+        self.outbox.emit(Event::SelfAttention {
             run_id: self.run_id,
             map,
         })
     }
 
-    // --- Edit mode ---
-    fn source_finished(&mut self, output: &RunOutput) -> Result<(), EngineError> {
+    fn source_finished(&mut self, output: &RunOutput) -> Result<(), Disconnected> {
         self.source_finished = true;
-        self.emit(Event::Finished {
+        self.outbox.emit(Event::Finished {
             run_id: self.run_id,
+            branch: Branch::Source,
             image: output.image.clone(),
-            elapsed_secs: self.started_at.elapsed().as_secs_f64(),
+            elapsed_secs: self.branch_started_at.elapsed().as_secs_f64(),
             self_attention_grids: output.self_attention_grids.clone(),
+            blend_mask: None,
         })?;
-        self.drain_commands()?;
-        self.check_cancelled()
-    }
-
-    fn edit_started(&mut self, info: EditInfo) -> Result<(), EngineError> {
-        self.drain_commands()?;
-        self.check_cancelled()?;
-        self.started_at = Instant::now();
-        self.emit(Event::EditStarted {
-            run_id: self.run_id,
-            info,
-        })
-    }
-
-    fn edit_step(
-        &mut self,
-        frame: StepFrame,
-        blend_mask: Option<BlendMask>,
-    ) -> Result<(), EngineError> {
-        self.steps_done += 1;
-        self.emit(Event::EditStep {
-            run_id: self.run_id,
-            frame: Box::new(frame),
-            blend_mask,
-        })?;
-        self.drain_commands()?;
-        self.check_cancelled()
-    }
-    // --- end Edit mode ---
-}
-
-// --- Edit mode ---
-
-/// Runs a [`Command::GenerateEdit`]: the source (when the engine records it) as a normal run, then
-/// the edited branch as `EditStarted`, `EditStep`s and `EditFinished`.
-fn generate_edit(
-    state: &mut WorkerState,
-    run_id: u64,
-    params: &GenerateParams,
-    spec: Option<&EditSpec>,
-    commands: &Receiver<Command>,
-    outbox: &Outbox,
-) -> Result<(), Disconnected> {
-    if outbox.shared.is_cancelled(run_id) {
-        return outbox.emit(Event::Cancelled {
-            run_id,
-            steps_done: 0,
-        });
-    }
-    state.active_run = Some(run_id);
-    let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
-    let result = state.engine.generate_edit(params, spec, &mut observer);
-    let steps_done = observer.steps_done;
-    let disconnected = observer.disconnected;
-    let source_finished = observer.source_finished;
-    let edit_started_at = observer.started_at;
-    state.active_run = None;
-    if disconnected {
-        return Err(Disconnected);
-    }
-    if source_finished {
-        // The engine's maps (probe, export, segments) are the source's of this run.
-        state.latest_run = Some(run_id);
-        state.latest_finished_run = Some(run_id);
-    } else if steps_done > 0 && spec.is_none() {
-        state.latest_run = Some(run_id);
-    }
-    match result {
-        Ok(output) => match output.edited {
-            Some(image) => outbox.emit(Event::EditFinished {
-                run_id,
-                image,
-                elapsed_secs: edit_started_at.elapsed().as_secs_f64(),
-                blend_mask: output.blend_mask,
-            }),
-            None if source_finished => Ok(()),
-            None => outbox.emit(Event::Failed {
-                run_id: Some(run_id),
-                message: "the engine returned neither a source nor an edited image".to_owned(),
-            }),
-        },
-        Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled { run_id, steps_done }),
-        Err(error) => outbox.emit(Event::Failed {
-            run_id: Some(run_id),
-            message: error.to_string(),
-        }),
+        self.drain_commands()
     }
 }
-
-// --- end Edit mode ---
 
 /// The text of a panic payload (`&str` or `String`), or a placeholder.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

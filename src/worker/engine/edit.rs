@@ -19,7 +19,9 @@ use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
 use crate::worker::engine::{prompt_info, to_worker_image, LatestRun, PipelineEngine};
 use crate::worker::error::EngineError;
-use crate::worker::protocol::{EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming};
+use crate::worker::protocol::{
+    Branch, EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming,
+};
 
 /// The recorded source of the edits, and what it was made from.
 pub(super) struct EditSource {
@@ -88,10 +90,10 @@ fn edit_step_frame(
         step_count: report.step_count,
         timestep: report.timestep,
         preview,
-        cross: store.latest_step().cloned().unwrap_or_else(|| StepCross {
+        cross: Arc::new(store.latest_step().cloned().unwrap_or_else(|| StepCross {
             step_index: report.step_index,
             groups: Vec::new(),
-        }),
+        })),
         timing,
     })
 }
@@ -103,11 +105,11 @@ impl PipelineEngine {
         params: &GenerateParams,
         spec: Option<&EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<EditRunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let cancel = CancelToken::new();
         let (run, resolved, warnings) = prepare(model, params)?;
         // The edited branch needs the source's facts after the source run took the prepared run.
         let source_run = run.clone();
@@ -121,7 +123,7 @@ impl PipelineEngine {
             // The recorded source stands for this run; nothing of it is sampled again.
         } else {
             self.edit_source = None;
-            observer.started(&resolved, prompt_info(&run, warnings))?;
+            observer.started(Branch::Source, &resolved, prompt_info(&run, warnings), None)?;
             let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
             let words = run.prompt_tokens.words.clone();
             let tokens = run.prompt_tokens.tokens.clone();
@@ -131,7 +133,7 @@ impl PipelineEngine {
                 self_max_queries,
                 batch_item: 0,
             };
-            let result = record_with_store(model, run, record, &mut store, observer, &cancel);
+            let result = record_with_store(model, run, record, &mut store, observer, cancel);
             let self_attention_grids = store.self_attention_resolutions();
             self.latest_run = Some(LatestRun {
                 store,
@@ -175,8 +177,13 @@ impl PipelineEngine {
         let mut branch = EditedBranchRun::new(model, &source_run, spec, recording)?;
         let edit_tokens = branch.edit_tokens();
         let alignment = branch.alignment();
-        observer.edit_started(EditInfo {
-            edit_prompt: PromptInfo {
+        observer.started(
+            Branch::Edited,
+            &GenerateParams {
+                prompt: spec.edit_prompt.clone(),
+                ..resolved.clone()
+            },
+            PromptInfo {
                 words: edit_tokens.words.clone(),
                 tokens: edit_tokens.tokens.clone(),
                 warnings: edit_tokens
@@ -185,11 +192,13 @@ impl PipelineEngine {
                     .into_iter()
                     .collect(),
             },
-            kind: alignment.kind,
-            words: alignment.words.clone(),
-            source_reused: reusable,
-            source_recordings: self.source_recordings,
-        })?;
+            Some(EditInfo {
+                kind: alignment.kind,
+                words: alignment.words.clone(),
+                source_reused: reusable,
+                source_recordings: self.source_recordings,
+            }),
+        )?;
         let mut store = AttentionStore::new(StoreConfig::new(edit_tokens.token_count()));
         loop {
             if cancel.is_cancelled() {
@@ -204,7 +213,7 @@ impl PipelineEngine {
                 elapsed_secs: started_at.elapsed().as_secs_f64(),
             };
             let frame = edit_step_frame(model, &store, &report, timing)?;
-            observer.edit_step(frame, report.blend_mask)?;
+            observer.step(Branch::Edited, frame, report.blend_mask)?;
         }
         let branch = branch.finish()?;
         let blend_mask: Option<BlendMask> =
@@ -241,7 +250,11 @@ fn record_with_store(
             step_secs: step_started.elapsed().as_secs_f64(),
             elapsed_secs: started_at.elapsed().as_secs_f64(),
         };
-        observer.step(edit_step_frame(model, store, &report, timing)?)?;
+        observer.step(
+            Branch::Source,
+            edit_step_frame(model, store, &report, timing)?,
+            None,
+        )?;
         super::answer_self_attention_query(&mut *observer, store)?;
     }
     Ok(recording.finish()?)

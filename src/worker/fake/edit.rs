@@ -7,21 +7,23 @@
 //! outside the mask (the blend words' blobs, or the user's mask). Identical prompts give the source
 //! image exactly.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::analysis::alignment::{
     align_prompts, selected_words, split_prompt_scope, word_token_indices, PromptLayout, WordChange,
 };
-use crate::analysis::heatmap::UnetPlace;
-use crate::worker::backend::{EditRunOutput, RunObserver};
+use crate::pipeline::sampling::CancelToken;
+use crate::worker::backend::{EditRunOutput, Engine as _, RunObserver};
 use crate::worker::error::EngineError;
 use crate::worker::fake::{
-    blob_centre, blob_colour, cross_maps, gaussian, mix, resolve_params, text_hash, tokenize, unit,
-    FakeEngine, FakeRun,
+    blob_centre, blob_colour, cross_maps, fake_grids, gaussian, mix, resolve_params, text_hash,
+    tokenize, unit, FakeEngine, FakeRun,
 };
 use crate::worker::plain::{CrossGroup, RgbImage, StepCross};
 use crate::worker::protocol::{
-    BlendMask, EditInfo, EditSpec, GenerateParams, StepFrame, StepTiming,
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, LocalBlendConfig, PromptInfo, StepFrame,
+    StepTiming,
 };
 
 /// The recorded source of the fake's edits.
@@ -49,6 +51,7 @@ impl FakeEngine {
         params: &GenerateParams,
         spec: Option<&EditSpec>,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<EditRunOutput, EngineError> {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
@@ -62,7 +65,7 @@ impl FakeEngine {
         let mut source_output = None;
         if !reusable {
             self.edit_source = None;
-            let output = crate::worker::Engine::generate(self, params, observer)?;
+            let output = self.generate(params, observer, cancel)?;
             let Some(run) = self.latest_run.clone() else {
                 return Err(EngineError::Unavailable(
                     "the fake source run kept nothing".to_owned(),
@@ -89,7 +92,7 @@ impl FakeEngine {
                 "the source recording is missing".to_owned(),
             ));
         };
-        self.edited_branch(&source, &resolved, spec, reusable, observer)
+        self.edited_branch(&source, &resolved, spec, reusable, observer, cancel)
             .map(|(image, blend_mask)| EditRunOutput {
                 source: source_output,
                 edited: Some(image),
@@ -104,6 +107,7 @@ impl FakeEngine {
         spec: &EditSpec,
         source_reused: bool,
         observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
     ) -> Result<(RgbImage, Option<BlendMask>), EngineError> {
         let started_at = Instant::now();
         let (height, width) = source.run.image_size;
@@ -129,13 +133,22 @@ impl FakeEngine {
                 });
             }
         }
-        observer.edit_started(EditInfo {
-            edit_prompt: edit_prompt.clone(),
+        let edited_params = GenerateParams {
+            prompt: spec.edit_prompt.clone(),
+            ..resolved.clone()
+        };
+        let info = EditInfo {
             kind: alignment.kind,
             words: alignment.words.clone(),
             source_reused,
             source_recordings: self.source_recordings,
-        })?;
+        };
+        observer.started(
+            Branch::Edited,
+            &edited_params,
+            edit_prompt.clone(),
+            Some(info),
+        )?;
 
         // Where each edited word's blob goes and how it looks.
         let cross = &spec.cross_window.default;
@@ -177,19 +190,13 @@ impl FakeEngine {
             .collect();
         let centres: Vec<(f32, f32)> = blobs.iter().map(|blob| blob.centre).collect();
         let word_count = edit_prompt.words.len();
-        let grids = [
-            (UnetPlace::Down, height / 4, width / 4, 2),
-            (UnetPlace::Down, height / 8, width / 8, 2),
-            (UnetPlace::Mid, height / 16, width / 16, 1),
-            (UnetPlace::Up, height / 8, width / 8, 3),
-            (UnetPlace::Up, height / 4, width / 4, 3),
-        ];
+        let grids = fake_grids(height, width);
         let steps = resolved.steps;
         let mut image = RgbImage::black(width, height);
         let mut last_mask = None;
         for step_index in 0..steps {
             let step_started = Instant::now();
-            std::thread::sleep(self.config.step_delay);
+            self.begin_step(cancel)?;
             let progress = (step_index + 1) as f32 / steps as f32;
             let sigma = 0.45 - 0.3 * progress;
             let groups = grids
@@ -214,20 +221,18 @@ impl FakeEngine {
                 image = blend_images(&source_now, &image, mask);
                 last_mask = Some(mask.clone());
             }
-            observer.edit_step(
-                StepFrame {
-                    step_index,
-                    step_count: steps,
-                    timestep: 1000.0 * (1.0 - step_index as f64 / steps as f64),
-                    preview: image.clone(),
-                    cross: StepCross { step_index, groups },
-                    timing: StepTiming {
-                        step_secs: step_started.elapsed().as_secs_f64(),
-                        elapsed_secs: started_at.elapsed().as_secs_f64(),
-                    },
+            let frame = StepFrame {
+                step_index,
+                step_count: steps,
+                timestep: 1000.0 * (1.0 - step_index as f64 / steps as f64),
+                preview: image.clone(),
+                cross: Arc::new(StepCross { step_index, groups }),
+                timing: StepTiming {
+                    step_secs: step_started.elapsed().as_secs_f64(),
+                    elapsed_secs: started_at.elapsed().as_secs_f64(),
                 },
-                mask,
-            )?;
+            };
+            observer.step(Branch::Edited, frame, mask)?;
         }
         Ok((image, last_mask))
     }
@@ -256,9 +261,9 @@ fn source_preview(source: &FakeEditSource, progress: f32, seed: u64) -> RgbImage
 /// The blend mask at latent resolution (an eighth of the image): the blend words' blobs in either
 /// prompt, or the user's mask.
 fn fake_blend_mask(
-    blend: &crate::worker::protocol::LocalBlendConfig,
+    blend: &LocalBlendConfig,
     source: &FakeEditSource,
-    edit_prompt: &crate::worker::protocol::PromptInfo,
+    edit_prompt: &PromptInfo,
     edit_centres: &[(f32, f32)],
     sigma: f32,
 ) -> BlendMask {

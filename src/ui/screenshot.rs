@@ -1,0 +1,192 @@
+//! Screenshot automation (`ATTEND_SCREENSHOT`): once the first run (and edit) finished, select a
+//! word, probe a point or pick a segment, let the layout settle, capture the window as PNG and quit.
+//! It drives the editor like a user, with [`UiCommand`]s.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::ui::command::{UiCommand, UiCommands};
+use crate::ui::state::{AppState, CanvasView};
+
+/// A screenshot to take once the first run has finished (`ATTEND_SCREENSHOT`), then quit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScreenshotPlan {
+    /// Where to write the PNG.
+    pub path: PathBuf,
+    /// Select this word before taking it.
+    pub select_word: Option<String>,
+    /// Probe self-attention at this point `(y, x)` in 0..1 image coordinates.
+    pub probe_point: Option<(f32, f32)>,
+    /// Frames to wait after the run finished (lets the layout settle).
+    pub settle_frames: u32,
+    /// Enter edit mode with this edited prompt, and take the screenshot once the edit finished
+    /// (`ATTEND_SCREENSHOT_EDIT`).
+    pub edit_prompt: Option<String>,
+    /// Show the Segments view and select the segment at this point `(y, x)` in 0..1 image
+    /// coordinates (`ATTEND_SCREENSHOT_SEGMENTS`).
+    pub segments_point: Option<(f32, f32)>,
+    /// Take it during the run, once this many steps have arrived, instead of after the run
+    /// (`ATTEND_SCREENSHOT_AT_STEP`).
+    pub at_step: Option<usize>,
+}
+
+impl ScreenshotPlan {
+    /// The plan `ATTEND_SCREENSHOT=file.png` asks for (with `ATTEND_SCREENSHOT_WORD`,
+    /// `ATTEND_SCREENSHOT_PROBE=y,x`, `ATTEND_SCREENSHOT_SEGMENTS=y,x`, `ATTEND_SCREENSHOT_EDIT` and
+    /// `ATTEND_SCREENSHOT_AT_STEP`), if it is set.
+    pub fn from_environment() -> Option<Self> {
+        let point = |name: &str| {
+            std::env::var(name).ok().and_then(|text| {
+                let (y, x) = text.split_once(',')?;
+                Some((y.trim().parse().ok()?, x.trim().parse().ok()?))
+            })
+        };
+        std::env::var_os("ATTEND_SCREENSHOT").map(|path| Self {
+            path: PathBuf::from(path),
+            select_word: std::env::var("ATTEND_SCREENSHOT_WORD").ok(),
+            probe_point: point("ATTEND_SCREENSHOT_PROBE"),
+            settle_frames: 10,
+            edit_prompt: std::env::var("ATTEND_SCREENSHOT_EDIT").ok(),
+            segments_point: point("ATTEND_SCREENSHOT_SEGMENTS"),
+            at_step: std::env::var("ATTEND_SCREENSHOT_AT_STEP")
+                .ok()
+                .and_then(|text| text.trim().parse().ok()),
+        })
+    }
+}
+
+/// What the plan waits for, read from the editor each frame.
+pub(crate) struct ScreenshotWatch {
+    /// A segmentation of the run on screen has arrived.
+    pub(crate) segmented: bool,
+    /// The segmentation asked for failed (the picture shows the error instead).
+    pub(crate) segmentation_failed: bool,
+    /// Some segment is selected.
+    pub(crate) segment_selected: bool,
+}
+
+/// A [`ScreenshotPlan`] and how far it got.
+#[derive(Debug)]
+pub(crate) struct Screenshot {
+    plan: ScreenshotPlan,
+    prepared: bool,
+    frames_after_finish: u32,
+    requested: bool,
+    written: Arc<AtomicBool>,
+}
+
+impl Screenshot {
+    /// A plan not started yet.
+    pub(crate) fn new(plan: ScreenshotPlan) -> Self {
+        Self {
+            plan,
+            prepared: false,
+            frames_after_finish: 0,
+            requested: false,
+            written: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The edited prompt to enter edit mode with, if the plan asks for one.
+    pub(crate) fn edit_prompt(&self) -> Option<&str> {
+        self.plan.edit_prompt.as_deref()
+    }
+
+    /// One frame of the plan: select, probe, wait, capture, quit.
+    pub(crate) fn step(
+        &mut self,
+        egui_ctx: &egui::Context,
+        state: &AppState,
+        watch: &ScreenshotWatch,
+        commands: &mut UiCommands,
+    ) {
+        if self.written.load(Ordering::SeqCst) {
+            egui_ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            return;
+        }
+        let finished = match self.plan.at_step {
+            Some(steps) => state
+                .run
+                .as_ref()
+                .is_some_and(|run| run.steps.len() >= steps),
+            None => {
+                state.run_finished()
+                    && (self.plan.edit_prompt.is_none() || state.modes.edit.finished())
+            }
+        };
+        if !finished || self.requested {
+            return;
+        }
+        egui_ctx.request_repaint();
+        if !self.prepared {
+            self.prepared = true;
+            self.prepare(state, commands);
+            return;
+        }
+        // Wait for the self-attention map or the segmentation before counting frames.
+        let probe_pending = state.canvas_view == CanvasView::Probe && state.probe.map.is_none();
+        let segments_pending = match self.plan.segments_point {
+            Some(_) if !watch.segmented => !watch.segmentation_failed,
+            Some(point) => {
+                if !watch.segment_selected {
+                    commands.push(UiCommand::ClickSegment { point, add: false });
+                }
+                false
+            }
+            None => false,
+        };
+        if probe_pending || segments_pending {
+            return;
+        }
+        self.frames_after_finish += 1;
+        if self.frames_after_finish < self.plan.settle_frames {
+            return;
+        }
+        self.capture(egui_ctx);
+    }
+
+    /// Selects the word, turns the probe on or shows the segments, as the plan says.
+    fn prepare(&self, state: &AppState, commands: &mut UiCommands) {
+        if let Some(word) = &self.plan.select_word {
+            if let Some(index) = state
+                .derived
+                .heatmaps
+                .iter()
+                .position(|heatmap| &heatmap.word == word)
+            {
+                commands.push(UiCommand::SelectWord(index));
+            }
+        }
+        if let Some(point) = self.plan.probe_point {
+            commands.push(UiCommand::SetCanvasView(CanvasView::Probe));
+            commands.push(UiCommand::SetProbePoint(point));
+        }
+        if self.plan.segments_point.is_some() {
+            commands.push(UiCommand::SetCanvasView(CanvasView::Segments));
+        }
+    }
+
+    /// Asks egui for the window's pixels and writes them (the window closes on a later frame).
+    fn capture(&mut self, egui_ctx: &egui::Context) {
+        self.requested = true;
+        let path = self.plan.path.clone();
+        let written = Arc::clone(&self.written);
+        let repaint_ctx = egui_ctx.clone();
+        egui_ctx.request_screenshot(move |image| {
+            let rgb: Vec<u8> = image
+                .pixels
+                .iter()
+                .flat_map(|pixel| [pixel.r(), pixel.g(), pixel.b()])
+                .collect();
+            let [width, height] = image.size;
+            if let Err(error) =
+                crate::analysis::export::write_png_rgb(&path, width, height, &rgb, None)
+            {
+                eprintln!("attend: screenshot: {error:#}");
+            }
+            written.store(true, Ordering::SeqCst);
+            repaint_ctx.request_repaint();
+        });
+    }
+}
