@@ -586,7 +586,7 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Expected values: `torch.nn.functional.interpolate` (torch on the lab's GPU machine, CPU tensors)
+    /// Expected values: `torch.nn.functional.interpolate` (torch, CPU tensors)
     /// of `[[0, 1, 4], [2, -1, 3]]` to 5x7, and of `arange(35).view(5, 7)` to 2x3.
     #[test]
     fn resizing_matches_pytorch_interpolate() {

@@ -2,7 +2,7 @@
 //! ([`crate::pipeline::model::StableDiffusion`], [`crate::pipeline::sampling::generate`]) with an
 //! [`AttentionStore`] recording every step's attention.
 //!
-//! The engine drives the sampling loop itself, one [`Sampler`] step at a time: the store is lent to
+//! The engine drives the sampling loop itself, one [`Sampler`] step at a time: the store is handed to
 //! the UNet's attention hook during a step and read between steps (each step's maps go out as a
 //! frame), so it needs no sharing. The run's prompt is prepared once ([`prepare_run`]) and reported
 //! before the first step; an observer's error stops the run as itself.
