@@ -28,8 +28,9 @@ use crate::hook::{AttentionProcessor, AttentionSite, ChainedProcessors};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
-    decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run, to_rgb8,
-    CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest, PreparedRun, Sampler,
+    decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run,
+    run_to_end, to_rgb8, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest,
+    PreparedRun, Sampler, StepwiseRun,
 };
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
 use crate::pipeline::tokenizer::PromptTokens;
@@ -151,20 +152,12 @@ pub fn record_source(
     model: &StableDiffusion,
     request: &GenerateRequest,
     record: RecordConfig,
-    mut observer: Option<&mut dyn AttentionProcessor>,
+    observer: Option<&mut dyn AttentionProcessor>,
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<(GenerateOutput, Arc<SourceRecording>)> {
     let mut run = SourceRecordingRun::new(model, prepare_run(model, request)?, record)?;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(PipelineError::Cancelled);
-        }
-        let Some(report) = run.step(observer.as_deref_mut())? else {
-            break;
-        };
-        on_step(&report)?;
-    }
+    run_to_end(&mut run, observer, on_step, cancel)?;
     run.finish()
 }
 
@@ -247,20 +240,12 @@ pub fn generate_edited_branch(
     request: &GenerateRequest,
     spec: &EditSpec,
     recording: Arc<SourceRecording>,
-    mut observer: Option<&mut dyn AttentionProcessor>,
+    observer: Option<&mut dyn AttentionProcessor>,
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<EditedBranch> {
     let mut run = EditedBranchRun::new(model, &prepare_run(model, request)?, spec, recording)?;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(PipelineError::Cancelled);
-        }
-        let Some(report) = run.step(observer.as_deref_mut())? else {
-            break;
-        };
-        on_step(&report)?;
-    }
+    run_to_end(&mut run, observer, on_step, cancel)?;
     run.finish()
 }
 
@@ -670,5 +655,27 @@ impl AttentionProcessor for ItemView<'_> {
 
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
         self.inner.step_finished(step_index)
+    }
+}
+
+impl StepwiseRun for SourceRecordingRun<'_> {
+    type Report = EditStepReport;
+
+    fn next_step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<EditStepReport>> {
+        self.step(observer)
+    }
+}
+
+impl StepwiseRun for EditedBranchRun<'_> {
+    type Report = EditStepReport;
+
+    fn next_step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<EditStepReport>> {
+        self.step(observer)
     }
 }

@@ -348,7 +348,7 @@ pub fn mean_of_planes(xs: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::kernels::split_heads_transposed;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
 
     /// Plain per-head attention: `[batch, n, heads * d]` inputs -> (probabilities `[batch * heads,
@@ -398,11 +398,11 @@ mod tests {
             let key_t = split_heads_transposed(&key, heads).unwrap();
 
             let fused = fused_attention(&query, &key_t, &value, heads, scale as f32).unwrap();
-            assert!(max_diff(&fused, &expected) < 1e-5);
+            assert!(max_abs_diff(&fused, &expected) < 1e-5);
             let computed = attention_probabilities(&query, &key_t, heads, scale as f32).unwrap();
-            assert!(max_diff(&computed, &probs) < 1e-6);
+            assert!(max_abs_diff(&computed, &probs) < 1e-6);
             let attended = attend_probabilities(&probs, &value, heads).unwrap();
-            assert!(max_diff(&attended, &expected) < 1e-5);
+            assert!(max_abs_diff(&attended, &expected) < 1e-5);
         }
         // Shapes that do not fit are errors, not panics.
         let query = Tensor::zeros((1, 4, 6), DType::F32, &device).unwrap();
@@ -419,9 +419,9 @@ mod tests {
         let device = Device::Cpu;
         let xs = Tensor::randn(0f32, 1.0, (3, 300, 301), &device).unwrap();
         let expected = xs.mean(0).unwrap();
-        assert!(max_diff(&mean_of_planes(&xs).unwrap(), &expected) < 1e-6);
+        assert!(max_abs_diff(&mean_of_planes(&xs).unwrap(), &expected) < 1e-6);
         let narrowed = xs.narrow(0, 1, 2).unwrap();
         let expected = narrowed.mean(0).unwrap();
-        assert!(max_diff(&mean_of_planes(&narrowed).unwrap(), &expected) < 1e-6);
+        assert!(max_abs_diff(&mean_of_planes(&narrowed).unwrap(), &expected) < 1e-6);
     }
 }

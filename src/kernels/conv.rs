@@ -141,7 +141,7 @@ pub fn im2col(xs: &Tensor, geometry: PatchGeometry, rows: Range<usize>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -187,7 +187,7 @@ mod tests {
                 .unwrap()
                 .reshape((2, out_h, out_w, 5))
                 .unwrap();
-            assert!(max_diff(&actual, &expected) < 1e-4);
+            assert!(max_abs_diff(&actual, &expected) < 1e-4);
         }
     }
 }

@@ -183,7 +183,7 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
 
     #[test]
@@ -193,7 +193,7 @@ mod tests {
         let hidden = projected.narrow(2, 0, 8).unwrap();
         let gate = projected.narrow(2, 8, 8).unwrap();
         let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
-        assert!(max_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
+        assert!(max_abs_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
         assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
     }
 
@@ -204,7 +204,7 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, 12, &device).unwrap();
         let expected = xs.broadcast_add(&bias).unwrap();
         let added = add_bias(xs.copy().unwrap(), &bias, true).unwrap();
-        assert_eq!(max_diff(&added, &expected), 0.0);
+        assert_eq!(max_abs_diff(&added, &expected), 0.0);
     }
 
     #[test]
@@ -218,7 +218,7 @@ mod tests {
                 .unwrap()
                 .permute((0, 3, 1, 2))
                 .unwrap();
-            assert_eq!(max_diff(&actual, &expected), 0.0);
+            assert_eq!(max_abs_diff(&actual, &expected), 0.0);
         }
     }
 }

@@ -233,7 +233,7 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
 
     #[test]
@@ -246,7 +246,7 @@ mod tests {
             let expected = a.matmul(&b).unwrap();
             let actual = matmul_split_columns(&a, &b).unwrap();
             assert_eq!(actual.dims(), &[m, n]);
-            assert!(max_diff(&actual, &expected) < 1e-4, "{m}x{k}x{n}");
+            assert!(max_abs_diff(&actual, &expected) < 1e-4, "{m}x{k}x{n}");
         }
         let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
         let b = Tensor::zeros((4, 5), DType::F32, &device).unwrap();
@@ -260,12 +260,12 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
             let expected = a.matmul(&b).unwrap();
-            assert!(max_diff(&matmul_split_rows(&a, &b).unwrap(), &expected) < 1e-4);
+            assert!(max_abs_diff(&matmul_split_rows(&a, &b).unwrap(), &expected) < 1e-4);
         }
         let a = Tensor::randn(0f32, 1.0, (16, 37, 20), &device).unwrap();
         let b = Tensor::randn(0f32, 1.0, (16, 20, 9), &device).unwrap();
         let expected = a.matmul(&b).unwrap();
-        assert!(max_diff(&batched_matmul_parallel(&a, &b).unwrap(), &expected) < 1e-4);
+        assert!(max_abs_diff(&batched_matmul_parallel(&a, &b).unwrap(), &expected) < 1e-4);
         let wrong = Tensor::zeros((15, 20, 9), DType::F32, &device).unwrap();
         assert!(batched_matmul_parallel(&a, &wrong).is_err());
         assert!(

@@ -154,7 +154,7 @@ pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -169,12 +169,12 @@ mod tests {
             .reshape((6, 5, 4))
             .unwrap();
         let split = split_heads(&xs, 3).unwrap();
-        assert_eq!(max_diff(&split, &expected), 0.0);
+        assert_eq!(max_abs_diff(&split, &expected), 0.0);
         let transposed = split_heads_transposed(&xs, 3).unwrap();
         assert_eq!(
-            max_diff(&transposed, &expected.transpose(1, 2).unwrap()),
+            max_abs_diff(&transposed, &expected.transpose(1, 2).unwrap()),
             0.0
         );
-        assert_eq!(max_diff(&merge_heads(&split, 3).unwrap(), &xs), 0.0);
+        assert_eq!(max_abs_diff(&merge_heads(&split, 3).unwrap(), &xs), 0.0);
     }
 }

@@ -37,7 +37,7 @@ mod operands;
 mod simd;
 mod softmax;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod threads;
 mod winograd;
 

@@ -225,7 +225,7 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
 
     #[test]
@@ -241,10 +241,10 @@ mod tests {
             let expected = candle_nn::Module::forward(&reference, &xs).unwrap();
             let nhwc = xs.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
             let plain = group_norm(&nhwc, 8, 1e-5, &weight, &bias, false).unwrap();
-            assert!(max_diff(&plain.permute((0, 3, 1, 2)).unwrap(), &expected) < 1e-5);
+            assert!(max_abs_diff(&plain.permute((0, 3, 1, 2)).unwrap(), &expected) < 1e-5);
             let activated = group_norm(&nhwc, 8, 1e-5, &weight, &bias, true).unwrap();
             let expected_silu = candle_nn::ops::silu(&expected).unwrap();
-            assert!(max_diff(&activated.permute((0, 3, 1, 2)).unwrap(), &expected_silu) < 1e-5);
+            assert!(max_abs_diff(&activated.permute((0, 3, 1, 2)).unwrap(), &expected_silu) < 1e-5);
         }
     }
 
@@ -260,7 +260,7 @@ mod tests {
             let expected = candle_nn::ops::layer_norm(&xs, &weight, &bias, 1e-5).unwrap();
             let actual = layer_norm(&xs, &weight, &bias, 1e-5).unwrap();
             assert_eq!(actual.dims(), expected.dims());
-            assert!(max_diff(&actual, &expected) < 1e-4, "{shape:?}");
+            assert!(max_abs_diff(&actual, &expected) < 1e-4, "{shape:?}");
         }
         let wrong = Tensor::zeros((2, 3, 8), DType::F32, &device).unwrap();
         let weight = Tensor::ones(5, DType::F32, &device).unwrap();

@@ -103,7 +103,7 @@ pub fn scaled_softmax_in_place(scores: &Tensor, scale: f32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -113,6 +113,6 @@ mod tests {
         let expected = candle_nn::ops::softmax_last_dim(&(&scores * 0.3).unwrap()).unwrap();
         let actual = scores.copy().unwrap();
         scaled_softmax_in_place(&actual, 0.3).unwrap();
-        assert!(max_diff(&actual, &expected) < 1e-6);
+        assert!(max_abs_diff(&actual, &expected) < 1e-6);
     }
 }

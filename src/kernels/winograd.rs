@@ -349,7 +349,7 @@ pub fn winograd_output(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -391,7 +391,7 @@ mod tests {
                     .unwrap()
                     .reshape((2, height, width, 5))
                     .unwrap();
-                let diff = max_diff(&actual, &expected);
+                let diff = max_abs_diff(&actual, &expected);
                 assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
             }
         }

@@ -343,7 +343,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::pipeline::max_abs_diff;
+    use crate::kernels::test_support::max_abs_diff;
 
     fn tiny_config() -> ClipTextConfig {
         ClipTextConfig {

@@ -347,6 +347,50 @@ impl<'model> Sampler<'model> {
     }
 }
 
+/// A run sampled one step at a time by its owner ([`Sampler`], and the edit runs above the
+/// pipeline), so that one loop ([`run_to_end`]) drives them all.
+pub trait StepwiseRun {
+    /// What each step reports.
+    type Report;
+
+    /// Runs the next step with `processor` on the attention hook; `None` once every step has run.
+    fn next_step(
+        &mut self,
+        processor: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<Self::Report>>;
+}
+
+impl StepwiseRun for Sampler<'_> {
+    type Report = StepReport;
+
+    fn next_step(
+        &mut self,
+        processor: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<StepReport>> {
+        self.step(processor)
+    }
+}
+
+/// Steps `run` to its end: `cancel` checked before every step (a cancelled run returns
+/// [`PipelineError::Cancelled`]), `processor` on the hook, `on_step` after every step (its error
+/// stops the run and is returned).
+pub fn run_to_end<R: StepwiseRun>(
+    run: &mut R,
+    mut processor: Option<&mut dyn AttentionProcessor>,
+    on_step: &mut dyn FnMut(&R::Report) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<()> {
+    loop {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let Some(report) = run.next_step(processor.as_deref_mut())? else {
+            return Ok(());
+        };
+        on_step(&report)?;
+    }
+}
+
 /// Runs a whole sampling loop (a [`Sampler`] driven to the end).
 ///
 /// `processor` (when given) is called by every attention layer at every step; `on_step` after every
@@ -355,20 +399,12 @@ impl<'model> Sampler<'model> {
 pub fn generate(
     model: &StableDiffusion,
     request: &GenerateRequest,
-    mut processor: Option<&mut dyn AttentionProcessor>,
+    processor: Option<&mut dyn AttentionProcessor>,
     on_step: &mut dyn FnMut(&StepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<GenerateOutput> {
     let mut sampler = Sampler::new(model, prepare_run(model, request)?)?;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(PipelineError::Cancelled);
-        }
-        let Some(report) = sampler.step(processor.as_deref_mut())? else {
-            break;
-        };
-        on_step(&report)?;
-    }
+    run_to_end(&mut sampler, processor, on_step, cancel)?;
     sampler.finish()
 }
 

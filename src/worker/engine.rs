@@ -18,7 +18,7 @@ use crate::analysis::heatmap::{
 use crate::analysis::WordSpan;
 use crate::attention::store::{AttentionStore, StoreConfig};
 use crate::pipeline::model::{LoadOptions, StableDiffusion};
-use crate::pipeline::sampling::{CancelToken, PreparedRun, Sampler, StepReport};
+use crate::pipeline::sampling::{CancelToken, PreparedRun, Sampler, StepReport, StepwiseRun};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::PipelineError;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
@@ -298,22 +298,36 @@ fn sample_with_store(
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
-    let started_at = Instant::now();
     let mut sampler = Sampler::new(model, run)?;
+    drive_with_store(&mut sampler, store, cancel, |report, store, timing| {
+        observer.step(Branch::Source, step_frame(store, report, timing), None)?;
+        answer_self_attention_query(&mut *observer, store)
+    })?;
+    Ok(sampler.finish()?)
+}
+
+/// Steps `run` to its end with `store` on the attention hook: the cancel token is checked before
+/// every step, and `after_step` gets each step's report with the store as that step left it (to
+/// send a frame, answer the probe). The first error ends the run and is returned as itself.
+fn drive_with_store<R: StepwiseRun>(
+    run: &mut R,
+    store: &mut AttentionStore,
+    cancel: &CancelToken,
+    mut after_step: impl FnMut(&R::Report, &AttentionStore, StepTiming) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let started_at = Instant::now();
     loop {
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
         let step_started = Instant::now();
-        let Some(report) = sampler.step(Some(&mut *store))? else {
-            break;
+        let Some(report) = run.next_step(Some(&mut *store))? else {
+            return Ok(());
         };
         let timing = StepTiming {
             step_secs: step_started.elapsed().as_secs_f64(),
             elapsed_secs: started_at.elapsed().as_secs_f64(),
         };
-        observer.step(Branch::Source, step_frame(store, &report, timing), None)?;
-        answer_self_attention_query(&mut *observer, store)?;
+        after_step(&report, store, timing)?;
     }
-    Ok(sampler.finish()?)
 }

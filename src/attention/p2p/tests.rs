@@ -5,7 +5,7 @@ use crate::analysis::alignment::EditKind;
 use crate::analysis::edit_spec::{changes_words, CrossWindow, Reweight};
 use crate::analysis::WordSpan;
 use crate::hook::ChainedProcessors;
-use crate::pipeline::max_abs_diff;
+use crate::kernels::test_support::max_abs_diff;
 use candle_core::{DType, Device};
 
 /// Encoded length used by these tests (keys of every cross-attention layer).

@@ -216,7 +216,7 @@ pub(crate) fn step_out_of_range(step_index: usize, steps: usize) -> PipelineErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::max_abs_diff;
+    use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
 
     /// Stable Diffusion's training schedule with the given spacing and no `_class_name`.

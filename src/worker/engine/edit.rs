@@ -4,7 +4,6 @@
 
 use std::str::FromStr as _;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::analysis::edit_spec::{BlendMask, EditSpec};
 use crate::analysis::heatmap::StepCross;
@@ -17,7 +16,9 @@ use crate::pipeline::sampling::{
 };
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
-use crate::worker::engine::{prompt_info, to_worker_image, LatestRun, PipelineEngine};
+use crate::worker::engine::{
+    drive_with_store, prompt_info, to_worker_image, LatestRun, PipelineEngine,
+};
 use crate::worker::error::EngineError;
 use crate::worker::protocol::{
     Branch, EditInfo, GenerateParams, PromptInfo, StepFrame, StepTiming,
@@ -173,7 +174,6 @@ impl PipelineEngine {
         };
 
         // The edited branch.
-        let started_at = Instant::now();
         let mut branch = EditedBranchRun::new(model, &source_run, spec, recording)?;
         let edit_tokens = branch.edit_tokens();
         let alignment = branch.alignment();
@@ -200,21 +200,10 @@ impl PipelineEngine {
             }),
         )?;
         let mut store = AttentionStore::new(StoreConfig::new(edit_tokens.token_count()));
-        loop {
-            if cancel.is_cancelled() {
-                return Err(EngineError::Cancelled);
-            }
-            let step_started = Instant::now();
-            let Some(report) = branch.step(Some(&mut store))? else {
-                break;
-            };
-            let timing = StepTiming {
-                step_secs: step_started.elapsed().as_secs_f64(),
-                elapsed_secs: started_at.elapsed().as_secs_f64(),
-            };
-            let frame = edit_step_frame(model, &store, &report, timing)?;
-            observer.step(Branch::Edited, frame, report.blend_mask)?;
-        }
+        drive_with_store(&mut branch, &mut store, cancel, |report, store, timing| {
+            let frame = edit_step_frame(model, store, report, timing)?;
+            Ok(observer.step(Branch::Edited, frame, report.blend_mask.clone())?)
+        })?;
         let branch = branch.finish()?;
         let blend_mask: Option<BlendMask> =
             branch.blend_masks.iter().rev().flatten().next().cloned();
@@ -236,26 +225,11 @@ fn record_with_store(
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<(GenerateOutput, Arc<SourceRecording>), EngineError> {
-    let started_at = Instant::now();
     let mut recording = SourceRecordingRun::new(model, run, record)?;
-    loop {
-        if cancel.is_cancelled() {
-            return Err(EngineError::Cancelled);
-        }
-        let step_started = Instant::now();
-        let Some(report) = recording.step(Some(&mut *store))? else {
-            break;
-        };
-        let timing = StepTiming {
-            step_secs: step_started.elapsed().as_secs_f64(),
-            elapsed_secs: started_at.elapsed().as_secs_f64(),
-        };
-        observer.step(
-            Branch::Source,
-            edit_step_frame(model, store, &report, timing)?,
-            None,
-        )?;
-        super::answer_self_attention_query(&mut *observer, store)?;
-    }
+    drive_with_store(&mut recording, store, cancel, |report, store, timing| {
+        let frame = edit_step_frame(model, store, report, timing)?;
+        observer.step(Branch::Source, frame, None)?;
+        super::answer_self_attention_query(&mut *observer, store)
+    })?;
     Ok(recording.finish()?)
 }
