@@ -1,6 +1,7 @@
 //! Writing results to disk: PNG images (with A1111-style `parameters` text), heat maps, and the
 //! attention maps as safetensors. Every file is written atomically: a crash or an error never leaves a
-//! partial file at the destination.
+//! partial file at the destination, and only a regular file (or nothing) is ever replaced: see
+//! [`write_atomically`] for devices, FIFOs, sockets, folders and symbolic links.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -37,6 +38,17 @@ pub enum ExportError {
         /// What does not fit.
         reason: String,
     },
+    /// The destination exists and is not a regular file (a folder, device, FIFO or socket), which an
+    /// export never replaces.
+    #[error(
+        "cannot write {path}: it is {kind}, not a regular file; attend replaces only regular files"
+    )]
+    NotARegularFile {
+        /// The destination path as given.
+        path: PathBuf,
+        /// What is there (`a folder`, `a character device`, `a FIFO (named pipe)`, ...).
+        kind: &'static str,
+    },
     /// The encoder refused the data.
     #[error("cannot encode {path}: {reason}")]
     Encode {
@@ -68,9 +80,83 @@ impl Drop for TempFileGuard {
     }
 }
 
+/// Most symbolic links followed to reach a destination (as the kernel's own limit, 40).
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// What a non-regular file is, in words: `a folder`, `a FIFO (named pipe)`, ...
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    if file_type.is_dir() {
+        return "a folder";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if file_type.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if file_type.is_socket() {
+            return "a socket";
+        }
+        if file_type.is_char_device() {
+            return "a character device";
+        }
+        if file_type.is_block_device() {
+            return "a block device";
+        }
+    }
+    "not a regular file"
+}
+
+/// The file an export to `path` really writes, checked before anything is written:
+/// - nothing there, or a regular file: `path` itself;
+/// - a symbolic link (or a chain of them): the file it points to, so the link survives and its
+///   target is replaced atomically; a dangling link creates its target;
+/// - anything else (a folder, a device node such as `/dev/full`, a FIFO, a socket; also behind a
+///   link): [`ExportError::NotARegularFile`], naming `path` and what is there.
+///
+/// Call it before a long run to fail early; [`write_atomically`] calls it again before writing.
+pub fn export_destination(path: &Path) -> ExportResult<PathBuf> {
+    let io_error = |error| ExportError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let mut destination = path.to_path_buf();
+    for _ in 0..=MAX_SYMLINK_HOPS {
+        let metadata = match std::fs::symlink_metadata(&destination) {
+            Ok(metadata) => metadata,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(destination),
+            Err(error) => return Err(io_error(error)),
+        };
+        let file_type = metadata.file_type();
+        if file_type.is_file() {
+            return Ok(destination);
+        }
+        if !file_type.is_symlink() {
+            return Err(ExportError::NotARegularFile {
+                path: path.to_path_buf(),
+                kind: file_kind(file_type),
+            });
+        }
+        let target = std::fs::read_link(&destination).map_err(io_error)?;
+        destination = match destination.parent() {
+            Some(parent) if target.is_relative() => parent.join(target),
+            _ => target,
+        };
+    }
+    Err(ExportError::InvalidData {
+        path: path.to_path_buf(),
+        reason: format!("more than {MAX_SYMLINK_HOPS} symbolic links to follow (a loop?)"),
+    })
+}
+
 /// Writes `path` atomically: `write` fills a temporary file in the same folder, which is then flushed,
 /// synced to disk and renamed over `path`. On any error (or a panic in `write`) the temporary file is
 /// removed, so `path` is either untouched or complete.
+///
+/// Only a regular file is ever replaced ([`export_destination`]): a folder, device node, FIFO or
+/// socket at `path` is refused with [`ExportError::NotARegularFile`] before anything is written. A
+/// symbolic link is followed: its target is written atomically (the temporary file sits next to
+/// the target) and the link itself is kept. Errors name `path` as given.
 pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
@@ -79,11 +165,14 @@ pub fn write_atomically(
         path: path.to_path_buf(),
         error,
     };
-    let file_name = path.file_name().ok_or_else(|| ExportError::InvalidData {
-        path: path.to_path_buf(),
-        reason: "the path has no file name".to_string(),
-    })?;
-    let folder = match path.parent() {
+    let destination = export_destination(path)?;
+    let file_name = destination
+        .file_name()
+        .ok_or_else(|| ExportError::InvalidData {
+            path: path.to_path_buf(),
+            reason: "the path has no file name".to_string(),
+        })?;
+    let folder = match destination.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -112,7 +201,7 @@ pub fn write_atomically(
         .map_err(|error| io_error(error.into_error()))?;
     file.sync_all().map_err(io_error)?;
     drop(file);
-    std::fs::rename(&guard.path, path).map_err(io_error)?;
+    std::fs::rename(&guard.path, &destination).map_err(io_error)?;
     guard.armed = false;
     sync_folder(&folder);
     Ok(())
