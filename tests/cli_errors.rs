@@ -234,3 +234,376 @@ fn segment_and_scene_flags_with_bad_values_are_named() {
     let stderr = fails(&["bench", "unet", "--random-config", "/no/such/manifest.json"]);
     assert!(stderr.contains("/no/such/manifest.json"), "{stderr}");
 }
+
+/// Runs `attend ARGS`, expects success, returns stderr.
+fn succeeds(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "`attend {}` should succeed; stderr:\n{stderr}",
+        args.join(" ")
+    );
+    stderr
+}
+
+/// `attend segment` on the bundled model with `extra` flags; the out-dir must not be left behind.
+fn segment_fails(extra: &[&str]) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("segments");
+    let mut args = vec![
+        "segment",
+        "--prompt",
+        "a red circle and a blue square",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let stderr = fails(&args);
+    assert!(!out.exists(), "no out-dir left behind by {extra:?}");
+    stderr
+}
+
+#[test]
+fn segmentation_settings_out_of_range_name_the_flag_and_the_range() {
+    for (extra, expected) in [
+        (&["--k", "0"][..], &["--k", "at least 1"][..]),
+        (&["--k", "-3"], &["--k", "at least 1"]),
+        (&["--k", "18446744073709551615"], &["--k", "256"]),
+        (&["--k", "1000"], &["--k", "256"]),
+        (&["--n-init", "0"], &["--n-init", "at least 1"]),
+        (&["--method", "diffseg", "--passes", "0"], &["--passes"]),
+        (&["--passes", "1000"], &["--passes", "100"]),
+        (
+            &["--method", "diffseg", "--kl-threshold", "-1"],
+            &["--kl-threshold", "-1"],
+        ),
+        (&["--kl-threshold", "NaN"], &["--kl-threshold"]),
+        (&["--kl-relative", "inf"], &["--kl-relative"]),
+        (
+            &["--label-threshold", "-1"],
+            &["--label-threshold", "0 to 1"],
+        ),
+        (
+            &["--label-threshold", "2"],
+            &["--label-threshold", "0 to 1"],
+        ),
+        (
+            &["--label-threshold", "NaN"],
+            &["--label-threshold", "0 to 1"],
+        ),
+        (
+            &["--min-segment-fraction", "2"],
+            &["--min-segment-fraction", "0 to 1"],
+        ),
+        (
+            &["--merge-fraction", "-0.5"],
+            &["--merge-fraction", "0 to 1"],
+        ),
+        (
+            &["--dilate-px", "100000"],
+            &["--dilate-px", "100000", "longer side"],
+        ),
+        (&["--dilate-px", "-100000"], &["--dilate-px", "longer side"]),
+        (&["--feather-px", "-1"], &["--feather-px"]),
+        (&["--feather-px", "NaN"], &["--feather-px"]),
+        (&["--guidance", "NaN"], &["--guidance"]),
+        (&["--steps", "-5"], &["--steps", "at least 1"]),
+        (&["--steps", "0"], &["--steps", "at least 1"]),
+        (&["--seed", "-1"], &["--seed", "0 or more"]),
+        (&["--words", ","], &["--words", "no word"]),
+    ] {
+        let stderr = segment_fails(extra);
+        for text in expected {
+            assert!(stderr.contains(text), "{extra:?}: {text:?} in\n{stderr}");
+        }
+    }
+}
+
+#[test]
+fn segment_words_not_in_the_prompt_are_refused_before_the_run() {
+    let stderr = segment_fails(&["--words", "circle,zebra"]);
+    assert!(stderr.contains("zebra"), "{stderr}");
+    assert!(stderr.contains("circle, and, a, blue, square"), "{stderr}");
+}
+
+#[test]
+fn segment_out_dir_that_is_a_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("taken");
+    std::fs::write(&file, "keep").unwrap();
+    let stderr = fails(&[
+        "segment",
+        "--prompt",
+        "a red circle",
+        "--out-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains("not a folder"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+}
+
+#[test]
+fn negative_and_zero_numbers_get_a_range_message() {
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    for (extra, flag, expected) in [
+        (&["--steps", "-5"][..], "--steps", "at least 1"),
+        (&["--width", "0"], "--width", "at least 1"),
+        (&["--height", "-64"], "--height", "at least 1"),
+        (&["--seed", "-1"], "--seed", "0 or more"),
+        (&["--guidance=-inf"], "--guidance", "finite"),
+        (&["--guidance", "inf"], "--guidance", "finite"),
+    ] {
+        let mut args = vec!["generate", "--prompt", "a cat", "--model", model, "--quiet"];
+        args.extend_from_slice(extra);
+        let stderr = fails(&args);
+        assert!(stderr.contains(flag), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("unexpected argument"), "{stderr}");
+    }
+    let stderr = fails(&[
+        "scenes",
+        "--count",
+        "-1",
+        "--out",
+        "/tmp/never-made-by-attend",
+    ]);
+    assert!(
+        stderr.contains("--count") && stderr.contains("0 or more"),
+        "{stderr}"
+    );
+    assert!(!Path::new("/tmp/never-made-by-attend").exists());
+}
+
+#[test]
+fn a_model_path_that_is_a_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let file = file.to_str().unwrap();
+    let stderr = fails(&generate_args(file, &[]));
+    assert!(stderr.contains(file), "{stderr}");
+    assert!(stderr.contains("is a file, not a model folder"), "{stderr}");
+    let stderr = fails(&["bench", "unet", "--model", file, "--iters", "1"]);
+    assert!(stderr.contains("is a file, not a model folder"), "{stderr}");
+}
+
+#[test]
+fn bench_sizes_are_checked_before_any_tensor() {
+    let stderr = fails(&["bench", "unet", "--width", "0"]);
+    assert!(
+        stderr.contains("--width") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    let stderr = fails(&["bench", "unet", "--iters", "0"]);
+    assert!(
+        stderr.contains("--iters") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    let model = tiny_model();
+    let stderr = fails(&[
+        "bench",
+        "unet",
+        "--model",
+        model.to_str().unwrap(),
+        "--width",
+        "12",
+        "--height",
+        "16",
+        "--iters",
+        "1",
+    ]);
+    assert!(stderr.contains("multiples of 8"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("shape"), "{stderr}");
+}
+
+#[test]
+fn scenes_size_and_count_limits() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("scenes");
+    let out_text = out.to_str().unwrap();
+    let stderr = fails(&["scenes", "--size", "100000", "--out", out_text]);
+    assert!(
+        stderr.contains("--size 100000") && stderr.contains("4096"),
+        "{stderr}"
+    );
+    let stderr = fails(&[
+        "scenes",
+        "--count",
+        "18446744073709551615",
+        "--start",
+        "5",
+        "--out",
+        out_text,
+    ]);
+    assert!(stderr.contains("--start"), "{stderr}");
+    let stderr = fails(&[
+        "scenes",
+        "--count",
+        "100000000",
+        "--size",
+        "4096",
+        "--format",
+        "raw",
+        "--out",
+        out_text,
+    ]);
+    assert!(stderr.contains("GiB"), "{stderr}");
+    assert!(!out.exists(), "no empty out-dir left behind");
+}
+
+#[cfg(unix)]
+#[test]
+fn special_files_as_outputs_are_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.png");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let stderr = fails(&generate_args(model, &["--out", fifo.to_str().unwrap()]));
+    assert!(stderr.contains("--out"), "{stderr}");
+    assert!(stderr.contains("FIFO"), "{stderr}");
+    let socket = dir.path().join("socket.safetensors");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let stderr = fails(&generate_args(
+        model,
+        &["--attention-out", socket.to_str().unwrap()],
+    ));
+    assert!(stderr.contains("socket"), "{stderr}");
+    let stderr = fails(&generate_args(
+        model,
+        &["--trajectory-out", dir.path().to_str().unwrap()],
+    ));
+    assert!(stderr.contains("a folder"), "{stderr}");
+    let stderr = fails(&generate_args(model, &["--out", "/dev/null"]));
+    assert!(stderr.contains("character device"), "{stderr}");
+    assert_eq!(
+        files_in(dir.path()),
+        vec!["image.png", "socket.safetensors"]
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn an_output_through_a_symlink_writes_its_target_and_keeps_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target.png");
+    std::fs::write(&target, b"old").unwrap();
+    let link = dir.path().join("link.png");
+    std::os::unix::fs::symlink("target.png", &link).unwrap();
+    let model = tiny_model();
+    succeeds(&generate_args(
+        model.to_str().unwrap(),
+        &["--out", link.to_str().unwrap()],
+    ));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(&target).unwrap().starts_with(b"\x89PNG"));
+    assert_eq!(files_in(dir.path()), vec!["link.png", "target.png"]);
+}
+
+#[test]
+fn edit_values_out_of_range_leave_no_out_dir() {
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("new").join("edit");
+    let edit = |extra: &[&str]| {
+        let mut args = vec![
+            "edit",
+            "--prompt",
+            "a cat",
+            "--edit-prompt",
+            "a dog",
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = fails(&args);
+        assert!(!root.path().join("new").exists(), "{extra:?} left a folder");
+        stderr
+    };
+    let stderr = edit(&["--reweight", "cat=1e30"]);
+    assert!(stderr.contains("-100 to 100"), "{stderr}");
+    let stderr = edit(&["--reweight", "cat=NaN"]);
+    assert!(stderr.contains("-100 to 100"), "{stderr}");
+    let stderr = edit(&["--blend-map-side", "0", "--local-blend", "cat"]);
+    assert!(
+        stderr.contains("--blend-map-side") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    let stderr = edit(&["--blend-map-side", "1000", "--local-blend", "cat"]);
+    assert!(
+        stderr.contains("--blend-map-side") && stderr.contains("latent side"),
+        "{stderr}"
+    );
+    let stderr = edit(&["--blend-threshold", "2"]);
+    assert!(stderr.contains("--blend-threshold"), "{stderr}");
+    let stderr = edit(&["--cross-replace", "-0.5"]);
+    assert!(
+        stderr.contains("--cross-replace") && stderr.contains("0..1"),
+        "{stderr}"
+    );
+    let stderr = edit(&["--self-replace-max-side", "-4"]);
+    assert!(stderr.contains("at least 1"), "{stderr}");
+    let stderr = edit(&["--init-latents", "/no/such/latents.safetensors"]);
+    assert!(stderr.contains("/no/such/latents.safetensors"), "{stderr}");
+}
+
+#[test]
+fn eval_flags_are_checked_before_the_model_loads() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    let images = images.to_str().unwrap();
+    let stderr = fails(&["eval-shapes", "--threshold", "2", "--images-out", images]);
+    assert!(stderr.contains("--threshold"), "{stderr}");
+    let stderr = fails(&["segment-eval", "--k", "0", "--images-out", images]);
+    assert!(stderr.contains("--k"), "{stderr}");
+    let stderr = fails(&[
+        "edit-eval",
+        "--reweight-scales",
+        "0,1e9",
+        "--images-out",
+        images,
+    ]);
+    assert!(stderr.contains("--reweight-scales"), "{stderr}");
+    let stderr = fails(&[
+        "segment-eval",
+        "--count",
+        "1",
+        "--json-out",
+        root.path().to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.contains("--json-out") && stderr.contains("a folder"),
+        "{stderr}"
+    );
+    assert_eq!(files_in(root.path()), Vec::<String>::new());
+}
+
+#[test]
+fn unknown_prompt_words_get_a_warning() {
+    let stderr = succeeds(&[
+        "generate",
+        "--prompt",
+        "a red zebra",
+        "--steps",
+        "1",
+        "--quiet",
+    ]);
+    assert!(stderr.contains("warning"), "{stderr}");
+    assert!(stderr.contains("\"zebra\""), "{stderr}");
+    assert!(!stderr.contains("\"red\""), "{stderr}");
+}

@@ -9,11 +9,11 @@
 use attend::analysis::heatmap::{Heatmap, SelfAttentionMap};
 use attend::analysis::segment::{
     aggregate_self_attention, anchor_cells, binary_mask_to_mask, diffseg_segments,
-    is_label_candidate, kmeans, kmeans_segments, label_segments, mask_file_name, segment_and_label,
-    segment_self_attention, segments_mask, segments_with_label, symmetric_kl, write_label_map_png,
-    write_mask_png, write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings,
-    LabelChoice, LabelSettings, MaskSettings, SegmentMethod, SegmentSettings, Segmentation,
-    SegmentsFile, WordMapRef,
+    is_label_candidate, kmeans, kmeans_segments, label_segments, mask_file_name,
+    read_label_map_png, segment_and_label, segment_colour, segment_self_attention, segments_mask,
+    segments_with_label, symmetric_kl, write_label_map_png, write_mask_png, write_segments_json,
+    CellAssignment, DiffSegSettings, KMeansSettings, LabelChoice, LabelSettings, MaskSettings,
+    SegmentMethod, SegmentSettings, Segmentation, SegmentsFile, WordMapRef,
 };
 
 /// Region of every cell of a `side x side` grid: 0 background, 1 a square, 2 a disc, 3 a bar.
@@ -750,13 +750,20 @@ fn files_round_trip() {
     let segmentation = square_segmentation().resized(32, 32);
     let labels_path = folder.path().join("labels.png");
     write_label_map_png(&labels_path, &segmentation).unwrap();
-    let image = image::open(&labels_path).unwrap().to_luma8();
-    assert_eq!(image.dimensions(), (32, 32));
-    let ids: Vec<usize> = image
-        .pixels()
-        .map(|pixel| usize::from(pixel.0[0]))
-        .collect();
-    assert_eq!(ids, segmentation.labels);
+    let read = read_label_map_png(&labels_path).unwrap();
+    assert_eq!((read.w, read.h), (32, 32));
+    assert_eq!(read.labels, segmentation.labels);
+    // Viewers see every segment in its overlay colour (not ids 0 and 1, which look black).
+    let image = image::open(&labels_path).unwrap().to_rgb8();
+    for (pixel, &id) in image.pixels().zip(&segmentation.labels) {
+        assert_eq!(pixel.0, segment_colour(id));
+    }
+    // More segments than a palette holds: 16-bit grey spread over the range, read back exactly.
+    let many = Segmentation::from_cluster_ids(20, 20, &(0..400).collect::<Vec<_>>()).unwrap();
+    write_label_map_png(&labels_path, &many).unwrap();
+    let grey = image::open(&labels_path).unwrap().to_luma16();
+    assert_eq!(grey.get_pixel(19, 19).0[0], 399 * (65535 / 399));
+    assert_eq!(read_label_map_png(&labels_path).unwrap(), many);
 
     let mask = segments_mask(&segmentation, &[1], 32, 32, &MaskSettings::default());
     let mask_path = folder.path().join(mask_file_name(1, "Red circle!"));
@@ -789,6 +796,18 @@ fn files_round_trip() {
     assert_eq!(value["segments"][1]["pixel_count"], 252);
     assert_eq!(value["segments"][1]["label"], "background");
     assert_eq!(value["segments"][1]["scores"][0]["word"], "square");
+    // The label word's index is named for what it indexes (the competing words, `scores`); files
+    // written with the old name still read.
+    assert!(value["segments"][1].get("word_index").is_none(), "{value}");
+    assert!(
+        value["segments"][1].get("label_word_index").is_some(),
+        "{value}"
+    );
+    let old_text = text.replace("label_word_index", "word_index");
+    assert_eq!(
+        serde_json::from_str::<SegmentsFile>(&old_text).unwrap(),
+        file
+    );
     assert_eq!(mask_file_name(3, ""), "mask_3_segment.png");
 }
 
@@ -935,8 +954,8 @@ fn run_segment_command(extra: &[&str], steps: &str) -> (std::path::PathBuf, Segm
 
     let image = image::open(out.join("image.png")).unwrap().to_rgb8();
     let (width, height) = image.dimensions();
-    let labels = image::open(out.join("labels.png")).unwrap().to_luma8();
-    assert_eq!(labels.dimensions(), (width, height));
+    let labels = read_label_map_png(&out.join("labels.png")).unwrap();
+    assert_eq!((labels.w, labels.h), (width as usize, height as usize));
     let overlay = image::open(out.join("segments.png")).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (width, height));
     let file: SegmentsFile =
@@ -950,16 +969,25 @@ fn run_segment_command(extra: &[&str], steps: &str) -> (std::path::PathBuf, Segm
         .sum();
     assert_eq!(total, (width * height) as usize);
     for segment in &file.segments {
-        let in_label_map = labels
-            .pixels()
-            .filter(|pixel| usize::from(pixel.0[0]) == segment.id)
-            .count();
+        let in_label_map = labels.labels.iter().filter(|&&id| id == segment.id).count();
         assert_eq!(in_label_map, segment.pixel_count, "segment {}", segment.id);
         let mask = image::open(out.join(mask_file_name(segment.id, &segment.label)))
             .unwrap()
             .to_luma8();
         assert_eq!(mask.dimensions(), (width, height));
         assert!(!segment.scores.is_empty());
+        // A labelled segment says where its word sits among the prompt's words.
+        if segment.word_index.is_some() {
+            let position = segment.prompt_word_index.expect("prompt_word_index");
+            assert_eq!(
+                prompt.split_whitespace().nth(position),
+                Some(segment.label.as_str()),
+                "segment {}",
+                segment.id
+            );
+        } else {
+            assert_eq!(segment.prompt_word_index, None);
+        }
         // One stdout line per segment: `segment <id> (<px> px): <label> [...]`.
         assert!(stdout.contains(&format!(
             "segment {} ({} px): {}",

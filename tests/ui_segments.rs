@@ -380,16 +380,10 @@ fn the_mask_label_map_and_segments_export_to_valid_files() {
     );
     assert!(mask.covered_pixels() > 0);
 
-    // The label map: one segment id per pixel.
-    let (width, height, ids) = read_grey_png(&labels_path);
-    assert_eq!((width, height), (64, 64));
-    let expected: Vec<u8> = segmentation
-        .image
-        .labels
-        .iter()
-        .map(|&id| id as u8)
-        .collect();
-    assert_eq!(ids, expected);
+    // The label map: one segment id per pixel (palette indices in the overlay colours).
+    let labels = attend::analysis::segment::read_label_map_png(&labels_path).unwrap();
+    assert_eq!((labels.w, labels.h), (64, 64));
+    assert_eq!(labels.labels, segmentation.image.labels);
 
     // The JSON: id, label, scores and pixel count of every segment.
     let text = std::fs::read_to_string(&json_path).unwrap();

@@ -15,6 +15,7 @@ use attend::pipeline::unet::Unet;
 use attend::pipeline::weights::RandomWeights;
 use candle_core::{DType, Device};
 
+use super::checks::at_least_one;
 use super::load_model;
 
 /// Benchmarks.
@@ -43,22 +44,22 @@ pub struct UnetBenchArgs {
     #[arg(long, value_name = "FILE")]
     pub random_config: Option<PathBuf>,
     /// Image width in pixels.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub width: usize,
     /// Image height in pixels.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub height: usize,
     /// Pixels per latent cell (8 for SD; 1 for pixel-space models); default: from the model.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     pub latent_factor: Option<usize>,
     /// Capture attention as the editor does (cross-attention of every layer, self-attention up to 32x32).
     #[arg(long)]
     pub capture: bool,
     /// Tokens kept per cross-attention map when capturing (a prompt of about 8 words).
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, value_parser = at_least_one, allow_negative_numbers = true)]
     pub capture_tokens: usize,
     /// Timed calls (after one warm-up call).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one, allow_negative_numbers = true)]
     pub iters: usize,
     /// Print one JSON line instead of text.
     #[arg(long)]
@@ -120,6 +121,19 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         args.height
     );
     let (latent_h, latent_w) = (args.height / latent_factor, args.width / latent_factor);
+    let halvings = config
+        .down_blocks()
+        .iter()
+        .filter(|block| block.downsample)
+        .count();
+    let multiple = latent_factor << halvings;
+    anyhow::ensure!(
+        args.width.is_multiple_of(multiple) && args.height.is_multiple_of(multiple),
+        "--width {} / --height {} must be multiples of {multiple} (the latent factor \
+         {latent_factor} times 2 for each of the UNet's {halvings} down-samplings)",
+        args.width,
+        args.height
+    );
     let mut rng = NoiseRng::new(1);
     let sample = rng.randn(vec![2, config.in_channels, latent_h, latent_w], &device)?;
     let text_width = config

@@ -23,7 +23,8 @@ use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::CancelToken;
 
-use super::generate::{check_writable_parent, daam_heatmaps, generation_parameters};
+use super::checks::{at_least_one, warn_unknown_words, OutDir};
+use super::generate::{daam_heatmaps, generation_parameters};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend edit`. Flag names are stable: scripts rely on them.
@@ -42,7 +43,12 @@ pub struct EditArgs {
     #[arg(long, value_name = "WORD=SCALE")]
     pub reweight: Vec<String>,
     /// Cross-attention replacement window: a fraction F (steps 0..F) or START:END.
-    #[arg(long, default_value = "0.8", value_name = "F|START:END")]
+    #[arg(
+        long,
+        default_value = "0.8",
+        value_name = "F|START:END",
+        allow_negative_numbers = true
+    )]
     pub cross_replace: String,
     /// Cross-attention window of one word of the edited prompt: WORD=F or WORD=START:END. Repeatable.
     #[arg(long, value_name = "WORD=F|WORD=START:END")]
@@ -50,12 +56,12 @@ pub struct EditArgs {
     /// Self-attention replacement window: a fraction F or START:END. Default: when the edited prompt
     /// changes words, the model's recommendation (`_attend_edit_defaults` in model_index.json; 0.2
     /// for the bundled model), else the reference's 0.4.
-    #[arg(long, value_name = "F|START:END")]
+    #[arg(long, value_name = "F|START:END", allow_negative_numbers = true)]
     pub self_replace: Option<String>,
     /// Self-attention is replaced only in layers whose query grid side is at most this. Default: when
     /// the edited prompt changes words, the model's recommendation (32 for the bundled model), else
     /// the reference's 16.
-    #[arg(long, value_name = "SIDE")]
+    #[arg(long, value_name = "SIDE", value_parser = at_least_one, allow_negative_numbers = true)]
     pub self_replace_max_side: Option<usize>,
     /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
     /// `square#2` names the second "square" of a prompt alone; `source:WORD` / `edit:WORD` look it up
@@ -66,13 +72,14 @@ pub struct EditArgs {
     #[arg(long, value_name = "WORD[,WORD]")]
     pub blend_subtract: Option<String>,
     /// Local blend threshold on the max-normalised word map.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub blend_threshold: f32,
     /// Local blend starts after this fraction of the steps.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     pub blend_start: f64,
-    /// Side of the cross-attention grid the blend mask is built from (default: a quarter of the latent side).
-    #[arg(long)]
+    /// Side of the cross-attention grid the blend mask is built from (default: a quarter of the
+    /// latent side; at most the latent side).
+    #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     pub blend_map_side: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -100,12 +107,23 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     // Checked before the model loads, so a typo is reported at once.
     edit_spec(args, EditDefaults::default())?;
     args.sampling.check()?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
-    check_writable_parent(&args.out_dir.join("source.png"))?;
+    let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
     let model = load_model(&args.model)?;
+    warn_unknown_words(&model, "--prompt", &args.prompt)?;
+    warn_unknown_words(&model, "--edit-prompt", &args.edit_prompt)?;
     let spec = edit_spec(args, model.edit_defaults())?;
     let request = args.sampling.request(&model, &args.prompt)?;
+    if let Some(side) = args.blend_map_side {
+        let factor = model.latent_downscale_factor().max(1);
+        let latent_side = (request.width / factor).max(request.height / factor);
+        anyhow::ensure!(
+            side <= latent_side.max(1),
+            "invalid --blend-map-side: {side} is larger than the {latent_side}-cell latent side of a \
+             {}x{} image (accepted: 1 to {latent_side})",
+            request.width,
+            request.height
+        );
+    }
     let edit_request = EditRequest {
         generate: request,
         spec,
@@ -173,6 +191,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     for warning in &warnings {
         eprintln!("warning: {warning}");
     }
+    let out = out_dir.create()?.to_path_buf();
     write_outputs(args, &model, &edit_request, &output)?;
     if args.attention_out {
         for (store, run, name) in [
@@ -191,7 +210,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
             let words = &run.prompt_tokens.words;
             let heatmaps = daam_heatmaps(store, words, run.image.height, run.image.width);
             write_attention_safetensors(
-                &args.out_dir.join(name),
+                &out.join(name),
                 &store.cross_by_resolution(),
                 &heatmaps,
                 words,
@@ -199,6 +218,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
             )?;
         }
     }
+    out_dir.keep();
     Ok(())
 }
 
@@ -324,8 +344,9 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
                 .parse()
                 .with_context(|| format!("--reweight {text:?}: {scale:?} is not a number"))?;
             anyhow::ensure!(
-                scale.is_finite(),
-                "--reweight {text:?}: scale must be finite"
+                scale.is_finite() && scale.abs() <= MAX_REWEIGHT_SCALE,
+                "--reweight {text:?}: scale {scale} is outside the accepted range \
+                 -{MAX_REWEIGHT_SCALE} to {MAX_REWEIGHT_SCALE} (1 keeps the word, 0 removes it)"
             );
             Ok(Reweight {
                 word: word.to_string(),
@@ -342,28 +363,27 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
             &args.edit_prompt,
         ),
     )?;
+    // Checked with or without --local-blend, so a typo is never ignored.
+    check_blend_threshold(args.blend_threshold)?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.blend_start),
+        "--blend-start {} is outside 0..1",
+        args.blend_start
+    );
     let local_blend = match &args.local_blend {
-        Some(words) => {
-            check_blend_threshold(args.blend_threshold)?;
-            anyhow::ensure!(
-                (0.0..=1.0).contains(&args.blend_start),
-                "--blend-start {} is outside 0..1",
-                args.blend_start
-            );
-            Some(LocalBlendConfig {
-                words: split_words(words),
-                subtract_words: args
-                    .blend_subtract
-                    .as_deref()
-                    .map(split_words)
-                    .unwrap_or_default(),
-                threshold: args.blend_threshold,
-                subtract_threshold: args.blend_threshold,
-                start_fraction: args.blend_start,
-                map_side: args.blend_map_side,
-                mask: None,
-            })
-        }
+        Some(words) => Some(LocalBlendConfig {
+            words: split_words(words),
+            subtract_words: args
+                .blend_subtract
+                .as_deref()
+                .map(split_words)
+                .unwrap_or_default(),
+            threshold: args.blend_threshold,
+            subtract_threshold: args.blend_threshold,
+            start_fraction: args.blend_start,
+            map_side: args.blend_map_side,
+            mask: None,
+        }),
         None => {
             anyhow::ensure!(
                 args.blend_subtract.is_none(),
@@ -388,10 +408,14 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
     })
 }
 
+/// Largest `--reweight` scale magnitude: P2P's examples use -5..5; far larger scales saturate the
+/// softmax and give the same image as any other large value.
+pub const MAX_REWEIGHT_SCALE: f32 = 100.0;
+
 /// `--blend-threshold` must be a fraction in `0..=1`.
 pub(super) fn check_blend_threshold(threshold: f32) -> anyhow::Result<()> {
     anyhow::ensure!(
-        (0.0..=1.0).contains(&threshold),
+        threshold.is_finite() && (0.0..=1.0).contains(&threshold),
         "--blend-threshold {threshold} is outside 0..1"
     );
     Ok(())

@@ -16,8 +16,10 @@ use attend::attention::p2p::RecordConfig;
 use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest, RgbImage};
 use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};
 
-use super::edit::{check_blend_threshold, parse_window, self_replace_from_args};
-use super::generate::check_writable_parent;
+use super::checks::{at_least_one, check_output_file, non_negative, OutDir};
+use super::edit::{
+    check_blend_threshold, parse_window, self_replace_from_args, MAX_REWEIGHT_SCALE,
+};
 use super::{load_model, ModelArgs};
 
 /// Arguments of `attend edit-eval`: Prompt-to-Prompt measured on drawn scenes of attend's generator.
@@ -41,29 +43,29 @@ pub struct EditEvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Number of seeds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = non_negative, allow_negative_numbers = true)]
     pub count: u64,
     /// First seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub start: u64,
     /// Denoising steps per image.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Guidance scale (default: the generate default).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Cross-attention replacement window of the swap (F or START:END).
-    #[arg(long, default_value = "0.8")]
+    #[arg(long, default_value = "0.8", allow_negative_numbers = true)]
     pub cross_replace: String,
     /// Self-attention replacement window (F or START:END), for swaps and reweights. Default: for
     /// swaps the model's recommendation (0.2 for the bundled model), else the reference's 0.4; for
     /// reweights (the prompt unchanged) the reference's 0.4.
-    #[arg(long, value_name = "F|START:END")]
+    #[arg(long, value_name = "F|START:END", allow_negative_numbers = true)]
     pub self_replace: Option<String>,
     /// Self-attention is replaced only in layers whose query grid side is at most this. Default: for
     /// swaps the model's recommendation (32 for the bundled model), else the reference's 16; for
     /// reweights 16.
-    #[arg(long, value_name = "SIDE")]
+    #[arg(long, value_name = "SIDE", value_parser = at_least_one, allow_negative_numbers = true)]
     pub self_replace_max_side: Option<usize>,
     /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
     /// the target object's colour word and of its old and new shape words may change (each named by
@@ -71,7 +73,7 @@ pub struct EditEvalArgs {
     #[arg(long)]
     pub local_blend: bool,
     /// Local blend threshold on the max-normalised word map (with `--local-blend`).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub blend_threshold: f32,
     /// Reweight scales to measure, comma-separated (empty: none).
     #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
@@ -80,7 +82,7 @@ pub struct EditEvalArgs {
     #[arg(long, default_value = "both")]
     pub reweight_word: String,
     /// Centroid tolerance in pixels at 64 px (scaled to the image size).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
     pub centroid_tolerance_px: f32,
     /// Also generate each swapped caption without Prompt-to-Prompt (same seed), for comparison.
     #[arg(long)]
@@ -298,8 +300,15 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|text| !text.is_empty())
         .map(|text| {
-            text.parse::<f32>()
-                .with_context(|| format!("--reweight-scales: {text:?} is not a number"))
+            let scale = text
+                .parse::<f32>()
+                .with_context(|| format!("--reweight-scales: {text:?} is not a number"))?;
+            anyhow::ensure!(
+                scale.is_finite() && scale.abs() <= MAX_REWEIGHT_SCALE,
+                "--reweight-scales: {scale} is outside the accepted range \
+                 -{MAX_REWEIGHT_SCALE} to {MAX_REWEIGHT_SCALE}"
+            );
+            Ok(scale)
         })
         .collect::<anyhow::Result<_>>()?;
     check_blend_threshold(args.blend_threshold)?;
@@ -309,12 +318,13 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         "both" => (true, true),
         other => anyhow::bail!("--reweight-word {other:?}: expected shape, colour or both"),
     };
-    if let Some(dir) = &args.images_out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
-    }
+    let mut images_out = args
+        .images_out
+        .as_deref()
+        .map(|dir| OutDir::check("--images-out", dir))
+        .transpose()?;
     if let Some(path) = &args.json_out {
-        check_writable_parent(path)?;
+        check_output_file("--json-out", path)?;
     }
     let model = load_model(&args.model)?;
     // Swaps change a word and take the model's recommendation; reweights keep the source prompt
@@ -346,6 +356,9 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         ..SceneOptions::default()
     };
     let cancel = CancelToken::new();
+    if let Some(dir) = &mut images_out {
+        dir.create()?;
+    }
     let mut results = Vec::new();
     for seed in args.start..args.start + args.count {
         let started = Instant::now();
@@ -556,6 +569,9 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
             "seeds": results,
         }))?;
         write_atomically(path, |file| file.write_all(text.as_bytes()))?;
+    }
+    if let Some(dir) = images_out {
+        dir.keep();
     }
     Ok(())
 }

@@ -10,6 +10,8 @@ use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
 use attend::scenes::{generate_scene, SceneOptions, Shape};
 
+use super::checks::{at_least_one, non_negative, OutDir};
+use super::segment::check_guidance;
 use super::{load_model, ModelArgs};
 
 /// Arguments of `attend eval-shapes`.
@@ -18,19 +20,19 @@ pub struct EvalShapesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Number of scenes.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = non_negative, allow_negative_numbers = true)]
     pub count: u64,
     /// Seed of the first scene (scene i: caption from generator seed start + i, image seed start + i).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub start: u64,
     /// Denoising steps per image.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Guidance scale (default: the generate default).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
-    /// Heat-map threshold (on the min-max normalised DAAM map) for the attention IoU.
-    #[arg(long, default_value_t = 0.4)]
+    /// Heat-map threshold (on the min-max normalised DAAM map) for the attention IoU, 0 to 1.
+    #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
     pub threshold: f32,
     /// Write each generated image here (PNG) for a look.
     #[arg(long)]
@@ -39,10 +41,19 @@ pub struct EvalShapesArgs {
 
 /// Run `attend eval-shapes`.
 pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
+    attend::analysis::segment::check_fraction("threshold", args.threshold)
+        .map_err(|error| anyhow::anyhow!("--threshold: {error}"))?;
+    check_guidance(args.guidance)?;
+    let mut images_out = args
+        .images_out
+        .as_deref()
+        .map(|dir| OutDir::check("--images-out", dir))
+        .transpose()?;
     let model = load_model(&args.model)?;
-    if let Some(dir) = &args.images_out {
-        std::fs::create_dir_all(dir)?;
-    }
+    let images_dir = match &mut images_out {
+        Some(dir) => Some(dir.create()?.to_path_buf()),
+        None => None,
+    };
     let scene_options = SceneOptions::default();
     let (mut scenes_correct, mut objects_total, mut objects_correct, mut backgrounds_correct) =
         (0u64, 0u64, 0u64, 0u64);
@@ -126,7 +137,7 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
         if all_right {
             scenes_correct += 1;
         }
-        if let Some(dir) = &args.images_out {
+        if let Some(dir) = &images_dir {
             let name = format!("{seed:04}_{}.png", if all_right { "ok" } else { "wrong" });
             attend::analysis::export::write_png_rgb(
                 &dir.join(name),
@@ -200,5 +211,8 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
             "median_generation_secs": median_secs,
         })
     );
+    if let Some(dir) = images_out {
+        dir.keep();
+    }
     Ok(())
 }

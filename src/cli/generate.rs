@@ -4,7 +4,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context as _;
 use attend::analysis::export::{
     a1111_parameters, write_atomically, write_attention_safetensors, write_png_rgb,
     GenerationParameters,
@@ -15,6 +14,7 @@ use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
 
+use super::checks::{check_output_file, warn_unknown_words, OutDir};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend generate`. Flag names are stable: scripts rely on them.
@@ -49,17 +49,22 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.sampling.check()?;
     // Fail before the (long) run when an output cannot be written.
-    for path in [&args.out, &args.trajectory_out, &args.attention_out]
-        .into_iter()
-        .flatten()
-    {
-        check_writable_parent(path)?;
+    for (flag, path) in [
+        ("--out", &args.out),
+        ("--trajectory-out", &args.trajectory_out),
+        ("--attention-out", &args.attention_out),
+    ] {
+        if let Some(path) = path {
+            check_output_file(flag, path)?;
+        }
     }
-    if let Some(dir) = &args.heatmaps_out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --heatmaps-out folder {}", dir.display()))?;
-    }
+    let mut heatmaps_out = args
+        .heatmaps_out
+        .as_deref()
+        .map(|dir| OutDir::check("--heatmaps-out", dir))
+        .transpose()?;
     let model = load_model(&args.model)?;
+    warn_unknown_words(&model, "--prompt", &args.prompt)?;
     let request = args.sampling.request(&model, &args.prompt)?;
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
@@ -132,9 +137,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
                 &output.prompt_tokens.tokens,
             )?;
         }
-        if let Some(dir) = &args.heatmaps_out {
-            write_word_overlays(dir, &output, &heatmaps)?;
+        if let Some(dir) = &mut heatmaps_out {
+            write_word_overlays(dir.create()?, &output, &heatmaps)?;
         }
+    }
+    if let Some(dir) = heatmaps_out {
+        dir.keep();
     }
     Ok(())
 }
@@ -215,39 +223,6 @@ pub fn file_safe(text: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Errors naming the path when its folder does not exist or is not writable.
-pub fn check_writable_parent(path: &Path) -> anyhow::Result<()> {
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let metadata = std::fs::metadata(parent).with_context(|| {
-        format!(
-            "cannot write {}: folder {} does not exist",
-            path.display(),
-            parent.display()
-        )
-    })?;
-    anyhow::ensure!(
-        metadata.is_dir(),
-        "cannot write {}: {} is not a folder",
-        path.display(),
-        parent.display()
-    );
-    anyhow::ensure!(
-        !metadata.permissions().readonly(),
-        "cannot write {}: folder {} is read-only",
-        path.display(),
-        parent.display()
-    );
-    anyhow::ensure!(
-        !path.is_dir(),
-        "cannot write {}: it is a folder",
-        path.display()
-    );
-    Ok(())
 }
 
 /// Writes `latents_per_step` and `timesteps` as safetensors (f32), atomically.

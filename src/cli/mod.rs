@@ -1,6 +1,7 @@
 //! Command-line interface. Each subcommand lives in its own file with its arguments and its `run`.
 
 mod bench;
+mod checks;
 mod edit;
 mod edit_eval;
 mod eval_shapes;
@@ -24,7 +25,7 @@ pub struct Cli {
     #[arg(long)]
     pub prompt: Option<String>,
     /// Editor: seed to start with.
-    #[arg(long)]
+    #[arg(long, value_parser = checks::non_negative, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Editor: model folder (diffusers layout); default: the bundled model.
     #[arg(long)]
@@ -90,22 +91,22 @@ pub struct SamplingArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = checks::non_negative, allow_negative_numbers = true)]
     pub seed: u64,
     /// Denoising steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = checks::at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Image width in pixels (default: the model's native size).
-    #[arg(long)]
+    #[arg(long, value_parser = checks::at_least_one, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Image height in pixels (default: the model's native size).
-    #[arg(long)]
+    #[arg(long, value_parser = checks::at_least_one, allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Safetensors file with a unit-variance tensor `latents` `[1, C, h, w]` used as the initial noise
     /// (scaled by the scheduler's init noise sigma, as diffusers does).
@@ -140,9 +141,22 @@ impl SamplingArgs {
         Ok(request)
     }
 
-    /// Checks the flags that need no model (the scheduler name), so a bad value fails at once.
+    /// Checks the flags that need no model (the scheduler name, a finite guidance, the initial
+    /// noise file), so a bad value fails at once.
     pub fn check(&self) -> anyhow::Result<()> {
         use anyhow::Context as _;
+        anyhow::ensure!(
+            self.guidance.is_finite(),
+            "invalid --guidance: {} is not a finite number",
+            self.guidance
+        );
+        if let Some(path) = &self.init_latents {
+            anyhow::ensure!(
+                path.is_file(),
+                "--init-latents {}: no such file",
+                path.display()
+            );
+        }
         if let Some(name) = &self.scheduler {
             name.parse::<attend::pipeline::scheduler::SchedulerKind>()
                 .context("--scheduler")?;
@@ -182,11 +196,28 @@ pub struct ModelArgs {
     pub fp16_weights: bool,
 }
 
+/// Fails when `--model` names something that exists but is not a folder (a file given by mistake,
+/// such as a `.safetensors` checkpoint), before the loader's "not found".
+pub fn check_model_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if let Ok(metadata) = std::fs::metadata(dir) {
+        anyhow::ensure!(
+            metadata.is_dir(),
+            "--model {}: is a file, not a model folder (expected a folder in diffusers layout with \
+             model_index.json, unet/, text_encoder/, tokenizer/ and scheduler/)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the chosen model (the bundled one by default), with a clear message when it is missing.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::StableDiffusion> {
     use anyhow::Context as _;
     let dir = match &args.dir {
-        Some(dir) => dir.clone(),
+        Some(dir) => {
+            check_model_dir(dir)?;
+            dir.clone()
+        }
         None => {
             let dir = attend::worker::bundled_model_dir();
             anyhow::ensure!(

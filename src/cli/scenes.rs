@@ -7,17 +7,25 @@ use anyhow::Context as _;
 use attend::analysis::export::{write_atomically, write_png_rgb};
 use attend::scenes::{generate_scene, SceneOptions};
 
+use super::checks::{at_least_one, non_negative, OutDir};
+
+/// Largest `--size`: the generator draws on the CPU, one scene at a time.
+const MAX_SCENE_SIZE_PX: usize = 4096;
+
+/// Largest raw image file (`--format raw` keeps every image in memory before writing).
+const MAX_RAW_BYTES: usize = 8 << 30;
+
 /// Arguments of `attend scenes`.
 #[derive(Debug, clap::Args)]
 pub struct ScenesArgs {
     /// Number of scenes.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = non_negative, allow_negative_numbers = true)]
     pub count: u64,
     /// Seed of the first scene; scene i uses seed start + i.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub start: u64,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 64)]
+    /// Image side in pixels (16 to 4096).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one, allow_negative_numbers = true)]
     pub size: usize,
     /// Output folder (created if missing).
     #[arg(long)]
@@ -36,15 +44,39 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
         "--size {} is too small (at least 16 px)",
         args.size
     );
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    anyhow::ensure!(
+        args.size <= MAX_SCENE_SIZE_PX,
+        "--size {} is too large (at most {MAX_SCENE_SIZE_PX} px)",
+        args.size
+    );
+    anyhow::ensure!(
+        args.start.checked_add(args.count).is_some(),
+        "--start {} + --count {} is beyond the last seed {}",
+        args.start,
+        args.count,
+        u64::MAX
+    );
+    let mut out_dir = OutDir::check("--out", &args.out)?;
     let options = SceneOptions {
         size_px: args.size,
         ..SceneOptions::default()
     };
     if args.format == "raw" {
-        let mut images =
-            Vec::with_capacity(usize::try_from(args.count)? * args.size * args.size * 3);
+        let image_bytes = usize::try_from(args.count)
+            .ok()
+            .and_then(|count| count.checked_mul(args.size * args.size * 3))
+            .filter(|&bytes| bytes <= MAX_RAW_BYTES)
+            .with_context(|| {
+                format!(
+                    "--count {} scenes of {size}x{size} px are more than {} GiB of raw images; \
+                     write fewer scenes per call",
+                    args.count,
+                    MAX_RAW_BYTES >> 30,
+                    size = args.size
+                )
+            })?;
+        let out = out_dir.create()?.to_path_buf();
+        let mut images = Vec::with_capacity(image_bytes);
         let mut object_ids = Vec::with_capacity(images.capacity() / 3);
         let mut captions = String::new();
         for index in 0..args.count {
@@ -54,17 +86,17 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
             captions.push_str(&scene.caption);
             captions.push('\n');
         }
-        write_atomically(&args.out.join("images.u8"), |file| file.write_all(&images))?;
-        write_atomically(&args.out.join("captions.txt"), |file| {
+        write_atomically(&out.join("images.u8"), |file| file.write_all(&images))?;
+        write_atomically(&out.join("captions.txt"), |file| {
             file.write_all(captions.as_bytes())
         })?;
-        write_atomically(&args.out.join("objects.u8"), |file| {
-            file.write_all(&object_ids)
-        })?;
+        write_atomically(&out.join("objects.u8"), |file| file.write_all(&object_ids))?;
+        out_dir.keep();
         return Ok(());
     }
-    let images_dir = args.out.join("images");
-    let masks_dir = args.out.join("masks");
+    let out = out_dir.create()?.to_path_buf();
+    let images_dir = out.join("images");
+    let masks_dir = out.join("masks");
     for dir in [&images_dir, &masks_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -104,10 +136,11 @@ pub fn run(args: &ScenesArgs) -> anyhow::Result<()> {
         index_lines.push_str(&line.to_string());
         index_lines.push('\n');
     }
-    write_atomically(&args.out.join("scenes.jsonl"), |file| {
+    write_atomically(&out.join("scenes.jsonl"), |file| {
         file.write_all(index_lines.as_bytes())
     })?;
-    println!("wrote {} scenes to {}", args.count, args.out.display());
+    println!("wrote {} scenes to {}", args.count, out.display());
+    out_dir.keep();
     Ok(())
 }
 

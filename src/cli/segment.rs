@@ -13,16 +13,21 @@ use attend::analysis::heatmap::{
     word_heatmaps, AggregationSettings, Heatmap, SelfAttentionMap, SelfAttentionSpan,
 };
 use attend::analysis::segment::{
-    is_label_candidate, mask_file_name, segment_and_label, write_label_map_png, write_mask_png,
-    write_segments_json, CellAssignment, DiffSegSettings, KMeansSettings, LabelChoice,
-    LabelSettings, LabelledSegmentation, MaskSettings, SegmentMethod, SegmentSettings,
-    SegmentsFile, WordMapRef,
+    check_fraction, check_k_for_grid, is_label_candidate, mask_file_name, segment_and_label,
+    set_prompt_word_indices, write_label_map_png, write_mask_png, write_segments_json,
+    CellAssignment, DiffSegSettings, KMeansSettings, LabelChoice, LabelSettings,
+    LabelledSegmentation, MaskSettings, SegmentMethod, SegmentSettings, SegmentsFile, WordMapRef,
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
 
+use attend::pipeline::unet::config::DownBlockKind;
+
+use super::checks::{
+    at_least_one, non_negative, segmentation_flag_error, warn_unknown_words, OutDir,
+};
 use super::{load_model, ModelArgs};
 
 /// How to segment and label; shared by `attend segment` and `attend segment-eval`.
@@ -32,39 +37,40 @@ pub struct SegmentationArgs {
     #[arg(long, default_value = "kmeans")]
     pub method: SegmentMethod,
     /// KMeans: number of clusters (the most segments: near-identical clusters merge).
-    #[arg(long, default_value_t = 5)]
+    /// At most 256, and at most the cells of the largest self-attention grid kept.
+    #[arg(long, default_value_t = 5, value_parser = at_least_one, allow_negative_numbers = true)]
     pub k: usize,
     /// KMeans: seeded runs, the best kept.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one, allow_negative_numbers = true)]
     pub n_init: usize,
     /// KMeans: seed of the initialisation.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = non_negative, allow_negative_numbers = true)]
     pub kmeans_seed: u64,
     /// KMeans: merge clusters whose centres differ by less than this fraction of the largest
     /// divergence between centres (0: keep all k).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub merge_fraction: f32,
     /// KMeans: clusters smaller than this fraction of the grid (outline slivers) join their
     /// nearest cluster (0: keep all).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub min_segment_fraction: f32,
     /// DiffSeg: maps merge when their symmetric KL divergence is below this fraction of the 95th
     /// percentile of the divergences between anchors.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, allow_negative_numbers = true)]
     pub kl_relative: f32,
     /// DiffSeg: an absolute merge threshold instead of --kl-relative (DiffSeg's own: 0.9, tuned on
     /// SD's 64x64 maps).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub kl_threshold: Option<f32>,
     /// DiffSeg: give each cell the proposal with the most attention at it (DiffSeg's rule) instead
     /// of the proposal nearest to the cell's own attention.
     #[arg(long)]
     pub argmax_cells: bool,
     /// DiffSeg: merge passes.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one, allow_negative_numbers = true)]
     pub passes: usize,
     /// A segment takes its best word only when the word's score is above this; else "background".
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub label_threshold: f32,
     /// Among the words above the threshold: most-attention (the word with the most raw
     /// cross-attention over the segment) or highest-score (local-prompt-mixing's rule).
@@ -117,6 +123,52 @@ impl SegmentationArgs {
         }
     }
 
+    /// Checks every segmentation flag (ranges, finiteness) before any work, naming the flag.
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        if let Some(threshold) = self.kl_threshold {
+            anyhow::ensure!(
+                threshold.is_finite() && threshold >= 0.0,
+                "invalid --kl-threshold: {threshold} must be finite and at least 0 \
+                 (a symmetric KL divergence; DiffSeg uses 0.9)"
+            );
+        }
+        check_fraction("merge fraction", self.merge_fraction).map_err(segmentation_flag_error)?;
+        check_fraction("min segment fraction", self.min_segment_fraction)
+            .map_err(segmentation_flag_error)?;
+        self.settings()
+            .validate()
+            .map_err(segmentation_flag_error)?;
+        if let Some(words) = &self.words {
+            anyhow::ensure!(
+                words.iter().any(|word| !word.trim().is_empty()),
+                "--words names no word"
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks what depends on the model and the image size, before generating: some
+    /// self-attention grid is kept at this size, and KMeans' k fits the largest one.
+    pub(super) fn check_for_model(
+        &self,
+        model: &StableDiffusion,
+        width: usize,
+        height: usize,
+    ) -> anyhow::Result<()> {
+        let Some((grid_h, grid_w)) = largest_kept_self_attention_grid(model, width, height) else {
+            anyhow::bail!(
+                "no self-attention to segment: at {width}x{height} px every attention layer of {} \
+                 has a grid larger than {} cells per side, the largest kept",
+                model.name(),
+                StoreConfig::default().self_max_side
+            );
+        };
+        if self.method == SegmentMethod::KMeans {
+            check_k_for_grid(self.k, grid_h, grid_w).map_err(segmentation_flag_error)?;
+        }
+        Ok(())
+    }
+
     fn span(&self) -> SelfAttentionSpan {
         if self.last_step_only {
             SelfAttentionSpan::LatestStep
@@ -135,23 +187,24 @@ pub struct SegmentArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub seed: u64,
     /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (default: the generate default).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub segmentation: SegmentationArgs,
-    /// Masks: grow each mask by this many pixels (negative: shrink).
+    /// Masks: grow each mask by this many pixels (negative: shrink); at most the image's longer side.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub dilate_px: i32,
-    /// Masks: soft edge this many pixels wide.
-    #[arg(long, default_value_t = 0.0)]
+    /// Masks: soft edge this many pixels wide (0 to the image's longer side).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub feather_px: f32,
-    /// Folder for image.png, labels.png, segments.png, segments.json and mask_<id>_<label>.png.
+    /// Folder for image.png, labels.png, segments.png, segments.json and mask_<id>_<label>.png
+    /// (created when the files are written).
     #[arg(long)]
     pub out_dir: PathBuf,
     /// Print nothing but errors.
@@ -234,6 +287,9 @@ pub(super) fn label_words(
     let mut words = Vec::new();
     for wanted in chosen {
         let wanted = wanted.trim().to_lowercase();
+        if wanted.is_empty() {
+            continue;
+        }
         let matching: Vec<&WordSpan> = prompt_words
             .iter()
             .filter(|word| word.text.to_lowercase() == wanted)
@@ -299,11 +355,85 @@ fn scores_text(segment: &attend::analysis::segment::SegmentInfo) -> String {
         .join(", ")
 }
 
-/// Run `attend segment`.
+/// The largest self-attention grid `(h, w)` an [`AttentionStore`] with default settings keeps for
+/// a `width x height` image: the query grids of the UNet's attention blocks (the latent size halved
+/// at each down-sampling) no longer than [`StoreConfig::self_max_side`] per side. `None` when no
+/// grid is kept. Known before any generation, from the model's config alone.
+pub(super) fn largest_kept_self_attention_grid(
+    model: &StableDiffusion,
+    width: usize,
+    height: usize,
+) -> Option<(usize, usize)> {
+    let factor = model.latent_downscale_factor().max(1);
+    let (mut h, mut w) = (height / factor, width / factor);
+    let config = model.unet.config();
+    let mut grids = Vec::new();
+    for block in config.down_blocks() {
+        if block.kind == DownBlockKind::CrossAttn {
+            grids.push((h, w));
+        }
+        if block.downsample {
+            (h, w) = (h.div_ceil(2), w.div_ceil(2));
+        }
+    }
+    if config.mid_block().is_some() {
+        grids.push((h, w));
+    }
+    let max_side = StoreConfig::default().self_max_side;
+    grids
+        .into_iter()
+        .filter(|&(h, w)| h > 0 && w > 0 && h.max(w) <= max_side)
+        .max_by_key(|&(h, w)| h * w)
+}
+
+/// `--guidance`, when given, must be a finite number.
+pub(super) fn check_guidance(guidance: Option<f64>) -> anyhow::Result<()> {
+    if let Some(guidance) = guidance {
+        anyhow::ensure!(
+            guidance.is_finite(),
+            "invalid --guidance: {guidance} is not a finite number"
+        );
+    }
+    Ok(())
+}
+
+/// Each label word's position among the prompt's words (a word is known by its tokens).
+fn prompt_positions(prompt_words: &[WordSpan], words: &[WordSpan]) -> Vec<usize> {
+    words
+        .iter()
+        .filter_map(|word| {
+            prompt_words
+                .iter()
+                .position(|prompt_word| prompt_word.token_indices == word.token_indices)
+        })
+        .collect()
+}
+
+/// Run `attend segment`. Every flag is checked before the model generates: first the ranges, then
+/// (with the model loaded) the words and what the image size allows. The output folder is made
+/// when the files are written.
 pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+    args.segmentation.check()?;
+    check_guidance(args.guidance)?;
+    let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
     let model = load_model(&args.model)?;
+    warn_unknown_words(&model, "--prompt", &args.prompt)?;
+    let (width, height) = model.default_size_px();
+    args.segmentation.check_for_model(&model, width, height)?;
+    let mask_settings = MaskSettings {
+        dilate_px: args.dilate_px,
+        feather_px: args.feather_px,
+        ..MaskSettings::default()
+    };
+    mask_settings
+        .validate(height, width)
+        .map_err(segmentation_flag_error)?;
+    let prompt_words = model.tokenizer.encode(&args.prompt)?.words;
+    let words = label_words(&prompt_words, args.segmentation.words.as_deref())?;
+    if words.is_empty() {
+        eprintln!("warning: no prompt word competes for labels; every segment is background");
+    }
+
     let started = Instant::now();
     let generated =
         generate_with_attention(&model, &args.prompt, args.seed, args.steps, args.guidance)?;
@@ -311,15 +441,12 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     let generation_secs = started.elapsed().as_secs_f64();
-    let words = label_words(
-        &generated.output.prompt_tokens.words,
-        args.segmentation.words.as_deref(),
-    )?;
-    if words.is_empty() {
-        eprintln!("warning: no prompt word competes for labels; every segment is background");
-    }
     let started = Instant::now();
-    let (result, _) = segment_generated(&generated, &words, &args.segmentation)?;
+    let (mut result, _) = segment_generated(&generated, &words, &args.segmentation)?;
+    set_prompt_word_indices(
+        &mut result.segments,
+        &prompt_positions(&generated.output.prompt_tokens.words, &words),
+    );
     let segment_secs = started.elapsed().as_secs_f64();
 
     let image = &generated.output.image;
@@ -328,7 +455,7 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
         &generated.request,
         &generated.output,
     ));
-    let out = &args.out_dir;
+    let out = out_dir.create()?;
     write_png_rgb(
         &out.join("image.png"),
         image.width,
@@ -354,11 +481,6 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
             segments: result.segments.clone(),
         },
     )?;
-    let mask_settings = MaskSettings {
-        dilate_px: args.dilate_px,
-        feather_px: args.feather_px,
-        ..MaskSettings::default()
-    };
     for segment in &result.segments {
         let mask = result.mask(&[segment.id], &mask_settings);
         write_mask_png(&out.join(mask_file_name(segment.id, &segment.label)), &mask)?;
@@ -383,5 +505,6 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
         }
         eprintln!("wrote {}", out.display());
     }
+    out_dir.keep();
     Ok(())
 }

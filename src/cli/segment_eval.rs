@@ -5,15 +5,16 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use attend::analysis::export::write_png_rgb;
 use attend::analysis::scene_check::{find_object, iou, palette_labels, ObjectRegion};
 use attend::analysis::segment::{LabelChoice, LabelledSegmentation, MaskSettings, SegmentMethod};
 use attend::analysis::WordSpan;
 use attend::scenes::{generate_scene, SceneOptions};
 
+use super::checks::{at_least_one, check_output_file, non_negative, OutDir};
 use super::segment::{
-    generate_with_attention, label_words, overlay_segments, segment_generated, SegmentationArgs,
+    check_guidance, generate_with_attention, label_words, overlay_segments, segment_generated,
+    SegmentationArgs,
 };
 use super::{load_model, ModelArgs};
 
@@ -23,17 +24,17 @@ pub struct SegmentEvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Number of scenes.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = non_negative, allow_negative_numbers = true)]
     pub count: u64,
     /// Seed of the first scene (scene i: caption from generator seed start + i, image seed
     /// start + i; the bundled model trained on seeds from 1,000,000 on).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub start: u64,
     /// Denoising steps per image.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (default: the generate default).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub segmentation: SegmentationArgs,
@@ -313,11 +314,23 @@ fn print_summary(summary: &EvalSummary) {
 
 /// Run `attend segment-eval`.
 pub fn run(args: &SegmentEvalArgs) -> anyhow::Result<()> {
-    let model = load_model(&args.model)?;
-    if let Some(dir) = &args.images_out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create --images-out {}", dir.display()))?;
+    args.segmentation.check()?;
+    check_guidance(args.guidance)?;
+    if let Some(path) = &args.json_out {
+        check_output_file("--json-out", path)?;
     }
+    let mut images_out = args
+        .images_out
+        .as_deref()
+        .map(|dir| OutDir::check("--images-out", dir))
+        .transpose()?;
+    let model = load_model(&args.model)?;
+    let (width, height) = model.default_size_px();
+    args.segmentation.check_for_model(&model, width, height)?;
+    let images_dir = match &mut images_out {
+        Some(dir) => Some(dir.create()?.to_path_buf()),
+        None => None,
+    };
     // (method, label choice) pairs, measured on the same images.
     let variants: Vec<(SegmentMethod, LabelChoice)> = if args.single_method {
         vec![(args.segmentation.method, args.segmentation.label_choice)]
@@ -377,7 +390,7 @@ pub fn run(args: &SegmentEvalArgs) -> anyhow::Result<()> {
                 measurement.background_segments,
                 segment_secs * 1e3
             ));
-            if let Some(dir) = &args.images_out {
+            if let Some(dir) = &images_dir {
                 write_png_rgb(
                     &dir.join(format!("{seed:04}_{method}_{label_choice}.png")),
                     image.width,
@@ -424,6 +437,9 @@ pub fn run(args: &SegmentEvalArgs) -> anyhow::Result<()> {
         attend::analysis::export::write_atomically(path, |writer| {
             std::io::Write::write_all(writer, text.as_bytes())
         })?;
+    }
+    if let Some(dir) = images_out {
+        dir.keep();
     }
     Ok(())
 }

@@ -243,6 +243,7 @@ pub fn diffseg_segments(
     maps: &[SelfAttentionMap],
     settings: &DiffSegSettings,
 ) -> AnalysisResult<Segmentation> {
+    settings.validate()?;
     let (grid_h, grid_w) = match settings.grid {
         Some(grid) => grid,
         None => maps

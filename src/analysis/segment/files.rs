@@ -1,5 +1,5 @@
-//! Segmentation files: the label map as a PNG of segment ids, masks as white-on-black PNGs, and the
-//! segments as JSON. Every file is written atomically through [`write_atomically`].
+//! Segmentation files: the label map as a PNG of segment ids in their overlay colours, masks as
+//! white-on-black PNGs, and the segments as JSON. Every file is written atomically through [`write_atomically`].
 
 use std::io::Write as _;
 use std::path::Path;
@@ -23,8 +23,21 @@ pub struct SegmentsFile {
     pub segments: Vec<SegmentInfo>,
 }
 
-/// Writes the label map as a greyscale PNG whose pixel values are the segment ids (8-bit, or 16-bit
-/// when there are more than 256 segments), at the segmentation's own size.
+/// PNG text keyword of a label map that says how pixel values become segment ids.
+pub const LABEL_MAP_KEYWORD: &str = "segment ids";
+
+/// Writes the label map at the segmentation's own size, so that it both looks like the segments
+/// and holds their ids exactly:
+/// - up to 256 segments (always, for k at most [`super::MAX_SEGMENTS`]): an 8-bit indexed-colour
+///   PNG whose palette index is the segment id and whose palette gives every id its
+///   [`super::segment_colour`], the colours of `segments.png` and the editor's overlay. Image
+///   viewers show the colours; read the indices (e.g. PIL's `Image.open(...)` in mode `P`, or
+///   [`read_label_map_png`]) for the ids;
+/// - more segments: a 16-bit greyscale PNG whose value is `id * step`, with `step` the largest
+///   that keeps the last id within 65535 (spread over the grey range so the map is visible);
+///   `step` is in the `segment ids` text chunk.
+///
+/// Both carry a `segment ids` text chunk ([`LABEL_MAP_KEYWORD`]) saying so.
 pub fn write_label_map_png(path: &Path, segmentation: &Segmentation) -> ExportResult<()> {
     if segmentation.labels.len() != segmentation.h * segmentation.w {
         return Err(ExportError::InvalidData {
@@ -37,33 +50,106 @@ pub fn write_label_map_png(path: &Path, segmentation: &Segmentation) -> ExportRe
             ),
         });
     }
-    if segmentation.segment_count <= 256 {
+    let segment_count = segmentation
+        .labels
+        .iter()
+        .max()
+        .map_or(0, |max| max + 1)
+        .max(segmentation.segment_count);
+    if segment_count <= 256 {
         let bytes: Vec<u8> = segmentation
             .labels
             .iter()
             .map(|&label| label.min(255) as u8)
             .collect();
-        write_png_grey(
+        let palette: Vec<u8> = (0..segment_count.max(1))
+            .flat_map(super::segment_colour)
+            .collect();
+        write_png(
             path,
             segmentation.w,
             segmentation.h,
-            png::BitDepth::Eight,
+            PngLayout::Indexed { palette },
             &bytes,
+            Some("palette index = segment id; colours as in segments.png"),
         )
     } else {
+        let step = u16::MAX as usize / (segment_count - 1).max(1);
         let bytes: Vec<u8> = segmentation
             .labels
             .iter()
-            .flat_map(|&label| (label.min(usize::from(u16::MAX)) as u16).to_be_bytes())
+            .flat_map(|&label| ((label * step).min(usize::from(u16::MAX)) as u16).to_be_bytes())
             .collect();
-        write_png_grey(
+        write_png(
             path,
             segmentation.w,
             segmentation.h,
-            png::BitDepth::Sixteen,
+            PngLayout::Grey(png::BitDepth::Sixteen),
             &bytes,
+            Some(&format!("16-bit grey value = segment id * {step}")),
         )
     }
+}
+
+/// Reads a label map written by [`write_label_map_png`] back into segment ids (`segment_count` is
+/// one more than the largest id). Errors name the file.
+pub fn read_label_map_png(path: &Path) -> ExportResult<Segmentation> {
+    let invalid = |reason: String| ExportError::InvalidData {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|error| ExportError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|error| invalid(format!("not a readable PNG: {error}")))?;
+    let buffer_size = reader
+        .output_buffer_size()
+        .ok_or_else(|| invalid("image too large".to_string()))?;
+    let mut bytes = vec![0; buffer_size];
+    let frame = reader
+        .next_frame(&mut bytes)
+        .map_err(|error| invalid(format!("not a readable PNG: {error}")))?;
+    bytes.truncate(frame.buffer_size());
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let labels: Vec<usize> = match (frame.color_type, frame.bit_depth) {
+        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::Eight) => {
+            bytes.iter().map(|&value| usize::from(value)).collect()
+        }
+        (png::ColorType::Grayscale, png::BitDepth::Sixteen) => {
+            let step = reader
+                .info()
+                .uncompressed_latin1_text
+                .iter()
+                .find(|chunk| chunk.keyword == LABEL_MAP_KEYWORD)
+                .and_then(|chunk| chunk.text.rsplit(' ').next()?.parse::<usize>().ok())
+                .filter(|&step| step > 0)
+                .unwrap_or(1);
+            bytes
+                .chunks_exact(2)
+                .map(|pair| usize::from(u16::from_be_bytes([pair[0], pair[1]])) / step)
+                .collect()
+        }
+        (colour, depth) => {
+            return Err(invalid(format!(
+                "{colour:?} at {depth:?} is not a label map (expected 8-bit indexed or grey, or 16-bit grey)"
+            )))
+        }
+    };
+    if labels.len() != w * h {
+        return Err(invalid(format!("{} ids for {w}x{h}", labels.len())));
+    }
+    let segment_count = labels.iter().max().map_or(0, |max| max + 1);
+    Ok(Segmentation {
+        h,
+        w,
+        labels,
+        segment_count,
+    })
 }
 
 /// Writes a mask as an 8-bit greyscale PNG, white inside, black outside, at the mask's size.
@@ -79,7 +165,14 @@ pub fn write_mask_png(path: &Path, mask: &Mask) -> ExportResult<()> {
             ),
         });
     }
-    write_png_grey(path, mask.w, mask.h, png::BitDepth::Eight, &mask.to_grey8())
+    write_png(
+        path,
+        mask.w,
+        mask.h,
+        PngLayout::Grey(png::BitDepth::Eight),
+        &mask.to_grey8(),
+        None,
+    )
 }
 
 /// Writes `segments.json` (pretty-printed).
@@ -114,13 +207,22 @@ pub fn mask_file_name(segment_id: usize, label: &str) -> String {
     format!("mask_{segment_id}_{safe}.png")
 }
 
-/// A greyscale PNG of `w x h` samples (`bytes`: 1 byte per sample at 8 bits, 2 big-endian bytes at 16).
-fn write_png_grey(
+/// How the samples of [`write_png`] are laid out.
+enum PngLayout {
+    /// Greyscale at this depth (1 byte per sample at 8 bits, 2 big-endian bytes at 16).
+    Grey(png::BitDepth),
+    /// 8-bit palette indices with this RGB palette (3 bytes per entry).
+    Indexed { palette: Vec<u8> },
+}
+
+/// A greyscale or indexed PNG of `w x h` samples, with an optional `segment ids` text chunk.
+fn write_png(
     path: &Path,
     w: usize,
     h: usize,
-    depth: png::BitDepth,
+    layout: PngLayout,
     bytes: &[u8],
+    label_text: Option<&str>,
 ) -> ExportResult<()> {
     let invalid = |reason: String| ExportError::InvalidData {
         path: path.to_path_buf(),
@@ -135,8 +237,22 @@ fn write_png_grey(
     let encode_error = |error: png::EncodingError| std::io::Error::other(error.to_string());
     write_atomically(path, |writer| {
         let mut encoder = png::Encoder::new(writer, width, height);
-        encoder.set_color(png::ColorType::Grayscale);
-        encoder.set_depth(depth);
+        match &layout {
+            PngLayout::Grey(depth) => {
+                encoder.set_color(png::ColorType::Grayscale);
+                encoder.set_depth(*depth);
+            }
+            PngLayout::Indexed { palette } => {
+                encoder.set_color(png::ColorType::Indexed);
+                encoder.set_depth(png::BitDepth::Eight);
+                encoder.set_palette(palette.clone());
+            }
+        }
+        if let Some(text) = label_text {
+            encoder
+                .add_text_chunk(LABEL_MAP_KEYWORD.to_string(), text.to_string())
+                .map_err(encode_error)?;
+        }
         let mut png_writer = encoder.write_header().map_err(encode_error)?;
         png_writer.write_image_data(bytes).map_err(encode_error)?;
         png_writer.finish().map_err(encode_error)

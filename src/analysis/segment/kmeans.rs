@@ -104,11 +104,12 @@ pub fn kmeans(
 ) -> AnalysisResult<KMeansResult> {
     let point_count = check_points(points, dim)?;
     check_cluster_count(settings.k, point_count)?;
+    super::check_count("n_init", settings.n_init, 1, super::MAX_KMEANS_RUNS)?;
     let squared_norms = squared_norms(points, dim);
     let tolerance = absolute_tolerance(points, dim, settings.tolerance);
     let mut rng = SegmentRng::new(settings.seed);
     let mut best: Option<KMeansResult> = None;
-    for _ in 0..settings.n_init.max(1) {
+    for _ in 0..settings.n_init {
         let initial = kmeans_plus_plus(points, dim, &squared_norms, settings.k, &mut rng);
         let result = lloyd(
             points,
@@ -167,6 +168,7 @@ pub fn kmeans_segments(
     self_attention: &SelfAttentionMap,
     settings: &KMeansSettings,
 ) -> AnalysisResult<Segmentation> {
+    settings.validate()?;
     check_self_attention(self_attention)?;
     let cells = self_attention.h * self_attention.w;
     let result = kmeans(&self_attention.data, cells, settings)?;

@@ -147,8 +147,15 @@ pub struct SegmentInfo {
     pub id: usize,
     /// The best word, or the background label.
     pub label: String,
-    /// Index into the words of the best word when it labels the segment; `None` for background.
+    /// The label word's index into `scores` (the words that competed for labels, in the order
+    /// given), `None` for background. Not a position among the prompt's words: that is
+    /// `prompt_word_index`. Written as `label_word_index` (files that say `word_index` still read).
+    #[serde(rename = "label_word_index", alias = "word_index")]
     pub word_index: Option<usize>,
+    /// The label word's position among the prompt's words (0 for the first word), when the caller
+    /// knows the prompt ([`set_prompt_word_indices`]); `None` for background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_word_index: Option<usize>,
     /// Every word's score, in the order the words were given.
     pub scores: Vec<WordScore>,
     /// Cells (pixels, for a segmentation at image resolution) in the segment.
@@ -224,6 +231,7 @@ pub fn label_segments(
                     |(index, _)| words[index].word.to_string(),
                 ),
                 word_index: best.map(|(index, _)| index),
+                prompt_word_index: None,
                 scores: words
                     .iter()
                     .zip(segment_scores)
@@ -285,6 +293,17 @@ fn segment_means(segmentation: &Segmentation, word: &WordMapRef<'_>) -> Vec<(f32
             }
         })
         .collect()
+}
+
+/// Sets every labelled segment's [`SegmentInfo::prompt_word_index`]: `prompt_positions[i]` is the
+/// position among the prompt's words of the `i`-th word that competed for labels. Background
+/// segments, and words without a position, get `None`.
+pub fn set_prompt_word_indices(segments: &mut [SegmentInfo], prompt_positions: &[usize]) {
+    for segment in segments {
+        segment.prompt_word_index = segment
+            .word_index
+            .and_then(|index| prompt_positions.get(index).copied());
+    }
 }
 
 /// Ids of the segments labelled `label` (the union is that word's object mask).

@@ -17,23 +17,29 @@
 //! Segment ids are numbered `0..segment_count` in the order the segments first appear in raster
 //! order (top-left first), so the same clustering always gets the same ids.
 
+mod checks;
 mod diffseg;
 mod files;
 mod kmeans;
 mod labels;
 mod mask;
 
+pub use checks::{
+    check_count, check_fraction, check_k_for_grid, MAX_KMEANS_ITERATIONS, MAX_KMEANS_RUNS,
+    MAX_MERGE_PASSES, MAX_SEGMENTS,
+};
 pub use diffseg::{
     aggregate_self_attention, anchor_cells, diffseg_segments, symmetric_kl, CellAssignment,
     DiffSegSettings,
 };
 pub use files::{
-    mask_file_name, write_label_map_png, write_mask_png, write_segments_json, SegmentsFile,
+    mask_file_name, read_label_map_png, write_label_map_png, write_mask_png, write_segments_json,
+    SegmentsFile, LABEL_MAP_KEYWORD,
 };
 pub use kmeans::{kmeans, kmeans_from_centroids, kmeans_segments, KMeansResult, KMeansSettings};
 pub use labels::{
-    is_label_candidate, label_segments, segments_with_label, LabelChoice, LabelSettings,
-    SegmentInfo, WordMapRef, WordScore,
+    is_label_candidate, label_segments, segments_with_label, set_prompt_word_indices, LabelChoice,
+    LabelSettings, SegmentInfo, WordMapRef, WordScore,
 };
 pub use mask::{binary_mask_to_mask, segments_mask, Mask, MaskSettings};
 
@@ -300,6 +306,7 @@ pub fn segment_and_label(
             reason: format!("{image_w}x{image_h} is empty"),
         });
     }
+    settings.validate()?;
     let grid = segment_self_attention(maps, settings)?;
     let image = grid.resized(image_h, image_w);
     let segments = label_segments(&image, words, &settings.labels)?;
