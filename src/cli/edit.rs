@@ -537,11 +537,15 @@ mod tests {
         };
         let spec = edit_spec(&args, bundled_like).unwrap();
         assert_eq!(spec.self_replace, SelfReplace::default());
-        let err = parse_for_model(&["--self-replace-max-side", "0"], bundled_like).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("--self-replace-max-side 0"),
-            "{err:#}"
-        );
+        for side in ["0", "-4"] {
+            let err =
+                parse_for_model(&["--self-replace-max-side", side], bundled_like).unwrap_err();
+            let message = format!("{err:#}");
+            assert!(
+                message.contains("--self-replace-max-side") && message.contains("at least 1"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
@@ -598,6 +602,10 @@ mod tests {
             (vec!["--cross-replace-word", "=0.3"], "--cross-replace-word"),
             (vec!["--edit-kind", "swapish"], "--edit-kind"),
             (vec!["--blend-subtract", "red"], "--blend-subtract"),
+            (vec!["--reweight", "red=1e30"], "--reweight"),
+            (vec!["--reweight", "red=-101"], "--reweight"),
+            (vec!["--blend-threshold", "NaN"], "--blend-threshold"),
+            (vec!["--blend-start", "1.5"], "--blend-start"),
         ] {
             let error = parse(&extra).unwrap_err();
             assert!(format!("{error:#}").contains(flag), "{extra:?}: {error:#}");
