@@ -355,7 +355,7 @@ fn negative_and_zero_numbers_get_a_range_message() {
         (&["--width", "0"], "--width", "at least 1"),
         (&["--height", "-64"], "--height", "at least 1"),
         (&["--seed", "-1"], "--seed", "0 or more"),
-        (&["--guidance=-inf"], "--guidance", "finite"),
+        (&["--guidance", "-inf"], "--guidance", "finite"),
         (&["--guidance", "inf"], "--guidance", "finite"),
     ] {
         let mut args = vec!["generate", "--prompt", "a cat", "--model", model, "--quiet"];
@@ -606,4 +606,24 @@ fn unknown_prompt_words_get_a_warning() {
     assert!(stderr.contains("warning"), "{stderr}");
     assert!(stderr.contains("\"zebra\""), "{stderr}");
     assert!(!stderr.contains("\"red\""), "{stderr}");
+}
+
+#[test]
+fn an_output_name_taken_by_a_folder_fails_before_the_run() {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("labels.png")).unwrap();
+    let stderr = fails(&[
+        "segment",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "1000",
+        "--out-dir",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.contains("labels.png") && stderr.contains("a folder"),
+        "{stderr}"
+    );
+    assert_eq!(files_in(out.path()), vec!["labels.png"]);
 }

@@ -9,29 +9,44 @@ use anyhow::Context as _;
 use attend::analysis::export::export_destination;
 use attend::analysis::AnalysisError;
 
+/// Any whole number as `i128`; digits beyond its range are "too large (at most `max`)" or, with a
+/// minus sign, the most negative value (which every caller refuses as negative).
+fn whole_number(text: &str, max: u128) -> Result<i128, String> {
+    let text = text.trim();
+    if let Ok(value) = text.parse::<i128>() {
+        return Ok(value);
+    }
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return Err("not a whole number".to_string());
+    }
+    if negative {
+        Ok(i128::MIN)
+    } else {
+        Err(format!("too large (at most {max})"))
+    }
+}
+
 /// Clap value parser of counts that must be at least 1 (`--steps`, `--k`, `--n-init`, ...). Reads
 /// any integer, so a negative one gets the range message rather than clap's "unexpected argument".
 pub fn at_least_one(text: &str) -> Result<usize, String> {
-    let value: i128 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    let value = whole_number(text, usize::MAX as u128)?;
     if value < 1 {
-        return Err(format!("{value}: must be at least 1"));
+        return Err("must be at least 1".to_string());
     }
-    usize::try_from(value).map_err(|_| format!("{value} is too large"))
+    usize::try_from(value).map_err(|_| format!("too large (at most {})", usize::MAX))
 }
 
 /// Clap value parser of seeds and other whole numbers that must be 0 or more.
 pub fn non_negative(text: &str) -> Result<u64, String> {
-    let value: i128 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    let value = whole_number(text, u128::from(u64::MAX))?;
     if value < 0 {
-        return Err(format!("{value}: must be 0 or more"));
+        return Err("must be 0 or more".to_string());
     }
-    u64::try_from(value).map_err(|_| format!("{value} is too large (at most {})", u64::MAX))
+    u64::try_from(value).map_err(|_| format!("too large (at most {})", u64::MAX))
 }
 
 /// An analysis error about a segmentation setting, with the setting named by its flag.
@@ -115,6 +130,18 @@ impl OutDir {
             created: None,
             kept: false,
         })
+    }
+
+    /// Checks, before a run, that the files `names` could be written into the folder: none of them
+    /// is a folder, device, FIFO or socket already there ([`check_output_file`]'s rule).
+    pub fn check_files(&self, names: &[&str]) -> anyhow::Result<()> {
+        if self.path.is_dir() {
+            for name in names {
+                export_destination(&self.path.join(name))
+                    .with_context(|| format!("{} {}", self.flag, self.path.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates the folder (and its missing parents) if needed; returns its path.
@@ -244,6 +271,13 @@ mod tests {
         assert!(at_least_one("-5").unwrap_err().contains("at least 1"));
         assert!(at_least_one("0").unwrap_err().contains("at least 1"));
         assert!(at_least_one("many").unwrap_err().contains("whole number"));
+        assert!(at_least_one("1e3").unwrap_err().contains("whole number"));
+        assert!(at_least_one(&"9".repeat(50))
+            .unwrap_err()
+            .contains("too large"));
+        assert!(at_least_one(&format!("-{}", "9".repeat(50)))
+            .unwrap_err()
+            .contains("at least 1"));
         assert_eq!(non_negative("0"), Ok(0));
         assert!(non_negative("-1").unwrap_err().contains("0 or more"));
         assert!(non_negative("18446744073709551616")
@@ -279,6 +313,13 @@ mod tests {
         let out = OutDir::check("--out-dir", root.path()).unwrap();
         drop(out);
         assert!(root.path().is_dir());
+
+        // A name the run writes is taken by a folder.
+        std::fs::create_dir(root.path().join("image.png")).unwrap();
+        let out = OutDir::check("--out-dir", root.path()).unwrap();
+        let error = out.check_files(&["labels.png", "image.png"]).unwrap_err();
+        assert!(format!("{error:#}").contains("a folder"), "{error:#}");
+        out.check_files(&["labels.png"]).unwrap();
 
         let file = root.path().join("file");
         std::fs::write(&file, "x").unwrap();

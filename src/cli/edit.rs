@@ -72,10 +72,10 @@ pub struct EditArgs {
     #[arg(long, value_name = "WORD[,WORD]")]
     pub blend_subtract: Option<String>,
     /// Local blend threshold on the max-normalised word map.
-    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.3, allow_hyphen_values = true)]
     pub blend_threshold: f32,
     /// Local blend starts after this fraction of the steps.
-    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.2, allow_hyphen_values = true)]
     pub blend_start: f64,
     /// Side of the cross-attention grid the blend mask is built from (default: a quarter of the
     /// latent side; at most the latent side).
@@ -108,6 +108,14 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     edit_spec(args, EditDefaults::default())?;
     args.sampling.check()?;
     let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
+    out_dir.check_files(&[
+        "source.png",
+        "edited.png",
+        "blend_mask.png",
+        "alignment.json",
+        "source_attention.safetensors",
+        "edited_attention.safetensors",
+    ])?;
     let model = load_model(&args.model)?;
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
     warn_unknown_words(&model, "--edit-prompt", &args.edit_prompt)?;

@@ -52,7 +52,7 @@ pub struct EditEvalArgs {
     #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Guidance scale (default: the generate default).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     /// Cross-attention replacement window of the swap (F or START:END).
     #[arg(long, default_value = "0.8", allow_negative_numbers = true)]
@@ -73,7 +73,7 @@ pub struct EditEvalArgs {
     #[arg(long)]
     pub local_blend: bool,
     /// Local blend threshold on the max-normalised word map (with `--local-blend`).
-    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.3, allow_hyphen_values = true)]
     pub blend_threshold: f32,
     /// Reweight scales to measure, comma-separated (empty: none).
     #[arg(long, default_value = "0,-1", allow_hyphen_values = true)]
@@ -82,7 +82,7 @@ pub struct EditEvalArgs {
     #[arg(long, default_value = "both")]
     pub reweight_word: String,
     /// Centroid tolerance in pixels at 64 px (scaled to the image size).
-    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4.0, allow_hyphen_values = true)]
     pub centroid_tolerance_px: f32,
     /// Also generate each swapped caption without Prompt-to-Prompt (same seed), for comparison.
     #[arg(long)]

@@ -29,10 +29,10 @@ pub struct EvalShapesArgs {
     #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Guidance scale (default: the generate default).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     /// Heat-map threshold (on the min-max normalised DAAM map) for the attention IoU, 0 to 1.
-    #[arg(long, default_value_t = 0.4, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.4, allow_hyphen_values = true)]
     pub threshold: f32,
     /// Write each generated image here (PNG) for a look.
     #[arg(long)]

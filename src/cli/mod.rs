@@ -97,7 +97,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 30, value_parser = checks::at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (<= 1 disables guidance).
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 7.5, allow_hyphen_values = true)]
     pub guidance: f64,
     /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
     #[arg(long)]

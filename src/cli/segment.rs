@@ -48,19 +48,19 @@ pub struct SegmentationArgs {
     pub kmeans_seed: u64,
     /// KMeans: merge clusters whose centres differ by less than this fraction of the largest
     /// divergence between centres (0: keep all k).
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.05, allow_hyphen_values = true)]
     pub merge_fraction: f32,
     /// KMeans: clusters smaller than this fraction of the grid (outline slivers) join their
     /// nearest cluster (0: keep all).
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     pub min_segment_fraction: f32,
     /// DiffSeg: maps merge when their symmetric KL divergence is below this fraction of the 95th
     /// percentile of the divergences between anchors.
-    #[arg(long, default_value_t = 0.25, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.25, allow_hyphen_values = true)]
     pub kl_relative: f32,
     /// DiffSeg: an absolute merge threshold instead of --kl-relative (DiffSeg's own: 0.9, tuned on
     /// SD's 64x64 maps).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub kl_threshold: Option<f32>,
     /// DiffSeg: give each cell the proposal with the most attention at it (DiffSeg's rule) instead
     /// of the proposal nearest to the cell's own attention.
@@ -70,7 +70,7 @@ pub struct SegmentationArgs {
     #[arg(long, default_value_t = 3, value_parser = at_least_one, allow_negative_numbers = true)]
     pub passes: usize,
     /// A segment takes its best word only when the word's score is above this; else "background".
-    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.3, allow_hyphen_values = true)]
     pub label_threshold: f32,
     /// Among the words above the threshold: most-attention (the word with the most raw
     /// cross-attention over the segment) or highest-score (local-prompt-mixing's rule).
@@ -193,7 +193,7 @@ pub struct SegmentArgs {
     #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (default: the generate default).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub segmentation: SegmentationArgs,
@@ -201,7 +201,7 @@ pub struct SegmentArgs {
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub dilate_px: i32,
     /// Masks: soft edge this many pixels wide (0 to the image's longer side).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub feather_px: f32,
     /// Folder for image.png, labels.png, segments.png, segments.json and mask_<id>_<label>.png
     /// (created when the files are written).
@@ -416,6 +416,7 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
     args.segmentation.check()?;
     check_guidance(args.guidance)?;
     let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
+    out_dir.check_files(&["image.png", "labels.png", "segments.png", "segments.json"])?;
     let model = load_model(&args.model)?;
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
     let (width, height) = model.default_size_px();

@@ -34,7 +34,7 @@ pub struct SegmentEvalArgs {
     #[arg(long, default_value_t = 20, value_parser = at_least_one, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale (default: the generate default).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub segmentation: SegmentationArgs,
