@@ -12,7 +12,8 @@
 //! | merge, no k | [`diffseg_segments`] | google/diffseg `segmentor.py` |
 //! | name segments | [`label_segments`] | local-prompt-mixing (mean of min-max word maps, threshold) |
 //! | masks | [`segments_mask`] | bilinear upsample + threshold, then dilate / feather |
-//! | files | [`write_label_map_png`], [`write_mask_png`], [`write_segments_json`] | |
+//! | files | [`write_label_map_png`] (read back with [`read_label_map_png`]), [`write_mask_png`], [`write_segments_json`] | |
+//! | checks | [`SegmentSettings::validate`], [`MaskSettings::validate`], [`check_k_for_grid`] | before a run, CLI and editor |
 //!
 //! Segment ids are numbered `0..segment_count` in the order the segments first appear in raster
 //! order (top-left first), so the same clustering always gets the same ids.
