@@ -7,11 +7,12 @@ use egui::RichText;
 
 use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::SelfAttentionSpan;
+use crate::ui::checks::{guidance_problem, steps_problem};
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::dialogs::DialogPurpose;
 use crate::ui::run_view::{RunOutcome, RunView};
-use crate::ui::state::{CanvasView, StatusLevel};
+use crate::ui::state::{AppState, CanvasView, StatusLevel, StatusMessage};
 use crate::worker::ModelSource;
 
 /// File and Export menus.
@@ -129,19 +130,27 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             });
             ui.end_row();
 
+            // No range on these fields: a value out of range is shown, not clamped.
             let label = ui.label("Steps");
-            ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
-                .labelled_by(label.id);
+            ui.horizontal(|ui| {
+                ui.add(egui::DragValue::new(&mut params.steps).clamp_existing_to_range(false))
+                    .labelled_by(label.id);
+                field_problem_ui(ui, steps_problem(params.steps));
+            });
             ui.end_row();
 
             let label = ui.label("Guidance");
-            ui.add(
-                egui::DragValue::new(&mut params.guidance)
-                    .range(0.0..=30.0)
-                    .speed(0.1)
-                    .fixed_decimals(1),
-            )
-            .labelled_by(label.id);
+            ui.horizontal(|ui| {
+                ui.add(
+                    egui::DragValue::new(&mut params.guidance)
+                        // (egui would turn a NaN into infinity)
+                        .clamp_existing_to_range(false)
+                        .speed(0.1)
+                        .fixed_decimals(1),
+                )
+                .labelled_by(label.id);
+                field_problem_ui(ui, guidance_problem(params.guidance));
+            });
             ui.end_row();
 
             let label = ui.label("Scheduler");
@@ -234,6 +243,13 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
     if params_copy != state.settings.params {
         // Before Generate, which then runs with the new parameters.
         commands.push_first(UiCommand::SetParams(params_copy));
+    }
+}
+
+/// A field's problem in red beside it (wrapped), if it has one.
+fn field_problem_ui(ui: &mut egui::Ui, problem: Option<String>) {
+    if let Some(problem) = problem {
+        ui.add(egui::Label::new(RichText::new(problem).color(ui.visuals().error_fg_color)).wrap());
     }
 }
 
@@ -415,13 +431,30 @@ fn probe_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands)
 /// The progress bar: a running source first, else the run the heat maps show (the edited one in
 /// edit mode).
 pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
-    let state = ctx.state;
+    let (fraction, text) = progress(ctx.state);
+    ui.add(
+        egui::ProgressBar::new(fraction)
+            .text(text)
+            .desired_width(ui.available_width()),
+    );
+}
+
+/// The progress bar's fraction and text: "cancelling..." from the moment Cancel is clicked until
+/// the run ends.
+pub(crate) fn progress(state: &AppState) -> (f32, String) {
     let progress_run = state
         .run
         .as_ref()
         .filter(|run| run.is_running())
         .or(state.shown_run());
-    let (fraction, text) = match (progress_run, state.pending_run) {
+    let cancelling = state.cancel_requested && state.is_generating();
+    match (progress_run, state.pending_run) {
+        (run, Some(_)) if cancelling => (
+            run.map_or(0.0, |run| {
+                run.steps.len() as f32 / run.step_count.max(1) as f32
+            }),
+            "cancelling...".to_owned(),
+        ),
         (_, Some(_)) => (0.0, "starting...".to_owned()),
         (None, None) => (0.0, "idle".to_owned()),
         (Some(run), None) => {
@@ -431,6 +464,9 @@ pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
                 .secs_per_step()
                 .map_or_else(String::new, |secs| format!(", {secs:.2} s/step"));
             let text = match &run.outcome {
+                RunOutcome::Running if cancelling => {
+                    format!("cancelling... (step {done}/{})", run.step_count)
+                }
                 RunOutcome::Running => {
                     let eta = run
                         .eta_secs()
@@ -452,12 +488,7 @@ pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
             };
             (fraction, text)
         }
-    };
-    ui.add(
-        egui::ProgressBar::new(fraction)
-            .text(text)
-            .desired_width(ui.available_width()),
-    );
+    }
 }
 
 /// The timeline: follow the latest step, or scrub to an earlier one.
@@ -496,28 +527,50 @@ pub(crate) fn timeline_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
     }
 }
 
-/// The latest status message, with the history on hover.
-pub(crate) fn status_line_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
-    let messages = ctx.state.status.messages();
-    ui.horizontal(|ui| {
-        let Some(message) = messages.last() else {
+/// The status line: the standing error (red, wrapped, until the user's next action or "Dismiss")
+/// above the latest message (wrapped too), with the history on hover.
+pub(crate) fn status_line_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let status = &ctx.state.status;
+    let messages = status.messages();
+    let history: Vec<String> = messages
+        .iter()
+        .rev()
+        .take(10)
+        .map(|message| message.text.clone())
+        .collect();
+    let history = history.join("\n");
+    let standing_error = status.standing_error();
+    if let Some(error) = standing_error {
+        ui.horizontal(|ui| {
+            if ui
+                .small_button("Dismiss")
+                .on_hover_text("Hide this error (it stays in the history)")
+                .clicked()
+            {
+                commands.push(UiCommand::DismissError);
+            }
+            status_message_ui(ui, error).on_hover_text(&history);
+        });
+    }
+    match messages.last() {
+        Some(latest) if Some(latest) != standing_error => {
+            status_message_ui(ui, latest).on_hover_text(&history);
+        }
+        Some(_) => {}
+        None => {
             ui.weak("Ready");
-            return;
-        };
-        let colour = match message.level {
-            StatusLevel::Info => ui.visuals().text_color(),
-            StatusLevel::Warning => ui.visuals().warn_fg_color,
-            StatusLevel::Error => ui.visuals().error_fg_color,
-        };
-        let response = ui.label(RichText::new(&message.text).color(colour));
-        let history: Vec<String> = messages
-            .iter()
-            .rev()
-            .take(10)
-            .map(|message| message.text.clone())
-            .collect();
-        response.on_hover_text(history.join("\n"));
-    });
+        }
+    }
+}
+
+/// One status message in its level's colour, wrapped at the panel's width.
+fn status_message_ui(ui: &mut egui::Ui, message: &StatusMessage) -> egui::Response {
+    let colour = match message.level {
+        StatusLevel::Info => ui.visuals().text_color(),
+        StatusLevel::Warning => ui.visuals().warn_fg_color,
+        StatusLevel::Error => ui.visuals().error_fg_color,
+    };
+    ui.add(egui::Label::new(RichText::new(&message.text).color(colour)).wrap())
 }
 
 /// A seed from the clock (no RNG crate needed; only has to differ between clicks).
