@@ -584,3 +584,45 @@ fn random_seed() -> u64 {
     value ^= value >> 33;
     value % 4_294_967_296
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{GenerateParams, PromptInfo};
+
+    #[test]
+    fn the_progress_bar_says_cancelling_from_the_moment_cancel_is_asked_for() {
+        let mut state = AppState::default();
+        state.run_started(1, GenerateParams::default(), PromptInfo::default());
+        assert!(progress(&state).1.starts_with("step 0/"));
+        state.cancel_requested = true;
+        assert_eq!(progress(&state).1, "cancelling... (step 0/20)");
+        // Before the run started, too.
+        state.supersede_runs(2);
+        state.cancel_requested = true;
+        assert_eq!(progress(&state).1, "cancelling...");
+        // Once the run ended it says how it ended.
+        state.run_cancelled(2, 0);
+        state.run_cancelled(1, 0);
+        assert_eq!(progress(&state).1, "cancelled after 0/20 steps");
+    }
+
+    #[test]
+    fn an_error_stands_until_acknowledged_while_later_messages_pile_up() {
+        let mut state = AppState::default();
+        state
+            .status
+            .push(StatusLevel::Error, "cannot read session x");
+        state.status.push(StatusLevel::Info, "Model loaded: m");
+        assert_eq!(
+            state
+                .status
+                .standing_error()
+                .map(|message| message.text.as_str()),
+            Some("cannot read session x")
+        );
+        state.status.acknowledge();
+        assert!(state.status.standing_error().is_none());
+        assert_eq!(state.status.messages().len(), 2);
+    }
+}
