@@ -132,25 +132,19 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
 
             // No range on these fields: a value out of range is shown, not clamped.
             let label = ui.label("Steps");
-            ui.horizontal(|ui| {
-                ui.add(egui::DragValue::new(&mut params.steps).clamp_existing_to_range(false))
-                    .labelled_by(label.id);
-                field_problem_ui(ui, steps_problem(params.steps));
-            });
+            ui.add(egui::DragValue::new(&mut params.steps).clamp_existing_to_range(false))
+                .labelled_by(label.id);
             ui.end_row();
 
             let label = ui.label("Guidance");
-            ui.horizontal(|ui| {
-                ui.add(
-                    egui::DragValue::new(&mut params.guidance)
-                        // (egui would turn a NaN into infinity)
-                        .clamp_existing_to_range(false)
-                        .speed(0.1)
-                        .fixed_decimals(1),
-                )
-                .labelled_by(label.id);
-                field_problem_ui(ui, guidance_problem(params.guidance));
-            });
+            ui.add(
+                egui::DragValue::new(&mut params.guidance)
+                    // (egui would turn a NaN into infinity)
+                    .clamp_existing_to_range(false)
+                    .speed(0.1)
+                    .fixed_decimals(1),
+            )
+            .labelled_by(label.id);
             ui.end_row();
 
             let label = ui.label("Scheduler");
@@ -225,6 +219,16 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             });
             ui.end_row();
         });
+    // Under the fields, the whole panel wide: a value out of range is shown, never clamped.
+    for problem in [
+        steps_problem(params.steps),
+        guidance_problem(params.guidance),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        ui.add(egui::Label::new(RichText::new(problem).color(ui.visuals().error_fg_color)).wrap());
+    }
     ui.separator();
     ui.horizontal(|ui| {
         let generate = ui
@@ -243,13 +247,6 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
     if params_copy != state.settings.params {
         // Before Generate, which then runs with the new parameters.
         commands.push_first(UiCommand::SetParams(params_copy));
-    }
-}
-
-/// A field's problem in red beside it (wrapped), if it has one.
-fn field_problem_ui(ui: &mut egui::Ui, problem: Option<String>) {
-    if let Some(problem) = problem {
-        ui.add(egui::Label::new(RichText::new(problem).color(ui.visuals().error_fg_color)).wrap());
     }
 }
 
