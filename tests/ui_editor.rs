@@ -985,3 +985,38 @@ fn cancel_says_cancelling_at_once() {
             .is_some_and(|run| matches!(run.outcome, RunOutcome::Cancelled { .. }))
     });
 }
+
+#[test]
+fn a_size_the_model_cannot_take_is_shown_not_clamped_or_rounded() {
+    let mut harness = harness_with(options("a circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    let width = |harness: &Harness<'static, EditorApp>| harness.state().settings().params.width_px;
+    for (typed, problem) in [
+        // (The fake model's sizes are multiples of 16 px.)
+        (5000.0, "width 5000 px is out of range: 16..=4096"),
+        (
+            100.0,
+            "width 100 px is not a multiple of 16 px (the model's latent scale); try 96 or 112",
+        ),
+    ] {
+        harness
+            .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Size")
+            .set_value_accesskit(typed);
+        harness.run_steps(2);
+        assert_eq!(width(&harness), Some(typed as usize), "kept as typed");
+        harness.get_by_label(problem);
+        harness.get_by_label("Generate").click();
+        harness.run_steps(2);
+        assert!(!harness.state().is_generating());
+        assert_eq!(
+            last_status(harness.state()),
+            format!("Not generating: {problem}")
+        );
+    }
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Size")
+        .set_value_accesskit(96.0);
+    harness.run_steps(2);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+}

@@ -412,7 +412,7 @@ impl EditorApp {
             return;
         }
         let params = self.state.settings.params.clone();
-        if let Err(problem) = check_params(&params) {
+        if let Err(problem) = check_params(&params, self.size_multiple()) {
             self.status(StatusLevel::Error, format!("Not generating: {problem}"));
             return;
         }
@@ -429,7 +429,7 @@ impl EditorApp {
 
     /// Starts an edit of `params`' image (the worker records the source when needed).
     fn generate_edit_run(&mut self, params: GenerateParams) {
-        if let Err(problem) = check_params(&params) {
+        if let Err(problem) = check_params(&params, self.size_multiple()) {
             self.status(StatusLevel::Error, format!("Not editing: {problem}"));
             return;
         }
@@ -465,6 +465,15 @@ impl EditorApp {
         }
         let params = source.params.clone();
         self.generate_edit_run(params);
+    }
+
+    /// The loaded model's image sizes are multiples of this many pixels.
+    fn size_multiple(&self) -> usize {
+        self.state
+            .model
+            .loaded
+            .as_ref()
+            .map_or(8, |info| info.size_multiple_px)
     }
 
     /// Cancels the running generation; the progress bar says "cancelling..." at once, until the

@@ -1,6 +1,7 @@
 //! The editor's checks of the generation parameters before a run: nothing is clamped without
-//! saying so. A value out of range is shown next to its field, and Generate says why it does not
-//! run. The ranges are the command line's.
+//! saying so. A value out of range is shown under the fields, and Generate says why it does not
+//! run. Steps take the command line's range; sizes are multiples of the model's latent scale, at
+//! most [`MAX_SIDE_PX`].
 
 use std::ops::RangeInclusive;
 
@@ -26,9 +27,49 @@ pub(crate) fn guidance_problem(guidance: f64) -> Option<String> {
         .then(|| format!("guidance {guidance} is not a finite number (try 7.5; <= 1 disables it)"))
 }
 
-/// The first problem of `params` that keeps them from running.
-pub(crate) fn check_params(params: &GenerateParams) -> Result<(), String> {
-    match steps_problem(params.steps).or_else(|| guidance_problem(params.guidance)) {
+/// The largest image side the editor asks for, in pixels.
+pub(crate) const MAX_SIDE_PX: usize = 4096;
+
+/// What is wrong with an image side (`name` "width" or "height") of `value` pixels for a model
+/// whose sizes are multiples of `multiple` pixels, if anything.
+pub(crate) fn side_problem(name: &str, value: usize, multiple: usize) -> Option<String> {
+    let multiple = multiple.max(1);
+    if !(multiple..=MAX_SIDE_PX).contains(&value) {
+        Some(format!(
+            "{name} {value} px is out of range: {multiple}..={MAX_SIDE_PX}"
+        ))
+    } else if value % multiple != 0 {
+        let lower = value / multiple * multiple;
+        Some(format!(
+            "{name} {value} px is not a multiple of {multiple} px (the model's latent scale); try {lower} or {}",
+            lower + multiple
+        ))
+    } else {
+        None
+    }
+}
+
+/// Every problem of `params` that keeps them from running, for a model whose sizes are multiples
+/// of `size_multiple` pixels (the sizes the model chooses itself are not checked here).
+pub(crate) fn params_problems(params: &GenerateParams, size_multiple: usize) -> Vec<String> {
+    [
+        steps_problem(params.steps),
+        guidance_problem(params.guidance),
+        params
+            .width_px
+            .and_then(|width| side_problem("width", width, size_multiple)),
+        params
+            .height_px
+            .and_then(|height| side_problem("height", height, size_multiple)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The first problem of `params` that keeps them from running (see [`params_problems`]).
+pub(crate) fn check_params(params: &GenerateParams, size_multiple: usize) -> Result<(), String> {
+    match params_problems(params, size_multiple).into_iter().next() {
         Some(problem) => Err(problem),
         None => Ok(()),
     }
@@ -61,7 +102,30 @@ mod tests {
             guidance: f64::NAN,
             ..GenerateParams::default()
         };
-        assert!(check_params(&params).is_err());
-        assert!(check_params(&GenerateParams::default()).is_ok());
+        assert!(check_params(&params, 8).is_err());
+        assert!(check_params(&GenerateParams::default(), 8).is_ok());
+    }
+
+    #[test]
+    fn sizes_are_in_range_and_multiples_of_the_models_scale() {
+        assert_eq!(side_problem("width", 64, 8), None);
+        assert_eq!(side_problem("width", 4096, 8), None);
+        assert_eq!(
+            side_problem("width", 5000, 8).as_deref(),
+            Some("width 5000 px is out of range: 8..=4096")
+        );
+        assert!(side_problem("height", 0, 8).is_some());
+        assert_eq!(
+            side_problem("height", 100, 8).as_deref(),
+            Some(
+                "height 100 px is not a multiple of 8 px (the model's latent scale); try 96 or 104"
+            )
+        );
+        let params = GenerateParams {
+            width_px: Some(100),
+            steps: 0,
+            ..GenerateParams::default()
+        };
+        assert_eq!(params_problems(&params, 8).len(), 2);
     }
 }

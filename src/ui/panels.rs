@@ -7,7 +7,7 @@ use egui::RichText;
 
 use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::SelfAttentionSpan;
-use crate::ui::checks::{guidance_problem, steps_problem};
+use crate::ui::checks::params_problems;
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::dialogs::DialogPurpose;
@@ -183,27 +183,34 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             ui.horizontal(|ui| {
                 let mut width = params.width_px.unwrap_or(default_width);
                 let mut height = params.height_px.unwrap_or(default_height);
-                let width_changed = ui
+                // No range: a typed size the model cannot take is shown, not changed (dragging
+                // moves in whole multiples).
+                let width_response = ui
                     .add(
                         egui::DragValue::new(&mut width)
-                            .range(multiple..=4096)
+                            .clamp_existing_to_range(false)
                             .speed(multiple as f64),
                     )
                     .labelled_by(label.id)
-                    .on_hover_text("Width in pixels")
-                    .changed();
+                    .on_hover_text("Width in pixels");
                 ui.label("x");
-                let height_changed = ui
+                let height_response = ui
                     .add(
                         egui::DragValue::new(&mut height)
-                            .range(multiple..=4096)
+                            .clamp_existing_to_range(false)
                             .speed(multiple as f64),
                     )
-                    .on_hover_text("Height in pixels")
-                    .changed();
-                if width_changed || height_changed {
-                    params.width_px = Some(width / multiple * multiple);
-                    params.height_px = Some(height / multiple * multiple);
+                    .on_hover_text("Height in pixels");
+                let round = |value: usize| (value / multiple * multiple).max(multiple);
+                if width_response.dragged() {
+                    width = round(width);
+                }
+                if height_response.dragged() {
+                    height = round(height);
+                }
+                if width_response.changed() || height_response.changed() {
+                    params.width_px = Some(width);
+                    params.height_px = Some(height);
                 }
                 if ui
                     .add_enabled(
@@ -220,13 +227,12 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             ui.end_row();
         });
     // Under the fields, the whole panel wide: a value out of range is shown, never clamped.
-    for problem in [
-        steps_problem(params.steps),
-        guidance_problem(params.guidance),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    let size_multiple = state
+        .model
+        .loaded
+        .as_ref()
+        .map_or(8, |info| info.size_multiple_px);
+    for problem in params_problems(params, size_multiple) {
         ui.add(egui::Label::new(RichText::new(problem).color(ui.visuals().error_fg_color)).wrap());
     }
     ui.separator();
