@@ -38,7 +38,7 @@ pub(crate) fn side_problem(name: &str, value: usize, multiple: usize) -> Option<
         Some(format!(
             "{name} {value} px is out of range: {multiple}..={MAX_SIDE_PX}"
         ))
-    } else if value % multiple != 0 {
+    } else if !value.is_multiple_of(multiple) {
         let lower = value / multiple * multiple;
         Some(format!(
             "{name} {value} px is not a multiple of {multiple} px (the model's latent scale); try {lower} or {}",
