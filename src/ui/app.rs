@@ -464,6 +464,10 @@ impl EditorApp {
             return;
         }
         let params = source.params.clone();
+        if check_params(&params, self.size_multiple()).is_err() {
+            // (The source no longer fits the loaded model: "Run edit" says why, once.)
+            return;
+        }
         self.generate_edit_run(params);
     }
 
