@@ -296,3 +296,61 @@ fn a_session_keeps_the_edit_and_reopens_to_the_same_edited_image() {
     std::fs::write(&old, value.to_string()).unwrap();
     assert_eq!(Session::load(&old).unwrap().edit, None);
 }
+
+const NOTHING_TO_EDIT: &str =
+    "Edit prompt = source prompt: nothing to edit (change a word or a word's weight)";
+
+#[test]
+fn ticking_edit_mode_starts_nothing_until_the_edit_changes_something() {
+    let mut harness = harness_with(options(SOURCE_PROMPT));
+    run_until(&mut harness, "the model", |app| {
+        app.loaded_model().is_some()
+    });
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the source run", source_finished);
+    harness.get_by_label("Edit mode").click();
+    harness.run_steps(5);
+    assert!(harness.state().edit_mode());
+    assert!(!harness.state().is_generating(), "no run starts");
+    assert!(harness.state().edit_run_view().is_none());
+    // The panel says why, and does not call the unchanged prompt a word swap.
+    harness.get_by_label(NOTHING_TO_EDIT);
+    harness.get_by_label("Alignment: no word changed");
+    assert!(harness.query_by_label("Alignment: Word swap").is_none());
+    // "Run edit" says so too, on the status line.
+    harness.get_by_label("Run edit").click();
+    harness.run_steps(2);
+    assert!(!harness.state().is_generating());
+    assert!(harness
+        .state()
+        .status_messages()
+        .last()
+        .is_some_and(|message| message.text == NOTHING_TO_EDIT));
+    // A word's weight is an edit of the same prompt: it runs.
+    harness
+        .get_by_role_and_label(Role::Slider, "Weight of circle")
+        .set_value_accesskit(2.0);
+    harness.step();
+    run_until(&mut harness, "the reweighted edit", edit_finished);
+}
+
+#[test]
+fn a_typed_edit_prompt_says_how_to_run_it_and_runs_on_enter() {
+    let mut harness = harness_with(options(SOURCE_PROMPT));
+    source_then_edit_prompt(&mut harness);
+    harness.run_steps(3);
+    // Still typing: nothing runs, and the panel says how to run the edit.
+    harness.get_by_label("Press Enter to run the edit");
+    assert!(!harness.state().is_generating());
+    assert!(harness.state().edit_run_view().is_none());
+    harness.key_press(egui::Key::Enter);
+    harness.step();
+    assert!(harness
+        .query_by_label("Press Enter to run the edit")
+        .is_none());
+    run_until(&mut harness, "the edit", edit_finished);
+    assert_eq!(
+        harness.state().edit_run_view().unwrap().params.prompt,
+        EDIT_PROMPT
+    );
+}

@@ -1,6 +1,8 @@
 //! The editor driven through egui_kittest (AccessKit: widgets are found by their labels), with the
 //! fake engine: typing a prompt, generating, progress, the token strip, selecting a word, cancelling,
-//! exports, a bad model folder, a crashing engine, sessions and settings persistence.
+//! exports, a bad model folder, a crashing engine, sessions and settings persistence, and bad input:
+//! broken session files, a bad model on the command line, no file dialog, steps and guidance out
+//! of range.
 //!
 //! These tests need no GPU: the canvas falls back to CPU composition. `tests/ui_render.rs` renders
 //! through wgpu (lavapipe on CI).
@@ -17,8 +19,8 @@ use attend::ui::{
     DialogPurpose, EditorApp, EditorOptions, EditorSettings, EngineKind, RunOutcome, Session,
     StatusLevel, SETTINGS_STORAGE_KEY,
 };
-use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, StepGate};
-use egui_kittest::kittest::Queryable as _;
+use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, ModelSource, StepGate};
+use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use egui_kittest::Harness;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -590,4 +592,431 @@ fn the_timeline_scrubs_back_to_earlier_steps() {
     harness.get_by_label("Latest step").click();
     harness.run_steps(2);
     assert_eq!(harness.state().timeline_step(), Some(5));
+}
+
+/// The status line's labels in the window, found by `text`'s start.
+fn status_label_rect(harness: &Harness<'static, EditorApp>, text: &str) -> egui::Rect {
+    harness.get_by_label_contains(text).rect()
+}
+
+#[test]
+fn a_bad_session_on_the_command_line_stays_on_the_status_line_after_the_model_loads() {
+    let folder = tempfile::tempdir().unwrap();
+    let empty = folder.path().join("empty.json");
+    std::fs::write(&empty, "").unwrap();
+    let garbage = folder.path().join("garbage.json");
+    std::fs::write(&garbage, "\u{1}\u{2}not json at all").unwrap();
+    let truncated = folder.path().join("truncated.json");
+    std::fs::write(
+        &truncated,
+        r#"{"format": "attend-session-1", "params": {"prompt": "a"#,
+    )
+    .unwrap();
+    let missing = folder.path().join("missing.json");
+    for (path, expected) in [
+        (&missing, "cannot read session"),
+        (&empty, "is not valid"),
+        (&garbage, "is not valid"),
+        (&truncated, "is not valid"),
+    ] {
+        let mut harness = harness_with(
+            EditorOptions {
+                session: Some(path.clone()),
+                engine: EngineKind::Fake,
+                ..EditorOptions::default()
+            },
+            FakeEngineConfig::default(),
+        );
+        model_loaded(&mut harness);
+        harness.step();
+        // "Model loaded" came after the error; the error is still shown, in the window.
+        assert!(last_status(harness.state()).starts_with("Model loaded"));
+        harness.get_by_label_contains(expected);
+        harness.get_by_label_contains(&path.display().to_string());
+        assert!(!harness.state().is_generating(), "nothing runs");
+    }
+}
+
+#[test]
+fn a_long_error_wraps_inside_the_window_and_stays_until_the_next_action() {
+    let long_name = format!("{}.json", "a-very-long-session-file-name".repeat(12));
+    let missing = std::env::temp_dir().join(long_name);
+    let mut harness = harness_with(
+        EditorOptions {
+            session: Some(missing),
+            ..options("a circle")
+        },
+        FakeEngineConfig::default(),
+    );
+    model_loaded(&mut harness);
+    harness.step();
+    let rect = status_label_rect(&harness, "cannot read session");
+    assert!(
+        rect.max.x <= 1280.0 && rect.min.x >= 0.0,
+        "the error fits the window's width: {rect:?}"
+    );
+    assert!(
+        rect.height() > 30.0,
+        "the error wraps onto several lines: {rect:?}"
+    );
+    // Generating is the next action: the error leaves the status line (it stays in the history).
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+    assert!(harness
+        .query_by_label_contains("cannot read session")
+        .is_none());
+    assert!(harness
+        .state()
+        .status_messages()
+        .iter()
+        .any(|message| message.text.starts_with("cannot read session")));
+}
+
+#[test]
+fn the_dismiss_button_hides_the_standing_error() {
+    let mut harness = harness_with(
+        EditorOptions {
+            session: Some(PathBuf::from("/nonexistent/session.json")),
+            ..options("a circle")
+        },
+        FakeEngineConfig::default(),
+    );
+    model_loaded(&mut harness);
+    harness.step();
+    harness.get_by_label_contains("cannot read session");
+    harness.get_by_label("Dismiss").click();
+    harness.run_steps(2);
+    assert!(harness
+        .query_by_label_contains("cannot read session")
+        .is_none());
+    harness.get_by_label_contains("Model loaded");
+}
+
+/// Saves the app's settings as eframe does on exit.
+fn saved_settings(harness: &mut Harness<'static, EditorApp>) -> EditorSettings {
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(harness.state_mut(), &mut storage);
+    eframe::get_value(&storage, SETTINGS_STORAGE_KEY).unwrap()
+}
+
+fn load_error(app: &EditorApp) -> bool {
+    app.status_messages()
+        .iter()
+        .any(|message| message.level == StatusLevel::Error)
+}
+
+#[test]
+fn a_bad_model_on_the_command_line_is_not_remembered() {
+    let not_a_model = tempfile::tempdir().unwrap();
+    let mut harness = harness_with(
+        EditorOptions {
+            model: Some(not_a_model.path().to_path_buf()),
+            ..options("a circle")
+        },
+        FakeEngineConfig::default(),
+    );
+    run_until(&mut harness, "the load error", load_error);
+    harness.step();
+    harness.get_by_label_contains("model_index.json");
+    assert!(harness.state().loaded_model().is_none());
+    let saved = saved_settings(&mut harness);
+    assert_eq!(
+        saved.model,
+        ModelSource::Bundled,
+        "the bad folder is forgotten"
+    );
+
+    // The next plain launch starts with the bundled model.
+    let app = EditorApp::new(
+        EditorOptions {
+            engine: EngineKind::Fake,
+            ..EditorOptions::default()
+        },
+        Some(saved),
+        None,
+        fake_factory(FakeEngineConfig::default()),
+    )
+    .unwrap();
+    let mut next = ui_common::harness_of(app, egui::vec2(1280.0, 820.0));
+    model_loaded(&mut next);
+    assert_eq!(
+        next.state().loaded_model().unwrap().source,
+        ModelSource::Bundled
+    );
+    assert!(!load_error(next.state()));
+}
+
+#[test]
+fn a_remembered_model_that_no_longer_loads_falls_back_to_the_bundled_one() {
+    let gone = tempfile::tempdir().unwrap();
+    let settings = EditorSettings {
+        model: ModelSource::Folder(gone.path().join("deleted-model")),
+        ..EditorSettings::default()
+    };
+    let app = EditorApp::new(
+        EditorOptions {
+            engine: EngineKind::Fake,
+            generate: true,
+            ..EditorOptions::default()
+        },
+        Some(settings),
+        None,
+        fake_factory(FakeEngineConfig::default()),
+    )
+    .unwrap();
+    let mut harness = ui_common::harness_of(app, egui::vec2(1280.0, 820.0));
+    run_until(&mut harness, "the bundled model's run", finished);
+    harness.step();
+    assert_eq!(
+        harness.state().loaded_model().unwrap().source,
+        ModelSource::Bundled
+    );
+    harness.get_by_label_contains("loading the bundled model instead");
+}
+
+#[test]
+fn without_a_file_dialog_a_path_field_is_offered_for_exports_sessions_and_models() {
+    let folder = tempfile::tempdir().unwrap();
+    let image_path = folder.path().join("typed.png");
+    let mut harness = harness_with(options("a red circle"), FakeEngineConfig::default());
+    harness.state_mut().without_file_dialogs();
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+
+    // Export: the editor says why and offers the field.
+    harness.get_by_label("Export image...").click();
+    harness.run_steps(2);
+    assert_eq!(
+        harness.state().path_field_purpose(),
+        Some(&DialogPurpose::ExportImage)
+    );
+    harness.get_by_label("No file dialog could open (one needs xdg-desktop-portal or zenity).");
+    let field = harness.get_by_label("Path of the PNG to write the image to:");
+    field.focus();
+    harness.step();
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    harness
+        .get_by_label("Path of the PNG to write the image to:")
+        .type_text(&image_path.display().to_string());
+    harness.step();
+    harness.get_by_label("OK").click();
+    run_until(&mut harness, "the typed export", |app| {
+        app.status_messages()
+            .iter()
+            .any(|message| message.text == format!("Wrote {}", image_path.display()))
+    });
+    assert!(image_path.is_file());
+    assert!(harness.state().path_field_purpose().is_none());
+
+    // Save a session through the field, then open it through the field.
+    let session_path = folder.path().join("typed-session.json");
+    for (menu_item, purpose, label) in [
+        (
+            "Save session...",
+            DialogPurpose::SaveSession,
+            "Path of the session file to write:",
+        ),
+        (
+            "Open session...",
+            DialogPurpose::OpenSession,
+            "Path of the session file to open:",
+        ),
+    ] {
+        harness.get_by_label("File").click();
+        harness.run_steps(3);
+        harness.get_by_label(menu_item).click();
+        harness.run_steps(2);
+        assert_eq!(harness.state().path_field_purpose(), Some(&purpose));
+        harness.get_by_label(label).focus();
+        harness.step();
+        harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+        harness
+            .get_by_label(label)
+            .type_text(&session_path.display().to_string());
+        harness.step();
+        harness.key_press(egui::Key::Enter);
+        harness.run_steps(2);
+        assert!(harness.state().path_field_purpose().is_none(), "{label}");
+        if purpose == DialogPurpose::SaveSession {
+            run_until(&mut harness, "the typed session", |app| {
+                app.status_messages()
+                    .iter()
+                    .any(|message| message.text == format!("Wrote {}", session_path.display()))
+            });
+        }
+    }
+    run_until(&mut harness, "the reopened session's run", finished);
+
+    // A model folder: Cancel closes the field and does nothing.
+    harness.get_by_label("Open model folder...").click();
+    harness.run_steps(2);
+    assert_eq!(
+        harness.state().path_field_purpose(),
+        Some(&DialogPurpose::OpenModelFolder)
+    );
+    harness.get_by_label("Path of the diffusers model folder to open:");
+    // The path field's Cancel (the controls' Cancel is the other one).
+    harness
+        .query_all_by_label("Cancel")
+        .find(|button| !button.accesskit_node().is_disabled())
+        .unwrap()
+        .click();
+    harness.run_steps(2);
+    assert!(harness.state().path_field_purpose().is_none());
+}
+
+#[test]
+fn steps_out_of_the_command_lines_range_are_shown_not_clamped_and_not_run() {
+    let mut harness = harness_with(options("a circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    let steps = || egui::accesskit::Role::SpinButton;
+    harness
+        .get_by_role_and_label(steps(), "Steps")
+        .set_value_accesskit(1000.0);
+    harness.run_steps(2);
+    assert_eq!(
+        harness.state().settings().params.steps,
+        1000,
+        "the CLI allows 1000"
+    );
+    assert!(harness.query_by_label_contains("out of range").is_none());
+
+    harness
+        .get_by_role_and_label(steps(), "Steps")
+        .set_value_accesskit(5000.0);
+    harness.run_steps(2);
+    assert_eq!(harness.state().settings().params.steps, 5000, "not clamped");
+    harness.get_by_label("steps 5000 is out of range: 1..=1000");
+    harness.get_by_label("Generate").click();
+    harness.run_steps(2);
+    assert!(!harness.state().is_generating());
+    assert!(harness.state().run_view().is_none());
+    assert_eq!(
+        last_status(harness.state()),
+        "Not generating: steps 5000 is out of range: 1..=1000"
+    );
+
+    harness
+        .get_by_role_and_label(steps(), "Steps")
+        .set_value_accesskit(0.0);
+    harness.run_steps(2);
+    harness.get_by_label("steps 0 is out of range: 1..=1000");
+}
+
+#[test]
+fn a_non_finite_guidance_is_shown_and_not_run() {
+    let mut harness = harness_with(options("a circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        harness
+            .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Guidance")
+            .set_value_accesskit(bad);
+        harness.run_steps(2);
+        let guidance = harness.state().settings().params.guidance;
+        assert!(
+            guidance.is_nan() == bad.is_nan() && (bad.is_nan() || guidance == bad),
+            "kept as typed: {guidance} for {bad}"
+        );
+        // Next to the field.
+        harness.get_by_label(&format!(
+            "guidance {bad} is not a finite number (try 7.5; <= 1 disables it)"
+        ));
+        harness.get_by_label("Generate").click();
+        harness.run_steps(2);
+        assert!(!harness.state().is_generating());
+        assert!(harness.state().run_view().is_none());
+        assert!(
+            last_status(harness.state()).starts_with("Not generating: guidance"),
+            "{}",
+            last_status(harness.state())
+        );
+    }
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Guidance")
+        .set_value_accesskit(7.5);
+    harness.run_steps(2);
+    assert!(harness
+        .query_by_label("guidance -inf is not a finite number (try 7.5; <= 1 disables it)")
+        .is_none());
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
+    harness.step();
+    assert!(
+        harness
+            .query_by_label_contains("is not a finite number")
+            .is_none(),
+        "Generate was the next action: the error left the status line"
+    );
+}
+
+#[test]
+fn cancel_says_cancelling_at_once() {
+    let gate = StepGate::new();
+    let mut harness = harness_with(
+        EditorOptions {
+            steps: Some(50),
+            ..options("a slow circle")
+        },
+        FakeEngineConfig {
+            step_delay: Duration::ZERO,
+            step_gate: Some(gate.clone()),
+            ..FakeEngineConfig::default()
+        },
+    );
+    model_loaded(&mut harness);
+    harness.get_by_label("Generate").click();
+    gate.allow(1);
+    run_until(&mut harness, "one step", |app| {
+        app.run_view().is_some_and(|run| run.steps.len() == 1)
+    });
+    harness.get_by_label("Cancel").click();
+    harness.step();
+    // The frame that applied Cancel says so, whatever the worker did meanwhile.
+    assert!(harness
+        .state()
+        .status_messages()
+        .iter()
+        .any(|message| message.text == "Cancelling..."));
+    run_until(&mut harness, "the cancellation", |app| {
+        app.run_view()
+            .is_some_and(|run| matches!(run.outcome, RunOutcome::Cancelled { .. }))
+    });
+}
+
+#[test]
+fn a_size_the_model_cannot_take_is_shown_not_clamped_or_rounded() {
+    let mut harness = harness_with(options("a circle"), FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    let width = |harness: &Harness<'static, EditorApp>| harness.state().settings().params.width_px;
+    for (typed, problem) in [
+        // (The fake model's sizes are multiples of 16 px.)
+        (5000.0, "width 5000 px is out of range: 16..=4096"),
+        (
+            100.0,
+            "width 100 px is not a multiple of 16 px (the model's latent scale); try 96 or 112",
+        ),
+    ] {
+        harness
+            .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Size")
+            .set_value_accesskit(typed);
+        harness.run_steps(2);
+        assert_eq!(width(&harness), Some(typed as usize), "kept as typed");
+        harness.get_by_label(problem);
+        harness.get_by_label("Generate").click();
+        harness.run_steps(2);
+        assert!(!harness.state().is_generating());
+        assert_eq!(
+            last_status(harness.state()),
+            format!("Not generating: {problem}")
+        );
+    }
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::SpinButton, "Size")
+        .set_value_accesskit(96.0);
+    harness.run_steps(2);
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the run to finish", finished);
 }

@@ -8,11 +8,15 @@ use std::path::PathBuf;
 use crate::analysis::heatmap::Heatmap;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
 use crate::ui::canvas::{canvas_ui, CanvasState};
+use crate::ui::checks::check_params;
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
-use crate::ui::dialogs::{DialogOverride, DialogPurpose, Dialogs};
+use crate::ui::dialogs::{
+    path_field_ui, DialogAnswer, DialogOverride, DialogPurpose, Dialogs, PathField,
+};
 use crate::ui::edit::compare::{compare_panes_ui, compare_ui, compares, CompareView};
 use crate::ui::edit::panel::{edit_panel_ui, EditPanel};
+use crate::ui::edit::NOTHING_TO_EDIT;
 use crate::ui::events::{route_event, AfterEvent};
 use crate::ui::exports::{current_session, default_file_name, export_command, ExportSources};
 use crate::ui::frame_times::{FrameTimeSummary, FrameTimes};
@@ -40,6 +44,8 @@ struct Views {
     segments: SegmentsState,
     edit_panel: EditPanel,
     compare: CompareView,
+    /// The path field, open when a file dialog could not.
+    path_field: Option<PathField>,
 }
 
 /// The editor.
@@ -68,7 +74,7 @@ fn view_context<'a>(
 ) -> ViewContext<'a> {
     ViewContext {
         state,
-        dialog_open: dialogs.is_open(),
+        dialog_open: dialogs.is_open() || views.path_field.is_some(),
         taking_screenshot: screenshot.is_some(),
         heat_shown: views.canvas.heat().version != 0,
     }
@@ -97,6 +103,7 @@ impl EditorApp {
                 segments: SegmentsState::default(),
                 edit_panel: EditPanel::default(),
                 compare: CompareView::default(),
+                path_field: None,
             },
             commands: UiCommands::default(),
             worker,
@@ -121,13 +128,16 @@ impl EditorApp {
         Ok(app)
     }
 
-    /// Applies the CLI options: session, prompt, seed, model, generate.
+    /// Applies the CLI options: session, prompt, seed, model, generate. The model named on the
+    /// command line (or in the session) is remembered only once it has loaded; the model
+    /// remembered from the last launch falls back to the bundled one when it fails.
     fn apply_options(&mut self, options: EditorOptions) {
         let mut generate = options.generate;
+        let mut model = None;
         if let Some(path) = &options.session {
             match Session::load(path) {
                 Ok(session) => {
-                    self.apply_session_settings(session);
+                    model = Some(self.apply_session_settings(session));
                     generate = true;
                 }
                 Err(error) => self.status(StatusLevel::Error, error.to_string()),
@@ -147,22 +157,24 @@ impl EditorApp {
             params.steps = steps;
         }
         if let Some(folder) = options.model {
-            self.state.settings.model = ModelSource::Folder(folder);
+            model = Some(ModelSource::Folder(folder));
         }
-        self.load_model(self.state.settings.model.clone());
+        let remembered = model.is_none();
+        self.load_model(model.unwrap_or_else(|| self.state.settings.model.clone()));
+        self.state.model.bundled_if_remembered_fails = remembered;
         self.state.generate_after_load = generate;
     }
 
-    /// Takes a session's settings (not yet generating).
-    fn apply_session_settings(&mut self, session: Session) {
+    /// Takes a session's settings (not yet generating); returns its model, to load.
+    fn apply_session_settings(&mut self, session: Session) -> ModelSource {
         let state = &mut self.state;
         state.settings.params = session.params;
-        state.settings.model = session.model;
         state.settings.view = session.view;
         state.settings.aggregation = session.aggregation;
         state.selected_word = session.selected_word;
         state.modes.edit.apply_session(session.edit);
         state.follow_edit_recommendation();
+        session.model
     }
 
     /// Opens a session: settings, model (reloaded if different) and a fresh generation.
@@ -173,9 +185,9 @@ impl EditorApp {
             .loaded
             .as_ref()
             .is_none_or(|info| info.source != session.model);
-        self.apply_session_settings(session);
+        let model = self.apply_session_settings(session);
         if model_changed {
-            self.load_model(self.state.settings.model.clone());
+            self.load_model(model);
             self.state.generate_after_load = true;
         } else {
             self.generate();
@@ -271,6 +283,17 @@ impl EditorApp {
     /// Answers file dialogs with `answer` instead of showing them (tests, scripted use).
     pub fn answer_dialogs_with(&mut self, answer: DialogOverride) {
         self.dialogs.set_override(answer);
+    }
+
+    /// Behaves as on a machine where no file dialog can open (no portal, no zenity): every dialog
+    /// is answered by the path field (tests).
+    pub fn without_file_dialogs(&mut self) {
+        self.dialogs.set_unavailable();
+    }
+
+    /// The purpose of the open path field, if one is open.
+    pub fn path_field_purpose(&self) -> Option<&DialogPurpose> {
+        self.views.path_field.as_ref().map(PathField::purpose)
     }
 
     /// The session of what is on screen: the run's resolved parameters, or the panel's.
@@ -389,6 +412,10 @@ impl EditorApp {
             return;
         }
         let params = self.state.settings.params.clone();
+        if let Err(problem) = check_params(&params, self.size_multiple()) {
+            self.status(StatusLevel::Error, format!("Not generating: {problem}"));
+            return;
+        }
         if self.state.modes.active() == ModeKind::Edit {
             self.generate_edit_run(params);
             return;
@@ -402,7 +429,11 @@ impl EditorApp {
 
     /// Starts an edit of `params`' image (the worker records the source when needed).
     fn generate_edit_run(&mut self, params: GenerateParams) {
-        let spec = self.state.modes.edit.spec_to_send();
+        if let Err(problem) = check_params(&params, self.size_multiple()) {
+            self.status(StatusLevel::Error, format!("Not editing: {problem}"));
+            return;
+        }
+        let spec = self.state.modes.edit.spec_to_send(&params.prompt);
         match self.worker.generate_edit(params, spec.clone()) {
             Ok(run_id) => {
                 self.state.supersede_runs(run_id);
@@ -416,24 +447,51 @@ impl EditorApp {
     /// pointer button is held or the edited prompt is being typed).
     fn edit_auto_run(&mut self, egui_ctx: &egui::Context) {
         let state = &self.state;
-        if state.pending_run.is_some() || state.modes.edit.changed_spec().is_none() {
-            return;
-        }
         let Some(source) = state.run.as_ref().filter(|_| state.run_finished()) else {
             return;
         };
+        if state.pending_run.is_some()
+            || state
+                .modes
+                .edit
+                .changed_spec(&source.params.prompt)
+                .is_none()
+        {
+            return;
+        }
         let typing = self.views.edit_panel.is_typing(egui_ctx);
         if typing || egui_ctx.input(|input| input.pointer.any_down()) {
             return;
         }
         let params = source.params.clone();
+        if check_params(&params, self.size_multiple()).is_err() {
+            // (The source no longer fits the loaded model: "Run edit" says why, once.)
+            return;
+        }
         self.generate_edit_run(params);
     }
 
-    /// Cancels the running generation.
+    /// The loaded model's image sizes are multiples of this many pixels.
+    fn size_multiple(&self) -> usize {
+        self.state
+            .model
+            .loaded
+            .as_ref()
+            .map_or(8, |info| info.size_multiple_px)
+    }
+
+    /// Cancels the running generation; the progress bar says "cancelling..." at once, until the
+    /// run ends.
     fn cancel(&mut self) {
-        if let Err(error) = self.worker.cancel() {
-            self.status(StatusLevel::Error, format!("Cannot cancel: {error}"));
+        if !self.state.is_generating() {
+            return;
+        }
+        match self.worker.cancel() {
+            Ok(()) => {
+                self.state.cancel_requested = true;
+                self.status(StatusLevel::Info, "Cancelling...");
+            }
+            Err(error) => self.status(StatusLevel::Error, format!("Cannot cancel: {error}")),
         }
     }
 
@@ -470,18 +528,27 @@ impl EditorApp {
         }
     }
 
-    /// Opens a dialog; its answer is handled in [`Self::handle_dialog_answer`] on a later frame.
-    fn open_dialog(&mut self, purpose: DialogPurpose) {
+    /// The folder a dialog for `purpose` opens in and the file name it proposes.
+    fn dialog_start(&self, purpose: &DialogPurpose) -> (Option<PathBuf>, String) {
         let file_name = self
             .views
             .segments
             .file_name(
-                &purpose,
+                purpose,
                 self.current_run_id(),
                 self.state.source_params().seed,
             )
-            .unwrap_or_else(|| default_file_name(&self.state, &purpose));
-        let start_folder = self.state.settings.export_folder.clone();
+            .unwrap_or_else(|| default_file_name(&self.state, purpose));
+        (self.state.settings.export_folder.clone(), file_name)
+    }
+
+    /// Opens a dialog; its answer is handled in [`Self::dialog_answered`] on a later frame.
+    fn open_dialog(&mut self, purpose: DialogPurpose) {
+        if self.views.path_field.is_some() {
+            self.status(StatusLevel::Warning, "A path field is already open");
+            return;
+        }
+        let (start_folder, file_name) = self.dialog_start(&purpose);
         let repaint = self.egui_ctx.clone();
         let opened = self
             .dialogs
@@ -492,6 +559,25 @@ impl EditorApp {
             });
         if !opened {
             self.status(StatusLevel::Warning, "A file dialog is already open");
+        }
+    }
+
+    /// A dialog ended: a chosen path is used; when no dialog could open, the path field is offered
+    /// (starting with what the dialog would have proposed).
+    fn dialog_answered(&mut self, purpose: DialogPurpose, answer: DialogAnswer) {
+        match answer {
+            DialogAnswer::Chosen(path) => self.handle_dialog_answer(purpose, Some(path)),
+            DialogAnswer::Cancelled => {}
+            DialogAnswer::Unavailable => {
+                self.status(
+                    StatusLevel::Warning,
+                    "No file dialog could open (it needs xdg-desktop-portal or zenity): \
+                     type the path instead",
+                );
+                let (start_folder, file_name) = self.dialog_start(&purpose);
+                let start = path_field_start(&purpose, start_folder, &file_name);
+                self.views.path_field = Some(PathField::new(purpose, start));
+            }
         }
     }
 
@@ -563,12 +649,21 @@ impl EditorApp {
 
     /// Applies one command.
     fn apply(&mut self, command: UiCommand) {
+        if command.is_user_action() {
+            self.state.status.acknowledge();
+        }
         let state = &mut self.state;
         match command {
             UiCommand::Generate => self.generate(),
             UiCommand::Cancel => self.cancel(),
             UiCommand::LoadModel(source) => self.load_model(source),
             UiCommand::OpenDialog(purpose) => self.open_dialog(purpose),
+            UiCommand::PathChosen { purpose, path } => {
+                self.views.path_field = None;
+                self.handle_dialog_answer(purpose, Some(path));
+            }
+            UiCommand::ClosePathField => self.views.path_field = None,
+            UiCommand::DismissError => {}
             UiCommand::SetParams(params) => state.settings.params = params,
             UiCommand::SetView(view) => state.settings.view = view,
             UiCommand::SetAggregation(aggregation) => state.settings.aggregation = aggregation,
@@ -608,7 +703,11 @@ impl EditorApp {
             }
             UiCommand::RunEdit => {
                 let params = state.source_params().clone();
-                self.generate_edit_run(params);
+                if state.modes.edit.is_no_op(&params.prompt) {
+                    self.status(StatusLevel::Warning, NOTHING_TO_EDIT);
+                } else {
+                    self.generate_edit_run(params);
+                }
             }
             UiCommand::ResetEdit => state.reset_edit(),
             UiCommand::UseMaskAsLocalBlend(mask) => {
@@ -643,10 +742,13 @@ impl EditorApp {
     // ---------------------------------------------------------------------------------------------
 
     /// Hands one worker event to [`route_event`] (which routes it once), then generates when a
-    /// model that was waited for arrived.
+    /// model that was waited for arrived, or loads the bundled model when the model remembered
+    /// from the last launch failed.
     fn handle_event(&mut self, event: Event) {
-        if route_event(&mut self.state, &mut self.views.segments, event) == AfterEvent::Generate {
-            self.generate();
+        match route_event(&mut self.state, &mut self.views.segments, event) {
+            AfterEvent::Nothing => {}
+            AfterEvent::Generate => self.generate(),
+            AfterEvent::LoadBundledModel => self.load_model(ModelSource::Bundled),
         }
     }
 
@@ -665,8 +767,8 @@ impl EditorApp {
         while let Some(event) = self.worker.try_recv() {
             self.handle_event(event);
         }
-        while let Some((purpose, path)) = self.dialogs.poll() {
-            self.handle_dialog_answer(purpose, path);
+        while let Some((purpose, answer)) = self.dialogs.poll() {
+            self.dialog_answered(purpose, answer);
         }
     }
 
@@ -679,6 +781,7 @@ impl EditorApp {
             self.edit_auto_run(&egui_ctx);
         }
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
+            self.state.status.acknowledge();
             self.generate();
         }
         self.state.update_derived_maps();
@@ -726,6 +829,9 @@ impl EditorApp {
         } = self;
         let ctx = view_context(state, views, dialogs, screenshot.as_ref());
         panels::menu_bar_ui(&ctx, ui, commands);
+        if let Some(field) = &mut views.path_field {
+            path_field_ui(ui, field, commands);
+        }
         egui::Panel::bottom("attend.bottom")
             .resizable(false)
             .show(ui, |ui| {
@@ -735,7 +841,7 @@ impl EditorApp {
                 ui.separator();
                 token_strip_ui(&ctx, ui, &mut views.token_strip, commands);
                 ui.separator();
-                panels::status_line_ui(&ctx, ui);
+                panels::status_line_ui(&ctx, ui, commands);
             });
         egui::Panel::left("attend.controls")
             .resizable(true)
@@ -797,6 +903,23 @@ impl EditorApp {
     fn save_settings(&self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, SETTINGS_STORAGE_KEY, &self.state.settings);
     }
+}
+
+/// What the path field starts with: the folder a dialog would open in, with the proposed file name
+/// for the purposes that write a file.
+fn path_field_start(
+    purpose: &DialogPurpose,
+    start_folder: Option<PathBuf>,
+    file_name: &str,
+) -> String {
+    let folder = start_folder.unwrap_or_default();
+    let start = match purpose {
+        DialogPurpose::OpenModelFolder
+        | DialogPurpose::OpenSession
+        | DialogPurpose::ExportAllHeatmaps => folder,
+        _ => folder.join(file_name),
+    };
+    start.display().to_string()
 }
 
 impl eframe::App for EditorApp {

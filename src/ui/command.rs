@@ -22,6 +22,17 @@ pub(crate) enum UiCommand {
     LoadModel(ModelSource),
     /// Open a file dialog; its answer is handled on a later frame.
     OpenDialog(DialogPurpose),
+    /// The path typed in the path field (shown instead of a file dialog when none can open).
+    PathChosen {
+        /// What the path is for.
+        purpose: DialogPurpose,
+        /// The path as typed.
+        path: std::path::PathBuf,
+    },
+    /// Close the path field without a path.
+    ClosePathField,
+    /// Take the standing error off the status line (it stays in the history).
+    DismissError,
     /// Replace the generation parameters (the controls panel's prompt, seed, steps, ...).
     SetParams(GenerateParams),
     /// Replace how heat maps are drawn (colormap, opacity, ...).
@@ -75,6 +86,27 @@ pub(crate) enum UiCommand {
         /// Add it to the selection (Shift).
         add: bool,
     },
+}
+
+impl UiCommand {
+    /// True for the commands by which the user starts or stops something (generate, edit, load,
+    /// open, export, cancel, dismiss): after one, the standing error on the status line has been
+    /// seen. Changes of settings and the views' own requests are not.
+    pub(crate) fn is_user_action(&self) -> bool {
+        matches!(
+            self,
+            Self::Generate
+                | Self::Cancel
+                | Self::LoadModel(_)
+                | Self::OpenDialog(_)
+                | Self::PathChosen { .. }
+                | Self::DismissError
+                | Self::SetEditMode(_)
+                | Self::RunEdit
+                | Self::ResetEdit
+                | Self::UseMaskAsLocalBlend(_)
+        )
+    }
 }
 
 /// The commands of one frame, in the order the views pushed them.

@@ -14,6 +14,8 @@ pub(crate) enum AfterEvent {
     Nothing,
     /// Generate: the model a generation waited for has loaded.
     Generate,
+    /// Load the bundled model: the model remembered from the last launch failed to load at start.
+    LoadBundledModel,
 }
 
 /// Routes one worker event to the state it belongs to: the edited branch to the edit mode, the
@@ -105,7 +107,9 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
             }
         }
         Event::ModelLoadFailed { source, message } => {
-            state.model_load_failed(&source, &message);
+            if state.model_load_failed(&source, &message) {
+                return AfterEvent::LoadBundledModel;
+            }
         }
         Event::Started {
             run_id,

@@ -13,6 +13,7 @@
 //! | `state` | [`state::AppState`]: what the views share (settings, model, run, selection, timeline, probe, heat maps, status, modes) |
 //! | `context` | [`context::ViewContext`]: the read-only view of the state a view draws from |
 //! | `command` | [`command::UiCommand`]: every change a view can ask for |
+//! | `checks` | the generation parameters' checks before a run (the command line's ranges) |
 //! | `events` | the worker's events, each routed once to the state it belongs to |
 //! | `mode` | the editor modes ([`ModeKind`]) and their state: plain generation, Prompt-to-Prompt edit |
 //! | `run_view` | [`RunView`]: one run (or an edit's branch) as received: previews, maps, outcome |
@@ -25,10 +26,11 @@
 //! | `heatmap_renderer` | the wgpu pipeline behind `shaders/heatmap.wgsl` |
 //! | `screenshot` | `ATTEND_SCREENSHOT` automation: select, probe, capture, quit |
 //! | `settings`, `session` | persisted settings; session files (with the edit's part) |
-//! | `dialogs`, `frame_times` | rfd dialogs on a helper thread; frame build-time log |
+//! | `dialogs`, `frame_times` | rfd dialogs on a helper thread (and the path field where none can open); frame build-time log |
 
 mod app;
 mod canvas;
+mod checks;
 mod command;
 mod context;
 mod dialogs;

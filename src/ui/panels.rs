@@ -7,11 +7,12 @@ use egui::RichText;
 
 use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::SelfAttentionSpan;
+use crate::ui::checks::params_problems;
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::dialogs::DialogPurpose;
 use crate::ui::run_view::{RunOutcome, RunView};
-use crate::ui::state::{CanvasView, StatusLevel};
+use crate::ui::state::{AppState, CanvasView, StatusLevel, StatusMessage};
 use crate::worker::ModelSource;
 
 /// File and Export menus.
@@ -129,15 +130,17 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             });
             ui.end_row();
 
+            // No range on these fields: a value out of range is shown, not clamped.
             let label = ui.label("Steps");
-            ui.add(egui::DragValue::new(&mut params.steps).range(1..=500))
+            ui.add(egui::DragValue::new(&mut params.steps).clamp_existing_to_range(false))
                 .labelled_by(label.id);
             ui.end_row();
 
             let label = ui.label("Guidance");
             ui.add(
                 egui::DragValue::new(&mut params.guidance)
-                    .range(0.0..=30.0)
+                    // (egui would turn a NaN into infinity)
+                    .clamp_existing_to_range(false)
                     .speed(0.1)
                     .fixed_decimals(1),
             )
@@ -180,27 +183,34 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             ui.horizontal(|ui| {
                 let mut width = params.width_px.unwrap_or(default_width);
                 let mut height = params.height_px.unwrap_or(default_height);
-                let width_changed = ui
+                // No range: a typed size the model cannot take is shown, not changed (dragging
+                // moves in whole multiples).
+                let width_response = ui
                     .add(
                         egui::DragValue::new(&mut width)
-                            .range(multiple..=4096)
+                            .clamp_existing_to_range(false)
                             .speed(multiple as f64),
                     )
                     .labelled_by(label.id)
-                    .on_hover_text("Width in pixels")
-                    .changed();
+                    .on_hover_text("Width in pixels");
                 ui.label("x");
-                let height_changed = ui
+                let height_response = ui
                     .add(
                         egui::DragValue::new(&mut height)
-                            .range(multiple..=4096)
+                            .clamp_existing_to_range(false)
                             .speed(multiple as f64),
                     )
-                    .on_hover_text("Height in pixels")
-                    .changed();
-                if width_changed || height_changed {
-                    params.width_px = Some(width / multiple * multiple);
-                    params.height_px = Some(height / multiple * multiple);
+                    .on_hover_text("Height in pixels");
+                let round = |value: usize| (value / multiple * multiple).max(multiple);
+                if width_response.dragged() {
+                    width = round(width);
+                }
+                if height_response.dragged() {
+                    height = round(height);
+                }
+                if width_response.changed() || height_response.changed() {
+                    params.width_px = Some(width);
+                    params.height_px = Some(height);
                 }
                 if ui
                     .add_enabled(
@@ -216,6 +226,15 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
             });
             ui.end_row();
         });
+    // Under the fields, the whole panel wide: a value out of range is shown, never clamped.
+    let size_multiple = state
+        .model
+        .loaded
+        .as_ref()
+        .map_or(8, |info| info.size_multiple_px);
+    for problem in params_problems(params, size_multiple) {
+        ui.add(egui::Label::new(RichText::new(problem).color(ui.visuals().error_fg_color)).wrap());
+    }
     ui.separator();
     ui.horizontal(|ui| {
         let generate = ui
@@ -415,13 +434,30 @@ fn probe_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands)
 /// The progress bar: a running source first, else the run the heat maps show (the edited one in
 /// edit mode).
 pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
-    let state = ctx.state;
+    let (fraction, text) = progress(ctx.state);
+    ui.add(
+        egui::ProgressBar::new(fraction)
+            .text(text)
+            .desired_width(ui.available_width()),
+    );
+}
+
+/// The progress bar's fraction and text: "cancelling..." from the moment Cancel is clicked until
+/// the run ends.
+pub(crate) fn progress(state: &AppState) -> (f32, String) {
     let progress_run = state
         .run
         .as_ref()
         .filter(|run| run.is_running())
         .or(state.shown_run());
-    let (fraction, text) = match (progress_run, state.pending_run) {
+    let cancelling = state.cancel_requested && state.is_generating();
+    match (progress_run, state.pending_run) {
+        (run, Some(_)) if cancelling => (
+            run.map_or(0.0, |run| {
+                run.steps.len() as f32 / run.step_count.max(1) as f32
+            }),
+            "cancelling...".to_owned(),
+        ),
         (_, Some(_)) => (0.0, "starting...".to_owned()),
         (None, None) => (0.0, "idle".to_owned()),
         (Some(run), None) => {
@@ -431,6 +467,9 @@ pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
                 .secs_per_step()
                 .map_or_else(String::new, |secs| format!(", {secs:.2} s/step"));
             let text = match &run.outcome {
+                RunOutcome::Running if cancelling => {
+                    format!("cancelling... (step {done}/{})", run.step_count)
+                }
                 RunOutcome::Running => {
                     let eta = run
                         .eta_secs()
@@ -452,12 +491,7 @@ pub(crate) fn progress_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
             };
             (fraction, text)
         }
-    };
-    ui.add(
-        egui::ProgressBar::new(fraction)
-            .text(text)
-            .desired_width(ui.available_width()),
-    );
+    }
 }
 
 /// The timeline: follow the latest step, or scrub to an earlier one.
@@ -496,28 +530,50 @@ pub(crate) fn timeline_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
     }
 }
 
-/// The latest status message, with the history on hover.
-pub(crate) fn status_line_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui) {
-    let messages = ctx.state.status.messages();
-    ui.horizontal(|ui| {
-        let Some(message) = messages.last() else {
+/// The status line: the standing error (red, wrapped, until the user's next action or "Dismiss")
+/// above the latest message (wrapped too), with the history on hover.
+pub(crate) fn status_line_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+    let status = &ctx.state.status;
+    let messages = status.messages();
+    let history: Vec<String> = messages
+        .iter()
+        .rev()
+        .take(10)
+        .map(|message| message.text.clone())
+        .collect();
+    let history = history.join("\n");
+    let standing_error = status.standing_error();
+    if let Some(error) = standing_error {
+        ui.horizontal(|ui| {
+            if ui
+                .small_button("Dismiss")
+                .on_hover_text("Hide this error (it stays in the history)")
+                .clicked()
+            {
+                commands.push(UiCommand::DismissError);
+            }
+            status_message_ui(ui, error).on_hover_text(&history);
+        });
+    }
+    match messages.last() {
+        Some(latest) if Some(latest) != standing_error => {
+            status_message_ui(ui, latest).on_hover_text(&history);
+        }
+        Some(_) => {}
+        None => {
             ui.weak("Ready");
-            return;
-        };
-        let colour = match message.level {
-            StatusLevel::Info => ui.visuals().text_color(),
-            StatusLevel::Warning => ui.visuals().warn_fg_color,
-            StatusLevel::Error => ui.visuals().error_fg_color,
-        };
-        let response = ui.label(RichText::new(&message.text).color(colour));
-        let history: Vec<String> = messages
-            .iter()
-            .rev()
-            .take(10)
-            .map(|message| message.text.clone())
-            .collect();
-        response.on_hover_text(history.join("\n"));
-    });
+        }
+    }
+}
+
+/// One status message in its level's colour, wrapped at the panel's width.
+fn status_message_ui(ui: &mut egui::Ui, message: &StatusMessage) -> egui::Response {
+    let colour = match message.level {
+        StatusLevel::Info => ui.visuals().text_color(),
+        StatusLevel::Warning => ui.visuals().warn_fg_color,
+        StatusLevel::Error => ui.visuals().error_fg_color,
+    };
+    ui.add(egui::Label::new(RichText::new(&message.text).color(colour)).wrap())
 }
 
 /// A seed from the clock (no RNG crate needed; only has to differ between clicks).
@@ -530,4 +586,46 @@ fn random_seed() -> u64 {
     value = value.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     value ^= value >> 33;
     value % 4_294_967_296
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{GenerateParams, PromptInfo};
+
+    #[test]
+    fn the_progress_bar_says_cancelling_from_the_moment_cancel_is_asked_for() {
+        let mut state = AppState::default();
+        state.run_started(1, GenerateParams::default(), PromptInfo::default());
+        assert!(progress(&state).1.starts_with("step 0/"));
+        state.cancel_requested = true;
+        assert_eq!(progress(&state).1, "cancelling... (step 0/20)");
+        // Before the run started, too.
+        state.supersede_runs(2);
+        state.cancel_requested = true;
+        assert_eq!(progress(&state).1, "cancelling...");
+        // Once the run ended it says how it ended.
+        state.run_cancelled(2, 0);
+        state.run_cancelled(1, 0);
+        assert_eq!(progress(&state).1, "cancelled after 0/20 steps");
+    }
+
+    #[test]
+    fn an_error_stands_until_acknowledged_while_later_messages_pile_up() {
+        let mut state = AppState::default();
+        state
+            .status
+            .push(StatusLevel::Error, "cannot read session x");
+        state.status.push(StatusLevel::Info, "Model loaded: m");
+        assert_eq!(
+            state
+                .status
+                .standing_error()
+                .map(|message| message.text.as_str()),
+            Some("cannot read session x")
+        );
+        state.status.acknowledge();
+        assert!(state.status.standing_error().is_none());
+        assert_eq!(state.status.messages().len(), 2);
+    }
 }

@@ -36,22 +36,41 @@ pub struct StatusMessage {
 /// Status messages kept for the status bar's history.
 const STATUS_HISTORY: usize = 50;
 
-/// The status bar's messages, oldest first (the last [`STATUS_HISTORY`]).
+/// The status bar's messages, oldest first (the last [`STATUS_HISTORY`]), and the latest error,
+/// which stays on the status line until the user's next action (later progress messages such as
+/// "Model loaded" do not hide it).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StatusLog {
     messages: Vec<StatusMessage>,
+    standing_error: Option<StatusMessage>,
 }
 
 impl StatusLog {
-    /// Adds a message (dropping the oldest beyond the history).
+    /// Adds a message (dropping the oldest beyond the history); an error stands until
+    /// [`Self::acknowledge`].
     pub(crate) fn push(&mut self, level: StatusLevel, text: impl Into<String>) {
-        self.messages.push(StatusMessage {
+        let message = StatusMessage {
             level,
             text: text.into(),
-        });
+        };
+        if level == StatusLevel::Error {
+            self.standing_error = Some(message.clone());
+        }
+        self.messages.push(message);
         if self.messages.len() > STATUS_HISTORY {
             self.messages.remove(0);
         }
+    }
+
+    /// The latest error, until the user acts again.
+    pub(crate) fn standing_error(&self) -> Option<&StatusMessage> {
+        self.standing_error.as_ref()
+    }
+
+    /// The user acted (generate, load, open, export, cancel, dismiss): the standing error has been
+    /// seen and leaves the status line (it stays in the history).
+    pub(crate) fn acknowledge(&mut self) {
+        self.standing_error = None;
     }
 
     /// The messages, oldest first.
@@ -79,6 +98,9 @@ pub(crate) struct ModelState {
     pub(crate) loaded: Option<ModelInfo>,
     /// A model being loaded.
     pub(crate) loading: Option<ModelSource>,
+    /// The model being loaded is the one remembered from the last launch: if it fails and no
+    /// model is loaded, the bundled model is loaded instead.
+    pub(crate) bundled_if_remembered_fails: bool,
 }
 
 /// The timeline: which step the canvas and heat maps show.
@@ -144,6 +166,9 @@ pub(crate) struct AppState {
     pub(crate) pending_run: Option<u64>,
     /// Generate once the model being loaded is ready.
     pub(crate) generate_after_load: bool,
+    /// Cancel was asked for the running generation (the progress bar says "cancelling..." until
+    /// the run ends).
+    pub(crate) cancel_requested: bool,
     /// The selected word (index into the shown run's words).
     pub(crate) selected_word: Option<usize>,
     /// The timeline.
@@ -352,23 +377,33 @@ impl AppState {
             self.settings.params.width_px = None;
             self.settings.params.height_px = None;
         }
+        // Only a model that loaded is remembered for the next launch.
         self.settings.model = info.source.clone();
         self.model.loaded = Some(info);
         self.model.loading = None;
+        self.model.bundled_if_remembered_fails = false;
     }
 
-    /// Loading a model failed; the previous one stays.
-    pub(crate) fn model_load_failed(&mut self, source: &ModelSource, message: &str) {
+    /// Loading a model failed; the previous one stays. Returns true when the bundled model is to
+    /// be loaded instead (the model remembered from the last launch failed and none is loaded).
+    pub(crate) fn model_load_failed(&mut self, source: &ModelSource, message: &str) -> bool {
         self.model.loading = None;
-        self.generate_after_load = false;
-        let keeping = self.model.loaded.as_ref().map_or_else(
-            || "no model is loaded".to_owned(),
-            |info| format!("keeping {}", info.name),
-        );
+        let fall_back = std::mem::take(&mut self.model.bundled_if_remembered_fails)
+            && self.model.loaded.is_none()
+            && *source != ModelSource::Bundled;
+        if !fall_back {
+            self.generate_after_load = false;
+        }
+        let keeping = match &self.model.loaded {
+            Some(info) => format!("keeping {}", info.name),
+            None if fall_back => "loading the bundled model instead".to_owned(),
+            None => "no model is loaded".to_owned(),
+        };
         self.status.push(
             StatusLevel::Error,
             format!("Could not load {source}: {message} ({keeping})"),
         );
+        fall_back
     }
 
     /// A run started: it becomes the run on screen.
@@ -553,5 +588,6 @@ impl AppState {
         }
         self.modes.edit.run_ended_by(run_id);
         self.pending_run = Some(run_id);
+        self.cancel_requested = false;
     }
 }

@@ -1,5 +1,6 @@
 //! The token strip: one live thumbnail per prompt word. Click one to show its heat map on the canvas;
-//! hover for its peak value. In edit mode, showing the edited run, each word has a weight slider.
+//! hover for its peak value. In edit mode, showing the edited run (or the source before an edit
+//! ran, while the edited prompt is the source prompt), each word has a weight slider.
 
 use crate::analysis::colormap::Colormap;
 use crate::ui::command::{UiCommand, UiCommands};
@@ -61,12 +62,18 @@ pub(crate) fn token_strip_ui(
 ) {
     strip.update_thumbnails(ctx, ui.ctx());
     let state = ctx.state;
-    // Edit mode: the edited run's words, each with its weight slider.
-    let edit_weights = state.shows_edited_run();
     let Some(run) = state.shown_run() else {
         ui.label("Word heat maps appear here while the image is generated.");
         return;
     };
+    // Edit mode: the edited run's words, each with its weight slider; before an edit ran, the
+    // source's words while the edited prompt is still the source prompt (a weight is then the
+    // edit).
+    let edit = &state.modes.edit;
+    let edit_weights = state.shows_edited_run()
+        || (edit.enabled()
+            && edit.run().is_none()
+            && edit.spec().edit_prompt.trim() == run.params.prompt.trim());
     if run.prompt.words.is_empty() {
         ui.label("The prompt has no words.");
         return;

@@ -32,6 +32,17 @@ use crate::worker::{
     SelfReplace, StepFrame,
 };
 
+/// What the status line and the edit panel say when the edit would change nothing.
+pub(crate) const NOTHING_TO_EDIT: &str =
+    "Edit prompt = source prompt: nothing to edit (change a word or a word's weight)";
+
+/// True when `spec` would change nothing in `source_prompt`'s image: its edited prompt is the
+/// source prompt (or empty) and no word is reweighted.
+pub(crate) fn changes_nothing(spec: &EditSpec, source_prompt: &str) -> bool {
+    let edit_prompt = spec.edit_prompt.trim();
+    spec.reweights.is_empty() && (edit_prompt.is_empty() || edit_prompt == source_prompt.trim())
+}
+
 /// Edit mode's state: the user's edit and what the worker reported about its latest run.
 #[derive(Default)]
 pub(crate) struct EditMode {
@@ -242,22 +253,33 @@ impl EditMode {
     // Runs
     // ---------------------------------------------------------------------------------------------
 
-    /// The spec to send, or `None` when there is no edited prompt.
-    pub(crate) fn spec_to_send(&self) -> Option<EditSpec> {
-        let spec = &self.session.spec;
-        (!spec.edit_prompt.trim().is_empty()).then(|| spec.clone())
+    /// True when the edit would change nothing: the edited prompt is `source_prompt` (or empty)
+    /// and no word is reweighted.
+    pub(crate) fn is_no_op(&self, source_prompt: &str) -> bool {
+        changes_nothing(&self.session.spec, source_prompt)
     }
 
-    /// The spec to re-run the edited branch with, when edit mode is on and the edit changed since
-    /// it was last sent.
-    pub(crate) fn changed_spec(&self) -> Option<EditSpec> {
+    /// The spec to send with a generation of `source_prompt`, or `None` when the edit would change
+    /// nothing (only the source is made).
+    pub(crate) fn spec_to_send(&self, source_prompt: &str) -> Option<EditSpec> {
+        let spec = &self.session.spec;
+        let has_prompt = !spec.edit_prompt.trim().is_empty();
+        (has_prompt && !self.is_no_op(source_prompt)).then(|| spec.clone())
+    }
+
+    /// True when `spec` differs from the edit last sent.
+    pub(crate) fn is_unsent(&self, spec: &EditSpec) -> bool {
+        self.last_sent_spec.as_ref() != Some(spec)
+    }
+
+    /// The spec to re-run the edited branch of `source_prompt`'s image with, when edit mode is on,
+    /// the edit changes something and it changed since it was last sent.
+    pub(crate) fn changed_spec(&self, source_prompt: &str) -> Option<EditSpec> {
         if !self.session.enabled {
             return None;
         }
-        let spec = &self.session.spec;
-        let changed =
-            !spec.edit_prompt.trim().is_empty() && self.last_sent_spec.as_ref() != Some(spec);
-        changed.then(|| spec.clone())
+        self.spec_to_send(source_prompt)
+            .filter(|spec| self.is_unsent(spec))
     }
 
     /// An edit run `run_id` of `spec` was sent (none: the source alone is recorded); a running

@@ -12,7 +12,7 @@ use crate::ui::edit::spec::{
     is_blend_word, pair_blend_selectors, preview_alignment, prune_spec, set_blend_words,
     whitespace_layout,
 };
-use crate::ui::edit::EditMode;
+use crate::ui::edit::{changes_nothing, EditMode, NOTHING_TO_EDIT};
 use crate::ui::run_view::RunView;
 use crate::ui::session::{CompareMode, EditBranchView};
 use crate::worker::{EditSpec, StepWindow};
@@ -66,6 +66,19 @@ pub(crate) fn edit_panel_ui(
     panel.prompt_field = Some(response.id);
     if response.changed() {
         prune_spec(&mut session.spec, &source_prompt);
+    }
+    if changes_nothing(&session.spec, &source_prompt) {
+        if !session.spec.edit_prompt.trim().is_empty() {
+            ui.colored_label(ui.visuals().warn_fg_color, NOTHING_TO_EDIT);
+        }
+    } else if response.has_focus() && edit.is_unsent(&session.spec) {
+        // The edit waits while the prompt is typed: say how to run it.
+        let hint = if ctx.state.run_finished() {
+            "Press Enter to run the edit"
+        } else {
+            "Generate the source image to run the edit"
+        };
+        ui.colored_label(ui.visuals().warn_fg_color, hint);
     }
 
     alignment_ui(ui, edit, &session.spec, &source_prompt);
@@ -143,7 +156,9 @@ fn alignment_ui(ui: &mut egui::Ui, edit: &EditMode, spec: &EditSpec, source_prom
     };
     match alignment {
         Ok((kind, words)) => {
+            let unchanged = words.iter().all(|pair| pair.change == WordChange::Same);
             let kind_text = match kind {
+                _ if unchanged => "no word changed",
                 EditKind::Replace => "Word swap",
                 EditKind::Refine => "Refine (words added or removed)",
             };
