@@ -350,7 +350,7 @@ fn nan_unet_weights_stop_the_run_at_the_first_step_naming_it_and_the_cause() {
         },
         &CancelToken::new(),
     );
-    let err = result.err().expect("NaN weights must stop the run");
+    let err = result.expect_err("NaN weights must stop the run");
     let message = err.to_string();
     assert!(
         matches!(
