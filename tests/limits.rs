@@ -125,7 +125,13 @@ fn steps_outside_one_to_a_thousand_are_refused() {
 #[test]
 fn non_finite_or_huge_guidance_is_refused_with_the_range() {
     let model = tiny_sd1();
-    for guidance in [1e300, f64::NAN, f64::INFINITY, -1.0, 100.5] {
+    for (guidance, shown) in [
+        (1e300, "1e300"),
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "inf"),
+        (-1.0, "-1"),
+        (100.5, "100.5"),
+    ] {
         let mut request = quick_request(&model);
         request.guidance = guidance;
         let err = run_error(&model, &request);
@@ -141,7 +147,8 @@ fn non_finite_or_huge_guidance_is_refused_with_the_range() {
             "{err:?}"
         );
         assert!(
-            message.contains(&guidance.to_string()) && message.contains("0 to 100"),
+            message.contains(&format!("invalid guidance: {shown} "))
+                && message.contains("0 to 100"),
             "{message}"
         );
     }
@@ -263,6 +270,19 @@ fn estimates_of_the_bundled_model_and_sd15() {
         huge.breakdown()
     );
     assert!(huge.total_bytes() > 32 * GIB, "{huge:?}");
+
+    let tiny = tiny_sd1();
+    let tiny_footprint = ModelFootprint::of_model(&tiny);
+    for side in [512, 1024] {
+        let mut request = quick_request(&tiny);
+        (request.width, request.height) = (side, side);
+        let memory = estimate_run_memory(&tiny_footprint, &request, &RunCapture::none());
+        eprintln!(
+            "tiny-sd1 {side}x{side}, 2 steps: {} ({})",
+            attend::pipeline::limits::format_bytes(memory.total_bytes()),
+            memory.breakdown()
+        );
+    }
 
     let (_unet_dir, unet_path) = manifest_config("sd15", "unet");
     let (_vae_dir, vae_path) = manifest_config("sd15", "vae");

@@ -107,6 +107,8 @@ impl RunCapture {
 pub struct ModelFootprint {
     unet: UnetConfig,
     vae: Option<VaeConfig>,
+    /// Image pixels per latent cell along each side (the VAE's factor, 1 in pixel space).
+    latent_factor: u64,
     /// Text tokens every cross-attention layer attends to (77).
     text_tokens: usize,
     /// Bytes of one activation in the compute dtype.
@@ -139,17 +141,26 @@ impl ModelFootprint {
         Self {
             unet: unet.clone(),
             vae: vae.cloned(),
+            latent_factor: vae.map_or(1, |vae| vae.downscale_factor() as u64),
             text_tokens,
             activation_bytes: dtype.size_in_bytes() as u64,
             on_cpu,
         }
     }
 
-    /// Image pixels per latent pixel along each side.
-    fn latent_factor(&self) -> u64 {
-        self.vae
-            .as_ref()
-            .map_or(1, |vae| vae.downscale_factor() as u64)
+    /// The footprint of a UNet alone (a benchmark's), whose latent cells cover `latent_factor`
+    /// pixels along each side; nothing is decoded.
+    pub fn unet_only(
+        unet: &UnetConfig,
+        latent_factor: usize,
+        text_tokens: usize,
+        dtype: DType,
+        on_cpu: bool,
+    ) -> Self {
+        Self {
+            latent_factor: latent_factor as u64,
+            ..Self::from_configs(unet, None, text_tokens, dtype, on_cpu)
+        }
     }
 
     /// Every attention layer of one UNet pass: (query grid cells, heads, is cross-attention, place
@@ -322,7 +333,7 @@ pub fn estimate_run_memory(
     request: &GenerateRequest,
     capture: &RunCapture,
 ) -> RunMemory {
-    let factor = footprint.latent_factor().max(1);
+    let factor = footprint.latent_factor.max(1);
     let latent_h = request.height as u64 / factor;
     let latent_w = request.width as u64 / factor;
     let latent_cells = latent_h.saturating_mul(latent_w);
@@ -550,7 +561,7 @@ pub fn check_request_limits(
             reason: format!(
                 "{} is outside 0 to {MAX_GUIDANCE} (values up to 1 turn guidance off; larger scales \
                  push the noise prediction past f32 range and end in NaN)",
-                request.guidance
+                format_number(request.guidance)
             ),
         });
     }
@@ -578,6 +589,43 @@ pub fn check_request_limits(
         }
     }
     Ok(())
+}
+
+/// Checks one guided UNet call (a batch of 2, as `attend bench unet` times) of a `width` x
+/// `height` px image on `footprint`: the sides (positive multiples of `size_multiple`, at most
+/// [`MAX_SIDE_PX`]) and the memory with `capture` against `available`.
+pub fn check_unet_call(
+    footprint: &ModelFootprint,
+    (width, height): (usize, usize),
+    size_multiple: usize,
+    capture: &RunCapture,
+    available: &AvailableMemory,
+) -> PipelineResult<RunMemory> {
+    let request = GenerateRequest {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        seed: 0,
+        steps: 1,
+        guidance: 7.5,
+        width,
+        height,
+        scheduler: None,
+        init_latents: None,
+        preview: false,
+    };
+    check_request_limits(&request, size_multiple, "the latent factor")?;
+    let memory = estimate_run_memory(footprint, &request, capture);
+    check_run_fits(&memory, available)?;
+    Ok(memory)
+}
+
+/// `value` as the user would type it: "7.5", "-3", "1e300" (exponent form past a million).
+fn format_number(value: f64) -> String {
+    if value.abs() >= 1e6 {
+        format!("{value:e}")
+    } else {
+        value.to_string()
+    }
 }
 
 /// `bytes` as "12.3 GiB", "456 MiB", "789 KiB" or "12 B".
