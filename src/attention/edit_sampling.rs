@@ -25,12 +25,13 @@ use crate::attention::p2p::{
     PromptToPrompt, RecordConfig, SourceMode, SourceRecorder, SourceRecording,
 };
 use crate::hook::{AttentionProcessor, AttentionSite, ChainedProcessors};
+use crate::pipeline::limits::RunCapture;
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
     decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run,
-    run_to_end, to_rgb8, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput, GenerateRequest,
-    PreparedRun, Sampler, StepwiseRun,
+    prepare_run_with, run_to_end, to_rgb8, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput,
+    GenerateRequest, PreparedRun, Sampler, StepwiseRun,
 };
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
 use crate::pipeline::tokenizer::PromptTokens;
@@ -156,7 +157,9 @@ pub fn record_source(
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<(GenerateOutput, Arc<SourceRecording>)> {
-    let mut run = SourceRecordingRun::new(model, prepare_run(model, request)?, record)?;
+    let capture = RunCapture::none().with_replay_recording(record.self_max_queries);
+    let source = prepare_run_with(model, request, &capture)?;
+    let mut run = SourceRecordingRun::new(model, source, record)?;
     run_to_end(&mut run, observer, on_step, cancel)?;
     run.finish()
 }
@@ -391,7 +394,10 @@ fn generate_edit_batch(
     cancel: &CancelToken,
 ) -> PipelineResult<EditOutput> {
     let generate_request = &request.generate;
-    let setup = RunSetup::new(model, &prepare_run(model, generate_request)?, &request.spec)?;
+    // Both prompts in one UNet batch.
+    let capture = RunCapture::none().with_prompts(2);
+    let source = prepare_run_with(model, generate_request, &capture)?;
+    let setup = RunSetup::new(model, &source, &request.spec)?;
     let mut p2p = setup.processor(&request.spec, SourceMode::Batch)?;
     let text_embeddings = encode_prompt_batch(
         model,

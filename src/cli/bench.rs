@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::{AttentionHook, AttentionProcessor};
+use attend::pipeline::limits::{available_memory, check_unet_call, ModelFootprint, RunCapture};
 use attend::pipeline::profile::{self, StageTotal};
 use attend::pipeline::rng::NoiseRng;
 use attend::pipeline::unet::config::UnetConfig;
@@ -120,6 +121,20 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         args.width,
         args.height
     );
+    let footprint = ModelFootprint::unet_only(&config, latent_factor, 77, DType::F32, true);
+    let capture = if args.capture {
+        RunCapture::store(args.capture_tokens, 32)
+    } else {
+        RunCapture::none()
+    };
+    let size = (args.width, args.height);
+    check_unet_call(
+        &footprint,
+        size,
+        latent_factor,
+        &capture,
+        &available_memory(),
+    )?;
     let (latent_h, latent_w) = (args.height / latent_factor, args.width / latent_factor);
     let halvings = config
         .down_blocks()

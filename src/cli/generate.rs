@@ -11,8 +11,11 @@ use attend::analysis::export::{
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings, Heatmap};
 use attend::analysis::{colormap, WordSpan};
 use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::pipeline::limits::RunCapture;
 use attend::pipeline::model::StableDiffusion;
-use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
+use attend::pipeline::sampling::{
+    generate, prepare_run_with, CancelToken, GenerateOutput, GenerateRequest,
+};
 
 use super::checks::{check_output_file, warn_unknown_words, OutDir};
 use super::{load_model, ModelArgs, SamplingArgs};
@@ -69,6 +72,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
     let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
+    if capture {
+        // The limits with the store's maps of every step, before the run (it checks them without).
+        prepare_run_with(&model, &request, &RunCapture::store(token_count, 0))?;
+    }
     let mut store = AttentionStore::new(StoreConfig {
         keep_self: false,
         ..StoreConfig::new(token_count)

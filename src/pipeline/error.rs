@@ -45,6 +45,24 @@ pub enum PipelineError {
         /// What is wrong and what would be accepted.
         reason: String,
     },
+    /// A run would need more memory than the machine has (see [`crate::pipeline::limits`]).
+    #[error("{what}: {reason}")]
+    TooLarge {
+        /// The run, by its size ("a 4096x4096 px run").
+        what: String,
+        /// The estimate, its parts, the memory available and what to change.
+        reason: String,
+    },
+    /// A run produced NaN or infinite values; it stops instead of writing a black image.
+    #[error("{what} hold NaN or infinite values: {hint}")]
+    NonFinite {
+        /// Where they were found ("the latents after step 3 of 30", "the decoded image").
+        what: String,
+        /// The step after which they were found, 0-based (`None`: not in a step, e.g. the decode).
+        step_index: Option<usize>,
+        /// The likely cause and what to try.
+        hint: String,
+    },
     /// The run was cancelled through its cancel token.
     #[error("cancelled")]
     Cancelled,

@@ -7,7 +7,7 @@
 
 use candle_core::{Device, Shape, Tensor};
 
-use crate::pipeline::PipelineResult;
+use crate::pipeline::{PipelineError, PipelineResult};
 
 /// A seeded generator of uniform and standard-normal numbers (xoshiro256** + polar method).
 #[derive(Clone, Debug)]
@@ -71,17 +71,29 @@ impl NoiseRng {
 
     /// A tensor of standard-normal f32 samples, filled in row-major order.
     ///
-    /// For initial latents the shape is `[1, channels, h, w]`.
+    /// For initial latents the shape is `[1, channels, h, w]`. A shape whose element count
+    /// overflows, or whose buffer cannot be allocated, is an error (never a panic or an abort).
     pub fn randn(&mut self, shape: impl Into<Shape>, device: &Device) -> PipelineResult<Tensor> {
         let shape: Shape = shape.into();
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| {
-                // Rounding to the nearest f32 is the intended conversion.
-                #[allow(clippy::cast_possible_truncation)]
-                let value = self.next_normal_f64() as f32;
-                value
-            })
-            .collect();
+        let too_large = |reason: String| PipelineError::InvalidArgument {
+            name: "noise shape",
+            reason: format!("{:?}: {reason}", shape.dims()),
+        };
+        let count = shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |count, &dim| count.checked_mul(dim))
+            .ok_or_else(|| too_large("the element count overflows".to_string()))?;
+        let mut values: Vec<f32> = Vec::new();
+        values
+            .try_reserve_exact(count)
+            .map_err(|error| too_large(format!("cannot allocate {count} values: {error}")))?;
+        values.extend((0..count).map(|_| {
+            // Rounding to the nearest f32 is the intended conversion.
+            #[allow(clippy::cast_possible_truncation)]
+            let value = self.next_normal_f64() as f32;
+            value
+        }));
         Ok(Tensor::from_vec(values, shape, device)?)
     }
 }

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::hook::{AttentionHook, AttentionProcessor};
+use crate::pipeline::limits::{
+    available_memory, check_request_limits, check_run_fits, estimate_run_memory, ModelFootprint,
+    RunCapture,
+};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
@@ -206,11 +210,25 @@ impl PreparedRun {
 }
 
 /// Checks `request`, tokenises its prompts and prepares its scheduler (see [`PreparedRun`]).
+/// The memory check assumes nothing is captured; see [`prepare_run_with`].
 pub fn prepare_run(
     model: &StableDiffusion,
     request: &GenerateRequest,
 ) -> PipelineResult<PreparedRun> {
+    prepare_run_with(model, request, &RunCapture::none())
+}
+
+/// [`prepare_run`] for a run that keeps `capture` (an attention store, a replay recording): the
+/// limits of [`crate::pipeline::limits`] are checked, the memory estimate with the capture
+/// against the memory available now, before anything is allocated.
+pub fn prepare_run_with(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    capture: &RunCapture,
+) -> PipelineResult<PreparedRun> {
     let latent_shape = validate_request(model, request)?;
+    let memory = estimate_run_memory(&ModelFootprint::of_model(model), request, capture);
+    check_run_fits(&memory, &available_memory())?;
     let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
     let mut warnings = prepared.warnings;
     let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
@@ -509,46 +527,77 @@ pub(crate) fn denoise_step<'borrow, 'processor>(
         row.latents =
             row.scheduler
                 .step(&guided_output, step.step_index, &row.latents, &mut row.rng)?;
+        if !all_finite(&row.latents)? {
+            return Err(non_finite_latents(model, step));
+        }
     }
     Ok(())
 }
 
-/// Checks steps, size and initial latents; returns the latent shape `[1, channels, h, w]`.
+/// True when every value of `tensor` is finite. One reduction: a finite sum means finite values
+/// (NaN and infinity propagate through sums); only a non-finite sum, which finite values can also
+/// give by overflowing, is confirmed value by value.
+pub fn all_finite(tensor: &Tensor) -> PipelineResult<bool> {
+    let values = tensor.to_dtype(DType::F32)?;
+    let sum = values.sum_all()?.to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(true);
+    }
+    Ok(values
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|value| value.is_finite()))
+}
+
+/// The error of latents that turned NaN or infinite in `step`, with the likely cause.
+fn non_finite_latents(model: &StableDiffusion, step: &DenoiseStep) -> PipelineError {
+    let guidance_hint = if step.guided && step.guidance > 20.0 {
+        format!(
+            "the guidance scale {} is large enough to push the noise prediction past f32 range \
+             (SD is used at 1 to about 20), or ",
+            step.guidance
+        )
+    } else {
+        String::new()
+    };
+    PipelineError::NonFinite {
+        what: format!(
+            "the latents after step {} of {}",
+            step.step_index + 1,
+            step.step_count
+        ),
+        step_index: Some(step.step_index),
+        hint: format!(
+            "likely {guidance_hint}the model's weights in {} hold NaN or infinite values{}; \
+             the run was stopped instead of writing a black image",
+            model.dir().display(),
+            fp16_hint(model)
+        ),
+    }
+}
+
+/// A note for half-precision models, whose activations overflow sooner.
+fn fp16_hint(model: &StableDiffusion) -> &'static str {
+    if model.dtype() == DType::F16 {
+        " (or the f16 activations overflowed: try f32)"
+    } else {
+        ""
+    }
+}
+
+/// Checks steps, guidance, size and initial latents against the limits of
+/// [`crate::pipeline::limits`] (no memory check); returns the latent shape `[1, channels, h, w]`.
 pub(crate) fn validate_request(
     model: &StableDiffusion,
     request: &GenerateRequest,
 ) -> PipelineResult<[usize; 4]> {
-    if request.steps == 0 {
-        return Err(PipelineError::InvalidArgument {
-            name: "steps",
-            reason: "0 steps requested; at least 1 is needed".to_string(),
-        });
-    }
-    if !request.guidance.is_finite() {
-        return Err(PipelineError::InvalidArgument {
-            name: "guidance",
-            reason: format!("{} is not a finite number", request.guidance),
-        });
-    }
-    let multiple = model.size_multiple_px();
-    for (name, value) in [("width", request.width), ("height", request.height)] {
-        if value == 0 || value % multiple != 0 {
-            let lower = (value / multiple) * multiple;
-            let suggestion = if lower == 0 {
-                format!("{multiple}")
-            } else {
-                format!("{lower} or {}", lower + multiple)
-            };
-            return Err(PipelineError::InvalidArgument {
-                name,
-                reason: format!(
-                    "{value} px is not a positive multiple of {multiple} px (the VAE's downscale factor {} times 2 for each of the UNet's {} down-samplings); try {suggestion}",
-                    model.latent_downscale_factor(),
-                    model.unet_downsampling_count()
-                ),
-            });
-        }
-    }
+    let why_multiple = format!(
+        "the VAE's downscale factor {} times 2 for each of the UNet's {} down-samplings",
+        model.latent_downscale_factor(),
+        model.unet_downsampling_count()
+    );
+    check_request_limits(request, model.size_multiple_px(), &why_multiple)?;
     let factor = model.latent_downscale_factor();
     let shape = [
         1,
@@ -568,6 +617,12 @@ pub(crate) fn validate_request(
                 ),
             });
         }
+        if !all_finite(latents)? {
+            return Err(PipelineError::InvalidArgument {
+                name: "init_latents",
+                reason: "the initial noise holds NaN or infinite values".to_string(),
+            });
+        }
     }
     Ok(shape)
 }
@@ -582,6 +637,27 @@ pub fn decode_to_unit_range(model: &StableDiffusion, latents: &Tensor) -> Pipeli
         }
         None => latents.to_dtype(DType::F32)?,
     };
+    if !all_finite(&image)? {
+        return Err(PipelineError::NonFinite {
+            what: if model.vae.is_some() {
+                "the VAE's decoded image".to_string()
+            } else {
+                "the final image".to_string()
+            },
+            step_index: None,
+            hint: format!(
+                "likely the {} weights in {} hold NaN or infinite values{}; the image was not \
+                 written as black",
+                if model.vae.is_some() {
+                    "VAE's"
+                } else {
+                    "model's"
+                },
+                model.dir().display(),
+                fp16_hint(model)
+            ),
+        });
+    }
     // diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1).
     let unit = image.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
     Ok(unit.squeeze(0)?.permute((1, 2, 0))?.contiguous()?)

@@ -10,9 +10,12 @@ use crate::analysis::heatmap::StepCross;
 use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRecordingRun};
 use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
+use crate::pipeline::limits::{
+    available_memory, check_run_fits, estimate_run_memory, ModelFootprint, RunCapture,
+};
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::sampling::{
-    latent_preview, prepare_run, CancelToken, GenerateOutput, GenerateRequest, PreparedRun,
+    latent_preview, prepare_run_with, CancelToken, GenerateOutput, GenerateRequest, PreparedRun,
 };
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
@@ -60,7 +63,8 @@ pub(super) fn prepare(
         init_latents: None,
         preview: true,
     };
-    let run = prepare_run(model, &request)?;
+    let token_count = model.tokenizer.encode(&request.prompt)?.token_count();
+    let run = prepare_run_with(model, &request, &store_capture(token_count))?;
     let resolved = GenerateParams {
         scheduler: Some(run.scheduler_kind.name().to_owned()),
         width_px: Some(request.width),
@@ -69,6 +73,11 @@ pub(super) fn prepare(
     };
     let warnings = run.warnings.clone();
     Ok((run, resolved, warnings))
+}
+
+/// What the engine's attention store keeps of a run whose prompt has `token_count` tokens.
+fn store_capture(token_count: usize) -> RunCapture {
+    RunCapture::store(token_count, StoreConfig::default().self_max_side)
 }
 
 /// The frame of an edit step: the store's maps of the step, a preview of the branch's latents.
@@ -123,13 +132,19 @@ impl PipelineEngine {
         if reusable {
             // The recorded source stands for this run; nothing of it is sampled again.
         } else {
+            // The recording comes on top of what `prepare` checked.
+            let self_max_queries = wanted_queries.max(16 * 16);
+            let capture = store_capture(run.prompt_tokens.token_count())
+                .with_replay_recording(self_max_queries);
+            let memory =
+                estimate_run_memory(&ModelFootprint::of_model(model), &run.request, &capture);
+            check_run_fits(&memory, &available_memory())?;
             self.edit_source = None;
             observer.started(Branch::Source, &resolved, prompt_info(&run, warnings), None)?;
             let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
             let words = run.prompt_tokens.words.clone();
             let tokens = run.prompt_tokens.tokens.clone();
             let image_size = (run.request.height, run.request.width);
-            let self_max_queries = wanted_queries.max(16 * 16);
             let record = RecordConfig {
                 self_max_queries,
                 batch_item: 0,
