@@ -9,8 +9,8 @@
 
 mod common;
 mod worker_common;
-use common::{fixture, read_json};
-use std::path::{Path, PathBuf};
+use common::{copy_of_fixture_model, fixture, read_json};
+use std::path::PathBuf;
 
 use attend::pipeline::limits::{
     check_run_fits, estimate_run_memory, AvailableMemory, ModelFootprint, RunCapture, MAX_SIDE_PX,
@@ -316,25 +316,7 @@ fn estimates_of_the_bundled_model_and_sd15() {
 /// Copies tiny-sd1 into a temporary folder and overwrites `tensor` of `component`'s weight files
 /// with NaN.
 fn tiny_sd1_with_nan(component: &str, tensor: &str) -> (tempfile::TempDir, PathBuf) {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name();
-            if name == "reference_outputs.safetensors" {
-                continue;
-            }
-            let target = to.join(&name);
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), &target).unwrap();
-            }
-        }
-    }
-    let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().join("tiny-sd1");
-    copy_dir(&fixture("tiny-sd1"), &dir);
+    let (temp, dir) = copy_of_fixture_model("tiny-sd1");
     let mut poisoned = 0;
     for entry in std::fs::read_dir(dir.join(component)).unwrap() {
         let path = entry.unwrap().path();

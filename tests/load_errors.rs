@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{edit_json, fixture, max_abs_diff};
+use common::{copy_of_fixture_model, edit_json, fixture, max_abs_diff};
 use std::path::{Path, PathBuf};
 
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -21,28 +21,9 @@ fn tiny_sd1() -> PathBuf {
     fixture("tiny-sd1")
 }
 
-/// Copies `source` into a fresh temporary folder (without the large reference outputs).
+/// Copies tiny-sd1 into a fresh temporary folder (without the large reference outputs).
 fn copy_of_tiny_sd1() -> (tempfile::TempDir, PathBuf) {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name();
-            if name == "reference_outputs.safetensors" {
-                continue;
-            }
-            let target = to.join(&name);
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), &target).unwrap();
-            }
-        }
-    }
-    let temp = tempfile::tempdir().unwrap();
-    let model_dir = temp.path().join("tiny-sd1");
-    copy_dir(&tiny_sd1(), &model_dir);
-    (temp, model_dir)
+    copy_of_fixture_model("tiny-sd1")
 }
 
 fn load(dir: &Path) -> PipelineResult<StableDiffusion> {

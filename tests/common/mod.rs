@@ -123,3 +123,28 @@ pub fn random_tensors<'a>(
         })
         .collect()
 }
+
+/// Copies the fixture model folder `name` (e.g. `tiny-sd1`) into a fresh temporary folder, without
+/// its large reference outputs, for tests that damage a copy. Keep the `TempDir` alive.
+pub fn copy_of_fixture_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let file_name = entry.file_name();
+            if file_name == "reference_outputs.safetensors" {
+                continue;
+            }
+            let target = to.join(&file_name);
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join(name);
+    copy_dir(&fixture(name), &dir);
+    (temp, dir)
+}
