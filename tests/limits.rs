@@ -12,14 +12,13 @@ mod worker_common;
 use common::{copy_of_fixture_model, fixture, read_json};
 use std::path::PathBuf;
 
+use attend::hook::CancelToken;
 use attend::pipeline::limits::{
     check_run_fits, estimate_run_memory, AvailableMemory, ModelFootprint, RunCapture, MAX_SIDE_PX,
 };
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::rng::NoiseRng;
-use attend::pipeline::sampling::{
-    generate, prepare_run, CancelToken, GenerateOutput, GenerateRequest,
-};
+use attend::pipeline::sampling::{generate, prepare_run, GenerateOutput, GenerateRequest};
 use attend::pipeline::unet::UnetConfig;
 use attend::pipeline::vae::VaeConfig;
 use attend::pipeline::{PipelineError, PipelineResult};

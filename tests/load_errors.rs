@@ -10,8 +10,9 @@ mod common;
 use common::{copy_of_fixture_model, edit_json, fixture, max_abs_diff};
 use std::path::{Path, PathBuf};
 
+use attend::hook::CancelToken;
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
-use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
+use attend::pipeline::sampling::{generate, GenerateOutput, GenerateRequest};
 use attend::pipeline::scheduler::SchedulerKind;
 use attend::pipeline::weights::WeightVariant;
 use attend::pipeline::{PipelineError, PipelineResult};

@@ -13,8 +13,9 @@ use attend::analysis::edit_spec::{
     CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow,
 };
 use attend::attention::edit_sampling::{generate_edit, EditObservers, EditOutput, EditRequest};
+use attend::hook::CancelToken;
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
-use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
+use attend::pipeline::sampling::{generate, GenerateRequest};
 use attend::pipeline::tokenizer::{PromptTokenizer, PromptTokens};
 
 fn layout(tokens: &PromptTokens) -> PromptLayout<'_> {

@@ -16,8 +16,9 @@ mod common;
 use common::{fixture, max_abs_diff};
 use std::collections::HashMap;
 
+use attend::hook::CancelToken;
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
-use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
+use attend::pipeline::sampling::{generate, GenerateRequest};
 use attend::pipeline::scheduler::{SchedulerConfig, SchedulerKind};
 use candle_core::{Device, Tensor};
 

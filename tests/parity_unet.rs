@@ -84,6 +84,7 @@ fn check_model(model: &str) {
             step_index: 3,
             step_count: 8,
             cfg: true,
+            cancel: None,
         };
         unet.forward(&sample, timestep, &context, Some(&mut hook))
             .unwrap()
@@ -238,6 +239,7 @@ fn replaced_queries_reach_the_fused_path() {
             step_index: 0,
             step_count: 1,
             cfg: false,
+            cancel: None,
         };
         unet.forward(&sample, timestep, &context, Some(&mut hook))
             .unwrap()
@@ -286,6 +288,7 @@ fn hook_can_replace_queries_keys_values_and_probabilities() {
             step_index: 0,
             step_count: 1,
             cfg: false,
+            cancel: None,
         };
         unet.forward(&sample, timestep, &context, Some(&mut hook))
             .unwrap()
@@ -302,6 +305,7 @@ fn hook_can_replace_queries_keys_values_and_probabilities() {
             step_index: 0,
             step_count: 1,
             cfg: false,
+            cancel: None,
         };
         unet.forward(&sample, timestep, &context, Some(&mut hook))
             .unwrap()
@@ -371,6 +375,7 @@ fn declined_probabilities_are_not_materialised_and_change_nothing() {
                 step_index: 0,
                 step_count: 1,
                 cfg: true,
+                cancel: None,
             };
             unet.forward(&sample, timestep, &context, Some(&mut hook))
                 .unwrap()

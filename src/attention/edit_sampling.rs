@@ -24,13 +24,14 @@ use crate::analysis::edit_spec::{BlendMask, EditSpec};
 use crate::attention::p2p::{
     PromptToPrompt, RecordConfig, SourceMode, SourceRecorder, SourceRecording,
 };
+use crate::hook::CancelToken;
 use crate::hook::{AttentionProcessor, AttentionSite, ChainedProcessors};
 use crate::pipeline::limits::RunCapture;
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
     decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run,
-    prepare_run_with, run_to_end, to_rgb8, CancelToken, DenoiseRow, DenoiseStep, GenerateOutput,
+    prepare_run_with, run_to_end, to_rgb8, DenoiseRow, DenoiseStep, GenerateOutput,
     GenerateRequest, PreparedRun, Sampler, StepwiseRun,
 };
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
@@ -184,6 +185,13 @@ impl<'model> SourceRecordingRun<'model> {
         })
     }
 
+    /// Lets every hooked attention layer check `cancel` (see [`Sampler::with_cancel`]).
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.sampler = self.sampler.with_cancel(cancel);
+        self
+    }
+
     /// The run being recorded.
     pub fn run(&self) -> &PreparedRun {
         self.sampler.run()
@@ -247,7 +255,8 @@ pub fn generate_edited_branch(
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<EditedBranch> {
-    let mut run = EditedBranchRun::new(model, &prepare_run(model, request)?, spec, recording)?;
+    let mut run = EditedBranchRun::new(model, &prepare_run(model, request)?, spec, recording)?
+        .with_cancel(cancel.clone());
     run_to_end(&mut run, observer, on_step, cancel)?;
     run.finish()
 }
@@ -264,6 +273,8 @@ pub struct EditedBranchRun<'model> {
     row: DenoiseRow,
     latents_per_step: Vec<Tensor>,
     blend_masks: Vec<Option<BlendMask>>,
+    /// Checked by every hooked attention layer ([`EditedBranchRun::with_cancel`]).
+    cancel: Option<CancelToken>,
 }
 
 impl<'model> EditedBranchRun<'model> {
@@ -304,7 +315,15 @@ impl<'model> EditedBranchRun<'model> {
             p2p,
             text_embeddings,
             row,
+            cancel: None,
         })
+    }
+
+    /// Lets every hooked attention layer check `cancel` (see [`Sampler::with_cancel`]).
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// The edited prompt's tokens.
@@ -332,6 +351,7 @@ impl<'model> EditedBranchRun<'model> {
             timestep,
             guidance: self.guidance,
             guided: self.setup.guided,
+            cancel: self.cancel.clone(),
         };
         {
             let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut self.p2p];
@@ -429,7 +449,7 @@ fn generate_edit_batch(
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let step = setup.step(generate_request, step_index, timestep);
+        let step = setup.step(generate_request, step_index, timestep, cancel);
         {
             let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut p2p];
             if let Some(view) = source_view.as_mut() {
@@ -580,13 +600,20 @@ impl RunSetup {
         ))
     }
 
-    fn step(&self, request: &GenerateRequest, step_index: usize, timestep: f64) -> DenoiseStep {
+    fn step(
+        &self,
+        request: &GenerateRequest,
+        step_index: usize,
+        timestep: f64,
+        cancel: &CancelToken,
+    ) -> DenoiseStep {
         DenoiseStep {
             step_index,
             step_count: self.step_count,
             timestep,
             guidance: request.guidance,
             guided: self.guided,
+            cancel: Some(cancel.clone()),
         }
     }
 

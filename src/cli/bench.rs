@@ -170,6 +170,7 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
                 step_index: 0,
                 step_count: 1,
                 cfg: true,
+                cancel: None,
             });
             unet.forward(&sample, 500.0, &context, hook.as_mut())?
         };

@@ -20,8 +20,8 @@ use attend::attention::edit_sampling::{
     generate_edit, EditBranch, EditObservers, EditOutput, EditRequest, EditStepReport,
 };
 use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
-use attend::pipeline::sampling::CancelToken;
 
 use super::checks::{at_least_one, warn_unknown_words, OutDir};
 use super::generate::{daam_heatmaps, generation_parameters};

@@ -13,7 +13,8 @@ use attend::analysis::export::{write_atomically, write_png_rgb};
 use attend::analysis::scene_check::{find_object, palette_labels};
 use attend::attention::edit_sampling::{generate_edited_branch, record_source};
 use attend::attention::p2p::RecordConfig;
-use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest, RgbImage};
+use attend::hook::CancelToken;
+use attend::pipeline::sampling::{generate, GenerateRequest, RgbImage};
 use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};
 
 use super::checks::{at_least_one, check_output_file, non_negative, OutDir};

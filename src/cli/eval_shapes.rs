@@ -7,7 +7,8 @@ use std::time::Instant;
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings};
 use attend::analysis::scene_check::{background_colour, find_object, iou, palette_labels};
 use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::pipeline::sampling::{generate, CancelToken, GenerateRequest};
+use attend::hook::CancelToken;
+use attend::pipeline::sampling::{generate, GenerateRequest};
 use attend::scenes::{generate_scene, SceneOptions, Shape};
 
 use super::checks::{at_least_one, non_negative, OutDir};

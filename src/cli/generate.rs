@@ -11,11 +11,10 @@ use attend::analysis::export::{
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings, Heatmap};
 use attend::analysis::{colormap, WordSpan};
 use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::hook::CancelToken;
 use attend::pipeline::limits::RunCapture;
 use attend::pipeline::model::StableDiffusion;
-use attend::pipeline::sampling::{
-    generate, prepare_run_with, CancelToken, GenerateOutput, GenerateRequest,
-};
+use attend::pipeline::sampling::{generate, prepare_run_with, GenerateOutput, GenerateRequest};
 
 use super::checks::{check_output_file, warn_unknown_words, OutDir};
 use super::{load_model, ModelArgs, SamplingArgs};

@@ -20,8 +20,9 @@ use attend::analysis::segment::{
 };
 use attend::analysis::WordSpan;
 use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
-use attend::pipeline::sampling::{generate, CancelToken, GenerateOutput, GenerateRequest};
+use attend::pipeline::sampling::{generate, GenerateOutput, GenerateRequest};
 
 use attend::pipeline::unet::config::DownBlockKind;
 

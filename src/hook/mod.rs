@@ -16,6 +16,9 @@
 
 mod chain;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 
 pub use chain::ChainedProcessors;
@@ -149,6 +152,35 @@ pub trait AttentionProcessor {
     }
 }
 
+/// A cheap, clonable flag that stops a run: the sampling loops check it before every step, and
+/// every attention layer of a hooked UNet call checks it before its work, so a cancelled run stops
+/// within one layer even when a single step is long.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every holder's run to stop at its next step or attention layer.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The error an attention layer stops a UNet call with when the hook's cancel token is tripped.
+/// The sampling loops report the run as cancelled then.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled during a UNet call")]
+pub struct CancelledInLayer;
+
 /// What the UNet's forward pass receives to call the hook: the processor and the step it is in.
 pub struct AttentionHook<'a> {
     /// The processor every attention layer calls.
@@ -159,4 +191,16 @@ pub struct AttentionHook<'a> {
     pub step_count: usize,
     /// True when the UNet batch is a CFG batch `[uncond..., cond...]`.
     pub cfg: bool,
+    /// The run's cancel token, checked by every attention layer before its work.
+    pub cancel: Option<&'a CancelToken>,
+}
+
+impl AttentionHook<'_> {
+    /// Fails with [`CancelledInLayer`] once the run's token is tripped.
+    pub fn check_cancelled(&self) -> Result<()> {
+        if self.cancel.is_some_and(CancelToken::is_cancelled) {
+            return Err(candle_core::Error::wrap(CancelledInLayer));
+        }
+        Ok(())
+    }
 }

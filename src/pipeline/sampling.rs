@@ -5,12 +5,9 @@
 //! conditional halves run as one UNet batch `[uncond, cond]`, and
 //! `noise = uncond + guidance * (cond - uncond)` when `guidance > 1`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use candle_core::{DType, Tensor};
 
-use crate::hook::{AttentionHook, AttentionProcessor};
+use crate::hook::{AttentionHook, AttentionProcessor, CancelToken};
 use crate::pipeline::limits::{
     available_memory, check_request_limits, check_run_fits, estimate_run_memory, ModelFootprint,
     RunCapture,
@@ -20,27 +17,6 @@ use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
 use crate::pipeline::tokenizer::PromptTokens;
 use crate::pipeline::{PipelineError, PipelineResult};
-
-/// A cheap, clonable flag that stops a running [`generate`] between steps.
-#[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A token that is not cancelled.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Asks every holder's run to stop at its next step boundary.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    /// True once [`CancelToken::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -267,6 +243,8 @@ pub struct Sampler<'model> {
     row: DenoiseRow,
     latents_per_step: Vec<Tensor>,
     next_step: usize,
+    /// Checked by every hooked attention layer ([`Sampler::with_cancel`]).
+    cancel: Option<CancelToken>,
 }
 
 impl<'model> Sampler<'model> {
@@ -290,7 +268,16 @@ impl<'model> Sampler<'model> {
             text_embeddings,
             row,
             next_step: 0,
+            cancel: None,
         })
+    }
+
+    /// Lets every hooked attention layer check `cancel`, so a cancelled run stops within one
+    /// layer ([`PipelineError::Cancelled`]) instead of at the end of the step.
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// The run being sampled (tokens, timesteps, warnings).
@@ -314,6 +301,7 @@ impl<'model> Sampler<'model> {
             timestep,
             guidance: self.run.request.guidance,
             guided: self.run.request.uses_guidance(),
+            cancel: self.cancel.clone(),
         };
         denoise_step(
             self.model,
@@ -421,7 +409,8 @@ pub fn generate(
     on_step: &mut dyn FnMut(&StepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<GenerateOutput> {
-    let mut sampler = Sampler::new(model, prepare_run(model, request)?)?;
+    let mut sampler =
+        Sampler::new(model, prepare_run(model, request)?)?.with_cancel(cancel.clone());
     run_to_end(&mut sampler, processor, on_step, cancel)?;
     sampler.finish()
 }
@@ -449,6 +438,8 @@ pub(crate) struct DenoiseStep {
     pub(crate) guidance: f64,
     /// True when the UNet batch holds an unconditional half (`guidance > 1`).
     pub(crate) guided: bool,
+    /// The run's cancel token, checked by every hooked attention layer.
+    pub(crate) cancel: Option<CancelToken>,
 }
 
 /// Text embeddings of a UNet batch: `[negative x n, prompts...]` with guidance (`[2n, tokens, dim]`),
@@ -511,10 +502,20 @@ pub(crate) fn denoise_step<'borrow, 'processor>(
         step_index: step.step_index,
         step_count: step.step_count,
         cfg: step.guided,
+        cancel: step.cancel.as_ref(),
     });
-    let model_output = model
-        .unet
-        .forward(&model_input, step.timestep, text_embeddings, hook.as_mut())?
+    let model_output =
+        match model
+            .unet
+            .forward(&model_input, step.timestep, text_embeddings, hook.as_mut())
+        {
+            Ok(output) => output,
+            // A layer saw the token tripped (or failed after it was): the run was cancelled.
+            Err(_) if step.cancel.as_ref().is_some_and(CancelToken::is_cancelled) => {
+                return Err(PipelineError::Cancelled);
+            }
+            Err(error) => return Err(error),
+        }
         .to_dtype(DType::F32)?;
     for (index, row) in rows.iter_mut().enumerate() {
         let guided_output = if step.guided {

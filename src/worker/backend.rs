@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::analysis::segment::LabelledSegmentation;
-use crate::pipeline::sampling::CancelToken;
+use crate::hook::CancelToken;
 use crate::worker::error::{Disconnected, EngineError};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{

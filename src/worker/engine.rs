@@ -17,8 +17,9 @@ use crate::analysis::heatmap::{
 };
 use crate::analysis::WordSpan;
 use crate::attention::store::{AttentionStore, StoreConfig};
+use crate::hook::CancelToken;
 use crate::pipeline::model::{LoadOptions, StableDiffusion};
-use crate::pipeline::sampling::{CancelToken, PreparedRun, Sampler, StepReport, StepwiseRun};
+use crate::pipeline::sampling::{PreparedRun, Sampler, StepReport, StepwiseRun};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::PipelineError;
 use crate::worker::backend::{Engine, RunObserver, RunOutput};
@@ -298,7 +299,7 @@ fn sample_with_store(
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
-    let mut sampler = Sampler::new(model, run)?;
+    let mut sampler = Sampler::new(model, run)?.with_cancel(cancel.clone());
     drive_with_store(&mut sampler, store, cancel, |report, store, timing| {
         observer.step(Branch::Source, step_frame(store, report, timing), None)?;
         answer_self_attention_query(&mut *observer, store)

@@ -14,7 +14,7 @@ use crate::analysis::export::write_attention_safetensors;
 use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
 use crate::analysis::WordSpan;
-use crate::pipeline::sampling::CancelToken;
+use crate::hook::CancelToken;
 use crate::worker::backend::{EditRunOutput, Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::{

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
-use crate::pipeline::sampling::CancelToken;
+use crate::hook::CancelToken;
 use crate::worker::backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
 use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};

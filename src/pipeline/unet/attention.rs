@@ -163,6 +163,9 @@ impl Attention {
         call: AttentionCall,
         hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
+        if let Some(hook) = hook.as_deref() {
+            hook.check_cancelled()?;
+        }
         let query = self.to_q.forward(hidden)?;
         let (key, value) = self.keys_values(context, call.kind)?;
         let attended = match hook {

@@ -10,12 +10,13 @@ use crate::analysis::heatmap::StepCross;
 use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRecordingRun};
 use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
+use crate::hook::CancelToken;
 use crate::pipeline::limits::{
     available_memory, check_run_fits, estimate_run_memory, ModelFootprint, RunCapture,
 };
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::sampling::{
-    latent_preview, prepare_run_with, CancelToken, GenerateOutput, GenerateRequest, PreparedRun,
+    latent_preview, prepare_run_with, GenerateOutput, GenerateRequest, PreparedRun,
 };
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
@@ -189,7 +190,8 @@ impl PipelineEngine {
         };
 
         // The edited branch.
-        let mut branch = EditedBranchRun::new(model, &source_run, spec, recording)?;
+        let mut branch =
+            EditedBranchRun::new(model, &source_run, spec, recording)?.with_cancel(cancel.clone());
         let edit_tokens = branch.edit_tokens();
         let alignment = branch.alignment();
         observer.started(
@@ -240,7 +242,7 @@ fn record_with_store(
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<(GenerateOutput, Arc<SourceRecording>), EngineError> {
-    let mut recording = SourceRecordingRun::new(model, run, record)?;
+    let mut recording = SourceRecordingRun::new(model, run, record)?.with_cancel(cancel.clone());
     drive_with_store(&mut recording, store, cancel, |report, store, timing| {
         let frame = edit_step_frame(model, store, report, timing)?;
         observer.step(Branch::Source, frame, None)?;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::analysis::alignment::{
     align_prompts, selected_words, split_prompt_scope, word_token_indices, PromptLayout, WordChange,
 };
-use crate::pipeline::sampling::CancelToken;
+use crate::hook::CancelToken;
 use crate::worker::backend::{EditRunOutput, Engine as _, RunObserver};
 use crate::worker::error::EngineError;
 use crate::worker::fake::{
