@@ -203,11 +203,7 @@ impl<'model> SourceRecordingRun<'model> {
         observer: Option<&mut (dyn AttentionProcessor + '_)>,
     ) -> PipelineResult<Option<EditStepReport>> {
         let report = {
-            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut self.recorder];
-            if let Some(observer) = observer {
-                processors.push(observer);
-            }
-            let mut chain = ChainedProcessors::new(processors);
+            let mut chain = ChainedProcessors::with_observer(&mut self.recorder, observer);
             self.sampler.step(Some(&mut chain))?
         };
         let Some(report) = report else {
@@ -354,11 +350,7 @@ impl<'model> EditedBranchRun<'model> {
             cancel: self.cancel.clone(),
         };
         {
-            let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut self.p2p];
-            if let Some(observer) = observer {
-                processors.push(observer);
-            }
-            let mut chain = ChainedProcessors::new(processors);
+            let mut chain = ChainedProcessors::with_observer(&mut self.p2p, observer);
             denoise_step(
                 self.model,
                 std::slice::from_mut(&mut self.row),

@@ -15,6 +15,18 @@ impl<'a> ChainedProcessors<'a> {
     pub fn new(processors: Vec<&'a mut dyn AttentionProcessor>) -> Self {
         Self { processors }
     }
+
+    /// `first`, then `observer` when there is one (a processor and what watches its result).
+    pub fn with_observer<'observer: 'a>(
+        first: &'a mut dyn AttentionProcessor,
+        observer: Option<&'a mut (dyn AttentionProcessor + 'observer)>,
+    ) -> Self {
+        let mut processors = vec![first];
+        if let Some(observer) = observer {
+            processors.push(observer);
+        }
+        Self::new(processors)
+    }
 }
 
 impl AttentionProcessor for ChainedProcessors<'_> {
