@@ -180,8 +180,8 @@ impl Engine for PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let (run, resolved, warnings) = edit::prepare(model, params)?;
-        observer.started(Branch::Source, &resolved, prompt_info(&run, warnings), None)?;
+        let (run, resolved) = edit::prepare(model, params)?;
+        observer.started(Branch::Source, &resolved, prompt_info(&run), None)?;
         let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
         let words = run.prompt_tokens.words.clone();
         let tokens = run.prompt_tokens.tokens.clone();
@@ -263,30 +263,49 @@ impl Engine for PipelineEngine {
 }
 
 /// The prompt facts of a prepared run, as the channel reports them.
-fn prompt_info(run: &PreparedRun, warnings: Vec<String>) -> PromptInfo {
+fn prompt_info(run: &PreparedRun) -> PromptInfo {
     PromptInfo {
         words: run.prompt_tokens.words.clone(),
         tokens: run.prompt_tokens.tokens.clone(),
-        warnings,
+        warnings: run.warnings.clone(),
     }
 }
 
 /// One step's frame: the store's maps of the step just finished, the preview, the timings.
-fn step_frame(store: &AttentionStore, report: &StepReport, timing: StepTiming) -> StepFrame {
+fn step_frame(
+    store: &AttentionStore,
+    place: StepPlace,
+    preview: RgbImage,
+    timing: StepTiming,
+) -> StepFrame {
     StepFrame {
-        step_index: report.step_index,
-        step_count: report.step_count,
-        timestep: report.timestep,
-        preview: report
-            .preview
-            .clone()
-            .map(to_worker_image)
-            .unwrap_or_default(),
+        step_index: place.step_index,
+        step_count: place.step_count,
+        timestep: place.timestep,
+        preview,
         cross: Arc::new(store.latest_step().cloned().unwrap_or_else(|| StepCross {
-            step_index: report.step_index,
+            step_index: place.step_index,
             groups: Vec::new(),
         })),
         timing,
+    }
+}
+
+/// Where a step is in its run.
+#[derive(Clone, Copy)]
+struct StepPlace {
+    step_index: usize,
+    step_count: usize,
+    timestep: f64,
+}
+
+impl From<&StepReport> for StepPlace {
+    fn from(report: &StepReport) -> Self {
+        Self {
+            step_index: report.step_index,
+            step_count: report.step_count,
+            timestep: report.timestep,
+        }
     }
 }
 
@@ -301,7 +320,13 @@ fn sample_with_store(
 ) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
     let mut sampler = Sampler::new(model, run)?.with_cancel(cancel.clone());
     drive_with_store(&mut sampler, store, cancel, |report, store, timing| {
-        observer.step(Branch::Source, step_frame(store, report, timing), None)?;
+        let preview = report
+            .preview
+            .clone()
+            .map(to_worker_image)
+            .unwrap_or_default();
+        let frame = step_frame(store, StepPlace::from(report), preview, timing);
+        observer.step(Branch::Source, frame, None)?;
         answer_self_attention_query(&mut *observer, store)
     })?;
     Ok(sampler.finish()?)

@@ -6,7 +6,6 @@ use std::str::FromStr as _;
 use std::sync::Arc;
 
 use crate::analysis::edit_spec::{BlendMask, EditSpec};
-use crate::analysis::heatmap::StepCross;
 use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRecordingRun};
 use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
@@ -21,7 +20,8 @@ use crate::pipeline::sampling::{
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
 use crate::worker::engine::{
-    drive_with_store, prompt_info, to_worker_image, LatestRun, PipelineEngine,
+    drive_with_store, prompt_info, step_frame, to_worker_image, LatestRun, PipelineEngine,
+    StepPlace,
 };
 use crate::worker::error::EngineError;
 use crate::worker::protocol::{
@@ -41,11 +41,11 @@ pub(super) struct EditSource {
 
 /// Resolves a run's parameters (size, scheduler defaults) and prepares the run once: checked,
 /// tokenised and scheduled, so it can be reported before its first step. Returns the prepared run,
-/// the parameters with the defaults filled in, and the warnings to show.
+/// and the parameters with the defaults filled in.
 pub(super) fn prepare(
     model: &StableDiffusion,
     params: &GenerateParams,
-) -> Result<(PreparedRun, GenerateParams, Vec<String>), EngineError> {
+) -> Result<(PreparedRun, GenerateParams), EngineError> {
     let requested_kind = params
         .scheduler
         .as_deref()
@@ -72,8 +72,7 @@ pub(super) fn prepare(
         height_px: Some(request.height),
         ..params.clone()
     };
-    let warnings = run.warnings.clone();
-    Ok((run, resolved, warnings))
+    Ok((run, resolved))
 }
 
 /// What the engine's attention store keeps of a run whose prompt has `token_count` tokens.
@@ -96,17 +95,12 @@ fn edit_step_frame(
         Some(latents) => to_worker_image(latent_preview(latents, model.is_pixel_space())?),
         None => Default::default(),
     };
-    Ok(StepFrame {
+    let place = StepPlace {
         step_index: report.step_index,
         step_count: report.step_count,
         timestep: report.timestep,
-        preview,
-        cross: Arc::new(store.latest_step().cloned().unwrap_or_else(|| StepCross {
-            step_index: report.step_index,
-            groups: Vec::new(),
-        })),
-        timing,
-    })
+    };
+    Ok(step_frame(store, place, preview, timing))
 }
 
 impl PipelineEngine {
@@ -121,7 +115,7 @@ impl PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let (run, resolved, warnings) = prepare(model, params)?;
+        let (run, resolved) = prepare(model, params)?;
         // The edited branch needs the source's facts after the source run took the prepared run.
         let source_run = run.clone();
         let wanted_queries = spec.map_or(16 * 16, |spec| spec.self_replace.max_queries);
@@ -141,7 +135,7 @@ impl PipelineEngine {
                 estimate_run_memory(&ModelFootprint::of_model(model), &run.request, &capture);
             check_run_fits(&memory, &available_memory())?;
             self.edit_source = None;
-            observer.started(Branch::Source, &resolved, prompt_info(&run, warnings), None)?;
+            observer.started(Branch::Source, &resolved, prompt_info(&run), None)?;
             let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
             let words = run.prompt_tokens.words.clone();
             let tokens = run.prompt_tokens.tokens.clone();
