@@ -9,6 +9,7 @@ mod error;
 pub mod export;
 pub mod geometry;
 pub mod heatmap;
+pub mod image;
 pub mod scene_check;
 pub mod segment;
 

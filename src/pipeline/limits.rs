@@ -612,6 +612,7 @@ pub fn check_unet_call(
         scheduler: None,
         init_latents: None,
         preview: false,
+        inversion: None,
     };
     check_request_limits(&request, size_multiple, "the latent factor")?;
     let memory = estimate_run_memory(footprint, &request, capture);

@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod error;
+pub mod inversion;
 pub mod limits;
 pub mod model;
 pub mod profile;

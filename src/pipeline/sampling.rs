@@ -5,9 +5,12 @@
 //! conditional halves run as one UNet batch `[uncond, cond]`, and
 //! `noise = uncond + guidance * (cond - uncond)` when `guidance > 1`.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use crate::hook::{AttentionHook, AttentionProcessor, CancelToken};
+use crate::pipeline::inversion::Inversion;
 use crate::pipeline::limits::{
     available_memory, check_request_limits, check_run_fits, estimate_run_memory, ModelFootprint,
     RunCapture,
@@ -41,6 +44,10 @@ pub struct GenerateRequest {
     pub init_latents: Option<Tensor>,
     /// Attach a cheap RGB preview to every [`StepReport`].
     pub preview: bool,
+    /// A real image's inversion to replay: the run starts from its `z*_T` on its DDIM timesteps and
+    /// applies its per-step correction, so the source prompt regenerates the image. `None`: the
+    /// run starts from noise.
+    pub inversion: Option<Arc<Inversion>>,
 }
 
 impl GenerateRequest {
@@ -58,6 +65,7 @@ impl GenerateRequest {
             scheduler: None,
             init_latents: None,
             preview: false,
+            inversion: None,
         }
     }
 
@@ -67,16 +75,7 @@ impl GenerateRequest {
     }
 }
 
-/// An 8-bit RGB image as plain data.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// `[height, width, 3]` bytes, row-major.
-    pub pixels: Vec<u8>,
-}
+pub use crate::analysis::image::RgbImage;
 
 /// Sent to the caller after every denoising step.
 #[derive(Clone, Debug)]

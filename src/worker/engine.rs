@@ -109,14 +109,6 @@ impl PipelineEngine {
     }
 }
 
-fn to_worker_image(image: crate::pipeline::sampling::RgbImage) -> RgbImage {
-    RgbImage {
-        width: image.width,
-        height: image.height,
-        pixels: image.pixels,
-    }
-}
-
 impl Engine for PipelineEngine {
     fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
         let dir = match source {
@@ -196,7 +188,7 @@ impl Engine for PipelineEngine {
             image_size,
         });
         Ok(RunOutput {
-            image: to_worker_image(result?.image),
+            image: result?.image,
             self_attention_grids,
         })
     }
@@ -320,11 +312,7 @@ fn sample_with_store(
 ) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
     let mut sampler = Sampler::new(model, run)?.with_cancel(cancel.clone());
     drive_with_store(&mut sampler, store, cancel, |report, store, timing| {
-        let preview = report
-            .preview
-            .clone()
-            .map(to_worker_image)
-            .unwrap_or_default();
+        let preview = report.preview.clone().unwrap_or_default();
         let frame = step_frame(store, StepPlace::from(report), preview, timing);
         observer.step(Branch::Source, frame, None)?;
         answer_self_attention_query(&mut *observer, store)

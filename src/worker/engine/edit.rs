@@ -20,8 +20,7 @@ use crate::pipeline::sampling::{
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::worker::backend::{EditRunOutput, RunObserver, RunOutput};
 use crate::worker::engine::{
-    drive_with_store, prompt_info, step_frame, to_worker_image, LatestRun, PipelineEngine,
-    StepPlace,
+    drive_with_store, prompt_info, step_frame, LatestRun, PipelineEngine, StepPlace,
 };
 use crate::worker::error::EngineError;
 use crate::worker::protocol::{
@@ -63,6 +62,7 @@ pub(super) fn prepare(
         scheduler: requested_kind,
         init_latents: None,
         preview: true,
+        inversion: None,
     };
     let token_count = model.tokenizer.encode(&request.prompt)?.token_count();
     let run = prepare_run_with(model, &request, &store_capture(token_count))?;
@@ -92,7 +92,7 @@ fn edit_step_frame(
         .as_ref()
         .or(report.source_latents.as_ref());
     let preview = match latents {
-        Some(latents) => to_worker_image(latent_preview(latents, model.is_pixel_space())?),
+        Some(latents) => latent_preview(latents, model.is_pixel_space())?,
         None => Default::default(),
     };
     let place = StepPlace {
@@ -160,7 +160,7 @@ impl PipelineEngine {
                 recording,
             });
             let source = RunOutput {
-                image: to_worker_image(output.image),
+                image: output.image,
                 self_attention_grids,
             };
             observer.source_finished(&source)?;
@@ -220,7 +220,7 @@ impl PipelineEngine {
             branch.blend_masks.iter().rev().flatten().next().cloned();
         Ok(EditRunOutput {
             source: source_output,
-            edited: Some(to_worker_image(branch.edited.image)),
+            edited: Some(branch.edited.image),
             blend_mask,
         })
     }
