@@ -1,6 +1,8 @@
 //! Stable-Diffusion-family models in candle, with an attention hook in every attention layer.
 
+pub mod checkpoint;
 pub mod clip;
+pub mod discovery;
 pub mod error;
 pub mod inversion;
 pub mod limits;

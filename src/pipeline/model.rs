@@ -1,4 +1,7 @@
-//! A Stable-Diffusion-family model folder (diffusers layout) loaded into memory.
+//! A Stable-Diffusion-family model loaded into memory, from a diffusers model folder or a
+//! single-file checkpoint (see [`crate::pipeline::checkpoint`]).
+//!
+//! A folder in diffusers layout:
 //!
 //! ```text
 //! model_index.json
@@ -17,8 +20,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::analysis::edit_spec::EditDefaults;
+use crate::pipeline::checkpoint::{self, Component, SingleFileCheckpoint};
 use crate::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
-use crate::pipeline::scheduler::SchedulerConfig;
+use crate::pipeline::scheduler::{PredictionType, SchedulerConfig};
 use crate::pipeline::tokenizer::PromptTokenizer;
 use crate::pipeline::unet::{Unet, UnetConfig};
 use crate::pipeline::vae::{AutoencoderKl, VaeConfig};
@@ -35,6 +39,9 @@ pub struct LoadOptions {
     pub variant: WeightVariant,
     /// Where the weights live and the model runs (CPU default).
     pub device: Device,
+    /// Overrides what the UNet predicts (the folder's scheduler config, or the single-file
+    /// heuristic: v-prediction for SD 2.x 768 shapes, epsilon otherwise).
+    pub prediction_type: Option<PredictionType>,
 }
 
 impl Default for LoadOptions {
@@ -43,9 +50,25 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             variant: WeightVariant::Full,
             device: Device::Cpu,
+            prediction_type: None,
         }
     }
 }
+
+/// One stage of a model load, reported before it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// What is loaded now (`"tokenizer"`, `"text encoder"`, `"UNet"`, `"VAE"`).
+    pub stage: &'static str,
+    /// Its 0-based index among the load's stages.
+    pub index: usize,
+    /// How many stages the load has.
+    pub count: usize,
+}
+
+/// Called before each stage of a load; an error (such as [`PipelineError::Cancelled`]) stops the load
+/// and is returned from it.
+pub type LoadObserver<'a> = &'a mut dyn FnMut(LoadProgress) -> PipelineResult<()>;
 
 /// The parts of `model_index.json` attend reads.
 #[derive(Clone, Debug, PartialEq)]
@@ -175,15 +198,28 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads the model folder `dir` (see the module docs for the layout). Every error names the file
-    /// or folder at fault.
-    pub fn load(dir: &Path, options: &LoadOptions) -> PipelineResult<Self> {
-        if !dir.is_dir() {
-            return Err(PipelineError::Missing {
-                what: "model folder",
-                path: dir.to_path_buf(),
-            });
+    /// Loads a model folder or a single-file checkpoint (see the module docs). Every error names
+    /// the file or folder at fault.
+    pub fn load(path: &Path, options: &LoadOptions) -> PipelineResult<Self> {
+        Self::load_observed(path, options, &mut |_| Ok(()))
+    }
+
+    /// [`StableDiffusion::load`], calling `observe` before each component; an error from it stops
+    /// the load (nothing half-loaded is kept: the model only exists once every part loaded).
+    pub fn load_observed(
+        path: &Path,
+        options: &LoadOptions,
+        observe: LoadObserver<'_>,
+    ) -> PipelineResult<Self> {
+        if path.is_file() || checkpoint::is_pickle_path(path) {
+            let checkpoint = SingleFileCheckpoint::open(path, options.prediction_type)?;
+            Self::load_checkpoint(&checkpoint, options, observe)
+        } else {
+            Self::load_folder(path, options, observe)
         }
+    }
+
+    fn check_options(options: &LoadOptions) -> PipelineResult<()> {
         if options.device.is_cpu() && options.dtype == DType::BF16 {
             return Err(PipelineError::InvalidArgument {
                 name: "dtype",
@@ -199,10 +235,115 @@ impl StableDiffusion {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Loads an opened single-file checkpoint with its inferred configs (which a caller may have
+    /// corrected), reading the weights under their diffusers names.
+    pub fn load_checkpoint(
+        checkpoint: &SingleFileCheckpoint,
+        options: &LoadOptions,
+        observe: LoadObserver<'_>,
+    ) -> PipelineResult<Self> {
+        Self::check_options(options)?;
+        let path = checkpoint.path();
+        let configs = &checkpoint.configs;
+        let stage = |index: usize, stage: &'static str| LoadProgress {
+            stage,
+            index,
+            count: 4,
+        };
+        observe(stage(0, "tokenizer"))?;
+        let tokenizer = PromptTokenizer::bundled_clip(&configs.pad_token)?;
+        let weights = checkpoint.map()?;
+        let blame = |error: candle_core::Error| PipelineError::BadWeights {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        };
+        let var_builder =
+            |component| weights.var_builder(checkpoint, component, options.dtype, &options.device);
+        observe(stage(1, "text encoder"))?;
+        let text_encoder =
+            ClipTextEncoder::new(var_builder(Component::TextEncoder), &configs.text_encoder)
+                .map_err(|error| match error {
+                    PipelineError::Tensor(error) => blame(error),
+                    other => other,
+                })?;
+        observe(stage(2, "UNet"))?;
+        let unet =
+            Unet::new(var_builder(Component::Unet), &configs.unet).map_err(
+                |error| match error {
+                    PipelineError::Tensor(error) => blame(error),
+                    other => other,
+                },
+            )?;
+        observe(stage(3, "VAE"))?;
+        let vae =
+            AutoencoderKl::new(var_builder(Component::Vae), &configs.vae).map_err(|error| {
+                match error {
+                    PipelineError::Tensor(error) => blame(error),
+                    other => other,
+                }
+            })?;
+        let mut scheduler_config = configs.scheduler.clone();
+        if let Some(prediction) = options.prediction_type {
+            scheduler_config.prediction_type = prediction;
+        }
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |stem| stem.to_string_lossy().into_owned(),
+        );
+        let model = Self {
+            name,
+            dir: path.to_path_buf(),
+            tokenizer,
+            text_encoder_config: configs.text_encoder.clone(),
+            text_encoder,
+            unet,
+            vae_config: Some(configs.vae.clone()),
+            vae: Some(vae),
+            scheduler_config,
+            dtype: options.dtype,
+            device: options.device.clone(),
+            warnings: vec![format!(
+                "{} single file: configs inferred from the tensor shapes ({} prediction)",
+                configs.family.label(),
+                checkpoint::prediction_type_name(
+                    options
+                        .prediction_type
+                        .unwrap_or(configs.scheduler.prediction_type)
+                )
+            )],
+            edit_defaults: EditDefaults::default(),
+        };
+        model.check_components_fit(path)?;
+        Ok(model)
+    }
+
+    fn load_folder(
+        dir: &Path,
+        options: &LoadOptions,
+        observe: LoadObserver<'_>,
+    ) -> PipelineResult<Self> {
+        if !dir.is_dir() {
+            return Err(PipelineError::Missing {
+                what: "model folder or checkpoint file",
+                path: dir.to_path_buf(),
+            });
+        }
+        Self::check_options(options)?;
         let index = ModelIndex::from_file(&dir.join("model_index.json"))?;
         let mut warnings = Vec::new();
+        let stage_count = if index.has_vae { 4 } else { 3 };
+        let stage = |index: usize, stage: &'static str| LoadProgress {
+            stage,
+            index,
+            count: stage_count,
+        };
 
+        observe(stage(0, "tokenizer"))?;
         let tokenizer = PromptTokenizer::from_folder(&dir.join("tokenizer"))?;
+        observe(stage(1, "text encoder"))?;
 
         let text_encoder_dir = dir.join("text_encoder");
         let text_encoder_config = ClipTextConfig::from_file(&text_encoder_dir.join("config.json"))?;
@@ -218,6 +359,7 @@ impl StableDiffusion {
         )
         .map_err(|err| text_encoder_weights.weight_error(err))?;
 
+        observe(stage(2, "UNet"))?;
         let unet_dir = dir.join("unet");
         let unet_config_path = unet_dir.join("config.json");
         let unet_config = UnetConfig::from_file(&unet_config_path)?;
@@ -234,6 +376,7 @@ impl StableDiffusion {
         .map_err(|err| unet_weights.weight_error(err))?;
 
         let (vae_config, vae) = if index.has_vae {
+            observe(stage(3, "VAE"))?;
             let vae_dir = dir.join("vae");
             let vae_config = VaeConfig::from_file(&vae_dir.join("config.json"))?;
             let vae_weights = open_weights(
@@ -252,8 +395,11 @@ impl StableDiffusion {
             (None, None)
         };
 
-        let scheduler_config =
+        let mut scheduler_config =
             SchedulerConfig::from_file(&dir.join("scheduler").join("scheduler_config.json"))?;
+        if let Some(prediction) = options.prediction_type {
+            scheduler_config.prediction_type = prediction;
+        }
 
         let model = Self {
             name: model_name(dir),
@@ -312,12 +458,12 @@ impl StableDiffusion {
             .map_or(3, |config| config.latent_channels)
     }
 
-    /// The model's name (its folder name).
+    /// The model's name (its folder name, or the checkpoint file's name without extension).
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// The folder it was loaded from.
+    /// The folder (or single checkpoint file) it was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -31,6 +31,12 @@ const CLIP_SPLIT_PATTERN: &str =
 const DEFAULT_START_TOKEN: &str = "<|startoftext|>";
 /// CLIP's end-of-text token, used when `tokenizer_config.json` names no `eos_token`.
 const DEFAULT_END_TOKEN: &str = "<|endoftext|>";
+/// Where the bundled CLIP vocabulary lives in the source tree (named in errors).
+const BUNDLED_CLIP_FOLDER: &str = "assets/clip-tokenizer";
+/// The bundled CLIP vocabulary (`vocab.json`), compiled in so one checkpoint file is enough.
+const BUNDLED_CLIP_VOCAB: &str = include_str!("../../assets/clip-tokenizer/vocab.json");
+/// The bundled CLIP merges (`merges.txt`).
+const BUNDLED_CLIP_MERGES: &str = include_str!("../../assets/clip-tokenizer/merges.txt");
 /// CLIP's context length, used when `tokenizer_config.json` gives no usable `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
 /// Larger `model_max_length` values are transformers' "unset" sentinel (`int(1e30)`), not a length.
@@ -158,6 +164,64 @@ impl PromptTokenizer {
             end_token,
             pad_token,
             max_length: config.max_length,
+        })
+    }
+
+    /// The CLIP BPE tokenizer shipped with attend (`assets/clip-tokenizer/`, the vocabulary every
+    /// SD 1.x/2.x model uses), for single-file checkpoints that carry none: start and end tokens
+    /// `<|startoftext|>` / `<|endoftext|>`, 77 tokens, and `pad_token` after the end (`<|endoftext|>`
+    /// for SD 1.x, `!` for SD 2.x).
+    pub fn bundled_clip(pad_token: &str) -> PipelineResult<Self> {
+        let bundled = Path::new(BUNDLED_CLIP_FOLDER);
+        let bad = |reason: String| PipelineError::BadFile {
+            path: bundled.to_path_buf(),
+            reason,
+        };
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(BUNDLED_CLIP_VOCAB)
+                .map_err(|error| bad(format!("vocab.json: {error}")))?;
+        let merges = BUNDLED_CLIP_MERGES
+            .lines()
+            .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+            .map(|line| {
+                line.split_once(' ')
+                    .map(|(left, right)| (left.to_string(), right.to_string()))
+                    .ok_or_else(|| bad(format!("merges.txt: bad line {line:?}")))
+            })
+            .collect::<PipelineResult<Vec<_>>>()?;
+        let model = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .end_of_word_suffix("</w>".into())
+            .unk_token(DEFAULT_END_TOKEN.into())
+            .build()
+            .map_err(|error| bad(format!("cannot build BPE: {error}")))?;
+        let special_tokens: Vec<AddedToken> = [DEFAULT_START_TOKEN, DEFAULT_END_TOKEN, pad_token]
+            .iter()
+            .enumerate()
+            .filter(|(index, text)| *index < 2 || **text != DEFAULT_END_TOKEN)
+            .map(|(_, text)| AddedToken::from(text.to_string(), true))
+            .collect();
+        let tokenizer = clip_tokenizer_from_model(model, bundled, &special_tokens)?;
+        let lookup = |text: &str| -> PipelineResult<SpecialToken> {
+            tokenizer
+                .token_to_id(text)
+                .map(|id| SpecialToken {
+                    text: text.to_string(),
+                    id,
+                })
+                .ok_or_else(|| bad(format!("special token {text:?} is not in the vocabulary")))
+        };
+        Ok(Self {
+            start_token: lookup(DEFAULT_START_TOKEN)?,
+            end_token: lookup(DEFAULT_END_TOKEN)?,
+            pad_token: lookup(pad_token)?,
+            tokenizer,
+            max_length: DEFAULT_MAX_LENGTH,
         })
     }
 
@@ -323,7 +387,16 @@ fn build_clip_bpe(
             path: merges_path.clone(),
             reason: format!("cannot build BPE from vocab.json + merges.txt: {error}"),
         })?;
+    clip_tokenizer_from_model(model, dir, special_tokens)
+}
 
+/// CLIP's normaliser, pre-tokeniser and decoder around a BPE model, plus the special tokens;
+/// `dir` names the tokenizer's source in errors.
+fn clip_tokenizer_from_model(
+    model: BPE,
+    dir: &Path,
+    special_tokens: &[AddedToken],
+) -> PipelineResult<Tokenizer> {
     let builder_error = |error: tokenizers::Error| PipelineError::BadFile {
         path: dir.to_path_buf(),
         reason: format!("cannot build the CLIP tokenizer: {error}"),

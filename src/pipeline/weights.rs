@@ -384,7 +384,9 @@ impl CheckedSafetensors {
 
 /// Memory-maps already checked safetensors files.
 #[allow(unsafe_code)]
-fn map_files(paths: &[&Path]) -> PipelineResult<candle_core::safetensors::MmapedSafetensors> {
+pub(crate) fn map_files(
+    paths: &[&Path],
+) -> PipelineResult<candle_core::safetensors::MmapedSafetensors> {
     // SAFETY: the files were opened read-only and their headers checked just before; as with every
     // memory-mapped file, they must not be modified while attend runs (mmap's usual contract).
     unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|err| {
