@@ -382,14 +382,24 @@ fn negative_and_zero_numbers_get_a_range_message() {
 #[test]
 fn a_model_path_that_is_a_file_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("model.safetensors");
+    let file = dir.path().join("model.txt");
     std::fs::write(&file, b"not a folder").unwrap();
     let file = file.to_str().unwrap();
     let stderr = fails(&generate_args(file, &[]));
     assert!(stderr.contains(file), "{stderr}");
-    assert!(stderr.contains("is a file, not a model folder"), "{stderr}");
-    let stderr = fails(&["bench", "unet", "--model", file, "--iters", "1"]);
-    assert!(stderr.contains("is a file, not a model folder"), "{stderr}");
+    assert!(
+        stderr.contains("not a model folder or a .safetensors checkpoint"),
+        "{stderr}"
+    );
+    // A .safetensors file is read as a single-file checkpoint, and its flaw named.
+    let checkpoint = dir.path().join("model.safetensors");
+    std::fs::write(&checkpoint, b"not a folder").unwrap();
+    let checkpoint = checkpoint.to_str().unwrap();
+    let stderr = fails(&["bench", "unet", "--model", checkpoint, "--iters", "1"]);
+    assert!(
+        stderr.contains(checkpoint) && stderr.contains("not a safetensors file"),
+        "{stderr}"
+    );
 }
 
 #[test]

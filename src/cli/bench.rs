@@ -32,6 +32,8 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// One UNet call (CFG batch of 2).
     Unet(UnetBenchArgs),
+    /// Loading a model (diffusers folder or single-file checkpoint).
+    Load(super::models::LoadBenchArgs),
 }
 
 /// Arguments of `attend bench unet`.
@@ -75,6 +77,7 @@ pub struct UnetBenchArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.target {
         BenchTarget::Unet(unet_args) => bench_unet(unet_args),
+        BenchTarget::Load(load_args) => super::models::bench_load(load_args),
     }
 }
 
@@ -95,7 +98,7 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         (Some(dir), None) => {
             let model = load_model(&super::ModelArgs {
                 dir: Some(dir.clone()),
-                fp16_weights: false,
+                ..super::ModelArgs::default()
             })?;
             let factor = args
                 .latent_factor
@@ -103,10 +106,7 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             (model.unet, factor)
         }
         (None, None) => {
-            let model = load_model(&super::ModelArgs {
-                dir: None,
-                fp16_weights: false,
-            })?;
+            let model = load_model(&super::ModelArgs::default())?;
             let factor = args
                 .latent_factor
                 .unwrap_or_else(|| model.latent_downscale_factor());

@@ -6,6 +6,7 @@ mod edit;
 mod edit_eval;
 mod eval_shapes;
 mod generate;
+mod models;
 mod scenes;
 mod segment;
 mod segment_eval;
@@ -27,7 +28,8 @@ pub struct Cli {
     /// Editor: seed to start with.
     #[arg(long, value_parser = checks::non_negative, allow_negative_numbers = true)]
     pub seed: Option<u64>,
-    /// Editor: model folder (diffusers layout); default: the bundled model.
+    /// Editor: model folder (diffusers layout) or single-file checkpoint (.safetensors); default:
+    /// the bundled model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Editor: start generating at once (for demos and screenshots).
@@ -57,6 +59,8 @@ pub enum Command {
     EditEval(edit_eval::EditEvalArgs),
     /// Measure segmentation (mIoU, label accuracy, time) on the bundled model over fixed scenes.
     SegmentEval(segment_eval::SegmentEvalArgs),
+    /// List the models on this machine: Hugging Face cache, A1111 / ComfyUI folders, --search-dir.
+    Models(models::ModelsArgs),
 }
 
 /// Run what the command line asks for.
@@ -70,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Segment(args)) => segment::run(&args),
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),
+        Some(Command::Models(args)) => models::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
@@ -185,26 +190,43 @@ fn read_init_latents(path: &std::path::Path) -> anyhow::Result<candle_core::Tens
 }
 
 /// Model selection shared by the subcommands.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ModelArgs {
     /// Model folder in diffusers layout (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
-    /// vae/). Default: the bundled model.
-    #[arg(long = "model", value_name = "DIR")]
+    /// vae/) or a single-file SD 1.x/2.x checkpoint (.safetensors, LDM / A1111 layout). Default: the
+    /// bundled model.
+    #[arg(long = "model", value_name = "PATH")]
     pub dir: Option<PathBuf>,
     /// Prefer the `.fp16.safetensors` weights when a folder has both.
     #[arg(long)]
     pub fp16_weights: bool,
+    /// What the UNet predicts: epsilon, v_prediction or sample. Default: the folder's scheduler
+    /// config; for a single file, v_prediction with SD 2.x 768 shapes, else epsilon (SD 2.x base and
+    /// SD-Turbo files need `--prediction-type epsilon`).
+    #[arg(long, value_parser = parse_prediction_type)]
+    pub prediction_type: Option<attend::pipeline::scheduler::PredictionType>,
 }
 
-/// Fails when `--model` names something that exists but is not a folder (a file given by mistake,
-/// such as a `.safetensors` checkpoint), before the loader's "not found".
-pub fn check_model_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    if let Ok(metadata) = std::fs::metadata(dir) {
+fn parse_prediction_type(
+    text: &str,
+) -> Result<attend::pipeline::scheduler::PredictionType, String> {
+    attend::pipeline::checkpoint::parse_prediction_type(text)
+}
+
+/// Fails when `--model` names a file that is not a `.safetensors` checkpoint (pickles are refused
+/// by the loader with the way to convert them), before the loader's "not found".
+pub fn check_model_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let is_checkpoint = path.extension().is_some_and(|extension| {
+            extension.eq_ignore_ascii_case("safetensors")
+                || attend::pipeline::checkpoint::is_pickle_path(path)
+        });
         anyhow::ensure!(
-            metadata.is_dir(),
-            "--model {}: is a file, not a model folder (expected a folder in diffusers layout with \
-             model_index.json, unet/, text_encoder/, tokenizer/ and scheduler/)",
-            dir.display()
+            metadata.is_dir() || is_checkpoint,
+            "--model {}: not a model folder or a .safetensors checkpoint (expected a folder in \
+             diffusers layout with model_index.json, unet/, text_encoder/, tokenizer/ and scheduler/, \
+             or a single-file SD checkpoint)",
+            path.display()
         );
     }
     Ok(())
@@ -228,7 +250,10 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::S
             dir
         }
     };
-    let mut options = attend::pipeline::model::LoadOptions::default();
+    let mut options = attend::pipeline::model::LoadOptions {
+        prediction_type: args.prediction_type,
+        ..attend::pipeline::model::LoadOptions::default()
+    };
     // The bundled model ships its UNet as the fp16 variant only (no note needed about that).
     if args.fp16_weights || args.dir.is_none() {
         options.variant = attend::pipeline::weights::WeightVariant::Fp16;

@@ -157,7 +157,7 @@ impl EditorApp {
             params.steps = steps;
         }
         if let Some(folder) = options.model {
-            model = Some(ModelSource::Folder(folder));
+            model = Some(ModelSource::from_path(folder));
         }
         let remembered = model.is_none();
         self.load_model(model.unwrap_or_else(|| self.state.settings.model.clone()));
@@ -594,7 +594,7 @@ impl EditorApp {
         }
         let command = match purpose {
             DialogPurpose::OpenModelFolder => {
-                self.load_model(ModelSource::Folder(path));
+                self.load_model(ModelSource::from_path(path));
                 return;
             }
             DialogPurpose::OpenSession => {

@@ -123,7 +123,7 @@ impl Engine for PipelineEngine {
                 }
                 dir
             }
-            ModelSource::Folder(dir) => dir.clone(),
+            ModelSource::Folder(path) | ModelSource::File(path) => path.clone(),
         };
         // The bundled model ships its UNet as the fp16 variant only; asking for that variant keeps
         // the "only fp16 files found" note (meant for user folders) out of the status line.
@@ -132,7 +132,7 @@ impl Engine for PipelineEngine {
                 variant: crate::pipeline::weights::WeightVariant::Fp16,
                 ..LoadOptions::default()
             },
-            ModelSource::Folder(_) => LoadOptions::default(),
+            ModelSource::Folder(_) | ModelSource::File(_) => LoadOptions::default(),
         };
         let model = StableDiffusion::load(&dir, &options)?;
         let (default_width_px, default_height_px) = model.default_size_px();

@@ -182,6 +182,18 @@ impl Engine for FakeEngine {
                     .map(|name| name.to_string_lossy().into_owned())
                     .unwrap_or_else(|| path.display().to_string())
             }
+            ModelSource::File(path) => {
+                if !path.is_file() {
+                    return Err(crate::pipeline::PipelineError::Missing {
+                        what: "checkpoint file",
+                        path: path.clone(),
+                    }
+                    .into());
+                }
+                path.file_stem()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.display().to_string())
+            }
         };
         let info = ModelInfo {
             source: source.clone(),
@@ -201,7 +213,7 @@ impl Engine for FakeEngine {
                     window: StepWindow::until(0.2),
                     max_queries: 32 * 32,
                 },
-                ModelSource::Folder(_) => SelfReplace::default(),
+                ModelSource::Folder(_) | ModelSource::File(_) => SelfReplace::default(),
             },
         };
         self.model = Some(info.clone());

@@ -37,13 +37,35 @@ pub enum ModelSource {
     Bundled,
     /// A diffusers-layout model folder chosen by the user.
     Folder(PathBuf),
+    /// A single-file checkpoint (`.safetensors` in the original LDM / A1111 layout).
+    File(PathBuf),
+}
+
+impl ModelSource {
+    /// The source for a path the user picked or dropped: a file is a single-file checkpoint,
+    /// anything else a model folder.
+    pub fn from_path(path: PathBuf) -> Self {
+        if path.is_file() {
+            Self::File(path)
+        } else {
+            Self::Folder(path)
+        }
+    }
+
+    /// The folder or file, `None` for the bundled model.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Bundled => None,
+            Self::Folder(path) | Self::File(path) => Some(path),
+        }
+    }
 }
 
 impl std::fmt::Display for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Bundled => write!(f, "bundled model"),
-            Self::Folder(path) => write!(f, "{}", path.display()),
+            Self::Folder(path) | Self::File(path) => write!(f, "{}", path.display()),
         }
     }
 }
