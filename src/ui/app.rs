@@ -21,6 +21,7 @@ use crate::ui::events::{route_event, AfterEvent};
 use crate::ui::exports::{current_session, default_file_name, export_command, ExportSources};
 use crate::ui::frame_times::{FrameTimeSummary, FrameTimes};
 use crate::ui::mode::ModeKind;
+use crate::ui::models_menu::{dropped_model_paths, ModelsMenu, MODELS_MENU_STORAGE_KEY};
 use crate::ui::panels;
 use crate::ui::run_view::RunView;
 use crate::ui::screenshot::{Screenshot, ScreenshotWatch};
@@ -46,6 +47,8 @@ struct Views {
     compare: CompareView,
     /// The path field, open when a file dialog could not.
     path_field: Option<PathField>,
+    /// The Models menu (discovered models, added folders, recent models).
+    models_menu: ModelsMenu,
 }
 
 /// The editor.
@@ -104,6 +107,7 @@ impl EditorApp {
                 edit_panel: EditPanel::default(),
                 compare: CompareView::default(),
                 path_field: None,
+                models_menu: ModelsMenu::default(),
             },
             commands: UiCommands::default(),
             worker,
@@ -585,7 +589,12 @@ impl EditorApp {
         let Some(path) = path else {
             return;
         };
-        if purpose != DialogPurpose::OpenModelFolder {
+        if !matches!(
+            purpose,
+            DialogPurpose::OpenModelFolder
+                | DialogPurpose::OpenModelFile
+                | DialogPurpose::AddModelFolder
+        ) {
             self.state.settings.export_folder = if purpose == DialogPurpose::ExportAllHeatmaps {
                 Some(path.clone())
             } else {
@@ -593,8 +602,12 @@ impl EditorApp {
             };
         }
         let command = match purpose {
-            DialogPurpose::OpenModelFolder => {
+            DialogPurpose::OpenModelFolder | DialogPurpose::OpenModelFile => {
                 self.load_model(ModelSource::from_path(path));
+                return;
+            }
+            DialogPurpose::AddModelFolder => {
+                self.views.models_menu.add_folder(path);
                 return;
             }
             DialogPurpose::OpenSession => {
@@ -777,6 +790,11 @@ impl EditorApp {
         self.frame_times.begin_frame();
         let egui_ctx = ui.ctx().clone();
         self.pump(&egui_ctx);
+        for path in dropped_model_paths(&egui_ctx) {
+            self.load_model(ModelSource::from_path(path));
+        }
+        let loaded = self.state.model.loaded.as_ref().map(|info| &info.source);
+        self.views.models_menu.note_loaded(loaded);
         if self.state.modes.active() == ModeKind::Edit {
             self.edit_auto_run(&egui_ctx);
         }
@@ -828,7 +846,7 @@ impl EditorApp {
             ..
         } = self;
         let ctx = view_context(state, views, dialogs, screenshot.as_ref());
-        panels::menu_bar_ui(&ctx, ui, commands);
+        panels::menu_bar_ui(&ctx, ui, commands, &mut views.models_menu);
         if let Some(field) = &mut views.path_field {
             path_field_ui(ui, field, commands);
         }
@@ -899,6 +917,15 @@ impl EditorApp {
         });
     }
 
+    /// Restores the Models menu's added folders and recent models from eframe storage.
+    pub fn restore_models_menu(&mut self, storage: Option<&dyn eframe::Storage>) {
+        if let Some(menu) =
+            storage.and_then(|storage| eframe::get_value(storage, MODELS_MENU_STORAGE_KEY))
+        {
+            self.views.models_menu = menu;
+        }
+    }
+
     /// Saves settings to eframe storage.
     fn save_settings(&self, storage: &mut dyn eframe::Storage) {
         eframe::set_value(storage, SETTINGS_STORAGE_KEY, &self.state.settings);
@@ -915,6 +942,8 @@ fn path_field_start(
     let folder = start_folder.unwrap_or_default();
     let start = match purpose {
         DialogPurpose::OpenModelFolder
+        | DialogPurpose::OpenModelFile
+        | DialogPurpose::AddModelFolder
         | DialogPurpose::OpenSession
         | DialogPurpose::ExportAllHeatmaps => folder,
         _ => folder.join(file_name),
@@ -933,6 +962,7 @@ impl eframe::App for EditorApp {
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
         self.save_settings(storage);
+        eframe::set_value(storage, MODELS_MENU_STORAGE_KEY, &self.views.models_menu);
     }
 
     fn on_exit(&mut self) {

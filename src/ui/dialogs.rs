@@ -18,6 +18,10 @@ use crate::ui::command::{UiCommand, UiCommands};
 pub enum DialogPurpose {
     /// Pick a diffusers model folder to load.
     OpenModelFolder,
+    /// Pick a single-file checkpoint (`.safetensors`) to load.
+    OpenModelFile,
+    /// Pick a folder to search for models from now on.
+    AddModelFolder,
     /// Pick a session file to open.
     OpenSession,
     /// Choose where to save the session.
@@ -46,6 +50,8 @@ impl DialogPurpose {
     pub fn describe(&self) -> &'static str {
         match self {
             Self::OpenModelFolder => "the diffusers model folder to open",
+            Self::OpenModelFile => "the checkpoint file (.safetensors) to open",
+            Self::AddModelFolder => "the folder to search for models",
             Self::OpenSession => "the session file to open",
             Self::SaveSession => "the session file to write",
             Self::ExportImage => "the PNG to write the image to",
@@ -183,6 +189,13 @@ fn show_dialog(
     match purpose {
         DialogPurpose::OpenModelFolder => dialog
             .set_title("Open a diffusers model folder")
+            .pick_folder(),
+        DialogPurpose::OpenModelFile => dialog
+            .set_title("Open a checkpoint file")
+            .add_filter("checkpoint", &["safetensors", "ckpt", "pt", "pth"])
+            .pick_file(),
+        DialogPurpose::AddModelFolder => dialog
+            .set_title("Folder to search for models")
             .pick_folder(),
         DialogPurpose::ExportAllHeatmaps => dialog
             .set_title("Folder for the word heat maps")

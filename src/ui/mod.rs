@@ -40,6 +40,7 @@ mod exports;
 mod frame_times;
 pub mod heatmap_renderer;
 mod mode;
+mod models_menu;
 mod panels;
 mod run_view;
 mod screenshot;
@@ -155,12 +156,13 @@ pub fn run_editor(options: EditorOptions) -> anyhow::Result<()> {
             let settings = creation_context
                 .storage
                 .and_then(|storage| eframe::get_value(storage, SETTINGS_STORAGE_KEY));
-            let app = EditorApp::new(
+            let mut app = EditorApp::new(
                 options,
                 settings,
                 creation_context.wgpu_render_state.as_ref(),
                 factory,
             )?;
+            app.restore_models_menu(creation_context.storage);
             Ok(Box::new(app))
         }),
     )

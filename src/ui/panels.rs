@@ -11,12 +11,18 @@ use crate::ui::checks::params_problems;
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::dialogs::DialogPurpose;
+use crate::ui::models_menu::ModelsMenu;
 use crate::ui::run_view::{RunOutcome, RunView};
 use crate::ui::state::{AppState, CanvasView, StatusLevel, StatusMessage};
 use crate::worker::ModelSource;
 
 /// File and Export menus.
-pub(crate) fn menu_bar_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
+pub(crate) fn menu_bar_ui(
+    ctx: &ViewContext<'_>,
+    ui: &mut egui::Ui,
+    commands: &mut UiCommands,
+    models_menu: &mut ModelsMenu,
+) {
     egui::Panel::top("attend.menu").show(ui, |ui| {
         egui::MenuBar::new().ui(ui, |ui| {
             ui.menu_button("File", |ui| {
@@ -38,6 +44,8 @@ pub(crate) fn menu_bar_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
                     ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
                 }
             });
+            let loaded = ctx.state.model.loaded.as_ref().map(|info| &info.source);
+            models_menu.menu_ui(ui, loaded, commands);
             ui.menu_button("Export", |ui| export_buttons_ui(ctx, ui, commands));
         });
     });
@@ -92,6 +100,9 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
     ui.horizontal(|ui| {
         if ui.button("Open model folder...").clicked() {
             commands.push(UiCommand::OpenDialog(DialogPurpose::OpenModelFolder));
+        }
+        if ui.button("Open file...").clicked() {
+            commands.push(UiCommand::OpenDialog(DialogPurpose::OpenModelFile));
         }
         if ui.button("Bundled model").clicked() {
             commands.push(UiCommand::LoadModel(ModelSource::Bundled));
