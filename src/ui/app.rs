@@ -670,6 +670,10 @@ impl EditorApp {
             UiCommand::Generate => self.generate(),
             UiCommand::Cancel => self.cancel(),
             UiCommand::LoadModel(source) => self.load_model(source),
+            UiCommand::CancelModelLoad => {
+                self.worker.cancel_load();
+                self.status(StatusLevel::Info, "Cancelling the model load...");
+            }
             UiCommand::OpenDialog(purpose) => self.open_dialog(purpose),
             UiCommand::PathChosen { purpose, path } => {
                 self.views.path_field = None;
@@ -795,6 +799,12 @@ impl EditorApp {
         }
         let loaded = self.state.model.loaded.as_ref().map(|info| &info.source);
         self.views.models_menu.note_loaded(loaded);
+        self.views.models_menu.load_progress = self
+            .state
+            .model
+            .loading
+            .as_ref()
+            .and(self.worker.load_progress());
         if self.state.modes.active() == ModeKind::Edit {
             self.edit_auto_run(&egui_ctx);
         }

@@ -20,6 +20,8 @@ pub(crate) enum UiCommand {
     Cancel,
     /// Load a model; the current one stays until the new one is ready.
     LoadModel(ModelSource),
+    /// Stop the model load in progress (the current model stays).
+    CancelModelLoad,
     /// Open a file dialog; its answer is handled on a later frame.
     OpenDialog(DialogPurpose),
     /// The path typed in the path field (shown instead of a file dialog when none can open).

@@ -10,7 +10,7 @@ use crate::pipeline::discovery::{
 };
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::dialogs::DialogPurpose;
-use crate::worker::ModelSource;
+use crate::worker::{ModelLoadProgress, ModelSource};
 
 /// eframe storage key of the menu's remembered folders and recent models.
 pub const MODELS_MENU_STORAGE_KEY: &str = "attend.models_menu";
@@ -29,6 +29,9 @@ pub struct ModelsMenu {
     /// The last loaded source noted, so each load is remembered once.
     #[serde(skip)]
     noted: Option<ModelSource>,
+    /// The stage of the model load in progress (set by the app each frame).
+    #[serde(skip)]
+    pub(crate) load_progress: Option<ModelLoadProgress>,
 }
 
 impl ModelsMenu {
@@ -58,6 +61,27 @@ impl ModelsMenu {
         let added = &self.added_folders;
         self.found
             .get_or_insert_with(|| discover(&SearchLocations::from_environment(added), recent))
+    }
+
+    /// While a model loads: its component, progress and a button that cancels it.
+    pub(crate) fn load_progress_ui(&self, ui: &mut egui::Ui, commands: &mut UiCommands) {
+        let Some(progress) = &self.load_progress else {
+            return;
+        };
+        let done = progress.index as f32 / progress.count.max(1) as f32;
+        ui.add(
+            egui::ProgressBar::new(done)
+                .desired_width(160.0)
+                .text(format!(
+                    "loading {} ({}/{})",
+                    progress.stage,
+                    progress.index + 1,
+                    progress.count
+                )),
+        );
+        if ui.button("Cancel loading").clicked() {
+            commands.push(UiCommand::CancelModelLoad);
+        }
     }
 
     /// The Models menu of the menu bar.

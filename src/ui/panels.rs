@@ -47,6 +47,7 @@ pub(crate) fn menu_bar_ui(
             let loaded = ctx.state.model.loaded.as_ref().map(|info| &info.source);
             models_menu.menu_ui(ui, loaded, commands);
             ui.menu_button("Export", |ui| export_buttons_ui(ctx, ui, commands));
+            models_menu.load_progress_ui(ui, commands);
         });
     });
 }

@@ -11,8 +11,8 @@ use crate::hook::CancelToken;
 use crate::worker::error::{Disconnected, EngineError};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{
-    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, ModelInfo, ModelSource, PromptInfo,
-    StepFrame,
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, ModelInfo, ModelLoadProgress,
+    ModelSource, PromptInfo, StepFrame,
 };
 use crate::worker::segment::SegmentRequest;
 
@@ -106,6 +106,18 @@ pub struct RunOutput {
 pub trait Engine {
     /// Loads a model. On error the previously loaded model must stay usable.
     fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError>;
+
+    /// [`Self::load_model`], calling `progress` before each component; an error from it (a
+    /// cancelled one when the user cancels) stops the load and the previous model stays. Engines
+    /// without stages load at once.
+    fn load_model_observed(
+        &mut self,
+        source: &ModelSource,
+        progress: &mut dyn FnMut(ModelLoadProgress) -> Result<(), EngineError>,
+    ) -> Result<ModelInfo, EngineError> {
+        let _ = progress;
+        self.load_model(source)
+    }
 
     /// Runs one generation, reporting its [`Branch::Source`] to `observer` after tokenising and
     /// after every step.

@@ -26,7 +26,8 @@ use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{
-    Branch, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame, StepTiming,
+    Branch, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, PromptInfo, SelfReplace,
+    StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
 // Segments view.
@@ -111,6 +112,14 @@ impl PipelineEngine {
 
 impl Engine for PipelineEngine {
     fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
+        self.load_model_observed(source, &mut |_| Ok(()))
+    }
+
+    fn load_model_observed(
+        &mut self,
+        source: &ModelSource,
+        progress: &mut dyn FnMut(ModelLoadProgress) -> Result<(), EngineError>,
+    ) -> Result<ModelInfo, EngineError> {
         let dir = match source {
             ModelSource::Bundled => {
                 let dir = bundled_model_dir();
@@ -134,7 +143,17 @@ impl Engine for PipelineEngine {
             },
             ModelSource::Folder(_) | ModelSource::File(_) => LoadOptions::default(),
         };
-        let model = StableDiffusion::load(&dir, &options)?;
+        let model = StableDiffusion::load_observed(&dir, &options, &mut |stage| {
+            progress(ModelLoadProgress {
+                stage: stage.stage.to_owned(),
+                index: stage.index,
+                count: stage.count,
+            })
+            .map_err(|error| match error {
+                EngineError::Pipeline(error) => error,
+                _ => PipelineError::Cancelled,
+            })
+        })?;
         let (default_width_px, default_height_px) = model.default_size_px();
         let default_scheduler = model
             .scheduler_config

@@ -32,8 +32,8 @@ pub use export::{write_png_file, write_text_file};
 pub use fake::{FakeEngine, FakeEngineConfig, StepGate};
 pub use plain::{CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 pub use protocol::{
-    Branch, Command, Event, GenerateParams, ModelInfo, ModelSource, PngExport, PromptInfo,
-    StepFrame, StepTiming,
+    Branch, Command, Event, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, PngExport,
+    PromptInfo, StepFrame, StepTiming,
 };
 pub use segment::{SegmentFileExport, SegmentRequest};
 pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};

@@ -70,6 +70,17 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
+/// How far a model load has come: the component it is loading now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLoadProgress {
+    /// The component (`"tokenizer"`, `"text encoder"`, `"UNet"`, `"VAE"`).
+    pub stage: String,
+    /// Its 0-based index among the load's stages.
+    pub index: usize,
+    /// How many stages the load has.
+    pub count: usize,
+}
+
 /// What one generation needs. Together with the model this fixes the image exactly.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]

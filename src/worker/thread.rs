@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -30,8 +30,8 @@ use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::plain::{RgbImage, SelfAttentionMap};
 use crate::worker::protocol::{
-    BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, ModelSource, PromptInfo,
-    StepFrame,
+    BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, ModelLoadProgress,
+    ModelSource, PromptInfo, StepFrame,
 };
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
@@ -53,6 +53,10 @@ struct Shared {
     running: Mutex<Option<(u64, CancelToken)>>,
     /// Wakes the UI after each event.
     waker: RwLock<Option<Waker>>,
+    /// The running model load's stage (`None` when no load runs).
+    load_progress: Mutex<Option<ModelLoadProgress>>,
+    /// Set to stop the running model load at its next stage.
+    load_cancel: AtomicBool,
 }
 
 impl Shared {
@@ -124,6 +128,8 @@ impl WorkerHandle {
             cancel_up_to: AtomicU64::new(0),
             running: Mutex::new(None),
             waker: RwLock::new(None),
+            load_progress: Mutex::new(None),
+            load_cancel: AtomicBool::new(false),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -191,7 +197,20 @@ impl WorkerHandle {
     /// Loads a model, cancelling any running generation first.
     pub fn load_model(&self, source: ModelSource) -> Result<(), SendCommandError> {
         self.shared.cancel_up_to(self.last_run_id);
+        self.shared.load_cancel.store(false, Ordering::SeqCst);
         self.send(Command::LoadModel { source })
+    }
+
+    /// Stops the running model load before its next component; it ends with
+    /// [`Event::ModelLoadFailed`] and the previous model stays.
+    pub fn cancel_load(&self) {
+        self.shared.load_cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// The component the running model load is at (`None` when none runs); the UI is woken at
+    /// each new stage.
+    pub fn load_progress(&self) -> Option<ModelLoadProgress> {
+        lock_ignoring_poison(&self.shared.load_progress).clone()
     }
 
     /// Sends any other command without blocking. Use [`Self::generate`], [`Self::cancel`] and
@@ -448,12 +467,34 @@ fn export_event(path: std::path::PathBuf, result: Result<(), impl std::fmt::Disp
     }
 }
 
+/// Locks a mutex whose value a panic cannot leave half-written (plain data replaced whole).
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn load_model(
     state: &mut WorkerState,
     source: ModelSource,
     outbox: &Outbox,
 ) -> Result<(), Disconnected> {
-    match state.engine.load_model(&source) {
+    let shared = &outbox.shared;
+    let mut progress = |stage: ModelLoadProgress| {
+        if shared.load_cancel.load(Ordering::SeqCst) {
+            return Err(EngineError::Cancelled);
+        }
+        *lock_ignoring_poison(&shared.load_progress) = Some(stage);
+        shared.wake();
+        Ok(())
+    };
+    let result = state.engine.load_model_observed(&source, &mut progress);
+    *lock_ignoring_poison(&shared.load_progress) = None;
+    match result {
+        Err(error) if error.is_cancelled() => outbox.emit(Event::ModelLoadFailed {
+            source,
+            message: "loading cancelled; the previous model stays".to_owned(),
+        }),
         Ok(info) => {
             state.loaded_model = Some(source);
             state.latest_run = None;
