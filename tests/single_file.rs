@@ -176,7 +176,7 @@ fn check_parity(model: &str) {
 
     let checkpoint = open_tiny(model, &path);
     check_inferred_configs(model, &checkpoint);
-    assert!(checkpoint.layout.open_clip == false);
+    assert!(!checkpoint.layout.open_clip);
     let mut progress = Vec::new();
     let mut model_loaded =
         StableDiffusion::load_checkpoint(&checkpoint, &LoadOptions::default(), &mut |stage| {
@@ -911,4 +911,68 @@ fn cancelling_a_load_stops_it() {
     );
     assert!(matches!(result, Err(PipelineError::Cancelled)));
     assert_eq!(stages, 3);
+}
+
+/// Through the worker: a single file loads; a truncated file and a pickle fail with their names and
+/// the model loaded before stays usable.
+#[test]
+fn worker_loads_single_files_and_keeps_the_previous_model_on_failure() {
+    use attend::worker::{Event, GenerateParams, ModelSource, WorkerHandle};
+    let next = |worker: &WorkerHandle| {
+        worker
+            .events()
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("no event from the worker")
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let good = write_single_file("tiny-sd1", DType::F32, temp.path());
+    let truncated = temp.path().join("cut.safetensors");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let pickle = temp.path().join("old.ckpt");
+    std::fs::write(&pickle, b"\x80\x02").unwrap();
+
+    let mut worker = WorkerHandle::spawn(attend::worker::pipeline_engine_factory()).unwrap();
+    worker
+        .load_model(ModelSource::from_path(good.clone()))
+        .unwrap();
+    match next(&worker) {
+        Event::ModelLoaded { info } => {
+            assert_eq!(info.source, ModelSource::File(good.clone()));
+            assert_eq!(info.name, "tiny-sd1");
+        }
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    }
+    for (bad, expected) in [(&truncated, "truncated"), (&pickle, "arbitrary code")] {
+        worker
+            .load_model(ModelSource::from_path(bad.clone()))
+            .unwrap();
+        match next(&worker) {
+            Event::ModelLoadFailed { source, message } => {
+                assert_eq!(source, ModelSource::File(bad.clone()));
+                assert!(
+                    message.contains(&*bad.to_string_lossy()) && message.contains(expected),
+                    "{message}"
+                );
+            }
+            other => panic!("expected ModelLoadFailed, got {other:?}"),
+        }
+    }
+    assert_eq!(worker.load_progress(), None);
+    let run_id = worker
+        .generate(GenerateParams {
+            prompt: "a cat".to_owned(),
+            steps: 2,
+            width_px: Some(32),
+            height_px: Some(32),
+            ..GenerateParams::default()
+        })
+        .unwrap();
+    loop {
+        match next(&worker) {
+            Event::Finished { run_id: id, .. } if id == run_id => break,
+            Event::Failed { message, .. } => panic!("the previous model failed: {message}"),
+            _ => {}
+        }
+    }
 }
