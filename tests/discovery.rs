@@ -193,3 +193,52 @@ fn recent_models_move_to_the_front_and_are_bounded() {
     assert_eq!(recent.len(), RECENT_LIMIT);
     assert_eq!(recent.iter().filter(|path| path.ends_with("5")).count(), 1);
 }
+
+/// `attend models` lists what it finds in the Hugging Face cache, the A1111 folder under `HOME`,
+/// `ATTEND_MODEL_DIRS` and `--search-dir`, and refuses a search folder that does not exist.
+#[test]
+fn attend_models_lists_the_models_it_finds() {
+    let temp = tempfile::tempdir().unwrap();
+    let home = temp.path().join("home");
+    touch(&home.join("stable-diffusion-webui/models/Stable-diffusion/a1111.safetensors"));
+    let hub = temp.path().join("hub");
+    hf_snapshot(&hub, "org/cached", "rev", true);
+    let listed = temp.path().join("listed");
+    touch(&listed.join("from-variable.safetensors"));
+    let extra = temp.path().join("extra");
+    touch(&extra.join("from-flag.ckpt"));
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_attend"))
+            .arg("models")
+            .args(args)
+            .env("HOME", &home)
+            .env("HF_HUB_CACHE", &hub)
+            .env_remove("HF_HOME")
+            .env("ATTEND_MODEL_DIRS", &listed)
+            .output()
+            .unwrap()
+    };
+    let output = run(&["--search-dir", extra.to_str().unwrap(), "--json"]);
+    assert!(output.status.success());
+    let names: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "org/cached",
+            "a1111.safetensors",
+            "from-variable.safetensors",
+            "from-flag.ckpt"
+        ]
+    );
+    let output = run(&["--search-dir", "/no/such/folder"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("/no/such/folder"), "{stderr}");
+}

@@ -976,3 +976,32 @@ fn worker_loads_single_files_and_keeps_the_previous_model_on_failure() {
         }
     }
 }
+
+#[test]
+fn prediction_type_names_parse_and_bad_ones_are_explained() {
+    use attend::pipeline::checkpoint::parse_prediction_type;
+    assert_eq!(
+        parse_prediction_type("epsilon"),
+        Ok(PredictionType::Epsilon)
+    );
+    assert_eq!(
+        parse_prediction_type("v_prediction"),
+        Ok(PredictionType::VPrediction)
+    );
+    assert_eq!(parse_prediction_type("V"), Ok(PredictionType::VPrediction));
+    let message = parse_prediction_type("velocity").unwrap_err();
+    assert!(
+        message.contains("velocity") && message.contains("v_prediction"),
+        "{message}"
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(["generate", "--prompt", "x", "--prediction-type", "velocity"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--prediction-type") && stderr.contains("velocity"),
+        "{stderr}"
+    );
+}
