@@ -284,13 +284,19 @@ fn tiny_sd2_single_file_matches_the_folder_references() {
 }
 
 #[test]
-fn fp16_single_file_loads_and_stays_close() {
+fn fp16_and_bf16_single_files_load_and_stay_close() {
+    for (dtype, name, tolerance) in [(DType::F16, "F16", 1e-2), (DType::BF16, "BF16", 5e-2)] {
+        check_half_precision(dtype, name, tolerance);
+    }
+}
+
+fn check_half_precision(dtype: DType, dtype_name: &str, tolerance: f32) {
     let temp = tempfile::tempdir().unwrap();
-    let path = write_single_file("tiny-sd1", DType::F16, temp.path());
+    let path = write_single_file("tiny-sd1", dtype, temp.path());
     let checkpoint = open_tiny("tiny-sd1", &path);
     assert_eq!(
         checkpoint.tensors()["model.diffusion_model.out.2.weight"].dtype,
-        "F16"
+        dtype_name
     );
     let model =
         StableDiffusion::load_checkpoint(&checkpoint, &LoadOptions::default(), &mut |_| Ok(()))
@@ -300,7 +306,11 @@ fn fp16_single_file_loads_and_stays_close() {
     let hidden = model.text_encoder.forward(&input_ids).unwrap();
     assert_eq!(hidden.dtype(), DType::F32);
     let diff = max_abs_diff(&hidden, &reference["text.last_hidden_state"]);
-    assert!(diff < 5e-2, "fp16 weights moved the text encoder by {diff}");
+    eprintln!("{dtype_name} weights: text encoder max abs diff {diff:e}");
+    assert!(
+        diff < tolerance,
+        "{dtype_name} weights moved the text encoder by {diff}"
+    );
 }
 
 /// SD 2's OpenCLIP layout: tiny-sd2's text encoder written with fused `in_proj` and OpenCLIP names
