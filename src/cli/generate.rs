@@ -70,7 +70,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let request = args.sampling.request(&model, &args.prompt)?;
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
-    let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
+    let token_count = model.tokenizer.encode_prompt(&args.prompt)?.token_count();
     if capture {
         // The limits with the store's maps of every step, before the run (it checks them without).
         prepare_run_with(&model, &request, &RunCapture::store(token_count, 0))?;
