@@ -108,11 +108,7 @@ pub fn parse_parameters(text: &str) -> AnalysisResult<PngParameters> {
                 );
             }
             "Seed" => {
-                parameters.seed = Some(
-                    value
-                        .parse()
-                        .map_err(|_| bad("a whole number >= 0"))?,
-                );
+                parameters.seed = Some(value.parse().map_err(|_| bad("a whole number >= 0"))?);
             }
             "Size" => {
                 let size = value

@@ -88,7 +88,7 @@ impl PlainPrompt {
     }
 
     /// The prompt written back in the syntax: weighted parts as `(text:weight)`, the special
-    /// characters escaped. Parsing it gives this prompt again (weights rounded to 4 decimals).
+    /// characters escaped. Parsing it gives this prompt again (weights rounded to 6 decimals).
     pub fn to_syntax(&self) -> String {
         let mut out = String::with_capacity(self.text.len() + 8 * self.weighted.len());
         let mut position = 0;
@@ -160,7 +160,10 @@ impl ParsedPrompt {
                 let occurrence = crate::analysis::plain_words(before)
                     .filter(|other| other == word)
                     .count()
-                    + to_words[..index].iter().filter(|other| *other == word).count()
+                    + to_words[..index]
+                        .iter()
+                        .filter(|other| *other == word)
+                        .count()
                     + 1;
                 per_word.push((
                     format!("{word}#{occurrence}"),
@@ -348,7 +351,9 @@ impl Parser<'_> {
         }
         let (from_range, to_range, when_start) = match *colons {
             [when_colon] => (open + 1..open + 1, open + 1..when_colon, when_colon + 1),
-            [to_colon, when_colon] => (open + 1..to_colon, to_colon + 1..when_colon, when_colon + 1),
+            [to_colon, when_colon] => {
+                (open + 1..to_colon, to_colon + 1..when_colon, when_colon + 1)
+            }
             _ => {
                 return Err(syntax_error(format!(
                     "`[` at {at} has {} `:`; a swap is `[from:to:when]`, `[to:when]` or \
@@ -370,7 +375,10 @@ impl Parser<'_> {
         let to_start = self.edited.len();
         self.parse_range(to_range.start, to_range.end, Target::Edited, weight)?;
         let to: String = self.edited[to_start..].iter().map(|(c, _)| c).collect();
-        let byte_start: usize = self.edited[..to_start].iter().map(|(c, _)| c.len_utf8()).sum();
+        let byte_start: usize = self.edited[..to_start]
+            .iter()
+            .map(|(c, _)| c.len_utf8())
+            .sum();
         self.swaps.push(PromptSwap {
             edited_bytes: byte_start..byte_start + to.len(),
             from,
@@ -491,9 +499,9 @@ fn escape_into(out: &mut String, text: &str) {
     }
 }
 
-/// A weight with at most 4 decimals, trailing zeros dropped (`1.21`, `0.9091`, `2`).
+/// A weight with at most 6 decimals, trailing zeros dropped (`1.21`, `0.909091`, `2`).
 pub fn format_weight(weight: f32) -> String {
-    let text = format!("{weight:.4}");
+    let text = format!("{weight:.6}");
     let text = text.trim_end_matches('0').trim_end_matches('.');
     text.to_string()
 }

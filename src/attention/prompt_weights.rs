@@ -73,7 +73,9 @@ impl AttentionProcessor for PromptWeights {
         let conditional_start = if site.cfg { site.batch / 2 } else { 0 };
         let start_row = conditional_start * site.heads;
         let row_count = probs.dim(0)?;
-        let weights = self.weight_tensor(probs.device())?.to_dtype(probs.dtype())?;
+        let weights = self
+            .weight_tensor(probs.device())?
+            .to_dtype(probs.dtype())?;
         let conditional = probs
             .narrow(0, start_row, row_count - start_row)?
             .broadcast_mul(&weights)?;

@@ -210,8 +210,12 @@ pub fn prepare_run_with(
     let mut negative_tokens = model.tokenizer.encode_prompt(&request.negative_prompt)?;
     // Both halves of classifier-free guidance attend to the same number of keys.
     let chunk_count = prompt_tokens.chunk_count.max(negative_tokens.chunk_count);
-    model.tokenizer.pad_to_chunks(&mut prompt_tokens, chunk_count);
-    model.tokenizer.pad_to_chunks(&mut negative_tokens, chunk_count);
+    model
+        .tokenizer
+        .pad_to_chunks(&mut prompt_tokens, chunk_count);
+    model
+        .tokenizer
+        .pad_to_chunks(&mut negative_tokens, chunk_count);
     if crate::analysis::prompt_syntax::parse_prompt(&request.prompt)
         .is_ok_and(|parsed| parsed.has_swaps())
     {
@@ -459,7 +463,7 @@ pub(crate) struct DenoiseStep {
 /// run the text encoder once per chunk and are concatenated along the tokens (`tokens = chunks *
 /// max_length`); a row with fewer chunks than the longest is padded with empty-prompt chunks, as
 /// A1111 pads the shorter half of classifier-free guidance.
-pub(crate) fn encode_prompt_batch(
+pub fn encode_prompt_batch(
     model: &StableDiffusion,
     prompts: &[&PromptTokens],
     negative: &PromptTokens,
@@ -492,7 +496,11 @@ pub(crate) fn encode_prompt_batch(
             ),
         });
     }
-    let ids = Tensor::from_vec(ids, (rows.len() * chunk_count, chunk_length), model.device())?;
+    let ids = Tensor::from_vec(
+        ids,
+        (rows.len() * chunk_count, chunk_length),
+        model.device(),
+    )?;
     let embeddings = model.text_encoder.forward(&ids)?;
     let width = embeddings.dim(2)?;
     Ok(embeddings.reshape((rows.len(), chunk_count * chunk_length, width))?)
@@ -628,11 +636,14 @@ pub(crate) fn validate_request(
     model: &StableDiffusion,
     request: &GenerateRequest,
 ) -> PipelineResult<[usize; 4]> {
-    let why_multiple = format!(
-        "the VAE's downscale factor {} times 2 for each of the UNet's {} down-samplings",
-        model.latent_downscale_factor(),
-        model.unet_downsampling_count()
-    );
+    let why_multiple = if model.is_pixel_space() {
+        "the model works on pixels".to_string()
+    } else {
+        format!(
+            "the VAE's downscale factor {}",
+            model.latent_downscale_factor()
+        )
+    };
     check_request_limits(request, model.size_multiple_px(), &why_multiple)?;
     let factor = model.latent_downscale_factor();
     let shape = [

@@ -281,9 +281,10 @@ impl PromptTokenizer {
         while tokens.chunk_count < chunk_count {
             tokens.ids.push(self.start_token.id);
             tokens.ids.push(self.end_token.id);
-            tokens
-                .ids
-                .resize((tokens.chunk_count + 1) * self.max_length, self.pad_token.id);
+            tokens.ids.resize(
+                (tokens.chunk_count + 1) * self.max_length,
+                self.pad_token.id,
+            );
             tokens
                 .weights
                 .resize((tokens.chunk_count + 1) * self.max_length, 1.0);
@@ -292,14 +293,19 @@ impl PromptTokenizer {
     }
 
     /// Encodes `prompt.text` to at most `max_chunks` chunks (see [`PromptTokens`]).
-    fn encode_chunks(&self, prompt: &PlainPrompt, max_chunks: usize) -> PipelineResult<PromptTokens> {
+    fn encode_chunks(
+        &self,
+        prompt: &PlainPrompt,
+        max_chunks: usize,
+    ) -> PipelineResult<PromptTokens> {
         let text = prompt.text.as_str();
-        let encoding = self.tokenizer.encode(text, false).map_err(|error| {
-            PipelineError::InvalidArgument {
-                name: "prompt",
-                reason: format!("cannot tokenize {text:?}: {error}"),
-            }
-        })?;
+        let encoding =
+            self.tokenizer
+                .encode(text, false)
+                .map_err(|error| PipelineError::InvalidArgument {
+                    name: "prompt",
+                    reason: format!("cannot tokenize {text:?}: {error}"),
+                })?;
         let per_chunk = self.max_length - 2;
         let content_count = encoding.len();
         let kept_count = content_count.min(per_chunk * max_chunks);
@@ -318,7 +324,11 @@ impl PromptTokenizer {
             weights.push(1.0);
             ids.extend_from_slice(&encoding.get_ids()[content.clone()]);
             tokens.extend_from_slice(&encoding.get_tokens()[content.clone()]);
-            weights.extend(offsets[content].iter().map(|&(start, _)| prompt.weight_at(start)));
+            weights.extend(
+                offsets[content]
+                    .iter()
+                    .map(|&(start, _)| prompt.weight_at(start)),
+            );
             ids.push(self.end_token.id);
             tokens.push(self.end_token.text.clone());
             weights.push(1.0);
