@@ -232,3 +232,121 @@ pub fn read_png_parameters(path: &Path) -> AnalysisResult<Option<PngParameters>>
     }
     text.map(|text| parse_parameters(&text)).transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::export::{a1111_parameters, write_png_rgb, GenerationParameters};
+
+    #[test]
+    fn a1111_infotext_with_a_multi_line_prompt_and_negative_prompt() {
+        let text = "masterpiece, best quality, (a cat:1.2) sitting on a windowsill,\n\
+                    golden hour, [blurry]\n\
+                    Negative prompt: lowres, bad anatomy, (worst quality:1.4),\n\
+                    watermark\n\
+                    Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3456789012, \
+                    Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, \
+                    Denoising strength: 0.7, Clip skip: 2, Hires upscale: 2, \
+                    Lora hashes: \"add_detail: 7c6bad76eb54, more: 0123\", Version: v1.10.1";
+        let parameters = parse_parameters(text).unwrap();
+        assert_eq!(
+            parameters.prompt,
+            "masterpiece, best quality, (a cat:1.2) sitting on a windowsill,\ngolden hour, [blurry]"
+        );
+        assert_eq!(
+            parameters.negative_prompt,
+            "lowres, bad anatomy, (worst quality:1.4),\nwatermark"
+        );
+        assert_eq!(parameters.steps, Some(28));
+        assert_eq!(parameters.sampler.as_deref(), Some("DPM++ 2M Karras"));
+        assert_eq!(parameters.cfg_scale, Some(6.5));
+        assert_eq!(parameters.seed, Some(3_456_789_012));
+        assert_eq!(parameters.size_px, Some((512, 768)));
+        assert_eq!(parameters.model.as_deref(), Some("v1-5-pruned-emaonly"));
+        assert_eq!(parameters.entry("Clip skip"), Some("2"));
+        assert_eq!(
+            parameters.entry("Lora hashes"),
+            Some("add_detail: 7c6bad76eb54, more: 0123")
+        );
+        assert_eq!(parameters.entry("Version"), Some("v1.10.1"));
+        assert_eq!(parameters.entries.len(), 12);
+    }
+
+    #[test]
+    fn short_infotexts_and_prompts_alone() {
+        let parameters = parse_parameters(
+            "a red circle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64",
+        )
+        .unwrap();
+        assert_eq!(parameters.prompt, "a red circle");
+        assert_eq!(parameters.negative_prompt, "");
+        assert_eq!(parameters.sampler.as_deref(), Some("Euler a"));
+        assert_eq!(parameters.model, None);
+        // No settings line: everything is prompt.
+        let parameters = parse_parameters("just a prompt: with a colon\nand a second line").unwrap();
+        assert_eq!(parameters.prompt, "just a prompt: with a colon\nand a second line");
+        assert!(parameters.entries.is_empty());
+        assert_eq!(parameters.steps, None);
+        // A negative prompt on its own line, empty prompt.
+        let parameters =
+            parse_parameters("Negative prompt: ugly\nSteps: 5, Seed: 9, Size: 8x16").unwrap();
+        assert_eq!(parameters.prompt, "");
+        assert_eq!(parameters.negative_prompt, "ugly");
+        assert_eq!(parameters.size_px, Some((8, 16)));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (text, expected) in [
+            ("p\nSteps: many, Seed: 1, Size: 8x8", "Steps \"many\""),
+            ("p\nSteps: 0, Seed: 1, Size: 8x8", "Steps \"0\""),
+            ("p\nSteps: 2, Seed: -1, Size: 8x8", "Seed \"-1\""),
+            ("p\nSteps: 2, Seed: 1, Size: 8 by 8", "Size \"8 by 8\""),
+            ("p\nSteps: 2, CFG scale: inf, Size: 8x8", "CFG scale \"inf\""),
+        ] {
+            let message = parse_parameters(text).unwrap_err().to_string();
+            assert!(message.contains(expected), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn attend_pngs_read_back_what_was_written() {
+        let folder = tempfile::tempdir().unwrap();
+        let written = GenerationParameters {
+            prompt: "a (red:1.3) circle, [square:star:0.5]".into(),
+            negative_prompt: "blurry\nnoisy".into(),
+            steps: 12,
+            sampler: "Euler ancestral".into(),
+            cfg_scale: 5.5,
+            seed: 42,
+            width: 600,
+            height: 400,
+            model: "attend-shapes".into(),
+            extra: vec![("Edit".into(), "a, b: c".into())],
+        };
+        let path = folder.path().join("image.png");
+        write_png_rgb(&path, 1, 1, &[1, 2, 3], Some(&a1111_parameters(&written))).unwrap();
+        let read = read_png_parameters(&path).unwrap().unwrap();
+        assert_eq!(read.prompt, written.prompt);
+        assert_eq!(read.negative_prompt, written.negative_prompt);
+        assert_eq!(read.steps, Some(12));
+        assert_eq!(read.sampler.as_deref(), Some("Euler ancestral"));
+        assert_eq!(read.cfg_scale, Some(5.5));
+        assert_eq!(read.seed, Some(42));
+        assert_eq!(read.size_px, Some((600, 400)));
+        assert_eq!(read.model.as_deref(), Some("attend-shapes"));
+        assert_eq!(read.entry("Edit"), Some("a, b: c"));
+
+        // A PNG without parameters, a file that is not a PNG, a missing file.
+        write_png_rgb(&path, 1, 1, &[1, 2, 3], None).unwrap();
+        assert_eq!(read_png_parameters(&path).unwrap(), None);
+        let not_png = folder.path().join("text.png");
+        std::fs::write(&not_png, "hello").unwrap();
+        let message = read_png_parameters(&not_png).unwrap_err().to_string();
+        assert!(message.contains("text.png") && message.contains("not a readable PNG"), "{message}");
+        let message = read_png_parameters(&folder.path().join("none.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("none.png"), "{message}");
+    }
+}
