@@ -283,8 +283,12 @@ mod tests {
         assert_eq!(parameters.sampler.as_deref(), Some("Euler a"));
         assert_eq!(parameters.model, None);
         // No settings line: everything is prompt.
-        let parameters = parse_parameters("just a prompt: with a colon\nand a second line").unwrap();
-        assert_eq!(parameters.prompt, "just a prompt: with a colon\nand a second line");
+        let parameters =
+            parse_parameters("just a prompt: with a colon\nand a second line").unwrap();
+        assert_eq!(
+            parameters.prompt,
+            "just a prompt: with a colon\nand a second line"
+        );
         assert!(parameters.entries.is_empty());
         assert_eq!(parameters.steps, None);
         // A negative prompt on its own line, empty prompt.
@@ -302,7 +306,10 @@ mod tests {
             ("p\nSteps: 0, Seed: 1, Size: 8x8", "Steps \"0\""),
             ("p\nSteps: 2, Seed: -1, Size: 8x8", "Seed \"-1\""),
             ("p\nSteps: 2, Seed: 1, Size: 8 by 8", "Size \"8 by 8\""),
-            ("p\nSteps: 2, CFG scale: inf, Size: 8x8", "CFG scale \"inf\""),
+            (
+                "p\nSteps: 2, CFG scale: inf, Size: 8x8",
+                "CFG scale \"inf\"",
+            ),
         ] {
             let message = parse_parameters(text).unwrap_err().to_string();
             assert!(message.contains(expected), "{text:?}: {message}");
@@ -343,7 +350,10 @@ mod tests {
         let not_png = folder.path().join("text.png");
         std::fs::write(&not_png, "hello").unwrap();
         let message = read_png_parameters(&not_png).unwrap_err().to_string();
-        assert!(message.contains("text.png") && message.contains("not a readable PNG"), "{message}");
+        assert!(
+            message.contains("text.png") && message.contains("not a readable PNG"),
+            "{message}"
+        );
         let message = read_png_parameters(&folder.path().join("none.png"))
             .unwrap_err()
             .to_string();
