@@ -132,7 +132,7 @@ fn the_bundled_model_generates_a_long_prompt_with_heat_maps_across_chunks() {
     let model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
     // 12 words per scene sentence, 8 sentences: 96 words, 2 chunks; the last "circle" in chunk 2.
     let sentence = "a red square and a blue star on a yellow background and";
-    let prompt = format!("{} a green circle", vec![sentence; 7].join(" "));
+    let prompt = format!("{} a green circle", [sentence; 7].join(" "));
     let mut request = GenerateRequest::new(&model, prompt);
     request.steps = 2;
     let run = prepare_run(&model, &request).unwrap();

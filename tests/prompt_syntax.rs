@@ -31,9 +31,12 @@ fn assert_weights(case: &str, got: &[(&str, f32)], expected: &[(&str, f32)]) {
     }
 }
 
+/// (prompt, the text the tokenizer sees, its weighted parts).
+type WeightCase = (&'static str, &'static str, &'static [(&'static str, f32)]);
+
 #[test]
 fn weights_table() {
-    let cases: &[(&str, &str, &[(&str, f32)])] = &[
+    let cases: &[WeightCase] = &[
         ("a cat", "a cat", &[]),
         ("a (cat)", "a cat", &[("cat", 1.1)]),
         ("a ((cat))", "a cat", &[("cat", 1.21)]),
