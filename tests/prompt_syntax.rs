@@ -273,3 +273,20 @@ fn tokens_follow_the_plain_text_and_plain_prompts_are_unchanged() {
         "invalid prompt: unclosed `(` at column 12"
     );
 }
+
+#[test]
+fn tokenizer_words_find_their_weights_in_the_text() {
+    let tokenizer = PromptTokenizer::from_folder(&fixture("tiny-sd1/tokenizer")).unwrap();
+    let prompt = "A (Red:1.5) cat, [well-known] ((Zürich)) red";
+    let parsed = parse_prompt(prompt).unwrap();
+    let encoded = tokenizer.encode_prompt(prompt).unwrap();
+    let found = parsed.source.word_weights(&encoded.words);
+    let from_tokens = encoded.word_weights();
+    let texts: Vec<&str> = encoded.words.iter().map(|word| word.text.as_str()).collect();
+    assert_eq!(texts, ["a", "red", "cat", "well", "known", "zürich", "red"]);
+    let expected = [1.0, 1.5, 1.0, 1.0 / 1.1, 1.0 / 1.1, 1.21, 1.0];
+    for ((got, tokens), expected) in found.iter().zip(&from_tokens).zip(expected) {
+        assert!((got - expected).abs() < 1e-5, "{found:?}");
+        assert!((tokens - expected).abs() < 1e-5, "{from_tokens:?}");
+    }
+}

@@ -104,6 +104,37 @@ impl PlainPrompt {
     }
 }
 
+impl PlainPrompt {
+    /// The weight of each word of `words` (tokenizer words, in prompt order, lower-cased as the
+    /// tokenizer normalises them), found by searching the text in order; a word not found gets 1.
+    pub fn word_weights(&self, words: &[crate::analysis::WordSpan]) -> Vec<f32> {
+        // The lower-cased text, with the byte offset in `text` of every lower-cased byte.
+        let mut lowered = String::with_capacity(self.text.len());
+        let mut origin = Vec::with_capacity(self.text.len());
+        for (offset, character) in self.text.char_indices() {
+            for lower in character.to_lowercase() {
+                lowered.push(lower);
+                origin.resize(lowered.len(), offset);
+            }
+        }
+        let mut cursor = 0;
+        words
+            .iter()
+            .map(|word| {
+                let wanted = word.text.to_lowercase();
+                match lowered.get(cursor..).and_then(|rest| rest.find(&wanted)) {
+                    Some(found) if !wanted.is_empty() => {
+                        let start = cursor + found;
+                        cursor = start + wanted.len();
+                        self.weight_at(origin[start])
+                    }
+                    _ => 1.0,
+                }
+            })
+            .collect()
+    }
+}
+
 /// A `[from:to:when]` swap.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PromptSwap {
