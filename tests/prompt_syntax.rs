@@ -282,11 +282,49 @@ fn tokenizer_words_find_their_weights_in_the_text() {
     let encoded = tokenizer.encode_prompt(prompt).unwrap();
     let found = parsed.source.word_weights(&encoded.words);
     let from_tokens = encoded.word_weights();
-    let texts: Vec<&str> = encoded.words.iter().map(|word| word.text.as_str()).collect();
+    let texts: Vec<&str> = encoded
+        .words
+        .iter()
+        .map(|word| word.text.as_str())
+        .collect();
     assert_eq!(texts, ["a", "red", "cat", "well", "known", "zürich", "red"]);
     let expected = [1.0, 1.5, 1.0, 1.0 / 1.1, 1.0 / 1.1, 1.21, 1.0];
     for ((got, tokens), expected) in found.iter().zip(&from_tokens).zip(expected) {
         assert!((got - expected).abs() < 1e-5, "{found:?}");
         assert!((tokens - expected).abs() < 1e-5, "{from_tokens:?}");
     }
+}
+
+/// The bundled model's image of `prompt` (2 steps), weights applied as the editor applies them.
+fn weighted_image(model: &attend::pipeline::model::StableDiffusion, prompt: &str) -> Vec<u8> {
+    use attend::attention::prompt_weights::{PromptWeights, WeightedRun};
+    use attend::hook::CancelToken;
+    use attend::pipeline::sampling::{prepare_run, run_to_end, GenerateRequest, Sampler};
+    let mut request = GenerateRequest::new(model, prompt);
+    request.steps = 2;
+    request.seed = 5;
+    let run = prepare_run(model, &request).unwrap();
+    let weights = PromptWeights::new(&run.prompt_tokens.weights);
+    let mut sampler = WeightedRun::new(Sampler::new(model, run).unwrap(), weights);
+    run_to_end(&mut sampler, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
+    sampler.into_inner().finish().unwrap().image.pixels
+}
+
+#[test]
+fn weights_change_the_image_and_a_weight_of_one_does_not() {
+    use attend::pipeline::model::{LoadOptions, StableDiffusion};
+    let model = StableDiffusion::load(
+        &attend::worker::bundled_model_dir(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let plain = weighted_image(&model, "a red circle");
+    assert_eq!(weighted_image(&model, "a (red:1) circle"), plain);
+    // Brackets that are text: the same tokens as the unescaped text through the raw tokenizer.
+    let escaped = model.tokenizer.encode_prompt("a \\(red\\) circle").unwrap();
+    assert_eq!(
+        escaped.ids,
+        model.tokenizer.encode("a (red) circle").unwrap().ids
+    );
+    assert_ne!(weighted_image(&model, "a (red:1.5) circle"), plain);
 }

@@ -8,7 +8,9 @@
 
 use candle_core::{bail, Device, Tensor};
 
-use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
+use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite, ChainedProcessors};
+use crate::pipeline::sampling::StepwiseRun;
+use crate::pipeline::PipelineResult;
 
 /// Multiplies the conditional cross-attention of every key by its weight (see the module docs).
 #[derive(Debug)]
@@ -84,6 +86,42 @@ impl AttentionProcessor for PromptWeights {
         }
         let unconditional = probs.narrow(0, 0, start_row)?;
         Ok(Some(Tensor::cat(&[&unconditional, &conditional], 0)?))
+    }
+}
+
+/// A run whose every step applies [`PromptWeights`] before the caller's processor (which then sees
+/// the weighted attention), so a loop written for plain runs needs no change.
+pub struct WeightedRun<R> {
+    run: R,
+    weights: Option<PromptWeights>,
+}
+
+impl<R> WeightedRun<R> {
+    /// `run` with `weights` (`None`: the run as it is).
+    pub fn new(run: R, weights: Option<PromptWeights>) -> Self {
+        Self { run, weights }
+    }
+
+    /// The wrapped run (to finish it).
+    pub fn into_inner(self) -> R {
+        self.run
+    }
+}
+
+impl<R: StepwiseRun> StepwiseRun for WeightedRun<R> {
+    type Report = R::Report;
+
+    fn next_step(
+        &mut self,
+        processor: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<R::Report>> {
+        match &mut self.weights {
+            Some(weights) => {
+                let mut chain = ChainedProcessors::with_observer(weights, processor);
+                self.run.next_step(Some(&mut chain))
+            }
+            None => self.run.next_step(processor),
+        }
     }
 }
 
