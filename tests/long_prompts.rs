@@ -169,3 +169,56 @@ fn the_bundled_model_generates_a_long_prompt_with_heat_maps_across_chunks() {
     assert!(heatmaps[0].peak > 0.0);
     assert!(heatmaps[0].data.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn prompt_to_prompt_swaps_a_word_in_the_second_chunk() {
+    use attend::analysis::edit_spec::EditSpec;
+    use attend::attention::edit_sampling::{generate_edit, EditObservers, EditRequest};
+    let model = StableDiffusion::load(&fixture("tiny-sd1"), &LoadOptions::default()).unwrap();
+    let source_words = words(100);
+    let mut edit_words = source_words.clone();
+    edit_words[90] = "boat";
+    let mut request = GenerateRequest::new(&model, source_words.join(" "));
+    request.steps = 2;
+    for replay in [false, true] {
+        let output = generate_edit(
+            &model,
+            &EditRequest {
+                generate: request.clone(),
+                spec: EditSpec::new(edit_words.join(" ")),
+                replay,
+            },
+            EditObservers::default(),
+            &mut |_| Ok(()),
+            &CancelToken::new(),
+        )
+        .unwrap();
+        assert_eq!(output.edited.prompt_tokens.chunk_count, 2, "replay {replay}");
+        let swapped: Vec<&str> = output
+            .alignment
+            .words
+            .iter()
+            .filter(|pair| pair.source_text != pair.edit_text)
+            .map(|pair| pair.edit_text.as_str())
+            .collect();
+        assert_eq!(swapped, ["boat"], "replay {replay}");
+        assert_ne!(output.source.image.pixels, output.edited.image.pixels);
+    }
+    // An edited prompt longer in chunks than its source is refused with the counts.
+    let mut short = request.clone();
+    short.prompt = "a cat".into();
+    let error = generate_edit(
+        &model,
+        &EditRequest {
+            generate: short,
+            spec: EditSpec::new(source_words.join(" ")),
+            replay: false,
+        },
+        EditObservers::default(),
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("2 chunks") && error.contains("source prompt 1"), "{error}");
+}
