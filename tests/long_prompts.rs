@@ -193,7 +193,10 @@ fn prompt_to_prompt_swaps_a_word_in_the_second_chunk() {
             &CancelToken::new(),
         )
         .unwrap();
-        assert_eq!(output.edited.prompt_tokens.chunk_count, 2, "replay {replay}");
+        assert_eq!(
+            output.edited.prompt_tokens.chunk_count, 2,
+            "replay {replay}"
+        );
         let swapped: Vec<&str> = output
             .alignment
             .words
@@ -220,5 +223,8 @@ fn prompt_to_prompt_swaps_a_word_in_the_second_chunk() {
     )
     .unwrap_err()
     .to_string();
-    assert!(error.contains("2 chunks") && error.contains("source prompt 1"), "{error}");
+    assert!(
+        error.contains("2 chunks") && error.contains("source prompt 1"),
+        "{error}"
+    );
 }
