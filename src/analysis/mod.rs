@@ -10,6 +10,8 @@ pub mod export;
 pub mod geometry;
 pub mod heatmap;
 pub mod image;
+pub mod png_parameters;
+pub mod prompt_syntax;
 pub mod scene_check;
 pub mod segment;
 

@@ -529,7 +529,9 @@ impl RunSetup {
     /// The edit of `source` (checked, tokenised and scheduled once by [`prepare_run`]): only the
     /// edited prompt is tokenised here.
     fn new(model: &StableDiffusion, source: &PreparedRun, spec: &EditSpec) -> PipelineResult<Self> {
-        let edit_tokens = model.tokenizer.encode(&spec.edit_prompt)?;
+        let edit_tokens = model
+            .tokenizer
+            .encode_prompt_like(&spec.edit_prompt, &source.prompt_tokens)?;
         let mut warnings = source.warnings.clone();
         warnings.extend(
             edit_tokens

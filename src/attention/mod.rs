@@ -4,8 +4,10 @@
 //! - [`store`]: keeps every step's cross-attention (per word) and self-attention for the heat maps,
 //!   the probe, segmentation and export;
 //! - [`p2p`]: Prompt-to-Prompt (word swap, refine, reweight, local blend, windows) and the edit
-//!   sampling loops that drive it.
+//!   sampling loops that drive it;
+//! - [`prompt_weights`]: the prompt syntax's word weights as cross-attention scales.
 
 pub mod edit_sampling;
 pub mod p2p;
+pub mod prompt_weights;
 pub mod store;

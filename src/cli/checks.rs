@@ -244,7 +244,7 @@ pub fn warn_unknown_words(
     flag: &str,
     prompt: &str,
 ) -> anyhow::Result<()> {
-    let tokens = model.tokenizer.encode(prompt)?;
+    let tokens = model.tokenizer.encode_prompt(prompt)?;
     let unknown = unknown_words(&tokens, &model.tokenizer.end_token().text);
     if !unknown.is_empty() {
         eprintln!(

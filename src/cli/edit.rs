@@ -141,7 +141,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     let store_for = |prompt: &str| -> anyhow::Result<AttentionStore> {
         Ok(AttentionStore::new(StoreConfig {
             keep_self: false,
-            ..StoreConfig::new(model.tokenizer.encode(prompt)?.token_count())
+            ..StoreConfig::new(model.tokenizer.encode_prompt(prompt)?.token_count())
         }))
     };
     let mut source_store = store_for(&args.prompt)?;

@@ -69,7 +69,7 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
         if let Some(guidance) = args.guidance {
             request.guidance = guidance;
         }
-        let token_count = model.tokenizer.encode(&scene.caption)?.token_count();
+        let token_count = model.tokenizer.encode_prompt(&scene.caption)?.token_count();
         let mut store = AttentionStore::new(StoreConfig {
             keep_self: false,
             ..StoreConfig::new(token_count)

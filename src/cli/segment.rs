@@ -237,7 +237,7 @@ pub(super) fn generate_with_attention(
     if let Some(guidance) = guidance {
         request.guidance = guidance;
     }
-    let token_count = model.tokenizer.encode(prompt)?.token_count();
+    let token_count = model.tokenizer.encode_prompt(prompt)?.token_count();
     let mut store = AttentionStore::new(StoreConfig::new(token_count));
     let output = generate(
         model,
@@ -430,7 +430,7 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
     mask_settings
         .validate(height, width)
         .map_err(segmentation_flag_error)?;
-    let prompt_words = model.tokenizer.encode(&args.prompt)?.words;
+    let prompt_words = model.tokenizer.encode_prompt(&args.prompt)?.words;
     let words = label_words(&prompt_words, args.segmentation.words.as_deref())?;
     if words.is_empty() {
         eprintln!("warning: no prompt word competes for labels; every segment is background");

@@ -506,10 +506,11 @@ impl StableDiffusion {
             .count()
     }
 
-    /// Image widths and heights must be multiples of this: the VAE factor times 2 per UNet
-    /// down-sampling (64 for SD, 8 for the tiny fixtures' 32 px).
+    /// Image widths and heights must be multiples of this: the VAE factor (8 for SD, 2 for the tiny
+    /// fixtures, 1 in pixel space), as in diffusers. Latent sides the UNet's down-samplings do not
+    /// halve evenly are fine: each up-sampling takes its skip connection's size, as diffusers does.
     pub fn size_multiple_px(&self) -> usize {
-        self.latent_downscale_factor() << self.unet_downsampling_count()
+        self.latent_downscale_factor()
     }
 
     /// The size the model was trained at, `(width_px, height_px)`: the UNet's `sample_size` times the

@@ -206,8 +206,25 @@ pub fn prepare_run_with(
     check_run_fits(&memory, &available_memory())?;
     let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
     let mut warnings = prepared.warnings;
-    let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
-    let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
+    let mut prompt_tokens = model.tokenizer.encode_prompt(&request.prompt)?;
+    let mut negative_tokens = model.tokenizer.encode_prompt(&request.negative_prompt)?;
+    // Both halves of classifier-free guidance attend to the same number of keys.
+    let chunk_count = prompt_tokens.chunk_count.max(negative_tokens.chunk_count);
+    model
+        .tokenizer
+        .pad_to_chunks(&mut prompt_tokens, chunk_count);
+    model
+        .tokenizer
+        .pad_to_chunks(&mut negative_tokens, chunk_count);
+    if crate::analysis::prompt_syntax::parse_prompt(&request.prompt)
+        .is_ok_and(|parsed| parsed.has_swaps())
+    {
+        warnings.push(
+            "the prompt's [from:to:when] swaps need an edit run (`attend generate` runs them): this \
+             image uses each swap's `from`"
+                .to_string(),
+        );
+    }
     warnings.extend(prompt_tokens.warning());
     warnings.extend(
         negative_tokens
@@ -237,7 +254,7 @@ pub fn prepare_run_with(
 pub struct Sampler<'model> {
     model: &'model StableDiffusion,
     run: PreparedRun,
-    /// `[negative, prompt]` with guidance, `[prompt]` without: `[rows, 77, dim]`.
+    /// `[negative, prompt]` with guidance, `[prompt]` without: `[rows, chunks * 77, dim]`.
     text_embeddings: Tensor,
     row: DenoiseRow,
     latents_per_step: Vec<Tensor>,
@@ -442,8 +459,11 @@ pub(crate) struct DenoiseStep {
 }
 
 /// Text embeddings of a UNet batch: `[negative x n, prompts...]` with guidance (`[2n, tokens, dim]`),
-/// `[prompts...]` without (`[n, tokens, dim]`).
-pub(crate) fn encode_prompt_batch(
+/// `[prompts...]` without (`[n, tokens, dim]`). Rows of several chunks (prompts beyond 77 tokens)
+/// run the text encoder once per chunk and are concatenated along the tokens (`tokens = chunks *
+/// max_length`); a row with fewer chunks than the longest is padded with empty-prompt chunks, as
+/// A1111 pads the shorter half of classifier-free guidance.
+pub fn encode_prompt_batch(
     model: &StableDiffusion,
     prompts: &[&PromptTokens],
     negative: &PromptTokens,
@@ -454,12 +474,36 @@ pub(crate) fn encode_prompt_batch(
         rows.extend(std::iter::repeat_n(negative, prompts.len()));
     }
     rows.extend_from_slice(prompts);
-    let sequence_length = prompts
-        .first()
-        .map_or(negative.ids.len(), |tokens| tokens.ids.len());
-    let ids: Vec<u32> = rows.iter().flat_map(|tokens| tokens.ids.clone()).collect();
-    let ids = Tensor::from_vec(ids, (rows.len(), sequence_length), model.device())?;
-    model.text_encoder.forward(&ids)
+    let chunk_count = rows.iter().map(|row| row.chunk_count).max().unwrap_or(1);
+    let chunk_length = model.tokenizer.max_length();
+    let mut ids: Vec<u32> = Vec::with_capacity(rows.len() * chunk_count * chunk_length);
+    for row in &rows {
+        if row.chunk_count == chunk_count {
+            ids.extend_from_slice(&row.ids);
+        } else {
+            let mut padded = (*row).clone();
+            model.tokenizer.pad_to_chunks(&mut padded, chunk_count);
+            ids.extend_from_slice(&padded.ids);
+        }
+    }
+    if ids.len() != rows.len() * chunk_count * chunk_length {
+        return Err(PipelineError::InvalidArgument {
+            name: "prompt tokens",
+            reason: format!(
+                "{} ids for {} rows of {chunk_count} chunks of {chunk_length} tokens",
+                ids.len(),
+                rows.len()
+            ),
+        });
+    }
+    let ids = Tensor::from_vec(
+        ids,
+        (rows.len() * chunk_count, chunk_length),
+        model.device(),
+    )?;
+    let embeddings = model.text_encoder.forward(&ids)?;
+    let width = embeddings.dim(2)?;
+    Ok(embeddings.reshape((rows.len(), chunk_count * chunk_length, width))?)
 }
 
 /// Unit-variance initial noise `[1, channels, h, w]`: the request's, or drawn from `rng`.
@@ -592,11 +636,14 @@ pub(crate) fn validate_request(
     model: &StableDiffusion,
     request: &GenerateRequest,
 ) -> PipelineResult<[usize; 4]> {
-    let why_multiple = format!(
-        "the VAE's downscale factor {} times 2 for each of the UNet's {} down-samplings",
-        model.latent_downscale_factor(),
-        model.unet_downsampling_count()
-    );
+    let why_multiple = if model.is_pixel_space() {
+        "the model works on pixels".to_string()
+    } else {
+        format!(
+            "the VAE's downscale factor {}",
+            model.latent_downscale_factor()
+        )
+    };
     check_request_limits(request, model.size_multiple_px(), &why_multiple)?;
     let factor = model.latent_downscale_factor();
     let shape = [

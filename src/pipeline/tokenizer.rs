@@ -20,6 +20,7 @@ use tokenizers::{
     SplitDelimiterBehavior, Tokenizer,
 };
 
+use crate::analysis::prompt_syntax::{parse_prompt, PlainPrompt};
 use crate::analysis::WordSpan;
 use crate::pipeline::{PipelineError, PipelineResult};
 
@@ -39,6 +40,9 @@ const BUNDLED_CLIP_VOCAB: &str = include_str!("../../assets/clip-tokenizer/vocab
 const BUNDLED_CLIP_MERGES: &str = include_str!("../../assets/clip-tokenizer/merges.txt");
 /// CLIP's context length, used when `tokenizer_config.json` gives no usable `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
+/// Most chunks of `max_length` tokens a prompt is encoded to by [`PromptTokenizer::encode_prompt`]
+/// (225 content tokens for CLIP); longer prompts are cut with a warning.
+pub const MAX_PROMPT_CHUNKS: usize = 3;
 /// Larger `model_max_length` values are transformers' "unset" sentinel (`int(1e30)`), not a length.
 const LARGEST_PLAUSIBLE_MAX_LENGTH: usize = 1 << 16;
 
@@ -51,17 +55,27 @@ pub struct SpecialToken {
     pub id: u32,
 }
 
-/// A prompt encoded for the text encoder.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A prompt encoded for the text encoder: one or more chunks of `max_length` ids, each chunk
+/// `[start, up to max_length - 2 content tokens, end, pad...]` (A1111's and compel's rule for
+/// prompts beyond 77 tokens). Chunk `c`'s content token `j` sits at position
+/// `c * max_length + 1 + j` of the concatenated sequence, which word spans and attention maps index.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PromptTokens {
-    /// `[max_length]` ids: start token, content tokens, end token, then pad tokens.
+    /// `[chunk_count * max_length]` ids.
     pub ids: Vec<u32>,
-    /// The kept tokens as the tokenizer spells them (`"cat</w>"` for CLIP BPE), start and end
-    /// included, padding excluded: `tokens[i]` is the token at position `i` of `ids`.
+    /// The tokens as the tokenizer spells them (`"cat</w>"` for CLIP BPE), from position 0 to the
+    /// last chunk's end token: `tokens[i]` is the token at position `i` of `ids`. Every chunk but
+    /// the last is full (no padding), so only the last chunk's padding is left out.
     pub tokens: Vec<String>,
     /// One span per prompt word that kept at least one token, in prompt order; punctuation-only
-    /// words are left out. Indices point into `ids` (start token = 0).
+    /// words are left out. Indices point into `ids` (start token = 0); a word cut by a chunk
+    /// boundary has tokens in both chunks.
     pub words: Vec<WordSpan>,
+    /// Number of `max_length` chunks in `ids` (1 for prompts of at most `max_length - 2` tokens).
+    pub chunk_count: usize,
+    /// Per position of `ids`: the prompt-syntax weight of the token (1 for unweighted tokens,
+    /// start, end and pad tokens).
+    pub weights: Vec<f32>,
     /// The prompt's full token count (start and end included) when it was cut to `max_length`.
     pub truncated_from: Option<usize>,
     /// Words (as typed, normalised) that lost some or all of their tokens to truncation,
@@ -75,13 +89,42 @@ impl PromptTokens {
         self.tokens.len()
     }
 
+    /// The weight of each of [`PromptTokens::words`] (that of its first token).
+    pub fn word_weights(&self) -> Vec<f32> {
+        self.words
+            .iter()
+            .map(|word| {
+                word.token_indices
+                    .first()
+                    .and_then(|&index| self.weights.get(index))
+                    .copied()
+                    .unwrap_or(1.0)
+            })
+            .collect()
+    }
+
+    /// True when some token has a weight other than 1.
+    pub fn has_weights(&self) -> bool {
+        self.weights.iter().any(|&weight| weight != 1.0)
+    }
+
     /// A message for the UI when the prompt was truncated, `None` otherwise.
     pub fn warning(&self) -> Option<String> {
         let original_count = self.truncated_from?;
-        let mut message = format!(
-            "prompt truncated to {} tokens (it has {original_count})",
-            self.ids.len()
-        );
+        let mut message = if self.chunk_count > 1 {
+            format!(
+                "prompt truncated to {} chunks of {} tokens, the most attend encodes (it has {} \
+                 tokens)",
+                self.chunk_count,
+                self.ids.len() / self.chunk_count,
+                original_count
+            )
+        } else {
+            format!(
+                "prompt truncated to {} tokens (it has {original_count})",
+                self.ids.len()
+            )
+        };
         if !self.dropped_words.is_empty() {
             message.push_str("; dropped: ");
             message.push_str(&self.dropped_words.join(" "));
@@ -246,47 +289,135 @@ impl PromptTokenizer {
     }
 
     /// Encodes a prompt to exactly `max_length` ids: start token, the first `max_length - 2`
-    /// content tokens, end token, padding. An empty prompt is valid. Unknown words become the
-    /// model's unknown token (never an error).
+    /// content tokens, end token, padding. The text is taken as it is (no prompt syntax), as
+    /// transformers' tokenizer does. An empty prompt is valid. Unknown words become the model's
+    /// unknown token (never an error).
     pub fn encode(&self, prompt: &str) -> PipelineResult<PromptTokens> {
-        let encoding = self.tokenizer.encode(prompt, false).map_err(|error| {
-            PipelineError::InvalidArgument {
-                name: "prompt",
-                reason: format!("cannot tokenize {prompt:?}: {error}"),
-            }
-        })?;
-        let content_count = encoding.len();
-        let kept_count = content_count.min(self.max_length - 2);
+        self.encode_chunks(
+            &PlainPrompt {
+                text: prompt.to_string(),
+                weighted: Vec::new(),
+            },
+            1,
+        )
+    }
 
-        let mut ids = Vec::with_capacity(self.max_length);
-        let mut tokens = Vec::with_capacity(kept_count + 2);
-        ids.push(self.start_token.id);
-        tokens.push(self.start_token.text.clone());
-        ids.extend_from_slice(&encoding.get_ids()[..kept_count]);
-        tokens.extend_from_slice(&encoding.get_tokens()[..kept_count]);
-        ids.push(self.end_token.id);
-        tokens.push(self.end_token.text.clone());
-        ids.resize(self.max_length, self.pad_token.id);
+    /// Encodes a prompt written in A1111's syntax ([`crate::analysis::prompt_syntax`]): weights
+    /// go to [`PromptTokens::weights`], a `[from:to:when]` swap takes its `from` (the source
+    /// prompt), and a prompt beyond `max_length - 2` tokens is split into chunks of that many
+    /// content tokens (at most [`MAX_PROMPT_CHUNKS`], longer prompts are cut with a warning). A
+    /// prompt without syntax of at most `max_length - 2` tokens encodes as [`Self::encode`] does.
+    /// A syntax error names its column.
+    pub fn encode_prompt(&self, prompt: &str) -> PipelineResult<PromptTokens> {
+        let parsed = parse_prompt(prompt)?;
+        self.encode_chunks(&parsed.source, MAX_PROMPT_CHUNKS)
+    }
+
+    /// [`Self::encode_prompt`] padded with empty chunks to `like`'s chunk count, so that both share
+    /// one key count (the edited prompt of a Prompt-to-Prompt edit and its source). A prompt with
+    /// more chunks than `like` is an error.
+    pub fn encode_prompt_like(
+        &self,
+        prompt: &str,
+        like: &PromptTokens,
+    ) -> PipelineResult<PromptTokens> {
+        let mut tokens = self.encode_prompt(prompt)?;
+        if tokens.chunk_count > like.chunk_count {
+            return Err(PipelineError::InvalidArgument {
+                name: "edit prompt",
+                reason: format!(
+                    "it needs {} chunks of {} tokens, its source prompt {}: an edited prompt may \
+                     not be longer in chunks than its source",
+                    tokens.chunk_count,
+                    self.max_length - 2,
+                    like.chunk_count
+                ),
+            });
+        }
+        self.pad_to_chunks(&mut tokens, like.chunk_count);
+        Ok(tokens)
+    }
+
+    /// Appends empty chunks (`[start, end, pad...]`, the encoding of an empty prompt, as A1111 pads
+    /// the shorter half of classifier-free guidance) until `tokens` has `chunk_count` chunks; the
+    /// padding chunks add no tokens to `tokens.tokens` or words.
+    pub fn pad_to_chunks(&self, tokens: &mut PromptTokens, chunk_count: usize) {
+        while tokens.chunk_count < chunk_count {
+            tokens.ids.push(self.start_token.id);
+            tokens.ids.push(self.end_token.id);
+            tokens.ids.resize(
+                (tokens.chunk_count + 1) * self.max_length,
+                self.pad_token.id,
+            );
+            tokens
+                .weights
+                .resize((tokens.chunk_count + 1) * self.max_length, 1.0);
+            tokens.chunk_count += 1;
+        }
+    }
+
+    /// Encodes `prompt.text` to at most `max_chunks` chunks (see [`PromptTokens`]).
+    fn encode_chunks(
+        &self,
+        prompt: &PlainPrompt,
+        max_chunks: usize,
+    ) -> PipelineResult<PromptTokens> {
+        let text = prompt.text.as_str();
+        let encoding =
+            self.tokenizer
+                .encode(text, false)
+                .map_err(|error| PipelineError::InvalidArgument {
+                    name: "prompt",
+                    reason: format!("cannot tokenize {text:?}: {error}"),
+                })?;
+        let per_chunk = self.max_length - 2;
+        let content_count = encoding.len();
+        let kept_count = content_count.min(per_chunk * max_chunks);
+        let chunk_count = kept_count.div_ceil(per_chunk).max(1);
+        // Content token `i` sits after its chunk's start token.
+        let position = |index: usize| (index / per_chunk) * self.max_length + 1 + index % per_chunk;
+        let offsets = encoding.get_offsets();
+
+        let mut ids = Vec::with_capacity(chunk_count * self.max_length);
+        let mut tokens = Vec::with_capacity(kept_count + 2 * chunk_count);
+        let mut weights = Vec::with_capacity(chunk_count * self.max_length);
+        for chunk in 0..chunk_count {
+            let content = chunk * per_chunk..((chunk + 1) * per_chunk).min(kept_count);
+            ids.push(self.start_token.id);
+            tokens.push(self.start_token.text.clone());
+            weights.push(1.0);
+            ids.extend_from_slice(&encoding.get_ids()[content.clone()]);
+            tokens.extend_from_slice(&encoding.get_tokens()[content.clone()]);
+            weights.extend(
+                offsets[content]
+                    .iter()
+                    .map(|&(start, _)| prompt.weight_at(start)),
+            );
+            ids.push(self.end_token.id);
+            tokens.push(self.end_token.text.clone());
+            weights.push(1.0);
+            ids.resize((chunk + 1) * self.max_length, self.pad_token.id);
+            weights.resize((chunk + 1) * self.max_length, 1.0);
+        }
 
         let mut words = Vec::new();
         let mut dropped_words = Vec::new();
         for group in word_groups(&encoding) {
-            let text = self.word_text(prompt, &encoding, &group);
-            if is_punctuation_only(&text) {
+            let word = self.word_text(text, &encoding, &group);
+            if is_punctuation_only(&word) {
                 continue;
             }
-            // Content token `i` sits at position `i + 1`, after the start token.
             let token_indices: Vec<usize> = group
                 .iter()
                 .filter(|&&index| index < kept_count)
-                .map(|&index| index + 1)
+                .map(|&index| position(index))
                 .collect();
             if token_indices.len() < group.len() {
-                dropped_words.push(text.clone());
+                dropped_words.push(word.clone());
             }
             if !token_indices.is_empty() {
                 words.push(WordSpan {
-                    text,
+                    text: word,
                     token_indices,
                 });
             }
@@ -295,6 +426,8 @@ impl PromptTokenizer {
             ids,
             tokens,
             words,
+            chunk_count,
+            weights,
             truncated_from: (kept_count < content_count).then_some(content_count + 2),
             dropped_words,
         })

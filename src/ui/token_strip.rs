@@ -1,8 +1,10 @@
 //! The token strip: one live thumbnail per prompt word. Click one to show its heat map on the canvas;
 //! hover for its peak value. In edit mode, showing the edited run (or the source before an edit
-//! ran, while the edited prompt is the source prompt), each word has a weight slider.
+//! ran, while the edited prompt is the source prompt), each word has a weight slider. A word weighted
+//! by the prompt syntax (`(word:1.3)`) shows its weight after it.
 
 use crate::analysis::colormap::Colormap;
+use crate::analysis::prompt_syntax::format_weight;
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::edit::spec::{word_weight, WEIGHT_RANGE};
@@ -82,6 +84,10 @@ pub(crate) fn token_strip_ui(
         .visible_steps()
         .map_or(0, |(first, last)| last + 1 - first);
     let probing = state.canvas_view == CanvasView::Probe;
+    // The prompt syntax's weights (`(word:1.3)`), shown after the word when not 1.
+    let syntax_weights = crate::analysis::prompt_syntax::parse_prompt(&run.params.prompt)
+        .map(|parsed| parsed.source.word_weights(&run.prompt.words))
+        .unwrap_or_default();
     egui::ScrollArea::horizontal()
         .id_salt("attend.token_strip")
         .show(ui, |ui| {
@@ -93,17 +99,31 @@ pub(crate) fn token_strip_ui(
                         .heatmaps
                         .get(index)
                         .map_or(0.0, |heatmap| heatmap.peak);
+                    let syntax_weight = syntax_weights
+                        .get(index)
+                        .copied()
+                        .filter(|&weight| weight != 1.0);
+                    let label = match syntax_weight {
+                        Some(weight) => format!("{} x{}", word.text, format_weight(weight)),
+                        None => word.text.clone(),
+                    };
                     let button = match strip.textures.get(index) {
                         Some(texture) => egui::Button::image_and_text(
                             egui::Image::new((texture.id(), egui::Vec2::splat(THUMBNAIL_SIZE))),
-                            word.text.as_str(),
+                            label,
                         ),
-                        None => egui::Button::new(word.text.as_str()),
+                        None => egui::Button::new(label),
                     };
-                    let hover = format!(
+                    let mut hover = format!(
                         "{}: peak attention {peak:.4} (summed over {steps_shown} step(s))",
                         word.text
                     );
+                    if let Some(weight) = syntax_weight {
+                        hover.push_str(&format!(
+                            "; prompt weight {} (its cross-attention is scaled by it)",
+                            format_weight(weight)
+                        ));
+                    }
                     let response = if edit_weights {
                         ui.vertical(|ui| {
                             let response = ui.add(button.selected(selected)).on_hover_text(hover);

@@ -16,6 +16,7 @@ use crate::analysis::heatmap::{
     Heatmap, SelfAttentionMap, SelfAttentionSpan, StepCross, UnetPlace,
 };
 use crate::analysis::WordSpan;
+use crate::attention::prompt_weights::{PromptWeights, WeightedRun};
 use crate::attention::store::{AttentionStore, StoreConfig};
 use crate::hook::CancelToken;
 use crate::pipeline::model::{LoadOptions, StableDiffusion};
@@ -329,14 +330,19 @@ fn sample_with_store(
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<crate::pipeline::sampling::GenerateOutput, EngineError> {
-    let mut sampler = Sampler::new(model, run)?.with_cancel(cancel.clone());
+    // The prompt syntax's weights scale the cross-attention the store records.
+    let weights = PromptWeights::new(&run.prompt_tokens.weights);
+    let mut sampler = WeightedRun::new(
+        Sampler::new(model, run)?.with_cancel(cancel.clone()),
+        weights,
+    );
     drive_with_store(&mut sampler, store, cancel, |report, store, timing| {
         let preview = report.preview.clone().unwrap_or_default();
         let frame = step_frame(store, StepPlace::from(report), preview, timing);
         observer.step(Branch::Source, frame, None)?;
         answer_self_attention_query(&mut *observer, store)
     })?;
-    Ok(sampler.finish()?)
+    Ok(sampler.into_inner().finish()?)
 }
 
 /// Steps `run` to its end with `store` on the attention hook: the cancel token is checked before

@@ -64,7 +64,10 @@ pub(super) fn prepare(
         preview: true,
         inversion: None,
     };
-    let token_count = model.tokenizer.encode(&request.prompt)?.token_count();
+    let token_count = model
+        .tokenizer
+        .encode_prompt(&request.prompt)?
+        .token_count();
     let run = prepare_run_with(model, &request, &store_capture(token_count))?;
     let resolved = GenerateParams {
         scheduler: Some(run.scheduler_kind.name().to_owned()),
