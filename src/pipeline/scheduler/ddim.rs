@@ -126,6 +126,14 @@ impl DdimScheduler {
     /// at `t - train / steps` up to `t`, with `model_output` the UNet's output at `t` (the
     /// destination), as diffusers' `DDIMInverseScheduler.step` and prompt-to-prompt's `next_step`.
     /// Below timestep 0 the noise level is the final alpha product, as in sampling.
+    ///
+    /// Noise and sample predictions follow diffusers exactly. A velocity prediction differs on
+    /// purpose: diffusers reads the velocity as if the model had been asked at the source level
+    /// `t - train / steps`, but the model answered for timestep `t`, and a velocity (unlike a
+    /// noise) changes with the level it is read at; so the noise is taken from the velocity at
+    /// `t` (`eps = sqrt(a_t) v + sqrt(1 - a_t) x`) and the step goes up as for a noise
+    /// prediction. On the bundled v-prediction model (10 steps, guidance 1, a drawn scene) this
+    /// turns a reconstruction of 2.6 dB PSNR into 26.5 dB.
     pub fn inverse_step(
         &self,
         model_output: &Tensor,
@@ -133,7 +141,29 @@ impl DdimScheduler {
         sample: &Tensor,
     ) -> PipelineResult<Tensor> {
         let (alpha_to, alpha_from) = self.step_alphas(step_index)?;
-        let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_from)?;
+        let (predicted_clean, predicted_noise) = match self.prediction_type {
+            PredictionType::VPrediction => {
+                // The velocity is the model's answer for `sample` seen at the destination `t`:
+                // its noise is read at `t`, then the step goes up as for a noise prediction.
+                let noise = weighted_sum(
+                    alpha_to.sqrt(),
+                    model_output,
+                    (1.0 - alpha_to).sqrt(),
+                    sample,
+                )?;
+                let mut clean = weighted_sum(
+                    1.0 / alpha_from.sqrt(),
+                    sample,
+                    -(1.0 - alpha_from).sqrt() / alpha_from.sqrt(),
+                    &noise,
+                )?;
+                if let Some(range) = self.clip_range {
+                    clean = clean.clamp(-range, range)?;
+                }
+                (clean, noise)
+            }
+            _ => self.predict(model_output, sample, alpha_from)?,
+        };
         weighted_sum(
             alpha_to.sqrt(),
             &predicted_clean,
