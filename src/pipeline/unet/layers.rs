@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::differentiable;
 use crate::kernels::{self, PatchGeometry};
 use crate::pipeline::{profile, PipelineResult};
 
@@ -139,6 +140,9 @@ impl Conv2d {
                 self.in_channels
             );
         }
+        if xs.track_op() || extra_bias.is_some_and(Tensor::track_op) {
+            return self.forward_differentiable(xs, extra_bias);
+        }
         let xs = xs.contiguous()?;
         let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
         let label = || {
@@ -157,6 +161,83 @@ impl Conv2d {
             )
         };
         profile::measure(label, || self.forward_contiguous(&xs, tiles, extra_bias))
+    }
+
+    /// The differentiable path of [`Conv2d::forward_with_bias`] (see [`differentiable`]): im2col
+    /// from padded, shifted views of `xs` (`narrow` / `index_select`, which have a backward) and
+    /// one matrix product with the weight as `[k * k * in, out]`.
+    fn forward_differentiable(
+        &self,
+        xs: &Tensor,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, height, width, _) = xs.dims4()?;
+        let geometry = self.geometry;
+        let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
+        let (before, after) = (geometry.pad_before, geometry.pad_after);
+        let padded = if (before, after) == (0, 0) {
+            xs.clone()
+        } else {
+            xs.pad_with_zeros(1, before, after)?
+                .pad_with_zeros(2, before, after)?
+        };
+        let kernel = geometry.kernel;
+        let mut taps = Vec::with_capacity(kernel * kernel);
+        for offset_y in 0..kernel {
+            let rows = differentiable::strided(&padded, 1, offset_y, out_h, geometry.stride)?;
+            for offset_x in 0..kernel {
+                taps.push(differentiable::strided(
+                    &rows,
+                    2,
+                    offset_x,
+                    out_w,
+                    geometry.stride,
+                )?);
+            }
+        }
+        // Patch order (ky, kx, channel), as the weight matrix's rows.
+        let patches = if taps.len() == 1 {
+            taps.remove(0)
+        } else {
+            Tensor::cat(&taps, 3)?
+        };
+        let patch = kernel * kernel * self.in_channels;
+        let out = patches
+            .reshape((batch * out_h * out_w, patch))?
+            .matmul(&self.weight_matrix()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((batch, out_h * out_w, self.out_channels))?;
+        let out = match extra_bias {
+            Some(extra) => out.broadcast_add(&extra.unsqueeze(1)?)?,
+            None => out,
+        };
+        out.reshape((batch, out_h, out_w, self.out_channels))
+    }
+
+    /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back exactly
+    /// (`g = L U L^T` with `L` the left inverse of Winograd's `G`: rows 0, 1 - 2 and 3).
+    fn weight_matrix(&self) -> candle_core::Result<Tensor> {
+        match &self.kernel_weights {
+            ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) => {
+                Ok(matrix.clone())
+            }
+            ConvKernel::Winograd(filter) => {
+                let (_, in_channels, out_channels) = filter.dims3()?;
+                let position = |row: usize, column: usize| filter.get(row * 4 + column);
+                let mut planes = Vec::with_capacity(9);
+                for kernel_y in 0..3 {
+                    for kernel_x in 0..3 {
+                        let column_of = |row: usize| {
+                            differentiable::winograd_inverse_row(kernel_x, |column| {
+                                position(row, column)
+                            })
+                        };
+                        planes.push(differentiable::winograd_inverse_row(kernel_y, column_of)?);
+                    }
+                }
+                Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
+            }
+        }
     }
 
     /// [`Conv2d::forward_with_bias`] on contiguous input with `tiles` 2x2 Winograd tiles.
@@ -391,6 +472,16 @@ impl Linear {
         let rows: usize = leading.iter().product();
         let flat = xs.reshape((rows, in_features))?;
         let out_features = self.weight_t.dim(1)?;
+        if xs.track_op() {
+            let out = flat.matmul(&self.weight_t)?;
+            let out = match &self.bias {
+                Some(bias) => out.broadcast_add(bias)?,
+                None => out,
+            };
+            let mut out_dims = leading.to_vec();
+            out_dims.push(out_features);
+            return out.reshape(out_dims);
+        }
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
             let out = product_of(&flat, &self.weight_t)?;
@@ -430,6 +521,9 @@ impl GroupNorm {
 
     /// `[batch, ..., channels]` -> same shape, normalised per (batch item, channel group).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs, false);
+        }
         profile::measure(
             || format!("group norm {:?}", xs.dims()),
             || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false),
@@ -438,10 +532,47 @@ impl GroupNorm {
 
     /// `silu(group_norm(xs))`, same shape.
     pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs, true);
+        }
         profile::measure(
             || format!("group norm + silu {:?}", xs.dims()),
             || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true),
         )
+    }
+}
+
+impl GroupNorm {
+    /// The differentiable path (see [`differentiable`]): mean and variance per (item, group) in
+    /// f32 from plain candle ops, then the affine transform and the optional SiLU.
+    fn forward_differentiable(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let (Some(&batch), Some(&channels)) = (dims.first(), dims.last()) else {
+            candle_core::bail!("group norm applied to a scalar");
+        };
+        if self.groups == 0 || channels % self.groups != 0 {
+            candle_core::bail!(
+                "group norm: {channels} channels do not split into {} groups",
+                self.groups
+            );
+        }
+        let positions = xs.elem_count() / (batch * channels).max(1);
+        let grouped = xs.to_dtype(DType::F32)?.reshape((
+            batch,
+            positions,
+            self.groups,
+            channels / self.groups,
+        ))?;
+        let mean = grouped.mean_keepdim((1, 3))?;
+        let centred = grouped.broadcast_sub(&mean)?;
+        let variance = centred.sqr()?.mean_keepdim((1, 3))?;
+        let normalised = centred
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .reshape((batch, positions, channels))?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        let out = if silu { normalised.silu()? } else { normalised };
+        out.reshape(dims)?.to_dtype(xs.dtype())
     }
 }
 
@@ -465,6 +596,9 @@ impl LayerNorm {
 
     /// `[..., channels]` -> same shape.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs);
+        }
         profile::measure(
             || format!("layer norm {:?}", xs.dims()),
             || {
@@ -480,6 +614,21 @@ impl LayerNorm {
                 }
             },
         )
+    }
+}
+
+impl LayerNorm {
+    /// The differentiable path (see [`differentiable`]): plain candle ops in f32.
+    fn forward_differentiable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let values = xs.to_dtype(DType::F32)?;
+        let mean = values.mean_keepdim(candle_core::D::Minus1)?;
+        let centred = values.broadcast_sub(&mean)?;
+        let variance = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        centred
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(xs.dtype())
     }
 }
 
@@ -636,10 +785,14 @@ impl Upsample {
         target_h: usize,
         target_w: usize,
     ) -> candle_core::Result<Tensor> {
-        let upsampled = profile::measure(
-            || format!("upsample {:?}", xs.dims()),
-            || kernels::upsample_nearest(xs, target_h, target_w),
-        )?;
+        let upsampled = if xs.track_op() {
+            differentiable::upsample_nearest(xs, target_h, target_w)?
+        } else {
+            profile::measure(
+                || format!("upsample {:?}", xs.dims()),
+                || kernels::upsample_nearest(xs, target_h, target_w),
+            )?
+        };
         self.conv.forward(&upsampled)
     }
 }
