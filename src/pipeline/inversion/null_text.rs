@@ -377,3 +377,407 @@ pub(crate) fn optimise_null_text(
         losses,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::pipeline::model::LoadOptions;
+    use crate::pipeline::sampling::encode_prompt_batch;
+    use crate::pipeline::scheduler::ddim::DdimScheduler;
+    use crate::pipeline::scheduler::Scheduler;
+
+    fn load(relative: &str) -> StableDiffusion {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+        StableDiffusion::load(&dir, &LoadOptions::default()).unwrap()
+    }
+
+    /// `(unconditional "", conditional prompt)` embeddings, `[1, tokens, dim]` each.
+    fn embeddings(model: &StableDiffusion, prompt: &str) -> (Tensor, Tensor) {
+        let tokens = model.tokenizer.encode(prompt).unwrap();
+        let empty = model.tokenizer.encode("").unwrap();
+        let both = encode_prompt_batch(model, &[&tokens], &empty, true)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        (both.narrow(0, 0, 1).unwrap(), both.narrow(0, 1, 1).unwrap())
+    }
+
+    /// A smooth test picture `[1, 3, size, size]` in [-1, 1]: a disc on a diagonal gradient.
+    fn picture(size: usize) -> Tensor {
+        let mut values = Vec::with_capacity(3 * size * size);
+        let centre = size as f32 * 0.55;
+        for channel in 0..3 {
+            for y in 0..size {
+                for x in 0..size {
+                    let (fx, fy) = (x as f32, y as f32);
+                    let inside = (fx - centre).hypot(fy - centre * 0.8) < size as f32 * 0.25;
+                    let background = (fx + fy) / (2.0 * size as f32) - 0.5;
+                    let value = match (inside, channel) {
+                        (true, 0) => 0.8,
+                        (true, _) => -0.6,
+                        (false, _) => background * (channel as f32 + 1.0) * 0.5,
+                    };
+                    values.push(value);
+                }
+            }
+        }
+        Tensor::from_vec(values, (1, 3, size, size), &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// `z*_0`: the VAE posterior mean x the scaling factor, or the pixels in pixel space.
+    fn image_latent(model: &StableDiffusion, size_px: usize) -> Tensor {
+        let image = picture(size_px);
+        match &model.vae {
+            Some(vae) => vae
+                .encode_mean(&image)
+                .unwrap()
+                .affine(model.latent_scaling_factor(), 0.0)
+                .unwrap(),
+            None => image,
+        }
+    }
+
+    fn timesteps(model: &StableDiffusion, steps: usize) -> Vec<f64> {
+        DdimScheduler::new(&model.scheduler_config, steps)
+            .unwrap()
+            .timesteps()
+            .to_vec()
+    }
+
+    /// DDIM inversion at guidance 1 (conditional embedding only): from `t - ratio` to `t`, the
+    /// noise evaluated at the destination timestep `t`. `[steps + 1, 1, c, h, w]`.
+    fn ddim_inversion(
+        model: &StableDiffusion,
+        update: &DdimUpdate,
+        timesteps: &[f64],
+        start: &Tensor,
+        conditional: &Tensor,
+    ) -> Tensor {
+        let mut latent = start.clone();
+        let mut latents = vec![latent.clone()];
+        for &timestep in timesteps.iter().rev() {
+            let output = model
+                .unet
+                .forward(&latent, timestep, conditional, None)
+                .unwrap();
+            let alpha = update.alpha_product(whole_timestep(timestep));
+            let alpha_from = update.alpha_product(update.previous_timestep(timestep));
+            let (_, noise) = update.clean_and_noise(&output, alpha, &latent).unwrap();
+            let clean = ((&latent - noise.affine((1.0 - alpha_from).sqrt(), 0.0).unwrap())
+                .unwrap()
+                / alpha_from.sqrt())
+            .unwrap();
+            latent = (clean.affine(alpha.sqrt(), 0.0).unwrap()
+                + noise.affine((1.0 - alpha).sqrt(), 0.0).unwrap())
+            .unwrap();
+            latents.push(latent.clone());
+        }
+        Tensor::stack(&latents, 0).unwrap()
+    }
+
+    /// Guided DDIM from `z*_T` with `unconditional(i)` at step `i`; returns the final latent.
+    fn replay(
+        model: &StableDiffusion,
+        update: &DdimUpdate,
+        timesteps: &[f64],
+        start: &Tensor,
+        unconditional: impl Fn(usize) -> Tensor,
+        conditional: &Tensor,
+    ) -> Tensor {
+        let mut latent = start.clone();
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            latent = guided_ddim_step(
+                model,
+                update,
+                &latent,
+                timestep,
+                &unconditional(index),
+                conditional,
+                7.5,
+            )
+            .unwrap();
+        }
+        latent
+    }
+
+    fn mean_squared_error(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Inverts a picture with `steps` steps, optimises the null text, replays both ways; returns
+    /// `(null-text replay error, plain replay error)` against `z*_0` and checks the losses.
+    fn invert_and_replay(model: &StableDiffusion, size_px: usize, steps: usize) -> (f32, f32) {
+        let (unconditional, conditional) = embeddings(model, "a red circle");
+        let timesteps = timesteps(model, steps);
+        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let start = image_latent(model, size_px);
+        let trajectory = ddim_inversion(model, &update, &timesteps, &start, &conditional);
+        let mut reported = Vec::new();
+        let result = optimise_null_text(
+            model,
+            &trajectory,
+            &timesteps,
+            &conditional,
+            &unconditional,
+            7.5,
+            &mut |progress| {
+                reported.push(progress.steps_done);
+                Ok(())
+            },
+            &CancelToken::new(),
+        )
+        .unwrap();
+        assert_eq!(reported, (1..=steps).collect::<Vec<_>>());
+        assert_eq!(
+            result.embeddings.dims(),
+            &[
+                steps,
+                unconditional.dim(1).unwrap(),
+                unconditional.dim(2).unwrap()
+            ]
+        );
+        eprintln!("{}: losses per step {:?}", model.name(), result.losses);
+        assert_eq!(result.losses.len(), steps);
+        // The loss falls over the inner iterations of every step that iterated more than once,
+        // and at least the first step did.
+        assert!(result.losses[0].len() > 1, "{:?}", result.losses);
+        for losses in &result.losses {
+            assert!(!losses.is_empty() && losses.len() <= INNER_ITERATIONS);
+            if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
+                if losses.len() > 1 {
+                    assert!(last < first, "{losses:?}");
+                }
+            }
+        }
+        let z_t = trajectory.get(steps).unwrap();
+        let optimised = replay(
+            model,
+            &update,
+            &timesteps,
+            &z_t,
+            |index| result.embeddings.narrow(0, index, 1).unwrap(),
+            &conditional,
+        );
+        let plain = replay(
+            model,
+            &update,
+            &timesteps,
+            &z_t,
+            |_| unconditional.clone(),
+            &conditional,
+        );
+        let errors = (
+            mean_squared_error(&optimised, &start),
+            mean_squared_error(&plain, &start),
+        );
+        eprintln!(
+            "{}: reconstruction MSE null-text {:e}, plain DDIM {:e}",
+            model.name(),
+            errors.0,
+            errors.1
+        );
+        errors
+    }
+
+    #[test]
+    fn null_text_reconstructs_closer_than_plain_ddim_on_tiny_sd1() {
+        let model = load("tests/fixtures/tiny-sd1");
+        let (optimised, plain) = invert_and_replay(&model, 32, 4);
+        assert!(optimised < plain, "null-text {optimised}, plain {plain}");
+    }
+
+    #[test]
+    fn null_text_reconstructs_closer_than_plain_ddim_on_the_bundled_model() {
+        let model = load("assets/attend-shapes");
+        let (optimised, plain) = invert_and_replay(&model, 32, 3);
+        assert!(optimised < plain, "null-text {optimised}, plain {plain}");
+    }
+
+    #[test]
+    fn a_cancelled_token_stops_before_any_unet_call() {
+        let model = load("tests/fixtures/tiny-sd1");
+        let (unconditional, conditional) = embeddings(&model, "a red circle");
+        let timesteps = timesteps(&model, 2);
+        let trajectory = Tensor::zeros((3, 1, 4, 16, 16), DType::F32, model.device()).unwrap();
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        let result = optimise_null_text(
+            &model,
+            &trajectory,
+            &timesteps,
+            &conditional,
+            &unconditional,
+            7.5,
+            &mut |_| Ok(()),
+            &cancel,
+        );
+        assert!(matches!(result, Err(PipelineError::Cancelled)));
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused_with_the_value_named() {
+        let model = load("tests/fixtures/tiny-sd1");
+        let (unconditional, conditional) = embeddings(&model, "a red circle");
+        let timesteps = timesteps(&model, 2);
+        let trajectory = Tensor::zeros((2, 1, 4, 16, 16), DType::F32, model.device()).unwrap();
+        let error = optimise_null_text(
+            &model,
+            &trajectory,
+            &timesteps,
+            &conditional,
+            &unconditional,
+            7.5,
+            &mut |_| Ok(()),
+            &CancelToken::new(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(error.contains("trajectory"), "{error}");
+        let error = optimise_null_text(
+            &model,
+            &Tensor::zeros((3, 1, 4, 16, 16), DType::F32, model.device()).unwrap(),
+            &timesteps,
+            &conditional,
+            &unconditional.narrow(1, 0, 10).unwrap(),
+            7.5,
+            &mut |_| Ok(()),
+            &CancelToken::new(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(error.contains("text embeddings"), "{error}");
+    }
+
+    /// Timing of null-text inversion (not a check): `ATTEND_NULL_TEXT_MODEL` (a model folder,
+    /// default the bundled model), `ATTEND_NULL_TEXT_SIZE_PX` (64), `ATTEND_NULL_TEXT_STEPS` (20)
+    /// and `ATTEND_NULL_TEXT_TIMED_STEPS` (all: stop after this many optimised steps). Run with
+    /// `cargo test --lib null_text::tests::time_null_text -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing run, minutes long"]
+    fn time_null_text() {
+        let setting = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        let model = load(&setting("ATTEND_NULL_TEXT_MODEL", "assets/attend-shapes"));
+        let size_px: usize = setting("ATTEND_NULL_TEXT_SIZE_PX", "64").parse().unwrap();
+        let steps: usize = setting("ATTEND_NULL_TEXT_STEPS", "20").parse().unwrap();
+        let timed_steps: usize = setting("ATTEND_NULL_TEXT_TIMED_STEPS", &steps.to_string())
+            .parse()
+            .unwrap();
+        let (unconditional, conditional) = embeddings(&model, "a red circle");
+        let timesteps = timesteps(&model, steps);
+        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let start = image_latent(&model, size_px);
+        let clock = std::time::Instant::now();
+        let trajectory = ddim_inversion(&model, &update, &timesteps, &start, &conditional);
+        eprintln!("DDIM inversion: {:.2} s", clock.elapsed().as_secs_f64());
+        let clock = std::time::Instant::now();
+        let mut last = 0.0;
+        let result = optimise_null_text(
+            &model,
+            &trajectory,
+            &timesteps,
+            &conditional,
+            &unconditional,
+            7.5,
+            &mut |progress| {
+                let now = clock.elapsed().as_secs_f64();
+                eprintln!("step {}: {:.2} s", progress.steps_done, now - last);
+                last = now;
+                if progress.steps_done >= timed_steps {
+                    Err(PipelineError::Cancelled)
+                } else {
+                    Ok(())
+                }
+            },
+            &CancelToken::new(),
+        );
+        eprintln!(
+            "{} at {size_px} px: {timed_steps} of {steps} steps in {:.2} s ({})",
+            model.name(),
+            clock.elapsed().as_secs_f64(),
+            if result.is_ok() {
+                "finished"
+            } else {
+                "stopped"
+            }
+        );
+        if let Ok(result) = result {
+            let iterations: usize = result.losses.iter().map(Vec::len).sum();
+            eprintln!("inner iterations: {iterations}");
+        }
+    }
+
+    #[test]
+    fn loss_gradient_matches_finite_differences() {
+        let model = load("tests/fixtures/tiny-sd1");
+        let (unconditional, conditional) = embeddings(&model, "a red circle");
+        let steps = 4;
+        let timesteps = timesteps(&model, steps);
+        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let start = image_latent(&model, 32);
+        let trajectory = ddim_inversion(&model, &update, &timesteps, &start, &conditional);
+        let latent = trajectory.get(steps).unwrap();
+        let timestep = timesteps[0];
+        let conditional_noise = model
+            .unet
+            .forward(&latent, timestep, &conditional, None)
+            .unwrap();
+        let target = trajectory.get(steps - 1).unwrap();
+        let step = NullTextStep {
+            model: &model,
+            update: &update,
+            latent: &latent,
+            timestep,
+            conditional_noise: &conditional_noise,
+            guidance: 7.5,
+            target: &target,
+        };
+        let variable = Var::from_tensor(&unconditional.copy().unwrap()).unwrap();
+        let gradients = step.loss(variable.as_tensor()).unwrap().backward().unwrap();
+        let gradient: Vec<f32> = gradients
+            .get(variable.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let values: Vec<f32> = unconditional.flatten_all().unwrap().to_vec1().unwrap();
+        let largest = gradient
+            .iter()
+            .fold(0f32, |most, value| most.max(value.abs()));
+        assert!(largest > 0.0);
+        // The four steepest coordinates and a few fixed ones.
+        let mut order: Vec<usize> = (0..gradient.len()).collect();
+        order.sort_by(|a, b| gradient[*b].abs().total_cmp(&gradient[*a].abs()));
+        let mut coordinates = order[..4].to_vec();
+        coordinates.extend([0, 33, gradient.len() / 2, gradient.len() - 1]);
+        let loss_with = |coordinate: usize, delta: f32| {
+            let mut moved = values.clone();
+            moved[coordinate] += delta;
+            let moved =
+                Tensor::from_vec(moved, unconditional.dims(), unconditional.device()).unwrap();
+            f64::from(step.loss(&moved).unwrap().to_scalar::<f32>().unwrap())
+        };
+        let delta = 1e-2f32;
+        for coordinate in coordinates {
+            let finite = (loss_with(coordinate, delta) - loss_with(coordinate, -delta))
+                / (2.0 * f64::from(delta));
+            let analytic = f64::from(gradient[coordinate]);
+            eprintln!("coordinate {coordinate}: analytic {analytic:e}, finite {finite:e}");
+            assert!(
+                (finite - analytic).abs() <= 0.03 * analytic.abs() + 0.01 * f64::from(largest),
+                "coordinate {coordinate}: analytic {analytic}, finite difference {finite}"
+            );
+        }
+    }
+}

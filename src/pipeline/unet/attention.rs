@@ -175,13 +175,17 @@ impl Attention {
             if let Some(hook) = hook {
                 self.refuse_processors_on_differentiable_path(&query, &key, call, hook)?;
             }
-            let attended = differentiable::attention(
+            let attended = profile::measure(
+                || call.profile_label(" differentiable", key.dim(1).unwrap_or(0)),
+                || self.attend_chunked(&query.detach(), &key.detach(), &value.detach()),
+            )?;
+            let attended = differentiable::attention_with_backward(
                 &query,
                 &key,
                 &value,
+                attended,
                 self.heads,
                 f64::from(self.scale()),
-                self.score_dtype(query.dtype()),
             )?;
             return self.to_out.forward(&attended);
         }
@@ -444,9 +448,12 @@ impl FeedForward {
         if xs.track_op() {
             // The differentiable path (see [`differentiable`]), unchunked.
             let projected = self.project_in.forward(xs)?;
-            let hidden = projected.narrow(candle_core::D::Minus1, 0, self.inner)?;
-            let gate = projected.narrow(candle_core::D::Minus1, self.inner, self.inner)?;
-            return self.project_out.forward(&(hidden * gate.gelu_erf()?)?);
+            let gated = kernels::geglu(&projected.detach())?;
+            let saved = projected.detach();
+            let gated = differentiable::with_backward(&projected, gated, move |grad| {
+                differentiable::geglu_input_gradient(&saved, grad)
+            })?;
+            return self.project_out.forward(&gated);
         }
         let (batch, tokens, dim) = xs.dims3()?;
         let rows = batch * tokens;

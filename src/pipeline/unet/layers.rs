@@ -163,55 +163,27 @@ impl Conv2d {
         profile::measure(label, || self.forward_contiguous(&xs, tiles, extra_bias))
     }
 
-    /// The differentiable path of [`Conv2d::forward_with_bias`] (see [`differentiable`]): im2col
-    /// from padded, shifted views of `xs` (`narrow` / `index_select`, which have a backward) and
-    /// one matrix product with the weight as `[k * k * in, out]`.
+    /// The differentiable path of [`Conv2d::forward_with_bias`] (see [`differentiable`]): the
+    /// fused forward on the detached input, and as backward the input's gradient only,
+    /// `col2im(grad x W^T)` with the weight as `[k * k * in, out]`.
     fn forward_differentiable(
         &self,
         xs: &Tensor,
         extra_bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let (batch, height, width, _) = xs.dims4()?;
-        let geometry = self.geometry;
-        let (out_h, out_w) = (geometry.output_size(height), geometry.output_size(width));
-        let (before, after) = (geometry.pad_before, geometry.pad_after);
-        let padded = if (before, after) == (0, 0) {
-            xs.clone()
-        } else {
-            xs.pad_with_zeros(1, before, after)?
-                .pad_with_zeros(2, before, after)?
-        };
-        let kernel = geometry.kernel;
-        let mut taps = Vec::with_capacity(kernel * kernel);
-        for offset_y in 0..kernel {
-            let rows = differentiable::strided(&padded, 1, offset_y, out_h, geometry.stride)?;
-            for offset_x in 0..kernel {
-                taps.push(differentiable::strided(
-                    &rows,
-                    2,
-                    offset_x,
-                    out_w,
-                    geometry.stride,
-                )?);
-            }
+        if extra_bias.is_some_and(Tensor::track_op) {
+            candle_core::bail!("a convolution's extra bias cannot carry gradients");
         }
-        // Patch order (ky, kx, channel), as the weight matrix's rows.
-        let patches = if taps.len() == 1 {
-            taps.remove(0)
-        } else {
-            Tensor::cat(&taps, 3)?
-        };
-        let patch = kernel * kernel * self.in_channels;
-        let out = patches
-            .reshape((batch * out_h * out_w, patch))?
-            .matmul(&self.weight_matrix()?)?
-            .broadcast_add(&self.bias)?
-            .reshape((batch, out_h * out_w, self.out_channels))?;
-        let out = match extra_bias {
-            Some(extra) => out.broadcast_add(&extra.unsqueeze(1)?)?,
-            None => out,
-        };
-        out.reshape((batch, out_h, out_w, self.out_channels))
+        let (batch, height, width, channels) = xs.dims4()?;
+        let out = self.forward_with_bias(&xs.detach(), extra_bias)?;
+        let matrix = self.weight_matrix()?;
+        let geometry = self.geometry;
+        let out_channels = self.out_channels;
+        differentiable::with_backward(xs, out, move |grad| {
+            let rows = grad.elem_count() / out_channels.max(1);
+            let patches = grad.reshape((rows, out_channels))?.matmul(&matrix.t()?)?;
+            differentiable::col2im(&patches, geometry, (batch, height, width, channels))
+        })
     }
 
     /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back exactly
@@ -473,14 +445,16 @@ impl Linear {
         let flat = xs.reshape((rows, in_features))?;
         let out_features = self.weight_t.dim(1)?;
         if xs.track_op() {
-            let out = flat.matmul(&self.weight_t)?;
-            let out = match &self.bias {
-                Some(bias) => out.broadcast_add(bias)?,
-                None => out,
-            };
-            let mut out_dims = leading.to_vec();
-            out_dims.push(out_features);
-            return out.reshape(out_dims);
+            // The differentiable path (see [`differentiable`]): the fused forward, and as
+            // backward the input's gradient only, `grad x W`.
+            let out = self.forward(&xs.detach())?;
+            let weight_t = self.weight_t.clone();
+            let input_dims = dims.clone();
+            return differentiable::with_backward(xs, out, move |grad| {
+                grad.reshape((rows, out_features))?
+                    .matmul(&weight_t.t()?)?
+                    .reshape(input_dims.as_slice())
+            });
         }
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
@@ -543,36 +517,32 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
-    /// The differentiable path (see [`differentiable`]): mean and variance per (item, group) in
-    /// f32 from plain candle ops, then the affine transform and the optional SiLU.
+    /// The differentiable path (see [`differentiable`]): the fused forward, the closed-form
+    /// input gradient as backward.
     fn forward_differentiable(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        let dims = xs.dims().to_vec();
+        let detached = xs.detach();
+        let out = if silu {
+            self.forward_silu(&detached)?
+        } else {
+            self.forward(&detached)?
+        };
+        let dims = xs.dims();
         let (Some(&batch), Some(&channels)) = (dims.first(), dims.last()) else {
             candle_core::bail!("group norm applied to a scalar");
         };
-        if self.groups == 0 || channels % self.groups != 0 {
-            candle_core::bail!(
-                "group norm: {channels} channels do not split into {} groups",
-                self.groups
-            );
-        }
         let positions = xs.elem_count() / (batch * channels).max(1);
-        let grouped = xs.to_dtype(DType::F32)?.reshape((
-            batch,
-            positions,
-            self.groups,
-            channels / self.groups,
-        ))?;
-        let mean = grouped.mean_keepdim((1, 3))?;
-        let centred = grouped.broadcast_sub(&mean)?;
-        let variance = centred.sqr()?.mean_keepdim((1, 3))?;
-        let normalised = centred
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
-            .reshape((batch, positions, channels))?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
-        let out = if silu { normalised.silu()? } else { normalised };
-        out.reshape(dims)?.to_dtype(xs.dtype())
+        let shape = (batch, positions, self.groups, channels / self.groups.max(1));
+        let (weight, bias, eps) = (self.weight.clone(), self.bias.clone(), self.eps);
+        differentiable::with_backward(xs, out, move |grad| {
+            differentiable::normalisation_input_gradient(
+                &detached,
+                grad,
+                (&weight, &bias),
+                eps,
+                shape,
+                silu,
+            )
+        })
     }
 }
 
@@ -618,17 +588,24 @@ impl LayerNorm {
 }
 
 impl LayerNorm {
-    /// The differentiable path (see [`differentiable`]): plain candle ops in f32.
+    /// The differentiable path (see [`differentiable`]): the fused forward, the closed-form
+    /// input gradient as backward.
     fn forward_differentiable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let values = xs.to_dtype(DType::F32)?;
-        let mean = values.mean_keepdim(candle_core::D::Minus1)?;
-        let centred = values.broadcast_sub(&mean)?;
-        let variance = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        centred
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
-            .to_dtype(xs.dtype())
+        let detached = xs.detach();
+        let out = self.forward(&detached)?;
+        let channels = xs.dim(candle_core::D::Minus1)?;
+        let shape = (xs.elem_count() / channels.max(1), 1, 1, channels);
+        let (weight, bias, eps) = (self.weight.clone(), self.bias.clone(), self.eps);
+        differentiable::with_backward(xs, out, move |grad| {
+            differentiable::normalisation_input_gradient(
+                &detached,
+                grad,
+                (&weight, &bias),
+                eps,
+                shape,
+                false,
+            )
+        })
     }
 }
 
