@@ -697,7 +697,7 @@ mod tests {
                 let now = clock.elapsed().as_secs_f64();
                 eprintln!("step {}: {:.2} s", progress.steps_done, now - last);
                 last = now;
-                if progress.steps_done >= timed_steps {
+                if progress.steps_done >= timed_steps && timed_steps < steps {
                     Err(PipelineError::Cancelled)
                 } else {
                     Ok(())
