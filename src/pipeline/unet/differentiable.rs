@@ -1,11 +1,11 @@
-//! The UNet's differentiable path: plain candle operations that all have a backward, for inputs
-//! that track gradients.
+//! The UNet's differentiable path, for inputs that track gradients.
 //!
 //! The fused CPU kernels of [`crate::kernels`] build their outputs from raw slices, so candle's
 //! autograd cannot see through them. Every layer therefore checks its input with
 //! [`candle_core::Tensor::track_op`]: when it tracks gradients (an optimised text embedding, or
-//! anything computed from one) the layer runs the operations here and in its own
-//! `forward_differentiable`; otherwise it runs the fused kernels exactly as before. Only the
+//! anything computed from one) the layer takes its differentiable path (its
+//! `forward_differentiable` or an inline branch, built on the operations here); otherwise it
+//! runs the fused kernels exactly as before. Only the
 //! layers downstream of a tracked tensor take this path: in a UNet call whose text embedding is a
 //! [`candle_core::Var`], everything before the first cross-attention stays fused.
 //!

@@ -15,8 +15,9 @@
 //!   probabilities the processor sees (1 GiB for a 64x64 latent's self-attention at batch 2).
 //!
 //! - when a layer's input tracks gradients (e.g. a text embedding that is a `candle_core::Var`),
-//!   that layer runs plain candle operations with a backward instead of the fused kernels, so
-//!   gradients reach the embedding (see `differentiable`); otherwise nothing changes.
+//!   that layer still computes with the fused kernels (same numbers) but joins candle's graph
+//!   with a backward of its own, so gradients reach the embedding (see `differentiable`);
+//!   otherwise nothing changes.
 //!
 //! Module map: [`config`] (the config and its resolved block plans), [`layers`] (convolution,
 //! linear, norms, resnet, resampling), [`attention`] (transformers and the hooked attention),
