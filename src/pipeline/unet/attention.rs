@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::differentiable;
 use super::layers::{GroupNorm, LayerNorm, Linear};
 use crate::analysis::heatmap::UnetPlace;
 use crate::hook::{AttentionHook, AttentionKind, AttentionSite, QueryKeyValue};
@@ -122,7 +123,9 @@ impl Attention {
         context: &Tensor,
         kind: AttentionKind,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        if kind != AttentionKind::Cross {
+        // A tracked embedding (a `Var` the optimiser updates in place keeps its id) is never
+        // cached: its projections must be recomputed, and be part of the graph, on every call.
+        if kind != AttentionKind::Cross || context.track_op() {
             return Ok((self.to_k.forward(context)?, self.to_v.forward(context)?));
         }
         let mut cache = self
@@ -168,6 +171,24 @@ impl Attention {
         }
         let query = self.to_q.forward(hidden)?;
         let (key, value) = self.keys_values(context, call.kind)?;
+        if query.track_op() || key.track_op() || value.track_op() {
+            if let Some(hook) = hook {
+                self.refuse_processors_on_differentiable_path(&query, &key, call, hook)?;
+            }
+            let attended = profile::measure(
+                || call.profile_label(" differentiable", key.dim(1).unwrap_or(0)),
+                || self.attend_chunked(&query.detach(), &key.detach(), &value.detach()),
+            )?;
+            let attended = differentiable::attention_with_backward(
+                &query,
+                &key,
+                &value,
+                attended,
+                self.heads,
+                f64::from(self.scale()),
+            )?;
+            return self.to_out.forward(&attended);
+        }
         let attended = match hook {
             // Measures its own stages (processors, products).
             Some(hook) => self.attend_hooked(query, key, value, call, hook)?,
@@ -280,6 +301,41 @@ impl Attention {
         self.merge_heads(&attended)
     }
 
+    /// The differentiable path has no processor stages (a processor's kernels would cut the
+    /// gradient): a processor that wants this layer's projections or probabilities is an error.
+    fn refuse_processors_on_differentiable_path(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        call: AttentionCall,
+        hook: &mut AttentionHook<'_>,
+    ) -> candle_core::Result<()> {
+        let site = AttentionSite {
+            place: call.place.place,
+            block_index: call.place.block_index,
+            attention_index: call.place.attention_index,
+            layer_index: call.layer_index,
+            kind: call.kind,
+            query_h: call.query_h,
+            query_w: call.query_w,
+            heads: self.heads,
+            keys: key.dim(1)?,
+            batch: query.dim(0)?,
+            cfg: hook.cfg,
+            step_index: hook.step_index,
+            step_count: hook.step_count,
+        };
+        if hook.processor.wants_queries_keys_values(&site)
+            || hook.processor.wants_probabilities(&site)
+        {
+            candle_core::bail!(
+                "{}: attention processors cannot run while the UNet computes gradients",
+                site.module_path()
+            );
+        }
+        Ok(())
+    }
+
     /// A processor's replacement projections, checked against the originals (same batch, queries
     /// and channels; as many values as keys) and brought to the layer's dtype, contiguous.
     fn checked_projections(
@@ -389,6 +445,16 @@ impl FeedForward {
 
     /// `[batch, n, dim]` -> `[batch, n, dim]`, in blocks of tokens of bounded size.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            // The differentiable path (see [`differentiable`]), unchunked.
+            let projected = self.project_in.forward(xs)?;
+            let gated = kernels::geglu(&projected.detach())?;
+            let saved = projected.detach();
+            let gated = differentiable::with_backward(&projected, gated, move |grad| {
+                differentiable::geglu_input_gradient(&saved, grad)
+            })?;
+            return self.project_out.forward(&gated);
+        }
         let (batch, tokens, dim) = xs.dims3()?;
         let rows = batch * tokens;
         let flat = xs.reshape((rows, dim))?;

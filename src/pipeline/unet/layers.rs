@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use super::differentiable;
 use crate::kernels::{self, PatchGeometry};
 use crate::pipeline::{profile, PipelineResult};
 
@@ -139,6 +140,9 @@ impl Conv2d {
                 self.in_channels
             );
         }
+        if xs.track_op() || extra_bias.is_some_and(Tensor::track_op) {
+            return self.forward_differentiable(xs, extra_bias);
+        }
         let xs = xs.contiguous()?;
         let tiles = batch * height.div_ceil(2) * width.div_ceil(2);
         let label = || {
@@ -157,6 +161,55 @@ impl Conv2d {
             )
         };
         profile::measure(label, || self.forward_contiguous(&xs, tiles, extra_bias))
+    }
+
+    /// The differentiable path of [`Conv2d::forward_with_bias`] (see [`differentiable`]): the
+    /// fused forward on the detached input, and as backward the input's gradient only,
+    /// `col2im(grad x W^T)` with the weight as `[k * k * in, out]`.
+    fn forward_differentiable(
+        &self,
+        xs: &Tensor,
+        extra_bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if extra_bias.is_some_and(Tensor::track_op) {
+            candle_core::bail!("a convolution's extra bias cannot carry gradients");
+        }
+        let (batch, height, width, channels) = xs.dims4()?;
+        let out = self.forward_with_bias(&xs.detach(), extra_bias)?;
+        let matrix = self.weight_matrix()?;
+        let geometry = self.geometry;
+        let out_channels = self.out_channels;
+        differentiable::with_backward(xs, out, move |grad| {
+            let rows = grad.elem_count() / out_channels.max(1);
+            let patches = grad.reshape((rows, out_channels))?.matmul(&matrix.t()?)?;
+            differentiable::col2im(&patches, geometry, (batch, height, width, channels))
+        })
+    }
+
+    /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back exactly
+    /// (`g = L U L^T` with `L` the left inverse of Winograd's `G`: rows 0, 1 - 2 and 3).
+    fn weight_matrix(&self) -> candle_core::Result<Tensor> {
+        match &self.kernel_weights {
+            ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) => {
+                Ok(matrix.clone())
+            }
+            ConvKernel::Winograd(filter) => {
+                let (_, in_channels, out_channels) = filter.dims3()?;
+                let position = |row: usize, column: usize| filter.get(row * 4 + column);
+                let mut planes = Vec::with_capacity(9);
+                for kernel_y in 0..3 {
+                    for kernel_x in 0..3 {
+                        let column_of = |row: usize| {
+                            differentiable::winograd_inverse_row(kernel_x, |column| {
+                                position(row, column)
+                            })
+                        };
+                        planes.push(differentiable::winograd_inverse_row(kernel_y, column_of)?);
+                    }
+                }
+                Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
+            }
+        }
     }
 
     /// [`Conv2d::forward_with_bias`] on contiguous input with `tiles` 2x2 Winograd tiles.
@@ -391,6 +444,18 @@ impl Linear {
         let rows: usize = leading.iter().product();
         let flat = xs.reshape((rows, in_features))?;
         let out_features = self.weight_t.dim(1)?;
+        if xs.track_op() {
+            // The differentiable path (see [`differentiable`]): the fused forward, and as
+            // backward the input's gradient only, `grad x W`.
+            let out = self.forward(&xs.detach())?;
+            let weight_t = self.weight_t.clone();
+            let input_dims = dims.clone();
+            return differentiable::with_backward(xs, out, move |grad| {
+                grad.reshape((rows, out_features))?
+                    .matmul(&weight_t.t()?)?
+                    .reshape(input_dims.as_slice())
+            });
+        }
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
             let out = product_of(&flat, &self.weight_t)?;
@@ -430,6 +495,9 @@ impl GroupNorm {
 
     /// `[batch, ..., channels]` -> same shape, normalised per (batch item, channel group).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs, false);
+        }
         profile::measure(
             || format!("group norm {:?}", xs.dims()),
             || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false),
@@ -438,10 +506,43 @@ impl GroupNorm {
 
     /// `silu(group_norm(xs))`, same shape.
     pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs, true);
+        }
         profile::measure(
             || format!("group norm + silu {:?}", xs.dims()),
             || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true),
         )
+    }
+}
+
+impl GroupNorm {
+    /// The differentiable path (see [`differentiable`]): the fused forward, the closed-form
+    /// input gradient as backward.
+    fn forward_differentiable(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let detached = xs.detach();
+        let out = if silu {
+            self.forward_silu(&detached)?
+        } else {
+            self.forward(&detached)?
+        };
+        let dims = xs.dims();
+        let (Some(&batch), Some(&channels)) = (dims.first(), dims.last()) else {
+            candle_core::bail!("group norm applied to a scalar");
+        };
+        let positions = xs.elem_count() / (batch * channels).max(1);
+        let shape = (batch, positions, self.groups, channels / self.groups.max(1));
+        let (weight, bias, eps) = (self.weight.clone(), self.bias.clone(), self.eps);
+        differentiable::with_backward(xs, out, move |grad| {
+            differentiable::normalisation_input_gradient(
+                &detached,
+                grad,
+                (&weight, &bias),
+                eps,
+                shape,
+                silu,
+            )
+        })
     }
 }
 
@@ -465,6 +566,9 @@ impl LayerNorm {
 
     /// `[..., channels]` -> same shape.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.track_op() {
+            return self.forward_differentiable(xs);
+        }
         profile::measure(
             || format!("layer norm {:?}", xs.dims()),
             || {
@@ -480,6 +584,28 @@ impl LayerNorm {
                 }
             },
         )
+    }
+}
+
+impl LayerNorm {
+    /// The differentiable path (see [`differentiable`]): the fused forward, the closed-form
+    /// input gradient as backward.
+    fn forward_differentiable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let detached = xs.detach();
+        let out = self.forward(&detached)?;
+        let channels = xs.dim(candle_core::D::Minus1)?;
+        let shape = (xs.elem_count() / channels.max(1), 1, 1, channels);
+        let (weight, bias, eps) = (self.weight.clone(), self.bias.clone(), self.eps);
+        differentiable::with_backward(xs, out, move |grad| {
+            differentiable::normalisation_input_gradient(
+                &detached,
+                grad,
+                (&weight, &bias),
+                eps,
+                shape,
+                false,
+            )
+        })
     }
 }
 
@@ -636,10 +762,14 @@ impl Upsample {
         target_h: usize,
         target_w: usize,
     ) -> candle_core::Result<Tensor> {
-        let upsampled = profile::measure(
-            || format!("upsample {:?}", xs.dims()),
-            || kernels::upsample_nearest(xs, target_h, target_w),
-        )?;
+        let upsampled = if xs.track_op() {
+            differentiable::upsample_nearest(xs, target_h, target_w)?
+        } else {
+            profile::measure(
+                || format!("upsample {:?}", xs.dims()),
+                || kernels::upsample_nearest(xs, target_h, target_w),
+            )?
+        };
         self.conv.forward(&upsampled)
     }
 }

@@ -14,13 +14,20 @@
 //!   the cores; with a hook, each module forms the full `[batch * heads, queries, keys]`
 //!   probabilities the processor sees (1 GiB for a 64x64 latent's self-attention at batch 2).
 //!
+//! - when a layer's input tracks gradients (e.g. a text embedding that is a `candle_core::Var`),
+//!   that layer still computes with the fused kernels (same numbers) but joins candle's graph
+//!   with a backward of its own, so gradients reach the embedding (see `differentiable`);
+//!   otherwise nothing changes.
+//!
 //! Module map: [`config`] (the config and its resolved block plans), [`layers`] (convolution,
 //! linear, norms, resnet, resampling), [`attention`] (transformers and the hooked attention),
-//! [`blocks`] (down/mid/up blocks, timestep embedding).
+//! [`blocks`] (down/mid/up blocks, timestep embedding), `differentiable` (the operations of the
+//! differentiable path).
 
 pub mod attention;
 pub mod blocks;
 pub mod config;
+mod differentiable;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};
