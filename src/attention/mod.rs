@@ -4,8 +4,12 @@
 //! - [`store`]: keeps every step's cross-attention (per word) and self-attention for the heat maps,
 //!   the probe, segmentation and export;
 //! - [`p2p`]: Prompt-to-Prompt (word swap, refine, reweight, local blend, windows) and the edit
-//!   sampling loops that drive it.
+//!   sampling loops that drive it;
+//! - [`style_aligned`]: Style Aligned's shared attention (a set of images sharing the first one's
+//!   style) and [`style_sampling`], the set's batch sampling.
 
 pub mod edit_sampling;
 pub mod p2p;
 pub mod store;
+pub mod style_aligned;
+pub mod style_sampling;

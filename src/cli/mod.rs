@@ -9,6 +9,7 @@ mod generate;
 mod scenes;
 mod segment;
 mod segment_eval;
+mod style_aligned;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,8 @@ pub enum Command {
     EditEval(edit_eval::EditEvalArgs),
     /// Measure segmentation (mIoU, label accuracy, time) on the bundled model over fixed scenes.
     SegmentEval(segment_eval::SegmentEvalArgs),
+    /// Style Aligned: a reference prompt and target prompts in one batch sharing the reference's style.
+    StyleAligned(style_aligned::StyleAlignedArgs),
 }
 
 /// Run what the command line asks for.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Segment(args)) => segment::run(&args),
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),
+        Some(Command::StyleAligned(args)) => style_aligned::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
