@@ -10,6 +10,7 @@ mod scenes;
 mod segment;
 mod segment_eval;
 mod style_aligned;
+mod style_eval;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,8 @@ pub enum Command {
     SegmentEval(segment_eval::SegmentEvalArgs),
     /// Style Aligned: a reference prompt and target prompts in one batch sharing the reference's style.
     StyleAligned(style_aligned::StyleAlignedArgs),
+    /// Measure Style Aligned on the bundled model: targets taking the reference's background, objects kept, time.
+    StyleEval(style_eval::StyleEvalArgs),
 }
 
 /// Run what the command line asks for.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),
         Some(Command::StyleAligned(args)) => style_aligned::run(&args),
+        Some(Command::StyleEval(args)) => style_eval::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
