@@ -102,8 +102,7 @@ fn the_reference_is_the_same_with_and_without_sharing() {
             "{config:?}"
         );
         // Sharing does change the targets.
-        for (shared_target, independent_target) in shared.targets.iter().zip(&independent.targets)
-        {
+        for (shared_target, independent_target) in shared.targets.iter().zip(&independent.targets) {
             let diff = max_abs_diff(
                 &shared_target.latents_per_step,
                 &independent_target.latents_per_step,
@@ -192,7 +191,9 @@ fn values(shape: (usize, usize, usize), seed: u32) -> Tensor {
     let count = shape.0 * shape.1 * shape.2;
     let data: Vec<f32> = (0..count)
         .map(|index| {
-            let x = (index as u32).wrapping_mul(2_654_435_761).wrapping_add(seed * 97);
+            let x = (index as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed * 97);
             (x % 2001) as f32 / 1000.0 - 1.0
         })
         .collect();
@@ -291,4 +292,52 @@ fn bundled_model_reference_is_unchanged_and_targets_move() {
         &independent.targets[0].image_f32,
     );
     assert!(diff > 1e-2, "the target did not change ({diff})");
+}
+
+/// Runs `attend ARGS`, expects failure without a panic, returns stderr.
+fn cli_fails(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_attend"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "`attend {args:?}` should fail");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn the_command_refuses_a_set_without_targets_and_bad_settings() {
+    let model = fixture("tiny-sd1");
+    let model = model.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("attend-style-cli-{}", std::process::id()));
+    let out = out.to_str().unwrap();
+    let base = [
+        "style-aligned",
+        "--reference-prompt",
+        "a cat",
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "--out-dir",
+        out,
+        "--quiet",
+    ];
+    let stderr = cli_fails(&base);
+    assert!(stderr.contains("no target prompt"), "{stderr}");
+    for (flag, value) in [
+        ("--only-self-level", "1.5"),
+        ("--shift", "NaN"),
+        ("--scale", "inf"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(["--prompt", "a dog", flag, value]);
+        let stderr = cli_fails(&args);
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "a failed run left {out} behind"
+    );
 }

@@ -293,7 +293,7 @@ impl StyleAligned {
     fn items_per_half(batch: usize, cfg: bool) -> Option<usize> {
         let halves = if cfg { 2 } else { 1 };
         let items = batch / halves;
-        (batch % halves == 0 && items >= 2).then_some(items)
+        (batch.is_multiple_of(halves) && items >= 2).then_some(items)
     }
 
     /// The targets' attention output `[targets, queries, inner]`.
@@ -433,16 +433,23 @@ impl AttentionProcessor for StyleAligned {
     }
 }
 
-/// Mean and standard deviation of `features` `[batch, tokens, channels]` per item and channel,
-/// as plain numbers `[batch][channels]` (for checks and reports).
-pub fn statistics_per_channel(
-    features: &Tensor,
-) -> candle_core::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+/// Per item and channel statistics as plain numbers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStatistics {
+    /// `[batch][channels]` means over the tokens.
+    pub mean: Vec<Vec<f32>>,
+    /// `[batch][channels]` `sqrt(unbiased variance + ADAIN_EPS)` over the tokens.
+    pub std: Vec<Vec<f32>>,
+}
+
+/// The [`token_statistics`] of `features` `[batch, tokens, channels]` as plain numbers (for
+/// checks and reports).
+pub fn statistics_per_channel(features: &Tensor) -> candle_core::Result<ChannelStatistics> {
     let (mean, std) = token_statistics(features, ADAIN_EPS)?;
-    Ok((
-        mean.squeeze(1)?.to_vec2::<f32>()?,
-        std.squeeze(1)?.to_vec2::<f32>()?,
-    ))
+    Ok(ChannelStatistics {
+        mean: mean.squeeze(1)?.to_vec2::<f32>()?,
+        std: std.squeeze(1)?.to_vec2::<f32>()?,
+    })
 }
 
 #[cfg(test)]
@@ -470,12 +477,12 @@ mod tests {
         let reference = random((2, 50, 6), 2).affine(0.5, -2.0).unwrap();
         let (mean, std) = token_statistics(&reference, ADAIN_EPS).unwrap();
         let moved = adain(&features, &mean, &std).unwrap();
-        let (moved_mean, moved_std) = statistics_per_channel(&moved).unwrap();
-        let (reference_mean, reference_std) = statistics_per_channel(&reference).unwrap();
+        let moved = statistics_per_channel(&moved).unwrap();
+        let wanted = statistics_per_channel(&reference).unwrap();
         for item in 0..2 {
             for channel in 0..6 {
-                let mean_diff = (moved_mean[item][channel] - reference_mean[item][channel]).abs();
-                let std_diff = (moved_std[item][channel] - reference_std[item][channel]).abs();
+                let mean_diff = (moved.mean[item][channel] - wanted.mean[item][channel]).abs();
+                let std_diff = (moved.std[item][channel] - wanted.std[item][channel]).abs();
                 assert!(mean_diff < 1e-5, "mean {item} {channel}: {mean_diff}");
                 // The eps enters twice (normalising, then the target std).
                 assert!(std_diff < 1e-4, "std {item} {channel}: {std_diff}");

@@ -245,7 +245,9 @@ fn write_images(
         let mut image_request = request.generate.clone();
         image_request.seed = request.seed_of(index);
         if index > 0 {
-            image_request.prompt.clone_from(&request.target_prompts[index - 1]);
+            image_request
+                .prompt
+                .clone_from(&request.target_prompts[index - 1]);
             image_request.init_latents = None;
         }
         let mut parameters = generation_parameters(model, &image_request, run);

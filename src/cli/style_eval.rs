@@ -111,7 +111,7 @@ struct SetPlan {
 impl SetPlan {
     /// Drawn from `seed`: a background other than white, objects in other colours.
     fn new(seed: u64, targets: usize) -> Self {
-        let mut rng = SceneRng::new(seed ^ 0x5354_594c_45);
+        let mut rng = SceneRng::new(seed ^ 0x0053_5459_4c45);
         let background = OBJECT_COLOURS[rng.below(OBJECT_COLOURS.len())];
         let object = |rng: &mut SceneRng| {
             let colours: Vec<Colour> = OBJECT_COLOURS
@@ -154,8 +154,7 @@ struct Verdict {
 fn judge(image: &RgbImage, background: Colour, object: NamedObject) -> Verdict {
     let labels = palette_labels(&image.pixels, image.width, image.height);
     Verdict {
-        background_taken: background_colour(&labels, image.width, image.height)
-            == Some(background),
+        background_taken: background_colour(&labels, image.width, image.height) == Some(background),
         object_drawn: find_object(&labels, image.width, image.height, object.colour)
             .is_some_and(|region| region.shape == object.shape),
     }
@@ -370,7 +369,7 @@ fn time_random_unet(
     let unet = Unet::new(vb, &unet_config)?;
     let latent_side = args.random_side / 8;
     anyhow::ensure!(
-        latent_side >= 8 && args.random_side % 64 == 0,
+        latent_side >= 8 && args.random_side.is_multiple_of(64),
         "--random-side {} must be a multiple of 64",
         args.random_side
     );

@@ -35,7 +35,6 @@ use candle_core::{Result, Tensor};
 
 pub use chain::ChainedProcessors;
 
-
 use crate::analysis::heatmap::UnetPlace;
 
 /// Self-attention (`attn1`, keys from the latent pixels) or cross-attention (`attn2`, keys from text tokens).

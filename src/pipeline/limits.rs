@@ -532,7 +532,12 @@ pub fn estimate_style_set_memory(
         };
         largest_shared = largest_shared.max(projections.saturating_add(shifted));
     }
-    let first_channels = footprint.unet.block_out_channels.first().copied().unwrap_or(0) as u64;
+    let first_channels = footprint
+        .unet
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(0) as u64;
     let group_norm_pairs = first_channels
         .saturating_mul(latent_h.saturating_mul(latent_w))
         .saturating_mul(4)

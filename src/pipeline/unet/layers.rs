@@ -662,10 +662,9 @@ impl ResnetBlock {
             (Some(projection), Some(embedding)) => Some(projection.forward(embedding)?),
             _ => None,
         };
-        let hidden = self.conv1.forward_with_bias(
-            &self.norm1.forward_shared(xs, shared, true)?,
-            time.as_ref(),
-        )?;
+        let hidden = self
+            .conv1
+            .forward_with_bias(&self.norm1.forward_shared(xs, shared, true)?, time.as_ref())?;
         let hidden = self
             .conv2
             .forward(&self.norm2.forward_shared(&hidden, shared, true)?)?;

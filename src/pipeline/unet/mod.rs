@@ -248,9 +248,9 @@ impl Unet {
                 hook.as_deref_mut(),
             )?;
         }
-        let hidden = self
-            .conv_norm_out
-            .forward_shared(&hidden, shared_group_norm.as_ref(), true)?;
+        let hidden =
+            self.conv_norm_out
+                .forward_shared(&hidden, shared_group_norm.as_ref(), true)?;
         let out = self
             .conv_out
             .forward(&hidden)?
