@@ -6,8 +6,12 @@
 //! - [`p2p`]: Prompt-to-Prompt (word swap, refine, reweight, local blend, windows) and the edit
 //!   sampling loops that drive it;
 //! - [`prompt_weights`]: the prompt syntax's word weights as cross-attention scales.
+//! - [`style_aligned`]: Style Aligned's shared attention (a set of images sharing the first one's
+//!   style) and [`style_sampling`], the set's batch sampling.
 
 pub mod edit_sampling;
 pub mod p2p;
 pub mod prompt_weights;
 pub mod store;
+pub mod style_aligned;
+pub mod style_sampling;

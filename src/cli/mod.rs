@@ -10,6 +10,8 @@ mod models;
 mod scenes;
 mod segment;
 mod segment_eval;
+mod style_aligned;
+mod style_eval;
 
 use std::path::PathBuf;
 
@@ -61,6 +63,10 @@ pub enum Command {
     SegmentEval(segment_eval::SegmentEvalArgs),
     /// List the models on this machine: Hugging Face cache, A1111 / ComfyUI folders, --search-dir.
     Models(models::ModelsArgs),
+    /// Style Aligned: a reference prompt and target prompts in one batch sharing the reference's style.
+    StyleAligned(style_aligned::StyleAlignedArgs),
+    /// Measure Style Aligned on the bundled model: targets taking the reference's background, objects kept, time.
+    StyleEval(style_eval::StyleEvalArgs),
 }
 
 /// Run what the command line asks for.
@@ -75,6 +81,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),
         Some(Command::Models(args)) => models::run(&args),
+        Some(Command::StyleAligned(args)) => style_aligned::run(&args),
+        Some(Command::StyleEval(args)) => style_eval::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,

@@ -2,7 +2,9 @@
 
 use candle_core::Tensor;
 
-use crate::hook::{AttentionProcessor, AttentionSite, QueryKeyValue};
+use crate::hook::{
+    AttentionProcessor, AttentionSite, LayerAttention, QueryKeyValue, SharedGroupNorm,
+};
 
 /// Runs several processors in turn on every layer, each seeing the probabilities the previous one
 /// returned (e.g. Prompt-to-Prompt then an attention store that records what was used).
@@ -73,6 +75,35 @@ impl AttentionProcessor for ChainedProcessors<'_> {
             }
         }
         Ok(current)
+    }
+
+    fn wants_attention_output(&self, site: &AttentionSite) -> bool {
+        self.processors
+            .iter()
+            .any(|processor| processor.wants_attention_output(site))
+    }
+
+    /// The first processor that wants the output computes it (the others see the layer as any
+    /// other stage-less layer).
+    fn compute_attention_output(
+        &mut self,
+        site: &AttentionSite,
+        projections: &QueryKeyValue,
+        layer: &dyn LayerAttention,
+    ) -> candle_core::Result<Option<Tensor>> {
+        for processor in &mut self.processors {
+            if processor.wants_attention_output(site) {
+                return processor.compute_attention_output(site, projections, layer);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first processor's sharing that shares anything.
+    fn shared_group_norm(&self, batch: usize, cfg: bool) -> Option<SharedGroupNorm> {
+        self.processors
+            .iter()
+            .find_map(|processor| processor.shared_group_norm(batch, cfg))
     }
 
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {

@@ -11,6 +11,18 @@
 //! layer whose probabilities nobody wants runs the fused attention kernel (the scores never exist in
 //! full). With no processor at all the UNet skips the hook entirely.
 //!
+//! Two further, rarer entry points serve processors that change how a batch's images relate
+//! (Style Aligned's shared attention):
+//! - **the attention output** ([`AttentionProcessor::compute_attention_output`]): after the
+//!   query/key/value stage a processor may compute a layer's whole attention output itself, with
+//!   the layer's own fused kernel lent to it ([`LayerAttention`]) for whichever rows and keys it
+//!   likes (e.g. some batch items with their own keys, others with more); such a layer has no
+//!   probability stage;
+//! - **group norm sharing** ([`AttentionProcessor::shared_group_norm`]): asked once per UNet call,
+//!   it lets every group norm of the UNet (resnets, transformers' input norm, the output norm)
+//!   normalise a batch item with the statistics of itself and another item together
+//!   ([`SharedGroupNorm`]); `None` (the default) keeps the fused per-item kernel.
+//!
 //! This layer sits below the pipeline (which calls it) and the processors (which implement it); it
 //! depends only on candle and the plain [`UnetPlace`] of [`crate::analysis`].
 
@@ -105,6 +117,39 @@ pub struct QueryKeyValue {
     pub value: Tensor,
 }
 
+/// How the UNet's group norms share statistics inside a batch (Style Aligned): batch item `i`
+/// with `references[i] == Some(r)` (`r != i`) is normalised with the mean and variance of its
+/// features concatenated with item `r`'s along the height (`[1, 2h, w, c]`, channels-last), and
+/// keeps its own rows; items with `None` (or themselves) are normalised alone, exactly as without
+/// sharing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedGroupNorm {
+    /// One entry per batch item: the item whose features join its statistics.
+    pub references: Vec<Option<usize>>,
+}
+
+impl SharedGroupNorm {
+    /// True when some item shares its statistics with another one.
+    pub fn shares_any(&self) -> bool {
+        self.references
+            .iter()
+            .enumerate()
+            .any(|(item, reference)| reference.is_some_and(|reference| reference != item))
+    }
+}
+
+/// An attention layer's own attention, lent to a processor that computes the layer's output
+/// ([`AttentionProcessor::compute_attention_output`]).
+pub trait LayerAttention {
+    /// `softmax(q k^T * head_dim^-0.5) v` per head with the layer's fused kernel (the computation
+    /// an untouched layer runs): `projections` `[batch, queries, inner]` and `[batch, keys,
+    /// inner]` (heads merged, any batch and key count) -> `[batch, queries, inner]`.
+    fn attend(&self, projections: &QueryKeyValue) -> Result<Tensor>;
+
+    /// The logit scale `head_dim^-0.5`.
+    fn scale(&self) -> f32;
+}
+
 /// What every attention layer calls; see the module docs for the two stages. Each stage is asked
 /// for first (`wants_*`), so a processor pays only for what it uses.
 pub trait AttentionProcessor {
@@ -144,6 +189,31 @@ pub trait AttentionProcessor {
         site: &AttentionSite,
         probs: &Tensor,
     ) -> Result<Option<Tensor>>;
+
+    /// Whether [`AttentionProcessor::compute_attention_output`] computes `site`'s output.
+    /// Default: false.
+    fn wants_attention_output(&self, _site: &AttentionSite) -> bool {
+        false
+    }
+
+    /// Computes one layer's attention output `[batch, queries, heads * head_dim]` from its
+    /// projections (after the query/key/value stage), using `layer`'s fused kernel as it likes.
+    /// `Ok(None)` lets the layer go on as usual. A layer whose output a processor returned has
+    /// no probability stage. Default: `None`.
+    fn compute_attention_output(
+        &mut self,
+        _site: &AttentionSite,
+        _projections: &QueryKeyValue,
+        _layer: &dyn LayerAttention,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Group norm sharing for a UNet call of `batch` items (`cfg`: `[uncond..., cond...]`),
+    /// asked once per call (see [`SharedGroupNorm`]). Default: `None`, every item alone.
+    fn shared_group_norm(&self, _batch: usize, _cfg: bool) -> Option<SharedGroupNorm> {
+        None
+    }
 
     /// Called by the sampling loop after every denoising step (after the scheduler step), so a
     /// processor can close that step's records. Default: nothing.

@@ -473,6 +473,83 @@ pub fn estimate_run_memory(
     }
 }
 
+/// Estimates the peak memory of a Style Aligned set of `images` images (a reference and its
+/// targets) in one UNet batch: [`estimate_run_memory`] with `images` prompts and `capture` kept
+/// per image, plus what sharing adds in the largest self-attention layer: each target's keys and
+/// values with the reference's appended, its normalised queries and keys, the references' and
+/// targets' outputs, and with `explicit_shift` (a score shift, computed with explicit
+/// probabilities one item at a time) one item's `[heads, queries, 2 * keys]` logits and
+/// probabilities; the shared group norms' `[own; reference]` pairs of the largest level.
+pub fn estimate_style_set_memory(
+    footprint: &ModelFootprint,
+    request: &GenerateRequest,
+    images: usize,
+    capture: &RunCapture,
+    explicit_shift: bool,
+) -> RunMemory {
+    let images = images.max(1);
+    let per_image_store = RunCapture {
+        prompts: images,
+        ..*capture
+    };
+    let mut memory = estimate_run_memory(footprint, request, &per_image_store);
+    // The stores: one per image.
+    memory.attention_store = memory.attention_store.saturating_mul(images as u64);
+    let factor = footprint.latent_factor.max(1);
+    let latent_h = request.height as u64 / factor;
+    let latent_w = request.width as u64 / factor;
+    let halves: u64 = if request.uses_guidance() { 2 } else { 1 };
+    let batch = (images as u64).saturating_mul(halves);
+    let activation = footprint.activation_bytes;
+    let mut largest_shared = 0u64;
+    for layer in footprint
+        .attention_layers(latent_h, latent_w)
+        .iter()
+        .filter(|layer| !layer.cross)
+    {
+        let channels = footprint
+            .unet
+            .block_out_channels
+            .get(layer.group.1)
+            .copied()
+            .unwrap_or(0) as u64;
+        let tokens = layer.cells();
+        // Per item: q, k, v; keys and values doubled; normalised q, k; output: ~9 token tensors.
+        let projections = tokens
+            .saturating_mul(channels)
+            .saturating_mul(9)
+            .saturating_mul(batch)
+            .saturating_mul(activation.max(F32_BYTES));
+        let shifted = if explicit_shift {
+            layer
+                .heads
+                .saturating_mul(tokens)
+                .saturating_mul(tokens.saturating_mul(2))
+                .saturating_mul(F32_BYTES)
+                .saturating_mul(3)
+        } else {
+            0
+        };
+        largest_shared = largest_shared.max(projections.saturating_add(shifted));
+    }
+    let first_channels = footprint
+        .unet
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(0) as u64;
+    let group_norm_pairs = first_channels
+        .saturating_mul(latent_h.saturating_mul(latent_w))
+        .saturating_mul(4)
+        .saturating_mul(batch)
+        .saturating_mul(F32_BYTES);
+    memory.unet_activations = memory
+        .unet_activations
+        .saturating_add(largest_shared)
+        .saturating_add(group_norm_pairs);
+    memory
+}
+
 /// The VAE decode of the final latents: the working tensors of the decoder's largest level (each
 /// up block's upsampled output keeps the block's channels at twice the side), plus the image.
 fn decode_bytes(footprint: &ModelFootprint, request: &GenerateRequest, latent_cells: u64) -> u64 {

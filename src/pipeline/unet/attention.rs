@@ -13,7 +13,9 @@ use candle_nn::VarBuilder;
 use super::differentiable;
 use super::layers::{GroupNorm, LayerNorm, Linear};
 use crate::analysis::heatmap::UnetPlace;
-use crate::hook::{AttentionHook, AttentionKind, AttentionSite, QueryKeyValue};
+use crate::hook::{
+    AttentionHook, AttentionKind, AttentionSite, LayerAttention, QueryKeyValue, SharedGroupNorm,
+};
 use crate::kernels;
 use crate::pipeline::{profile, PipelineResult};
 
@@ -252,6 +254,26 @@ impl Attention {
                 site.keys = projections.key.dim(1)?;
             }
         }
+        if hook.processor.wants_attention_output(&site) {
+            let computed = profile::measure(
+                || call.profile_label(" output processor", site.keys),
+                || {
+                    hook.processor
+                        .compute_attention_output(&site, &projections, self)
+                },
+            )?;
+            if let Some(output) = computed {
+                if output.dims() != projections.query.dims() {
+                    candle_core::bail!(
+                        "{}: a processor returned an attention output {:?}, expected {:?}",
+                        site.module_path(),
+                        output.dims(),
+                        projections.query.dims()
+                    );
+                }
+                return output.to_dtype(projections.query.dtype());
+            }
+        }
         let QueryKeyValue { query, key, value } = projections;
         let keys = site.keys;
         if !hook.processor.wants_probabilities(&site) {
@@ -422,6 +444,16 @@ impl Attention {
         let merged = self.merge_heads(&Tensor::cat(&items, 0)?)?;
         debug_assert_eq!(merged.dims(), &[batch, queries, inner]);
         Ok(merged)
+    }
+}
+
+impl LayerAttention for Attention {
+    fn attend(&self, projections: &QueryKeyValue) -> candle_core::Result<Tensor> {
+        self.attend_chunked(&projections.query, &projections.key, &projections.value)
+    }
+
+    fn scale(&self) -> f32 {
+        Attention::scale(self)
     }
 }
 
@@ -635,9 +667,12 @@ impl Transformer2D {
         mut hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
         let (batch, height, width, channels) = xs.dims4()?;
+        let shared: Option<SharedGroupNorm> = hook
+            .as_deref()
+            .and_then(|hook| hook.processor.shared_group_norm(batch, hook.cfg));
         let tokens = self
             .norm
-            .forward(xs)?
+            .forward_shared(xs, shared.as_ref(), false)?
             .reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for (layer_index, block) in self.blocks.iter().enumerate() {

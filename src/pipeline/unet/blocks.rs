@@ -9,7 +9,7 @@ use super::config::{
 };
 use super::layers::{Downsample, Linear, ResnetBlock, ResnetSpec, Upsample};
 use crate::analysis::heatmap::UnetPlace;
-use crate::hook::AttentionHook;
+use crate::hook::{AttentionHook, SharedGroupNorm};
 use crate::pipeline::PipelineResult;
 
 /// The sinusoidal timestep features of diffusers' `Timesteps`, computed in f32 exactly as torch
@@ -80,6 +80,8 @@ pub struct BlockInputs<'a> {
     pub activated_time_embedding: &'a Tensor,
     /// Text embeddings, `[batch, seq, context_dim]`.
     pub context: &'a Tensor,
+    /// Group norm sharing of this call (Style Aligned), `None` for a plain call.
+    pub shared_group_norm: Option<&'a SharedGroupNorm>,
 }
 
 fn transformer_spec(
@@ -182,7 +184,11 @@ impl DownBlock {
     ) -> candle_core::Result<Tensor> {
         let mut hidden = xs.clone();
         for (layer, resnet) in self.resnets.iter().enumerate() {
-            hidden = resnet.forward(&hidden, Some(inputs.activated_time_embedding))?;
+            hidden = resnet.forward_shared(
+                &hidden,
+                Some(inputs.activated_time_embedding),
+                inputs.shared_group_norm,
+            )?;
             if let Some(attention) = self.attentions.get(layer) {
                 hidden = attention.forward(&hidden, inputs.context, hook.as_deref_mut())?;
             }
@@ -241,12 +247,17 @@ impl MidBlock {
         inputs: &BlockInputs<'_>,
         hook: Option<&mut AttentionHook<'_>>,
     ) -> candle_core::Result<Tensor> {
-        let hidden = self
-            .first_resnet
-            .forward(xs, Some(inputs.activated_time_embedding))?;
+        let hidden = self.first_resnet.forward_shared(
+            xs,
+            Some(inputs.activated_time_embedding),
+            inputs.shared_group_norm,
+        )?;
         let hidden = self.attention.forward(&hidden, inputs.context, hook)?;
-        self.second_resnet
-            .forward(&hidden, Some(inputs.activated_time_embedding))
+        self.second_resnet.forward_shared(
+            &hidden,
+            Some(inputs.activated_time_embedding),
+            inputs.shared_group_norm,
+        )
     }
 }
 
@@ -347,7 +358,11 @@ impl UpBlock {
                 candle_core::bail!("UNet up block ran out of skip connections");
             };
             let joined = Tensor::cat(&[&hidden, &skip], 3)?;
-            hidden = resnet.forward(&joined, Some(inputs.activated_time_embedding))?;
+            hidden = resnet.forward_shared(
+                &joined,
+                Some(inputs.activated_time_embedding),
+                inputs.shared_group_norm,
+            )?;
             if let Some(attention) = self.attentions.get(layer) {
                 hidden = attention.forward(&hidden, inputs.context, hook.as_deref_mut())?;
             }

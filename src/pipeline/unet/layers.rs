@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::differentiable;
+use crate::hook::SharedGroupNorm;
 use crate::kernels::{self, PatchGeometry};
 use crate::pipeline::{profile, PipelineResult};
 
@@ -514,6 +515,84 @@ impl GroupNorm {
             || kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true),
         )
     }
+
+    /// [`GroupNorm::forward`] (`silu`: [`GroupNorm::forward_silu`]) of channels-last
+    /// `[batch, h, w, channels]`, each item normalised with the statistics of itself and the
+    /// item `shared` names, concatenated along the height (Style Aligned's group norm sharing);
+    /// items sharing with nobody, and every item when `shared` is `None` or shares nothing, take
+    /// the fused kernel alone (the same values as without sharing).
+    pub fn forward_shared(
+        &self,
+        xs: &Tensor,
+        shared: Option<&SharedGroupNorm>,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        let plain = |xs: &Tensor| {
+            kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, silu)
+        };
+        let Some(shared) = shared.filter(|shared| shared.shares_any()) else {
+            return plain(xs);
+        };
+        let (batch, height, _, _) = xs.dims4()?;
+        if shared.references.len() != batch {
+            candle_core::bail!(
+                "shared group norm: {} references for a batch of {batch}",
+                shared.references.len()
+            );
+        }
+        profile::measure(
+            || format!("shared group norm {:?}", xs.dims()),
+            || {
+                // Items alone first, then the sharing items as `[own; reference]` pairs, each
+                // set in one kernel call; the rows are put back in batch order.
+                let mut alone = Vec::new();
+                let mut pairs = Vec::new();
+                for (item, reference) in shared.references.iter().enumerate() {
+                    match reference {
+                        Some(reference) if *reference != item => {
+                            if *reference >= batch {
+                                candle_core::bail!(
+                                    "shared group norm: item {item} shares with item \
+                                     {reference} of a batch of {batch}"
+                                );
+                            }
+                            pairs.push((item, *reference));
+                        }
+                        _ => alone.push(item),
+                    }
+                }
+                let mut rows: Vec<Option<Tensor>> = vec![None; batch];
+                if !alone.is_empty() {
+                    let items = select_items(xs, &alone)?;
+                    let normed = plain(&items)?;
+                    for (index, &item) in alone.iter().enumerate() {
+                        rows[item] = Some(normed.narrow(0, index, 1)?);
+                    }
+                }
+                let joined = pairs
+                    .iter()
+                    .map(|&(item, reference)| {
+                        Tensor::cat(&[&xs.narrow(0, item, 1)?, &xs.narrow(0, reference, 1)?], 1)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let normed = plain(&Tensor::cat(&joined, 0)?)?.narrow(1, 0, height)?;
+                for (index, &(item, _)) in pairs.iter().enumerate() {
+                    rows[item] = Some(normed.narrow(0, index, 1)?);
+                }
+                let rows = rows.into_iter().flatten().collect::<Vec<_>>();
+                Tensor::cat(&rows, 0)?.contiguous()
+            },
+        )
+    }
+}
+
+/// Items `items` of `xs` (`[batch, ...]`) as one tensor `[items.len(), ...]`.
+fn select_items(xs: &Tensor, items: &[usize]) -> candle_core::Result<Tensor> {
+    let pieces = items
+        .iter()
+        .map(|&item| xs.narrow(0, item, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&pieces, 0)
 }
 
 impl GroupNorm {
@@ -694,14 +773,27 @@ impl ResnetBlock {
         xs: &Tensor,
         activated_time_embedding: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_shared(xs, activated_time_embedding, None)
+    }
+
+    /// [`ResnetBlock::forward`] with both group norms sharing statistics as `shared` says (see
+    /// [`GroupNorm::forward_shared`]).
+    pub fn forward_shared(
+        &self,
+        xs: &Tensor,
+        activated_time_embedding: Option<&Tensor>,
+        shared: Option<&SharedGroupNorm>,
+    ) -> candle_core::Result<Tensor> {
         let time = match (&self.time_emb_proj, activated_time_embedding) {
             (Some(projection), Some(embedding)) => Some(projection.forward(embedding)?),
             _ => None,
         };
         let hidden = self
             .conv1
-            .forward_with_bias(&self.norm1.forward_silu(xs)?, time.as_ref())?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
+            .forward_with_bias(&self.norm1.forward_shared(xs, shared, true)?, time.as_ref())?;
+        let hidden = self
+            .conv2
+            .forward(&self.norm2.forward_shared(&hidden, shared, true)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

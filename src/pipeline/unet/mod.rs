@@ -217,9 +217,14 @@ impl Unet {
         .to_dtype(self.dtype)?;
         let time_embedding = self.time_embedding.forward(&features)?;
         let activated_time_embedding = candle_nn::ops::silu(&time_embedding)?;
+        // Asked once per call; `None` (every plain run) keeps the fused group norms.
+        let shared_group_norm = hook
+            .as_deref()
+            .and_then(|hook| hook.processor.shared_group_norm(batch, hook.cfg));
         let inputs = BlockInputs {
             activated_time_embedding: &activated_time_embedding,
             context: &context,
+            shared_group_norm: shared_group_norm.as_ref(),
         };
 
         // Channels-last inside: [batch, h, w, channels].
@@ -250,7 +255,9 @@ impl Unet {
                 hook.as_deref_mut(),
             )?;
         }
-        let hidden = self.conv_norm_out.forward_silu(&hidden)?;
+        let hidden =
+            self.conv_norm_out
+                .forward_shared(&hidden, shared_group_norm.as_ref(), true)?;
         let out = self
             .conv_out
             .forward(&hidden)?

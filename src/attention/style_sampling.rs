@@ -1,0 +1,336 @@
+//! Style Aligned sampling: a reference prompt and N target prompts denoised as one UNet batch
+//! (`[uncond_ref, uncond_1.., cond_ref, cond_1..]` with guidance), the targets sharing the
+//! reference's self-attention and group norm statistics ([`StyleAligned`]).
+//!
+//! **Noise**: every row has its own seed: the reference `seed` (or the request's initial noise),
+//! target `i` (1-based, in prompt order) `seed + i`. So the reference row is exactly what
+//! `attend generate --seed S` draws and target `i` what `attend generate --seed S+i` draws, and
+//! a set run without sharing ([`StyleSetRequest::sharing`] `None`) is the independent baseline
+//! (the reference code draws one latent per image from one generator; seeds per row keep each
+//! image reproducible on its own).
+//!
+//! Each row keeps its own scheduler and noise generator (see [`DenoiseRow`]), as the
+//! Prompt-to-Prompt batch does. Observers (attention stores) see the whole batch; an
+//! [`crate::attention::store::AttentionStore`] with `batch_item = i` records image `i` (0: the
+//! reference). The self-attention layers that share are computed by the processor and show no
+//! probabilities to observers (keep stores' self-attention off).
+
+use candle_core::Tensor;
+
+use crate::attention::style_aligned::{StyleAligned, StyleAlignedConfig};
+use crate::hook::{AttentionProcessor, CancelToken, ChainedProcessors};
+use crate::pipeline::limits::{
+    available_memory, check_run_fits, estimate_style_set_memory, AvailableMemory, ModelFootprint,
+    RunCapture,
+};
+use crate::pipeline::model::StableDiffusion;
+use crate::pipeline::rng::NoiseRng;
+use crate::pipeline::sampling::{
+    decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run,
+    run_to_end, to_rgb8, validate_request, DenoiseRow, DenoiseStep, GenerateOutput,
+    GenerateRequest, PreparedRun, StepwiseRun,
+};
+use crate::pipeline::tokenizer::PromptTokens;
+use crate::pipeline::{PipelineError, PipelineResult};
+
+/// Most target prompts of one set (the batch grows with each; memory is checked too).
+pub const MAX_TARGETS: usize = 64;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct StyleSetRequest {
+    /// The reference: its prompt, negative prompt, seed, steps, guidance, size, scheduler and
+    /// initial noise (shared by every row but the noise, see the module docs).
+    pub generate: GenerateRequest,
+    /// The target prompts, in output order (at least one).
+    pub target_prompts: Vec<String>,
+    /// Shared attention settings; `None` generates every image independently (same batch, same
+    /// seeds: the baseline).
+    pub sharing: Option<StyleAlignedConfig>,
+}
+
+impl StyleSetRequest {
+    /// Images in the set (reference + targets).
+    pub fn image_count(&self) -> usize {
+        1 + self.target_prompts.len()
+    }
+
+    /// The seed of image `index` (0: the reference).
+    pub fn seed_of(&self, index: usize) -> u64 {
+        self.generate.seed.wrapping_add(index as u64)
+    }
+}
+
+/// Sent after every step.
+#[derive(Clone, Debug)]
+pub struct StyleStepReport {
+    /// The step just finished, 0-based.
+    pub step_index: usize,
+    /// Steps of the run.
+    pub step_count: usize,
+    /// The timestep the UNet saw.
+    pub timestep: f64,
+    /// Latents of every image after the step (reference first), each `[1, channels, h, w]`.
+    pub latents: Vec<Tensor>,
+}
+
+/// The result of a set.
+#[derive(Clone, Debug)]
+pub struct StyleSetOutput {
+    /// The reference image's run.
+    pub reference: GenerateOutput,
+    /// The targets' runs, in prompt order.
+    pub targets: Vec<GenerateOutput>,
+}
+
+/// Checks that a set of `request.image_count()` images fits in `available` memory (with
+/// `capture` kept per image), before anything is allocated.
+pub fn check_style_set_fits(
+    model: &StableDiffusion,
+    request: &StyleSetRequest,
+    capture: &RunCapture,
+    available: &AvailableMemory,
+) -> PipelineResult<()> {
+    let explicit_shift = request
+        .sharing
+        .is_some_and(|config| config.shared_score_shift != 0.0);
+    let memory = estimate_style_set_memory(
+        &ModelFootprint::of_model(model),
+        &request.generate,
+        request.image_count(),
+        capture,
+        explicit_shift,
+    );
+    check_run_fits(&memory, available).map_err(|error| match error {
+        PipelineError::TooLarge { what, reason } => PipelineError::TooLarge {
+            what: format!("a set of {} images ({what})", request.image_count()),
+            reason: format!("{reason}; or fewer target prompts"),
+        },
+        other => other,
+    })
+}
+
+/// A set sampled one step at a time (see [`crate::pipeline::sampling::Sampler`]).
+pub struct StyleSetRun<'model> {
+    model: &'model StableDiffusion,
+    reference: PreparedRun,
+    target_tokens: Vec<PromptTokens>,
+    processor: Option<StyleAligned>,
+    /// `[negative x n, prompts...]` with guidance.
+    text_embeddings: Tensor,
+    rows: Vec<DenoiseRow>,
+    latents_per_step: Vec<Vec<Tensor>>,
+    cancel: Option<CancelToken>,
+}
+
+impl<'model> StyleSetRun<'model> {
+    /// Checks `request` (limits, memory of the whole batch with `capture` per image), tokenises
+    /// every prompt, encodes them and draws each row's noise.
+    pub fn new(
+        model: &'model StableDiffusion,
+        request: &StyleSetRequest,
+        capture: &RunCapture,
+    ) -> PipelineResult<Self> {
+        if request.target_prompts.is_empty() {
+            return Err(PipelineError::InvalidArgument {
+                name: "target prompts",
+                reason: "a style set needs at least one target prompt besides the reference"
+                    .to_string(),
+            });
+        }
+        if request.target_prompts.len() > MAX_TARGETS {
+            return Err(PipelineError::InvalidArgument {
+                name: "target prompts",
+                reason: format!(
+                    "{} given; at most {MAX_TARGETS} per set",
+                    request.target_prompts.len()
+                ),
+            });
+        }
+        let latent_shape = validate_request(model, &request.generate)?;
+        check_style_set_fits(model, request, capture, &available_memory())?;
+        let processor = match request.sharing {
+            Some(config) => Some(StyleAligned::new(config, model.unet.config()).map_err(
+                |error| PipelineError::InvalidArgument {
+                    name: "style aligned settings",
+                    reason: error.to_string(),
+                },
+            )?),
+            None => None,
+        };
+        let mut reference = prepare_run(model, &request.generate)?;
+        let mut target_tokens = Vec::with_capacity(request.target_prompts.len());
+        for (index, prompt) in request.target_prompts.iter().enumerate() {
+            let tokens = model.tokenizer.encode(prompt)?;
+            reference.warnings.extend(
+                tokens
+                    .warning()
+                    .map(|warning| format!("target {} {warning}", index + 1)),
+            );
+            target_tokens.push(tokens);
+        }
+        let guided = request.generate.uses_guidance();
+        let mut prompts: Vec<&PromptTokens> = vec![&reference.prompt_tokens];
+        prompts.extend(target_tokens.iter());
+        let text_embeddings =
+            encode_prompt_batch(model, &prompts, &reference.negative_tokens, guided)?;
+        let mut rows = Vec::with_capacity(request.image_count());
+        for index in 0..request.image_count() {
+            let scheduler = reference.take_scheduler(model)?;
+            let mut rng = NoiseRng::new(request.seed_of(index));
+            let unit_noise = if index == 0 {
+                initial_noise(&request.generate, latent_shape, model.device(), &mut rng)?
+            } else {
+                rng.randn(latent_shape.to_vec(), model.device())?
+            };
+            rows.push(DenoiseRow {
+                latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+                scheduler,
+                rng,
+            });
+        }
+        Ok(Self {
+            model,
+            latents_per_step: Vec::with_capacity(reference.step_count()),
+            reference,
+            target_tokens,
+            processor,
+            text_embeddings,
+            rows,
+            cancel: None,
+        })
+    }
+
+    /// Lets every hooked attention layer check `cancel` (see
+    /// [`crate::pipeline::sampling::Sampler::with_cancel`]).
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// The reference's prepared run (its tokens, timesteps, warnings).
+    pub fn reference_run(&self) -> &PreparedRun {
+        &self.reference
+    }
+
+    /// The target prompts' tokens, in order.
+    pub fn target_tokens(&self) -> &[PromptTokens] {
+        &self.target_tokens
+    }
+
+    /// The next step of every row, `observer` on the hook after the shared attention; `None`
+    /// once every step has run.
+    pub fn step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<StyleStepReport>> {
+        let step_index = self.latents_per_step.len();
+        let Some(&timestep) = self.reference.timesteps.get(step_index) else {
+            return Ok(None);
+        };
+        let step = DenoiseStep {
+            step_index,
+            step_count: self.reference.step_count(),
+            timestep,
+            guidance: self.reference.request.guidance,
+            guided: self.reference.request.uses_guidance(),
+            cancel: self.cancel.clone(),
+        };
+        let mut processors: Vec<&mut dyn AttentionProcessor> = Vec::with_capacity(2);
+        if let Some(processor) = self.processor.as_mut() {
+            processors.push(processor);
+        }
+        if let Some(observer) = observer {
+            processors.push(observer);
+        }
+        if processors.is_empty() {
+            denoise_step(
+                self.model,
+                &mut self.rows,
+                &step,
+                &self.text_embeddings,
+                None,
+            )?;
+        } else {
+            let mut chain = ChainedProcessors::new(processors);
+            denoise_step(
+                self.model,
+                &mut self.rows,
+                &step,
+                &self.text_embeddings,
+                Some(&mut chain),
+            )?;
+            chain.step_finished(step_index)?;
+        }
+        let latents: Vec<Tensor> = self.rows.iter().map(|row| row.latents.clone()).collect();
+        self.latents_per_step.push(latents.clone());
+        Ok(Some(StyleStepReport {
+            step_index,
+            step_count: step.step_count,
+            timestep,
+            latents,
+        }))
+    }
+
+    /// Decodes every image (after the last step; earlier, the latents so far).
+    pub fn finish(self) -> PipelineResult<StyleSetOutput> {
+        let mut outputs = Vec::with_capacity(self.rows.len());
+        let prompts = std::iter::once(&self.reference.prompt_tokens).chain(&self.target_tokens);
+        for (index, (row, tokens)) in self.rows.iter().zip(prompts).enumerate() {
+            let image_f32 = decode_to_unit_range(self.model, &row.latents)?;
+            let image = to_rgb8(&image_f32)?;
+            let per_step: Vec<Tensor> = self
+                .latents_per_step
+                .iter()
+                .map(|step| step[index].clone())
+                .collect();
+            let latents_per_step = if per_step.is_empty() {
+                row.latents.unsqueeze(0)?
+            } else {
+                Tensor::stack(&per_step, 0)?
+            };
+            outputs.push(GenerateOutput {
+                image,
+                image_f32,
+                latents_per_step,
+                timesteps: self.reference.timesteps.clone(),
+                scheduler: self.reference.scheduler_kind,
+                prompt_tokens: tokens.clone(),
+                negative_tokens: self.reference.negative_tokens.clone(),
+                warnings: self.reference.warnings.clone(),
+            });
+        }
+        let reference = outputs.remove(0);
+        Ok(StyleSetOutput {
+            reference,
+            targets: outputs,
+        })
+    }
+}
+
+impl StepwiseRun for StyleSetRun<'_> {
+    type Report = StyleStepReport;
+
+    fn next_step(
+        &mut self,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    ) -> PipelineResult<Option<StyleStepReport>> {
+        self.step(observer)
+    }
+}
+
+/// Runs a whole set: `observer` on the hook after the shared attention, `on_step` after every
+/// step, `cancel` checked before every step and in every attention layer.
+pub fn generate_style_set(
+    model: &StableDiffusion,
+    request: &StyleSetRequest,
+    capture: &RunCapture,
+    observer: Option<&mut dyn AttentionProcessor>,
+    on_step: &mut dyn FnMut(&StyleStepReport) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<StyleSetOutput> {
+    let mut run = StyleSetRun::new(model, request, capture)?.with_cancel(cancel.clone());
+    run_to_end(&mut run, observer, on_step, cancel)?;
+    run.finish()
+}
