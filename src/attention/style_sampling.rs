@@ -236,6 +236,8 @@ impl<'model> StyleSetRun<'model> {
             guidance: self.reference.request.guidance,
             guided: self.reference.request.uses_guidance(),
             cancel: self.cancel.clone(),
+            // A set starts from noise; an image reference is not replayed here.
+            unconditional: None,
         };
         let mut processors: Vec<&mut dyn AttentionProcessor> = Vec::with_capacity(2);
         if let Some(processor) = self.processor.as_mut() {

@@ -281,9 +281,6 @@ pub fn invert(
 ) -> PipelineResult<Arc<Inversion>> {
     let started = Instant::now();
     let run = InversionRun::new(model, image, request)?;
-    if request.method == InversionMethod::NullText {
-        return Err(null_text_unavailable());
-    }
     if cancel.is_cancelled() {
         return Err(PipelineError::Cancelled);
     }
@@ -297,7 +294,24 @@ pub fn invert(
             run.ddim_trajectory(&image_latents, on_step, cancel)?,
             ReplayCorrection::SourcePromptAsNegative,
         ),
-        InversionMethod::NullText => return Err(null_text_unavailable()),
+        InversionMethod::NullText => {
+            let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
+            let unconditional_start = run.guided_embeddings.narrow(0, 0, 1)?;
+            let optimised = null_text::optimise_null_text(
+                model,
+                &trajectory,
+                run.ddim.timesteps(),
+                &run.conditional,
+                &unconditional_start,
+                request.guidance,
+                on_step,
+                cancel,
+            )?;
+            (
+                trajectory,
+                ReplayCorrection::UnconditionalEmbeddings(optimised.embeddings),
+            )
+        }
         InversionMethod::Direct => {
             let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
             let offsets = run.direct_offsets(&trajectory, on_step, cancel)?;
@@ -318,24 +332,6 @@ pub fn invert(
         correction,
         seconds: started.elapsed().as_secs_f64(),
     }))
-}
-
-/// The error of a null-text request while its optimisation is not part of the build.
-fn null_text_unavailable() -> PipelineError {
-    PipelineError::InvalidArgument {
-        name: "inversion method",
-        reason: format!(
-            "null-text inversion is not available in this build; use one of {}",
-            [
-                InversionMethod::Ddim,
-                InversionMethod::NegativePrompt,
-                InversionMethod::Direct,
-                InversionMethod::Ddpm
-            ]
-            .map(InversionMethod::name)
-            .join(", ")
-        ),
-    }
 }
 
 /// An inversion's checked settings, scheduler and text embeddings.

@@ -531,8 +531,18 @@ impl GroupNorm {
             kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, silu)
         };
         let Some(shared) = shared.filter(|shared| shared.shares_any()) else {
-            return plain(xs);
+            // Unshared: exactly the plain layer, differentiable path included.
+            return if silu {
+                self.forward_silu(xs)
+            } else {
+                self.forward(xs)
+            };
         };
+        if xs.track_op() {
+            candle_core::bail!(
+                "shared group norm has no differentiable path (gradients would be cut here)"
+            );
+        }
         let (batch, height, _, _) = xs.dims4()?;
         if shared.references.len() != batch {
             candle_core::bail!(
