@@ -3,7 +3,7 @@
 //! worker's events (never blocking) and hands each to [`route_event`], draws the views from a
 //! read-only [`ViewContext`], then applies what they asked for.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::analysis::heatmap::Heatmap;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
@@ -20,6 +20,7 @@ use crate::ui::edit::NOTHING_TO_EDIT;
 use crate::ui::events::{route_event, AfterEvent};
 use crate::ui::exports::{current_session, default_file_name, export_command, ExportSources};
 use crate::ui::frame_times::{FrameTimeSummary, FrameTimes};
+use crate::ui::image_input::{self, ImageCommand, ImagePane, SessionImage};
 use crate::ui::mode::ModeKind;
 use crate::ui::panels;
 use crate::ui::run_view::RunView;
@@ -46,6 +47,8 @@ struct Views {
     compare: CompareView,
     /// The path field, open when a file dialog could not.
     path_field: Option<PathField>,
+    /// The open real image's preview.
+    image_pane: ImagePane,
 }
 
 /// The editor.
@@ -104,6 +107,7 @@ impl EditorApp {
                 edit_panel: EditPanel::default(),
                 compare: CompareView::default(),
                 path_field: None,
+                image_pane: ImagePane::default(),
             },
             commands: UiCommands::default(),
             worker,
@@ -159,6 +163,9 @@ impl EditorApp {
         if let Some(folder) = options.model {
             model = Some(ModelSource::Folder(folder));
         }
+        if let Some(path) = &options.image {
+            self.open_image(path);
+        }
         let remembered = model.is_none();
         self.load_model(model.unwrap_or_else(|| self.state.settings.model.clone()));
         self.state.model.bundled_if_remembered_fails = remembered;
@@ -167,8 +174,13 @@ impl EditorApp {
 
     /// Takes a session's settings (not yet generating); returns its model, to load.
     fn apply_session_settings(&mut self, session: Session) -> ModelSource {
+        self.apply_session_image(session.image.as_ref());
         let state = &mut self.state;
-        state.settings.params = session.params;
+        // The image is the session's own (checked by its hash); it is inverted again on Generate.
+        state.settings.params = GenerateParams {
+            source_image: None,
+            ..session.params
+        };
         state.settings.view = session.view;
         state.settings.aggregation = session.aggregation;
         state.selected_word = session.selected_word;
@@ -191,6 +203,24 @@ impl EditorApp {
             self.state.generate_after_load = true;
         } else {
             self.generate();
+        }
+    }
+
+    /// Opens a session's image (or closes the open one when the session has none).
+    fn apply_session_image(&mut self, saved: Option<&SessionImage>) {
+        if self.state.image.is_inverting() {
+            let _ = self.worker.cancel();
+        }
+        let Some(saved) = saved else {
+            self.state.image.close();
+            return;
+        };
+        if let Err(error) = self.state.image.open_session_image(saved) {
+            self.state.image.close();
+            self.status(
+                StatusLevel::Error,
+                format!("The session's image is left out: {error}"),
+            );
         }
     }
 
@@ -388,6 +418,66 @@ impl EditorApp {
         self.views.segments.set_method(method);
     }
 
+    // Real images.
+
+    /// Opens a real image file (as File > Open image... and dropping do); a file that cannot be
+    /// read is an error on the status line and in the image panel, and nothing else changes.
+    pub fn open_image(&mut self, path: &Path) {
+        self.state.status.acknowledge();
+        if self.state.image.is_inverting() {
+            let _ = self.worker.cancel();
+        }
+        match self.state.image.open_file(path) {
+            Ok(()) => self.status(
+                StatusLevel::Info,
+                format!(
+                    "Opened image {}: describe it in the prompt box, then Invert",
+                    path.display()
+                ),
+            ),
+            Err(message) => {
+                if self.state.image.is_open() {
+                    self.state.image.error = Some(message.clone());
+                }
+                self.status(StatusLevel::Error, message);
+            }
+        }
+    }
+
+    /// True when a real image is open.
+    pub fn image_open(&self) -> bool {
+        self.state.image.is_open()
+    }
+
+    /// The open image fitted to the run's size, and its hash (once the size is known).
+    pub fn fitted_image(&self) -> Option<(&crate::worker::RgbImage, &str)> {
+        self.state
+            .image
+            .fitted()
+            .map(|(fitted, hash)| (&fitted.image, hash))
+    }
+
+    /// True while the worker inverts the open image.
+    pub fn is_inverting(&self) -> bool {
+        self.state.image.is_inverting()
+    }
+
+    /// The finished inversion of the open image: what runs name to replay it, its reconstruction
+    /// and PSNR (dB).
+    pub fn inversion(
+        &self,
+    ) -> Option<(&crate::worker::SourceImage, &crate::worker::RgbImage, f64)> {
+        self.state
+            .image
+            .done()
+            .map(|(source, reconstruction, psnr)| (source, reconstruction.as_ref(), psnr))
+    }
+
+    /// The image panel's error (red), if any.
+    pub fn image_error(&self) -> Option<&str> {
+        self.state.image.error.as_deref()
+    }
+
     fn current_run_id(&self) -> Option<u64> {
         self.state.run.as_ref().map(|run| run.run_id)
     }
@@ -411,7 +501,14 @@ impl EditorApp {
             }
             return;
         }
-        let params = self.state.settings.params.clone();
+        let mut params = self.state.settings.params.clone();
+        if self.state.image.is_open() {
+            match self.image_run_params(params) {
+                Some(replaying) => params = replaying,
+                // (Inverting first, or why not.)
+                None => return,
+            }
+        }
         if let Err(problem) = check_params(&params, self.size_multiple()) {
             self.status(StatusLevel::Error, format!("Not generating: {problem}"));
             return;
@@ -424,6 +521,120 @@ impl EditorApp {
             // The run on screen is superseded; its own late events will be dropped.
             Ok(run_id) => self.state.supersede_runs(run_id),
             Err(error) => self.status(StatusLevel::Error, format!("Cannot generate: {error}")),
+        }
+    }
+
+    /// `params` for a run that replays the open image's inversion; when the image is not inverted
+    /// with the panel's settings yet, starts the inversion (the run follows it) and returns `None`.
+    fn image_run_params(&mut self, params: GenerateParams) -> Option<GenerateParams> {
+        let image = &mut self.state.image;
+        if image.is_inverting() {
+            image.generate_after_invert = true;
+            self.status(
+                StatusLevel::Info,
+                "Will generate once the image is inverted",
+            );
+            return None;
+        }
+        let Some((fitted, _)) = image.fitted() else {
+            self.status(
+                StatusLevel::Error,
+                "Not generating: the image is not fitted to the run's size yet (no model loaded)",
+            );
+            return None;
+        };
+        let size_px = (fitted.image.width, fitted.image.height);
+        if let Some(source) = image.replay_source(&params) {
+            return Some(GenerateParams {
+                source_image: Some(source.clone()),
+                width_px: Some(size_px.0),
+                height_px: Some(size_px.1),
+                ..params
+            });
+        }
+        if self.invert_image() {
+            self.state.image.generate_after_invert = true;
+        }
+        None
+    }
+
+    /// Sends the open image to the worker to invert with the panel's description, steps,
+    /// guidance, seed and method. Returns false (with a red error naming the value) when it cannot.
+    fn invert_image(&mut self) -> bool {
+        let wanted = self
+            .state
+            .image
+            .wanted_inversion(&self.state.settings.params);
+        let Some((fitted, _)) = self.state.image.fitted() else {
+            self.image_problem(
+                "Cannot invert: the image is not fitted to the run's size yet (no model loaded)"
+                    .to_owned(),
+            );
+            return false;
+        };
+        let image = fitted.image.clone();
+        if self.state.model.loaded.is_none() {
+            self.image_problem("Cannot invert: no model is loaded".to_owned());
+            return false;
+        }
+        if let Err(error) = crate::worker::check_inversion_request(&image, &wanted) {
+            self.image_problem(format!("Cannot invert the image: {error}"));
+            return false;
+        }
+        match self.worker.invert(image, wanted.clone()) {
+            Ok(run_id) => {
+                // Runs on screen are superseded; an inversion is no run the views wait for.
+                self.state.supersede_runs(run_id);
+                self.state.pending_run = None;
+                self.state.image.inversion_sent(run_id, wanted);
+                self.status(StatusLevel::Info, "Inverting the image...");
+                true
+            }
+            Err(error) => {
+                self.image_problem(format!("Cannot invert: {error}"));
+                false
+            }
+        }
+    }
+
+    /// A problem with the image: red in the image panel and on the status line.
+    fn image_problem(&mut self, message: String) {
+        self.state.image.error = Some(message.clone());
+        self.status(StatusLevel::Error, message);
+    }
+
+    /// Applies a command of the image panel.
+    fn apply_image(&mut self, command: ImageCommand) {
+        let image = &mut self.state.image;
+        match command {
+            ImageCommand::SetFit(fit) => image.fit = fit,
+            ImageCommand::SetMethod(method) => image.method = method,
+            ImageCommand::Invert => {
+                image.generate_after_invert = false;
+                self.invert_image();
+            }
+            ImageCommand::Cancel => {
+                if let image_input::InversionState::Running { cancelling, .. } =
+                    &mut image.inversion
+                {
+                    *cancelling = true;
+                    image.generate_after_invert = false;
+                    if let Err(error) = self.worker.cancel() {
+                        self.status(StatusLevel::Error, format!("Cannot cancel: {error}"));
+                    }
+                }
+            }
+            ImageCommand::ShowReconstruction(show) => image.show_reconstruction = show,
+            ImageCommand::Close => {
+                if image.is_inverting() {
+                    let _ = self.worker.cancel();
+                }
+                image.close();
+                self.status(
+                    StatusLevel::Info,
+                    "Image closed: runs start from noise again",
+                );
+            }
         }
     }
 
@@ -597,6 +808,10 @@ impl EditorApp {
                 self.load_model(ModelSource::Folder(path));
                 return;
             }
+            DialogPurpose::OpenImage => {
+                self.open_image(&path);
+                return;
+            }
             DialogPurpose::OpenSession => {
                 match Session::load(&path) {
                     Ok(session) => self.open_session(session),
@@ -730,6 +945,7 @@ impl EditorApp {
                     }
                 }
             }
+            UiCommand::Image(command) => self.apply_image(command),
             UiCommand::ClickSegment { point, add } => {
                 let run_id = state.run.as_ref().map(|run| run.run_id);
                 self.views.segments.click_at(run_id, point, add);
@@ -777,6 +993,10 @@ impl EditorApp {
         self.frame_times.begin_frame();
         let egui_ctx = ui.ctx().clone();
         self.pump(&egui_ctx);
+        if let Some(path) = image_input::dropped_file(ui) {
+            self.open_image(&path);
+        }
+        image_input::keep_fitted(&mut self.state);
         if self.state.modes.active() == ModeKind::Edit {
             self.edit_auto_run(&egui_ctx);
         }
@@ -851,6 +1071,8 @@ impl EditorApp {
                     .id_salt("attend.controls.scroll")
                     .show(ui, |ui| {
                         panels::controls_ui(&ctx, ui, commands);
+                        ui.separator();
+                        image_input::image_panel_ui(&ctx, ui, commands);
                         edit_panel_ui(&ctx, ui, &mut views.edit_panel, commands);
                     });
             });
@@ -871,6 +1093,11 @@ impl EditorApp {
                     });
             });
         egui::CentralPanel::default().show(ui, |ui| {
+            // An open image is previewed until a run replays it.
+            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) {
+                image_input::image_pane_ui(&ctx, ui, &mut views.image_pane);
+                return;
+            }
             // Edit mode compares source and edited images; otherwise the plain canvas.
             let canvas = if compares(&ctx) {
                 let panes = compare_panes_ui(&ctx, ui);
@@ -897,6 +1124,7 @@ impl EditorApp {
                 segments_overlay_ui(&ctx, ui, &mut views.segments, &canvas);
             }
         });
+        image_input::drop_highlight_ui(ui);
     }
 
     /// Saves settings to eframe storage.
@@ -916,6 +1144,7 @@ fn path_field_start(
     let start = match purpose {
         DialogPurpose::OpenModelFolder
         | DialogPurpose::OpenSession
+        | DialogPurpose::OpenImage
         | DialogPurpose::ExportAllHeatmaps => folder,
         _ => folder.join(file_name),
     };
