@@ -153,8 +153,8 @@ impl ImageInput {
     /// Reads `path` and opens it (it is fitted once the run's size is known). On error nothing
     /// changes and the error names the file.
     pub(crate) fn open_file(&mut self, path: &Path) -> Result<(), String> {
-        let image = read_image(path)
-            .map_err(|error| format!("Cannot open image {}: {error}", path.display()))?;
+        // (The reader's errors name the file.)
+        let image = read_image(path).map_err(|error| format!("Cannot open image: {error}"))?;
         if image.width == 0 || image.height == 0 || !image.is_consistent() {
             return Err(format!(
                 "Cannot open image {}: it has no pixels ({}x{})",
