@@ -181,7 +181,7 @@ fn a_dropped_image_is_fitted_inverted_generated_on_and_exported() {
     harness.run_steps(2);
     let app = harness.state();
     let run = app.run_view().unwrap();
-    assert_eq!(run.params.source_image.as_ref(), Some(&source));
+    assert_eq!(run.params.source_image.as_deref(), Some(&source));
     assert_eq!(run.final_image.as_ref(), Some(&reconstruction));
     assert_eq!(app.word_heatmaps().len(), 7, "one heat map per word");
     assert!(

@@ -73,7 +73,7 @@ fn failure(events: &[Event]) -> String {
 
 fn replay_params(source: &SourceImage) -> GenerateParams {
     GenerateParams {
-        source_image: Some(source.clone()),
+        source_image: Some(Box::new(source.clone())),
         ..GenerateParams::default()
     }
 }
@@ -147,7 +147,7 @@ fn a_run_that_names_the_image_replays_it_and_reports_its_settings() {
     assert_eq!(params.steps, 4);
     assert_eq!(params.scheduler.as_deref(), Some("ddim"));
     assert_eq!((params.width_px, params.height_px), (Some(64), Some(64)));
-    assert_eq!(params.source_image.as_ref(), Some(&source));
+    assert_eq!(params.source_image.as_deref(), Some(&source));
     assert_eq!(worker_common::step_count(&events, run_id), 4);
     match events.last() {
         Some(Event::Finished { image, .. }) => assert_eq!(*image, reconstruction),

@@ -546,7 +546,7 @@ impl EditorApp {
         let size_px = (fitted.image.width, fitted.image.height);
         if let Some(source) = image.replay_source(&params) {
             return Some(GenerateParams {
-                source_image: Some(source.clone()),
+                source_image: Some(Box::new(source.clone())),
                 width_px: Some(size_px.0),
                 height_px: Some(size_px.1),
                 ..params

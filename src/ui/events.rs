@@ -26,10 +26,9 @@ pub(crate) fn route_event(
     segments: &mut SegmentsState,
     event: Event,
 ) -> AfterEvent {
-    let event = match crate::ui::image_input::take_image_event(state, event) {
-        Ok(after) => return after,
-        Err(event) => event,
-    };
+    if let Some(after) = crate::ui::image_input::image_event(state, &event) {
+        return after;
+    }
     let edit = &mut state.modes.edit;
     match event {
         Event::Started {

@@ -321,8 +321,8 @@ pub(crate) fn run_shows_image(state: &AppState) -> bool {
 }
 
 /// Routes an inversion event (progress, result, or the end of the running inversion request) to
-/// the image state; any other event is handed back.
-pub(crate) fn take_image_event(state: &mut AppState, event: Event) -> Result<AfterEvent, Event> {
+/// the image state; `None` for any other event.
+pub(crate) fn image_event(state: &mut AppState, event: &Event) -> Option<AfterEvent> {
     let image = &mut state.image;
     match event {
         Event::InversionProgress {
@@ -340,17 +340,17 @@ pub(crate) fn take_image_event(state: &mut AppState, event: Event) -> Result<Aft
                 ..
             } = &mut image.inversion
             {
-                if *running == run_id {
-                    let new_phase = progress.as_ref().is_none_or(|(old, _, _)| *old != phase);
+                if running == run_id {
+                    let new_phase = progress.as_ref().is_none_or(|(old, _, _)| old != phase);
                     if new_phase {
                         // The phase began when its first step started: the time of one step ago.
                         *phase_started_secs = *elapsed;
                     }
-                    *progress = Some((phase, steps_done, step_count));
-                    *elapsed = elapsed_secs;
+                    *progress = Some((phase.clone(), *steps_done, *step_count));
+                    *elapsed = *elapsed_secs;
                 }
             }
-            Ok(AfterEvent::Nothing)
+            Some(AfterEvent::Nothing)
         }
         Event::Inverted {
             run_id,
@@ -360,49 +360,49 @@ pub(crate) fn take_image_event(state: &mut AppState, event: Event) -> Result<Aft
             seconds,
             cached,
         } => {
-            let current = image.is_running_request(run_id)
+            let current = image.is_running_request(*run_id)
                 && image
                     .fitted()
                     .is_some_and(|(_, hash)| hash == source.image_hash);
             if !current {
-                return Ok(AfterEvent::Nothing);
+                return Some(AfterEvent::Nothing);
             }
-            let how = if cached { " (kept from before)" } else { "" };
+            let how = if *cached { " (kept from before)" } else { "" };
             state.status.push(
                 StatusLevel::Info,
                 format!(
                     "Image inverted ({}, {} steps) in {seconds:.1} s{how}: reconstruction PSNR {}",
                     source.inversion.method,
                     source.inversion.steps,
-                    format_psnr(psnr_db)
+                    format_psnr(*psnr_db)
                 ),
             );
             image.inversion = InversionState::Done {
-                source,
-                reconstruction: Arc::new(reconstruction),
-                psnr_db,
-                seconds,
-                cached,
+                source: source.clone(),
+                reconstruction: Arc::new(reconstruction.clone()),
+                psnr_db: *psnr_db,
+                seconds: *seconds,
+                cached: *cached,
             };
             image.show_reconstruction = true;
             if std::mem::take(&mut image.generate_after_invert) {
-                return Ok(AfterEvent::Generate);
+                return Some(AfterEvent::Generate);
             }
-            Ok(AfterEvent::Nothing)
+            Some(AfterEvent::Nothing)
         }
-        Event::Cancelled { run_id, steps_done } if image.is_running_request(run_id) => {
+        Event::Cancelled { run_id, steps_done } if image.is_running_request(*run_id) => {
             image.inversion = InversionState::Idle;
             image.generate_after_invert = false;
             state.status.push(
                 StatusLevel::Info,
                 format!("Inversion cancelled after {steps_done} step(s)"),
             );
-            Ok(AfterEvent::Nothing)
+            Some(AfterEvent::Nothing)
         }
         Event::Failed {
             run_id: Some(run_id),
             message,
-        } if image.is_running_request(run_id) => {
+        } if image.is_running_request(*run_id) => {
             image.inversion = InversionState::Idle;
             image.generate_after_invert = false;
             let name = image
@@ -412,9 +412,9 @@ pub(crate) fn take_image_event(state: &mut AppState, event: Event) -> Result<Aft
             let message = format!("Inversion{name} failed: {message}");
             image.error = Some(message.clone());
             state.status.push(StatusLevel::Error, message);
-            Ok(AfterEvent::Nothing)
+            Some(AfterEvent::Nothing)
         }
-        event => Err(event),
+        _ => None,
     }
 }
 
@@ -919,7 +919,7 @@ fn base64_decode(text: &str) -> Result<Vec<u8>, String> {
         .bytes()
         .filter(|byte| !byte.is_ascii_whitespace())
         .collect();
-    if symbols.len() % 4 != 0 {
+    if !symbols.len().is_multiple_of(4) {
         return Err(format!("{} symbols is not a multiple of 4", symbols.len()));
     }
     let mut bytes = Vec::with_capacity(symbols.len() / 4 * 3);

@@ -71,7 +71,7 @@ pub struct GenerateParams {
     /// A real image the run replays instead of starting from noise (its cached inversion); `None`:
     /// noise-based generation. The engine then takes the prompt, steps, guidance, size and the
     /// DDIM scheduler from the inversion.
-    pub source_image: Option<SourceImage>,
+    pub source_image: Option<Box<SourceImage>>,
 }
 
 impl Default for GenerateParams {
