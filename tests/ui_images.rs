@@ -214,6 +214,36 @@ fn generate_on_an_image_not_yet_inverted_inverts_first() {
 }
 
 #[test]
+fn an_image_given_at_start_is_inverted_and_replayed_once_the_model_loads() {
+    let folder = tempfile::tempdir().unwrap();
+    let picture = write_picture(folder.path());
+    let factory: EngineFactory =
+        Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default())));
+    let options = EditorOptions {
+        prompt: Some(DESCRIPTION.to_owned()),
+        steps: Some(3),
+        generate: true,
+        image: Some(picture),
+        engine: EngineKind::Fake,
+        ..EditorOptions::default()
+    };
+    let app = EditorApp::new(options, None, None, factory).unwrap();
+    let mut harness = ui_common::harness_of(app, egui::vec2(1400.0, 1000.0));
+    run_until(&mut harness, "the replay", |app| {
+        ui_common::finished(app)
+            && app
+                .run_view()
+                .is_some_and(|run| run.params.source_image.is_some())
+    });
+    let app = harness.state();
+    assert_eq!(app.run_view().unwrap().params.steps, 3);
+    assert_eq!(
+        app.run_view().unwrap().final_image.as_ref(),
+        Some(app.inversion().unwrap().1)
+    );
+}
+
+#[test]
 fn edit_mode_swaps_a_word_on_the_image() {
     let folder = tempfile::tempdir().unwrap();
     let picture = write_picture(folder.path());

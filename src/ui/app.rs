@@ -527,6 +527,8 @@ impl EditorApp {
     /// `params` for a run that replays the open image's inversion; when the image is not inverted
     /// with the panel's settings yet, starts the inversion (the run follows it) and returns `None`.
     fn image_run_params(&mut self, params: GenerateParams) -> Option<GenerateParams> {
+        // (A model that just loaded tells the size: fitted before the frame does it.)
+        image_input::keep_fitted(&mut self.state);
         let image = &mut self.state.image;
         if image.is_inverting() {
             image.generate_after_invert = true;
