@@ -446,6 +446,9 @@ fn placement_note(fitted: &FittedImage) -> String {
         "{source_w}x{source_h} px -> {}x{} px",
         fitted.image.width, fitted.image.height
     );
+    if (source_w, source_h) == (fitted.image.width, fitted.image.height) {
+        return format!("{size}, as is");
+    }
     match placement.fit {
         ImageFit::Crop if (vw, vh) != (source_w, source_h) => {
             format!("{size}, cropped to the part at ({vx}, {vy}) of {vw}x{vh} px")

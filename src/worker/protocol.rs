@@ -11,6 +11,9 @@
 //! - [`Command::GenerateEdit`]: the same for the source when it is recorded (nothing when an earlier
 //!   recording is reused), then, unless only the source was asked for, `Started`, `Step`s and
 //!   `Finished` of [`Branch::Edited`].
+//! - [`Command::Invert`]: `InversionProgress`es in step order (per phase), then `Inverted`. Runs and
+//!   edits that name the inverted image ([`GenerateParams::source_image`]) replay it: the image's
+//!   latents and corrections stay in the engine's cache, only the reference crosses the channel.
 //!
 //! `Cancelled` or `Failed` can come in place of any of these events and ends the run; otherwise the
 //! `Finished` of its last branch ends it. A run superseded before it starts gets only
