@@ -115,8 +115,7 @@ fn wrote(path: &Path) -> impl Fn(&EditorApp) -> bool {
 fn open_and_invert(harness: &mut Harness<'static, EditorApp>, picture: &Path) {
     model_loaded(harness);
     ui_common::drop_file(harness, picture);
-    harness.run_steps(2);
-    assert!(harness.state().image_open());
+    run_until(harness, "the image", EditorApp::image_open);
     type_into(harness, "Describe the image", DESCRIPTION);
     harness.get_by_label("Invert").click();
     run_until(harness, "the inversion", inverted);
@@ -136,7 +135,9 @@ fn a_dropped_image_is_fitted_inverted_generated_on_and_exported() {
     harness.get_by_label("Prompt");
 
     ui_common::drop_file(&mut harness, &picture);
-    harness.run_steps(2);
+    run_until(&mut harness, "the fitted image", |app| {
+        app.fitted_image().is_some()
+    });
     let (fitted, hash) = harness.state().fitted_image().unwrap();
     assert_eq!(
         (fitted.width, fitted.height),
@@ -202,6 +203,7 @@ fn generate_on_an_image_not_yet_inverted_inverts_first() {
     let mut harness = harness_with(FakeEngineConfig::default());
     model_loaded(&mut harness);
     ui_common::drop_file(&mut harness, &picture);
+    run_until(&mut harness, "the image", EditorApp::image_open);
     type_into(&mut harness, "Describe the image", DESCRIPTION);
     harness.get_by_label("Generate").click();
     run_until(&mut harness, "the inversion, then the replay", |app| {
@@ -306,6 +308,7 @@ fn the_inversion_shows_progress_and_cancels() {
     });
     model_loaded(&mut harness);
     ui_common::drop_file(&mut harness, &picture);
+    run_until(&mut harness, "the image", EditorApp::image_open);
     type_into(&mut harness, "Describe the image", DESCRIPTION);
     gate.allow(2);
     harness.get_by_label("Invert").click();
@@ -446,6 +449,7 @@ fn bad_files_are_named_in_red_and_the_editor_stays_usable() {
     model_loaded(&mut harness);
     for path in [&text, &truncated, &huge, &missing] {
         ui_common::drop_file(&mut harness, path);
+        run_until(&mut harness, "the read", |app| !app.is_reading_image());
         harness.run_steps(2);
         let app = harness.state();
         assert!(!app.image_open(), "{}", path.display());
@@ -458,8 +462,9 @@ fn bad_files_are_named_in_red_and_the_editor_stays_usable() {
     }
     // A bad file dropped on an open image: the image stays, the panel says why in red.
     ui_common::drop_file(&mut harness, &picture);
-    harness.run_steps(2);
+    run_until(&mut harness, "the image", EditorApp::image_open);
     ui_common::drop_file(&mut harness, &text);
+    run_until(&mut harness, "the read", |app| !app.is_reading_image());
     harness.run_steps(2);
     assert!(harness.state().image_open());
     let error = harness.state().image_error().unwrap().to_owned();

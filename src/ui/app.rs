@@ -420,28 +420,62 @@ impl EditorApp {
 
     // Real images.
 
-    /// Opens a real image file (as File > Open image... and dropping do); a file that cannot be
-    /// read is an error on the status line and in the image panel, and nothing else changes.
+    /// Opens a real image file (as File > Open image... and dropping do): it is read on a helper
+    /// thread and opened on a later frame; a file that cannot be read is an error on the status
+    /// line and in the image panel, and nothing else changes.
     pub fn open_image(&mut self, path: &Path) {
         self.state.status.acknowledge();
-        if self.state.image.is_inverting() {
-            let _ = self.worker.cancel();
+        let repaint = self.egui_ctx.clone();
+        let started = self.state.image.start_reading(path, move || {
+            if let Some(ctx) = &repaint {
+                ctx.request_repaint();
+            }
+        });
+        match started {
+            Ok(()) => self.status(StatusLevel::Info, format!("Reading {}...", path.display())),
+            Err(message) => self.image_read_failed(message),
         }
-        match self.state.image.open_file(path) {
-            Ok(()) => self.status(
-                StatusLevel::Info,
-                format!(
-                    "Opened image {}: describe it in the prompt box, then Invert",
-                    path.display()
-                ),
-            ),
-            Err(message) => {
-                if self.state.image.is_open() {
-                    self.state.image.error = Some(message.clone());
+    }
+
+    /// Takes the answer of the image being read, once it is ready (each frame).
+    fn poll_image_reading(&mut self) {
+        let was_inverting = self.state.image.is_inverting();
+        match self.state.image.poll_reading() {
+            None => {}
+            Some(Ok(path)) => {
+                // The new image replaces the open one: an inversion of that one is no longer wanted.
+                if was_inverting {
+                    let _ = self.worker.cancel();
                 }
-                self.status(StatusLevel::Error, message);
+                self.status(
+                    StatusLevel::Info,
+                    format!(
+                        "Opened image {}: describe it in the prompt box, then Invert",
+                        path.display()
+                    ),
+                );
+                if std::mem::take(&mut self.state.image.generate_after_invert) {
+                    self.generate();
+                }
+            }
+            Some(Err(message)) => {
+                self.state.image.generate_after_invert = false;
+                self.image_read_failed(message);
             }
         }
+    }
+
+    /// An image could not be read: the open image (if any) stays, the panel and status line say why.
+    fn image_read_failed(&mut self, message: String) {
+        if self.state.image.is_open() {
+            self.state.image.error = Some(message.clone());
+        }
+        self.status(StatusLevel::Error, message);
+    }
+
+    /// True while an image file is being read.
+    pub fn is_reading_image(&self) -> bool {
+        self.state.image.is_reading()
     }
 
     /// True when a real image is open.
@@ -502,7 +536,7 @@ impl EditorApp {
             return;
         }
         let mut params = self.state.settings.params.clone();
-        if self.state.image.is_open() {
+        if self.state.image.is_open() || self.state.image.is_reading() {
             match self.image_run_params(params) {
                 Some(replaying) => params = replaying,
                 // (Inverting first, or why not.)
@@ -530,6 +564,11 @@ impl EditorApp {
         // (A model that just loaded tells the size: fitted before the frame does it.)
         image_input::keep_fitted(&mut self.state);
         let image = &mut self.state.image;
+        if image.is_reading() {
+            image.generate_after_invert = true;
+            self.status(StatusLevel::Info, "Will generate once the image is read");
+            return None;
+        }
         if image.is_inverting() {
             image.generate_after_invert = true;
             self.status(
@@ -998,6 +1037,12 @@ impl EditorApp {
         if let Some(path) = image_input::dropped_file(ui) {
             self.open_image(&path);
         }
+        self.poll_image_reading();
+        if self.state.image.is_reading() {
+            // (The reader wakes the window when it is done; this covers a read started before
+            // the window existed.)
+            egui_ctx.request_repaint_after(std::time::Duration::from_millis(50));
+        }
         image_input::keep_fitted(&mut self.state);
         if self.state.modes.active() == ModeKind::Edit {
             self.edit_auto_run(&egui_ctx);
@@ -1073,7 +1118,6 @@ impl EditorApp {
                     .id_salt("attend.controls.scroll")
                     .show(ui, |ui| {
                         panels::controls_ui(&ctx, ui, commands);
-                        ui.separator();
                         image_input::image_panel_ui(&ctx, ui, commands);
                         edit_panel_ui(&ctx, ui, &mut views.edit_panel, commands);
                     });

@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crossbeam_channel::Receiver;
 use egui::{Color32, RichText};
 
 use crate::analysis::image::{fit_image, image_hash, read_image, FittedImage, ImageFit, RgbImage};
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
-use crate::ui::dialogs::DialogPurpose;
 use crate::ui::events::AfterEvent;
 use crate::ui::state::{AppState, StatusLevel};
 use crate::worker::{Event, GenerateParams, InversionParams, SourceImage, INVERSION_METHODS};
@@ -107,8 +107,11 @@ pub(crate) struct ImageInput {
     pub(crate) inversion: InversionState,
     /// The latest problem with the image (shown in red in the panel until the next action).
     pub(crate) error: Option<String>,
-    /// Generate once the running inversion is done (Generate pressed on an image not inverted yet).
+    /// Generate once the running inversion is done (Generate pressed on an image not inverted yet,
+    /// or while the image is being read).
     pub(crate) generate_after_invert: bool,
+    /// A file being read on the `attend-image-reader` thread, and where its answer comes.
+    reading: Option<(PathBuf, Receiver<Result<RgbImage, String>>)>,
 }
 
 impl Default for ImageInput {
@@ -121,6 +124,7 @@ impl Default for ImageInput {
             inversion: InversionState::default(),
             error: None,
             generate_after_invert: false,
+            reading: None,
         }
     }
 }
@@ -150,21 +154,50 @@ impl ImageInput {
         Some((opened.fitted.as_ref()?, opened.fitted_hash.as_deref()?))
     }
 
-    /// Reads `path` and opens it (it is fitted once the run's size is known). On error nothing
-    /// changes and the error names the file.
-    pub(crate) fn open_file(&mut self, path: &Path) -> Result<(), String> {
-        // (The reader's errors name the file.)
-        let image = read_image(path).map_err(|error| format!("Cannot open image: {error}"))?;
-        if image.width == 0 || image.height == 0 || !image.is_consistent() {
-            return Err(format!(
-                "Cannot open image {}: it has no pixels ({}x{})",
-                path.display(),
-                image.width,
-                image.height
-            ));
-        }
-        self.open(display_name(path), Some(path.to_path_buf()), image);
+    /// Starts reading `path` on the `attend-image-reader` thread (a large image decodes for a while;
+    /// the window keeps painting). `done` is called when the answer is ready; [`Self::poll_reading`]
+    /// takes it. A read already under way is forgotten.
+    pub(crate) fn start_reading(
+        &mut self,
+        path: &Path,
+        done: impl Fn() + Send + 'static,
+    ) -> Result<(), String> {
+        let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+        let file = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("attend-image-reader".to_owned())
+            .spawn(move || {
+                let _ = answer_tx.send(read_checked(&file));
+                done();
+            })
+            .map_err(|error| format!("Cannot open image {}: {error}", path.display()))?;
+        self.reading = Some((path.to_path_buf(), answer_rx));
         Ok(())
+    }
+
+    /// True while a file is being read.
+    pub(crate) fn is_reading(&self) -> bool {
+        self.reading.is_some()
+    }
+
+    /// The answer of the file being read, once it is ready: the image is opened (replacing the open
+    /// one), or the error is returned and nothing changes.
+    pub(crate) fn poll_reading(&mut self) -> Option<Result<PathBuf, String>> {
+        let (path, answer) = self.reading.as_ref()?;
+        let result = match answer.try_recv() {
+            Ok(result) => result,
+            Err(crossbeam_channel::TryRecvError::Empty) => return None,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => Err(format!(
+                "Cannot open image {}: the reader stopped",
+                path.display()
+            )),
+        };
+        let path = path.clone();
+        self.reading = None;
+        Some(result.map(|image| {
+            self.open(display_name(&path), Some(path.clone()), image);
+            path
+        }))
     }
 
     /// Opens `image` (replacing any other).
@@ -188,6 +221,7 @@ impl ImageInput {
         *self = Self {
             fit: self.fit,
             method: self.method.clone(),
+            reading: self.reading.take(),
             ..Self::default()
         };
     }
@@ -276,6 +310,20 @@ impl ImageInput {
     fn is_running_request(&self, run_id: u64) -> bool {
         matches!(self.inversion, InversionState::Running { run_id: running, .. } if running == run_id)
     }
+}
+
+/// Reads an image file for the editor; errors name the file (the reader's do already).
+fn read_checked(path: &Path) -> Result<RgbImage, String> {
+    let image = read_image(path).map_err(|error| format!("Cannot open image: {error}"))?;
+    if image.width == 0 || image.height == 0 || !image.is_consistent() {
+        return Err(format!(
+            "Cannot open image {}: it has no pixels ({}x{})",
+            path.display(),
+            image.width,
+            image.height
+        ));
+    }
+    Ok(image)
 }
 
 /// The size `(width, height)` runs have now: the panel's, else the loaded model's default (`None`
@@ -467,20 +515,23 @@ fn eta_secs(steps_done: usize, step_count: usize, phase_secs: f64) -> Option<f64
         .then(|| phase_secs / steps_done as f64 * (step_count - steps_done) as f64)
 }
 
-/// The image panel (left, above the prompt): the image, its fit, the inversion method, Invert
-/// with its progress and Cancel, input / reconstruction, Close image. Without an image: the
-/// Open image button.
+/// The image panel (left, under the generation controls): the image, its fit, the inversion
+/// method, Invert with its progress and Cancel, input / reconstruction, Close image. Nothing
+/// without an image (File > Open image... or dropping a file opens one).
 pub(crate) fn image_panel_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
     let image = &ctx.state.image;
+    if image.reading.is_none() && image.opened.is_none() {
+        return;
+    }
+    ui.separator();
     ui.heading("Image");
-    let Some(opened) = &image.opened else {
+    if let Some((path, _)) = &image.reading {
         ui.horizontal(|ui| {
-            if ui.button("Open image...").clicked() {
-                commands.push(UiCommand::OpenDialog(DialogPurpose::OpenImage));
-            }
-            ui.label("or drop one here");
+            ui.spinner();
+            ui.label(format!("reading {}...", display_name(path)));
         });
-        ui.separator();
+    }
+    let Some(opened) = &image.opened else {
         return;
     };
     let error_colour = ui.visuals().error_fg_color;
@@ -612,7 +663,6 @@ pub(crate) fn image_panel_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands:
     if let Some(error) = &image.error {
         ui.add(egui::Label::new(RichText::new(error).color(error_colour)).wrap());
     }
-    ui.separator();
 }
 
 /// The preview pane's texture and what it shows.
