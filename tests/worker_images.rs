@@ -352,7 +352,9 @@ fn the_real_engine_inverts_replays_and_edits_an_image_on_the_bundled_model() {
     let (source, reconstruction, psnr_db, cached) = inverted(&events);
     assert!(!cached);
     assert_eq!((reconstruction.width, reconstruction.height), (64, 64));
-    assert!(psnr_db.is_finite() && psnr_db > 10.0, "PSNR {psnr_db} dB");
+    // Direct inversion keeps the source on its trajectory: on the bundled (pixel-space) model the
+    // replay gives the image back exactly.
+    assert!(psnr_db > 40.0, "PSNR {psnr_db} dB");
 
     // Kept: no step runs the second time.
     let again = worker.invert(image, params).unwrap();
