@@ -411,6 +411,27 @@ fn a_session_embeds_the_image_and_reopens_the_same_pixels() {
 }
 
 #[test]
+fn a_reloaded_model_forgets_the_inversion_and_generate_inverts_again() {
+    let folder = tempfile::tempdir().unwrap();
+    let picture = write_picture(folder.path());
+    let mut harness = harness_with(FakeEngineConfig::default());
+    open_and_invert(&mut harness, &picture);
+    harness.get_by_label("Bundled model").click();
+    run_until(&mut harness, "the reload", |app| {
+        app.loaded_model().is_some() && app.inversion().is_none()
+    });
+    assert!(harness.state().image_open(), "the image stays open");
+    harness.get_by_label("Generate").click();
+    run_until(&mut harness, "the inversion, then the replay", |app| {
+        ui_common::finished(app)
+            && app
+                .run_view()
+                .is_some_and(|run| run.params.source_image.is_some())
+    });
+    assert!(harness.state().inversion().is_some());
+}
+
+#[test]
 fn closing_the_image_goes_back_to_noise() {
     let folder = tempfile::tempdir().unwrap();
     let picture = write_picture(folder.path());

@@ -195,7 +195,10 @@ impl ImageInput {
         let path = path.clone();
         self.reading = None;
         Some(result.map(|image| {
+            // A Generate asked for while the file was read still follows.
+            let generate = self.generate_after_invert;
             self.open(display_name(&path), Some(path.clone()), image);
+            self.generate_after_invert = generate;
             path
         }))
     }
@@ -369,10 +372,19 @@ pub(crate) fn run_shows_image(state: &AppState) -> bool {
 }
 
 /// Routes an inversion event (progress, result, or the end of the running inversion request) to
-/// the image state; `None` for any other event.
+/// the image state; `None` for any other event. A model that loaded or a restarted worker holds no
+/// inversion any more: the image's is forgotten (the next Generate inverts again), and the event
+/// goes on to its own routing.
 pub(crate) fn image_event(state: &mut AppState, event: &Event) -> Option<AfterEvent> {
     let image = &mut state.image;
     match event {
+        Event::ModelLoaded { .. } | Event::WorkerRestarted { .. } => {
+            if matches!(image.inversion, InversionState::Done { .. }) {
+                image.inversion = InversionState::Idle;
+                image.show_reconstruction = false;
+            }
+            None
+        }
         Event::InversionProgress {
             run_id,
             phase,
