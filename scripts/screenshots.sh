@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the editor screenshots in screenshots/ from the real window, and measures frame times.
 #
-# Runs `attend --prompt ... --generate` under Xvfb (wgpu on lavapipe, Mesa's software Vulkan). The
+# Runs `attend --prompt ... --generate` under Xvfb (and once with a real image, ATTEND_IMAGE) (wgpu on lavapipe, Mesa's software Vulkan). The
 # editor itself captures its window once the run has finished (ATTEND_SCREENSHOT, see
 # src/ui/screenshot.rs `ScreenshotPlan::from_environment`) and quits; ATTEND_FRAME_TIMES logs the build time
 # of every frame, and the p50/p99 summary is printed at exit.
@@ -55,6 +55,18 @@ shot editor-probe env ATTEND_SCREENSHOT_PROBE=0.75,0.4
 shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.75,0.52
 # Edit mode: "circle -> square" swapped by Prompt-to-Prompt, source | edited side by side.
 shot editor-edit env ATTEND_SCREENSHOT_EDIT="a red square and a blue square"
+
+# A real image being edited: one of attend's drawn scenes (seed 30, "a blue square and a purple
+# circle") opened with ATTEND_IMAGE, described by its caption, inverted, replayed, and its circle
+# swapped for a star by Prompt-to-Prompt (source | edited side by side).
+scene_dir="$runtime_dir/scene"
+"$binary" scenes --count 1 --start 30 --size 64 --out "$scene_dir" >/dev/null
+scene_caption="$(sed -n 's/.*"caption":"\([^"]*\)".*/\1/p' "$scene_dir/scenes.jsonl")"
+echo "== real-image-edit (image: $scene_caption)"
+env ATTEND_SCREENSHOT="$out/real-image-edit.png" ATTEND_FRAME_TIMES="$runtime_dir/real-image-edit.frame-times.csv" \
+    ATTEND_IMAGE="$scene_dir/images/0000030.png" \
+    ATTEND_SCREENSHOT_EDIT="${scene_caption/circle/star}" \
+    timeout 900 "$binary" --prompt "$scene_caption" --seed "$seed" --generate
 
 for csv in "$runtime_dir"/*.frame-times.csv; do
     sort -n "$csv" | awk -v name="$(basename "$csv")" '

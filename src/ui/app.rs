@@ -3,7 +3,7 @@
 //! worker's events (never blocking) and hands each to [`route_event`], draws the views from a
 //! read-only [`ViewContext`], then applies what they asked for.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::analysis::heatmap::Heatmap;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
@@ -20,6 +20,7 @@ use crate::ui::edit::NOTHING_TO_EDIT;
 use crate::ui::events::{route_event, AfterEvent};
 use crate::ui::exports::{current_session, default_file_name, export_command, ExportSources};
 use crate::ui::frame_times::{FrameTimeSummary, FrameTimes};
+use crate::ui::image_input::{self, ImageCommand, ImagePane, SessionImage};
 use crate::ui::mode::ModeKind;
 use crate::ui::models_menu::{dropped_model_paths, ModelsMenu, MODELS_MENU_STORAGE_KEY};
 use crate::ui::panels;
@@ -49,6 +50,8 @@ struct Views {
     path_field: Option<PathField>,
     /// The Models menu (discovered models, added folders, recent models).
     models_menu: ModelsMenu,
+    /// The open real image's preview.
+    image_pane: ImagePane,
 }
 
 /// The editor.
@@ -108,6 +111,7 @@ impl EditorApp {
                 compare: CompareView::default(),
                 path_field: None,
                 models_menu: ModelsMenu::default(),
+                image_pane: ImagePane::default(),
             },
             commands: UiCommands::default(),
             worker,
@@ -163,6 +167,9 @@ impl EditorApp {
         if let Some(folder) = options.model {
             model = Some(ModelSource::from_path(folder));
         }
+        if let Some(path) = &options.image {
+            self.open_image(path);
+        }
         let remembered = model.is_none();
         self.load_model(model.unwrap_or_else(|| self.state.settings.model.clone()));
         self.state.model.bundled_if_remembered_fails = remembered;
@@ -171,8 +178,13 @@ impl EditorApp {
 
     /// Takes a session's settings (not yet generating); returns its model, to load.
     fn apply_session_settings(&mut self, session: Session) -> ModelSource {
+        self.apply_session_image(session.image.as_ref());
         let state = &mut self.state;
-        state.settings.params = session.params;
+        // The image is the session's own (checked by its hash); it is inverted again on Generate.
+        state.settings.params = GenerateParams {
+            source_image: None,
+            ..session.params
+        };
         state.settings.view = session.view;
         state.settings.aggregation = session.aggregation;
         state.selected_word = session.selected_word;
@@ -195,6 +207,24 @@ impl EditorApp {
             self.state.generate_after_load = true;
         } else {
             self.generate();
+        }
+    }
+
+    /// Opens a session's image (or closes the open one when the session has none).
+    fn apply_session_image(&mut self, saved: Option<&SessionImage>) {
+        if self.state.image.is_inverting() {
+            let _ = self.worker.cancel();
+        }
+        let Some(saved) = saved else {
+            self.state.image.close();
+            return;
+        };
+        if let Err(error) = self.state.image.open_session_image(saved) {
+            self.state.image.close();
+            self.status(
+                StatusLevel::Error,
+                format!("The session's image is left out: {error}"),
+            );
         }
     }
 
@@ -392,6 +422,100 @@ impl EditorApp {
         self.views.segments.set_method(method);
     }
 
+    // Real images.
+
+    /// Opens a real image file (as File > Open image... and dropping do): it is read on a helper
+    /// thread and opened on a later frame; a file that cannot be read is an error on the status
+    /// line and in the image panel, and nothing else changes.
+    pub fn open_image(&mut self, path: &Path) {
+        self.state.status.acknowledge();
+        let repaint = self.egui_ctx.clone();
+        let started = self.state.image.start_reading(path, move || {
+            if let Some(ctx) = &repaint {
+                ctx.request_repaint();
+            }
+        });
+        match started {
+            Ok(()) => self.status(StatusLevel::Info, format!("Reading {}...", path.display())),
+            Err(message) => self.image_read_failed(message),
+        }
+    }
+
+    /// Takes the answer of the image being read, once it is ready (each frame).
+    fn poll_image_reading(&mut self) {
+        let was_inverting = self.state.image.is_inverting();
+        match self.state.image.poll_reading() {
+            None => {}
+            Some(Ok(path)) => {
+                // The new image replaces the open one: an inversion of that one is no longer wanted.
+                if was_inverting {
+                    let _ = self.worker.cancel();
+                }
+                self.status(
+                    StatusLevel::Info,
+                    format!(
+                        "Opened image {}: describe it in the prompt box, then Invert",
+                        path.display()
+                    ),
+                );
+                if std::mem::take(&mut self.state.image.generate_after_invert) {
+                    self.generate();
+                }
+            }
+            Some(Err(message)) => {
+                self.state.image.generate_after_invert = false;
+                self.image_read_failed(message);
+            }
+        }
+    }
+
+    /// An image could not be read: the open image (if any) stays, the panel and status line say why.
+    fn image_read_failed(&mut self, message: String) {
+        if self.state.image.is_open() {
+            self.state.image.error = Some(message.clone());
+        }
+        self.status(StatusLevel::Error, message);
+    }
+
+    /// True while an image file is being read.
+    pub fn is_reading_image(&self) -> bool {
+        self.state.image.is_reading()
+    }
+
+    /// True when a real image is open.
+    pub fn image_open(&self) -> bool {
+        self.state.image.is_open()
+    }
+
+    /// The open image fitted to the run's size, and its hash (once the size is known).
+    pub fn fitted_image(&self) -> Option<(&crate::worker::RgbImage, &str)> {
+        self.state
+            .image
+            .fitted()
+            .map(|(fitted, hash)| (&fitted.image, hash))
+    }
+
+    /// True while the worker inverts the open image.
+    pub fn is_inverting(&self) -> bool {
+        self.state.image.is_inverting()
+    }
+
+    /// The finished inversion of the open image: what runs name to replay it, its reconstruction
+    /// and PSNR (dB).
+    pub fn inversion(
+        &self,
+    ) -> Option<(&crate::worker::SourceImage, &crate::worker::RgbImage, f64)> {
+        self.state
+            .image
+            .done()
+            .map(|(source, reconstruction, psnr)| (source, reconstruction.as_ref(), psnr))
+    }
+
+    /// The image panel's error (red), if any.
+    pub fn image_error(&self) -> Option<&str> {
+        self.state.image.error.as_deref()
+    }
+
     fn current_run_id(&self) -> Option<u64> {
         self.state.run.as_ref().map(|run| run.run_id)
     }
@@ -415,7 +539,14 @@ impl EditorApp {
             }
             return;
         }
-        let params = self.state.settings.params.clone();
+        let mut params = self.state.settings.params.clone();
+        if self.state.image.is_open() || self.state.image.is_reading() {
+            match self.image_run_params(params) {
+                Some(replaying) => params = replaying,
+                // (Inverting first, or why not.)
+                None => return,
+            }
+        }
         if let Err(problem) = check_params(&params, self.size_multiple()) {
             self.status(StatusLevel::Error, format!("Not generating: {problem}"));
             return;
@@ -428,6 +559,127 @@ impl EditorApp {
             // The run on screen is superseded; its own late events will be dropped.
             Ok(run_id) => self.state.supersede_runs(run_id),
             Err(error) => self.status(StatusLevel::Error, format!("Cannot generate: {error}")),
+        }
+    }
+
+    /// `params` for a run that replays the open image's inversion; when the image is not inverted
+    /// with the panel's settings yet, starts the inversion (the run follows it) and returns `None`.
+    fn image_run_params(&mut self, params: GenerateParams) -> Option<GenerateParams> {
+        // (A model that just loaded tells the size: fitted before the frame does it.)
+        image_input::keep_fitted(&mut self.state);
+        let image = &mut self.state.image;
+        if image.is_reading() {
+            image.generate_after_invert = true;
+            self.status(StatusLevel::Info, "Will generate once the image is read");
+            return None;
+        }
+        if image.is_inverting() {
+            image.generate_after_invert = true;
+            self.status(
+                StatusLevel::Info,
+                "Will generate once the image is inverted",
+            );
+            return None;
+        }
+        let Some((fitted, _)) = image.fitted() else {
+            self.status(
+                StatusLevel::Error,
+                "Not generating: the image is not fitted to the run's size yet (no model loaded)",
+            );
+            return None;
+        };
+        let size_px = (fitted.image.width, fitted.image.height);
+        if let Some(source) = image.replay_source(&params) {
+            return Some(GenerateParams {
+                source_image: Some(Box::new(source.clone())),
+                width_px: Some(size_px.0),
+                height_px: Some(size_px.1),
+                ..params
+            });
+        }
+        if self.invert_image() {
+            self.state.image.generate_after_invert = true;
+        }
+        None
+    }
+
+    /// Sends the open image to the worker to invert with the panel's description, steps,
+    /// guidance, seed and method. Returns false (with a red error naming the value) when it cannot.
+    fn invert_image(&mut self) -> bool {
+        let wanted = self
+            .state
+            .image
+            .wanted_inversion(&self.state.settings.params);
+        let Some((fitted, _)) = self.state.image.fitted() else {
+            self.image_problem(
+                "Cannot invert: the image is not fitted to the run's size yet (no model loaded)"
+                    .to_owned(),
+            );
+            return false;
+        };
+        let image = fitted.image.clone();
+        if self.state.model.loaded.is_none() {
+            self.image_problem("Cannot invert: no model is loaded".to_owned());
+            return false;
+        }
+        if let Err(error) = crate::worker::check_inversion_request(&image, &wanted) {
+            self.image_problem(format!("Cannot invert the image: {error}"));
+            return false;
+        }
+        match self.worker.invert(image, wanted.clone()) {
+            Ok(run_id) => {
+                // Runs on screen are superseded; an inversion is no run the views wait for.
+                self.state.supersede_runs(run_id);
+                self.state.pending_run = None;
+                self.state.image.inversion_sent(run_id, wanted);
+                self.status(StatusLevel::Info, "Inverting the image...");
+                true
+            }
+            Err(error) => {
+                self.image_problem(format!("Cannot invert: {error}"));
+                false
+            }
+        }
+    }
+
+    /// A problem with the image: red in the image panel and on the status line.
+    fn image_problem(&mut self, message: String) {
+        self.state.image.error = Some(message.clone());
+        self.status(StatusLevel::Error, message);
+    }
+
+    /// Applies a command of the image panel.
+    fn apply_image(&mut self, command: ImageCommand) {
+        let image = &mut self.state.image;
+        match command {
+            ImageCommand::SetFit(fit) => image.fit = fit,
+            ImageCommand::SetMethod(method) => image.method = method,
+            ImageCommand::Invert => {
+                image.generate_after_invert = false;
+                self.invert_image();
+            }
+            ImageCommand::Cancel => {
+                if let image_input::InversionState::Running { cancelling, .. } =
+                    &mut image.inversion
+                {
+                    *cancelling = true;
+                    image.generate_after_invert = false;
+                    if let Err(error) = self.worker.cancel() {
+                        self.status(StatusLevel::Error, format!("Cannot cancel: {error}"));
+                    }
+                }
+            }
+            ImageCommand::ShowReconstruction(show) => image.show_reconstruction = show,
+            ImageCommand::Close => {
+                if image.is_inverting() {
+                    let _ = self.worker.cancel();
+                }
+                image.close();
+                self.status(
+                    StatusLevel::Info,
+                    "Image closed: runs start from noise again",
+                );
+            }
         }
     }
 
@@ -610,6 +862,10 @@ impl EditorApp {
                 self.views.models_menu.add_folder(path);
                 return;
             }
+            DialogPurpose::OpenImage => {
+                self.open_image(&path);
+                return;
+            }
             DialogPurpose::OpenSession => {
                 match Session::load(&path) {
                     Ok(session) => self.open_session(session),
@@ -747,6 +1003,7 @@ impl EditorApp {
                     }
                 }
             }
+            UiCommand::Image(command) => self.apply_image(command),
             UiCommand::ClickSegment { point, add } => {
                 let run_id = state.run.as_ref().map(|run| run.run_id);
                 self.views.segments.click_at(run_id, point, add);
@@ -805,6 +1062,16 @@ impl EditorApp {
             .loading
             .as_ref()
             .and(self.worker.load_progress());
+        if let Some(path) = image_input::dropped_file(ui) {
+            self.open_image(&path);
+        }
+        self.poll_image_reading();
+        if self.state.image.is_reading() {
+            // (The reader wakes the window when it is done; this covers a read started before
+            // the window existed.)
+            egui_ctx.request_repaint_after(std::time::Duration::from_millis(50));
+        }
+        image_input::keep_fitted(&mut self.state);
         if self.state.modes.active() == ModeKind::Edit {
             self.edit_auto_run(&egui_ctx);
         }
@@ -879,6 +1146,7 @@ impl EditorApp {
                     .id_salt("attend.controls.scroll")
                     .show(ui, |ui| {
                         panels::controls_ui(&ctx, ui, commands);
+                        image_input::image_panel_ui(&ctx, ui, commands);
                         edit_panel_ui(&ctx, ui, &mut views.edit_panel, commands);
                     });
             });
@@ -899,6 +1167,11 @@ impl EditorApp {
                     });
             });
         egui::CentralPanel::default().show(ui, |ui| {
+            // An open image is previewed until a run replays it.
+            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) {
+                image_input::image_pane_ui(&ctx, ui, &mut views.image_pane);
+                return;
+            }
             // Edit mode compares source and edited images; otherwise the plain canvas.
             let canvas = if compares(&ctx) {
                 let panes = compare_panes_ui(&ctx, ui);
@@ -925,6 +1198,7 @@ impl EditorApp {
                 segments_overlay_ui(&ctx, ui, &mut views.segments, &canvas);
             }
         });
+        image_input::drop_highlight_ui(ui);
     }
 
     /// Restores the Models menu's added folders and recent models from eframe storage.
@@ -955,6 +1229,7 @@ fn path_field_start(
         | DialogPurpose::OpenModelFile
         | DialogPurpose::AddModelFolder
         | DialogPurpose::OpenSession
+        | DialogPurpose::OpenImage
         | DialogPurpose::ExportAllHeatmaps => folder,
         _ => folder.join(file_name),
     };

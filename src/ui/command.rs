@@ -81,6 +81,8 @@ pub(crate) enum UiCommand {
         /// Method, settings, resolution and step span.
         request: SegmentRequest,
     },
+    /// A real image's fit, inversion or closing.
+    Image(crate::ui::image_input::ImageCommand),
     /// Pick the segment at `point` (`(y, x)` in 0..1 image coordinates) as a canvas click does.
     ClickSegment {
         /// Where.
@@ -107,6 +109,7 @@ impl UiCommand {
                 | Self::RunEdit
                 | Self::ResetEdit
                 | Self::UseMaskAsLocalBlend(_)
+                | Self::Image(_)
         )
     }
 }

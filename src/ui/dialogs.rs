@@ -24,6 +24,8 @@ pub enum DialogPurpose {
     AddModelFolder,
     /// Pick a session file to open.
     OpenSession,
+    /// Pick an image (PNG, JPEG, WebP) to open.
+    OpenImage,
     /// Choose where to save the session.
     SaveSession,
     /// Choose where to save the image PNG.
@@ -53,6 +55,7 @@ impl DialogPurpose {
             Self::OpenModelFile => "the checkpoint file (.safetensors) to open",
             Self::AddModelFolder => "the folder to search for models",
             Self::OpenSession => "the session file to open",
+            Self::OpenImage => "the image file to open",
             Self::SaveSession => "the session file to write",
             Self::ExportImage => "the PNG to write the image to",
             Self::ExportHeatmapOverImage => "the PNG to write the heat map over the image to",
@@ -203,6 +206,10 @@ fn show_dialog(
         DialogPurpose::OpenSession => dialog
             .set_title("Open session")
             .add_filter("attend session", &["json"])
+            .pick_file(),
+        DialogPurpose::OpenImage => dialog
+            .set_title("Open image")
+            .add_filter("image", &["png", "jpg", "jpeg", "webp"])
             .pick_file(),
         DialogPurpose::SaveSession => dialog
             .set_title("Save session")

@@ -26,6 +26,9 @@ pub(crate) fn route_event(
     segments: &mut SegmentsState,
     event: Event,
 ) -> AfterEvent {
+    if let Some(after) = crate::ui::image_input::image_event(state, &event) {
+        return after;
+    }
     let edit = &mut state.modes.edit;
     match event {
         Event::Started {
@@ -137,6 +140,8 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
         Event::Failed { run_id, message } => state.run_failed(run_id, message),
         Event::Warning { message } => state.status.push(StatusLevel::Warning, message),
         Event::SelfAttention { run_id, map } => state.self_attention_arrived(run_id, map),
+        // (An inversion request that is no longer the image's: its late events are dropped.)
+        Event::InversionProgress { .. } | Event::Inverted { .. } => {}
         Event::Exported { path } => {
             state
                 .status

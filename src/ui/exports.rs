@@ -271,5 +271,6 @@ pub(crate) fn current_session(state: &AppState) -> Session {
         aggregation: state.settings.aggregation.clone(),
         selected_word: state.selected_word,
         edit: state.modes.edit.to_session(),
+        image: crate::ui::image_input::SessionImage::of(&state.image),
     }
 }

@@ -21,6 +21,7 @@
 //! | `canvas` | zoomable canvas, probe input, GPU or CPU drawing |
 //! | `token_strip` | one live thumbnail per prompt word (with word weights in edit mode) |
 //! | `edit` | edit mode: its state and events, spec helpers, the edit panel, the source / edited comparison |
+//! | `image_input` | real images: open / drop, fit, invert with progress, the preview pane, the image in sessions |
 //! | `segments` | the Segments view: state and requests, panel (list, mask, exports), canvas overlay |
 //! | `exports` | image / heat map / attention / session exports as worker commands |
 //! | `heatmap_renderer` | the wgpu pipeline behind `shaders/heatmap.wgsl` |
@@ -39,6 +40,7 @@ mod events;
 mod exports;
 mod frame_times;
 pub mod heatmap_renderer;
+mod image_input;
 mod mode;
 mod models_menu;
 mod panels;
@@ -56,6 +58,7 @@ use std::sync::Arc;
 pub use app::EditorApp;
 pub use dialogs::{DialogOverride, DialogPurpose};
 pub use frame_times::FrameTimeSummary;
+pub use image_input::{SessionImage, SessionImageError};
 pub use mode::ModeKind;
 pub use run_view::{RunKey, RunOutcome, RunView};
 pub use screenshot::ScreenshotPlan;
@@ -100,6 +103,8 @@ pub struct EditorOptions {
     pub frame_times_path: Option<PathBuf>,
     /// Take a screenshot after the first run and quit (`ATTEND_SCREENSHOT`).
     pub screenshot: Option<ScreenshotPlan>,
+    /// A real image to open at start (`ATTEND_IMAGE`): Generate inverts it, then replays it.
+    pub image: Option<PathBuf>,
 }
 
 impl EditorOptions {
@@ -107,6 +112,7 @@ impl EditorOptions {
     /// `ATTEND_FRAME_TIMES=file.csv`, `ATTEND_SCREENSHOT=file.png` (with `ATTEND_SCREENSHOT_WORD=word`
     /// and `ATTEND_SCREENSHOT_PROBE=y,x` in 0..1, or `ATTEND_SCREENSHOT_SEGMENTS=y,x`: the Segments
     /// view with the segment at that point selected), `ATTEND_ENGINE=fake`;
+    /// `ATTEND_IMAGE=file` opens a real image at start (Generate inverts it, then replays it);
     /// `ATTEND_SCREENSHOT_EDIT=prompt` enters edit mode with that edited prompt and takes the
     /// screenshot once the edit finished; `ATTEND_SCREENSHOT_AT_STEP=n` takes it during the run,
     /// once n steps have arrived.
@@ -116,6 +122,9 @@ impl EditorOptions {
         }
         if self.screenshot.is_none() {
             self.screenshot = ScreenshotPlan::from_environment();
+        }
+        if self.image.is_none() {
+            self.image = std::env::var_os("ATTEND_IMAGE").map(PathBuf::from);
         }
         if std::env::var("ATTEND_ENGINE").is_ok_and(|value| value == "fake") {
             self.engine = EngineKind::Fake;

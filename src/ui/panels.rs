@@ -33,6 +33,9 @@ pub(crate) fn menu_bar_ui(
                     commands.push(UiCommand::LoadModel(ModelSource::Bundled));
                 }
                 ui.separator();
+                if ui.button("Open image...").clicked() {
+                    commands.push(UiCommand::OpenDialog(DialogPurpose::OpenImage));
+                }
                 if ui.button("Open session...").clicked() {
                     commands.push(UiCommand::OpenDialog(DialogPurpose::OpenSession));
                 }
@@ -113,12 +116,21 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
 
     let mut params_copy = state.settings.params.clone();
     let params = &mut params_copy;
-    let label = ui.label("Prompt");
+    // With a real image open, the prompt describes it (the prompt it is inverted with).
+    let (prompt_label, prompt_hint) = if state.image.is_open() {
+        (
+            "Describe the image",
+            "what the image shows, e.g. a red circle",
+        )
+    } else {
+        ("Prompt", "a red circle and a blue square")
+    };
+    let label = ui.label(prompt_label);
     ui.add(
         egui::TextEdit::multiline(&mut params.prompt)
             .desired_rows(3)
             .desired_width(f32::INFINITY)
-            .hint_text("a red circle and a blue square"),
+            .hint_text(prompt_hint),
     )
     .labelled_by(label.id);
     let label = ui.label("Negative prompt");

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::ui::image_input::SessionImage;
 use crate::ui::settings::{AggregationChoice, ViewSettings};
 use crate::worker::{EditSpec, GenerateParams, ModelSource};
 
@@ -32,6 +33,10 @@ pub struct Session {
     /// Edit mode: the Prompt-to-Prompt edit of the image (absent in older files: no edit).
     #[serde(default)]
     pub edit: Option<EditSession>,
+    /// The real image runs replay (its fitted pixels embedded, checked by hash on reopening);
+    /// absent: runs start from noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<SessionImage>,
 }
 
 /// How source and edited image are compared on the canvas.
@@ -164,6 +169,7 @@ mod tests {
             aggregation: AggregationChoice::default(),
             selected_word: Some(1),
             edit: None,
+            image: None,
         };
         let path = folder.path().join("s.json");
         std::fs::write(&path, session.to_json()).unwrap();

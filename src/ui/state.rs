@@ -183,6 +183,8 @@ pub(crate) struct AppState {
     pub(crate) status: StatusLog,
     /// The editor modes and their state.
     pub(crate) modes: Modes,
+    /// The real image runs replay, if one is open.
+    pub(crate) image: crate::ui::image_input::ImageInput,
 }
 
 impl AppState {

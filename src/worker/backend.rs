@@ -11,8 +11,8 @@ use crate::hook::CancelToken;
 use crate::worker::error::{Disconnected, EngineError};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{
-    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, ModelInfo, ModelLoadProgress,
-    ModelSource, PromptInfo, StepFrame,
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, InversionParams, ModelInfo,
+    ModelLoadProgress, ModelSource, PromptInfo, SourceImage, StepFrame, INVERSION_METHODS,
 };
 use crate::worker::segment::SegmentRequest;
 
@@ -76,6 +76,31 @@ pub trait RunObserver {
         let _ = output;
         Ok(())
     }
+
+    /// One step of an inversion ([`Engine::invert`]) is done: `steps_done` of `step_count` in
+    /// `phase` (`"inverting"`, `"reconstructing"`, ...).
+    fn inversion_progress(
+        &mut self,
+        phase: &str,
+        steps_done: usize,
+        step_count: usize,
+    ) -> Result<(), Disconnected> {
+        let _ = (phase, steps_done, step_count);
+        Ok(())
+    }
+}
+
+/// The result of [`Engine::invert`].
+#[derive(Clone, Debug)]
+pub struct InversionOutput {
+    /// What a run names to replay the inversion.
+    pub source: SourceImage,
+    /// The image regenerated from the inversion, `[height, width, 3]`.
+    pub reconstruction: RgbImage,
+    /// PSNR of the reconstruction against the input, in dB.
+    pub psnr_db: f64,
+    /// The engine held the inversion already (nothing was inverted).
+    pub cached: bool,
 }
 
 /// The result of [`Engine::generate_edit`].
@@ -167,5 +192,151 @@ pub trait Engine {
         Err(EngineError::Unavailable(
             "this engine cannot segment its runs".to_owned(),
         ))
+    }
+
+    /// Inverts a real image (already fitted to a size the model takes) with `params` and keeps the
+    /// inversion for runs that name it ([`crate::worker::GenerateParams::source_image`]); an
+    /// inversion already held for the same image, model and settings is reused. Reports each step
+    /// with [`RunObserver::inversion_progress`], checks `cancel` before every step, and returns the
+    /// image regenerated from the inversion. Engines without inversion leave the default, which
+    /// refuses.
+    fn invert(
+        &mut self,
+        image: &RgbImage,
+        params: &InversionParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<InversionOutput, EngineError> {
+        let _ = (image, params, observer, cancel);
+        Err(EngineError::Unavailable(
+            "this engine cannot invert images".to_owned(),
+        ))
+    }
+}
+
+/// Peak signal-to-noise ratio of `actual` against `expected` (8-bit), in dB: infinite for equal
+/// images, `None` when their sizes differ.
+pub fn psnr_db(expected: &RgbImage, actual: &RgbImage) -> Option<f64> {
+    if expected.width != actual.width
+        || expected.height != actual.height
+        || expected.pixels.len() != actual.pixels.len()
+        || expected.pixels.is_empty()
+    {
+        return None;
+    }
+    let squared_error: f64 = expected
+        .pixels
+        .iter()
+        .zip(&actual.pixels)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum();
+    let mean = squared_error / expected.pixels.len() as f64;
+    Some(if mean == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0 * 255.0 / mean).log10()
+    })
+}
+
+/// Checks what an inversion needs before any work: a description, a known method, steps in
+/// 1..=1000, a finite guidance, an image of consistent size.
+pub fn check_inversion_request(
+    image: &RgbImage,
+    params: &InversionParams,
+) -> Result<(), EngineError> {
+    let invalid =
+        |name: &'static str, reason: String| EngineError::InvalidArgument { name, reason };
+    if params.prompt.trim().is_empty() {
+        return Err(invalid(
+            "image description",
+            "it is empty: describe the image (the prompt it is inverted with)".to_owned(),
+        ));
+    }
+    if !INVERSION_METHODS.contains(&params.method.as_str()) {
+        return Err(invalid(
+            "inversion method",
+            format!(
+                "unknown method {:?}; accepted: {}",
+                params.method,
+                INVERSION_METHODS.join(", ")
+            ),
+        ));
+    }
+    if params.steps == 0 || params.steps > 1000 {
+        return Err(invalid(
+            "inversion steps",
+            format!("{} is not in 1..=1000", params.steps),
+        ));
+    }
+    if !params.guidance.is_finite() {
+        return Err(invalid(
+            "inversion guidance",
+            format!("{} is not a finite number", params.guidance),
+        ));
+    }
+    if image.width == 0 || image.height == 0 || !image.is_consistent() {
+        return Err(invalid(
+            "image",
+            format!(
+                "{}x{} with {} bytes is not an RGB image",
+                image.width,
+                image.height,
+                image.pixels.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A small cache of an engine's inversions: keyed by the image's hash, the model's name and the
+/// settings; the oldest goes when it is full.
+#[derive(Debug)]
+pub(crate) struct InversionCache<T> {
+    entries: std::collections::VecDeque<(InversionCacheKey, T)>,
+}
+
+/// What an inversion is cached by.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct InversionCacheKey {
+    /// The fitted image's hash.
+    pub(crate) image_hash: String,
+    /// The model's name.
+    pub(crate) model_name: String,
+    /// The settings.
+    pub(crate) params: InversionParams,
+}
+
+/// How many inversions an engine keeps.
+pub(crate) const INVERSION_CACHE_SIZE: usize = 4;
+
+impl<T> Default for InversionCache<T> {
+    fn default() -> Self {
+        Self {
+            entries: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<T> InversionCache<T> {
+    /// The entry for `key`, if held.
+    pub(crate) fn get(&self, key: &InversionCacheKey) -> Option<&T> {
+        self.entries
+            .iter()
+            .find(|(entry_key, _)| entry_key == key)
+            .map(|(_, value)| value)
+    }
+
+    /// Keeps `value` for `key` (replacing an entry of the same key; dropping the oldest when full).
+    pub(crate) fn insert(&mut self, key: InversionCacheKey, value: T) {
+        self.entries.retain(|(entry_key, _)| *entry_key != key);
+        if self.entries.len() == INVERSION_CACHE_SIZE {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((key, value));
+    }
+
+    /// Forgets every inversion (another model was loaded).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
     }
 }

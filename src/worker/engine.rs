@@ -79,6 +79,8 @@ pub fn pipeline_engine_factory() -> EngineFactory {
 
 // Edit mode.
 mod edit;
+// Real images.
+mod image;
 
 /// What the engine keeps of its latest run.
 struct LatestRun {
@@ -100,6 +102,11 @@ pub struct PipelineEngine {
     edit_source: Option<edit::EditSource>,
     /// How many sources were recorded so far.
     source_recordings: u64,
+    // Real images.
+    /// The latest inversions, for runs that name their image.
+    inversions: crate::worker::backend::InversionCache<image::CachedInversion>,
+    /// How many images were inverted so far (a cached inversion does not count).
+    inversions_computed: u64,
 }
 
 // Edit mode.
@@ -180,6 +187,7 @@ impl Engine for PipelineEngine {
         self.source = Some(source.clone());
         self.latest_run = None;
         self.edit_source = None;
+        self.inversions.clear();
         Ok(info)
     }
 
@@ -192,7 +200,8 @@ impl Engine for PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let (run, resolved) = edit::prepare(model, params)?;
+        let (params, inversion) = self.replay_of(params)?;
+        let (run, resolved) = edit::prepare(model, &params, inversion.as_ref())?;
         observer.started(Branch::Source, &resolved, prompt_info(&run), None)?;
         let mut store = AttentionStore::new(StoreConfig::new(run.prompt_tokens.token_count()));
         let words = run.prompt_tokens.words.clone();
@@ -271,6 +280,17 @@ impl Engine for PipelineEngine {
                 .collect();
         let (image_h, image_w) = run.image_size;
         segment_run(&maps, store.steps(), &run.words, image_h, image_w, request)
+    }
+
+    // Real images.
+    fn invert(
+        &mut self,
+        image: &RgbImage,
+        params: &crate::worker::protocol::InversionParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
+        self.invert_image(image, params, observer, cancel)
     }
 }
 

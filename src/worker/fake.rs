@@ -117,9 +117,13 @@ struct FakeRun {
     words: Vec<WordSpan>,
     /// Image size `(height, width)` in pixels (Segments view).
     image_size: (usize, usize),
+    /// The real image's reconstruction a replaying run denoises towards (instead of the blobs).
+    background: Option<RgbImage>,
 }
 
 mod edit;
+// Real images.
+mod image;
 
 /// The fake engine. See the module docs.
 pub struct FakeEngine {
@@ -130,6 +134,11 @@ pub struct FakeEngine {
     edit_source: Option<edit::FakeEditSource>,
     /// How many sources were recorded so far.
     source_recordings: u64,
+    // Real images.
+    /// The latest inversions.
+    inversions: crate::worker::backend::InversionCache<image::FakeInversion>,
+    /// How many images were inverted so far (a cached inversion does not count).
+    inversions_computed: u64,
 }
 
 impl FakeEngine {
@@ -141,6 +150,8 @@ impl FakeEngine {
             latest_run: None,
             edit_source: None,
             source_recordings: 0,
+            inversions: Default::default(),
+            inversions_computed: 0,
         }
     }
 
@@ -219,6 +230,7 @@ impl Engine for FakeEngine {
         self.model = Some(info.clone());
         self.latest_run = None;
         self.edit_source = None;
+        self.inversions.clear();
         Ok(info)
     }
 
@@ -232,7 +244,8 @@ impl Engine for FakeEngine {
             return Err(EngineError::NoModel);
         };
         let started_at = Instant::now();
-        let resolved = resolve_params(params, model)?;
+        let resolved = self.resolve_run(params, model)?;
+        let background = self.replayed_image(params);
         let width = resolved.width_px.unwrap_or(model.default_width_px);
         let height = resolved.height_px.unwrap_or(model.default_height_px);
         let prompt = tokenize(&resolved.prompt);
@@ -250,6 +263,7 @@ impl Engine for FakeEngine {
             tokens: prompt.tokens.clone(),
             words: prompt.words.clone(),
             image_size: (height, width),
+            background,
         };
         observer.started(Branch::Source, &resolved, prompt, None)?;
         let denoised = self.denoise(&resolved, &mut run, observer, cancel, started_at);
@@ -314,6 +328,17 @@ impl Engine for FakeEngine {
         let (image_h, image_w) = run.image_size;
         segment_run(&maps, &steps, &run.words, image_h, image_w, request)
     }
+
+    // Real images.
+    fn invert(
+        &mut self,
+        image: &RgbImage,
+        params: &crate::worker::protocol::InversionParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
+        self.invert_image(image, params, observer, cancel)
+    }
 }
 
 impl FakeEngine {
@@ -358,14 +383,17 @@ impl FakeEngine {
                 .collect();
             let cross = Arc::new(StepCross { step_index, groups });
             run.steps.push(Arc::clone(&cross));
-            preview = synthesise_image(
-                &run.centres,
-                run.sigma,
-                progress,
-                resolved.seed,
-                width,
-                height,
-            );
+            preview = match &run.background {
+                Some(background) => image::fade_in(background, progress, resolved.seed),
+                None => synthesise_image(
+                    &run.centres,
+                    run.sigma,
+                    progress,
+                    resolved.seed,
+                    width,
+                    height,
+                ),
+            };
             let frame = StepFrame {
                 step_index,
                 step_count: resolved.steps,

@@ -23,7 +23,10 @@ mod protocol;
 mod segment;
 mod thread;
 
-pub use backend::{EditRunOutput, Engine, RunObserver, RunOutput, SelfAttentionQuery};
+pub use backend::{
+    check_inversion_request, psnr_db, EditRunOutput, Engine, InversionOutput, RunObserver,
+    RunOutput, SelfAttentionQuery,
+};
 pub use engine::{
     bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
 };
@@ -42,3 +45,5 @@ pub use protocol::{
     BlendMask, CrossWindow, EditInfo, EditKind, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
     StepWindow, WordChange, WordPair,
 };
+// Real images.
+pub use protocol::{InversionParams, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS};

@@ -11,6 +11,9 @@
 //! - [`Command::GenerateEdit`]: the same for the source when it is recorded (nothing when an earlier
 //!   recording is reused), then, unless only the source was asked for, `Started`, `Step`s and
 //!   `Finished` of [`Branch::Edited`].
+//! - [`Command::Invert`]: `InversionProgress`es in step order (per phase), then `Inverted`. Runs and
+//!   edits that name the inverted image ([`GenerateParams::source_image`]) replay it: the image's
+//!   latents and corrections stay in the engine's cache, only the reference crosses the channel.
 //!
 //! `Cancelled` or `Failed` can come in place of any of these events and ends the run; otherwise the
 //! `Finished` of its last branch ends it. A run superseded before it starts gets only
@@ -101,6 +104,10 @@ pub struct GenerateParams {
     pub width_px: Option<usize>,
     /// Image height in pixels; `None` uses the model's default size.
     pub height_px: Option<usize>,
+    /// A real image the run replays instead of starting from noise (its cached inversion); `None`:
+    /// noise-based generation. The engine then takes the prompt, steps, guidance, size and the
+    /// DDIM scheduler from the inversion.
+    pub source_image: Option<Box<SourceImage>>,
 }
 
 impl Default for GenerateParams {
@@ -114,8 +121,55 @@ impl Default for GenerateParams {
             scheduler: None,
             width_px: None,
             height_px: None,
+            source_image: None,
         }
     }
+}
+
+/// The inversion methods an engine may offer, by name, in the order the editor lists them (the
+/// names of [`crate::pipeline::inversion::InversionMethod`]).
+pub const INVERSION_METHODS: [&str; 5] = ["ddim", "null-text", "negative-prompt", "direct", "ddpm"];
+
+/// The method the editor starts with: exact replay without optimisation.
+pub const DEFAULT_INVERSION_METHOD: &str = "direct";
+
+/// How a real image is inverted (plain data; the engine checks the values).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct InversionParams {
+    /// A description of the image: the source prompt of runs and edits that replay it (not empty).
+    pub prompt: String,
+    /// One of [`INVERSION_METHODS`].
+    pub method: String,
+    /// DDIM steps of the inversion (runs that replay it take the same count).
+    pub steps: usize,
+    /// The guidance scale runs replay with.
+    pub guidance: f64,
+    /// Seed of the method's own noise draws (`ddpm`).
+    pub seed: u64,
+}
+
+impl Default for InversionParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            method: DEFAULT_INVERSION_METHOD.to_owned(),
+            steps: 20,
+            guidance: 7.5,
+            seed: 1,
+        }
+    }
+}
+
+/// A reference to a real image's inversion held by the engine: the image (by its
+/// [`crate::analysis::image::image_hash`]) and the settings it was inverted with. Together with the
+/// loaded model it is the key of the engine's inversion cache.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourceImage {
+    /// Hash of the fitted image (16 hex digits).
+    pub image_hash: String,
+    /// How it was inverted.
+    pub inversion: InversionParams,
 }
 
 /// What the UI learns about a loaded model.
@@ -274,6 +328,21 @@ pub enum Command {
         /// The edit; `None` only records the source (so that later edits need no source run).
         spec: Option<EditSpec>,
     },
+
+    // Real images.
+    /// Invert a real image (already fitted to a size the model takes) so that later runs and edits
+    /// can replay it ([`GenerateParams::source_image`]). Answered by [`Event::InversionProgress`]s,
+    /// then [`Event::Inverted`] (with the replayed reconstruction), or `Cancelled` / `Failed`. An
+    /// inversion the engine still holds (same image, model and settings) is not computed again.
+    /// Supersedes (cancels) any earlier run, and is cancelled like one.
+    Invert {
+        /// Id of this request, from the same sequence as runs (assigned by the handle).
+        run_id: u64,
+        /// The fitted image, `[height, width, 3]`.
+        image: RgbImage,
+        /// Prompt, method, steps, guidance, seed.
+        params: InversionParams,
+    },
 }
 
 /// One PNG to write.
@@ -403,6 +472,37 @@ pub enum Event {
         /// Seconds the segmentation took.
         secs: f64,
     },
+
+    // Real images.
+    /// One step of an inversion is done (for a progress bar and an estimate of the time left).
+    InversionProgress {
+        /// The inversion request.
+        run_id: u64,
+        /// What runs: `"inverting"`, `"optimising null text"`, `"reconstructing"`, ...
+        phase: String,
+        /// Steps done in this phase.
+        steps_done: usize,
+        /// Steps of this phase.
+        step_count: usize,
+        /// Seconds since the request started.
+        elapsed_secs: f64,
+    },
+    /// An image is inverted: later runs may name it as their [`SourceImage`].
+    Inverted {
+        /// The inversion request.
+        run_id: u64,
+        /// What a run names to replay this inversion.
+        source: SourceImage,
+        /// The image regenerated from the inversion with its prompt, `[height, width, 3]`.
+        reconstruction: RgbImage,
+        /// Peak signal-to-noise ratio of the reconstruction against the input, in dB (infinite
+        /// when they are equal).
+        psnr_db: f64,
+        /// Seconds the request took (inversion and reconstruction; small when cached).
+        seconds: f64,
+        /// True when the engine held this inversion already and did not invert again.
+        cached: bool,
+    },
 }
 
 impl Event {
@@ -414,7 +514,9 @@ impl Event {
             | Self::Finished { run_id, .. }
             | Self::Cancelled { run_id, .. }
             | Self::SelfAttention { run_id, .. }
-            | Self::Segmented { run_id, .. } => Some(*run_id),
+            | Self::Segmented { run_id, .. }
+            | Self::InversionProgress { run_id, .. }
+            | Self::Inverted { run_id, .. } => Some(*run_id),
             Self::Failed { run_id, .. } => *run_id,
             _ => None,
         }

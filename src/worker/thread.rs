@@ -25,12 +25,13 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::hook::CancelToken;
-use crate::worker::backend::{Engine, RunObserver, RunOutput, SelfAttentionQuery};
+use crate::worker::backend::{Engine, InversionOutput, RunObserver, RunOutput, SelfAttentionQuery};
 use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::plain::{RgbImage, SelfAttentionMap};
 use crate::worker::protocol::{
-    BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, ModelLoadProgress,
+    BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, InversionParams,
+    ModelLoadProgress,
     ModelSource, PromptInfo, StepFrame,
 };
 
@@ -183,6 +184,25 @@ impl WorkerHandle {
             run_id,
             params,
             spec,
+        })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Inverts a real image ([`Command::Invert`]; `image` already fitted to a size the model
+    /// takes), superseding (cancelling) any earlier run; [`Self::cancel`] cancels it. Returns the
+    /// request's run id.
+    pub fn invert(
+        &mut self,
+        image: RgbImage,
+        params: InversionParams,
+    ) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::Invert {
+            run_id,
+            image,
+            params,
         })?;
         self.last_run_id = run_id;
         Ok(run_id)
@@ -371,6 +391,14 @@ fn serve(
                 let request = RunRequest::Edit(&params, spec.as_ref());
                 run(state, run_id, request, commands, outbox)?;
             }
+            Command::Invert {
+                run_id,
+                image,
+                params,
+            } => {
+                let request = RunRequest::Invert(&image, &params);
+                run(state, run_id, request, commands, outbox)?;
+            }
             Command::Cancel => {}
             Command::RequestSelfAttention {
                 run_id,
@@ -515,6 +543,8 @@ enum RunRequest<'a> {
     Generate(&'a GenerateParams),
     /// [`Command::GenerateEdit`].
     Edit(&'a GenerateParams, Option<&'a EditSpec>),
+    /// [`Command::Invert`].
+    Invert(&'a RgbImage, &'a InversionParams),
 }
 
 /// Runs a [`Command::Generate`] or [`Command::GenerateEdit`] under a fresh cancel token and reports
@@ -546,6 +576,10 @@ fn run(
             .engine
             .generate_edit(params, spec, &mut observer, &cancel)
             .map(|output| RunEnd::Edit(output.edited, output.blend_mask)),
+        RunRequest::Invert(image, params) => state
+            .engine
+            .invert(image, params, &mut observer, &cancel)
+            .map(RunEnd::Inverted),
     };
     let WorkerObserver {
         source_started,
@@ -553,6 +587,7 @@ fn run(
         edited_steps,
         source_finished,
         branch_started_at,
+        inversion_steps,
         ..
     } = observer;
     state.active_run = None;
@@ -587,10 +622,18 @@ fn run(
             run_id: Some(run_id),
             message: "the engine returned neither a source nor an edited image".to_owned(),
         }),
+        Ok(RunEnd::Inverted(output)) => outbox.emit(Event::Inverted {
+            run_id,
+            source: output.source,
+            reconstruction: output.reconstruction,
+            psnr_db: output.psnr_db,
+            seconds: elapsed_secs,
+            cached: output.cached,
+        }),
         Err(EngineError::Disconnected(disconnected)) => Err(disconnected),
         Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled {
             run_id,
-            steps_done: source_steps + edited_steps,
+            steps_done: source_steps + edited_steps + inversion_steps,
         }),
         Err(error) => outbox.emit(Event::Failed {
             run_id: Some(run_id),
@@ -605,6 +648,8 @@ enum RunEnd {
     Source(RunOutput),
     /// An edit run's edited image (none when only the source was asked for) and last blend mask.
     Edit(Option<RgbImage>, Option<BlendMask>),
+    /// An inversion's result.
+    Inverted(InversionOutput),
 }
 
 /// Forwards a run's progress as events and, between steps, takes commands off the channel.
@@ -626,6 +671,8 @@ struct WorkerObserver<'a> {
     source_finished: bool,
     /// The probe's latest request for this run, answered by the engine after the next step.
     self_attention_query: Option<SelfAttentionQuery>,
+    /// Inversion steps reported so far (all phases).
+    inversion_steps: usize,
 }
 
 impl<'a> WorkerObserver<'a> {
@@ -646,6 +693,7 @@ impl<'a> WorkerObserver<'a> {
             branch_started_at: Instant::now(),
             source_finished: false,
             self_attention_query: None,
+            inversion_steps: 0,
         }
     }
 
@@ -741,6 +789,23 @@ impl RunObserver for WorkerObserver<'_> {
             run_id: self.run_id,
             map,
         })
+    }
+
+    fn inversion_progress(
+        &mut self,
+        phase: &str,
+        steps_done: usize,
+        step_count: usize,
+    ) -> Result<(), Disconnected> {
+        self.inversion_steps += 1;
+        self.outbox.emit(Event::InversionProgress {
+            run_id: self.run_id,
+            phase: phase.to_owned(),
+            steps_done,
+            step_count,
+            elapsed_secs: self.branch_started_at.elapsed().as_secs_f64(),
+        })?;
+        self.drain_commands()
     }
 
     fn source_finished(&mut self, output: &RunOutput) -> Result<(), Disconnected> {

@@ -44,3 +44,26 @@ pub fn finished(app: &EditorApp) -> bool {
         .is_some_and(|run| matches!(run.outcome, RunOutcome::Finished { .. }))
         && !app.is_generating()
 }
+
+/// A file dropped on the window in a test: a path on disk.
+#[derive(Debug)]
+pub struct DroppedPath(pub std::path::PathBuf);
+
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|error| error.to_string())
+    }
+}
+
+/// Drops `path` on the window (as a file manager does) and runs a frame.
+pub fn drop_file(harness: &mut Harness<'static, EditorApp>, path: &std::path::Path) {
+    harness
+        .input_mut()
+        .dropped_files
+        .push(std::sync::Arc::new(DroppedPath(path.to_path_buf())));
+    harness.step();
+}

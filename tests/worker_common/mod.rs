@@ -135,3 +135,53 @@ pub fn step_count(events: &[Event], run_id: u64) -> usize {
         .filter(|event| matches!(event, Event::Step { run_id: id, .. } if *id == run_id))
         .count()
 }
+
+/// True for the event that ends inversion request `run_id`: its `Inverted`, `Cancelled` or
+/// `Failed`.
+pub fn ends_inversion(event: &Event, run_id: u64) -> bool {
+    match event {
+        Event::Inverted { run_id: id, .. } | Event::Cancelled { run_id: id, .. } => *id == run_id,
+        Event::Failed { run_id: id, .. } => *id == Some(run_id),
+        _ => false,
+    }
+}
+
+/// Collects events (of every request) until the event that ends inversion `run_id`, inclusive.
+pub fn events_until_inverted(worker: &WorkerHandle, run_id: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(worker);
+        let end = ends_inversion(&event, run_id);
+        events.push(event);
+        if end {
+            return events;
+        }
+    }
+}
+
+/// A deterministic test picture of `width` x `height` pixels: a red disc and a blue bar on a grey
+/// gradient.
+pub fn test_picture(width: usize, height: usize) -> attend::worker::RgbImage {
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let (fx, fy) = (x as f32 / width as f32, y as f32 / height as f32);
+            let in_disc = (fx - 0.35).powi(2) + (fy - 0.4).powi(2) < 0.04;
+            let in_bar = (0.6..0.85).contains(&fx) && (0.55..0.8).contains(&fy);
+            let rgb = if in_disc {
+                [220, 40, 40]
+            } else if in_bar {
+                [40, 70, 220]
+            } else {
+                let grey = 90 + (80.0 * fy) as u8;
+                [grey, grey, grey.saturating_add(10)]
+            };
+            pixels.extend_from_slice(&rgb);
+        }
+    }
+    attend::worker::RgbImage {
+        width,
+        height,
+        pixels,
+    }
+}

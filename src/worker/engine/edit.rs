@@ -10,6 +10,7 @@ use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRec
 use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
 use crate::hook::CancelToken;
+use crate::pipeline::inversion::Inversion;
 use crate::pipeline::limits::{
     available_memory, check_run_fits, estimate_run_memory, ModelFootprint, RunCapture,
 };
@@ -44,6 +45,7 @@ pub(super) struct EditSource {
 pub(super) fn prepare(
     model: &StableDiffusion,
     params: &GenerateParams,
+    inversion: Option<&Arc<Inversion>>,
 ) -> Result<(PreparedRun, GenerateParams), EngineError> {
     let requested_kind = params
         .scheduler
@@ -62,7 +64,7 @@ pub(super) fn prepare(
         scheduler: requested_kind,
         init_latents: None,
         preview: true,
-        inversion: None,
+        inversion: inversion.cloned(),
     };
     let token_count = model
         .tokenizer
@@ -118,7 +120,8 @@ impl PipelineEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let (run, resolved) = prepare(model, params)?;
+        let (params, inversion) = self.replay_of(params)?;
+        let (run, resolved) = prepare(model, &params, inversion.as_ref())?;
         // The edited branch needs the source's facts after the source run took the prepared run.
         let source_run = run.clone();
         let wanted_queries = spec.map_or(16 * 16, |spec| spec.self_replace.max_queries);

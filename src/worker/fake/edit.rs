@@ -17,7 +17,7 @@ use crate::hook::CancelToken;
 use crate::worker::backend::{EditRunOutput, Engine as _, RunObserver};
 use crate::worker::error::EngineError;
 use crate::worker::fake::{
-    blob_centre, blob_colour, cross_maps, fake_grids, gaussian, mix, resolve_params, text_hash,
+    blob_centre, blob_colour, cross_maps, fake_grids, gaussian, image::fade_in, mix, text_hash,
     tokenize, unit, FakeEngine, FakeRun,
 };
 use crate::worker::plain::{CrossGroup, RgbImage, StepCross};
@@ -56,7 +56,7 @@ impl FakeEngine {
         let Some(model) = &self.model else {
             return Err(EngineError::NoModel);
         };
-        let resolved = resolve_params(params, model)?;
+        let resolved = self.resolve_run(params, model)?;
         let reusable = spec.is_some()
             && self
                 .edit_source
@@ -153,6 +153,9 @@ impl FakeEngine {
         // Where each edited word's blob goes and how it looks.
         let cross = &spec.cross_window.default;
         let keep_layout = (cross.end - cross.start).clamp(0.0, 1.0) as f32;
+        // Which blobs differ from the source (a swapped or added word, a reweight): the only ones
+        // painted over a real image.
+        let mut changed = Vec::with_capacity(edit_prompt.words.len());
         let blobs: Vec<Blob> = edit_prompt
             .words
             .iter()
@@ -181,6 +184,7 @@ impl FakeEngine {
                     .iter()
                     .find(|reweight| reweight.word.eq_ignore_ascii_case(&word.text))
                     .map_or(1.0, |reweight| reweight.scale.max(0.0));
+                changed.push(!same || strength != 1.0);
                 Blob {
                     centre,
                     colour,
@@ -210,7 +214,13 @@ impl FakeEngine {
                     data: cross_maps(&centres, sigma, word_count + 2, grid_h, grid_w),
                 })
                 .collect();
-            image = synthesise_blobs(&blobs, sigma, progress, resolved.seed, width, height);
+            image = match &source.run.background {
+                Some(background) => {
+                    let faded = fade_in(background, progress, resolved.seed);
+                    paint_blobs(&faded, &blobs, &changed, sigma)
+                }
+                None => synthesise_blobs(&blobs, sigma, progress, resolved.seed, width, height),
+            };
             let mask = spec.local_blend.as_ref().and_then(|blend| {
                 blend
                     .is_active(step_index, steps)
@@ -242,6 +252,9 @@ impl FakeEngine {
 fn source_preview(source: &FakeEditSource, progress: f32, seed: u64) -> RgbImage {
     if progress >= 1.0 {
         return source.image.clone();
+    }
+    if let Some(background) = &source.run.background {
+        return fade_in(background, progress, seed);
     }
     let (height, width) = source.run.image_size;
     let blobs: Vec<Blob> = source
@@ -322,6 +335,33 @@ fn blend_images(source: &RgbImage, edited: &RgbImage, mask: &BlendMask) -> RgbIm
         }
     }
     out
+}
+
+/// `base` with the blobs marked in `painted` drawn over it (their colour, weighted like the
+/// fake's image formula).
+fn paint_blobs(base: &RgbImage, blobs: &[Blob], painted: &[bool], sigma: f32) -> RgbImage {
+    let mut image = base.clone();
+    let (width, height) = (base.width, base.height);
+    for y in 0..height {
+        for x in 0..width {
+            let (fy, fx) = (
+                (y as f32 + 0.5) / height as f32,
+                (x as f32 + 0.5) / width as f32,
+            );
+            let pixel = (y * width + x) * 3;
+            let Some(values) = image.pixels.get_mut(pixel..pixel + 3) else {
+                return image;
+            };
+            for (blob, _) in blobs.iter().zip(painted).filter(|(_, painted)| **painted) {
+                let weight = (gaussian(fy, fx, blob.centre, sigma * 0.6) * blob.strength).min(1.0);
+                for (value, paint) in values.iter_mut().zip(blob.colour) {
+                    *value = (f32::from(*value) * (1.0 - weight) + paint * weight).clamp(0.0, 255.0)
+                        as u8;
+                }
+            }
+        }
+    }
+    image
 }
 
 /// The fake's image formula (`synthesise_image`) with a colour and a strength per blob; with the
