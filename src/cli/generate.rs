@@ -17,6 +17,7 @@ use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::sampling::{generate, prepare_run_with, GenerateOutput, GenerateRequest};
 
 use super::checks::{check_output_file, warn_unknown_words, OutDir};
+use super::images::{replay_given_image, ImageArgs};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend generate`. Flag names are stable: scripts rely on them.
@@ -29,6 +30,11 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Work on a given image instead of generating one: `--prompt` describes it, the run replays
+    /// its inversion (the image regenerates), so `--attention-out` and `--heatmaps-out` show the
+    /// given image's attention.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Write the image (PNG with the generation parameters in a `parameters` text chunk).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -50,6 +56,7 @@ pub struct GenerateArgs {
 /// Run `attend generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.sampling.check()?;
+    let image_input = args.image.read(&args.prompt)?;
     // Fail before the (long) run when an output cannot be written.
     for (flag, path) in [
         ("--out", &args.out),
@@ -67,13 +74,16 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .transpose()?;
     let model = load_model(&args.model)?;
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
-    let request = args.sampling.request(&model, &args.prompt)?;
+    let mut request = args.sampling.request(&model, &args.prompt)?;
 
     let capture = args.attention_out.is_some() || args.heatmaps_out.is_some();
     let token_count = model.tokenizer.encode(&args.prompt)?.token_count();
     if capture {
         // The limits with the store's maps of every step, before the run (it checks them without).
         prepare_run_with(&model, &request, &RunCapture::store(token_count, 0))?;
+    }
+    if let Some(input) = &image_input {
+        replay_given_image(&model, input, &mut request, args.quiet)?;
     }
     let mut store = AttentionStore::new(StoreConfig {
         keep_self: false,
