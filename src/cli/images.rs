@@ -430,7 +430,10 @@ pub fn psnr_db(image: &RgbImage, reference: &RgbImage) -> anyhow::Result<(Option
         .zip(&reference.pixels)
         .map(|(&a, &b)| f64::from(a) - f64::from(b))
         .fold((0.0, 0.0), |(squared, absolute), difference| {
-            (squared + difference * difference, absolute + difference.abs())
+            (
+                squared + difference * difference,
+                absolute + difference.abs(),
+            )
         });
     let mse = squared / count;
     let psnr = (mse > 0.0).then(|| 10.0 * (255.0 * 255.0 / mse).log10());
@@ -465,7 +468,9 @@ mod tests {
     #[test]
     fn fits_and_methods_parse() {
         assert_eq!(parse_fit("Pad"), Ok(ImageFit::Pad));
-        assert!(parse_fit("zoom").unwrap_err().contains("crop, pad or stretch"));
+        assert!(parse_fit("zoom")
+            .unwrap_err()
+            .contains("crop, pad or stretch"));
         for fit in [ImageFit::Crop, ImageFit::Pad, ImageFit::Stretch] {
             assert_eq!(parse_fit(fit_name(fit)), Ok(fit));
         }

@@ -153,7 +153,11 @@ pub fn run(args: &InvertArgs) -> anyhow::Result<()> {
         fitted.image.width,
         fitted.image.height,
         &fitted.image.pixels,
-        Some(&format!("{} fitted with --fit {}", args.image.display(), fit_name(args.fit))),
+        Some(&format!(
+            "{} fitted with --fit {}",
+            args.image.display(),
+            fit_name(args.fit)
+        )),
     )?;
     prepared
         .inversion

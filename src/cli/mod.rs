@@ -8,6 +8,7 @@ mod eval_shapes;
 mod generate;
 mod images;
 mod invert;
+mod invert_eval;
 mod scenes;
 mod segment;
 mod segment_eval;
@@ -56,6 +57,8 @@ pub enum Command {
     /// Invert a given image with a prompt that describes it; write its inversion, its reconstruction
     /// and how close that is (PSNR).
     Invert(invert::InvertArgs),
+    /// Measure inversion on drawn scenes: reconstruction PSNR and seconds per inversion, per method.
+    InvertEval(invert_eval::InvertEvalArgs),
     /// Segment an image from its self-attention and label the segments with prompt words.
     Segment(segment::SegmentArgs),
     /// Measure Prompt-to-Prompt word swaps and reweights on the bundled model over fixed seeds.
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
         Some(Command::Invert(args)) => invert::run(&args),
+        Some(Command::InvertEval(args)) => invert_eval::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),
