@@ -166,10 +166,10 @@ pub fn check_image_prompt(prompt: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decodes an image file, the error naming `--image` (and the file, as the decoder's does).
+/// Decodes an image file, the error naming `--image` and the file.
 pub fn read_image_file(path: &Path) -> anyhow::Result<RgbImage> {
     anyhow::ensure!(path.is_file(), "--image {}: no such file", path.display());
-    read_image(path).with_context(|| format!("--image {}", path.display()))
+    read_image(path).context("--image")
 }
 
 /// What an inversion is made for: the source prompt, the run's steps and guidance, the seed of
