@@ -100,7 +100,7 @@ pub struct EditEvalArgs {
     /// Edit the drawn scenes themselves as given images: each scene is inverted with its caption
     /// (per `--inversion-methods`), its reconstruction measured (PSNR), and the word swap judged
     /// against the drawn scene. Measures swaps only (no reweights, no baseline).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["baseline", "skip_swap"])]
     pub real_images: bool,
     /// With `--real-images`: the inversion methods to compare, comma-separated (default: direct).
     #[arg(long, value_name = "METHOD[,METHOD]", requires = "real_images")]
