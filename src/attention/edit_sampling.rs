@@ -30,11 +30,11 @@ use crate::pipeline::limits::RunCapture;
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
-    decode_to_unit_range, denoise_step, encode_prompt_batch, initial_noise, prepare_run,
-    prepare_run_with, run_to_end, to_rgb8, DenoiseRow, DenoiseStep, GenerateOutput,
-    GenerateRequest, PreparedRun, Sampler, StepwiseRun,
+    decode_to_unit_range, denoise_step, encode_prompt_batch, prepare_run, prepare_run_with,
+    replay_unconditional, row_scheduler, run_to_end, start_row, to_rgb8, DenoiseRow, DenoiseStep,
+    GenerateOutput, GenerateRequest, PreparedRun, RowRole, Sampler, StepwiseRun,
 };
-use crate::pipeline::scheduler::{prepare_scheduler, Scheduler, SchedulerKind};
+use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::tokenizer::PromptTokens;
 use crate::pipeline::{PipelineError, PipelineResult};
 
@@ -261,7 +261,8 @@ pub fn generate_edited_branch(
 pub struct EditedBranchRun<'model> {
     model: &'model StableDiffusion,
     setup: RunSetup,
-    guidance: f64,
+    /// The source run's request (guidance, the inversion it replays).
+    request: GenerateRequest,
     recording: Arc<SourceRecording>,
     p2p: PromptToPrompt,
     /// `[negative, edited]` with guidance, `[edited]` without.
@@ -300,10 +301,10 @@ impl<'model> EditedBranchRun<'model> {
             &setup.negative_tokens,
             setup.guided,
         )?;
-        let row = setup.row(model, &source.request)?.0;
+        let row = setup.row(model, &source.request, RowRole::Edited)?.0;
         Ok(Self {
             model,
-            guidance: source.request.guidance,
+            request: source.request.clone(),
             latents_per_step: Vec::with_capacity(setup.step_count),
             blend_masks: Vec::with_capacity(setup.step_count),
             setup,
@@ -345,9 +346,10 @@ impl<'model> EditedBranchRun<'model> {
             step_index,
             step_count: self.setup.step_count,
             timestep,
-            guidance: self.guidance,
+            guidance: self.request.guidance,
             guided: self.setup.guided,
             cancel: self.cancel.clone(),
+            unconditional: replay_unconditional(&self.request, step_index)?,
         };
         {
             let mut chain = ChainedProcessors::with_observer(&mut self.p2p, observer);
@@ -405,10 +407,11 @@ fn generate_edit_batch(
     on_step: &mut dyn FnMut(&EditStepReport) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<EditOutput> {
-    let generate_request = &request.generate;
     // Both prompts in one UNet batch.
     let capture = RunCapture::none().with_prompts(2);
-    let source = prepare_run_with(model, generate_request, &capture)?;
+    let source = prepare_run_with(model, &request.generate, &capture)?;
+    // The request as prepared: with an inversion to replay, on its DDIM and negative prompt.
+    let generate_request = &source.request;
     let setup = RunSetup::new(model, &source, &request.spec)?;
     let mut p2p = setup.processor(&request.spec, SourceMode::Batch)?;
     let text_embeddings = encode_prompt_batch(
@@ -417,10 +420,10 @@ fn generate_edit_batch(
         &setup.negative_tokens,
         setup.guided,
     )?;
-    let (source_row, rng_after_noise) = setup.row(model, generate_request)?;
+    let (source_row, rng_after_noise) = setup.row(model, generate_request, RowRole::Source)?;
     let edit_row = DenoiseRow {
         latents: source_row.latents.clone(),
-        scheduler: RunSetup::scheduler(model, generate_request)?,
+        scheduler: row_scheduler(model, generate_request, RowRole::Edited)?,
         rng: rng_after_noise,
     };
     let mut rows = [source_row, edit_row];
@@ -441,7 +444,7 @@ fn generate_edit_batch(
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let step = setup.step(generate_request, step_index, timestep, cancel);
+        let step = setup.step(generate_request, step_index, timestep, cancel)?;
         {
             let mut processors: Vec<&mut dyn AttentionProcessor> = vec![&mut p2p];
             if let Some(view) = source_view.as_mut() {
@@ -565,31 +568,15 @@ impl RunSetup {
         )
     }
 
-    fn scheduler(
-        model: &StableDiffusion,
-        request: &GenerateRequest,
-    ) -> PipelineResult<Box<dyn Scheduler>> {
-        Ok(prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?.scheduler)
-    }
-
-    /// A row starting from the request's noise, and the noise generator's state after drawing it.
+    /// A row in `role` at the run's start (the request's noise, or its inversion's `z*_T`), and
+    /// the noise generator's state after drawing it.
     fn row(
         &self,
         model: &StableDiffusion,
         request: &GenerateRequest,
+        role: RowRole,
     ) -> PipelineResult<(DenoiseRow, NoiseRng)> {
-        let scheduler = Self::scheduler(model, request)?;
-        let mut rng = NoiseRng::new(request.seed);
-        let unit_noise = initial_noise(request, self.latent_shape, model.device(), &mut rng)?;
-        let latents = unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?;
-        Ok((
-            DenoiseRow {
-                latents,
-                scheduler,
-                rng: rng.clone(),
-            },
-            rng,
-        ))
+        start_row(model, request, self.latent_shape, role)
     }
 
     fn step(
@@ -598,15 +585,16 @@ impl RunSetup {
         step_index: usize,
         timestep: f64,
         cancel: &CancelToken,
-    ) -> DenoiseStep {
-        DenoiseStep {
+    ) -> PipelineResult<DenoiseStep> {
+        Ok(DenoiseStep {
             step_index,
             step_count: self.step_count,
             timestep,
             guidance: request.guidance,
             guided: self.guided,
             cancel: Some(cancel.clone()),
-        }
+            unconditional: replay_unconditional(request, step_index)?,
+        })
     }
 
     fn output(

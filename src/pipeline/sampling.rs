@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use crate::hook::{AttentionHook, AttentionProcessor, CancelToken};
-use crate::pipeline::inversion::Inversion;
+use crate::pipeline::inversion::{replay_scheduler, Inversion, InversionMethod, ReplayCorrection};
 use crate::pipeline::limits::{
     available_memory, check_request_limits, check_run_fits, estimate_run_memory, ModelFootprint,
     RunCapture,
@@ -204,8 +204,27 @@ pub fn prepare_run_with(
     let latent_shape = validate_request(model, request)?;
     let memory = estimate_run_memory(&ModelFootprint::of_model(model), request, capture);
     check_run_fits(&memory, &available_memory())?;
+    let mut replay_warnings = Vec::new();
+    let replayed;
+    let request = match &request.inversion {
+        Some(inversion) => {
+            replayed = replay_request(
+                model,
+                request,
+                inversion,
+                latent_shape,
+                &mut replay_warnings,
+            )?;
+            &replayed
+        }
+        None => request,
+    };
     let prepared = prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?;
+    if let Some(inversion) = &request.inversion {
+        check_replay_timesteps(inversion, prepared.scheduler.timesteps())?;
+    }
     let mut warnings = prepared.warnings;
+    warnings.extend(replay_warnings);
     let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
     let negative_tokens = model.tokenizer.encode(&request.negative_prompt)?;
     warnings.extend(prompt_tokens.warning());
@@ -252,13 +271,19 @@ impl<'model> Sampler<'model> {
         let guided = run.request.uses_guidance();
         let text_embeddings =
             encode_prompt_batch(model, &[&run.prompt_tokens], &run.negative_tokens, guided)?;
-        let mut rng = NoiseRng::new(run.request.seed);
-        let unit_noise = initial_noise(&run.request, run.latent_shape, model.device(), &mut rng)?;
-        let scheduler = run.take_scheduler(model)?;
-        let row = DenoiseRow {
-            latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
-            scheduler,
-            rng,
+        let row = match &run.request.inversion {
+            Some(_) => start_row(model, &run.request, run.latent_shape, RowRole::Source)?.0,
+            None => {
+                let mut rng = NoiseRng::new(run.request.seed);
+                let unit_noise =
+                    initial_noise(&run.request, run.latent_shape, model.device(), &mut rng)?;
+                let scheduler = run.take_scheduler(model)?;
+                DenoiseRow {
+                    latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+                    scheduler,
+                    rng,
+                }
+            }
         };
         Ok(Self {
             model,
@@ -301,6 +326,7 @@ impl<'model> Sampler<'model> {
             guidance: self.run.request.guidance,
             guided: self.run.request.uses_guidance(),
             cancel: self.cancel.clone(),
+            unconditional: replay_unconditional(&self.run.request, step_index)?,
         };
         denoise_step(
             self.model,
@@ -439,6 +465,9 @@ pub(crate) struct DenoiseStep {
     pub(crate) guided: bool,
     /// The run's cancel token, checked by every hooked attention layer.
     pub(crate) cancel: Option<CancelToken>,
+    /// With guidance: the unconditional embedding of every row at this step, `[1, tokens, dim]`,
+    /// in place of the negative prompt's (a null-text inversion's replay).
+    pub(crate) unconditional: Option<Tensor>,
 }
 
 /// Text embeddings of a UNet batch: `[negative x n, prompts...]` with guidance (`[2n, tokens, dim]`),
@@ -485,17 +514,59 @@ pub(crate) fn denoise_step<'borrow, 'processor>(
     text_embeddings: &Tensor,
     processor: Option<&'borrow mut (dyn AttentionProcessor + 'processor)>,
 ) -> PipelineResult<()> {
-    let row_count = rows.len();
-    let mut inputs = Vec::with_capacity(row_count);
+    let mut inputs = Vec::with_capacity(rows.len());
     for row in rows.iter() {
         inputs.push(
             row.scheduler
                 .scale_model_input(&row.latents, step.step_index)?,
         );
     }
+    let outputs = guided_model_outputs(model, &inputs, step, text_embeddings, processor)?;
+    for (row, guided_output) in rows.iter_mut().zip(outputs) {
+        row.latents =
+            row.scheduler
+                .step(&guided_output, step.step_index, &row.latents, &mut row.rng)?;
+        if !all_finite(&row.latents)? {
+            return Err(non_finite_latents(model, step));
+        }
+    }
+    Ok(())
+}
+
+/// The guided model output of each of `inputs` (`[1, channels, h, w]` each, already scaled for
+/// the scheduler) from one UNet batch: `uncond + guidance * (cond - uncond)` with guidance, the
+/// conditional output without. The one place this arithmetic lives, so that an inversion and its
+/// replay compute bit-identical outputs.
+pub(crate) fn guided_model_outputs<'borrow, 'processor>(
+    model: &StableDiffusion,
+    inputs: &[Tensor],
+    step: &DenoiseStep,
+    text_embeddings: &Tensor,
+    processor: Option<&'borrow mut (dyn AttentionProcessor + 'processor)>,
+) -> PipelineResult<Vec<Tensor>> {
+    let row_count = inputs.len();
     let halves = if step.guided { 2 } else { 1 };
     let batch: Vec<&Tensor> = inputs.iter().cycle().take(halves * row_count).collect();
     let model_input = Tensor::cat(&batch, 0)?;
+    let replaced_embeddings;
+    let text_embeddings = match (&step.unconditional, step.guided) {
+        (Some(unconditional), true) => {
+            let (_, tokens, dim) = unconditional.dims3()?;
+            let unconditional = unconditional
+                .to_device(text_embeddings.device())?
+                .to_dtype(text_embeddings.dtype())?
+                .broadcast_as((row_count, tokens, dim))?;
+            replaced_embeddings = Tensor::cat(
+                &[
+                    &unconditional,
+                    &text_embeddings.narrow(0, row_count, row_count)?,
+                ],
+                0,
+            )?;
+            &replaced_embeddings
+        }
+        _ => text_embeddings,
+    };
     let mut hook = processor.map(|processor| AttentionHook {
         processor,
         step_index: step.step_index,
@@ -516,22 +587,218 @@ pub(crate) fn denoise_step<'borrow, 'processor>(
             Err(error) => return Err(error),
         }
         .to_dtype(DType::F32)?;
-    for (index, row) in rows.iter_mut().enumerate() {
-        let guided_output = if step.guided {
+    let mut outputs = Vec::with_capacity(row_count);
+    for index in 0..row_count {
+        outputs.push(if step.guided {
             let unconditional = model_output.narrow(0, index, 1)?;
             let conditional = model_output.narrow(0, row_count + index, 1)?;
             (&unconditional + (conditional - &unconditional)?.affine(step.guidance, 0.0)?)?
         } else {
             model_output.narrow(0, index, 1)?
-        };
-        row.latents =
-            row.scheduler
-                .step(&guided_output, step.step_index, &row.latents, &mut row.rng)?;
-        if !all_finite(&row.latents)? {
-            return Err(non_finite_latents(model, step));
+        });
+    }
+    Ok(outputs)
+}
+
+/// Which image of a run a denoising row is, for an inversion's replay: the source row carries
+/// the corrections that reproduce the image; the edited row of a Prompt-to-Prompt run only those
+/// meant for every row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowRole {
+    /// The row of the source prompt (a plain run's only row).
+    Source,
+    /// The edited prompt's row of an edit.
+    Edited,
+}
+
+/// A row ready for its first step: its scheduler ([`row_scheduler`]) and its start latents
+/// (the inversion's `z*_T`, or the request's noise scaled by the scheduler), and the noise
+/// generator's state after drawing that noise.
+pub(crate) fn start_row(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    latent_shape: [usize; 4],
+    role: RowRole,
+) -> PipelineResult<(DenoiseRow, NoiseRng)> {
+    let scheduler = row_scheduler(model, request, role)?;
+    let mut rng = NoiseRng::new(request.seed);
+    let latents = match &request.inversion {
+        Some(inversion) => inversion
+            .start_latents()?
+            .to_device(model.device())?
+            .to_dtype(DType::F32)?,
+        None => initial_noise(request, latent_shape, model.device(), &mut rng)?
+            .affine(scheduler.init_noise_sigma(), 0.0)?,
+    };
+    Ok((
+        DenoiseRow {
+            latents,
+            scheduler,
+            rng: rng.clone(),
+        },
+        rng,
+    ))
+}
+
+/// The scheduler of a row in `role`: the request's, or with an inversion to replay its DDIM
+/// with the row's per-step correction (see [`crate::pipeline::inversion`]).
+pub(crate) fn row_scheduler(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    role: RowRole,
+) -> PipelineResult<Box<dyn Scheduler>> {
+    match &request.inversion {
+        Some(inversion) => replay_scheduler(&model.scheduler_config, inversion, role),
+        None => Ok(
+            prepare_scheduler(&model.scheduler_config, request.scheduler, request.steps)?.scheduler,
+        ),
+    }
+}
+
+/// The unconditional embedding of step `step_index` when `request` replays a null-text
+/// inversion, `[1, tokens, dim]`; `None` otherwise.
+pub(crate) fn replay_unconditional(
+    request: &GenerateRequest,
+    step_index: usize,
+) -> PipelineResult<Option<Tensor>> {
+    match request
+        .inversion
+        .as_deref()
+        .map(|inversion| &inversion.correction)
+    {
+        Some(ReplayCorrection::UnconditionalEmbeddings(embeddings)) => {
+            Ok(Some(embeddings.get(step_index)?.unsqueeze(0)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `request` as a replay of `inversion` runs it: checked against the inversion (model, size,
+/// steps, guidance where the correction depends on it), on DDIM, with the negative prompt the
+/// method needs. What changed is said in `warnings`.
+fn replay_request(
+    model: &StableDiffusion,
+    request: &GenerateRequest,
+    inversion: &Inversion,
+    latent_shape: [usize; 4],
+    warnings: &mut Vec<String>,
+) -> PipelineResult<GenerateRequest> {
+    let refuse = |reason: String| PipelineError::InvalidArgument {
+        name: "inversion",
+        reason,
+    };
+    let method = inversion.request.method;
+    if inversion.model_name != model.name() {
+        return Err(refuse(format!(
+            "the image was inverted with the model `{}`, this run uses `{}`; invert it again \
+             with this model",
+            inversion.model_name,
+            model.name()
+        )));
+    }
+    if inversion.size_px != (request.width, request.height) {
+        return Err(refuse(format!(
+            "the image was inverted at {}x{} px, this run is {}x{} px; use the inversion's size",
+            inversion.size_px.0, inversion.size_px.1, request.width, request.height
+        )));
+    }
+    if inversion.timesteps.len() != request.steps {
+        return Err(refuse(format!(
+            "the image was inverted with {} steps, this run has {}; use the inversion's steps",
+            inversion.timesteps.len(),
+            request.steps
+        )));
+    }
+    let trajectory_shape = inversion.trajectory.dims();
+    if trajectory_shape.len() != 5
+        || trajectory_shape[0] != request.steps + 1
+        || trajectory_shape[1..] != latent_shape
+    {
+        return Err(refuse(format!(
+            "its trajectory has shape {trajectory_shape:?}, expected [{}, {}, {}, {}, {}]",
+            request.steps + 1,
+            latent_shape[0],
+            latent_shape[1],
+            latent_shape[2],
+            latent_shape[3]
+        )));
+    }
+    let guidance_matters = matches!(
+        method,
+        InversionMethod::NullText | InversionMethod::Direct | InversionMethod::Ddpm
+    );
+    #[allow(clippy::float_cmp)]
+    if guidance_matters && request.guidance != inversion.request.guidance {
+        return Err(refuse(format!(
+            "a {method} inversion reproduces the image at the guidance it was made with ({}), \
+             this run asks for {}; use the inversion's guidance",
+            inversion.request.guidance, request.guidance
+        )));
+    }
+    let mut replayed = request.clone();
+    if let Some(asked) = request
+        .scheduler
+        .filter(|kind| *kind != SchedulerKind::Ddim)
+    {
+        warnings.push(format!(
+            "the {} scheduler was asked for; a real image's inversion replays on DDIM",
+            asked.label()
+        ));
+    }
+    replayed.scheduler = Some(SchedulerKind::Ddim);
+    if request.init_latents.is_some() {
+        warnings.push(
+            "the initial noise given is ignored: the run starts from the image's inversion"
+                .to_string(),
+        );
+        replayed.init_latents = None;
+    }
+    if request.prompt.trim() != inversion.request.prompt.trim() {
+        warnings.push(format!(
+            "the prompt differs from the one the image was inverted with (`{}`): the image may \
+             not be reproduced",
+            inversion.request.prompt
+        ));
+    }
+    match method {
+        InversionMethod::Ddim => {}
+        InversionMethod::NegativePrompt => {
+            if !request.negative_prompt.trim().is_empty() {
+                warnings.push(
+                    "the negative prompt is replaced by the inverted image's prompt \
+                     (negative-prompt inversion)"
+                        .to_string(),
+                );
+            }
+            replayed.negative_prompt = inversion.request.prompt.clone();
+        }
+        InversionMethod::NullText | InversionMethod::Direct | InversionMethod::Ddpm => {
+            if !request.negative_prompt.trim().is_empty() {
+                warnings.push(format!(
+                    "the negative prompt is ignored: a {method} inversion replays with the \
+                     unconditional embedding it was made with"
+                ));
+            }
+            replayed.negative_prompt = String::new();
         }
     }
-    Ok(())
+    Ok(replayed)
+}
+
+/// Refuses a replay whose DDIM timesteps (from the model's scheduler config) differ from the
+/// inversion's: the model folder's scheduler changed since the image was inverted.
+fn check_replay_timesteps(inversion: &Inversion, timesteps: &[f64]) -> PipelineResult<()> {
+    if inversion.timesteps == timesteps {
+        return Ok(());
+    }
+    Err(PipelineError::InvalidArgument {
+        name: "inversion",
+        reason: format!(
+            "it was made on the DDIM timesteps {:?}, this model's scheduler gives {timesteps:?}; \
+             invert the image again",
+            inversion.timesteps
+        ),
+    })
 }
 
 /// True when every value of `tensor` is finite. One reduction: a finite sum means finite values

@@ -6,18 +6,32 @@
 //! keeping every latent of the trajectory. What a later run needs to come back down to the image
 //! is the method's [`ReplayCorrection`]. See ALGORITHMS notes in the README for the references.
 
+mod file;
 mod null_text;
+mod replay;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-use crate::analysis::image::RgbImage;
+use crate::analysis::image::{image_hash, RgbImage};
 use crate::hook::CancelToken;
+use crate::pipeline::limits::{
+    available_memory, check_run_fits, estimate_run_memory, ModelFootprint, RunCapture,
+};
 use crate::pipeline::model::StableDiffusion;
+use crate::pipeline::rng::NoiseRng;
+use crate::pipeline::sampling::{
+    encode_prompt_batch, guided_model_outputs, validate_request, DenoiseStep, GenerateRequest,
+};
+use crate::pipeline::scheduler::ddim::DdimScheduler;
+use crate::pipeline::scheduler::{Scheduler, SchedulerKind};
 use crate::pipeline::{PipelineError, PipelineResult};
+
+pub(crate) use replay::replay_scheduler;
 
 /// How an image is inverted. Each is a documented choice; see the README for measurements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -150,22 +164,20 @@ impl Inversion {
 
     /// Writes the inversion as safetensors (tensors plus a JSON header of the settings),
     /// atomically.
+    ///
+    /// Tensors (f32): `trajectory` `[steps + 1, 1, c, h, w]`, and by method
+    /// `unconditional_embeddings` `[steps, tokens, dim]`, `latent_offsets` or `noise_maps`
+    /// `[steps, 1, c, h, w]`. The safetensors `__metadata__` holds `format`
+    /// ([`INVERSION_FORMAT`]), `method`, `prompt`, `steps`, `guidance`, `seed`, `model`, `width`,
+    /// `height`, `image_hash`, `timesteps` (a JSON list) and `seconds`.
     pub fn save(&self, path: &Path) -> PipelineResult<()> {
-        let _ = path;
-        Err(PipelineError::InvalidArgument {
-            name: "inversion file",
-            reason: "saving inversions is not built yet".to_string(),
-        })
+        file::save(self, path)
     }
 
     /// Reads an inversion written by [`Inversion::save`] and checks it against `model`: another
     /// model, size or a broken file is a clear error naming the file.
     pub fn load(path: &Path, model: &StableDiffusion) -> PipelineResult<Self> {
-        let _ = (path, model);
-        Err(PipelineError::InvalidArgument {
-            name: "inversion file",
-            reason: "loading inversions is not built yet".to_string(),
-        })
+        file::load(path, model)
     }
 }
 
@@ -180,19 +192,67 @@ pub struct InversionProgress {
     pub step_count: usize,
 }
 
+/// The `format` value of a saved inversion's metadata.
+pub const INVERSION_FORMAT: &str = "attend-inversion/1";
+
 /// The image's latent `z*_0`, `[1, c, h, w]` f32: the VAE posterior mean x the scaling factor, or the
 /// pixels mapped to `[-1, 1]` for a pixel-space model. The image must already have the run's size.
 pub fn encode_image(model: &StableDiffusion, image: &RgbImage) -> PipelineResult<Tensor> {
-    let _ = (model, image);
-    Err(PipelineError::InvalidArgument {
-        name: "image",
-        reason: "encoding images is not built yet".to_string(),
-    })
+    check_image_size(model, image)?;
+    let pixels = image_to_model_range(model, image)?;
+    match &model.vae {
+        Some(vae) => {
+            let mean = vae
+                .encode_mean(&pixels.to_dtype(model.dtype())?)?
+                .to_dtype(DType::F32)?;
+            Ok(mean.affine(model.latent_scaling_factor(), 0.0)?)
+        }
+        None => Ok(pixels),
+    }
+}
+
+/// `image` as `[1, 3, h, w]` f32 in `[-1, 1]` (`x / 127.5 - 1`) on the model's device.
+fn image_to_model_range(model: &StableDiffusion, image: &RgbImage) -> PipelineResult<Tensor> {
+    let values: Vec<f32> = image.pixels.iter().map(|&value| f32::from(value)).collect();
+    let hwc = Tensor::from_vec(values, (image.height, image.width, 3), model.device())?;
+    Ok(hwc
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?
+        .affine(1.0 / 127.5, -1.0)?)
+}
+
+/// Checks that `image` is consistent and has a size the model accepts (the checks of a
+/// generation request of that size).
+fn check_image_size(model: &StableDiffusion, image: &RgbImage) -> PipelineResult<[usize; 4]> {
+    if !image.is_consistent() {
+        return Err(PipelineError::InvalidArgument {
+            name: "image",
+            reason: format!(
+                "a {}x{} image holds {} bytes, expected {}",
+                image.width,
+                image.height,
+                image.pixels.len(),
+                image.width * image.height * 3
+            ),
+        });
+    }
+    let mut request = GenerateRequest::new(model, "");
+    request.width = image.width;
+    request.height = image.height;
+    request.steps = 1;
+    request.guidance = 1.0;
+    validate_request(model, &request)
 }
 
 /// Inverts `image` (already fitted to a size the model accepts) with `request`, reporting progress
 /// through `on_step` (an error from it stops the inversion) and checking `cancel` before every
 /// UNet call.
+///
+/// Every method but `ddpm` first walks the DDIM trajectory up at guidance 1 with the prompt
+/// (`steps` UNet calls, phase `"inverting"`); `direct` then walks down once with guidance to
+/// measure its offsets (`"measuring offsets"`); `ddpm` draws each `x_t` from the image with fresh
+/// noise and solves for the noise maps (`"solving noise maps"`).
 pub fn invert(
     model: &StableDiffusion,
     image: &RgbImage,
@@ -200,9 +260,285 @@ pub fn invert(
     on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<Arc<Inversion>> {
-    let _ = (model, image, request, on_step, cancel);
-    Err(PipelineError::InvalidArgument {
-        name: "inversion",
-        reason: "inversion is not built yet".to_string(),
+    let started = Instant::now();
+    let run = InversionRun::new(model, image, request)?;
+    if request.method == InversionMethod::NullText {
+        return Err(null_text_unavailable());
+    }
+    if cancel.is_cancelled() {
+        return Err(PipelineError::Cancelled);
+    }
+    let image_latents = encode_image(model, image)?;
+    let (trajectory, correction) = match request.method {
+        InversionMethod::Ddim => (
+            run.ddim_trajectory(&image_latents, on_step, cancel)?,
+            ReplayCorrection::None,
+        ),
+        InversionMethod::NegativePrompt => (
+            run.ddim_trajectory(&image_latents, on_step, cancel)?,
+            ReplayCorrection::SourcePromptAsNegative,
+        ),
+        InversionMethod::NullText => return Err(null_text_unavailable()),
+        InversionMethod::Direct => {
+            let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
+            let offsets = run.direct_offsets(&trajectory, on_step, cancel)?;
+            (trajectory, ReplayCorrection::LatentOffsets(offsets))
+        }
+        InversionMethod::Ddpm => {
+            let (trajectory, maps) = run.ddpm_noise_maps(&image_latents, on_step, cancel)?;
+            (trajectory, ReplayCorrection::NoiseMaps(maps))
+        }
+    };
+    Ok(Arc::new(Inversion {
+        request: request.clone(),
+        model_name: model.name().to_string(),
+        size_px: (image.width, image.height),
+        image_hash: image_hash(image),
+        timesteps: run.ddim.timesteps().to_vec(),
+        trajectory,
+        correction,
+        seconds: started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The error of a null-text request while its optimisation is not part of the build.
+fn null_text_unavailable() -> PipelineError {
+    PipelineError::InvalidArgument {
+        name: "inversion method",
+        reason: format!(
+            "null-text inversion is not available in this build; use one of {}",
+            [
+                InversionMethod::Ddim,
+                InversionMethod::NegativePrompt,
+                InversionMethod::Direct,
+                InversionMethod::Ddpm
+            ]
+            .map(InversionMethod::name)
+            .join(", ")
+        ),
+    }
+}
+
+/// An inversion's checked settings, scheduler and text embeddings.
+struct InversionRun<'model> {
+    model: &'model StableDiffusion,
+    request: InversionRequest,
+    ddim: DdimScheduler,
+    /// The prompt alone, `[1, tokens, dim]` (the DDIM trajectory's guidance 1).
+    conditional: Tensor,
+    /// `["", prompt]`, `[2, tokens, dim]`, encoded as a replay encodes them.
+    guided_embeddings: Tensor,
+    latent_shape: [usize; 4],
+}
+
+impl<'model> InversionRun<'model> {
+    /// Checks `request` and `image` as a generation of that size would be checked (steps,
+    /// guidance, size, memory) and encodes the prompt.
+    fn new(
+        model: &'model StableDiffusion,
+        image: &RgbImage,
+        request: &InversionRequest,
+    ) -> PipelineResult<Self> {
+        if request.prompt.trim().is_empty() {
+            return Err(PipelineError::InvalidArgument {
+                name: "prompt",
+                reason: "an inversion needs a prompt describing the image (it is the source \
+                         prompt of later edits)"
+                    .to_string(),
+            });
+        }
+        check_image_size(model, image)?;
+        let mut generate = GenerateRequest::new(model, request.prompt.clone());
+        generate.width = image.width;
+        generate.height = image.height;
+        generate.steps = request.steps;
+        generate.guidance = request.guidance;
+        generate.seed = request.seed;
+        generate.scheduler = Some(SchedulerKind::Ddim);
+        let latent_shape = validate_request(model, &generate)?;
+        let memory = estimate_run_memory(
+            &ModelFootprint::of_model(model),
+            &generate,
+            &RunCapture::none(),
+        );
+        check_run_fits(&memory, &available_memory())?;
+        let ddim = DdimScheduler::new(&model.scheduler_config, request.steps)?;
+        let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
+        let empty_tokens = model.tokenizer.encode("")?;
+        let conditional = encode_prompt_batch(model, &[&prompt_tokens], &empty_tokens, false)?;
+        let guided_embeddings = encode_prompt_batch(model, &[&prompt_tokens], &empty_tokens, true)?;
+        Ok(Self {
+            model,
+            request: request.clone(),
+            ddim,
+            conditional,
+            guided_embeddings,
+            latent_shape,
+        })
+    }
+
+    fn steps(&self) -> usize {
+        self.request.steps
+    }
+
+    fn guided(&self) -> bool {
+        self.request.guidance > 1.0
+    }
+
+    /// The model output for `latents` at sampling step `step_index`, with the guidance of the
+    /// replay (`guided`) or the prompt alone; `cancel` checked first.
+    fn model_output(
+        &self,
+        latents: &Tensor,
+        step_index: usize,
+        guided: bool,
+        cancel: &CancelToken,
+    ) -> PipelineResult<Tensor> {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let step = DenoiseStep {
+            step_index,
+            step_count: self.steps(),
+            timestep: self.ddim.timesteps()[step_index],
+            guidance: if guided { self.request.guidance } else { 1.0 },
+            guided,
+            cancel: Some(cancel.clone()),
+            unconditional: None,
+        };
+        let embeddings = if guided {
+            &self.guided_embeddings
+        } else {
+            &self.conditional
+        };
+        let mut outputs = guided_model_outputs(
+            self.model,
+            std::slice::from_ref(latents),
+            &step,
+            embeddings,
+            None,
+        )?;
+        Ok(outputs.remove(0))
+    }
+
+    /// DDIM inversion at guidance 1: `z*_0 = image_latents` up to `z*_T`, `[steps + 1, 1, c, h, w]`.
+    /// Inversion step `k` mirrors sampling step `steps - 1 - k`: from `t - train / steps` to `t`
+    /// with the noise predicted at `t` ([`DdimScheduler::inverse_step`]).
+    fn ddim_trajectory(
+        &self,
+        image_latents: &Tensor,
+        on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+        cancel: &CancelToken,
+    ) -> PipelineResult<Tensor> {
+        let steps = self.steps();
+        let mut trajectory = Vec::with_capacity(steps + 1);
+        let mut latents = image_latents.clone();
+        trajectory.push(latents.clone());
+        for done in 0..steps {
+            let step_index = steps - 1 - done;
+            let output = self.model_output(&latents, step_index, false, cancel)?;
+            latents = self.ddim.inverse_step(&output, step_index, &latents)?;
+            check_finite(&latents, "the inverted latents", step_index, steps)?;
+            trajectory.push(latents.clone());
+            on_step(&InversionProgress {
+                phase: "inverting",
+                steps_done: done + 1,
+                step_count: steps,
+            })?;
+        }
+        Ok(Tensor::stack(&trajectory, 0)?)
+    }
+
+    /// Direct inversion's offsets, `[steps, 1, c, h, w]`: for sampling step `i` from
+    /// `z_bar = z*_{T-i}`, `offset_i = z*_{T-i-1} - ddim_step(guided output, z_bar)`; the replay adds
+    /// `offset_i` to the source row after step `i`, which lands it on `z*_{T-i-1}` again.
+    fn direct_offsets(
+        &self,
+        trajectory: &Tensor,
+        on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+        cancel: &CancelToken,
+    ) -> PipelineResult<Tensor> {
+        let steps = self.steps();
+        let mut scheduler = self.ddim.clone();
+        let mut rng = NoiseRng::new(self.request.seed);
+        let mut offsets = Vec::with_capacity(steps);
+        for step_index in 0..steps {
+            let from = trajectory.get(steps - step_index)?;
+            let target = trajectory.get(steps - step_index - 1)?;
+            let output = self.model_output(&from, step_index, self.guided(), cancel)?;
+            let stepped = scheduler.step(&output, step_index, &from, &mut rng)?;
+            offsets.push((target - stepped)?);
+            on_step(&InversionProgress {
+                phase: "measuring offsets",
+                steps_done: step_index + 1,
+                step_count: steps,
+            })?;
+        }
+        Ok(Tensor::stack(&offsets, 0)?)
+    }
+
+    /// Edit-friendly DDPM inversion: each `x_t` drawn independently from the image with seeded
+    /// noise (`x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) n`), then from `x_T` down, per sampling step,
+    /// the noise map `z = (x_{t-1} - mean(x_t)) / s` of an `eta = 1` DDIM step (`s` its `sigma`,
+    /// or 1 where `sigma` is 0, see [`replay::noise_map_scale`]), and `x_{t-1}` replaced by
+    /// `mean + s z` exactly as the replay computes it. Returns the trajectory
+    /// `[steps + 1, 1, c, h, w]` (`x_0` the image's latents) and the maps `[steps, 1, c, h, w]`.
+    fn ddpm_noise_maps(
+        &self,
+        image_latents: &Tensor,
+        on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+        cancel: &CancelToken,
+    ) -> PipelineResult<(Tensor, Tensor)> {
+        let steps = self.steps();
+        let mut rng = NoiseRng::new(self.request.seed);
+        // xs[k]: the latents at the k-th smallest timestep (xs[0]: the image).
+        let mut xs = Vec::with_capacity(steps + 1);
+        xs.push(image_latents.clone());
+        for k in 1..=steps {
+            let alpha = self.ddim.alpha_product_at_step(steps - k)?;
+            let noise = rng.randn(self.latent_shape.to_vec(), image_latents.device())?;
+            xs.push(
+                (image_latents.affine(alpha.sqrt(), 0.0)?
+                    + noise.affine((1.0 - alpha).sqrt(), 0.0)?)?,
+            );
+        }
+        let mut maps = Vec::with_capacity(steps);
+        for step_index in 0..steps {
+            let k = steps - step_index;
+            let output = self.model_output(&xs[k], step_index, self.guided(), cancel)?;
+            let (mean, sigma) = self
+                .ddim
+                .step_mean_and_sigma(&output, step_index, &xs[k], 1.0)?;
+            let scale = replay::noise_map_scale(sigma);
+            let map = (&xs[k - 1] - &mean)?.affine(1.0 / scale, 0.0)?;
+            xs[k - 1] = (mean + map.affine(scale, 0.0)?)?;
+            check_finite(&map, "the noise maps", step_index, steps)?;
+            maps.push(map);
+            on_step(&InversionProgress {
+                phase: "solving noise maps",
+                steps_done: step_index + 1,
+                step_count: steps,
+            })?;
+        }
+        Ok((Tensor::stack(&xs, 0)?, Tensor::stack(&maps, 0)?))
+    }
+}
+
+/// Refuses NaN or infinite values found after `step_index`.
+fn check_finite(
+    tensor: &Tensor,
+    what: &str,
+    step_index: usize,
+    steps: usize,
+) -> PipelineResult<()> {
+    if crate::pipeline::sampling::all_finite(tensor)? {
+        return Ok(());
+    }
+    Err(PipelineError::NonFinite {
+        what: format!("{what} at step {} of {steps}", step_index + 1),
+        step_index: Some(step_index),
+        hint: "likely the model's weights hold NaN or infinite values, or the guidance is too \
+               large; the inversion was stopped"
+            .to_string(),
     })
 }

@@ -66,32 +66,10 @@ impl DdimScheduler {
             .and_then(|index| self.alphas_cumprod.get(index).copied())
             .unwrap_or(self.final_alpha_cumprod)
     }
-}
 
-impl Scheduler for DdimScheduler {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Ddim
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> PipelineResult<Tensor> {
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        _rng: &mut NoiseRng,
-    ) -> PipelineResult<Tensor> {
+    /// The alpha products of sampling step `step_index`: `(alphas_cumprod[t], alphas_cumprod[t -
+    /// train / steps])`, the second the final alpha product below timestep 0.
+    fn step_alphas(&self, step_index: usize) -> PipelineResult<(f64, f64)> {
         let Some(&timestep) = self.timesteps.get(step_index) else {
             return Err(step_out_of_range(step_index, self.timesteps.len()));
         };
@@ -99,8 +77,20 @@ impl Scheduler for DdimScheduler {
         #[allow(clippy::cast_possible_truncation)]
         let timestep = timestep as i64;
         let previous_timestep = timestep - i64::try_from(self.step_ratio).unwrap_or(i64::MAX);
-        let alpha_t = self.alpha_product(timestep);
-        let alpha_prev = self.alpha_product(previous_timestep);
+        Ok((
+            self.alpha_product(timestep),
+            self.alpha_product(previous_timestep),
+        ))
+    }
+
+    /// The clean sample and the noise `model_output` predicts for `sample` at noise level
+    /// `alpha_t` (the clean sample clipped when the config asks).
+    fn predict(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        alpha_t: f64,
+    ) -> PipelineResult<(Tensor, Tensor)> {
         let beta_t = 1.0 - alpha_t;
         let (mut predicted_clean, predicted_noise) = match self.prediction_type {
             PredictionType::Epsilon => (
@@ -129,6 +119,87 @@ impl Scheduler for DdimScheduler {
         if let Some(range) = self.clip_range {
             predicted_clean = predicted_clean.clamp(-range, range)?;
         }
+        Ok((predicted_clean, predicted_noise))
+    }
+
+    /// One inversion step, the mirror of sampling step `step_index` (timestep `t`): from `sample`
+    /// at `t - train / steps` up to `t`, with `model_output` the UNet's output at `t` (the
+    /// destination), as diffusers' `DDIMInverseScheduler.step` and prompt-to-prompt's `next_step`.
+    /// Below timestep 0 the noise level is the final alpha product, as in sampling.
+    pub fn inverse_step(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> PipelineResult<Tensor> {
+        let (alpha_to, alpha_from) = self.step_alphas(step_index)?;
+        let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_from)?;
+        weighted_sum(
+            alpha_to.sqrt(),
+            &predicted_clean,
+            (1.0 - alpha_to).sqrt(),
+            &predicted_noise,
+        )
+    }
+
+    /// Sampling step `step_index` with DDIM's `eta`: the mean of the next sample and the standard
+    /// deviation `sigma` of the noise a caller adds to it (`mean + sigma * z`, as diffusers'
+    /// `DDIMScheduler.step` with `eta` and `variance_noise`).
+    /// `sigma = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))`; `eta = 0` is
+    /// [`Scheduler::step`].
+    pub fn step_mean_and_sigma(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        eta: f64,
+    ) -> PipelineResult<(Tensor, f64)> {
+        let (alpha_t, alpha_prev) = self.step_alphas(step_index)?;
+        let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_t)?;
+        let variance = (1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev);
+        let sigma = eta * variance.max(0.0).sqrt();
+        let mean = weighted_sum(
+            alpha_prev.sqrt(),
+            &predicted_clean,
+            (1.0 - alpha_prev - sigma * sigma).max(0.0).sqrt(),
+            &predicted_noise,
+        )?;
+        Ok((mean, sigma))
+    }
+
+    /// The noise level `alphas_cumprod[t]` of sampling step `step_index` (the forward process
+    /// `x_t = sqrt(a) x_0 + sqrt(1 - a) noise`).
+    pub fn alpha_product_at_step(&self, step_index: usize) -> PipelineResult<f64> {
+        Ok(self.step_alphas(step_index)?.0)
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddim
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> PipelineResult<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut NoiseRng,
+    ) -> PipelineResult<Tensor> {
+        let (alpha_t, alpha_prev) = self.step_alphas(step_index)?;
+        let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_t)?;
         // eta = 0: no noise, the direction term uses the full remaining variance.
         weighted_sum(
             alpha_prev.sqrt(),
