@@ -354,10 +354,15 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         args.self_replace_max_side,
         SelfReplace::default(),
     )?;
+    // Real images measure swaps only.
+    let measured = if args.real_images { 1 } else { 2 };
     for (what, setting) in [
         ("swaps", self_replace),
         ("reweights", reweight_self_replace),
-    ] {
+    ]
+    .into_iter()
+    .take(measured)
+    {
         eprintln!(
             "{what}: self-attention replaced in layers up to {side}x{side} for steps {:.2}..{:.2} of the run",
             setting.window.start,
