@@ -2,9 +2,28 @@
 //! that heat maps, segments and Prompt-to-Prompt edits work on the user's own image.
 //!
 //! Every method starts from the image's latent `z*_0` (the VAE posterior mean x scaling factor, or
-//! the pixels in `[-1, 1]` for a pixel-space model) and walks DDIM's timesteps upwards to `z*_T`,
+//! the pixels in `[-1, 1]` for a pixel-space model) and ends at the `z*_T` a replay starts from,
 //! keeping every latent of the trajectory. What a later run needs to come back down to the image
-//! is the method's [`ReplayCorrection`]. See ALGORITHMS notes in the README for the references.
+//! is the method's [`ReplayCorrection`]. The references are named on each [`InversionMethod`].
+//!
+//! - **DDIM step up** ([`DdimScheduler::inverse_step`]): the mirror of sampling step `i` (timestep
+//!   `t`) goes from `t - train / steps` to `t`, the noise predicted at the destination `t`, with
+//!   the model's scheduler config (final alpha product below timestep 0, clipping, prediction
+//!   type) as diffusers' `DDIMInverseScheduler` (a velocity is read at `t`, see
+//!   [`DdimScheduler::inverse_step`]); guidance 1, the prompt's embedding only.
+//! - **Replay** ([`crate::pipeline::sampling::GenerateRequest::inversion`]): a run (plain, or
+//!   either Prompt-to-Prompt mode) starts from `z*_T` on DDIM with the inversion's timesteps;
+//!   `negative-prompt` makes the inverted prompt the negative prompt of every row (the source's
+//!   and the edited's, as the reference does: an edit to the same prompt then reproduces the
+//!   image); `null-text` puts the step's optimised embedding in the unconditional half of every
+//!   row; `direct` adds the step's offset to the source row only; `ddpm` makes every row step
+//!   with `eta = 1` and the step's noise map (the edited row too: that is what makes it
+//!   edit-friendly).
+//! - **ddpm's last step**: the noise maps are `z = (x_{t-1} - mean) / sigma_t`. Where
+//!   `sigma_t` is 0 (a last step down to an alpha product of 1, `set_alpha_to_one`), the map
+//!   holds the remaining difference `x_{t-1} - mean` itself (scale 1 instead of `sigma`), so the
+//!   replay still ends exactly on the image; with `set_alpha_to_one = false` (SD's and the bundled
+//!   model's configs) the last `sigma` is small but not 0 and the map is an ordinary one.
 
 mod file;
 mod null_text;

@@ -126,6 +126,14 @@ impl DdimScheduler {
     /// at `t - train / steps` up to `t`, with `model_output` the UNet's output at `t` (the
     /// destination), as diffusers' `DDIMInverseScheduler.step` and prompt-to-prompt's `next_step`.
     /// Below timestep 0 the noise level is the final alpha product, as in sampling.
+    ///
+    /// Noise and sample predictions follow diffusers exactly. A velocity prediction differs on
+    /// purpose: diffusers reads the velocity as if the model had been asked at the source level
+    /// `t - train / steps`, but the model answered for timestep `t`, and a velocity (unlike a
+    /// noise) changes with the level it is read at; so the noise is taken from the velocity at
+    /// `t` (`eps = sqrt(a_t) v + sqrt(1 - a_t) x`) and the step goes up as for a noise
+    /// prediction. On the bundled v-prediction model (10 steps, guidance 1, a drawn scene) this
+    /// turns a reconstruction of 2.6 dB PSNR into 26.5 dB.
     pub fn inverse_step(
         &self,
         model_output: &Tensor,
@@ -133,7 +141,29 @@ impl DdimScheduler {
         sample: &Tensor,
     ) -> PipelineResult<Tensor> {
         let (alpha_to, alpha_from) = self.step_alphas(step_index)?;
-        let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_from)?;
+        let (predicted_clean, predicted_noise) = match self.prediction_type {
+            PredictionType::VPrediction => {
+                // The velocity is the model's answer for `sample` seen at the destination `t`:
+                // its noise is read at `t`, then the step goes up as for a noise prediction.
+                let noise = weighted_sum(
+                    alpha_to.sqrt(),
+                    model_output,
+                    (1.0 - alpha_to).sqrt(),
+                    sample,
+                )?;
+                let mut clean = weighted_sum(
+                    1.0 / alpha_from.sqrt(),
+                    sample,
+                    -(1.0 - alpha_from).sqrt() / alpha_from.sqrt(),
+                    &noise,
+                )?;
+                if let Some(range) = self.clip_range {
+                    clean = clean.clamp(-range, range)?;
+                }
+                (clean, noise)
+            }
+            _ => self.predict(model_output, sample, alpha_from)?,
+        };
         weighted_sum(
             alpha_to.sqrt(),
             &predicted_clean,
@@ -207,5 +237,68 @@ impl Scheduler for DdimScheduler {
             (1.0 - alpha_prev).sqrt(),
             &predicted_noise,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::kernels::test_support::max_abs_diff;
+    use candle_core::Device;
+
+    fn config(prediction_type: PredictionType) -> SchedulerConfig {
+        SchedulerConfig {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: super::super::BetaSchedule::ScaledLinear,
+            timestep_spacing: Some(TimestepSpacing::Leading),
+            steps_offset: 1,
+            clip_sample: Some(false),
+            set_alpha_to_one: Some(false),
+            prediction_type,
+            ..SchedulerConfig::default()
+        }
+    }
+
+    fn tensor(values: [f32; 4]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), (1, 1, 2, 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn eta_zero_is_the_plain_step_and_eta_one_has_ddpm_variance() {
+        let mut scheduler = DdimScheduler::new(&config(PredictionType::Epsilon), 10).unwrap();
+        let sample = tensor([0.5, -1.0, 2.0, 0.25]);
+        let output = tensor([0.1, 0.2, -0.3, 0.4]);
+        let plain = scheduler
+            .step(&output, 3, &sample, &mut NoiseRng::new(0))
+            .unwrap();
+        let (mean, sigma) = scheduler
+            .step_mean_and_sigma(&output, 3, &sample, 0.0)
+            .unwrap();
+        assert_eq!(sigma, 0.0);
+        assert!(max_abs_diff(&plain, &mean) < 1e-6);
+        let (alpha_t, alpha_prev) = scheduler.step_alphas(3).unwrap();
+        let (_, sigma) = scheduler
+            .step_mean_and_sigma(&output, 3, &sample, 1.0)
+            .unwrap();
+        let expected = ((1.0 - alpha_prev) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_prev)).sqrt();
+        assert!((sigma - expected).abs() < 1e-12 && sigma > 0.0);
+    }
+
+    #[test]
+    fn an_inverse_step_undoes_a_step_with_the_same_noise() {
+        // With the same predicted noise at both ends, going down then up returns the sample.
+        let mut scheduler = DdimScheduler::new(&config(PredictionType::Epsilon), 10).unwrap();
+        let sample = tensor([0.5, -1.0, 2.0, 0.25]);
+        let noise = tensor([0.1, 0.2, -0.3, 0.4]);
+        for step_index in [0, 4, 9] {
+            let down = scheduler
+                .step(&noise, step_index, &sample, &mut NoiseRng::new(0))
+                .unwrap();
+            let up = scheduler.inverse_step(&noise, step_index, &down).unwrap();
+            assert!(max_abs_diff(&up, &sample) < 1e-5, "step {step_index}");
+        }
     }
 }
