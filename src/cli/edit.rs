@@ -25,6 +25,7 @@ use attend::pipeline::model::StableDiffusion;
 
 use super::checks::{at_least_one, warn_unknown_words, OutDir};
 use super::generate::{daam_heatmaps, generation_parameters};
+use super::images::{replay_given_image, ImageArgs};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend edit`. Flag names are stable: scripts rely on them.
@@ -86,6 +87,9 @@ pub struct EditArgs {
     /// Seed, steps, guidance, scheduler, size, negative prompt and initial noise, shared by both runs.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Edit a given image: `--prompt` describes it, `source.png` is its reconstruction.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Run the source first and replay its recorded attention into an edited-only run (what the
     /// editor does), instead of running both prompts in one batch.
     #[arg(long)]
@@ -107,6 +111,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     // Checked before the model loads, so a typo is reported at once.
     edit_spec(args, EditDefaults::default())?;
     args.sampling.check()?;
+    let image_input = args.image.read(&args.prompt)?;
     let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
     out_dir.check_files(&[
         "source.png",
@@ -120,7 +125,7 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
     warn_unknown_words(&model, "--edit-prompt", &args.edit_prompt)?;
     let spec = edit_spec(args, model.edit_defaults())?;
-    let request = args.sampling.request(&model, &args.prompt)?;
+    let mut request = args.sampling.request(&model, &args.prompt)?;
     if let Some(side) = args.blend_map_side {
         let factor = model.latent_downscale_factor().max(1);
         let latent_side = (request.width / factor).max(request.height / factor);
@@ -131,6 +136,9 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
             request.width,
             request.height
         );
+    }
+    if let Some(input) = &image_input {
+        replay_given_image(&model, input, &mut request, args.quiet)?;
     }
     let edit_request = EditRequest {
         generate: request,

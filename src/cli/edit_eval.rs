@@ -97,13 +97,21 @@ pub struct EditEvalArgs {
     /// Write source / swapped / reweighted images here.
     #[arg(long)]
     pub images_out: Option<PathBuf>,
+    /// Edit the drawn scenes themselves as given images: each scene is inverted with its caption
+    /// (per `--inversion-methods`), its reconstruction measured (PSNR), and the word swap judged
+    /// against the drawn scene. Measures swaps only (no reweights, no baseline).
+    #[arg(long, conflicts_with_all = ["baseline", "skip_swap"])]
+    pub real_images: bool,
+    /// With `--real-images`: the inversion methods to compare, comma-separated (default: direct).
+    #[arg(long, value_name = "METHOD[,METHOD]", requires = "real_images")]
+    pub inversion_methods: Option<String>,
 }
 
 /// What was measured for one object of a scene in a generated image.
 #[derive(Clone, Debug, serde::Serialize)]
-struct FoundObject {
+pub(super) struct FoundObject {
     colour: Colour,
-    found: bool,
+    pub(super) found: bool,
     centroid_px: Option<(f32, f32)>,
     /// Centre of the bounding box (does not move when a shape changes into another of the same box).
     box_centre_px: Option<(f32, f32)>,
@@ -111,7 +119,7 @@ struct FoundObject {
     shape: Option<Shape>,
 }
 
-fn measure_objects(image: &RgbImage, scene: &Scene) -> Vec<FoundObject> {
+pub(super) fn measure_objects(image: &RgbImage, scene: &Scene) -> Vec<FoundObject> {
     let labels = palette_labels(&image.pixels, image.width, image.height);
     scene
         .objects
@@ -161,18 +169,18 @@ struct SeedResult {
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
-struct SwapVerdict {
-    target_kept: bool,
-    target_shift_px: Option<f32>,
+pub(super) struct SwapVerdict {
+    pub(super) target_kept: bool,
+    pub(super) target_shift_px: Option<f32>,
     /// Shift of the target's bounding-box centre (at 64 px).
-    target_box_shift_px: Option<f32>,
+    pub(super) target_box_shift_px: Option<f32>,
     /// Success judged by the bounding-box centre instead of the centroid.
-    success_by_box: bool,
+    pub(super) success_by_box: bool,
     /// Success, and the target now has the new shape (the edit took).
-    success_with_new_shape: bool,
-    new_shape_drawn: bool,
-    others_unchanged: bool,
-    success: bool,
+    pub(super) success_with_new_shape: bool,
+    pub(super) new_shape_drawn: bool,
+    pub(super) others_unchanged: bool,
+    pub(super) success: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -213,7 +221,7 @@ fn others_unchanged(
         )
 }
 
-fn judge_swap(
+pub(super) fn judge_swap(
     source: &[FoundObject],
     edited: &[FoundObject],
     target: usize,
@@ -244,7 +252,7 @@ fn judge_swap(
 }
 
 /// The caption with the `target`-th shape word replaced.
-fn swap_shape_word(caption: &str, target: usize, new_shape: Shape) -> String {
+pub(super) fn swap_shape_word(caption: &str, target: usize, new_shape: Shape) -> String {
     let mut shape_index = 0usize;
     caption
         .split(' ')
@@ -264,7 +272,11 @@ fn swap_shape_word(caption: &str, target: usize, new_shape: Shape) -> String {
 /// Local-blend words of a swap of `objects[target]`'s shape to `new_shape`: the target's colour
 /// word, its shape word in the source caption and `new_shape` in the swapped caption, each as
 /// `word#k` (its occurrence among the objects, which the caption names first and in order).
-fn swap_blend_words(objects: &[SceneObject], target: usize, new_shape: Shape) -> Vec<String> {
+pub(super) fn swap_blend_words(
+    objects: &[SceneObject],
+    target: usize,
+    new_shape: Shape,
+) -> Vec<String> {
     let before = &objects[..target.min(objects.len())];
     let Some(object) = objects.get(target) else {
         return Vec::new();
@@ -282,13 +294,15 @@ fn swap_blend_words(objects: &[SceneObject], target: usize, new_shape: Shape) ->
     ]
 }
 
-fn next_shape(shape: Shape) -> Shape {
+pub(super) fn next_shape(shape: Shape) -> Shape {
     let index = Shape::ALL.iter().position(|&s| s == shape).unwrap_or(0);
     Shape::ALL[(index + 1) % Shape::ALL.len()]
 }
 
 /// Run `attend edit-eval`.
 pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
+    let inversion_methods =
+        super::invert_eval::methods_flag("--inversion-methods", args.inversion_methods.as_deref())?;
     let cross = parse_window(&args.cross_replace).context("--cross-replace")?;
     self_replace_from_args(
         args.self_replace.as_deref(),
@@ -340,10 +354,15 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         args.self_replace_max_side,
         SelfReplace::default(),
     )?;
+    // Real images measure swaps only.
+    let measured = if args.real_images { 1 } else { 2 };
     for (what, setting) in [
         ("swaps", self_replace),
         ("reweights", reweight_self_replace),
-    ] {
+    ]
+    .into_iter()
+    .take(measured)
+    {
         eprintln!(
             "{what}: self-attention replaced in layers up to {side}x{side} for steps {:.2}..{:.2} of the run",
             setting.window.start,
@@ -356,6 +375,16 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
         size_px: width,
         ..SceneOptions::default()
     };
+    if args.real_images {
+        return super::invert_eval::run_real_image_edits(
+            args,
+            &model,
+            &inversion_methods,
+            cross,
+            self_replace,
+            images_out,
+        );
+    }
     let cancel = CancelToken::new();
     if let Some(dir) = &mut images_out {
         dir.create()?;
@@ -577,28 +606,32 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `count` of `total` in percent with one decimal; null when `total` is 0.
+pub(super) fn rate(count: usize, total: usize) -> serde_json::Value {
+    if total == 0 {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!((count as f64 / total as f64 * 1000.0).round() / 10.0)
+    }
+}
+
+/// The rates of a set of swap verdicts.
+pub(super) fn swap_summary(verdicts: &[&SwapVerdict]) -> serde_json::Value {
+    serde_json::json!({
+        "cases": verdicts.len(),
+        "success_percent": rate(verdicts.iter().filter(|v| v.success).count(), verdicts.len()),
+        "success_by_box_centre_percent": rate(verdicts.iter().filter(|v| v.success_by_box).count(), verdicts.len()),
+        "success_with_new_shape_percent": rate(verdicts.iter().filter(|v| v.success_with_new_shape).count(), verdicts.len()),
+        "target_kept_percent": rate(verdicts.iter().filter(|v| v.target_kept).count(), verdicts.len()),
+        "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
+        "new_shape_drawn_percent": rate(verdicts.iter().filter(|v| v.new_shape_drawn).count(), verdicts.len()),
+    })
+}
+
 /// Rates over the evaluated seeds.
 fn summarise(results: &[SeedResult], scales: &[f32]) -> serde_json::Value {
-    let rate = |count: usize, total: usize| {
-        if total == 0 {
-            serde_json::Value::Null
-        } else {
-            serde_json::json!((count as f64 / total as f64 * 1000.0).round() / 10.0)
-        }
-    };
     let swaps: Vec<&SwapVerdict> = results.iter().filter_map(|r| r.swap.as_ref()).collect();
     let baselines: Vec<&SwapVerdict> = results.iter().filter_map(|r| r.baseline.as_ref()).collect();
-    let swap_summary = |verdicts: &[&SwapVerdict]| {
-        serde_json::json!({
-            "cases": verdicts.len(),
-            "success_percent": rate(verdicts.iter().filter(|v| v.success).count(), verdicts.len()),
-            "success_by_box_centre_percent": rate(verdicts.iter().filter(|v| v.success_by_box).count(), verdicts.len()),
-            "success_with_new_shape_percent": rate(verdicts.iter().filter(|v| v.success_with_new_shape).count(), verdicts.len()),
-            "target_kept_percent": rate(verdicts.iter().filter(|v| v.target_kept).count(), verdicts.len()),
-            "others_unchanged_percent": rate(verdicts.iter().filter(|v| v.others_unchanged).count(), verdicts.len()),
-            "new_shape_drawn_percent": rate(verdicts.iter().filter(|v| v.new_shape_drawn).count(), verdicts.len()),
-        })
-    };
     let reweights: Vec<serde_json::Value> = scales
         .iter()
         .map(|&scale| {

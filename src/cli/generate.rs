@@ -25,6 +25,7 @@ use attend::pipeline::sampling::{
 use attend::pipeline::scheduler::SchedulerKind;
 
 use super::checks::{check_output_file, warn_unknown_words, OutDir};
+use super::images::{replay_given_image, ImageArgs};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend generate`. Flag names are stable: scripts rely on them.
@@ -44,6 +45,11 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Work on a given image instead of generating one: `--prompt` describes it, the run replays
+    /// its inversion (the image regenerates), so `--attention-out` and `--heatmaps-out` show the
+    /// given image's attention.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Write the image (PNG with the generation parameters in a `parameters` text chunk).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -99,6 +105,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     // Syntax errors (with their column) before the model loads.
     let parsed = parse_prompt(&prompt).map_err(|error| anyhow::anyhow!("--prompt: {error}"))?;
+    let image_input = args.image.read(&prompt)?;
     let model = load_model(&args.model)?;
     let mut request = args.sampling.request(&model, &prompt)?;
     if let Some(png) = &from_png {
@@ -117,6 +124,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if capture {
         // The limits with the store's maps of every step, before the run (it checks them without).
         prepare_run_with(&model, &request, &RunCapture::store(token_count, 0))?;
+    }
+    if let Some(input) = &image_input {
+        replay_given_image(&model, input, &mut request, args.quiet)?;
     }
     let started = Instant::now();
     let quiet = args.quiet;

@@ -6,6 +6,9 @@ mod edit;
 mod edit_eval;
 mod eval_shapes;
 mod generate;
+mod images;
+mod invert;
+mod invert_eval;
 mod models;
 mod scenes;
 mod segment;
@@ -55,6 +58,11 @@ pub enum Command {
     Scenes(scenes::ScenesArgs),
     /// Prompt-to-Prompt: generate a source image and an edited one (word swap, refine, reweight, local blend).
     Edit(edit::EditArgs),
+    /// Invert a given image with a prompt that describes it; write its inversion, its reconstruction
+    /// and how close that is (PSNR).
+    Invert(invert::InvertArgs),
+    /// Measure inversion on drawn scenes: reconstruction PSNR and seconds per inversion, per method.
+    InvertEval(invert_eval::InvertEvalArgs),
     /// Segment an image from its self-attention and label the segments with prompt words.
     Segment(segment::SegmentArgs),
     /// Measure Prompt-to-Prompt word swaps and reweights on the bundled model over fixed seeds.
@@ -77,6 +85,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::EvalShapes(args)) => eval_shapes::run(&args),
         Some(Command::Edit(args)) => edit::run(&args),
+        Some(Command::Invert(args)) => invert::run(&args),
+        Some(Command::InvertEval(args)) => invert_eval::run(&args),
         Some(Command::Segment(args)) => segment::run(&args),
         Some(Command::EditEval(args)) => edit_eval::run(&args),
         Some(Command::SegmentEval(args)) => segment_eval::run(&args),

@@ -29,6 +29,7 @@ use attend::pipeline::unet::config::DownBlockKind;
 use super::checks::{
     at_least_one, non_negative, segmentation_flag_error, warn_unknown_words, OutDir,
 };
+use super::images::{replay_given_image, ImageArgs};
 use super::{load_model, ModelArgs};
 
 /// How to segment and label; shared by `attend segment` and `attend segment-eval`.
@@ -198,6 +199,10 @@ pub struct SegmentArgs {
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub segmentation: SegmentationArgs,
+    /// Segment a given image instead of a generated one: `--prompt` describes it, the run replays
+    /// its inversion while storing attention, `image.png` is its reconstruction.
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Masks: grow each mask by this many pixels (negative: shrink); at most the image's longer side.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub dilate_px: i32,
@@ -231,13 +236,33 @@ pub(super) fn generate_with_attention(
     steps: usize,
     guidance: Option<f64>,
 ) -> anyhow::Result<Generated> {
+    generate_request_with_attention(model, segment_request(model, prompt, seed, steps, guidance))
+}
+
+/// The request `attend segment` generates: `prompt` with `seed`, `steps` and `guidance` (the
+/// generate default when `None`).
+fn segment_request(
+    model: &StableDiffusion,
+    prompt: &str,
+    seed: u64,
+    steps: usize,
+    guidance: Option<f64>,
+) -> GenerateRequest {
     let mut request = GenerateRequest::new(model, prompt.to_string());
     request.seed = seed;
     request.steps = steps;
     if let Some(guidance) = guidance {
         request.guidance = guidance;
     }
-    let token_count = model.tokenizer.encode_prompt(prompt)?.token_count();
+    request
+}
+
+/// Runs `request` with an attention store that keeps self-attention.
+pub(super) fn generate_request_with_attention(
+    model: &StableDiffusion,
+    request: GenerateRequest,
+) -> anyhow::Result<Generated> {
+    let token_count = model.tokenizer.encode_prompt(&request.prompt)?.token_count();
     let mut store = AttentionStore::new(StoreConfig::new(token_count));
     let output = generate(
         model,
@@ -416,6 +441,7 @@ fn prompt_positions(prompt_words: &[WordSpan], words: &[WordSpan]) -> Vec<usize>
 pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
     args.segmentation.check()?;
     check_guidance(args.guidance)?;
+    let image_input = args.image.read(&args.prompt)?;
     let mut out_dir = OutDir::check("--out-dir", &args.out_dir)?;
     out_dir.check_files(&["image.png", "labels.png", "segments.png", "segments.json"])?;
     let model = load_model(&args.model)?;
@@ -436,9 +462,12 @@ pub fn run(args: &SegmentArgs) -> anyhow::Result<()> {
         eprintln!("warning: no prompt word competes for labels; every segment is background");
     }
 
+    let mut request = segment_request(&model, &args.prompt, args.seed, args.steps, args.guidance);
+    if let Some(input) = &image_input {
+        replay_given_image(&model, input, &mut request, args.quiet)?;
+    }
     let started = Instant::now();
-    let generated =
-        generate_with_attention(&model, &args.prompt, args.seed, args.steps, args.guidance)?;
+    let generated = generate_request_with_attention(&model, request)?;
     for warning in &generated.output.warnings {
         eprintln!("warning: {warning}");
     }
