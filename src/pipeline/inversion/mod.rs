@@ -378,8 +378,13 @@ impl<'model> InversionRun<'model> {
         );
         check_run_fits(&memory, &available_memory())?;
         let ddim = DdimScheduler::new(&model.scheduler_config, request.steps)?;
-        let prompt_tokens = model.tokenizer.encode(&request.prompt)?;
-        let empty_tokens = model.tokenizer.encode("")?;
+        // Tokenised exactly as the replay's run tokenises them (prompt syntax, chunks of a long
+        // prompt, the empty negative prompt padded to the same chunk count).
+        let prompt_tokens = model.tokenizer.encode_prompt(&request.prompt)?;
+        let mut empty_tokens = model.tokenizer.encode_prompt("")?;
+        model
+            .tokenizer
+            .pad_to_chunks(&mut empty_tokens, prompt_tokens.chunk_count);
         let conditional = encode_prompt_batch(model, &[&prompt_tokens], &empty_tokens, false)?;
         let guided_embeddings = encode_prompt_batch(model, &[&prompt_tokens], &empty_tokens, true)?;
         Ok(Self {
