@@ -262,7 +262,10 @@ pub(super) fn generate_request_with_attention(
     model: &StableDiffusion,
     request: GenerateRequest,
 ) -> anyhow::Result<Generated> {
-    let token_count = model.tokenizer.encode_prompt(&request.prompt)?.token_count();
+    let token_count = model
+        .tokenizer
+        .encode_prompt(&request.prompt)?
+        .token_count();
     let mut store = AttentionStore::new(StoreConfig::new(token_count));
     let output = generate(
         model,

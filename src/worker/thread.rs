@@ -31,8 +31,7 @@ use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::plain::{RgbImage, SelfAttentionMap};
 use crate::worker::protocol::{
     BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, InversionParams,
-    ModelLoadProgress,
-    ModelSource, PromptInfo, StepFrame,
+    ModelLoadProgress, ModelSource, PromptInfo, StepFrame,
 };
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
