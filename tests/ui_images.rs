@@ -529,3 +529,30 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn an_a1111_png_fills_the_description_and_settings_from_its_parameters() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = folder.path().join("a1111.png");
+    let parameters = "a red circle and a blue square\nNegative prompt: blurry\n\
+                      Steps: 12, Sampler: DDIM, CFG scale: 5.5, Seed: 4242, Size: 64x64, Model: x";
+    write_png_rgb(&path, 64, 64, &vec![128; 64 * 64 * 3], Some(parameters)).unwrap();
+    let mut harness = harness_with(FakeEngineConfig::default());
+    model_loaded(&mut harness);
+    ui_common::drop_file(&mut harness, &path);
+    run_until(&mut harness, "the image", EditorApp::image_open);
+    let params = &harness.state().settings().params;
+    assert_eq!(params.prompt, "a red circle and a blue square");
+    assert_eq!(params.negative_prompt, "blurry");
+    assert_eq!((params.seed, params.steps), (4242, 12));
+    assert!((params.guidance - 5.5).abs() < 1e-9, "{}", params.guidance);
+    let status = last_status(harness.state());
+    assert!(status.contains("with its parameters"), "{status}");
+    // A PNG without parameters keeps the settings and asks for a description.
+    let plain = write_picture(folder.path());
+    ui_common::drop_file(&mut harness, &plain);
+    run_until(&mut harness, "the second image", |app| {
+        last_status(app).contains("describe it")
+    });
+    assert_eq!(harness.state().settings().params.seed, 4242);
+}

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::analysis::heatmap::Heatmap;
+use crate::analysis::png_parameters::read_png_parameters;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
 use crate::ui::canvas::{canvas_ui, CanvasState};
 use crate::ui::checks::check_params;
@@ -451,13 +452,18 @@ impl EditorApp {
                 if was_inverting {
                     let _ = self.worker.cancel();
                 }
-                self.status(
-                    StatusLevel::Info,
-                    format!(
+                let message = match self.take_png_parameters(&path) {
+                    Some(taken) => format!(
+                        "Opened image {} with its parameters ({taken}): check the description, \
+                         then Invert",
+                        path.display()
+                    ),
+                    None => format!(
                         "Opened image {}: describe it in the prompt box, then Invert",
                         path.display()
                     ),
-                );
+                };
+                self.status(StatusLevel::Info, message);
                 if std::mem::take(&mut self.state.image.generate_after_invert) {
                     self.generate();
                 }
@@ -467,6 +473,37 @@ impl EditorApp {
                 self.image_read_failed(message);
             }
         }
+    }
+
+    /// An attend or A1111 PNG carries its prompt and settings in a `parameters` text chunk: they
+    /// become the description (prompt), negative prompt, seed, steps and guidance. The image keeps
+    /// the run's size (it is fitted to it). Returns what was taken, or `None` for a file without
+    /// parameters (or whose parameters cannot be read, which is not an error for an image).
+    fn take_png_parameters(&mut self, path: &Path) -> Option<String> {
+        let png = read_png_parameters(path).ok().flatten()?;
+        let params = &mut self.state.settings.params;
+        let mut taken = Vec::new();
+        if !png.prompt.trim().is_empty() {
+            params.prompt.clone_from(&png.prompt);
+            taken.push("prompt");
+        }
+        if !png.negative_prompt.is_empty() {
+            params.negative_prompt.clone_from(&png.negative_prompt);
+            taken.push("negative prompt");
+        }
+        if let Some(seed) = png.seed {
+            params.seed = seed;
+            taken.push("seed");
+        }
+        if let Some(steps) = png.steps.filter(|&steps| steps > 0) {
+            params.steps = steps;
+            taken.push("steps");
+        }
+        if let Some(guidance) = png.cfg_scale.filter(|guidance| guidance.is_finite()) {
+            params.guidance = guidance;
+            taken.push("guidance");
+        }
+        (!taken.is_empty()).then(|| taken.join(", "))
     }
 
     /// An image could not be read: the open image (if any) stays, the panel and status line say why.
