@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -69,43 +71,6 @@ fn write_circle(path: &Path, width: u32, height: u32, colour: [u8; 3]) {
     image.save(path).unwrap();
 }
 
-/// CRC-32 (PNG's chunk checksum).
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A PNG whose header says `side x side` pixels, with almost no pixel data.
-fn write_png_header_only(path: &Path, side: u32) {
-    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        bytes.extend_from_slice(&body);
-        bytes.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut header = Vec::new();
-    header.extend_from_slice(&side.to_be_bytes());
-    header.extend_from_slice(&side.to_be_bytes());
-    header.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
-    chunk(b"IHDR", &header);
-    // An empty zlib stream: the decoder meets the pixel data only after reading the size.
-    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
-    std::fs::write(path, bytes).unwrap();
-}
-
 fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
@@ -150,7 +115,7 @@ fn bad_images_are_named_before_the_model_loads() {
     assert!(!stderr.contains("/no/such/model"), "{stderr}");
 
     let huge = dir.path().join("huge.png");
-    write_png_header_only(&huge, 30_000);
+    std::fs::write(&huge, common::png_header_only(30_000, 30_000)).unwrap();
     let stderr = invert(huge.to_str().unwrap(), "a red circle");
     assert!(stderr.contains("huge.png"), "{stderr}");
     assert!(stderr.contains("30000"), "{stderr}");

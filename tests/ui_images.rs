@@ -5,6 +5,7 @@
 // The helpers below are test code too; `allow-unwrap-in-tests` only covers `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod ui_common;
 
 use std::path::{Path, PathBuf};
@@ -463,7 +464,7 @@ fn bad_files_are_named_in_red_and_the_editor_stays_usable() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     // A valid PNG header that claims 40000 x 40000 pixels (over the decompression-bomb limit).
     let huge = folder.path().join("huge.png");
-    std::fs::write(&huge, huge_png_header(40_000, 40_000)).unwrap();
+    std::fs::write(&huge, common::png_header_only(40_000, 40_000)).unwrap();
     let missing = folder.path().join("missing.png");
 
     let mut harness = harness_with(FakeEngineConfig::default());
@@ -499,35 +500,6 @@ fn bad_files_are_named_in_red_and_the_editor_stays_usable() {
     type_into(&mut harness, "Prompt", "a circle");
     harness.get_by_label("Generate").click();
     run_until(&mut harness, "a run after the errors", ui_common::finished);
-}
-
-/// The first bytes of a PNG of `width` x `height` RGB pixels: signature and header chunk only.
-fn huge_png_header(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    let mut chunk = b"IHDR".to_vec();
-    chunk.extend_from_slice(&width.to_be_bytes());
-    chunk.extend_from_slice(&height.to_be_bytes());
-    chunk.extend_from_slice(&[8, 2, 0, 0, 0]);
-    bytes.extend_from_slice(&13u32.to_be_bytes());
-    bytes.extend_from_slice(&chunk);
-    bytes.extend_from_slice(&crc32(&chunk).to_be_bytes());
-    bytes
-}
-
-/// The PNG chunk checksum (CRC-32, IEEE).
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[test]
