@@ -15,7 +15,7 @@
 //! (Style Aligned's shared attention):
 //! - **the attention output** ([`AttentionProcessor::compute_attention_output`]): after the
 //!   query/key/value stage a processor may compute a layer's whole attention output itself, with
-//!   the layer's own fused kernel lent to it ([`LayerAttention`]) for whichever rows and keys it
+//!   the layer's own fused kernel handed to it ([`LayerAttention`]) for whichever rows and keys it
 //!   likes (e.g. some batch items with their own keys, others with more); such a layer has no
 //!   probability stage;
 //! - **group norm sharing** ([`AttentionProcessor::shared_group_norm`]): asked once per UNet call,
@@ -138,7 +138,7 @@ impl SharedGroupNorm {
     }
 }
 
-/// An attention layer's own attention, lent to a processor that computes the layer's output
+/// An attention layer's own attention, handed to a processor that computes the layer's output
 /// ([`AttentionProcessor::compute_attention_output`]).
 pub trait LayerAttention {
     /// `softmax(q k^T * head_dim^-0.5) v` per head with the layer's fused kernel (the computation
