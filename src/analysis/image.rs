@@ -381,6 +381,55 @@ fn resize(image: &RgbImage, width: usize, height: usize) -> AnalysisResult<RgbIm
     })
 }
 
+/// How far one 8-bit image is from another of the same size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageDifference {
+    /// Peak signal-to-noise ratio in dB over the RGB values; infinite for identical images.
+    pub psnr_db: f64,
+    /// Mean absolute difference per RGB value (0..255).
+    pub mean_abs: f64,
+}
+
+/// The PSNR and mean absolute difference of `image` against `reference` (reconstructions against
+/// their input). Images of different sizes, or with inconsistent or no pixels, are an error.
+pub fn image_difference(image: &RgbImage, reference: &RgbImage) -> AnalysisResult<ImageDifference> {
+    if (image.width, image.height) != (reference.width, reference.height)
+        || !image.is_consistent()
+        || !reference.is_consistent()
+        || image.pixels.is_empty()
+    {
+        return Err(AnalysisError::InvalidArgument {
+            name: "image",
+            reason: format!(
+                "cannot compare a {}x{} image with a {}x{} one",
+                image.width, image.height, reference.width, reference.height
+            ),
+        });
+    }
+    let count = image.pixels.len() as f64;
+    let (squared, absolute) = image
+        .pixels
+        .iter()
+        .zip(&reference.pixels)
+        .map(|(&a, &b)| f64::from(a) - f64::from(b))
+        .fold((0.0, 0.0), |(squared, absolute), difference| {
+            (
+                squared + difference * difference,
+                absolute + difference.abs(),
+            )
+        });
+    let mse = squared / count;
+    let psnr_db = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0 * 255.0 / mse).log10()
+    };
+    Ok(ImageDifference {
+        psnr_db,
+        mean_abs: absolute / count,
+    })
+}
+
 /// A stable content hash of an image (size and pixels), as 16 hex digits: the key of cached
 /// inversions and the check that a reopened session has the same pixels.
 pub fn image_hash(image: &RgbImage) -> String {

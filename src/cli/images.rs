@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use attend::analysis::image::{fit_image, image_hash, read_image, FittedImage, ImageFit, RgbImage};
+use attend::analysis::image::{
+    fit_image, image_difference, image_hash, read_image, FittedImage, ImageFit, RgbImage,
+};
 use attend::hook::CancelToken;
 use attend::pipeline::inversion::{
     invert, Inversion, InversionMethod, InversionProgress, InversionRequest,
@@ -413,31 +415,9 @@ pub fn note_replay_settings(prepared: &PreparedImage, steps: usize, guidance: f6
 /// mean absolute difference per channel value. `None` for the PSNR when the images are identical
 /// (infinite). Errors when the sizes differ.
 pub fn psnr_db(image: &RgbImage, reference: &RgbImage) -> anyhow::Result<(Option<f64>, f64)> {
-    anyhow::ensure!(
-        (image.width, image.height) == (reference.width, reference.height)
-            && image.is_consistent()
-            && reference.is_consistent(),
-        "cannot compare a {}x{} image with a {}x{} one",
-        image.width,
-        image.height,
-        reference.width,
-        reference.height
-    );
-    let count = image.pixels.len().max(1) as f64;
-    let (squared, absolute) = image
-        .pixels
-        .iter()
-        .zip(&reference.pixels)
-        .map(|(&a, &b)| f64::from(a) - f64::from(b))
-        .fold((0.0, 0.0), |(squared, absolute), difference| {
-            (
-                squared + difference * difference,
-                absolute + difference.abs(),
-            )
-        });
-    let mse = squared / count;
-    let psnr = (mse > 0.0).then(|| 10.0 * (255.0 * 255.0 / mse).log10());
-    Ok((psnr, absolute / count))
+    let difference = image_difference(image, reference)?;
+    let psnr = Some(difference.psnr_db).filter(|psnr| psnr.is_finite());
+    Ok((psnr, difference.mean_abs))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use crate::analysis::image::image_difference;
 use crate::analysis::segment::LabelledSegmentation;
 use crate::hook::CancelToken;
 use crate::worker::error::{Disconnected, EngineError};
@@ -215,27 +216,11 @@ pub trait Engine {
 }
 
 /// Peak signal-to-noise ratio of `actual` against `expected` (8-bit), in dB: infinite for equal
-/// images, `None` when their sizes differ.
+/// images, `None` when their sizes differ (see [`image_difference`]).
 pub fn psnr_db(expected: &RgbImage, actual: &RgbImage) -> Option<f64> {
-    if expected.width != actual.width
-        || expected.height != actual.height
-        || expected.pixels.len() != actual.pixels.len()
-        || expected.pixels.is_empty()
-    {
-        return None;
-    }
-    let squared_error: f64 = expected
-        .pixels
-        .iter()
-        .zip(&actual.pixels)
-        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-        .sum();
-    let mean = squared_error / expected.pixels.len() as f64;
-    Some(if mean == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0 * 255.0 / mean).log10()
-    })
+    image_difference(actual, expected)
+        .ok()
+        .map(|difference| difference.psnr_db)
 }
 
 /// Checks what an inversion needs before any work: a description, a known method, steps in

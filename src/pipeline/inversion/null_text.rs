@@ -21,8 +21,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use super::InversionProgress;
 use crate::hook::CancelToken;
 use crate::pipeline::model::StableDiffusion;
-use crate::pipeline::scheduler::config::{PredictionType, SchedulerConfig};
-use crate::pipeline::scheduler::schedule::training_alphas_cumprod;
+use crate::pipeline::scheduler::ddim::DdimScheduler;
+use crate::pipeline::scheduler::Scheduler;
 use crate::pipeline::{PipelineError, PipelineResult};
 
 /// Adam iterations per step at most.
@@ -48,124 +48,6 @@ pub(crate) struct NullTextResult {
     pub losses: Vec<Vec<f32>>,
 }
 
-/// DDIM's deterministic update (`eta = 0`) on the model's scheduler settings, with explicit
-/// timesteps, built from candle operations that have a backward (so a loss on its result reaches
-/// the model output). Same arithmetic as the sampling scheduler
-/// (`crate::pipeline::scheduler::ddim`): previous timestep `t - train_steps / steps`, the final
-/// alpha product below index 0, optional clipping of the predicted clean sample.
-#[derive(Clone, Debug)]
-pub(crate) struct DdimUpdate {
-    alphas_cumprod: Vec<f64>,
-    final_alpha_cumprod: f64,
-    step_ratio: i64,
-    prediction_type: PredictionType,
-    clip_range: Option<f64>,
-}
-
-impl DdimUpdate {
-    /// The update of a `steps`-step schedule under `config` (`steps` >= 1).
-    pub(crate) fn new(config: &SchedulerConfig, steps: usize) -> PipelineResult<Self> {
-        let train_steps = config.num_train_timesteps;
-        if steps == 0 || steps > train_steps {
-            return Err(PipelineError::InvalidArgument {
-                name: "steps",
-                reason: format!("must be 1..={train_steps}, got {steps}"),
-            });
-        }
-        let alphas_cumprod = training_alphas_cumprod(config);
-        let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
-            1.0
-        } else {
-            alphas_cumprod.first().copied().unwrap_or(1.0)
-        };
-        Ok(Self {
-            alphas_cumprod,
-            final_alpha_cumprod,
-            step_ratio: i64::try_from(train_steps / steps).unwrap_or(i64::MAX),
-            prediction_type: config.prediction_type,
-            clip_range: config
-                .clip_sample
-                .unwrap_or(true)
-                .then_some(config.clip_sample_range),
-        })
-    }
-
-    /// `alphas_cumprod[t]`, the final alpha product below 0 (or past the table).
-    pub(crate) fn alpha_product(&self, timestep: i64) -> f64 {
-        usize::try_from(timestep)
-            .ok()
-            .and_then(|index| self.alphas_cumprod.get(index).copied())
-            .unwrap_or(self.final_alpha_cumprod)
-    }
-
-    /// The timestep one step below `timestep` (may be negative: the final alpha product).
-    pub(crate) fn previous_timestep(&self, timestep: f64) -> i64 {
-        whole_timestep(timestep) - self.step_ratio
-    }
-
-    /// `(predicted clean sample, predicted noise)` from `model_output` on `sample` at a timestep
-    /// whose alpha product is `alpha`, per the prediction type; same shapes as `sample`.
-    pub(crate) fn clean_and_noise(
-        &self,
-        model_output: &Tensor,
-        alpha: f64,
-        sample: &Tensor,
-    ) -> PipelineResult<(Tensor, Tensor)> {
-        let beta = 1.0 - alpha;
-        let weighted = |a: f64, x: &Tensor, b: f64, y: &Tensor| -> PipelineResult<Tensor> {
-            Ok((x.affine(a, 0.0)? + y.affine(b, 0.0)?)?)
-        };
-        let (clean, noise) = match self.prediction_type {
-            PredictionType::Epsilon => (
-                weighted(
-                    1.0 / alpha.sqrt(),
-                    sample,
-                    -beta.sqrt() / alpha.sqrt(),
-                    model_output,
-                )?,
-                model_output.clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.clone(),
-                weighted(
-                    1.0 / beta.sqrt(),
-                    sample,
-                    -alpha.sqrt() / beta.sqrt(),
-                    model_output,
-                )?,
-            ),
-            PredictionType::VPrediction => (
-                weighted(alpha.sqrt(), sample, -beta.sqrt(), model_output)?,
-                weighted(alpha.sqrt(), model_output, beta.sqrt(), sample)?,
-            ),
-        };
-        Ok((clean, noise))
-    }
-
-    /// `z_{t-1}` from `sample` `z_t` and the (guided) `model_output` at `timestep`, `[b, c, h, w]`.
-    pub(crate) fn previous(
-        &self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> PipelineResult<Tensor> {
-        let alpha = self.alpha_product(whole_timestep(timestep));
-        let alpha_previous = self.alpha_product(self.previous_timestep(timestep));
-        let (clean, noise) = self.clean_and_noise(model_output, alpha, sample)?;
-        let clean = match self.clip_range {
-            Some(range) => clean.clamp(-range, range)?,
-            None => clean,
-        };
-        Ok((clean.affine(alpha_previous.sqrt(), 0.0)?
-            + noise.affine((1.0 - alpha_previous).sqrt(), 0.0)?)?)
-    }
-}
-
-/// DDIM timesteps are whole numbers.
-fn whole_timestep(timestep: f64) -> i64 {
-    timestep.round() as i64
-}
-
 /// `eps_u + guidance * (eps_c - eps_u)`.
 fn guided(unconditional: &Tensor, conditional: &Tensor, guidance: f64) -> PipelineResult<Tensor> {
     Ok((unconditional + ((conditional - unconditional)? * guidance)?)?)
@@ -176,8 +58,10 @@ fn guided(unconditional: &Tensor, conditional: &Tensor, guidance: f64) -> Pipeli
 pub(crate) struct NullTextStep<'a> {
     /// The model.
     pub model: &'a StableDiffusion,
-    /// The DDIM update.
-    pub update: &'a DdimUpdate,
+    /// The DDIM schedule the trajectory was inverted on.
+    pub ddim: &'a DdimScheduler,
+    /// The sampling step, 0-based.
+    pub step_index: usize,
     /// `z`, `[1, c, h, w]` f32.
     pub latent: &'a Tensor,
     /// The step's timestep.
@@ -201,23 +85,26 @@ impl NullTextStep<'_> {
             .forward(self.latent, self.timestep, unconditional, None)?
             .to_dtype(DType::F32)?;
         let noise = guided(&unconditional_noise, self.conditional_noise, self.guidance)?;
-        let previous = self.update.previous(&noise, self.timestep, self.latent)?;
+        let previous = self
+            .ddim
+            .previous_sample(&noise, self.step_index, self.latent)?;
         Ok((previous - self.target)?.sqr()?.mean_all()?)
     }
 }
 
-/// One guided DDIM step of `latent` `[1, c, h, w]` at `timestep` with a CFG batch of the
-/// `unconditional` and `conditional` embeddings (`[1, tokens, dim]` each), no gradients: the
-/// sampler's arithmetic, so a replay with the same embeddings takes the same path.
+/// One guided DDIM step (sampling step `step_index` of `ddim`) of `latent` `[1, c, h, w]` with a CFG
+/// batch of the `unconditional` and `conditional` embeddings (`[1, tokens, dim]` each), no
+/// gradients: the sampler's arithmetic, so a replay with the same embeddings takes the same path.
 pub(crate) fn guided_ddim_step(
     model: &StableDiffusion,
-    update: &DdimUpdate,
+    ddim: &DdimScheduler,
     latent: &Tensor,
-    timestep: f64,
+    step_index: usize,
     unconditional: &Tensor,
     conditional: &Tensor,
     guidance: f64,
 ) -> PipelineResult<Tensor> {
+    let timestep = ddim_timestep(ddim, step_index)?;
     let batch = Tensor::cat(&[latent, latent], 0)?;
     let context = Tensor::cat(&[&unconditional.detach(), &conditional.detach()], 0)?;
     let noise = model
@@ -225,7 +112,21 @@ pub(crate) fn guided_ddim_step(
         .forward(&batch, timestep, &context, None)?
         .to_dtype(DType::F32)?;
     let noise = guided(&noise.narrow(0, 0, 1)?, &noise.narrow(0, 1, 1)?, guidance)?;
-    update.previous(&noise, timestep, latent)
+    ddim.previous_sample(&noise, step_index, latent)
+}
+
+/// The timestep of sampling step `step_index` of `ddim`.
+fn ddim_timestep(ddim: &DdimScheduler, step_index: usize) -> PipelineResult<f64> {
+    ddim.timesteps()
+        .get(step_index)
+        .copied()
+        .ok_or_else(|| PipelineError::InvalidArgument {
+            name: "step_index",
+            reason: format!(
+                "step {step_index} is past the last step of a {}-step schedule",
+                ddim.timesteps().len()
+            ),
+        })
 }
 
 /// Checks the shapes: `trajectory` `[steps + 1, 1, c, h, w]`, one timestep per step, both
@@ -307,7 +208,16 @@ pub(crate) fn optimise_null_text(
         }
     };
     let steps = timesteps.len();
-    let update = DdimUpdate::new(&model.scheduler_config, steps)?;
+    let ddim = DdimScheduler::new(&model.scheduler_config, steps)?;
+    if ddim.timesteps() != timesteps {
+        return Err(PipelineError::InvalidArgument {
+            name: "timesteps",
+            reason: format!(
+                "{timesteps:?} are not the model's {steps}-step DDIM timesteps {:?}",
+                ddim.timesteps()
+            ),
+        });
+    }
     let device = model.device();
     let trajectory = trajectory.to_device(device)?.to_dtype(DType::F32)?;
     let conditional = conditional.to_device(device)?.detach();
@@ -339,7 +249,8 @@ pub(crate) fn optimise_null_text(
         let threshold = EARLY_STOP_LOSS + step_index as f64 * EARLY_STOP_LOSS_PER_STEP;
         let step = NullTextStep {
             model,
-            update: &update,
+            ddim: &ddim,
+            step_index,
             latent: &latent,
             timestep,
             conditional_noise: &conditional_noise,
@@ -362,9 +273,9 @@ pub(crate) fn optimise_null_text(
         check_cancel()?;
         latent = guided_ddim_step(
             model,
-            &update,
+            &ddim,
             &latent,
-            timestep,
+            step_index,
             &unconditional,
             &conditional,
             guidance,
@@ -390,8 +301,6 @@ mod tests {
     use super::*;
     use crate::pipeline::model::LoadOptions;
     use crate::pipeline::sampling::encode_prompt_batch;
-    use crate::pipeline::scheduler::ddim::DdimScheduler;
-    use crate::pipeline::scheduler::Scheduler;
 
     fn load(relative: &str) -> StableDiffusion {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
@@ -455,28 +364,19 @@ mod tests {
     /// noise evaluated at the destination timestep `t`. `[steps + 1, 1, c, h, w]`.
     fn ddim_inversion(
         model: &StableDiffusion,
-        update: &DdimUpdate,
+        ddim: &DdimScheduler,
         timesteps: &[f64],
         start: &Tensor,
         conditional: &Tensor,
     ) -> Tensor {
         let mut latent = start.clone();
         let mut latents = vec![latent.clone()];
-        for &timestep in timesteps.iter().rev() {
+        for (step_index, &timestep) in timesteps.iter().enumerate().rev() {
             let output = model
                 .unet
                 .forward(&latent, timestep, conditional, None)
                 .unwrap();
-            let alpha = update.alpha_product(whole_timestep(timestep));
-            let alpha_from = update.alpha_product(update.previous_timestep(timestep));
-            let (_, noise) = update.clean_and_noise(&output, alpha, &latent).unwrap();
-            let clean = ((&latent - noise.affine((1.0 - alpha_from).sqrt(), 0.0).unwrap())
-                .unwrap()
-                / alpha_from.sqrt())
-            .unwrap();
-            latent = (clean.affine(alpha.sqrt(), 0.0).unwrap()
-                + noise.affine((1.0 - alpha).sqrt(), 0.0).unwrap())
-            .unwrap();
+            latent = ddim.inverse_step(&output, step_index, &latent).unwrap();
             latents.push(latent.clone());
         }
         Tensor::stack(&latents, 0).unwrap()
@@ -485,19 +385,19 @@ mod tests {
     /// Guided DDIM from `z*_T` with `unconditional(i)` at step `i`; returns the final latent.
     fn replay(
         model: &StableDiffusion,
-        update: &DdimUpdate,
+        ddim: &DdimScheduler,
         timesteps: &[f64],
         start: &Tensor,
         unconditional: impl Fn(usize) -> Tensor,
         conditional: &Tensor,
     ) -> Tensor {
         let mut latent = start.clone();
-        for (index, &timestep) in timesteps.iter().enumerate() {
+        for index in 0..timesteps.len() {
             latent = guided_ddim_step(
                 model,
-                update,
+                ddim,
                 &latent,
-                timestep,
+                index,
                 &unconditional(index),
                 conditional,
                 7.5,
@@ -523,9 +423,9 @@ mod tests {
     fn invert_and_replay(model: &StableDiffusion, size_px: usize, steps: usize) -> (f32, f32) {
         let (unconditional, conditional) = embeddings(model, "a red circle");
         let timesteps = timesteps(model, steps);
-        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let ddim = DdimScheduler::new(&model.scheduler_config, steps).unwrap();
         let start = image_latent(model, size_px);
-        let trajectory = ddim_inversion(model, &update, &timesteps, &start, &conditional);
+        let trajectory = ddim_inversion(model, &ddim, &timesteps, &start, &conditional);
         let mut reported = Vec::new();
         let result = optimise_null_text(
             model,
@@ -566,7 +466,7 @@ mod tests {
         let z_t = trajectory.get(steps).unwrap();
         let optimised = replay(
             model,
-            &update,
+            &ddim,
             &timesteps,
             &z_t,
             |index| result.embeddings.narrow(0, index, 1).unwrap(),
@@ -574,7 +474,7 @@ mod tests {
         );
         let plain = replay(
             model,
-            &update,
+            &ddim,
             &timesteps,
             &z_t,
             |_| unconditional.clone(),
@@ -680,10 +580,10 @@ mod tests {
             .unwrap();
         let (unconditional, conditional) = embeddings(&model, "a red circle");
         let timesteps = timesteps(&model, steps);
-        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let ddim = DdimScheduler::new(&model.scheduler_config, steps).unwrap();
         let start = image_latent(&model, size_px);
         let clock = std::time::Instant::now();
-        let trajectory = ddim_inversion(&model, &update, &timesteps, &start, &conditional);
+        let trajectory = ddim_inversion(&model, &ddim, &timesteps, &start, &conditional);
         eprintln!("DDIM inversion: {:.2} s", clock.elapsed().as_secs_f64());
         let clock = std::time::Instant::now();
         let mut last = 0.0;
@@ -728,9 +628,9 @@ mod tests {
         let (unconditional, conditional) = embeddings(&model, "a red circle");
         let steps = 4;
         let timesteps = timesteps(&model, steps);
-        let update = DdimUpdate::new(&model.scheduler_config, steps).unwrap();
+        let ddim = DdimScheduler::new(&model.scheduler_config, steps).unwrap();
         let start = image_latent(&model, 32);
-        let trajectory = ddim_inversion(&model, &update, &timesteps, &start, &conditional);
+        let trajectory = ddim_inversion(&model, &ddim, &timesteps, &start, &conditional);
         let latent = trajectory.get(steps).unwrap();
         let timestep = timesteps[0];
         let conditional_noise = model
@@ -740,7 +640,8 @@ mod tests {
         let target = trajectory.get(steps - 1).unwrap();
         let step = NullTextStep {
             model: &model,
-            update: &update,
+            ddim: &ddim,
+            step_index: 0,
             latent: &latent,
             timestep,
             conditional_noise: &conditional_noise,

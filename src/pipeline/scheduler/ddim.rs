@@ -228,6 +228,20 @@ impl Scheduler for DdimScheduler {
         sample: &Tensor,
         _rng: &mut NoiseRng,
     ) -> PipelineResult<Tensor> {
+        self.previous_sample(model_output, step_index, sample)
+    }
+}
+
+impl DdimScheduler {
+    /// Sampling step `step_index` (`eta = 0`) without touching the scheduler: the previous sample
+    /// from `model_output` on `sample`, both `[batch, channels, h, w]`. Plain tensor arithmetic,
+    /// so gradients flow through it (null-text inversion).
+    pub fn previous_sample(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> PipelineResult<Tensor> {
         let (alpha_t, alpha_prev) = self.step_alphas(step_index)?;
         let (predicted_clean, predicted_noise) = self.predict(model_output, sample, alpha_t)?;
         // eta = 0: no noise, the direction term uses the full remaining variance.
