@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::analysis::heatmap::Heatmap;
-use crate::analysis::png_parameters::read_png_parameters;
+use crate::analysis::png_parameters::PngParameters;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
 use crate::ui::canvas::{canvas_ui, CanvasState};
 use crate::ui::checks::check_params;
@@ -447,12 +447,12 @@ impl EditorApp {
         let was_inverting = self.state.image.is_inverting();
         match self.state.image.poll_reading() {
             None => {}
-            Some(Ok(path)) => {
+            Some(Ok((path, parameters))) => {
                 // The new image replaces the open one: an inversion of that one is no longer wanted.
                 if was_inverting {
                     let _ = self.worker.cancel();
                 }
-                let message = match self.take_png_parameters(&path) {
+                let message = match parameters.and_then(|png| self.take_png_parameters(&png)) {
                     Some(taken) => format!(
                         "Opened image {} with its parameters ({taken}): check the description, \
                          then Invert",
@@ -475,12 +475,11 @@ impl EditorApp {
         }
     }
 
-    /// An attend or A1111 PNG carries its prompt and settings in a `parameters` text chunk: they
-    /// become the description (prompt), negative prompt, seed, steps and guidance. The image keeps
-    /// the run's size (it is fitted to it). Returns what was taken, or `None` for a file without
-    /// parameters (or whose parameters cannot be read, which is not an error for an image).
-    fn take_png_parameters(&mut self, path: &Path) -> Option<String> {
-        let png = read_png_parameters(path).ok().flatten()?;
+    /// An attend or A1111 PNG carries its prompt and settings in a `parameters` text chunk (read
+    /// with the image): they become the description (prompt), negative prompt, seed, steps and
+    /// guidance. The image keeps the run's size (it is fitted to it). Returns what was taken, or
+    /// `None` when nothing was.
+    fn take_png_parameters(&mut self, png: &PngParameters) -> Option<String> {
         let params = &mut self.state.settings.params;
         let mut taken = Vec::new();
         if !png.prompt.trim().is_empty() {

@@ -16,6 +16,7 @@ use crossbeam_channel::Receiver;
 use egui::{Color32, RichText};
 
 use crate::analysis::image::{fit_image, image_hash, read_image, FittedImage, ImageFit, RgbImage};
+use crate::analysis::png_parameters::{read_png_parameters, PngParameters};
 use crate::ui::command::{UiCommand, UiCommands};
 use crate::ui::context::ViewContext;
 use crate::ui::events::AfterEvent;
@@ -112,7 +113,7 @@ pub(crate) struct ImageInput {
     /// or while the image is being read).
     pub(crate) generate_after_invert: bool,
     /// A file being read on the `attend-image-reader` thread, and where its answer comes.
-    reading: Option<(PathBuf, Receiver<Result<RgbImage, String>>)>,
+    reading: Option<(PathBuf, Receiver<Result<ReadImage, String>>)>,
 }
 
 impl Default for ImageInput {
@@ -168,7 +169,12 @@ impl ImageInput {
         std::thread::Builder::new()
             .name("attend-image-reader".to_owned())
             .spawn(move || {
-                let _ = answer_tx.send(read_checked(&file));
+                let answer = read_checked(&file).map(|image| ReadImage {
+                    image,
+                    // Parameters that cannot be read are not an error for an image.
+                    parameters: read_png_parameters(&file).ok().flatten(),
+                });
+                let _ = answer_tx.send(answer);
                 done();
             })
             .map_err(|error| format!("Cannot open image {}: {error}", path.display()))?;
@@ -182,8 +188,11 @@ impl ImageInput {
     }
 
     /// The answer of the file being read, once it is ready: the image is opened (replacing the open
-    /// one), or the error is returned and nothing changes.
-    pub(crate) fn poll_reading(&mut self) -> Option<Result<PathBuf, String>> {
+    /// one) and its path and PNG `parameters` (if any) returned, or the error is returned and
+    /// nothing changes.
+    pub(crate) fn poll_reading(
+        &mut self,
+    ) -> Option<Result<(PathBuf, Option<PngParameters>), String>> {
         let (path, answer) = self.reading.as_ref()?;
         let result = match answer.try_recv() {
             Ok(result) => result,
@@ -195,12 +204,12 @@ impl ImageInput {
         };
         let path = path.clone();
         self.reading = None;
-        Some(result.map(|image| {
+        Some(result.map(|read| {
             // A Generate asked for while the file was read still follows.
             let generate = self.generate_after_invert;
-            self.open(display_name(&path), Some(path.clone()), image);
+            self.open(display_name(&path), Some(path.clone()), read.image);
             self.generate_after_invert = generate;
-            path
+            (path, read.parameters)
         }))
     }
 
@@ -314,6 +323,12 @@ impl ImageInput {
     fn is_running_request(&self, run_id: u64) -> bool {
         matches!(self.inversion, InversionState::Running { run_id: running, .. } if running == run_id)
     }
+}
+
+/// What the reader thread hands back: the image and the settings its PNG carries.
+struct ReadImage {
+    image: RgbImage,
+    parameters: Option<PngParameters>,
 }
 
 /// Reads an image file for the editor; errors name the file (the reader's do already).
