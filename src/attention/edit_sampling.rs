@@ -26,13 +26,14 @@ use crate::attention::p2p::{
 };
 use crate::hook::CancelToken;
 use crate::hook::{AttentionProcessor, AttentionSite, ChainedProcessors};
+use crate::pipeline::inversion::{invert_observed, Inversion, InversionProgress, InversionRequest};
 use crate::pipeline::limits::RunCapture;
 use crate::pipeline::model::StableDiffusion;
 use crate::pipeline::rng::NoiseRng;
 use crate::pipeline::sampling::{
     decode_to_unit_range, denoise_step, encode_prompt_batch, prepare_run, prepare_run_with,
     replay_unconditional, row_scheduler, run_to_end, start_row, to_rgb8, DenoiseRow, DenoiseStep,
-    GenerateOutput, GenerateRequest, PreparedRun, RowRole, Sampler, StepwiseRun,
+    GenerateOutput, GenerateRequest, PreparedRun, RgbImage, RowRole, Sampler, StepwiseRun,
 };
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::tokenizer::PromptTokens;
@@ -693,4 +694,104 @@ impl StepwiseRun for EditedBranchRun<'_> {
     ) -> PipelineResult<Option<EditStepReport>> {
         self.step(observer)
     }
+}
+
+/// A given image inverted, with its source branch recorded for edits (see [`invert_recording_source`]).
+#[derive(Clone, Debug)]
+pub struct InvertedSource {
+    /// The inversion.
+    pub inversion: Arc<Inversion>,
+    /// The request that replays it (the caller's request with the inversion's steps, guidance,
+    /// seed, size and DDIM): what [`generate_edited_branch`] takes.
+    pub request: GenerateRequest,
+    /// The source branch's run: the image's reconstruction.
+    pub source: GenerateOutput,
+    /// The source branch's recording, as [`record_source`] of `request` makes it.
+    pub recording: Arc<SourceRecording>,
+    /// True when the inversion's own guided pass was the source branch (the exact methods,
+    /// `direct` and `ddpm`), false when the source ran separately after the inversion.
+    pub recorded_while_inverting: bool,
+}
+
+/// Inverts `image` with `inversion` and records the source branch of later edits: for the exact
+/// methods (`direct`, `ddpm`) the inversion's guided pass down from `z*_T` feeds the UNet the
+/// very latents the replay's source row would (same embeddings, batch layout, guidance), so the
+/// recorder rides on that pass ([`invert_observed`]) and no separate source run is made: one UNet
+/// pass fewer per edit, with a recording and source latents bit-identical to [`record_source`]'s.
+/// Other methods invert, then run [`record_source`].
+///
+/// `request` is the replay's template: its prompt must be the inversion's prompt and its size
+/// the image's; steps, guidance, seed, scheduler and the inversion are set from `inversion`.
+pub fn invert_recording_source(
+    model: &StableDiffusion,
+    image: &RgbImage,
+    inversion: &InversionRequest,
+    request: &GenerateRequest,
+    record: RecordConfig,
+    on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<InvertedSource> {
+    if request.prompt != inversion.prompt {
+        return Err(PipelineError::InvalidArgument {
+            name: "source prompt",
+            reason: format!(
+                "{:?} is not the prompt the image is inverted with ({:?})",
+                request.prompt, inversion.prompt
+            ),
+        });
+    }
+    let mut recorder = SourceRecorder::new(record);
+    let (inverted, pass) = invert_observed(
+        model,
+        image,
+        inversion,
+        Some(&mut recorder),
+        on_step,
+        cancel,
+    )?;
+    let mut replay = request.clone();
+    replay.steps = inverted.request.steps;
+    replay.guidance = inverted.request.guidance;
+    replay.seed = inverted.request.seed;
+    (replay.width, replay.height) = inverted.size_px;
+    replay.scheduler = Some(SchedulerKind::Ddim);
+    replay.inversion = Some(Arc::clone(&inverted));
+    let Some(pass) = pass else {
+        let (source, recording) =
+            record_source(model, &replay, record, None, &mut |_| Ok(()), cancel)?;
+        return Ok(InvertedSource {
+            inversion: inverted,
+            request: replay,
+            source,
+            recording,
+            recorded_while_inverting: false,
+        });
+    };
+    let capture = RunCapture::none().with_replay_recording(record.self_max_queries);
+    let prepared = prepare_run_with(model, &replay, &capture)?;
+    let step_count = prepared.step_count();
+    for step_index in 0..step_count {
+        recorder
+            .recording_mut()
+            .record_latents(step_index, &pass.latents_per_step.get(step_index)?);
+    }
+    let final_latents = pass.latents_per_step.get(step_count - 1)?;
+    let image_f32 = decode_to_unit_range(model, &final_latents)?;
+    let source = GenerateOutput {
+        image: to_rgb8(&image_f32)?,
+        image_f32,
+        latents_per_step: pass.latents_per_step,
+        timesteps: prepared.timesteps,
+        scheduler: prepared.scheduler_kind,
+        prompt_tokens: prepared.prompt_tokens,
+        negative_tokens: prepared.negative_tokens,
+        warnings: prepared.warnings,
+    };
+    Ok(InvertedSource {
+        inversion: inverted,
+        request: replay,
+        source,
+        recording: recorder.finish(),
+        recorded_while_inverting: true,
+    })
 }

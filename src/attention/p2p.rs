@@ -59,6 +59,43 @@ use crate::pipeline::{PipelineError, PipelineResult};
 
 use blend::choose_grid;
 
+/// How a word swap on an inverted (given) image starts, where it differs from a swap on a
+/// generated image. Chosen by measurement on drawn scenes inverted with `direct` (`attend
+/// edit-eval --real-images`; numbers in the benchmarks document).
+///
+/// An exact inversion's source branch runs through the image's own latents, so the self-attention
+/// it records holds the old object's outline: replaced for long, the new shape is not drawn; not
+/// replaced, the edited branch drifts away from the image. Local blend takes the drift away
+/// outside the swapped object's words (the edited latents there are the source's), which lets
+/// the self-attention window end early so the new shape can form inside.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InvertedImageSwap {
+    /// Blend locally on the swapped words (the caller names them).
+    pub local_blend: bool,
+    /// Where the self-attention window ends, as a fraction of the steps (from the first step);
+    /// `None`: the model's recommendation as for generated images.
+    pub self_replace_end: Option<f64>,
+}
+
+/// The settings a word swap on an inverted image starts with (see [`InvertedImageSwap`]).
+pub const INVERTED_IMAGE_SWAP: InvertedImageSwap = InvertedImageSwap {
+    local_blend: true,
+    self_replace_end: None,
+};
+
+impl InvertedImageSwap {
+    /// `recommended` (the model's setting for swaps on generated images) with this window end.
+    pub fn self_replace(&self, recommended: SelfReplace) -> SelfReplace {
+        match self.self_replace_end {
+            Some(end) => SelfReplace {
+                window: StepWindow::until(end),
+                ..recommended
+            },
+            None => recommended,
+        }
+    }
+}
+
 /// Where the source prompt's attention comes from.
 #[derive(Clone, Debug)]
 pub enum SourceMode {

@@ -12,7 +12,7 @@ use attend::analysis::edit_spec::{CrossWindow, EditSpec, LocalBlendConfig, Rewei
 use attend::analysis::export::{write_atomically, write_png_rgb};
 use attend::analysis::scene_check::{find_object, palette_labels};
 use attend::attention::edit_sampling::{generate_edited_branch, record_source};
-use attend::attention::p2p::RecordConfig;
+use attend::attention::p2p::{RecordConfig, INVERTED_IMAGE_SWAP};
 use attend::hook::CancelToken;
 use attend::pipeline::sampling::{generate, GenerateRequest, RgbImage};
 use attend::scenes::{generate_scene, Colour, Scene, SceneObject, SceneOptions, Shape};
@@ -73,6 +73,13 @@ pub struct EditEvalArgs {
     /// its occurrence, `square#2`, so another object of the same shape stays closed).
     #[arg(long)]
     pub local_blend: bool,
+    /// With `--real-images`, where the swap blends locally by default: edit without local blend.
+    #[arg(long, conflicts_with = "local_blend", requires = "real_images")]
+    pub no_local_blend: bool,
+    /// Local blend: the blend acts from this fraction of the steps on (default: 0.2, the
+    /// reference's).
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub blend_start: Option<f64>,
     /// Local blend threshold on the max-normalised word map (with `--local-blend`).
     #[arg(long, default_value_t = 0.3, allow_hyphen_values = true)]
     pub blend_threshold: f32,
@@ -105,6 +112,12 @@ pub struct EditEvalArgs {
     /// With `--real-images`: the inversion methods to compare, comma-separated (default: direct).
     #[arg(long, value_name = "METHOD[,METHOD]", requires = "real_images")]
     pub inversion_methods: Option<String>,
+}
+
+/// Whether a swap on an inverted scene blends locally: by default yes (see
+/// [`attend::attention::p2p::INVERTED_IMAGE_SWAP`]), `--no-local-blend` says no.
+pub(super) fn real_image_local_blend(args: &EditEvalArgs) -> bool {
+    args.local_blend || (INVERTED_IMAGE_SWAP.local_blend && !args.no_local_blend)
 }
 
 /// What was measured for one object of a scene in a generated image.
@@ -344,10 +357,16 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
     // Swaps change a word and take the model's recommendation; reweights keep the source prompt
     // and take the reference's setting (`SelfReplace::for_edit`), unless the flags say.
+    // On inverted scenes the window starts from the inverted-image setting.
+    let recommended = SelfReplace::recommended(model.edit_defaults());
     let self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
         args.self_replace_max_side,
-        SelfReplace::recommended(model.edit_defaults()),
+        if args.real_images {
+            INVERTED_IMAGE_SWAP.self_replace(recommended)
+        } else {
+            recommended
+        },
     )?;
     let reweight_self_replace = self_replace_from_args(
         args.self_replace.as_deref(),
@@ -459,6 +478,9 @@ pub fn run(args: &EditEvalArgs) -> anyhow::Result<()> {
                 let local_blend = args.local_blend.then(|| LocalBlendConfig {
                     words: blend_words,
                     threshold: args.blend_threshold,
+                    start_fraction: args
+                        .blend_start
+                        .unwrap_or(LocalBlendConfig::default().start_fraction),
                     ..LocalBlendConfig::default()
                 });
                 let spec = EditSpec {

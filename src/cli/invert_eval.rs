@@ -13,7 +13,7 @@ use attend::analysis::edit_spec::{
     CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow,
 };
 use attend::analysis::export::{write_atomically, write_png_rgb};
-use attend::attention::edit_sampling::{generate_edited_branch, record_source};
+use attend::attention::edit_sampling::{generate_edited_branch, invert_recording_source};
 use attend::attention::p2p::RecordConfig;
 use attend::hook::CancelToken;
 use attend::pipeline::inversion::{invert, Inversion, InversionMethod, InversionRequest};
@@ -23,8 +23,8 @@ use attend::scenes::{generate_scene, Scene, SceneOptions};
 
 use super::checks::{at_least_one, check_output_file, non_negative, OutDir};
 use super::edit_eval::{
-    judge_swap, measure_objects, next_shape, swap_blend_words, swap_shape_word, swap_summary,
-    EditEvalArgs, SwapVerdict,
+    judge_swap, measure_objects, next_shape, real_image_local_blend, swap_blend_words,
+    swap_shape_word, swap_summary, EditEvalArgs, SwapVerdict,
 };
 use super::images::{parse_methods, psnr_db, replay_inversion, DEFAULT_INVERSION_METHOD};
 use super::{load_model, ModelArgs};
@@ -325,6 +325,7 @@ pub(super) fn run_real_image_edits(
     mut images_out: Option<OutDir>,
 ) -> anyhow::Result<()> {
     let guidance = guidance_or_default(model, args.guidance)?;
+    let local_blend = real_image_local_blend(args);
     let (width, _) = model.default_size_px();
     let scene_options = SceneOptions {
         size_px: width,
@@ -361,9 +362,12 @@ pub(super) fn run_real_image_edits(
             results.push(result);
             continue;
         }
-        let local_blend = args.local_blend.then(|| LocalBlendConfig {
+        let local_blend = local_blend.then(|| LocalBlendConfig {
             words: swap_blend_words(&scene.objects, target, new_shape),
             threshold: args.blend_threshold,
+            start_fraction: args
+                .blend_start
+                .unwrap_or(LocalBlendConfig::default().start_fraction),
             ..LocalBlendConfig::default()
         });
         let spec = EditSpec {
@@ -380,22 +384,27 @@ pub(super) fn run_real_image_edits(
                 guidance,
                 seed,
             };
-            let (inversion, inversion_seconds) = invert_scene(model, &image, &request, &cancel)?;
-            let mut replay = GenerateRequest::new(model, scene.caption.clone());
-            replay_inversion(&mut replay, &inversion)?;
+            // The source branch is recorded during the inversion where the method allows it
+            // (`direct`, `ddpm`); its seconds are then what the inversion did not already count.
             let started = Instant::now();
-            let (source, recording) = record_source(
+            let inverted = invert_recording_source(
                 model,
-                &replay,
+                &image,
+                &request,
+                &GenerateRequest::new(model, scene.caption.clone()),
                 RecordConfig {
                     self_max_queries: self_replace.max_queries,
                     batch_item: 0,
                 },
-                None,
                 &mut |_| Ok(()),
                 &cancel,
-            )?;
-            let reconstruction_seconds = started.elapsed().as_secs_f64();
+            )
+            .with_context(|| format!("cannot invert {:?} with {method}", request.prompt))?;
+            let inversion_seconds = inverted.inversion.seconds;
+            let reconstruction_seconds =
+                (started.elapsed().as_secs_f64() - inversion_seconds).max(0.0);
+            let (replay, source, recording) =
+                (inverted.request, inverted.source, inverted.recording);
             let started = Instant::now();
             let branch = generate_edited_branch(
                 model,
@@ -463,7 +472,8 @@ pub(super) fn run_real_image_edits(
                 "cross_replace": args.cross_replace,
                 "self_replace": [self_replace.window.start, self_replace.window.end],
                 "self_replace_max_side": self_replace.max_queries.isqrt(),
-                "local_blend": args.local_blend,
+                "local_blend": local_blend,
+                "blend_start": args.blend_start,
                 "blend_threshold": args.blend_threshold,
                 "centroid_tolerance_px_at_64": args.centroid_tolerance_px,
                 "model": model.name(),

@@ -37,7 +37,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::analysis::image::{image_hash, RgbImage};
-use crate::hook::CancelToken;
+use crate::hook::{AttentionProcessor, CancelToken};
 use crate::pipeline::limits::{
     available_memory, check_run_fits, estimate_run_memory, ModelFootprint, RunCapture,
 };
@@ -279,12 +279,42 @@ pub fn invert(
     on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<Arc<Inversion>> {
+    Ok(invert_observed(model, image, request, None, on_step, cancel)?.0)
+}
+
+/// The source branch of a replay, as the guided pass of an exact inversion ran it.
+///
+/// `direct` and `ddpm` walk down once with guidance from `z*_T`, feeding the UNet exactly the
+/// latents a replay's source row then sees: that pass *is* the source branch of every later edit.
+/// Kept, it spares the edit the separate source run (see [`invert_observed`]).
+#[derive(Clone, Debug)]
+pub struct SourcePass {
+    /// The source row's latents after each step, bit-identical to a replay's:
+    /// `[steps, 1, c, h, w]` f32.
+    pub latents_per_step: Tensor,
+}
+
+/// [`invert`], with `observer` (when given) on the attention of the guided pass of the exact
+/// methods (`direct`, `ddpm`), which steps through the very latents a replay's source row steps
+/// through (guidance, text embeddings, batch layout and timesteps as the replay's): the observer
+/// sees what it would see on the replay's source run, and [`SourcePass`] holds that run's latents.
+/// It is told when each step is over. The other methods return no [`SourcePass`] and never call
+/// `observer` (their guided replay differs from anything the inversion runs).
+pub fn invert_observed(
+    model: &StableDiffusion,
+    image: &RgbImage,
+    request: &InversionRequest,
+    mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<(Arc<Inversion>, Option<SourcePass>)> {
     let started = Instant::now();
     let run = InversionRun::new(model, image, request)?;
     if cancel.is_cancelled() {
         return Err(PipelineError::Cancelled);
     }
     let image_latents = encode_image(model, image)?;
+    let mut source_pass = None;
     let (trajectory, correction) = match request.method {
         InversionMethod::Ddim => (
             run.ddim_trajectory(&image_latents, on_step, cancel)?,
@@ -314,15 +344,19 @@ pub fn invert(
         }
         InversionMethod::Direct => {
             let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
-            let offsets = run.direct_offsets(&trajectory, on_step, cancel)?;
+            let (offsets, pass) =
+                run.direct_offsets(&trajectory, observer.as_deref_mut(), on_step, cancel)?;
+            source_pass = Some(pass);
             (trajectory, ReplayCorrection::LatentOffsets(offsets))
         }
         InversionMethod::Ddpm => {
-            let (trajectory, maps) = run.ddpm_noise_maps(&image_latents, on_step, cancel)?;
+            let (trajectory, maps, pass) =
+                run.ddpm_noise_maps(&image_latents, observer.as_deref_mut(), on_step, cancel)?;
+            source_pass = Some(pass);
             (trajectory, ReplayCorrection::NoiseMaps(maps))
         }
     };
-    Ok(Arc::new(Inversion {
+    let inversion = Arc::new(Inversion {
         request: request.clone(),
         model_name: model.name().to_string(),
         size_px: (image.width, image.height),
@@ -331,7 +365,8 @@ pub fn invert(
         trajectory,
         correction,
         seconds: started.elapsed().as_secs_f64(),
-    }))
+    });
+    Ok((inversion, source_pass))
 }
 
 /// An inversion's checked settings, scheduler and text embeddings.
@@ -414,6 +449,19 @@ impl<'model> InversionRun<'model> {
         guided: bool,
         cancel: &CancelToken,
     ) -> PipelineResult<Tensor> {
+        self.observed_model_output(latents, step_index, guided, None, cancel)
+    }
+
+    /// [`InversionRun::model_output`] with `observer` (when given) on the attention hook, told
+    /// when the step is over.
+    fn observed_model_output(
+        &self,
+        latents: &Tensor,
+        step_index: usize,
+        guided: bool,
+        mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
+        cancel: &CancelToken,
+    ) -> PipelineResult<Tensor> {
         if cancel.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
@@ -436,8 +484,11 @@ impl<'model> InversionRun<'model> {
             std::slice::from_ref(latents),
             &step,
             embeddings,
-            None,
+            observer.as_deref_mut(),
         )?;
+        if let Some(observer) = observer {
+            observer.step_finished(step_index)?;
+        }
         Ok(outputs.remove(0))
     }
 
@@ -469,32 +520,51 @@ impl<'model> InversionRun<'model> {
         Ok(Tensor::stack(&trajectory, 0)?)
     }
 
-    /// Direct inversion's offsets, `[steps, 1, c, h, w]`: for sampling step `i` from
-    /// `z_bar = z*_{T-i}`, `offset_i = z*_{T-i-1} - ddim_step(guided output, z_bar)`; the replay adds
-    /// `offset_i` to the source row after step `i`, which lands it on `z*_{T-i-1}` again.
+    /// Direct inversion's offsets, `[steps, 1, c, h, w]`, measured along the source row of a replay:
+    /// from `x_0 = z*_T`, sampling step `i` steps `x_i` with the guided output to `stepped`,
+    /// `offset_i = z*_{T-i-1} - stepped`, and `x_{i+1} = stepped + offset_i` exactly as the replay
+    /// adds it, which is `z*_{T-i-1}` up to one rounding. Each UNet call thus sees the very latents
+    /// the replay's source row sees, so this pass is that row ([`SourcePass`], `observer` on its
+    /// attention).
     fn direct_offsets(
         &self,
         trajectory: &Tensor,
+        mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
         on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
         cancel: &CancelToken,
-    ) -> PipelineResult<Tensor> {
+    ) -> PipelineResult<(Tensor, SourcePass)> {
         let steps = self.steps();
         let mut scheduler = self.ddim.clone();
         let mut rng = NoiseRng::new(self.request.seed);
         let mut offsets = Vec::with_capacity(steps);
+        let mut latents_per_step = Vec::with_capacity(steps);
+        let mut latents = trajectory.get(steps)?;
         for step_index in 0..steps {
-            let from = trajectory.get(steps - step_index)?;
             let target = trajectory.get(steps - step_index - 1)?;
-            let output = self.model_output(&from, step_index, self.guided(), cancel)?;
-            let stepped = scheduler.step(&output, step_index, &from, &mut rng)?;
-            offsets.push((target - stepped)?);
+            let output = self.observed_model_output(
+                &latents,
+                step_index,
+                self.guided(),
+                observer.as_deref_mut(),
+                cancel,
+            )?;
+            let stepped = scheduler.step(&output, step_index, &latents, &mut rng)?;
+            let offset = (target - &stepped)?;
+            latents = (stepped + &offset)?;
+            offsets.push(offset);
+            latents_per_step.push(latents.clone());
             on_step(&InversionProgress {
                 phase: "measuring offsets",
                 steps_done: step_index + 1,
                 step_count: steps,
             })?;
         }
-        Ok(Tensor::stack(&offsets, 0)?)
+        Ok((
+            Tensor::stack(&offsets, 0)?,
+            SourcePass {
+                latents_per_step: Tensor::stack(&latents_per_step, 0)?,
+            },
+        ))
     }
 
     /// Edit-friendly DDPM inversion: each `x_t` drawn independently from the image with seeded
@@ -502,13 +572,16 @@ impl<'model> InversionRun<'model> {
     /// the noise map `z = (x_{t-1} - mean(x_t)) / s` of an `eta = 1` DDIM step (`s` its `sigma`,
     /// or 1 where `sigma` is 0, see [`replay::noise_map_scale`]), and `x_{t-1}` replaced by
     /// `mean + s z` exactly as the replay computes it. Returns the trajectory
-    /// `[steps + 1, 1, c, h, w]` (`x_0` the image's latents) and the maps `[steps, 1, c, h, w]`.
+    /// `[steps + 1, 1, c, h, w]` (`x_0` the image's latents), the maps `[steps, 1, c, h, w]` and
+    /// the pass down as the replay's source row ([`SourcePass`]: every UNet call sees the latents
+    /// that row sees; `observer` on its attention).
     fn ddpm_noise_maps(
         &self,
         image_latents: &Tensor,
+        mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
         on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
         cancel: &CancelToken,
-    ) -> PipelineResult<(Tensor, Tensor)> {
+    ) -> PipelineResult<(Tensor, Tensor, SourcePass)> {
         let steps = self.steps();
         let mut rng = NoiseRng::new(self.request.seed);
         // xs[k]: the latents at the k-th smallest timestep (xs[0]: the image).
@@ -525,7 +598,13 @@ impl<'model> InversionRun<'model> {
         let mut maps = Vec::with_capacity(steps);
         for step_index in 0..steps {
             let k = steps - step_index;
-            let output = self.model_output(&xs[k], step_index, self.guided(), cancel)?;
+            let output = self.observed_model_output(
+                &xs[k],
+                step_index,
+                self.guided(),
+                observer.as_deref_mut(),
+                cancel,
+            )?;
             let (mean, sigma) = self
                 .ddim
                 .step_mean_and_sigma(&output, step_index, &xs[k], 1.0)?;
@@ -540,7 +619,14 @@ impl<'model> InversionRun<'model> {
                 step_count: steps,
             })?;
         }
-        Ok((Tensor::stack(&xs, 0)?, Tensor::stack(&maps, 0)?))
+        let latents_per_step: Vec<Tensor> = xs[..steps].iter().rev().cloned().collect();
+        Ok((
+            Tensor::stack(&xs, 0)?,
+            Tensor::stack(&maps, 0)?,
+            SourcePass {
+                latents_per_step: Tensor::stack(&latents_per_step, 0)?,
+            },
+        ))
     }
 }
 
