@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -17,15 +18,20 @@ use attend::analysis::export::{
 };
 use attend::analysis::heatmap::resize_nearest;
 use attend::attention::edit_sampling::{
-    generate_edit, EditBranch, EditObservers, EditOutput, EditRequest, EditStepReport,
+    generate_edit, generate_edited_branch, EditBranch, EditObservers, EditOutput, EditRequest,
+    EditStepReport,
 };
+use attend::attention::p2p::RecordConfig;
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
 
 use super::checks::{at_least_one, warn_unknown_words, OutDir};
 use super::generate::{daam_heatmaps, generation_parameters};
-use super::images::{replay_given_image, ImageArgs};
+use super::images::{
+    check_replayable, note_replay_settings, obtain_inversion_recording, replay_inversion,
+    ImageArgs, InversionSettings,
+};
 use super::{load_model, ModelArgs, SamplingArgs};
 
 /// Arguments of `attend edit`. Flag names are stable: scripts rely on them.
@@ -137,8 +143,25 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
             request.height
         );
     }
+    // A given image inverted now with an exact method: the inversion's guided pass is the source
+    // branch, recorded as it runs, and only the edited branch is left to run. With
+    // `--attention-out` the source's attention is watched by a separate source run instead.
+    let mut recorded_source = None;
     if let Some(input) = &image_input {
-        replay_given_image(&model, input, &mut request, args.quiet)?;
+        let record = (!args.attention_out).then_some((
+            &request,
+            RecordConfig {
+                self_max_queries: spec.self_replace.max_queries,
+                batch_item: 0,
+            },
+        ));
+        check_replayable(&request)?;
+        let settings = InversionSettings::from_request(&request);
+        let (prepared, inverted) =
+            obtain_inversion_recording(&model, input, &settings, record, args.quiet)?;
+        note_replay_settings(&prepared, request.steps, request.guidance, args.quiet);
+        replay_inversion(&mut request, &prepared.inversion)?;
+        recorded_source = inverted;
     }
     let edit_request = EditRequest {
         generate: request,
@@ -180,13 +203,28 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let output = generate_edit(
-        &model,
-        &edit_request,
-        observers,
-        &mut on_step,
-        &CancelToken::new(),
-    )?;
+    let cancel = CancelToken::new();
+    let output = match recorded_source {
+        Some(inverted) => {
+            let branch = generate_edited_branch(
+                &model,
+                &edit_request.generate,
+                &edit_request.spec,
+                Arc::clone(&inverted.recording),
+                observers.edited,
+                &mut on_step,
+                &cancel,
+            )?;
+            EditOutput {
+                source: inverted.source,
+                edited: branch.edited,
+                alignment: branch.alignment,
+                blend_masks: branch.blend_masks,
+                recording: Some(inverted.recording),
+            }
+        }
+        None => generate_edit(&model, &edit_request, observers, &mut on_step, &cancel)?,
+    };
     if !quiet {
         eprintln!(
             "\rdone in {:.1} s{}",

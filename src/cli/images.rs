@@ -14,6 +14,8 @@ use anyhow::Context as _;
 use attend::analysis::image::{
     fit_image, image_difference, image_hash, read_image, FittedImage, ImageFit, RgbImage,
 };
+use attend::attention::edit_sampling::{invert_recording_source, InvertedSource};
+use attend::attention::p2p::RecordConfig;
 use attend::hook::CancelToken;
 use attend::pipeline::inversion::{
     invert, Inversion, InversionMethod, InversionProgress, InversionRequest,
@@ -225,6 +227,21 @@ pub fn obtain_inversion(
     settings: &InversionSettings,
     quiet: bool,
 ) -> anyhow::Result<PreparedImage> {
+    Ok(obtain_inversion_recording(model, input, settings, None, quiet)?.0)
+}
+
+/// [`obtain_inversion`] for an edit: with `record` (the replay's request template and what to
+/// record), an image inverted now with a method whose guided pass is the source branch
+/// ([`InversionMethod::records_source_while_inverting`]) comes back with that branch's run and
+/// recording ([`invert_recording_source`]), so the edit runs only its edited branch. `None`
+/// otherwise (a loaded inversion, another method, no `record`).
+pub fn obtain_inversion_recording(
+    model: &StableDiffusion,
+    input: &ImageInput,
+    settings: &InversionSettings,
+    record: Option<(&GenerateRequest, RecordConfig)>,
+    quiet: bool,
+) -> anyhow::Result<(PreparedImage, Option<InvertedSource>)> {
     let fitted = input
         .image
         .as_ref()
@@ -241,11 +258,14 @@ pub fn obtain_inversion(
         .transpose()?;
     if let Some(path) = &input.inversion_file {
         let inversion = load_checked_inversion(model, path, settings, fitted.as_ref(), input)?;
-        return Ok(PreparedImage {
-            inversion: Arc::new(inversion),
-            fitted,
-            loaded: true,
-        });
+        return Ok((
+            PreparedImage {
+                inversion: Arc::new(inversion),
+                fitted,
+                loaded: true,
+            },
+            None,
+        ));
     }
     let Some(fitted) = fitted else {
         anyhow::bail!("no --image to invert");
@@ -270,14 +290,27 @@ pub fn obtain_inversion(
         }
         Ok(())
     };
-    let inversion = invert(
-        model,
-        &fitted.image,
-        &request,
-        &mut on_step,
-        &CancelToken::new(),
-    )
-    .with_context(|| format!("cannot invert the image with {}", input.method))?;
+    let cancel = CancelToken::new();
+    let (inversion, inverted) = match record {
+        Some((template, record)) if input.method.records_source_while_inverting() => {
+            let inverted = invert_recording_source(
+                model,
+                &fitted.image,
+                &request,
+                template,
+                record,
+                &mut on_step,
+                &cancel,
+            )
+            .with_context(|| format!("cannot invert the image with {}", input.method))?;
+            (Arc::clone(&inverted.inversion), Some(inverted))
+        }
+        _ => (
+            invert(model, &fitted.image, &request, &mut on_step, &cancel)
+                .with_context(|| format!("cannot invert the image with {}", input.method))?,
+            None,
+        ),
+    };
     if !quiet {
         eprintln!(
             "\rinverted ({}, {} steps) in {:.1} s{}",
@@ -287,11 +320,14 @@ pub fn obtain_inversion(
             " ".repeat(20)
         );
     }
-    Ok(PreparedImage {
-        inversion,
-        fitted: Some(fitted),
-        loaded: false,
-    })
+    Ok((
+        PreparedImage {
+            inversion,
+            fitted: Some(fitted),
+            loaded: false,
+        },
+        inverted,
+    ))
 }
 
 /// Loads a saved inversion and checks that it fits the run: the model (checked by

@@ -93,6 +93,12 @@ impl InversionMethod {
         }
     }
 
+    /// True for the methods whose guided pass down the trajectory is the source branch of a
+    /// replay (`direct`, `ddpm`): [`invert_observed`] then returns that branch ([`SourcePass`]).
+    pub fn records_source_while_inverting(self) -> bool {
+        matches!(self, Self::Direct | Self::Ddpm)
+    }
+
     /// Every CLI name, comma-separated (for error messages).
     pub fn accepted_names() -> String {
         Self::ALL.map(Self::name).join(", ")
