@@ -14,7 +14,11 @@ use std::sync::Arc;
 
 use attend::analysis::edit_spec::{CrossWindow, EditSpec, SelfReplace, StepWindow};
 use attend::analysis::image::{read_image, RgbImage};
-use attend::attention::edit_sampling::{generate_edit, EditObservers, EditRequest};
+use attend::attention::edit_sampling::{
+    generate_edit, generate_edited_branch, invert_recording_source, record_source, EditObservers,
+    EditRequest,
+};
+use attend::attention::p2p::RecordConfig;
 use attend::hook::CancelToken;
 use attend::pipeline::inversion::{
     encode_image, invert, Inversion, InversionMethod, InversionRequest,
@@ -485,4 +489,107 @@ fn null_text_through_the_engine_beats_plain_ddim_at_guidance_and_round_trips() {
         &final_latents(&replay(&model, &null_text)),
     );
     assert!(difference == 0.0, "loaded replay differs by {difference}");
+}
+
+#[test]
+fn the_inversion_pass_records_the_source_branch_bit_identically() {
+    let model = tiny_sd1();
+    let image = test_image();
+    let cancel = CancelToken::new();
+    let mut template = GenerateRequest::new(&model, PROMPT);
+    (template.width, template.height) = (image.width, image.height);
+    let record = RecordConfig {
+        self_max_queries: usize::MAX,
+        batch_item: 0,
+    };
+    let mut spec = EditSpec::new("a red square on a blue background");
+    spec.self_replace = SelfReplace {
+        window: StepWindow::until(0.5),
+        max_queries: usize::MAX,
+    };
+    for method in [
+        InversionMethod::Direct,
+        InversionMethod::Ddpm,
+        InversionMethod::Ddim,
+    ] {
+        let inverted = invert_recording_source(
+            &model,
+            &image,
+            &request(PROMPT, method, 4, 3.0),
+            &template,
+            record,
+            &mut |_| Ok(()),
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(
+            inverted.recorded_while_inverting,
+            method.records_source_while_inverting(),
+            "{method}"
+        );
+        // The separate source run of the same replay: the same latents, image and recording.
+        let (source, recording) = record_source(
+            &model,
+            &inverted.request,
+            record,
+            None,
+            &mut |_| Ok(()),
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(
+            max_abs_diff(&inverted.source.latents_per_step, &source.latents_per_step),
+            0.0,
+            "{method}: source latents"
+        );
+        assert_eq!(
+            inverted.source.image, source.image,
+            "{method}: source image"
+        );
+        assert!(recording.layer_step_count() > 0);
+        assert_eq!(
+            inverted.recording.layer_step_count(),
+            recording.layer_step_count(),
+            "{method}: recorded layers"
+        );
+        // An edit replayed from either recording is the same edit.
+        let edited: Vec<Tensor> = [Arc::clone(&inverted.recording), recording]
+            .into_iter()
+            .map(|recording| {
+                generate_edited_branch(
+                    &model,
+                    &inverted.request,
+                    &spec,
+                    recording,
+                    None,
+                    &mut |_| Ok(()),
+                    &cancel,
+                )
+                .unwrap()
+                .edited
+                .latents_per_step
+            })
+            .collect();
+        assert_eq!(
+            max_abs_diff(&edited[0], &edited[1]),
+            0.0,
+            "{method}: edited latents"
+        );
+    }
+    // The prompt of the replay must be the inverted one.
+    let mut other = template.clone();
+    other.prompt = "a blue circle".to_string();
+    let refused = invert_recording_source(
+        &model,
+        &image,
+        &request(PROMPT, InversionMethod::Direct, 2, 3.0),
+        &other,
+        record,
+        &mut |_| Ok(()),
+        &cancel,
+    );
+    assert!(
+        matches!(refused, Err(PipelineError::InvalidArgument { .. })),
+        "{refused:?}"
+    );
 }
