@@ -49,7 +49,8 @@ use std::sync::Arc;
 use candle_core::{bail, Device, Tensor};
 
 use crate::analysis::alignment::{
-    align_prompts, split_prompt_scope, word_token_indices, PromptAlignment, PromptLayout,
+    align_prompts, split_prompt_scope, word_selector, word_token_indices, PromptAlignment,
+    PromptLayout,
 };
 use crate::analysis::edit_spec::{BlendMask, EditSpec, LocalBlendConfig, SelfReplace, StepWindow};
 use crate::analysis::heatmap::UnetPlace;
@@ -82,6 +83,24 @@ pub const INVERTED_IMAGE_SWAP: InvertedImageSwap = InvertedImageSwap {
     local_blend: true,
     self_replace_end: None,
 };
+
+/// Local-blend words of a word swap between two prompts of the same word count: each position
+/// whose word differs, named in its own prompt alone (`source:circle`, `edit:square#2`, with the
+/// occurrence where the text repeats, see [`word_selector`]), so the blend opens the old and the
+/// new object's region and nothing else. Empty when the word counts differ or no word changed.
+pub fn swapped_blend_words(source: &[WordSpan], edit: &[WordSpan]) -> Vec<String> {
+    if source.len() != edit.len() {
+        return Vec::new();
+    }
+    let mut words = Vec::new();
+    for (index, (before, after)) in source.iter().zip(edit).enumerate() {
+        if !before.text.eq_ignore_ascii_case(&after.text) {
+            words.push(format!("source:{}", word_selector(source, index, edit)));
+            words.push(format!("edit:{}", word_selector(edit, index, source)));
+        }
+    }
+    words
+}
 
 impl InvertedImageSwap {
     /// `recommended` (the model's setting for swaps on generated images) with this window end.

@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::Context as _;
 use attend::analysis::alignment::EditKind;
 use attend::analysis::edit_spec::{
-    BlendMask, CrossWindow, EditDefaults, EditSpec, LocalBlendConfig, Reweight, SelfReplace,
-    StepWindow,
+    changes_words, BlendMask, CrossWindow, EditDefaults, EditSpec, LocalBlendConfig, Reweight,
+    SelfReplace, StepWindow,
 };
 use attend::analysis::export::{
     a1111_parameters, write_atomically, write_attention_safetensors, write_png_rgb,
@@ -21,7 +21,7 @@ use attend::attention::edit_sampling::{
     generate_edit, generate_edited_branch, EditBranch, EditObservers, EditOutput, EditRequest,
     EditStepReport,
 };
-use attend::attention::p2p::RecordConfig;
+use attend::attention::p2p::{swapped_blend_words, RecordConfig, INVERTED_IMAGE_SWAP};
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
@@ -130,7 +130,10 @@ pub fn run(args: &EditArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
     warn_unknown_words(&model, "--edit-prompt", &args.edit_prompt)?;
-    let spec = edit_spec(args, model.edit_defaults())?;
+    let mut spec = edit_spec(args, model.edit_defaults())?;
+    if image_input.is_some() {
+        inverted_image_defaults(args, &model, &mut spec)?;
+    }
     let mut request = args.sampling.request(&model, &args.prompt)?;
     if let Some(side) = args.blend_map_side {
         let factor = model.latent_downscale_factor().max(1);
@@ -460,6 +463,39 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
         reweights,
         local_blend,
     })
+}
+
+/// A word swap on a given image starts from [`INVERTED_IMAGE_SWAP`] where its flags are left out:
+/// the self-attention window it names, and local blend on the swapped words (each named in its
+/// own prompt, [`swapped_blend_words`]) with the `--blend-*` settings. Other edits (a refinement,
+/// a reweight of the same prompt) are left as the flags say.
+fn inverted_image_defaults(
+    args: &EditArgs,
+    model: &StableDiffusion,
+    spec: &mut EditSpec,
+) -> anyhow::Result<()> {
+    if !changes_words(&args.prompt, &args.edit_prompt) {
+        return Ok(());
+    }
+    if args.self_replace.is_none() {
+        spec.self_replace.window = INVERTED_IMAGE_SWAP.self_replace(spec.self_replace).window;
+    }
+    if args.local_blend.is_none() && INVERTED_IMAGE_SWAP.local_blend {
+        let source = model.tokenizer.encode_prompt(&args.prompt)?;
+        let edit = model.tokenizer.encode_prompt(&args.edit_prompt)?;
+        let words = swapped_blend_words(&source.words, &edit.words);
+        if !words.is_empty() {
+            spec.local_blend = Some(LocalBlendConfig {
+                words,
+                threshold: args.blend_threshold,
+                subtract_threshold: args.blend_threshold,
+                start_fraction: args.blend_start,
+                map_side: args.blend_map_side,
+                ..LocalBlendConfig::default()
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Largest `--reweight` scale magnitude: P2P's examples use -5..5; far larger scales saturate the

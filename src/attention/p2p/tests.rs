@@ -874,3 +874,41 @@ fn scoped_blend_words_are_looked_up_in_their_own_prompt() {
     .unwrap();
     assert!(err.to_string().contains("edit:circle"), "{err}");
 }
+
+#[test]
+fn swapped_blend_words_name_each_changed_word_in_its_own_prompt() {
+    let source = Prompt::new("a white circle and a yellow square");
+    let edit = Prompt::new("a white square and a yellow square");
+    assert_eq!(
+        swapped_blend_words(&source.words, &edit.words),
+        vec!["source:circle".to_string(), "edit:square#1".to_string()]
+    );
+    // Nothing changed, or a refinement (another word count): no words.
+    assert!(swapped_blend_words(&source.words, &source.words).is_empty());
+    let longer = Prompt::new("a white circle and a yellow square today");
+    assert!(swapped_blend_words(&source.words, &longer.words).is_empty());
+}
+
+#[test]
+fn the_inverted_image_window_replaces_only_the_window() {
+    let recommended = SelfReplace {
+        window: StepWindow::until(0.2),
+        max_queries: 32 * 32,
+    };
+    let ended = InvertedImageSwap {
+        local_blend: true,
+        self_replace_end: Some(0.05),
+    };
+    assert_eq!(
+        ended.self_replace(recommended),
+        SelfReplace {
+            window: StepWindow::until(0.05),
+            max_queries: 32 * 32,
+        }
+    );
+    let kept = InvertedImageSwap {
+        self_replace_end: None,
+        ..ended
+    };
+    assert_eq!(kept.self_replace(recommended), recommended);
+}
