@@ -310,7 +310,7 @@ pub fn invert_observed(
     model: &StableDiffusion,
     image: &RgbImage,
     request: &InversionRequest,
-    mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
+    observer: Option<&mut (dyn AttentionProcessor + '_)>,
     on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
     cancel: &CancelToken,
 ) -> PipelineResult<(Arc<Inversion>, Option<SourcePass>)> {
@@ -351,13 +351,13 @@ pub fn invert_observed(
         InversionMethod::Direct => {
             let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
             let (offsets, pass) =
-                run.direct_offsets(&trajectory, observer.as_deref_mut(), on_step, cancel)?;
+                run.direct_offsets(&trajectory, observer, on_step, cancel)?;
             source_pass = Some(pass);
             (trajectory, ReplayCorrection::LatentOffsets(offsets))
         }
         InversionMethod::Ddpm => {
             let (trajectory, maps, pass) =
-                run.ddpm_noise_maps(&image_latents, observer.as_deref_mut(), on_step, cancel)?;
+                run.ddpm_noise_maps(&image_latents, observer, on_step, cancel)?;
             source_pass = Some(pass);
             (trajectory, ReplayCorrection::NoiseMaps(maps))
         }
