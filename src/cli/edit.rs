@@ -62,7 +62,8 @@ pub struct EditArgs {
     pub cross_replace_word: Vec<String>,
     /// Self-attention replacement window: a fraction F or START:END. Default: when the edited prompt
     /// changes words, the model's recommendation (`_attend_edit_defaults` in model_index.json; 0.2
-    /// for the bundled model), else the reference's 0.4.
+    /// for the bundled model; none on a given image, where local blend holds the rest), else the
+    /// reference's 0.4.
     #[arg(long, value_name = "F|START:END", allow_negative_numbers = true)]
     pub self_replace: Option<String>,
     /// Self-attention is replaced only in layers whose query grid side is at most this. Default: when
@@ -72,7 +73,7 @@ pub struct EditArgs {
     pub self_replace_max_side: Option<usize>,
     /// Local blend: only the region of these words may change (WORD[,WORD]; looked up in both prompts;
     /// `square#2` names the second "square" of a prompt alone; `source:WORD` / `edit:WORD` look it up
-    /// in one prompt only).
+    /// in one prompt only). Default on a given image: a word swap blends on its swapped words.
     #[arg(long, value_name = "WORD[,WORD]")]
     pub local_blend: Option<String>,
     /// Local blend: words whose region must not change (WORD[,WORD]).

@@ -59,8 +59,9 @@ pub struct EditEvalArgs {
     #[arg(long, default_value = "0.8", allow_negative_numbers = true)]
     pub cross_replace: String,
     /// Self-attention replacement window (F or START:END), for swaps and reweights. Default: for
-    /// swaps the model's recommendation (0.2 for the bundled model), else the reference's 0.4; for
-    /// reweights (the prompt unchanged) the reference's 0.4.
+    /// swaps the model's recommendation (0.2 for the bundled model), else the reference's 0.4, and
+    /// none with `--real-images` (local blend holds the rest of the image); for reweights (the
+    /// prompt unchanged) the reference's 0.4.
     #[arg(long, value_name = "F|START:END", allow_negative_numbers = true)]
     pub self_replace: Option<String>,
     /// Self-attention is replaced only in layers whose query grid side is at most this. Default: for
@@ -70,7 +71,8 @@ pub struct EditEvalArgs {
     pub self_replace_max_side: Option<usize>,
     /// Local blend for the swap, as Prompt-to-Prompt's word-swap examples use it: only the region of
     /// the target object's colour word and of its old and new shape words may change (each named by
-    /// its occurrence, `square#2`, so another object of the same shape stays closed).
+    /// its occurrence, `square#2`, so another object of the same shape stays closed). On by default
+    /// with `--real-images`.
     #[arg(long)]
     pub local_blend: bool,
     /// With `--real-images`, where the swap blends locally by default: edit without local blend.

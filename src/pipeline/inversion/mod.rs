@@ -350,8 +350,7 @@ pub fn invert_observed(
         }
         InversionMethod::Direct => {
             let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
-            let (offsets, pass) =
-                run.direct_offsets(&trajectory, observer, on_step, cancel)?;
+            let (offsets, pass) = run.direct_offsets(&trajectory, observer, on_step, cancel)?;
             source_pass = Some(pass);
             (trajectory, ReplayCorrection::LatentOffsets(offsets))
         }
