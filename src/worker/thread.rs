@@ -13,8 +13,10 @@
 //! up to it is cancelled) *before* it sends the command, and trips the [`CancelToken`] of the run
 //! being generated, which is the token the engine checks before each step. So a running generation
 //! stops at its next step boundary even though its command is still queued, and a queued one never
-//! starts. A panic in the engine is caught; the worker reports it, builds a fresh engine and reloads
-//! the last model.
+//! starts. Before a run starts, the worker takes every queued command off the channel: a run that a
+//! later queued run supersedes ends at once (`Cancelled` after 0 steps), so a burst of edits from a
+//! dragged slider runs only its latest. A panic in the engine is caught; the worker reports it,
+//! builds a fresh engine and reloads the last model.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -370,6 +372,19 @@ fn serve(
                 Err(_) => return Ok(()),
             },
         };
+        if let Some(run_id) = run_id_of(&command) {
+            // A burst of edits (a slider being dragged) coalesces to its latest: every run that a
+            // later queued run supersedes ends at once, without preparing anything.
+            take_queued(state, commands);
+            if state.pending.iter().any(|later| run_id_of(later).is_some()) {
+                outbox.shared.cancel_up_to(run_id);
+                outbox.emit(Event::Cancelled {
+                    run_id,
+                    steps_done: 0,
+                })?;
+                continue;
+            }
+        }
         match command {
             Command::Shutdown => return Ok(()),
             Command::LoadModel { source } => load_model(state, source, outbox)?,
@@ -456,6 +471,24 @@ fn serve(
                 })?;
             }
         }
+    }
+}
+
+/// The run id of a command that starts a run (generate, edit, inversion).
+fn run_id_of(command: &Command) -> Option<u64> {
+    match command {
+        Command::Generate { run_id, .. }
+        | Command::GenerateEdit { run_id, .. }
+        | Command::Invert { run_id, .. } => Some(*run_id),
+        _ => None,
+    }
+}
+
+/// Moves every command waiting in the channel to the back of `state.pending`, in order, without
+/// blocking. A lost handle is not an error here: the loop sees it at its next `recv`.
+fn take_queued(state: &mut WorkerState, commands: &Receiver<Command>) {
+    while let Ok(command) = commands.try_recv() {
+        state.pending.push_back(command);
     }
 }
 

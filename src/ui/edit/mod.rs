@@ -5,7 +5,9 @@
 //! tokenizer's words) once the edit runs. Word weights (reweight, on the token strip), the cross- and
 //! self-attention windows and local-blend words (or a mask from the Segments view) make the
 //! [`EditSpec`]. A changed spec re-runs only the edited branch ([`Command::GenerateEdit`]): the worker
-//! keeps the source's recording and records it again only when the source parameters change.
+//! keeps the source's recording and records it again only when the source parameters change. While
+//! a slider moves, the edit re-runs as soon as the running one has shown a step
+//! ([`EditMode::may_send_while_dragging`]); the newest edit supersedes the running one.
 //!
 //! The canvas shows source | edited side by side, or one over the other with a vertical divider to
 //! drag (swipe). The heat maps, token strip and timeline follow the run chosen under "Heat maps of".
@@ -265,6 +267,21 @@ impl EditMode {
         let spec = &self.session.spec;
         let has_prompt = !spec.edit_prompt.trim().is_empty();
         (has_prompt && !self.is_no_op(source_prompt)).then(|| spec.clone())
+    }
+
+    /// True when a changed edit may go out while a control (a weight or window slider) is being
+    /// dragged: when no edit runs, or the running one has shown a step. The newest edit then
+    /// supersedes the running one at once, and a continuous drag still shows a preview after every
+    /// step instead of restarting before anything is on screen. (Once the pointer is released,
+    /// a changed edit always goes out at once.)
+    pub(crate) fn may_send_while_dragging(&self) -> bool {
+        match self.active_run {
+            None => true,
+            Some(run_id) => self
+                .run
+                .as_ref()
+                .is_some_and(|run| run.run_id == run_id && !run.steps.is_empty()),
+        }
     }
 
     /// True when `spec` differs from the edit last sent.
