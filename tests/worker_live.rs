@@ -172,8 +172,7 @@ fn a_burst_sent_while_an_edit_runs_supersedes_it_and_runs_only_the_latest() {
     runs.extend(send_burst(&mut worker, &positions[1..]));
     gate.allow(STEPS);
     let outcomes = burst_outcomes(&worker, &runs);
-    let fake: EngineFactory =
-        Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default())));
+    let fake: EngineFactory = Arc::new(|| Box::new(FakeEngine::new(FakeEngineConfig::default())));
     let single = single_edit(fake, &positions[BURST - 1]);
     check_only_the_last_finishes(&outcomes, &single);
 }
@@ -271,7 +270,8 @@ fn an_edit_whose_window_opens_at_step_k_copies_the_source_steps_before_it() {
             assert!(!report.reused_source, "step {}", report.step_index);
         }
     }
-    let last = |reports: &[EditStepReport]| values(reports[steps - 1].edited_latents.as_ref().unwrap());
+    let last =
+        |reports: &[EditStepReport]| values(reports[steps - 1].edited_latents.as_ref().unwrap());
     let source_last = values(recording.latents_after_step(steps - 1).unwrap());
     assert!(
         max_abs_diff(&last(&reports), &source_last) > 1e-3,
@@ -285,7 +285,11 @@ fn an_edit_whose_window_opens_at_step_k_copies_the_source_steps_before_it() {
         let edited = values(report.edited_latents.as_ref().unwrap());
         let source = values(recording.latents_after_step(report.step_index).unwrap());
         let diff = max_abs_diff(&edited, &source);
-        assert!(diff < 1e-4, "step {}: sampled differs by {diff}", report.step_index);
+        assert!(
+            diff < 1e-4,
+            "step {}: sampled differs by {diff}",
+            report.step_index
+        );
     }
     let diff = max_abs_diff(&last(&sampled), &last(&reports));
     assert!(diff < 1e-3, "final latents differ by {diff}");

@@ -87,8 +87,8 @@ struct Timed {
 /// Run `attend bench edit`.
 pub fn bench_edit(args: &EditBenchArgs) -> anyhow::Result<()> {
     let load_before = load_averages();
-    let mut worker = WorkerHandle::spawn(pipeline_engine_factory())
-        .context("starting the worker thread")?;
+    let mut worker =
+        WorkerHandle::spawn(pipeline_engine_factory()).context("starting the worker thread")?;
     let source = match &args.model {
         Some(dir) => ModelSource::Folder(dir.clone()),
         None => ModelSource::Bundled,
@@ -262,7 +262,11 @@ fn wait_for_timed(
 /// The 1, 5 and 15 minute load averages (`/proc/loadavg`), or why not.
 fn load_averages() -> String {
     match std::fs::read_to_string("/proc/loadavg") {
-        Ok(text) => text.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        Ok(text) => text
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         Err(error) => format!("unknown (/proc/loadavg: {error})"),
     }
 }
@@ -313,7 +317,10 @@ fn report(
         for (name, value) in &medians {
             object.insert((*name).into(), (*value).into());
         }
-        object.insert("drag_cancelled".into(), serde_json::to_value(&drag_cancelled)?);
+        object.insert(
+            "drag_cancelled".into(),
+            serde_json::to_value(&drag_cancelled)?,
+        );
         object.insert("per_round".into(), serde_json::to_value(rounds)?);
         println!("{}", serde_json::Value::Object(object));
         return Ok(());

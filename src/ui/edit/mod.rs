@@ -424,3 +424,57 @@ impl EditMode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::heatmap::StepCross;
+    use crate::worker::{EditKind, StepTiming};
+
+    fn frame(step_index: usize) -> StepFrame {
+        StepFrame {
+            step_index,
+            step_count: 4,
+            timestep: 0.0,
+            preview: RgbImage::default(),
+            cross: std::sync::Arc::new(StepCross {
+                step_index,
+                groups: Vec::new(),
+            }),
+            timing: StepTiming::default(),
+        }
+    }
+
+    /// While a slider is dragged, the next edit waits for the running one's first step (so a
+    /// preview shows), then goes out; with nothing running it goes out at once.
+    #[test]
+    fn a_drag_sends_the_next_edit_once_the_running_one_showed_a_step() {
+        let mut mode = EditMode::default();
+        let mut status = StatusLog::default();
+        assert!(mode.may_send_while_dragging(), "nothing runs");
+        mode.sent(7, Some(EditSpec::new("a blue square")));
+        assert!(!mode.may_send_while_dragging(), "asked for, not started");
+        let info = EditInfo {
+            kind: EditKind::Replace,
+            words: Vec::new(),
+            source_reused: true,
+            source_recordings: 1,
+        };
+        mode.branch_started_with(
+            7,
+            GenerateParams::default(),
+            PromptInfo::default(),
+            info,
+            "a blue square",
+            &mut status,
+        );
+        assert!(!mode.may_send_while_dragging(), "started, no step yet");
+        mode.branch_step(frame(0), None);
+        assert!(mode.may_send_while_dragging(), "a preview is on screen");
+        // The next edit supersedes it; the old run's steps do not count for the new one.
+        mode.sent(8, Some(EditSpec::new("a blue square")));
+        assert!(!mode.may_send_while_dragging());
+        mode.branch_finished(RgbImage::default(), 0.1, None, &mut status);
+        assert!(mode.may_send_while_dragging(), "the edit finished");
+    }
+}
