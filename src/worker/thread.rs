@@ -375,7 +375,7 @@ fn serve(
         if let Some(run_id) = run_id_of(&command) {
             // A burst of edits (a slider being dragged) coalesces to its latest: every run that a
             // later queued run supersedes ends at once, without preparing anything.
-            take_queued(state, commands);
+            take_queued(state, commands, &outbox.shared);
             if state.pending.iter().any(|later| run_id_of(later).is_some()) {
                 outbox.shared.cancel_up_to(run_id);
                 outbox.emit(Event::Cancelled {
@@ -485,9 +485,13 @@ fn run_id_of(command: &Command) -> Option<u64> {
 }
 
 /// Moves every command waiting in the channel to the back of `state.pending`, in order, without
-/// blocking. A lost handle is not an error here: the loop sees it at its next `recv`.
-fn take_queued(state: &mut WorkerState, commands: &Receiver<Command>) {
+/// blocking (a `Shutdown` among them cancels every run, as it does when taken during a run). A lost
+/// handle is not an error here: the loop sees it at its next `recv`.
+fn take_queued(state: &mut WorkerState, commands: &Receiver<Command>, shared: &Shared) {
     while let Ok(command) = commands.try_recv() {
+        if matches!(command, Command::Shutdown) {
+            shared.cancel_up_to(u64::MAX);
+        }
         state.pending.push_back(command);
     }
 }
