@@ -86,6 +86,12 @@ struct Timed {
 
 /// Run `attend bench edit`.
 pub fn bench_edit(args: &EditBenchArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.window_start) {
+        bail!(
+            "--window-start {} is not a fraction of the run (0 to 1)",
+            args.window_start
+        );
+    }
     let load_before = load_averages();
     let mut worker =
         WorkerHandle::spawn(pipeline_engine_factory()).context("starting the worker thread")?;
