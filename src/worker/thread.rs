@@ -603,6 +603,7 @@ fn run(
     }
     state.active_run = Some(run_id);
     let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
+    observer.adopt_pending()?;
     let result = match request {
         RunRequest::Generate(params) => state
             .engine
@@ -731,6 +732,38 @@ impl<'a> WorkerObserver<'a> {
             self_attention_query: None,
             inversion_steps: 0,
         }
+    }
+
+    /// Treats the commands taken off the channel before the run started (see [`take_queued`]) as
+    /// if they had come during it: plain exports run now, a probe request for this run is kept for
+    /// the engine, the rest stay queued in order.
+    fn adopt_pending(&mut self) -> Result<(), Disconnected> {
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        while let Some(command) = self.pending.pop_front() {
+            match command {
+                Command::Cancel => {}
+                Command::RequestSelfAttention {
+                    run_id,
+                    grid_h,
+                    grid_w,
+                    span,
+                } if run_id == self.run_id => {
+                    self.self_attention_query = Some(SelfAttentionQuery {
+                        grid_h,
+                        grid_w,
+                        span,
+                    });
+                }
+                command @ (Command::ExportPngs { .. }
+                | Command::ExportText { .. }
+                | Command::ExportSegmentFiles { .. }) => {
+                    write_plain_export(command, self.outbox)?;
+                }
+                other => kept.push_back(other),
+            }
+        }
+        *self.pending = kept;
+        Ok(())
     }
 
     /// Takes queued commands: plain exports run now, a probe request for this run is kept for the
