@@ -7,6 +7,9 @@
 //! - **replay** ([`record_source`], then [`generate_edited_branch`] as often as the edit changes): the
 //!   source runs alone while a [`SourceRecorder`] keeps its attention and latents; the edited prompt
 //!   then runs alone and reads them back. The editor uses this to re-run only the edited branch.
+//!   An edit that leaves the first steps alone (a reweight whose window opens at step `k`) copies
+//!   the source's latents of steps `< k` from the recording instead of sampling them
+//!   ([`EditedBranchRun::first_edited_step`]).
 //!
 //! Each row keeps its own scheduler and noise generator, so the source row of a batch run follows
 //! exactly the steps of a plain [`crate::pipeline::sampling::generate`] of the source prompt (ancestral noise included), and
@@ -80,6 +83,9 @@ pub struct EditStepReport {
     pub edited_latents: Option<Tensor>,
     /// The local-blend mask applied at this step, if one was.
     pub blend_mask: Option<BlendMask>,
+    /// [`EditBranch::Edited`]: the step was not sampled; its latents are the recorded source's,
+    /// which the edit does not change before [`EditedBranchRun::first_edited_step`].
+    pub reused_source: bool,
 }
 
 /// Processors that watch one run each (for heat maps, export). Each sees its own run as a plain
@@ -221,6 +227,7 @@ impl<'model> SourceRecordingRun<'model> {
             source_latents: Some(report.latents),
             edited_latents: None,
             blend_mask: None,
+            reused_source: false,
         }))
     }
 
@@ -273,6 +280,8 @@ pub struct EditedBranchRun<'model> {
     blend_masks: Vec<Option<BlendMask>>,
     /// Checked by every hooked attention layer ([`EditedBranchRun::with_cancel`]).
     cancel: Option<CancelToken>,
+    /// Steps before this one are copied from the recording (see [`Self::first_edited_step`]).
+    first_edited_step: usize,
 }
 
 impl<'model> EditedBranchRun<'model> {
@@ -303,6 +312,7 @@ impl<'model> EditedBranchRun<'model> {
             setup.guided,
         )?;
         let row = setup.row(model, &source.request, RowRole::Edited)?.0;
+        let first_edited_step = first_edited_step(&setup, &source.request, spec, &p2p);
         Ok(Self {
             model,
             request: source.request.clone(),
@@ -314,7 +324,24 @@ impl<'model> EditedBranchRun<'model> {
             text_embeddings,
             row,
             cancel: None,
+            first_edited_step,
         })
+    }
+
+    /// The first step the edit can change: the steps before it are the source's own (their
+    /// latents are copied from the recording, bit for bit, and no UNet runs for them). 0 unless the
+    /// edit provably leaves those steps alone (see the private `first_edited_step`: same tokens,
+    /// no reweight open yet, DDIM or Euler, no inversion, no word blend).
+    pub fn first_edited_step(&self) -> usize {
+        self.first_edited_step
+    }
+
+    /// Samples every step, even those [`Self::first_edited_step`] would copy from the recording
+    /// (to compare the two, or to time the full branch).
+    #[must_use]
+    pub fn sampling_every_step(mut self) -> Self {
+        self.first_edited_step = 0;
+        self
     }
 
     /// Lets every hooked attention layer check `cancel` (see [`Sampler::with_cancel`]).
@@ -352,7 +379,12 @@ impl<'model> EditedBranchRun<'model> {
             cancel: self.cancel.clone(),
             unconditional: replay_unconditional(&self.request, step_index)?,
         };
-        {
+        let reused_source = step_index < self.first_edited_step;
+        if reused_source {
+            // The source's own step: its schedulers keep no state between steps, so the next
+            // step only needs these latents.
+            self.row.latents = self.recorded_latents(step_index)?;
+        } else {
             let mut chain = ChainedProcessors::with_observer(&mut self.p2p, observer);
             denoise_step(
                 self.model,
@@ -363,13 +395,8 @@ impl<'model> EditedBranchRun<'model> {
             )?;
             chain.step_finished(step_index)?;
         }
-        let Some(source_latents) = self.recording.latents_after_step(step_index) else {
-            return Err(PipelineError::InvalidArgument {
-                name: "source recording",
-                reason: format!("no source latents after step {step_index}"),
-            });
-        };
-        let source_latents = source_latents.to_device(self.row.latents.device())?;
+        let source_latents = self.recorded_latents(step_index)?;
+        // (On a reused step this blends the source with itself: the latents stay the source's.)
         let mask = blend_row(&mut self.p2p, &step, &source_latents, &mut self.row)?;
         self.latents_per_step.push(self.row.latents.clone());
         self.blend_masks.push(mask.clone());
@@ -381,7 +408,19 @@ impl<'model> EditedBranchRun<'model> {
             source_latents: None,
             edited_latents: Some(self.row.latents.clone()),
             blend_mask: mask,
+            reused_source,
         }))
+    }
+
+    /// The source's latents after step `step_index`, `[1, channels, h, w]`, on the row's device.
+    fn recorded_latents(&self, step_index: usize) -> PipelineResult<Tensor> {
+        let Some(latents) = self.recording.latents_after_step(step_index) else {
+            return Err(PipelineError::InvalidArgument {
+                name: "source recording",
+                reason: format!("no source latents after step {step_index}"),
+            });
+        };
+        Ok(latents.to_device(self.row.latents.device())?)
     }
 
     /// The edited image, the alignment and the masks applied.
@@ -398,6 +437,37 @@ impl<'model> EditedBranchRun<'model> {
             blend_masks: self.blend_masks,
         })
     }
+}
+
+/// The first step of an edited branch that can differ from its source, so that the steps before
+/// it can be copied from the recording. Those steps are the source's own exactly when the edited
+/// prompt is the source prompt token for token (only reweights), no reweighted token's cross
+/// window is open yet ([`PromptToPrompt::first_reweighted_step`]), the scheduler keeps no state
+/// and draws no noise between steps (DDIM, Euler), no inversion is replayed (its edited row steps
+/// differently from the source row) and no local blend collects word maps (they are summed over
+/// every step). Otherwise 0: every step is sampled.
+fn first_edited_step(
+    setup: &RunSetup,
+    request: &GenerateRequest,
+    spec: &EditSpec,
+    p2p: &PromptToPrompt,
+) -> usize {
+    let stateless_scheduler = matches!(
+        setup.scheduler_kind,
+        SchedulerKind::Ddim | SchedulerKind::Euler
+    );
+    let word_blend = spec
+        .local_blend
+        .as_ref()
+        .is_some_and(|blend| blend.mask.is_none());
+    if !stateless_scheduler
+        || request.inversion.is_some()
+        || word_blend
+        || setup.edit_tokens != setup.source_tokens
+    {
+        return 0;
+    }
+    p2p.first_reweighted_step(setup.step_count)
 }
 
 /// Batch mode: both prompts in one loop.
@@ -470,6 +540,7 @@ fn generate_edit_batch(
             source_latents: Some(source.latents.clone()),
             edited_latents: Some(edited.latents.clone()),
             blend_mask: mask.clone(),
+            reused_source: false,
         })?;
         blend_masks.push(mask);
     }

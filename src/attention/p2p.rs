@@ -323,6 +323,25 @@ impl PromptToPrompt {
             .collect()
     }
 
+    /// For an edit whose edited prompt is the source prompt itself (only reweights): the first step
+    /// of a run of `step_count` steps whose attention the edit changes, i.e. the first step where a
+    /// reweighted token (scale other than 1) has its cross window open; `step_count` when no step
+    /// is changed. Before that step the edit replaces attention only with the source's own.
+    pub fn first_reweighted_step(&self, step_count: usize) -> usize {
+        let Some(scales) = &self.equalizer else {
+            return step_count;
+        };
+        self.token_windows
+            .iter()
+            .zip(scales)
+            .filter(|(_, &scale)| scale != 1.0)
+            .map(|(window, _)| window.cross_steps(step_count))
+            .filter(|steps| !steps.is_empty())
+            .map(|steps| steps.start)
+            .min()
+            .unwrap_or(step_count)
+    }
+
     /// True when layers with `queries` queries take the source's self-attention at this step.
     pub fn replaces_self_attention(
         &self,

@@ -34,6 +34,8 @@ pub enum BenchTarget {
     Unet(UnetBenchArgs),
     /// Loading a model (diffusers folder or single-file checkpoint).
     Load(super::models::LoadBenchArgs),
+    /// The editor's answers through the worker: first heat map, a full run, edits after a slider.
+    Edit(super::bench_edit::EditBenchArgs),
 }
 
 /// Arguments of `attend bench unet`.
@@ -78,6 +80,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.target {
         BenchTarget::Unet(unet_args) => bench_unet(unet_args),
         BenchTarget::Load(load_args) => super::models::bench_load(load_args),
+        BenchTarget::Edit(edit_args) => super::bench_edit::bench_edit(edit_args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Command-line interface. Each subcommand lives in its own file with its arguments and its `run`.
 
 mod bench;
+mod bench_edit;
 mod checks;
 mod edit;
 mod edit_eval;

@@ -735,8 +735,8 @@ impl EditorApp {
         }
     }
 
-    /// Re-runs the edited branch when the edit changed (not while the source is being made, a
-    /// pointer button is held or the edited prompt is being typed).
+    /// Re-runs the edited branch when the edit changed (not while the source is being made or the
+    /// edited prompt is being typed; while a slider is dragged, once the running edit showed a step).
     fn edit_auto_run(&mut self, egui_ctx: &egui::Context) {
         let state = &self.state;
         let Some(source) = state.run.as_ref().filter(|_| state.run_finished()) else {
@@ -752,7 +752,8 @@ impl EditorApp {
             return;
         }
         let typing = self.views.edit_panel.is_typing(egui_ctx);
-        if typing || egui_ctx.input(|input| input.pointer.any_down()) {
+        let dragging = egui_ctx.input(|input| input.pointer.any_down());
+        if typing || (dragging && !self.state.modes.edit.may_send_while_dragging()) {
             return;
         }
         let params = source.params.clone();

@@ -13,8 +13,10 @@
 //! up to it is cancelled) *before* it sends the command, and trips the [`CancelToken`] of the run
 //! being generated, which is the token the engine checks before each step. So a running generation
 //! stops at its next step boundary even though its command is still queued, and a queued one never
-//! starts. A panic in the engine is caught; the worker reports it, builds a fresh engine and reloads
-//! the last model.
+//! starts. Before a run starts, the worker takes every queued command off the channel: a run that a
+//! later queued run supersedes ends at once (`Cancelled` after 0 steps), so a burst of edits from a
+//! dragged slider runs only its latest. A panic in the engine is caught; the worker reports it,
+//! builds a fresh engine and reloads the last model.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -370,6 +372,19 @@ fn serve(
                 Err(_) => return Ok(()),
             },
         };
+        if let Some(run_id) = run_id_of(&command) {
+            // A burst of edits (a slider being dragged) coalesces to its latest: every run that a
+            // later queued run supersedes ends at once, without preparing anything.
+            take_queued(state, commands, &outbox.shared);
+            if state.pending.iter().any(|later| run_id_of(later).is_some()) {
+                outbox.shared.cancel_up_to(run_id);
+                outbox.emit(Event::Cancelled {
+                    run_id,
+                    steps_done: 0,
+                })?;
+                continue;
+            }
+        }
         match command {
             Command::Shutdown => return Ok(()),
             Command::LoadModel { source } => load_model(state, source, outbox)?,
@@ -456,6 +471,28 @@ fn serve(
                 })?;
             }
         }
+    }
+}
+
+/// The run id of a command that starts a run (generate, edit, inversion).
+fn run_id_of(command: &Command) -> Option<u64> {
+    match command {
+        Command::Generate { run_id, .. }
+        | Command::GenerateEdit { run_id, .. }
+        | Command::Invert { run_id, .. } => Some(*run_id),
+        _ => None,
+    }
+}
+
+/// Moves every command waiting in the channel to the back of `state.pending`, in order, without
+/// blocking (a `Shutdown` among them cancels every run, as it does when taken during a run). A lost
+/// handle is not an error here: the loop sees it at its next `recv`.
+fn take_queued(state: &mut WorkerState, commands: &Receiver<Command>, shared: &Shared) {
+    while let Ok(command) = commands.try_recv() {
+        if matches!(command, Command::Shutdown) {
+            shared.cancel_up_to(u64::MAX);
+        }
+        state.pending.push_back(command);
     }
 }
 
@@ -566,6 +603,7 @@ fn run(
     }
     state.active_run = Some(run_id);
     let mut observer = WorkerObserver::new(run_id, commands, outbox, &mut state.pending);
+    observer.adopt_pending()?;
     let result = match request {
         RunRequest::Generate(params) => state
             .engine
@@ -694,6 +732,38 @@ impl<'a> WorkerObserver<'a> {
             self_attention_query: None,
             inversion_steps: 0,
         }
+    }
+
+    /// Treats the commands taken off the channel before the run started (see [`take_queued`]) as
+    /// if they had come during it: plain exports run now, a probe request for this run is kept for
+    /// the engine, the rest stay queued in order.
+    fn adopt_pending(&mut self) -> Result<(), Disconnected> {
+        let mut kept = VecDeque::with_capacity(self.pending.len());
+        while let Some(command) = self.pending.pop_front() {
+            match command {
+                Command::Cancel => {}
+                Command::RequestSelfAttention {
+                    run_id,
+                    grid_h,
+                    grid_w,
+                    span,
+                } if run_id == self.run_id => {
+                    self.self_attention_query = Some(SelfAttentionQuery {
+                        grid_h,
+                        grid_w,
+                        span,
+                    });
+                }
+                command @ (Command::ExportPngs { .. }
+                | Command::ExportText { .. }
+                | Command::ExportSegmentFiles { .. }) => {
+                    write_plain_export(command, self.outbox)?;
+                }
+                other => kept.push_back(other),
+            }
+        }
+        *self.pending = kept;
+        Ok(())
     }
 
     /// Takes queued commands: plain exports run now, a probe request for this run is kept for the

@@ -5,7 +5,9 @@
 //! tokenizer's words) once the edit runs. Word weights (reweight, on the token strip), the cross- and
 //! self-attention windows and local-blend words (or a mask from the Segments view) make the
 //! [`EditSpec`]. A changed spec re-runs only the edited branch ([`Command::GenerateEdit`]): the worker
-//! keeps the source's recording and records it again only when the source parameters change.
+//! keeps the source's recording and records it again only when the source parameters change. While
+//! a slider moves, the edit re-runs as soon as the running one has shown a step
+//! ([`EditMode::may_send_while_dragging`]); the newest edit supersedes the running one.
 //!
 //! The canvas shows source | edited side by side, or one over the other with a vertical divider to
 //! drag (swipe). The heat maps, token strip and timeline follow the run chosen under "Heat maps of".
@@ -267,6 +269,21 @@ impl EditMode {
         (has_prompt && !self.is_no_op(source_prompt)).then(|| spec.clone())
     }
 
+    /// True when a changed edit may go out while a control (a weight or window slider) is being
+    /// dragged: when no edit runs, or the running one has shown a step. The newest edit then
+    /// supersedes the running one at once, and a continuous drag still shows a preview after every
+    /// step instead of restarting before anything is on screen. (Once the pointer is released,
+    /// a changed edit always goes out at once.)
+    pub(crate) fn may_send_while_dragging(&self) -> bool {
+        match self.active_run {
+            None => true,
+            Some(run_id) => self
+                .run
+                .as_ref()
+                .is_some_and(|run| run.run_id == run_id && !run.steps.is_empty()),
+        }
+    }
+
     /// True when `spec` differs from the edit last sent.
     pub(crate) fn is_unsent(&self, spec: &EditSpec) -> bool {
         self.last_sent_spec.as_ref() != Some(spec)
@@ -405,5 +422,59 @@ impl EditMode {
             self.blend_mask = blend_mask;
             self.mask_version += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::heatmap::StepCross;
+    use crate::worker::{EditKind, StepTiming};
+
+    fn frame(step_index: usize) -> StepFrame {
+        StepFrame {
+            step_index,
+            step_count: 4,
+            timestep: 0.0,
+            preview: RgbImage::default(),
+            cross: std::sync::Arc::new(StepCross {
+                step_index,
+                groups: Vec::new(),
+            }),
+            timing: StepTiming::default(),
+        }
+    }
+
+    /// While a slider is dragged, the next edit waits for the running one's first step (so a
+    /// preview shows), then goes out; with nothing running it goes out at once.
+    #[test]
+    fn a_drag_sends_the_next_edit_once_the_running_one_showed_a_step() {
+        let mut mode = EditMode::default();
+        let mut status = StatusLog::default();
+        assert!(mode.may_send_while_dragging(), "nothing runs");
+        mode.sent(7, Some(EditSpec::new("a blue square")));
+        assert!(!mode.may_send_while_dragging(), "asked for, not started");
+        let info = EditInfo {
+            kind: EditKind::Replace,
+            words: Vec::new(),
+            source_reused: true,
+            source_recordings: 1,
+        };
+        mode.branch_started_with(
+            7,
+            GenerateParams::default(),
+            PromptInfo::default(),
+            info,
+            "a blue square",
+            &mut status,
+        );
+        assert!(!mode.may_send_while_dragging(), "started, no step yet");
+        mode.branch_step(frame(0), None);
+        assert!(mode.may_send_while_dragging(), "a preview is on screen");
+        // The next edit supersedes it; the old run's steps do not count for the new one.
+        mode.sent(8, Some(EditSpec::new("a blue square")));
+        assert!(!mode.may_send_while_dragging());
+        mode.branch_finished(RgbImage::default(), 0.1, None, &mut status);
+        assert!(mode.may_send_while_dragging(), "the edit finished");
     }
 }

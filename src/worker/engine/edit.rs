@@ -1,11 +1,14 @@
 //! Edit mode of [`PipelineEngine`]: Prompt-to-Prompt in replay mode. The source run is recorded once
 //! ([`SourceRecordingRun`]: attention and latents per step) and kept with the parameters it was made
-//! with; every later edit of the same source runs only the edited branch ([`EditedBranchRun`]).
+//! with; every later edit of the same source runs only the edited branch ([`EditedBranchRun`]),
+//! from the first step the edit changes (the steps before it are the source's: their frames carry
+//! the source's latents and maps).
 
 use std::str::FromStr as _;
 use std::sync::Arc;
 
 use crate::analysis::edit_spec::{BlendMask, EditSpec};
+use crate::analysis::heatmap::StepCross;
 use crate::attention::edit_sampling::{EditStepReport, EditedBranchRun, SourceRecordingRun};
 use crate::attention::p2p::{RecordConfig, SourceRecording};
 use crate::attention::store::{AttentionStore, StoreConfig};
@@ -37,6 +40,9 @@ pub(super) struct EditSource {
     self_max_queries: usize,
     /// Attention and latents of every step.
     recording: Arc<SourceRecording>,
+    /// The cross-attention maps each step of the source reported: the frames of the edited steps
+    /// copied from the source (see [`EditedBranchRun::first_edited_step`]) carry them.
+    step_cross: Vec<Arc<StepCross>>,
 }
 
 /// Resolves a run's parameters (size, scheduler defaults) and prepares the run once: checked,
@@ -150,7 +156,16 @@ impl PipelineEngine {
                 self_max_queries,
                 batch_item: 0,
             };
-            let result = record_with_store(model, run, record, &mut store, observer, cancel);
+            let mut step_cross = Vec::with_capacity(run.step_count());
+            let result = record_with_store(
+                model,
+                run,
+                record,
+                &mut store,
+                &mut step_cross,
+                observer,
+                cancel,
+            );
             let self_attention_grids = store.self_attention_resolutions();
             self.latest_run = Some(LatestRun {
                 store,
@@ -164,6 +179,7 @@ impl PipelineEngine {
                 params: resolved.clone(),
                 self_max_queries,
                 recording,
+                step_cross,
             });
             let source = RunOutput {
                 image: output.image,
@@ -179,10 +195,10 @@ impl PipelineEngine {
                 blend_mask: None,
             });
         };
-        let Some(recording) = self
+        let Some((recording, source_cross)) = self
             .edit_source
             .as_ref()
-            .map(|source| Arc::clone(&source.recording))
+            .map(|source| (Arc::clone(&source.recording), source.step_cross.clone()))
         else {
             return Err(EngineError::Unavailable(
                 "the source recording is missing".to_owned(),
@@ -218,7 +234,13 @@ impl PipelineEngine {
         )?;
         let mut store = AttentionStore::new(StoreConfig::new(edit_tokens.token_count()));
         drive_with_store(&mut branch, &mut store, cancel, |report, store, timing| {
-            let frame = edit_step_frame(model, store, report, timing)?;
+            let mut frame = edit_step_frame(model, store, report, timing)?;
+            if report.reused_source {
+                // No UNet ran: the step's attention is the source's (the same prompt, unchanged).
+                if let Some(cross) = source_cross.get(report.step_index) {
+                    frame.cross = Arc::clone(cross);
+                }
+            }
             Ok(observer.step(Branch::Edited, frame, report.blend_mask.clone())?)
         })?;
         let branch = branch.finish()?;
@@ -232,19 +254,21 @@ impl PipelineEngine {
     }
 }
 
-/// Records the source run with `store` watching it, sending a frame after every step and
-/// answering the probe between steps.
+/// Records the source run with `store` watching it, sending a frame after every step (its
+/// cross-attention also kept in `step_cross`) and answering the probe between steps.
 fn record_with_store(
     model: &StableDiffusion,
     run: PreparedRun,
     record: RecordConfig,
     store: &mut AttentionStore,
+    step_cross: &mut Vec<Arc<StepCross>>,
     observer: &mut dyn RunObserver,
     cancel: &CancelToken,
 ) -> Result<(GenerateOutput, Arc<SourceRecording>), EngineError> {
     let mut recording = SourceRecordingRun::new(model, run, record)?.with_cancel(cancel.clone());
     drive_with_store(&mut recording, store, cancel, |report, store, timing| {
         let frame = edit_step_frame(model, store, report, timing)?;
+        step_cross.push(Arc::clone(&frame.cross));
         observer.step(Branch::Source, frame, None)?;
         super::answer_self_attention_query(&mut *observer, store)
     })?;
