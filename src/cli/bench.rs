@@ -13,6 +13,7 @@ use attend::pipeline::profile::{self, StageTotal};
 use attend::pipeline::rng::NoiseRng;
 use attend::pipeline::unet::config::UnetConfig;
 use attend::pipeline::unet::Unet;
+use attend::pipeline::vae::{AutoencoderKl, VaeConfig};
 use attend::pipeline::weights::RandomWeights;
 use candle_core::{DType, Device};
 
@@ -32,6 +33,8 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// One UNet call (CFG batch of 2).
     Unet(UnetBenchArgs),
+    /// One VAE decode (batch of 1).
+    Vae(VaeBenchArgs),
     /// Loading a model (diffusers folder or single-file checkpoint).
     Load(super::models::LoadBenchArgs),
     /// The editor's answers through the worker: first heat map, a full run, edits after a slider.
@@ -75,10 +78,38 @@ pub struct UnetBenchArgs {
     pub profile: bool,
 }
 
+/// Arguments of `attend bench vae`.
+#[derive(Debug, clap::Args)]
+pub struct VaeBenchArgs {
+    /// Model folder whose VAE to use.
+    #[arg(long, value_name = "DIR", conflicts_with = "random_config")]
+    pub model: Option<PathBuf>,
+    /// Instead of a model folder: a VAE `config.json` (or a shape manifest such as SD 1.5's, whose
+    /// `configs.vae` is used) built with random weights in memory, nothing read or written.
+    #[arg(long, value_name = "FILE")]
+    pub random_config: Option<PathBuf>,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
+    pub width: usize,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
+    pub height: usize,
+    /// Timed decodes (after one warm-up decode).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one, allow_negative_numbers = true)]
+    pub iters: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print where the timed decodes spent their time (as `bench unet --profile`).
+    #[arg(long)]
+    pub profile: bool,
+}
+
 /// Run `attend bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.target {
         BenchTarget::Unet(unet_args) => bench_unet(unet_args),
+        BenchTarget::Vae(vae_args) => bench_vae(vae_args),
         BenchTarget::Load(load_args) => super::models::bench_load(load_args),
         BenchTarget::Edit(edit_args) => super::bench_edit::bench_edit(edit_args),
     }
@@ -208,6 +239,88 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             args.width,
             args.height,
             if args.capture { "on" } else { "off" },
+            seconds.len(),
+            seconds[0],
+            seconds[seconds.len() - 1]
+        );
+    }
+    if args.profile {
+        print_profile(profile::take_totals(), total_seconds, args.iters);
+    }
+    Ok(())
+}
+
+fn bench_vae(args: &VaeBenchArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let vae = match (&args.model, &args.random_config) {
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let vae_json = json.pointer("/configs/vae").cloned().unwrap_or(json);
+            let config = VaeConfig::from_json(&vae_json.to_string(), path)?;
+            let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
+            AutoencoderKl::new(vb, &config)?
+        }
+        (model_dir, None) => {
+            let model = load_model(&super::ModelArgs {
+                dir: model_dir.clone(),
+                ..super::ModelArgs::default()
+            })?;
+            model
+                .vae
+                .context("the model has no VAE (a pixel-space model decodes nothing)")?
+        }
+    };
+    let factor = vae.downscale_factor();
+    anyhow::ensure!(
+        args.width.is_multiple_of(factor) && args.height.is_multiple_of(factor),
+        "--width {} / --height {} must be multiples of the VAE's factor {factor}",
+        args.width,
+        args.height
+    );
+    let mut rng = NoiseRng::new(1);
+    let latents = rng.randn(
+        vec![
+            1,
+            vae.config().latent_channels,
+            args.height / factor,
+            args.width / factor,
+        ],
+        &device,
+    )?;
+    let mut seconds = Vec::with_capacity(args.iters);
+    let mut total_seconds = 0.0;
+    for iteration in 0..=args.iters {
+        profile::set_enabled(args.profile && iteration > 0);
+        let started = Instant::now();
+        let image = vae.decode(&latents)?;
+        let _ = image.dims();
+        if iteration > 0 {
+            seconds.push(started.elapsed().as_secs_f64());
+            total_seconds += started.elapsed().as_secs_f64();
+        }
+    }
+    profile::set_enabled(false);
+    seconds.sort_by(f64::total_cmp);
+    let median = seconds[seconds.len() / 2];
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "vae_decode_secs": median,
+                "width": args.width,
+                "height": args.height,
+                "iters": args.iters,
+                "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            })
+        );
+    } else {
+        println!(
+            "VAE decode, batch 1, {}x{} px: median {median:.3} s over {} decodes (min {:.3}, max {:.3})",
+            args.width,
+            args.height,
             seconds.len(),
             seconds[0],
             seconds[seconds.len() - 1]

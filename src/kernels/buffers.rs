@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, WithDType};
 
+use super::gemm::PRODUCT_PARALLEL_MIN_MACS;
 use super::threads::{for_each_block, parallel_chunks_mut, run_queue, PARALLEL_MIN_ELEMENTS};
 
 /// Collects the first error of jobs that run on several threads.
@@ -116,7 +117,7 @@ fn initialise_piece(
 /// `job(tag, piece)`, which hands its piece back initialised (see [`initialise_piece`]), so nothing
 /// is zeroed first. Slots past the last piece are zeroed. The pieces go to the cores from a queue
 /// when `parallel`; returns the first error any piece met.
-fn parallel_initialised(
+pub(super) fn parallel_initialised(
     len: usize,
     pieces: &[(usize, usize)],
     parallel: bool,
@@ -153,8 +154,9 @@ fn parallel_initialised(
 }
 
 /// A vector of `len` values made by `job(index, piece)` over consecutive pieces of `piece_len`
-/// values (the last one shorter), queued to the cores when `len * cost_per_value` is large
-/// enough: for products, whose GEMM writes every value (cost: the inner dimension).
+/// values (the last one shorter), queued to the cores when `len * cost_per_value` reaches
+/// [`PRODUCT_PARALLEL_MIN_MACS`]: for products, whose GEMM writes every value (cost: the inner
+/// dimension).
 pub(super) fn parallel_pieces(
     len: usize,
     piece_len: usize,
@@ -165,7 +167,7 @@ pub(super) fn parallel_pieces(
     let pieces: Vec<_> = (0..len.div_ceil(piece_len))
         .map(|index| (index, piece_len.min(len - index * piece_len)))
         .collect();
-    let parallel = len.saturating_mul(cost_per_value) >= PARALLEL_MIN_ELEMENTS;
+    let parallel = len.saturating_mul(cost_per_value) >= PRODUCT_PARALLEL_MIN_MACS;
     parallel_initialised(len, &pieces, parallel, job)
 }
 

@@ -3,10 +3,12 @@
 
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
 
-use super::buffers::parallel_filled;
+use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
+use super::gemm::{gemm_with_bias, MatrixView};
 use super::operands::contiguous_slice;
+use super::operands::with_f32_pair;
 use super::simd::{gelu, simd_kernel};
-use super::threads::parallel_chunks_mut;
+use super::threads::{parallel_chunks_mut, worker_count};
 
 simd_kernel!(
     /// GEGLU rows: `dst[r] = hidden * gelu(gate)` for `src` rows `first..` (`[hidden | gate]`).
@@ -63,6 +65,54 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .apply_op1_no_bwd(&Geglu)?
         .to_dtype(dtype)
+}
+
+/// Rows of scratch space [`linear_geglu`] keeps per block: about 2 MiB of the projection, so a
+/// block's projection is still in the core's cache when GEGLU reads it.
+const LINEAR_GEGLU_BLOCK_ELEMENTS: usize = 512 * 1024;
+
+/// `geglu(xs weight + bias)` in one pass: `xs` `[rows, k]`, `weight` `[k, 2 * inner]`
+/// (contiguous), `bias` `[2 * inner]` -> `[rows, inner]` (f32). Blocks of rows are spread over the
+/// cores; each block's projection lives only in a cache-sized scratch buffer, so the `[rows, 2 *
+/// inner]` projection is never written to memory.
+pub fn linear_geglu(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (rows, k) = xs.dims2()?;
+    let (weight_rows, width) = weight.dims2()?;
+    if weight_rows != k || width % 2 != 0 || bias.elem_count() != width {
+        candle_core::bail!(
+            "linear + geglu: {:?} times {:?} plus bias {:?}",
+            xs.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let inner = width / 2;
+    let bias: Vec<f32> = bias
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let per_core = rows.div_ceil(2 * worker_count()).max(1);
+    let block_rows = (LINEAR_GEGLU_BLOCK_ELEMENTS / width.max(1))
+        .clamp(8, rows.max(8))
+        .min(per_core);
+    let out = with_f32_pair(xs, weight, |xs, weight| {
+        parallel_row_blocks(rows, inner, rows, block_rows, |first, slots| {
+            let block = slots.len() / inner.max(1);
+            let mut projected = vec![0f32; block * width];
+            let lhs = MatrixView::new(xs, first * k, (block, k), k);
+            let rhs = MatrixView::new(weight, 0, (k, width), width);
+            gemm_with_bias(projected.as_mut_slice(), 0, width, lhs, rhs, Some(&bias))?;
+            let out = zeroed(slots);
+            pulp::Arch::new().dispatch(GegluRows {
+                dst: &mut *out,
+                src: &projected,
+                first: 0,
+                inner,
+            });
+            Ok(out)
+        })
+    })?;
+    Tensor::from_vec(out, (rows, inner), xs.device())
 }
 
 /// Adds `bias` (`[..., n]` last-dimension values) in place to a contiguous f32 tensor the caller owns.
@@ -195,6 +245,31 @@ mod tests {
         let expected = (hidden * gate.gelu_erf().unwrap()).unwrap();
         assert!(max_abs_diff(&geglu(&projected).unwrap(), &expected) < 1e-5);
         assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
+    }
+
+    #[test]
+    fn linear_geglu_matches_product_then_geglu() {
+        let device = Device::Cpu;
+        // One block, several blocks (rows split over the cores), and a remainder block.
+        for (rows, k, inner) in [(3, 5, 4), (700, 24, 40), (2048, 16, 64)] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, k), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (k, 2 * inner), &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 2 * inner, &device).unwrap();
+            let projected = xs.matmul(&weight).unwrap().broadcast_add(&bias).unwrap();
+            let expected = geglu(&projected).unwrap();
+            let actual = linear_geglu(&xs, &weight, &bias).unwrap();
+            assert_eq!(actual.dims(), &[rows, inner]);
+            assert!(
+                max_abs_diff(&actual, &expected) < 1e-4,
+                "{rows}x{k}x{inner}"
+            );
+        }
+        let xs = Tensor::zeros((4, 6), DType::F32, &device).unwrap();
+        let odd = Tensor::zeros((6, 7), DType::F32, &device).unwrap();
+        let bias = Tensor::zeros(7, DType::F32, &device).unwrap();
+        assert!(linear_geglu(&xs, &odd, &bias).is_err());
+        let weight = Tensor::zeros((6, 8), DType::F32, &device).unwrap();
+        assert!(linear_geglu(&xs, &weight, &bias).is_err());
     }
 
     #[test]

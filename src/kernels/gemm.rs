@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Tensor};
 
-use super::buffers::{parallel_filled, parallel_pieces};
+use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
 use super::threads::{piece_count, worker_count};
 
@@ -60,11 +60,21 @@ fn matrix_fits(len: usize, offset: usize, (rows, cols): (usize, usize), row_stri
 pub(super) trait GemmDestination {
     /// The first element and the number of elements.
     fn raw_parts(&mut self) -> (*mut f32, usize);
+
+    /// Sets `rows` rows of `values.len()` elements, the first at `offset`, rows `row_stride`
+    /// apart, to `values` (panics outside the slice; callers check first).
+    fn fill_rows(&mut self, offset: usize, rows: usize, row_stride: usize, values: &[f32]);
 }
 
 impl GemmDestination for [f32] {
     fn raw_parts(&mut self) -> (*mut f32, usize) {
         (self.as_mut_ptr(), self.len())
+    }
+
+    fn fill_rows(&mut self, offset: usize, rows: usize, row_stride: usize, values: &[f32]) {
+        for row in 0..rows {
+            self[offset + row * row_stride..][..values.len()].copy_from_slice(values);
+        }
     }
 }
 
@@ -72,7 +82,20 @@ impl GemmDestination for [MaybeUninit<f32>] {
     fn raw_parts(&mut self) -> (*mut f32, usize) {
         (self.as_mut_ptr().cast(), self.len())
     }
+
+    fn fill_rows(&mut self, offset: usize, rows: usize, row_stride: usize, values: &[f32]) {
+        for row in 0..rows {
+            let slots = &mut self[offset + row * row_stride..][..values.len()];
+            for (slot, &value) in slots.iter_mut().zip(values) {
+                slot.write(value);
+            }
+        }
+    }
 }
+
+/// Products of fewer multiply-adds than this run on the calling thread: about 20-40 us of work
+/// on one core, where handing pieces to another thread costs a good part of the gain.
+pub(super) const PRODUCT_PARALLEL_MIN_MACS: usize = 1 << 20;
 
 /// gemm copies the weight side of our row-major products into its panel layout when the block
 /// of activation rows is longer than this many times its 6-column tile (its default is 8, so
@@ -91,25 +114,46 @@ pub(super) fn gemm_single_thread<D: GemmDestination + ?Sized>(
     lhs: MatrixView<'_>,
     rhs: MatrixView<'_>,
 ) -> Result<()> {
+    gemm_with_bias(dst, dst_offset, dst_row_stride, lhs, rhs, None)
+}
+
+/// [`gemm_single_thread`] plus `bias` (`[n]`, added to every row of the product) when given: the
+/// product's rows are set to the bias first and the GEMM accumulates onto them, so no second pass
+/// over the output is needed.
+pub(super) fn gemm_with_bias<D: GemmDestination + ?Sized>(
+    dst: &mut D,
+    dst_offset: usize,
+    dst_row_stride: usize,
+    lhs: MatrixView<'_>,
+    rhs: MatrixView<'_>,
+    bias: Option<&[f32]>,
+) -> Result<()> {
     static PACKING: std::sync::Once = std::sync::Once::new();
     PACKING.call_once(|| gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD));
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let (dst_ptr, dst_len) = dst.raw_parts();
-    let dst_fits = matrix_fits(dst_len, dst_offset, (m, n), dst_row_stride);
-    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_fits {
+    let dst_fits = matrix_fits(dst.raw_parts().1, dst_offset, (m, n), dst_row_stride);
+    let bias_fits = bias.is_none_or(|bias| bias.len() == n);
+    if rhs.rows != k || !lhs.in_bounds() || !rhs.in_bounds() || !dst_fits || !bias_fits {
         candle_core::bail!(
-            "gemm: operands out of bounds or mismatched ({m}x{k} * {}x{n})",
-            rhs.rows
+            "gemm: operands out of bounds or mismatched ({m}x{k} * {}x{n}, bias {:?})",
+            rhs.rows,
+            bias.map(<[f32]>::len)
         );
     }
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if let Some(bias) = bias {
+        dst.fill_rows(dst_offset, m, dst_row_stride, bias);
+    }
+    let read_dst = bias.is_some();
+    let (dst_ptr, _) = dst.raw_parts();
     #[allow(unsafe_code)]
     // SAFETY: every element the GEMM reads or writes lies inside its slice (checked above), the
-    // destination is borrowed mutably so it cannot alias the inputs, and `read_dst` is false, so
-    // the destination's previous values are never read (gemm then sets its `alpha` to zero and
-    // every path skips reading `dst`; gemm-common 0.19).
+    // destination is borrowed mutably so it cannot alias the inputs. Without a bias `read_dst` is
+    // false, so the destination's previous values are never read (gemm then sets its `alpha` to
+    // zero and every path skips reading `dst`; gemm-common 0.19); with a bias every element of
+    // the product's rows was written just above, so what the GEMM reads is initialised.
     unsafe {
         gemm::gemm(
             m,
@@ -118,14 +162,14 @@ pub(super) fn gemm_single_thread<D: GemmDestination + ?Sized>(
             dst_ptr.add(dst_offset),
             1,
             dst_row_stride as isize,
-            false,
+            read_dst,
             lhs.data.as_ptr().add(lhs.offset),
             1,
             lhs.row_stride as isize,
             rhs.data.as_ptr().add(rhs.offset),
             1,
             rhs.row_stride as isize,
-            0.0,
+            if read_dst { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -143,11 +187,21 @@ pub(super) fn gemm_uninit<'d>(
     lhs: MatrixView<'_>,
     rhs: MatrixView<'_>,
 ) -> Result<&'d mut [f32]> {
+    gemm_uninit_with_bias(dst, lhs, rhs, None)
+}
+
+/// [`gemm_uninit`] plus `bias` (`[n]`) added to every row (see [`gemm_with_bias`]).
+pub(super) fn gemm_uninit_with_bias<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    lhs: MatrixView<'_>,
+    rhs: MatrixView<'_>,
+    bias: Option<&[f32]>,
+) -> Result<&'d mut [f32]> {
     let (m, n) = (lhs.rows, rhs.cols);
     if dst.len() != m * n {
         candle_core::bail!("gemm: {} output slots for a {m}x{n} product", dst.len());
     }
-    gemm_single_thread(dst, 0, n, lhs, rhs)?;
+    gemm_with_bias(dst, 0, n, lhs, rhs, bias)?;
     #[allow(unsafe_code)]
     // SAFETY: the product covers all `m * n` slots (row stride `n`, offset 0), and the GEMM wrote
     // each one (it returned without error); `MaybeUninit<f32>` has the layout of `f32`.
@@ -156,14 +210,34 @@ pub(super) fn gemm_uninit<'d>(
     }
 }
 
-/// `a` `[m, k]` times `b` `[k, n]` (f32 results) with the columns of `b` split over the cores,
-/// each part one single-threaded product: for products with few rows (`m` up to a few hundred),
-/// where reading `b` is most of the work, each core then reads only its share of `b`.
-pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// The f32 values of an optional bias `[n]` (an error when it has another length).
+fn bias_values(bias: Option<&Tensor>, n: usize) -> Result<Option<Vec<f32>>> {
+    let Some(bias) = bias else {
+        return Ok(None);
+    };
+    if bias.elem_count() != n {
+        candle_core::bail!("matmul: a bias of {:?} for {n} columns", bias.dims());
+    }
+    Ok(Some(
+        bias.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?,
+    ))
+}
+
+/// `a` `[m, k]` times `b` `[k, n]` (f32 results), plus `bias` `[n]` on every row when given, with
+/// the columns of `b` split over the cores, each part one single-threaded product: for products
+/// with few rows (`m` up to a few hundred), where reading `b` is most of the work, each core then
+/// reads only its share of `b`. Products too small to split run whole on the calling thread.
+pub fn matmul_split_columns(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (b_rows, n) = b.dims2()?;
     if b_rows != k {
         candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
+    }
+    let bias = bias_values(bias, n)?;
+    if m.saturating_mul(n).saturating_mul(k) < PRODUCT_PARALLEL_MIN_MACS || worker_count() <= 1 {
+        return matmul_split_rows_values(a, b, bias.as_deref());
     }
     // Column parts of whole 16-lane vectors, two per core for balance.
     let parts = (2 * worker_count()).min(n.div_ceil(16)).max(1);
@@ -175,7 +249,8 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             let columns = part_columns.min(n - start);
             let lhs = MatrixView::new(a_values, 0, (m, k), k);
             let rhs = MatrixView::new(b_values, start, (k, columns), n);
-            gemm_uninit(slots, lhs, rhs)
+            let part_bias = bias.as_deref().map(|bias| &bias[start..start + columns]);
+            gemm_uninit_with_bias(slots, lhs, rhs, part_bias)
         })
     })?;
     let out = parallel_filled(m * n, m, |first_row, piece| {
@@ -191,24 +266,86 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (m, n), a.device())
 }
 
-/// `a` `[m, k]` times `b` `[k, n]` (f32 results) with the rows of `a` split over the cores, each
-/// part one single-threaded product writing its rows of the result in place.
-pub fn matmul_split_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a` `[m, k]` times `b` `[k, n]` (f32 results), plus `bias` `[n]` on every row when given, with
+/// the rows of `a` split over the cores, each part one single-threaded product writing its rows of
+/// the result in place.
+pub fn matmul_split_rows(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let n = b.dim(1)?;
+    let bias = bias_values(bias, n)?;
+    matmul_split_rows_values(a, b, bias.as_deref())
+}
+
+/// [`matmul_split_rows`] with the bias as values.
+fn matmul_split_rows_values(a: &Tensor, b: &Tensor, bias: Option<&[f32]>) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (b_rows, n) = b.dims2()?;
     if b_rows != k {
         candle_core::bail!("matmul: {:?} times {:?}", a.dims(), b.dims());
     }
-    let piece_rows = m.div_ceil(piece_count(m, n));
+    let pieces = if m.saturating_mul(n).saturating_mul(k) < PRODUCT_PARALLEL_MIN_MACS {
+        1
+    } else {
+        piece_count(m, n)
+    };
+    let piece_rows = m.div_ceil(pieces).max(1);
     let out = with_f32_pair(a, b, |a_values, b_values| {
         parallel_pieces(m * n, piece_rows * n, k, |index, slots| {
             let rows = slots.len() / n.max(1);
             let lhs = MatrixView::new(a_values, index * piece_rows * k, (rows, k), k);
             let rhs = MatrixView::new(b_values, 0, (k, n), n);
-            gemm_uninit(slots, lhs, rhs)
+            gemm_uninit_with_bias(slots, lhs, rhs, bias)
         })
     })?;
     Tensor::from_vec(out, (m, n), a.device())
+}
+
+/// `a` `[m, k]` times each of `groups` equal column groups of `b` `[k, groups * g]`, as `groups`
+/// contiguous `[m, g]` tensors (for instance a layer's queries, keys and values from one weight
+/// holding `to_q`, `to_k` and `to_v` side by side): one parallel product for all of them, `a`
+/// read once per block of rows, and no copies to split the result.
+pub fn matmul_column_groups(a: &Tensor, b: &Tensor, groups: usize) -> Result<Vec<Tensor>> {
+    let (m, k) = a.dims2()?;
+    let (b_rows, n) = b.dims2()?;
+    if b_rows != k || groups == 0 || !n.is_multiple_of(groups) {
+        candle_core::bail!(
+            "matmul in {groups} column groups: {:?} times {:?}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    let group_columns = n / groups;
+    let row_pieces = if m.saturating_mul(n).saturating_mul(k) < PRODUCT_PARALLEL_MIN_MACS {
+        1
+    } else {
+        piece_count(m, n).div_ceil(groups).max(1)
+    };
+    let piece_rows = m.div_ceil(row_pieces).max(1);
+    let row_pieces = m.div_ceil(piece_rows);
+    // Group-major output `[groups, m, g]`; piece `group * row_pieces + r` is rows
+    // `r * piece_rows..` of `group`.
+    let pieces: Vec<(usize, usize)> = (0..groups * row_pieces)
+        .map(|index| {
+            let first_row = (index % row_pieces) * piece_rows;
+            (index, piece_rows.min(m - first_row) * group_columns)
+        })
+        .collect();
+    let parallel = pieces.len() > 1;
+    let out = with_f32_pair(a, b, |a_values, b_values| {
+        parallel_initialised(
+            groups * m * group_columns,
+            &pieces,
+            parallel,
+            |index, slots| {
+                let (group, first_row) = (index / row_pieces, (index % row_pieces) * piece_rows);
+                let rows = slots.len() / group_columns.max(1);
+                let lhs = MatrixView::new(a_values, first_row * k, (rows, k), k);
+                let rhs = MatrixView::new(b_values, group * group_columns, (k, group_columns), n);
+                gemm_uninit(slots, lhs, rhs)
+            },
+        )
+    })?;
+    let stacked = Tensor::from_vec(out, (groups, m, group_columns), a.device())?;
+    (0..groups).map(|group| stacked.get(group)).collect()
 }
 
 /// Batched product `a` `[batch, m, k]` times `b` `[batch, k, n]` (f32 results) with the batch
@@ -244,13 +381,24 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
             let expected = a.matmul(&b).unwrap();
-            let actual = matmul_split_columns(&a, &b).unwrap();
+            let actual = matmul_split_columns(&a, &b, None).unwrap();
             assert_eq!(actual.dims(), &[m, n]);
             assert!(max_abs_diff(&actual, &expected) < 1e-4, "{m}x{k}x{n}");
+            let bias = Tensor::randn(0f32, 1.0, n, &device).unwrap();
+            let with_bias = matmul_split_columns(&a, &b, Some(&bias)).unwrap();
+            let expected = expected.broadcast_add(&bias).unwrap();
+            assert!(
+                max_abs_diff(&with_bias, &expected) < 1e-4,
+                "{m}x{k}x{n} + bias"
+            );
         }
         let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
         let b = Tensor::zeros((4, 5), DType::F32, &device).unwrap();
-        assert!(matmul_split_columns(&a, &b).is_err());
+        assert!(matmul_split_columns(&a, &b, None).is_err());
+        let b = Tensor::zeros((3, 5), DType::F32, &device).unwrap();
+        let wrong_bias = Tensor::zeros(4, DType::F32, &device).unwrap();
+        assert!(matmul_split_columns(&a, &b, Some(&wrong_bias)).is_err());
+        assert!(matmul_split_rows(&a, &b, Some(&wrong_bias)).is_err());
     }
 
     #[test]
@@ -260,7 +408,11 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
             let expected = a.matmul(&b).unwrap();
-            assert!(max_abs_diff(&matmul_split_rows(&a, &b).unwrap(), &expected) < 1e-4);
+            assert!(max_abs_diff(&matmul_split_rows(&a, &b, None).unwrap(), &expected) < 1e-4);
+            let bias = Tensor::randn(0f32, 1.0, n, &device).unwrap();
+            let with_bias = matmul_split_rows(&a, &b, Some(&bias)).unwrap();
+            let expected = expected.broadcast_add(&bias).unwrap();
+            assert!(max_abs_diff(&with_bias, &expected) < 1e-4);
         }
         let a = Tensor::randn(0f32, 1.0, (16, 37, 20), &device).unwrap();
         let b = Tensor::randn(0f32, 1.0, (16, 20, 9), &device).unwrap();
@@ -268,8 +420,36 @@ mod tests {
         assert!(max_abs_diff(&batched_matmul_parallel(&a, &b).unwrap(), &expected) < 1e-4);
         let wrong = Tensor::zeros((15, 20, 9), DType::F32, &device).unwrap();
         assert!(batched_matmul_parallel(&a, &wrong).is_err());
-        assert!(
-            matmul_split_rows(&a.get(0).unwrap(), &wrong.get(0).unwrap().t().unwrap()).is_err()
-        );
+        assert!(matmul_split_rows(
+            &a.get(0).unwrap(),
+            &wrong.get(0).unwrap().t().unwrap(),
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn column_group_products_match_matmul() {
+        let device = Device::Cpu;
+        // Small (one piece), split into row pieces, and rows that do not divide evenly.
+        for (m, k, groups, g) in [(3, 5, 3, 4), (2048, 64, 3, 64), (301, 96, 2, 48)] {
+            let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (k, groups * g), &device).unwrap();
+            let expected = a.matmul(&b).unwrap();
+            let parts = matmul_column_groups(&a, &b, groups).unwrap();
+            assert_eq!(parts.len(), groups);
+            for (group, part) in parts.iter().enumerate() {
+                assert!(part.is_contiguous());
+                let expected = expected.narrow(1, group * g, g).unwrap();
+                assert!(
+                    max_abs_diff(part, &expected) < 1e-4,
+                    "{m}x{k} group {group}"
+                );
+            }
+        }
+        let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
+        let b = Tensor::zeros((3, 7), DType::F32, &device).unwrap();
+        assert!(matmul_column_groups(&a, &b, 3).is_err());
+        assert!(matmul_column_groups(&a, &b, 0).is_err());
     }
 }

@@ -279,7 +279,13 @@ impl Conv2d {
             } else {
                 kernels::im2col(xs, geometry, start..start + rows)?
             };
-            let product = product_of(&patches, matrix)?;
+            if extra_bias.is_none() {
+                // One bias for every item: added inside the product.
+                pieces.push(product_of(&patches, matrix, Some(&self.bias))?);
+                start += rows;
+                continue;
+            }
+            let product = product_of(&patches, matrix, None)?;
             // Each item's rows of the chunk get that item's bias.
             let mut row = start;
             while row < start + rows {
@@ -362,11 +368,12 @@ impl Conv2d {
 /// ms, 1024x320x2560 5.7-5.9 / 6.2-12.2 ms.
 const SPLIT_COLUMNS_MAX_ROWS: usize = 512;
 
-/// `xs` `[rows, in]` times `weight` `[in, out]`, split over the cores by attend rather than inside
-/// the GEMM: by the weight's columns for few rows and a weight at least as wide (each core reads
-/// its share of the weight), by rows otherwise (each core one product, no per-call thread
-/// hand-offs).
-fn product_of(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+/// `xs` `[rows, in]` times `weight` `[in, out]`, plus `bias` `[out]` on every row when given,
+/// split over the cores by attend rather than inside the GEMM: by the weight's columns for few
+/// rows and a weight at least as wide (each core reads its share of the weight), by rows
+/// otherwise (each core one product, no per-call thread hand-offs). The bias is added inside the
+/// products (no second pass over the output).
+fn product_of(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let (rows, _) = xs.dims2()?;
     let (_, columns) = weight.dims2()?;
     let plain_f32 = xs.dtype() == DType::F32
@@ -374,11 +381,15 @@ fn product_of(xs: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         && weight.is_contiguous()
         && xs.device().is_cpu();
     if !plain_f32 {
-        xs.matmul(weight)
+        let out = xs.matmul(weight)?;
+        match bias {
+            Some(bias) => kernels::add_bias(out, bias, true),
+            None => Ok(out),
+        }
     } else if rows <= SPLIT_COLUMNS_MAX_ROWS && columns >= rows {
-        kernels::matmul_split_columns(xs, weight)
+        kernels::matmul_split_columns(xs, weight, bias)
     } else {
-        kernels::matmul_split_rows(xs, weight)
+        kernels::matmul_split_rows(xs, weight, bias)
     }
 }
 
@@ -436,6 +447,24 @@ impl Linear {
         })
     }
 
+    /// The transposed weight, `[in, out]`.
+    pub(super) fn weight_t(&self) -> &Tensor {
+        &self.weight_t
+    }
+
+    /// The bias, `[out]`.
+    pub(super) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Whether the weight is f32 values in CPU memory, laid out for attend's own product kernels
+    /// (not a lazily broadcast placeholder of a shape-checking load).
+    pub(super) fn has_plain_f32_weight(&self) -> bool {
+        self.weight_t.dtype() == DType::F32
+            && self.weight_t.is_contiguous()
+            && self.weight_t.device().is_cpu()
+    }
+
     /// `[..., in]` -> `[..., out]`; the leading dimensions are flattened into one matrix product.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
@@ -459,11 +488,7 @@ impl Linear {
         }
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
-            let out = product_of(&flat, &self.weight_t)?;
-            match &self.bias {
-                Some(bias) => kernels::add_bias(out, bias, true),
-                None => Ok(out),
-            }
+            product_of(&flat, &self.weight_t, self.bias.as_ref())
         })?;
         let mut out_dims = leading.to_vec();
         out_dims.push(out.dim(1)?);
