@@ -51,6 +51,7 @@ fn request(
         generate,
         target_prompts: targets.iter().map(|prompt| prompt.to_string()).collect(),
         sharing,
+        reference_image: None,
     }
 }
 

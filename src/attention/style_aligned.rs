@@ -23,6 +23,10 @@
 //! `only_self_level = x` leaves an evenly spaced fraction `x` of the self-attention layers plain,
 //! counted in diffusers' order of `unet.attn_processors` (down blocks, up blocks, then the middle
 //! block), with the reference's rule ([`plain_layer_switch`]).
+//!
+//! Beyond the reference's options, sharing can be limited to some blocks (encoder, middle,
+//! decoder), to some resolutions (query grid sides) and to the first fraction of the steps
+//! (attention and group norms both; later steps run every image alone).
 
 use std::collections::HashSet;
 
@@ -57,6 +61,34 @@ pub struct StyleAlignedConfig {
     pub adain_keys: bool,
     /// AdaIN of the targets' values. Default false.
     pub adain_values: bool,
+    /// Share in the encoder's (down blocks') self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_encoder: bool,
+    /// Share in the middle block's self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_middle: bool,
+    /// Share in the decoder's (up blocks') self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_decoder: bool,
+    /// Share only in layers whose query grid side (the larger of its height and width, in latent
+    /// pixels) is at least this. Default 0.
+    #[serde(default)]
+    pub min_shared_side: usize,
+    /// Share only in layers whose query grid side is at most this; 0: no limit. Default 0.
+    #[serde(default)]
+    pub max_shared_side: usize,
+    /// Share (attention and group norms) only in the first fraction of the steps: step `i` of
+    /// `n` shares when `i < ceil(fraction * n)`. In `0..=1`; default 1 (every step).
+    #[serde(default = "default_one")]
+    pub shared_steps_fraction: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_one() -> f64 {
+    1.0
 }
 
 impl Default for StyleAlignedConfig {
@@ -69,6 +101,24 @@ impl Default for StyleAlignedConfig {
             adain_queries: true,
             adain_keys: true,
             adain_values: false,
+            share_encoder: true,
+            share_middle: true,
+            share_decoder: true,
+            min_shared_side: 0,
+            max_shared_side: 0,
+            shared_steps_fraction: 1.0,
+        }
+    }
+}
+
+impl StyleAlignedConfig {
+    /// attend's default, chosen by measurement on the bundled model (see the benchmarks): the
+    /// reference's settings with the changes that keep the targets' own objects while they take
+    /// the reference's style.
+    pub fn measured_default() -> Self {
+        Self {
+            shared_score_shift: 1.0,
+            ..Self::default()
         }
     }
 }
@@ -87,12 +137,27 @@ pub enum StyleAlignedError {
 }
 
 impl StyleAlignedConfig {
-    /// Checks the ranges: `only_self_level` in `0..=1`, finite scale and shift.
+    /// Checks the ranges: `only_self_level` and `shared_steps_fraction` in `0..=1`, finite scale
+    /// and shift, `min_shared_side <= max_shared_side` when both are set.
     pub fn validate(&self) -> Result<(), StyleAlignedError> {
-        if !(0.0..=1.0).contains(&self.only_self_level) {
+        for (name, value) in [
+            ("only_self_level", self.only_self_level),
+            ("shared_steps_fraction", self.shared_steps_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(StyleAlignedError::InvalidSetting {
+                    name,
+                    reason: format!("{value} is outside 0..1"),
+                });
+            }
+        }
+        if self.max_shared_side != 0 && self.min_shared_side > self.max_shared_side {
             return Err(StyleAlignedError::InvalidSetting {
-                name: "only_self_level",
-                reason: format!("{} is outside 0..1", self.only_self_level),
+                name: "min_shared_side",
+                reason: format!(
+                    "{} is above max_shared_side {}",
+                    self.min_shared_side, self.max_shared_side
+                ),
             });
         }
         for (name, value) in [
@@ -107,6 +172,24 @@ impl StyleAlignedConfig {
             }
         }
         Ok(())
+    }
+
+    /// Steps of a run of `step_count` steps that share: `ceil(shared_steps_fraction * step_count)`.
+    pub fn shared_step_count(&self, step_count: usize) -> usize {
+        ((self.shared_steps_fraction * step_count as f64).ceil() as usize).min(step_count)
+    }
+
+    /// Whether a self-attention layer at `place` with a query grid side of `side` latent pixels
+    /// shares (the block and resolution limits; `only_self_level` is applied separately).
+    pub fn shares_at(&self, place: UnetPlace, side: usize) -> bool {
+        let place_shared = match place {
+            UnetPlace::Down => self.share_encoder,
+            UnetPlace::Mid => self.share_middle,
+            UnetPlace::Up => self.share_decoder,
+        };
+        place_shared
+            && side >= self.min_shared_side
+            && (self.max_shared_side == 0 || side <= self.max_shared_side)
     }
 }
 
@@ -258,6 +341,8 @@ pub struct StyleAligned {
     config: StyleAlignedConfig,
     /// The self-attention layers that share (the others stay plain).
     shared_layers: HashSet<SelfLayer>,
+    /// Whether the current step shares (set by [`StyleAligned::begin_step`]).
+    step_shares: bool,
 }
 
 impl StyleAligned {
@@ -276,7 +361,15 @@ impl StyleAligned {
         Ok(Self {
             config,
             shared_layers,
+            step_shares: true,
         })
+    }
+
+    /// Tells the processor which step comes next, so that group norms share only in the steps
+    /// that share (attention layers read the step from their site). Until called, group norms
+    /// share.
+    pub fn begin_step(&mut self, step_index: usize, step_count: usize) {
+        self.step_shares = step_index < self.config.shared_step_count(step_count);
     }
 
     /// The settings.
@@ -360,6 +453,8 @@ impl AttentionProcessor for StyleAligned {
             // `only_cross_attention` models give `attn1` the text: nothing to share.
             && site.keys == site.queries()
             && Self::items_per_half(site.batch, site.cfg).is_some()
+            && site.step_index < self.config.shared_step_count(site.step_count)
+            && self.config.shares_at(site.place, site.query_h.max(site.query_w))
             && self.shared_layers.contains(&(
                 site.place,
                 site.block_index,
@@ -421,7 +516,7 @@ impl AttentionProcessor for StyleAligned {
     }
 
     fn shared_group_norm(&self, batch: usize, cfg: bool) -> Option<SharedGroupNorm> {
-        if !self.config.share_group_norm {
+        if !self.config.share_group_norm || !self.step_shares {
             return None;
         }
         let items_per_half = Self::items_per_half(batch, cfg)?;

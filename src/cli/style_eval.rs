@@ -207,7 +207,7 @@ impl Tally {
 /// Run `attend style-eval`.
 pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
     check_guidance(args.guidance)?;
-    let config = args.style.config()?;
+    let config = args.style.config(false)?;
     let mut images_out = args
         .images_out
         .as_deref()
@@ -236,6 +236,7 @@ pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
             generate,
             target_prompts: plan.targets.iter().map(|object| object.phrase()).collect(),
             sharing: Some(config),
+            reference_image: None,
         };
         let (output, seconds) = run_set(&model, &request)?;
         let shared_verdicts = shared.add(&plan, &output, seconds);
