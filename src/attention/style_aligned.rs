@@ -8,7 +8,8 @@
 //!    channel over the tokens, unbiased variance + 1e-5; values too when asked);
 //! 2. attends to `concat(K_own, K_ref * scale)` with values `concat(V_own, V_ref)`;
 //! 3. with a shift `s`, adds `s` to the logits of the reference's columns before the softmax
-//!    (exactly: computed with the explicit probabilities; `s = 0` runs the layer's fused kernel).
+//!    (through the fused kernel with one extra channel per head, [`shifted_attention_fused`];
+//!    [`shifted_attention`] is the explicit-probability form it is checked against).
 //!
 //! The reference items keep their own queries, keys and values and go through the layer's fused
 //! kernel alone: the reference image is the same, value for value, as in the same batch without
@@ -329,6 +330,60 @@ pub fn shifted_attention(
     Tensor::stack(&items, 0)
 }
 
+/// [`shifted_attention`] through the fused attention kernel, the probabilities never
+/// materialised: each head gets one more channel, 1 in every query, `shift / scale` in the keys
+/// from `own_keys` on (0 before), 0 in the values, so that `scale * q' k'^T = scale * q k^T +
+/// shift` on the shifted columns; the extra output channel is dropped. Same shapes as
+/// [`shifted_attention`]; equal up to float rounding.
+pub fn shifted_attention_fused(
+    projections: &QueryKeyValue,
+    heads: usize,
+    scale: f32,
+    own_keys: usize,
+    shift: f32,
+) -> candle_core::Result<Tensor> {
+    let (batch, queries, inner) = projections.query.dims3()?;
+    let keys = projections.key.dim(1)?;
+    if heads == 0 || inner % heads != 0 || own_keys > keys || scale == 0.0 {
+        candle_core::bail!(
+            "shifted attention: {inner} channels, {heads} heads, {own_keys} own keys of {keys}, \
+             scale {scale}"
+        );
+    }
+    let head_dim = inner / heads;
+    let device = projections.query.device();
+    // `[batch, tokens, heads * head_dim]` plus one channel per head holding `extra`
+    // (`[batch, tokens, heads, 1]`).
+    let widen = |xs: &Tensor, tokens: usize, extra: &Tensor| -> candle_core::Result<Tensor> {
+        Tensor::cat(
+            &[
+                &xs.to_dtype(DType::F32)?
+                    .reshape((batch, tokens, heads, head_dim))?,
+                extra,
+            ],
+            3,
+        )?
+        .reshape((batch, tokens, heads * (head_dim + 1)))
+    };
+    let ones = Tensor::ones((batch, queries, heads, 1), DType::F32, device)?;
+    let bias: Vec<f32> = (0..keys)
+        .map(|key| if key < own_keys { 0.0 } else { shift / scale })
+        .collect();
+    let bias =
+        Tensor::from_vec(bias, (1, keys, 1, 1), device)?.broadcast_as((batch, keys, heads, 1))?;
+    let zeros = Tensor::zeros((batch, keys, heads, 1), DType::F32, device)?;
+    let query = widen(&projections.query, queries, &ones)?;
+    let key = widen(&projections.key, keys, &bias.contiguous()?)?;
+    let value = widen(&projections.value, keys, &zeros)?;
+    let key_t = crate::kernels::split_heads_transposed(&key, heads)?;
+    let output = crate::kernels::fused_attention(&query, &key_t, &value, heads, scale)?;
+    output
+        .reshape((batch, queries, heads, head_dim + 1))?
+        .narrow(3, 0, head_dim)?
+        .contiguous()?
+        .reshape((batch, queries, inner))
+}
+
 /// The reference item of batch item `item`: the first item of its CFG half.
 fn reference_of(item: usize, items_per_half: usize) -> usize {
     item - item % items_per_half
@@ -436,7 +491,7 @@ impl StyleAligned {
         if self.config.shared_score_shift == 0.0 {
             return layer.attend(&shared);
         }
-        shifted_attention(
+        shifted_attention_fused(
             &shared,
             site.heads,
             layer.scale(),
@@ -657,7 +712,7 @@ mod tests {
                 .unwrap()
         };
         let expected = plain(&projections);
-        let diff = (shifted - expected)
+        let diff = (&shifted - expected)
             .unwrap()
             .abs()
             .unwrap()
@@ -666,5 +721,16 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
+        // The fused path computes the same.
+        let fused = shifted_attention_fused(&projections, heads, scale, 6, shift).unwrap();
+        let diff = (shifted - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "fused: {diff}");
     }
 }

@@ -391,7 +391,7 @@ fn time_random_unet(
         &sized,
         images,
         &RunCapture::none(),
-        config.shared_score_shift != 0.0,
+        false,
     );
     let mut rng = NoiseRng::new(3);
     let sample = rng.randn(
