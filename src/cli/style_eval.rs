@@ -73,6 +73,9 @@ pub struct StyleEvalArgs {
     /// Timed UNet calls per variant of the random-weights timing (after one warm-up call).
     #[arg(long, default_value_t = 2, value_parser = at_least_one, allow_negative_numbers = true)]
     pub random_calls: usize,
+    /// Only print the random-weights set's memory estimate (no UNet is built or run).
+    #[arg(long)]
+    pub random_estimate_only: bool,
     /// No warm-up call before the timed random-weights calls (e.g. to measure the peak memory of
     /// one call with `/usr/bin/time -v`; with --no-baseline only the shared call runs).
     #[arg(long)]
@@ -371,14 +374,6 @@ fn time_random_unet(
         .with_context(|| format!("--random-config {}: not JSON", path.display()))?;
     let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
     let unet_config = UnetConfig::from_json(&unet_json.to_string(), path)?;
-    let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
-    let unet = Unet::new(vb, &unet_config)?;
-    let latent_side = args.random_side / 8;
-    anyhow::ensure!(
-        latent_side >= 8 && args.random_side.is_multiple_of(64),
-        "--random-side {} must be a multiple of 64",
-        args.random_side
-    );
     let images = 1 + args.targets;
     let batch = 2 * images;
     // The memory the set's run would be estimated to need (weights aside), SD-like latents.
@@ -392,6 +387,23 @@ fn time_random_unet(
         images,
         &RunCapture::none(),
         false,
+    );
+    if args.random_estimate_only {
+        return Ok(serde_json::json!({
+            "config": path.display().to_string(),
+            "side_px": args.random_side,
+            "images": images,
+            "unet_batch": batch,
+            "estimated_run_bytes_without_weights": estimate.total_bytes(),
+        }));
+    }
+    let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
+    let unet = Unet::new(vb, &unet_config)?;
+    let latent_side = args.random_side / 8;
+    anyhow::ensure!(
+        latent_side >= 8 && args.random_side.is_multiple_of(64),
+        "--random-side {} must be a multiple of 64",
+        args.random_side
     );
     let mut rng = NoiseRng::new(3);
     let sample = rng.randn(
