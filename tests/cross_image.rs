@@ -186,9 +186,9 @@ fn masked_adain_takes_the_masked_statistics_and_leaves_the_rest() {
             (moved_std - style_std).abs() < 10.0 * MASKED_ADAIN_EPS,
             "{moved_std} {style_std}"
         );
-        for cell in 0..h * w {
+        for (cell, &inside) in content_mask.iter().enumerate() {
             let index = channel * h * w + cell;
-            if content_mask[cell] == 0.0 {
+            if inside == 0.0 {
                 assert_eq!(
                     moved[index], content[index],
                     "unmasked pixel {cell} changed"
