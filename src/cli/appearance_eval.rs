@@ -1,7 +1,7 @@
 //! `attend appearance-eval`: measures appearance transfer on the bundled model over drawn pairs it
 //! never saw (scene seeds below the training range). A pair is a structure scene and an
-//! appearance scene with the same object kinds in the same caption order, other colours, other
-//! places and another background. Per pair:
+//! appearance scene with the same object kinds (one or two, of different kinds) in the same caption
+//! order, other colours, other places and another background. Per pair:
 //! - **fully right**: every structure object is found in the output in its matching appearance
 //!   object's colour, with the structure's shape (the shape test of `attend eval-shapes`) at the
 //!   structure's place (IoU with the structure's object mask at least [`MIN_PLACE_IOU`]), and the
@@ -81,9 +81,15 @@ struct Pair {
     appearance: Scene,
 }
 
-/// At most two objects per scene (a partner with the same kinds is then found quickly).
+/// One or two objects of different kinds per scene: a partner with the same kinds is then found
+/// quickly, and each object has exactly one match (two objects of one kind would leave it open
+/// which appearance object should lend its colour to which).
 fn usable(scene: &Scene) -> bool {
-    (1..=2).contains(&scene.objects.len())
+    match scene.objects.as_slice() {
+        [_] => true,
+        [first, second] => first.shape != second.shape,
+        _ => false,
+    }
 }
 
 /// The first scene from `structure_seed` on with 1 or 2 objects, and a partner from the seeds
