@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod alignment;
+pub mod appearance;
 pub mod colormap;
 pub mod edit_spec;
 mod error;

@@ -8,7 +8,11 @@
 //! - [`prompt_weights`]: the prompt syntax's word weights as cross-attention scales.
 //! - [`style_aligned`]: Style Aligned's shared attention (a set of images sharing the first one's
 //!   style) and [`style_sampling`], the set's batch sampling.
+//! - [`cross_image`]: cross-image attention (an output attends another image's keys and values)
+//!   and [`appearance_sampling`], the appearance transfer run built on it.
 
+pub mod appearance_sampling;
+pub mod cross_image;
 pub mod edit_sampling;
 pub mod p2p;
 pub mod prompt_weights;
