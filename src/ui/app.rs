@@ -140,6 +140,20 @@ impl EditorApp {
             let source_prompt = state.settings.params.prompt.clone();
             state.modes.edit.enter(&prompt, &source_prompt);
         }
+        if let Some(targets) = app
+            .screenshot
+            .as_ref()
+            .and_then(Screenshot::style_targets)
+            .map(<[String]>::to_vec)
+        {
+            let style = &mut app.state.modes;
+            style.set_active(ModeKind::StyleSet);
+            let settings = crate::ui::style_set::StyleSetSettings {
+                targets,
+                ..style.style_set.settings().clone()
+            };
+            style.style_set.set_settings(settings);
+        }
         Ok(app)
     }
 
