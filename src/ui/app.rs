@@ -652,7 +652,10 @@ impl EditorApp {
             Ok(params) => params,
             Err(problem) => {
                 self.state.modes.style_set.refused(problem.clone());
-                self.status(StatusLevel::Error, format!("Not running the style set: {problem}"));
+                self.status(
+                    StatusLevel::Error,
+                    format!("Not running the style set: {problem}"),
+                );
                 return;
             }
         };
@@ -688,8 +691,14 @@ impl EditorApp {
                     return;
                 };
                 self.views.segments.forget_run();
-                if let Err(error) = self.worker.send(Command::SelectStyleImage { run_id, index }) {
-                    self.status(StatusLevel::Error, format!("Cannot select the image: {error}"));
+                if let Err(error) = self
+                    .worker
+                    .send(Command::SelectStyleImage { run_id, index })
+                {
+                    self.status(
+                        StatusLevel::Error,
+                        format!("Cannot select the image: {error}"),
+                    );
                 }
             }
             StyleSetCommand::ExportAll => {
@@ -698,10 +707,15 @@ impl EditorApp {
                     .loaded
                     .as_ref()
                     .map_or_else(String::new, |info| info.name.clone());
-                let files = state.modes.style_set.export_files(&model_name).and_then(|files| {
-                    let folder = PathBuf::from(state.modes.style_set.settings().export_folder.trim());
-                    crate::ui::style_set::prepare_export_folder(&folder).map(|()| files)
-                });
+                let files = state
+                    .modes
+                    .style_set
+                    .export_files(&model_name)
+                    .and_then(|files| {
+                        let folder =
+                            PathBuf::from(state.modes.style_set.settings().export_folder.trim());
+                        crate::ui::style_set::prepare_export_folder(&folder).map(|()| files)
+                    });
                 match files {
                     Ok(files) => self.send_export(Command::ExportPngs { files }),
                     Err(problem) => self.status(StatusLevel::Error, problem),

@@ -42,11 +42,7 @@ impl StyleSetParams {
     pub fn image_params(&self, index: usize) -> GenerateParams {
         let prompt = match index.checked_sub(1) {
             None => self.reference.prompt.clone(),
-            Some(target) => self
-                .target_prompts
-                .get(target)
-                .cloned()
-                .unwrap_or_default(),
+            Some(target) => self.target_prompts.get(target).cloned().unwrap_or_default(),
         };
         GenerateParams {
             prompt,
@@ -112,9 +108,9 @@ pub fn check_style_set_params(params: &StyleSetParams) -> Result<(), EngineError
         ));
     }
     if let Some(config) = &params.sharing {
-        config.validate().map_err(|error| {
-            invalid("style sharing settings", error.to_string())
-        })?;
+        config
+            .validate()
+            .map_err(|error| invalid("style sharing settings", error.to_string()))?;
     }
     Ok(())
 }
@@ -151,7 +147,10 @@ mod tests {
         let none = check_style_set_params(&params(&[])).unwrap_err();
         assert!(none.to_string().contains("at least one target"), "{none}");
         let empty = check_style_set_params(&params(&["a square", "  "])).unwrap_err();
-        assert!(empty.to_string().contains("target prompt 2 is empty"), "{empty}");
+        assert!(
+            empty.to_string().contains("target prompt 2 is empty"),
+            "{empty}"
+        );
         let mut bad_level = params(&["a square"]);
         bad_level.sharing = Some(StyleAlignedConfig {
             only_self_level: 2.0,

@@ -29,11 +29,11 @@ use crate::worker::backend::{Engine, InversionOutput, RunObserver, RunOutput, Se
 use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::plain::{RgbImage, SelfAttentionMap};
-use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
 use crate::worker::protocol::{
     BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, InversionParams,
     ModelLoadProgress, ModelSource, PromptInfo, StepFrame,
 };
+use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
 pub type EngineFactory = Arc<dyn Fn() -> Box<dyn Engine> + Send + Sync>;
@@ -410,7 +410,13 @@ fn serve(
                 run(state, run_id, request, commands, outbox)?;
             }
             Command::GenerateStyleSet { run_id, params } => {
-                run(state, run_id, RunRequest::StyleSet(&params), commands, outbox)?;
+                run(
+                    state,
+                    run_id,
+                    RunRequest::StyleSet(&params),
+                    commands,
+                    outbox,
+                )?;
             }
             Command::SelectStyleImage { run_id, index } => {
                 let result = if state.latest_run == Some(run_id) {
@@ -628,8 +634,8 @@ fn run(
     outbox.shared.end_run();
     if source_started {
         // The engine's maps (probe, export, segments) are this run's source's now.
-        let source_done = source_finished
-            || matches!(result, Ok(RunEnd::Source(_)) | Ok(RunEnd::StyleSet(_)));
+        let source_done =
+            source_finished || matches!(result, Ok(RunEnd::Source(_)) | Ok(RunEnd::StyleSet(_)));
         state.latest_run = (source_steps > 0).then_some(run_id);
         state.latest_finished_run = source_done.then_some(run_id);
     }

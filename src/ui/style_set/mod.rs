@@ -139,7 +139,10 @@ impl StyleSetMode {
 
     /// What the worker needs for a set with the reference `reference`, or why there is none to
     /// run (no target prompts, an empty one).
-    pub(crate) fn params_to_send(&self, reference: GenerateParams) -> Result<StyleSetParams, String> {
+    pub(crate) fn params_to_send(
+        &self,
+        reference: GenerateParams,
+    ) -> Result<StyleSetParams, String> {
         let targets: Vec<String> = self
             .settings
             .targets
@@ -359,7 +362,10 @@ pub(crate) fn style_set_event(state: &mut AppState, event: Event) -> Option<Even
             if last {
                 state.status.push(
                     StatusLevel::Info,
-                    format!("Style set of {} images done in {elapsed_secs:.1} s", index + 1),
+                    format!(
+                        "Style set of {} images done in {elapsed_secs:.1} s",
+                        index + 1
+                    ),
                 );
             }
             None
@@ -507,7 +513,13 @@ mod tests {
         let files = style.export_files("m").unwrap();
         let names: Vec<String> = files
             .iter()
-            .map(|file| file.path.file_name().unwrap().to_string_lossy().into_owned())
+            .map(|file| {
+                file.path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         assert_eq!(names, ["reference.png", "1.png", "2.png", "grid.png"]);
         assert_eq!((files[3].image.width, files[3].image.height), (6, 1));

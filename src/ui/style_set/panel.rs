@@ -145,8 +145,7 @@ fn sharing_ui(ui: &mut egui::Ui, settings: &mut StyleSetSettings) {
             .text("Weight of the reference's keys (scale)"),
     );
     ui.add(
-        egui::Slider::new(&mut config.only_self_level, 0.0..=1.0)
-            .text("Plain layers (fraction)"),
+        egui::Slider::new(&mut config.only_self_level, 0.0..=1.0).text("Plain layers (fraction)"),
     )
     .on_hover_text("This share of the self-attention layers (evenly spaced) does not share");
     ui.checkbox(

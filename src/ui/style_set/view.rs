@@ -183,16 +183,10 @@ pub(crate) fn style_set_grid_ui(
                         let prompt = style
                             .image(index)
                             .map_or_else(String::new, |run| run.params.prompt.clone());
-                        if response
-                            .on_hover_text(&prompt)
-                            .clicked()
-                        {
+                        if response.on_hover_text(&prompt).clicked() {
                             commands.push(UiCommand::StyleSet(StyleSetCommand::Select(index)));
                         }
-                        if ui
-                            .selectable_label(index == selected, &caption)
-                            .clicked()
-                        {
+                        if ui.selectable_label(index == selected, &caption).clicked() {
                             commands.push(UiCommand::StyleSet(StyleSetCommand::Select(index)));
                         }
                     });

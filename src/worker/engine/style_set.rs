@@ -60,20 +60,28 @@ impl PipelineEngine {
             ..params.clone()
         };
         let mut prompts = vec![prompt_info(run.reference_run())];
-        prompts.extend(run.target_tokens().iter().enumerate().map(|(index, tokens)| {
-            PromptInfo {
-                words: tokens.words.clone(),
-                tokens: tokens.tokens.clone(),
-                warnings: tokens
-                    .warning()
-                    .map(|warning| format!("target {} {warning}", index + 1))
-                    .into_iter()
-                    .collect(),
-            }
-        }));
+        prompts.extend(
+            run.target_tokens()
+                .iter()
+                .enumerate()
+                .map(|(index, tokens)| PromptInfo {
+                    words: tokens.words.clone(),
+                    tokens: tokens.tokens.clone(),
+                    warnings: tokens
+                        .warning()
+                        .map(|warning| format!("target {} {warning}", index + 1))
+                        .into_iter()
+                        .collect(),
+                }),
+        );
         for (index, prompt) in prompts.iter().enumerate() {
             let image_params = resolved_set.image_params(index);
-            observer.started(Branch::StyleImage(index), &image_params, prompt.clone(), None)?;
+            observer.started(
+                Branch::StyleImage(index),
+                &image_params,
+                prompt.clone(),
+                None,
+            )?;
         }
         let mut stores: Vec<AttentionStore> = token_counts
             .iter()
