@@ -197,18 +197,11 @@ fn selecting_an_image_moves_the_probe_to_it() {
     worker
         .send(Command::SelectStyleImage { run_id, index: 7 })
         .unwrap();
-    loop {
-        match worker
-            .events()
-            .recv_timeout(worker_common::TIMEOUT)
-            .unwrap()
-        {
-            Event::Warning { message } => {
-                assert!(message.contains("not an image of the set"), "{message}");
-                break;
-            }
-            other => panic!("expected a warning, got {other:?}"),
+    match worker_common::next_event(&worker) {
+        Event::Warning { message } => {
+            assert!(message.contains("not an image of the set"), "{message}");
         }
+        other => panic!("expected a warning, got {other:?}"),
     }
 }
 
@@ -229,7 +222,7 @@ fn bad_sets_are_refused_before_any_step() {
     let mut large = set("a red circle", &["a square", "a star"], 2);
     large.reference.width_px = Some(512);
     large.reference.height_px = Some(512);
-    assert!(3 * 512 * 512 > FAKE_SET_MAX_PIXELS);
+    const { assert!(3 * 512 * 512 > FAKE_SET_MAX_PIXELS) };
     let run_id = worker.generate_style_set(large).unwrap();
     let seen = collect(&worker, run_id, 3);
     let message = seen.failed.unwrap();

@@ -14,6 +14,8 @@
 //! - [`Command::Invert`]: `InversionProgress`es in step order (per phase), then `Inverted`. Runs and
 //!   edits that name the inverted image ([`GenerateParams::source_image`]) replay it: the image's
 //!   latents and corrections stay in the engine's cache, only the reference crosses the channel.
+//! - [`Command::GenerateStyleSet`]: `Started` of every image ([`Branch::StyleImage`], image order),
+//!   then per step one `Step` per image, then one `Finished` per image; the last image's ends it.
 //!
 //! `Cancelled` or `Failed` can come in place of any of these events and ends the run; otherwise the
 //! `Finished` of its last branch ends it. A run superseded before it starts gets only

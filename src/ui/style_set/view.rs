@@ -23,8 +23,18 @@ type ImageKey = (u64, usize, usize, bool);
 pub(crate) struct StyleSetView {
     /// Per image of the set: its texture and what it shows.
     images: Vec<Option<(ImageKey, egui::TextureHandle)>>,
-    /// Per side (reference, selected): the word maps and what they were drawn from.
-    maps: [Option<(ImageKey, Colormap, Vec<(String, egui::TextureHandle)>)>; 2],
+    /// Per side (reference, selected): the word maps.
+    maps: [Option<WordMaps>; 2],
+}
+
+/// One image's word maps and what they were drawn from.
+struct WordMaps {
+    /// The image.
+    key: ImageKey,
+    /// The colormap they were drawn with.
+    colormap: Colormap,
+    /// Per word: the word and its map.
+    textures: Vec<(String, egui::TextureHandle)>,
 }
 
 /// The latest image of `run`: the final image once finished, else the latest preview.
@@ -121,7 +131,7 @@ impl StyleSetView {
         let colormap = ctx.state.settings.view.colormap;
         if self.maps[side]
             .as_ref()
-            .is_some_and(|(have, have_colormap, _)| *have == key && *have_colormap == colormap)
+            .is_some_and(|maps| maps.key == key && maps.colormap == colormap)
         {
             return;
         }
@@ -142,7 +152,11 @@ impl StyleSetView {
                 (heatmap.word, texture)
             })
             .collect();
-        self.maps[side] = Some((key, colormap, textures));
+        self.maps[side] = Some(WordMaps {
+            key,
+            colormap,
+            textures,
+        });
     }
 }
 
@@ -208,12 +222,12 @@ pub(crate) fn style_set_grid_ui(
     ui.columns(2, |columns| {
         for ((side, title), column) in sides.iter().zip(columns.iter_mut()) {
             column.strong(title);
-            let Some((_, _, maps)) = &view.maps[*side] else {
+            let Some(maps) = &view.maps[*side] else {
                 column.weak("(no steps yet)");
                 continue;
             };
             column.horizontal_wrapped(|ui| {
-                for (word, texture) in maps {
+                for (word, texture) in &maps.textures {
                     ui.vertical(|ui| {
                         ui.image((texture.id(), egui::vec2(WORD_MAP_SIZE, WORD_MAP_SIZE)));
                         ui.small(word);
