@@ -1,6 +1,7 @@
 //! Style Aligned: the reference image is unchanged by sharing, `only_self_level` 1 without group
-//! norm sharing is independent generation, a score shift of 0 is the fused attention, and a set
-//! too large for memory is refused before it starts. End to end on the tiny SD 1.x fixture and the
+//! norm sharing is independent generation, a score shift of 0 is the fused attention, a set
+//! too large for memory is refused before it starts, an image reference follows its inverted
+//! trajectory, and sharing can be limited to steps and blocks. End to end on the tiny SD 1.x fixture and the
 //! bundled model (few steps).
 
 // Test helpers may unwrap like the tests themselves.
@@ -11,12 +12,14 @@ use common::{fixture, max_abs_diff};
 
 use attend::attention::style_aligned::{shifted_attention, StyleAlignedConfig};
 use attend::attention::style_sampling::{
-    check_style_set_fits, generate_style_set, StyleSetOutput, StyleSetRequest,
+    check_style_set_fits, generate_style_set, invert_reference_image, StyleSetOutput,
+    StyleSetRequest, REFERENCE_INVERSION_GUIDANCE,
 };
 use attend::hook::{CancelToken, QueryKeyValue};
 use attend::pipeline::limits::{AvailableMemory, RunCapture};
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::sampling::{generate, GenerateRequest};
+use attend::pipeline::scheduler::SchedulerKind;
 use attend::pipeline::weights::WeightVariant;
 use attend::pipeline::PipelineError;
 use candle_core::{Device, Tensor};
@@ -51,6 +54,7 @@ fn request(
         generate,
         target_prompts: targets.iter().map(|prompt| prompt.to_string()).collect(),
         sharing,
+        reference_image: None,
     }
 }
 
@@ -340,4 +344,249 @@ fn the_command_refuses_a_set_without_targets_and_bad_settings() {
         !std::path::Path::new(out).exists(),
         "a failed run left {out} behind"
     );
+}
+
+/// A colourful test picture of the model's default size.
+fn test_picture(model: &StableDiffusion) -> attend::analysis::image::RgbImage {
+    let (width, height) = model.default_size_px();
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for row in 0..height {
+        for column in 0..width {
+            let inside = (row as i64 - height as i64 / 2).pow(2)
+                + (column as i64 - width as i64 / 2).pow(2)
+                < (width as i64 / 4).pow(2);
+            if inside {
+                pixels.extend([220, 40, 30]);
+            } else {
+                pixels.extend([30, 60, (column * 255 / width.max(1)) as u8]);
+            }
+        }
+    }
+    attend::analysis::image::RgbImage {
+        width,
+        height,
+        pixels,
+    }
+}
+
+#[test]
+fn an_image_reference_follows_its_inverted_trajectory() {
+    let model = tiny_sd1();
+    let steps = 3;
+    let picture = test_picture(&model);
+    let reference_image = invert_reference_image(
+        &model,
+        &picture,
+        TINY_REFERENCE,
+        steps,
+        REFERENCE_INVERSION_GUIDANCE,
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )
+    .unwrap();
+    assert_eq!(reference_image.step_count(), steps);
+    let config = StyleAlignedConfig {
+        shared_score_shift: std::f32::consts::LN_2,
+        ..StyleAlignedConfig::default()
+    };
+    let mut with_image = request(&model, TINY_REFERENCE, &TINY_TARGETS, steps, Some(config));
+    with_image.reference_image = Some(reference_image.clone());
+    let mut step_latents = Vec::new();
+    let from_image = generate_style_set(
+        &model,
+        &with_image,
+        &RunCapture::none(),
+        None,
+        &mut |report| {
+            step_latents.push(report.latents[0].clone());
+            Ok(())
+        },
+        &CancelToken::new(),
+    )
+    .unwrap();
+    // Every step's reference latents are the trajectory's, z*_{T-i-1} after step i.
+    assert_eq!(step_latents.len(), steps);
+    for (step_index, latents) in step_latents.iter().enumerate() {
+        let expected = reference_image
+            .trajectory
+            .get(steps - step_index - 1)
+            .unwrap();
+        assert_eq!(max_abs_diff(latents, &expected), 0.0, "step {step_index}");
+        let recorded = from_image
+            .reference
+            .latents_per_step
+            .get(step_index)
+            .unwrap();
+        assert_eq!(max_abs_diff(&recorded, &expected), 0.0, "step {step_index}");
+    }
+    // The trajectory starts at the picture itself (guidance 2 changed the walk up, not z*_0).
+    let unguided = invert_reference_image(
+        &model,
+        &picture,
+        TINY_REFERENCE,
+        steps,
+        1.0,
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &reference_image.trajectory.get(0).unwrap(),
+            &unguided.trajectory.get(0).unwrap()
+        ),
+        0.0
+    );
+    assert!(
+        max_abs_diff(
+            &reference_image.trajectory.get(steps).unwrap(),
+            &unguided.trajectory.get(steps).unwrap()
+        ) > 1e-4,
+        "guidance 2 and 1 walked the same trajectory"
+    );
+    // The targets differ from a set whose reference is generated from the same prompt.
+    let mut from_prompt_request = with_image.clone();
+    from_prompt_request.reference_image = None;
+    from_prompt_request.generate.scheduler = Some(SchedulerKind::Ddim);
+    let from_prompt = run(&model, &from_prompt_request);
+    for (image_target, prompt_target) in from_image.targets.iter().zip(&from_prompt.targets) {
+        let diff = max_abs_diff(&image_target.image_f32, &prompt_target.image_f32);
+        assert!(diff > 1e-3, "the image reference changed nothing ({diff})");
+    }
+    // A trajectory of other steps is refused with a clear error.
+    let mut wrong_steps = with_image;
+    wrong_steps.generate.steps = steps + 1;
+    let error = generate_style_set(
+        &model,
+        &wrong_steps,
+        &RunCapture::none(),
+        None,
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("inverted with 3 steps"),
+        "{error}"
+    );
+}
+
+#[test]
+fn sharing_in_no_step_is_independent_generation_and_limits_change_the_targets() {
+    let model = tiny_sd1();
+    let independent = run(
+        &model,
+        &request(&model, TINY_REFERENCE, &TINY_TARGETS, 3, None),
+    );
+    let no_step = StyleAlignedConfig {
+        shared_steps_fraction: 0.0,
+        ..StyleAlignedConfig::default()
+    };
+    let shared = run(
+        &model,
+        &request(&model, TINY_REFERENCE, &TINY_TARGETS, 3, Some(no_step)),
+    );
+    for (shared_row, independent_row) in std::iter::once(&shared.reference)
+        .chain(&shared.targets)
+        .zip(std::iter::once(&independent.reference).chain(&independent.targets))
+    {
+        assert_eq!(
+            max_abs_diff(
+                &shared_row.latents_per_step,
+                &independent_row.latents_per_step
+            ),
+            0.0
+        );
+    }
+    // Sharing in the first step only: step 1 moves, and the later steps run alone but from
+    // moved latents; decoder only moves the targets less than every block.
+    let everywhere = run(
+        &model,
+        &request(
+            &model,
+            TINY_REFERENCE,
+            &TINY_TARGETS,
+            3,
+            Some(StyleAlignedConfig::default()),
+        ),
+    );
+    let first_step = run(
+        &model,
+        &request(
+            &model,
+            TINY_REFERENCE,
+            &TINY_TARGETS,
+            3,
+            Some(StyleAlignedConfig {
+                shared_steps_fraction: 0.34,
+                ..StyleAlignedConfig::default()
+            }),
+        ),
+    );
+    let first = |output: &StyleSetOutput| output.targets[0].latents_per_step.get(0).unwrap();
+    assert_eq!(max_abs_diff(&first(&first_step), &first(&everywhere)), 0.0);
+    assert!(
+        max_abs_diff(
+            &first_step.targets[0].latents_per_step,
+            &everywhere.targets[0].latents_per_step
+        ) > 1e-4
+    );
+    let decoder_only = run(
+        &model,
+        &request(
+            &model,
+            TINY_REFERENCE,
+            &TINY_TARGETS,
+            3,
+            Some(StyleAlignedConfig {
+                share_encoder: false,
+                share_middle: false,
+                share_group_norm: false,
+                ..StyleAlignedConfig::default()
+            }),
+        ),
+    );
+    let moved = max_abs_diff(
+        &decoder_only.targets[0].latents_per_step,
+        &independent.targets[0].latents_per_step,
+    );
+    assert!(moved > 1e-4, "decoder sharing changed nothing ({moved})");
+    assert!(
+        max_abs_diff(
+            &decoder_only.targets[0].latents_per_step,
+            &everywhere.targets[0].latents_per_step
+        ) > 1e-4
+    );
+}
+
+#[test]
+fn an_unreadable_reference_image_is_named() {
+    let model = fixture("tiny-sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not an image at all").unwrap();
+    let out = dir.path().join("out");
+    for path in [broken.clone(), dir.path().join("missing.png")] {
+        let stderr = cli_fails(&[
+            "style-aligned",
+            "--reference-prompt",
+            "a cat",
+            "--prompt",
+            "a dog",
+            "--reference-image",
+            path.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--out-dir",
+            out.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(
+            stderr.contains("--reference-image") && stderr.contains(path.to_str().unwrap()),
+            "{stderr}"
+        );
+    }
+    assert!(!out.exists(), "a failed run left {} behind", out.display());
 }

@@ -8,7 +8,8 @@
 //!    channel over the tokens, unbiased variance + 1e-5; values too when asked);
 //! 2. attends to `concat(K_own, K_ref * scale)` with values `concat(V_own, V_ref)`;
 //! 3. with a shift `s`, adds `s` to the logits of the reference's columns before the softmax
-//!    (exactly: computed with the explicit probabilities; `s = 0` runs the layer's fused kernel).
+//!    (through the fused kernel with one extra channel per head, [`shifted_attention_fused`];
+//!    [`shifted_attention`] is the explicit-probability form it is checked against).
 //!
 //! The reference items keep their own queries, keys and values and go through the layer's fused
 //! kernel alone: the reference image is the same, value for value, as in the same batch without
@@ -23,6 +24,10 @@
 //! `only_self_level = x` leaves an evenly spaced fraction `x` of the self-attention layers plain,
 //! counted in diffusers' order of `unet.attn_processors` (down blocks, up blocks, then the middle
 //! block), with the reference's rule ([`plain_layer_switch`]).
+//!
+//! Beyond the reference's options, sharing can be limited to some blocks (encoder, middle,
+//! decoder), to some resolutions (query grid sides) and to the first fraction of the steps
+//! (attention and group norms both; later steps run every image alone).
 
 use std::collections::HashSet;
 
@@ -57,6 +62,34 @@ pub struct StyleAlignedConfig {
     pub adain_keys: bool,
     /// AdaIN of the targets' values. Default false.
     pub adain_values: bool,
+    /// Share in the encoder's (down blocks') self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_encoder: bool,
+    /// Share in the middle block's self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_middle: bool,
+    /// Share in the decoder's (up blocks') self-attention. Default true.
+    #[serde(default = "default_true")]
+    pub share_decoder: bool,
+    /// Share only in layers whose query grid side (the larger of its height and width, in latent
+    /// pixels) is at least this. Default 0.
+    #[serde(default)]
+    pub min_shared_side: usize,
+    /// Share only in layers whose query grid side is at most this; 0: no limit. Default 0.
+    #[serde(default)]
+    pub max_shared_side: usize,
+    /// Share (attention and group norms) only in the first fraction of the steps: step `i` of
+    /// `n` shares when `i < ceil(fraction * n)`. In `0..=1`; default 1 (every step).
+    #[serde(default = "default_one")]
+    pub shared_steps_fraction: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_one() -> f64 {
+    1.0
 }
 
 impl Default for StyleAlignedConfig {
@@ -69,6 +102,24 @@ impl Default for StyleAlignedConfig {
             adain_queries: true,
             adain_keys: true,
             adain_values: false,
+            share_encoder: true,
+            share_middle: true,
+            share_decoder: true,
+            min_shared_side: 0,
+            max_shared_side: 0,
+            shared_steps_fraction: 1.0,
+        }
+    }
+}
+
+impl StyleAlignedConfig {
+    /// attend's default, chosen by measurement on the bundled model (see the benchmarks): the
+    /// reference's settings with the changes that keep the targets' own objects while they take
+    /// the reference's style.
+    pub fn measured_default() -> Self {
+        Self {
+            shared_score_shift: 1.0,
+            ..Self::default()
         }
     }
 }
@@ -87,12 +138,27 @@ pub enum StyleAlignedError {
 }
 
 impl StyleAlignedConfig {
-    /// Checks the ranges: `only_self_level` in `0..=1`, finite scale and shift.
+    /// Checks the ranges: `only_self_level` and `shared_steps_fraction` in `0..=1`, finite scale
+    /// and shift, `min_shared_side <= max_shared_side` when both are set.
     pub fn validate(&self) -> Result<(), StyleAlignedError> {
-        if !(0.0..=1.0).contains(&self.only_self_level) {
+        for (name, value) in [
+            ("only_self_level", self.only_self_level),
+            ("shared_steps_fraction", self.shared_steps_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(StyleAlignedError::InvalidSetting {
+                    name,
+                    reason: format!("{value} is outside 0..1"),
+                });
+            }
+        }
+        if self.max_shared_side != 0 && self.min_shared_side > self.max_shared_side {
             return Err(StyleAlignedError::InvalidSetting {
-                name: "only_self_level",
-                reason: format!("{} is outside 0..1", self.only_self_level),
+                name: "min_shared_side",
+                reason: format!(
+                    "{} is above max_shared_side {}",
+                    self.min_shared_side, self.max_shared_side
+                ),
             });
         }
         for (name, value) in [
@@ -107,6 +173,24 @@ impl StyleAlignedConfig {
             }
         }
         Ok(())
+    }
+
+    /// Steps of a run of `step_count` steps that share: `ceil(shared_steps_fraction * step_count)`.
+    pub fn shared_step_count(&self, step_count: usize) -> usize {
+        ((self.shared_steps_fraction * step_count as f64).ceil() as usize).min(step_count)
+    }
+
+    /// Whether a self-attention layer at `place` with a query grid side of `side` latent pixels
+    /// shares (the block and resolution limits; `only_self_level` is applied separately).
+    pub fn shares_at(&self, place: UnetPlace, side: usize) -> bool {
+        let place_shared = match place {
+            UnetPlace::Down => self.share_encoder,
+            UnetPlace::Mid => self.share_middle,
+            UnetPlace::Up => self.share_decoder,
+        };
+        place_shared
+            && side >= self.min_shared_side
+            && (self.max_shared_side == 0 || side <= self.max_shared_side)
     }
 }
 
@@ -246,6 +330,60 @@ pub fn shifted_attention(
     Tensor::stack(&items, 0)
 }
 
+/// [`shifted_attention`] through the fused attention kernel, the probabilities never
+/// materialised: each head gets one more channel, 1 in every query, `shift / scale` in the keys
+/// from `own_keys` on (0 before), 0 in the values, so that `scale * q' k'^T = scale * q k^T +
+/// shift` on the shifted columns; the extra output channel is dropped. Same shapes as
+/// [`shifted_attention`]; equal up to float rounding.
+pub fn shifted_attention_fused(
+    projections: &QueryKeyValue,
+    heads: usize,
+    scale: f32,
+    own_keys: usize,
+    shift: f32,
+) -> candle_core::Result<Tensor> {
+    let (batch, queries, inner) = projections.query.dims3()?;
+    let keys = projections.key.dim(1)?;
+    if heads == 0 || inner % heads != 0 || own_keys > keys || scale == 0.0 {
+        candle_core::bail!(
+            "shifted attention: {inner} channels, {heads} heads, {own_keys} own keys of {keys}, \
+             scale {scale}"
+        );
+    }
+    let head_dim = inner / heads;
+    let device = projections.query.device();
+    // `[batch, tokens, heads * head_dim]` plus one channel per head holding `extra`
+    // (`[batch, tokens, heads, 1]`).
+    let widen = |xs: &Tensor, tokens: usize, extra: &Tensor| -> candle_core::Result<Tensor> {
+        Tensor::cat(
+            &[
+                &xs.to_dtype(DType::F32)?
+                    .reshape((batch, tokens, heads, head_dim))?,
+                extra,
+            ],
+            3,
+        )?
+        .reshape((batch, tokens, heads * (head_dim + 1)))
+    };
+    let ones = Tensor::ones((batch, queries, heads, 1), DType::F32, device)?;
+    let bias: Vec<f32> = (0..keys)
+        .map(|key| if key < own_keys { 0.0 } else { shift / scale })
+        .collect();
+    let bias =
+        Tensor::from_vec(bias, (1, keys, 1, 1), device)?.broadcast_as((batch, keys, heads, 1))?;
+    let zeros = Tensor::zeros((batch, keys, heads, 1), DType::F32, device)?;
+    let query = widen(&projections.query, queries, &ones)?;
+    let key = widen(&projections.key, keys, &bias.contiguous()?)?;
+    let value = widen(&projections.value, keys, &zeros)?;
+    let key_t = crate::kernels::split_heads_transposed(&key, heads)?;
+    let output = crate::kernels::fused_attention(&query, &key_t, &value, heads, scale)?;
+    output
+        .reshape((batch, queries, heads, head_dim + 1))?
+        .narrow(3, 0, head_dim)?
+        .contiguous()?
+        .reshape((batch, queries, inner))
+}
+
 /// The reference item of batch item `item`: the first item of its CFG half.
 fn reference_of(item: usize, items_per_half: usize) -> usize {
     item - item % items_per_half
@@ -258,6 +396,8 @@ pub struct StyleAligned {
     config: StyleAlignedConfig,
     /// The self-attention layers that share (the others stay plain).
     shared_layers: HashSet<SelfLayer>,
+    /// Whether the current step shares (set by [`StyleAligned::begin_step`]).
+    step_shares: bool,
 }
 
 impl StyleAligned {
@@ -276,7 +416,15 @@ impl StyleAligned {
         Ok(Self {
             config,
             shared_layers,
+            step_shares: true,
         })
+    }
+
+    /// Tells the processor which step comes next, so that group norms share only in the steps
+    /// that share (attention layers read the step from their site). Until called, group norms
+    /// share.
+    pub fn begin_step(&mut self, step_index: usize, step_count: usize) {
+        self.step_shares = step_index < self.config.shared_step_count(step_count);
     }
 
     /// The settings.
@@ -343,7 +491,7 @@ impl StyleAligned {
         if self.config.shared_score_shift == 0.0 {
             return layer.attend(&shared);
         }
-        shifted_attention(
+        shifted_attention_fused(
             &shared,
             site.heads,
             layer.scale(),
@@ -360,6 +508,8 @@ impl AttentionProcessor for StyleAligned {
             // `only_cross_attention` models give `attn1` the text: nothing to share.
             && site.keys == site.queries()
             && Self::items_per_half(site.batch, site.cfg).is_some()
+            && site.step_index < self.config.shared_step_count(site.step_count)
+            && self.config.shares_at(site.place, site.query_h.max(site.query_w))
             && self.shared_layers.contains(&(
                 site.place,
                 site.block_index,
@@ -421,7 +571,7 @@ impl AttentionProcessor for StyleAligned {
     }
 
     fn shared_group_norm(&self, batch: usize, cfg: bool) -> Option<SharedGroupNorm> {
-        if !self.config.share_group_norm {
+        if !self.config.share_group_norm || !self.step_shares {
             return None;
         }
         let items_per_half = Self::items_per_half(batch, cfg)?;
@@ -562,7 +712,7 @@ mod tests {
                 .unwrap()
         };
         let expected = plain(&projections);
-        let diff = (shifted - expected)
+        let diff = (&shifted - expected)
             .unwrap()
             .abs()
             .unwrap()
@@ -571,5 +721,16 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
+        // The fused path computes the same.
+        let fused = shifted_attention_fused(&projections, heads, scale, 6, shift).unwrap();
+        let diff = (shifted - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "fused: {diff}");
     }
 }

@@ -14,11 +14,24 @@
 //! [`crate::attention::store::AttentionStore`] with `batch_item = i` records image `i` (0: the
 //! reference). The self-attention layers that share are computed by the processor and show no
 //! probabilities to observers (keep stores' self-attention off).
+//!
+//! **Reference from an image** ([`StyleSetRequest::reference_image`], made by
+//! [`invert_reference_image`]): the image is inverted with DDIM at guidance 2 (the reference
+//! code's choice) and the reference row follows that trajectory: it starts from `z*_T` and after
+//! every step its latents are replaced by the trajectory's at that step's destination, so the
+//! reference row's self-attention (which the targets share) is the image's at every step. The
+//! reference code starts five steps down the trajectory; attend starts at its top so that every
+//! step of the set, the first included, sees the image (a documented simplification). The run
+//! uses the trajectory's DDIM timesteps.
 
-use candle_core::Tensor;
+use std::sync::Arc;
 
+use candle_core::{DType, Tensor};
+
+use crate::analysis::image::RgbImage;
 use crate::attention::style_aligned::{StyleAligned, StyleAlignedConfig};
 use crate::hook::{AttentionProcessor, CancelToken, ChainedProcessors};
+use crate::pipeline::inversion::{ddim_trajectory_with_guidance, InversionProgress};
 use crate::pipeline::limits::{
     available_memory, check_run_fits, estimate_style_set_memory, AvailableMemory, ModelFootprint,
     RunCapture,
@@ -30,11 +43,79 @@ use crate::pipeline::sampling::{
     run_to_end, to_rgb8, validate_request, DenoiseRow, DenoiseStep, GenerateOutput,
     GenerateRequest, PreparedRun, StepwiseRun,
 };
+use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::tokenizer::PromptTokens;
 use crate::pipeline::{PipelineError, PipelineResult};
 
 /// Most target prompts of one set (the batch grows with each; memory is checked too).
 pub const MAX_TARGETS: usize = 64;
+
+/// The guidance a reference image is inverted with (the reference code's DDIM inversion).
+pub const REFERENCE_INVERSION_GUIDANCE: f64 = 2.0;
+
+/// A real image as a set's reference: its DDIM trajectory, which the reference row follows.
+#[derive(Clone, Debug)]
+pub struct StyleReferenceImage {
+    /// The image as inverted (fitted to the run's size).
+    pub image: RgbImage,
+    /// The prompt it was inverted with (a description of it; the reference row's prompt).
+    pub prompt: String,
+    /// The classifier-free guidance of the inversion.
+    pub inversion_guidance: f64,
+    /// The DDIM timesteps of the run, in sampling order, one per step.
+    pub timesteps: Vec<f64>,
+    /// `z*_0` (the image's latents) to `z*_T`, `[steps + 1, 1, c, h, w]` f32.
+    pub trajectory: Tensor,
+}
+
+impl StyleReferenceImage {
+    /// Steps of the trajectory (a set that follows it runs as many).
+    pub fn step_count(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// Where the reference row starts, `z*_T`: `[1, c, h, w]`.
+    pub fn start_latents(&self) -> PipelineResult<Tensor> {
+        Ok(self.trajectory.get(self.step_count())?)
+    }
+
+    /// The reference row's latents after sampling step `step_index`, `z*_{T - step_index - 1}`:
+    /// `[1, c, h, w]`.
+    pub fn latents_after_step(&self, step_index: usize) -> PipelineResult<Tensor> {
+        let steps = self.step_count();
+        if step_index >= steps {
+            return Err(PipelineError::InvalidArgument {
+                name: "reference image step",
+                reason: format!("step {step_index} of a {steps}-step trajectory"),
+            });
+        }
+        Ok(self.trajectory.get(steps - step_index - 1)?)
+    }
+}
+
+/// Inverts `image` (already fitted to a size the model accepts, e.g. with
+/// [`crate::analysis::image::fit_image`]) as a set's reference: DDIM at `guidance` (see
+/// [`REFERENCE_INVERSION_GUIDANCE`]) with `prompt` describing it, `steps` steps (the set's). Progress
+/// through `on_step` (phase `"inverting"`); `cancel` is checked before every UNet call.
+pub fn invert_reference_image(
+    model: &StableDiffusion,
+    image: &RgbImage,
+    prompt: &str,
+    steps: usize,
+    guidance: f64,
+    on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<Arc<StyleReferenceImage>> {
+    let (trajectory, timesteps) =
+        ddim_trajectory_with_guidance(model, image, prompt, steps, guidance, on_step, cancel)?;
+    Ok(Arc::new(StyleReferenceImage {
+        image: image.clone(),
+        prompt: prompt.to_string(),
+        inversion_guidance: guidance,
+        timesteps,
+        trajectory,
+    }))
+}
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -47,6 +128,11 @@ pub struct StyleSetRequest {
     /// Shared attention settings; `None` generates every image independently (same batch, same
     /// seeds: the baseline).
     pub sharing: Option<StyleAlignedConfig>,
+    /// A real image as the reference ([`invert_reference_image`]): the reference row follows its
+    /// inverted trajectory (see the module docs); `generate.prompt` should be the prompt it was
+    /// inverted with. The run takes the trajectory's steps and DDIM timesteps (another scheduler
+    /// whose timesteps differ is refused). `None`: the reference is generated from its prompt.
+    pub reference_image: Option<Arc<StyleReferenceImage>>,
 }
 
 impl StyleSetRequest {
@@ -91,9 +177,9 @@ pub fn check_style_set_fits(
     capture: &RunCapture,
     available: &AvailableMemory,
 ) -> PipelineResult<()> {
-    let explicit_shift = request
-        .sharing
-        .is_some_and(|config| config.shared_score_shift != 0.0);
+    // A shift runs through the fused kernel too (one extra channel per head): no explicit
+    // probabilities.
+    let explicit_shift = false;
     let memory = estimate_style_set_memory(
         &ModelFootprint::of_model(model),
         &request.generate,
@@ -116,6 +202,7 @@ pub struct StyleSetRun<'model> {
     reference: PreparedRun,
     target_tokens: Vec<PromptTokens>,
     processor: Option<StyleAligned>,
+    reference_image: Option<Arc<StyleReferenceImage>>,
     /// `[negative x n, prompts...]` with guidance.
     text_embeddings: Tensor,
     rows: Vec<DenoiseRow>,
@@ -147,7 +234,11 @@ impl<'model> StyleSetRun<'model> {
                 ),
             });
         }
-        let latent_shape = validate_request(model, &request.generate)?;
+        let generate = match &request.reference_image {
+            Some(image) => reference_image_request(&request.generate, image)?,
+            None => request.generate.clone(),
+        };
+        let latent_shape = validate_request(model, &generate)?;
         check_style_set_fits(model, request, capture, &available_memory())?;
         let processor = match request.sharing {
             Some(config) => Some(StyleAligned::new(config, model.unet.config()).map_err(
@@ -158,7 +249,10 @@ impl<'model> StyleSetRun<'model> {
             )?),
             None => None,
         };
-        let mut reference = prepare_run(model, &request.generate)?;
+        let mut reference = prepare_run(model, &generate)?;
+        if let Some(image) = &request.reference_image {
+            check_reference_timesteps(image, &reference.timesteps)?;
+        }
         let mut target_tokens = Vec::with_capacity(request.target_prompts.len());
         for (index, prompt) in request.target_prompts.iter().enumerate() {
             let tokens = model.tokenizer.encode(prompt)?;
@@ -179,12 +273,19 @@ impl<'model> StyleSetRun<'model> {
             let scheduler = reference.take_scheduler(model)?;
             let mut rng = NoiseRng::new(request.seed_of(index));
             let unit_noise = if index == 0 {
-                initial_noise(&request.generate, latent_shape, model.device(), &mut rng)?
+                initial_noise(&generate, latent_shape, model.device(), &mut rng)?
             } else {
                 rng.randn(latent_shape.to_vec(), model.device())?
             };
+            let latents = match (&request.reference_image, index) {
+                (Some(image), 0) => image
+                    .start_latents()?
+                    .to_device(model.device())?
+                    .to_dtype(DType::F32)?,
+                _ => unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+            };
             rows.push(DenoiseRow {
-                latents: unit_noise.affine(scheduler.init_noise_sigma(), 0.0)?,
+                latents,
                 scheduler,
                 rng,
             });
@@ -195,6 +296,7 @@ impl<'model> StyleSetRun<'model> {
             reference,
             target_tokens,
             processor,
+            reference_image: request.reference_image.clone(),
             text_embeddings,
             rows,
             cancel: None,
@@ -241,6 +343,7 @@ impl<'model> StyleSetRun<'model> {
         };
         let mut processors: Vec<&mut dyn AttentionProcessor> = Vec::with_capacity(2);
         if let Some(processor) = self.processor.as_mut() {
+            processor.begin_step(step_index, step.step_count);
             processors.push(processor);
         }
         if let Some(observer) = observer {
@@ -264,6 +367,12 @@ impl<'model> StyleSetRun<'model> {
                 Some(&mut chain),
             )?;
             chain.step_finished(step_index)?;
+        }
+        if let Some(image) = &self.reference_image {
+            self.rows[0].latents = image
+                .latents_after_step(step_index)?
+                .to_device(self.model.device())?
+                .to_dtype(DType::F32)?;
         }
         let latents: Vec<Tensor> = self.rows.iter().map(|row| row.latents.clone()).collect();
         self.latents_per_step.push(latents.clone());
@@ -320,6 +429,53 @@ impl StepwiseRun for StyleSetRun<'_> {
     ) -> PipelineResult<Option<StyleStepReport>> {
         self.step(observer)
     }
+}
+
+/// The reference's request when it follows `image`: the trajectory's steps, DDIM unless another
+/// scheduler was asked for, no initial noise; the image must have the request's size.
+fn reference_image_request(
+    generate: &GenerateRequest,
+    image: &StyleReferenceImage,
+) -> PipelineResult<GenerateRequest> {
+    if (image.image.width, image.image.height) != (generate.width, generate.height) {
+        return Err(PipelineError::InvalidArgument {
+            name: "reference image",
+            reason: format!(
+                "the reference image is {}x{} px but the set is {}x{} px",
+                image.image.width, image.image.height, generate.width, generate.height
+            ),
+        });
+    }
+    if generate.steps != image.step_count() {
+        return Err(PipelineError::InvalidArgument {
+            name: "reference image",
+            reason: format!(
+                "the reference image was inverted with {} steps but the set has {}",
+                image.step_count(),
+                generate.steps
+            ),
+        });
+    }
+    let mut generate = generate.clone();
+    generate.scheduler = Some(generate.scheduler.unwrap_or(SchedulerKind::Ddim));
+    generate.init_latents = None;
+    generate.inversion = None;
+    Ok(generate)
+}
+
+/// Refuses a run whose timesteps are not the reference image's trajectory's.
+fn check_reference_timesteps(image: &StyleReferenceImage, timesteps: &[f64]) -> PipelineResult<()> {
+    if image.timesteps == timesteps {
+        return Ok(());
+    }
+    Err(PipelineError::InvalidArgument {
+        name: "reference image",
+        reason: format!(
+            "the set's scheduler runs timesteps {timesteps:?} but the reference image's DDIM \
+             trajectory has {:?}: use the DDIM scheduler",
+            image.timesteps
+        ),
+    })
 }
 
 /// Runs a whole set: `observer` on the hook after the shared attention, `on_step` after every

@@ -17,7 +17,7 @@ use attend::analysis::scene_check::{background_colour, find_object, palette_labe
 use attend::attention::style_aligned::{StyleAligned, StyleAlignedConfig};
 use attend::attention::style_sampling::{generate_style_set, StyleSetOutput, StyleSetRequest};
 use attend::hook::{AttentionHook, AttentionProcessor, CancelToken};
-use attend::pipeline::limits::RunCapture;
+use attend::pipeline::limits::{estimate_style_set_memory, ModelFootprint, RunCapture};
 use attend::pipeline::model::StableDiffusion;
 use attend::pipeline::rng::NoiseRng;
 use attend::pipeline::sampling::{GenerateRequest, RgbImage};
@@ -54,7 +54,7 @@ pub struct StyleEvalArgs {
     pub guidance: Option<f64>,
     #[command(flatten)]
     pub style: StyleFlags,
-    /// Skip the independent baseline (only the shared sets run).
+    /// Skip the independent baseline (only the shared sets run; also the random-weights timing's).
     #[arg(long)]
     pub no_baseline: bool,
     /// Write each set's grids (`<seed>_shared.png`, `<seed>_independent.png`) here.
@@ -73,6 +73,10 @@ pub struct StyleEvalArgs {
     /// Timed UNet calls per variant of the random-weights timing (after one warm-up call).
     #[arg(long, default_value_t = 2, value_parser = at_least_one, allow_negative_numbers = true)]
     pub random_calls: usize,
+    /// No warm-up call before the timed random-weights calls (e.g. to measure the peak memory of
+    /// one call with `/usr/bin/time -v`; with --no-baseline only the shared call runs).
+    #[arg(long)]
+    pub random_no_warmup: bool,
 }
 
 /// Colours an object may have (white is the unnamed background).
@@ -207,7 +211,7 @@ impl Tally {
 /// Run `attend style-eval`.
 pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
     check_guidance(args.guidance)?;
-    let config = args.style.config()?;
+    let config = args.style.config(false)?;
     let mut images_out = args
         .images_out
         .as_deref()
@@ -236,6 +240,7 @@ pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
             generate,
             target_prompts: plan.targets.iter().map(|object| object.phrase()).collect(),
             sharing: Some(config),
+            reference_image: None,
         };
         let (output, seconds) = run_set(&model, &request)?;
         let shared_verdicts = shared.add(&plan, &output, seconds);
@@ -271,7 +276,7 @@ pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
         }));
     }
     let random_timing = match &args.random_config {
-        Some(path) => Some(time_random_unet(args, path, config)?),
+        Some(path) => Some(time_random_unet(args, &model, path, config)?),
         None => None,
     };
     let summary = serde_json::json!({
@@ -355,6 +360,7 @@ fn write_grid(
 /// with sharing and without, and the set's UNet seconds at `args.steps` steps.
 fn time_random_unet(
     args: &StyleEvalArgs,
+    model: &StableDiffusion,
     path: &std::path::Path,
     config: StyleAlignedConfig,
 ) -> anyhow::Result<serde_json::Value> {
@@ -375,6 +381,18 @@ fn time_random_unet(
     );
     let images = 1 + args.targets;
     let batch = 2 * images;
+    // The memory the set's run would be estimated to need (weights aside), SD-like latents.
+    let mut sized = GenerateRequest::new(model, "");
+    sized.width = args.random_side;
+    sized.height = args.random_side;
+    sized.steps = args.steps;
+    let estimate = estimate_style_set_memory(
+        &ModelFootprint::unet_only(&unet_config, 8, 77, DType::F32, true),
+        &sized,
+        images,
+        &RunCapture::none(),
+        false,
+    );
     let mut rng = NoiseRng::new(3);
     let sample = rng.randn(
         vec![batch, unet_config.in_channels, latent_side, latent_side],
@@ -389,7 +407,8 @@ fn time_random_unet(
     let mut processor = StyleAligned::new(config, &unet_config)?;
     let mut time_calls = |sharing: bool| -> anyhow::Result<f64> {
         let mut seconds = Vec::new();
-        for call in 0..=args.random_calls {
+        let first_timed = usize::from(!args.random_no_warmup);
+        for call in 0..args.random_calls + first_timed {
             let started = Instant::now();
             let mut hook = sharing.then_some(AttentionHook {
                 processor: &mut processor as &mut dyn AttentionProcessor,
@@ -400,7 +419,7 @@ fn time_random_unet(
             });
             let output = unet.forward(&sample, 500.0, &context, hook.as_mut())?;
             let _ = output.dims();
-            if call > 0 {
+            if call >= first_timed {
                 seconds.push(started.elapsed().as_secs_f64());
             }
             eprintln!(
@@ -412,16 +431,21 @@ fn time_random_unet(
         Ok(seconds[seconds.len() / 2])
     };
     let shared_call = time_calls(true)?;
-    let independent_call = time_calls(false)?;
+    let independent_call = if args.no_baseline {
+        None
+    } else {
+        Some(time_calls(false)?)
+    };
     Ok(serde_json::json!({
         "config": path.display().to_string(),
         "side_px": args.random_side,
         "images": images,
         "unet_batch": batch,
+        "estimated_run_bytes_without_weights": estimate.total_bytes(),
         "median_unet_call_secs_shared": shared_call,
         "median_unet_call_secs_independent": independent_call,
         "unet_secs_per_set_shared": shared_call * args.steps as f64,
-        "unet_secs_per_set_independent": independent_call * args.steps as f64,
+        "unet_secs_per_set_independent": independent_call.map(|call| call * args.steps as f64),
         "steps": args.steps,
     }))
 }

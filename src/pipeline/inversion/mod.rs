@@ -334,6 +334,36 @@ pub fn invert(
     }))
 }
 
+/// A DDIM trajectory of `image` (already fitted to a size the model accepts) walked up with
+/// classifier-free guidance at `guidance` (`["", prompt]`; 1 or less: the prompt alone), as Style
+/// Aligned inverts its reference image (guidance 2). Returns the trajectory `z*_0` (the image's
+/// latents) to `z*_T`, `[steps + 1, 1, c, h, w]` f32, and the DDIM timesteps of the steps that
+/// come back down, in sampling order. Progress as [`invert`] reports it (phase `"inverting"`).
+pub fn ddim_trajectory_with_guidance(
+    model: &StableDiffusion,
+    image: &RgbImage,
+    prompt: &str,
+    steps: usize,
+    guidance: f64,
+    on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+    cancel: &CancelToken,
+) -> PipelineResult<(Tensor, Vec<f64>)> {
+    let request = InversionRequest {
+        prompt: prompt.to_string(),
+        method: InversionMethod::Ddim,
+        steps,
+        guidance,
+        seed: 0,
+    };
+    let run = InversionRun::new(model, image, &request)?;
+    if cancel.is_cancelled() {
+        return Err(PipelineError::Cancelled);
+    }
+    let image_latents = encode_image(model, image)?;
+    let trajectory = run.ddim_trajectory_guided(&image_latents, run.guided(), on_step, cancel)?;
+    Ok((trajectory, run.ddim.timesteps().to_vec()))
+}
+
 /// An inversion's checked settings, scheduler and text embeddings.
 struct InversionRun<'model> {
     model: &'model StableDiffusion,
@@ -450,13 +480,25 @@ impl<'model> InversionRun<'model> {
         on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
         cancel: &CancelToken,
     ) -> PipelineResult<Tensor> {
+        self.ddim_trajectory_guided(image_latents, false, on_step, cancel)
+    }
+
+    /// [`InversionRun::ddim_trajectory`] with the noise predicted at the request's guidance
+    /// (`guided`, `["", prompt]`) or the prompt alone.
+    fn ddim_trajectory_guided(
+        &self,
+        image_latents: &Tensor,
+        guided: bool,
+        on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
+        cancel: &CancelToken,
+    ) -> PipelineResult<Tensor> {
         let steps = self.steps();
         let mut trajectory = Vec::with_capacity(steps + 1);
         let mut latents = image_latents.clone();
         trajectory.push(latents.clone());
         for done in 0..steps {
             let step_index = steps - 1 - done;
-            let output = self.model_output(&latents, step_index, false, cancel)?;
+            let output = self.model_output(&latents, step_index, guided, cancel)?;
             latents = self.ddim.inverse_step(&output, step_index, &latents)?;
             check_finite(&latents, "the inverted latents", step_index, steps)?;
             trajectory.push(latents.clone());
