@@ -72,6 +72,7 @@ fn set(reference: &str, targets: &[&str], steps: usize) -> StyleSetParams {
         reference: params(reference, steps, 3),
         target_prompts: targets.iter().map(|prompt| (*prompt).to_owned()).collect(),
         sharing: Some(StyleAlignedConfig::default()),
+        reference_image: None,
     }
 }
 
@@ -229,9 +230,15 @@ fn bad_sets_are_refused_before_any_step() {
     assert!(message.contains("a set of 3 images"), "{message}");
     assert!(seen.steps.iter().all(Vec::is_empty));
 
-    let run_id = worker
-        .generate_style_set(set("a red circle", &["a square"], 2))
-        .unwrap();
+    let mut wrong_size = set("a red circle", &["a square"], 2);
+    wrong_size.reference_image = Some(worker_common::test_picture(32, 32));
+    let run_id = worker.generate_style_set(wrong_size).unwrap();
+    let message = collect(&worker, run_id, 2).failed.unwrap();
+    assert!(message.contains("reference image"), "{message}");
+
+    let mut from_image = set("a red disc and a blue bar", &["a square"], 2);
+    from_image.reference_image = Some(worker_common::test_picture(64, 64));
+    let run_id = worker.generate_style_set(from_image).unwrap();
     let seen = collect(&worker, run_id, 2);
     assert!(seen.images.iter().all(Option::is_some), "still usable");
 }

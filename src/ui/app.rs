@@ -646,8 +646,22 @@ impl EditorApp {
     /// Starts a style set with `reference` as its reference and the style panel's targets and
     /// options (superseding a running run); a set that cannot run says why in the panel.
     fn generate_style_set(&mut self, reference: GenerateParams) {
+        // An open image is the reference (described by the prompt).
+        image_input::keep_fitted(&mut self.state);
+        let image = &self.state.image;
+        let reference_image = if image.is_reading() {
+            Err("the reference image is still being read".to_owned())
+        } else if image.is_open() {
+            image
+                .fitted()
+                .map(|(fitted, _)| Some(fitted.image.clone()))
+                .ok_or_else(|| "the reference image is not fitted to the run's size yet".to_owned())
+        } else {
+            Ok(None)
+        };
         let checked = check_params(&reference, self.size_multiple())
-            .and_then(|()| self.state.modes.style_set.params_to_send(reference));
+            .and_then(|()| reference_image)
+            .and_then(|image| self.state.modes.style_set.params_to_send(reference, image));
         let params = match checked {
             Ok(params) => params,
             Err(problem) => {
@@ -1332,7 +1346,8 @@ impl EditorApp {
             });
         egui::CentralPanel::default().show(ui, |ui| {
             // An open image is previewed until a run replays it.
-            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) {
+            let style_set = ctx.state.modes.active() == ModeKind::StyleSet;
+            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) && !style_set {
                 image_input::image_pane_ui(&ctx, ui, &mut views.image_pane);
                 return;
             }

@@ -30,6 +30,11 @@ pub struct StyleSetParams {
     /// How the targets share the reference's attention; `None` generates every image
     /// independently (the baseline).
     pub sharing: Option<StyleAlignedConfig>,
+    /// A real image as the reference, `[height, width, 3]` fitted to the run's size and described
+    /// by the reference prompt: the engine inverts it (DDIM) and the reference follows its
+    /// inverted trajectory (reported as `InversionProgress` before the set starts); the run then
+    /// takes the DDIM scheduler. `None`: the reference is generated from its prompt.
+    pub reference_image: Option<RgbImage>,
 }
 
 impl StyleSetParams {
@@ -107,6 +112,26 @@ pub fn check_style_set_params(params: &StyleSetParams) -> Result<(), EngineError
             format!("{} is not in 1..=1000", params.reference.steps),
         ));
     }
+    if let Some(image) = &params.reference_image {
+        if image.width == 0 || image.height == 0 || !image.is_consistent() {
+            return Err(invalid(
+                "reference image",
+                format!(
+                    "{}x{} with {} bytes is not an RGB image",
+                    image.width,
+                    image.height,
+                    image.pixels.len()
+                ),
+            ));
+        }
+        if params.reference.prompt.trim().is_empty() {
+            return Err(invalid(
+                "reference prompt",
+                "it is empty: describe the reference image (it is inverted with that prompt)"
+                    .to_owned(),
+            ));
+        }
+    }
     if let Some(config) = &params.sharing {
         config
             .validate()
@@ -128,6 +153,7 @@ mod tests {
             },
             target_prompts: targets.iter().map(|prompt| (*prompt).to_owned()).collect(),
             sharing: Some(StyleAlignedConfig::default()),
+            reference_image: None,
         }
     }
 
@@ -157,5 +183,13 @@ mod tests {
             ..StyleAlignedConfig::default()
         });
         assert!(check_style_set_params(&bad_level).is_err());
+        let mut broken_image = params(&["a square"]);
+        broken_image.reference_image = Some(RgbImage {
+            width: 4,
+            height: 4,
+            pixels: vec![0; 5],
+        });
+        let error = check_style_set_params(&broken_image).unwrap_err();
+        assert!(error.to_string().contains("reference image"), "{error}");
     }
 }

@@ -137,11 +137,13 @@ impl StyleSetMode {
             })
     }
 
-    /// What the worker needs for a set with the reference `reference`, or why there is none to
-    /// run (no target prompts, an empty one).
+    /// What the worker needs for a set with the reference `reference` (and `reference_image`,
+    /// the open image fitted to the run's size, when one is open), or why there is none to run
+    /// (no target prompts, an empty one).
     pub(crate) fn params_to_send(
         &self,
         reference: GenerateParams,
+        reference_image: Option<RgbImage>,
     ) -> Result<StyleSetParams, String> {
         let targets: Vec<String> = self
             .settings
@@ -162,6 +164,7 @@ impl StyleSetMode {
             },
             target_prompts: targets,
             sharing: self.settings.share.then_some(self.settings.config),
+            reference_image,
         };
         crate::worker::check_style_set_params(&params).map_err(|error| error.to_string())?;
         Ok(params)
@@ -492,10 +495,14 @@ mod tests {
     #[test]
     fn no_target_prompts_is_an_error_and_exports_name_every_image() {
         let mut style = StyleSetMode::default();
-        let error = style.params_to_send(GenerateParams::default()).unwrap_err();
+        let error = style
+            .params_to_send(GenerateParams::default(), None)
+            .unwrap_err();
         assert!(error.contains("at least one target"), "{error}");
         style.settings.targets = vec!["a square".to_owned(), "a star".to_owned()];
-        let params = style.params_to_send(GenerateParams::default()).unwrap();
+        let params = style
+            .params_to_send(GenerateParams::default(), None)
+            .unwrap();
         assert_eq!(params.image_count(), 3);
         assert!(style.export_files("m").is_err(), "nothing finished yet");
         style.sent(1, 3);

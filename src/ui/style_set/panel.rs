@@ -30,7 +30,17 @@ pub(crate) fn style_set_panel_ui(
         return;
     }
     let mut settings = style.settings().clone();
-    ui.weak("The reference is the prompt above; each target gets its own image in its style.");
+    if ctx.state.image.is_open() {
+        ui.weak(
+            "The reference is the open image, described by the prompt above; each target gets \
+             its own image in its style.",
+        );
+    } else {
+        ui.weak(
+            "The reference is the prompt above (or an image: open or drop one); each target \
+             gets its own image in its style.",
+        );
+    }
     targets_ui(ui, &mut settings, commands);
     sharing_ui(ui, &mut settings);
 

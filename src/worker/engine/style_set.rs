@@ -3,19 +3,26 @@
 //! [`Branch::StyleImage`] with a preview per step, and every image's store kept so that the probe,
 //! the Segments view and the attention export can read the image the UI selects.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::attention::store::{AttentionStore, StoreConfig};
-use crate::attention::style_sampling::{StyleSetRequest, StyleSetRun};
+use crate::attention::style_sampling::{
+    check_style_set_fits, invert_reference_image, StyleReferenceImage, StyleSetRequest,
+    StyleSetRun, REFERENCE_INVERSION_GUIDANCE,
+};
 use crate::hook::{AttentionProcessor, CancelToken, ChainedProcessors};
-use crate::pipeline::limits::RunCapture;
-use crate::pipeline::sampling::latent_preview;
+use crate::pipeline::limits::{available_memory, RunCapture};
+use crate::pipeline::model::StableDiffusion;
+use crate::pipeline::sampling::{latent_preview, GenerateRequest};
+use crate::pipeline::PipelineError;
 use crate::worker::backend::RunObserver;
 use crate::worker::engine::{
     answer_self_attention_query, edit, prompt_info, step_frame, LatestRun, PipelineEngine,
     StepPlace,
 };
 use crate::worker::error::EngineError;
+use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{Branch, PromptInfo, StepTiming};
 use crate::worker::style_set::{check_style_set_params, StyleSetOutput, StyleSetParams};
 
@@ -40,11 +47,17 @@ impl PipelineEngine {
             return Err(EngineError::NoModel);
         };
         check_style_set_params(params)?;
-        let (reference, resolved) = edit::prepare(model, &params.reference, None)?;
-        let request = StyleSetRequest {
+        let mut reference_params = params.reference.clone();
+        if params.reference_image.is_some() {
+            // The reference follows the image's DDIM trajectory.
+            reference_params.scheduler = Some("ddim".to_owned());
+        }
+        let (reference, resolved) = edit::prepare(model, &reference_params, None)?;
+        let mut request = StyleSetRequest {
             generate: reference.request.clone(),
             target_prompts: params.target_prompts.clone(),
             sharing: params.sharing,
+            reference_image: None,
         };
         let mut token_counts = vec![reference.prompt_tokens.token_count()];
         for prompt in &params.target_prompts {
@@ -53,7 +66,17 @@ impl PipelineEngine {
         let store_config = StoreConfig::default();
         let longest_prompt = token_counts.iter().copied().max().unwrap_or(0);
         let capture = RunCapture::store(longest_prompt, store_config.self_max_side);
-        // Checks the whole batch's memory before anything is allocated.
+        // The whole batch's memory is checked before anything is allocated (again by the run).
+        check_style_set_fits(model, &request, &capture, &available_memory())?;
+        if let Some(image) = &params.reference_image {
+            request.reference_image = Some(invert_reference(
+                model,
+                image,
+                &reference.request,
+                observer,
+                cancel,
+            )?);
+        }
         let mut run = StyleSetRun::new(model, &request, &capture)?.with_cancel(cancel.clone());
         let resolved_set = StyleSetParams {
             reference: resolved,
@@ -170,6 +193,47 @@ impl PipelineEngine {
         record.selected = index;
         Ok(())
     }
+}
+
+/// Inverts the reference `image` for a set sampled with `request` (its prompt and steps),
+/// reporting each step as inversion progress. The image must have the run's size.
+fn invert_reference(
+    model: &StableDiffusion,
+    image: &RgbImage,
+    request: &GenerateRequest,
+    observer: &mut dyn RunObserver,
+    cancel: &CancelToken,
+) -> Result<Arc<StyleReferenceImage>, EngineError> {
+    if (image.width, image.height) != (request.width, request.height) {
+        return Err(EngineError::InvalidArgument {
+            name: "reference image",
+            reason: format!(
+                "{}x{} px, but the set is {}x{} px: fit the image to the run's size",
+                image.width, image.height, request.width, request.height
+            ),
+        });
+    }
+    let mut disconnected = None;
+    let inverted = invert_reference_image(
+        model,
+        image,
+        &request.prompt,
+        request.steps,
+        REFERENCE_INVERSION_GUIDANCE,
+        &mut |progress| {
+            observer
+                .inversion_progress(progress.phase, progress.steps_done, progress.step_count)
+                .map_err(|lost| {
+                    disconnected = Some(lost);
+                    PipelineError::Cancelled
+                })
+        },
+        cancel,
+    );
+    if let Some(lost) = disconnected {
+        return Err(lost.into());
+    }
+    Ok(inverted?)
 }
 
 /// Steps `run` to its end with every image's store on the hook: the cancel token is checked

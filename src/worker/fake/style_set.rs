@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::hook::CancelToken;
 use crate::worker::backend::RunObserver;
 use crate::worker::error::EngineError;
+use crate::worker::fake::image::fade_in;
 use crate::worker::fake::{
     blob_centre, cross_maps, fake_grids, resolve_params, self_attention_map, synthesise_image,
     tokenize, FakeEngine, FakeRun,
@@ -62,6 +63,17 @@ impl FakeEngine {
                 },
             ));
         }
+        if let Some(image) = &params.reference_image {
+            if (image.width, image.height) != (width, height) {
+                return Err(EngineError::InvalidArgument {
+                    name: "reference image",
+                    reason: format!(
+                        "{}x{} px, but the set is {width}x{height} px: fit the image to the run's size",
+                        image.width, image.height
+                    ),
+                });
+            }
+        }
         let resolved = StyleSetParams {
             reference,
             ..params.clone()
@@ -84,7 +96,10 @@ impl FakeEngine {
                 tokens: prompt.tokens.clone(),
                 words: prompt.words.clone(),
                 image_size: (height, width),
-                background: None,
+                // The reference image, when there is one, is what the reference denoises towards.
+                background: (index == 0)
+                    .then(|| params.reference_image.clone())
+                    .flatten(),
             });
             observer.started(Branch::StyleImage(index), &image_params, prompt, None)?;
         }
@@ -143,8 +158,12 @@ impl FakeEngine {
                 let cross = Arc::new(StepCross { step_index, groups });
                 run.steps.push(Arc::clone(&cross));
                 let seed = resolved.image_params(index).seed;
-                let preview =
-                    synthesise_image(&run.centres, run.sigma, progress, seed, width, height);
+                let preview = match &run.background {
+                    Some(background) => fade_in(background, progress, seed),
+                    None => {
+                        synthesise_image(&run.centres, run.sigma, progress, seed, width, height)
+                    }
+                };
                 let frame = StepFrame {
                     step_index,
                     step_count: steps,
