@@ -56,6 +56,15 @@ shot editor-segments env ATTEND_SCREENSHOT_SEGMENTS=0.75,0.52
 # Edit mode: "circle -> square" swapped by Prompt-to-Prompt, source | edited side by side.
 shot editor-edit env ATTEND_SCREENSHOT_EDIT="a red square and a blue square"
 
+# Style set mode: the reference (a red circle on a yellow background) and three targets that name
+# no background, generated as one set sharing the reference's style; the first target is selected:
+# its word maps beside the reference's above the canvas, its heat map of "square" on the canvas.
+echo "== style-set"
+env ATTEND_SCREENSHOT="$out/style-set.png" ATTEND_FRAME_TIMES="$runtime_dir/style-set.frame-times.csv" \
+    ATTEND_SCREENSHOT_STYLE="${ATTEND_SCREENSHOT_STYLE_TARGETS:-a blue square|a green triangle|a purple star}" \
+    ATTEND_SCREENSHOT_WORD=square \
+    timeout 900 "$binary" --prompt "a red circle on a yellow background" --seed "$seed" --generate
+
 # A real image being edited: one of attend's drawn scenes (seed 30, "a blue square and a purple
 # circle") opened with ATTEND_IMAGE, described by its caption, inverted, replayed, and its circle
 # swapped for a star by Prompt-to-Prompt (source | edited side by side).

@@ -33,6 +33,9 @@ use crate::ui::segments::SegmentsState;
 use crate::ui::session::{CompareMode, Session};
 use crate::ui::settings::{EditorSettings, ViewSettings, SETTINGS_STORAGE_KEY};
 use crate::ui::state::{AppState, CanvasView, StatusLevel, StatusMessage};
+use crate::ui::style_set::panel::style_set_panel_ui;
+use crate::ui::style_set::view::{style_set_grid_ui, StyleSetView};
+use crate::ui::style_set::StyleSetCommand;
 use crate::ui::token_strip::{token_strip_ui, TokenStrip};
 use crate::ui::EditorOptions;
 use crate::worker::{
@@ -53,6 +56,8 @@ struct Views {
     models_menu: ModelsMenu,
     /// The open real image's preview.
     image_pane: ImagePane,
+    /// Style set mode's grid and word maps.
+    style_set: StyleSetView,
 }
 
 /// The editor.
@@ -113,6 +118,7 @@ impl EditorApp {
                 path_field: None,
                 models_menu: ModelsMenu::default(),
                 image_pane: ImagePane::default(),
+                style_set: StyleSetView::default(),
             },
             commands: UiCommands::default(),
             worker,
@@ -133,6 +139,20 @@ impl EditorApp {
             state.settings.view.show_heatmap = false;
             let source_prompt = state.settings.params.prompt.clone();
             state.modes.edit.enter(&prompt, &source_prompt);
+        }
+        if let Some(targets) = app
+            .screenshot
+            .as_ref()
+            .and_then(Screenshot::style_targets)
+            .map(<[String]>::to_vec)
+        {
+            let style = &mut app.state.modes;
+            style.set_active(ModeKind::StyleSet);
+            let settings = crate::ui::style_set::StyleSetSettings {
+                targets,
+                ..style.style_set.settings().clone()
+            };
+            style.style_set.set_settings(settings);
         }
         Ok(app)
     }
@@ -376,6 +396,27 @@ impl EditorApp {
         self.state.modes.edit.session().swipe
     }
 
+    /// Style set mode: the images of the latest set as received (`None`: not started yet),
+    /// reference first.
+    pub fn style_set_images(&self) -> &[Option<RunView>] {
+        self.state.modes.style_set.images()
+    }
+
+    /// Style set mode: the image on screen (0: the reference).
+    pub fn style_set_selected(&self) -> usize {
+        self.state.modes.style_set.selected()
+    }
+
+    /// Style set mode: every image of the latest set finished.
+    pub fn style_set_finished(&self) -> bool {
+        self.state.modes.style_set.finished()
+    }
+
+    /// Style set mode: why the latest set could not run, if it could not.
+    pub fn style_set_error(&self) -> Option<&str> {
+        self.state.modes.style_set.error()
+    }
+
     /// What the canvas shows over the image.
     pub fn canvas_view(&self) -> CanvasView {
         self.state.canvas_view
@@ -576,6 +617,10 @@ impl EditorApp {
             return;
         }
         let mut params = self.state.settings.params.clone();
+        if self.state.modes.active() == ModeKind::StyleSet {
+            self.generate_style_set(params);
+            return;
+        }
         if self.state.image.is_open() || self.state.image.is_reading() {
             match self.image_run_params(params) {
                 Some(replaying) => params = replaying,
@@ -595,6 +640,101 @@ impl EditorApp {
             // The run on screen is superseded; its own late events will be dropped.
             Ok(run_id) => self.state.supersede_runs(run_id),
             Err(error) => self.status(StatusLevel::Error, format!("Cannot generate: {error}")),
+        }
+    }
+
+    /// Starts a style set with `reference` as its reference and the style panel's targets and
+    /// options (superseding a running run); a set that cannot run says why in the panel.
+    fn generate_style_set(&mut self, reference: GenerateParams) {
+        // An open image is the reference (described by the prompt).
+        image_input::keep_fitted(&mut self.state);
+        let image = &self.state.image;
+        let reference_image = if image.is_reading() {
+            Err("the reference image is still being read".to_owned())
+        } else if image.is_open() {
+            image
+                .fitted()
+                .map(|(fitted, _)| Some(fitted.image.clone()))
+                .ok_or_else(|| "the reference image is not fitted to the run's size yet".to_owned())
+        } else {
+            Ok(None)
+        };
+        let checked = check_params(&reference, self.size_multiple())
+            .and_then(|()| reference_image)
+            .and_then(|image| self.state.modes.style_set.params_to_send(reference, image));
+        let params = match checked {
+            Ok(params) => params,
+            Err(problem) => {
+                self.state.modes.style_set.refused(problem.clone());
+                self.status(
+                    StatusLevel::Error,
+                    format!("Not running the style set: {problem}"),
+                );
+                return;
+            }
+        };
+        let image_count = params.image_count();
+        match self.worker.generate_style_set(params) {
+            Ok(run_id) => {
+                self.state.supersede_runs(run_id);
+                self.state.modes.style_set.sent(run_id, image_count);
+            }
+            Err(error) => {
+                let message = format!("Cannot run the style set: {error}");
+                self.state.modes.style_set.refused(message.clone());
+                self.status(StatusLevel::Error, message);
+            }
+        }
+    }
+
+    /// Applies a command of the style set panel or grid.
+    fn apply_style_set(&mut self, command: StyleSetCommand) {
+        let state = &mut self.state;
+        match command {
+            StyleSetCommand::SetEnabled(on) => {
+                state.modes.set_active(if on {
+                    ModeKind::StyleSet
+                } else {
+                    ModeKind::Plain
+                });
+                state.selected_word = None;
+            }
+            StyleSetCommand::SetSettings(settings) => state.modes.style_set.set_settings(*settings),
+            StyleSetCommand::Select(index) => {
+                let Some(run_id) = crate::ui::style_set::select_image(state, index) else {
+                    return;
+                };
+                self.views.segments.forget_run();
+                if let Err(error) = self
+                    .worker
+                    .send(Command::SelectStyleImage { run_id, index })
+                {
+                    self.status(
+                        StatusLevel::Error,
+                        format!("Cannot select the image: {error}"),
+                    );
+                }
+            }
+            StyleSetCommand::ExportAll => {
+                let model_name = state
+                    .model
+                    .loaded
+                    .as_ref()
+                    .map_or_else(String::new, |info| info.name.clone());
+                let files = state
+                    .modes
+                    .style_set
+                    .export_files(&model_name)
+                    .and_then(|files| {
+                        let folder =
+                            PathBuf::from(state.modes.style_set.settings().export_folder.trim());
+                        crate::ui::style_set::prepare_export_folder(&folder).map(|()| files)
+                    });
+                match files {
+                    Ok(files) => self.send_export(Command::ExportPngs { files }),
+                    Err(problem) => self.status(StatusLevel::Error, problem),
+                }
+            }
         }
     }
 
@@ -1041,6 +1181,7 @@ impl EditorApp {
                 }
             }
             UiCommand::Image(command) => self.apply_image(command),
+            UiCommand::StyleSet(command) => self.apply_style_set(command),
             UiCommand::ClickSegment { point, add } => {
                 let run_id = state.run.as_ref().map(|run| run.run_id);
                 self.views.segments.click_at(run_id, point, add);
@@ -1185,6 +1326,7 @@ impl EditorApp {
                         panels::controls_ui(&ctx, ui, commands);
                         image_input::image_panel_ui(&ctx, ui, commands);
                         edit_panel_ui(&ctx, ui, &mut views.edit_panel, commands);
+                        style_set_panel_ui(&ctx, ui, commands);
                     });
             });
         egui::Panel::right("attend.view")
@@ -1205,9 +1347,13 @@ impl EditorApp {
             });
         egui::CentralPanel::default().show(ui, |ui| {
             // An open image is previewed until a run replays it.
-            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) {
+            let style_set = ctx.state.modes.active() == ModeKind::StyleSet;
+            if ctx.state.image.is_open() && !image_input::run_shows_image(ctx.state) && !style_set {
                 image_input::image_pane_ui(&ctx, ui, &mut views.image_pane);
                 return;
+            }
+            if ctx.state.modes.active() == ModeKind::StyleSet {
+                style_set_grid_ui(&ctx, ui, &mut views.style_set, commands);
             }
             // Edit mode compares source and edited images; otherwise the plain canvas.
             let canvas = if compares(&ctx) {

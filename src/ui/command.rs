@@ -13,6 +13,8 @@ use crate::worker::{GenerateParams, ModelSource, SegmentRequest};
 /// A change a view asks for.
 #[derive(Clone, Debug)]
 pub(crate) enum UiCommand {
+    /// A style set mode request (settings, selection, export).
+    StyleSet(crate::ui::style_set::StyleSetCommand),
     /// Start a generation with the panel's parameters (an edit of them in edit mode),
     /// superseding a running one.
     Generate,

@@ -29,6 +29,9 @@ pub(crate) fn route_event(
     if let Some(after) = crate::ui::image_input::image_event(state, &event) {
         return after;
     }
+    let Some(event) = crate::ui::style_set::style_set_event(state, event) else {
+        return AfterEvent::Nothing;
+    };
     let edit = &mut state.modes.edit;
     match event {
         Event::Started {
@@ -169,17 +172,18 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
             state.worker_restarted(&message);
         }
         // The edited branch of an edit that is no longer the active one (or an edited
-        // `Started` without its alignment, which the worker never sends).
+        // `Started` without its alignment, which the worker never sends); a style set's images
+        // (routed before).
         Event::Started {
-            branch: Branch::Edited,
+            branch: Branch::Edited | Branch::StyleImage(_),
             ..
         }
         | Event::Step {
-            branch: Branch::Edited,
+            branch: Branch::Edited | Branch::StyleImage(_),
             ..
         }
         | Event::Finished {
-            branch: Branch::Edited,
+            branch: Branch::Edited | Branch::StyleImage(_),
             ..
         } => {}
     }

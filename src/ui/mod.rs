@@ -21,6 +21,7 @@
 //! | `canvas` | zoomable canvas, probe input, GPU or CPU drawing |
 //! | `token_strip` | one live thumbnail per prompt word (with word weights in edit mode) |
 //! | `edit` | edit mode: its state and events, spec helpers, the edit panel, the source / edited comparison |
+//! | `style_set` | style set mode: target prompts, sharing options, the grid filling in live, each image's maps, export of all |
 //! | `image_input` | real images: open / drop, fit, invert with progress, the preview pane, the image in sessions |
 //! | `segments` | the Segments view: state and requests, panel (list, mask, exports), canvas overlay |
 //! | `exports` | image / heat map / attention / session exports as worker commands |
@@ -50,6 +51,7 @@ mod segments;
 mod session;
 mod settings;
 mod state;
+mod style_set;
 mod token_strip;
 
 use std::path::PathBuf;

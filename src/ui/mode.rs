@@ -8,6 +8,7 @@
 //! session saves an edit prompt even with edit mode off).
 
 use crate::ui::edit::EditMode;
+use crate::ui::style_set::StyleSetMode;
 
 /// Which mode the editor is in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub enum ModeKind {
     Plain,
     /// Prompt-to-Prompt: the source run and an edited prompt's run compared.
     Edit,
+    /// Style Aligned: a reference and target prompts generated as one set sharing its style.
+    StyleSet,
 }
 
 /// Every mode's state.
@@ -24,6 +27,8 @@ pub enum ModeKind {
 pub(crate) struct Modes {
     /// Prompt-to-Prompt edit mode.
     pub(crate) edit: EditMode,
+    /// Style set mode.
+    pub(crate) style_set: StyleSetMode,
 }
 
 impl Modes {
@@ -31,6 +36,8 @@ impl Modes {
     pub(crate) fn active(&self) -> ModeKind {
         if self.edit.enabled() {
             ModeKind::Edit
+        } else if self.style_set.enabled() {
+            ModeKind::StyleSet
         } else {
             ModeKind::Plain
         }
@@ -39,5 +46,6 @@ impl Modes {
     /// Turns `kind` on (and every other mode off).
     pub(crate) fn set_active(&mut self, kind: ModeKind) {
         self.edit.set_enabled(kind == ModeKind::Edit);
+        self.style_set.set_enabled(kind == ModeKind::StyleSet);
     }
 }

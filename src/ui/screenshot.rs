@@ -29,6 +29,10 @@ pub struct ScreenshotPlan {
     /// Take it during the run, once this many steps have arrived, instead of after the run
     /// (`ATTEND_SCREENSHOT_AT_STEP`).
     pub at_step: Option<usize>,
+    /// Enter style set mode with these target prompts (the prompt is the reference), and take
+    /// the screenshot once the set finished with its first target selected
+    /// (`ATTEND_SCREENSHOT_STYLE=prompt|prompt|...`).
+    pub style_targets: Option<Vec<String>>,
 }
 
 impl ScreenshotPlan {
@@ -52,6 +56,12 @@ impl ScreenshotPlan {
             at_step: std::env::var("ATTEND_SCREENSHOT_AT_STEP")
                 .ok()
                 .and_then(|text| text.trim().parse().ok()),
+            style_targets: std::env::var("ATTEND_SCREENSHOT_STYLE").ok().map(|text| {
+                text.split('|')
+                    .map(|prompt| prompt.trim().to_owned())
+                    .filter(|prompt| !prompt.is_empty())
+                    .collect()
+            }),
         })
     }
 }
@@ -71,6 +81,8 @@ pub(crate) struct ScreenshotWatch {
 pub(crate) struct Screenshot {
     plan: ScreenshotPlan,
     prepared: bool,
+    /// Style set plans: the first target was selected.
+    style_selected: bool,
     frames_after_finish: u32,
     requested: bool,
     written: Arc<AtomicBool>,
@@ -82,10 +94,16 @@ impl Screenshot {
         Self {
             plan,
             prepared: false,
+            style_selected: false,
             frames_after_finish: 0,
             requested: false,
             written: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The target prompts to enter style set mode with, if the plan asks for a style set.
+    pub(crate) fn style_targets(&self) -> Option<&[String]> {
+        self.plan.style_targets.as_deref()
     }
 
     /// The edited prompt to enter edit mode with, if the plan asks for one.
@@ -110,6 +128,7 @@ impl Screenshot {
                 .run
                 .as_ref()
                 .is_some_and(|run| run.steps.len() >= steps),
+            None if self.plan.style_targets.is_some() => state.modes.style_set.finished(),
             None => {
                 state.run_finished()
                     && (self.plan.edit_prompt.is_none() || state.modes.edit.finished())
@@ -119,6 +138,14 @@ impl Screenshot {
             return;
         }
         egui_ctx.request_repaint();
+        if self.plan.style_targets.is_some() && !self.style_selected {
+            // The first target's maps beside the reference's.
+            self.style_selected = true;
+            commands.push(UiCommand::StyleSet(
+                crate::ui::style_set::StyleSetCommand::Select(1),
+            ));
+            return;
+        }
         if !self.prepared {
             self.prepared = true;
             self.prepare(state, commands);

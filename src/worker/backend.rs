@@ -16,6 +16,7 @@ use crate::worker::protocol::{
     ModelLoadProgress, ModelSource, PromptInfo, SourceImage, StepFrame, INVERSION_METHODS,
 };
 use crate::worker::segment::SegmentRequest;
+use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
 
 /// A request for the self-attention of a running generation at one query grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +212,33 @@ pub trait Engine {
         let _ = (image, params, observer, cancel);
         Err(EngineError::Unavailable(
             "this engine cannot invert images".to_owned(),
+        ))
+    }
+
+    /// Runs a style set (see [`crate::worker::Command::GenerateStyleSet`]): checks it (memory
+    /// included) before any step, reports every image as [`Branch::StyleImage`] (`started` for
+    /// each image before the first step, then per step one `step` per image), checks `cancel`
+    /// before every step and keeps every image's attention; image 0's becomes the latest run's
+    /// (probe, Segments view, attention export). Engines without style sets leave the default,
+    /// which refuses.
+    fn generate_style_set(
+        &mut self,
+        params: &StyleSetParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<StyleSetOutput, EngineError> {
+        let _ = (params, observer, cancel);
+        Err(EngineError::Unavailable(
+            "this engine cannot generate style sets".to_owned(),
+        ))
+    }
+
+    /// Makes image `index` of the latest style set the latest run's attention (what
+    /// [`Self::self_attention`], [`Self::segment`] and [`Self::write_attention`] read).
+    fn select_style_image(&mut self, index: usize) -> Result<(), EngineError> {
+        let _ = index;
+        Err(EngineError::Unavailable(
+            "this engine holds no style set".to_owned(),
         ))
     }
 }

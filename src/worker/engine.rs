@@ -81,6 +81,8 @@ pub fn pipeline_engine_factory() -> EngineFactory {
 mod edit;
 // Real images.
 mod image;
+// Style sets.
+mod style_set;
 
 /// What the engine keeps of its latest run.
 struct LatestRun {
@@ -107,6 +109,9 @@ pub struct PipelineEngine {
     inversions: crate::worker::backend::InversionCache<image::CachedInversion>,
     /// How many images were inverted so far (a cached inversion does not count).
     inversions_computed: u64,
+    // Style sets.
+    /// Every image's attention of the latest style set.
+    style_set: Option<style_set::StyleSetRecord>,
 }
 
 // Edit mode.
@@ -188,6 +193,7 @@ impl Engine for PipelineEngine {
         self.latest_run = None;
         self.edit_source = None;
         self.inversions.clear();
+        self.style_set = None;
         Ok(info)
     }
 
@@ -291,6 +297,20 @@ impl Engine for PipelineEngine {
         cancel: &CancelToken,
     ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
         self.invert_image(image, params, observer, cancel)
+    }
+
+    // Style sets.
+    fn generate_style_set(
+        &mut self,
+        params: &crate::worker::StyleSetParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::StyleSetOutput, EngineError> {
+        self.run_style_set(params, observer, cancel)
+    }
+
+    fn select_style_image(&mut self, index: usize) -> Result<(), EngineError> {
+        self.select_image_of_set(index)
     }
 }
 

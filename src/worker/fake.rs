@@ -124,6 +124,9 @@ struct FakeRun {
 mod edit;
 // Real images.
 mod image;
+// Style sets.
+mod style_set;
+pub use style_set::FAKE_SET_MAX_PIXELS;
 
 /// The fake engine. See the module docs.
 pub struct FakeEngine {
@@ -139,6 +142,9 @@ pub struct FakeEngine {
     inversions: crate::worker::backend::InversionCache<image::FakeInversion>,
     /// How many images were inverted so far (a cached inversion does not count).
     inversions_computed: u64,
+    // Style sets.
+    /// Every image's run of the latest style set.
+    style_set: Option<style_set::FakeStyleSet>,
 }
 
 impl FakeEngine {
@@ -152,6 +158,7 @@ impl FakeEngine {
             source_recordings: 0,
             inversions: Default::default(),
             inversions_computed: 0,
+            style_set: None,
         }
     }
 
@@ -231,6 +238,7 @@ impl Engine for FakeEngine {
         self.latest_run = None;
         self.edit_source = None;
         self.inversions.clear();
+        self.style_set = None;
         Ok(info)
     }
 
@@ -338,6 +346,20 @@ impl Engine for FakeEngine {
         cancel: &CancelToken,
     ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
         self.invert_image(image, params, observer, cancel)
+    }
+
+    // Style sets.
+    fn generate_style_set(
+        &mut self,
+        params: &crate::worker::StyleSetParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::StyleSetOutput, EngineError> {
+        self.run_style_set(params, observer, cancel)
+    }
+
+    fn select_style_image(&mut self, index: usize) -> Result<(), EngineError> {
+        self.select_image_of_set(index)
     }
 }
 

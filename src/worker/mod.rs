@@ -12,6 +12,7 @@
 //! | `fake` | [`FakeEngine`]: synthetic images and maps, for tests |
 //! | `export` | atomic file writes for exports |
 //! | `segment` | segmenting a finished run for the Segments view; segmentation file exports |
+//! | `style_set` | style sets (Style Aligned): their parameters, checks and output |
 
 mod backend;
 mod engine;
@@ -21,6 +22,7 @@ mod fake;
 mod plain;
 mod protocol;
 mod segment;
+mod style_set;
 mod thread;
 
 pub use backend::{
@@ -32,7 +34,7 @@ pub use engine::{
 };
 pub use error::{Disconnected, EngineError, SendCommandError};
 pub use export::{write_png_file, write_text_file};
-pub use fake::{FakeEngine, FakeEngineConfig, StepGate};
+pub use fake::{FakeEngine, FakeEngineConfig, StepGate, FAKE_SET_MAX_PIXELS};
 pub use plain::{CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 pub use protocol::{
     Branch, Command, Event, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, PngExport,
@@ -47,3 +49,5 @@ pub use protocol::{
 };
 // Real images.
 pub use protocol::{InversionParams, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS};
+// Style sets.
+pub use style_set::{check_style_set_params, StyleAlignedConfig, StyleSetOutput, StyleSetParams};

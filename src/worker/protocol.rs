@@ -14,6 +14,8 @@
 //! - [`Command::Invert`]: `InversionProgress`es in step order (per phase), then `Inverted`. Runs and
 //!   edits that name the inverted image ([`GenerateParams::source_image`]) replay it: the image's
 //!   latents and corrections stay in the engine's cache, only the reference crosses the channel.
+//! - [`Command::GenerateStyleSet`]: `Started` of every image ([`Branch::StyleImage`], image order),
+//!   then per step one `Step` per image, then one `Finished` per image; the last image's ends it.
 //!
 //! `Cancelled` or `Failed` can come in place of any of these events and ends the run; otherwise the
 //! `Finished` of its last branch ends it. A run superseded before it starts gets only
@@ -26,6 +28,7 @@ use crate::analysis::segment::LabelledSegmentation;
 use crate::analysis::WordSpan;
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 use crate::worker::segment::{SegmentFileExport, SegmentRequest};
+use crate::worker::style_set::StyleSetParams;
 // The Prompt-to-Prompt edit's description and results.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
 pub use crate::analysis::edit_spec::{
@@ -242,6 +245,9 @@ pub enum Branch {
     Source,
     /// The Prompt-to-Prompt edited image of a [`Command::GenerateEdit`].
     Edited,
+    /// Image `i` of a [`Command::GenerateStyleSet`]: 0 the reference, `i` the `i`-th target
+    /// prompt (see [`crate::worker::StyleSetParams`]).
+    StyleImage(usize),
 }
 
 /// One request to the worker. Each variant is answered by events (see the module docs).
@@ -342,6 +348,27 @@ pub enum Command {
         image: RgbImage,
         /// Prompt, method, steps, guidance, seed.
         params: InversionParams,
+    },
+
+    // Style sets.
+    /// Generate a style set: the reference and every target prompt in one batch, the targets
+    /// sharing the reference's attention. Reported per image as [`Branch::StyleImage`] (see
+    /// [`crate::worker::StyleSetParams`]); a set that cannot fit in memory is refused with
+    /// `Failed` before any step. Supersedes (cancels) any earlier run, and is cancelled like one.
+    GenerateStyleSet {
+        /// Id of this run, unique and increasing (assigned by the handle).
+        run_id: u64,
+        /// The reference, the target prompts and the sharing settings.
+        params: StyleSetParams,
+    },
+    /// Make image `index` (0: the reference) of the latest style set the one whose attention the
+    /// probe, the Segments view and the attention export read. Refused with a `Warning` when the
+    /// set is no longer the latest run; answered by nothing otherwise.
+    SelectStyleImage {
+        /// The style set's run.
+        run_id: u64,
+        /// The image.
+        index: usize,
     },
 }
 

@@ -35,6 +35,7 @@ use crate::worker::protocol::{
     BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, InversionParams,
     ModelLoadProgress, ModelSource, PromptInfo, StepFrame,
 };
+use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
 
 /// Builds a fresh engine; called on the worker thread at start and after a panic.
 pub type EngineFactory = Arc<dyn Fn() -> Box<dyn Engine> + Send + Sync>;
@@ -205,6 +206,16 @@ impl WorkerHandle {
             image,
             params,
         })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Starts a style set ([`Command::GenerateStyleSet`]), superseding (cancelling) any earlier
+    /// run. Returns the new run id.
+    pub fn generate_style_set(&mut self, params: StyleSetParams) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::GenerateStyleSet { run_id, params })?;
         self.last_run_id = run_id;
         Ok(run_id)
     }
@@ -413,6 +424,30 @@ fn serve(
                 let request = RunRequest::Invert(&image, &params);
                 run(state, run_id, request, commands, outbox)?;
             }
+            Command::GenerateStyleSet { run_id, params } => {
+                run(
+                    state,
+                    run_id,
+                    RunRequest::StyleSet(&params),
+                    commands,
+                    outbox,
+                )?;
+            }
+            Command::SelectStyleImage { run_id, index } => {
+                let result = if state.latest_run == Some(run_id) {
+                    state.engine.select_style_image(index)
+                } else {
+                    Err(EngineError::Unavailable(
+                        "that style set's maps are no longer held (only the latest run's are)"
+                            .to_owned(),
+                    ))
+                };
+                if let Err(error) = result {
+                    outbox.emit(Event::Warning {
+                        message: format!("Cannot show the maps of image {index}: {error}"),
+                    })?;
+                }
+            }
             Command::Cancel => {}
             Command::RequestSelfAttention {
                 run_id,
@@ -581,6 +616,8 @@ enum RunRequest<'a> {
     Edit(&'a GenerateParams, Option<&'a EditSpec>),
     /// [`Command::Invert`].
     Invert(&'a RgbImage, &'a InversionParams),
+    /// [`Command::GenerateStyleSet`].
+    StyleSet(&'a StyleSetParams),
 }
 
 /// Runs a [`Command::Generate`] or [`Command::GenerateEdit`] under a fresh cancel token and reports
@@ -617,6 +654,10 @@ fn run(
             .engine
             .invert(image, params, &mut observer, &cancel)
             .map(RunEnd::Inverted),
+        RunRequest::StyleSet(params) => state
+            .engine
+            .generate_style_set(params, &mut observer, &cancel)
+            .map(RunEnd::StyleSet),
     };
     let WorkerObserver {
         source_started,
@@ -631,7 +672,8 @@ fn run(
     outbox.shared.end_run();
     if source_started {
         // The engine's maps (probe, export, segments) are this run's source's now.
-        let source_done = source_finished || matches!(result, Ok(RunEnd::Source(_)));
+        let source_done =
+            source_finished || matches!(result, Ok(RunEnd::Source(_)) | Ok(RunEnd::StyleSet(_)));
         state.latest_run = (source_steps > 0).then_some(run_id);
         state.latest_finished_run = source_done.then_some(run_id);
     }
@@ -667,6 +709,20 @@ fn run(
             seconds: elapsed_secs,
             cached: output.cached,
         }),
+        Ok(RunEnd::StyleSet(output)) => {
+            let grids = output.self_attention_grids.into_iter();
+            for (index, (image, grids)) in output.images.into_iter().zip(grids).enumerate() {
+                outbox.emit(Event::Finished {
+                    run_id,
+                    branch: Branch::StyleImage(index),
+                    image,
+                    elapsed_secs,
+                    self_attention_grids: grids,
+                    blend_mask: None,
+                })?;
+            }
+            Ok(())
+        }
         Err(EngineError::Disconnected(disconnected)) => Err(disconnected),
         Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled {
             run_id,
@@ -687,6 +743,8 @@ enum RunEnd {
     Edit(Option<RgbImage>, Option<BlendMask>),
     /// An inversion's result.
     Inverted(InversionOutput),
+    /// A style set's images.
+    StyleSet(StyleSetOutput),
 }
 
 /// Forwards a run's progress as events and, between steps, takes commands off the channel.
@@ -814,7 +872,7 @@ impl RunObserver for WorkerObserver<'_> {
     ) -> Result<(), Disconnected> {
         self.drain_commands()?;
         match branch {
-            Branch::Source => self.source_started = true,
+            Branch::Source | Branch::StyleImage(_) => self.source_started = true,
             Branch::Edited => self.branch_started_at = Instant::now(),
         }
         self.outbox.emit(Event::Started {
@@ -833,8 +891,10 @@ impl RunObserver for WorkerObserver<'_> {
         blend_mask: Option<BlendMask>,
     ) -> Result<(), Disconnected> {
         match branch {
-            Branch::Source => self.source_steps += 1,
+            // A style set's step counts once (its images step together).
+            Branch::Source | Branch::StyleImage(0) => self.source_steps += 1,
             Branch::Edited => self.edited_steps += 1,
+            Branch::StyleImage(_) => {}
         }
         self.outbox.emit(Event::Step {
             run_id: self.run_id,

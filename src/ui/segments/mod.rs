@@ -297,6 +297,14 @@ impl SegmentsState {
         }
     }
 
+    /// Another image of the same run is on screen (a style set's): its segmentation is dropped.
+    pub(crate) fn forget_run(&mut self) {
+        self.result = None;
+        self.selected.clear();
+        self.mask = None;
+        self.in_flight = None;
+    }
+
     /// The worker restarted: a request in flight will not be answered.
     pub(crate) fn worker_restarted(&mut self) {
         self.in_flight = None;
