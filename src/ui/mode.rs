@@ -7,6 +7,7 @@
 //! A mode's state stays while another mode is on, so switching back finds it as it was (and a
 //! session saves an edit prompt even with edit mode off).
 
+use crate::ui::appearance::AppearanceTransfer;
 use crate::ui::edit::EditMode;
 
 /// Which mode the editor is in.
@@ -17,6 +18,8 @@ pub enum ModeKind {
     Plain,
     /// Prompt-to-Prompt: the source run and an edited prompt's run compared.
     Edit,
+    /// Appearance transfer: one image's look on another image's shapes (cross-image attention).
+    AppearanceTransfer,
 }
 
 /// Every mode's state.
@@ -24,12 +27,16 @@ pub enum ModeKind {
 pub(crate) struct Modes {
     /// Prompt-to-Prompt edit mode.
     pub(crate) edit: EditMode,
+    /// Appearance transfer mode.
+    pub(crate) appearance: AppearanceTransfer,
 }
 
 impl Modes {
     /// The mode that is on.
     pub(crate) fn active(&self) -> ModeKind {
-        if self.edit.enabled() {
+        if self.appearance.enabled() {
+            ModeKind::AppearanceTransfer
+        } else if self.edit.enabled() {
             ModeKind::Edit
         } else {
             ModeKind::Plain
@@ -39,5 +46,7 @@ impl Modes {
     /// Turns `kind` on (and every other mode off).
     pub(crate) fn set_active(&mut self, kind: ModeKind) {
         self.edit.set_enabled(kind == ModeKind::Edit);
+        self.appearance
+            .set_enabled(kind == ModeKind::AppearanceTransfer);
     }
 }

@@ -81,6 +81,8 @@ pub fn pipeline_engine_factory() -> EngineFactory {
 mod edit;
 // Real images.
 mod image;
+// Appearance transfer.
+mod appearance;
 
 /// What the engine keeps of its latest run.
 struct LatestRun {
@@ -291,6 +293,16 @@ impl Engine for PipelineEngine {
         cancel: &CancelToken,
     ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
         self.invert_image(image, params, observer, cancel)
+    }
+
+    // Appearance transfer.
+    fn appearance_transfer(
+        &mut self,
+        params: &crate::worker::appearance::AppearanceTransferParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::appearance::AppearanceResult, EngineError> {
+        self.transfer_appearance(params, observer, cancel)
     }
 }
 

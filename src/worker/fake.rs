@@ -124,6 +124,8 @@ struct FakeRun {
 mod edit;
 // Real images.
 mod image;
+// Appearance transfer.
+mod appearance;
 
 /// The fake engine. See the module docs.
 pub struct FakeEngine {
@@ -338,6 +340,16 @@ impl Engine for FakeEngine {
         cancel: &CancelToken,
     ) -> Result<crate::worker::backend::InversionOutput, EngineError> {
         self.invert_image(image, params, observer, cancel)
+    }
+
+    // Appearance transfer.
+    fn appearance_transfer(
+        &mut self,
+        params: &crate::worker::appearance::AppearanceTransferParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::appearance::AppearanceResult, EngineError> {
+        self.transfer_appearance(params, observer, cancel)
     }
 }
 

@@ -12,7 +12,9 @@
 //! | `fake` | [`FakeEngine`]: synthetic images and maps, for tests |
 //! | `export` | atomic file writes for exports |
 //! | `segment` | segmenting a finished run for the Segments view; segmentation file exports |
+//! | `appearance` | appearance transfer: its request, streamed updates, result and correspondence |
 
+mod appearance;
 mod backend;
 mod engine;
 mod error;
@@ -47,3 +49,9 @@ pub use protocol::{
 };
 // Real images.
 pub use protocol::{InversionParams, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS};
+// Appearance transfer.
+pub use appearance::{
+    check_appearance_params, AppearanceInput, AppearanceMasks, AppearanceResult,
+    AppearanceSettings, AppearanceSlot, AppearanceTransferParams, AppearanceUpdate, Correspondence,
+    LabelledMask,
+};

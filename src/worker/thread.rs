@@ -25,6 +25,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::hook::CancelToken;
+use crate::worker::appearance::{AppearanceResult, AppearanceTransferParams, AppearanceUpdate};
 use crate::worker::backend::{Engine, InversionOutput, RunObserver, RunOutput, SelfAttentionQuery};
 use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
@@ -202,6 +203,22 @@ impl WorkerHandle {
             run_id,
             image,
             params,
+        })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Starts an appearance transfer ([`Command::AppearanceTransfer`]), superseding (cancelling)
+    /// any earlier run; [`Self::cancel`] cancels it. Returns the request's run id.
+    pub fn appearance_transfer(
+        &mut self,
+        params: AppearanceTransferParams,
+    ) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::AppearanceTransfer {
+            run_id,
+            params: Box::new(params),
         })?;
         self.last_run_id = run_id;
         Ok(run_id)
@@ -398,6 +415,10 @@ fn serve(
                 let request = RunRequest::Invert(&image, &params);
                 run(state, run_id, request, commands, outbox)?;
             }
+            Command::AppearanceTransfer { run_id, params } => {
+                let request = RunRequest::Appearance(&params);
+                run(state, run_id, request, commands, outbox)?;
+            }
             Command::Cancel => {}
             Command::RequestSelfAttention {
                 run_id,
@@ -544,6 +565,8 @@ enum RunRequest<'a> {
     Edit(&'a GenerateParams, Option<&'a EditSpec>),
     /// [`Command::Invert`].
     Invert(&'a RgbImage, &'a InversionParams),
+    /// [`Command::AppearanceTransfer`].
+    Appearance(&'a AppearanceTransferParams),
 }
 
 /// Runs a [`Command::Generate`] or [`Command::GenerateEdit`] under a fresh cancel token and reports
@@ -579,6 +602,10 @@ fn run(
             .engine
             .invert(image, params, &mut observer, &cancel)
             .map(RunEnd::Inverted),
+        RunRequest::Appearance(params) => state
+            .engine
+            .appearance_transfer(params, &mut observer, &cancel)
+            .map(|result| RunEnd::Appearance(Box::new(result))),
     };
     let WorkerObserver {
         source_started,
@@ -587,6 +614,7 @@ fn run(
         source_finished,
         branch_started_at,
         inversion_steps,
+        appearance_steps,
         ..
     } = observer;
     state.active_run = None;
@@ -629,10 +657,14 @@ fn run(
             seconds: elapsed_secs,
             cached: output.cached,
         }),
+        Ok(RunEnd::Appearance(result)) => outbox.emit(Event::Appearance {
+            run_id,
+            update: AppearanceUpdate::Finished(result),
+        }),
         Err(EngineError::Disconnected(disconnected)) => Err(disconnected),
         Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled {
             run_id,
-            steps_done: source_steps + edited_steps + inversion_steps,
+            steps_done: source_steps + edited_steps + inversion_steps + appearance_steps,
         }),
         Err(error) => outbox.emit(Event::Failed {
             run_id: Some(run_id),
@@ -649,6 +681,8 @@ enum RunEnd {
     Edit(Option<RgbImage>, Option<BlendMask>),
     /// An inversion's result.
     Inverted(InversionOutput),
+    /// An appearance transfer's result.
+    Appearance(Box<AppearanceResult>),
 }
 
 /// Forwards a run's progress as events and, between steps, takes commands off the channel.
@@ -672,6 +706,8 @@ struct WorkerObserver<'a> {
     self_attention_query: Option<SelfAttentionQuery>,
     /// Inversion steps reported so far (all phases).
     inversion_steps: usize,
+    /// Appearance transfer steps reported so far.
+    appearance_steps: usize,
 }
 
 impl<'a> WorkerObserver<'a> {
@@ -693,6 +729,7 @@ impl<'a> WorkerObserver<'a> {
             source_finished: false,
             self_attention_query: None,
             inversion_steps: 0,
+            appearance_steps: 0,
         }
     }
 
@@ -803,6 +840,17 @@ impl RunObserver for WorkerObserver<'_> {
             steps_done,
             step_count,
             elapsed_secs: self.branch_started_at.elapsed().as_secs_f64(),
+        })?;
+        self.drain_commands()
+    }
+
+    fn appearance(&mut self, update: AppearanceUpdate) -> Result<(), Disconnected> {
+        if matches!(update, AppearanceUpdate::Step { .. }) {
+            self.appearance_steps += 1;
+        }
+        self.outbox.emit(Event::Appearance {
+            run_id: self.run_id,
+            update,
         })?;
         self.drain_commands()
     }
