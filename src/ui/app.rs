@@ -595,7 +595,8 @@ impl EditorApp {
         &self.state.modes.appearance
     }
 
-    /// Where the appearance transfer's `pane` drew its image last frame, in points.
+    /// Where the appearance transfer's `pane` drew its image last frame (its empty square when it
+    /// has none), in points.
     pub fn appearance_image_rect(&self, pane: AppearancePane) -> Option<egui::Rect> {
         self.views.appearance.image_rect(pane)
     }

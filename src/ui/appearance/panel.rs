@@ -347,11 +347,15 @@ pub(crate) fn appearance_side_panel_ui(
                         .appearance
                         .get(index)
                         .map_or(0, |mask| mask.mask.covered_pixels());
-                    ui.label(format!(
-                        "{}: {} px in the structure, {appearance_pixels} px in the appearance",
-                        labelled.label,
-                        labelled.mask.covered_pixels()
-                    ));
+                    ui.add(
+                        egui::Label::new(format!(
+                            "{}: {} px in the structure, {appearance_pixels} px in the \
+                             appearance",
+                            labelled.label,
+                            labelled.mask.covered_pixels()
+                        ))
+                        .wrap(),
+                    );
                 });
             }
         }

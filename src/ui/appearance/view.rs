@@ -51,14 +51,15 @@ pub(crate) struct AppearanceView {
     revision: Option<u64>,
     /// One texture per pane (none for an empty pane).
     textures: [Option<egui::TextureHandle>; 3],
-    /// Where each pane's image was drawn last frame, in points.
+    /// Where each pane's image was drawn last frame (its empty square when it has none), in
+    /// points.
     image_rects: [Option<Rect>; 3],
     /// Each pane's whole area last frame (drop targets).
     pane_rects: [Option<Rect>; 3],
 }
 
 impl AppearanceView {
-    /// Where `pane`'s image was drawn last frame.
+    /// Where `pane`'s image was drawn last frame (its empty square when it has none).
     pub(crate) fn image_rect(&self, pane: AppearancePane) -> Option<Rect> {
         self.image_rects[pane.index()]
     }
@@ -201,7 +202,7 @@ pub(crate) fn appearance_view_ui(
             );
             rect
         });
-        view.image_rects[pane.index()] = image_rect;
+        view.image_rects[pane.index()] = Some(image_rect.unwrap_or(square));
         if image_rect.is_none() {
             painter.text(
                 square.center(),
