@@ -1,5 +1,7 @@
 //! Command-line interface. Each subcommand lives in its own file with its arguments and its `run`.
 
+mod appearance_eval;
+mod appearance_transfer;
 mod bench;
 mod checks;
 mod edit;
@@ -75,6 +77,10 @@ pub enum Command {
     StyleAligned(style_aligned::StyleAlignedArgs),
     /// Measure Style Aligned on the bundled model: targets taking the reference's background, objects kept, time.
     StyleEval(style_eval::StyleEvalArgs),
+    /// Cross-image attention: draw the structure image's layout with the appearance image's look.
+    AppearanceTransfer(appearance_transfer::AppearanceTransferArgs),
+    /// Measure appearance transfer on the bundled model over drawn pairs it never saw.
+    AppearanceEval(appearance_eval::AppearanceEvalArgs),
 }
 
 /// Run what the command line asks for.
@@ -93,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Models(args)) => models::run(&args),
         Some(Command::StyleAligned(args)) => style_aligned::run(&args),
         Some(Command::StyleEval(args)) => style_eval::run(&args),
+        Some(Command::AppearanceTransfer(args)) => appearance_transfer::run(&args),
+        Some(Command::AppearanceEval(args)) => appearance_eval::run(&args),
         None => attend::ui::run_editor(
             attend::ui::EditorOptions {
                 prompt: cli.prompt,
