@@ -134,18 +134,29 @@ fn failure(events: &[Event]) -> &str {
 /// The common checks of a finished transfer: the inputs came first, fitted to 64 x 64; every
 /// output step in order; the result's images at 64 x 64 and a correspondence over them.
 fn check_finished(events: &[Event], settings: &AppearanceSettings) {
-    let first = updates(events)[0];
+    let updates = updates(events);
+    let inputs_at = updates
+        .iter()
+        .position(|update| matches!(update, AppearanceUpdate::Inputs { .. }))
+        .expect("the inputs are reported");
+    let first_step = updates
+        .iter()
+        .position(|update| matches!(update, AppearanceUpdate::Step { .. }))
+        .expect("steps are reported");
+    assert!(inputs_at < first_step, "the inputs come before the steps");
     let AppearanceUpdate::Inputs {
         structure,
         appearance,
-    } = first
+    } = updates[inputs_at]
     else {
-        panic!("the inputs come first, got {first:?}");
+        unreachable!("found above");
     };
     assert_eq!((structure.width, structure.height), (64, 64));
     assert_eq!((appearance.width, appearance.height), (64, 64));
     let output_steps = settings.steps - settings.skip_steps();
-    let expected: Vec<(usize, usize)> = (0..output_steps).map(|index| (index, output_steps)).collect();
+    let expected: Vec<(usize, usize)> = (0..output_steps)
+        .map(|index| (index, output_steps))
+        .collect();
     assert_eq!(steps(events), expected);
     let result = result(events);
     for image in [
@@ -219,10 +230,7 @@ fn a_transfer_is_cancelled_between_steps() {
     worker.cancel().unwrap();
     let events = events_until_end(&worker, run_id);
     assert!(
-        matches!(
-            events.last(),
-            Some(Event::Cancelled { steps_done: 3, .. })
-        ),
+        matches!(events.last(), Some(Event::Cancelled { steps_done: 3, .. })),
         "{:?}",
         events.last()
     );
@@ -275,7 +283,7 @@ fn bad_requests_fail_with_the_value_named() {
 fn the_real_engine_transfers_on_the_bundled_model() {
     let mut worker = WorkerHandle::spawn(Arc::clone(&pipeline_engine_factory())).unwrap();
     load_bundled(&worker);
-    let params = transfer(8);
+    let params = transfer(4);
     let run_id = worker.appearance_transfer(params.clone()).unwrap();
     let events = events_until_end(&worker, run_id);
     if let Some(Event::Failed { message, .. }) = events.last() {

@@ -165,12 +165,11 @@ fn judge(pair: &Pair, output: &AppearanceTransferOutput, seconds: f64) -> Verdic
         .zip(&pair.appearance.objects)
         .enumerate()
     {
-        let right = find_object(&labels, width, height, appearance_object.colour).is_some_and(
-            |region| {
+        let right =
+            find_object(&labels, width, height, appearance_object.colour).is_some_and(|region| {
                 region.shape == structure_object.shape
                     && iou(&region.mask, &pair.structure.masks[index]) >= MIN_PLACE_IOU
-            },
-        );
+            });
         verdict.objects_right += usize::from(right);
         let (corresponding, pixels) = correspondence_hits(
             &output.correspondence,
@@ -197,7 +196,11 @@ fn correspondence_hits(
 ) -> (usize, usize) {
     let mut hits = 0;
     let mut pixels = 0;
-    for (index, _) in structure_mask.iter().enumerate().filter(|(_, &inside)| inside) {
+    for (index, _) in structure_mask
+        .iter()
+        .enumerate()
+        .filter(|(_, &inside)| inside)
+    {
         pixels += 1;
         let (y, x) = (index / width, index % width);
         let hit = correspondence
@@ -314,7 +317,11 @@ pub fn run(args: &AppearanceEvalArgs) -> anyhow::Result<()> {
                 pair.appearance.caption,
                 verdict.objects_right,
                 verdict.objects,
-                if verdict.background_right { "right" } else { "wrong" },
+                if verdict.background_right {
+                    "right"
+                } else {
+                    "wrong"
+                },
                 verdict.corresponding_pixels,
                 verdict.object_pixels,
                 seconds

@@ -10,8 +10,7 @@ use attend::analysis::export::{write_atomically, write_png_rgb};
 use attend::analysis::image::{fit_image, read_image, ImageFit, RgbImage};
 use attend::analysis::segment::write_mask_png;
 use attend::attention::appearance_sampling::{
-    AppearanceSettings, AppearanceTransferOutput, AppearanceTransferRequest,
-    AppearanceTransferRun,
+    AppearanceSettings, AppearanceTransferOutput, AppearanceTransferRequest, AppearanceTransferRun,
 };
 use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
