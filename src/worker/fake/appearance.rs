@@ -309,18 +309,18 @@ mod tests {
 
     #[test]
     fn the_output_keeps_the_structures_shape_in_the_appearances_colours() {
-        let structure = picture(32, [200, 200, 200], [200, 30, 30], (0, 0, 16, 16));
+        let structure = picture(32, [200, 200, 200], [200, 30, 30], (8, 8, 24, 24));
         let appearance = picture(32, [20, 20, 90], [40, 200, 40], (16, 16, 32, 32));
         let correspondence = correspondence(&structure, &appearance);
         let output = transferred(&structure, &appearance, &correspondence);
         let at = |image: &RgbImage, y: usize, x: usize| {
             image.pixels[(y * image.width + x) * 3..(y * image.width + x) * 3 + 3].to_vec()
         };
-        // The structure's square (top left) is green, its background dark blue.
-        assert_eq!(at(&output, 4, 4), vec![40, 200, 40]);
+        // The structure's square (in the middle) is green, its background dark blue.
+        assert_eq!(at(&output, 12, 12), vec![40, 200, 40]);
         assert_eq!(at(&output, 28, 28), vec![20, 20, 90]);
         // The square's queries attend inside the appearance's square.
-        let query = correspondence.query_at_pixel(4, 4).unwrap();
+        let query = correspondence.query_at_pixel(12, 12).unwrap();
         let (y, x) = correspondence.top_pixel_for(query).unwrap();
         assert!(y >= 16 && x >= 16, "top match at {y}, {x}");
         let masks = labelled_masks(&structure, "a red square");
