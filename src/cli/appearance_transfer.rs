@@ -14,6 +14,7 @@ use attend::attention::appearance_sampling::{
 };
 use attend::hook::CancelToken;
 use attend::pipeline::model::StableDiffusion;
+use attend::pipeline::PipelineError;
 
 use super::checks::{at_least_one, non_negative, warn_unknown_words, OutDir};
 use super::images::parse_fit;
@@ -93,17 +94,15 @@ impl TransferFlags {
             ..AppearanceSettings::default()
         };
         settings.validate().map_err(|error| {
-            let text = error.to_string();
-            let flag = if text.contains("steps") {
-                "--steps"
-            } else if text.contains("skip") {
-                "--skip"
-            } else if text.contains("contrast") {
-                "--contrast"
-            } else {
-                "--swap-guidance"
+            let flag = match &error {
+                PipelineError::InvalidArgument { name: "steps", .. } => "--steps",
+                PipelineError::InvalidArgument { name: "skip", .. } => "--skip",
+                PipelineError::InvalidArgument {
+                    name: "contrast", ..
+                } => "--contrast",
+                _ => "--swap-guidance",
             };
-            anyhow::anyhow!("{flag}: {text}")
+            anyhow::anyhow!("{flag}: {error}")
         })?;
         Ok(settings)
     }
