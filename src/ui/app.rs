@@ -1192,7 +1192,12 @@ impl EditorApp {
         }
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
             self.state.status.acknowledge();
-            self.generate();
+            if self.state.modes.active() == ModeKind::AppearanceTransfer {
+                let run = appearance::AppearanceCommand::Run;
+                appearance::apply_command(&mut self.state, &mut self.worker, run);
+            } else {
+                self.generate();
+            }
         }
         self.state.update_derived_maps();
         self.request_probe_map();

@@ -238,6 +238,7 @@ fn run_ui(
                 !mode.is_running(),
                 egui::Button::new(egui::RichText::new("Run transfer").strong()),
             )
+            .on_hover_text("Inverts both images, then runs the output step by step (Ctrl+Enter)")
             .clicked()
         {
             push(commands, AppearanceCommand::Run);
