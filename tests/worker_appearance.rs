@@ -9,12 +9,13 @@
 mod worker_common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use attend::worker::{
     pipeline_engine_factory, AppearanceInput, AppearanceResult, AppearanceSettings,
     AppearanceTransferParams, AppearanceUpdate, Event, FakeEngineConfig, RgbImage, WorkerHandle,
 };
-use worker_common::{load_bundled, next_event_of, spawn_fake, spawn_gated};
+use worker_common::{load_bundled, next_event_of, spawn_fake, spawn_gated, TIMEOUT};
 
 /// A `width` x `height` picture of `background` with a `colour` square over the fractions
 /// `(top, left, bottom, right)` of its size.
@@ -65,11 +66,33 @@ fn transfer(steps: usize) -> AppearanceTransferParams {
     }
 }
 
+/// How long the real engine's transfer may go without an event: its preparation (two inversions
+/// and a segmentation) reports nothing, and a loaded machine makes it slow. Only a hang fails.
+const PREPARATION_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The next event of `run_id` (others skipped), waiting up to `timeout` for each.
+fn next_event_within(worker: &WorkerHandle, run_id: u64, timeout: Duration) -> Event {
+    loop {
+        let event = worker
+            .events()
+            .recv_timeout(timeout)
+            .expect("no event from the worker within the timeout");
+        if event.run_id() == Some(run_id) {
+            return event;
+        }
+    }
+}
+
 /// The transfer's events until (and with) the one that ends it.
 fn events_until_end(worker: &WorkerHandle, run_id: u64) -> Vec<Event> {
+    events_until_end_within(worker, run_id, TIMEOUT)
+}
+
+/// [`events_until_end`], waiting up to `timeout` for each event.
+fn events_until_end_within(worker: &WorkerHandle, run_id: u64, timeout: Duration) -> Vec<Event> {
     let mut events = Vec::new();
     loop {
-        let event = next_event_of(worker, run_id);
+        let event = next_event_within(worker, run_id, timeout);
         let end = matches!(
             event,
             Event::Appearance {
@@ -285,7 +308,7 @@ fn the_real_engine_transfers_on_the_bundled_model() {
     load_bundled(&worker);
     let params = transfer(4);
     let run_id = worker.appearance_transfer(params.clone()).unwrap();
-    let events = events_until_end(&worker, run_id);
+    let events = events_until_end_within(&worker, run_id, PREPARATION_TIMEOUT);
     if let Some(Event::Failed { message, .. }) = events.last() {
         panic!("the transfer failed: {message}");
     }
