@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the editor screenshots in screenshots/ from the real window, and measures frame times.
 #
-# Runs `attend --prompt ... --generate` under Xvfb (and once with a real image, ATTEND_IMAGE) (wgpu on lavapipe, Mesa's software Vulkan). The
+# Runs `attend --prompt ... --generate` under Xvfb (and once with a real image, ATTEND_IMAGE, and
+# once in Appearance transfer mode, ATTEND_SCREENSHOT_STRUCTURE / _APPEARANCE) (wgpu on lavapipe, Mesa's software Vulkan). The
 # editor itself captures its window once the run has finished (ATTEND_SCREENSHOT, see
 # src/ui/screenshot.rs `ScreenshotPlan::from_environment`) and quits; ATTEND_FRAME_TIMES logs the build time
 # of every frame, and the p50/p99 summary is printed at exit.
@@ -76,6 +77,24 @@ env ATTEND_SCREENSHOT="$out/real-image-edit.png" ATTEND_FRAME_TIMES="$runtime_di
     ATTEND_IMAGE="$scene_dir/images/0000030.png" \
     ATTEND_SCREENSHOT_EDIT="${scene_caption/circle/star}" \
     timeout 900 "$binary" --prompt "$scene_caption" --seed "$seed" --generate
+
+# Appearance transfer: a drawn scene's layout (seed 3, a black circle bottom right on green) in
+# another scene's look (seed 33, a yellow circle top right on black), both scenes the bundled model
+# never saw; the correspondence probe on the output's circle shows where it attends in the
+# appearance image.
+pair_dir="$runtime_dir/pair"
+"$binary" scenes --count 1 --start 3 --size 64 --out "$pair_dir/structure" >/dev/null
+"$binary" scenes --count 1 --start 33 --size 64 --out "$pair_dir/appearance" >/dev/null
+caption_of() { sed -n 's/.*"caption":"\([^"]*\)".*/\1/p' "$1/scenes.jsonl"; }
+echo "== appearance-transfer"
+env ATTEND_SCREENSHOT="$out/appearance-transfer.png" \
+    ATTEND_FRAME_TIMES="$runtime_dir/appearance-transfer.frame-times.csv" \
+    ATTEND_SCREENSHOT_STRUCTURE="$pair_dir/structure/images/0000003.png" \
+    ATTEND_SCREENSHOT_STRUCTURE_PROMPT="$(caption_of "$pair_dir/structure")" \
+    ATTEND_SCREENSHOT_APPEARANCE="$pair_dir/appearance/images/0000033.png" \
+    ATTEND_SCREENSHOT_APPEARANCE_PROMPT="$(caption_of "$pair_dir/appearance")" \
+    ATTEND_SCREENSHOT_PROBE=0.78,0.68 \
+    timeout 900 "$binary"
 
 for csv in "$runtime_dir"/*.frame-times.csv; do
     sort -n "$csv" | awk -v name="$(basename "$csv")" '

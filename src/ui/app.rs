@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use crate::analysis::heatmap::Heatmap;
 use crate::analysis::png_parameters::PngParameters;
 use crate::analysis::segment::{LabelledSegmentation, Mask, SegmentMethod};
+use crate::ui::appearance::panel::{appearance_panel_ui, appearance_side_panel_ui, mode_switch_ui};
+use crate::ui::appearance::view::{appearance_view_ui, AppearancePane, AppearanceView};
+use crate::ui::appearance::{self, AppearanceTransfer};
 use crate::ui::canvas::{canvas_ui, CanvasState};
 use crate::ui::checks::check_params;
 use crate::ui::command::{UiCommand, UiCommands};
@@ -58,6 +61,8 @@ struct Views {
     image_pane: ImagePane,
     /// Style set mode's grid and word maps.
     style_set: StyleSetView,
+    /// The appearance transfer's panes.
+    appearance: AppearanceView,
 }
 
 /// The editor.
@@ -119,6 +124,7 @@ impl EditorApp {
                 models_menu: ModelsMenu::default(),
                 image_pane: ImagePane::default(),
                 style_set: StyleSetView::default(),
+                appearance: AppearanceView::default(),
             },
             commands: UiCommands::default(),
             worker,
@@ -128,6 +134,14 @@ impl EditorApp {
             egui_ctx: None,
         };
         app.apply_options(options);
+        if let Some(shot) = app
+            .screenshot
+            .as_ref()
+            .and_then(Screenshot::appearance)
+            .cloned()
+        {
+            appearance::prepare_shot(&mut app.state, &shot);
+        }
         if let Some(prompt) = app
             .screenshot
             .as_ref()
@@ -483,6 +497,28 @@ impl EditorApp {
         }
     }
 
+    /// Opens an image file into a slot of the appearance transfer (read on a helper thread); a
+    /// file that cannot be read is an error under the slot and on the status line.
+    pub fn open_appearance_image(&mut self, slot: crate::worker::AppearanceSlot, path: &Path) {
+        let repaint = self.egui_ctx.clone();
+        appearance::open_file(&mut self.state, slot, path, move || {
+            if let Some(ctx) = &repaint {
+                ctx.request_repaint();
+            }
+        });
+    }
+
+    /// A file dropped in appearance transfer mode: onto the slot under the pointer, else the first
+    /// empty slot.
+    fn appearance_dropped(&mut self, ui: &egui::Ui, path: &Path) {
+        let slot = ui
+            .ctx()
+            .input(|input| input.pointer.hover_pos())
+            .and_then(|pos| self.views.appearance.slot_at(pos))
+            .unwrap_or_else(|| self.state.modes.appearance.slot_for_drop());
+        self.open_appearance_image(slot, path);
+    }
+
     /// Takes the answer of the image being read, once it is ready (each frame).
     fn poll_image_reading(&mut self) {
         let was_inverting = self.state.image.is_inverting();
@@ -591,6 +627,19 @@ impl EditorApp {
     /// The image panel's error (red), if any.
     pub fn image_error(&self) -> Option<&str> {
         self.state.image.error.as_deref()
+    }
+
+    // Appearance transfer.
+
+    /// The appearance transfer mode's state (slots, settings, latest transfer, probe).
+    pub fn appearance_transfer(&self) -> &AppearanceTransfer {
+        &self.state.modes.appearance
+    }
+
+    /// Where the appearance transfer's `pane` drew its image last frame (its empty square when it
+    /// has none), in points.
+    pub fn appearance_image_rect(&self, pane: AppearancePane) -> Option<egui::Rect> {
+        self.views.appearance.image_rect(pane)
     }
 
     fn current_run_id(&self) -> Option<u64> {
@@ -971,6 +1020,7 @@ impl EditorApp {
                 self.current_run_id(),
                 self.state.source_params().seed,
             )
+            .or_else(|| appearance::file_name(&self.state, purpose))
             .unwrap_or_else(|| default_file_name(&self.state, purpose));
         (self.state.settings.export_folder.clone(), file_name)
     }
@@ -1041,6 +1091,19 @@ impl EditorApp {
             }
             DialogPurpose::OpenImage => {
                 self.open_image(&path);
+                return;
+            }
+            DialogPurpose::OpenAppearanceImage(slot) => {
+                self.open_appearance_image(slot, &path);
+                return;
+            }
+            DialogPurpose::ExportAppearanceOutput | DialogPurpose::ExportAppearanceAll => {
+                match appearance::export_command(&self.state, &purpose, path) {
+                    Ok(commands) => commands
+                        .into_iter()
+                        .for_each(|command| self.send_export(command)),
+                    Err(warning) => self.status(StatusLevel::Warning, warning),
+                }
                 return;
             }
             DialogPurpose::OpenSession => {
@@ -1182,6 +1245,9 @@ impl EditorApp {
             }
             UiCommand::Image(command) => self.apply_image(command),
             UiCommand::StyleSet(command) => self.apply_style_set(command),
+            UiCommand::Appearance(command) => {
+                appearance::apply_command(state, &mut self.worker, command);
+            }
             UiCommand::ClickSegment { point, add } => {
                 let run_id = state.run.as_ref().map(|run| run.run_id);
                 self.views.segments.click_at(run_id, point, add);
@@ -1197,6 +1263,11 @@ impl EditorApp {
     /// model that was waited for arrived, or loads the bundled model when the model remembered
     /// from the last launch failed.
     fn handle_event(&mut self, event: Event) {
+        let appearance = &mut self.state.modes.appearance;
+        if appearance.takes(&event) {
+            appearance.event(event, &mut self.state.status);
+            return;
+        }
         match route_event(&mut self.state, &mut self.views.segments, event) {
             AfterEvent::Nothing => {}
             AfterEvent::Generate => self.generate(),
@@ -1241,7 +1312,15 @@ impl EditorApp {
             .as_ref()
             .and(self.worker.load_progress());
         if let Some(path) = image_input::dropped_file(ui) {
-            self.open_image(&path);
+            if self.state.modes.active() == ModeKind::AppearanceTransfer {
+                self.appearance_dropped(ui, &path);
+            } else {
+                self.open_image(&path);
+            }
+        }
+        appearance::update(&mut self.state, &mut self.worker);
+        if appearance::is_reading(&self.state) {
+            egui_ctx.request_repaint_after(std::time::Duration::from_millis(50));
         }
         self.poll_image_reading();
         if self.state.image.is_reading() {
@@ -1255,7 +1334,12 @@ impl EditorApp {
         }
         if ui.input_mut(|input| input.consume_key(egui::Modifiers::COMMAND, egui::Key::Enter)) {
             self.state.status.acknowledge();
-            self.generate();
+            if self.state.modes.active() == ModeKind::AppearanceTransfer {
+                let run = appearance::AppearanceCommand::Run;
+                appearance::apply_command(&mut self.state, &mut self.worker, run);
+            } else {
+                self.generate();
+            }
         }
         self.state.update_derived_maps();
         self.request_probe_map();
@@ -1302,6 +1386,10 @@ impl EditorApp {
         } = self;
         let ctx = view_context(state, views, dialogs, screenshot.as_ref());
         panels::menu_bar_ui(&ctx, ui, commands, &mut views.models_menu);
+        if ctx.state.modes.active() == ModeKind::AppearanceTransfer {
+            appearance_layout_ui(&ctx, ui, views, commands);
+            return;
+        }
         if let Some(field) = &mut views.path_field {
             path_field_ui(ui, field, commands);
         }
@@ -1323,6 +1411,7 @@ impl EditorApp {
                 egui::ScrollArea::vertical()
                     .id_salt("attend.controls.scroll")
                     .show(ui, |ui| {
+                        mode_switch_ui(&ctx, ui, commands);
                         panels::controls_ui(&ctx, ui, commands);
                         image_input::image_panel_ui(&ctx, ui, commands);
                         edit_panel_ui(&ctx, ui, &mut views.edit_panel, commands);
@@ -1399,6 +1488,44 @@ impl EditorApp {
     }
 }
 
+/// The appearance transfer mode's layout: its controls (left), exports, masks and probe (right),
+/// progress and status (bottom) around its three panes.
+fn appearance_layout_ui(
+    ctx: &ViewContext<'_>,
+    ui: &mut egui::Ui,
+    views: &mut Views,
+    commands: &mut UiCommands,
+) {
+    egui::Panel::bottom("attend.bottom")
+        .resizable(false)
+        .show(ui, |ui| {
+            ui.add_space(4.0);
+            panels::status_line_ui(ctx, ui, commands);
+        });
+    egui::Panel::left("attend.controls")
+        .resizable(true)
+        .default_size(280.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical()
+                .id_salt("attend.controls.scroll")
+                .show(ui, |ui| {
+                    mode_switch_ui(ctx, ui, commands);
+                    appearance_panel_ui(ctx, ui, commands);
+                });
+        });
+    egui::Panel::right("attend.view")
+        .resizable(true)
+        .default_size(250.0)
+        .show(ui, |ui| {
+            egui::ScrollArea::vertical()
+                .id_salt("attend.view.scroll")
+                .show(ui, |ui| appearance_side_panel_ui(ctx, ui, commands));
+        });
+    egui::CentralPanel::default().show(ui, |ui| {
+        appearance_view_ui(ctx, ui, &mut views.appearance, commands);
+    });
+}
+
 /// What the path field starts with: the folder a dialog would open in, with the proposed file name
 /// for the purposes that write a file.
 fn path_field_start(
@@ -1413,6 +1540,8 @@ fn path_field_start(
         | DialogPurpose::AddModelFolder
         | DialogPurpose::OpenSession
         | DialogPurpose::OpenImage
+        | DialogPurpose::OpenAppearanceImage(_)
+        | DialogPurpose::ExportAppearanceAll
         | DialogPurpose::ExportAllHeatmaps => folder,
         _ => folder.join(file_name),
     };

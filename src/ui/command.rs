@@ -85,6 +85,8 @@ pub(crate) enum UiCommand {
     },
     /// A real image's fit, inversion or closing.
     Image(crate::ui::image_input::ImageCommand),
+    /// A change of the appearance transfer mode (slots, settings, run, probe).
+    Appearance(crate::ui::appearance::AppearanceCommand),
     /// Pick the segment at `point` (`(y, x)` in 0..1 image coordinates) as a canvas click does.
     ClickSegment {
         /// Where.
@@ -112,7 +114,7 @@ impl UiCommand {
                 | Self::ResetEdit
                 | Self::UseMaskAsLocalBlend(_)
                 | Self::Image(_)
-        )
+        ) || matches!(self, Self::Appearance(command) if command.is_user_action())
     }
 }
 

@@ -45,6 +45,13 @@ pub enum DialogPurpose {
     ExportSegmentLabels,
     /// Choose where to save the segments (JSON).
     ExportSegmentsJson,
+    // Appearance transfer.
+    /// Pick an image (PNG, JPEG, WebP) for a slot of the appearance transfer.
+    OpenAppearanceImage(crate::worker::AppearanceSlot),
+    /// Choose where to save the appearance transfer's output (PNG).
+    ExportAppearanceOutput,
+    /// Pick a folder for the appearance transfer's output, reconstructions and masks.
+    ExportAppearanceAll,
 }
 
 impl DialogPurpose {
@@ -65,6 +72,14 @@ impl DialogPurpose {
             Self::ExportSegmentMask => "the PNG to write the segments' mask to",
             Self::ExportSegmentLabels => "the PNG to write the segment labels to",
             Self::ExportSegmentsJson => "the JSON file to write the segments to",
+            Self::OpenAppearanceImage(crate::worker::AppearanceSlot::Structure) => {
+                "the structure image to open"
+            }
+            Self::OpenAppearanceImage(crate::worker::AppearanceSlot::Appearance) => {
+                "the appearance image to open"
+            }
+            Self::ExportAppearanceOutput => "the PNG to write the transfer's output to",
+            Self::ExportAppearanceAll => "the folder to write the transfer's images and masks to",
         }
     }
 }
@@ -203,11 +218,14 @@ fn show_dialog(
         DialogPurpose::ExportAllHeatmaps => dialog
             .set_title("Folder for the word heat maps")
             .pick_folder(),
+        DialogPurpose::ExportAppearanceAll => dialog
+            .set_title("Folder for the transfer's images and masks")
+            .pick_folder(),
         DialogPurpose::OpenSession => dialog
             .set_title("Open session")
             .add_filter("attend session", &["json"])
             .pick_file(),
-        DialogPurpose::OpenImage => dialog
+        DialogPurpose::OpenImage | DialogPurpose::OpenAppearanceImage(_) => dialog
             .set_title("Open image")
             .add_filter("image", &["png", "jpg", "jpeg", "webp"])
             .pick_file(),
@@ -230,7 +248,8 @@ fn show_dialog(
         | DialogPurpose::ExportHeatmapOverImage
         | DialogPurpose::ExportHeatmapAlone
         | DialogPurpose::ExportSegmentMask
-        | DialogPurpose::ExportSegmentLabels => dialog
+        | DialogPurpose::ExportSegmentLabels
+        | DialogPurpose::ExportAppearanceOutput => dialog
             .set_title("Export PNG")
             .add_filter("PNG image", &["png"])
             .set_file_name(file_name)

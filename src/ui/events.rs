@@ -143,8 +143,9 @@ fn run_event(state: &mut AppState, segments: &mut SegmentsState, event: Event) -
         Event::Failed { run_id, message } => state.run_failed(run_id, message),
         Event::Warning { message } => state.status.push(StatusLevel::Warning, message),
         Event::SelfAttention { run_id, map } => state.self_attention_arrived(run_id, map),
-        // (An inversion request that is no longer the image's: its late events are dropped.)
-        Event::InversionProgress { .. } | Event::Inverted { .. } => {}
+        // (An inversion request that is no longer the image's, or an appearance transfer that is
+        // no longer the mode's: their late events are dropped.)
+        Event::InversionProgress { .. } | Event::Inverted { .. } | Event::Appearance { .. } => {}
         Event::Exported { path } => {
             state
                 .status

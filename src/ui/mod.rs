@@ -24,6 +24,7 @@
 //! | `style_set` | style set mode: target prompts, sharing options, the grid filling in live, each image's maps, export of all |
 //! | `image_input` | real images: open / drop, fit, invert with progress, the preview pane, the image in sessions |
 //! | `segments` | the Segments view: state and requests, panel (list, mask, exports), canvas overlay |
+//! | `appearance` | the appearance transfer mode: slots, settings, run, output, masks, correspondence probe, exports |
 //! | `exports` | image / heat map / attention / session exports as worker commands |
 //! | `heatmap_renderer` | the wgpu pipeline behind `shaders/heatmap.wgsl` |
 //! | `screenshot` | `ATTEND_SCREENSHOT` automation: select, probe, capture, quit |
@@ -31,6 +32,7 @@
 //! | `dialogs`, `frame_times` | rfd dialogs on a helper thread (and the path field where none can open); frame build-time log |
 
 mod app;
+mod appearance;
 mod canvas;
 mod checks;
 mod command;
@@ -58,12 +60,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use app::EditorApp;
+pub use appearance::view::AppearancePane;
+pub use appearance::{
+    AppearanceSlotState, AppearanceTransfer, SlotSource, TransferOutcome, TransferRun,
+};
 pub use dialogs::{DialogOverride, DialogPurpose};
 pub use frame_times::FrameTimeSummary;
 pub use image_input::{SessionImage, SessionImageError};
 pub use mode::ModeKind;
 pub use run_view::{RunKey, RunOutcome, RunView};
-pub use screenshot::ScreenshotPlan;
+pub use screenshot::{AppearanceShot, ScreenshotPlan};
 pub use session::{
     CompareMode, EditBranchView, EditSession, Session, SessionError, SESSION_FORMAT,
 };

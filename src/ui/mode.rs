@@ -7,6 +7,7 @@
 //! A mode's state stays while another mode is on, so switching back finds it as it was (and a
 //! session saves an edit prompt even with edit mode off).
 
+use crate::ui::appearance::AppearanceTransfer;
 use crate::ui::edit::EditMode;
 use crate::ui::style_set::StyleSetMode;
 
@@ -20,6 +21,8 @@ pub enum ModeKind {
     Edit,
     /// Style Aligned: a reference and target prompts generated as one set sharing its style.
     StyleSet,
+    /// Appearance transfer: one image's look on another image's shapes (cross-image attention).
+    AppearanceTransfer,
 }
 
 /// Every mode's state.
@@ -29,12 +32,16 @@ pub(crate) struct Modes {
     pub(crate) edit: EditMode,
     /// Style set mode.
     pub(crate) style_set: StyleSetMode,
+    /// Appearance transfer mode.
+    pub(crate) appearance: AppearanceTransfer,
 }
 
 impl Modes {
     /// The mode that is on.
     pub(crate) fn active(&self) -> ModeKind {
-        if self.edit.enabled() {
+        if self.appearance.enabled() {
+            ModeKind::AppearanceTransfer
+        } else if self.edit.enabled() {
             ModeKind::Edit
         } else if self.style_set.enabled() {
             ModeKind::StyleSet
@@ -47,5 +54,7 @@ impl Modes {
     pub(crate) fn set_active(&mut self, kind: ModeKind) {
         self.edit.set_enabled(kind == ModeKind::Edit);
         self.style_set.set_enabled(kind == ModeKind::StyleSet);
+        self.appearance
+            .set_enabled(kind == ModeKind::AppearanceTransfer);
     }
 }

@@ -33,12 +33,43 @@ pub struct ScreenshotPlan {
     /// the screenshot once the set finished with its first target selected
     /// (`ATTEND_SCREENSHOT_STYLE=prompt|prompt|...`).
     pub style_targets: Option<Vec<String>>,
+    /// Run this appearance transfer instead of a generation, and take it once the transfer
+    /// finished (with the probe at [`Self::probe_point`] on its output).
+    pub appearance: Option<AppearanceShot>,
+}
+
+/// An appearance transfer for a screenshot: `ATTEND_SCREENSHOT_STRUCTURE=file`,
+/// `ATTEND_SCREENSHOT_STRUCTURE_PROMPT`, `ATTEND_SCREENSHOT_APPEARANCE=file`,
+/// `ATTEND_SCREENSHOT_APPEARANCE_PROMPT`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppearanceShot {
+    /// The structure image file.
+    pub structure: PathBuf,
+    /// What it shows.
+    pub structure_prompt: String,
+    /// The appearance image file.
+    pub appearance: PathBuf,
+    /// What it shows.
+    pub appearance_prompt: String,
+}
+
+impl AppearanceShot {
+    /// The transfer the environment asks for, if both images are named.
+    fn from_environment() -> Option<Self> {
+        let text = |name: &str| std::env::var(name).unwrap_or_default();
+        Some(Self {
+            structure: PathBuf::from(std::env::var_os("ATTEND_SCREENSHOT_STRUCTURE")?),
+            structure_prompt: text("ATTEND_SCREENSHOT_STRUCTURE_PROMPT"),
+            appearance: PathBuf::from(std::env::var_os("ATTEND_SCREENSHOT_APPEARANCE")?),
+            appearance_prompt: text("ATTEND_SCREENSHOT_APPEARANCE_PROMPT"),
+        })
+    }
 }
 
 impl ScreenshotPlan {
     /// The plan `ATTEND_SCREENSHOT=file.png` asks for (with `ATTEND_SCREENSHOT_WORD`,
-    /// `ATTEND_SCREENSHOT_PROBE=y,x`, `ATTEND_SCREENSHOT_SEGMENTS=y,x`, `ATTEND_SCREENSHOT_EDIT` and
-    /// `ATTEND_SCREENSHOT_AT_STEP`), if it is set.
+    /// `ATTEND_SCREENSHOT_PROBE=y,x`, `ATTEND_SCREENSHOT_SEGMENTS=y,x`, `ATTEND_SCREENSHOT_EDIT`,
+    /// `ATTEND_SCREENSHOT_AT_STEP` and an [`AppearanceShot`]), if it is set.
     pub fn from_environment() -> Option<Self> {
         let point = |name: &str| {
             std::env::var(name).ok().and_then(|text| {
@@ -62,6 +93,7 @@ impl ScreenshotPlan {
                     .filter(|prompt| !prompt.is_empty())
                     .collect()
             }),
+            appearance: AppearanceShot::from_environment(),
         })
     }
 }
@@ -111,6 +143,11 @@ impl Screenshot {
         self.plan.edit_prompt.as_deref()
     }
 
+    /// The appearance transfer the plan runs, if any.
+    pub(crate) fn appearance(&self) -> Option<&AppearanceShot> {
+        self.plan.appearance.as_ref()
+    }
+
     /// One frame of the plan: select, probe, wait, capture, quit.
     pub(crate) fn step(
         &mut self,
@@ -124,6 +161,7 @@ impl Screenshot {
             return;
         }
         let finished = match self.plan.at_step {
+            _ if self.plan.appearance.is_some() => state.modes.appearance.finished(),
             Some(steps) => state
                 .run
                 .as_ref()
@@ -152,7 +190,9 @@ impl Screenshot {
             return;
         }
         // Wait for the self-attention map or the segmentation before counting frames.
-        let probe_pending = state.canvas_view == CanvasView::Probe && state.probe.map.is_none();
+        let probe_pending = self.plan.appearance.is_none()
+            && state.canvas_view == CanvasView::Probe
+            && state.probe.map.is_none();
         let segments_pending = match self.plan.segments_point {
             Some(_) if !watch.segmented => !watch.segmentation_failed,
             Some(point) => {
@@ -185,7 +225,15 @@ impl Screenshot {
                 commands.push(UiCommand::SelectWord(index));
             }
         }
-        if let Some(point) = self.plan.probe_point {
+        if let Some(point) = self
+            .plan
+            .probe_point
+            .filter(|_| self.plan.appearance.is_some())
+        {
+            commands.push(UiCommand::Appearance(
+                crate::ui::appearance::AppearanceCommand::Probe(Some(point)),
+            ));
+        } else if let Some(point) = self.plan.probe_point {
             commands.push(UiCommand::SetCanvasView(CanvasView::Probe));
             commands.push(UiCommand::SetProbePoint(point));
         }

@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::analysis::image::image_difference;
 use crate::analysis::segment::LabelledSegmentation;
 use crate::hook::CancelToken;
+use crate::worker::appearance::{AppearanceResult, AppearanceTransferParams, AppearanceUpdate};
 use crate::worker::error::{Disconnected, EngineError};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{
@@ -88,6 +89,13 @@ pub trait RunObserver {
         step_count: usize,
     ) -> Result<(), Disconnected> {
         let _ = (phase, steps_done, step_count);
+        Ok(())
+    }
+
+    /// An appearance transfer ([`Engine::appearance_transfer`]) reports its inputs, preparation or
+    /// a step (its result is the engine's return value).
+    fn appearance(&mut self, update: AppearanceUpdate) -> Result<(), Disconnected> {
+        let _ = update;
         Ok(())
     }
 }
@@ -239,6 +247,23 @@ pub trait Engine {
         let _ = index;
         Err(EngineError::Unavailable(
             "this engine holds no style set".to_owned(),
+        ))
+    }
+
+    /// Runs an appearance transfer (see [`crate::worker::Command::AppearanceTransfer`]): checks the
+    /// request, generates the inputs that ask for it, fits both images to the model's size, reports
+    /// them ([`AppearanceUpdate::Inputs`]), prepares (inverts) them, then reports every denoising
+    /// step of the output with a preview; checks `cancel` before every step. Engines without
+    /// transfers leave the default, which refuses.
+    fn appearance_transfer(
+        &mut self,
+        params: &AppearanceTransferParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<AppearanceResult, EngineError> {
+        let _ = (params, observer, cancel);
+        Err(EngineError::Unavailable(
+            "this engine cannot run appearance transfers".to_owned(),
         ))
     }
 }

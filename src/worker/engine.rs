@@ -83,6 +83,8 @@ mod edit;
 mod image;
 // Style sets.
 mod style_set;
+// Appearance transfer.
+mod appearance;
 
 /// What the engine keeps of its latest run.
 struct LatestRun {
@@ -311,6 +313,16 @@ impl Engine for PipelineEngine {
 
     fn select_style_image(&mut self, index: usize) -> Result<(), EngineError> {
         self.select_image_of_set(index)
+    }
+
+    // Appearance transfer.
+    fn appearance_transfer(
+        &mut self,
+        params: &crate::worker::appearance::AppearanceTransferParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::appearance::AppearanceResult, EngineError> {
+        self.transfer_appearance(params, observer, cancel)
     }
 }
 

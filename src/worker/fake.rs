@@ -127,6 +127,8 @@ mod image;
 // Style sets.
 mod style_set;
 pub use style_set::FAKE_SET_MAX_PIXELS;
+// Appearance transfer.
+mod appearance;
 
 /// The fake engine. See the module docs.
 pub struct FakeEngine {
@@ -360,6 +362,16 @@ impl Engine for FakeEngine {
 
     fn select_style_image(&mut self, index: usize) -> Result<(), EngineError> {
         self.select_image_of_set(index)
+    }
+
+    // Appearance transfer.
+    fn appearance_transfer(
+        &mut self,
+        params: &crate::worker::appearance::AppearanceTransferParams,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<crate::worker::appearance::AppearanceResult, EngineError> {
+        self.transfer_appearance(params, observer, cancel)
     }
 }
 

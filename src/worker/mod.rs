@@ -13,7 +13,9 @@
 //! | `export` | atomic file writes for exports |
 //! | `segment` | segmenting a finished run for the Segments view; segmentation file exports |
 //! | `style_set` | style sets (Style Aligned): their parameters, checks and output |
+//! | `appearance` | appearance transfer: its request, streamed updates, result and correspondence |
 
+mod appearance;
 mod backend;
 mod engine;
 mod error;
@@ -51,3 +53,9 @@ pub use protocol::{
 pub use protocol::{InversionParams, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS};
 // Style sets.
 pub use style_set::{check_style_set_params, StyleAlignedConfig, StyleSetOutput, StyleSetParams};
+// Appearance transfer.
+pub use appearance::{
+    check_appearance_params, AppearanceInput, AppearanceMasks, AppearanceResult,
+    AppearanceSettings, AppearanceSlot, AppearanceTransferParams, AppearanceUpdate, Correspondence,
+    LabelledMask,
+};

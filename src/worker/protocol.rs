@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use crate::analysis::segment::LabelledSegmentation;
 use crate::analysis::WordSpan;
+use crate::worker::appearance::{AppearanceTransferParams, AppearanceUpdate};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 use crate::worker::segment::{SegmentFileExport, SegmentRequest};
 use crate::worker::style_set::StyleSetParams;
@@ -370,6 +371,16 @@ pub enum Command {
         /// The image.
         index: usize,
     },
+    // Appearance transfer.
+    /// Put the appearance image's look on the structure image's shapes (cross-image attention).
+    /// Answered by [`Event::Appearance`]s (see [`crate::worker::appearance`]), or `Cancelled` /
+    /// `Failed`. Supersedes (cancels) any earlier run, and is cancelled like one.
+    AppearanceTransfer {
+        /// Id of this request, from the same sequence as runs (assigned by the handle).
+        run_id: u64,
+        /// The two images, their prompts and the settings.
+        params: Box<AppearanceTransferParams>,
+    },
 }
 
 /// One PNG to write.
@@ -530,6 +541,15 @@ pub enum Event {
         /// True when the engine held this inversion already and did not invert again.
         cached: bool,
     },
+
+    // Appearance transfer.
+    /// How an appearance transfer goes: its inputs, preparation, steps and result.
+    Appearance {
+        /// The transfer request.
+        run_id: u64,
+        /// What happened.
+        update: AppearanceUpdate,
+    },
 }
 
 impl Event {
@@ -543,7 +563,8 @@ impl Event {
             | Self::SelfAttention { run_id, .. }
             | Self::Segmented { run_id, .. }
             | Self::InversionProgress { run_id, .. }
-            | Self::Inverted { run_id, .. } => Some(*run_id),
+            | Self::Inverted { run_id, .. }
+            | Self::Appearance { run_id, .. } => Some(*run_id),
             Self::Failed { run_id, .. } => *run_id,
             _ => None,
         }

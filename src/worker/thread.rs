@@ -27,6 +27,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::hook::CancelToken;
+use crate::worker::appearance::{AppearanceResult, AppearanceTransferParams, AppearanceUpdate};
 use crate::worker::backend::{Engine, InversionOutput, RunObserver, RunOutput, SelfAttentionQuery};
 use crate::worker::error::{Disconnected, EngineError, SendCommandError};
 use crate::worker::export::{write_png_file, write_text_file};
@@ -216,6 +217,22 @@ impl WorkerHandle {
         let run_id = self.last_run_id + 1;
         self.shared.cancel_up_to(run_id - 1);
         self.send(Command::GenerateStyleSet { run_id, params })?;
+        self.last_run_id = run_id;
+        Ok(run_id)
+    }
+
+    /// Starts an appearance transfer ([`Command::AppearanceTransfer`]), superseding (cancelling)
+    /// any earlier run; [`Self::cancel`] cancels it. Returns the request's run id.
+    pub fn appearance_transfer(
+        &mut self,
+        params: AppearanceTransferParams,
+    ) -> Result<u64, SendCommandError> {
+        let run_id = self.last_run_id + 1;
+        self.shared.cancel_up_to(run_id - 1);
+        self.send(Command::AppearanceTransfer {
+            run_id,
+            params: Box::new(params),
+        })?;
         self.last_run_id = run_id;
         Ok(run_id)
     }
@@ -448,6 +465,10 @@ fn serve(
                     })?;
                 }
             }
+            Command::AppearanceTransfer { run_id, params } => {
+                let request = RunRequest::Appearance(&params);
+                run(state, run_id, request, commands, outbox)?;
+            }
             Command::Cancel => {}
             Command::RequestSelfAttention {
                 run_id,
@@ -618,6 +639,8 @@ enum RunRequest<'a> {
     Invert(&'a RgbImage, &'a InversionParams),
     /// [`Command::GenerateStyleSet`].
     StyleSet(&'a StyleSetParams),
+    /// [`Command::AppearanceTransfer`].
+    Appearance(&'a AppearanceTransferParams),
 }
 
 /// Runs a [`Command::Generate`] or [`Command::GenerateEdit`] under a fresh cancel token and reports
@@ -658,6 +681,10 @@ fn run(
             .engine
             .generate_style_set(params, &mut observer, &cancel)
             .map(RunEnd::StyleSet),
+        RunRequest::Appearance(params) => state
+            .engine
+            .appearance_transfer(params, &mut observer, &cancel)
+            .map(|result| RunEnd::Appearance(Box::new(result))),
     };
     let WorkerObserver {
         source_started,
@@ -666,6 +693,7 @@ fn run(
         source_finished,
         branch_started_at,
         inversion_steps,
+        appearance_steps,
         ..
     } = observer;
     state.active_run = None;
@@ -723,10 +751,14 @@ fn run(
             }
             Ok(())
         }
+        Ok(RunEnd::Appearance(result)) => outbox.emit(Event::Appearance {
+            run_id,
+            update: AppearanceUpdate::Finished(result),
+        }),
         Err(EngineError::Disconnected(disconnected)) => Err(disconnected),
         Err(error) if error.is_cancelled() => outbox.emit(Event::Cancelled {
             run_id,
-            steps_done: source_steps + edited_steps + inversion_steps,
+            steps_done: source_steps + edited_steps + inversion_steps + appearance_steps,
         }),
         Err(error) => outbox.emit(Event::Failed {
             run_id: Some(run_id),
@@ -745,6 +777,8 @@ enum RunEnd {
     Inverted(InversionOutput),
     /// A style set's images.
     StyleSet(StyleSetOutput),
+    /// An appearance transfer's result.
+    Appearance(Box<AppearanceResult>),
 }
 
 /// Forwards a run's progress as events and, between steps, takes commands off the channel.
@@ -768,6 +802,8 @@ struct WorkerObserver<'a> {
     self_attention_query: Option<SelfAttentionQuery>,
     /// Inversion steps reported so far (all phases).
     inversion_steps: usize,
+    /// Appearance transfer steps reported so far.
+    appearance_steps: usize,
 }
 
 impl<'a> WorkerObserver<'a> {
@@ -789,6 +825,7 @@ impl<'a> WorkerObserver<'a> {
             source_finished: false,
             self_attention_query: None,
             inversion_steps: 0,
+            appearance_steps: 0,
         }
     }
 
@@ -933,6 +970,17 @@ impl RunObserver for WorkerObserver<'_> {
             steps_done,
             step_count,
             elapsed_secs: self.branch_started_at.elapsed().as_secs_f64(),
+        })?;
+        self.drain_commands()
+    }
+
+    fn appearance(&mut self, update: AppearanceUpdate) -> Result<(), Disconnected> {
+        if matches!(update, AppearanceUpdate::Step { .. }) {
+            self.appearance_steps += 1;
+        }
+        self.outbox.emit(Event::Appearance {
+            run_id: self.run_id,
+            update,
         })?;
         self.drain_commands()
     }
