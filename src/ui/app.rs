@@ -709,7 +709,7 @@ impl EditorApp {
             Ok(None)
         };
         let checked = check_params(&reference, self.size_multiple())
-            .and_then(|()| reference_image)
+            .and(reference_image)
             .and_then(|image| self.state.modes.style_set.params_to_send(reference, image));
         let params = match checked {
             Ok(params) => params,
