@@ -3,13 +3,13 @@
 # loaded as fp32): one call with a CFG batch of 2, 64x64 pixels, attend with attention capture on,
 # both on 2 threads, alternating in the same run, several rounds; prints each round's ratio and the
 # load average. Needs a release build and python with torch + diffusers.
-# Usage: scripts/bench_bundled_ab.sh [path/to/attend] [rounds] [python]
+# Usage: [ITERS=10] scripts/bench_bundled_ab.sh [path/to/attend] [rounds] [python]
 set -u
 cd "$(dirname "$0")/.."
 attend=${1:-target/release/attend}
 rounds=${2:-5}
 python=${3:-python3}
-iters=10
+iters=${ITERS:-10}
 ratios=()
 for round in $(seq "$rounds"); do
   ours=$(RAYON_NUM_THREADS=2 "$attend" bench unet --model assets/attend-shapes --width 64 --height 64 \

@@ -4,14 +4,13 @@
 //!
 //! A layer of its own below the pipeline, the attention hook and the processors: the UNet, the VAE
 //! and the attention store all call it, and it imports nothing else of attend (only candle, std,
-//! `gemm`, `pulp` and `rayon`). The kernels are candle custom ops over `CpuStorage` (or work on the
+//! `gemm` and `pulp`). The kernels are candle custom ops over `CpuStorage` (or work on the
 //! contiguous f32 values of CPU tensors), so they run on the CPU device only. Large tensors are
-//! split over the machine's cores (the calling thread and a pool of named helper threads); small
-//! ones run inline.
+//! split over the machine's cores with scoped (named) threads; small ones run inline.
 //!
 //! | file | what it is |
 //! |---|---|
-//! | `threads.rs` | worker count, the shared queue drained by the calling thread and the helper pool, cutting work into ranges, chunks and row blocks |
+//! | `threads.rs` | worker count, the shared queue drained by named scoped threads, cutting work into ranges, chunks and row blocks |
 //! | `buffers.rs` | output vectors the workers initialise piece by piece (zeroed by their worker, or checked after a product) |
 //! | `operands.rs` | reading a tensor's CPU storage: contiguous slices, f32 operands |
 //! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |

@@ -1,6 +1,6 @@
-//! Spreading a kernel over the cores: the worker count, a shared queue drained by the calling
-//! thread and a pool of long-lived helper threads, and the ways work is cut (ranges of units,
-//! mutable chunks, row blocks inside groups). Small work runs inline on the calling thread.
+//! Spreading a kernel over the cores: the worker count, a shared queue drained by named scoped
+//! threads, and the ways work is cut (ranges of units, mutable chunks, row blocks inside groups).
+//! Small work runs inline on the calling thread.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -17,36 +17,15 @@ pub(super) fn worker_count() -> usize {
     *COUNT.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
-/// The helper threads of [`run_queue`]: `worker_count() - 1` long-lived threads (the calling
-/// thread is the last worker), started on first use; `None` on one core or when no thread could
-/// be started. Starting threads for every kernel call cost about as much as the work of the
-/// small products of a small UNet; a pool hands work over with a wake-up instead.
-fn helper_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let helpers = worker_count().saturating_sub(1);
-        if helpers == 0 {
-            return None;
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(helpers)
-            .thread_name(|index| format!("attend-kernel-{index}"))
-            .build()
-            .ok()
-    })
-    .as_ref()
-}
-
 /// Runs `work` on every item of `items`, spread over up to `worker_count()` threads (the calling
-/// thread and the helper pool's threads) that take items from a shared queue; when the helpers
-/// are busy or slow to wake, the calling thread simply takes their share.
+/// thread included) that take items from a shared queue; if a thread cannot be started, the others
+/// simply take its share.
 pub(super) fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
     let workers = worker_count().min(items.len());
-    let pool = helper_pool().filter(|_| workers > 1);
-    let Some(pool) = pool else {
+    if workers <= 1 {
         items.into_iter().for_each(work);
         return;
-    };
+    }
     let queue = std::sync::Mutex::new(items);
     let next = || {
         queue
@@ -59,13 +38,22 @@ pub(super) fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
             work(item);
         }
     };
-    // A panic in any worker resumes on the calling thread when the scope ends.
-    pool.in_place_scope(|scope| {
+    std::thread::scope(|scope| {
         let drain = &drain;
-        for _ in 1..workers {
-            scope.spawn(move |_| drain());
-        }
+        let handles: Vec<_> = (1..workers)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("attend-kernel".to_string())
+                    .spawn_scoped(scope, drain)
+                    .ok()
+            })
+            .collect();
         drain();
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
     });
 }
 
