@@ -93,6 +93,7 @@ env ATTEND_SCREENSHOT="$out/appearance-transfer.png" \
     ATTEND_SCREENSHOT_STRUCTURE_PROMPT="$(caption_of "$pair_dir/structure")" \
     ATTEND_SCREENSHOT_APPEARANCE="$pair_dir/appearance/images/0000033.png" \
     ATTEND_SCREENSHOT_APPEARANCE_PROMPT="$(caption_of "$pair_dir/appearance")" \
+    ATTEND_SCREENSHOT_APPEARANCE_STEPS="${ATTEND_SCREENSHOT_APPEARANCE_STEPS:-20}" \
     ATTEND_SCREENSHOT_PROBE=0.78,0.68 \
     timeout 900 "$binary"
 

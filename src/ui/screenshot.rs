@@ -40,7 +40,8 @@ pub struct ScreenshotPlan {
 
 /// An appearance transfer for a screenshot: `ATTEND_SCREENSHOT_STRUCTURE=file`,
 /// `ATTEND_SCREENSHOT_STRUCTURE_PROMPT`, `ATTEND_SCREENSHOT_APPEARANCE=file`,
-/// `ATTEND_SCREENSHOT_APPEARANCE_PROMPT`.
+/// `ATTEND_SCREENSHOT_APPEARANCE_PROMPT`, and `ATTEND_SCREENSHOT_APPEARANCE_STEPS` (the
+/// transfer's default when unset).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppearanceShot {
     /// The structure image file.
@@ -51,6 +52,8 @@ pub struct AppearanceShot {
     pub appearance: PathBuf,
     /// What it shows.
     pub appearance_prompt: String,
+    /// The transfer's steps; `None` keeps the default.
+    pub steps: Option<usize>,
 }
 
 impl AppearanceShot {
@@ -62,6 +65,10 @@ impl AppearanceShot {
             structure_prompt: text("ATTEND_SCREENSHOT_STRUCTURE_PROMPT"),
             appearance: PathBuf::from(std::env::var_os("ATTEND_SCREENSHOT_APPEARANCE")?),
             appearance_prompt: text("ATTEND_SCREENSHOT_APPEARANCE_PROMPT"),
+            steps: text("ATTEND_SCREENSHOT_APPEARANCE_STEPS")
+                .trim()
+                .parse()
+                .ok(),
         })
     }
 }

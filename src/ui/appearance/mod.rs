@@ -616,6 +616,9 @@ pub(crate) fn prepare_shot(state: &mut AppState, shot: &crate::ui::screenshot::A
             .prompt
             .clone_from(prompt);
     }
+    if let Some(steps) = shot.steps {
+        state.modes.appearance.settings.steps = steps;
+    }
     state.modes.appearance.run_when_ready = true;
 }
 

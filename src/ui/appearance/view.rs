@@ -332,7 +332,7 @@ fn caption(mode: &AppearanceTransfer, pane: AppearancePane) -> String {
     match pane {
         AppearancePane::Structure => "Structure (shapes and places)".to_owned(),
         AppearancePane::Appearance if mode.probe_result().is_some() && !mode.masks_shown() => {
-            "Appearance: where the probed pixel attends".to_owned()
+            "Appearance: where it attends".to_owned()
         }
         AppearancePane::Appearance => "Appearance (colours and textures)".to_owned(),
         AppearancePane::Output => match mode.run() {
