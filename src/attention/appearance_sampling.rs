@@ -96,7 +96,7 @@ impl StepFractionRange {
 /// of the steps.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppearanceSettings {
-    /// Steps of the inversions and of the run (the reference: 100). Default 50.
+    /// Steps of the inversions and of the run (the reference: 100). Default 32.
     pub steps: usize,
     /// Steps skipped before the output starts, as a fraction (the reference: 32 of 100).
     pub skip_fraction: f64,
@@ -130,7 +130,9 @@ pub struct AppearanceSettings {
 impl Default for AppearanceSettings {
     fn default() -> Self {
         Self {
-            steps: 50,
+            // 32 rather than the reference's 100: measured fully right on drawn pairs at 32 and at
+            // 50 steps, and 32 keeps a transfer on the bundled model under 30 s on two cores.
+            steps: 32,
             skip_fraction: 0.32,
             contrast: 1.67,
             swap_guidance_start: 3.5,
