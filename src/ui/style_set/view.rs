@@ -226,14 +226,26 @@ pub(crate) fn style_set_grid_ui(
                 column.weak("(no steps yet)");
                 continue;
             };
-            column.horizontal_wrapped(|ui| {
-                for (word, texture) in &maps.textures {
-                    ui.vertical(|ui| {
-                        ui.image((texture.id(), egui::vec2(WORD_MAP_SIZE, WORD_MAP_SIZE)));
-                        ui.small(word);
-                    });
-                }
-            });
+            // Rows of as many maps as the column holds (nested vertical layouts do not wrap in a
+            // wrapped row, so a long prompt's maps would run into the other column).
+            let gap = column.spacing().item_spacing.x;
+            let per_row = ((column.available_width() + gap) / (WORD_MAP_SIZE + gap)).floor();
+            let per_row = (per_row as usize).max(1);
+            for row in maps.textures.chunks(per_row) {
+                column.horizontal(|ui| {
+                    for (word, texture) in row {
+                        ui.allocate_ui(egui::vec2(WORD_MAP_SIZE, WORD_MAP_SIZE + 16.0), |ui| {
+                            ui.vertical(|ui| {
+                                ui.set_max_width(WORD_MAP_SIZE);
+                                ui.image((texture.id(), egui::vec2(WORD_MAP_SIZE, WORD_MAP_SIZE)));
+                                ui.add(
+                                    egui::Label::new(egui::RichText::new(word).small()).truncate(),
+                                );
+                            });
+                        });
+                    }
+                });
+            }
         }
     });
     ui.separator();
