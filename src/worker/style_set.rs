@@ -140,6 +140,37 @@ pub fn check_style_set_params(params: &StyleSetParams) -> Result<(), EngineError
     Ok(())
 }
 
+/// Makes image `index` of a held set the engine's latest run: the latest run's maps go back into
+/// the slot of the image selected so far (`selected`), image `index`'s maps come out of theirs.
+/// Shared by the real and the fake engine, which hold different maps (`T`).
+pub(crate) fn swap_in_set_image<T>(
+    images: &mut [Option<T>],
+    selected: &mut usize,
+    latest_run: &mut Option<T>,
+    index: usize,
+) -> Result<(), EngineError> {
+    if index >= images.len() {
+        return Err(EngineError::InvalidArgument {
+            name: "style set image",
+            reason: format!(
+                "{index} is not an image of the set (it has {})",
+                images.len()
+            ),
+        });
+    }
+    if index == *selected {
+        return Ok(());
+    }
+    let Some(chosen) = images[index].take() else {
+        return Err(EngineError::Unavailable(format!(
+            "the maps of image {index} are missing"
+        )));
+    };
+    images[*selected] = latest_run.replace(chosen);
+    *selected = index;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

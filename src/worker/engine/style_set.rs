@@ -24,7 +24,9 @@ use crate::worker::engine::{
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{Branch, PromptInfo, StepTiming};
-use crate::worker::style_set::{check_style_set_params, StyleSetOutput, StyleSetParams};
+use crate::worker::style_set::{
+    check_style_set_params, swap_in_set_image, StyleSetOutput, StyleSetParams,
+};
 
 /// Every image's attention of the latest style set. The selected image's record is the engine's
 /// latest run (its slot here is empty); selecting another swaps them.
@@ -172,26 +174,12 @@ impl PipelineEngine {
                 "no style set has been generated".to_owned(),
             ));
         };
-        if index >= record.images.len() {
-            return Err(EngineError::InvalidArgument {
-                name: "style set image",
-                reason: format!(
-                    "{index} is not an image of the set (it has {})",
-                    record.images.len()
-                ),
-            });
-        }
-        if index == record.selected {
-            return Ok(());
-        }
-        let Some(chosen) = record.images[index].take() else {
-            return Err(EngineError::Unavailable(format!(
-                "the maps of image {index} are missing"
-            )));
-        };
-        record.images[record.selected] = self.latest_run.replace(chosen);
-        record.selected = index;
-        Ok(())
+        swap_in_set_image(
+            &mut record.images,
+            &mut record.selected,
+            &mut self.latest_run,
+            index,
+        )
     }
 }
 

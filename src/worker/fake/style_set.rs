@@ -17,7 +17,9 @@ use crate::worker::fake::{
 };
 use crate::worker::plain::{CrossGroup, RgbImage, StepCross};
 use crate::worker::protocol::{Branch, StepFrame, StepTiming};
-use crate::worker::style_set::{check_style_set_params, StyleSetOutput, StyleSetParams};
+use crate::worker::style_set::{
+    check_style_set_params, swap_in_set_image, StyleSetOutput, StyleSetParams,
+};
 
 /// The most pixels a fake set may hold (all images together): eight 256 x 256 images.
 pub const FAKE_SET_MAX_PIXELS: usize = 8 * 256 * 256;
@@ -197,25 +199,11 @@ impl FakeEngine {
                 "no style set has been generated".to_owned(),
             ));
         };
-        if index >= set.images.len() {
-            return Err(EngineError::InvalidArgument {
-                name: "style set image",
-                reason: format!(
-                    "{index} is not an image of the set (it has {})",
-                    set.images.len()
-                ),
-            });
-        }
-        if index == set.selected {
-            return Ok(());
-        }
-        let Some(chosen) = set.images[index].take() else {
-            return Err(EngineError::Unavailable(format!(
-                "the maps of image {index} are missing"
-            )));
-        };
-        set.images[set.selected] = self.latest_run.replace(chosen);
-        set.selected = index;
-        Ok(())
+        swap_in_set_image(
+            &mut set.images,
+            &mut set.selected,
+            &mut self.latest_run,
+            index,
+        )
     }
 }
