@@ -779,16 +779,17 @@ pub struct InvertedSource {
     pub source: GenerateOutput,
     /// The source branch's recording, as [`record_source`] of `request` makes it.
     pub recording: Arc<SourceRecording>,
-    /// True when the inversion's own guided pass was the source branch (the exact methods,
-    /// `direct` and `ddpm`), false when the source ran separately after the inversion.
+    /// True when the inversion's own pass was the source branch (the exact methods, `direct` and
+    /// `ddpm`), false when the source ran separately after the inversion.
     pub recorded_while_inverting: bool,
 }
 
 /// Inverts `image` with `inversion` and records the source branch of later edits: for the exact
-/// methods (`direct`, `ddpm`) the inversion's guided pass down from `z*_T` feeds the UNet the
-/// very latents the replay's source row would (same embeddings, batch layout, guidance), so the
+/// methods (`direct`, `ddpm`) the inversion's pass down from `z*_T` feeds the UNet the very
+/// latents the replay's source row would (same embeddings, batch layout, guidance), so the
 /// recorder rides on that pass ([`invert_observed`]) and no separate source run is made: one UNet
-/// pass fewer per edit, with a recording and source latents bit-identical to [`record_source`]'s.
+/// pass fewer per edit (for `direct` a pass of the prompt's half alone), with a recording and
+/// source latents bit-identical to [`record_source`]'s.
 /// Other methods invert, then run [`record_source`].
 ///
 /// `request` is the replay's template: its prompt must be the inversion's prompt and its size

@@ -222,8 +222,12 @@ pub struct ModelArgs {
     /// Model folder in diffusers layout (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
     /// vae/) or a single-file SD 1.x/2.x checkpoint (.safetensors, LDM / A1111 layout). Default: the
     /// bundled model.
-    #[arg(long = "model", value_name = "PATH")]
+    #[arg(long = "model", value_name = "PATH", conflicts_with = "random_weights")]
     pub dir: Option<PathBuf>,
+    /// For timing only: a model with the shapes of a manifest (`configs.text_encoder`, `.unet`,
+    /// `.vae`, as tests/fixtures/manifests/sd15.json) and made-up weights; its images are noise.
+    #[arg(long, value_name = "MANIFEST")]
+    pub random_weights: Option<PathBuf>,
     /// Prefer the `.fp16.safetensors` weights when a folder has both.
     #[arg(long)]
     pub fp16_weights: bool,
@@ -262,6 +266,19 @@ pub fn check_model_dir(path: &std::path::Path) -> anyhow::Result<()> {
 /// Loads the chosen model (the bundled one by default), with a clear message when it is missing.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::StableDiffusion> {
     use anyhow::Context as _;
+    if let Some(manifest) = &args.random_weights {
+        let options = attend::pipeline::model::LoadOptions {
+            prediction_type: args.prediction_type,
+            ..attend::pipeline::model::LoadOptions::default()
+        };
+        let model =
+            attend::pipeline::model::StableDiffusion::with_random_weights(manifest, &options, 0)
+                .with_context(|| format!("cannot build a model from {}", manifest.display()))?;
+        for warning in model.load_warnings() {
+            eprintln!("warning: {warning}");
+        }
+        return Ok(model);
+    }
     let dir = match &args.dir {
         Some(dir) => {
             check_model_dir(dir)?;

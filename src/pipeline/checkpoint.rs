@@ -856,25 +856,7 @@ impl CheckpointConfigs {
             layer_norm_eps: 1e-5,
         };
 
-        let scheduler_json = serde_json::json!({
-            "_class_name": "DDIMScheduler",
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": false,
-            "set_alpha_to_one": false,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "prediction_type": prediction_type_name(prediction),
-        });
-        let scheduler =
-            SchedulerConfig::from_json_str(&scheduler_json.to_string()).map_err(|err| {
-                PipelineError::BadConfig {
-                    path: path.to_path_buf(),
-                    reason: format!("SD scheduler defaults: {err:?}"),
-                }
-            })?;
+        let scheduler = sd_scheduler_config(prediction, path)?;
         Ok(Self {
             family,
             unet: unet_config,
@@ -884,6 +866,32 @@ impl CheckpointConfigs {
             pad_token: family.pad_token().to_string(),
         })
     }
+}
+
+/// Stable Diffusion's own scheduler settings (DDIM, scaled-linear betas 0.00085..0.012, leading
+/// spacing, offset 1) with `prediction`; `path` names the model in an error.
+pub fn sd_scheduler_config(
+    prediction: PredictionType,
+    path: &Path,
+) -> PipelineResult<SchedulerConfig> {
+    let scheduler_json = serde_json::json!({
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": false,
+        "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "prediction_type": prediction_type_name(prediction),
+    });
+    SchedulerConfig::from_json_str(&scheduler_json.to_string()).map_err(|err| {
+        PipelineError::BadConfig {
+            path: path.to_path_buf(),
+            reason: format!("SD scheduler defaults: {err:?}"),
+        }
+    })
 }
 
 /// An opened single-file checkpoint: its checked header, renamed layout and inferred configs.

@@ -87,6 +87,11 @@ impl ClipTextConfig {
         let text = std::fs::read_to_string(path).map_err(|error| bad_file(error.to_string()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|error| bad_file(error.to_string()))?;
+        Self::from_json_value(json, path)
+    }
+
+    /// Checks and converts the JSON of a text encoder config; `path` is only used in errors.
+    pub fn from_json_value(json: serde_json::Value, path: &Path) -> PipelineResult<Self> {
         let bad_config = |reason: String| PipelineError::BadConfig {
             path: path.to_path_buf(),
             reason,

@@ -26,7 +26,7 @@ use crate::pipeline::scheduler::{PredictionType, SchedulerConfig};
 use crate::pipeline::tokenizer::PromptTokenizer;
 use crate::pipeline::unet::{Unet, UnetConfig};
 use crate::pipeline::vae::{AutoencoderKl, VaeConfig};
-use crate::pipeline::weights::{WeightFiles, WeightVariant};
+use crate::pipeline::weights::{RandomWeights, WeightFiles, WeightVariant};
 use crate::pipeline::{PipelineError, PipelineResult};
 
 /// How to load a model folder.
@@ -317,6 +317,77 @@ impl StableDiffusion {
             edit_defaults: EditDefaults::default(),
         };
         model.check_components_fit(path)?;
+        Ok(model)
+    }
+
+    /// A model with the shapes of a manifest (`{"configs": {"text_encoder", "unet", "vae"}}`, as
+    /// `tests/fixtures/manifests/sd15.json`) and made-up weights ([`RandomWeights`] from `seed`),
+    /// Stable Diffusion's scheduler and the bundled CLIP tokenizer. Its images are noise: it exists
+    /// to time full-size models where no checkpoint is on disk.
+    pub fn with_random_weights(
+        manifest: &Path,
+        options: &LoadOptions,
+        seed: u64,
+    ) -> PipelineResult<Self> {
+        Self::check_options(options)?;
+        let bad_file = |reason: String| PipelineError::BadFile {
+            path: manifest.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(manifest).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                PipelineError::Missing {
+                    what: "model manifest",
+                    path: manifest.to_path_buf(),
+                }
+            } else {
+                bad_file(error.to_string())
+            }
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| bad_file(error.to_string()))?;
+        let config = |name: &str| {
+            json.pointer(&format!("/configs/{name}"))
+                .cloned()
+                .ok_or_else(|| bad_file(format!("no `configs.{name}` object")))
+        };
+        let text_encoder_config =
+            ClipTextConfig::from_json_value(config("text_encoder")?, manifest)?;
+        let unet_config = UnetConfig::from_json(&config("unet")?.to_string(), manifest)?;
+        let vae_config = VaeConfig::from_json(&config("vae")?.to_string(), manifest)?;
+        let family = if text_encoder_config.hidden_size == 1024 {
+            checkpoint::ModelFamily::Sd2
+        } else {
+            checkpoint::ModelFamily::Sd1
+        };
+        let prediction = options.prediction_type.unwrap_or(PredictionType::Epsilon);
+        let scheduler_config = checkpoint::sd_scheduler_config(prediction, manifest)?;
+        let var_builder = || RandomWeights::new(seed).var_builder(options.dtype, &options.device);
+        let model = Self {
+            name: format!(
+                "{} (random weights)",
+                manifest.file_stem().map_or_else(
+                    || model_name(manifest),
+                    |stem| stem.to_string_lossy().into_owned()
+                )
+            ),
+            dir: manifest.to_path_buf(),
+            tokenizer: PromptTokenizer::bundled_clip(family.pad_token())?,
+            text_encoder: ClipTextEncoder::new(var_builder(), &text_encoder_config)?,
+            text_encoder_config,
+            unet: Unet::new(var_builder(), &unet_config)?,
+            vae: Some(AutoencoderKl::new(var_builder(), &vae_config)?),
+            vae_config: Some(vae_config),
+            scheduler_config,
+            dtype: options.dtype,
+            device: options.device.clone(),
+            warnings: vec![format!(
+                "{}: random weights with the manifest's shapes (for timing only; images are noise)",
+                manifest.display()
+            )],
+            edit_defaults: EditDefaults::default(),
+        };
+        model.check_components_fit(manifest)?;
         Ok(model)
     }
 
@@ -660,5 +731,81 @@ mod tests {
             assert!(message.contains("_attend_edit_defaults"), "{message}");
             assert!(message.contains(expected), "{message}");
         }
+    }
+
+    /// A manifest of tiny-sd1's configs, in a temp folder.
+    use candle_core::Tensor;
+
+    fn tiny_manifest(configs: serde_json::Value) -> (tempfile::TempDir, PathBuf) {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("tiny.json");
+        std::fs::write(&path, serde_json::json!({ "configs": configs }).to_string()).unwrap();
+        (temp, path)
+    }
+
+    fn tiny_sd1_config(component: &str) -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-sd1")
+            .join(component)
+            .join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn random_weights_build_a_model_of_the_manifest_shapes() {
+        let (_temp, path) = tiny_manifest(serde_json::json!({
+            "text_encoder": tiny_sd1_config("text_encoder"),
+            "unet": tiny_sd1_config("unet"),
+            "vae": tiny_sd1_config("vae"),
+        }));
+        let model =
+            StableDiffusion::with_random_weights(&path, &LoadOptions::default(), 0).unwrap();
+        assert_eq!(model.name(), "tiny (random weights)");
+        assert_eq!(
+            model.unet.config().block_out_channels,
+            tiny_sd1_config("unet")["block_out_channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|width| width.as_u64().unwrap() as usize)
+                .collect::<Vec<_>>()
+        );
+        assert!(model.vae.is_some());
+        assert_eq!(model.load_warnings().len(), 1);
+        // Same seed, same weights: the text encoder gives the same embedding.
+        let again =
+            StableDiffusion::with_random_weights(&path, &LoadOptions::default(), 0).unwrap();
+        let ids = Tensor::new(&[[49406u32, 320, 49407]], &Device::Cpu).unwrap();
+        let first = model.text_encoder.forward(&ids).unwrap();
+        let second = again.text_encoder.forward(&ids).unwrap();
+        let difference: f32 = (first - second)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(difference, 0.0);
+    }
+
+    #[test]
+    fn a_bad_manifest_names_the_file_and_the_missing_part() {
+        let (_temp, path) = tiny_manifest(serde_json::json!({
+            "text_encoder": tiny_sd1_config("text_encoder"),
+            "vae": tiny_sd1_config("vae"),
+        }));
+        let message = StableDiffusion::with_random_weights(&path, &LoadOptions::default(), 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("tiny.json"), "{message}");
+        assert!(message.contains("configs.unet"), "{message}");
+        let missing = path.with_file_name("absent.json");
+        let message = StableDiffusion::with_random_weights(&missing, &LoadOptions::default(), 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains("absent.json"), "{message}");
     }
 }

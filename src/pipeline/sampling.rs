@@ -73,6 +73,19 @@ impl GenerateRequest {
     pub fn uses_guidance(&self) -> bool {
         self.guidance > 1.0
     }
+
+    /// True when a plain run of this request (the source row alone) needs the unconditional half:
+    /// not when it replays a `direct` inversion, whose source row lands on the inverted trajectory
+    /// whatever the UNet predicts, so only the prompt's half (its attention) is computed.
+    pub fn source_row_uses_guidance(&self) -> bool {
+        self.uses_guidance()
+            && !self.inversion.as_ref().is_some_and(|inversion| {
+                matches!(
+                    inversion.correction,
+                    crate::pipeline::inversion::ReplayCorrection::SourceFollowsTrajectory
+                )
+            })
+    }
 }
 
 pub use crate::analysis::image::RgbImage;
@@ -285,7 +298,7 @@ pub struct Sampler<'model> {
 impl<'model> Sampler<'model> {
     /// Encodes the prompts and draws the initial noise of `run`.
     pub fn new(model: &'model StableDiffusion, mut run: PreparedRun) -> PipelineResult<Self> {
-        let guided = run.request.uses_guidance();
+        let guided = run.request.source_row_uses_guidance();
         let text_embeddings =
             encode_prompt_batch(model, &[&run.prompt_tokens], &run.negative_tokens, guided)?;
         let row = match &run.request.inversion {
@@ -341,7 +354,7 @@ impl<'model> Sampler<'model> {
             step_count: self.run.step_count(),
             timestep,
             guidance: self.run.request.guidance,
-            guided: self.run.request.uses_guidance(),
+            guided: self.run.request.source_row_uses_guidance(),
             cancel: self.cancel.clone(),
             unconditional: replay_unconditional(&self.run.request, step_index)?,
         };

@@ -16,9 +16,8 @@ use crate::pipeline::{PipelineError, PipelineResult};
 /// The name of the correction's tensor in the file, if the method has one.
 fn correction_tensor_name(method: InversionMethod) -> Option<&'static str> {
     match method {
-        InversionMethod::Ddim | InversionMethod::NegativePrompt => None,
+        InversionMethod::Ddim | InversionMethod::NegativePrompt | InversionMethod::Direct => None,
         InversionMethod::NullText => Some("unconditional_embeddings"),
-        InversionMethod::Direct => Some("latent_offsets"),
         InversionMethod::Ddpm => Some("noise_maps"),
     }
 }
@@ -35,10 +34,10 @@ pub(super) fn save(inversion: &Inversion, path: &Path) -> PipelineResult<()> {
         f32_bytes(&inversion.trajectory)?,
     )];
     match &inversion.correction {
-        ReplayCorrection::None | ReplayCorrection::SourcePromptAsNegative => {}
-        ReplayCorrection::UnconditionalEmbeddings(tensor)
-        | ReplayCorrection::LatentOffsets(tensor)
-        | ReplayCorrection::NoiseMaps(tensor) => {
+        ReplayCorrection::None
+        | ReplayCorrection::SourcePromptAsNegative
+        | ReplayCorrection::SourceFollowsTrajectory => {}
+        ReplayCorrection::UnconditionalEmbeddings(tensor) | ReplayCorrection::NoiseMaps(tensor) => {
             let name = correction_tensor_name(inversion.request.method).ok_or_else(|| {
                 bad(format!(
                     "a {} inversion carries a correction tensor it cannot have",
@@ -255,9 +254,9 @@ pub(super) fn load(path: &Path, model: &StableDiffusion) -> PipelineResult<Inver
             }
             ReplayCorrection::UnconditionalEmbeddings(read("unconditional_embeddings", &shape)?)
         }
-        InversionMethod::Direct => {
-            ReplayCorrection::LatentOffsets(read("latent_offsets", &per_step_latents)?)
-        }
+        // Files that also carry `latent_offsets` (the gap to the trajectory per step) replay the
+        // same: the source row lands on the trajectory either way.
+        InversionMethod::Direct => ReplayCorrection::SourceFollowsTrajectory,
         InversionMethod::Ddpm => {
             ReplayCorrection::NoiseMaps(read("noise_maps", &per_step_latents)?)
         }

@@ -64,8 +64,9 @@ pub enum InversionMethod {
     /// Negative-prompt inversion (Miyake et al. 2023): the source prompt's embedding as the
     /// unconditional one at every step.
     NegativePrompt,
-    /// Direct inversion (Ju et al., ICLR 2024): per-step latent offsets that keep the source branch
-    /// exactly on the inverted trajectory; gradient-free.
+    /// Direct inversion (Ju et al., ICLR 2024): the source branch is put back on the inverted
+    /// trajectory after every step (the reference adds the per-step gap as an offset, which lands
+    /// on the same latents); gradient-free, and no UNet call beyond the DDIM inversion's.
     Direct,
     /// Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024): noise maps that
     /// reproduce the image exactly under an eta = 1 sampler.
@@ -153,8 +154,9 @@ pub enum ReplayCorrection {
     SourcePromptAsNegative,
     /// `null-text`: the optimised unconditional embedding of each step, `[steps, tokens, dim]`.
     UnconditionalEmbeddings(Tensor),
-    /// `direct`: added to the source branch's latents after each step, `[steps, 1, c, h, w]`.
-    LatentOffsets(Tensor),
+    /// `direct`: after step `i` the source branch's latents are the trajectory's `z*_{T-i-1}`
+    /// (the edited branch steps freely).
+    SourceFollowsTrajectory,
     /// `ddpm`: the noise map of each step for an eta = 1 DDIM step, `[steps, 1, c, h, w]`.
     NoiseMaps(Tensor),
 }
@@ -191,8 +193,7 @@ impl Inversion {
     /// atomically.
     ///
     /// Tensors (f32): `trajectory` `[steps + 1, 1, c, h, w]`, and by method
-    /// `unconditional_embeddings` `[steps, tokens, dim]`, `latent_offsets` or `noise_maps`
-    /// `[steps, 1, c, h, w]`. The safetensors `__metadata__` holds `format`
+    /// `unconditional_embeddings` `[steps, tokens, dim]` or `noise_maps` `[steps, 1, c, h, w]`. The safetensors `__metadata__` holds `format`
     /// ([`INVERSION_FORMAT`]), `method`, `prompt`, `steps`, `guidance`, `seed`, `model`, `width`,
     /// `height`, `image_hash`, `timesteps` (a JSON list) and `seconds`.
     pub fn save(&self, path: &Path) -> PipelineResult<()> {
@@ -275,8 +276,7 @@ fn check_image_size(model: &StableDiffusion, image: &RgbImage) -> PipelineResult
 /// UNet call.
 ///
 /// Every method but `ddpm` first walks the DDIM trajectory up at guidance 1 with the prompt
-/// (`steps` UNet calls, phase `"inverting"`); `direct` then walks down once with guidance to
-/// measure its offsets (`"measuring offsets"`); `ddpm` draws each `x_t` from the image with fresh
+/// (`steps` UNet calls, phase `"inverting"`), which is all `direct` needs; `ddpm` draws each `x_t` from the image with fresh
 /// noise and solves for the noise maps (`"solving noise maps"`).
 pub fn invert(
     model: &StableDiffusion,
@@ -288,11 +288,12 @@ pub fn invert(
     Ok(invert_observed(model, image, request, None, on_step, cancel)?.0)
 }
 
-/// The source branch of a replay, as the guided pass of an exact inversion ran it.
+/// The source branch of a replay, as an exact inversion knows it.
 ///
-/// `direct` and `ddpm` walk down once with guidance from `z*_T`, feeding the UNet exactly the
-/// latents a replay's source row then sees: that pass *is* the source branch of every later edit.
-/// Kept, it spares the edit the separate source run (see [`invert_observed`]).
+/// `ddpm` walks down once with guidance from `z*_T`, and `direct`'s source row is the trajectory
+/// itself; with an observer, each feeds the UNet exactly what a replay's source row then feeds
+/// it: that pass *is* the source branch of every later edit. Kept, it spares the edit the
+/// separate source run (see [`invert_observed`]).
 #[derive(Clone, Debug)]
 pub struct SourcePass {
     /// The source row's latents after each step, bit-identical to a replay's:
@@ -350,9 +351,8 @@ pub fn invert_observed(
         }
         InversionMethod::Direct => {
             let trajectory = run.ddim_trajectory(&image_latents, on_step, cancel)?;
-            let (offsets, pass) = run.direct_offsets(&trajectory, observer, on_step, cancel)?;
-            source_pass = Some(pass);
-            (trajectory, ReplayCorrection::LatentOffsets(offsets))
+            source_pass = Some(run.direct_source_pass(&trajectory, observer, on_step, cancel)?);
+            (trajectory, ReplayCorrection::SourceFollowsTrajectory)
         }
         InversionMethod::Ddpm => {
             let (trajectory, maps, pass) =
@@ -567,51 +567,36 @@ impl<'model> InversionRun<'model> {
         Ok(Tensor::stack(&trajectory, 0)?)
     }
 
-    /// Direct inversion's offsets, `[steps, 1, c, h, w]`, measured along the source row of a replay:
-    /// from `x_0 = z*_T`, sampling step `i` steps `x_i` with the guided output to `stepped`,
-    /// `offset_i = z*_{T-i-1} - stepped`, and `x_{i+1} = stepped + offset_i` exactly as the replay
-    /// adds it, which is `z*_{T-i-1}` up to one rounding. Each UNet call thus sees the very latents
-    /// the replay's source row sees, so this pass is that row ([`SourcePass`], `observer` on its
-    /// attention).
-    fn direct_offsets(
+    /// Direct inversion's source branch: after step `i` its latents are `z*_{T-i-1}`, so they are
+    /// known without a UNet call. With `observer`, each step's UNet call is run as a replay's
+    /// source row runs it (the prompt alone, see
+    /// [`GenerateRequest::source_row_uses_guidance`]) on the step's input latents, so the
+    /// observer sees that row's attention (phase `"recording the source"`).
+    fn direct_source_pass(
         &self,
         trajectory: &Tensor,
-        mut observer: Option<&mut (dyn AttentionProcessor + '_)>,
+        observer: Option<&mut (dyn AttentionProcessor + '_)>,
         on_step: &mut dyn FnMut(&InversionProgress) -> PipelineResult<()>,
         cancel: &CancelToken,
-    ) -> PipelineResult<(Tensor, SourcePass)> {
+    ) -> PipelineResult<SourcePass> {
         let steps = self.steps();
-        let mut scheduler = self.ddim.clone();
-        let mut rng = NoiseRng::new(self.request.seed);
-        let mut offsets = Vec::with_capacity(steps);
-        let mut latents_per_step = Vec::with_capacity(steps);
-        let mut latents = trajectory.get(steps)?;
-        for step_index in 0..steps {
-            let target = trajectory.get(steps - step_index - 1)?;
-            let output = self.observed_model_output(
-                &latents,
-                step_index,
-                self.guided(),
-                observer.as_deref_mut(),
-                cancel,
-            )?;
-            let stepped = scheduler.step(&output, step_index, &latents, &mut rng)?;
-            let offset = (target - &stepped)?;
-            latents = (stepped + &offset)?;
-            offsets.push(offset);
-            latents_per_step.push(latents.clone());
-            on_step(&InversionProgress {
-                phase: "measuring offsets",
-                steps_done: step_index + 1,
-                step_count: steps,
-            })?;
+        if let Some(observer) = observer {
+            for step_index in 0..steps {
+                let latents = trajectory.get(steps - step_index)?;
+                self.observed_model_output(&latents, step_index, false, Some(observer), cancel)?;
+                on_step(&InversionProgress {
+                    phase: "recording the source",
+                    steps_done: step_index + 1,
+                    step_count: steps,
+                })?;
+            }
         }
-        Ok((
-            Tensor::stack(&offsets, 0)?,
-            SourcePass {
-                latents_per_step: Tensor::stack(&latents_per_step, 0)?,
-            },
-        ))
+        let latents_per_step = (0..steps)
+            .map(|step_index| trajectory.get(steps - step_index - 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(SourcePass {
+            latents_per_step: Tensor::stack(&latents_per_step, 0)?,
+        })
     }
 
     /// Edit-friendly DDPM inversion: each `x_t` drawn independently from the image with seeded

@@ -30,8 +30,8 @@ pub(crate) fn noise_map_scale(sigma: f64) -> f64 {
 enum RowCorrection {
     /// Plain DDIM (`eta = 0`).
     None,
-    /// `direct`: after each step, `offsets[step]` (`[steps, 1, c, h, w]`) is added.
-    Offsets(Tensor),
+    /// `direct`: step `i` lands on `trajectory[steps - i - 1]` (`[steps + 1, 1, c, h, w]`).
+    FollowTrajectory(Tensor),
     /// `ddpm`: each step is DDIM with `eta = 1` whose noise is `maps[step]` (`[steps, 1, c, h, w]`).
     NoiseMaps(Tensor),
 }
@@ -44,7 +44,7 @@ struct ReplayScheduler {
 
 /// The scheduler of a row in `role` replaying `inversion`: plain DDIM for `ddim`,
 /// `negative-prompt` and `null-text` (their corrections act on the text embeddings); for
-/// `direct`, DDIM plus the per-step offsets on the source row only; for `ddpm`, DDIM with
+/// `direct`, the source row steps along the inverted trajectory (other rows are plain DDIM); for `ddpm`, DDIM with
 /// `eta = 1` and the inversion's noise maps on every row (the edited row too: that is what makes
 /// the inversion edit-friendly).
 pub(crate) fn replay_scheduler(
@@ -55,8 +55,18 @@ pub(crate) fn replay_scheduler(
     let steps = inversion.timesteps.len();
     let ddim = DdimScheduler::new(config, steps)?;
     let correction = match (&inversion.correction, role) {
-        (ReplayCorrection::LatentOffsets(offsets), RowRole::Source) => {
-            RowCorrection::Offsets(checked_per_step(offsets, steps, "latent offsets")?)
+        (ReplayCorrection::SourceFollowsTrajectory, RowRole::Source) => {
+            if inversion.trajectory.dims().first() != Some(&(steps + 1)) {
+                return Err(PipelineError::InvalidArgument {
+                    name: "inversion",
+                    reason: format!(
+                        "its trajectory has shape {:?}, expected {} entries first",
+                        inversion.trajectory.dims(),
+                        steps + 1
+                    ),
+                });
+            }
+            RowCorrection::FollowTrajectory(inversion.trajectory.clone())
         }
         (ReplayCorrection::NoiseMaps(maps), _) => {
             RowCorrection::NoiseMaps(checked_per_step(maps, steps, "noise maps")?)
@@ -106,10 +116,18 @@ impl Scheduler for ReplayScheduler {
     ) -> PipelineResult<Tensor> {
         match &self.correction {
             RowCorrection::None => self.ddim.step(model_output, step_index, sample, rng),
-            RowCorrection::Offsets(offsets) => {
-                let stepped = self.ddim.step(model_output, step_index, sample, rng)?;
-                let offset = offsets.get(step_index)?.to_device(stepped.device())?;
-                Ok((stepped + offset)?)
+            RowCorrection::FollowTrajectory(trajectory) => {
+                let steps = self.ddim.timesteps().len();
+                let index = steps.checked_sub(step_index + 1).ok_or_else(|| {
+                    PipelineError::InvalidArgument {
+                        name: "step",
+                        reason: format!("step {step_index} is past the replay's {steps} steps"),
+                    }
+                })?;
+                Ok(trajectory
+                    .get(index)?
+                    .to_device(sample.device())?
+                    .to_dtype(sample.dtype())?)
             }
             RowCorrection::NoiseMaps(maps) => {
                 let (mean, sigma) =

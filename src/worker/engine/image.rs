@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::analysis::image::image_hash;
 use crate::hook::CancelToken;
-use crate::pipeline::inversion::{invert, Inversion, InversionMethod, InversionRequest};
-use crate::pipeline::sampling::{run_to_end, Sampler};
+use crate::pipeline::inversion::{invert_observed, Inversion, InversionMethod, InversionRequest};
+use crate::pipeline::sampling::{decode_to_unit_range, run_to_end, to_rgb8, Sampler};
 use crate::pipeline::PipelineError;
 use crate::worker::backend::{
     check_inversion_request, psnr_db, InversionCacheKey, InversionOutput, RunObserver,
@@ -100,8 +100,9 @@ impl PipelineEngine {
         ))
     }
 
-    /// [`crate::worker::Engine::invert`] for the real engine: the inversion, then one replay of it
-    /// with the image's prompt (the reconstruction), both reported step by step.
+    /// [`crate::worker::Engine::invert`] for the real engine: the inversion, then the
+    /// reconstruction (the exact methods' known source branch, decoded; for the others one replay
+    /// with the image's prompt), reported step by step.
     pub(super) fn invert_image(
         &mut self,
         image: &RgbImage,
@@ -136,10 +137,11 @@ impl PipelineEngine {
         };
         // An observer that can no longer report stops the pipeline; the error is told apart after.
         let mut disconnected: Option<Disconnected> = None;
-        let inverted = invert(
+        let inverted = invert_observed(
             model,
             image,
             &request,
+            None,
             &mut |progress| {
                 observer
                     .inversion_progress(progress.phase, progress.steps_done, progress.step_count)
@@ -153,12 +155,54 @@ impl PipelineEngine {
         if let Some(lost) = disconnected {
             return Err(lost.into());
         }
-        let inversion = inverted?;
-
-        // The reconstruction: the replay of the inversion with its own prompt.
+        let (inversion, source_pass) = inverted?;
         let size_px = (image.width, image.height);
+        // The reconstruction: the source branch the exact methods already know, or the replay of
+        // the inversion with its own prompt.
+        let reconstruction = match source_pass {
+            Some(pass) => {
+                let steps = pass.latents_per_step.dim(0).map_err(PipelineError::from)?;
+                let latents = pass
+                    .latents_per_step
+                    .get(steps - 1)
+                    .map_err(PipelineError::from)?;
+                to_rgb8(&decode_to_unit_range(model, &latents)?)?
+            }
+            None => self.replay_reconstruction(model, params, &inversion, observer, cancel)?,
+        };
+        let psnr = psnr_db(image, &reconstruction).unwrap_or(0.0);
+        self.inversions_computed += 1;
+        self.inversions.insert(
+            key,
+            CachedInversion {
+                inversion,
+                size_px,
+                reconstruction: reconstruction.clone(),
+                psnr_db: psnr,
+            },
+        );
+        Ok(InversionOutput {
+            source,
+            reconstruction,
+            psnr_db: psnr,
+            cached: false,
+        })
+    }
+
+    /// The image a replay of `inversion` with its own prompt regenerates, reported as the
+    /// inversion's `"reconstructing"` phase.
+    fn replay_reconstruction(
+        &self,
+        model: &crate::pipeline::model::StableDiffusion,
+        params: &InversionParams,
+        inversion: &Arc<Inversion>,
+        observer: &mut dyn RunObserver,
+        cancel: &CancelToken,
+    ) -> Result<RgbImage, EngineError> {
+        let mut disconnected: Option<Disconnected> = None;
+        let size_px = inversion.size_px;
         let run_params = replay_params(&GenerateParams::default(), params, size_px);
-        let (run, _) = edit::prepare(model, &run_params, Some(&inversion))?;
+        let (run, _) = edit::prepare(model, &run_params, Some(inversion))?;
         let step_count = run.step_count();
         let mut sampler = Sampler::new(model, run)?.with_cancel(cancel.clone());
         let mut steps_done = 0;
@@ -180,23 +224,6 @@ impl PipelineEngine {
             return Err(lost.into());
         }
         replayed?;
-        let reconstruction = sampler.finish()?.image;
-        let psnr = psnr_db(image, &reconstruction).unwrap_or(0.0);
-        self.inversions_computed += 1;
-        self.inversions.insert(
-            key,
-            CachedInversion {
-                inversion,
-                size_px,
-                reconstruction: reconstruction.clone(),
-                psnr_db: psnr,
-            },
-        );
-        Ok(InversionOutput {
-            source,
-            reconstruction,
-            psnr_db: psnr,
-            cached: false,
-        })
+        Ok(sampler.finish()?.image)
     }
 }
