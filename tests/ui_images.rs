@@ -291,6 +291,26 @@ fn edit_mode_swaps_a_word_on_the_image() {
         .words
         .iter()
         .any(|pair| pair.change == attend::worker::WordChange::Swapped));
+    // A swap on an inverted image starts from the inverted-image defaults: local blend on the
+    // swapped words, the self-attention window of an inverted image.
+    let spec = app.edit_spec();
+    let blend = spec.local_blend.as_ref().expect("the swap blends locally");
+    assert_eq!(blend.words.len(), 2, "{:?}", blend.words);
+    assert!(
+        blend.words.iter().all(|word| {
+            let word = word.rsplit(':').next().unwrap_or_default();
+            let word = word.split('#').next().unwrap_or_default();
+            word != "red" && (DESCRIPTION.contains(word) || EDIT_PROMPT.contains(word))
+        }),
+        "{:?}",
+        blend.words
+    );
+    assert_eq!(
+        spec.self_replace.window,
+        attend::worker::INVERTED_IMAGE_SWAP
+            .self_replace(spec.self_replace)
+            .window
+    );
 
     harness.get_by_label("Export image...").click();
     run_until(&mut harness, "the export", wrote(&export_path));

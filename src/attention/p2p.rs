@@ -53,43 +53,13 @@ use crate::analysis::alignment::{
     PromptLayout,
 };
 use crate::analysis::edit_spec::{BlendMask, EditSpec, LocalBlendConfig, SelfReplace, StepWindow};
+pub use crate::analysis::edit_spec::{InvertedImageSwap, INVERTED_IMAGE_SWAP};
 use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::WordSpan;
 use crate::hook::{AttentionKind, AttentionProcessor, AttentionSite};
 use crate::pipeline::{PipelineError, PipelineResult};
 
 use blend::choose_grid;
-
-/// How a word swap on an inverted (given) image starts, where it differs from a swap on a
-/// generated image. Chosen by measurement on drawn scenes inverted with `direct` (`attend
-/// edit-eval --real-images`; numbers in the benchmarks document).
-///
-/// An exact inversion's source branch runs through the image's own latents, so the self-attention
-/// it records holds the old object's outline: replaced for long, the new shape is not drawn; not
-/// replaced, the edited branch drifts away from the image. Local blend takes the drift away
-/// outside the swapped object's words (the edited latents there are the source's), which lets
-/// the self-attention window end early so the new shape can form inside.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct InvertedImageSwap {
-    /// Blend locally on the swapped words (the caller names them).
-    pub local_blend: bool,
-    /// Where the self-attention window ends, as a fraction of the steps (from the first step);
-    /// `None`: the model's recommendation as for generated images.
-    pub self_replace_end: Option<f64>,
-}
-
-/// The settings a word swap on an inverted image starts with (see [`InvertedImageSwap`]).
-///
-/// Measured (bundled model, 20 steps, tuning scenes): the recommended window (0-0.2 up to 32x32)
-/// without blend kept every target in place but drew the new shape in 4 of 6; no window without
-/// blend drew it in all 6 but moved the target or another object in 2; no window with local
-/// blend did both. On held-out scenes it kept every target in place and the rest unchanged (5 of
-/// 5) but drew the new shape in only 1 of 5. At 10 steps the new shape was drawn less often, so
-/// the step count stays.
-pub const INVERTED_IMAGE_SWAP: InvertedImageSwap = InvertedImageSwap {
-    local_blend: true,
-    self_replace_end: Some(0.0),
-};
 
 /// Local-blend words of a word swap between two prompts of the same word count: each position
 /// whose word differs, named in its own prompt alone (`source:circle`, `edit:square#2`, with the
@@ -107,19 +77,6 @@ pub fn swapped_blend_words(source: &[WordSpan], edit: &[WordSpan]) -> Vec<String
         }
     }
     words
-}
-
-impl InvertedImageSwap {
-    /// `recommended` (the model's setting for swaps on generated images) with this window end.
-    pub fn self_replace(&self, recommended: SelfReplace) -> SelfReplace {
-        match self.self_replace_end {
-            Some(end) => SelfReplace {
-                window: StepWindow::until(end),
-                ..recommended
-            },
-            None => recommended,
-        }
-    }
 }
 
 /// Where the source prompt's attention comes from.

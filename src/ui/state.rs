@@ -10,7 +10,7 @@ use crate::ui::run_view::{RunKey, RunOutcome, RunView};
 use crate::ui::settings::{AggregationChoice, EditorSettings};
 use crate::worker::{
     Branch, Command, EditInfo, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace,
-    StepFrame,
+    StepFrame, INVERTED_IMAGE_SWAP,
 };
 
 /// How serious a status message is.
@@ -555,12 +555,23 @@ impl AppState {
     /// An edit whose self-attention replacement nobody chose takes the recommendation: the loaded
     /// model's when the edited prompt changes words, the reference's when it only reweights the
     /// source (and before a model has loaded).
+    ///
+    /// An edit of an inverted image starts from [`INVERTED_IMAGE_SWAP`]: its own self-attention
+    /// window for word changes, and local blend on the swapped words.
     pub(crate) fn follow_edit_recommendation(&mut self) {
         let word_edit = self.recommended_word_edit();
         let source_prompt = self.source_params().prompt.clone();
         self.modes.edit.follow_recommendation(|spec| {
             SelfReplace::for_edit(word_edit, &source_prompt, &spec.edit_prompt)
         });
+        if self.edits_an_inverted_image() && INVERTED_IMAGE_SWAP.local_blend {
+            self.modes.edit.follow_blend_recommendation(&source_prompt);
+        }
+    }
+
+    /// True when the source of the edits replays an inverted image.
+    fn edits_an_inverted_image(&self) -> bool {
+        self.source_params().source_image.is_some()
     }
 
     /// Back to the default windows and the recommended self-attention replacement.
@@ -572,12 +583,19 @@ impl AppState {
             .reset(|spec| SelfReplace::for_edit(word_edit, &source_prompt, &spec.edit_prompt));
     }
 
-    /// The loaded model's self-attention replacement for edits that change words.
+    /// The loaded model's self-attention replacement for edits that change words (on an inverted
+    /// image, with [`INVERTED_IMAGE_SWAP`]'s window).
     fn recommended_word_edit(&self) -> SelfReplace {
-        self.model
+        let recommended = self
+            .model
             .loaded
             .as_ref()
-            .map_or_else(SelfReplace::default, |info| info.edit_self_replace)
+            .map_or_else(SelfReplace::default, |info| info.edit_self_replace);
+        if self.edits_an_inverted_image() {
+            INVERTED_IMAGE_SWAP.self_replace(recommended)
+        } else {
+            recommended
+        }
     }
 
     /// Marks the running runs superseded by a newer request `run_id` (their late events are

@@ -50,7 +50,10 @@ pub use protocol::{
     StepWindow, WordChange, WordPair,
 };
 // Real images.
-pub use protocol::{InversionParams, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS};
+pub use protocol::{
+    InversionParams, InvertedImageSwap, SourceImage, DEFAULT_INVERSION_METHOD, INVERSION_METHODS,
+    INVERTED_IMAGE_SWAP,
+};
 // Style sets.
 pub use style_set::{check_style_set_params, StyleAlignedConfig, StyleSetOutput, StyleSetParams};
 // Appearance transfer.

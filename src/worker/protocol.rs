@@ -33,7 +33,8 @@ use crate::worker::style_set::StyleSetParams;
 // The Prompt-to-Prompt edit's description and results.
 pub use crate::analysis::alignment::{EditKind, WordChange, WordPair};
 pub use crate::analysis::edit_spec::{
-    BlendMask, CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
+    BlendMask, CrossWindow, EditSpec, InvertedImageSwap, LocalBlendConfig, Reweight, SelfReplace,
+    StepWindow, INVERTED_IMAGE_SWAP,
 };
 
 /// Which model to load.

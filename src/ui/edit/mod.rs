@@ -65,6 +65,12 @@ pub(crate) struct EditMode {
     /// The self-attention replacement was set by hand or by a session file; until then it follows
     /// the loaded model's recommendation ([`crate::worker::ModelInfo::edit_self_replace`]).
     self_replace_chosen: bool,
+    /// The local-blend words the edit took by itself (the swapped words of an edit of an inverted
+    /// image, [`crate::worker::INVERTED_IMAGE_SWAP`]); while the blend words are still these, they follow the
+    /// edited prompt.
+    auto_blend_words: Vec<String>,
+    /// The blend words differ from what the edit took by itself: they stay as they are.
+    blend_chosen: bool,
 }
 
 impl EditMode {
@@ -200,6 +206,8 @@ impl EditMode {
         let prompt = std::mem::take(&mut self.session.spec.edit_prompt);
         self.session.spec = EditSpec::new(prompt);
         self.self_replace_chosen = false;
+        self.auto_blend_words.clear();
+        self.blend_chosen = false;
         self.follow_recommendation(recommended);
     }
 
@@ -211,9 +219,39 @@ impl EditMode {
         }
     }
 
+    /// An edit of an inverted image blends locally on its swapped words unless its blend words
+    /// were chosen ([`crate::worker::INVERTED_IMAGE_SWAP`]): the words it took by itself follow the edited
+    /// prompt; words added or removed by hand stop that.
+    pub(crate) fn follow_blend_recommendation(&mut self, source_prompt: &str) {
+        let current: Vec<String> = self
+            .session
+            .spec
+            .local_blend
+            .as_ref()
+            .map(|blend| blend.words.clone())
+            .unwrap_or_default();
+        if self.blend_chosen || current != self.auto_blend_words {
+            // Chosen by hand (or by a session file).
+            self.blend_chosen = true;
+            return;
+        }
+        let wanted = spec::swapped_word_selectors(source_prompt, &self.session.spec.edit_prompt);
+        if wanted == current {
+            self.auto_blend_words = wanted;
+            return;
+        }
+        let old: Vec<&str> = current.iter().map(String::as_str).collect();
+        spec::set_blend_words(&mut self.session.spec, &old, false);
+        let new: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        spec::set_blend_words(&mut self.session.spec, &new, true);
+        self.auto_blend_words = wanted;
+    }
+
     /// Takes a session's edit mode (none: edit mode off, a fresh edit).
     pub(crate) fn apply_session(&mut self, session: Option<EditSession>) {
         self.self_replace_chosen = session.is_some();
+        self.auto_blend_words.clear();
+        self.blend_chosen = session.is_some();
         self.session = session.unwrap_or_default();
         self.run = None;
         self.info = None;
@@ -476,5 +514,46 @@ mod tests {
         assert!(!mode.may_send_while_dragging());
         mode.branch_finished(RgbImage::default(), 0.1, None, &mut status);
         assert!(mode.may_send_while_dragging(), "the edit finished");
+    }
+
+    fn blend_words(mode: &EditMode) -> Vec<String> {
+        mode.spec()
+            .local_blend
+            .as_ref()
+            .map(|blend| blend.words.clone())
+            .unwrap_or_default()
+    }
+
+    /// An edit of an inverted image blends on its swapped words, which follow the edited prompt
+    /// until the blend words are changed by hand.
+    #[test]
+    fn the_swapped_words_blend_until_the_blend_is_chosen_by_hand() {
+        let source = "a red circle and a blue square";
+        let mut mode = EditMode::default();
+        mode.start_from(source);
+        mode.follow_blend_recommendation(source);
+        assert!(blend_words(&mode).is_empty(), "nothing swapped yet");
+        let mut session = mode.session().clone();
+        session.spec.edit_prompt = "a red star and a blue square".to_string();
+        mode.set_session(session);
+        mode.follow_blend_recommendation(source);
+        assert_eq!(blend_words(&mode), ["circle", "star"]);
+        // Another swap: the blend moves with it.
+        let mut session = mode.session().clone();
+        session.spec.edit_prompt = "a red circle and a blue star".to_string();
+        mode.set_session(session);
+        mode.follow_blend_recommendation(source);
+        assert_eq!(blend_words(&mode), ["square", "star"]);
+        // Unchecked by hand: it stays off, whatever the prompt says next.
+        let mut session = mode.session().clone();
+        session.spec.local_blend = None;
+        session.spec.edit_prompt = "a red star and a blue star".to_string();
+        mode.set_session(session);
+        mode.follow_blend_recommendation(source);
+        assert!(blend_words(&mode).is_empty());
+        // A reset follows the recommendation again.
+        mode.reset(|_| SelfReplace::default());
+        mode.follow_blend_recommendation(source);
+        assert_eq!(blend_words(&mode).len(), 4);
     }
 }
