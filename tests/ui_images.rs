@@ -306,6 +306,16 @@ fn edit_mode_swaps_a_word_on_the_image() {
         blend.words
     );
     assert_eq!(
+        spec.reweights
+            .iter()
+            .map(|reweight| (reweight.word.as_str(), reweight.scale))
+            .collect::<Vec<_>>(),
+        [(
+            "square#1",
+            attend::worker::INVERTED_IMAGE_SWAP.swapped_word_weight
+        )]
+    );
+    assert_eq!(
         spec.self_replace.window,
         attend::worker::INVERTED_IMAGE_SWAP
             .self_replace(spec.self_replace)

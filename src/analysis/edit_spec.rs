@@ -173,6 +173,9 @@ pub struct InvertedImageSwap {
     /// Where the self-attention window ends, as a fraction of the steps (from the first step);
     /// `None`: the model's recommendation as for generated images.
     pub self_replace_end: Option<f64>,
+    /// The swapped (new) words' weight in the edited prompt ([`Reweight`]; 1: none). The inverted
+    /// noise holds the old shape firmly; a heavier new word is what redraws it.
+    pub swapped_word_weight: f32,
 }
 
 /// The settings a word swap on an inverted image starts with (see [`InvertedImageSwap`]).
@@ -186,6 +189,7 @@ pub struct InvertedImageSwap {
 pub const INVERTED_IMAGE_SWAP: InvertedImageSwap = InvertedImageSwap {
     local_blend: true,
     self_replace_end: Some(0.0),
+    swapped_word_weight: 2.0,
 };
 
 impl InvertedImageSwap {

@@ -467,8 +467,9 @@ pub fn edit_spec(args: &EditArgs, defaults: EditDefaults) -> anyhow::Result<Edit
 }
 
 /// A word swap on a given image starts from [`INVERTED_IMAGE_SWAP`] where its flags are left out:
-/// the self-attention window it names, and local blend on the swapped words (each named in its
-/// own prompt, [`swapped_blend_words`]) with the `--blend-*` settings. Other edits (a refinement,
+/// the self-attention window it names, local blend on the swapped words (each named in its own
+/// prompt, [`swapped_blend_words`]) with the `--blend-*` settings, and the swapped words' weight
+/// (unless `--reweight` is given). Other edits (a refinement,
 /// a reweight of the same prompt) are left as the flags say.
 fn inverted_image_defaults(
     args: &EditArgs,
@@ -481,22 +482,39 @@ fn inverted_image_defaults(
     if args.self_replace.is_none() {
         spec.self_replace.window = INVERTED_IMAGE_SWAP.self_replace(spec.self_replace).window;
     }
-    if args.local_blend.is_none() && INVERTED_IMAGE_SWAP.local_blend {
-        let source = model.tokenizer.encode_prompt(&args.prompt)?;
-        let edit = model.tokenizer.encode_prompt(&args.edit_prompt)?;
-        let words = swapped_blend_words(&source.words, &edit.words);
-        if !words.is_empty() {
-            spec.local_blend = Some(LocalBlendConfig {
-                words,
-                threshold: args.blend_threshold,
-                subtract_threshold: args.blend_threshold,
-                start_fraction: args.blend_start,
-                map_side: args.blend_map_side,
-                ..LocalBlendConfig::default()
-            });
-        }
+    let source = model.tokenizer.encode_prompt(&args.prompt)?;
+    let edit = model.tokenizer.encode_prompt(&args.edit_prompt)?;
+    let words = swapped_blend_words(&source.words, &edit.words);
+    if args.reweight.is_empty() {
+        spec.reweights = swapped_word_reweights(&words, INVERTED_IMAGE_SWAP.swapped_word_weight);
+    }
+    if args.local_blend.is_none() && INVERTED_IMAGE_SWAP.local_blend && !words.is_empty() {
+        spec.local_blend = Some(LocalBlendConfig {
+            words,
+            threshold: args.blend_threshold,
+            subtract_threshold: args.blend_threshold,
+            start_fraction: args.blend_start,
+            map_side: args.blend_map_side,
+            ..LocalBlendConfig::default()
+        });
     }
     Ok(())
+}
+
+/// The edited prompt's swapped words (the `edit:` selectors of [`swapped_blend_words`]) at
+/// `weight`; none at weight 1.
+fn swapped_word_reweights(blend_words: &[String], weight: f32) -> Vec<Reweight> {
+    if (weight - 1.0).abs() <= f32::EPSILON {
+        return Vec::new();
+    }
+    blend_words
+        .iter()
+        .filter_map(|word| word.strip_prefix("edit:"))
+        .map(|word| Reweight {
+            word: word.to_string(),
+            scale: weight,
+        })
+        .collect()
 }
 
 /// Largest `--reweight` scale magnitude: P2P's examples use -5..5; far larger scales saturate the

@@ -82,6 +82,11 @@ pub struct EditEvalArgs {
     /// reference's).
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub blend_start: Option<f64>,
+    /// With `--real-images`: scale the edited caption's attention to the new shape word by this
+    /// (Prompt-to-Prompt's reweight on top of the swap; 1: none). Default: the inverted-image
+    /// setting's swapped-word weight.
+    #[arg(long, value_name = "F", requires = "real_images")]
+    pub swap_weight: Option<f32>,
     /// Local blend threshold on the max-normalised word map (with `--local-blend`).
     #[arg(long, default_value_t = 0.3, allow_hyphen_values = true)]
     pub blend_threshold: f32,

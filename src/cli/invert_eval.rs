@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use attend::analysis::edit_spec::{
-    CrossWindow, EditSpec, LocalBlendConfig, SelfReplace, StepWindow,
+    CrossWindow, EditSpec, LocalBlendConfig, Reweight, SelfReplace, StepWindow,
 };
 use attend::analysis::export::{write_atomically, write_png_rgb};
 use attend::attention::edit_sampling::{generate_edited_branch, invert_recording_source};
-use attend::attention::p2p::RecordConfig;
+use attend::attention::p2p::{RecordConfig, INVERTED_IMAGE_SWAP};
 use attend::hook::CancelToken;
 use attend::pipeline::inversion::{invert, Inversion, InversionMethod, InversionRequest};
 use attend::pipeline::model::StableDiffusion;
@@ -326,6 +326,9 @@ pub(super) fn run_real_image_edits(
 ) -> anyhow::Result<()> {
     let guidance = guidance_or_default(model, args.guidance)?;
     let local_blend = real_image_local_blend(args);
+    let swap_weight = args
+        .swap_weight
+        .unwrap_or(INVERTED_IMAGE_SWAP.swapped_word_weight);
     let (width, _) = model.default_size_px();
     let scene_options = SceneOptions {
         size_px: width,
@@ -370,10 +373,25 @@ pub(super) fn run_real_image_edits(
                 .unwrap_or(LocalBlendConfig::default().start_fraction),
             ..LocalBlendConfig::default()
         });
+        let before = &scene.objects[..target];
+        let new_word = format!(
+            "{}#{}",
+            new_shape.word(),
+            1 + before.iter().filter(|o| o.shape == new_shape).count()
+        );
+        let reweights = if (swap_weight - 1.0).abs() > f32::EPSILON {
+            vec![Reweight {
+                word: new_word,
+                scale: swap_weight,
+            }]
+        } else {
+            Vec::new()
+        };
         let spec = EditSpec {
             cross_window: CrossWindow::uniform(cross),
             self_replace,
             local_blend,
+            reweights,
             ..EditSpec::new(swap_caption.clone())
         };
         for &method in methods {
@@ -475,6 +493,7 @@ pub(super) fn run_real_image_edits(
                 "local_blend": local_blend,
                 "blend_start": args.blend_start,
                 "blend_threshold": args.blend_threshold,
+                "swap_weight": swap_weight,
                 "centroid_tolerance_px_at_64": args.centroid_tolerance_px,
                 "model": model.name(),
             },

@@ -557,15 +557,17 @@ impl AppState {
     /// source (and before a model has loaded).
     ///
     /// An edit of an inverted image starts from [`INVERTED_IMAGE_SWAP`]: its own self-attention
-    /// window for word changes, and local blend on the swapped words.
+    /// window for word changes, local blend on the swapped words and their weight.
     pub(crate) fn follow_edit_recommendation(&mut self) {
         let word_edit = self.recommended_word_edit();
         let source_prompt = self.source_params().prompt.clone();
         self.modes.edit.follow_recommendation(|spec| {
             SelfReplace::for_edit(word_edit, &source_prompt, &spec.edit_prompt)
         });
-        if self.edits_an_inverted_image() && INVERTED_IMAGE_SWAP.local_blend {
-            self.modes.edit.follow_blend_recommendation(&source_prompt);
+        if self.edits_an_inverted_image() {
+            self.modes
+                .edit
+                .follow_inverted_image_swap(&source_prompt, INVERTED_IMAGE_SWAP);
         }
     }
 

@@ -898,6 +898,7 @@ fn the_inverted_image_window_replaces_only_the_window() {
     let ended = InvertedImageSwap {
         local_blend: true,
         self_replace_end: Some(0.05),
+        swapped_word_weight: 1.0,
     };
     assert_eq!(
         ended.self_replace(recommended),

@@ -30,8 +30,8 @@ use crate::ui::run_view::{RunOutcome, RunView};
 use crate::ui::session::{EditBranchView, EditSession};
 use crate::ui::state::{StatusLevel, StatusLog};
 use crate::worker::{
-    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, LocalBlendConfig, PromptInfo, RgbImage,
-    SelfReplace, StepFrame,
+    BlendMask, Branch, EditInfo, EditSpec, GenerateParams, InvertedImageSwap, LocalBlendConfig,
+    PromptInfo, Reweight, RgbImage, SelfReplace, StepFrame,
 };
 
 /// What the status line and the edit panel say when the edit would change nothing.
@@ -65,12 +65,16 @@ pub(crate) struct EditMode {
     /// The self-attention replacement was set by hand or by a session file; until then it follows
     /// the loaded model's recommendation ([`crate::worker::ModelInfo::edit_self_replace`]).
     self_replace_chosen: bool,
-    /// The local-blend words the edit took by itself (the swapped words of an edit of an inverted
-    /// image, [`crate::worker::INVERTED_IMAGE_SWAP`]); while the blend words are still these, they follow the
-    /// edited prompt.
+    /// The local-blend words the edit took by itself (the swapped words of an edit of an
+    /// inverted image, [`crate::worker::INVERTED_IMAGE_SWAP`]); while the blend words are still
+    /// these, they follow the edited prompt.
     auto_blend_words: Vec<String>,
     /// The blend words differ from what the edit took by itself: they stay as they are.
     blend_chosen: bool,
+    /// The word weights the edit took by itself (the swapped words' weight on an inverted image).
+    auto_reweights: Vec<Reweight>,
+    /// The word weights differ from what the edit took by itself: they stay as they are.
+    weights_chosen: bool,
 }
 
 impl EditMode {
@@ -208,6 +212,8 @@ impl EditMode {
         self.self_replace_chosen = false;
         self.auto_blend_words.clear();
         self.blend_chosen = false;
+        self.auto_reweights.clear();
+        self.weights_chosen = false;
         self.follow_recommendation(recommended);
     }
 
@@ -219,10 +225,21 @@ impl EditMode {
         }
     }
 
-    /// An edit of an inverted image blends locally on its swapped words unless its blend words
-    /// were chosen ([`crate::worker::INVERTED_IMAGE_SWAP`]): the words it took by itself follow the edited
-    /// prompt; words added or removed by hand stop that.
-    pub(crate) fn follow_blend_recommendation(&mut self, source_prompt: &str) {
+    /// An edit of an inverted image starts as [`crate::worker::INVERTED_IMAGE_SWAP`] says: local
+    /// blend on its swapped words and their weight in the edited prompt. What it took by itself
+    /// follows the edited prompt; blend words or weights changed by hand stay as they are.
+    pub(crate) fn follow_inverted_image_swap(
+        &mut self,
+        source_prompt: &str,
+        swap: InvertedImageSwap,
+    ) {
+        if swap.local_blend {
+            self.follow_swap_blend(source_prompt);
+        }
+        self.follow_swap_weight(source_prompt, swap.swapped_word_weight);
+    }
+
+    fn follow_swap_blend(&mut self, source_prompt: &str) {
         let current: Vec<String> = self
             .session
             .spec
@@ -237,7 +254,6 @@ impl EditMode {
         }
         let wanted = spec::swapped_word_selectors(source_prompt, &self.session.spec.edit_prompt);
         if wanted == current {
-            self.auto_blend_words = wanted;
             return;
         }
         let old: Vec<&str> = current.iter().map(String::as_str).collect();
@@ -247,11 +263,34 @@ impl EditMode {
         self.auto_blend_words = wanted;
     }
 
+    fn follow_swap_weight(&mut self, source_prompt: &str, weight: f32) {
+        let spec = &mut self.session.spec;
+        if self.weights_chosen || spec.reweights != self.auto_reweights {
+            self.weights_chosen = true;
+            return;
+        }
+        let wanted: Vec<Reweight> = if (weight - 1.0).abs() > 1e-4 {
+            spec::swapped_edit_words(source_prompt, &spec.edit_prompt)
+                .into_iter()
+                .map(|word| Reweight {
+                    word,
+                    scale: weight,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        spec.reweights.clone_from(&wanted);
+        self.auto_reweights = wanted;
+    }
+
     /// Takes a session's edit mode (none: edit mode off, a fresh edit).
     pub(crate) fn apply_session(&mut self, session: Option<EditSession>) {
         self.self_replace_chosen = session.is_some();
         self.auto_blend_words.clear();
         self.blend_chosen = session.is_some();
+        self.auto_reweights.clear();
+        self.weights_chosen = session.is_some();
         self.session = session.unwrap_or_default();
         self.run = None;
         self.info = None;
@@ -529,31 +568,48 @@ mod tests {
     #[test]
     fn the_swapped_words_blend_until_the_blend_is_chosen_by_hand() {
         let source = "a red circle and a blue square";
+        let swap = InvertedImageSwap {
+            local_blend: true,
+            self_replace_end: Some(0.0),
+            swapped_word_weight: 2.0,
+        };
         let mut mode = EditMode::default();
         mode.start_from(source);
-        mode.follow_blend_recommendation(source);
+        mode.follow_inverted_image_swap(source, swap);
         assert!(blend_words(&mode).is_empty(), "nothing swapped yet");
         let mut session = mode.session().clone();
         session.spec.edit_prompt = "a red star and a blue square".to_string();
         mode.set_session(session);
-        mode.follow_blend_recommendation(source);
+        mode.follow_inverted_image_swap(source, swap);
         assert_eq!(blend_words(&mode), ["circle", "star"]);
+        assert_eq!(
+            mode.spec().reweights,
+            [Reweight {
+                word: "star".to_string(),
+                scale: 2.0
+            }]
+        );
         // Another swap: the blend moves with it.
         let mut session = mode.session().clone();
         session.spec.edit_prompt = "a red circle and a blue star".to_string();
         mode.set_session(session);
-        mode.follow_blend_recommendation(source);
+        mode.follow_inverted_image_swap(source, swap);
         assert_eq!(blend_words(&mode), ["square", "star"]);
+        assert_eq!(mode.spec().reweights.len(), 1);
+        // A weight set by hand stays.
+        mode.set_word_weight("star", 3.0);
+        mode.follow_inverted_image_swap(source, swap);
+        assert_eq!(mode.spec().reweights[0].scale, 3.0);
         // Unchecked by hand: it stays off, whatever the prompt says next.
         let mut session = mode.session().clone();
         session.spec.local_blend = None;
         session.spec.edit_prompt = "a red star and a blue star".to_string();
         mode.set_session(session);
-        mode.follow_blend_recommendation(source);
+        mode.follow_inverted_image_swap(source, swap);
         assert!(blend_words(&mode).is_empty());
         // A reset follows the recommendation again.
         mode.reset(|_| SelfReplace::default());
-        mode.follow_blend_recommendation(source);
+        mode.follow_inverted_image_swap(source, swap);
         assert_eq!(blend_words(&mode).len(), 4);
     }
 }

@@ -173,6 +173,22 @@ pub(crate) fn swapped_word_selectors(source_prompt: &str, edit_prompt: &str) -> 
         .collect()
 }
 
+/// The swapped words of `edit_prompt` against `source_prompt` (by the preview alignment), named
+/// in the edited prompt alone ("square#2" where the word repeats): the words a swap's weight acts on.
+pub(crate) fn swapped_edit_words(source_prompt: &str, edit_prompt: &str) -> Vec<String> {
+    let Ok((_, pairs)) = preview_alignment(source_prompt, edit_prompt, None) else {
+        return Vec::new();
+    };
+    let (_, edit_words) = whitespace_layout(edit_prompt);
+    pairs
+        .iter()
+        .filter(|pair| pair.change == WordChange::Swapped)
+        .filter_map(|pair| pair.edit_word)
+        .map(|index| word_selector(&edit_words, index, &[]))
+        .filter(|selector| !selector.is_empty())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
