@@ -189,7 +189,7 @@ pub struct InvertedImageSwap {
 pub const INVERTED_IMAGE_SWAP: InvertedImageSwap = InvertedImageSwap {
     local_blend: true,
     self_replace_end: Some(0.0),
-    swapped_word_weight: 2.0,
+    swapped_word_weight: 4.0,
 };
 
 impl InvertedImageSwap {

@@ -48,6 +48,12 @@ pub struct InvertArgs {
     /// How the image is fitted to the model's size: crop, pad or stretch.
     #[arg(long, value_name = "crop|pad|stretch", value_parser = parse_fit, default_value = "crop")]
     pub fit: ImageFit,
+    /// Run width in pixels (default: the model's); the image is fitted to it.
+    #[arg(long, value_name = "PX")]
+    pub width: Option<usize>,
+    /// Run height in pixels (default: the model's).
+    #[arg(long, value_name = "PX")]
+    pub height: Option<usize>,
     /// Seed of `ddpm`'s noise draws.
     #[arg(long, default_value_t = 0, value_parser = non_negative, allow_negative_numbers = true)]
     pub seed: u64,
@@ -79,7 +85,11 @@ pub fn run(args: &InvertArgs) -> anyhow::Result<()> {
 
     let model = load_model(&args.model)?;
     warn_unknown_words(&model, "--prompt", &args.prompt)?;
-    let (width, height) = model.default_size_px();
+    let (default_width, default_height) = model.default_size_px();
+    let (width, height) = (
+        args.width.unwrap_or(default_width),
+        args.height.unwrap_or(default_height),
+    );
     let settings = InversionSettings {
         prompt: args.prompt.clone(),
         steps: args.steps,
