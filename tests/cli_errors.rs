@@ -637,3 +637,46 @@ fn an_output_name_taken_by_a_folder_fails_before_the_run() {
     );
     assert_eq!(files_in(out.path()), vec!["labels.png"]);
 }
+
+#[test]
+fn random_weights_from_a_bad_manifest_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.json");
+    let out = dir.path().join("out.png");
+    let message = fails(&[
+        "generate",
+        "--random-weights",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(message.contains("absent.json"), "{message}");
+    let no_unet = dir.path().join("no_unet.json");
+    std::fs::write(&no_unet, r#"{"configs": {"text_encoder": {}, "vae": {}}}"#).unwrap();
+    let message = fails(&[
+        "generate",
+        "--random-weights",
+        no_unet.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(message.contains("no_unet.json"), "{message}");
+    // Both a model and random weights: refused by the argument parser.
+    let message = fails(&[
+        "generate",
+        "--random-weights",
+        no_unet.to_str().unwrap(),
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(message.contains("--random-weights"), "{message}");
+    assert!(!out.exists());
+}

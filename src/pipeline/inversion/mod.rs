@@ -193,9 +193,10 @@ impl Inversion {
     /// atomically.
     ///
     /// Tensors (f32): `trajectory` `[steps + 1, 1, c, h, w]`, and by method
-    /// `unconditional_embeddings` `[steps, tokens, dim]` or `noise_maps` `[steps, 1, c, h, w]`. The safetensors `__metadata__` holds `format`
-    /// ([`INVERSION_FORMAT`]), `method`, `prompt`, `steps`, `guidance`, `seed`, `model`, `width`,
-    /// `height`, `image_hash`, `timesteps` (a JSON list) and `seconds`.
+    /// `unconditional_embeddings` `[steps, tokens, dim]` or `noise_maps` `[steps, 1, c, h, w]`.
+    /// The safetensors `__metadata__` holds `format` ([`INVERSION_FORMAT`]), `method`, `prompt`,
+    /// `steps`, `guidance`, `seed`, `model`, `width`, `height`, `image_hash`, `timesteps` (a JSON
+    /// list) and `seconds`.
     pub fn save(&self, path: &Path) -> PipelineResult<()> {
         file::save(self, path)
     }
@@ -276,8 +277,8 @@ fn check_image_size(model: &StableDiffusion, image: &RgbImage) -> PipelineResult
 /// UNet call.
 ///
 /// Every method but `ddpm` first walks the DDIM trajectory up at guidance 1 with the prompt
-/// (`steps` UNet calls, phase `"inverting"`), which is all `direct` needs; `ddpm` draws each `x_t` from the image with fresh
-/// noise and solves for the noise maps (`"solving noise maps"`).
+/// (`steps` UNet calls, phase `"inverting"`), which is all `direct` needs; `ddpm` draws each `x_t`
+/// from the image with fresh noise and solves for the noise maps (`"solving noise maps"`).
 pub fn invert(
     model: &StableDiffusion,
     image: &RgbImage,

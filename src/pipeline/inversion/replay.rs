@@ -44,9 +44,9 @@ struct ReplayScheduler {
 
 /// The scheduler of a row in `role` replaying `inversion`: plain DDIM for `ddim`,
 /// `negative-prompt` and `null-text` (their corrections act on the text embeddings); for
-/// `direct`, the source row steps along the inverted trajectory (other rows are plain DDIM); for `ddpm`, DDIM with
-/// `eta = 1` and the inversion's noise maps on every row (the edited row too: that is what makes
-/// the inversion edit-friendly).
+/// `direct`, the source row steps along the inverted trajectory (other rows are plain DDIM); for
+/// `ddpm`, DDIM with `eta = 1` and the inversion's noise maps on every row (the edited row too:
+/// that is what makes the inversion edit-friendly).
 pub(crate) fn replay_scheduler(
     config: &SchedulerConfig,
     inversion: &Inversion,

@@ -174,7 +174,8 @@ pub(crate) fn swapped_word_selectors(source_prompt: &str, edit_prompt: &str) -> 
 }
 
 /// The swapped words of `edit_prompt` against `source_prompt` (by the preview alignment), named
-/// in the edited prompt alone ("square#2" where the word repeats): the words a swap's weight acts on.
+/// in the edited prompt alone ("square#2" where the word repeats): the words a swap's weight acts
+/// on.
 pub(crate) fn swapped_edit_words(source_prompt: &str, edit_prompt: &str) -> Vec<String> {
     let Ok((_, pairs)) = preview_alignment(source_prompt, edit_prompt, None) else {
         return Vec::new();
