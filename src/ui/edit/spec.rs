@@ -9,8 +9,9 @@ use crate::analysis::alignment::{
 use crate::analysis::WordSpan;
 use crate::worker::{EditSpec, LocalBlendConfig, Reweight};
 
-/// Range of the word weights (reweight); 1 changes nothing.
-pub(crate) const WEIGHT_RANGE: std::ops::RangeInclusive<f32> = -2.0..=3.0;
+/// Range of the word weights (reweight); 1 changes nothing. It holds the swapped words' weight of
+/// an edit of an inverted image ([`crate::worker::INVERTED_IMAGE_SWAP`], 4).
+pub(crate) const WEIGHT_RANGE: std::ops::RangeInclusive<f32> = -2.0..=5.0;
 
 /// The words of a prompt split at whitespace, punctuation dropped, lower-cased; tokens are the words
 /// between `<start>` and `<end>` (the alignment preview before the engine's tokenizer answers).
@@ -193,6 +194,11 @@ pub(crate) fn swapped_edit_words(source_prompt: &str, edit_prompt: &str) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_weight_sliders_hold_the_inverted_image_swap_weight() {
+        assert!(WEIGHT_RANGE.contains(&crate::worker::INVERTED_IMAGE_SWAP.swapped_word_weight));
+    }
 
     #[test]
     fn the_preview_alignment_marks_swaps_and_insertions() {
