@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 before=$1
 after=$2
 bundled="--model assets/attend-shapes --width 64 --height 64 --iters 10 --json"
-sd15="--random-config tests/fixtures/manifests/sd15.json --width 256 --height 256 --iters 4 --json --capture"
+sd15="--random-weights tests/fixtures/manifests/sd15.json --width 256 --height 256 --iters 4 --json --capture"
 for pass in 1 2 3; do
   for name in before after; do
     binary=$([ "$name" = before ] && echo "$before" || echo "$after")

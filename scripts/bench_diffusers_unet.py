@@ -3,7 +3,7 @@ counterpart of `attend bench unet`.
 
 Usage:
   bench_diffusers_unet.py SIZE ITERS                  SD 1.5's UNet with random weights (the
-                                                      counterpart of `--random-config
+                                                      counterpart of `--random-weights
                                                       tests/fixtures/manifests/sd15.json`)
   bench_diffusers_unet.py SIZE ITERS --model DIR      the UNet of a diffusers folder (an fp16 file
                                                       is loaded as fp32), SIZE in pixels

@@ -1,5 +1,5 @@
 """Median wall time of one VAE decode (batch 1, fp32, CPU, 2 threads) in diffusers, the counterpart
-of `attend bench vae --random-config tests/fixtures/manifests/sd15.json` (SD 1.5's AutoencoderKL
+of `attend bench vae --random-weights tests/fixtures/manifests/sd15.json` (SD 1.5's AutoencoderKL
 with random weights). Usage: bench_diffusers_vae.py SIZE ITERS [--threads N]"""
 import argparse, json, time
 import torch

@@ -11,10 +11,10 @@ for pass in 1 2; do
   for size in 256 512; do
     iters=$([ "$size" = 256 ] && echo 8 || echo 4)
     for capture in "" --capture; do
-      echo "pass $pass attend $size: $("$attend" bench unet --random-config tests/fixtures/manifests/sd15.json --width $size --height $size --iters $iters --json $capture) load $(cut -d' ' -f1 /proc/loadavg)"
+      echo "pass $pass attend $size: $("$attend" bench unet --random-weights tests/fixtures/manifests/sd15.json --width $size --height $size --iters $iters --json $capture) load $(cut -d' ' -f1 /proc/loadavg)"
     done
     echo "pass $pass diffusers $size: $("$python" scripts/bench_diffusers_unet.py $size $iters) load $(cut -d' ' -f1 /proc/loadavg)"
   done
-  echo "pass $pass attend vae 512: $("$attend" bench vae --random-config tests/fixtures/manifests/sd15.json --width 512 --height 512 --iters 2 --json) load $(cut -d' ' -f1 /proc/loadavg)"
+  echo "pass $pass attend vae 512: $("$attend" bench vae --random-weights tests/fixtures/manifests/sd15.json --width 512 --height 512 --iters 2 --json) load $(cut -d' ' -f1 /proc/loadavg)"
   echo "pass $pass diffusers vae 512: $("$python" scripts/bench_diffusers_vae.py 512 2) load $(cut -d' ' -f1 /proc/loadavg)"
 done

@@ -231,7 +231,12 @@ fn segment_and_scene_flags_with_bad_values_are_named() {
         out.path().to_str().unwrap(),
     ]);
     assert!(stderr.contains("--size 8"), "{stderr}");
-    let stderr = fails(&["bench", "unet", "--random-config", "/no/such/manifest.json"]);
+    let stderr = fails(&[
+        "bench",
+        "unet",
+        "--random-weights",
+        "/no/such/manifest.json",
+    ]);
     assert!(stderr.contains("/no/such/manifest.json"), "{stderr}");
 }
 

@@ -45,12 +45,12 @@ pub enum BenchTarget {
 #[derive(Debug, clap::Args)]
 pub struct UnetBenchArgs {
     /// Model folder whose UNet (and text width) to use.
-    #[arg(long, value_name = "DIR", conflicts_with = "random_config")]
+    #[arg(long, value_name = "DIR", conflicts_with = "random_weights")]
     pub model: Option<PathBuf>,
     /// Instead of a model folder: a UNet `config.json` (or a shape manifest such as SD 1.5's, whose
     /// `configs.unet` is used) built with random weights in memory, nothing read or written.
-    #[arg(long, value_name = "FILE")]
-    pub random_config: Option<PathBuf>,
+    #[arg(long, value_name = "MANIFEST", alias = "random-config")]
+    pub random_weights: Option<PathBuf>,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub width: usize,
@@ -82,12 +82,12 @@ pub struct UnetBenchArgs {
 #[derive(Debug, clap::Args)]
 pub struct VaeBenchArgs {
     /// Model folder whose VAE to use.
-    #[arg(long, value_name = "DIR", conflicts_with = "random_config")]
+    #[arg(long, value_name = "DIR", conflicts_with = "random_weights")]
     pub model: Option<PathBuf>,
     /// Instead of a model folder: a VAE `config.json` (or a shape manifest such as SD 1.5's, whose
     /// `configs.vae` is used) built with random weights in memory, nothing read or written.
-    #[arg(long, value_name = "FILE")]
-    pub random_config: Option<PathBuf>,
+    #[arg(long, value_name = "MANIFEST", alias = "random-config")]
+    pub random_weights: Option<PathBuf>,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub width: usize,
@@ -118,7 +118,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
     let device = Device::Cpu;
-    let (unet, latent_factor) = match (&args.model, &args.random_config) {
+    let (unet, latent_factor) = match (&args.model, &args.random_weights) {
         (_, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -252,7 +252,7 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
 
 fn bench_vae(args: &VaeBenchArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let vae = match (&args.model, &args.random_config) {
+    let vae = match (&args.model, &args.random_weights) {
         (_, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;

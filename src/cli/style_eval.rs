@@ -64,9 +64,14 @@ pub struct StyleEvalArgs {
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// Also time the UNet calls of a set on this UNet config (or shape manifest with
-    /// `configs.unet`, e.g. tests/fixtures/manifests/sd15.json) with random weights.
-    #[arg(long, value_name = "FILE")]
-    pub random_config: Option<PathBuf>,
+    /// `configs.unet`, e.g. tests/fixtures/manifests/sd15.json) with random weights (the sets
+    /// themselves still run on the model; `--random-weights` would replace the model itself).
+    #[arg(
+        long = "time-random-unet",
+        value_name = "MANIFEST",
+        alias = "random-config"
+    )]
+    pub time_random_unet: Option<PathBuf>,
     /// Image side in pixels of the random-weights timing (latent side = side / 8).
     #[arg(long, default_value_t = 256, value_parser = at_least_one, allow_negative_numbers = true)]
     pub random_side: usize,
@@ -278,7 +283,7 @@ pub fn run(args: &StyleEvalArgs) -> anyhow::Result<()> {
             "independent": independent_verdicts,
         }));
     }
-    let random_timing = match &args.random_config {
+    let random_timing = match &args.time_random_unet {
         Some(path) => Some(time_random_unet(args, &model, path, config)?),
         None => None,
     };
@@ -369,9 +374,9 @@ fn time_random_unet(
 ) -> anyhow::Result<serde_json::Value> {
     let device = Device::Cpu;
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--random-config {}: cannot read", path.display()))?;
+        .with_context(|| format!("--time-random-unet {}: cannot read", path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("--random-config {}: not JSON", path.display()))?;
+        .with_context(|| format!("--time-random-unet {}: not JSON", path.display()))?;
     let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
     let unet_config = UnetConfig::from_json(&unet_json.to_string(), path)?;
     let images = 1 + args.targets;
