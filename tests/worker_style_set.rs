@@ -242,3 +242,40 @@ fn bad_sets_are_refused_before_any_step() {
     let seen = collect(&worker, run_id, 2);
     assert!(seen.images.iter().all(Option::is_some), "still usable");
 }
+
+/// The real engine with attend's measured default (sharing only in layers of at least 32x32
+/// queries): the plain coarser layers keep their probabilities, so the probe shows a target's own
+/// self-attention, which differs from the reference's.
+#[test]
+fn with_the_measured_default_the_probe_reads_each_image_of_a_bundled_set() {
+    let mut worker = WorkerHandle::spawn(pipeline_engine_factory()).unwrap();
+    load_bundled(&worker);
+    let request = StyleSetParams {
+        sharing: Some(StyleAlignedConfig::measured_default()),
+        ..set("a red circle on a yellow background", &["a blue square"], 2)
+    };
+    let run_id = worker.generate_style_set(request).unwrap();
+    let seen = collect(&worker, run_id, 2);
+    assert_eq!(seen.failed, None);
+    let probe = |worker: &WorkerHandle| -> SelfAttentionMap {
+        worker
+            .send(Command::RequestSelfAttention {
+                run_id,
+                grid_h: 16,
+                grid_w: 16,
+                span: SelfAttentionSpan::MeanOverSteps,
+            })
+            .unwrap();
+        match next_event_of(worker, run_id) {
+            Event::SelfAttention { map: Some(map), .. } => map,
+            other => panic!("expected a self-attention map, got {other:?}"),
+        }
+    };
+    let reference = probe(&worker);
+    worker
+        .send(Command::SelectStyleImage { run_id, index: 1 })
+        .unwrap();
+    let target = probe(&worker);
+    assert!(target.data.iter().all(|value| value.is_finite()));
+    assert_ne!(reference.data, target.data, "the target's own attention");
+}

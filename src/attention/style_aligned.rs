@@ -115,13 +115,16 @@ impl Default for StyleAlignedConfig {
 impl StyleAlignedConfig {
     /// attend's default, chosen by measurement on the bundled model (see the benchmarks): the
     /// reference's settings with a score shift of 2 (without it the targets rarely take the
-    /// reference's background) and sharing in the first half of the steps only (the background
-    /// is laid down early; the later steps, alone, keep the targets' object colours from drifting
-    /// to the reference's palette).
+    /// reference's background), sharing in the first half of the steps only (the background is
+    /// laid down early), only in the layers of at least 32x32 queries and without AdaIN of the
+    /// queries: shared coarse layers and queries normalised to the reference's copy the
+    /// reference's layout, and the targets drew two or three copies of their object.
     pub fn measured_default() -> Self {
         Self {
             shared_score_shift: 2.0,
             shared_steps_fraction: 0.5,
+            adain_queries: false,
+            min_shared_side: 32,
             ..Self::default()
         }
     }

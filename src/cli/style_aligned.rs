@@ -91,9 +91,12 @@ pub struct StyleFlags {
     /// AdaIN of the targets' values too.
     #[arg(long)]
     pub adain_values: bool,
-    /// No AdaIN of the targets' queries (they keep their own statistics).
-    #[arg(long)]
+    /// No AdaIN of the targets' queries (they keep their own statistics; attend's default).
+    #[arg(long, conflicts_with = "adain_queries")]
     pub no_adain_queries: bool,
+    /// AdaIN of the targets' queries to the reference's (the reference's setting).
+    #[arg(long)]
+    pub adain_queries: bool,
     /// No AdaIN of the targets' keys.
     #[arg(long)]
     pub no_adain_keys: bool,
@@ -101,7 +104,8 @@ pub struct StyleFlags {
     /// (decoder); e.g. `up` shares only in the decoder.
     #[arg(long, value_name = "BLOCKS", value_parser = parse_blocks)]
     pub share_blocks: Option<SharedBlocks>,
-    /// Share only in layers whose query grid side (latent pixels) is at least this.
+    /// Share only in layers whose query grid side (latent pixels) is at least this (attend's
+    /// default: 32; 0: no limit).
     #[arg(long, value_name = "SIDE")]
     pub min_shared_side: Option<usize>,
     /// Share only in layers whose query grid side (latent pixels) is at most this (0: no limit).
@@ -170,7 +174,8 @@ impl StyleFlags {
             config.only_self_level = level;
         }
         config.adain_values |= self.adain_values;
-        config.adain_queries &= !self.no_adain_queries;
+        config.adain_queries =
+            (config.adain_queries || self.adain_queries) && !self.no_adain_queries;
         config.adain_keys &= !self.no_adain_keys;
         if let Some(blocks) = self.share_blocks {
             config.share_encoder = blocks.encoder;

@@ -44,7 +44,7 @@ impl Default for StyleSetSettings {
             targets: Vec::new(),
             new_target: String::new(),
             share: true,
-            config: StyleAlignedConfig::default(),
+            config: StyleAlignedConfig::measured_default(),
             export_folder: "style-set".to_owned(),
         }
     }
