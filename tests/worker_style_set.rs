@@ -76,6 +76,22 @@ fn set(reference: &str, targets: &[&str], steps: usize) -> StyleSetParams {
     }
 }
 
+/// The probe's self-attention map of the selected image of set `run_id` on a `grid` x `grid` grid.
+fn probe_map(worker: &WorkerHandle, run_id: u64, grid: usize) -> SelfAttentionMap {
+    worker
+        .send(Command::RequestSelfAttention {
+            run_id,
+            grid_h: grid,
+            grid_w: grid,
+            span: SelfAttentionSpan::MeanOverSteps,
+        })
+        .unwrap();
+    match next_event_of(worker, run_id) {
+        Event::SelfAttention { map: Some(map), .. } => map,
+        other => panic!("expected a self-attention map, got {other:?}"),
+    }
+}
+
 /// The image a plain run of `params` finishes with.
 fn solo_image(worker: &mut WorkerHandle, params: GenerateParams) -> RgbImage {
     let run_id = worker.generate(params).unwrap();
@@ -170,20 +186,7 @@ fn selecting_an_image_moves_the_probe_to_it() {
     let run_id = worker.generate_style_set(request).unwrap();
     let seen = collect(&worker, run_id, 3);
     assert!(seen.images.iter().all(Option::is_some));
-    let probe = |worker: &WorkerHandle| -> SelfAttentionMap {
-        worker
-            .send(Command::RequestSelfAttention {
-                run_id,
-                grid_h: 8,
-                grid_w: 8,
-                span: SelfAttentionSpan::MeanOverSteps,
-            })
-            .unwrap();
-        match next_event_of(worker, run_id) {
-            Event::SelfAttention { map: Some(map), .. } => map,
-            other => panic!("expected a self-attention map, got {other:?}"),
-        }
-    };
+    let probe = |worker: &WorkerHandle| probe_map(worker, run_id, 8);
     let reference = probe(&worker);
     worker
         .send(Command::SelectStyleImage { run_id, index: 1 })
@@ -257,20 +260,7 @@ fn with_the_measured_default_the_probe_reads_each_image_of_a_bundled_set() {
     let run_id = worker.generate_style_set(request).unwrap();
     let seen = collect(&worker, run_id, 2);
     assert_eq!(seen.failed, None);
-    let probe = |worker: &WorkerHandle| -> SelfAttentionMap {
-        worker
-            .send(Command::RequestSelfAttention {
-                run_id,
-                grid_h: 16,
-                grid_w: 16,
-                span: SelfAttentionSpan::MeanOverSteps,
-            })
-            .unwrap();
-        match next_event_of(worker, run_id) {
-            Event::SelfAttention { map: Some(map), .. } => map,
-            other => panic!("expected a self-attention map, got {other:?}"),
-        }
-    };
+    let probe = |worker: &WorkerHandle| probe_map(worker, run_id, 16);
     let reference = probe(&worker);
     worker
         .send(Command::SelectStyleImage { run_id, index: 1 })
