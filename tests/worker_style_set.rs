@@ -10,8 +10,8 @@ mod worker_common;
 
 use attend::worker::{
     pipeline_engine_factory, Branch, Command, Event, FakeEngineConfig, GenerateParams, PromptInfo,
-    RgbImage, SelfAttentionMap, SelfAttentionSpan, StepFrame, StyleAlignedConfig, StyleSetParams,
-    WorkerHandle, FAKE_SET_MAX_PIXELS,
+    RgbImage, SegmentRequest, SelfAttentionMap, SelfAttentionSpan, StepFrame, StyleAlignedConfig,
+    StyleSetParams, WorkerHandle, FAKE_SET_MAX_PIXELS,
 };
 use worker_common::{events_until_end_of, load_bundled, next_event_of, params, spawn_fake};
 
@@ -248,9 +248,9 @@ fn bad_sets_are_refused_before_any_step() {
 
 /// The real engine with attend's measured default (sharing only in layers of at least 32x32
 /// queries): the plain coarser layers keep their probabilities, so the probe shows a target's own
-/// self-attention, which differs from the reference's.
+/// self-attention, which differs from the reference's, and the target segments by its own words.
 #[test]
-fn with_the_measured_default_the_probe_reads_each_image_of_a_bundled_set() {
+fn with_the_measured_default_the_probe_and_segments_read_each_image_of_a_bundled_set() {
     let mut worker = WorkerHandle::spawn(pipeline_engine_factory()).unwrap();
     load_bundled(&worker);
     let request = StyleSetParams {
@@ -268,4 +268,24 @@ fn with_the_measured_default_the_probe_reads_each_image_of_a_bundled_set() {
     let target = probe(&worker);
     assert!(target.data.iter().all(|value| value.is_finite()));
     assert_ne!(reference.data, target.data, "the target's own attention");
+    // Segments of the selected target, from the same unshared layers, labelled by its own words.
+    worker
+        .send(Command::Segment {
+            run_id,
+            request: SegmentRequest::default(),
+        })
+        .unwrap();
+    match next_event_of(&worker, run_id) {
+        Event::Segmented {
+            result: Ok(segmentation),
+            ..
+        } => {
+            assert!(!segmentation.segments.is_empty());
+            assert!(segmentation
+                .segments
+                .iter()
+                .all(|segment| segment.scores.iter().all(|score| score.word != "circle")));
+        }
+        other => panic!("expected segments of the target, got {other:?}"),
+    }
 }
