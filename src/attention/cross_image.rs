@@ -21,6 +21,7 @@ use candle_core::{DType, Tensor};
 
 use crate::analysis::appearance::Correspondence;
 use crate::analysis::heatmap::UnetPlace;
+use crate::attention::batch_rows;
 use crate::hook::{
     AttentionKind, AttentionProcessor, AttentionSite, LayerAttention, QueryKeyValue,
 };
@@ -407,17 +408,10 @@ impl AttentionProcessor for CrossImageAttention {
         let others: Vec<usize> = (0..batch.batch)
             .filter(|&item| item != batch.output_swap)
             .collect();
-        let select = |xs: &Tensor| -> candle_core::Result<Tensor> {
-            let rows = others
-                .iter()
-                .map(|&item| xs.narrow(0, item, 1))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)
-        };
         let own = layer.attend(&QueryKeyValue {
-            query: select(&projections.query)?,
-            key: select(&projections.key)?,
-            value: select(&projections.value)?,
+            query: batch_rows(&projections.query, &others)?,
+            key: batch_rows(&projections.key, &others)?,
+            value: batch_rows(&projections.value, &others)?,
         })?;
         let mut rows = Vec::with_capacity(batch.batch);
         let mut next_other = 0;

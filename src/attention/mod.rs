@@ -19,3 +19,15 @@ pub mod prompt_weights;
 pub mod store;
 pub mod style_aligned;
 pub mod style_sampling;
+
+/// The batch items `items` of `xs` (`[batch, ...]`), in that order: `[items.len(), ...]`.
+pub(crate) fn batch_rows(
+    xs: &candle_core::Tensor,
+    items: &[usize],
+) -> candle_core::Result<candle_core::Tensor> {
+    let rows = items
+        .iter()
+        .map(|&item| xs.narrow(0, item, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    candle_core::Tensor::cat(&rows, 0)
+}

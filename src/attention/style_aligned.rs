@@ -34,6 +34,7 @@ use std::collections::HashSet;
 use candle_core::{DType, Tensor};
 
 use crate::analysis::heatmap::UnetPlace;
+use crate::attention::batch_rows;
 use crate::hook::{
     AttentionKind, AttentionProcessor, AttentionSite, LayerAttention, QueryKeyValue,
     SharedGroupNorm,
@@ -463,32 +464,25 @@ impl StyleAligned {
             .iter()
             .map(|&item| reference_of(item, items_per_half))
             .collect();
-        let select = |xs: &Tensor, items: &[usize]| -> candle_core::Result<Tensor> {
-            let rows = items
-                .iter()
-                .map(|&item| xs.narrow(0, item, 1))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)
-        };
         let dtype = projections.query.dtype();
         let normalised = |xs: &Tensor, wanted: bool| -> candle_core::Result<Tensor> {
-            let own = select(xs, targets)?;
+            let own = batch_rows(xs, targets)?;
             if !wanted {
                 return Ok(own);
             }
-            let (mean, std) = token_statistics(&select(xs, &references)?, ADAIN_EPS)?;
+            let (mean, std) = token_statistics(&batch_rows(xs, &references)?, ADAIN_EPS)?;
             adain(&own, &mean, &std)?.to_dtype(dtype)
         };
         let query = normalised(&projections.query, self.config.adain_queries)?;
         let own_key = normalised(&projections.key, self.config.adain_keys)?;
         let own_value = normalised(&projections.value, self.config.adain_values)?;
-        let reference_key = select(&projections.key, &references)?;
+        let reference_key = batch_rows(&projections.key, &references)?;
         let reference_key = if self.config.shared_score_scale == 1.0 {
             reference_key
         } else {
             reference_key.affine(f64::from(self.config.shared_score_scale), 0.0)?
         };
-        let reference_value = select(&projections.value, &references)?;
+        let reference_value = batch_rows(&projections.value, &references)?;
         let shared = QueryKeyValue {
             query: query.contiguous()?,
             key: Tensor::cat(&[&own_key, &reference_key], 1)?.contiguous()?,
@@ -535,18 +529,11 @@ impl AttentionProcessor for StyleAligned {
         };
         let (references, targets): (Vec<usize>, Vec<usize>) =
             (0..site.batch).partition(|&item| item % items_per_half == 0);
-        let select = |xs: &Tensor, items: &[usize]| -> candle_core::Result<Tensor> {
-            let rows = items
-                .iter()
-                .map(|&item| xs.narrow(0, item, 1))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&rows, 0)
-        };
         // The references alone, through the fused kernel: the values of a run without sharing.
         let reference_output = layer.attend(&QueryKeyValue {
-            query: select(&projections.query, &references)?,
-            key: select(&projections.key, &references)?,
-            value: select(&projections.value, &references)?,
+            query: batch_rows(&projections.query, &references)?,
+            key: batch_rows(&projections.key, &references)?,
+            value: batch_rows(&projections.value, &references)?,
         })?;
         let target_output =
             self.targets_output(projections, &targets, items_per_half, site, layer)?;

@@ -18,7 +18,7 @@ use attend::pipeline::weights::RandomWeights;
 use candle_core::{DType, Device};
 
 use super::checks::at_least_one;
-use super::load_model;
+use super::{load_model, manifest_component_json};
 
 /// Benchmarks.
 #[derive(Debug, clap::Args)]
@@ -41,16 +41,24 @@ pub enum BenchTarget {
     Edit(super::bench_edit::EditBenchArgs),
 }
 
+/// Which network `bench unet` / `bench vae` time.
+#[derive(Debug, clap::Args)]
+pub struct BenchNetworkArgs {
+    /// Model folder whose network (and text width) to use. Default: the bundled model.
+    #[arg(long, value_name = "DIR", conflicts_with = "random_weights")]
+    pub model: Option<PathBuf>,
+    /// Instead of a model folder: the network's `config.json` (or a shape manifest such as SD
+    /// 1.5's, whose `configs.unet` / `configs.vae` is used) built with random weights in memory,
+    /// nothing read or written.
+    #[arg(long, value_name = "MANIFEST", alias = "random-config")]
+    pub random_weights: Option<PathBuf>,
+}
+
 /// Arguments of `attend bench unet`.
 #[derive(Debug, clap::Args)]
 pub struct UnetBenchArgs {
-    /// Model folder whose UNet (and text width) to use.
-    #[arg(long, value_name = "DIR", conflicts_with = "random_weights")]
-    pub model: Option<PathBuf>,
-    /// Instead of a model folder: a UNet `config.json` (or a shape manifest such as SD 1.5's, whose
-    /// `configs.unet` is used) built with random weights in memory, nothing read or written.
-    #[arg(long, value_name = "MANIFEST", alias = "random-config")]
-    pub random_weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub network: BenchNetworkArgs,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub width: usize,
@@ -81,13 +89,8 @@ pub struct UnetBenchArgs {
 /// Arguments of `attend bench vae`.
 #[derive(Debug, clap::Args)]
 pub struct VaeBenchArgs {
-    /// Model folder whose VAE to use.
-    #[arg(long, value_name = "DIR", conflicts_with = "random_weights")]
-    pub model: Option<PathBuf>,
-    /// Instead of a model folder: a VAE `config.json` (or a shape manifest such as SD 1.5's, whose
-    /// `configs.vae` is used) built with random weights in memory, nothing read or written.
-    #[arg(long, value_name = "MANIFEST", alias = "random-config")]
-    pub random_weights: Option<PathBuf>,
+    #[command(flatten)]
+    pub network: BenchNetworkArgs,
     /// Image width in pixels.
     #[arg(long, default_value_t = 512, value_parser = at_least_one, allow_negative_numbers = true)]
     pub width: usize,
@@ -118,14 +121,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
     let device = Device::Cpu;
-    let (unet, latent_factor) = match (&args.model, &args.random_weights) {
+    let (unet, latent_factor) = match (&args.network.model, &args.network.random_weights) {
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?;
-            let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
-            let config = UnetConfig::from_json(&unet_json.to_string(), path)?;
+            let config = UnetConfig::from_json(&manifest_component_json(path, "unet")?, path)?;
             let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
             (Unet::new(vb, &config)?, args.latent_factor.unwrap_or(8))
         }
@@ -252,14 +250,9 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
 
 fn bench_vae(args: &VaeBenchArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let vae = match (&args.model, &args.random_weights) {
+    let vae = match (&args.network.model, &args.network.random_weights) {
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()))?;
-            let vae_json = json.pointer("/configs/vae").cloned().unwrap_or(json);
-            let config = VaeConfig::from_json(&vae_json.to_string(), path)?;
+            let config = VaeConfig::from_json(&manifest_component_json(path, "vae")?, path)?;
             let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
             AutoencoderKl::new(vb, &config)?
         }

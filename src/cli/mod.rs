@@ -244,6 +244,21 @@ fn parse_prediction_type(
     attend::pipeline::checkpoint::parse_prediction_type(text)
 }
 
+/// The `configs.<component>` object of a shape manifest (as tests/fixtures/manifests/sd15.json),
+/// or the whole file when it is a bare `config.json`, as JSON text; errors name the file.
+pub fn manifest_component_json(path: &std::path::Path, component: &str) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let config = json
+        .pointer(&format!("/configs/{component}"))
+        .cloned()
+        .unwrap_or(json);
+    Ok(config.to_string())
+}
+
 /// Fails when `--model` names a file that is not a `.safetensors` checkpoint (pickles are refused
 /// by the loader with the way to convert them), before the loader's "not found".
 pub fn check_model_dir(path: &std::path::Path) -> anyhow::Result<()> {

@@ -373,12 +373,8 @@ fn time_random_unet(
     config: StyleAlignedConfig,
 ) -> anyhow::Result<serde_json::Value> {
     let device = Device::Cpu;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--time-random-unet {}: cannot read", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("--time-random-unet {}: not JSON", path.display()))?;
-    let unet_json = json.pointer("/configs/unet").cloned().unwrap_or(json);
-    let unet_config = UnetConfig::from_json(&unet_json.to_string(), path)?;
+    let unet_json = super::manifest_component_json(path, "unet").context("--time-random-unet")?;
+    let unet_config = UnetConfig::from_json(&unet_json, path)?;
     let images = 1 + args.targets;
     let batch = 2 * images;
     // The memory the set's run would be estimated to need (weights aside), SD-like latents.
