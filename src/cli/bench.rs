@@ -71,6 +71,9 @@ pub struct UnetBenchArgs {
     /// Capture attention as the editor does (cross-attention of every layer, self-attention up to 32x32).
     #[arg(long)]
     pub capture: bool,
+    /// How the UNet's matrix products treat their operands.
+    #[arg(long, value_enum, default_value_t = super::ProductsArg::F32)]
+    pub products: super::ProductsArg,
     /// Tokens kept per cross-attention map when capturing (a prompt of about 8 words).
     #[arg(long, default_value_t = 12, value_parser = at_least_one, allow_negative_numbers = true)]
     pub capture_tokens: usize,
@@ -145,6 +148,8 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             (model.unet, factor)
         }
     };
+    let mut unet = unet;
+    unet.set_product_precision(args.products.into());
     let config = unet.config().clone();
     anyhow::ensure!(latent_factor > 0, "--latent-factor must be at least 1");
     anyhow::ensure!(

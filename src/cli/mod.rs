@@ -238,6 +238,24 @@ pub struct ModelArgs {
     pub prediction_type: Option<attend::pipeline::scheduler::PredictionType>,
 }
 
+/// How the UNet's matrix products treat their operands (`--products`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProductsArg {
+    /// f32 operands: the reference, within 1e-4 of diffusers.
+    F32,
+    /// Operands rounded to bf16 with f32 sums (AVX-512 BF16 CPUs; elsewhere f32).
+    Bf16,
+}
+
+impl From<ProductsArg> for attend::kernels::ProductPrecision {
+    fn from(products: ProductsArg) -> Self {
+        match products {
+            ProductsArg::F32 => Self::F32,
+            ProductsArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
 fn parse_prediction_type(
     text: &str,
 ) -> Result<attend::pipeline::scheduler::PredictionType, String> {

@@ -17,6 +17,11 @@ use super::threads::{for_each_block, parallel_map};
 /// elements 311 ms, 256 Ki 241 ms, 512 Ki 221 ms, 1 Mi 218 ms per layer.
 const ATTENTION_BLOCK_SCORES: usize = 512 * 1024;
 
+thread_local! {
+    /// Each thread's block of attention scores, kept between fused attention calls.
+    static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Query rows per attention block: [`ATTENTION_BLOCK_SCORES`] scores, at least 8 rows.
 fn attention_block_rows(queries: usize, keys: usize) -> usize {
     (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8))
@@ -60,7 +65,12 @@ impl FusedAttention<'_> {
         // One unit per (item, head): its keys and values stay in the core's cache while all its
         // query blocks pass; each unit returns its `[queries, d]` result.
         let units = parallel_map(batch * self.heads, batch * queries * keys >= 4096, |unit| {
-            let mut scores = vec![0f32; block_rows.min(queries) * keys];
+            // The scores block is written by its product before it is read: a per-thread buffer
+            // kept between calls (a fresh 2 MiB block was zeroed for every unit).
+            let mut scores = SCORES.take();
+            if scores.len() < block_rows.min(queries) * keys {
+                scores.resize(block_rows.min(queries) * keys, 0.0);
+            }
             let mut sums = vec![0f32; block_rows.min(queries)];
             let mut local = vec![0f32; queries * head_dim];
             let (item, head) = (unit / self.heads, unit % self.heads);
@@ -70,7 +80,7 @@ impl FusedAttention<'_> {
                 .flat_map(|row| &row[head * head_dim..][..head_dim])
                 .copied()
                 .collect();
-            for_each_block(0, queries, queries, block_rows, |first, rows, _| {
+            let done = for_each_block(0, queries, queries, block_rows, |first, rows, _| {
                 let block = Block {
                     first,
                     rows,
@@ -78,7 +88,9 @@ impl FusedAttention<'_> {
                     sums: &mut sums[..rows],
                 };
                 self.block(item, head, &value, block, &mut local)
-            })?;
+            });
+            SCORES.set(scores);
+            done?;
             Ok::<_, candle_core::Error>(local)
         });
         let units = units.into_iter().collect::<Result<Vec<_>>>()?;

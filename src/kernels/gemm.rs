@@ -6,6 +6,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Tensor};
 
+use super::bf16::{gemm_bf16, product_precision, ProductPrecision, BF16_MIN_MACS};
 use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
 use super::threads::{piece_count, worker_count};
@@ -147,7 +148,29 @@ pub(super) fn gemm_with_bias<D: GemmDestination + ?Sized>(
         dst.fill_rows(dst_offset, m, dst_row_stride, bias);
     }
     let read_dst = bias.is_some();
-    let (dst_ptr, _) = dst.raw_parts();
+    let (dst_ptr, dst_len) = dst.raw_parts();
+    if product_precision() == ProductPrecision::Bf16 && m * n * k >= BF16_MIN_MACS {
+        #[allow(unsafe_code)]
+        // SAFETY: `dst_ptr` is `dst`'s first element and `dst_len` its length; `dst` is borrowed
+        // mutably (no aliasing of the inputs) and, with `read_dst`, the product's elements were
+        // set to the bias just above.
+        let done = unsafe {
+            gemm_bf16(
+                (dst_ptr, dst_len),
+                (dst_offset, dst_row_stride),
+                lhs.data,
+                (lhs.offset, lhs.row_stride),
+                rhs.data,
+                (rhs.offset, rhs.row_stride),
+                (m, k, n),
+                read_dst,
+            )
+        };
+        // `false`: no AVX-512 BF16 here (bounds were checked above), so f32 below.
+        if done {
+            return Ok(());
+        }
+    }
     #[allow(unsafe_code)]
     // SAFETY: every element the GEMM reads or writes lies inside its slice (checked above), the
     // destination is borrowed mutably so it cannot alias the inputs. Without a bias `read_dst` is

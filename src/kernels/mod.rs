@@ -6,11 +6,12 @@
 //! and the attention store all call it, and it imports nothing else of attend (only candle, std,
 //! `gemm` and `pulp`). The kernels are candle custom ops over `CpuStorage` (or work on the
 //! contiguous f32 values of CPU tensors), so they run on the CPU device only. Large tensors are
-//! split over the machine's cores with scoped (named) threads; small ones run inline.
+//! split over the machine's cores with long-lived (named) kernel threads; small ones run inline.
 //!
 //! | file | what it is |
 //! |---|---|
-//! | `threads.rs` | worker count, the shared queue drained by named scoped threads, cutting work into ranges, chunks and row blocks |
+//! | `threads.rs` | worker count, the shared queue drained by the caller and the kernel threads, cutting work into ranges, chunks and row blocks |
+//! | `pool.rs` | the long-lived kernel threads: spin briefly between jobs, then sleep |
 //! | `buffers.rs` | output vectors the workers initialise piece by piece (zeroed by their worker, or checked after a product) |
 //! | `operands.rs` | reading a tensor's CPU storage: contiguous slices, f32 operands |
 //! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |
@@ -19,14 +20,17 @@
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
 //! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
+//! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
 //! | `heads.rs` | attention heads split (plain or transposed) and merged |
 //! | `elementwise.rs` | GEGLU, bias added in place, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call) and `buffers.rs` (outputs initialised piece by piece).
+//! call), `bf16.rs` (the bounds-checked AVX-512 BF16 intrinsics), `pool.rs` (a borrowed job
+//! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
 mod attention;
+mod bf16;
 mod buffers;
 mod conv;
 mod elementwise;
@@ -34,6 +38,7 @@ mod gemm;
 mod heads;
 mod norm;
 mod operands;
+mod pool;
 mod simd;
 mod softmax;
 #[cfg(test)]
@@ -43,6 +48,9 @@ mod winograd;
 
 pub use attention::{
     attend_probabilities, attention_probabilities, fused_attention, mean_of_planes,
+};
+pub use bf16::{
+    bf16_supported, product_precision, with_product_precision, ProductPrecision, BF16_MIN_MACS,
 };
 pub use conv::{im2col, PatchGeometry};
 pub use elementwise::{add_bias, geglu, linear_geglu, upsample_nearest};

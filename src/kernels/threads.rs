@@ -1,11 +1,15 @@
-//! Spreading a kernel over the cores: the worker count, a shared queue drained by named scoped
-//! threads, and the ways work is cut (ranges of units, mutable chunks, row blocks inside groups).
+//! Spreading a kernel over the cores: the worker count, a shared queue drained by the calling
+//! thread and the kernel threads, and the ways work is cut (ranges of units, mutable
+//! chunks, row blocks inside groups).
 //! Small work runs inline on the calling thread.
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
 use candle_core::Result;
+
+use super::bf16::{product_precision, with_product_precision};
+use super::pool::KernelPool;
 
 /// Below this many elements of work a kernel runs on the calling thread.
 pub(super) const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
@@ -18,14 +22,16 @@ pub(super) fn worker_count() -> usize {
 }
 
 /// Runs `work` on every item of `items`, spread over up to `worker_count()` threads (the calling
-/// thread included) that take items from a shared queue; if a thread cannot be started, the others
-/// simply take its share.
+/// thread and the kernel threads, see `pool.rs`) that take items from a shared queue; a thread
+/// that comes late simply finds less left. Kernel threads multiply at the calling thread's
+/// product precision. When the kernel threads are busy with another caller, this one runs alone.
 pub(super) fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
     let workers = worker_count().min(items.len());
-    if workers <= 1 {
+    let pool = KernelPool::global(worker_count().saturating_sub(1));
+    let Some(pool) = pool.filter(|pool| workers > 1 && pool.threads() > 0) else {
         items.into_iter().for_each(work);
         return;
-    }
+    };
     let queue = std::sync::Mutex::new(items);
     let next = || {
         queue
@@ -33,28 +39,17 @@ pub(super) fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
     };
+    let precision = product_precision();
     let drain = || {
-        while let Some(item) = next() {
-            work(item);
-        }
-    };
-    std::thread::scope(|scope| {
-        let drain = &drain;
-        let handles: Vec<_> = (1..workers)
-            .filter_map(|_| {
-                std::thread::Builder::new()
-                    .name("attend-kernel".to_string())
-                    .spawn_scoped(scope, drain)
-                    .ok()
-            })
-            .collect();
-        drain();
-        for handle in handles {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
+        with_product_precision(precision, || {
+            while let Some(item) = next() {
+                work(item);
             }
-        }
-    });
+        });
+    };
+    if !pool.run(&drain) {
+        drain();
+    }
 }
 
 /// How many pieces to cut `units` of `unit_cost` elements into (1 = run inline).

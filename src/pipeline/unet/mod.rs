@@ -34,6 +34,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::hook::AttentionHook;
+use crate::kernels::{with_product_precision, ProductPrecision};
 use crate::pipeline::{PipelineError, PipelineResult};
 use blocks::{timestep_features, BlockInputs, DownBlock, MidBlock, TimeEmbedding, UpBlock};
 pub use config::UnetConfig;
@@ -52,6 +53,8 @@ pub struct Unet {
     config: UnetConfig,
     dtype: DType,
     device: Device,
+    /// How the kernels' matrix products treat their operands during `forward`.
+    products: ProductPrecision,
 }
 
 impl Unet {
@@ -128,7 +131,19 @@ impl Unet {
             config: config.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            products: ProductPrecision::F32,
         })
+    }
+
+    /// How the matrix products of [`forward`](Self::forward) treat their operands (f32 unless set).
+    pub fn product_precision(&self) -> ProductPrecision {
+        self.products
+    }
+
+    /// Sets how the matrix products of [`forward`](Self::forward) treat their operands: f32 (the
+    /// reference), or bf16 operands with f32 sums where the CPU has AVX-512 BF16.
+    pub fn set_product_precision(&mut self, precision: ProductPrecision) {
+        self.products = precision;
     }
 
     /// The config the model was built from.
@@ -155,6 +170,19 @@ impl Unet {
     ///
     /// Returns the model output (noise or velocity) `[batch, out_channels, h, w]` in `sample`'s dtype.
     pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        hook: Option<&mut AttentionHook<'_>>,
+    ) -> PipelineResult<Tensor> {
+        with_product_precision(self.products, || {
+            self.forward_at_precision(sample, timestep, encoder_hidden_states, hook)
+        })
+    }
+
+    /// [`forward`](Self::forward) at the calling thread's product precision.
+    fn forward_at_precision(
         &self,
         sample: &Tensor,
         timestep: f64,
