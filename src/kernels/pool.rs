@@ -213,14 +213,18 @@ mod tests {
     fn every_item_runs_once_with_concurrent_callers() {
         let callers: Vec<_> = (0..3)
             .map(|caller| {
-                std::thread::spawn(move || {
-                    for round in 0..200 {
-                        let count = 1 + (round * 7 + caller) % 40;
-                        let squares = parallel_map(count, true, |index| index * index);
-                        let expected: Vec<usize> = (0..count).map(|index| index * index).collect();
-                        assert_eq!(squares, expected);
-                    }
-                })
+                std::thread::Builder::new()
+                    .name(format!("test-caller-{caller}"))
+                    .spawn(move || {
+                        for round in 0..200 {
+                            let count = 1 + (round * 7 + caller) % 40;
+                            let squares = parallel_map(count, true, |index| index * index);
+                            let expected: Vec<usize> =
+                                (0..count).map(|index| index * index).collect();
+                            assert_eq!(squares, expected);
+                        }
+                    })
+                    .unwrap()
             })
             .collect();
         for caller in callers {
