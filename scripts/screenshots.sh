@@ -97,6 +97,13 @@ env ATTEND_SCREENSHOT="$out/appearance-transfer.png" \
     ATTEND_SCREENSHOT_PROBE=0.78,0.68 \
     timeout 900 "$binary"
 
+# Frame times while the weight slider of "square" is dragged in edit mode (60 positions, one per
+# frame; each position restarts the edited branch): the summary is printed, the picture not kept.
+echo "== drag (frame times only)"
+env ATTEND_SCREENSHOT="$runtime_dir/drag.png" ATTEND_FRAME_TIMES="$runtime_dir/drag.frame-times.csv" \
+    ATTEND_SCREENSHOT_EDIT="a red square and a blue square" ATTEND_SCREENSHOT_DRAG=square \
+    timeout 900 "$binary" --prompt "$prompt" --seed "$seed" --generate
+
 for csv in "$runtime_dir"/*.frame-times.csv; do
     sort -n "$csv" | awk -v name="$(basename "$csv")" '
         { t[NR] = $1 }
@@ -105,3 +112,4 @@ for csv in "$runtime_dir"/*.frame-times.csv; do
             printf "%s: %d frames, build time p50 %.2f ms, p99 %.2f ms, max %.2f ms\n", name, NR, p50, p99, t[NR]
         }'
 done
+

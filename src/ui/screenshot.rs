@@ -36,6 +36,19 @@ pub struct ScreenshotPlan {
     /// Run this appearance transfer instead of a generation, and take it once the transfer
     /// finished (with the probe at [`Self::probe_point`] on its output).
     pub appearance: Option<AppearanceShot>,
+    /// Once the edit finished, drag this word's weight slider for [`DRAG_FRAMES`] frames (one
+    /// position per frame, as a hand would), then wait for the last edit (`ATTEND_SCREENSHOT_DRAG`,
+    /// with `ATTEND_SCREENSHOT_EDIT`). With `ATTEND_FRAME_TIMES` it measures frames during a drag.
+    pub drag_word: Option<String>,
+}
+
+/// Frames (slider positions) of a scripted weight drag.
+pub const DRAG_FRAMES: u32 = 60;
+
+/// The weight at frame `frame` of a scripted drag: from 1 up to 3, down to -1, back up to 3.
+fn drag_weight(frame: u32) -> f32 {
+    let phase = frame as f32 / DRAG_FRAMES as f32 * 2.5 * std::f32::consts::PI;
+    1.0 + 2.0 * phase.sin()
 }
 
 /// An appearance transfer for a screenshot: `ATTEND_SCREENSHOT_STRUCTURE=file`,
@@ -101,6 +114,7 @@ impl ScreenshotPlan {
                     .collect()
             }),
             appearance: AppearanceShot::from_environment(),
+            drag_word: std::env::var("ATTEND_SCREENSHOT_DRAG").ok(),
         })
     }
 }
@@ -123,6 +137,8 @@ pub(crate) struct Screenshot {
     /// Style set plans: the first target was selected.
     style_selected: bool,
     frames_after_finish: u32,
+    /// Positions of the scripted drag sent so far.
+    drag_frames: u32,
     requested: bool,
     written: Arc<AtomicBool>,
 }
@@ -135,6 +151,7 @@ impl Screenshot {
             prepared: false,
             style_selected: false,
             frames_after_finish: 0,
+            drag_frames: 0,
             requested: false,
             written: Arc::new(AtomicBool::new(false)),
         }
@@ -179,10 +196,24 @@ impl Screenshot {
                     && (self.plan.edit_prompt.is_none() || state.modes.edit.finished())
             }
         };
-        if !finished || self.requested {
+        let dragging = self.drag_frames > 0 && self.drag_frames < DRAG_FRAMES;
+        if (!finished && !dragging) || self.requested {
             return;
         }
         egui_ctx.request_repaint();
+        if let Some(word) = self
+            .plan
+            .drag_word
+            .as_ref()
+            .filter(|_| self.drag_frames < DRAG_FRAMES)
+        {
+            self.drag_frames += 1;
+            commands.push(UiCommand::SetWordWeight {
+                word: word.clone(),
+                weight: drag_weight(self.drag_frames),
+            });
+            return;
+        }
         if self.plan.style_targets.is_some() && !self.style_selected {
             // The first target's maps beside the reference's.
             self.style_selected = true;
@@ -270,5 +301,26 @@ impl Screenshot {
             written.store(true, Ordering::SeqCst);
             repaint_ctx.request_repaint();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scripted_drag_moves_the_weight_every_frame_inside_the_slider_range() {
+        let weights: Vec<f32> = (1..=DRAG_FRAMES).map(drag_weight).collect();
+        assert!(weights
+            .iter()
+            .all(|weight| crate::ui::edit::spec::WEIGHT_RANGE.contains(weight)));
+        assert!(weights.windows(2).all(|pair| pair[0] != pair[1]));
+        let (low, high) = weights
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(low, high), &w| {
+                (low.min(w), high.max(w))
+            });
+        assert!(low < 0.0 && high > 2.9, "{low}..{high}");
+        assert!((weights[weights.len() - 1] - 3.0).abs() < 1e-3);
     }
 }

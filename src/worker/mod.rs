@@ -33,6 +33,7 @@ pub use backend::{
 };
 pub use engine::{
     bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
+    BUNDLED_MODEL_PRODUCTS,
 };
 pub use error::{Disconnected, EngineError, SendCommandError};
 pub use export::{write_png_file, write_text_file};
