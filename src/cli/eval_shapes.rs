@@ -32,6 +32,9 @@ pub struct EvalShapesArgs {
     /// Guidance scale (default: the generate default).
     #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
+    /// Scheduler: ddim, euler, euler-a or dpmpp-2m (default: the model's own).
+    #[arg(long)]
+    pub scheduler: Option<attend::pipeline::scheduler::SchedulerKind>,
     /// Heat-map threshold (on the min-max normalised DAAM map) for the attention IoU, 0 to 1.
     #[arg(long, default_value_t = 0.4, allow_hyphen_values = true)]
     pub threshold: f32,
@@ -68,6 +71,9 @@ pub fn run(args: &EvalShapesArgs) -> anyhow::Result<()> {
         request.steps = args.steps;
         if let Some(guidance) = args.guidance {
             request.guidance = guidance;
+        }
+        if args.scheduler.is_some() {
+            request.scheduler = args.scheduler;
         }
         let token_count = model.tokenizer.encode_prompt(&scene.caption)?.token_count();
         let mut store = AttentionStore::new(StoreConfig {
