@@ -237,7 +237,7 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_prediction_type)]
     pub prediction_type: Option<attend::pipeline::scheduler::PredictionType>,
     /// How the UNet's matrix products treat their operands. Default: bf16 for the bundled model
-    /// (measured to keep its accuracy; about 1.5x faster), f32 for every other model.
+    /// (measured to keep its accuracy, and faster), f32 for every other model.
     #[arg(long, value_enum)]
     pub products: Option<ProductsArg>,
 }

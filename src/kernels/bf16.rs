@@ -17,7 +17,9 @@ pub enum ProductPrecision {
     #[default]
     F32,
     /// Operands rounded to bf16 (8 significant bits), accumulated in f32, on CPUs with AVX-512
-    /// BF16; elsewhere products stay f32. Products below [`BF16_MIN_MACS`] stay f32.
+    /// BF16; elsewhere products stay f32. Every product is rounded, whatever its size: a row's
+    /// result must not depend on how many rows share its product (a CFG batch, an edit's source
+    /// and edited rows, a piece of rows given to one core).
     Bf16,
 }
 
@@ -49,10 +51,6 @@ pub fn with_product_precision<R>(precision: ProductPrecision, work: impl FnOnce(
 pub fn product_precision() -> ProductPrecision {
     PRECISION.get()
 }
-
-/// Products of fewer multiply-adds stay f32: rounding their operands costs about what the
-/// bf16 kernel saves.
-pub const BF16_MIN_MACS: usize = 1 << 15;
 
 /// Whether this CPU has AVX-512 BF16 (and the AVX-512 foundation it builds on).
 pub fn bf16_supported() -> bool {

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Tensor};
 
-use super::bf16::{gemm_bf16, product_precision, ProductPrecision, BF16_MIN_MACS};
+use super::bf16::{gemm_bf16, product_precision, ProductPrecision};
 use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
 use super::threads::{piece_count, worker_count};
@@ -149,7 +149,7 @@ pub(super) fn gemm_with_bias<D: GemmDestination + ?Sized>(
     }
     let read_dst = bias.is_some();
     let (dst_ptr, dst_len) = dst.raw_parts();
-    if product_precision() == ProductPrecision::Bf16 && m * n * k >= BF16_MIN_MACS {
+    if product_precision() == ProductPrecision::Bf16 {
         #[allow(unsafe_code)]
         // SAFETY: `dst_ptr` is `dst`'s first element and `dst_len` its length; `dst` is borrowed
         // mutably (no aliasing of the inputs) and, with `read_dst`, the product's elements were

@@ -49,9 +49,7 @@ mod winograd;
 pub use attention::{
     attend_probabilities, attention_probabilities, fused_attention, mean_of_planes,
 };
-pub use bf16::{
-    bf16_supported, product_precision, with_product_precision, ProductPrecision, BF16_MIN_MACS,
-};
+pub use bf16::{bf16_supported, product_precision, with_product_precision, ProductPrecision};
 pub use conv::{im2col, PatchGeometry};
 pub use elementwise::{add_bias, geglu, linear_geglu, upsample_nearest};
 pub use gemm::{

@@ -41,7 +41,7 @@ pub const BUNDLED_MODEL_FOLDER: &str = "assets/attend-shapes";
 
 /// How the bundled model's UNet multiplies: bf16 operands with f32 sums (on CPUs with AVX-512
 /// BF16; elsewhere f32). Its accuracy on drawn scenes and its attention maps were measured to
-/// hold (docs/benchmarks.md), and its UNet call is about 1.5x faster. Other models default to f32.
+/// hold (docs/benchmarks.md), and its UNet call is faster. Other models default to f32.
 pub const BUNDLED_MODEL_PRODUCTS: ProductPrecision = ProductPrecision::Bf16;
 
 /// Where the bundled model is: `$ATTEND_BUNDLED_MODEL`, else `assets/attend-shapes` next to the
