@@ -23,7 +23,7 @@ for round in $(seq "$rounds"); do
   theirs_secs=$(sed -E 's/.*"diffusers_unet_secs": ([0-9.e-]+).*/\1/' <<<"$theirs")
   ratio=$(awk -v a="$ours_secs" -v b="$theirs_secs" 'BEGIN { printf "%.2f", a / b }')
   ratios+=("$ratio")
-  echo "round $round: attend ($products products) ${ours_secs} s (load $load_ours), diffusers ${theirs_secs} s (load $load_theirs), ratio ${ratio}x"
+  echo "pass $round: attend ($products products) ${ours_secs} s (load $load_ours), diffusers ${theirs_secs} s (load $load_theirs), ratio ${ratio}x"
 done
 sorted=$(printf '%s\n' "${ratios[@]}" | sort -n)
 echo "ratios: $(tr '\n' ' ' <<<"$sorted")median $(sed -n "$(( (rounds + 1) / 2 ))p" <<<"$sorted")x"
