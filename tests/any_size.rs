@@ -8,12 +8,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{fixture, max_abs_diff, read_json};
+use common::{fixture, generate_with_store, max_abs_diff, read_json};
 use std::collections::HashMap;
 
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings, SelfAttentionSpan, UnetPlace};
 use attend::analysis::segment::{kmeans_segments, KMeansSettings};
-use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::CancelToken;
 use attend::pipeline::limits::{available_memory, check_unet_call, ModelFootprint, RunCapture};
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
@@ -123,21 +122,7 @@ fn sd15_layout_takes_600_by_400() {
 fn heat_maps_and_segments_work_on_odd_non_square_grids() {
     let model = tiny_sd1_with_reference_ddim();
     let request = request(&model);
-    let token_count = model
-        .tokenizer
-        .encode_prompt(&request.prompt)
-        .unwrap()
-        .token_count();
-    let mut store = AttentionStore::new(StoreConfig::new(token_count));
-    let output = generate(
-        &model,
-        &request,
-        Some(&mut store),
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
-    store.finish_step().unwrap();
+    let (output, store) = generate_with_store(&model, &request);
     let grids: Vec<(UnetPlace, usize, usize)> = store.steps()[0]
         .groups
         .iter()

@@ -6,15 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::max_abs_diff;
+use common::{generate_with_store, max_abs_diff};
 
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings};
-use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::hook::CancelToken;
+use attend::attention::store::AttentionStore;
 use attend::kernels::{bf16_supported, ProductPrecision};
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::rng::NoiseRng;
-use attend::pipeline::sampling::{generate, prepare_run, GenerateOutput, GenerateRequest};
+use attend::pipeline::sampling::{GenerateOutput, GenerateRequest};
 use attend::worker::{bundled_model_dir, BUNDLED_MODEL_PRODUCTS};
 use candle_core::{Device, Tensor};
 
@@ -31,18 +30,7 @@ fn run(model: &StableDiffusion, steps: usize) -> (GenerateOutput, AttentionStore
     let mut request = GenerateRequest::new(model, PROMPT);
     request.steps = steps;
     request.seed = 7;
-    let prepared = prepare_run(model, &request).unwrap();
-    let mut store = AttentionStore::new(StoreConfig::new(prepared.prompt_tokens.token_count()));
-    let output = generate(
-        model,
-        &request,
-        Some(&mut store),
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
-    store.finish_step().unwrap();
-    (output, store)
+    generate_with_store(model, &request)
 }
 
 #[test]

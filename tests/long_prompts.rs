@@ -7,13 +7,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{fixture, max_abs_diff};
+use common::{fixture, generate_with_store, max_abs_diff};
 
 use attend::analysis::heatmap::{word_heatmaps, AggregationSettings};
-use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::CancelToken;
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
-use attend::pipeline::sampling::{encode_prompt_batch, generate, prepare_run, GenerateRequest};
+use attend::pipeline::sampling::{encode_prompt_batch, prepare_run, GenerateRequest};
 use attend::pipeline::tokenizer::{PromptTokenizer, MAX_PROMPT_CHUNKS};
 use attend::worker::bundled_model_dir;
 
@@ -138,16 +137,7 @@ fn the_bundled_model_generates_a_long_prompt_with_heat_maps_across_chunks() {
     let run = prepare_run(&model, &request).unwrap();
     assert_eq!(run.prompt_tokens.chunk_count, 2);
     let token_count = run.prompt_tokens.token_count();
-    let mut store = AttentionStore::new(StoreConfig::new(token_count));
-    let output = generate(
-        &model,
-        &request,
-        Some(&mut store),
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
-    store.finish_step().unwrap();
+    let (output, store) = generate_with_store(&model, &request);
     assert!(output
         .warnings
         .iter()

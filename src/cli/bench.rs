@@ -124,7 +124,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
     let device = Device::Cpu;
-    let (unet, latent_factor) = match (&args.network.model, &args.network.random_weights) {
+    let (mut unet, latent_factor) = match (&args.network.model, &args.network.random_weights) {
         (_, Some(path)) => {
             let config = UnetConfig::from_json(&manifest_component_json(path, "unet")?, path)?;
             let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
@@ -148,7 +148,6 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             (model.unet, factor)
         }
     };
-    let mut unet = unet;
     unet.set_product_precision(args.products.into());
     let config = unet.config().clone();
     anyhow::ensure!(latent_factor > 0, "--latent-factor must be at least 1");

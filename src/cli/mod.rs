@@ -300,59 +300,56 @@ pub fn check_model_dir(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl ModelArgs {
+    /// `--products`, else the model's default: the bundled model's precision for the bundled
+    /// model, f32 for every other model.
+    pub fn product_precision(&self) -> attend::kernels::ProductPrecision {
+        let bundled = self.dir.is_none() && self.random_weights.is_none();
+        self.products.map_or(
+            if bundled {
+                attend::worker::BUNDLED_MODEL_PRODUCTS
+            } else {
+                attend::kernels::ProductPrecision::F32
+            },
+            attend::kernels::ProductPrecision::from,
+        )
+    }
+}
+
 /// Loads the chosen model (the bundled one by default), with a clear message when it is missing.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::StableDiffusion> {
     use anyhow::Context as _;
-    if let Some(manifest) = &args.random_weights {
-        let options = attend::pipeline::model::LoadOptions {
-            prediction_type: args.prediction_type,
-            ..attend::pipeline::model::LoadOptions::default()
-        };
-        let mut model =
-            attend::pipeline::model::StableDiffusion::with_random_weights(manifest, &options, 0)
-                .with_context(|| format!("cannot build a model from {}", manifest.display()))?;
-        model
-            .unet
-            .set_product_precision(args.products.unwrap_or(ProductsArg::F32).into());
-        for warning in model.load_warnings() {
-            eprintln!("warning: {warning}");
-        }
-        return Ok(model);
-    }
-    let dir = match &args.dir {
-        Some(dir) => {
-            check_model_dir(dir)?;
-            dir.clone()
-        }
-        None => {
-            let dir = attend::worker::bundled_model_dir();
-            anyhow::ensure!(
-                dir.join("model_index.json").is_file(),
-                "the bundled model is missing from {} (it ships with attend's source tree); pass --model DIR",
-                dir.display()
-            );
-            dir
-        }
-    };
     let mut options = attend::pipeline::model::LoadOptions {
         prediction_type: args.prediction_type,
         ..attend::pipeline::model::LoadOptions::default()
     };
-    // The bundled model ships its UNet as the fp16 variant only (no note needed about that).
-    if args.fp16_weights || args.dir.is_none() {
-        options.variant = attend::pipeline::weights::WeightVariant::Fp16;
-    }
-    let mut model = attend::pipeline::model::StableDiffusion::load(&dir, &options)
-        .with_context(|| format!("cannot load model {}", dir.display()))?;
-    let default_products = if args.dir.is_none() {
-        attend::worker::BUNDLED_MODEL_PRODUCTS
+    let mut model = if let Some(manifest) = &args.random_weights {
+        attend::pipeline::model::StableDiffusion::with_random_weights(manifest, &options, 0)
+            .with_context(|| format!("cannot build a model from {}", manifest.display()))?
     } else {
-        attend::kernels::ProductPrecision::F32
+        let dir = match &args.dir {
+            Some(dir) => {
+                check_model_dir(dir)?;
+                dir.clone()
+            }
+            None => {
+                let dir = attend::worker::bundled_model_dir();
+                anyhow::ensure!(
+                    dir.join("model_index.json").is_file(),
+                    "the bundled model is missing from {} (it ships with attend's source tree); pass --model DIR",
+                    dir.display()
+                );
+                dir
+            }
+        };
+        // The bundled model ships its UNet as the fp16 variant only (no note needed about that).
+        if args.fp16_weights || args.dir.is_none() {
+            options.variant = attend::pipeline::weights::WeightVariant::Fp16;
+        }
+        attend::pipeline::model::StableDiffusion::load(&dir, &options)
+            .with_context(|| format!("cannot load model {}", dir.display()))?
     };
-    model.unet.set_product_precision(
-        args.products
-            .map_or(default_products, attend::kernels::ProductPrecision::from),
-    );
+    model.unet.set_product_precision(args.product_precision());
     for warning in model.load_warnings() {
         eprintln!("warning: {warning}");
     }

@@ -58,10 +58,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The pool of `threads` kernel threads.
+/// The pool of kernel threads (at least one).
 pub(super) struct KernelPool {
     shared: &'static Shared,
-    threads: usize,
 }
 
 impl KernelPool {
@@ -92,15 +91,7 @@ impl KernelPool {
                     .is_ok()
             })
             .count();
-        (started > 0).then_some(KernelPool {
-            shared,
-            threads: started,
-        })
-    }
-
-    /// How many kernel threads help a caller.
-    pub(super) fn threads(&self) -> usize {
-        self.threads
+        (started > 0).then_some(KernelPool { shared })
     }
 
     /// Runs `drain` on the calling thread and on the kernel threads at once, returning when all

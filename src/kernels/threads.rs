@@ -28,7 +28,7 @@ pub(super) fn worker_count() -> usize {
 pub(super) fn run_queue<I: Send>(items: Vec<I>, work: impl Fn(I) + Sync) {
     let workers = worker_count().min(items.len());
     let pool = KernelPool::global(worker_count().saturating_sub(1));
-    let Some(pool) = pool.filter(|pool| workers > 1 && pool.threads() > 0) else {
+    let Some(pool) = pool.filter(|_| workers > 1) else {
         items.into_iter().for_each(work);
         return;
     };

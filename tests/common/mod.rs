@@ -186,3 +186,31 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// One run of `request` with every step's attention stored (the prompt's tokens), the store's
+/// last step finished.
+pub fn generate_with_store(
+    model: &attend::pipeline::model::StableDiffusion,
+    request: &attend::pipeline::sampling::GenerateRequest,
+) -> (
+    attend::pipeline::sampling::GenerateOutput,
+    attend::attention::store::AttentionStore,
+) {
+    use attend::attention::store::{AttentionStore, StoreConfig};
+    let token_count = model
+        .tokenizer
+        .encode_prompt(&request.prompt)
+        .unwrap()
+        .token_count();
+    let mut store = AttentionStore::new(StoreConfig::new(token_count));
+    let output = attend::pipeline::sampling::generate(
+        model,
+        request,
+        Some(&mut store),
+        &mut |_| Ok(()),
+        &attend::hook::CancelToken::new(),
+    )
+    .unwrap();
+    store.finish_step().unwrap();
+    (output, store)
+}
