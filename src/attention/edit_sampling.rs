@@ -704,12 +704,14 @@ struct ItemView<'a> {
 }
 
 impl AttentionProcessor for ItemView<'_> {
+    /// A batch of another size goes to [`ItemView::process_probabilities`], which names it.
     fn wants_probabilities(&self, site: &AttentionSite) -> bool {
         let halves = if site.cfg { 2 } else { 1 };
-        self.inner.wants_probabilities(&AttentionSite {
-            batch: halves,
-            ..site.clone()
-        })
+        site.batch != halves * self.items
+            || self.inner.wants_probabilities(&AttentionSite {
+                batch: halves,
+                ..site.clone()
+            })
     }
 
     fn process_probabilities(
@@ -738,6 +740,31 @@ impl AttentionProcessor for ItemView<'_> {
         };
         self.inner.process_probabilities(&view_site, &view)?;
         Ok(None)
+    }
+
+    /// The observer's item of the view (`[uncond, cond]` halves) as a row of the whole batch.
+    fn observed_head_mean(&self, site: &AttentionSite) -> Option<usize> {
+        let halves = if site.cfg { 2 } else { 1 };
+        let half = self.inner.observed_head_mean(&AttentionSite {
+            batch: halves,
+            ..site.clone()
+        })?;
+        (half < halves).then_some(half * self.items + self.item)
+    }
+
+    fn observe_head_mean(
+        &mut self,
+        site: &AttentionSite,
+        mean: &Tensor,
+    ) -> candle_core::Result<()> {
+        let halves = if site.cfg { 2 } else { 1 };
+        self.inner.observe_head_mean(
+            &AttentionSite {
+                batch: halves,
+                ..site.clone()
+            },
+            mean,
+        )
     }
 
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
@@ -866,4 +893,56 @@ pub fn invert_recording_source(
         recording: recorder.finish(),
         recorded_while_inverting: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::heatmap::UnetPlace;
+    use crate::attention::store::{AttentionStore, StoreConfig};
+    use crate::hook::AttentionKind;
+
+    fn site(batch: usize, cfg: bool) -> AttentionSite {
+        AttentionSite {
+            place: UnetPlace::Up,
+            block_index: 0,
+            attention_index: 0,
+            layer_index: 0,
+            kind: AttentionKind::Cross,
+            query_h: 2,
+            query_w: 2,
+            heads: 2,
+            keys: 3,
+            batch,
+            cfg,
+            step_index: 0,
+            step_count: 1,
+        }
+    }
+
+    #[test]
+    fn an_item_view_names_its_observers_row_of_the_whole_batch() {
+        let mut store = AttentionStore::new(StoreConfig::new(3));
+        let mut view = ItemView {
+            inner: &mut store,
+            item: 1,
+            items: 2,
+        };
+        // Halves-major batches: [uncond 0, uncond 1, cond 0, cond 1] with guidance.
+        assert_eq!(view.observed_head_mean(&site(4, true)), Some(3));
+        assert!(!view.wants_probabilities(&site(4, true)));
+        assert_eq!(view.observed_head_mean(&site(2, false)), Some(1));
+        // A batch of another size goes to the probability stage, which names it.
+        assert!(view.wants_probabilities(&site(6, true)));
+        let probs = Tensor::zeros(
+            (12, 4, 3),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        let error = view
+            .process_probabilities(&site(6, true), &probs)
+            .unwrap_err();
+        assert!(error.to_string().contains("batch of 6"), "{error}");
+    }
 }

@@ -342,12 +342,12 @@ impl AttentionStore {
         Ok(())
     }
 
-    /// `[queries, keys]` f32: the recorded batch item's probabilities averaged over heads.
     /// Whether `site` (a self-attention layer) is one whose maps the store keeps.
     fn keeps_self_attention(&self, site: &AttentionSite) -> bool {
         self.config.keep_self && site.query_h.max(site.query_w) <= self.config.self_max_side
     }
 
+    /// `[queries, keys]` f32: the recorded batch item's probabilities averaged over heads.
     fn head_mean(&self, site: &AttentionSite, probs: &Tensor) -> candle_core::Result<Tensor> {
         let (batch_heads, queries, keys) = probs.dims3()?;
         if batch_heads != site.batch * site.heads || queries != site.queries() || keys != site.keys
@@ -400,19 +400,25 @@ fn accumulate(
     Ok(())
 }
 
-impl AttentionProcessor for AttentionStore {
-    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+impl AttentionStore {
+    /// The batch row the store records at `site` (the configured item of the conditional half),
+    /// `None` when it lies outside the batch.
+    fn recorded_item(&self, site: &AttentionSite) -> Option<usize> {
+        let first_recorded = if site.cfg { site.batch / 2 } else { 0 };
+        Some(first_recorded + self.config.batch_item).filter(|&item| item < site.batch)
+    }
+
+    /// Whether the store keeps anything of `site`.
+    fn keeps(&self, site: &AttentionSite) -> bool {
         match site.kind {
             AttentionKind::Cross => true,
             AttentionKind::SelfAttention => self.keeps_self_attention(site),
         }
     }
 
-    fn process_probabilities(
-        &mut self,
-        site: &AttentionSite,
-        probs: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    /// Adds `mean` (`[queries, keys]`, the recorded item's head mean at `site`) to the step's
+    /// sums (cross maps cut to the prompt's tokens).
+    fn record_head_mean(&mut self, site: &AttentionSite, mean: Tensor) -> candle_core::Result<()> {
         if self.current_step != Some(site.step_index) {
             self.convert_pending()?;
             self.current_step = Some(site.step_index);
@@ -421,15 +427,52 @@ impl AttentionProcessor for AttentionStore {
         match site.kind {
             AttentionKind::Cross => {
                 let tokens = self.config.token_count.min(site.keys);
-                let map = self.head_mean(site, probs)?.narrow(1, 0, tokens)?;
-                accumulate(&mut self.pending_cross, key, map)?;
+                accumulate(&mut self.pending_cross, key, mean.narrow(1, 0, tokens)?)
             }
-            AttentionKind::SelfAttention => {
-                if self.keeps_self_attention(site) {
-                    let map = self.head_mean(site, probs)?;
-                    accumulate(&mut self.pending_self, key, map)?;
-                }
-            }
+            AttentionKind::SelfAttention => accumulate(&mut self.pending_self, key, mean),
+        }
+    }
+}
+
+impl AttentionProcessor for AttentionStore {
+    /// The store reads only head means, which the fused kernel computes: it wants the
+    /// probabilities only where its batch item is missing (so that `process_probabilities` names
+    /// the problem).
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        self.keeps(site) && self.recorded_item(site).is_none()
+    }
+
+    fn observed_head_mean(&self, site: &AttentionSite) -> Option<usize> {
+        self.recorded_item(site).filter(|_| self.keeps(site))
+    }
+
+    fn observe_head_mean(
+        &mut self,
+        site: &AttentionSite,
+        mean: &Tensor,
+    ) -> candle_core::Result<()> {
+        if !self.keeps(site) {
+            return Ok(());
+        }
+        let expected = [site.queries(), site.keys];
+        if mean.dims() != expected {
+            candle_core::bail!(
+                "attention store: {} gave a head mean of {:?}, expected {expected:?}",
+                site.module_path(),
+                mean.dims()
+            );
+        }
+        self.record_head_mean(site, mean.to_dtype(candle_core::DType::F32)?)
+    }
+
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if self.keeps(site) {
+            let mean = self.head_mean(site, probs)?;
+            self.record_head_mean(site, mean)?;
         }
         Ok(None)
     }

@@ -32,10 +32,38 @@ impl<'a> ChainedProcessors<'a> {
 }
 
 impl AttentionProcessor for ChainedProcessors<'_> {
+    /// True when one processor wants the probabilities, or when two observe the head means of
+    /// different items (the fused kernel sums one): then every processor gets
+    /// [`AttentionProcessor::process_probabilities`].
     fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        let mut observed = self
+            .processors
+            .iter()
+            .filter_map(|processor| processor.observed_head_mean(site));
+        let first = observed.next();
         self.processors
             .iter()
             .any(|processor| processor.wants_probabilities(site))
+            || observed.any(|item| Some(item) != first)
+    }
+
+    fn observed_head_mean(&self, site: &AttentionSite) -> Option<usize> {
+        self.processors
+            .iter()
+            .find_map(|processor| processor.observed_head_mean(site))
+    }
+
+    fn observe_head_mean(
+        &mut self,
+        site: &AttentionSite,
+        mean: &Tensor,
+    ) -> candle_core::Result<()> {
+        for processor in &mut self.processors {
+            if processor.observed_head_mean(site).is_some() {
+                processor.observe_head_mean(site, mean)?;
+            }
+        }
+        Ok(())
     }
 
     fn process_probabilities(

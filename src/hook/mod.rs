@@ -5,7 +5,9 @@
 //!    processor may replace them, e.g. to let one image attend to another's keys and values
 //!    (shared attention);
 //! 2. **probabilities** (`[batch * heads, queries, keys]`, after the softmax): a processor may read
-//!    them (store, analyse) or replace them (Prompt-to-Prompt).
+//!    them (store, analyse) or replace them (Prompt-to-Prompt). A processor that only needs one
+//!    batch item's mean over the heads (the attention store) asks for that instead
+//!    ([`AttentionProcessor::observed_head_mean`]): the fused kernel sums it on the way.
 //!
 //! A layer asks first whether each stage is wanted: a stage no processor wants costs nothing, and a
 //! layer whose probabilities nobody wants runs the fused attention kernel (the scores never exist in
@@ -189,6 +191,24 @@ pub trait AttentionProcessor {
         site: &AttentionSite,
         probs: &Tensor,
     ) -> Result<Option<Tensor>>;
+
+    /// The batch item whose probabilities the processor reads only as their mean over the heads,
+    /// at a layer whose probabilities it does not otherwise want
+    /// ([`AttentionProcessor::wants_probabilities`] false). The layer then keeps its fused kernel,
+    /// which sums that mean as it goes, and hands it to
+    /// [`AttentionProcessor::observe_head_mean`]. A layer that materialises its probabilities
+    /// anyway (another processor of a chain wants them, or a dtype or device the fused kernel does
+    /// not take) calls [`AttentionProcessor::process_probabilities`] instead, so an observer
+    /// handles both. Default: `None`.
+    fn observed_head_mean(&self, _site: &AttentionSite) -> Option<usize> {
+        None
+    }
+
+    /// One layer's probabilities of the item [`AttentionProcessor::observed_head_mean`] named,
+    /// averaged over the heads: `[queries, keys]` f32. Default: nothing.
+    fn observe_head_mean(&mut self, _site: &AttentionSite, _mean: &Tensor) -> Result<()> {
+        Ok(())
+    }
 
     /// Whether [`AttentionProcessor::compute_attention_output`] computes `site`'s output.
     /// Default: false.

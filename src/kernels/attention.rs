@@ -44,6 +44,25 @@ struct FusedAttention<'a> {
     heads: usize,
     head_dim: usize,
     scale: f32,
+    /// The batch item whose probabilities are also averaged over heads (see
+    /// [`fused_attention_with_head_mean`]).
+    observed_item: Option<usize>,
+}
+
+/// What one worker of [`FusedAttention`] computes.
+#[derive(Clone, Copy)]
+enum FusedUnit {
+    /// All queries of one head of one batch item: `[queries, d]`.
+    Head { item: usize, head: usize },
+    /// Queries `first..first + rows` of the observed item, all heads: `[rows, heads * d]` and
+    /// the block's head mean of the probabilities `[rows, keys]`.
+    Observed { first: usize, rows: usize },
+}
+
+/// A unit's results.
+enum FusedResult {
+    Head(Vec<f32>),
+    Observed { output: Vec<f32>, mean: Vec<f32> },
 }
 
 impl FusedAttention<'_> {
@@ -51,8 +70,9 @@ impl FusedAttention<'_> {
         self.heads * self.head_dim
     }
 
-    /// `[batch, queries, heads * d]`.
-    fn run(&self) -> Result<Vec<f32>> {
+    /// The output `[batch, queries, heads * d]` and, with an observed item, its head mean of the
+    /// probabilities `[queries, keys]`.
+    fn run(&self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let (batch, queries, keys, inner) = (self.batch, self.queries, self.keys, self.inner());
         if self.key_t.len() != batch * inner * keys
             || self.value.len() != batch * keys * inner
@@ -60,65 +80,212 @@ impl FusedAttention<'_> {
         {
             candle_core::bail!("fused attention: inconsistent shapes");
         }
-        let block_rows = attention_block_rows(queries, keys);
+        if let Some(item) = self.observed_item.filter(|&item| item >= batch) {
+            candle_core::bail!("fused attention: observed item {item} outside a batch of {batch}");
+        }
         let head_dim = self.head_dim;
-        // One unit per (item, head): its keys and values stay in the core's cache while all its
-        // query blocks pass; each unit returns its `[queries, d]` result.
-        let units = parallel_map(batch * self.heads, batch * queries * keys >= 4096, |unit| {
-            // The scores block is written by its product before it is read: a per-thread buffer
-            // kept between calls (a fresh 2 MiB block was zeroed for every unit).
-            let mut scores = SCORES.take();
-            if scores.len() < block_rows.min(queries) * keys {
-                scores.resize(block_rows.min(queries) * keys, 0.0);
+        // The observed item goes in blocks of queries with all their heads (each block sums its
+        // own rows of the head mean, so no two workers write the same values), cut so that a
+        // block costs about one head of another item; the other items go one unit per (item,
+        // head): its keys and values stay in the core's cache while all its query blocks pass.
+        let mut units = Vec::with_capacity(batch * self.heads + self.heads);
+        if self.observed_item.is_some() {
+            let rows = attention_block_rows(queries, keys).min(queries.div_ceil(self.heads));
+            let mut first = 0;
+            while first < queries {
+                let count = rows.min(queries - first);
+                units.push(FusedUnit::Observed { first, rows: count });
+                first += count;
             }
-            let mut sums = vec![0f32; block_rows.min(queries)];
-            let mut local = vec![0f32; queries * head_dim];
-            let (item, head) = (unit / self.heads, unit % self.heads);
-            // The head's values as a contiguous `[keys, d]` (read once per query block).
-            let value: Vec<f32> = self.value[item * keys * inner..][..keys * inner]
-                .chunks_exact(inner)
-                .flat_map(|row| &row[head * head_dim..][..head_dim])
-                .copied()
-                .collect();
-            let done = for_each_block(0, queries, queries, block_rows, |first, rows, _| {
-                let block = Block {
-                    first,
-                    rows,
-                    scores: &mut scores[..rows * keys],
-                    sums: &mut sums[..rows],
-                };
-                self.block(item, head, &value, block, &mut local)
-            });
-            SCORES.set(scores);
-            done?;
-            Ok::<_, candle_core::Error>(local)
-        });
-        let units = units.into_iter().collect::<Result<Vec<_>>>()?;
+        }
+        for item in (0..batch).filter(|&item| Some(item) != self.observed_item) {
+            units.extend((0..self.heads).map(|head| FusedUnit::Head { item, head }));
+        }
+        let results = parallel_map(
+            units.len(),
+            batch * queries * keys >= 4096,
+            |index| match units[index] {
+                FusedUnit::Head { item, head } => self.head_unit(item, head).map(FusedResult::Head),
+                FusedUnit::Observed { first, rows } => self.observed_unit(first, rows),
+            },
+        );
+        let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+        // Where each `(item, head)`'s rows are: a head unit's `[queries, d]`, or the observed
+        // blocks' `[rows, inner]` (as `(first row, values)`).
+        let mut head_units: Vec<Option<&Vec<f32>>> = vec![None; batch * self.heads];
+        let mut observed_blocks: Vec<(usize, &Vec<f32>)> = Vec::new();
+        let mut mean = self
+            .observed_item
+            .map(|_| Vec::with_capacity(queries * keys));
+        for (unit, result) in units.iter().zip(&results) {
+            match (unit, result) {
+                (FusedUnit::Head { item, head }, FusedResult::Head(local)) => {
+                    head_units[item * self.heads + head] = Some(local);
+                }
+                (
+                    FusedUnit::Observed { first, .. },
+                    FusedResult::Observed { output, mean: part },
+                ) => {
+                    observed_blocks.push((*first, output));
+                    if let Some(mean) = mean.as_mut() {
+                        mean.extend_from_slice(part);
+                    }
+                }
+                _ => candle_core::bail!("fused attention: a unit returned another unit's result"),
+            }
+        }
+        let observed_item = self.observed_item;
         // Rows `(item, query)` gather each head's `d` outputs from its unit.
-        Ok(parallel_filled(
-            batch * queries * inner,
-            batch * queries,
-            |first, piece| {
-                for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
-                    let (item, query) = ((first + offset) / queries, (first + offset) % queries);
-                    for (head, dst_head) in dst.chunks_exact_mut(head_dim).enumerate() {
-                        let local = &units[item * self.heads + head];
+        let out = parallel_filled(batch * queries * inner, batch * queries, |first, piece| {
+            for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
+                let (item, query) = ((first + offset) / queries, (first + offset) % queries);
+                if Some(item) == observed_item {
+                    // Blocks are in query order; the last one starting at or before `query`.
+                    let block = observed_blocks.partition_point(|(start, _)| *start <= query);
+                    let (start, values) = observed_blocks[block - 1];
+                    dst.copy_from_slice(&values[(query - start) * inner..][..inner]);
+                    continue;
+                }
+                for (head, dst_head) in dst.chunks_exact_mut(head_dim).enumerate() {
+                    if let Some(local) = head_units[item * self.heads + head] {
                         dst_head.copy_from_slice(&local[query * head_dim..][..head_dim]);
                     }
                 }
+            }
+        });
+        Ok((out, mean))
+    }
+
+    /// Every query of batch item `item`, head `head`, in cache-sized blocks: `[queries, d]`.
+    fn head_unit(&self, item: usize, head: usize) -> Result<Vec<f32>> {
+        let (queries, keys, head_dim) = (self.queries, self.keys, self.head_dim);
+        let block_rows = attention_block_rows(queries, keys);
+        // The scores block is written by its product before it is read: a per-thread buffer
+        // kept between calls (a fresh 2 MiB block was zeroed for every unit).
+        let mut scores = SCORES.take();
+        if scores.len() < block_rows.min(queries) * keys {
+            scores.resize(block_rows.min(queries) * keys, 0.0);
+        }
+        let mut sums = vec![0f32; block_rows.min(queries)];
+        let mut local = vec![0f32; queries * head_dim];
+        let value = self.head_values(item, head);
+        let done = for_each_block(0, queries, queries, block_rows, |first, rows, _| {
+            let block = Block {
+                first,
+                rows,
+                scores: &mut scores[..rows * keys],
+                sums: &mut sums[..rows],
+            };
+            self.block(item, head, &value, block, (&mut local, 0, head_dim, 0))
+        });
+        SCORES.set(scores);
+        done?;
+        Ok(local)
+    }
+
+    /// Queries `first..first + rows` of the observed item, every head: the output rows `[rows,
+    /// heads * d]` and the block's probabilities averaged over heads `[rows, keys]` (summed head
+    /// by head in order, then scaled, as [`mean_of_planes`] does).
+    fn observed_unit(&self, first: usize, rows: usize) -> Result<FusedResult> {
+        let (keys, inner, heads) = (self.keys, self.inner(), self.heads);
+        let item = self.observed_item.unwrap_or(0);
+        let mut scores = SCORES.take();
+        if scores.len() < rows * keys {
+            scores.resize(rows * keys, 0.0);
+        }
+        let mut sums = vec![0f32; rows];
+        let mut output = vec![0f32; rows * inner];
+        let mut mean = vec![0f32; rows * keys];
+        let mut done = Ok(());
+        for head in 0..heads {
+            let value = self.head_values(item, head);
+            let block = Block {
+                first,
+                rows,
+                scores: &mut scores[..rows * keys],
+                sums: &mut sums,
+            };
+            let target = (&mut output[..], first, inner, head * self.head_dim);
+            done = self.block_observed(item, head, &value, block, target, &mut mean);
+            if done.is_err() {
+                break;
+            }
+        }
+        SCORES.set(scores);
+        done?;
+        let inverse = 1.0 / heads as f32;
+        mean.iter_mut().for_each(|value| *value *= inverse);
+        Ok(FusedResult::Observed { output, mean })
+    }
+
+    /// Head `head` of batch item `item`'s values as a contiguous `[keys, d]` (read once per
+    /// query block).
+    fn head_values(&self, item: usize, head: usize) -> Vec<f32> {
+        let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
+        self.value[item * keys * inner..][..keys * inner]
+            .chunks_exact(inner)
+            .flat_map(|row| &row[head * head_dim..][..head_dim])
+            .copied()
+            .collect()
+    }
+
+    /// [`FusedAttention::block`] that also adds the block's normalised probabilities to `mean`
+    /// (`[rows, keys]`).
+    fn block_observed(
+        &self,
+        item: usize,
+        head: usize,
+        value: &[f32],
+        block: Block<'_>,
+        target: (&mut [f32], usize, usize, usize),
+        mean: &mut [f32],
+    ) -> Result<()> {
+        let keys = self.keys;
+        let Block {
+            first,
+            rows,
+            scores,
+            sums,
+        } = block;
+        self.block(
+            item,
+            head,
+            value,
+            Block {
+                first,
+                rows,
+                scores: &mut *scores,
+                sums: &mut *sums,
             },
-        ))
+            target,
+        )?;
+        let exponentials = scores.chunks_exact(keys);
+        for ((sum_row, row), &sum) in mean
+            .chunks_exact_mut(keys)
+            .zip(exponentials)
+            .zip(sums.iter())
+        {
+            let inverse = 1.0 / sum;
+            for (total, &value) in sum_row.iter_mut().zip(row) {
+                *total += value * inverse;
+            }
+        }
+        Ok(())
     }
 
     /// Queries `block.first..block.first + block.rows` of batch item `item`, head `head`, whose
-    /// values are `value` (`[keys, d]`): written to the same rows of `local` (`[queries, d]`).
+    /// values are `value` (`[keys, d]`), written to `target` = `(out, out_first, row_stride,
+    /// column)`: query `q`'s `d` outputs at `out[(q - out_first) * row_stride + column..]` (a
+    /// head unit's `[queries, d]` has `out_first` 0, an observed block's `[rows, inner]` its first
+    /// query). The block's scores are left as the unnormalised exponentials, with their row sums
+    /// in `block.sums`.
     fn block(
         &self,
         item: usize,
         head: usize,
         value: &[f32],
         block: Block<'_>,
-        local: &mut [f32],
+        (out, out_first, row_stride, column): (&mut [f32], usize, usize, usize),
     ) -> Result<()> {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
         let Block {
@@ -139,21 +306,21 @@ impl FusedAttention<'_> {
             (head_dim, keys),
             keys,
         );
-        gemm_single_thread(scores, 0, keys, query, key_t)?;
+        gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
         pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
-            piece: scores,
+            piece: &mut *scores,
             row_len: keys,
             scale: self.scale,
-            sums,
+            sums: &mut *sums,
         });
         let weights = MatrixView::new(scores, 0, (rows, keys), keys);
         let value = MatrixView::new(value, 0, (keys, head_dim), head_dim);
-        gemm_single_thread(local, first * head_dim, head_dim, weights, value)?;
+        let offset = (first - out_first) * row_stride + column;
+        gemm_single_thread(out, offset, row_stride, weights, value)?;
         // The softmax's division, applied to the `d` outputs of a row instead of its `keys` weights.
-        let outputs = local[first * head_dim..(first + rows) * head_dim].chunks_exact_mut(head_dim);
-        for (row, &sum) in outputs.zip(sums.iter()) {
+        for (row, &sum) in sums.iter().enumerate() {
             let inverse = 1.0 / sum;
-            for value in row {
+            for value in &mut out[offset + row * row_stride..][..head_dim] {
                 *value *= inverse;
             }
         }
@@ -286,6 +453,38 @@ pub fn fused_attention(
     heads: usize,
     scale: f32,
 ) -> Result<Tensor> {
+    Ok(fused_attention_observed(query, key_t, value, heads, scale, None)?.0)
+}
+
+/// [`fused_attention`] that also returns batch item `observed_item`'s probabilities averaged over
+/// the heads, `[queries, keys]` f32 (what an observer such as the attention store keeps), without
+/// materialising any item's probabilities per head: the observed item's query blocks sum their
+/// heads' normalised exponentials as they pass.
+pub fn fused_attention_with_head_mean(
+    query: &Tensor,
+    key_t: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f32,
+    observed_item: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (output, mean) =
+        fused_attention_observed(query, key_t, value, heads, scale, Some(observed_item))?;
+    match mean {
+        Some(mean) => Ok((output, mean)),
+        None => candle_core::bail!("fused attention: no head mean was computed"),
+    }
+}
+
+/// [`fused_attention`], with the observed item's head mean when `observed_item` is given.
+fn fused_attention_observed(
+    query: &Tensor,
+    key_t: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    scale: f32,
+    observed_item: Option<usize>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (batch, queries, inner) = query.dims3()?;
     let (batch_heads, head_dim, keys) = key_t.dims3()?;
     check_heads(inner, heads)?;
@@ -305,7 +504,7 @@ pub fn fused_attention(
         f32_operand(key_t)?,
         f32_operand(value)?,
     );
-    let out = with_values(&query_f32, |query| {
+    let (out, mean) = with_values(&query_f32, |query| {
         with_values(&key_t_f32, |key_t| {
             with_values(&value_f32, |value| {
                 FusedAttention {
@@ -318,12 +517,18 @@ pub fn fused_attention(
                     heads,
                     head_dim,
                     scale,
+                    observed_item,
                 }
                 .run()
             })
         })
     })?;
-    Tensor::from_vec(out, (batch, queries, inner), query.device())?.to_dtype(query.dtype())
+    let device = query.device();
+    let output = Tensor::from_vec(out, (batch, queries, inner), device)?.to_dtype(query.dtype())?;
+    let mean = mean
+        .map(|mean| Tensor::from_vec(mean, (queries, keys), device))
+        .transpose()?;
+    Ok((output, mean))
 }
 
 /// The mean over the first dimension of an f32-convertible tensor: `[planes, ...]` -> `[...]`
@@ -415,6 +620,25 @@ mod tests {
             assert!(max_abs_diff(&computed, &probs) < 1e-6);
             let attended = attend_probabilities(&probs, &value, heads).unwrap();
             assert!(max_abs_diff(&attended, &expected) < 1e-5);
+            // The head mean of each item, beside the same output.
+            for item in 0..batch {
+                let (output, mean) = fused_attention_with_head_mean(
+                    &query,
+                    &key_t,
+                    &value,
+                    heads,
+                    scale as f32,
+                    item,
+                )
+                .unwrap();
+                assert!(max_abs_diff(&output, &expected) < 1e-5);
+                let item_probs = probs.narrow(0, item * heads, heads).unwrap();
+                let expected_mean = mean_of_planes(&item_probs).unwrap();
+                assert_eq!(mean.dims(), &[queries, keys]);
+                assert!(max_abs_diff(&mean, &expected_mean) < 1e-6);
+            }
+            let outside = fused_attention_with_head_mean(&query, &key_t, &value, heads, 1.0, batch);
+            assert!(outside.unwrap_err().to_string().contains("outside a batch"));
         }
         // Shapes that do not fit are errors, not panics.
         let query = Tensor::zeros((1, 4, 6), DType::F32, &device).unwrap();

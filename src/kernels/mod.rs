@@ -47,7 +47,8 @@ mod threads;
 mod winograd;
 
 pub use attention::{
-    attend_probabilities, attention_probabilities, fused_attention, mean_of_planes,
+    attend_probabilities, attention_probabilities, fused_attention, fused_attention_with_head_mean,
+    mean_of_planes,
 };
 pub use bf16::{bf16_supported, product_precision, with_product_precision, ProductPrecision};
 pub use conv::{im2col, PatchGeometry};

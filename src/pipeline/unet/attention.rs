@@ -349,15 +349,44 @@ impl Attention {
         }
         let QueryKeyValue { query, key, value } = projections;
         let keys = site.keys;
-        if !hook.processor.wants_probabilities(&site) {
-            return profile::measure(
-                || call.profile_label(" fused", keys),
-                || self.attend_chunked(&query, &key, &value),
-            );
-        }
         let compute_dtype = query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
-        if (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu() {
+        let fused_kernel =
+            (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu();
+        if !hook.processor.wants_probabilities(&site) {
+            match hook.processor.observed_head_mean(&site) {
+                None => {
+                    return profile::measure(
+                        || call.profile_label(" fused", keys),
+                        || self.attend_chunked(&query, &key, &value),
+                    );
+                }
+                Some(item) if fused_kernel => {
+                    let (output, mean) = profile::measure(
+                        || call.profile_label(" fused, head mean", keys),
+                        || {
+                            let key_t = kernels::split_heads_transposed(&key, self.heads)?;
+                            kernels::fused_attention_with_head_mean(
+                                &query,
+                                &key_t,
+                                &value,
+                                self.heads,
+                                self.scale(),
+                                item,
+                            )
+                        },
+                    )?;
+                    profile::measure(
+                        || call.profile_label(" observer", keys),
+                        || hook.processor.observe_head_mean(&site, &mean),
+                    )?;
+                    return Ok(output);
+                }
+                // Other dtypes and devices materialise the probabilities for the observer.
+                Some(_) => {}
+            }
+        }
+        if fused_kernel {
             // Blocked products on head views, spread over the cores.
             let scores = profile::measure(
                 || call.profile_label(" probabilities", keys),
@@ -422,6 +451,7 @@ impl Attention {
         };
         if hook.processor.wants_queries_keys_values(&site)
             || hook.processor.wants_probabilities(&site)
+            || hook.processor.observed_head_mean(&site).is_some()
         {
             candle_core::bail!(
                 "{}: attention processors cannot run while the UNet computes gradients",

@@ -1,0 +1,155 @@
+//! The attention store reads only head means: alone, every layer it keeps runs the fused kernel,
+//! which sums the recorded item's mean over the heads on the way; beside a processor that wants
+//! the probabilities, the layers materialise them and the store averages them itself. Both ways
+//! give the same maps.
+
+// Test helpers outside `#[test]` functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+use attend::attention::store::{AttentionStore, StoreConfig};
+use attend::hook::{AttentionProcessor, AttentionSite, CancelToken, ChainedProcessors};
+use attend::kernels::ProductPrecision;
+use attend::pipeline::model::{LoadOptions, StableDiffusion};
+use attend::pipeline::sampling::{generate, GenerateRequest};
+use attend::worker::bundled_model_dir;
+use candle_core::Tensor;
+
+const PROMPT: &str = "a red square and a blue circle on a yellow background";
+
+/// Forwards everything to the store and counts which way each layer reached it.
+struct Counting<'a> {
+    store: &'a mut AttentionStore,
+    head_means: usize,
+    probabilities: usize,
+}
+
+impl AttentionProcessor for Counting<'_> {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        self.store.wants_probabilities(site)
+    }
+
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.probabilities += 1;
+        self.store.process_probabilities(site, probs)
+    }
+
+    fn observed_head_mean(&self, site: &AttentionSite) -> Option<usize> {
+        self.store.observed_head_mean(site)
+    }
+
+    fn observe_head_mean(
+        &mut self,
+        site: &AttentionSite,
+        mean: &Tensor,
+    ) -> candle_core::Result<()> {
+        self.head_means += 1;
+        self.store.observe_head_mean(site, mean)
+    }
+
+    fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {
+        self.store.step_finished(step_index)
+    }
+}
+
+/// Wants every layer's probabilities and keeps them as they are.
+struct Materialise;
+
+impl AttentionProcessor for Materialise {
+    fn process_probabilities(
+        &mut self,
+        _site: &AttentionSite,
+        _probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A 3-step run with the store, alone or beside [`Materialise`]: the store and the number of
+/// layer calls that reached it as head means and as probabilities.
+fn run(model: &StableDiffusion, beside_materialise: bool) -> (AttentionStore, usize, usize) {
+    let mut request = GenerateRequest::new(model, PROMPT);
+    request.steps = 3;
+    request.seed = 11;
+    let token_count = model.tokenizer.encode_prompt(PROMPT).unwrap().token_count();
+    let mut store = AttentionStore::new(StoreConfig::new(token_count));
+    let mut counting = Counting {
+        store: &mut store,
+        head_means: 0,
+        probabilities: 0,
+    };
+    let mut materialise = Materialise;
+    let cancel = CancelToken::new();
+    if beside_materialise {
+        let mut chain = ChainedProcessors::new(vec![&mut materialise, &mut counting]);
+        generate(model, &request, Some(&mut chain), &mut |_| Ok(()), &cancel).unwrap();
+    } else {
+        generate(
+            model,
+            &request,
+            Some(&mut counting),
+            &mut |_| Ok(()),
+            &cancel,
+        )
+        .unwrap();
+    }
+    let (head_means, probabilities) = (counting.head_means, counting.probabilities);
+    store.finish_step().unwrap();
+    (store, head_means, probabilities)
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn the_store_gets_the_same_maps_from_fused_head_means_as_from_probabilities() {
+    let mut model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
+    model.unet.set_product_precision(ProductPrecision::F32);
+    let (fused, head_means, probabilities) = run(&model, false);
+    // 11 attention layers, cross and self each, per step; the store keeps all of them.
+    assert_eq!((head_means, probabilities), (3 * 22, 0));
+    let (materialised, head_means, probabilities) = run(&model, true);
+    assert_eq!((head_means, probabilities), (0, 3 * 22));
+
+    let (fused_cross, materialised_cross) = (
+        fused.cross_by_resolution(),
+        materialised.cross_by_resolution(),
+    );
+    assert_eq!(
+        fused_cross.keys().collect::<Vec<_>>(),
+        materialised_cross.keys().collect::<Vec<_>>()
+    );
+    for (grid, maps) in &fused_cross {
+        let difference = max_difference(maps, &materialised_cross[grid]);
+        assert!(
+            difference < 1e-4,
+            "cross maps at {grid:?} differ by {difference}"
+        );
+    }
+    let resolutions = fused.self_attention_resolutions();
+    assert_eq!(resolutions, materialised.self_attention_resolutions());
+    assert!(!resolutions.is_empty());
+    let places = [
+        attend::analysis::heatmap::UnetPlace::Down,
+        attend::analysis::heatmap::UnetPlace::Mid,
+        attend::analysis::heatmap::UnetPlace::Up,
+    ];
+    let span = attend::analysis::heatmap::SelfAttentionSpan::MeanOverSteps;
+    for (h, w) in resolutions {
+        let a = fused.self_attention(h, w, &places, span).unwrap();
+        let b = materialised.self_attention(h, w, &places, span).unwrap();
+        let difference = max_difference(&a.data, &b.data);
+        assert!(
+            difference < 1e-4,
+            "self maps at {h}x{w} differ by {difference}"
+        );
+    }
+}
