@@ -160,7 +160,7 @@ pub(super) unsafe fn gemm_bf16(
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod x86 {
+pub(super) mod x86 {
     //! The AVX-512 BF16 packing and register-tile kernels. Callers guarantee the CPU features
     //! and the bounds (see `gemm_bf16`); each function states what it reads and writes.
 
@@ -227,7 +227,7 @@ mod x86 {
     /// # Safety
     /// AVX-512 F/BW/BF16 present; the matrix lies inside `rhs`; `out` has the length above.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn pack_rhs(
+    pub(in crate::kernels) unsafe fn pack_rhs(
         rhs: &[f32],
         offset: usize,
         stride: usize,
@@ -274,7 +274,7 @@ mod x86 {
     /// [`pack_rhs`]; the `m x n` result at `dst_offset` (rows `dst_stride` apart) lies inside
     /// the buffer at `dst`, writable (and readable when `accumulate`).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn multiply(
+    pub(in crate::kernels) unsafe fn multiply(
         lhs_pairs: &[u32],
         rhs_panels: &[u32],
         (m, pairs, n): (usize, usize, usize),

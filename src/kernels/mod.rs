@@ -17,6 +17,7 @@
 //! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |
 //! | `conv.rs` | im2col patches and their geometry |
 //! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms |
+//! | `winograd_bf16.rs` | the same convolution with bf16 products, fused per block of tile rows (no materialised tiles) |
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
 //! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
@@ -26,7 +27,7 @@
 //! | `elementwise.rs` | GEGLU, bias added in place, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call), `bf16.rs` (the bounds-checked AVX-512 BF16 intrinsics), `pool.rs` (a borrowed job
+//! call), `bf16.rs` and `winograd_bf16.rs` (the bounds-checked AVX-512 BF16 intrinsics), `pool.rs` (a borrowed job
 //! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
 mod attention;
@@ -45,6 +46,7 @@ mod softmax;
 pub(crate) mod test_support;
 mod threads;
 mod winograd;
+mod winograd_bf16;
 
 pub use attention::{
     attend_probabilities, attention_probabilities, fused_attention, fused_attention_with_head_mean,
@@ -61,3 +63,6 @@ pub use norm::{group_norm, layer_norm};
 pub use softmax::scaled_softmax_in_place;
 pub use threads::parallel_map;
 pub use winograd::{winograd_filter, winograd_input, winograd_output};
+pub use winograd_bf16::{
+    pack_winograd_filter, winograd_bf16_supported, winograd_conv_bf16, PackedWinogradFilter,
+};

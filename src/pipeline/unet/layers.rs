@@ -4,6 +4,8 @@
 //! product over image patches (see [`crate::kernels`]) and the transformers' token layout
 //! `[batch, h * w, channels]` is the same memory, so no transposes are needed between them.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -45,6 +47,9 @@ enum ConvKernel {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     kernel_weights: ConvKernel,
+    /// The stored Winograd filter packed for bf16 products, made on the first call with bf16
+    /// products (shared by clones).
+    winograd_bf16: Arc<OnceLock<kernels::PackedWinogradFilter>>,
     bias: Tensor,
     in_channels: usize,
     out_channels: usize,
@@ -110,6 +115,7 @@ impl Conv2d {
             };
         Ok(Self {
             kernel_weights,
+            winograd_bf16: Arc::default(),
             bias,
             in_channels,
             out_channels,
@@ -149,6 +155,7 @@ impl Conv2d {
         let label = || {
             let method = match &self.kernel_weights {
                 ConvKernel::Patches(_) => "im2col",
+                ConvKernel::Winograd(_) if self.fused_bf16_winograd() => "winograd bf16 fused",
                 ConvKernel::Winograd(_) => "winograd",
                 ConvKernel::WinogradOnTheFly(_) if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES => {
                     "winograd+filter"
@@ -309,6 +316,15 @@ impl Conv2d {
         out.reshape((batch, out_h, out_w, self.out_channels))
     }
 
+    /// Whether this convolution runs the fused Winograd kernel with bf16 products: a stored
+    /// filter, the calling thread's products in bf16 on a CPU with AVX-512 BF16, channel counts
+    /// the kernel takes.
+    fn fused_bf16_winograd(&self) -> bool {
+        matches!(self.kernel_weights, ConvKernel::Winograd(_))
+            && kernels::product_precision().uses_bf16_here()
+            && kernels::winograd_bf16_supported(self.in_channels, self.out_channels)
+    }
+
     /// Winograd F(2x2, 3x3): per block of tile rows (counted over the whole batch, so the filter
     /// is read once per block rather than once per item), transform the input tiles, multiply by
     /// the transformed filter (16 matrix products) and transform back.
@@ -336,6 +352,16 @@ impl Conv2d {
                 .to_vec1()?,
             None => self.bias.to_dtype(DType::F32)?.to_vec1()?,
         };
+        if self.fused_bf16_winograd() {
+            let packed = match self.winograd_bf16.get() {
+                Some(packed) => packed,
+                None => {
+                    let packed = kernels::pack_winograd_filter(filter)?;
+                    self.winograd_bf16.get_or_init(|| packed)
+                }
+            };
+            return kernels::winograd_conv_bf16(xs, packed, &biases);
+        }
         let mut pieces = Vec::new();
         let mut start = 0;
         while start < batch_rows {
