@@ -5,11 +5,16 @@
 
 use candle_core::{Result, Tensor};
 
+use super::bf16::{gemm_bf16_packed, product_precision, PackedRhs};
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
+use super::gemm::gemm_bf16_packed_rhs;
 use super::gemm::{gemm_single_thread, gemm_uninit, MatrixView};
 use super::heads::check_heads;
 use super::operands::{f32_operand, with_f32_pair, with_values};
-use super::softmax::{SoftmaxRows, UnnormalisedSoftmaxRows};
+use super::softmax::{
+    ExpRowsToBf16, ExpsToMeanAndBf16, SoftmaxRows, UnnormalisedSoftmaxRows,
+    UnnormalisedSoftmaxRowsForBf16,
+};
 use super::threads::{for_each_block, parallel_map};
 
 /// Score elements (`queries x keys`) one attention block keeps at once (2 MiB, about one core's
@@ -20,11 +25,27 @@ const ATTENTION_BLOCK_SCORES: usize = 512 * 1024;
 thread_local! {
     /// Each thread's block of attention scores, kept between fused attention calls.
     static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's block of bf16 exponentials (as pairs), with bf16 products.
+    static HALVES: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
+
+/// Score elements of one fused attention block with bf16 products (256 KiB: the block, its bf16
+/// exponentials and an observed block's head mean stay in a core's 1 MiB L2 cache; the keys and
+/// values are packed once per unit, so small blocks cost no repacking).
+const BF16_ATTENTION_BLOCK_SCORES: usize = 64 * 1024;
 
 /// Query rows per attention block: [`ATTENTION_BLOCK_SCORES`] scores, at least 8 rows.
 fn attention_block_rows(queries: usize, keys: usize) -> usize {
     (ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8))
+}
+
+/// Query rows per fused attention block at the calling thread's product precision.
+fn fused_block_rows(queries: usize, keys: usize) -> usize {
+    if product_precision().uses_bf16_here() {
+        (BF16_ATTENTION_BLOCK_SCORES / keys.max(1)).clamp(8, queries.max(8))
+    } else {
+        attention_block_rows(queries, keys)
+    }
 }
 
 /// Fused multi-head attention `softmax(scale * q k^T) v` for f32 activations, without head
@@ -90,7 +111,7 @@ impl FusedAttention<'_> {
         // head): its keys and values stay in the core's cache while all its query blocks pass.
         let mut units = Vec::with_capacity(batch * self.heads + self.heads);
         if self.observed_item.is_some() {
-            let rows = attention_block_rows(queries, keys).min(queries.div_ceil(self.heads));
+            let rows = queries.div_ceil(self.heads);
             let mut first = 0;
             while first < queries {
                 let count = rows.min(queries - first);
@@ -159,7 +180,7 @@ impl FusedAttention<'_> {
     /// Every query of batch item `item`, head `head`, in cache-sized blocks: `[queries, d]`.
     fn head_unit(&self, item: usize, head: usize) -> Result<Vec<f32>> {
         let (queries, keys, head_dim) = (self.queries, self.keys, self.head_dim);
-        let block_rows = attention_block_rows(queries, keys);
+        let block_rows = fused_block_rows(queries, keys);
         // The scores block is written by its product before it is read: a per-thread buffer
         // kept between calls (a fresh 2 MiB block was zeroed for every unit).
         let mut scores = SCORES.take();
@@ -168,7 +189,7 @@ impl FusedAttention<'_> {
         }
         let mut sums = vec![0f32; block_rows.min(queries)];
         let mut local = vec![0f32; queries * head_dim];
-        let value = self.head_values(item, head);
+        let values = self.head_values(item, head);
         let done = for_each_block(0, queries, queries, block_rows, |first, rows, _| {
             let block = Block {
                 first,
@@ -176,7 +197,14 @@ impl FusedAttention<'_> {
                 scores: &mut scores[..rows * keys],
                 sums: &mut sums[..rows],
             };
-            self.block(item, head, &value, block, (&mut local, 0, head_dim, 0))
+            self.block(
+                item,
+                head,
+                &values,
+                block,
+                (&mut local, 0, head_dim, 0),
+                None,
+            )
         });
         SCORES.set(scores);
         done?;
@@ -189,28 +217,38 @@ impl FusedAttention<'_> {
     fn observed_unit(&self, first: usize, rows: usize) -> Result<FusedResult> {
         let (keys, inner, heads) = (self.keys, self.inner(), self.heads);
         let item = self.observed_item.unwrap_or(0);
+        let block_rows = fused_block_rows(rows, keys).min(rows.max(1));
         let mut scores = SCORES.take();
-        if scores.len() < rows * keys {
-            scores.resize(rows * keys, 0.0);
+        if scores.len() < block_rows * keys {
+            scores.resize(block_rows * keys, 0.0);
         }
-        let mut sums = vec![0f32; rows];
+        let mut sums = vec![0f32; block_rows];
         let mut output = vec![0f32; rows * inner];
         let mut mean = vec![0f32; rows * keys];
-        let mut done = Ok(());
-        for head in 0..heads {
-            let value = self.head_values(item, head);
-            let block = Block {
-                first,
-                rows,
-                scores: &mut scores[..rows * keys],
-                sums: &mut sums,
-            };
-            let target = (&mut output[..], first, inner, head * self.head_dim);
-            done = self.block_observed(item, head, &value, block, target, &mut mean);
-            if done.is_err() {
-                break;
-            }
-        }
+        let operands: Vec<HeadValues> = (0..heads)
+            .map(|head| self.head_values(item, head))
+            .collect();
+        // Sub-blocks of rows, all heads each, so a sub-block's head mean stays in the cache.
+        let done = for_each_block(
+            first,
+            rows,
+            usize::MAX,
+            block_rows,
+            |start, count, local| {
+                let mean_rows = &mut mean[local * keys..(local + count) * keys];
+                for (head, values) in operands.iter().enumerate() {
+                    let block = Block {
+                        first: start,
+                        rows: count,
+                        scores: &mut scores[..count * keys],
+                        sums: &mut sums[..count],
+                    };
+                    let target = (&mut output[..], first, inner, head * self.head_dim);
+                    self.block(item, head, values, block, target, Some(&mut *mean_rows))?;
+                }
+                Ok(())
+            },
+        );
         SCORES.set(scores);
         done?;
         let inverse = 1.0 / heads as f32;
@@ -218,74 +256,55 @@ impl FusedAttention<'_> {
         Ok(FusedResult::Observed { output, mean })
     }
 
-    /// Head `head` of batch item `item`'s values as a contiguous `[keys, d]` (read once per
-    /// query block).
-    fn head_values(&self, item: usize, head: usize) -> Vec<f32> {
+    /// Head `head` of batch item `item`'s keys and values for its query blocks: with bf16
+    /// products both packed for them (straight from the strided inputs), else the values as a
+    /// contiguous `[keys, d]` (read once per query block).
+    fn head_values(&self, item: usize, head: usize) -> HeadValues {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
-        self.value[item * keys * inner..][..keys * inner]
-            .chunks_exact(inner)
-            .flat_map(|row| &row[head * head_dim..][..head_dim])
-            .copied()
-            .collect()
-    }
-
-    /// [`FusedAttention::block`] that also adds the block's normalised probabilities to `mean`
-    /// (`[rows, keys]`).
-    fn block_observed(
-        &self,
-        item: usize,
-        head: usize,
-        value: &[f32],
-        block: Block<'_>,
-        target: (&mut [f32], usize, usize, usize),
-        mean: &mut [f32],
-    ) -> Result<()> {
-        let keys = self.keys;
-        let Block {
-            first,
-            rows,
-            scores,
-            sums,
-        } = block;
-        self.block(
-            item,
-            head,
-            value,
-            Block {
-                first,
-                rows,
-                scores: &mut *scores,
-                sums: &mut *sums,
-            },
-            target,
-        )?;
-        let exponentials = scores.chunks_exact(keys);
-        for ((sum_row, row), &sum) in mean
-            .chunks_exact_mut(keys)
-            .zip(exponentials)
-            .zip(sums.iter())
-        {
-            let inverse = 1.0 / sum;
-            for (total, &value) in sum_row.iter_mut().zip(row) {
-                *total += value * inverse;
+        let value_offset = item * keys * inner + head * head_dim;
+        if product_precision().uses_bf16_here() {
+            let key_t = (item * self.heads + head) * head_dim * keys;
+            let packed =
+                PackedRhs::new(self.key_t, (key_t, keys), (head_dim, keys)).and_then(|key_t| {
+                    let values =
+                        PackedRhs::new(self.value, (value_offset, inner), (keys, head_dim))?;
+                    Some(PackedOperands { key_t, values })
+                });
+            if packed.is_some() {
+                return HeadValues {
+                    values: Vec::new(),
+                    packed,
+                };
             }
         }
-        Ok(())
+        let mut values = Vec::with_capacity(keys * head_dim);
+        for key in 0..keys {
+            values.extend_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
+        }
+        HeadValues {
+            values,
+            packed: None,
+        }
     }
 
     /// Queries `block.first..block.first + block.rows` of batch item `item`, head `head`, whose
-    /// values are `value` (`[keys, d]`), written to `target` = `(out, out_first, row_stride,
-    /// column)`: query `q`'s `d` outputs at `out[(q - out_first) * row_stride + column..]` (a
-    /// head unit's `[queries, d]` has `out_first` 0, an observed block's `[rows, inner]` its first
-    /// query). The block's scores are left as the unnormalised exponentials, with their row sums
-    /// in `block.sums`.
+    /// values are `values`, written to `target` = `(out, out_first, row_stride, column)`: query
+    /// `q`'s `d` outputs at `out[(q - out_first) * row_stride + column..]` (a head unit's
+    /// `[queries, d]` has `out_first` 0, an observed block's `[rows, inner]` its first query).
+    /// With `mean` (`[rows, keys]`), the block's normalised probabilities are added to it.
+    ///
+    /// The product with the values takes the unnormalised exponentials (the softmax's division
+    /// is applied to the `d` outputs of a row instead of its `keys` weights); with bf16 products
+    /// the exponentials are rounded to bf16 as the softmax computes them, already in the
+    /// product's packed layout.
     fn block(
         &self,
         item: usize,
         head: usize,
-        value: &[f32],
+        values: &HeadValues,
         block: Block<'_>,
         (out, out_first, row_stride, column): (&mut [f32], usize, usize, usize),
+        mean: Option<&mut [f32]>,
     ) -> Result<()> {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
         let Block {
@@ -306,18 +325,75 @@ impl FusedAttention<'_> {
             (head_dim, keys),
             keys,
         );
-        gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
-        pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
-            piece: &mut *scores,
-            row_len: keys,
-            scale: self.scale,
-            sums: &mut *sums,
-        });
-        let weights = MatrixView::new(scores, 0, (rows, keys), keys);
-        let value = MatrixView::new(value, 0, (keys, head_dim), head_dim);
         let offset = (first - out_first) * row_stride + column;
-        gemm_single_thread(out, offset, row_stride, weights, value)?;
-        // The softmax's division, applied to the `d` outputs of a row instead of its `keys` weights.
+        match &values.packed {
+            Some(packed) => {
+                if !gemm_bf16_packed_rhs(&mut *scores, query, &packed.key_t) {
+                    candle_core::bail!("fused attention: a bf16 product out of bounds");
+                }
+                let packed = &packed.values;
+                let pairs = packed.pairs();
+                let mut lhs = HALVES.take();
+                if lhs.len() < rows * pairs {
+                    lhs.resize(rows * pairs, 0);
+                }
+                let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut lhs[..rows * pairs]);
+                match mean {
+                    Some(mean) => {
+                        pulp::Arch::new().dispatch(UnnormalisedSoftmaxRowsForBf16 {
+                            piece: &mut *scores,
+                            row_len: keys,
+                            scale: self.scale,
+                            sums: &mut *sums,
+                        });
+                        pulp::Arch::new().dispatch(ExpsToMeanAndBf16 {
+                            exps: scores,
+                            row_len: keys,
+                            sums,
+                            mean,
+                            halves,
+                            half_stride: 2 * pairs,
+                        });
+                    }
+                    None => pulp::Arch::new().dispatch(ExpRowsToBf16 {
+                        scores,
+                        row_len: keys,
+                        scale: self.scale,
+                        sums: &mut *sums,
+                        halves,
+                        half_stride: 2 * pairs,
+                    }),
+                }
+                let done = gemm_bf16_packed(out, (offset, row_stride), &lhs, rows, packed);
+                HALVES.set(lhs);
+                if !done {
+                    candle_core::bail!("fused attention: a bf16 product out of bounds");
+                }
+            }
+            None => {
+                gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
+                pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
+                    piece: &mut *scores,
+                    row_len: keys,
+                    scale: self.scale,
+                    sums: &mut *sums,
+                });
+                let weights = MatrixView::new(scores, 0, (rows, keys), keys);
+                let value = MatrixView::new(&values.values, 0, (keys, head_dim), head_dim);
+                gemm_single_thread(out, offset, row_stride, weights, value)?;
+                if let Some(mean) = mean {
+                    let exponentials = scores.chunks_exact(keys);
+                    let mean_rows = mean.chunks_exact_mut(keys).zip(exponentials);
+                    for ((sum_row, row), &sum) in mean_rows.zip(sums.iter()) {
+                        let inverse = 1.0 / sum;
+                        for (total, &value) in sum_row.iter_mut().zip(row) {
+                            *total += value * inverse;
+                        }
+                    }
+                }
+            }
+        }
+        // The softmax's division, applied to the `d` outputs of a row.
         for (row, &sum) in sums.iter().enumerate() {
             let inverse = 1.0 / sum;
             for value in &mut out[offset + row * row_stride..][..head_dim] {
@@ -326,6 +402,20 @@ impl FusedAttention<'_> {
         }
         Ok(())
     }
+}
+
+/// One head's operands for the value product, once per unit (for all its query blocks).
+struct HeadValues {
+    /// The values `[keys, d]` for f32 products (empty when `packed`).
+    values: Vec<f32>,
+    /// With bf16 products, the keys and values packed for them.
+    packed: Option<PackedOperands>,
+}
+
+/// A head's transposed keys (`[d, keys]`) and values (`[keys, d]`) packed for bf16 products.
+struct PackedOperands {
+    key_t: PackedRhs,
+    values: PackedRhs,
 }
 
 /// One block of queries of [`FusedAttention`] with its scratch space.
@@ -648,6 +738,40 @@ mod tests {
         assert!(attention_probabilities(&query, &key_t, 4, 1.0).is_err());
         let probs = Tensor::zeros((2, 4, 5), DType::F32, &device).unwrap();
         assert!(attend_probabilities(&probs, &value, 2).is_err());
+    }
+
+    #[test]
+    fn bf16_fused_attention_stays_near_f32() {
+        use crate::kernels::{bf16_supported, with_product_precision, ProductPrecision};
+        if !bf16_supported() {
+            return;
+        }
+        let device = Device::Cpu;
+        // An odd key count pads the last pair of the bf16 exponentials.
+        for (batch, queries, keys, heads, head_dim) in [(2, 250, 601, 3, 16), (2, 64, 77, 2, 32)] {
+            let inner = heads * head_dim;
+            let query = Tensor::randn(0f32, 1.0, (batch, queries, inner), &device).unwrap();
+            let key = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+            let value = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let (probs, expected) = reference_attention(&query, &key, &value, heads, scale);
+            let key_t = split_heads_transposed(&key, heads).unwrap();
+            let (output, mean) = with_product_precision(ProductPrecision::Bf16, || {
+                fused_attention_with_head_mean(&query, &key_t, &value, heads, scale as f32, 1)
+            })
+            .unwrap();
+            let plain = with_product_precision(ProductPrecision::Bf16, || {
+                fused_attention(&query, &key_t, &value, heads, scale as f32)
+            })
+            .unwrap();
+            // bf16 operands (8 significant bits) in both products.
+            let output_error = max_abs_diff(&output, &expected);
+            assert!(output_error < 3e-2, "output off by {output_error}");
+            assert!(max_abs_diff(&plain, &output) < 1e-6);
+            let expected_mean = mean_of_planes(&probs.narrow(0, heads, heads).unwrap()).unwrap();
+            let mean_error = max_abs_diff(&mean, &expected_mean);
+            assert!(mean_error < 5e-3, "head mean off by {mean_error}");
+        }
     }
 
     #[test]

@@ -158,6 +158,130 @@ pub(super) unsafe fn gemm_bf16(
     }
 }
 
+/// A right operand `k x n` rounded to bf16 and packed for [`gemm_bf16_packed`] (the layout
+/// `gemm_bf16` packs into on every call), for operands that several products share.
+pub(super) struct PackedRhs {
+    k: usize,
+    n: usize,
+    panels: Vec<u32>,
+}
+
+impl PackedRhs {
+    /// `rhs` (`k x n` at `offset`, rows `stride` apart) packed; `None` without AVX-512 BF16 or
+    /// when the matrix does not lie inside `rhs`.
+    pub(super) fn new(
+        rhs: &[f32],
+        (offset, stride): (usize, usize),
+        (k, n): (usize, usize),
+    ) -> Option<Self> {
+        let fits = k == 0 || n == 0 || offset + (k - 1) * stride + n - 1 < rhs.len();
+        if !bf16_supported() || !fits {
+            return None;
+        }
+        let mut panels = vec![0u32; k.div_ceil(2) * n.div_ceil(16) * 16];
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 BF16 is present, the matrix lies inside `rhs` (both checked above) and
+        // `panels` has the packed length `pack_rhs` writes.
+        unsafe {
+            x86::pack_rhs(rhs, offset, stride, k, n, &mut panels);
+        }
+        Some(Self { k, n, panels })
+    }
+
+    /// The inner dimension `k`.
+    pub(super) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Pairs of `k` per row of the left operand.
+    pub(super) fn pairs(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+}
+
+/// `dst[dst_offset + i * dst_row_stride + j] = sum_k lhs[i, k] rhs[k, j]` for `i < m`, `j < n`,
+/// with the left operand already as bf16 pairs (`lhs_pairs`, `[m, rhs.pairs()]`: each row the
+/// bf16 values of `k` in order, an odd `k` padded with zero) and the right one packed. Returns
+/// `false` (touching nothing) when an operand or the result does not fit its buffer.
+pub(super) fn gemm_bf16_packed(
+    dst: &mut [f32],
+    (dst_offset, dst_row_stride): (usize, usize),
+    lhs_pairs: &[u32],
+    m: usize,
+    rhs: &PackedRhs,
+) -> bool {
+    let pairs = rhs.pairs();
+    let n = rhs.n;
+    let dst_fits = m == 0 || n == 0 || dst_offset + (m - 1) * dst_row_stride + n - 1 < dst.len();
+    if !bf16_supported() || lhs_pairs.len() < m * pairs || !dst_fits {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: AVX-512 BF16 is present; the packed operands have the layouts `multiply` reads (the
+    // left one at least `m * pairs` pairs, checked above) and the `m x n` result lies inside
+    // `dst`, which is borrowed mutably.
+    unsafe {
+        x86::multiply(
+            &lhs_pairs[..m * pairs],
+            &rhs.panels,
+            (m, pairs, n),
+            dst.as_mut_ptr(),
+            dst_offset,
+            dst_row_stride,
+            false,
+        );
+    }
+    true
+}
+
+/// `dst[i * rhs.n + j] = sum_k lhs[i, k] rhs[k, j]` (`dst` exactly `m x n`) for an f32 left
+/// operand (`m x k` at `lhs_offset`, rows `lhs_row_stride` apart), rounded to bf16 on the way, and
+/// a packed right one. Returns `false` (touching nothing) when a matrix does not fit its buffer.
+pub(super) fn gemm_bf16_f32_lhs(
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_offset, lhs_row_stride): (usize, usize),
+    m: usize,
+    rhs: &PackedRhs,
+) -> bool {
+    let (k, n, pairs) = (rhs.k, rhs.n, rhs.pairs());
+    let lhs_fits = m == 0 || k == 0 || lhs_offset + (m - 1) * lhs_row_stride + k - 1 < lhs.len();
+    if !bf16_supported() || !lhs_fits || dst.len() != m * n {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut lhs_scratch = LHS_PAIRS.take();
+        let lhs_pairs = scratch(&mut lhs_scratch, m * pairs);
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 BF16 is present, the left matrix lies inside `lhs` (both checked
+        // above); `lhs_pairs` has the packed length `pack_lhs` writes and `multiply` reads, the
+        // right operand has its packed layout, and the `m x n` result is exactly `dst`.
+        unsafe {
+            x86::pack_lhs(lhs, lhs_offset, lhs_row_stride, m, k, lhs_pairs);
+            x86::multiply(
+                lhs_pairs,
+                &rhs.panels,
+                (m, pairs, n),
+                dst.as_mut_ptr(),
+                0,
+                n,
+                false,
+            );
+        }
+        LHS_PAIRS.set(lhs_scratch);
+    }
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod x86 {

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Tensor};
 
-use super::bf16::{gemm_bf16, product_precision, ProductPrecision};
+use super::bf16::{gemm_bf16, gemm_bf16_f32_lhs, product_precision, PackedRhs, ProductPrecision};
 use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
 use super::threads::{piece_count, worker_count};
@@ -201,6 +201,15 @@ pub(super) fn gemm_with_bias<D: GemmDestination + ?Sized>(
         );
     }
     Ok(())
+}
+
+/// `dst` `[m, n]` (contiguous, exactly `m * n` values) `= lhs * rhs` with bf16 products, the right
+/// operand packed once for several products (see [`PackedRhs`]). `false` (nothing written) when
+/// the shapes do not fit or the CPU has no AVX-512 BF16.
+pub(super) fn gemm_bf16_packed_rhs(dst: &mut [f32], lhs: MatrixView<'_>, rhs: &PackedRhs) -> bool {
+    lhs.in_bounds()
+        && lhs.cols == rhs.k()
+        && gemm_bf16_f32_lhs(dst, lhs.data, (lhs.offset, lhs.row_stride), lhs.rows, rhs)
 }
 
 /// `dst` `[m, n]` (contiguous, exactly `m * n` slots) `= lhs * rhs` on the calling thread,

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
 
-use super::simd::{fast_exp, lane_max, simd_kernel, REDUCTION_LANES};
+use super::simd::{exp2_for_bf16, fast_exp, lane_max, simd_kernel, REDUCTION_LANES};
 use super::threads::parallel_chunks_mut;
 
 simd_kernel!(
@@ -26,6 +26,122 @@ simd_kernel!(
         }
     }
 );
+
+simd_kernel!(
+    /// For bf16 products: each `row_len` row of `scores` -> `exp(scale * (row - max(row)))` (by
+    /// [`exp2_for_bf16`]) rounded to bf16 (`halves`, rows `half_stride >= row_len` apart, the rest of each row set
+    /// to zero), each row's sum of the unrounded exponentials written to `sums`. The scores stay
+    /// as they are; the bf16 rows are the product's packed left operand.
+    pub(super) ExpRowsToBf16<'data> {
+        scores: &'data [f32],
+        row_len: usize,
+        scale: f32,
+        sums: &'data mut [f32],
+        halves: &'data mut [u16],
+        half_stride: usize,
+    } => {
+        let rows = scores.chunks_exact(row_len).zip(halves.chunks_exact_mut(half_stride));
+        for ((row, out), sum) in rows.zip(sums.iter_mut()) {
+            let max = lane_max(row);
+            let (values, padding) = out.split_at_mut(row_len);
+            *sum = exp_sum_to_bf16(row, max, scale, values);
+            padding.fill(0);
+        }
+    }
+);
+
+simd_kernel!(
+    /// The observed rows of the fused attention with bf16 products: `exps` (unnormalised, see
+    /// [`UnnormalisedSoftmaxRows`]) divided by their row's sum are added to `mean`, and rounded to
+    /// bf16 as they are into `halves` (rows `half_stride` apart, padded with zero).
+    pub(super) ExpsToMeanAndBf16<'data> {
+        exps: &'data [f32],
+        row_len: usize,
+        sums: &'data [f32],
+        mean: &'data mut [f32],
+        halves: &'data mut [u16],
+        half_stride: usize,
+    } => {
+        let rows = exps
+            .chunks_exact(row_len)
+            .zip(mean.chunks_exact_mut(row_len))
+            .zip(halves.chunks_exact_mut(half_stride));
+        for (((row, mean_row), out), &sum) in rows.zip(sums.iter()) {
+            let inverse = 1.0 / sum;
+            let (values, padding) = out.split_at_mut(row_len);
+            for ((&value, total), half) in row.iter().zip(mean_row.iter_mut()).zip(values.iter_mut()) {
+                *total += value * inverse;
+                *half = bf16_bits(value);
+            }
+            padding.fill(0);
+        }
+    }
+);
+
+simd_kernel!(
+    /// [`UnnormalisedSoftmaxRows`] with the exponential of [`exp2_for_bf16`], for the rows of a
+    /// fused attention with bf16 products whose head mean is also kept.
+    pub(super) UnnormalisedSoftmaxRowsForBf16<'data> {
+        piece: &'data mut [f32], row_len: usize, scale: f32, sums: &'data mut [f32]
+    } => {
+        for (row, sum) in piece.chunks_exact_mut(row_len).zip(sums.iter_mut()) {
+            let (slope, offset) = exp2_line(lane_max(row), scale);
+            let mut lanes = [0f32; REDUCTION_LANES];
+            let mut chunks = row.chunks_exact_mut(REDUCTION_LANES);
+            for chunk in &mut chunks {
+                for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                    *value = exp2_for_bf16(value.mul_add(slope, offset));
+                    *lane += *value;
+                }
+            }
+            let mut tail = 0.0;
+            for value in chunks.into_remainder() {
+                *value = exp2_for_bf16(value.mul_add(slope, offset));
+                tail += *value;
+            }
+            *sum = lanes.iter().sum::<f32>() + tail;
+        }
+    }
+);
+
+/// `exp(scale * (v - max)) = 2^(v * slope + offset)`: the slope and offset.
+#[inline(always)]
+fn exp2_line(max: f32, scale: f32) -> (f32, f32) {
+    let slope = scale * std::f32::consts::LOG2_E;
+    (slope, -max * slope)
+}
+
+/// The bits of a finite `x` rounded to bf16, to nearest with ties away from zero (ties are too
+/// rare among exponentials to bias them; two operations fewer than ties to even).
+#[inline(always)]
+pub(super) fn bf16_bits(x: f32) -> u16 {
+    ((x.to_bits() + 0x8000) >> 16) as u16
+}
+
+/// `exp(scale * (v - max))` (by [`exp2_for_bf16`]) of each value of `row` rounded to bf16 into
+/// `out` (as long as `row`); returns the sum of the unrounded exponentials (in
+/// [`REDUCTION_LANES`] lanes).
+#[inline(always)]
+fn exp_sum_to_bf16(row: &[f32], max: f32, scale: f32, out: &mut [u16]) -> f32 {
+    let (slope, offset) = exp2_line(max, scale);
+    let mut lanes = [0f32; REDUCTION_LANES];
+    let mut chunks = row.chunks_exact(REDUCTION_LANES);
+    let mut out_chunks = out.chunks_exact_mut(REDUCTION_LANES);
+    for (chunk, out_chunk) in (&mut chunks).zip(&mut out_chunks) {
+        for ((lane, &value), half) in lanes.iter_mut().zip(chunk).zip(out_chunk.iter_mut()) {
+            let e = exp2_for_bf16(value.mul_add(slope, offset));
+            *lane += e;
+            *half = bf16_bits(e);
+        }
+    }
+    let mut tail = 0.0;
+    for (&value, half) in chunks.remainder().iter().zip(out_chunks.into_remainder()) {
+        let e = exp2_for_bf16(value.mul_add(slope, offset));
+        tail += e;
+        *half = bf16_bits(e);
+    }
+    lanes.iter().sum::<f32>() + tail
+}
 
 /// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum (in
 /// [`REDUCTION_LANES`] lanes, so the loop vectorises).
