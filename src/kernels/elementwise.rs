@@ -1,12 +1,11 @@
-//! Element-wise kernels over channels-last data: GEGLU (exact GELU), a bias added in place, and
-//! nearest-neighbour upsampling.
+//! Element-wise kernels over channels-last data: GEGLU (exact GELU), a bias added in place, the
+//! residual connections' sums, and nearest-neighbour upsampling.
 
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
 
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
 use super::gemm::{gemm_with_bias, MatrixView};
-use super::operands::contiguous_slice;
-use super::operands::with_f32_pair;
+use super::operands::{contiguous_slice, with_f32_pair, with_values};
 use super::simd::{gelu, simd_kernel};
 use super::threads::{parallel_chunks_mut, worker_count};
 
@@ -166,6 +165,43 @@ pub fn add_bias(xs: Tensor, bias: &Tensor, owned: bool) -> Result<Tensor> {
     }
 }
 
+/// `a + b` for two tensors of the same shape (a residual connection), spread over the kernel
+/// threads for contiguous f32 CPU tensors that carry no gradient; otherwise candle's add.
+pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let plain = |xs: &Tensor| {
+        xs.dtype() == candle_core::DType::F32
+            && xs.device().is_cpu()
+            && xs.is_contiguous()
+            && !xs.track_op()
+    };
+    if a.dims() != b.dims() || !plain(a) || !plain(b) {
+        return a + b;
+    }
+    with_values(a, |lhs| {
+        with_values(b, |rhs| {
+            let len = lhs.len();
+            Ok(parallel_filled(len, len, |first, piece: &mut [f32]| {
+                let (lhs, rhs) = (&lhs[first..][..piece.len()], &rhs[first..][..piece.len()]);
+                pulp::Arch::new().dispatch(AddSlices {
+                    lhs,
+                    rhs,
+                    out: piece,
+                });
+            }))
+        })
+    })
+    .and_then(|sum| Tensor::from_vec(sum, a.dims(), a.device()))
+}
+
+simd_kernel!(
+    /// `out = lhs + rhs` element by element (all the same length).
+    AddSlices<'data> { lhs: &'data [f32], rhs: &'data [f32], out: &'data mut [f32] } => {
+        for ((out, &x), &y) in out.iter_mut().zip(lhs).zip(rhs) {
+            *out = x + y;
+        }
+    }
+);
+
 /// Nearest-neighbour resize of channels-last data (torch `interpolate(mode="nearest")`:
 /// source index `floor(dst * in / out)`).
 struct UpsampleNearest {
@@ -235,6 +271,33 @@ mod tests {
     use super::*;
     use crate::kernels::test_support::max_abs_diff;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn residual_sums_match_candle() {
+        let device = Device::Cpu;
+        // Large enough to be spread over the kernel threads, and small.
+        for shape in [(2, 300, 301), (1, 3, 5)] {
+            let a = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+            let b = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+            let expected = (&a + &b).unwrap();
+            assert_eq!(max_abs_diff(&residual_add(&a, &b).unwrap(), &expected), 0.0);
+            // A transposed view and another dtype go through candle.
+            let at = a.transpose(1, 2).unwrap();
+            let bt = b.transpose(1, 2).unwrap();
+            let sum = residual_add(&at, &bt).unwrap();
+            assert_eq!(max_abs_diff(&sum, &(&at + &bt).unwrap()), 0.0);
+            let half = residual_add(
+                &a.to_dtype(DType::F16).unwrap(),
+                &b.to_dtype(DType::F16).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(half.dtype(), DType::F16);
+        }
+        // Mismatched shapes are candle's error, not a panic.
+        let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
+        let b = Tensor::zeros((3, 2), DType::F32, &device).unwrap();
+        assert!(residual_add(&a, &b).is_err());
+    }
 
     #[test]
     fn geglu_matches_candle() {

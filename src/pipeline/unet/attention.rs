@@ -717,18 +717,19 @@ impl TransformerBlock {
             kind: AttentionKind::SelfAttention,
             ..call
         };
-        let hidden = (self
+        let attended = self
             .attn1
-            .forward(&normed, self_context, call1, hook.as_deref_mut())?
-            + hidden)?;
+            .forward(&normed, self_context, call1, hook.as_deref_mut())?;
+        let hidden = kernels::residual_add(&attended, hidden)?;
         let normed = self.norm2.forward(&hidden)?;
         let call2 = AttentionCall {
             kind: AttentionKind::Cross,
             ..call
         };
-        let hidden = (self.attn2.forward(&normed, context, call2, hook)? + hidden)?;
+        let hidden =
+            kernels::residual_add(&self.attn2.forward(&normed, context, call2, hook)?, &hidden)?;
         let normed = self.norm3.forward(&hidden)?;
-        self.ff.forward(&normed)? + hidden
+        kernels::residual_add(&self.ff.forward(&normed)?, &hidden)
     }
 }
 
@@ -802,6 +803,6 @@ impl Transformer2D {
             hidden = block.forward(&hidden, context, call, hook.as_deref_mut())?;
         }
         let projected = self.proj_out.forward(&hidden)?;
-        projected.reshape((batch, height, width, channels))? + xs
+        kernels::residual_add(&projected.reshape((batch, height, width, channels))?, xs)
     }
 }
