@@ -376,7 +376,8 @@ pub fn estimate_run_memory(
         .saturating_mul(batch);
 
     // Attention probabilities materialised for a processor: one layer at a time, scores and the
-    // processor's result.
+    // processor's result. A store alone no longer materialises them (the fused kernel hands it
+    // head means), so for its runs this is an upper bound; edits' processors still do.
     let layers = footprint.attention_layers(latent_h, latent_w);
     let text_tokens = footprint.text_tokens as u64;
     let wants_probabilities = |layer: &AttentionLayer| {
