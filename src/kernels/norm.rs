@@ -27,6 +27,21 @@ simd_kernel!(
     }
 );
 
+simd_kernel!(
+    /// Per-channel sums and sums of squares in f64 of channels-last `pixels` (`sum.len()`
+    /// channels each), added pixel by pixel in order, vectorised across the channels.
+    ChannelSums<'data> { pixels: &'data [f32], sum: &'data mut [f64], sum_sq: &'data mut [f64] } => {
+        let channels = sum.len();
+        for pixel in pixels.chunks_exact(channels) {
+            for ((s, q), &v) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(pixel) {
+                let v = f64::from(v);
+                *s += v;
+                *q += v * v;
+            }
+        }
+    }
+);
+
 /// Group norm over channels-last data with per-channel affine, optionally followed by SiLU.
 struct GroupNormOp {
     groups: usize,
@@ -49,15 +64,11 @@ impl GroupNormOp {
             let partials = parallel_ranges(pixels, channels, |range| {
                 let mut sum = vec![0f64; channels];
                 let mut sum_sq = vec![0f64; channels];
-                for pixel in
-                    image[range.start * channels..range.end * channels].chunks_exact(channels)
-                {
-                    for ((s, q), &v) in sum.iter_mut().zip(sum_sq.iter_mut()).zip(pixel) {
-                        let v = f64::from(v);
-                        *s += v;
-                        *q += v * v;
-                    }
-                }
+                pulp::Arch::new().dispatch(ChannelSums {
+                    pixels: &image[range.start * channels..range.end * channels],
+                    sum: &mut sum,
+                    sum_sq: &mut sum_sq,
+                });
                 (sum, sum_sq)
             });
             let mut scale = vec![0f32; channels];
@@ -162,8 +173,8 @@ simd_kernel!(
         let width = weight.len();
         let inverse_width = 1.0 / width as f32;
         for (dst_row, row) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
-            let mean = lane_sum(row, |v| v) * inverse_width;
-            let variance = lane_sum(row, |v| (v - mean) * (v - mean)) * inverse_width;
+            let mean = lane_sum::<16>(row, |v| v) * inverse_width;
+            let variance = lane_sum::<16>(row, |v| (v - mean) * (v - mean)) * inverse_width;
             let inverse_std = 1.0 / (variance + eps).sqrt();
             for (((d, &v), &w), &b) in dst_row.iter_mut().zip(row).zip(weight).zip(bias) {
                 *d = (v - mean) * inverse_std * w + b;

@@ -117,11 +117,13 @@ pub(super) fn lane_max(values: &[f32]) -> f32 {
     lanes.iter().copied().fold(tail, f32::max)
 }
 
-/// The sum of `f(v)` over `values`, in [`REDUCTION_LANES`] lanes so the loop vectorises.
+/// The sum of `f(v)` over `values`, in `LANES` independent lanes so the loop vectorises (few
+/// lanes for short rows, such as a layer norm's 128 channels, whose final sum of the lanes would
+/// otherwise cost as much as the row).
 #[inline(always)]
-pub(super) fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; REDUCTION_LANES];
-    let mut chunks = values.chunks_exact(REDUCTION_LANES);
+pub(super) fn lane_sum<const LANES: usize>(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (lane, &v) in lanes.iter_mut().zip(chunk) {
             *lane += f(v);
