@@ -384,7 +384,7 @@ fn accumulate(
 ) -> candle_core::Result<()> {
     match pending.get_mut(&key) {
         Some(entry) => {
-            entry.sum = (&entry.sum + &map)?;
+            entry.sum = kernels::add_same_shape(&entry.sum, &map)?;
             entry.layer_count += 1;
         }
         None => {

@@ -165,9 +165,10 @@ pub fn add_bias(xs: Tensor, bias: &Tensor, owned: bool) -> Result<Tensor> {
     }
 }
 
-/// `a + b` for two tensors of the same shape (a residual connection), spread over the kernel
-/// threads for contiguous f32 CPU tensors that carry no gradient; otherwise candle's add.
-pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// `a + b` for two tensors of the same shape (a residual connection, a running sum of maps),
+/// spread over the kernel threads for contiguous f32 CPU tensors that carry no gradient (candle's
+/// own add would wake its separate thread pool); otherwise candle's add.
+pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let plain = |xs: &Tensor| {
         xs.dtype() == candle_core::DType::F32
             && xs.device().is_cpu()
@@ -280,13 +281,16 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
             let expected = (&a + &b).unwrap();
-            assert_eq!(max_abs_diff(&residual_add(&a, &b).unwrap(), &expected), 0.0);
+            assert_eq!(
+                max_abs_diff(&add_same_shape(&a, &b).unwrap(), &expected),
+                0.0
+            );
             // A transposed view and another dtype go through candle.
             let at = a.transpose(1, 2).unwrap();
             let bt = b.transpose(1, 2).unwrap();
-            let sum = residual_add(&at, &bt).unwrap();
+            let sum = add_same_shape(&at, &bt).unwrap();
             assert_eq!(max_abs_diff(&sum, &(&at + &bt).unwrap()), 0.0);
-            let half = residual_add(
+            let half = add_same_shape(
                 &a.to_dtype(DType::F16).unwrap(),
                 &b.to_dtype(DType::F16).unwrap(),
             )
@@ -296,7 +300,7 @@ mod tests {
         // Mismatched shapes are candle's error, not a panic.
         let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
         let b = Tensor::zeros((3, 2), DType::F32, &device).unwrap();
-        assert!(residual_add(&a, &b).is_err());
+        assert!(add_same_shape(&a, &b).is_err());
     }
 
     #[test]

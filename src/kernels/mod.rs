@@ -54,7 +54,7 @@ pub use attention::{
 };
 pub use bf16::{bf16_supported, product_precision, with_product_precision, ProductPrecision};
 pub use conv::{im2col, PatchGeometry};
-pub use elementwise::{add_bias, geglu, linear_geglu, residual_add, upsample_nearest};
+pub use elementwise::{add_bias, add_same_shape, geglu, linear_geglu, upsample_nearest};
 pub use gemm::{
     batched_matmul_parallel, matmul_column_groups, matmul_split_columns, matmul_split_rows,
 };

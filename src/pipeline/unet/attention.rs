@@ -720,16 +720,16 @@ impl TransformerBlock {
         let attended = self
             .attn1
             .forward(&normed, self_context, call1, hook.as_deref_mut())?;
-        let hidden = kernels::residual_add(&attended, hidden)?;
+        let hidden = kernels::add_same_shape(&attended, hidden)?;
         let normed = self.norm2.forward(&hidden)?;
         let call2 = AttentionCall {
             kind: AttentionKind::Cross,
             ..call
         };
         let hidden =
-            kernels::residual_add(&self.attn2.forward(&normed, context, call2, hook)?, &hidden)?;
+            kernels::add_same_shape(&self.attn2.forward(&normed, context, call2, hook)?, &hidden)?;
         let normed = self.norm3.forward(&hidden)?;
-        kernels::residual_add(&self.ff.forward(&normed)?, &hidden)
+        kernels::add_same_shape(&self.ff.forward(&normed)?, &hidden)
     }
 }
 
@@ -803,6 +803,6 @@ impl Transformer2D {
             hidden = block.forward(&hidden, context, call, hook.as_deref_mut())?;
         }
         let projected = self.proj_out.forward(&hidden)?;
-        kernels::residual_add(&projected.reshape((batch, height, width, channels))?, xs)
+        kernels::add_same_shape(&projected.reshape((batch, height, width, channels))?, xs)
     }
 }

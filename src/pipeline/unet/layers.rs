@@ -859,7 +859,7 @@ impl ResnetBlock {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = kernels::residual_add(&shortcut, &hidden)?;
+        let out = kernels::add_same_shape(&shortcut, &hidden)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
