@@ -46,13 +46,9 @@ impl PackedWinogradFilter {
 }
 
 /// Whether the fused bf16 Winograd convolution takes `in_channels -> out_channels` on this CPU
-/// (AVX-512 BF16; channel counts multiples of 16).
+/// (AVX-512 BF16; input channels a multiple of 16, any number of output channels).
 pub fn winograd_bf16_supported(in_channels: usize, out_channels: usize) -> bool {
-    bf16_supported()
-        && in_channels > 0
-        && out_channels > 0
-        && in_channels.is_multiple_of(16)
-        && out_channels.is_multiple_of(16)
+    bf16_supported() && in_channels > 0 && out_channels > 0 && in_channels.is_multiple_of(16)
 }
 
 /// Packs a Winograd filter `[16, in, out]` (see [`winograd_filter`](super::winograd_filter)) for
@@ -62,8 +58,8 @@ pub fn pack_winograd_filter(filter: &Tensor) -> Result<PackedWinogradFilter> {
     let (positions, in_channels, out_channels) = filter.dims3()?;
     if positions != 16 || !winograd_bf16_supported(in_channels, out_channels) {
         candle_core::bail!(
-            "winograd bf16: a filter {:?} is not [16, in, out] with channels in multiples of 16 \
-             on a CPU with AVX-512 BF16",
+            "winograd bf16: a filter {:?} is not [16, in, out] with input channels in multiples \
+             of 16 on a CPU with AVX-512 BF16",
             filter.dims()
         );
     }
@@ -212,7 +208,7 @@ fn run_block(
     let products = &mut products_scratch[..16 * tiles * PANEL_COLUMNS];
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
-    // SAFETY: AVX-512 BF16 is present and the channel counts are multiples of 16 (checked by
+    // SAFETY: AVX-512 BF16 is present and the input channels are a multiple of 16 (checked by
     // `winograd_conv_bf16`); `src` holds `batch * height * width * channels` values and the tile
     // rows lie inside the batch; `transformed` has `16 * tiles * pairs` pairs and `products`
     // `16 * tiles * 64` values, the sizes the kernels index; the filter's panels hold 16
@@ -452,12 +448,14 @@ mod tests {
             return;
         }
         let device = Device::Cpu;
-        // Odd and even sizes, one or several blocks, per-item biases, a second output panel.
+        // Odd and even sizes, one or several blocks, per-item biases, a second output panel, an
+        // output narrower than one vector (an RGB output layer).
         for (batch, height, width, in_channels, out_channels, per_item) in [
             (2, 8, 8, 16, 32, false),
             (1, 7, 9, 32, 16, true),
             (2, 33, 31, 48, 80, true),
             (3, 4, 4, 16, 16, false),
+            (2, 9, 8, 64, 3, true),
         ] {
             let xs =
                 Tensor::randn(0f32, 1.0, (batch, height, width, in_channels), &device).unwrap();
