@@ -1,7 +1,7 @@
 //! Range checks of the segmentation settings, shared by the command line (before a run) and the
 //! editor (before a segmentation): each returns [`AnalysisError::InvalidArgument`] naming the setting,
 //! the value and the accepted range. The clustering functions call them too, so nothing out of range
-//! is ever clamped silently.
+//! is ever clamped without a word.
 
 use super::{DiffSegSettings, KMeansSettings, LabelSettings, MaskSettings, SegmentSettings};
 use crate::analysis::{AnalysisError, AnalysisResult};
