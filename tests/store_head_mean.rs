@@ -6,6 +6,9 @@
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::max_abs_diff;
+
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::{AttentionProcessor, AttentionSite, CancelToken, ChainedProcessors};
 use attend::kernels::ProductPrecision;
@@ -101,14 +104,6 @@ fn run(model: &StableDiffusion, beside_materialise: bool) -> (AttentionStore, us
     (store, head_means, probabilities)
 }
 
-fn max_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn the_store_gets_the_same_maps_from_fused_head_means_as_from_probabilities() {
     let mut model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
@@ -128,7 +123,7 @@ fn the_store_gets_the_same_maps_from_fused_head_means_as_from_probabilities() {
         materialised_cross.keys().collect::<Vec<_>>()
     );
     for (grid, maps) in &fused_cross {
-        let difference = max_difference(maps, &materialised_cross[grid]);
+        let difference = max_abs_diff(maps, &materialised_cross[grid]);
         assert!(
             difference < 1e-4,
             "cross maps at {grid:?} differ by {difference}"
@@ -146,7 +141,7 @@ fn the_store_gets_the_same_maps_from_fused_head_means_as_from_probabilities() {
     for (h, w) in resolutions {
         let a = fused.self_attention(h, w, &places, span).unwrap();
         let b = materialised.self_attention(h, w, &places, span).unwrap();
-        let difference = max_difference(&a.data, &b.data);
+        let difference = max_abs_diff(&a.data, &b.data);
         assert!(
             difference < 1e-4,
             "self maps at {h}x{w} differ by {difference}"

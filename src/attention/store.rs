@@ -362,16 +362,14 @@ impl AttentionStore {
                 site.keys
             );
         }
-        let first_recorded = if site.cfg { site.batch / 2 } else { 0 };
-        let item = first_recorded + self.config.batch_item;
-        if item >= site.batch {
+        let Some(item) = self.recorded_item(site) else {
             candle_core::bail!(
                 "attention store: batch_item {} is outside the conditional half of a batch of {} at {}",
                 self.config.batch_item,
                 site.batch,
                 site.module_path()
             );
-        }
+        };
         kernels::mean_of_planes(&probs.narrow(0, item * site.heads, site.heads)?)
     }
 }

@@ -691,18 +691,55 @@ mod tests {
         (probs, merged)
     }
 
+    /// Random operands of one attention and the plain computation's results.
+    struct Case {
+        query: Tensor,
+        /// The keys as `split_heads_transposed` gives them.
+        key_t: Tensor,
+        value: Tensor,
+        scale: f64,
+        /// [`reference_attention`]'s probabilities and output.
+        probs: Tensor,
+        expected: Tensor,
+    }
+
+    fn random_case(
+        batch: usize,
+        (queries, keys): (usize, usize),
+        heads: usize,
+        head_dim: usize,
+    ) -> Case {
+        let device = Device::Cpu;
+        let inner = heads * head_dim;
+        let query = Tensor::randn(0f32, 1.0, (batch, queries, inner), &device).unwrap();
+        let key = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+        let value = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let (probs, expected) = reference_attention(&query, &key, &value, heads, scale);
+        let key_t = split_heads_transposed(&key, heads).unwrap();
+        Case {
+            query,
+            key_t,
+            value,
+            scale,
+            probs,
+            expected,
+        }
+    }
+
     #[test]
     fn attention_kernels_match_plain_attention() {
         let device = Device::Cpu;
         // 600 keys make blocks of 109 queries: blocks end inside and at the items' 250 queries.
         for (batch, queries, keys, heads, head_dim) in [(2, 250, 600, 3, 5), (1, 7, 77, 2, 8)] {
-            let inner = heads * head_dim;
-            let query = Tensor::randn(0f32, 1.0, (batch, queries, inner), &device).unwrap();
-            let key = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
-            let value = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
-            let scale = 1.0 / (head_dim as f64).sqrt();
-            let (probs, expected) = reference_attention(&query, &key, &value, heads, scale);
-            let key_t = split_heads_transposed(&key, heads).unwrap();
+            let Case {
+                query,
+                key_t,
+                value,
+                scale,
+                probs,
+                expected,
+            } = random_case(batch, (queries, keys), heads, head_dim);
 
             let fused = fused_attention(&query, &key_t, &value, heads, scale as f32).unwrap();
             assert!(max_abs_diff(&fused, &expected) < 1e-5);
@@ -746,16 +783,16 @@ mod tests {
         if !bf16_supported() {
             return;
         }
-        let device = Device::Cpu;
         // An odd key count pads the last pair of the bf16 exponentials.
         for (batch, queries, keys, heads, head_dim) in [(2, 250, 601, 3, 16), (2, 64, 77, 2, 32)] {
-            let inner = heads * head_dim;
-            let query = Tensor::randn(0f32, 1.0, (batch, queries, inner), &device).unwrap();
-            let key = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
-            let value = Tensor::randn(0f32, 1.0, (batch, keys, inner), &device).unwrap();
-            let scale = 1.0 / (head_dim as f64).sqrt();
-            let (probs, expected) = reference_attention(&query, &key, &value, heads, scale);
-            let key_t = split_heads_transposed(&key, heads).unwrap();
+            let Case {
+                query,
+                key_t,
+                value,
+                scale,
+                probs,
+                expected,
+            } = random_case(batch, (queries, keys), heads, head_dim);
             let (output, mean) = with_product_precision(ProductPrecision::Bf16, || {
                 fused_attention_with_head_mean(&query, &key_t, &value, heads, scale as f32, 1)
             })

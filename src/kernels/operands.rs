@@ -16,10 +16,10 @@ pub(super) fn contiguous_slice<'a, T: WithDType>(
     }
 }
 
-/// The f32 values of `xs` (contiguous), for the product and attention kernels.
+/// The f32 values of `xs` (contiguous), for the product, attention and convolution kernels.
 pub(super) fn f32_operand(xs: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu() {
-        candle_core::bail!("attention kernels: CPU tensors only");
+        candle_core::bail!("attend's kernels: CPU tensors only");
     }
     xs.to_dtype(candle_core::DType::F32)?.contiguous()
 }
@@ -28,9 +28,9 @@ pub(super) fn f32_operand(xs: &Tensor) -> Result<Tensor> {
 pub(super) fn with_values<R>(xs: &Tensor, job: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = xs.storage_and_layout();
     let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("attention kernels: CPU tensors only");
+        candle_core::bail!("attend's kernels: CPU tensors only");
     };
-    job(contiguous_slice(storage, layout, "attention")?)
+    job(contiguous_slice(storage, layout, "kernel input")?)
 }
 
 /// Runs `job` on the contiguous f32 values of `a` and `b` (converted as [`f32_operand`] does).

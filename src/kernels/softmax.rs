@@ -86,20 +86,7 @@ simd_kernel!(
     } => {
         for (row, sum) in piece.chunks_exact_mut(row_len).zip(sums.iter_mut()) {
             let (slope, offset) = exp2_line(lane_max(row), scale);
-            let mut lanes = [0f32; REDUCTION_LANES];
-            let mut chunks = row.chunks_exact_mut(REDUCTION_LANES);
-            for chunk in &mut chunks {
-                for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                    *value = exp2_for_bf16(value.mul_add(slope, offset));
-                    *lane += *value;
-                }
-            }
-            let mut tail = 0.0;
-            for value in chunks.into_remainder() {
-                *value = exp2_for_bf16(value.mul_add(slope, offset));
-                tail += *value;
-            }
-            *sum = lanes.iter().sum::<f32>() + tail;
+            *sum = map_and_sum(row, |value| exp2_for_bf16(value.mul_add(slope, offset)));
         }
     }
 );
@@ -143,21 +130,27 @@ fn exp_sum_to_bf16(row: &[f32], max: f32, scale: f32, out: &mut [u16]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum (in
-/// [`REDUCTION_LANES`] lanes, so the loop vectorises).
+/// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum.
 #[inline(always)]
 fn exp_and_sum(row: &mut [f32], max: f32, scale: f32) -> f32 {
+    map_and_sum(row, |value| fast_exp((value - max) * scale))
+}
+
+/// Replaces each value `v` of `row` by `f(v)` and returns their sum (in [`REDUCTION_LANES`] lanes,
+/// so the loop vectorises).
+#[inline(always)]
+fn map_and_sum(row: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; REDUCTION_LANES];
     let mut chunks = row.chunks_exact_mut(REDUCTION_LANES);
     for chunk in &mut chunks {
         for (lane, value) in lanes.iter_mut().zip(chunk.iter_mut()) {
-            *value = fast_exp((*value - max) * scale);
+            *value = f(*value);
             *lane += *value;
         }
     }
     let mut tail = 0.0;
     for value in chunks.into_remainder() {
-        *value = fast_exp((*value - max) * scale);
+        *value = f(*value);
         tail += *value;
     }
     lanes.iter().sum::<f32>() + tail

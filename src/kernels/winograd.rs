@@ -278,28 +278,42 @@ impl WinogradOutput {
                             continue;
                         }
                         let dst = &mut dst_row[x * channels..][..channels];
-                        for (k, value) in dst.iter_mut().enumerate() {
-                            let p = |i: usize, j: usize| planes[i * 4 + j][k];
-                            // Row `within` of A^T m: [m0+m1+m2, m1-m2-m3] per column.
-                            let row = |j: usize| {
-                                if within == 0 {
-                                    p(0, j) + p(1, j) + p(2, j)
-                                } else {
-                                    p(1, j) - p(2, j) - p(3, j)
-                                }
-                            };
-                            let result = if x_within == 0 {
-                                row(0) + row(1) + row(2)
-                            } else {
-                                row(1) - row(2) - row(3)
-                            };
-                            *value = result + bias[k];
-                        }
+                        output_pixel(&planes, (within, x_within), bias, dst);
                     }
                 }
             }
         });
         out
+    }
+}
+
+/// One output pixel of a tile, `(within, x_within)` of its 2x2, for every channel of `dst`: the
+/// output transform `A^T m A` plus `bias`, from the tile's sixteen transform positions `planes`
+/// (each at least `dst.len()` channels). Shared by the unfused and the fused bf16 paths, so both
+/// sum in the same order.
+#[inline(always)]
+pub(super) fn output_pixel(
+    planes: &[&[f32]; 16],
+    (within, x_within): (usize, usize),
+    bias: &[f32],
+    dst: &mut [f32],
+) {
+    for (k, value) in dst.iter_mut().enumerate() {
+        let p = |i: usize, j: usize| planes[i * 4 + j][k];
+        // Row `within` of A^T m: [m0+m1+m2, m1-m2-m3] per column.
+        let row = |j: usize| {
+            if within == 0 {
+                p(0, j) + p(1, j) + p(2, j)
+            } else {
+                p(1, j) - p(2, j) - p(3, j)
+            }
+        };
+        let result = if x_within == 0 {
+            row(0) + row(1) + row(2)
+        } else {
+            row(1) - row(2) - row(3)
+        };
+        *value = result + bias[k];
     }
 }
 

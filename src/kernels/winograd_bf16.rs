@@ -13,7 +13,8 @@ use candle_core::{Result, Tensor};
 
 use super::bf16::bf16_supported;
 use super::buffers::{parallel_initialised, zeroed};
-use super::operands::{contiguous_slice, f32_operand};
+use super::operands::{f32_operand, with_values};
+use super::winograd::output_pixel;
 
 /// Tiles per block: about 64 (the products' rows; a multiple of the 6-row register tile is not
 /// needed, the last tile is masked).
@@ -63,12 +64,6 @@ pub fn pack_winograd_filter(filter: &Tensor) -> Result<PackedWinogradFilter> {
             filter.dims()
         );
     }
-    let filter = f32_operand(filter)?;
-    let (storage, layout) = filter.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("winograd bf16: CPU tensors only");
-    };
-    let values: &[f32] = contiguous_slice(storage, layout, "winograd bf16 filter")?;
     let mut packed = PackedWinogradFilter {
         in_channels,
         out_channels,
@@ -76,6 +71,18 @@ pub fn pack_winograd_filter(filter: &Tensor) -> Result<PackedWinogradFilter> {
     };
     let position_len = packed.position_len();
     let mut panels = vec![0u32; 16 * position_len];
+    with_values(&f32_operand(filter)?, |values| {
+        pack_positions(values, (in_channels, out_channels), &mut panels);
+        Ok(())
+    })?;
+    packed.panels = panels;
+    Ok(packed)
+}
+
+/// The 16 positions' `in x out` matrices of `values` rounded to bf16 and packed into `panels`
+/// (`position_len` pairs each).
+fn pack_positions(values: &[f32], (in_channels, out_channels): (usize, usize), panels: &mut [u32]) {
+    let position_len = panels.len() / 16;
     #[cfg(target_arch = "x86_64")]
     for (position, out) in panels.chunks_exact_mut(position_len).enumerate() {
         #[allow(unsafe_code)]
@@ -93,8 +100,6 @@ pub fn pack_winograd_filter(filter: &Tensor) -> Result<PackedWinogradFilter> {
             );
         }
     }
-    packed.panels = panels;
-    Ok(packed)
 }
 
 /// 3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3) with bf16 products: `xs`
@@ -119,11 +124,21 @@ pub fn winograd_conv_bf16(
         );
     }
     let xs = f32_operand(xs)?;
-    let (storage, layout) = xs.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("winograd bf16: CPU tensors only");
-    };
-    let src: &[f32] = contiguous_slice(storage, layout, "winograd bf16 input")?;
+    let out = with_values(&xs, |src| {
+        convolve(src, (batch, height, width, channels), filter, biases)
+    })?;
+    Tensor::from_vec(out, (batch, height, width, out_channels), xs.device())
+}
+
+/// [`winograd_conv_bf16`] on the input's values `src` (`[batch, height, width, channels]`,
+/// checked against the filter and the biases): the output's values.
+fn convolve(
+    src: &[f32],
+    (batch, height, width, channels): (usize, usize, usize, usize),
+    filter: &PackedWinogradFilter,
+    biases: &[f32],
+) -> Result<Vec<f32>> {
+    let out_channels = filter.out_channels;
     let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
     let batch_rows = batch * tiles_h;
     // Blocks of whole tile rows (so each writes whole output rows), at least 4 of them when there
@@ -154,7 +169,7 @@ pub fn winograd_conv_bf16(
         tiles_h,
         tiles_w,
     };
-    let out = parallel_initialised(
+    parallel_initialised(
         batch * height * row_len,
         &blocks,
         blocks.len() > 1,
@@ -165,8 +180,7 @@ pub fn winograd_conv_bf16(
             run_block(src, geometry, (first, rows), filter, biases, out);
             Ok(out)
         },
-    )?;
-    Tensor::from_vec(out, (batch, height, width, out_channels), xs.device())
+    )
 }
 
 /// The input's sizes and its tile grid.
@@ -258,8 +272,8 @@ struct OutputPanel<'a> {
     biases: &'a [f32],
 }
 
-/// The output transform `A^T m A` plus bias of one panel of channels for every tile of a block,
-/// summed in the order of the unfused `winograd_output`: `products` is `[16, tiles, 64]`.
+/// The output transform `A^T m A` plus bias of one panel of channels for every tile of a block
+/// ([`output_pixel`], as the unfused path): `products` is `[16, tiles, 64]`.
 fn output_panel(products: &[f32], panel: OutputPanel<'_>, out: &mut [f32]) {
     let OutputPanel {
         geometry,
@@ -300,22 +314,7 @@ fn output_panel(products: &[f32], panel: OutputPanel<'_>, out: &mut [f32]) {
                     let dst = &mut out
                         [((out_row + within) * width + x) * out_channels + panel_start..]
                         [..columns];
-                    for (k, value) in dst.iter_mut().enumerate() {
-                        let p = |i: usize, j: usize| m[i * 4 + j][k];
-                        let row = |j: usize| {
-                            if within == 0 {
-                                p(0, j) + p(1, j) + p(2, j)
-                            } else {
-                                p(1, j) - p(2, j) - p(3, j)
-                            }
-                        };
-                        let result = if x_within == 0 {
-                            row(0) + row(1) + row(2)
-                        } else {
-                            row(1) - row(2) - row(3)
-                        };
-                        *value = result + bias[k];
-                    }
+                    output_pixel(&m, (within, x_within), bias, dst);
                 }
             }
         }
