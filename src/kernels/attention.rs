@@ -15,6 +15,7 @@ use super::softmax::{
     ExpRowsToBf16, ExpsToMeanAndBf16, SoftmaxRows, UnnormalisedSoftmaxRows,
     UnnormalisedSoftmaxRowsForBf16,
 };
+use super::softmax_bf16::{exp_rows_to_bf16, ScoreRows};
 use super::threads::{for_each_block, parallel_map};
 
 /// Score elements (`queries x keys`) one attention block keeps at once (2 MiB, about one core's
@@ -304,7 +305,7 @@ impl FusedAttention<'_> {
         values: &HeadValues,
         block: Block<'_>,
         (out, out_first, row_stride, column): (&mut [f32], usize, usize, usize),
-        mean: Option<&mut [f32]>,
+        mut mean: Option<&mut [f32]>,
     ) -> Result<()> {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
         let Block {
@@ -338,7 +339,17 @@ impl FusedAttention<'_> {
                     lhs.resize(rows * pairs, 0);
                 }
                 let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut lhs[..rows * pairs]);
-                match mean {
+                let (half_stride, scale) = (2 * pairs, self.scale);
+                let done = exp_rows_to_bf16(ScoreRows {
+                    scores: &mut *scores,
+                    row_len: keys,
+                    scale,
+                    sums: &mut *sums,
+                    halves: &mut *halves,
+                    half_stride,
+                    mean: mean.as_deref_mut(),
+                });
+                match mean.filter(|_| !done) {
                     Some(mean) => {
                         pulp::Arch::new().dispatch(UnnormalisedSoftmaxRowsForBf16 {
                             piece: &mut *scores,
@@ -355,7 +366,7 @@ impl FusedAttention<'_> {
                             half_stride: 2 * pairs,
                         });
                     }
-                    None => pulp::Arch::new().dispatch(ExpRowsToBf16 {
+                    None if !done => pulp::Arch::new().dispatch(ExpRowsToBf16 {
                         scores,
                         row_len: keys,
                         scale: self.scale,
@@ -363,6 +374,7 @@ impl FusedAttention<'_> {
                         halves,
                         half_stride: 2 * pairs,
                     }),
+                    None => {}
                 }
                 let done = gemm_bf16_packed(out, (offset, row_stride), &lhs, rows, packed);
                 HALVES.set(lhs);

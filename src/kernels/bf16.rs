@@ -9,6 +9,12 @@
 //! its 24 accumulators in registers over the whole of `k`.
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Tensor, TensorId};
+
+use super::operands::with_values;
 
 /// How the kernels' matrix products treat their operands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +95,17 @@ const PANEL_COLUMNS: usize = 64;
 /// Rows per register tile.
 const TILE_ROWS: usize = 6;
 
+/// How a product's results reach its destination.
+#[derive(Clone, Copy)]
+pub(in crate::kernels) enum Store<'a> {
+    /// Written over whatever was there.
+    Replace,
+    /// Added to the destination's values.
+    Accumulate,
+    /// Written with `bias[j]` added to column `j` (one f32 sum, as bias-then-accumulate gives).
+    AddBias(&'a [f32]),
+}
+
 /// A product in bf16: `dst[dst_offset + i * dst_row_stride + j] (+)= sum_k lhs[i, k] rhs[k, j]`
 /// for `i < m`, `j < n`, where `lhs` is `m x k` at `lhs_offset` (row stride `lhs_row_stride`)
 /// and `rhs` is `k x n` at `rhs_offset` (row stride `rhs_row_stride`), all with unit column
@@ -144,7 +161,11 @@ pub(super) unsafe fn gemm_bf16(
                 dst,
                 dst_offset,
                 dst_row_stride,
-                accumulate,
+                if accumulate {
+                    Store::Accumulate
+                } else {
+                    Store::Replace
+                },
             );
         }
         LHS_PAIRS.set(lhs_scratch);
@@ -200,6 +221,137 @@ impl PackedRhs {
     }
 }
 
+/// Columns `first..first + n` of a [`PackedRhs`] (whole panels), itself a packed operand: one of
+/// the query, key and value groups of a weight packed side by side.
+#[derive(Clone, Copy)]
+pub(super) struct PackedColumns<'a> {
+    k: usize,
+    n: usize,
+    panels: &'a [u32],
+}
+
+impl PackedRhs {
+    /// All columns.
+    pub(super) fn all_columns(&self) -> PackedColumns<'_> {
+        PackedColumns {
+            k: self.k,
+            n: self.n,
+            panels: &self.panels,
+        }
+    }
+
+    /// Columns `first..first + count`, when they are whole panels (`first` a multiple of 64, and
+    /// `count` too unless the range ends at the last column).
+    pub(super) fn columns(&self, first: usize, count: usize) -> Option<PackedColumns<'_>> {
+        let whole_panels = first.is_multiple_of(PANEL_COLUMNS)
+            && (count.is_multiple_of(PANEL_COLUMNS) || first + count == self.n);
+        (whole_panels && first + count <= self.n).then(|| PackedColumns {
+            k: self.k,
+            n: count,
+            panels: &self.panels[self.pairs() * first..],
+        })
+    }
+}
+
+/// A layer weight's bf16 packing, made on the weight's first product with bf16 products and kept
+/// (a layer's weights do not change); clones share it.
+#[derive(Clone, Default)]
+pub struct WeightPacking(Arc<OnceLock<Option<(TensorId, PackedRhs)>>>);
+
+impl std::fmt::Debug for WeightPacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let packed = self.0.get().and_then(Option::as_ref);
+        f.debug_struct("WeightPacking")
+            .field("k_n", &packed.map(|(_, packed)| (packed.k, packed.n)))
+            .finish()
+    }
+}
+
+impl WeightPacking {
+    /// The packing of `weight` (`[k, n]`) when the calling thread's products are bf16 on this
+    /// CPU; `None` otherwise, when the weight is not contiguous f32 values on the CPU (a
+    /// shape-checking placeholder), or when it is not the weight this packing was made from.
+    pub(super) fn packed_for(&self, weight: &Tensor) -> Option<&PackedRhs> {
+        if !product_precision().uses_bf16_here() {
+            return None;
+        }
+        let (id, packed) = self
+            .0
+            .get_or_init(|| pack_weight(weight).map(|packed| (weight.id(), packed)))
+            .as_ref()?;
+        (*id == weight.id()).then_some(packed)
+    }
+}
+
+/// `weight` `[k, n]` packed, when it is contiguous f32 values on the CPU.
+fn pack_weight(weight: &Tensor) -> Option<PackedRhs> {
+    if weight.dtype() != DType::F32 || !weight.is_contiguous() || !weight.device().is_cpu() {
+        return None;
+    }
+    let (k, n) = weight.dims2().ok()?;
+    with_values(weight, |values| Ok(PackedRhs::new(values, (0, n), (k, n))))
+        .ok()
+        .flatten()
+}
+
+/// `dst` (exactly `m x rhs.n` slots, rows adjacent) `= lhs * rhs`, plus `bias` (`[rhs.n]`) on
+/// every row when given, for an f32 left operand (`m x k` at `lhs_offset`, rows `lhs_row_stride`
+/// apart) rounded to bf16 on the way: every slot is written and handed back initialised. `None`
+/// (nothing written) when an operand does not fit or the CPU has no AVX-512 BF16.
+pub(super) fn gemm_bf16_packed_into<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    lhs: &[f32],
+    (lhs_offset, lhs_row_stride): (usize, usize),
+    m: usize,
+    rhs: PackedColumns<'_>,
+    bias: Option<&[f32]>,
+) -> Option<&'d mut [f32]> {
+    let (k, n, pairs) = (rhs.k, rhs.n, rhs.k.div_ceil(2));
+    let lhs_fits = m == 0 || k == 0 || lhs_offset + (m - 1) * lhs_row_stride + k - 1 < lhs.len();
+    let rhs_fits = rhs.panels.len() >= pairs * n.div_ceil(16) * 16;
+    let bias_fits = bias.is_none_or(|bias| bias.len() == n);
+    if !bf16_supported() || !lhs_fits || !rhs_fits || !bias_fits || dst.len() != m * n {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if m > 0 && n > 0 {
+            let mut lhs_scratch = LHS_PAIRS.take();
+            let lhs_pairs = scratch(&mut lhs_scratch, m * pairs);
+            let store = bias.map_or(Store::Replace, Store::AddBias);
+            #[allow(unsafe_code)]
+            // SAFETY: AVX-512 BF16 is present and the left matrix lies inside `lhs` (both checked
+            // above); `lhs_pairs` has the packed length `pack_lhs` writes and `multiply` reads;
+            // the right operand holds its `n` columns' panels (checked above); the `m x n`
+            // result is exactly `dst`, borrowed mutably; a bias has `n` values.
+            unsafe {
+                x86::pack_lhs(lhs, lhs_offset, lhs_row_stride, m, k, lhs_pairs);
+                x86::multiply(
+                    lhs_pairs,
+                    rhs.panels,
+                    (m, pairs, n),
+                    dst.as_mut_ptr().cast::<f32>(),
+                    0,
+                    n,
+                    store,
+                );
+            }
+            LHS_PAIRS.set(lhs_scratch);
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: `multiply` wrote every one of the `m * n` slots (its tiles cover all rows and
+        // its panels all columns), or there are none; `MaybeUninit<f32>` has the layout of `f32`.
+        unsafe {
+            Some(&mut *(std::ptr::from_mut(dst) as *mut [f32]))
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (lhs, lhs_offset, lhs_row_stride, bias);
+        None
+    }
+}
+
 /// `dst[dst_offset + i * dst_row_stride + j] = sum_k lhs[i, k] rhs[k, j]` for `i < m`, `j < n`,
 /// with the left operand already as bf16 pairs (`lhs_pairs`, `[m, rhs.pairs()]`: each row the
 /// bf16 values of `k` in order, an odd `k` padded with zero) and the right one packed. Returns
@@ -233,7 +385,7 @@ pub(super) fn gemm_bf16_packed(
             dst.as_mut_ptr(),
             dst_offset,
             dst_row_stride,
-            false,
+            Store::Replace,
         );
     }
     true
@@ -274,7 +426,7 @@ pub(super) fn gemm_bf16_f32_lhs(
                 dst.as_mut_ptr(),
                 0,
                 n,
-                false,
+                Store::Replace,
             );
         }
         LHS_PAIRS.set(lhs_scratch);
@@ -288,7 +440,7 @@ pub(super) mod x86 {
     //! The AVX-512 BF16 packing and register-tile kernels. Callers guarantee the CPU features
     //! and the bounds (see `gemm_bf16`); each function states what it reads and writes.
 
-    use super::{PANEL_COLUMNS, TILE_ROWS};
+    use super::{Store, PANEL_COLUMNS, TILE_ROWS};
     use std::arch::x86_64::*;
 
     /// A mask of the first `count` (<= 16) lanes.
@@ -391,12 +543,13 @@ pub(super) mod x86 {
     }
 
     /// `dst (+)= lhs_pairs * rhs_panels` for the packed operands of an `m x n` product over
-    /// `pairs` pairs of `k`.
+    /// `pairs` pairs of `k`, stored as `store` says; every element of the result is written.
     ///
     /// # Safety
     /// AVX-512 F/BW/BF16 present; the packed operands have the layouts of [`pack_lhs`] and
     /// [`pack_rhs`]; the `m x n` result at `dst_offset` (rows `dst_stride` apart) lies inside
-    /// the buffer at `dst`, writable (and readable when `accumulate`).
+    /// the buffer at `dst`, writable (and readable with [`Store::Accumulate`]); a bias holds at
+    /// least `n` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(in crate::kernels) unsafe fn multiply(
         lhs_pairs: &[u32],
@@ -405,8 +558,9 @@ pub(super) mod x86 {
         dst: *mut f32,
         dst_offset: usize,
         dst_stride: usize,
-        accumulate: bool,
+        store: Store<'_>,
     ) {
+        let accumulate = matches!(store, Store::Accumulate);
         let mut panel_start = 0;
         while panel_start < n {
             let columns = (n - panel_start).min(PANEL_COLUMNS);
@@ -414,6 +568,10 @@ pub(super) mod x86 {
             let vectors = width / 16;
             let last_mask = lanes(columns - (vectors - 1) * 16);
             let panel = rhs_panels.as_ptr().add(pairs * panel_start);
+            let bias = match store {
+                Store::AddBias(bias) => bias.as_ptr().add(panel_start),
+                Store::Replace | Store::Accumulate => std::ptr::null(),
+            };
             let mut row = 0;
             while row < m {
                 let rows = (m - row).min(TILE_ROWS);
@@ -426,6 +584,7 @@ pub(super) mod x86 {
                     dst_stride,
                     last_mask,
                     accumulate,
+                    bias,
                 };
                 dispatch_tile(rows, vectors, &tile);
                 row += rows;
@@ -448,6 +607,8 @@ pub(super) mod x86 {
         /// Lanes of the last vector that are inside the product.
         last_mask: u16,
         accumulate: bool,
+        /// The panel's first bias value (added to each row when not accumulating), or null.
+        bias: *const f32,
     }
 
     /// Calls the `ROWS x VECTORS` kernel for `rows` (1..=6) and `vectors` (1..=4).
@@ -504,8 +665,13 @@ pub(super) mod x86 {
                 let at = out.add(vector * 16);
                 let value = if tile.accumulate {
                     _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, at))
-                } else {
+                } else if tile.bias.is_null() {
                     value
+                } else {
+                    _mm512_add_ps(
+                        value,
+                        _mm512_maskz_loadu_ps(mask, tile.bias.add(vector * 16)),
+                    )
                 };
                 _mm512_mask_storeu_ps(at, mask, value);
             }

@@ -3,8 +3,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
 
+use super::bf16::{PackedRhs, WeightPacking};
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
-use super::gemm::{gemm_with_bias, MatrixView};
+use super::gemm::{product_piece, MatrixView};
 use super::operands::{contiguous_slice, with_f32_pair, with_values};
 use super::simd::{gelu, simd_kernel};
 use super::threads::{parallel_chunks_mut, worker_count};
@@ -74,7 +75,14 @@ const LINEAR_GEGLU_BLOCK_ELEMENTS: usize = 512 * 1024;
 /// (contiguous), `bias` `[2 * inner]` -> `[rows, inner]` (f32). Blocks of rows are spread over the
 /// cores; each block's projection lives only in a cache-sized scratch buffer, so the `[rows, 2 *
 /// inner]` projection is never written to memory.
-pub fn linear_geglu(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+///
+/// With bf16 products, `packing` (kept with the layer) holds `weight` packed once for all calls.
+pub fn linear_geglu(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    packing: Option<&WeightPacking>,
+) -> Result<Tensor> {
     let (rows, k) = xs.dims2()?;
     let (weight_rows, width) = weight.dims2()?;
     if weight_rows != k || width % 2 != 0 || bias.elem_count() != width {
@@ -94,17 +102,25 @@ pub fn linear_geglu(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
     let block_rows = (LINEAR_GEGLU_BLOCK_ELEMENTS / width.max(1))
         .clamp(8, rows.max(8))
         .min(per_core);
+    let packed = packing.and_then(|packing| packing.packed_for(weight));
     let out = with_f32_pair(xs, weight, |xs, weight| {
         parallel_row_blocks(rows, inner, rows, block_rows, |first, slots| {
             let block = slots.len() / inner.max(1);
-            let mut projected = vec![0f32; block * width];
+            let mut scratch = Vec::with_capacity(block * width);
             let lhs = MatrixView::new(xs, first * k, (block, k), k);
             let rhs = MatrixView::new(weight, 0, (k, width), width);
-            gemm_with_bias(projected.as_mut_slice(), 0, width, lhs, rhs, Some(&bias))?;
+            let packed = packed.map(PackedRhs::all_columns);
+            let projected = product_piece(
+                &mut scratch.spare_capacity_mut()[..block * width],
+                lhs,
+                rhs,
+                packed,
+                Some(&bias),
+            )?;
             let out = zeroed(slots);
             pulp::Arch::new().dispatch(GegluRows {
                 dst: &mut *out,
-                src: &projected,
+                src: projected,
                 first: 0,
                 inner,
             });
@@ -324,19 +340,35 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 2 * inner, &device).unwrap();
             let projected = xs.matmul(&weight).unwrap().broadcast_add(&bias).unwrap();
             let expected = geglu(&projected).unwrap();
-            let actual = linear_geglu(&xs, &weight, &bias).unwrap();
+            let actual = linear_geglu(&xs, &weight, &bias, None).unwrap();
             assert_eq!(actual.dims(), &[rows, inner]);
             assert!(
                 max_abs_diff(&actual, &expected) < 1e-4,
                 "{rows}x{k}x{inner}"
             );
         }
+        // With bf16 products, a packed weight gives the values of the unpacked one.
+        if crate::kernels::bf16_supported() {
+            let xs = Tensor::randn(0f32, 1.0, (700, 24), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (24, 160), &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 160, &device).unwrap();
+            let packing = WeightPacking::default();
+            crate::kernels::with_product_precision(crate::kernels::ProductPrecision::Bf16, || {
+                let unpacked = linear_geglu(&xs, &weight, &bias, None).unwrap();
+                let packed = linear_geglu(&xs, &weight, &bias, Some(&packing)).unwrap();
+                let bits = |t: &Tensor| {
+                    let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    values.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&unpacked), bits(&packed));
+            });
+        }
         let xs = Tensor::zeros((4, 6), DType::F32, &device).unwrap();
         let odd = Tensor::zeros((6, 7), DType::F32, &device).unwrap();
         let bias = Tensor::zeros(7, DType::F32, &device).unwrap();
-        assert!(linear_geglu(&xs, &odd, &bias).is_err());
+        assert!(linear_geglu(&xs, &odd, &bias, None).is_err());
         let weight = Tensor::zeros((6, 8), DType::F32, &device).unwrap();
-        assert!(linear_geglu(&xs, &weight, &bias).is_err());
+        assert!(linear_geglu(&xs, &weight, &bias, None).is_err());
     }
 
     #[test]

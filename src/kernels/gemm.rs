@@ -6,7 +6,10 @@ use std::mem::MaybeUninit;
 
 use candle_core::{Result, Tensor};
 
-use super::bf16::{gemm_bf16, gemm_bf16_f32_lhs, product_precision, PackedRhs, ProductPrecision};
+use super::bf16::{
+    gemm_bf16, gemm_bf16_f32_lhs, gemm_bf16_packed_into, product_precision, PackedColumns,
+    PackedRhs, ProductPrecision, WeightPacking,
+};
 use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
 use super::threads::{piece_count, worker_count};
@@ -242,6 +245,31 @@ pub(super) fn gemm_uninit_with_bias<'d>(
     }
 }
 
+/// [`gemm_uninit_with_bias`] with, when given, the right operand's bf16 packing (`rhs`'s
+/// columns, packed; see [`WeightPacking`]) instead of packing `rhs` for this product.
+pub(super) fn product_piece<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    lhs: MatrixView<'_>,
+    rhs: MatrixView<'_>,
+    packed: Option<PackedColumns<'_>>,
+    bias: Option<&[f32]>,
+) -> Result<&'d mut [f32]> {
+    let Some(packed) = packed else {
+        return gemm_uninit_with_bias(dst, lhs, rhs, bias);
+    };
+    if !lhs.in_bounds() || lhs.cols != rhs.rows {
+        candle_core::bail!(
+            "gemm: a {}x{} left operand out of bounds",
+            lhs.rows,
+            lhs.cols
+        );
+    }
+    let (m, n) = (lhs.rows, rhs.cols);
+    gemm_bf16_packed_into(dst, lhs.data, (lhs.offset, lhs.row_stride), m, packed, bias).ok_or_else(
+        || candle_core::Error::Msg(format!("gemm: a packed {m}x{n} product does not fit")),
+    )
+}
+
 /// The f32 values of an optional bias `[n]` (an error when it has another length).
 fn bias_values(bias: Option<&Tensor>, n: usize) -> Result<Option<Vec<f32>>> {
     let Some(bias) = bias else {
@@ -269,7 +297,7 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Re
     }
     let bias = bias_values(bias, n)?;
     if m.saturating_mul(n).saturating_mul(k) < PRODUCT_PARALLEL_MIN_MACS || worker_count() <= 1 {
-        return matmul_split_rows_values(a, b, bias.as_deref());
+        return matmul_split_rows_values(a, b, bias.as_deref(), None);
     }
     // Column parts of whole 16-lane vectors, two per core for balance.
     let parts = (2 * worker_count()).min(n.div_ceil(16)).max(1);
@@ -300,15 +328,27 @@ pub fn matmul_split_columns(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Re
 
 /// `a` `[m, k]` times `b` `[k, n]` (f32 results), plus `bias` `[n]` on every row when given, with
 /// the rows of `a` split over the cores, each part one single-threaded product writing its rows of
-/// the result in place.
-pub fn matmul_split_rows(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// the result in place. With bf16 products, `packing` (kept with the layer that owns `b`) holds
+/// `b` packed once for all calls.
+pub fn matmul_split_rows(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    packing: Option<&WeightPacking>,
+) -> Result<Tensor> {
     let n = b.dim(1)?;
     let bias = bias_values(bias, n)?;
-    matmul_split_rows_values(a, b, bias.as_deref())
+    let packed = packing.and_then(|packing| packing.packed_for(b));
+    matmul_split_rows_values(a, b, bias.as_deref(), packed)
 }
 
 /// [`matmul_split_rows`] with the bias as values.
-fn matmul_split_rows_values(a: &Tensor, b: &Tensor, bias: Option<&[f32]>) -> Result<Tensor> {
+fn matmul_split_rows_values(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&[f32]>,
+    packed: Option<&PackedRhs>,
+) -> Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (b_rows, n) = b.dims2()?;
     if b_rows != k {
@@ -325,7 +365,7 @@ fn matmul_split_rows_values(a: &Tensor, b: &Tensor, bias: Option<&[f32]>) -> Res
             let rows = slots.len() / n.max(1);
             let lhs = MatrixView::new(a_values, index * piece_rows * k, (rows, k), k);
             let rhs = MatrixView::new(b_values, 0, (k, n), n);
-            gemm_uninit_with_bias(slots, lhs, rhs, bias)
+            product_piece(slots, lhs, rhs, packed.map(PackedRhs::all_columns), bias)
         })
     })?;
     Tensor::from_vec(out, (m, n), a.device())
@@ -334,8 +374,14 @@ fn matmul_split_rows_values(a: &Tensor, b: &Tensor, bias: Option<&[f32]>) -> Res
 /// `a` `[m, k]` times each of `groups` equal column groups of `b` `[k, groups * g]`, as `groups`
 /// contiguous `[m, g]` tensors (for instance a layer's queries, keys and values from one weight
 /// holding `to_q`, `to_k` and `to_v` side by side): one parallel product for all of them, `a`
-/// read once per block of rows, and no copies to split the result.
-pub fn matmul_column_groups(a: &Tensor, b: &Tensor, groups: usize) -> Result<Vec<Tensor>> {
+/// read once per block of rows, and no copies to split the result. With bf16 products, `packing`
+/// holds `b` packed once for all calls (see [`matmul_split_rows`]).
+pub fn matmul_column_groups(
+    a: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    packing: Option<&WeightPacking>,
+) -> Result<Vec<Tensor>> {
     let (m, k) = a.dims2()?;
     let (b_rows, n) = b.dims2()?;
     if b_rows != k || groups == 0 || !n.is_multiple_of(groups) {
@@ -362,6 +408,7 @@ pub fn matmul_column_groups(a: &Tensor, b: &Tensor, groups: usize) -> Result<Vec
         })
         .collect();
     let parallel = pieces.len() > 1;
+    let packed = packing.and_then(|packing| packing.packed_for(b));
     let out = with_f32_pair(a, b, |a_values, b_values| {
         parallel_initialised(
             groups * m * group_columns,
@@ -372,7 +419,9 @@ pub fn matmul_column_groups(a: &Tensor, b: &Tensor, groups: usize) -> Result<Vec
                 let rows = slots.len() / group_columns.max(1);
                 let lhs = MatrixView::new(a_values, first_row * k, (rows, k), k);
                 let rhs = MatrixView::new(b_values, group * group_columns, (k, group_columns), n);
-                gemm_uninit(slots, lhs, rhs)
+                let packed =
+                    packed.and_then(|packed| packed.columns(group * group_columns, group_columns));
+                product_piece(slots, lhs, rhs, packed, None)
             },
         )
     })?;
@@ -430,7 +479,7 @@ mod tests {
         let b = Tensor::zeros((3, 5), DType::F32, &device).unwrap();
         let wrong_bias = Tensor::zeros(4, DType::F32, &device).unwrap();
         assert!(matmul_split_columns(&a, &b, Some(&wrong_bias)).is_err());
-        assert!(matmul_split_rows(&a, &b, Some(&wrong_bias)).is_err());
+        assert!(matmul_split_rows(&a, &b, Some(&wrong_bias), None).is_err());
     }
 
     #[test]
@@ -440,9 +489,10 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
             let expected = a.matmul(&b).unwrap();
-            assert!(max_abs_diff(&matmul_split_rows(&a, &b, None).unwrap(), &expected) < 1e-4);
+            let plain = matmul_split_rows(&a, &b, None, None).unwrap();
+            assert!(max_abs_diff(&plain, &expected) < 1e-4);
             let bias = Tensor::randn(0f32, 1.0, n, &device).unwrap();
-            let with_bias = matmul_split_rows(&a, &b, Some(&bias)).unwrap();
+            let with_bias = matmul_split_rows(&a, &b, Some(&bias), None).unwrap();
             let expected = expected.broadcast_add(&bias).unwrap();
             assert!(max_abs_diff(&with_bias, &expected) < 1e-4);
         }
@@ -455,6 +505,7 @@ mod tests {
         assert!(matmul_split_rows(
             &a.get(0).unwrap(),
             &wrong.get(0).unwrap().t().unwrap(),
+            None,
             None
         )
         .is_err());
@@ -468,7 +519,7 @@ mod tests {
             let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let b = Tensor::randn(0f32, 1.0, (k, groups * g), &device).unwrap();
             let expected = a.matmul(&b).unwrap();
-            let parts = matmul_column_groups(&a, &b, groups).unwrap();
+            let parts = matmul_column_groups(&a, &b, groups, None).unwrap();
             assert_eq!(parts.len(), groups);
             for (group, part) in parts.iter().enumerate() {
                 assert!(part.is_contiguous());
@@ -481,7 +532,57 @@ mod tests {
         }
         let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
         let b = Tensor::zeros((3, 7), DType::F32, &device).unwrap();
-        assert!(matmul_column_groups(&a, &b, 3).is_err());
-        assert!(matmul_column_groups(&a, &b, 0).is_err());
+        assert!(matmul_column_groups(&a, &b, 3, None).is_err());
+        assert!(matmul_column_groups(&a, &b, 0, None).is_err());
+    }
+
+    /// Bit-identical values of two tensors.
+    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values(a)
+            .iter()
+            .map(|v| v.to_bits())
+            .eq(values(b).iter().map(|v| v.to_bits()))
+    }
+
+    #[test]
+    fn packed_weights_give_the_values_of_the_bf16_products() {
+        if !crate::kernels::bf16_supported() {
+            return;
+        }
+        let device = Device::Cpu;
+        let bf16 = crate::kernels::ProductPrecision::Bf16;
+        // Rows split over pieces; an odd inner dimension; columns that are not whole panels.
+        for (m, k, n) in [(2048, 128, 192), (37, 33, 100), (5, 2, 16)] {
+            let a = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (k, n), &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, n, &device).unwrap();
+            let packing = WeightPacking::default();
+            crate::kernels::with_product_precision(bf16, || {
+                for bias in [None, Some(&bias)] {
+                    let unpacked = matmul_split_rows(&a, &b, bias, None).unwrap();
+                    let packed = matmul_split_rows(&a, &b, bias, Some(&packing)).unwrap();
+                    assert!(same_bits(&unpacked, &packed), "{m}x{k}x{n}");
+                    // The bf16 products are not the f32 ones.
+                    let f32_values = a.matmul(&b).unwrap();
+                    assert!(bias.is_some() || !same_bits(&f32_values, &packed));
+                }
+                // Column groups: whole panels (3 x 64) use the packing, others (2 x 96) not.
+                let groups = if n % 64 == 0 { n / 64 } else { 2 };
+                let unpacked = matmul_column_groups(&a, &b, groups, None).unwrap();
+                let packed = matmul_column_groups(&a, &b, groups, Some(&packing)).unwrap();
+                for (unpacked, packed) in unpacked.iter().zip(&packed) {
+                    assert!(
+                        same_bits(unpacked, packed),
+                        "{m}x{k}x{n} in {groups} groups"
+                    );
+                }
+                // A packing is only used for the weight it was made from.
+                let other = (&b * 2.0).unwrap();
+                let expected = matmul_split_rows(&a, &other, None, None).unwrap();
+                let actual = matmul_split_rows(&a, &other, None, Some(&packing)).unwrap();
+                assert!(same_bits(&expected, &actual));
+            });
+        }
     }
 }

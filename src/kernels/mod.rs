@@ -20,6 +20,7 @@
 //! | `winograd_bf16.rs` | the same convolution with bf16 products, fused per block of tile rows (no materialised tiles) |
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
+//! | `softmax_bf16.rs` | the fused attention's softmax rows for bf16 products, in AVX-512 intrinsics |
 //! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
@@ -27,7 +28,8 @@
 //! | `elementwise.rs` | GEGLU, bias added in place, residual sums, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call), `bf16.rs` and `winograd_bf16.rs` (the bounds-checked AVX-512 BF16 intrinsics), `pool.rs` (a borrowed job
+//! call), `bf16.rs`, `winograd_bf16.rs` and `softmax_bf16.rs` (the bounds-checked AVX-512
+//! intrinsics), `pool.rs` (a borrowed job
 //! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
 mod attention;
@@ -42,6 +44,7 @@ mod operands;
 mod pool;
 mod simd;
 mod softmax;
+mod softmax_bf16;
 #[cfg(test)]
 pub(crate) mod test_support;
 mod threads;
@@ -52,7 +55,9 @@ pub use attention::{
     attend_probabilities, attention_probabilities, fused_attention, fused_attention_with_head_mean,
     mean_of_planes,
 };
-pub use bf16::{bf16_supported, product_precision, with_product_precision, ProductPrecision};
+pub use bf16::{
+    bf16_supported, product_precision, with_product_precision, ProductPrecision, WeightPacking,
+};
 pub use conv::{im2col, PatchGeometry};
 pub use elementwise::{add_bias, add_same_shape, geglu, linear_geglu, upsample_nearest};
 pub use gemm::{

@@ -99,7 +99,8 @@ pub(super) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// Maximum of a slice, in [`REDUCTION_LANES`] independent lanes so the loop vectorises.
+/// Maximum of a slice, in [`REDUCTION_LANES`] independent lanes so the loop vectorises
+/// (`-inf` for an empty slice).
 #[inline(always)]
 pub(super) fn lane_max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; REDUCTION_LANES];
@@ -109,12 +110,41 @@ pub(super) fn lane_max(values: &[f32]) -> f32 {
             *lane = if v > *lane { v } else { *lane };
         }
     }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    lanes.iter().copied().fold(tail, f32::max)
+    // The tail padded to a whole chunk, so that it vectorises too (a 77-key row has 13).
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut padded = [f32::NEG_INFINITY; REDUCTION_LANES];
+        padded[..rest.len()].copy_from_slice(rest);
+        for (lane, &v) in lanes.iter_mut().zip(&padded) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    halve_lanes(lanes, |a, b| if b > a { b } else { a })
+}
+
+/// The lanes of a row reduction folded pairwise, half of them at a time (six vector steps for 64
+/// lanes, where a lane-by-lane fold costs 63 dependent scalar operations: as much as the whole
+/// row for a 77-key attention row).
+#[inline(always)]
+pub(super) fn halve_lanes(
+    mut lanes: [f32; REDUCTION_LANES],
+    combine: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut width = REDUCTION_LANES;
+    while width > 1 {
+        width /= 2;
+        let (low, high) = lanes.split_at_mut(width);
+        for (a, &b) in low.iter_mut().zip(high.iter()) {
+            *a = combine(*a, b);
+        }
+    }
+    lanes[0]
+}
+
+/// The sum of a row reduction's lanes (see [`halve_lanes`]).
+#[inline(always)]
+pub(super) fn sum_lanes(lanes: [f32; REDUCTION_LANES]) -> f32 {
+    halve_lanes(lanes, |a, b| a + b)
 }
 
 /// The sum of `f(v)` over `values`, in `LANES` independent lanes so the loop vectorises (few

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Tensor};
 
-use super::simd::{exp2_for_bf16, fast_exp, lane_max, simd_kernel, REDUCTION_LANES};
+use super::simd::{exp2_for_bf16, fast_exp, lane_max, simd_kernel, sum_lanes, REDUCTION_LANES};
 use super::threads::parallel_chunks_mut;
 
 simd_kernel!(
@@ -121,13 +121,22 @@ fn exp_sum_to_bf16(row: &[f32], max: f32, scale: f32, out: &mut [u16]) -> f32 {
             *half = bf16_bits(e);
         }
     }
-    let mut tail = 0.0;
-    for (&value, half) in chunks.remainder().iter().zip(out_chunks.into_remainder()) {
-        let e = exp2_for_bf16(value.mul_add(slope, offset));
-        tail += e;
-        *half = bf16_bits(e);
+    // The tail padded to a whole chunk (with its own first value), so that it vectorises too; the
+    // padding's exponentials are left out of the sum.
+    let (rest, rest_out) = (chunks.remainder(), out_chunks.into_remainder());
+    if let Some(&first) = rest.first() {
+        let mut padded = [first; REDUCTION_LANES];
+        padded[..rest.len()].copy_from_slice(rest);
+        let mut halves = [0u16; REDUCTION_LANES];
+        let lanes_in = lanes.iter_mut().zip(&padded).zip(halves.iter_mut());
+        for (index, ((lane, &value), half)) in lanes_in.enumerate() {
+            let e = exp2_for_bf16(value.mul_add(slope, offset));
+            *lane += if index < rest.len() { e } else { 0.0 };
+            *half = bf16_bits(e);
+        }
+        rest_out.copy_from_slice(&halves[..rest.len()]);
     }
-    lanes.iter().sum::<f32>() + tail
+    sum_lanes(lanes)
 }
 
 /// Replaces each value `v` of `row` by `exp(scale * (v - max))` and returns their sum.
@@ -148,12 +157,19 @@ fn map_and_sum(row: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
             *lane += *value;
         }
     }
-    let mut tail = 0.0;
-    for value in chunks.into_remainder() {
-        *value = f(*value);
-        tail += *value;
+    // The tail padded to a whole chunk (with its own first value), so that it vectorises too; the
+    // padding's results are left out of the sum.
+    let rest = chunks.into_remainder();
+    if let Some(&first) = rest.first() {
+        let mut padded = [first; REDUCTION_LANES];
+        padded[..rest.len()].copy_from_slice(rest);
+        for (index, (lane, value)) in lanes.iter_mut().zip(padded.iter_mut()).enumerate() {
+            *value = f(*value);
+            *lane += if index < rest.len() { *value } else { 0.0 };
+        }
+        rest.copy_from_slice(&padded[..rest.len()]);
     }
-    lanes.iter().sum::<f32>() + tail
+    sum_lanes(lanes)
 }
 
 /// `softmax(scale * row)` in place for each `row_len` row of `piece`.

@@ -239,7 +239,7 @@ fn run_block(
                     products.as_mut_ptr(),
                     position * tiles * PANEL_COLUMNS,
                     PANEL_COLUMNS,
-                    false,
+                    super::bf16::Store::Replace,
                 );
             }
             output_panel(

@@ -54,6 +54,8 @@ pub struct Attention {
     /// self-attention (keys and values from the queries' own input): one product instead of three.
     /// Only for widths up to [`FUSED_PROJECTION_MAX_WIDTH`] (it is a second copy of the weights).
     qkv_weight_t: Option<Tensor>,
+    /// `qkv_weight_t` packed for bf16 products (made on first use).
+    qkv_packing: kernels::WeightPacking,
     heads: usize,
     head_dim: usize,
     upcast: bool,
@@ -137,6 +139,7 @@ impl Attention {
             to_v,
             to_out: Linear::new(vb.pp("to_out").pp("0"), inner, query_dim, true)?,
             qkv_weight_t,
+            qkv_packing: kernels::WeightPacking::default(),
             heads,
             head_dim,
             upcast,
@@ -263,7 +266,12 @@ impl Attention {
             )
         };
         let groups = profile::measure(label, || {
-            kernels::matmul_column_groups(&hidden.reshape((rows, width))?, weight_t, 3)
+            kernels::matmul_column_groups(
+                &hidden.reshape((rows, width))?,
+                weight_t,
+                3,
+                Some(&self.qkv_packing),
+            )
         })?;
         let inner = self.heads * self.head_dim;
         let mut projections = groups
@@ -610,7 +618,14 @@ impl FeedForward {
             let gated = match fused_bias {
                 Some(bias) => profile::measure(
                     || format!("linear {dim}->{} x{len} + geglu", 2 * self.inner),
-                    || kernels::linear_geglu(&chunk, self.project_in.weight_t(), bias),
+                    || {
+                        kernels::linear_geglu(
+                            &chunk,
+                            self.project_in.weight_t(),
+                            bias,
+                            Some(self.project_in.packing()),
+                        )
+                    },
                 )?,
                 None => {
                     let projected = self.project_in.forward(&chunk)?;

@@ -50,6 +50,8 @@ pub struct Conv2d {
     /// The stored Winograd filter packed for bf16 products, made on the first call with bf16
     /// products (shared by clones).
     winograd_bf16: Arc<OnceLock<kernels::PackedWinogradFilter>>,
+    /// The im2col matrix packed for bf16 products (made on first use, shared by clones).
+    matrix_packing: kernels::WeightPacking,
     bias: Tensor,
     in_channels: usize,
     out_channels: usize,
@@ -116,6 +118,7 @@ impl Conv2d {
         Ok(Self {
             kernel_weights,
             winograd_bf16: Arc::default(),
+            matrix_packing: kernels::WeightPacking::default(),
             bias,
             in_channels,
             out_channels,
@@ -288,11 +291,16 @@ impl Conv2d {
             };
             if extra_bias.is_none() {
                 // One bias for every item: added inside the product.
-                pieces.push(product_of(&patches, matrix, Some(&self.bias))?);
+                pieces.push(product_of(
+                    &patches,
+                    matrix,
+                    Some(&self.bias),
+                    &self.matrix_packing,
+                )?);
                 start += rows;
                 continue;
             }
-            let product = product_of(&patches, matrix, None)?;
+            let product = product_of(&patches, matrix, None, &self.matrix_packing)?;
             // Each item's rows of the chunk get that item's bias.
             let mut row = start;
             while row < start + rows {
@@ -399,7 +407,12 @@ const SPLIT_COLUMNS_MAX_ROWS: usize = 512;
 /// rows and a weight at least as wide (each core reads its share of the weight), by rows
 /// otherwise (each core one product, no per-call thread hand-offs). The bias is added inside the
 /// products (no second pass over the output).
-fn product_of(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+fn product_of(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    packing: &kernels::WeightPacking,
+) -> candle_core::Result<Tensor> {
     let (rows, _) = xs.dims2()?;
     let (_, columns) = weight.dims2()?;
     let plain_f32 = xs.dtype() == DType::F32
@@ -415,7 +428,7 @@ fn product_of(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_cor
     } else if rows <= SPLIT_COLUMNS_MAX_ROWS && columns >= rows {
         kernels::matmul_split_columns(xs, weight, bias)
     } else {
-        kernels::matmul_split_rows(xs, weight, bias)
+        kernels::matmul_split_rows(xs, weight, bias, Some(packing))
     }
 }
 
@@ -435,6 +448,8 @@ pub struct Linear {
     /// `[in, out]`: the transposed weight, contiguous for real weights (faster to multiply).
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// `weight_t` packed for bf16 products (made on first use, shared by clones).
+    packing: kernels::WeightPacking,
 }
 
 impl Linear {
@@ -454,6 +469,7 @@ impl Linear {
         Ok(Self {
             weight_t: transposed(&weight)?,
             bias,
+            packing: kernels::WeightPacking::default(),
         })
     }
 
@@ -470,6 +486,7 @@ impl Linear {
         Ok(Self {
             weight_t: transposed(&weight)?,
             bias: Some(bias),
+            packing: kernels::WeightPacking::default(),
         })
     }
 
@@ -481,6 +498,11 @@ impl Linear {
     /// The bias, `[out]`.
     pub(super) fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The transposed weight's bf16 packing.
+    pub(super) fn packing(&self) -> &kernels::WeightPacking {
+        &self.packing
     }
 
     /// Whether the weight is f32 values in CPU memory, laid out for attend's own product kernels
@@ -514,7 +536,7 @@ impl Linear {
         }
         let label = || format!("linear {in_features}->{out_features} x{rows}");
         let out = profile::measure(label, || {
-            product_of(&flat, &self.weight_t, self.bias.as_ref())
+            product_of(&flat, &self.weight_t, self.bias.as_ref(), &self.packing)
         })?;
         let mut out_dims = leading.to_vec();
         out_dims.push(out.dim(1)?);
