@@ -3,6 +3,8 @@
 //! product with the values (for layers whose probabilities a processor reads), and the mean of
 //! planes (the head mean of probabilities).
 
+use std::sync::OnceLock;
+
 use candle_core::{Result, Tensor};
 
 use super::bf16::{gemm_bf16_packed, product_precision, PackedRhs};
@@ -123,12 +125,18 @@ impl FusedAttention<'_> {
         for item in (0..batch).filter(|&item| Some(item) != self.observed_item) {
             units.extend((0..self.heads).map(|head| FusedUnit::Head { item, head }));
         }
+        // The observed item's keys and values, per head, prepared once by whichever of its units
+        // needs them first and then shared by all of them.
+        let observed_operands: Vec<OnceLock<HeadValues>> =
+            (0..self.heads).map(|_| OnceLock::new()).collect();
         let results = parallel_map(
             units.len(),
             batch * queries * keys >= 4096,
             |index| match units[index] {
                 FusedUnit::Head { item, head } => self.head_unit(item, head).map(FusedResult::Head),
-                FusedUnit::Observed { first, rows } => self.observed_unit(first, rows),
+                FusedUnit::Observed { first, rows } => {
+                    self.observed_unit(first, rows, &observed_operands)
+                }
             },
         );
         let results = results.into_iter().collect::<Result<Vec<_>>>()?;
@@ -215,7 +223,12 @@ impl FusedAttention<'_> {
     /// Queries `first..first + rows` of the observed item, every head: the output rows `[rows,
     /// heads * d]` and the block's probabilities averaged over heads `[rows, keys]` (summed head
     /// by head in order, then scaled, as [`mean_of_planes`] does).
-    fn observed_unit(&self, first: usize, rows: usize) -> Result<FusedResult> {
+    fn observed_unit(
+        &self,
+        first: usize,
+        rows: usize,
+        operands: &[OnceLock<HeadValues>],
+    ) -> Result<FusedResult> {
         let (keys, inner, heads) = (self.keys, self.inner(), self.heads);
         let item = self.observed_item.unwrap_or(0);
         let block_rows = fused_block_rows(rows, keys).min(rows.max(1));
@@ -226,8 +239,10 @@ impl FusedAttention<'_> {
         let mut sums = vec![0f32; block_rows];
         let mut output = vec![0f32; rows * inner];
         let mut mean = vec![0f32; rows * keys];
-        let operands: Vec<HeadValues> = (0..heads)
-            .map(|head| self.head_values(item, head))
+        let operands: Vec<&HeadValues> = operands
+            .iter()
+            .enumerate()
+            .map(|(head, values)| values.get_or_init(|| self.head_values(item, head)))
             .collect();
         // Sub-blocks of rows, all heads each, so a sub-block's head mean stays in the cache.
         let done = for_each_block(

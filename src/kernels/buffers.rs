@@ -70,20 +70,32 @@ unsafe fn filled_in_pieces<T: WithDType>(
     buffer
 }
 
+/// Bytes of output a worker zeroes at once, right before its job writes them: they are still in
+/// the core's L1 cache then, so the output goes to memory once (a whole piece zeroed first went
+/// twice, and the zeroing was 5-7% of a UNet call).
+const ZEROED_AT_ONCE_BYTES: usize = 32 * 1024;
+
 /// A vector of `len` values (`units` equal units) made by `job(first_unit, piece)` over pieces of
-/// whole units, as [`parallel_chunks_mut`] cuts them, each piece zeroed first by its worker (so
-/// values a kernel skips, such as padding, are zero).
+/// whole units, as [`parallel_chunks_mut`] cuts them and then in L1-sized parts, each part zeroed
+/// first by its worker (so values a kernel skips, such as padding, are zero).
 pub(super) fn parallel_filled<T: WithDType>(
     len: usize,
     units: usize,
     job: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
+    let unit_len = len.checked_div(units).unwrap_or(0).max(1);
+    let units_at_once = (ZEROED_AT_ONCE_BYTES / (unit_len * std::mem::size_of::<T>())).max(1);
     #[allow(unsafe_code)]
     // SAFETY: `parallel_chunks_mut` hands every slot to exactly one job (its pieces cover the
-    // slice, or the whole slice goes to one job), and each job zeroes its piece first.
+    // slice, or the whole slice goes to one job), and each job zeroes every part of its piece
+    // before the kernel sees it.
     unsafe {
         filled_in_pieces(len, |slots| {
-            parallel_chunks_mut(slots, units, |first, piece| job(first, zeroed(piece)));
+            parallel_chunks_mut(slots, units, |first, piece| {
+                for (index, part) in piece.chunks_mut(units_at_once * unit_len).enumerate() {
+                    job(first + index * units_at_once, zeroed(part));
+                }
+            });
         })
     }
 }
