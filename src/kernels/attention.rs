@@ -144,9 +144,8 @@ impl FusedAttention<'_> {
         // blocks' `[rows, inner]` (as `(first row, values)`).
         let mut head_units: Vec<Option<&Vec<f32>>> = vec![None; batch * self.heads];
         let mut observed_blocks: Vec<(usize, &Vec<f32>)> = Vec::new();
-        let mut mean = self
-            .observed_item
-            .map(|_| Vec::with_capacity(queries * keys));
+        // The observed blocks' head means `[rows, keys]`, as `(first row, values)`.
+        let mut mean_blocks: Vec<(usize, &Vec<f32>)> = Vec::new();
         for (unit, result) in units.iter().zip(&results) {
             match (unit, result) {
                 (FusedUnit::Head { item, head }, FusedResult::Head(local)) => {
@@ -157,13 +156,23 @@ impl FusedAttention<'_> {
                     FusedResult::Observed { output, mean: part },
                 ) => {
                     observed_blocks.push((*first, output));
-                    if let Some(mean) = mean.as_mut() {
-                        mean.extend_from_slice(part);
-                    }
+                    mean_blocks.push((*first, part));
                 }
                 _ => candle_core::bail!("fused attention: a unit returned another unit's result"),
             }
         }
+        // The head mean's rows gathered from the blocks on the kernel threads (a 32x32 layer's
+        // mean is 4 MiB, which one thread copying alone kept the other cores waiting).
+        let mean = self.observed_item.map(|_| {
+            parallel_filled(queries * keys, queries, |first, piece| {
+                for (offset, dst) in piece.chunks_exact_mut(keys).enumerate() {
+                    let query = first + offset;
+                    let block = mean_blocks.partition_point(|(start, _)| *start <= query);
+                    let (start, values) = mean_blocks[block - 1];
+                    dst.copy_from_slice(&values[(query - start) * keys..][..keys]);
+                }
+            })
+        });
         let observed_item = self.observed_item;
         // Rows `(item, query)` gather each head's `d` outputs from its unit.
         let out = parallel_filled(batch * queries * inner, batch * queries, |first, piece| {

@@ -210,6 +210,46 @@ pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     .and_then(|sum| Tensor::from_vec(sum, a.dims(), a.device()))
 }
 
+/// `first` `[..., a]` and `second` `[..., b]` (the same leading dimensions) joined along the last
+/// dimension: `[..., a + b]`, the rows copied on the kernel threads (candle's `cat` copies them on
+/// the calling thread while the other cores wait). Tensors that are not contiguous f32 CPU values,
+/// or that track gradients, go through `Tensor::cat`.
+pub fn concat_last_dim(first: &Tensor, second: &Tensor) -> Result<Tensor> {
+    let plain = |xs: &Tensor| {
+        xs.dtype() == candle_core::DType::F32
+            && xs.device().is_cpu()
+            && xs.is_contiguous()
+            && !xs.track_op()
+            && xs.rank() > 0
+    };
+    let last = first.rank().saturating_sub(1);
+    let leading_match =
+        first.rank() == second.rank() && first.dims()[..last] == second.dims()[..last];
+    if !plain(first) || !plain(second) || !leading_match {
+        return Tensor::cat(&[first, second], last);
+    }
+    let (a, b) = (first.dims()[last], second.dims()[last]);
+    let rows: usize = first.dims()[..last].iter().product();
+    let joined = with_values(first, |lhs| {
+        with_values(second, |rhs| {
+            Ok(parallel_filled(
+                rows * (a + b),
+                rows,
+                |first_row, piece: &mut [f32]| {
+                    for (offset, row) in piece.chunks_exact_mut(a + b).enumerate() {
+                        let index = first_row + offset;
+                        row[..a].copy_from_slice(&lhs[index * a..][..a]);
+                        row[a..].copy_from_slice(&rhs[index * b..][..b]);
+                    }
+                },
+            ))
+        })
+    })?;
+    let mut dims = first.dims().to_vec();
+    dims[last] = a + b;
+    Tensor::from_vec(joined, dims, first.device())
+}
+
 simd_kernel!(
     /// `out = lhs + rhs` element by element (all the same length).
     AddSlices<'data> { lhs: &'data [f32], rhs: &'data [f32], out: &'data mut [f32] } => {
@@ -369,6 +409,23 @@ mod tests {
         assert!(linear_geglu(&xs, &odd, &bias, None).is_err());
         let weight = Tensor::zeros((6, 8), DType::F32, &device).unwrap();
         assert!(linear_geglu(&xs, &weight, &bias, None).is_err());
+    }
+
+    #[test]
+    fn joined_channels_match_cat() {
+        let device = Device::Cpu;
+        for (rows, a, b) in [(1, 3, 5), (4096, 64, 128), (77, 1, 2)] {
+            let first = Tensor::randn(0f32, 1.0, (2, rows, a), &device).unwrap();
+            let second = Tensor::randn(0f32, 1.0, (2, rows, b), &device).unwrap();
+            let expected = Tensor::cat(&[&first, &second], 2).unwrap();
+            let actual = concat_last_dim(&first, &second).unwrap();
+            assert_eq!(actual.dims(), expected.dims());
+            assert_eq!(max_abs_diff(&actual, &expected), 0.0);
+        }
+        // Different leading dimensions are candle's error, not a panic.
+        let first = Tensor::zeros((2, 3, 4), DType::F32, &device).unwrap();
+        let second = Tensor::zeros((2, 5, 4), DType::F32, &device).unwrap();
+        assert!(concat_last_dim(&first, &second).is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
 //! | `heads.rs` | attention heads split (plain or transposed) and merged |
-//! | `elementwise.rs` | GEGLU, bias added in place, residual sums, nearest upsampling |
+//! | `elementwise.rs` | GEGLU, bias added in place, residual sums, channels joined, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
 //! call), `bf16.rs`, `winograd_bf16.rs` and `softmax_bf16.rs` (the bounds-checked AVX-512
@@ -59,7 +59,9 @@ pub use bf16::{
     bf16_supported, product_precision, with_product_precision, ProductPrecision, WeightPacking,
 };
 pub use conv::{im2col, PatchGeometry};
-pub use elementwise::{add_bias, add_same_shape, geglu, linear_geglu, upsample_nearest};
+pub use elementwise::{
+    add_bias, add_same_shape, concat_last_dim, geglu, linear_geglu, upsample_nearest,
+};
 pub use gemm::{
     batched_matmul_parallel, matmul_column_groups, matmul_split_columns, matmul_split_rows,
 };

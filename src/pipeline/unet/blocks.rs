@@ -10,6 +10,7 @@ use super::config::{
 use super::layers::{Downsample, Linear, ResnetBlock, ResnetSpec, Upsample};
 use crate::analysis::heatmap::UnetPlace;
 use crate::hook::{AttentionHook, SharedGroupNorm};
+use crate::kernels;
 use crate::pipeline::PipelineResult;
 
 /// The sinusoidal timestep features of diffusers' `Timesteps`, computed in f32 exactly as torch
@@ -357,7 +358,7 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("UNet up block ran out of skip connections");
             };
-            let joined = Tensor::cat(&[&hidden, &skip], 3)?;
+            let joined = kernels::concat_last_dim(&hidden, &skip)?;
             hidden = resnet.forward_shared(
                 &joined,
                 Some(inputs.activated_time_embedding),
