@@ -166,10 +166,7 @@ impl FusedAttention<'_> {
         let mean = self.observed_item.map(|_| {
             parallel_filled(queries * keys, queries, |first, piece| {
                 for (offset, dst) in piece.chunks_exact_mut(keys).enumerate() {
-                    let query = first + offset;
-                    let block = mean_blocks.partition_point(|(start, _)| *start <= query);
-                    let (start, values) = mean_blocks[block - 1];
-                    dst.copy_from_slice(&values[(query - start) * keys..][..keys]);
+                    dst.copy_from_slice(block_row(&mean_blocks, first + offset, keys));
                 }
             })
         });
@@ -179,10 +176,7 @@ impl FusedAttention<'_> {
             for (offset, dst) in piece.chunks_exact_mut(inner).enumerate() {
                 let (item, query) = ((first + offset) / queries, (first + offset) % queries);
                 if Some(item) == observed_item {
-                    // Blocks are in query order; the last one starting at or before `query`.
-                    let block = observed_blocks.partition_point(|(start, _)| *start <= query);
-                    let (start, values) = observed_blocks[block - 1];
-                    dst.copy_from_slice(&values[(query - start) * inner..][..inner]);
+                    dst.copy_from_slice(block_row(&observed_blocks, query, inner));
                     continue;
                 }
                 for (head, dst_head) in dst.chunks_exact_mut(head_dim).enumerate() {
@@ -364,7 +358,7 @@ impl FusedAttention<'_> {
                 }
                 let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut lhs[..rows * pairs]);
                 let (half_stride, scale) = (2 * pairs, self.scale);
-                let done = exp_rows_to_bf16(ScoreRows {
+                let intrinsics = exp_rows_to_bf16(ScoreRows {
                     scores: &mut *scores,
                     row_len: keys,
                     scale,
@@ -373,7 +367,9 @@ impl FusedAttention<'_> {
                     half_stride,
                     mean: mean.as_deref_mut(),
                 });
-                match mean.filter(|_| !done) {
+                // Without AVX-512 intrinsics for the rows, the portable kernels.
+                match mean {
+                    _ if intrinsics => {}
                     Some(mean) => {
                         pulp::Arch::new().dispatch(UnnormalisedSoftmaxRowsForBf16 {
                             piece: &mut *scores,
@@ -390,15 +386,14 @@ impl FusedAttention<'_> {
                             half_stride: 2 * pairs,
                         });
                     }
-                    None if !done => pulp::Arch::new().dispatch(ExpRowsToBf16 {
+                    None => pulp::Arch::new().dispatch(ExpRowsToBf16 {
                         scores,
                         row_len: keys,
-                        scale: self.scale,
+                        scale,
                         sums: &mut *sums,
                         halves,
-                        half_stride: 2 * pairs,
+                        half_stride,
                     }),
-                    None => {}
                 }
                 let done = gemm_bf16_packed(out, (offset, row_stride), &lhs, rows, packed);
                 HALVES.set(lhs);
@@ -438,6 +433,14 @@ impl FusedAttention<'_> {
         }
         Ok(())
     }
+}
+
+/// Row `row` (`row_len` values) of blocks of rows given as `(first row, values)` in row order,
+/// which together hold every row: the row of the last block starting at or before it.
+fn block_row<'a>(blocks: &[(usize, &'a Vec<f32>)], row: usize, row_len: usize) -> &'a [f32] {
+    let block = blocks.partition_point(|(start, _)| *start <= row);
+    let (start, values) = blocks[block - 1];
+    &values[(row - start) * row_len..][..row_len]
 }
 
 /// One head's operands for the value product, once per unit (for all its query blocks).

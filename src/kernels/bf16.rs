@@ -294,6 +294,53 @@ fn pack_weight(weight: &Tensor) -> Option<PackedRhs> {
         .flatten()
 }
 
+/// Whether an f32 left operand (`m x rhs.k` at `offset` in `lhs`, rows `stride` apart), the packed
+/// right operand and a bias (`[rhs.n]`) fit a product on this CPU (see [`multiply_f32_lhs`]).
+fn f32_lhs_product_fits(
+    lhs: &[f32],
+    (offset, stride): (usize, usize),
+    m: usize,
+    rhs: PackedColumns<'_>,
+    bias: Option<&[f32]>,
+) -> bool {
+    let (k, n) = (rhs.k, rhs.n);
+    let lhs_fits = m == 0 || k == 0 || offset + (m - 1) * stride + k - 1 < lhs.len();
+    let rhs_fits = rhs.panels.len() >= k.div_ceil(2) * n.div_ceil(16) * 16;
+    let bias_fits = bias.is_none_or(|bias| bias.len() == n);
+    bf16_supported() && lhs_fits && rhs_fits && bias_fits
+}
+
+/// `dst = lhs * rhs` (`m x rhs.n`, rows adjacent), stored as `store` says, for an f32 left
+/// operand rounded to bf16 on the way (into the thread's scratch pairs).
+///
+/// # Safety
+/// [`f32_lhs_product_fits`] holds for the operands (and the bias of `store`); `dst` is valid for
+/// writes of `m * rhs.n` values and aliases neither operand.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+unsafe fn multiply_f32_lhs(
+    dst: *mut f32,
+    lhs: &[f32],
+    (offset, stride): (usize, usize),
+    m: usize,
+    rhs: PackedColumns<'_>,
+    store: Store<'_>,
+) {
+    let (k, n, pairs) = (rhs.k, rhs.n, rhs.k.div_ceil(2));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mut lhs_scratch = LHS_PAIRS.take();
+    let lhs_pairs = scratch(&mut lhs_scratch, m * pairs);
+    // SAFETY: the CPU features and the operands' bounds are the caller's; `lhs_pairs` has the
+    // packed length `pack_lhs` writes and `multiply` reads.
+    unsafe {
+        x86::pack_lhs(lhs, offset, stride, m, k, lhs_pairs);
+        x86::multiply(lhs_pairs, rhs.panels, (m, pairs, n), dst, 0, n, store);
+    }
+    LHS_PAIRS.set(lhs_scratch);
+}
+
 /// `dst` (exactly `m x rhs.n` slots, rows adjacent) `= lhs * rhs`, plus `bias` (`[rhs.n]`) on
 /// every row when given, for an f32 left operand (`m x k` at `lhs_offset`, rows `lhs_row_stride`
 /// apart) rounded to bf16 on the way: every slot is written and handed back initialised. `None`
@@ -301,53 +348,33 @@ fn pack_weight(weight: &Tensor) -> Option<PackedRhs> {
 pub(super) fn gemm_bf16_packed_into<'d>(
     dst: &'d mut [MaybeUninit<f32>],
     lhs: &[f32],
-    (lhs_offset, lhs_row_stride): (usize, usize),
+    lhs_layout: (usize, usize),
     m: usize,
     rhs: PackedColumns<'_>,
     bias: Option<&[f32]>,
 ) -> Option<&'d mut [f32]> {
-    let (k, n, pairs) = (rhs.k, rhs.n, rhs.k.div_ceil(2));
-    let lhs_fits = m == 0 || k == 0 || lhs_offset + (m - 1) * lhs_row_stride + k - 1 < lhs.len();
-    let rhs_fits = rhs.panels.len() >= pairs * n.div_ceil(16) * 16;
-    let bias_fits = bias.is_none_or(|bias| bias.len() == n);
-    if !bf16_supported() || !lhs_fits || !rhs_fits || !bias_fits || dst.len() != m * n {
+    if !f32_lhs_product_fits(lhs, lhs_layout, m, rhs, bias) || dst.len() != m * rhs.n {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    {
-        if m > 0 && n > 0 {
-            let mut lhs_scratch = LHS_PAIRS.take();
-            let lhs_pairs = scratch(&mut lhs_scratch, m * pairs);
-            let store = bias.map_or(Store::Replace, Store::AddBias);
-            #[allow(unsafe_code)]
-            // SAFETY: AVX-512 BF16 is present and the left matrix lies inside `lhs` (both checked
-            // above); `lhs_pairs` has the packed length `pack_lhs` writes and `multiply` reads;
-            // the right operand holds its `n` columns' panels (checked above); the `m x n`
-            // result is exactly `dst`, borrowed mutably; a bias has `n` values.
-            unsafe {
-                x86::pack_lhs(lhs, lhs_offset, lhs_row_stride, m, k, lhs_pairs);
-                x86::multiply(
-                    lhs_pairs,
-                    rhs.panels,
-                    (m, pairs, n),
-                    dst.as_mut_ptr().cast::<f32>(),
-                    0,
-                    n,
-                    store,
-                );
-            }
-            LHS_PAIRS.set(lhs_scratch);
-        }
-        #[allow(unsafe_code)]
-        // SAFETY: `multiply` wrote every one of the `m * n` slots (its tiles cover all rows and
-        // its panels all columns), or there are none; `MaybeUninit<f32>` has the layout of `f32`.
-        unsafe {
-            Some(&mut *(std::ptr::from_mut(dst) as *mut [f32]))
-        }
+    #[allow(unsafe_code)]
+    // SAFETY: the operands fit (checked above) and the `m x n` result is exactly `dst`, borrowed
+    // mutably. `multiply` writes every one of its slots (its tiles cover all rows and its panels
+    // all columns), so they are initialised afterwards; `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe {
+        let store = bias.map_or(Store::Replace, Store::AddBias);
+        multiply_f32_lhs(
+            dst.as_mut_ptr().cast::<f32>(),
+            lhs,
+            lhs_layout,
+            m,
+            rhs,
+            store,
+        );
+        Some(&mut *(std::ptr::from_mut(dst) as *mut [f32]))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (lhs, lhs_offset, lhs_row_stride, bias);
         None
     }
 }
@@ -397,39 +424,19 @@ pub(super) fn gemm_bf16_packed(
 pub(super) fn gemm_bf16_f32_lhs(
     dst: &mut [f32],
     lhs: &[f32],
-    (lhs_offset, lhs_row_stride): (usize, usize),
+    lhs_layout: (usize, usize),
     m: usize,
     rhs: &PackedRhs,
 ) -> bool {
-    let (k, n, pairs) = (rhs.k, rhs.n, rhs.pairs());
-    let lhs_fits = m == 0 || k == 0 || lhs_offset + (m - 1) * lhs_row_stride + k - 1 < lhs.len();
-    if !bf16_supported() || !lhs_fits || dst.len() != m * n {
+    let rhs = rhs.all_columns();
+    if !f32_lhs_product_fits(lhs, lhs_layout, m, rhs, None) || dst.len() != m * rhs.n {
         return false;
     }
-    if m == 0 || n == 0 {
-        return true;
-    }
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut lhs_scratch = LHS_PAIRS.take();
-        let lhs_pairs = scratch(&mut lhs_scratch, m * pairs);
-        #[allow(unsafe_code)]
-        // SAFETY: AVX-512 BF16 is present, the left matrix lies inside `lhs` (both checked
-        // above); `lhs_pairs` has the packed length `pack_lhs` writes and `multiply` reads, the
-        // right operand has its packed layout, and the `m x n` result is exactly `dst`.
-        unsafe {
-            x86::pack_lhs(lhs, lhs_offset, lhs_row_stride, m, k, lhs_pairs);
-            x86::multiply(
-                lhs_pairs,
-                &rhs.panels,
-                (m, pairs, n),
-                dst.as_mut_ptr(),
-                0,
-                n,
-                Store::Replace,
-            );
-        }
-        LHS_PAIRS.set(lhs_scratch);
+    #[allow(unsafe_code)]
+    // SAFETY: the operands fit (checked above) and the `m x n` result is exactly `dst`.
+    unsafe {
+        multiply_f32_lhs(dst.as_mut_ptr(), lhs, lhs_layout, m, rhs, Store::Replace);
     }
     true
 }
@@ -443,8 +450,8 @@ pub(super) mod x86 {
     use super::{Store, PANEL_COLUMNS, TILE_ROWS};
     use std::arch::x86_64::*;
 
-    /// A mask of the first `count` (<= 16) lanes.
-    fn lanes(count: usize) -> u16 {
+    /// A mask of the first `count` (<= 16) lanes (16 for any larger count).
+    pub(in crate::kernels) fn lanes(count: usize) -> u16 {
         if count >= 16 {
             u16::MAX
         } else {

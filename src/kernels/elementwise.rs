@@ -181,17 +181,20 @@ pub fn add_bias(xs: Tensor, bias: &Tensor, owned: bool) -> Result<Tensor> {
     }
 }
 
+/// Whether `xs` is contiguous f32 values on the CPU that carry no gradient: what the element-wise
+/// kernels here take (anything else goes through candle).
+fn plain_values(xs: &Tensor) -> bool {
+    xs.dtype() == candle_core::DType::F32
+        && xs.device().is_cpu()
+        && xs.is_contiguous()
+        && !xs.track_op()
+}
+
 /// `a + b` for two tensors of the same shape (a residual connection, a running sum of maps),
 /// spread over the kernel threads for contiguous f32 CPU tensors that carry no gradient (candle's
 /// own add would wake its separate thread pool); otherwise candle's add.
 pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let plain = |xs: &Tensor| {
-        xs.dtype() == candle_core::DType::F32
-            && xs.device().is_cpu()
-            && xs.is_contiguous()
-            && !xs.track_op()
-    };
-    if a.dims() != b.dims() || !plain(a) || !plain(b) {
+    if a.dims() != b.dims() || !plain_values(a) || !plain_values(b) {
         return a + b;
     }
     with_values(a, |lhs| {
@@ -215,17 +218,11 @@ pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// the calling thread while the other cores wait). Tensors that are not contiguous f32 CPU values,
 /// or that track gradients, go through `Tensor::cat`.
 pub fn concat_last_dim(first: &Tensor, second: &Tensor) -> Result<Tensor> {
-    let plain = |xs: &Tensor| {
-        xs.dtype() == candle_core::DType::F32
-            && xs.device().is_cpu()
-            && xs.is_contiguous()
-            && !xs.track_op()
-            && xs.rank() > 0
-    };
     let last = first.rank().saturating_sub(1);
-    let leading_match =
-        first.rank() == second.rank() && first.dims()[..last] == second.dims()[..last];
-    if !plain(first) || !plain(second) || !leading_match {
+    let leading_match = first.rank() > 0
+        && first.rank() == second.rank()
+        && first.dims()[..last] == second.dims()[..last];
+    if !plain_values(first) || !plain_values(second) || !leading_match {
         return Tensor::cat(&[first, second], last);
     }
     let (a, b) = (first.dims()[last], second.dims()[last]);

@@ -80,19 +80,11 @@ mod x86 {
     //! slices it is given.
 
     use super::REDUCTION_LANES;
+    use crate::kernels::bf16::x86::lanes;
     use std::arch::x86_64::*;
 
     /// Vectors per 64-lane chunk.
     const VECTORS: usize = REDUCTION_LANES / 16;
-
-    /// A mask of the first `count` (<= 16) lanes.
-    fn lanes(count: usize) -> u16 {
-        if count >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << count) - 1
-        }
-    }
 
     /// The 64 lanes of four accumulators folded pairwise, half of them at a time, as
     /// `simd::halve_lanes` folds them: lane `i` with lane `i + 32`, then `i + 16`, `i + 8`, ...
