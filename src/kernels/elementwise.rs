@@ -323,7 +323,7 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_abs_diff;
+    use crate::kernels::test_support::{max_abs_diff, same_bits};
     use candle_core::{DType, Device};
 
     #[test]
@@ -393,11 +393,7 @@ mod tests {
             crate::kernels::with_product_precision(crate::kernels::ProductPrecision::Bf16, || {
                 let unpacked = linear_geglu(&xs, &weight, &bias, None).unwrap();
                 let packed = linear_geglu(&xs, &weight, &bias, Some(&packing)).unwrap();
-                let bits = |t: &Tensor| {
-                    let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    values.into_iter().map(f32::to_bits).collect::<Vec<_>>()
-                };
-                assert_eq!(bits(&unpacked), bits(&packed));
+                assert!(same_bits(&unpacked, &packed));
             });
         }
         let xs = Tensor::zeros((4, 6), DType::F32, &device).unwrap();

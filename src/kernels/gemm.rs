@@ -451,7 +451,7 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::max_abs_diff;
+    use crate::kernels::test_support::{max_abs_diff, same_bits};
     use candle_core::{DType, Device};
 
     #[test]
@@ -534,15 +534,6 @@ mod tests {
         let b = Tensor::zeros((3, 7), DType::F32, &device).unwrap();
         assert!(matmul_column_groups(&a, &b, 3, None).is_err());
         assert!(matmul_column_groups(&a, &b, 0, None).is_err());
-    }
-
-    /// Bit-identical values of two tensors.
-    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        values(a)
-            .iter()
-            .map(|v| v.to_bits())
-            .eq(values(b).iter().map(|v| v.to_bits()))
     }
 
     #[test]

@@ -16,3 +16,12 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar()
         .unwrap()
 }
+
+/// Whether two tensors hold the same f32 values bit for bit.
+pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    let bits = |t: &Tensor| {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+    };
+    a.dims() == b.dims() && bits(a) == bits(b)
+}
