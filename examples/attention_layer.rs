@@ -7,7 +7,7 @@
 //! `RAYON_NUM_THREADS=1 cargo run --release --example attention_layer`
 
 use attend::kernels::{
-    fused_attention, fused_attention_with_head_mean, split_heads_transposed,
+    fused_attention, fused_attention_adding_head_mean, split_heads_transposed,
     with_product_precision, ProductPrecision,
 };
 use candle_core::{Device, Tensor};
@@ -49,7 +49,11 @@ fn main() -> anyhow::Result<()> {
                 for _ in 0..calls {
                     let start = std::time::Instant::now();
                     if with_mean {
-                        fused_attention_with_head_mean(&query, &key_t, &value, heads, scale, 1)?;
+                        let mut sum = vec![0f32; queries * keys];
+                        let observed = (1, &mut sum[..]);
+                        fused_attention_adding_head_mean(
+                            &query, &key_t, &value, heads, scale, observed,
+                        )?;
                     } else {
                         fused_attention(&query, &key_t, &value, heads, scale)?;
                     }

@@ -1,5 +1,5 @@
 //! The attention store reads only head means: alone, every layer it keeps runs the fused kernel,
-//! which sums the recorded item's mean over the heads on the way; beside a processor that wants
+//! which adds the recorded item's mean over the heads to the store's sum on the way; beside a processor that wants
 //! the probabilities, the layers materialise them and the store averages them itself. Both ways
 //! give the same maps.
 
@@ -44,13 +44,9 @@ impl AttentionProcessor for Counting<'_> {
         self.store.observed_head_mean(site)
     }
 
-    fn observe_head_mean(
-        &mut self,
-        site: &AttentionSite,
-        mean: &Tensor,
-    ) -> candle_core::Result<()> {
+    fn head_mean_sum(&mut self, site: &AttentionSite) -> candle_core::Result<Option<&mut [f32]>> {
         self.head_means += 1;
-        self.store.observe_head_mean(site, mean)
+        self.store.head_mean_sum(site)
     }
 
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {

@@ -752,19 +752,12 @@ impl AttentionProcessor for ItemView<'_> {
         (half < halves).then_some(half * self.items + self.item)
     }
 
-    fn observe_head_mean(
-        &mut self,
-        site: &AttentionSite,
-        mean: &Tensor,
-    ) -> candle_core::Result<()> {
+    fn head_mean_sum(&mut self, site: &AttentionSite) -> candle_core::Result<Option<&mut [f32]>> {
         let halves = if site.cfg { 2 } else { 1 };
-        self.inner.observe_head_mean(
-            &AttentionSite {
-                batch: halves,
-                ..site.clone()
-            },
-            mean,
-        )
+        self.inner.head_mean_sum(&AttentionSite {
+            batch: halves,
+            ..site.clone()
+        })
     }
 
     fn step_finished(&mut self, step_index: usize) -> candle_core::Result<()> {

@@ -13,9 +13,11 @@
 //!   steps, so memory does not grow with the steps: `2 * Σ (h·w)²` floats, 17.9 MB for SD 1.x at
 //!   512 px with the default side 32 (down and up at 32² and 16², mid 8²).
 //!
-//! During a step the sums stay tensors (on the model's device); each group is converted to a
-//! `Vec<f32>` once, when the step is finished (at the first call of the next step, or by
-//! [`AttentionStore::finish_step`]).
+//! During a step each group's layers are summed into one plain `[queries, keys]` buffer: the fused
+//! attention kernel adds its head mean straight into it
+//! ([`AttentionProcessor::head_mean_sum`]), a layer that materialises its probabilities has them
+//! averaged and added. Each group is turned into its map once, when the step is finished (at the
+//! first call of the next step, or by [`AttentionStore::finish_step`]).
 
 use std::collections::BTreeMap;
 
@@ -69,8 +71,10 @@ type GroupKey = (UnetPlace, usize, usize);
 
 /// Sum of the head-averaged maps of the layers of one group seen so far in the current step.
 struct PendingSum {
-    /// Cross: `[queries, tokens]`; self: `[queries, queries]`.
-    sum: Tensor,
+    /// `[queries, keys]`: cross-attention's keys are the text's (all of them, cut to the prompt's
+    /// tokens when the step is finished), self-attention's the queries.
+    sum: Vec<f32>,
+    keys: usize,
     layer_count: usize,
 }
 
@@ -291,9 +295,20 @@ impl AttentionStore {
         };
         let mut groups = Vec::with_capacity(self.pending_cross.len());
         for ((place, h, w), pending) in std::mem::take(&mut self.pending_cross) {
-            let mean = pending.sum.affine(1.0 / pending.layer_count as f64, 0.0)?;
-            let token_count = mean.dim(1)?;
-            let data = mean.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            // `[queries, keys]` sums -> `[tokens, queries]` means.
+            let token_count = self.config.token_count.min(pending.keys);
+            let scale = 1.0 / pending.layer_count.max(1) as f32;
+            let mut data = Vec::with_capacity(token_count * h * w);
+            for token in 0..token_count {
+                data.extend(
+                    pending
+                        .sum
+                        .iter()
+                        .skip(token)
+                        .step_by(pending.keys)
+                        .map(|&value| value * scale),
+                );
+            }
             groups.push(CrossGroup {
                 place,
                 h,
@@ -307,7 +322,7 @@ impl AttentionStore {
             self.steps.push(StepCross { step_index, groups });
         }
         for (key, pending) in std::mem::take(&mut self.pending_self) {
-            let latest_sum = pending.sum.flatten_all()?.to_vec1::<f32>()?;
+            let latest_sum = pending.sum;
             let accumulator = self
                 .self_attention
                 .entry(key)
@@ -315,7 +330,7 @@ impl AttentionStore {
                     latest_step_index: step_index,
                     latest_sum: Vec::new(),
                     latest_layer_count: 0,
-                    total_sum: vec![0.0; latest_sum.len()],
+                    total_sum: kernels::zeros(latest_sum.len()),
                     total_layer_count: 0,
                     step_count: 0,
                 });
@@ -328,11 +343,7 @@ impl AttentionStore {
                     latest_sum.len()
                 );
             }
-            accumulator
-                .total_sum
-                .iter_mut()
-                .zip(&latest_sum)
-                .for_each(|(total, value)| *total += value);
+            kernels::add_slice_into(&mut accumulator.total_sum, &latest_sum);
             accumulator.total_layer_count += pending.layer_count;
             accumulator.step_count += 1;
             accumulator.latest_step_index = step_index;
@@ -374,30 +385,6 @@ impl AttentionStore {
     }
 }
 
-/// Adds `map` to the group's running sum for this step.
-fn accumulate(
-    pending: &mut BTreeMap<GroupKey, PendingSum>,
-    key: GroupKey,
-    map: Tensor,
-) -> candle_core::Result<()> {
-    match pending.get_mut(&key) {
-        Some(entry) => {
-            entry.sum = kernels::add_same_shape(&entry.sum, &map)?;
-            entry.layer_count += 1;
-        }
-        None => {
-            pending.insert(
-                key,
-                PendingSum {
-                    sum: map,
-                    layer_count: 1,
-                },
-            );
-        }
-    }
-    Ok(())
-}
-
 impl AttentionStore {
     /// The batch row the store records at `site` (the configured item of the conditional half),
     /// `None` when it lies outside the batch.
@@ -414,21 +401,38 @@ impl AttentionStore {
         }
     }
 
-    /// Adds `mean` (`[queries, keys]`, the recorded item's head mean at `site`) to the step's
-    /// sums (cross maps cut to the prompt's tokens).
-    fn record_head_mean(&mut self, site: &AttentionSite, mean: Tensor) -> candle_core::Result<()> {
+    /// The step's sum `[queries, keys]` of `site`'s group, counting one more layer in it: the
+    /// recorded item's head mean at `site` is to be added to it. Finishes the previous step first
+    /// when `site` is in a new one.
+    fn layer_sum(&mut self, site: &AttentionSite) -> candle_core::Result<&mut [f32]> {
         if self.current_step != Some(site.step_index) {
             self.convert_pending()?;
             self.current_step = Some(site.step_index);
         }
         let key = (site.place, site.query_h, site.query_w);
-        match site.kind {
-            AttentionKind::Cross => {
-                let tokens = self.config.token_count.min(site.keys);
-                accumulate(&mut self.pending_cross, key, mean.narrow(1, 0, tokens)?)
-            }
-            AttentionKind::SelfAttention => accumulate(&mut self.pending_self, key, mean),
+        let pending = match site.kind {
+            AttentionKind::Cross => &mut self.pending_cross,
+            AttentionKind::SelfAttention => &mut self.pending_self,
+        };
+        let len = site.queries() * site.keys;
+        let entry = pending.entry(key).or_insert_with(|| PendingSum {
+            sum: kernels::zeros(len),
+            keys: site.keys,
+            layer_count: 0,
+        });
+        if entry.keys != site.keys || entry.sum.len() != len {
+            candle_core::bail!(
+                "attention store: {} has {} queries x {} keys, another layer of its group had {} \
+                 values with {} keys",
+                site.module_path(),
+                site.queries(),
+                site.keys,
+                entry.sum.len(),
+                entry.keys
+            );
         }
+        entry.layer_count += 1;
+        Ok(&mut entry.sum)
     }
 }
 
@@ -444,23 +448,11 @@ impl AttentionProcessor for AttentionStore {
         self.recorded_item(site).filter(|_| self.keeps(site))
     }
 
-    fn observe_head_mean(
-        &mut self,
-        site: &AttentionSite,
-        mean: &Tensor,
-    ) -> candle_core::Result<()> {
+    fn head_mean_sum(&mut self, site: &AttentionSite) -> candle_core::Result<Option<&mut [f32]>> {
         if !self.keeps(site) {
-            return Ok(());
+            return Ok(None);
         }
-        let expected = [site.queries(), site.keys];
-        if mean.dims() != expected {
-            candle_core::bail!(
-                "attention store: {} gave a head mean of {:?}, expected {expected:?}",
-                site.module_path(),
-                mean.dims()
-            );
-        }
-        self.record_head_mean(site, mean.to_dtype(candle_core::DType::F32)?)
+        self.layer_sum(site).map(Some)
     }
 
     fn process_probabilities(
@@ -470,7 +462,7 @@ impl AttentionProcessor for AttentionStore {
     ) -> candle_core::Result<Option<Tensor>> {
         if self.keeps(site) {
             let mean = self.head_mean(site, probs)?;
-            self.record_head_mean(site, mean)?;
+            kernels::add_into(self.layer_sum(site)?, &mean)?;
         }
         Ok(None)
     }

@@ -32,19 +32,20 @@ impl<'a> ChainedProcessors<'a> {
 }
 
 impl AttentionProcessor for ChainedProcessors<'_> {
-    /// True when one processor wants the probabilities, or when two observe the head means of
-    /// different items (the fused kernel sums one): then every processor gets
+    /// True when one processor wants the probabilities, or when two observe head means (the
+    /// fused kernel adds one to one sum): then every processor gets
     /// [`AttentionProcessor::process_probabilities`].
     fn wants_probabilities(&self, site: &AttentionSite) -> bool {
-        let mut observed = self
+        let observers = self
             .processors
             .iter()
-            .filter_map(|processor| processor.observed_head_mean(site));
-        let first = observed.next();
-        self.processors
-            .iter()
-            .any(|processor| processor.wants_probabilities(site))
-            || observed.any(|item| Some(item) != first)
+            .filter(|processor| processor.observed_head_mean(site).is_some())
+            .count();
+        observers > 1
+            || self
+                .processors
+                .iter()
+                .any(|processor| processor.wants_probabilities(site))
     }
 
     fn observed_head_mean(&self, site: &AttentionSite) -> Option<usize> {
@@ -53,17 +54,16 @@ impl AttentionProcessor for ChainedProcessors<'_> {
             .find_map(|processor| processor.observed_head_mean(site))
     }
 
-    fn observe_head_mean(
-        &mut self,
-        site: &AttentionSite,
-        mean: &Tensor,
-    ) -> candle_core::Result<()> {
-        for processor in &mut self.processors {
-            if processor.observed_head_mean(site).is_some() {
-                processor.observe_head_mean(site, mean)?;
-            }
+    /// The sum of the one processor that observes the head mean.
+    fn head_mean_sum(&mut self, site: &AttentionSite) -> candle_core::Result<Option<&mut [f32]>> {
+        match self
+            .processors
+            .iter_mut()
+            .find(|processor| processor.observed_head_mean(site).is_some())
+        {
+            Some(processor) => processor.head_mean_sum(site),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     fn process_probabilities(

@@ -195,19 +195,22 @@ pub trait AttentionProcessor {
     /// The batch item whose probabilities the processor reads only as their mean over the heads,
     /// at a layer whose probabilities it does not otherwise want
     /// ([`AttentionProcessor::wants_probabilities`] false). The layer then keeps its fused kernel,
-    /// which sums that mean as it goes, and hands it to
-    /// [`AttentionProcessor::observe_head_mean`]. A layer that materialises its probabilities
-    /// anyway (another processor of a chain wants them, or a dtype or device the fused kernel does
-    /// not take) calls [`AttentionProcessor::process_probabilities`] instead, so an observer
-    /// handles both. Default: `None`.
+    /// which adds that mean, as it goes, to the sum
+    /// [`AttentionProcessor::head_mean_sum`] hands it. A layer that materialises its
+    /// probabilities anyway (another processor of a chain wants them, or a dtype or device the
+    /// fused kernel does not take) calls [`AttentionProcessor::process_probabilities`] instead,
+    /// so an observer handles both. Default: `None`.
     fn observed_head_mean(&self, _site: &AttentionSite) -> Option<usize> {
         None
     }
 
-    /// One layer's probabilities of the item [`AttentionProcessor::observed_head_mean`] named,
-    /// averaged over the heads: `[queries, keys]` f32. Default: nothing.
-    fn observe_head_mean(&mut self, _site: &AttentionSite, _mean: &Tensor) -> Result<()> {
-        Ok(())
+    /// Where the layer adds the probabilities of the item
+    /// [`AttentionProcessor::observed_head_mean`] named, averaged over the heads: a sum `[queries,
+    /// keys]` f32 that the processor keeps (a running sum over layers, say). Called once per layer
+    /// that keeps its fused kernel for the observer, right before the kernel adds to it.
+    /// Default: `None`, which the layer reports as an error when the item was named.
+    fn head_mean_sum(&mut self, _site: &AttentionSite) -> Result<Option<&mut [f32]>> {
+        Ok(None)
     }
 
     /// Whether [`AttentionProcessor::compute_attention_output`] computes `site`'s output.

@@ -68,8 +68,8 @@ struct FusedAttention<'a> {
     heads: usize,
     head_dim: usize,
     scale: f32,
-    /// The batch item whose probabilities are also averaged over heads (see
-    /// [`fused_attention_with_head_mean`]).
+    /// The batch item whose probabilities, averaged over heads, are also added to a sum (see
+    /// [`fused_attention_adding_head_mean`]).
     observed_item: Option<usize>,
 }
 
@@ -78,25 +78,28 @@ struct FusedAttention<'a> {
 enum FusedUnit {
     /// All queries of one head of one batch item: `[queries, d]`.
     Head { item: usize, head: usize },
-    /// Queries `first..first + rows` of the observed item, all heads: `[rows, heads * d]` and
-    /// the block's head mean of the probabilities `[rows, keys]`.
-    Observed { first: usize, rows: usize },
+    /// Queries `first..first + rows` of the observed item, all heads: `[rows, heads * d]`, with
+    /// the block's head mean of the probabilities added to rows `first..first + rows` of the sum.
+    /// `part` is the block's index among the observed blocks.
+    Observed {
+        first: usize,
+        rows: usize,
+        part: usize,
+    },
 }
 
-/// A unit's results.
-enum FusedResult {
-    Head(Vec<f32>),
-    Observed { output: Vec<f32>, mean: Vec<f32> },
-}
+/// A unit's results: its outputs `[queries, d]` (a head) or `[rows, heads * d]` (an observed
+/// block).
+struct FusedResult(Vec<f32>);
 
 impl FusedAttention<'_> {
     fn inner(&self) -> usize {
         self.heads * self.head_dim
     }
 
-    /// The output `[batch, queries, heads * d]` and, with an observed item, its head mean of the
-    /// probabilities `[queries, keys]`.
-    fn run(&self) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    /// The output `[batch, queries, heads * d]`; with an observed item, its head mean of the
+    /// probabilities is added to `head_mean_sum` `[queries, keys]`.
+    fn run(&self, head_mean_sum: Option<&mut [f32]>) -> Result<Vec<f32>> {
         let (batch, queries, keys, inner) = (self.batch, self.queries, self.keys, self.inner());
         if self.key_t.len() != batch * inner * keys
             || self.value.len() != batch * keys * inner
@@ -107,19 +110,34 @@ impl FusedAttention<'_> {
         if let Some(item) = self.observed_item.filter(|&item| item >= batch) {
             candle_core::bail!("fused attention: observed item {item} outside a batch of {batch}");
         }
+        let head_mean_sum = match (self.observed_item, head_mean_sum) {
+            (None, None) => None,
+            (Some(_), Some(sum)) if sum.len() == queries * keys => Some(sum),
+            (Some(_), Some(sum)) => candle_core::bail!(
+                "fused attention: a head mean sum of {} values for {queries} queries x {keys} keys",
+                sum.len()
+            ),
+            _ => candle_core::bail!("fused attention: an observed item needs its head mean sum"),
+        };
         let head_dim = self.head_dim;
         // The observed item goes in blocks of queries with all their heads (each block sums its
         // own rows of the head mean, so no two workers write the same values), cut so that a
         // block costs about one head of another item; the other items go one unit per (item,
         // head): its keys and values stay in the core's cache while all its query blocks pass.
         let mut units = Vec::with_capacity(batch * self.heads + self.heads);
-        if self.observed_item.is_some() {
+        // Each observed block's rows of the head mean sum, taken by the block's unit.
+        let mut mean_parts: Vec<std::sync::Mutex<Option<&mut [f32]>>> = Vec::new();
+        if let Some(sum) = head_mean_sum {
             let rows = queries.div_ceil(self.heads);
-            let mut first = 0;
-            while first < queries {
+            for (part, rows_sum) in sum.chunks_mut(rows * keys.max(1)).enumerate() {
+                let first = part * rows;
                 let count = rows.min(queries - first);
-                units.push(FusedUnit::Observed { first, rows: count });
-                first += count;
+                units.push(FusedUnit::Observed {
+                    first,
+                    rows: count,
+                    part,
+                });
+                mean_parts.push(std::sync::Mutex::new(Some(rows_sum)));
             }
         }
         for item in (0..batch).filter(|&item| Some(item) != self.observed_item) {
@@ -133,9 +151,18 @@ impl FusedAttention<'_> {
             units.len(),
             batch * queries * keys >= 4096,
             |index| match units[index] {
-                FusedUnit::Head { item, head } => self.head_unit(item, head).map(FusedResult::Head),
-                FusedUnit::Observed { first, rows } => {
-                    self.observed_unit(first, rows, &observed_operands)
+                FusedUnit::Head { item, head } => self.head_unit(item, head).map(FusedResult),
+                FusedUnit::Observed { first, rows, part } => {
+                    let rows_sum = mean_parts[part]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    match rows_sum {
+                        Some(rows_sum) => self
+                            .observed_unit(first, rows, &observed_operands, rows_sum)
+                            .map(FusedResult),
+                        None => candle_core::bail!("fused attention: a block's head mean taken"),
+                    }
                 }
             },
         );
@@ -144,32 +171,14 @@ impl FusedAttention<'_> {
         // blocks' `[rows, inner]` (as `(first row, values)`).
         let mut head_units: Vec<Option<&Vec<f32>>> = vec![None; batch * self.heads];
         let mut observed_blocks: Vec<(usize, &Vec<f32>)> = Vec::new();
-        // The observed blocks' head means `[rows, keys]`, as `(first row, values)`.
-        let mut mean_blocks: Vec<(usize, &Vec<f32>)> = Vec::new();
-        for (unit, result) in units.iter().zip(&results) {
-            match (unit, result) {
-                (FusedUnit::Head { item, head }, FusedResult::Head(local)) => {
-                    head_units[item * self.heads + head] = Some(local);
+        for (unit, FusedResult(local)) in units.iter().zip(&results) {
+            match *unit {
+                FusedUnit::Head { item, head } => {
+                    head_units[item * self.heads + head] = Some(local)
                 }
-                (
-                    FusedUnit::Observed { first, .. },
-                    FusedResult::Observed { output, mean: part },
-                ) => {
-                    observed_blocks.push((*first, output));
-                    mean_blocks.push((*first, part));
-                }
-                _ => candle_core::bail!("fused attention: a unit returned another unit's result"),
+                FusedUnit::Observed { first, .. } => observed_blocks.push((first, local)),
             }
         }
-        // The head mean's rows gathered from the blocks on the kernel threads (a 32x32 layer's
-        // mean is 4 MiB, which one thread copying alone kept the other cores waiting).
-        let mean = self.observed_item.map(|_| {
-            parallel_filled(queries * keys, queries, |first, piece| {
-                for (offset, dst) in piece.chunks_exact_mut(keys).enumerate() {
-                    dst.copy_from_slice(block_row(&mean_blocks, first + offset, keys));
-                }
-            })
-        });
         let observed_item = self.observed_item;
         // Rows `(item, query)` gather each head's `d` outputs from its unit.
         let out = parallel_filled(batch * queries * inner, batch * queries, |first, piece| {
@@ -186,7 +195,7 @@ impl FusedAttention<'_> {
                 }
             }
         });
-        Ok((out, mean))
+        Ok(out)
     }
 
     /// Every query of batch item `item`, head `head`, in cache-sized blocks: `[queries, d]`.
@@ -224,15 +233,16 @@ impl FusedAttention<'_> {
     }
 
     /// Queries `first..first + rows` of the observed item, every head: the output rows `[rows,
-    /// heads * d]` and the block's probabilities averaged over heads `[rows, keys]` (summed head
-    /// by head in order, then scaled, as [`mean_of_planes`] does).
+    /// heads * d]`; the block's probabilities averaged over heads are added to `mean` `[rows,
+    /// keys]` (each head's, times one over the heads, in head order).
     fn observed_unit(
         &self,
         first: usize,
         rows: usize,
         operands: &[OnceLock<HeadValues>],
-    ) -> Result<FusedResult> {
-        let (keys, inner, heads) = (self.keys, self.inner(), self.heads);
+        mean: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let (keys, inner) = (self.keys, self.inner());
         let item = self.observed_item.unwrap_or(0);
         let block_rows = fused_block_rows(rows, keys).min(rows.max(1));
         let mut scores = SCORES.take();
@@ -241,7 +251,6 @@ impl FusedAttention<'_> {
         }
         let mut sums = vec![0f32; block_rows];
         let mut output = vec![0f32; rows * inner];
-        let mut mean = vec![0f32; rows * keys];
         let operands: Vec<&HeadValues> = operands
             .iter()
             .enumerate()
@@ -270,9 +279,7 @@ impl FusedAttention<'_> {
         );
         SCORES.set(scores);
         done?;
-        let inverse = 1.0 / heads as f32;
-        mean.iter_mut().for_each(|value| *value *= inverse);
-        Ok(FusedResult::Observed { output, mean })
+        Ok(output)
     }
 
     /// Head `head` of batch item `item`'s keys and values for its query blocks: with bf16
@@ -310,7 +317,8 @@ impl FusedAttention<'_> {
     /// values are `values`, written to `target` = `(out, out_first, row_stride, column)`: query
     /// `q`'s `d` outputs at `out[(q - out_first) * row_stride + column..]` (a head unit's
     /// `[queries, d]` has `out_first` 0, an observed block's `[rows, inner]` its first query).
-    /// With `mean` (`[rows, keys]`), the block's normalised probabilities are added to it.
+    /// With `mean` (`[rows, keys]`), the block's normalised probabilities times one over the
+    /// heads are added to it.
     ///
     /// The product with the values takes the unnormalised exponentials (the softmax's division
     /// is applied to the `d` outputs of a row instead of its `keys` weights); with bf16 products
@@ -345,6 +353,7 @@ impl FusedAttention<'_> {
             keys,
         );
         let offset = (first - out_first) * row_stride + column;
+        let mean_weight = 1.0 / self.heads as f32;
         match &values.packed {
             Some(packed) => {
                 if !gemm_bf16_packed_rhs(&mut *scores, query, &packed.key_t) {
@@ -366,6 +375,7 @@ impl FusedAttention<'_> {
                     halves: &mut *halves,
                     half_stride,
                     mean: mean.as_deref_mut(),
+                    mean_weight,
                 });
                 // Without AVX-512 intrinsics for the rows, the portable kernels.
                 match mean {
@@ -382,6 +392,7 @@ impl FusedAttention<'_> {
                             row_len: keys,
                             sums,
                             mean,
+                            mean_weight,
                             halves,
                             half_stride: 2 * pairs,
                         });
@@ -416,7 +427,7 @@ impl FusedAttention<'_> {
                     let exponentials = scores.chunks_exact(keys);
                     let mean_rows = mean.chunks_exact_mut(keys).zip(exponentials);
                     for ((sum_row, row), &sum) in mean_rows.zip(sums.iter()) {
-                        let inverse = 1.0 / sum;
+                        let inverse = mean_weight / sum;
                         for (total, &value) in sum_row.iter_mut().zip(row) {
                             *total += value * inverse;
                         }
@@ -582,38 +593,40 @@ pub fn fused_attention(
     heads: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    Ok(fused_attention_observed(query, key_t, value, heads, scale, None)?.0)
+    fused_attention_observed(query, key_t, value, heads, scale, None)
 }
 
-/// [`fused_attention`] that also returns batch item `observed_item`'s probabilities averaged over
-/// the heads, `[queries, keys]` f32 (what an observer such as the attention store keeps), without
-/// materialising any item's probabilities per head: the observed item's query blocks sum their
-/// heads' normalised exponentials as they pass.
-pub fn fused_attention_with_head_mean(
+/// [`fused_attention`] that also adds batch item `observed_item`'s probabilities averaged over the
+/// heads to `head_mean_sum` `[queries, keys]` (a running sum such as the attention store's),
+/// without materialising any item's probabilities per head: the observed item's query blocks add
+/// their heads' normalised exponentials, times one over the heads, as they pass.
+pub fn fused_attention_adding_head_mean(
     query: &Tensor,
     key_t: &Tensor,
     value: &Tensor,
     heads: usize,
     scale: f32,
-    observed_item: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (output, mean) =
-        fused_attention_observed(query, key_t, value, heads, scale, Some(observed_item))?;
-    match mean {
-        Some(mean) => Ok((output, mean)),
-        None => candle_core::bail!("fused attention: no head mean was computed"),
-    }
+    (observed_item, head_mean_sum): (usize, &mut [f32]),
+) -> Result<Tensor> {
+    fused_attention_observed(
+        query,
+        key_t,
+        value,
+        heads,
+        scale,
+        Some((observed_item, head_mean_sum)),
+    )
 }
 
-/// [`fused_attention`], with the observed item's head mean when `observed_item` is given.
+/// [`fused_attention`], adding the observed item's head mean to its sum when one is given.
 fn fused_attention_observed(
     query: &Tensor,
     key_t: &Tensor,
     value: &Tensor,
     heads: usize,
     scale: f32,
-    observed_item: Option<usize>,
-) -> Result<(Tensor, Option<Tensor>)> {
+    observed: Option<(usize, &mut [f32])>,
+) -> Result<Tensor> {
     let (batch, queries, inner) = query.dims3()?;
     let (batch_heads, head_dim, keys) = key_t.dims3()?;
     check_heads(inner, heads)?;
@@ -633,7 +646,8 @@ fn fused_attention_observed(
         f32_operand(key_t)?,
         f32_operand(value)?,
     );
-    let (out, mean) = with_values(&query_f32, |query| {
+    let (observed_item, head_mean_sum) = observed.unzip();
+    let out = with_values(&query_f32, |query| {
         with_values(&key_t_f32, |key_t| {
             with_values(&value_f32, |value| {
                 FusedAttention {
@@ -648,16 +662,11 @@ fn fused_attention_observed(
                     scale,
                     observed_item,
                 }
-                .run()
+                .run(head_mean_sum)
             })
         })
     })?;
-    let device = query.device();
-    let output = Tensor::from_vec(out, (batch, queries, inner), device)?.to_dtype(query.dtype())?;
-    let mean = mean
-        .map(|mean| Tensor::from_vec(mean, (queries, keys), device))
-        .transpose()?;
-    Ok((output, mean))
+    Tensor::from_vec(out, (batch, queries, inner), query.device())?.to_dtype(query.dtype())
 }
 
 /// The mean over the first dimension of an f32-convertible tensor: `[planes, ...]` -> `[...]`
@@ -786,25 +795,44 @@ mod tests {
             assert!(max_abs_diff(&computed, &probs) < 1e-6);
             let attended = attend_probabilities(&probs, &value, heads).unwrap();
             assert!(max_abs_diff(&attended, &expected) < 1e-5);
-            // The head mean of each item, beside the same output.
+            // The head mean of each item is added to a sum, beside the same output.
             for item in 0..batch {
-                let (output, mean) = fused_attention_with_head_mean(
+                let mut sum = vec![0.5f32; queries * keys];
+                let output = fused_attention_adding_head_mean(
                     &query,
                     &key_t,
                     &value,
                     heads,
                     scale as f32,
-                    item,
+                    (item, &mut sum),
                 )
                 .unwrap();
                 assert!(max_abs_diff(&output, &expected) < 1e-5);
                 let item_probs = probs.narrow(0, item * heads, heads).unwrap();
-                let expected_mean = mean_of_planes(&item_probs).unwrap();
-                assert_eq!(mean.dims(), &[queries, keys]);
-                assert!(max_abs_diff(&mean, &expected_mean) < 1e-6);
+                let expected_sum = (mean_of_planes(&item_probs).unwrap() + 0.5).unwrap();
+                let sum = Tensor::from_vec(sum, (queries, keys), &device).unwrap();
+                assert!(max_abs_diff(&sum, &expected_sum) < 1e-6);
             }
-            let outside = fused_attention_with_head_mean(&query, &key_t, &value, heads, 1.0, batch);
+            let mut sum = vec![0f32; queries * keys];
+            let outside = fused_attention_adding_head_mean(
+                &query,
+                &key_t,
+                &value,
+                heads,
+                1.0,
+                (batch, &mut sum),
+            );
             assert!(outside.unwrap_err().to_string().contains("outside a batch"));
+            let mut short = vec![0f32; queries * keys - 1];
+            let short = fused_attention_adding_head_mean(
+                &query,
+                &key_t,
+                &value,
+                heads,
+                1.0,
+                (0, &mut short),
+            );
+            assert!(short.unwrap_err().to_string().contains("head mean sum of"));
         }
         // Shapes that do not fit are errors, not panics.
         let query = Tensor::zeros((1, 4, 6), DType::F32, &device).unwrap();
@@ -832,10 +860,19 @@ mod tests {
                 probs,
                 expected,
             } = random_case(batch, (queries, keys), heads, head_dim);
-            let (output, mean) = with_product_precision(ProductPrecision::Bf16, || {
-                fused_attention_with_head_mean(&query, &key_t, &value, heads, scale as f32, 1)
+            let mut mean = vec![0f32; queries * keys];
+            let output = with_product_precision(ProductPrecision::Bf16, || {
+                fused_attention_adding_head_mean(
+                    &query,
+                    &key_t,
+                    &value,
+                    heads,
+                    scale as f32,
+                    (1, &mut mean),
+                )
             })
             .unwrap();
+            let mean = Tensor::from_vec(mean, (queries, keys), &Device::Cpu).unwrap();
             let plain = with_product_precision(ProductPrecision::Bf16, || {
                 fused_attention(&query, &key_t, &value, heads, scale as f32)
             })

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tens
 use super::bf16::{PackedRhs, WeightPacking};
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
 use super::gemm::{product_piece, MatrixView};
-use super::operands::{contiguous_slice, with_f32_pair, with_values};
+use super::operands::{contiguous_slice, f32_operand, with_f32_pair, with_values};
 use super::simd::{gelu, simd_kernel};
 use super::threads::{parallel_chunks_mut, worker_count};
 
@@ -211,6 +211,40 @@ pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         })
     })
     .and_then(|sum| Tensor::from_vec(sum, a.dims(), a.device()))
+}
+
+/// `sum += values` element by element, spread over the kernel threads: a running sum of maps
+/// kept as plain values (`values` as long as `sum`, f32-convertible, on the CPU).
+pub fn add_into(sum: &mut [f32], values: &Tensor) -> Result<()> {
+    if values.elem_count() != sum.len() {
+        candle_core::bail!(
+            "add into a sum of {} values: a tensor {:?} of {} values",
+            sum.len(),
+            values.dims(),
+            values.elem_count()
+        );
+    }
+    let values = f32_operand(values)?;
+    with_values(&values, |values| {
+        add_slice_into(sum, values);
+        Ok(())
+    })
+}
+
+/// `sum += values` element by element (equal lengths), spread over the kernel threads.
+pub fn add_slice_into(sum: &mut [f32], values: &[f32]) {
+    let len = sum.len().min(values.len());
+    parallel_chunks_mut(&mut sum[..len], len, |first, piece| {
+        for (total, &value) in piece.iter_mut().zip(&values[first..]) {
+            *total += value;
+        }
+    });
+}
+
+/// `len` zeros, written by the kernel threads (a 4 MiB map zeroed by one thread kept the other
+/// cores waiting).
+pub fn zeros(len: usize) -> Vec<f32> {
+    parallel_filled(len, len, |_, _: &mut [f32]| {})
 }
 
 /// `first` `[..., a]` and `second` `[..., b]` (the same leading dimensions) joined along the last

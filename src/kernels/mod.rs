@@ -52,15 +52,16 @@ mod winograd;
 mod winograd_bf16;
 
 pub use attention::{
-    attend_probabilities, attention_probabilities, fused_attention, fused_attention_with_head_mean,
-    mean_of_planes,
+    attend_probabilities, attention_probabilities, fused_attention,
+    fused_attention_adding_head_mean, mean_of_planes,
 };
 pub use bf16::{
     bf16_supported, product_precision, with_product_precision, ProductPrecision, WeightPacking,
 };
 pub use conv::{im2col, PatchGeometry};
 pub use elementwise::{
-    add_bias, add_same_shape, concat_last_dim, geglu, linear_geglu, upsample_nearest,
+    add_bias, add_into, add_same_shape, add_slice_into, concat_last_dim, geglu, linear_geglu,
+    upsample_nearest, zeros,
 };
 pub use gemm::{
     batched_matmul_parallel, matmul_column_groups, matmul_split_columns, matmul_split_rows,

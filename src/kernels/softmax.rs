@@ -52,13 +52,15 @@ simd_kernel!(
 
 simd_kernel!(
     /// The observed rows of the fused attention with bf16 products: `exps` (unnormalised, see
-    /// [`UnnormalisedSoftmaxRows`]) divided by their row's sum are added to `mean`, and rounded to
-    /// bf16 as they are into `halves` (rows `half_stride` apart, padded with zero).
+    /// [`UnnormalisedSoftmaxRows`]) divided by their row's sum and times `mean_weight` are added
+    /// to `mean`, and rounded to bf16 as they are into `halves` (rows `half_stride` apart, padded
+    /// with zero).
     pub(super) ExpsToMeanAndBf16<'data> {
         exps: &'data [f32],
         row_len: usize,
         sums: &'data [f32],
         mean: &'data mut [f32],
+        mean_weight: f32,
         halves: &'data mut [u16],
         half_stride: usize,
     } => {
@@ -67,7 +69,7 @@ simd_kernel!(
             .zip(mean.chunks_exact_mut(row_len))
             .zip(halves.chunks_exact_mut(half_stride));
         for (((row, mean_row), out), &sum) in rows.zip(sums.iter()) {
-            let inverse = 1.0 / sum;
+            let inverse = mean_weight / sum;
             let (values, padding) = out.split_at_mut(row_len);
             for ((&value, total), half) in row.iter().zip(mean_row.iter_mut()).zip(values.iter_mut()) {
                 *total += value * inverse;

@@ -26,8 +26,11 @@ pub(super) struct ScoreRows<'a> {
     /// `[rows, half_stride]`: the exponentials as bf16 bits, each row padded with zeros.
     pub(super) halves: &'a mut [u16],
     pub(super) half_stride: usize,
-    /// `[rows, row_len]`: where the normalised probabilities are added, for an observed block.
+    /// `[rows, row_len]`: where the normalised probabilities, times `mean_weight`, are added,
+    /// for an observed block.
     pub(super) mean: Option<&'a mut [f32]>,
+    /// The weight of a row's probabilities in `mean` (one over the heads for a head mean).
+    pub(super) mean_weight: f32,
 }
 
 /// Runs the block's rows (see the module notes); `false` (nothing written) when this CPU has no
@@ -42,6 +45,7 @@ pub(super) fn exp_rows_to_bf16(block: ScoreRows<'_>) -> bool {
         halves,
         half_stride,
         mean,
+        mean_weight,
     } = block;
     let rows = sums.len();
     let fits = row_len > 0
@@ -62,13 +66,20 @@ pub(super) fn exp_rows_to_bf16(block: ScoreRows<'_>) -> bool {
         // block's sizes (checked above); the loops touch only the slices they are given (full
         // chunks, then masked tails).
         unsafe {
-            x86::rows(scores, row_len, slope, sums, (halves, half_stride), mean);
+            x86::rows(
+                scores,
+                row_len,
+                slope,
+                sums,
+                (halves, half_stride),
+                mean.map(|mean| (mean, mean_weight)),
+            );
         }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (scores, scale, halves, mean);
+        let _ = (scores, scale, halves, mean, mean_weight);
         false
     }
 }
@@ -222,7 +233,7 @@ mod x86 {
     }
 
     /// Every row of a block (see [`super::exp_rows_to_bf16`]): `scores` `[rows, row_len]`,
-    /// `sums` `[rows]`, `halves` `[rows, half_stride]`, `mean` `[rows, row_len]`.
+    /// `sums` `[rows]`, `halves` `[rows, half_stride]`, `mean` `[rows, row_len]` with its weight.
     ///
     /// # Safety
     /// AVX-512 F/BW present; the buffers have those sizes, `half_stride >= row_len > 0`.
@@ -233,7 +244,7 @@ mod x86 {
         slope: f32,
         sums: &mut [f32],
         (halves, half_stride): (&mut [u16], usize),
-        mut mean: Option<&mut [f32]>,
+        mut mean: Option<(&mut [f32], f32)>,
     ) {
         let keep = mean.is_some();
         let rows = scores
@@ -243,8 +254,12 @@ mod x86 {
             let (out, padding) = out.split_at_mut(row_len);
             let offset = -row_max(values) * slope;
             *sum = exp_row(values, out, slope, offset, keep);
-            if let Some(mean) = mean.as_deref_mut() {
-                add_scaled(&mut mean[row * row_len..][..row_len], values, 1.0 / *sum);
+            if let Some((mean, weight)) = mean.as_mut() {
+                add_scaled(
+                    &mut mean[row * row_len..][..row_len],
+                    values,
+                    *weight / *sum,
+                );
             }
             padding.fill(0);
         }
@@ -283,6 +298,7 @@ mod tests {
                 row_len,
                 sums: &sums,
                 mean: &mut mean,
+                mean_weight: 0.25,
                 halves: &mut halves,
                 half_stride,
             });
@@ -327,6 +343,7 @@ mod tests {
                     halves: &mut actual.2,
                     half_stride,
                     mean: observed.then_some(&mut actual.3[..]),
+                    mean_weight: 0.25,
                 });
                 assert!(done);
                 let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -348,6 +365,7 @@ mod tests {
             halves: &mut halves,
             half_stride: 5,
             mean: None,
+            mean_weight: 1.0,
         });
         assert!(refused && sums == [0.0, 0.0]);
     }

@@ -370,25 +370,27 @@ impl Attention {
                     );
                 }
                 Some(item) if fused_kernel => {
-                    let (output, mean) = profile::measure(
+                    let Some(head_mean_sum) = hook.processor.head_mean_sum(&site)? else {
+                        candle_core::bail!(
+                            "{}: the attention processor observes the head mean of item {item} \
+                             but gave no sum to add it to",
+                            site.module_path()
+                        );
+                    };
+                    return profile::measure(
                         || call.profile_label(" fused, head mean", keys),
                         || {
                             let key_t = kernels::split_heads_transposed(&key, self.heads)?;
-                            kernels::fused_attention_with_head_mean(
+                            kernels::fused_attention_adding_head_mean(
                                 &query,
                                 &key_t,
                                 &value,
                                 self.heads,
                                 self.scale(),
-                                item,
+                                (item, head_mean_sum),
                             )
                         },
-                    )?;
-                    profile::measure(
-                        || call.profile_label(" observer", keys),
-                        || hook.processor.observe_head_mean(&site, &mean),
-                    )?;
-                    return Ok(output);
+                    );
                 }
                 // Other dtypes and devices materialise the probabilities for the observer.
                 Some(_) => {}
