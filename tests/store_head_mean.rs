@@ -1,7 +1,12 @@
-//! The attention store reads only head means: alone, every layer it keeps runs the fused kernel,
-//! which adds the recorded item's mean over the heads to the store's sum on the way; beside a processor that wants
-//! the probabilities, the layers materialise them and the store averages them itself. Both ways
-//! give the same maps.
+//! The attention layer's shortcuts give what materialised probabilities give:
+//! - the attention store reads only head means: alone, every layer it keeps runs the fused
+//!   kernel, which adds the recorded item's mean over the heads to the store's sum on the way;
+//!   beside a processor that wants the probabilities, the layers materialise them and the store
+//!   averages them itself. Both ways give the same maps.
+//! - a processor that replaces one batch item's probabilities without reading the layer's
+//!   (Prompt-to-Prompt replaying its source) lets the layer skip that item's probabilities and
+//!   keep the fused kernel for the others: the same image and the same stored maps as when it
+//!   replaces them in the materialised probabilities.
 
 // Test helpers outside `#[test]` functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -10,7 +15,9 @@ mod common;
 use common::max_abs_diff;
 
 use attend::attention::store::{AttentionStore, StoreConfig};
-use attend::hook::{AttentionProcessor, AttentionSite, CancelToken, ChainedProcessors};
+use attend::hook::{
+    AttentionKind, AttentionProcessor, AttentionSite, CancelToken, ChainedProcessors,
+};
 use attend::kernels::ProductPrecision;
 use attend::pipeline::model::{LoadOptions, StableDiffusion};
 use attend::pipeline::sampling::{generate, GenerateRequest};
@@ -141,6 +148,111 @@ fn the_store_gets_the_same_maps_from_fused_head_means_as_from_probabilities() {
         assert!(
             difference < 1e-4,
             "self maps at {h}x{w} differ by {difference}"
+        );
+    }
+}
+
+/// Gives the conditional item of every cross-attention layer attention that grows along the
+/// keys, `[heads, queries, keys]`: through [`AttentionProcessor::replaced_item`] when `skip`,
+/// otherwise by replacing that item's part of the materialised probabilities.
+struct ReplaceConditional {
+    skip: bool,
+    replaced: usize,
+}
+
+impl ReplaceConditional {
+    fn probabilities(site: &AttentionSite) -> candle_core::Result<Tensor> {
+        let ramp: Vec<f32> = (1..=site.keys).map(|key| key as f32).collect();
+        let total: f32 = ramp.iter().sum();
+        let row = Tensor::from_vec(ramp, (1, 1, site.keys), &candle_core::Device::Cpu)?;
+        (row / f64::from(total))?
+            .broadcast_as((site.heads, site.queries(), site.keys))?
+            .contiguous()
+    }
+}
+
+impl AttentionProcessor for ReplaceConditional {
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        site.kind == AttentionKind::Cross
+    }
+
+    fn replaced_item(&self, site: &AttentionSite) -> Option<usize> {
+        (self.skip && site.kind == AttentionKind::Cross).then_some(site.batch - 1)
+    }
+
+    fn replacement_probabilities(&mut self, site: &AttentionSite) -> candle_core::Result<Tensor> {
+        self.replaced += 1;
+        Self::probabilities(site)
+    }
+
+    fn process_probabilities(
+        &mut self,
+        site: &AttentionSite,
+        probs: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.replaced += 1;
+        let kept = probs.narrow(0, 0, (site.batch - 1) * site.heads)?;
+        Ok(Some(Tensor::cat(&[kept, Self::probabilities(site)?], 0)?))
+    }
+}
+
+#[test]
+fn a_replaced_item_gives_the_same_image_and_maps_without_its_own_probabilities() {
+    let mut model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
+    model.unet.set_product_precision(ProductPrecision::F32);
+    let run = |skip: bool| {
+        let mut request = GenerateRequest::new(&model, PROMPT);
+        request.steps = 3;
+        request.seed = 5;
+        let token_count = model.tokenizer.encode_prompt(PROMPT).unwrap().token_count();
+        let mut store = AttentionStore::new(StoreConfig::new(token_count));
+        let mut replace = ReplaceConditional { skip, replaced: 0 };
+        let mut chain = ChainedProcessors::new(vec![&mut replace, &mut store]);
+        let output = generate(
+            &model,
+            &request,
+            Some(&mut chain),
+            &mut |_| Ok(()),
+            &CancelToken::new(),
+        )
+        .unwrap();
+        let replaced = replace.replaced;
+        store.finish_step().unwrap();
+        (output, store, replaced)
+    };
+    let (skipped, skipped_store, skipped_layers) = run(true);
+    let (materialised, materialised_store, materialised_layers) = run(false);
+    // 11 cross-attention layers per step, each replaced once either way.
+    assert_eq!((skipped_layers, materialised_layers), (3 * 11, 3 * 11));
+    let image_difference = max_abs_diff(&skipped.image_f32, &materialised.image_f32);
+    assert!(
+        image_difference < 1e-4,
+        "images differ by {image_difference}"
+    );
+    // The replacement changes the image: the comparison above is not between two plain runs.
+    let mut plain_request = GenerateRequest::new(&model, PROMPT);
+    plain_request.steps = 3;
+    plain_request.seed = 5;
+    let plain = generate(
+        &model,
+        &plain_request,
+        None,
+        &mut |_| Ok(()),
+        &CancelToken::new(),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&plain.image_f32, &skipped.image_f32) > 1e-2);
+    // The store records the replaced item's maps: the ramp, averaged over heads and layers.
+    let (skipped_cross, materialised_cross) = (
+        skipped_store.cross_by_resolution(),
+        materialised_store.cross_by_resolution(),
+    );
+    assert!(!skipped_cross.is_empty());
+    for (grid, maps) in &skipped_cross {
+        let difference = max_abs_diff(maps, &materialised_cross[grid]);
+        assert!(
+            difference < 1e-5,
+            "cross maps at {grid:?} differ by {difference}"
         );
     }
 }

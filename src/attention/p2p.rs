@@ -470,28 +470,16 @@ impl PromptToPrompt {
         if window.iter().all(|&weight| weight == 0.0) {
             return Ok(None);
         }
-        let (heads, queries, keys) = own.dims3()?;
-        let identity = self.identity_mapping;
-        let fully_mapped = self.fully_mapped;
-        let tensors = self.device_tensors(own.device())?;
-        let mapped = if identity {
-            source.clone()
-        } else {
-            source
-                .reshape((heads * queries, keys))?
-                .matmul(&tensors.mapping)?
-                .reshape((heads, queries, keys))?
-        };
-        let mixed = if fully_mapped {
+        let keys = own.dim(2)?;
+        let mapped = self.map_source_cross(source)?;
+        let mixed = if self.fully_mapped {
             mapped
         } else {
+            let tensors = self.device_tensors(own.device())?;
             let own_share = own.broadcast_mul(&tensors.alphas.affine(-1.0, 1.0)?)?;
             mapped.broadcast_mul(&tensors.alphas)?.add(&own_share)?
         };
-        let reweighted = match &tensors.equalizer {
-            Some(equalizer) => mixed.broadcast_mul(equalizer)?,
-            None => mixed,
-        };
+        let reweighted = self.reweight_cross(mixed)?;
         if all_open {
             return Ok(Some(reweighted));
         }
@@ -559,14 +547,136 @@ impl PromptToPrompt {
     }
 }
 
-impl AttentionProcessor for PromptToPrompt {
-    /// Cross-attention always (word edits, blend maps); self-attention only where it is replaced.
-    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
-        match site.kind {
-            AttentionKind::Cross => true,
+impl PromptToPrompt {
+    /// Whether the local blend reads `site`'s maps (down and up cross-attention).
+    fn reads_blend_maps(&self, site: &AttentionSite) -> bool {
+        self.local_blend.is_some()
+            && site.kind == AttentionKind::Cross
+            && site.place != UnetPlace::Mid
+    }
+
+    /// In replay mode, the edited item when its attention at `site` is made from the recorded
+    /// source's alone: self-attention where it is replaced; cross-attention where every token's
+    /// window is open, every edited token is mapped to the source's and the local blend does not
+    /// read the layer. `None` elsewhere (the layer's own probabilities are needed, or nothing is
+    /// replaced).
+    fn replayed_item(&self, site: &AttentionSite) -> Option<usize> {
+        let SourceMode::Replay(_) = &self.mode else {
+            return None;
+        };
+        let first_conditional = if site.cfg { site.batch / 2 } else { 0 };
+        if site.batch.checked_sub(first_conditional) != Some(1) {
+            return None;
+        }
+        let from_source = match site.kind {
             AttentionKind::SelfAttention => {
                 self.replaces_self_attention(site.queries(), site.step_index, site.step_count)
             }
+            AttentionKind::Cross => {
+                self.fully_mapped
+                    && !self.reads_blend_maps(site)
+                    && site.keys == self.alignment.mapping.length
+                    && self
+                        .cross_window_weights(site.step_index, site.step_count)
+                        .iter()
+                        .all(|&weight| weight == 1.0)
+            }
+        };
+        from_source.then_some(first_conditional)
+    }
+
+    /// The recorded source's probabilities `[heads, queries, keys]` at `site` (replay mode).
+    fn recorded_source(
+        recording: &SourceRecording,
+        site: &AttentionSite,
+    ) -> candle_core::Result<Tensor> {
+        let Some(recorded) = recording.probabilities(site) else {
+            bail!(
+                "prompt-to-prompt (replay mode): no recorded source attention for {} at step {} \
+                 (record the source run with the same steps and size)",
+                site.module_path(),
+                site.step_index
+            );
+        };
+        if recorded.dims() != [site.heads, site.queries(), site.keys] {
+            bail!(
+                "prompt-to-prompt (replay mode): recorded source attention for {} is {:?}, \
+                 expected [{}, {}, {}]",
+                site.module_path(),
+                recorded.dims(),
+                site.heads,
+                site.queries(),
+                site.keys
+            );
+        }
+        Ok(recorded.clone())
+    }
+
+    /// The source's cross-attention `[heads, queries, keys]` mapped onto the edited prompt's
+    /// tokens.
+    fn map_source_cross(&mut self, source: &Tensor) -> candle_core::Result<Tensor> {
+        if self.identity_mapping {
+            return Ok(source.clone());
+        }
+        let (heads, queries, keys) = source.dims3()?;
+        let tensors = self.device_tensors(source.device())?;
+        source
+            .reshape((heads * queries, keys))?
+            .matmul(&tensors.mapping)?
+            .reshape((heads, queries, keys))
+    }
+
+    /// Cross-attention `[heads, queries, keys]` of the edited prompt with the reweight's scales.
+    fn reweight_cross(&mut self, attention: Tensor) -> candle_core::Result<Tensor> {
+        match &self.device_tensors(attention.device())?.equalizer {
+            Some(equalizer) => attention.broadcast_mul(equalizer),
+            None => Ok(attention),
+        }
+    }
+
+    /// The edited item's cross-attention where every token is mapped and its window open: the
+    /// source's, mapped and reweighted.
+    fn mapped_source_cross(&mut self, source: &Tensor) -> candle_core::Result<Tensor> {
+        let mapped = self.map_source_cross(source)?;
+        self.reweight_cross(mapped)
+    }
+}
+
+impl AttentionProcessor for PromptToPrompt {
+    /// Cross-attention while a token's window is open or the local blend reads it (word edits,
+    /// blend maps); self-attention only where it is replaced.
+    fn wants_probabilities(&self, site: &AttentionSite) -> bool {
+        match site.kind {
+            AttentionKind::Cross => {
+                self.reads_blend_maps(site)
+                    || self
+                        .cross_window_weights(site.step_index, site.step_count)
+                        .iter()
+                        .any(|&weight| weight != 0.0)
+            }
+            AttentionKind::SelfAttention => {
+                self.replaces_self_attention(site.queries(), site.step_index, site.step_count)
+            }
+        }
+    }
+
+    /// Replay mode, where the edited item's attention comes from the recorded source alone (see
+    /// `replayed_item`): the layer then skips the item's own probabilities.
+    fn replaced_item(&self, site: &AttentionSite) -> Option<usize> {
+        self.replayed_item(site)
+    }
+
+    fn replacement_probabilities(&mut self, site: &AttentionSite) -> candle_core::Result<Tensor> {
+        let SourceMode::Replay(recording) = &self.mode else {
+            bail!(
+                "prompt-to-prompt: {} replaces probabilities only in replay mode",
+                site.module_path()
+            );
+        };
+        let source = Self::recorded_source(recording, site)?;
+        match site.kind {
+            AttentionKind::SelfAttention => Ok(source),
+            AttentionKind::Cross => self.mapped_source_cross(&source),
         }
     }
 
@@ -612,25 +722,7 @@ impl AttentionProcessor for PromptToPrompt {
                     ),
                 };
                 let source = if needed {
-                    let Some(recorded) = recording.probabilities(site) else {
-                        bail!(
-                            "prompt-to-prompt (replay mode): no recorded source attention for {} at step {} \
-                             (record the source run with the same steps and size)",
-                            site.module_path(),
-                            site.step_index
-                        );
-                    };
-                    if recorded.dims() != [heads, site.queries(), site.keys] {
-                        bail!(
-                            "prompt-to-prompt (replay mode): recorded source attention for {} is {:?}, \
-                             expected [{heads}, {}, {}]",
-                            site.module_path(),
-                            recorded.dims(),
-                            site.queries(),
-                            site.keys
-                        );
-                    }
-                    Some(recorded.to_device(probs.device())?)
+                    Some(Self::recorded_source(recording, site)?.to_device(probs.device())?)
                 } else {
                     None
                 };

@@ -54,6 +54,47 @@ impl AttentionProcessor for ChainedProcessors<'_> {
             .find_map(|processor| processor.observed_head_mean(site))
     }
 
+    /// The item one processor replaces, when the others read at most that item's head mean (a
+    /// processor that wants the probabilities, or observes another item, needs them computed).
+    fn replaced_item(&self, site: &AttentionSite) -> Option<usize> {
+        let mut replacing = self
+            .processors
+            .iter()
+            .enumerate()
+            .filter_map(|(index, processor)| Some((index, processor.replaced_item(site)?)));
+        let (replacer, item) = replacing.next()?;
+        if replacing.next().is_some() {
+            return None;
+        }
+        let others_fit = self
+            .processors
+            .iter()
+            .enumerate()
+            .filter(|&(index, _)| index != replacer)
+            .all(|(_, processor)| {
+                !processor.wants_probabilities(site)
+                    && processor
+                        .observed_head_mean(site)
+                        .is_none_or(|observed| observed == item)
+            });
+        others_fit.then_some(item)
+    }
+
+    /// The probabilities of the one processor that replaces an item.
+    fn replacement_probabilities(&mut self, site: &AttentionSite) -> candle_core::Result<Tensor> {
+        match self
+            .processors
+            .iter_mut()
+            .find(|processor| processor.replaced_item(site).is_some())
+        {
+            Some(processor) => processor.replacement_probabilities(site),
+            None => candle_core::bail!(
+                "{}: no processor of the chain replaces an item's probabilities",
+                site.module_path()
+            ),
+        }
+    }
+
     /// The sum of the one processor that observes the head mean.
     fn head_mean_sum(&mut self, site: &AttentionSite) -> candle_core::Result<Option<&mut [f32]>> {
         match self

@@ -7,7 +7,11 @@
 //! 2. **probabilities** (`[batch * heads, queries, keys]`, after the softmax): a processor may read
 //!    them (store, analyse) or replace them (Prompt-to-Prompt). A processor that only needs one
 //!    batch item's mean over the heads (the attention store) asks for that instead
-//!    ([`AttentionProcessor::observed_head_mean`]): the fused kernel sums it on the way.
+//!    ([`AttentionProcessor::observed_head_mean`]): the fused kernel sums it on the way. A
+//!    processor that replaces one batch item's probabilities with ones it makes without reading
+//!    the layer's (Prompt-to-Prompt replaying a recorded source) says so
+//!    ([`AttentionProcessor::replaced_item`]): the layer then keeps its fused kernel for the
+//!    other items and multiplies the given probabilities with the item's values.
 //!
 //! A layer asks first whether each stage is wanted: a stage no processor wants costs nothing, and a
 //! layer whose probabilities nobody wants runs the fused attention kernel (the scores never exist in
@@ -211,6 +215,27 @@ pub trait AttentionProcessor {
     /// Default: `None`, which the layer reports as an error when the item was named.
     fn head_mean_sum(&mut self, _site: &AttentionSite) -> Result<Option<&mut [f32]>> {
         Ok(None)
+    }
+
+    /// The batch item whose probabilities the processor replaces at `site` with ones it makes
+    /// without reading the layer's own probabilities of any item
+    /// ([`AttentionProcessor::replacement_probabilities`]). The layer then computes no
+    /// probabilities for that item, runs its fused kernel for the others and does not call
+    /// [`AttentionProcessor::process_probabilities`]; an observer of that item's head mean gets
+    /// the replacement's. Asked before [`AttentionProcessor::wants_probabilities`]. Default:
+    /// `None`.
+    fn replaced_item(&self, _site: &AttentionSite) -> Option<usize> {
+        None
+    }
+
+    /// The probabilities `[heads, queries, keys]` f32 that the item
+    /// [`AttentionProcessor::replaced_item`] named uses at `site`. Called once per such layer.
+    /// Default: an error (a processor that names an item must give them).
+    fn replacement_probabilities(&mut self, site: &AttentionSite) -> Result<Tensor> {
+        candle_core::bail!(
+            "{}: the attention processor named a replaced item but gave no probabilities",
+            site.module_path()
+        )
     }
 
     /// Whether [`AttentionProcessor::compute_attention_output`] computes `site`'s output.

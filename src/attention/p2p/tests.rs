@@ -497,6 +497,80 @@ fn replay_matches_batch_mode() {
 }
 
 #[test]
+fn replay_replaces_the_edited_item_without_its_own_probabilities_where_it_can() {
+    let step_count = 4;
+    let kinds = [(AttentionKind::Cross, 2), (AttentionKind::SelfAttention, 2)];
+    // The source run alone, recorded: [uncond_src, cond_src].
+    let mut recorder = SourceRecorder::new(RecordConfig::default());
+    let mut sites = Vec::new();
+    for step in 0..step_count {
+        for (layer, &(kind, side)) in kinds.iter().enumerate() {
+            let mut site2 = site(kind, side, 2, step, step_count);
+            site2.layer_index = layer;
+            let salt = (step * 10 + layer) as u64;
+            let source_run = stack(&[&item_probs(&site2, salt), &item_probs(&site2, salt + 5)]);
+            recorder.process_probabilities(&site2, &source_run).unwrap();
+            sites.push(site2);
+        }
+    }
+    let recording = recorder.finish();
+    let spec = EditSpec {
+        reweights: vec![Reweight {
+            word: "red".into(),
+            scale: 1.5,
+        }],
+        ..full_windows("a red square")
+    };
+    let replay = |spec: &EditSpec| {
+        processor(
+            "a red circle",
+            "a red square",
+            spec,
+            SourceMode::Replay(recording.clone()),
+        )
+    };
+    // Full windows, no blend: every layer replaces the conditional item (row 1) with exactly
+    // what it makes from the materialised probabilities.
+    let mut p2p = replay(&spec);
+    for (index, site2) in sites.iter().enumerate() {
+        assert_eq!(p2p.replaced_item(site2), Some(1), "{site2:?}");
+        let own = stack(&[
+            &item_probs(site2, 100 + index as u64),
+            &item_probs(site2, 200 + index as u64),
+        ]);
+        let materialised = p2p.process_probabilities(site2, &own).unwrap().unwrap();
+        let replacement = p2p.replacement_probabilities(site2).unwrap();
+        assert_eq!(max_abs_diff(&replacement, &item(&materialised, 1)), 0.0);
+    }
+    // Batch mode reads the source from the batch: nothing is replaced ahead.
+    let batch = processor("a red circle", "a red square", &spec, SourceMode::Batch);
+    assert_eq!(
+        batch.replaced_item(&site(AttentionKind::Cross, 2, 4, 0, 4)),
+        None
+    );
+    // A local blend reads the cross-attention maps: those layers need them; self-attention is
+    // still replaced.
+    let blended = replay(&EditSpec {
+        local_blend: Some(LocalBlendConfig::new(vec!["square".into()])),
+        ..spec.clone()
+    });
+    assert_eq!(blended.replaced_item(&sites[0]), None);
+    assert_eq!(blended.replaced_item(&sites[1]), Some(1));
+    // A window that closes halfway mixes in the item's own attention after it, and needs no
+    // probabilities once every window is closed.
+    let halfway = replay(&EditSpec {
+        cross_window: CrossWindow::uniform(StepWindow::until(0.5)),
+        ..spec.clone()
+    });
+    let first_cross = site(AttentionKind::Cross, 2, 2, 0, step_count);
+    let last_cross = site(AttentionKind::Cross, 2, 2, step_count - 1, step_count);
+    assert_eq!(halfway.replaced_item(&first_cross), Some(1));
+    assert_eq!(halfway.replaced_item(&last_cross), None);
+    assert!(halfway.wants_probabilities(&first_cross));
+    assert!(!halfway.wants_probabilities(&last_cross));
+}
+
+#[test]
 fn local_blend_mask_pools_normalises_and_unites() {
     let grid = |cells: &[(usize, f32)]| {
         let mut data = vec![0.0f32; 16];

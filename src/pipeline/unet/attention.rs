@@ -361,6 +361,17 @@ impl Attention {
         let score_dtype = self.score_dtype(compute_dtype);
         let fused_kernel =
             (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu();
+        if fused_kernel {
+            if let Some(item) = hook.processor.replaced_item(&site) {
+                return self.attend_replacing_item(
+                    QueryKeyValue { query, key, value },
+                    item,
+                    &site,
+                    call,
+                    hook,
+                );
+            }
+        }
         if !hook.processor.wants_probabilities(&site) {
             match hook.processor.observed_head_mean(&site) {
                 None => {
@@ -435,6 +446,82 @@ impl Attention {
         self.merge_heads(&attended)
     }
 
+    /// `site`'s attention with batch item `item`'s probabilities replaced by the processor's
+    /// ([`AttentionProcessor::replaced_item`]): the fused kernel for the other items, the given
+    /// probabilities `[heads, queries, keys]` times the item's values for it. An observer of the
+    /// item's head mean gets the replacement's. `[batch, queries, inner]` f32 projections in, the
+    /// output `[batch, queries, inner]` out.
+    fn attend_replacing_item(
+        &self,
+        projections: QueryKeyValue,
+        item: usize,
+        site: &AttentionSite,
+        call: AttentionCall,
+        hook: &mut AttentionHook<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let QueryKeyValue { query, key, value } = projections;
+        let batch = site.batch;
+        if item >= batch {
+            candle_core::bail!(
+                "{}: the attention processor replaces item {item} of a batch of {batch}",
+                site.module_path()
+            );
+        }
+        let probabilities = profile::measure(
+            || call.profile_label(" replacement processor", site.keys),
+            || hook.processor.replacement_probabilities(site),
+        )?;
+        let expected = [site.heads, site.queries(), site.keys];
+        if probabilities.dims() != expected {
+            candle_core::bail!(
+                "{}: the attention processor gave probabilities {:?} for item {item}, expected \
+                 {expected:?}",
+                site.module_path(),
+                probabilities.dims()
+            );
+        }
+        if hook.processor.observed_head_mean(site) == Some(item) {
+            let mean = kernels::mean_of_planes(&probabilities)?;
+            let Some(sum) = hook.processor.head_mean_sum(site)? else {
+                candle_core::bail!(
+                    "{}: the attention processor observes the head mean of item {item} but gave \
+                     no sum to add it to",
+                    site.module_path()
+                );
+            };
+            kernels::add_into(sum, &mean)?;
+        }
+        profile::measure(
+            || call.profile_label(" fused, one item replaced", site.keys),
+            || {
+                let fused = |first: usize, count: usize| {
+                    let key_t =
+                        kernels::split_heads_transposed(&key.narrow(0, first, count)?, self.heads)?;
+                    kernels::fused_attention(
+                        &query.narrow(0, first, count)?,
+                        &key_t,
+                        &value.narrow(0, first, count)?,
+                        self.heads,
+                        self.scale(),
+                    )
+                };
+                let mut parts = Vec::with_capacity(3);
+                if item > 0 {
+                    parts.push(fused(0, item)?);
+                }
+                parts.push(kernels::attend_probabilities(
+                    &probabilities,
+                    &value.narrow(0, item, 1)?,
+                    self.heads,
+                )?);
+                if item + 1 < batch {
+                    parts.push(fused(item + 1, batch - item - 1)?);
+                }
+                Tensor::cat(&parts, 0)
+            },
+        )
+    }
+
     /// The differentiable path has no processor stages (a processor's kernels would cut the
     /// gradient): a processor that wants this layer's projections or probabilities is an error.
     fn refuse_processors_on_differentiable_path(
@@ -462,6 +549,7 @@ impl Attention {
         if hook.processor.wants_queries_keys_values(&site)
             || hook.processor.wants_probabilities(&site)
             || hook.processor.observed_head_mean(&site).is_some()
+            || hook.processor.replaced_item(&site).is_some()
         {
             candle_core::bail!(
                 "{}: attention processors cannot run while the UNet computes gradients",
