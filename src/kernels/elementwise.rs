@@ -235,9 +235,8 @@ pub fn add_into(sum: &mut [f32], values: &Tensor) -> Result<()> {
 pub fn add_slice_into(sum: &mut [f32], values: &[f32]) {
     let len = sum.len().min(values.len());
     parallel_chunks_mut(&mut sum[..len], len, |first, piece| {
-        for (total, &value) in piece.iter_mut().zip(&values[first..]) {
-            *total += value;
-        }
+        let values = &values[first..][..piece.len()];
+        pulp::Arch::new().dispatch(AddInto { sum: piece, values });
     });
 }
 
@@ -280,6 +279,15 @@ pub fn concat_last_dim(first: &Tensor, second: &Tensor) -> Result<Tensor> {
     dims[last] = a + b;
     Tensor::from_vec(joined, dims, first.device())
 }
+
+simd_kernel!(
+    /// `sum += values` element by element (the same length).
+    AddInto<'data> { sum: &'data mut [f32], values: &'data [f32] } => {
+        for (total, &value) in sum.iter_mut().zip(values) {
+            *total += value;
+        }
+    }
+);
 
 simd_kernel!(
     /// `out = lhs + rhs` element by element (all the same length).
@@ -388,6 +396,34 @@ mod tests {
         let a = Tensor::zeros((2, 3), DType::F32, &device).unwrap();
         let b = Tensor::zeros((3, 2), DType::F32, &device).unwrap();
         assert!(add_same_shape(&a, &b).is_err());
+    }
+
+    #[test]
+    fn running_sums_add_in_place() {
+        let device = Device::Cpu;
+        // Large enough to be spread over the kernel threads, and small.
+        for len in [2 * 300 * 301, 15] {
+            let values = Tensor::randn(0f32, 1.0, len, &device).unwrap();
+            let zeros = zeros(len);
+            assert!(zeros.len() == len && zeros.iter().all(|&value| value == 0.0));
+            let mut sum: Vec<f32> = (0..len).map(|index| index as f32 * 0.5).collect();
+            let expected = (Tensor::from_vec(sum.clone(), len, &device).unwrap() + &values)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            add_into(&mut sum, &values).unwrap();
+            let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&sum), bits(&expected));
+            // The slice form adds the same values.
+            let values = values.to_vec1::<f32>().unwrap();
+            add_slice_into(&mut sum, &values);
+            let twice: Vec<f32> = expected.iter().zip(&values).map(|(a, b)| a + b).collect();
+            assert_eq!(bits(&sum), bits(&twice));
+        }
+        // A tensor of another length is refused.
+        let values = Tensor::zeros(4, DType::F32, &device).unwrap();
+        let error = add_into(&mut [0.0; 3], &values).unwrap_err();
+        assert!(error.to_string().contains("sum of 3 values"), "{error}");
     }
 
     #[test]
