@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::max_abs_diff;
+use common::{generate_with_store, max_abs_diff};
 
 use attend::attention::store::{AttentionStore, StoreConfig};
 use attend::hook::{
@@ -200,10 +200,10 @@ impl AttentionProcessor for ReplaceConditional {
 fn a_replaced_item_gives_the_same_image_and_maps_without_its_own_probabilities() {
     let mut model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
     model.unet.set_product_precision(ProductPrecision::F32);
+    let mut request = GenerateRequest::new(&model, PROMPT);
+    request.steps = 3;
+    request.seed = 5;
     let run = |skip: bool| {
-        let mut request = GenerateRequest::new(&model, PROMPT);
-        request.steps = 3;
-        request.seed = 5;
         let token_count = model.tokenizer.encode_prompt(PROMPT).unwrap().token_count();
         let mut store = AttentionStore::new(StoreConfig::new(token_count));
         let mut replace = ReplaceConditional { skip, replaced: 0 };
@@ -230,17 +230,7 @@ fn a_replaced_item_gives_the_same_image_and_maps_without_its_own_probabilities()
         "images differ by {image_difference}"
     );
     // The replacement changes the image: the comparison above is not between two plain runs.
-    let mut plain_request = GenerateRequest::new(&model, PROMPT);
-    plain_request.steps = 3;
-    plain_request.seed = 5;
-    let plain = generate(
-        &model,
-        &plain_request,
-        None,
-        &mut |_| Ok(()),
-        &CancelToken::new(),
-    )
-    .unwrap();
+    let (plain, _) = generate_with_store(&model, &request);
     assert!(max_abs_diff(&plain.image_f32, &skipped.image_f32) > 1e-2);
     // The store records the replaced item's maps: the ramp, averaged over heads and layers.
     let (skipped_cross, materialised_cross) = (

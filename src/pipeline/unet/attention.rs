@@ -355,23 +355,17 @@ impl Attention {
                 return output.to_dtype(projections.query.dtype());
             }
         }
-        let QueryKeyValue { query, key, value } = projections;
         let keys = site.keys;
-        let compute_dtype = query.dtype();
+        let compute_dtype = projections.query.dtype();
         let score_dtype = self.score_dtype(compute_dtype);
-        let fused_kernel =
-            (compute_dtype, score_dtype) == (DType::F32, DType::F32) && query.device().is_cpu();
+        let fused_kernel = (compute_dtype, score_dtype) == (DType::F32, DType::F32)
+            && projections.query.device().is_cpu();
         if fused_kernel {
             if let Some(item) = hook.processor.replaced_item(&site) {
-                return self.attend_replacing_item(
-                    QueryKeyValue { query, key, value },
-                    item,
-                    &site,
-                    call,
-                    hook,
-                );
+                return self.attend_replacing_item(projections, item, &site, call, hook);
             }
         }
+        let QueryKeyValue { query, key, value } = projections;
         if !hook.processor.wants_probabilities(&site) {
             match hook.processor.observed_head_mean(&site) {
                 None => {
@@ -381,13 +375,7 @@ impl Attention {
                     );
                 }
                 Some(item) if fused_kernel => {
-                    let Some(head_mean_sum) = hook.processor.head_mean_sum(&site)? else {
-                        candle_core::bail!(
-                            "{}: the attention processor observes the head mean of item {item} \
-                             but gave no sum to add it to",
-                            site.module_path()
-                        );
-                    };
+                    let head_mean_sum = observer_sum(hook, &site, item)?;
                     return profile::measure(
                         || call.profile_label(" fused, head mean", keys),
                         || {
@@ -482,14 +470,7 @@ impl Attention {
         }
         if hook.processor.observed_head_mean(site) == Some(item) {
             let mean = kernels::mean_of_planes(&probabilities)?;
-            let Some(sum) = hook.processor.head_mean_sum(site)? else {
-                candle_core::bail!(
-                    "{}: the attention processor observes the head mean of item {item} but gave \
-                     no sum to add it to",
-                    site.module_path()
-                );
-            };
-            kernels::add_into(sum, &mean)?;
+            kernels::add_into(observer_sum(hook, site, item)?, &mean)?;
         }
         profile::measure(
             || call.profile_label(" fused, one item replaced", site.keys),
@@ -909,5 +890,23 @@ impl Transformer2D {
         }
         let projected = self.proj_out.forward(&hidden)?;
         kernels::add_same_shape(&projected.reshape((batch, height, width, channels))?, xs)
+    }
+}
+
+/// The sum the hook's observer of item `item`'s head mean keeps at `site`
+/// ([`AttentionProcessor::head_mean_sum`]); an observer that names the item but gives no sum is an
+/// error.
+fn observer_sum<'hook>(
+    hook: &'hook mut AttentionHook<'_>,
+    site: &AttentionSite,
+    item: usize,
+) -> candle_core::Result<&'hook mut [f32]> {
+    match hook.processor.head_mean_sum(site)? {
+        Some(sum) => Ok(sum),
+        None => candle_core::bail!(
+            "{}: the attention processor observes the head mean of item {item} but gave no sum \
+             to add it to",
+            site.module_path()
+        ),
     }
 }
