@@ -1,7 +1,9 @@
 //! Element-wise kernels over channels-last data: GEGLU (exact GELU), a bias added in place, the
 //! residual connections' sums, and nearest-neighbour upsampling.
 
-use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor, WithDType,
+};
 
 use super::bf16::{PackedRhs, WeightPacking};
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
@@ -211,6 +213,54 @@ pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         })
     })
     .and_then(|sum| Tensor::from_vec(sum, a.dims(), a.device()))
+}
+
+/// `fresh + other` for two tensors of the same shape, added in place over `fresh`'s values when
+/// both are plain contiguous f32 values (see [`add_same_shape`]): a layer's output meeting its
+/// residual connection needs no new buffer. The caller passes a `fresh` tensor it has just
+/// computed and holds nowhere else (a view of it would see the sum).
+pub fn add_to_fresh(fresh: Tensor, other: &Tensor) -> Result<Tensor> {
+    if fresh.dims() != other.dims() || !plain_values(&fresh) || !plain_values(other) {
+        return add_same_shape(&fresh, other);
+    }
+    fresh.inplace_op2(other, &AddInPlace)?;
+    Ok(fresh)
+}
+
+/// Adds a second contiguous f32 tensor of the same size in place ([`add_to_fresh`]).
+struct AddInPlace;
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "attend-add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut CpuStorage,
+        layout: &Layout,
+        other: &CpuStorage,
+        other_layout: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(data), CpuStorage::F32(values)) = (storage, other) else {
+            candle_core::bail!("add in place: only f32 is supported");
+        };
+        let (Some((start, end)), Some((other_start, other_end))) = (
+            layout.contiguous_offsets(),
+            other_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("add in place: both tensors must be contiguous");
+        };
+        if end - start != other_end - other_start {
+            candle_core::bail!(
+                "add in place: {} values and {} values",
+                end - start,
+                other_end - other_start
+            );
+        }
+        add_slice_into(&mut data[start..end], &values[other_start..other_end]);
+        Ok(())
+    }
 }
 
 /// `sum += values` element by element, spread over the kernel threads: a running sum of maps
@@ -424,6 +474,35 @@ mod tests {
         let values = Tensor::zeros(4, DType::F32, &device).unwrap();
         let error = add_into(&mut [0.0; 3], &values).unwrap_err();
         assert!(error.to_string().contains("sum of 3 values"), "{error}");
+    }
+
+    #[test]
+    fn a_fresh_output_takes_its_residual_in_place() {
+        let device = Device::Cpu;
+        let bits = |xs: &Tensor| {
+            xs.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let residual = Tensor::randn(0f32, 1.0, (2, 300, 64), &device).unwrap();
+        let fresh = Tensor::randn(0f32, 1.0, (2, 300, 64), &device).unwrap();
+        let expected = (&fresh + &residual).unwrap();
+        let sum = add_to_fresh(fresh.copy().unwrap(), &residual).unwrap();
+        assert_eq!(bits(&sum), bits(&expected));
+        // A view that is not contiguous, and another shape, go through candle's add instead.
+        let transposed = residual.transpose(1, 2).unwrap();
+        let fresh_t = Tensor::randn(0f32, 1.0, (2, 64, 300), &device).unwrap();
+        let expected = (&fresh_t + &transposed).unwrap();
+        assert_eq!(
+            bits(&add_to_fresh(fresh_t, &transposed).unwrap()),
+            bits(&expected)
+        );
+        let other_shape = Tensor::zeros((2, 300), DType::F32, &device).unwrap();
+        assert!(add_to_fresh(fresh.copy().unwrap(), &other_shape).is_err());
     }
 
     #[test]

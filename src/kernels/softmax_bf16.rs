@@ -121,7 +121,7 @@ mod x86 {
         _mm_cvtss_f32(one)
     }
 
-    /// The largest value of `row` (non-empty).
+    /// The largest value of `row` (non-empty): whole 64-value chunks unmasked, then the tail.
     ///
     /// # Safety
     /// AVX-512 F present.
@@ -130,8 +130,15 @@ mod x86 {
     unsafe fn row_max(row: &[f32]) -> f32 {
         let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); VECTORS];
         let at = row.as_ptr();
+        let full = row.len() / REDUCTION_LANES * REDUCTION_LANES;
         let mut start = 0;
-        while start < row.len() {
+        while start < full {
+            for (vector, value) in acc.iter_mut().enumerate() {
+                *value = _mm512_max_ps(_mm512_loadu_ps(at.add(start + vector * 16)), *value);
+            }
+            start += REDUCTION_LANES;
+        }
+        if start < row.len() {
             for (vector, value) in acc.iter_mut().enumerate() {
                 let first = start + vector * 16;
                 let count = row.len().saturating_sub(first).min(16);
@@ -142,7 +149,6 @@ mod x86 {
                 );
                 *value = _mm512_max_ps(loaded, *value);
             }
-            start += REDUCTION_LANES;
         }
         // `b > a ? b : a`, as the portable fold (`_mm512_max_ps(b, a)` returns `a` when they
         // are unordered).
@@ -171,7 +177,8 @@ mod x86 {
 
     /// Each value `v` of `row` -> `e = 2^(v * slope + offset)`: rounded to bf16 bits into `out`
     /// (as `softmax::bf16_bits` rounds), written back over `v` when `keep`; returns the sum of
-    /// the `e` over 64 lanes, folded.
+    /// the `e` over 64 lanes, folded. Whole 64-value chunks run unmasked, their bf16 halves
+    /// gathered 32 at a time into full stores; the tail runs masked.
     ///
     /// # Safety
     /// AVX-512 F/BW present; `out` is as long as `row`.
@@ -187,10 +194,35 @@ mod x86 {
         debug_assert_eq!(row.len(), out.len());
         let (slope, offset) = (_mm512_set1_ps(slope), _mm512_set1_ps(offset));
         let half = _mm512_set1_epi32(0x8000);
+        // Word `j` of the gathered vector is word `2j + 1` (the high half of value `j`) of the
+        // pair of vectors (index bit 5 picks the second).
+        let high_halves = _mm512_set_epi16(
+            63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21,
+            19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+        );
         let mut acc = [_mm512_setzero_ps(); VECTORS];
         let (at, out_at) = (row.as_mut_ptr(), out.as_mut_ptr());
+        let full = row.len() / REDUCTION_LANES * REDUCTION_LANES;
         let mut start = 0;
-        while start < row.len() {
+        while start < full {
+            let mut e = [_mm512_setzero_ps(); VECTORS];
+            for (vector, (value, sum)) in e.iter_mut().zip(acc.iter_mut()).enumerate() {
+                let values = _mm512_loadu_ps(at.add(start + vector * 16));
+                *value = exp2_for_bf16(_mm512_fmadd_ps(values, slope, offset));
+                *sum = _mm512_add_ps(*sum, *value);
+                if keep {
+                    _mm512_storeu_ps(at.add(start + vector * 16), *value);
+                }
+            }
+            for (pair, values) in e.chunks_exact(2).enumerate() {
+                let low = _mm512_add_epi32(_mm512_castps_si512(values[0]), half);
+                let high = _mm512_add_epi32(_mm512_castps_si512(values[1]), half);
+                let bits = _mm512_permutex2var_epi16(low, high_halves, high);
+                _mm512_storeu_si512(out_at.add(start + pair * 32).cast(), bits);
+            }
+            start += REDUCTION_LANES;
+        }
+        if start < row.len() {
             for (vector, sum) in acc.iter_mut().enumerate() {
                 let first = start + vector * 16;
                 let count = row.len().saturating_sub(first).min(16);
@@ -207,12 +239,11 @@ mod x86 {
                     _mm512_mask_storeu_ps(at.add(first), mask, e);
                 }
             }
-            start += REDUCTION_LANES;
         }
         fold(acc, |a, b| _mm512_add_ps(a, b), |a, b| _mm_add_ps(a, b))
     }
 
-    /// `mean[i] += values[i] * inverse` (a product, then a sum).
+    /// `mean[i] += values[i] * inverse` (a product, then a sum); whole vectors unmasked.
     ///
     /// # Safety
     /// AVX-512 F present; `mean` is as long as `values`.
@@ -222,13 +253,19 @@ mod x86 {
         debug_assert_eq!(mean.len(), values.len());
         let inverse = _mm512_set1_ps(inverse);
         let (mean_at, at) = (mean.as_mut_ptr(), values.as_ptr());
+        let full = values.len() / 16 * 16;
         let mut first = 0;
-        while first < values.len() {
+        while first < full {
+            let scaled = _mm512_mul_ps(_mm512_loadu_ps(at.add(first)), inverse);
+            let total = _mm512_add_ps(_mm512_loadu_ps(mean_at.add(first)), scaled);
+            _mm512_storeu_ps(mean_at.add(first), total);
+            first += 16;
+        }
+        if first < values.len() {
             let mask = lanes(values.len() - first);
             let scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, at.add(first)), inverse);
             let total = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, mean_at.add(first)), scaled);
             _mm512_mask_storeu_ps(mean_at.add(first), mask, total);
-            first += 16;
         }
     }
 

@@ -262,27 +262,53 @@ impl WinogradOutput {
         let plane = tiles * channels;
         let bias_rows = self.biases.len() / channels.max(1);
         // Workers take whole output rows; each output row belongs to one tile row.
-        let out = parallel_filled(rows.len() * row_len, rows.len(), |first, piece| {
-            for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
-                let (tile_row, within, item) = rows[first + offset];
-                let bias =
-                    &self.biases[if bias_rows > 1 { item } else { 0 } * channels..][..channels];
-                for tile_col in 0..tiles_w {
-                    let tile = tile_row * tiles_w + tile_col;
-                    let m =
-                        |position: usize| &src[position * plane + tile * channels..][..channels];
-                    let planes: [&[f32]; 16] = std::array::from_fn(m);
-                    for x_within in 0..2 {
-                        let x = 2 * tile_col + x_within;
-                        if x >= self.width {
-                            continue;
+        let out = parallel_filled(
+            rows.len() * row_len,
+            rows.len(),
+            |first, piece: &mut [f32]| {
+                for (offset, dst_row) in piece.chunks_exact_mut(row_len).enumerate() {
+                    let (tile_row, within, item) = rows[first + offset];
+                    let bias =
+                        &self.biases[if bias_rows > 1 { item } else { 0 } * channels..][..channels];
+                    #[cfg(target_arch = "x86_64")]
+                    if x86::supported() {
+                        let dst_at = dst_row.as_mut_ptr();
+                        for tile_col in 0..tiles_w {
+                            let tile = tile_row * tiles_w + tile_col;
+                            let pixels = (self.width - 2 * tile_col).min(2);
+                            #[allow(unsafe_code)]
+                            // SAFETY: AVX-512 F is present; the sixteen positions of `tile` lie
+                            // inside `src` (`[16, tiles, channels]`), `bias` holds `channels`
+                            // values and the tile's pixels lie inside `dst_row`.
+                            unsafe {
+                                x86::output_tile(
+                                    (src.as_ptr().add(tile * channels), plane),
+                                    (channels, bias.as_ptr()),
+                                    (within..within + 1, pixels),
+                                    |_, x_within| dst_at.add((2 * tile_col + x_within) * channels),
+                                );
+                            }
                         }
-                        let dst = &mut dst_row[x * channels..][..channels];
-                        output_pixel(&planes, (within, x_within), bias, dst);
+                        continue;
+                    }
+                    for tile_col in 0..tiles_w {
+                        let tile = tile_row * tiles_w + tile_col;
+                        let m = |position: usize| {
+                            &src[position * plane + tile * channels..][..channels]
+                        };
+                        let planes: [&[f32]; 16] = std::array::from_fn(m);
+                        for x_within in 0..2 {
+                            let x = 2 * tile_col + x_within;
+                            if x >= self.width {
+                                continue;
+                            }
+                            let dst = &mut dst_row[x * channels..][..channels];
+                            output_pixel(&planes, (within, x_within), bias, dst);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         out
     }
 }
@@ -332,6 +358,69 @@ impl CustomOp1 for WinogradOutput {
             CpuStorage::F32(self.run(src, tiles, channels)),
             Shape::from_dims(&[self.out_rows().len(), self.width, channels]),
         ))
+    }
+}
+
+/// The output transform written with AVX-512 intrinsics, for both Winograd paths.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(super) mod x86 {
+    use crate::kernels::bf16::x86::lanes;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Whether this CPU has AVX-512 F.
+    pub(in crate::kernels) fn supported() -> bool {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// One tile's output pixels, `A^T m A` plus bias: rows `withins` of its 2x2 (each row of `A^T
+    /// m` formed once for both pixels) by its first `pixels` columns, for `channels` channels.
+    /// Position `p`'s values are at `positions + p * position_stride`; pixel `(within,
+    /// x_within)` goes to `dst(within, x_within)`. The sums are [`super::output_pixel`]'s in the
+    /// same order, so the values are the same bit for bit.
+    ///
+    /// # Safety
+    /// AVX-512 F present; the sixteen positions hold `channels` values each, `bias` holds
+    /// `channels` values and every `dst` pixel has room for `channels` values.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(in crate::kernels) unsafe fn output_tile(
+        (positions, position_stride): (*const f32, usize),
+        (channels, bias): (usize, *const f32),
+        (withins, pixels): (Range<usize>, usize),
+        dst: impl Fn(usize, usize) -> *mut f32,
+    ) {
+        for vector in (0..channels).step_by(16) {
+            let mask = lanes(channels - vector);
+            let m: [__m512; 16] = std::array::from_fn(|position| {
+                _mm512_maskz_loadu_ps(mask, positions.add(position * position_stride + vector))
+            });
+            let bias = _mm512_maskz_loadu_ps(mask, bias.add(vector));
+            for within in withins.clone() {
+                // Row `within` of A^T m: [m0+m1+m2, m1-m2-m3] per column.
+                let row: [__m512; 4] = std::array::from_fn(|j| {
+                    if within == 0 {
+                        _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j])
+                    } else {
+                        _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j])
+                    }
+                });
+                for x_within in 0..pixels {
+                    let result = if x_within == 0 {
+                        _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2])
+                    } else {
+                        _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3])
+                    };
+                    _mm512_mask_storeu_ps(
+                        dst(within, x_within).add(vector),
+                        mask,
+                        _mm512_add_ps(result, bias),
+                    );
+                }
+            }
+        }
     }
 }
 

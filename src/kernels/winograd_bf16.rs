@@ -14,7 +14,6 @@ use candle_core::{Result, Tensor};
 use super::bf16::bf16_supported;
 use super::buffers::{parallel_initialised, zeroed};
 use super::operands::{f32_operand, with_values};
-use super::winograd::output_pixel;
 
 /// Tiles per block: about 64 (the products' rows; a multiple of the 6-row register tile is not
 /// needed, the last tile is masked).
@@ -242,19 +241,16 @@ fn run_block(
                     super::bf16::Store::Replace,
                 );
             }
-            output_panel(
-                products,
-                OutputPanel {
-                    geometry,
-                    first,
-                    rows,
-                    panel_start,
-                    columns,
-                    out_channels,
-                    biases,
-                },
-                out,
-            );
+            let panel = OutputPanel {
+                geometry,
+                first,
+                rows,
+                panel_start,
+                columns,
+                out_channels,
+                biases,
+            };
+            x86::output_panel(products, panel, out);
         }
     }
     TILES.set(tiles_scratch);
@@ -272,64 +268,74 @@ struct OutputPanel<'a> {
     biases: &'a [f32],
 }
 
-/// The output transform `A^T m A` plus bias of one panel of channels for every tile of a block
-/// ([`output_pixel`], as the unfused path): `products` is `[16, tiles, 64]`.
-fn output_panel(products: &[f32], panel: OutputPanel<'_>, out: &mut [f32]) {
-    let OutputPanel {
-        geometry,
-        first,
-        rows,
-        panel_start,
-        columns,
-        out_channels,
-        biases,
-    } = panel;
-    let Geometry {
-        height,
-        width,
-        tiles_h,
-        tiles_w,
-        ..
-    } = geometry;
-    let tiles = rows * tiles_w;
-    let per_item_bias = biases.len() > out_channels;
-    let mut out_row = 0;
-    for local_row in 0..rows {
-        let batch_row = first + local_row;
-        let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
-        let bias =
-            &biases[if per_item_bias { item } else { 0 } * out_channels + panel_start..][..columns];
-        let image_rows = if 2 * tile_row + 1 < height { 2 } else { 1 };
-        for tile_col in 0..tiles_w {
-            let tile = local_row * tiles_w + tile_col;
-            let m: [&[f32]; 16] = std::array::from_fn(|position| {
-                &products[(position * tiles + tile) * PANEL_COLUMNS..][..columns]
-            });
-            for within in 0..image_rows {
-                for x_within in 0..2 {
-                    let x = 2 * tile_col + x_within;
-                    if x >= width {
-                        continue;
-                    }
-                    let dst = &mut out
-                        [((out_row + within) * width + x) * out_channels + panel_start..]
-                        [..columns];
-                    output_pixel(&m, (within, x_within), bias, dst);
-                }
-            }
-        }
-        out_row += image_rows;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    //! The input transform, written as bf16 pairs. Callers guarantee the CPU features and the
-    //! bounds (see `run_block`).
+    //! The input transform, written as bf16 pairs, and the output transform. Callers guarantee
+    //! the CPU features and the bounds (see `run_block`).
 
-    use super::Geometry;
+    use super::{Geometry, OutputPanel, PANEL_COLUMNS};
+    use crate::kernels::winograd::x86::output_tile;
     use std::arch::x86_64::*;
+
+    /// The output transform `A^T m A` plus bias of one panel of channels for every tile of a
+    /// block: `products` is `[16, tiles, 64]`. Each tile's two rows of `A^T m` are formed once
+    /// for its pixels, with the sums of `winograd::output_pixel` in the same order, so the
+    /// values are the unfused path's bit for bit.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `products` holds `16 * tiles * 64` values; `out` holds the block's
+    /// output rows (`[image rows, width, out_channels]`); the panel's columns lie inside
+    /// `out_channels` and the biases.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn output_panel(products: &[f32], panel: OutputPanel<'_>, out: &mut [f32]) {
+        let OutputPanel {
+            geometry,
+            first,
+            rows,
+            panel_start,
+            columns,
+            out_channels,
+            biases,
+        } = panel;
+        let Geometry {
+            height,
+            width,
+            tiles_h,
+            tiles_w,
+            ..
+        } = geometry;
+        let tiles = rows * tiles_w;
+        debug_assert!(products.len() >= 16 * tiles * PANEL_COLUMNS);
+        let position_stride = tiles * PANEL_COLUMNS;
+        let per_item_bias = biases.len() > out_channels;
+        let out_at = out.as_mut_ptr();
+        let mut out_row = 0;
+        for local_row in 0..rows {
+            let batch_row = first + local_row;
+            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+            let bias = &biases[if per_item_bias { item } else { 0 } * out_channels + panel_start..]
+                [..columns];
+            let image_rows = if 2 * tile_row + 1 < height { 2 } else { 1 };
+            for tile_col in 0..tiles_w {
+                let tile = local_row * tiles_w + tile_col;
+                let at = products.as_ptr().add(tile * PANEL_COLUMNS);
+                let pixels = (width - 2 * tile_col).min(2);
+                let panel_at = out_at.add(panel_start);
+                output_tile(
+                    (at, position_stride),
+                    (columns, bias.as_ptr()),
+                    (0..image_rows, pixels),
+                    |within, x_within| {
+                        panel_at.add(
+                            ((out_row + within) * width + 2 * tile_col + x_within) * out_channels,
+                        )
+                    },
+                );
+            }
+            out_row += image_rows;
+        }
+    }
 
     /// Row `r` of `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]` applied to
     /// `(a, b, c, d)`, as the unfused transform computes it.

@@ -806,16 +806,16 @@ impl TransformerBlock {
         let attended = self
             .attn1
             .forward(&normed, self_context, call1, hook.as_deref_mut())?;
-        let hidden = kernels::add_same_shape(&attended, hidden)?;
+        let hidden = kernels::add_to_fresh(attended, hidden)?;
         let normed = self.norm2.forward(&hidden)?;
         let call2 = AttentionCall {
             kind: AttentionKind::Cross,
             ..call
         };
         let hidden =
-            kernels::add_same_shape(&self.attn2.forward(&normed, context, call2, hook)?, &hidden)?;
+            kernels::add_to_fresh(self.attn2.forward(&normed, context, call2, hook)?, &hidden)?;
         let normed = self.norm3.forward(&hidden)?;
-        kernels::add_same_shape(&self.ff.forward(&normed)?, &hidden)
+        kernels::add_to_fresh(self.ff.forward(&normed)?, &hidden)
     }
 }
 
@@ -889,7 +889,7 @@ impl Transformer2D {
             hidden = block.forward(&hidden, context, call, hook.as_deref_mut())?;
         }
         let projected = self.proj_out.forward(&hidden)?;
-        kernels::add_same_shape(&projected.reshape((batch, height, width, channels))?, xs)
+        kernels::add_to_fresh(projected.reshape((batch, height, width, channels))?, xs)
     }
 }
 

@@ -881,7 +881,7 @@ impl ResnetBlock {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = kernels::add_same_shape(&shortcut, &hidden)?;
+        let out = kernels::add_to_fresh(hidden, &shortcut)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
