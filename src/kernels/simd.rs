@@ -75,16 +75,28 @@ pub(super) fn exp2_for_bf16(t: f32) -> f32 {
     f32::from_bits(p.to_bits().wrapping_add(shifted.to_bits() << 23))
 }
 
-/// `erf(x)` to within 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free.
+/// `erf(x)` to within 4e-7 (absolute; f32 evaluation of a rational approximation whose own
+/// error is below 7e-8): `x P(x^2) / Q(x^2)` with `x` clamped to +-3.93, beyond which `erf` is 1
+/// to f32 precision. Fitted by `scripts/fit_erf.py` (weighted least squares iterated towards equal ripple on [0,
+/// 3.93]); odd by construction, no exponential, branch-free.
 #[inline(always)]
 pub(super) fn fast_erf(x: f32) -> f32 {
-    let sign = if x < 0.0 { -1.0 } else { 1.0 };
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
-        + 0.254_829_6)
-        * t;
-    sign * (1.0 - poly * fast_exp(-a * a))
+    const LIMIT: f32 = 3.93;
+    let x = x.clamp(-LIMIT, LIMIT);
+    let z = x * x;
+    let p = z
+        .mul_add(2.176_576_8e-6, 2.853_048_2e-4)
+        .mul_add(z, 3.520_020_5e-3)
+        .mul_add(z, 5.200_328e-2)
+        .mul_add(z, 1.838_739_2e-1)
+        .mul_add(z, 1.128_379_1);
+    let q = z
+        .mul_add(3.942_862_2e-5, 1.114_251_3e-3)
+        .mul_add(z, 1.446_983_7e-2)
+        .mul_add(z, 1.115_171_98e-1)
+        .mul_add(z, 4.962_870_2e-1)
+        .mul_add(z, 1.0);
+    (x * p / q).clamp(-1.0, 1.0)
 }
 
 /// `x * sigmoid(x)`.
@@ -193,7 +205,7 @@ mod tests {
             let relative = (f64::from(fast_exp(x)) - clamped.exp()).abs() / clamped.exp();
             assert!(relative < 3e-7, "exp({x}) relative error {relative}");
         }
-        assert!(worst_erf < 3e-7, "erf abs error {worst_erf}");
+        assert!(worst_erf < 4e-7, "erf abs error {worst_erf}");
     }
 
     #[test]
