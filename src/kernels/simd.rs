@@ -77,8 +77,9 @@ pub(super) fn exp2_for_bf16(t: f32) -> f32 {
 
 /// `erf(x)` to within 4e-7 (absolute; f32 evaluation of a rational approximation whose own
 /// error is below 7e-8): `x P(x^2) / Q(x^2)` with `x` clamped to +-3.93, beyond which `erf` is 1
-/// to f32 precision. Fitted by `scripts/fit_erf.py` (weighted least squares iterated towards equal ripple on [0,
-/// 3.93]); odd by construction, no exponential, branch-free.
+/// to f32 precision. Fitted by `scripts/fit_erf.py` (weighted least squares iterated towards
+/// equal ripple on [0, 3.93]; the leading coefficient is `erf'(0) = 2 / sqrt(pi)`); odd by
+/// construction, no exponential, branch-free.
 #[inline(always)]
 pub(super) fn fast_erf(x: f32) -> f32 {
     const LIMIT: f32 = 3.93;
@@ -89,11 +90,11 @@ pub(super) fn fast_erf(x: f32) -> f32 {
         .mul_add(z, 3.520_020_5e-3)
         .mul_add(z, 5.200_328e-2)
         .mul_add(z, 1.838_739_2e-1)
-        .mul_add(z, 1.128_379_1);
+        .mul_add(z, std::f32::consts::FRAC_2_SQRT_PI);
     let q = z
-        .mul_add(3.942_862_2e-5, 1.114_251_3e-3)
+        .mul_add(3.942_862e-5, 1.114_251_3e-3)
         .mul_add(z, 1.446_983_7e-2)
-        .mul_add(z, 1.115_171_98e-1)
+        .mul_add(z, 1.115_172e-1)
         .mul_add(z, 4.962_870_2e-1)
         .mul_add(z, 1.0);
     (x * p / q).clamp(-1.0, 1.0)
