@@ -73,63 +73,117 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// block's projection is still in the core's cache when GEGLU reads it.
 const LINEAR_GEGLU_BLOCK_ELEMENTS: usize = 512 * 1024;
 
-/// `geglu(xs weight + bias)` in one pass: `xs` `[rows, k]`, `weight` `[k, 2 * inner]`
-/// (contiguous), `bias` `[2 * inner]` -> `[rows, inner]` (f32). Blocks of rows are spread over the
-/// cores; each block's projection lives only in a cache-sized scratch buffer, so the `[rows, 2 *
-/// inner]` projection is never written to memory.
-///
-/// With bf16 products, `packing` (kept with the layer) holds `weight` packed once for all calls.
+/// A linear layer as [`linear_geglu`] takes it.
+#[derive(Clone, Copy)]
+pub struct LinearParts<'a> {
+    /// `[in, out]`, contiguous.
+    pub weight: &'a Tensor,
+    /// `[out]`.
+    pub bias: &'a Tensor,
+    /// With bf16 products: the layer's packing, holding `weight` packed once for all calls.
+    pub packing: Option<&'a WeightPacking>,
+}
+
+/// `geglu(xs W_in + b_in)` in one pass, then, with `project_out`, times `W_out` plus `b_out` in
+/// the same pass (a transformer's whole feed-forward): `xs` `[rows, k]`, `project_in` `[k, 2 *
+/// inner]` -> `[rows, inner]`, or `[rows, out]` with `project_out` `[inner, out]`. Blocks of rows
+/// are spread over the cores; each block's projection and gated values live only in cache-sized
+/// scratch buffers, so neither the `[rows, 2 * inner]` projection nor the `[rows, inner]` gated
+/// values are written to memory. Each output value is the unfused layers' (the same products,
+/// summed in the same order).
 pub fn linear_geglu(
     xs: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    packing: Option<&WeightPacking>,
+    project_in: LinearParts<'_>,
+    project_out: Option<LinearParts<'_>>,
 ) -> Result<Tensor> {
     let (rows, k) = xs.dims2()?;
-    let (weight_rows, width) = weight.dims2()?;
-    if weight_rows != k || width % 2 != 0 || bias.elem_count() != width {
+    let (weight_rows, width) = project_in.weight.dims2()?;
+    if weight_rows != k || width % 2 != 0 || project_in.bias.elem_count() != width {
         candle_core::bail!(
             "linear + geglu: {:?} times {:?} plus bias {:?}",
             xs.dims(),
-            weight.dims(),
-            bias.dims()
+            project_in.weight.dims(),
+            project_in.bias.dims()
         );
     }
     let inner = width / 2;
-    let bias: Vec<f32> = bias
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
+    let out_width = match project_out {
+        Some(out) => {
+            let (out_rows, out_width) = out.weight.dims2()?;
+            if out_rows != inner || out.bias.elem_count() != out_width {
+                candle_core::bail!(
+                    "linear + geglu + linear: {inner} gated values times {:?} plus bias {:?}",
+                    out.weight.dims(),
+                    out.bias.dims()
+                );
+            }
+            out_width
+        }
+        None => inner,
+    };
+    let bias_values = |bias: &Tensor| -> Result<Vec<f32>> {
+        bias.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()
+    };
+    let bias = bias_values(project_in.bias)?;
+    let out_bias = project_out.map(|out| bias_values(out.bias)).transpose()?;
+    let out_weight = project_out.map(|out| f32_operand(out.weight)).transpose()?;
     let per_core = rows.div_ceil(2 * worker_count()).max(1);
     let block_rows = (LINEAR_GEGLU_BLOCK_ELEMENTS / width.max(1))
         .clamp(8, rows.max(8))
         .min(per_core);
-    let packed = packing.and_then(|packing| packing.packed_for(weight));
-    let out = with_f32_pair(xs, weight, |xs, weight| {
-        parallel_row_blocks(rows, inner, rows, block_rows, |first, slots| {
-            let block = slots.len() / inner.max(1);
-            let mut scratch = Vec::with_capacity(block * width);
-            let lhs = MatrixView::new(xs, first * k, (block, k), k);
-            let rhs = MatrixView::new(weight, 0, (k, width), width);
-            let packed = packed.map(PackedRhs::all_columns);
-            let projected = product_piece(
-                &mut scratch.spare_capacity_mut()[..block * width],
-                lhs,
-                rhs,
-                packed,
-                Some(&bias),
-            )?;
-            let out = zeroed(slots);
-            pulp::Arch::new().dispatch(GegluRows {
-                dst: &mut *out,
-                src: projected,
-                first: 0,
-                inner,
-            });
-            Ok(out)
-        })
+    let packed = project_in
+        .packing
+        .and_then(|packing| packing.packed_for(project_in.weight));
+    let out_packed = project_out.and_then(|out| out.packing?.packed_for(out.weight));
+    let out = with_f32_pair(xs, project_in.weight, |xs, weight| {
+        let run = |out_weight: Option<&[f32]>| {
+            parallel_row_blocks(rows, out_width, rows, block_rows, |first, slots| {
+                let block = slots.len() / out_width.max(1);
+                let mut scratch = Vec::with_capacity(block * width);
+                let lhs = MatrixView::new(xs, first * k, (block, k), k);
+                let rhs = MatrixView::new(weight, 0, (k, width), width);
+                let projected = product_piece(
+                    &mut scratch.spare_capacity_mut()[..block * width],
+                    lhs,
+                    rhs,
+                    packed.map(PackedRhs::all_columns),
+                    Some(&bias),
+                )?;
+                let (Some(out_weight), Some(out_bias)) = (out_weight, out_bias.as_deref()) else {
+                    let out = zeroed(slots);
+                    pulp::Arch::new().dispatch(GegluRows {
+                        dst: &mut *out,
+                        src: projected,
+                        first: 0,
+                        inner,
+                    });
+                    return Ok(out);
+                };
+                let mut gated_scratch = Vec::with_capacity(block * inner);
+                let gated = zeroed(&mut gated_scratch.spare_capacity_mut()[..block * inner]);
+                pulp::Arch::new().dispatch(GegluRows {
+                    dst: &mut *gated,
+                    src: projected,
+                    first: 0,
+                    inner,
+                });
+                product_piece(
+                    slots,
+                    MatrixView::new(gated, 0, (block, inner), inner),
+                    MatrixView::new(out_weight, 0, (inner, out_width), out_width),
+                    out_packed.map(PackedRhs::all_columns),
+                    Some(out_bias),
+                )
+            })
+        };
+        match &out_weight {
+            Some(out_weight) => with_values(out_weight, |out_weight| run(Some(out_weight))),
+            None => run(None),
+        }
     })?;
-    Tensor::from_vec(out, (rows, inner), xs.device())
+    Tensor::from_vec(out, (rows, out_width), xs.device())
 }
 
 /// Adds `bias` (`[..., n]` last-dimension values) in place to a contiguous f32 tensor the caller owns.
@@ -416,6 +470,7 @@ pub fn upsample_nearest(xs: &Tensor, height: usize, width: usize) -> Result<Tens
 mod tests {
     use super::*;
     use crate::kernels::test_support::{max_abs_diff, same_bits};
+    use crate::kernels::{with_product_precision, ProductPrecision};
     use candle_core::{DType, Device};
 
     #[test]
@@ -516,6 +571,19 @@ mod tests {
         assert_eq!(geglu(&projected).unwrap().dtype(), DType::F32);
     }
 
+    /// `weight`, `bias` and `packing` as [`linear_geglu`] takes them.
+    fn parts<'a>(
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        packing: Option<&'a WeightPacking>,
+    ) -> LinearParts<'a> {
+        LinearParts {
+            weight,
+            bias,
+            packing,
+        }
+    }
+
     #[test]
     fn linear_geglu_matches_product_then_geglu() {
         let device = Device::Cpu;
@@ -526,7 +594,7 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 2 * inner, &device).unwrap();
             let projected = xs.matmul(&weight).unwrap().broadcast_add(&bias).unwrap();
             let expected = geglu(&projected).unwrap();
-            let actual = linear_geglu(&xs, &weight, &bias, None).unwrap();
+            let actual = linear_geglu(&xs, parts(&weight, &bias, None), None).unwrap();
             assert_eq!(actual.dims(), &[rows, inner]);
             assert!(
                 max_abs_diff(&actual, &expected) < 1e-4,
@@ -540,17 +608,79 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 160, &device).unwrap();
             let packing = WeightPacking::default();
             crate::kernels::with_product_precision(crate::kernels::ProductPrecision::Bf16, || {
-                let unpacked = linear_geglu(&xs, &weight, &bias, None).unwrap();
-                let packed = linear_geglu(&xs, &weight, &bias, Some(&packing)).unwrap();
+                let unpacked = linear_geglu(&xs, parts(&weight, &bias, None), None).unwrap();
+                let packed =
+                    linear_geglu(&xs, parts(&weight, &bias, Some(&packing)), None).unwrap();
                 assert!(same_bits(&unpacked, &packed));
             });
         }
         let xs = Tensor::zeros((4, 6), DType::F32, &device).unwrap();
         let odd = Tensor::zeros((6, 7), DType::F32, &device).unwrap();
         let bias = Tensor::zeros(7, DType::F32, &device).unwrap();
-        assert!(linear_geglu(&xs, &odd, &bias, None).is_err());
+        assert!(linear_geglu(&xs, parts(&odd, &bias, None), None).is_err());
         let weight = Tensor::zeros((6, 8), DType::F32, &device).unwrap();
-        assert!(linear_geglu(&xs, &weight, &bias, None).is_err());
+        assert!(linear_geglu(&xs, parts(&weight, &bias, None), None).is_err());
+    }
+
+    #[test]
+    fn the_fused_feed_forward_gives_the_layers_values() {
+        let device = Device::Cpu;
+        let precisions = if crate::kernels::bf16_supported() {
+            vec![ProductPrecision::F32, ProductPrecision::Bf16]
+        } else {
+            vec![ProductPrecision::F32]
+        };
+        for precision in precisions {
+            for (rows, k, inner, out) in [(3, 16, 8, 16), (700, 32, 40, 24), (2048, 16, 64, 16)] {
+                let xs = Tensor::randn(0f32, 1.0, (rows, k), &device).unwrap();
+                let weight_in = Tensor::randn(0f32, 1.0, (k, 2 * inner), &device).unwrap();
+                let bias_in = Tensor::randn(0f32, 1.0, 2 * inner, &device).unwrap();
+                let weight_out = Tensor::randn(0f32, 1.0, (inner, out), &device).unwrap();
+                let bias_out = Tensor::randn(0f32, 1.0, out, &device).unwrap();
+                let (packing_in, packing_out) =
+                    (WeightPacking::default(), WeightPacking::default());
+                with_product_precision(precision, || {
+                    let gated =
+                        linear_geglu(&xs, parts(&weight_in, &bias_in, Some(&packing_in)), None)
+                            .unwrap();
+                    let expected = crate::kernels::matmul_split_rows(
+                        &gated,
+                        &weight_out,
+                        Some(&bias_out),
+                        Some(&packing_out),
+                    )
+                    .unwrap();
+                    let fused = linear_geglu(
+                        &xs,
+                        parts(&weight_in, &bias_in, Some(&packing_in)),
+                        Some(parts(&weight_out, &bias_out, Some(&packing_out))),
+                    )
+                    .unwrap();
+                    assert_eq!(fused.dims(), &[rows, out]);
+                    // bf16: the same register tiles over the same sums, bit for bit; f32: the
+                    // GEMM library may block its sums differently for another buffer, so within
+                    // f32 rounding of these sums (values of about 10).
+                    let close = match precision {
+                        ProductPrecision::Bf16 => same_bits(&fused, &expected),
+                        ProductPrecision::F32 => max_abs_diff(&fused, &expected) < 1e-4,
+                    };
+                    assert!(close, "{precision:?} {rows}x{k}x{inner}x{out}");
+                });
+            }
+        }
+        // A second layer that does not take the gated width is an error.
+        let xs = Tensor::zeros((4, 6), DType::F32, &device).unwrap();
+        let weight_in = Tensor::zeros((6, 8), DType::F32, &device).unwrap();
+        let bias_in = Tensor::zeros(8, DType::F32, &device).unwrap();
+        let weight_out = Tensor::zeros((5, 3), DType::F32, &device).unwrap();
+        let bias_out = Tensor::zeros(3, DType::F32, &device).unwrap();
+        let error = linear_geglu(
+            &xs,
+            parts(&weight_in, &bias_in, None),
+            Some(parts(&weight_out, &bias_out, None)),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("4 gated values"), "{error}");
     }
 
     #[test]

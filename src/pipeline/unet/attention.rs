@@ -35,7 +35,8 @@ pub struct TransformerPlace {
 /// product, the softmax and the product with the values.
 const SCORE_CHUNK_ELEMENTS: usize = 512 * 1024;
 
-/// Upper bound on the feed-forward's widest intermediate (`tokens * 8 * dim`) held at once.
+/// Upper bound on the feed-forward's widest intermediate (`tokens * 8 * dim`) held at once where
+/// its layers run unfused (the fused kernel keeps only cache-sized blocks of it).
 const FEED_FORWARD_CHUNK_ELEMENTS: usize = 4 * 1024 * 1024;
 
 /// Widest self-attention (`query_dim`) whose query, key and value weights are also kept side by
@@ -679,34 +680,48 @@ impl FeedForward {
         let rows_per_chunk = rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1);
         let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut start = 0;
-        let fused_bias = self
-            .project_in
-            .bias()
-            .filter(|_| self.project_in.has_plain_f32_weight() && xs.dtype() == DType::F32);
+        let plain = self.project_in.has_plain_f32_weight()
+            && self.project_out.has_plain_f32_weight()
+            && xs.dtype() == DType::F32;
+        let fused = match (self.project_in.bias(), self.project_out.bias()) {
+            (Some(bias_in), Some(bias_out)) if plain => Some((
+                kernels::LinearParts {
+                    weight: self.project_in.weight_t(),
+                    bias: bias_in,
+                    packing: Some(self.project_in.packing()),
+                },
+                kernels::LinearParts {
+                    weight: self.project_out.weight_t(),
+                    bias: bias_out,
+                    packing: Some(self.project_out.packing()),
+                },
+            )),
+            _ => None,
+        };
         while start < rows {
             let len = rows_per_chunk.min(rows - start);
             let chunk = flat.narrow(0, start, len)?;
-            let gated = match fused_bias {
-                Some(bias) => profile::measure(
-                    || format!("linear {dim}->{} x{len} + geglu", 2 * self.inner),
+            let out = match fused {
+                Some((project_in, project_out)) => profile::measure(
                     || {
-                        kernels::linear_geglu(
-                            &chunk,
-                            self.project_in.weight_t(),
-                            bias,
-                            Some(self.project_in.packing()),
+                        format!(
+                            "linear {dim}->{} x{len} + geglu + linear {}->{dim}",
+                            2 * self.inner,
+                            self.inner
                         )
                     },
+                    || kernels::linear_geglu(&chunk, project_in, Some(project_out)),
                 )?,
                 None => {
                     let projected = self.project_in.forward(&chunk)?;
-                    profile::measure(
+                    let gated = profile::measure(
                         || format!("geglu {:?}", projected.dims()),
                         || kernels::geglu(&projected),
-                    )?
+                    )?;
+                    self.project_out.forward(&gated)?
                 }
             };
-            pieces.push(self.project_out.forward(&gated)?);
+            pieces.push(out);
             start += len;
         }
         let out = if pieces.len() == 1 {
