@@ -1,6 +1,7 @@
 //! CPU kernels for attend's channels-last (`[batch, h, w, channels]`) models: im2col and Winograd
-//! convolutions, group and layer norm, softmax, GEGLU, nearest upsampling, matrix products split
-//! over the cores, multi-head attention without head copies, and the head rearrangements.
+//! convolutions, group and layer norm, softmax, GEGLU and the fused feed-forward, nearest
+//! upsampling, matrix products split over the cores, multi-head attention without head copies,
+//! and the head rearrangements.
 //!
 //! A layer of its own below the pipeline, the attention hook and the processors: the UNet, the VAE
 //! and the attention store all call it, and it imports nothing else of attend (only candle, std,
@@ -16,7 +17,7 @@
 //! | `operands.rs` | reading a tensor's CPU storage: contiguous slices, f32 operands |
 //! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |
 //! | `conv.rs` | im2col patches and their geometry |
-//! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms |
+//! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms (the output transform in AVX-512 intrinsics where the CPU has them) |
 //! | `winograd_bf16.rs` | the same convolution with bf16 products, fused per block of tile rows (no materialised tiles) |
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
@@ -25,11 +26,11 @@
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
 //! | `heads.rs` | attention heads split (plain or transposed) and merged |
-//! | `elementwise.rs` | GEGLU, bias added in place, residual sums, channels joined, nearest upsampling |
+//! | `elementwise.rs` | GEGLU (alone, after its linear layer, or as the whole feed-forward), bias added in place, residual sums (in place into a fresh output), channels joined, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call), `bf16.rs`, `winograd_bf16.rs` and `softmax_bf16.rs` (the bounds-checked AVX-512
-//! intrinsics), `pool.rs` (a borrowed job
+//! call), `bf16.rs`, `winograd.rs`, `winograd_bf16.rs` and `softmax_bf16.rs` (the bounds-checked
+//! AVX-512 intrinsics), `pool.rs` (a borrowed job
 //! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
 mod attention;
