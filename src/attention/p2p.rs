@@ -629,7 +629,7 @@ impl PromptToPrompt {
     /// Cross-attention `[heads, queries, keys]` of the edited prompt with the reweight's scales.
     fn reweight_cross(&mut self, attention: Tensor) -> candle_core::Result<Tensor> {
         match &self.device_tensors(attention.device())?.equalizer {
-            Some(equalizer) => attention.broadcast_mul(equalizer),
+            Some(equalizer) => crate::kernels::scale_last_dim(&attention, equalizer),
             None => Ok(attention),
         }
     }

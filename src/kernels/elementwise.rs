@@ -269,6 +269,41 @@ pub fn add_same_shape(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     .and_then(|sum| Tensor::from_vec(sum, a.dims(), a.device()))
 }
 
+/// `xs * scales` with `scales` (`[n]`, any shape of `n` values) broadcast over the last
+/// dimension of `xs` (`[..., n]`), for instance per-token weights on attention probabilities.
+/// Contiguous f32 CPU values are scaled on the kernel threads (the same products as candle's);
+/// anything else goes through candle's broadcast product.
+pub fn scale_last_dim(xs: &Tensor, scales: &Tensor) -> Result<Tensor> {
+    let width = xs.dim(xs.rank().saturating_sub(1))?;
+    if !plain_values(xs) || scales.elem_count() != width || width == 0 {
+        return xs.broadcast_mul(scales);
+    }
+    let scales: Vec<f32> = scales
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    with_values(xs, |values| {
+        let rows = values.len() / width;
+        Ok(parallel_filled(
+            values.len(),
+            rows,
+            |first_row, piece: &mut [f32]| {
+                // Pieces are whole rows.
+                let values = &values[first_row * width..][..piece.len()];
+                for (out, values) in piece
+                    .chunks_exact_mut(width)
+                    .zip(values.chunks_exact(width))
+                {
+                    for ((out, &value), &scale) in out.iter_mut().zip(values).zip(&scales) {
+                        *out = value * scale;
+                    }
+                }
+            },
+        ))
+    })
+    .and_then(|scaled| Tensor::from_vec(scaled, xs.dims(), xs.device()))
+}
+
 /// `fresh + other` for two tensors of the same shape, added in place over `fresh`'s values when
 /// both are plain contiguous f32 values (see [`add_same_shape`]): a layer's output meeting its
 /// residual connection needs no new buffer. The caller passes a `fresh` tensor it has just
@@ -529,6 +564,31 @@ mod tests {
         let values = Tensor::zeros(4, DType::F32, &device).unwrap();
         let error = add_into(&mut [0.0; 3], &values).unwrap_err();
         assert!(error.to_string().contains("sum of 3 values"), "{error}");
+    }
+
+    #[test]
+    fn last_dim_scales_match_candle() {
+        let device = Device::Cpu;
+        let scales = Tensor::randn(0f32, 1.0, 77, &device).unwrap();
+        // Large enough to be spread over the kernel threads, and small.
+        for dims in [vec![4, 1024, 77], vec![2, 3, 77]] {
+            let xs = Tensor::randn(0f32, 1.0, dims.as_slice(), &device).unwrap();
+            let expected = xs.broadcast_mul(&scales).unwrap();
+            let scaled = scale_last_dim(&xs, &scales).unwrap();
+            assert_eq!(scaled.dims(), expected.dims());
+            assert!(same_bits(&scaled, &expected), "{dims:?}");
+        }
+        // Scales shaped [1, 1, n] broadcast the same way; a view goes through candle.
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 77), &device).unwrap();
+        let shaped = scales.reshape((1, 1, 77)).unwrap();
+        let expected = xs.broadcast_mul(&shaped).unwrap();
+        assert!(same_bits(&scale_last_dim(&xs, &shaped).unwrap(), &expected));
+        let view = xs.narrow(1, 1, 3).unwrap();
+        let expected = view.broadcast_mul(&scales).unwrap();
+        assert!(same_bits(
+            &scale_last_dim(&view, &scales).unwrap(),
+            &expected
+        ));
     }
 
     #[test]

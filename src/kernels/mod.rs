@@ -62,7 +62,7 @@ pub use bf16::{
 pub use conv::{im2col, PatchGeometry};
 pub use elementwise::{
     add_bias, add_into, add_same_shape, add_slice_into, add_to_fresh, concat_last_dim, geglu,
-    linear_geglu, upsample_nearest, zeros, LinearParts,
+    linear_geglu, scale_last_dim, upsample_nearest, zeros, LinearParts,
 };
 pub use gemm::{
     batched_matmul_parallel, matmul_column_groups, matmul_split_columns, matmul_split_rows,
