@@ -680,22 +680,13 @@ impl FeedForward {
         let rows_per_chunk = rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1);
         let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
         let mut start = 0;
-        let plain = self.project_in.has_plain_f32_weight()
-            && self.project_out.has_plain_f32_weight()
-            && xs.dtype() == DType::F32;
-        let fused = match (self.project_in.bias(), self.project_out.bias()) {
-            (Some(bias_in), Some(bias_out)) if plain => Some((
-                kernels::LinearParts {
-                    weight: self.project_in.weight_t(),
-                    bias: bias_in,
-                    packing: Some(self.project_in.packing()),
-                },
-                kernels::LinearParts {
-                    weight: self.project_out.weight_t(),
-                    bias: bias_out,
-                    packing: Some(self.project_out.packing()),
-                },
-            )),
+        let fused = match (
+            self.project_in.kernel_parts(),
+            self.project_out.kernel_parts(),
+        ) {
+            (Some(project_in), Some(project_out)) if xs.dtype() == DType::F32 => {
+                Some((project_in, project_out))
+            }
             _ => None,
         };
         while start < rows {

@@ -495,14 +495,15 @@ impl Linear {
         &self.weight_t
     }
 
-    /// The bias, `[out]`.
-    pub(super) fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
-    /// The transposed weight's bf16 packing.
-    pub(super) fn packing(&self) -> &kernels::WeightPacking {
-        &self.packing
+    /// The layer as attend's fused kernels take it (transposed weight, bias, bf16 packing), when
+    /// it has a bias and a plain f32 weight (see [`Linear::has_plain_f32_weight`]).
+    pub(super) fn kernel_parts(&self) -> Option<kernels::LinearParts<'_>> {
+        let bias = self.bias.as_ref().filter(|_| self.has_plain_f32_weight())?;
+        Some(kernels::LinearParts {
+            weight: &self.weight_t,
+            bias,
+            packing: Some(&self.packing),
+        })
     }
 
     /// Whether the weight is f32 values in CPU memory, laid out for attend's own product kernels
