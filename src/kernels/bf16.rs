@@ -6,7 +6,8 @@
 //! Layout: the left operand becomes rows of bf16 pairs along `k` (`[m, k/2]` u32, each the two
 //! bf16 values `k = 2p` (low half) and `2p + 1`); the right operand becomes column panels of 64
 //! columns, each `[k/2, 64]` u32 pairs of the same two `k`. A tile of 6 rows by 64 columns keeps
-//! its 24 accumulators in registers over the whole of `k`.
+//! its 24 accumulators in registers over the whole of `k`. On CPUs with Intel AMX the same packed
+//! operands go to the tile kernel of `amx.rs` instead (blocks of 32 rows by 32 columns).
 
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -91,7 +92,7 @@ fn scratch(buffer: &mut Vec<u32>, len: usize) -> &mut [u32] {
 }
 
 /// Columns per panel of the right operand (four 16-lane vectors).
-const PANEL_COLUMNS: usize = 64;
+pub(super) const PANEL_COLUMNS: usize = 64;
 /// Rows per register tile.
 const TILE_ROWS: usize = 6;
 
@@ -465,7 +466,7 @@ pub(super) mod x86 {
     /// # Safety
     /// AVX-512 F/BW/BF16 present; the matrix lies inside `lhs`; `out.len() == m * k.div_ceil(2)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn pack_lhs(
+    pub(in crate::kernels) unsafe fn pack_lhs(
         lhs: &[f32],
         offset: usize,
         stride: usize,
@@ -559,6 +560,46 @@ pub(super) mod x86 {
     /// least `n` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(in crate::kernels) unsafe fn multiply(
+        lhs_pairs: &[u32],
+        rhs_panels: &[u32],
+        (m, pairs, n): (usize, usize, usize),
+        dst: *mut f32,
+        dst_offset: usize,
+        dst_stride: usize,
+        store: Store<'_>,
+    ) {
+        if crate::kernels::amx::amx_ready() {
+            // SAFETY: AMX is ready; the operands and the destination are the caller's promise,
+            // the same as this function's.
+            crate::kernels::amx::x86::multiply(
+                lhs_pairs,
+                rhs_panels,
+                (m, pairs, n),
+                PANEL_COLUMNS,
+                dst,
+                dst_offset,
+                dst_stride,
+                store,
+            );
+            return;
+        }
+        multiply_register_tiles(
+            lhs_pairs,
+            rhs_panels,
+            (m, pairs, n),
+            dst,
+            dst_offset,
+            dst_stride,
+            store,
+        );
+    }
+
+    /// [`multiply`] on AVX-512 register tiles (the kernel of CPUs without AMX).
+    ///
+    /// # Safety
+    /// As for [`multiply`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(in crate::kernels) unsafe fn multiply_register_tiles(
         lhs_pairs: &[u32],
         rhs_panels: &[u32],
         (m, pairs, n): (usize, usize, usize),
@@ -755,6 +796,8 @@ mod tests {
             (13, 33, 65),
             (20, 128, 130),
             (5, 1024, 32),
+            (45, 100, 200),
+            (64, 64, 48),
         ] {
             let lhs = values(m * k, 1);
             let rhs = values(k * n, 2);
@@ -801,6 +844,49 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        // The kernel (AMX tiles where the CPU has them) computes rows in blocks; a row's bits must
+        // be the same whichever block, and whichever call, it comes in.
+        if !bf16_supported() {
+            return;
+        }
+        let (m, k, n) = (70, 50, 100);
+        let lhs = values(m * k, 3);
+        let rhs = values(k * n, 4);
+        let mut whole = vec![f32::NAN; m * n];
+        assert!(gemm_into(
+            &mut whole,
+            (0, n),
+            &lhs,
+            (0, k),
+            &rhs,
+            (0, n),
+            (m, k, n),
+            false
+        ));
+        for split in [1, 17, 31, 33, 69] {
+            let mut pieces = vec![f32::NAN; m * n];
+            for (first, rows) in [(0, split), (split, m - split)] {
+                assert!(gemm_into(
+                    &mut pieces,
+                    (first * n, n),
+                    &lhs,
+                    (first * k, k),
+                    &rhs,
+                    (0, n),
+                    (rows, k, n),
+                    false
+                ));
+            }
+            let same = whole
+                .iter()
+                .zip(&pieces)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "rows split at {split} changed the product's bits");
         }
     }
 
