@@ -17,7 +17,7 @@ use super::softmax::{
     ExpRowsToBf16, ExpsToMeanAndBf16, SoftmaxRows, UnnormalisedSoftmaxRows,
     UnnormalisedSoftmaxRowsForBf16,
 };
-use super::softmax_bf16::{exp_rows_to_bf16, ScoreRows};
+use super::softmax_bf16::{exp_rows_f32, exp_rows_to_bf16, ScoreRows};
 use super::threads::{for_each_block, parallel_map};
 
 /// Score elements (`queries x keys`) one attention block keeps at once (2 MiB, about one core's
@@ -414,12 +414,15 @@ impl FusedAttention<'_> {
             }
             None => {
                 gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
-                pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
-                    piece: &mut *scores,
-                    row_len: keys,
-                    scale: self.scale,
-                    sums: &mut *sums,
-                });
+                // Without AVX-512 intrinsics for the rows, the portable kernel (same values).
+                if !exp_rows_f32(&mut *scores, keys, self.scale, &mut *sums) {
+                    pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
+                        piece: &mut *scores,
+                        row_len: keys,
+                        scale: self.scale,
+                        sums: &mut *sums,
+                    });
+                }
                 let weights = MatrixView::new(scores, 0, (rows, keys), keys);
                 let value = MatrixView::new(&values.values, 0, (keys, head_dim), head_dim);
                 gemm_single_thread(out, offset, row_stride, weights, value)?;
