@@ -73,6 +73,12 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// block's projection is still in the core's cache when GEGLU reads it.
 const LINEAR_GEGLU_BLOCK_ELEMENTS: usize = 512 * 1024;
 
+/// Fewest rows of a [`linear_geglu`] block with f32 products, whose weights are packed anew for
+/// every block's product (for wide layers the cache-sized blocks above are a few dozen rows: SD
+/// 1.5's 1280 -> 10240 projection, 51). In one process, SD 1.5 UNet calls took 5.6% less time at
+/// 512 px and 6.3% less at 256 px (medians).
+const F32_LINEAR_GEGLU_MIN_BLOCK_ROWS: usize = 192;
+
 /// A linear layer as [`linear_geglu`] takes it.
 #[derive(Clone, Copy)]
 pub struct LinearParts<'a> {
@@ -130,12 +136,23 @@ pub fn linear_geglu(
     let out_bias = project_out.map(|out| bias_values(out.bias)).transpose()?;
     let out_weight = project_out.map(|out| f32_operand(out.weight)).transpose()?;
     let per_core = rows.div_ceil(2 * worker_count()).max(1);
-    let block_rows = (LINEAR_GEGLU_BLOCK_ELEMENTS / width.max(1))
-        .clamp(8, rows.max(8))
-        .min(per_core);
     let packed = project_in
         .packing
         .and_then(|packing| packing.packed_for(project_in.weight));
+    let cache_rows = (LINEAR_GEGLU_BLOCK_ELEMENTS / width.max(1))
+        .clamp(8, rows.max(8))
+        .min(per_core);
+    // f32 products pack both weights anew in every block's product: at least
+    // `F32_LINEAR_GEGLU_MIN_BLOCK_ROWS` rows (or one block per core) share that packing, in
+    // whole rounds of blocks over the cores.
+    let wanted = F32_LINEAR_GEGLU_MIN_BLOCK_ROWS.min(rows.div_ceil(worker_count()));
+    let block_rows = if packed.is_none() && wanted > cache_rows {
+        // Whole rounds of blocks over the cores.
+        let blocks = rows.div_ceil(wanted).next_multiple_of(worker_count());
+        rows.div_ceil(blocks)
+    } else {
+        cache_rows
+    };
     let out_packed = project_out.and_then(|out| out.packing?.packed_for(out.weight));
     let out = with_f32_pair(xs, project_in.weight, |xs, weight| {
         let run = |out_weight: Option<&[f32]>| {
