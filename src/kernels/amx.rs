@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 /// Whether the bf16 products run on AMX tiles in this process: the CPU has AMX-TILE and
 /// AMX-BF16 (and AVX-512 BF16, which the rest of the bf16 path needs), the OS granted the tile
 /// registers, and `ATTEND_NO_AMX` is not set. Asked once.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn amx_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
@@ -70,8 +71,10 @@ fn tile_registers_granted() -> bool {
 }
 
 /// Rows of the result per block: two 16-row tiles.
+#[cfg(target_arch = "x86_64")]
 const BLOCK_ROWS: usize = 32;
 /// Pairs of `k` per tile product (a 64-byte tile row of u32 pairs).
+#[cfg(target_arch = "x86_64")]
 const TILE_PAIRS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
