@@ -253,35 +253,25 @@ pub(super) mod x86 {
         (b_left, b_right, b_stride_bytes): (*const u32, *const u32, usize),
         both_columns: bool,
     ) {
+        asm!(
+            "tileloadd tmm4, [{a_top} + {a_stride}*1]",
+            "tileloadd tmm5, [{a_bottom} + {a_stride}*1]",
+            "tileloadd tmm6, [{b_left} + {b_stride}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            a_top = in(reg) a_top,
+            a_bottom = in(reg) a_bottom,
+            a_stride = in(reg) a_stride_bytes,
+            b_left = in(reg) b_left,
+            b_stride = in(reg) b_stride_bytes,
+            options(nostack, readonly)
+        );
         if both_columns {
             asm!(
-                "tileloadd tmm4, [{a_top} + {a_stride}*1]",
-                "tileloadd tmm5, [{a_bottom} + {a_stride}*1]",
-                "tileloadd tmm6, [{b_left} + {b_stride}*1]",
                 "tileloadd tmm7, [{b_right} + {b_stride}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a_top = in(reg) a_top,
-                a_bottom = in(reg) a_bottom,
-                a_stride = in(reg) a_stride_bytes,
-                b_left = in(reg) b_left,
                 b_right = in(reg) b_right,
-                b_stride = in(reg) b_stride_bytes,
-                options(nostack, readonly)
-            );
-        } else {
-            asm!(
-                "tileloadd tmm4, [{a_top} + {a_stride}*1]",
-                "tileloadd tmm5, [{a_bottom} + {a_stride}*1]",
-                "tileloadd tmm6, [{b_left} + {b_stride}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                a_top = in(reg) a_top,
-                a_bottom = in(reg) a_bottom,
-                a_stride = in(reg) a_stride_bytes,
-                b_left = in(reg) b_left,
                 b_stride = in(reg) b_stride_bytes,
                 options(nostack, readonly)
             );

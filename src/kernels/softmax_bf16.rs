@@ -92,7 +92,7 @@ pub(super) fn exp_rows_to_bf16(block: ScoreRows<'_>) -> bool {
 /// in place (by `simd::fast_exp`), each row's sum to `sums`, with the values of the portable
 /// `softmax::UnnormalisedSoftmaxRows` bit for bit (the same operations, unfused, and the sums over
 /// the same 64 lanes folded in the same order) for finite scores. `false` (nothing written) when
-/// this CPU has no AVX-512 or the sizes do not match, and the caller runs the portable kernel.
+/// this CPU has no AVX-512 F or the sizes do not match, and the caller runs the portable kernel.
 pub(super) fn exp_rows_f32(
     scores: &mut [f32],
     row_len: usize,
@@ -100,13 +100,13 @@ pub(super) fn exp_rows_f32(
     sums: &mut [f32],
 ) -> bool {
     let fits = row_len > 0 && scores.len() == sums.len() * row_len;
-    if !fits || !avx512_supported() {
-        return false;
-    }
     #[cfg(target_arch = "x86_64")]
     {
+        if !fits || !super::winograd::x86::supported() {
+            return false;
+        }
         #[allow(unsafe_code)]
-        // SAFETY: AVX-512 F/BW are present and `scores` holds exactly `sums.len()` rows (checked
+        // SAFETY: AVX-512 F is present and `scores` holds exactly `sums.len()` rows (checked
         // above); the loops touch only the rows they are given (full chunks, then masked tails).
         unsafe {
             x86::rows_f32(scores, row_len, scale, sums);
@@ -115,22 +115,7 @@ pub(super) fn exp_rows_f32(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
-    }
-}
-
-/// Whether this CPU has AVX-512 F and BW.
-fn avx512_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SUPPORTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
+        let _ = (fits, scale);
         false
     }
 }
@@ -333,8 +318,8 @@ mod x86 {
     /// lanes, folded. Whole 64-value chunks unmasked, then the tail masked.
     ///
     /// # Safety
-    /// AVX-512 F/BW present.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// AVX-512 F present.
+    #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn exp_row_f32(row: &mut [f32], max: f32, scale: f32) -> f32 {
         let (max, scale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
@@ -371,8 +356,8 @@ mod x86 {
     /// Every row of `scores` (`[sums.len(), row_len]`) through [`row_max`] and [`exp_row_f32`].
     ///
     /// # Safety
-    /// AVX-512 F/BW present; `scores` holds `sums.len()` rows of `row_len > 0` values.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// AVX-512 F present; `scores` holds `sums.len()` rows of `row_len > 0` values.
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows_f32(
         scores: &mut [f32],
         row_len: usize,
