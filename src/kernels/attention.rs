@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Result, Tensor};
 
+use super::attention_f32;
 use super::bf16::{gemm_bf16_packed, product_precision, PackedRhs};
 use super::buffers::{parallel_filled, parallel_row_blocks, zeroed};
 use super::gemm::gemm_bf16_packed_rhs;
@@ -299,16 +300,27 @@ impl FusedAttention<'_> {
             if packed.is_some() {
                 return HeadValues {
                     values: Vec::new(),
+                    key_panels: None,
                     packed,
                 };
             }
         }
-        let mut values = Vec::with_capacity(keys * head_dim);
-        for key in 0..keys {
-            values.extend_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
+        // Where the f32 kernels of `attention_f32` run: the keys as its panels, the values' rows
+        // padded with zeros to whole vectors.
+        let key_t_offset = (item * self.heads + head) * head_dim * keys;
+        let key_panels = attention_f32::key_panels(self.key_t, key_t_offset, (head_dim, keys));
+        let row_len = if key_panels.is_some() {
+            attention_f32::padded_head_dim(head_dim)
+        } else {
+            head_dim
+        };
+        let mut values = vec![0f32; keys * row_len];
+        for (key, row) in values.chunks_exact_mut(row_len).enumerate() {
+            row[..head_dim].copy_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
         }
         HeadValues {
             values,
+            key_panels,
             packed: None,
         }
     }
@@ -340,18 +352,10 @@ impl FusedAttention<'_> {
             scores,
             sums,
         } = block;
-        let query = MatrixView::new(
-            self.query,
-            (item * self.queries + first) * inner + head * head_dim,
-            (rows, head_dim),
-            inner,
-        );
-        let key_t = MatrixView::new(
-            self.key_t,
-            (item * self.heads + head) * head_dim * keys,
-            (head_dim, keys),
-            keys,
-        );
+        let query_offset = (item * self.queries + first) * inner + head * head_dim;
+        let query = MatrixView::new(self.query, query_offset, (rows, head_dim), inner);
+        let key_t_offset = (item * self.heads + head) * head_dim * keys;
+        let key_t = MatrixView::new(self.key_t, key_t_offset, (head_dim, keys), keys);
         let offset = (first - out_first) * row_stride + column;
         let mean_weight = 1.0 / self.heads as f32;
         match &values.packed {
@@ -413,9 +417,22 @@ impl FusedAttention<'_> {
                 }
             }
             None => {
-                gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
-                // Without AVX-512 intrinsics for the rows, the portable kernel (same values).
-                if !exp_rows_f32(&mut *scores, keys, self.scale, &mut *sums) {
+                let panels = values.key_panels.as_deref();
+                let tiled = panels.is_some_and(|panels| {
+                    let query = (self.query, query_offset, inner);
+                    attention_f32::scores(&mut *scores, query, panels, (rows, keys, head_dim))
+                });
+                if !tiled {
+                    gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
+                }
+                // The tiled kernels' own exponentials; else the intrinsic rows, or without
+                // AVX-512 the portable kernel (the same values).
+                let exps_done = if tiled {
+                    attention_f32::exp_rows(&mut *scores, keys, self.scale, &mut *sums)
+                } else {
+                    exp_rows_f32(&mut *scores, keys, self.scale, &mut *sums)
+                };
+                if !exps_done {
                     pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
                         piece: &mut *scores,
                         row_len: keys,
@@ -423,9 +440,6 @@ impl FusedAttention<'_> {
                         sums: &mut *sums,
                     });
                 }
-                let weights = MatrixView::new(scores, 0, (rows, keys), keys);
-                let value = MatrixView::new(&values.values, 0, (keys, head_dim), head_dim);
-                gemm_single_thread(out, offset, row_stride, weights, value)?;
                 if let Some(mean) = mean {
                     let exponentials = scores.chunks_exact(keys);
                     let mean_rows = mean.chunks_exact_mut(keys).zip(exponentials);
@@ -436,6 +450,26 @@ impl FusedAttention<'_> {
                         }
                     }
                 }
+                if values.key_panels.is_some() {
+                    // The products with the values, each row divided by its sum as it is stored.
+                    for sum in sums.iter_mut() {
+                        *sum = 1.0 / *sum;
+                    }
+                    let target = (&mut *out, offset, row_stride);
+                    if !attention_f32::weighted_values(
+                        target,
+                        scores,
+                        &values.values,
+                        sums,
+                        (keys, head_dim),
+                    ) {
+                        candle_core::bail!("fused attention: a padded values product refused");
+                    }
+                    return Ok(());
+                }
+                let weights = MatrixView::new(scores, 0, (rows, keys), keys);
+                let value = MatrixView::new(&values.values, 0, (keys, head_dim), head_dim);
+                gemm_single_thread(out, offset, row_stride, weights, value)?;
             }
         }
         // The softmax's division, applied to the `d` outputs of a row.
@@ -459,8 +493,11 @@ fn block_row<'a>(blocks: &[(usize, &'a Vec<f32>)], row: usize, row_len: usize) -
 
 /// One head's operands for the value product, once per unit (for all its query blocks).
 struct HeadValues {
-    /// The values `[keys, d]` for f32 products (empty when `packed`).
+    /// The values `[keys, d]` for f32 products (empty when `packed`); `[keys, padded d]`
+    /// (`attention_f32::padded_head_dim`) with `key_panels`.
     values: Vec<f32>,
+    /// Where `attention_f32`'s kernels run, the transposed keys as its panels.
+    key_panels: Option<Vec<f32>>,
     /// With bf16 products, the keys and values packed for them.
     packed: Option<PackedOperands>,
 }

@@ -26,16 +26,18 @@
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `amx.rs` | the same bf16 product on Intel AMX tiles, where the CPU and OS offer them |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
+//! | `attention_f32.rs` | the f32 fused attention's products and exponentials for one block of queries, in AVX-512 register tiles (no packing) |
 //! | `heads.rs` | attention heads split (plain or transposed) and merged |
 //! | `elementwise.rs` | GEGLU (alone, after its linear layer, or as the whole feed-forward), bias added in place, residual sums (in place into a fresh output), channels joined, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call), `bf16.rs`, `winograd.rs`, `winograd_bf16.rs` and `softmax_bf16.rs` (the bounds-checked
-//! AVX-512 intrinsics), `amx.rs` (the tile instructions and the OS request for them), `pool.rs` (a borrowed job
+//! call), `bf16.rs`, `winograd.rs`, `winograd_bf16.rs`, `softmax_bf16.rs` and `attention_f32.rs` (the
+//! bounds-checked AVX-512 intrinsics), `amx.rs` (the tile instructions and the OS request for them), `pool.rs` (a borrowed job
 //! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
 mod amx;
 mod attention;
+mod attention_f32;
 mod bf16;
 mod buffers;
 mod conv;

@@ -1,0 +1,638 @@
+//! The f32 fused attention's two products for one block of queries of one head, in AVX-512
+//! intrinsics: the scores `q k^T` (`[rows, keys]`) from the head's transposed keys, and the
+//! exponentials' product with the values, divided by the row sums, written straight into the
+//! output rows. Both keep their operands where they lie: no packing, one pass over the scores
+//! per product (the general GEMM repacked every block's `rows x keys` exponentials).
+//!
+//! Register tiles of 8 query rows by up to 48 columns (3 vectors): the scores' columns are keys
+//! (loaded from a row of a panel of `k^T`, each query value broadcast), the values' columns are a
+//! head's `d` outputs (each exponential broadcast, a row of values loaded).
+//!
+//! Both products keep their right-hand operand in the L1 cache while all query tiles of a block
+//! pass over it: the keys as panels of 48 keys (`[d, 48]` each, [`key_panels`]; `k^T`'s own rows
+//! are a power of two apart, so its columns would share a handful of cache sets), the values in
+//! runs of [`VALUE_RUN`] keys, from a copy whose rows are padded to whole vectors with zeros
+//! ([`padded_head_dim`]), with the sums carried between runs in a per-thread scratch.
+//!
+//! Each entry point returns `false` (nothing written) where this CPU has no AVX-512 F or the
+//! shapes do not suit it; the caller then runs the general products.
+
+/// Query rows per register tile.
+const TILE_ROWS: usize = 8;
+
+/// Vectors (of 16 columns) per register tile, at most.
+const TILE_VECTORS: usize = 3;
+
+/// Keys per run of the values product: `VALUE_RUN x 48` values (24 KiB) stay in the L1 cache.
+const VALUE_RUN: usize = 128;
+
+/// Keys per panel of [`key_panels`].
+const PANEL_KEYS: usize = TILE_VECTORS * 16;
+
+thread_local! {
+    /// Each thread's sums of [`weighted_values`] between runs of keys.
+    static SUMS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A head's transposed keys `key_t[offset..]` (`[d, keys]`, rows `keys` apart) as panels of 48
+/// keys (the last one narrower), each `[d, width]`, for [`scores`]; `None` where [`available`]
+/// is not or the view does not fit its slice.
+pub(super) fn key_panels(
+    key_t: &[f32],
+    offset: usize,
+    (head_dim, keys): (usize, usize),
+) -> Option<Vec<f32>> {
+    if !available(keys) || !fits(key_t.len(), offset, (head_dim, keys), keys) {
+        return None;
+    }
+    let mut panels = Vec::with_capacity(head_dim * keys);
+    for first in (0..keys).step_by(PANEL_KEYS) {
+        let width = PANEL_KEYS.min(keys - first);
+        for row in 0..head_dim {
+            panels.extend_from_slice(&key_t[offset + row * keys + first..][..width]);
+        }
+    }
+    Some(panels)
+}
+
+/// `head_dim` rounded up to whole 16-lane vectors: the row length of the values copy that
+/// [`weighted_values`] reads.
+pub(super) fn padded_head_dim(head_dim: usize) -> usize {
+    head_dim.div_ceil(16) * 16
+}
+
+/// Whether this CPU runs these kernels, for `keys` keys (a whole number of 16-lane vectors).
+pub(super) fn available(keys: usize) -> bool {
+    keys > 0 && keys.is_multiple_of(16) && cpu_supported()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_supported() -> bool {
+    super::winograd::x86::supported()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_supported() -> bool {
+    false
+}
+
+/// Whether a `rows x cols` matrix at `offset`, rows `stride` apart, lies inside `len` values.
+fn fits(len: usize, offset: usize, (rows, cols): (usize, usize), stride: usize) -> bool {
+    rows == 0 || cols == 0 || offset + (rows - 1) * stride + cols <= len
+}
+
+/// `scores[r * keys + k] = sum_i query[q_off + r * q_stride + i] * key_t[i][k]` for `rows`
+/// queries of `head_dim` values and `keys` keys, `key_t` given as its [`key_panels`]. `false`
+/// (nothing written) when [`available`] is not or a view does not fit its slice.
+pub(super) fn scores(
+    scores: &mut [f32],
+    (query, query_offset, query_stride): (&[f32], usize, usize),
+    panels: &[f32],
+    (rows, keys, head_dim): (usize, usize, usize),
+) -> bool {
+    if !available(keys)
+        || head_dim == 0
+        || scores.len() < rows * keys
+        || !fits(query.len(), query_offset, (rows, head_dim), query_stride)
+        || panels.len() != head_dim * keys
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 F is present (`available`); every view was checked to lie inside its
+        // slice above, and the tiles read and write only inside those views (whole vectors:
+        // `keys` is a multiple of 16).
+        unsafe {
+            x86::scores(
+                scores.as_mut_ptr(),
+                query.as_ptr().add(query_offset),
+                query_stride,
+                panels.as_ptr(),
+                (rows, keys, head_dim),
+            );
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Each `keys`-long row of `scores` -> `e^(scale * (v - max))` in place (`max` the row's
+/// largest value), each row's sum to `sums`: the softmax of [`scores`]' block before
+/// [`weighted_values`]. The exponentials come from a degree-6 polynomial for `2^f` on `[-1/2,
+/// 1/2]` (relative error below 1e-7) scaled by `2^n`, at least `2^-126` (no subnormal
+/// weights). `false` (nothing written) when [`available`] is not or the sizes do not match.
+pub(super) fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [f32]) -> bool {
+    if !available(keys) || scores.len() != sums.len() * keys {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 F is present (`available`); `scores` holds `sums.len()` rows of `keys`
+        // values, a multiple of 16 (checked above), read and written in whole vectors.
+        unsafe {
+            x86::exp_rows(scores, keys, scale, sums);
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = scale;
+        false
+    }
+}
+
+/// `out[offset + r * stride + c] = inverses[r] * sum_k weights[r * keys + k] * values[k *
+/// padded + c]` for the `rows` rows of `weights` (`[rows, keys]`) and the first `head_dim`
+/// columns `c` of `values` (`[keys, padded]`, `padded` = [`padded_head_dim`], the padding
+/// zero). `false` (nothing written) when [`available`] is not or a view does not fit its slice.
+pub(super) fn weighted_values(
+    (out, offset, stride): (&mut [f32], usize, usize),
+    weights: &[f32],
+    values: &[f32],
+    inverses: &[f32],
+    (keys, head_dim): (usize, usize),
+) -> bool {
+    let rows = inverses.len();
+    let padded = padded_head_dim(head_dim);
+    if !available(keys)
+        || head_dim == 0
+        || weights.len() < rows * keys
+        || values.len() < keys * padded
+        || !fits(out.len(), offset, (rows, head_dim), stride)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut sums = SUMS.take();
+        sums.clear();
+        sums.resize(rows * padded, 0.0);
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 F is present (`available`); the weights, values and output views were
+        // checked above and `sums` holds `rows` padded rows. Value loads and sums are whole
+        // vectors inside padded rows; output stores are masked to a row's first `head_dim`
+        // columns.
+        unsafe {
+            x86::weighted_values(
+                out.as_mut_ptr().add(offset),
+                stride,
+                weights.as_ptr(),
+                values.as_ptr(),
+                (inverses, sums.as_mut_ptr()),
+                (keys, head_dim),
+            );
+        }
+        SUMS.set(sums);
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, offset, stride, weights, values);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    //! The register tiles. Callers guarantee AVX-512 F and that every pointer covers the
+    //! matrix it is given.
+
+    use super::{padded_head_dim, PANEL_KEYS, TILE_ROWS, TILE_VECTORS, VALUE_RUN};
+    use crate::kernels::bf16::x86::lanes;
+    use std::arch::x86_64::*;
+
+    /// The coefficients `c1..c6` of `2^f ~ 1 + c1 f + ... + c6 f^6` on `[-1/2, 1/2]` (fitted
+    /// for the least largest relative error).
+    const EXP2: [f32; 6] = [
+        std::f32::consts::LN_2,
+        0.240_226_48,
+        0.055_503_324,
+        0.009_618_439,
+        0.001_339_888_2,
+        0.000_153_530_11,
+    ];
+
+    /// `2^t`, sixteen at a time, for `t` at least -126 (smaller `t` give `2^-126`): `2^n *
+    /// 2^f` with `n` the integer nearest `t`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn exp2(t: __m512) -> __m512 {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
+        let round = _mm512_set1_ps(12_582_912.0);
+        let n = _mm512_sub_ps(_mm512_add_ps(t, round), round);
+        let f = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(EXP2[5]);
+        for &c in EXP2[..5].iter().rev() {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
+    }
+
+    /// The largest value of `row` (whole vectors).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn row_max(row: *const f32, len: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+        let mut start = 0;
+        while start + 64 <= len {
+            for (vector, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_max_ps(*acc, _mm512_loadu_ps(row.add(start + vector * 16)));
+            }
+            start += 64;
+        }
+        while start < len {
+            acc[0] = _mm512_max_ps(acc[0], _mm512_loadu_ps(row.add(start)));
+            start += 16;
+        }
+        let pair = (_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+        _mm512_reduce_max_ps(_mm512_max_ps(pair.0, pair.1))
+    }
+
+    /// See [`super::exp_rows`].
+    ///
+    /// # Safety
+    /// AVX-512 F present; `scores` holds `sums.len()` rows of `keys` values, a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [f32]) {
+        let slope = scale * std::f32::consts::LOG2_E;
+        for (row, sum) in scores.chunks_exact_mut(keys).zip(sums.iter_mut()) {
+            let at = row.as_mut_ptr();
+            let max = row_max(at, keys);
+            let (slope, max) = (_mm512_set1_ps(slope), _mm512_set1_ps(max));
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut start = 0;
+            while start < keys {
+                let count = ((keys - start) / 16).min(4);
+                for (vector, acc) in acc.iter_mut().take(count).enumerate() {
+                    let at = at.add(start + vector * 16);
+                    let t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(at), max), slope);
+                    let e = exp2(t);
+                    *acc = _mm512_add_ps(*acc, e);
+                    _mm512_storeu_ps(at, e);
+                }
+                start += count * 16;
+            }
+            let pair = (_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            *sum = _mm512_reduce_add_ps(_mm512_add_ps(pair.0, pair.1));
+        }
+    }
+
+    /// Scores of `R` query rows (`query`, rows `query_stride` apart) by `V * 16` keys (a panel,
+    /// rows `width` apart) into `scores` (rows `keys` apart).
+    ///
+    /// # Safety
+    /// AVX-512 F present; the pointers cover `R x head_dim`, `head_dim x 16V` and `R x 16V`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn score_tile<const R: usize, const V: usize>(
+        (scores, keys): (*mut f32, usize),
+        (query, query_stride): (*const f32, usize),
+        (panel, width): (*const f32, usize),
+        head_dim: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for i in 0..head_dim {
+            let mut key = [_mm512_setzero_ps(); V];
+            for (vector, key) in key.iter_mut().enumerate() {
+                *key = _mm512_loadu_ps(panel.add(i * width + vector * 16));
+            }
+            for (row, acc) in acc.iter_mut().enumerate() {
+                let q = _mm512_set1_ps(*query.add(row * query_stride + i));
+                for (acc, &key) in acc.iter_mut().zip(&key) {
+                    *acc = _mm512_fmadd_ps(q, key, *acc);
+                }
+            }
+        }
+        for (row, acc) in acc.iter().enumerate() {
+            for (vector, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(scores.add(row * keys + vector * 16), acc);
+            }
+        }
+    }
+
+    /// One panel's scores for all `rows` queries, in tiles of [`TILE_ROWS`] rows.
+    ///
+    /// # Safety
+    /// As [`score_tile`], for `rows` rows and a panel of `V * 16` keys.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn score_panel<const V: usize>(
+        (scores, keys): (*mut f32, usize),
+        (query, query_stride): (*const f32, usize),
+        panel: *const f32,
+        (rows, head_dim): (usize, usize),
+    ) {
+        let width = V * 16;
+        let mut row = 0;
+        while row < rows {
+            let dst = (scores.add(row * keys), keys);
+            let src = (query.add(row * query_stride), query_stride);
+            let panel = (panel, width);
+            let count = (rows - row).min(TILE_ROWS);
+            match count {
+                8 => score_tile::<8, V>(dst, src, panel, head_dim),
+                7 => score_tile::<7, V>(dst, src, panel, head_dim),
+                6 => score_tile::<6, V>(dst, src, panel, head_dim),
+                5 => score_tile::<5, V>(dst, src, panel, head_dim),
+                4 => score_tile::<4, V>(dst, src, panel, head_dim),
+                3 => score_tile::<3, V>(dst, src, panel, head_dim),
+                2 => score_tile::<2, V>(dst, src, panel, head_dim),
+                _ => score_tile::<1, V>(dst, src, panel, head_dim),
+            }
+            row += count;
+        }
+    }
+
+    /// `[rows, keys]` scores of `rows` queries, panel by panel (each panel stays in the L1
+    /// cache while every query tile passes).
+    ///
+    /// # Safety
+    /// AVX-512 F present; `scores` covers `rows x keys`, `query` `rows` rows of `head_dim` values
+    /// `query_stride` apart, `panels` the `head_dim x keys` key panels; `keys` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(
+        scores: *mut f32,
+        query: *const f32,
+        query_stride: usize,
+        panels: *const f32,
+        (rows, keys, head_dim): (usize, usize, usize),
+    ) {
+        let query = (query, query_stride);
+        let mut first = 0;
+        while first < keys {
+            let dst = (scores.add(first), keys);
+            let panel = panels.add(first * head_dim);
+            let shape = (rows, head_dim);
+            match ((keys - first) / 16).min(TILE_VECTORS) {
+                3 => score_panel::<3>(dst, query, panel, shape),
+                2 => score_panel::<2>(dst, query, panel, shape),
+                _ => score_panel::<1>(dst, query, panel, shape),
+            }
+            first += PANEL_KEYS;
+        }
+    }
+
+    /// Adds to `R` rows of sums (`sums`, rows `padded` apart, `16V` columns) the weighted sum of
+    /// `run` rows of values (from `values`, rows `padded` apart) by `R` rows of weights (rows
+    /// `keys` apart).
+    ///
+    /// # Safety
+    /// AVX-512 F present; `weights` covers `R x run`, `values` `run x 16V`, `sums` `R x 16V`
+    /// (with the strides given).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn value_tile<const R: usize, const V: usize>(
+        (sums, padded): (*mut f32, usize),
+        (weights, keys): (*const f32, usize),
+        values: *const f32,
+        run: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for (row, acc) in acc.iter_mut().enumerate() {
+            for (vector, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_loadu_ps(sums.add(row * padded + vector * 16));
+            }
+        }
+        for key in 0..run {
+            let mut value = [_mm512_setzero_ps(); V];
+            for (vector, value) in value.iter_mut().enumerate() {
+                *value = _mm512_loadu_ps(values.add(key * padded + vector * 16));
+            }
+            for (row, acc) in acc.iter_mut().enumerate() {
+                let weight = _mm512_set1_ps(*weights.add(row * keys + key));
+                for (acc, &value) in acc.iter_mut().zip(&value) {
+                    *acc = _mm512_fmadd_ps(weight, value, *acc);
+                }
+            }
+        }
+        for (row, acc) in acc.iter().enumerate() {
+            for (vector, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(sums.add(row * padded + vector * 16), acc);
+            }
+        }
+    }
+
+    /// One run of keys for `R` rows, all padded columns in tiles of at most [`TILE_VECTORS`].
+    ///
+    /// # Safety
+    /// As [`value_tile`], for all `padded` columns.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn value_rows<const R: usize>(
+        (sums, padded): (*mut f32, usize),
+        weights: (*const f32, usize),
+        values: *const f32,
+        run: usize,
+    ) {
+        let mut column = 0;
+        while column < padded {
+            let vectors = ((padded - column) / 16).min(TILE_VECTORS);
+            let dst = (sums.add(column), padded);
+            let src = values.add(column);
+            match vectors {
+                3 => value_tile::<R, 3>(dst, weights, src, run),
+                2 => value_tile::<R, 2>(dst, weights, src, run),
+                _ => value_tile::<R, 1>(dst, weights, src, run),
+            }
+            column += vectors * 16;
+        }
+    }
+
+    /// Every row of `weights` (`[inverses.len(), keys]`) times the values (`[keys, padded]`),
+    /// summed into `sums` (zeroed, `[rows, padded]`) run by run of keys (each run of values stays
+    /// in the L1 cache while every row tile passes), then times its inverse into `out` (rows
+    /// `stride` apart, the first `head_dim` columns).
+    ///
+    /// # Safety
+    /// AVX-512 F present; `weights` covers `inverses.len() x keys`, `values` `keys` padded rows
+    /// ([`padded_head_dim`]), `sums` `inverses.len()` padded rows, `out` `inverses.len()` rows of
+    /// `head_dim` values `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_values(
+        out: *mut f32,
+        stride: usize,
+        weights: *const f32,
+        values: *const f32,
+        (inverses, sums): (&[f32], *mut f32),
+        (keys, head_dim): (usize, usize),
+    ) {
+        let (rows, padded) = (inverses.len(), padded_head_dim(head_dim));
+        let mut first = 0;
+        while first < keys {
+            let run = VALUE_RUN.min(keys - first);
+            let values = values.add(first * padded);
+            let mut row = 0;
+            while row < rows {
+                let count = (rows - row).min(TILE_ROWS);
+                let dst = (sums.add(row * padded), padded);
+                let src = (weights.add(row * keys + first), keys);
+                match count {
+                    8 => value_rows::<8>(dst, src, values, run),
+                    7 => value_rows::<7>(dst, src, values, run),
+                    6 => value_rows::<6>(dst, src, values, run),
+                    5 => value_rows::<5>(dst, src, values, run),
+                    4 => value_rows::<4>(dst, src, values, run),
+                    3 => value_rows::<3>(dst, src, values, run),
+                    2 => value_rows::<2>(dst, src, values, run),
+                    _ => value_rows::<1>(dst, src, values, run),
+                }
+                row += count;
+            }
+            first += run;
+        }
+        for (row, &inverse) in inverses.iter().enumerate() {
+            let inverse = _mm512_set1_ps(inverse);
+            for column in (0..head_dim).step_by(16) {
+                let mask = lanes(head_dim - column);
+                let sum = _mm512_loadu_ps(sums.add(row * padded + column));
+                let dst = out.add(row * stride + column);
+                _mm512_mask_storeu_ps(dst, mask, _mm512_mul_ps(sum, inverse));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-1, 1).
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scores_match_the_plain_sums() {
+        for (rows, keys, head_dim) in [(13, 80, 40), (8, 48, 7), (3, 16, 1), (17, 96, 80)] {
+            if !available(keys) {
+                return;
+            }
+            let (stride, offset) = (head_dim * 3 + 5, 7);
+            let query = values(offset + rows * stride, 1);
+            let key_t = values(3 + head_dim * keys, 2);
+            let mut out = vec![f32::NAN; rows * keys];
+            let panels = key_panels(&key_t, 3, (head_dim, keys));
+            let panels = panels.expect("key panels");
+            let shape = (rows, keys, head_dim);
+            assert!(scores(&mut out, (&query, offset, stride), &panels, shape));
+            for row in 0..rows {
+                for key in 0..keys {
+                    let expected: f64 = (0..head_dim)
+                        .map(|i| {
+                            f64::from(query[offset + row * stride + i])
+                                * f64::from(key_t[3 + i * keys + key])
+                        })
+                        .sum();
+                    let got = f64::from(out[row * keys + key]);
+                    assert!((got - expected).abs() < 1e-5, "{rows}x{keys}x{head_dim}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_values_match_the_plain_sums_and_leave_other_columns() {
+        for (rows, keys, head_dim) in [(13, 64, 40), (9, 32, 80), (2, 16, 160), (5, 48, 3)] {
+            if !available(keys) {
+                return;
+            }
+            let padded = padded_head_dim(head_dim);
+            let weights: Vec<f32> = values(rows * keys, 3).iter().map(|v| v.abs()).collect();
+            let mut value_rows = values(keys * padded, 4);
+            for row in value_rows.chunks_exact_mut(padded) {
+                row[head_dim..].fill(0.0);
+            }
+            let inverses: Vec<f32> = (0..rows).map(|row| 1.0 / (row + 2) as f32).collect();
+            let (stride, offset) = (head_dim + 9, 4);
+            let mut out = vec![-7.0f32; offset + rows * stride];
+            let done = weighted_values(
+                (&mut out, offset, stride),
+                &weights,
+                &value_rows,
+                &inverses,
+                (keys, head_dim),
+            );
+            assert!(done);
+            for (index, &got) in out.iter().enumerate() {
+                let Some(local) = index.checked_sub(offset) else {
+                    assert_eq!(got, -7.0);
+                    continue;
+                };
+                let (row, column) = (local / stride, local % stride);
+                if column >= head_dim || row >= rows {
+                    assert_eq!(got, -7.0, "outside the output at {index}");
+                    continue;
+                }
+                let sum: f64 = (0..keys)
+                    .map(|key| {
+                        f64::from(weights[row * keys + key])
+                            * f64::from(value_rows[key * padded + column])
+                    })
+                    .sum();
+                let expected = sum * f64::from(inverses[row]);
+                assert!(
+                    (f64::from(got) - expected).abs() < 1e-5,
+                    "{rows}x{keys}x{head_dim}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_rows_are_the_softmax_numerators() {
+        let keys = 80;
+        if !available(keys) {
+            return;
+        }
+        let mut rows: Vec<f32> = values(3 * keys, 7).iter().map(|v| v * 40.0).collect();
+        // Far below the maximum: the smallest weight, not a subnormal one.
+        rows[5] = -1.0e6;
+        let original = rows.clone();
+        let mut sums = [0f32; 3];
+        assert!(exp_rows(&mut rows, keys, 0.3, &mut sums));
+        for ((row, before), &sum) in rows.chunks(keys).zip(original.chunks(keys)).zip(&sums) {
+            let max = before.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f64;
+            for (&got, &value) in row.iter().zip(before) {
+                let exponent = 0.3 * (f64::from(value) - f64::from(max));
+                let exact = exponent.exp();
+                assert!(got.is_normal(), "{got} from {value}");
+                // The polynomial's error, and the rounding of the f32 exponent (relative to it).
+                let bound = (2e-7 + 1.2e-7 * exponent.abs()) * exact + 1.2e-38;
+                let error = (f64::from(got) - exact).abs();
+                assert!(error <= bound, "{got} for {exact}");
+                total += f64::from(got);
+            }
+            assert!((f64::from(sum) - total).abs() < 1e-6 * total);
+        }
+    }
+
+    #[test]
+    fn unsuited_shapes_write_nothing() {
+        let mut out = vec![1.0f32; 8 * 20];
+        let query = values(8 * 4, 5);
+        let key_t = values(4 * 20, 6);
+        // 20 keys: not a whole number of vectors.
+        assert!(key_panels(&key_t, 0, (4, 20)).is_none());
+        assert!(!scores(&mut out, (&query, 0, 4), &key_t, (8, 20, 4)));
+        // A query view past its slice.
+        let mut out = vec![1.0f32; 8 * 16];
+        assert!(!scores(&mut out, (&query, 1, 4), &key_t[..64], (8, 16, 4)));
+        // Panels of the wrong length.
+        assert!(!scores(&mut out, (&query, 0, 4), &key_t[..60], (8, 16, 4)));
+        assert!(out.iter().all(|&value| value == 1.0));
+    }
+}
