@@ -440,7 +440,10 @@ impl FusedAttention<'_> {
                         sums: &mut *sums,
                     });
                 }
-                if let Some(mean) = mean {
+                let tiled_mean = mean.as_deref_mut().is_some_and(|mean| {
+                    tiled && attention_f32::add_probabilities(mean, scores, sums, mean_weight)
+                });
+                if let Some(mean) = mean.filter(|_| !tiled_mean) {
                     let exponentials = scores.chunks_exact(keys);
                     let mean_rows = mean.chunks_exact_mut(keys).zip(exponentials);
                     for ((sum_row, row), &sum) in mean_rows.zip(sums.iter()) {

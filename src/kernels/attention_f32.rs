@@ -35,8 +35,9 @@ thread_local! {
 }
 
 /// A head's transposed keys `key_t[offset..]` (`[d, keys]`, rows `keys` apart) as panels of 48
-/// keys (the last one narrower), each `[d, width]`, for [`scores`]; `None` where [`available`]
-/// is not or the view does not fit its slice.
+/// keys, each `[d, width]`, for [`scores`]: the last one narrower, its rows padded with zeros to
+/// whole vectors ([`panels_len`] values in all); `None` where [`available`] is not or the view
+/// does not fit its slice.
 pub(super) fn key_panels(
     key_t: &[f32],
     offset: usize,
@@ -45,14 +46,22 @@ pub(super) fn key_panels(
     if !available(keys) || !fits(key_t.len(), offset, (head_dim, keys), keys) {
         return None;
     }
-    let mut panels = Vec::with_capacity(head_dim * keys);
+    let mut panels = Vec::with_capacity(panels_len(head_dim, keys));
     for first in (0..keys).step_by(PANEL_KEYS) {
         let width = PANEL_KEYS.min(keys - first);
+        let padded = width.div_ceil(16) * 16;
         for row in 0..head_dim {
             panels.extend_from_slice(&key_t[offset + row * keys + first..][..width]);
+            panels.resize(panels.len() + padded - width, 0.0);
         }
     }
     Some(panels)
+}
+
+/// Values in a head's [`key_panels`]: `d` rows of the keys rounded up to whole vectors (every
+/// panel but the last is 48 keys wide, so only the last one is padded).
+pub(super) fn panels_len(head_dim: usize, keys: usize) -> usize {
+    head_dim * keys.div_ceil(16) * 16
 }
 
 /// `head_dim` rounded up to whole 16-lane vectors: the row length of the values copy that
@@ -61,9 +70,9 @@ pub(super) fn padded_head_dim(head_dim: usize) -> usize {
     head_dim.div_ceil(16) * 16
 }
 
-/// Whether this CPU runs these kernels, for `keys` keys (a whole number of 16-lane vectors).
+/// Whether this CPU runs these kernels, for `keys` keys (at least one).
 pub(super) fn available(keys: usize) -> bool {
-    keys > 0 && keys.is_multiple_of(16) && cpu_supported()
+    keys > 0 && cpu_supported()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,7 +103,7 @@ pub(super) fn scores(
         || head_dim == 0
         || scores.len() < rows * keys
         || !fits(query.len(), query_offset, (rows, head_dim), query_stride)
-        || panels.len() != head_dim * keys
+        || panels.len() != panels_len(head_dim, keys)
     {
         return false;
     }
@@ -102,8 +111,8 @@ pub(super) fn scores(
     {
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 F is present (`available`); every view was checked to lie inside its
-        // slice above, and the tiles read and write only inside those views (whole vectors:
-        // `keys` is a multiple of 16).
+        // slice above; the tiles read whole vectors of the padded panels and store masked to
+        // each row's `keys` scores.
         unsafe {
             x86::scores(
                 scores.as_mut_ptr(),
@@ -134,7 +143,7 @@ pub(super) fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [
     {
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 F is present (`available`); `scores` holds `sums.len()` rows of `keys`
-        // values, a multiple of 16 (checked above), read and written in whole vectors.
+        // values (checked above), read and written in whole vectors and a masked tail.
         unsafe {
             x86::exp_rows(scores, keys, scale, sums);
         }
@@ -143,6 +152,32 @@ pub(super) fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = scale;
+        false
+    }
+}
+
+/// `mean[r * keys + k] += exps[r * keys + k] * (weight / sums[r])` for every row `r` of `exps`
+/// (`[sums.len(), keys]`, the exponentials of [`exp_rows`]): each row's probabilities, times
+/// `weight`, added to the head mean. `false` (nothing written) when [`available`] is not or the
+/// sizes do not match.
+pub(super) fn add_probabilities(mean: &mut [f32], exps: &[f32], sums: &[f32], weight: f32) -> bool {
+    let keys = exps.len() / sums.len().max(1);
+    if !available(keys) || exps.len() != sums.len() * keys || mean.len() != exps.len() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unsafe_code)]
+        // SAFETY: AVX-512 F is present (`available`); `mean` and `exps` both hold `sums.len()`
+        // rows of `keys` values (checked above), touched in whole vectors and a masked tail.
+        unsafe {
+            x86::add_probabilities(mean, exps, sums, weight);
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = weight;
         false
     }
 }
@@ -235,11 +270,12 @@ mod x86 {
         _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
     }
 
-    /// The largest value of `row` (whole vectors).
+    /// The largest value of `row` (`len` values: whole vectors, then a masked tail).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn row_max(row: *const f32, len: usize) -> f32 {
-        let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+        let lowest = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut acc = [lowest; 4];
         let mut start = 0;
         while start + 64 <= len {
             for (vector, acc) in acc.iter_mut().enumerate() {
@@ -248,7 +284,8 @@ mod x86 {
             start += 64;
         }
         while start < len {
-            acc[0] = _mm512_max_ps(acc[0], _mm512_loadu_ps(row.add(start)));
+            let values = _mm512_mask_loadu_ps(lowest, lanes(len - start), row.add(start));
+            acc[0] = _mm512_max_ps(acc[0], values);
             start += 16;
         }
         let pair = (_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
@@ -258,7 +295,7 @@ mod x86 {
     /// See [`super::exp_rows`].
     ///
     /// # Safety
-    /// AVX-512 F present; `scores` holds `sums.len()` rows of `keys` values, a multiple of 16.
+    /// AVX-512 F present; `scores` holds `sums.len()` rows of `keys` values.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [f32]) {
         let slope = scale * std::f32::consts::LOG2_E;
@@ -268,35 +305,74 @@ mod x86 {
             let (slope, max) = (_mm512_set1_ps(slope), _mm512_set1_ps(max));
             let mut acc = [_mm512_setzero_ps(); 4];
             let mut start = 0;
-            while start < keys {
-                let count = ((keys - start) / 16).min(4);
-                for (vector, acc) in acc.iter_mut().take(count).enumerate() {
+            while start + 64 <= keys {
+                for (vector, acc) in acc.iter_mut().enumerate() {
                     let at = at.add(start + vector * 16);
                     let t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(at), max), slope);
                     let e = exp2(t);
                     *acc = _mm512_add_ps(*acc, e);
                     _mm512_storeu_ps(at, e);
                 }
-                start += count * 16;
+                start += 64;
+            }
+            while start < keys {
+                let (mask, at) = (lanes(keys - start), at.add(start));
+                let t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, at), max), slope);
+                let e = exp2(t);
+                acc[0] = _mm512_mask_add_ps(acc[0], mask, acc[0], e);
+                _mm512_mask_storeu_ps(at, mask, e);
+                start += 16;
             }
             let pair = (_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             *sum = _mm512_reduce_add_ps(_mm512_add_ps(pair.0, pair.1));
         }
     }
 
-    /// Scores of `R` query rows (`query`, rows `query_stride` apart) by `V * 16` keys (a panel,
-    /// rows `width` apart) into `scores` (rows `keys` apart).
+    /// See [`super::add_probabilities`].
     ///
     /// # Safety
-    /// AVX-512 F present; the pointers cover `R x head_dim`, `head_dim x 16V` and `R x 16V`.
+    /// AVX-512 F present; `mean` and `exps` hold `sums.len()` rows of `exps.len() / sums.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_probabilities(
+        mean: &mut [f32],
+        exps: &[f32],
+        sums: &[f32],
+        weight: f32,
+    ) {
+        let keys = exps.len() / sums.len();
+        let rows = mean.chunks_exact_mut(keys).zip(exps.chunks_exact(keys));
+        for ((mean, exps), &sum) in rows.zip(sums) {
+            let inverse = _mm512_set1_ps(weight / sum);
+            let (mean, exps) = (mean.as_mut_ptr(), exps.as_ptr());
+            let mut start = 0;
+            while start < keys {
+                let mask = lanes(keys - start);
+                let (total, value) = (mean.add(start), exps.add(start));
+                let value = _mm512_maskz_loadu_ps(mask, value);
+                let sum = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(mask, total),
+                    _mm512_mul_ps(value, inverse),
+                );
+                _mm512_mask_storeu_ps(total, mask, sum);
+                start += 16;
+            }
+        }
+    }
+
+    /// Scores of `R` query rows (`query`, rows `query_stride` apart) by the `columns` keys of a
+    /// panel (rows `16V` apart, `columns` at most that) into `scores` (rows `keys` apart).
+    ///
+    /// # Safety
+    /// AVX-512 F present; the pointers cover `R x head_dim`, `head_dim x 16V` and `R x columns`.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn score_tile<const R: usize, const V: usize>(
         (scores, keys): (*mut f32, usize),
         (query, query_stride): (*const f32, usize),
-        (panel, width): (*const f32, usize),
+        (panel, columns): (*const f32, usize),
         head_dim: usize,
     ) {
+        let width = V * 16;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for i in 0..head_dim {
             let mut key = [_mm512_setzero_ps(); V];
@@ -312,28 +388,29 @@ mod x86 {
         }
         for (row, acc) in acc.iter().enumerate() {
             for (vector, &acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(scores.add(row * keys + vector * 16), acc);
+                let mask = lanes(columns.saturating_sub(vector * 16));
+                _mm512_mask_storeu_ps(scores.add(row * keys + vector * 16), mask, acc);
             }
         }
     }
 
-    /// One panel's scores for all `rows` queries, in tiles of [`TILE_ROWS`] rows.
+    /// One panel's scores (`columns` keys, rows `16V` apart) for all `rows` queries, in tiles of
+    /// [`TILE_ROWS`] rows.
     ///
     /// # Safety
-    /// As [`score_tile`], for `rows` rows and a panel of `V * 16` keys.
+    /// As [`score_tile`], for `rows` rows.
     #[target_feature(enable = "avx512f")]
     unsafe fn score_panel<const V: usize>(
         (scores, keys): (*mut f32, usize),
         (query, query_stride): (*const f32, usize),
-        panel: *const f32,
+        (panel, columns): (*const f32, usize),
         (rows, head_dim): (usize, usize),
     ) {
-        let width = V * 16;
         let mut row = 0;
         while row < rows {
             let dst = (scores.add(row * keys), keys);
             let src = (query.add(row * query_stride), query_stride);
-            let panel = (panel, width);
+            let panel = (panel, columns);
             let count = (rows - row).min(TILE_ROWS);
             match count {
                 8 => score_tile::<8, V>(dst, src, panel, head_dim),
@@ -354,7 +431,7 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512 F present; `scores` covers `rows x keys`, `query` `rows` rows of `head_dim` values
-    /// `query_stride` apart, `panels` the `head_dim x keys` key panels; `keys` a multiple of 16.
+    /// `query_stride` apart, `panels` the key panels ([`super::panels_len`] values).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(
         scores: *mut f32,
@@ -367,9 +444,10 @@ mod x86 {
         let mut first = 0;
         while first < keys {
             let dst = (scores.add(first), keys);
-            let panel = panels.add(first * head_dim);
+            let columns = (keys - first).min(PANEL_KEYS);
+            let panel = (panels.add(first * head_dim), columns);
             let shape = (rows, head_dim);
-            match ((keys - first) / 16).min(TILE_VECTORS) {
+            match columns.div_ceil(16) {
                 3 => score_panel::<3>(dst, query, panel, shape),
                 2 => score_panel::<2>(dst, query, panel, shape),
                 _ => score_panel::<1>(dst, query, panel, shape),
@@ -516,7 +594,15 @@ mod tests {
 
     #[test]
     fn scores_match_the_plain_sums() {
-        for (rows, keys, head_dim) in [(13, 80, 40), (8, 48, 7), (3, 16, 1), (17, 96, 80)] {
+        let shapes = [
+            (13, 80, 40),
+            (8, 48, 7),
+            (3, 16, 1),
+            (17, 96, 80),
+            (9, 77, 40),
+            (2, 5, 8),
+        ];
+        for (rows, keys, head_dim) in shapes {
             if !available(keys) {
                 return;
             }
@@ -545,7 +631,14 @@ mod tests {
 
     #[test]
     fn weighted_values_match_the_plain_sums_and_leave_other_columns() {
-        for (rows, keys, head_dim) in [(13, 64, 40), (9, 32, 80), (2, 16, 160), (5, 48, 3)] {
+        let shapes = [
+            (13, 64, 40),
+            (9, 32, 80),
+            (2, 16, 160),
+            (5, 48, 3),
+            (4, 77, 40),
+        ];
+        for (rows, keys, head_dim) in shapes {
             if !available(keys) {
                 return;
             }
@@ -593,7 +686,8 @@ mod tests {
 
     #[test]
     fn exp_rows_are_the_softmax_numerators() {
-        let keys = 80;
+        // 77 keys: a 64-value chunk and a masked tail.
+        let keys = 77;
         if !available(keys) {
             return;
         }
@@ -621,18 +715,37 @@ mod tests {
     }
 
     #[test]
+    fn probabilities_are_added_to_the_mean() {
+        let keys = 37;
+        if !available(keys) {
+            return;
+        }
+        let exps: Vec<f32> = values(2 * keys, 8).iter().map(|v| v.abs()).collect();
+        let sums = [3.0f32, 0.5];
+        let mut mean = values(2 * keys, 9);
+        let before = mean.clone();
+        assert!(add_probabilities(&mut mean, &exps, &sums, 0.25));
+        for (index, (&got, &old)) in mean.iter().zip(&before).enumerate() {
+            let expected = old + exps[index] * (0.25 / sums[index / keys]);
+            assert_eq!(got, expected, "at {index}");
+        }
+        // Sizes that do not match.
+        assert!(!add_probabilities(&mut mean[1..], &exps, &sums, 0.25));
+    }
+
+    #[test]
     fn unsuited_shapes_write_nothing() {
-        let mut out = vec![1.0f32; 8 * 20];
         let query = values(8 * 4, 5);
         let key_t = values(4 * 20, 6);
-        // 20 keys: not a whole number of vectors.
-        assert!(key_panels(&key_t, 0, (4, 20)).is_none());
-        assert!(!scores(&mut out, (&query, 0, 4), &key_t, (8, 20, 4)));
-        // A query view past its slice.
+        // No keys; a key view past its slice.
+        assert!(key_panels(&key_t, 0, (4, 0)).is_none());
+        assert!(key_panels(&key_t, 1, (4, 20)).is_none());
         let mut out = vec![1.0f32; 8 * 16];
+        // A query view past its slice.
         assert!(!scores(&mut out, (&query, 1, 4), &key_t[..64], (8, 16, 4)));
-        // Panels of the wrong length.
-        assert!(!scores(&mut out, (&query, 0, 4), &key_t[..60], (8, 16, 4)));
+        // Panels of the wrong length (20 keys take 32 padded columns).
+        let mut out = vec![1.0f32; 8 * 20];
+        assert!(!scores(&mut out, (&query, 0, 4), &key_t[..80], (8, 20, 4)));
         assert!(out.iter().all(|&value| value == 1.0));
     }
 }
