@@ -209,24 +209,22 @@ pub(super) mod x86 {
                             both_columns,
                         );
                     }
-                    let out = result.as_mut_ptr();
-                    asm!(
-                        "tilestored [{out} + {stride}*1], tmm0",
-                        "tilestored [{out_low} + {stride}*1], tmm2",
-                        "tilestored [{out_right} + {stride}*1], tmm1",
-                        "tilestored [{out_low_right} + {stride}*1], tmm3",
-                        out = in(reg) out,
-                        out_low = in(reg) out.add(16 * 32),
-                        out_right = in(reg) out.add(16),
-                        out_low_right = in(reg) out.add(16 * 32 + 16),
-                        stride = in(reg) 32usize * 4,
-                        options(nostack)
-                    );
                     let block_columns = (columns - half_start.min(columns)).min(32);
+                    let block_dst =
+                        dst.add(dst_offset + row * dst_stride + panel_start + half_start);
+                    if matches!(store, Store::Replace) && (rows, block_columns) == (BLOCK_ROWS, 32)
+                    {
+                        // A whole block that replaces its destination goes there straight from
+                        // the tiles (the same values as through `write_block`).
+                        store_tiles(block_dst, dst_stride * 4);
+                        half_start += 32;
+                        continue;
+                    }
+                    store_tiles(result.as_mut_ptr(), 32 * 4);
                     write_block(
                         &result,
                         (rows, block_columns),
-                        dst.add(dst_offset + row * dst_stride + panel_start + half_start),
+                        block_dst,
                         dst_stride,
                         store,
                         panel_start + half_start,
@@ -238,6 +236,28 @@ pub(super) mod x86 {
             panel_start += panel_columns;
         }
         asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// The four result tiles as one 32x32 block at `out` (rows `stride_bytes` apart): `tmm0` top
+    /// left, `tmm1` top right, `tmm2` bottom left, `tmm3` bottom right.
+    ///
+    /// # Safety
+    /// The tiles are configured (16 rows of 64 bytes) and the block's 32 rows of 32 values at
+    /// `out` are writable.
+    #[inline(always)]
+    unsafe fn store_tiles(out: *mut f32, stride_bytes: usize) {
+        asm!(
+            "tilestored [{out} + {stride}*1], tmm0",
+            "tilestored [{out_low} + {stride}*1], tmm2",
+            "tilestored [{out_right} + {stride}*1], tmm1",
+            "tilestored [{out_low_right} + {stride}*1], tmm3",
+            out = in(reg) out,
+            out_low = in(reg) out.byte_add(16 * stride_bytes),
+            out_right = in(reg) out.add(16),
+            out_low_right = in(reg) out.byte_add(16 * stride_bytes).add(16),
+            stride = in(reg) stride_bytes,
+            options(nostack)
+        );
     }
 
     /// One group of 16 pairs into the result tiles: left tiles `tmm4` (rows 0-15) and `tmm5`
