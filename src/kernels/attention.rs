@@ -822,7 +822,16 @@ mod tests {
     fn attention_kernels_match_plain_attention() {
         let device = Device::Cpu;
         // 600 keys make blocks of 109 queries: blocks end inside and at the items' 250 queries.
-        for (batch, queries, keys, heads, head_dim) in [(2, 250, 600, 3, 5), (1, 7, 77, 2, 8)] {
+        // With AVX-512 the f32 tiles take them all: 77 and 600 keys end in partial vectors,
+        // heads of 40 and 80 values end inside a vector (the values' rows are padded), 20 and
+        // 250 queries end inside a tile of 8.
+        let shapes = [
+            (2, 250, 600, 3, 5),
+            (1, 7, 77, 2, 8),
+            (2, 20, 160, 2, 40),
+            (1, 9, 48, 1, 80),
+        ];
+        for (batch, queries, keys, heads, head_dim) in shapes {
             let Case {
                 query,
                 key_t,
