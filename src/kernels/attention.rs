@@ -18,7 +18,7 @@ use super::softmax::{
     ExpRowsToBf16, ExpsToMeanAndBf16, SoftmaxRows, UnnormalisedSoftmaxRows,
     UnnormalisedSoftmaxRowsForBf16,
 };
-use super::softmax_bf16::{exp_rows_f32, exp_rows_to_bf16, ScoreRows};
+use super::softmax_bf16::{exp_rows_to_bf16, ScoreRows};
 use super::threads::{for_each_block, parallel_map};
 
 /// Score elements (`queries x keys`) one attention block keeps at once (2 MiB, about one core's
@@ -425,14 +425,8 @@ impl FusedAttention<'_> {
                 if !tiled {
                     gemm_single_thread(&mut *scores, 0, keys, query, key_t)?;
                 }
-                // The tiled kernels' own exponentials; else the intrinsic rows, or without
-                // AVX-512 the portable kernel (the same values).
-                let exps_done = if tiled {
-                    attention_f32::exp_rows(&mut *scores, keys, self.scale, &mut *sums)
-                } else {
-                    exp_rows_f32(&mut *scores, keys, self.scale, &mut *sums)
-                };
-                if !exps_done {
+                // The tiled kernels' own exponentials, else the portable kernel.
+                if !(tiled && attention_f32::exp_rows(&mut *scores, keys, self.scale, sums)) {
                     pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
                         piece: &mut *scores,
                         row_len: keys,

@@ -21,7 +21,7 @@
 //! | `winograd_bf16.rs` | the same convolution with bf16 products, fused per block of tile rows (no materialised tiles) |
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
-//! | `softmax_bf16.rs` | the fused attention's softmax rows (bf16 weights, or f32 exponentials in place), in AVX-512 intrinsics |
+//! | `softmax_bf16.rs` | the fused attention's softmax rows with bf16 products (bf16 weights, the head mean), in AVX-512 intrinsics |
 //! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `amx.rs` | the same bf16 product on Intel AMX tiles, where the CPU and OS offer them |

@@ -7,13 +7,10 @@
 //! The values are those of the portable kernels in `softmax.rs` (`ExpRowsToBf16`,
 //! `UnnormalisedSoftmaxRowsForBf16` with `ExpsToMeanAndBf16`) bit for bit: the same polynomial
 //! with the same fused multiply-adds, the same rounding to bf16, and sums over the same 64 lanes
-//! folded in the same order. With f32 products: each row's maximum and its exponentials (by
-//! [`fast_exp`]'s polynomial, every product and sum rounded on its own) in place with their sum,
-//! the values of `UnnormalisedSoftmaxRows` bit for bit; the portable kernel kept its 64 lanes of
-//! sums and maxima on the stack, a store and a load per vector.
+//! folded in the same order. (With f32 products the fused attention runs the rows of
+//! `attention_f32.rs`.)
 //!
 //! [`exp2_for_bf16`]: super::simd::exp2_for_bf16
-//! [`fast_exp`]: super::simd::fast_exp
 
 use super::bf16::bf16_supported;
 use super::simd::REDUCTION_LANES;
@@ -84,38 +81,6 @@ pub(super) fn exp_rows_to_bf16(block: ScoreRows<'_>) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (scores, scale, halves, mean, mean_weight);
-        false
-    }
-}
-
-/// The f32 fused attention's rows: each `row_len` row of `scores` -> `exp(scale * (v - max))`
-/// in place (by `simd::fast_exp`), each row's sum to `sums`, with the values of the portable
-/// `softmax::UnnormalisedSoftmaxRows` bit for bit (the same operations, unfused, and the sums over
-/// the same 64 lanes folded in the same order) for finite scores. `false` (nothing written) when
-/// this CPU has no AVX-512 F or the sizes do not match, and the caller runs the portable kernel.
-pub(super) fn exp_rows_f32(
-    scores: &mut [f32],
-    row_len: usize,
-    scale: f32,
-    sums: &mut [f32],
-) -> bool {
-    let fits = row_len > 0 && scores.len() == sums.len() * row_len;
-    #[cfg(target_arch = "x86_64")]
-    {
-        if !fits || !super::winograd::x86::supported() {
-            return false;
-        }
-        #[allow(unsafe_code)]
-        // SAFETY: AVX-512 F is present and `scores` holds exactly `sums.len()` rows (checked
-        // above); the loops touch only the rows they are given (full chunks, then masked tails).
-        unsafe {
-            x86::rows_f32(scores, row_len, scale, sums);
-        }
-        true
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (fits, scale);
         false
     }
 }
@@ -279,97 +244,6 @@ mod x86 {
         fold(acc, |a, b| _mm512_add_ps(a, b), |a, b| _mm_add_ps(a, b))
     }
 
-    /// `e^x` as `simd::fast_exp` computes it (every product and sum rounded on its own),
-    /// sixteen at a time, for finite `x`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn fast_exp(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let round = _mm512_set1_ps(12_582_912.0);
-        let shifted = _mm512_add_ps(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-            round,
-        );
-        let n = _mm512_sub_ps(shifted, round);
-        let r = _mm512_sub_ps(
-            _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
-            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
-        );
-        let z = _mm512_mul_ps(r, r);
-        let step = |p: __m512, c: f32| _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-        let p = _mm512_mul_ps(_mm512_set1_ps(1.987_569_1e-4), r);
-        let p = _mm512_add_ps(p, _mm512_set1_ps(1.398_199_9e-3));
-        let p = step(p, 8.333_452e-3);
-        let p = step(p, 4.166_579_6e-2);
-        let p = step(p, 1.666_666_5e-1);
-        let p = step(p, 0.5);
-        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, z), r), _mm512_set1_ps(1.0));
-        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_castps_si512(shifted),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
-    }
-
-    /// Each value `v` of `row` -> `e^((v - max) * scale)` in place; returns their sum over 64
-    /// lanes, folded. Whole 64-value chunks unmasked, then the tail masked.
-    ///
-    /// # Safety
-    /// AVX-512 F present.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn exp_row_f32(row: &mut [f32], max: f32, scale: f32) -> f32 {
-        let (max, scale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
-        let mut acc = [_mm512_setzero_ps(); VECTORS];
-        let at = row.as_mut_ptr();
-        let full = row.len() / REDUCTION_LANES * REDUCTION_LANES;
-        let mut start = 0;
-        while start < full {
-            for (vector, sum) in acc.iter_mut().enumerate() {
-                let values = _mm512_loadu_ps(at.add(start + vector * 16));
-                let e = fast_exp(_mm512_mul_ps(_mm512_sub_ps(values, max), scale));
-                *sum = _mm512_add_ps(*sum, e);
-                _mm512_storeu_ps(at.add(start + vector * 16), e);
-            }
-            start += REDUCTION_LANES;
-        }
-        if start < row.len() {
-            for (vector, sum) in acc.iter_mut().enumerate() {
-                let first = start + vector * 16;
-                let count = row.len().saturating_sub(first).min(16);
-                if count == 0 {
-                    break;
-                }
-                let mask = lanes(count);
-                let values = _mm512_maskz_loadu_ps(mask, at.add(first));
-                let e = fast_exp(_mm512_mul_ps(_mm512_sub_ps(values, max), scale));
-                *sum = _mm512_mask_add_ps(*sum, mask, *sum, e);
-                _mm512_mask_storeu_ps(at.add(first), mask, e);
-            }
-        }
-        fold(acc, |a, b| _mm512_add_ps(a, b), |a, b| _mm_add_ps(a, b))
-    }
-
-    /// Every row of `scores` (`[sums.len(), row_len]`) through [`row_max`] and [`exp_row_f32`].
-    ///
-    /// # Safety
-    /// AVX-512 F present; `scores` holds `sums.len()` rows of `row_len > 0` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows_f32(
-        scores: &mut [f32],
-        row_len: usize,
-        scale: f32,
-        sums: &mut [f32],
-    ) {
-        for (row, sum) in scores.chunks_exact_mut(row_len).zip(sums.iter_mut()) {
-            let max = row_max(row);
-            *sum = exp_row_f32(row, max, scale);
-        }
-    }
-
     /// `mean[i] += values[i] * inverse` (a product, then a sum); whole vectors unmasked.
     ///
     /// # Safety
@@ -477,41 +351,6 @@ mod tests {
             });
         }
         (scores, sums, halves, mean)
-    }
-
-    #[test]
-    fn f32_intrinsic_rows_give_the_portable_kernels_values() {
-        use crate::kernels::softmax::UnnormalisedSoftmaxRows;
-        // Row lengths below, at and between whole 64-value chunks, and scores far enough below
-        // the row's maximum to reach the exponential's clamp.
-        for row_len in [1usize, 13, 64, 77, 130, 1024, 4096] {
-            let rows = 3;
-            let scores: Vec<f32> = (0..rows * row_len)
-                .map(|index| ((index * 7919) % 1000) as f32 * 0.37 - 180.0)
-                .collect();
-            let mut expected = (scores.clone(), vec![0f32; rows]);
-            pulp::Arch::new().dispatch(UnnormalisedSoftmaxRows {
-                piece: &mut expected.0,
-                row_len,
-                scale: 0.3,
-                sums: &mut expected.1,
-            });
-            let mut actual = (scores.clone(), vec![0f32; rows]);
-            if !exp_rows_f32(&mut actual.0, row_len, 0.3, &mut actual.1) {
-                return;
-            }
-            let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&actual.0),
-                bits(&expected.0),
-                "exponentials, {row_len} keys"
-            );
-            assert_eq!(bits(&actual.1), bits(&expected.1), "sums, {row_len} keys");
-        }
-        // Rows that do not fill the scores are refused, untouched.
-        let mut scores = vec![1f32; 10];
-        assert!(!exp_rows_f32(&mut scores, 4, 1.0, &mut [0f32; 2]));
-        assert!(scores.iter().all(|&v| v == 1.0));
     }
 
     #[test]
