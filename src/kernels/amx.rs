@@ -345,16 +345,7 @@ pub(super) mod x86 {
 mod tests {
     use crate::kernels::bf16::x86::{multiply_register_tiles, pack_lhs, pack_rhs};
     use crate::kernels::bf16::{Store, PANEL_COLUMNS};
-
-    /// Deterministic values in [-1, 1).
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        (0..count as u32)
-            .map(|i| {
-                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 2000;
-                x as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_support::values;
 
     #[test]
     fn tiles_and_register_tiles_give_the_same_products() {

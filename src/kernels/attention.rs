@@ -434,10 +434,16 @@ impl FusedAttention<'_> {
                         sums: &mut *sums,
                     });
                 }
-                let tiled_mean = mean.as_deref_mut().is_some_and(|mean| {
-                    tiled && attention_f32::add_probabilities(mean, scores, sums, mean_weight)
-                });
-                if let Some(mean) = mean.filter(|_| !tiled_mean) {
+                // The head mean: the tiled kernels' own rows, else the plain loop.
+                let mean = match mean {
+                    Some(mean) if tiled => {
+                        let added =
+                            attention_f32::add_probabilities(mean, scores, sums, mean_weight);
+                        (!added).then_some(mean)
+                    }
+                    mean => mean,
+                };
+                if let Some(mean) = mean {
                     let exponentials = scores.chunks_exact(keys);
                     let mean_rows = mean.chunks_exact_mut(keys).zip(exponentials);
                     for ((sum_row, row), &sum) in mean_rows.zip(sums.iter()) {

@@ -241,7 +241,49 @@ mod x86 {
 
     use super::{padded_head_dim, PANEL_KEYS, TILE_ROWS, TILE_VECTORS, VALUE_RUN};
     use crate::kernels::bf16::x86::lanes;
+    use crate::kernels::softmax_bf16::x86::{add_scaled, row_max};
     use std::arch::x86_64::*;
+
+    /// Runs `$call` with the constant `$rows` set to `$count` (1 to [`TILE_ROWS`]): a tile's row
+    /// count as a const generic.
+    macro_rules! with_tile_rows {
+        ($count:expr, $rows:ident => $call:expr) => {
+            match $count {
+                8 => {
+                    const $rows: usize = 8;
+                    $call
+                }
+                7 => {
+                    const $rows: usize = 7;
+                    $call
+                }
+                6 => {
+                    const $rows: usize = 6;
+                    $call
+                }
+                5 => {
+                    const $rows: usize = 5;
+                    $call
+                }
+                4 => {
+                    const $rows: usize = 4;
+                    $call
+                }
+                3 => {
+                    const $rows: usize = 3;
+                    $call
+                }
+                2 => {
+                    const $rows: usize = 2;
+                    $call
+                }
+                _ => {
+                    const $rows: usize = 1;
+                    $call
+                }
+            }
+        };
+    }
 
     /// The coefficients `c1..c6` of `2^f ~ 1 + c1 f + ... + c6 f^6` on `[-1/2, 1/2]` (fitted
     /// for the least largest relative error).
@@ -270,28 +312,6 @@ mod x86 {
         _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0)), n)
     }
 
-    /// The largest value of `row` (`len` values: whole vectors, then a masked tail).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn row_max(row: *const f32, len: usize) -> f32 {
-        let lowest = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut acc = [lowest; 4];
-        let mut start = 0;
-        while start + 64 <= len {
-            for (vector, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_max_ps(*acc, _mm512_loadu_ps(row.add(start + vector * 16)));
-            }
-            start += 64;
-        }
-        while start < len {
-            let values = _mm512_mask_loadu_ps(lowest, lanes(len - start), row.add(start));
-            acc[0] = _mm512_max_ps(acc[0], values);
-            start += 16;
-        }
-        let pair = (_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
-        _mm512_reduce_max_ps(_mm512_max_ps(pair.0, pair.1))
-    }
-
     /// See [`super::exp_rows`].
     ///
     /// # Safety
@@ -300,8 +320,8 @@ mod x86 {
     pub(super) unsafe fn exp_rows(scores: &mut [f32], keys: usize, scale: f32, sums: &mut [f32]) {
         let slope = scale * std::f32::consts::LOG2_E;
         for (row, sum) in scores.chunks_exact_mut(keys).zip(sums.iter_mut()) {
+            let max = row_max(row);
             let at = row.as_mut_ptr();
-            let max = row_max(at, keys);
             let (slope, max) = (_mm512_set1_ps(slope), _mm512_set1_ps(max));
             let mut acc = [_mm512_setzero_ps(); 4];
             let mut start = 0;
@@ -342,20 +362,7 @@ mod x86 {
         let keys = exps.len() / sums.len();
         let rows = mean.chunks_exact_mut(keys).zip(exps.chunks_exact(keys));
         for ((mean, exps), &sum) in rows.zip(sums) {
-            let inverse = _mm512_set1_ps(weight / sum);
-            let (mean, exps) = (mean.as_mut_ptr(), exps.as_ptr());
-            let mut start = 0;
-            while start < keys {
-                let mask = lanes(keys - start);
-                let (total, value) = (mean.add(start), exps.add(start));
-                let value = _mm512_maskz_loadu_ps(mask, value);
-                let sum = _mm512_add_ps(
-                    _mm512_maskz_loadu_ps(mask, total),
-                    _mm512_mul_ps(value, inverse),
-                );
-                _mm512_mask_storeu_ps(total, mask, sum);
-                start += 16;
-            }
+            add_scaled(mean, exps, weight / sum);
         }
     }
 
@@ -412,16 +419,7 @@ mod x86 {
             let src = (query.add(row * query_stride), query_stride);
             let panel = (panel, columns);
             let count = (rows - row).min(TILE_ROWS);
-            match count {
-                8 => score_tile::<8, V>(dst, src, panel, head_dim),
-                7 => score_tile::<7, V>(dst, src, panel, head_dim),
-                6 => score_tile::<6, V>(dst, src, panel, head_dim),
-                5 => score_tile::<5, V>(dst, src, panel, head_dim),
-                4 => score_tile::<4, V>(dst, src, panel, head_dim),
-                3 => score_tile::<3, V>(dst, src, panel, head_dim),
-                2 => score_tile::<2, V>(dst, src, panel, head_dim),
-                _ => score_tile::<1, V>(dst, src, panel, head_dim),
-            }
+            with_tile_rows!(count, R => score_tile::<R, V>(dst, src, panel, head_dim));
             row += count;
         }
     }
@@ -549,16 +547,7 @@ mod x86 {
                 let count = (rows - row).min(TILE_ROWS);
                 let dst = (sums.add(row * padded), padded);
                 let src = (weights.add(row * keys + first), keys);
-                match count {
-                    8 => value_rows::<8>(dst, src, values, run),
-                    7 => value_rows::<7>(dst, src, values, run),
-                    6 => value_rows::<6>(dst, src, values, run),
-                    5 => value_rows::<5>(dst, src, values, run),
-                    4 => value_rows::<4>(dst, src, values, run),
-                    3 => value_rows::<3>(dst, src, values, run),
-                    2 => value_rows::<2>(dst, src, values, run),
-                    _ => value_rows::<1>(dst, src, values, run),
-                }
+                with_tile_rows!(count, R => value_rows::<R>(dst, src, values, run));
                 row += count;
             }
             first += run;
@@ -578,19 +567,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in about [-1, 1).
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_support::values;
 
     #[test]
     fn scores_match_the_plain_sums() {

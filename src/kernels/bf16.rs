@@ -730,6 +730,7 @@ pub(super) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_support::values;
 
     /// [`gemm_bf16`] into a slice.
     #[allow(clippy::too_many_arguments)]
@@ -759,6 +760,24 @@ mod tests {
         }
     }
 
+    /// The `m x n` product of contiguous `lhs` (`m x k`) and `rhs` (`k x n`), written over a
+    /// fresh destination.
+    fn contiguous_product(lhs: &[f32], rhs: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+        let mut dst = vec![f32::NAN; m * n];
+        let shape = (m, k, n);
+        assert!(gemm_into(
+            &mut dst,
+            (0, n),
+            lhs,
+            (0, k),
+            rhs,
+            (0, n),
+            shape,
+            false
+        ));
+        dst
+    }
+
     /// The f32 product of the bf16-rounded operands, accumulated in f64 (what the kernel computes
     /// up to f32 accumulation order).
     fn reference(lhs: &[f32], rhs: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
@@ -773,15 +792,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        (0..count)
-            .map(|index| {
-                let x = (index as u32).wrapping_mul(2654435761).wrapping_add(seed);
-                ((x >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
@@ -802,17 +812,7 @@ mod tests {
             let lhs = values(m * k, 1);
             let rhs = values(k * n, 2);
             let expected = reference(&lhs, &rhs, (m, k, n));
-            let mut dst = vec![f32::NAN; m * n];
-            assert!(gemm_into(
-                &mut dst,
-                (0, n),
-                &lhs,
-                (0, k),
-                &rhs,
-                (0, n),
-                (m, k, n),
-                false
-            ));
+            let dst = contiguous_product(&lhs, &rhs, (m, k, n));
             for (index, (&got, &want)) in dst.iter().zip(&expected).enumerate() {
                 let bound = 1e-5 * (k as f32).sqrt().max(1.0);
                 assert!(
@@ -857,17 +857,7 @@ mod tests {
         let (m, k, n) = (70, 50, 100);
         let lhs = values(m * k, 3);
         let rhs = values(k * n, 4);
-        let mut whole = vec![f32::NAN; m * n];
-        assert!(gemm_into(
-            &mut whole,
-            (0, n),
-            &lhs,
-            (0, k),
-            &rhs,
-            (0, n),
-            (m, k, n),
-            false
-        ));
+        let whole = contiguous_product(&lhs, &rhs, (m, k, n));
         for split in [1, 17, 31, 33, 69] {
             let mut pieces = vec![f32::NAN; m * n];
             for (first, rows) in [(0, split), (split, m - split)] {

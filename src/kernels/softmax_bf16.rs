@@ -87,7 +87,7 @@ pub(super) fn exp_rows_to_bf16(block: ScoreRows<'_>) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod x86 {
+pub(super) mod x86 {
     //! The AVX-512 row loops. Callers guarantee the CPU features; each function touches only the
     //! slices it is given.
 
@@ -128,7 +128,7 @@ mod x86 {
     /// AVX-512 F present.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn row_max(row: &[f32]) -> f32 {
+    pub(in crate::kernels) unsafe fn row_max(row: &[f32]) -> f32 {
         let mut acc = [_mm512_set1_ps(f32::NEG_INFINITY); VECTORS];
         let at = row.as_ptr();
         let full = row.len() / REDUCTION_LANES * REDUCTION_LANES;
@@ -250,7 +250,7 @@ mod x86 {
     /// AVX-512 F present; `mean` is as long as `values`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn add_scaled(mean: &mut [f32], values: &[f32], inverse: f32) {
+    pub(in crate::kernels) unsafe fn add_scaled(mean: &mut [f32], values: &[f32], inverse: f32) {
         debug_assert_eq!(mean.len(), values.len());
         let inverse = _mm512_set1_ps(inverse);
         let (mean_at, at) = (mean.as_mut_ptr(), values.as_ptr());

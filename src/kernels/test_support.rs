@@ -25,3 +25,13 @@ pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> bool {
     };
     a.dims() == b.dims() && bits(a) == bits(b)
 }
+
+/// `count` deterministic values in [-1, 1), a different sequence per `seed`.
+pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
+    (0..count)
+        .map(|index| {
+            let x = (index as u32).wrapping_mul(2654435761).wrapping_add(seed);
+            ((x >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
