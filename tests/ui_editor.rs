@@ -19,7 +19,9 @@ use attend::ui::{
     DialogPurpose, EditorApp, EditorOptions, EditorSettings, EngineKind, RunOutcome, Session,
     StatusLevel, SETTINGS_STORAGE_KEY,
 };
-use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, ModelSource, StepGate};
+use attend::worker::{
+    EngineFactory, FakeEngine, FakeEngineConfig, ModelSource, Products, StepGate,
+};
 use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use egui_kittest::Harness;
 
@@ -336,6 +338,13 @@ fn a_session_reopens_and_regenerates_the_same_image() {
         vec![(DialogPurpose::SaveSession, session_path.clone())],
     );
     model_loaded(&mut first);
+    // f32 products instead of the bundled model's bf16: the session keeps the choice.
+    first.get_by_label("Products").click();
+    first.run_steps(3);
+    first.get_by_label("f32 (exact)").click();
+    run_until(&mut first, "f32 products", |app| {
+        app.loaded_model().is_some_and(|info| !info.bf16_products)
+    });
     first.get_by_label("Generate").click();
     run_until(&mut first, "the first run", finished);
     first.get_by_label("File").click();
@@ -365,6 +374,8 @@ fn a_session_reopens_and_regenerates_the_same_image() {
     run_until(&mut second, "the regenerated run", finished);
     let second_app = second.state();
     assert_eq!(second_app.settings().params.prompt, "two blue squares");
+    assert_eq!(second_app.settings().products, Products::F32);
+    assert!(!second_app.loaded_model().unwrap().bf16_products);
     assert_eq!(
         second_app.run_view().unwrap().final_image.as_ref(),
         Some(&first_image)

@@ -1,5 +1,6 @@
 //! The editor and models: dropping a checkpoint file or model folder onto the window loads it;
-//! dropped images are left alone; a failed load keeps the previous model (fake engine).
+//! dropped images are left alone; a failed load keeps the previous model; the products choice
+//! loads the model again with it (fake engine).
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use attend::ui::{EditorApp, EditorOptions, EngineKind};
-use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, ModelSource};
+use attend::worker::{EngineFactory, FakeEngine, FakeEngineConfig, ModelSource, Products};
 use egui_kittest::Harness;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,4 +95,29 @@ fn a_dropped_folder_that_fails_keeps_the_previous_model() {
         harness.state().loaded_model().unwrap().source,
         ModelSource::Bundled
     );
+}
+
+#[test]
+fn choosing_the_products_loads_the_model_again_with_them() {
+    use egui_kittest::kittest::Queryable as _;
+    let mut harness = harness();
+    assert_eq!(harness.state().settings().products, Products::ModelDefault);
+    // The bundled model's default is bf16.
+    assert!(harness.state().loaded_model().unwrap().bf16_products);
+    harness.get_by_label("bf16 in use");
+    harness.get_by_label("Products").click();
+    for _ in 0..3 {
+        harness.step();
+    }
+    harness.get_by_label("f32 (exact)").click();
+    ui_common::run_until_within(&mut harness, "f32 products", TIMEOUT, |app| {
+        app.loaded_model().is_some_and(|info| !info.bf16_products)
+    });
+    assert_eq!(harness.state().settings().products, Products::F32);
+    assert_eq!(
+        harness.state().loaded_model().unwrap().source,
+        ModelSource::Bundled
+    );
+    harness.step();
+    harness.get_by_label("f32 in use");
 }

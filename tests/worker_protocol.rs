@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use attend::worker::{
     Branch, Command, Event, FakeEngineConfig, GenerateParams, Heatmap, ModelSource, PngExport,
-    RgbImage, SelfAttentionSpan, WorkerHandle,
+    Products, RgbImage, SelfAttentionSpan, WorkerHandle,
 };
 use worker_common::{
     events_until_steps, is_step_of, load_bundled, next_event, next_event_of, spawn_fake as spawn,
@@ -206,6 +206,38 @@ fn a_panic_in_the_engine_is_reported_and_the_worker_restarts() {
     assert!(matches!(events.last(), Some(Event::Finished { .. })));
 }
 
+/// The products of the next [`Event::ModelLoaded`]: bf16 or not.
+fn loaded_with_bf16(worker: &WorkerHandle) -> bool {
+    match next_event(worker) {
+        Event::ModelLoaded { info } => info.bf16_products,
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_load_takes_the_chosen_products_and_a_restart_keeps_them() {
+    let mut worker = spawn(FakeEngineConfig {
+        panic_word: Some("explode".to_owned()),
+        ..FakeEngineConfig::default()
+    });
+    // The model's default: bf16 for the bundled model.
+    worker.load_model(ModelSource::Bundled).unwrap();
+    assert!(loaded_with_bf16(&worker));
+    worker
+        .load_model_with(ModelSource::Bundled, Products::F32)
+        .unwrap();
+    assert!(!loaded_with_bf16(&worker));
+    // A panic reloads the model on a fresh engine with the products it had.
+    let run_id = worker.generate(params("please explode now", 3)).unwrap();
+    let _ = events_until_end_of(&worker, run_id);
+    assert!(matches!(next_event(&worker), Event::WorkerRestarted { .. }));
+    assert!(!loaded_with_bf16(&worker));
+    worker
+        .load_model_with(ModelSource::Bundled, Products::Bf16)
+        .unwrap();
+    assert!(loaded_with_bf16(&worker));
+}
+
 #[test]
 fn a_bad_model_folder_keeps_the_previous_model() {
     let mut worker = spawn(FakeEngineConfig::default());
@@ -384,6 +416,25 @@ fn the_pipeline_engine_streams_steps_maps_and_exports_for_a_tiny_model() {
         other => panic!("expected ModelLoaded, got {other:?}"),
     };
     assert_eq!((info.default_width_px, info.default_height_px), (32, 32));
+    // A checkpoint folder multiplies in f32 unless bf16 is asked for (and the CPU has it).
+    assert!(!info.bf16_products);
+    assert_eq!(
+        info.bf16_products_available,
+        attend::kernels::bf16_supported()
+    );
+    worker
+        .load_model_with(ModelSource::Folder(model_dir.clone()), Products::Bf16)
+        .unwrap();
+    match next_event(&worker) {
+        Event::ModelLoaded { info } => {
+            assert_eq!(info.bf16_products, attend::kernels::bf16_supported());
+        }
+        other => panic!("expected ModelLoaded, got {other:?}"),
+    }
+    worker
+        .load_model_with(ModelSource::Folder(model_dir.clone()), Products::F32)
+        .unwrap();
+    assert!(matches!(next_event(&worker), Event::ModelLoaded { .. }));
     let run_id = worker
         .generate(GenerateParams {
             prompt: "a photo of a cat wearing sunglasses".to_owned(),

@@ -43,7 +43,7 @@ use crate::ui::token_strip::{token_strip_ui, TokenStrip};
 use crate::ui::EditorOptions;
 use crate::worker::{
     BlendMask, Command, EditInfo, EditSpec, EngineFactory, Event, GenerateParams, ModelInfo,
-    ModelSource, WorkerHandle,
+    ModelSource, Products, WorkerHandle,
 };
 
 /// Each view's own state (what no other view reads).
@@ -215,6 +215,7 @@ impl EditorApp {
     fn apply_session_settings(&mut self, session: Session) -> ModelSource {
         self.apply_session_image(session.image.as_ref());
         let state = &mut self.state;
+        state.settings.products = session.products;
         // The image is the session's own (checked by its hash); it is inverted again on Generate.
         state.settings.params = GenerateParams {
             source_image: None,
@@ -235,7 +236,8 @@ impl EditorApp {
             .model
             .loaded
             .as_ref()
-            .is_none_or(|info| info.source != session.model);
+            .is_none_or(|info| info.source != session.model)
+            || self.state.settings.products != session.products;
         let model = self.apply_session_settings(session);
         if model_changed {
             self.load_model(model);
@@ -979,13 +981,35 @@ impl EditorApp {
 
     /// Loads a model; the current one stays until the new one is ready.
     fn load_model(&mut self, source: ModelSource) {
-        match self.worker.load_model(source.clone()) {
+        let products = self.state.settings.products;
+        match self.worker.load_model_with(source.clone(), products) {
             Ok(()) => {
                 self.status(StatusLevel::Info, format!("Loading {source}..."));
                 self.state.model.loading = Some(source);
                 self.state.pending_run = None;
             }
             Err(error) => self.status(StatusLevel::Error, format!("Cannot load {source}: {error}")),
+        }
+    }
+
+    /// Takes the products choice and loads the model again with it (the one loading, else the
+    /// one loaded): its runs and recorded edit sources were made with the old products.
+    fn set_products(&mut self, products: Products) {
+        if self.state.settings.products == products {
+            return;
+        }
+        self.state.settings.products = products;
+        let model = self.state.model.loading.clone().or_else(|| {
+            self.state
+                .model
+                .loaded
+                .as_ref()
+                .map(|info| info.source.clone())
+        });
+        if let Some(source) = model {
+            self.load_model(source);
+            // What is on screen was made with the old products: make it again with the new.
+            self.state.generate_after_load = self.state.run.is_some();
         }
     }
 
@@ -1166,6 +1190,7 @@ impl EditorApp {
             UiCommand::Generate => self.generate(),
             UiCommand::Cancel => self.cancel(),
             UiCommand::LoadModel(source) => self.load_model(source),
+            UiCommand::SetProducts(products) => self.set_products(products),
             UiCommand::CancelModelLoad => {
                 self.worker.cancel_load();
                 self.status(StatusLevel::Info, "Cancelling the model load...");

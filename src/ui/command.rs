@@ -8,7 +8,7 @@ use crate::ui::dialogs::DialogPurpose;
 use crate::ui::session::EditSession;
 use crate::ui::settings::{AggregationChoice, ViewSettings};
 use crate::ui::state::{CanvasView, TimelineState};
-use crate::worker::{GenerateParams, ModelSource, SegmentRequest};
+use crate::worker::{GenerateParams, ModelSource, Products, SegmentRequest};
 
 /// A change a view asks for.
 #[derive(Clone, Debug)]
@@ -22,6 +22,8 @@ pub(crate) enum UiCommand {
     Cancel,
     /// Load a model; the current one stays until the new one is ready.
     LoadModel(ModelSource),
+    /// Multiply as `Products` says from now on: the loaded model is loaded again with it.
+    SetProducts(Products),
     /// Stop the model load in progress (the current model stays).
     CancelModelLoad,
     /// Open a file dialog; its answer is handled on a later frame.

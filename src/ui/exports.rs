@@ -266,6 +266,7 @@ pub(crate) fn current_session(state: &AppState) -> Session {
             .loaded
             .as_ref()
             .map_or_else(|| state.settings.model.clone(), |info| info.source.clone()),
+        products: state.settings.products,
         params: state.source_params().clone(),
         view: state.settings.view.clone(),
         aggregation: state.settings.aggregation.clone(),

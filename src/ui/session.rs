@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ui::image_input::SessionImage;
 use crate::ui::settings::{AggregationChoice, ViewSettings};
-use crate::worker::{EditSpec, GenerateParams, ModelSource};
+use crate::worker::{EditSpec, GenerateParams, ModelSource, Products};
 
 /// Value of a session file's `format` field.
 pub const SESSION_FORMAT: &str = "attend.session.v1";
@@ -18,6 +18,9 @@ pub struct Session {
     pub format: String,
     /// The model.
     pub model: ModelSource,
+    /// How its UNet multiplied (absent in older files: the model's default, as they were made).
+    #[serde(default)]
+    pub products: Products,
     /// The generation parameters, with defaults resolved (size and scheduler spelled out), so the
     /// same image comes back.
     pub params: GenerateParams,
@@ -157,6 +160,7 @@ mod tests {
         let session = Session {
             format: SESSION_FORMAT.to_owned(),
             model: ModelSource::Folder(PathBuf::from("/models/tiny")),
+            products: Products::Bf16,
             params: GenerateParams {
                 prompt: "a cat".to_owned(),
                 seed: 42,
@@ -174,6 +178,18 @@ mod tests {
         let path = folder.path().join("s.json");
         std::fs::write(&path, session.to_json()).unwrap();
         assert_eq!(Session::load(&path).unwrap(), session);
+        // A file written before the products were saved loads with the model's default.
+        let older = folder.path().join("older.json");
+        let mut json: serde_json::Value = serde_json::from_str(&session.to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("products").unwrap();
+        std::fs::write(&older, json.to_string()).unwrap();
+        assert_eq!(
+            Session::load(&older).unwrap(),
+            Session {
+                products: Products::ModelDefault,
+                ..session.clone()
+            }
+        );
 
         let other = folder.path().join("other.json");
         std::fs::write(&other, session.to_json().replace(SESSION_FORMAT, "x")).unwrap();

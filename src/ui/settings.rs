@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::analysis::colormap::Colormap;
 use crate::analysis::heatmap::{AggregationSettings, SelfAttentionSpan, UnetPlace};
-use crate::worker::{GenerateParams, ModelSource};
+use crate::worker::{GenerateParams, ModelSource, Products};
 
 /// How the heat map is drawn over the image.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -108,6 +108,8 @@ pub struct EditorSettings {
     pub params: GenerateParams,
     /// The model to load at start.
     pub model: ModelSource,
+    /// How the UNet's matrix products treat their operands, for every model loaded.
+    pub products: Products,
     /// How heat maps are drawn.
     pub view: ViewSettings,
     /// What the heat maps combine.
@@ -126,6 +128,7 @@ impl Default for EditorSettings {
                 ..GenerateParams::default()
             },
             model: ModelSource::Bundled,
+            products: Products::ModelDefault,
             view: ViewSettings::default(),
             aggregation: AggregationChoice::default(),
             probe_span: SelfAttentionSpan::LatestStep,

@@ -14,7 +14,8 @@ use crate::worker::error::{Disconnected, EngineError};
 use crate::worker::plain::{Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan};
 use crate::worker::protocol::{
     BlendMask, Branch, EditInfo, EditSpec, GenerateParams, InversionParams, ModelInfo,
-    ModelLoadProgress, ModelSource, PromptInfo, SourceImage, StepFrame, INVERSION_METHODS,
+    ModelLoadProgress, ModelSource, Products, PromptInfo, SourceImage, StepFrame,
+    INVERSION_METHODS,
 };
 use crate::worker::segment::SegmentRequest;
 use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
@@ -139,20 +140,21 @@ pub struct RunOutput {
 /// branch and stops with a cancelled error ([`EngineError::is_cancelled`]) once it is tripped; the
 /// worker trips it when the run is cancelled or superseded.
 pub trait Engine {
-    /// Loads a model. On error the previously loaded model must stay usable.
-    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError>;
+    /// Loads a model with its default products ([`Products::ModelDefault`]). On error the
+    /// previously loaded model must stay usable.
+    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
+        self.load_model_observed(source, Products::ModelDefault, &mut |_| Ok(()))
+    }
 
-    /// [`Self::load_model`], calling `progress` before each component; an error from it (a
-    /// cancelled one when the user cancels) stops the load and the previous model stays. Engines
-    /// without stages load at once.
+    /// Loads a model whose UNet multiplies as `products` says, calling `progress` before each
+    /// component; an error from it (a cancelled one when the user cancels) stops the load and the
+    /// previous model stays. Engines without stages load at once.
     fn load_model_observed(
         &mut self,
         source: &ModelSource,
+        products: Products,
         progress: &mut dyn FnMut(ModelLoadProgress) -> Result<(), EngineError>,
-    ) -> Result<ModelInfo, EngineError> {
-        let _ = progress;
-        self.load_model(source)
-    }
+    ) -> Result<ModelInfo, EngineError>;
 
     /// Runs one generation, reporting its [`Branch::Source`] to `observer` after tokenising and
     /// after every step.

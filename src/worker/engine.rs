@@ -28,8 +28,8 @@ use crate::worker::backend::{Engine, RunObserver, RunOutput};
 use crate::worker::error::EngineError;
 use crate::worker::plain::RgbImage;
 use crate::worker::protocol::{
-    Branch, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, PromptInfo, SelfReplace,
-    StepFrame, StepTiming,
+    Branch, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, Products, PromptInfo,
+    SelfReplace, StepFrame, StepTiming,
 };
 use crate::worker::thread::EngineFactory;
 // Segments view.
@@ -43,6 +43,16 @@ pub const BUNDLED_MODEL_FOLDER: &str = "assets/attend-shapes";
 /// BF16; elsewhere f32). Its accuracy on drawn scenes and its attention maps were measured to
 /// hold (docs/benchmarks.md), and its UNet call is faster. Other models default to f32.
 pub const BUNDLED_MODEL_PRODUCTS: ProductPrecision = ProductPrecision::Bf16;
+
+/// The product precision of a model loaded from `source` with `products`: the model's default
+/// ([`BUNDLED_MODEL_PRODUCTS`] for the bundled model, f32 for any other) unless the user chose.
+pub fn product_precision_for(source: &ModelSource, products: Products) -> ProductPrecision {
+    match products {
+        Products::ModelDefault if matches!(source, ModelSource::Bundled) => BUNDLED_MODEL_PRODUCTS,
+        Products::ModelDefault | Products::F32 => ProductPrecision::F32,
+        Products::Bf16 => ProductPrecision::Bf16,
+    }
+}
 
 /// Where the bundled model is: `$ATTEND_BUNDLED_MODEL`, else `assets/attend-shapes` next to the
 /// executable or one of its parent folders, else in the source tree this binary was built from.
@@ -132,13 +142,10 @@ impl PipelineEngine {
 }
 
 impl Engine for PipelineEngine {
-    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
-        self.load_model_observed(source, &mut |_| Ok(()))
-    }
-
     fn load_model_observed(
         &mut self,
         source: &ModelSource,
+        products: Products,
         progress: &mut dyn FnMut(ModelLoadProgress) -> Result<(), EngineError>,
     ) -> Result<ModelInfo, EngineError> {
         let dir = match source {
@@ -175,9 +182,8 @@ impl Engine for PipelineEngine {
                 _ => PipelineError::Cancelled,
             })
         })?;
-        if matches!(source, ModelSource::Bundled) {
-            model.unet.set_product_precision(BUNDLED_MODEL_PRODUCTS);
-        }
+        let precision = product_precision_for(source, products);
+        model.unet.set_product_precision(precision);
         let (default_width_px, default_height_px) = model.default_size_px();
         let default_scheduler = model
             .scheduler_config
@@ -198,6 +204,8 @@ impl Engine for PipelineEngine {
                 .collect(),
             warnings: model.load_warnings().to_vec(),
             edit_self_replace: SelfReplace::recommended(model.edit_defaults()),
+            bf16_products: precision.uses_bf16_here(),
+            bf16_products_available: crate::kernels::bf16_supported(),
         };
         self.model = Some(model);
         self.source = Some(source.clone());

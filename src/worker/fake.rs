@@ -15,14 +15,16 @@ use crate::analysis::heatmap::UnetPlace;
 use crate::analysis::segment::{is_label_candidate, LabelledSegmentation};
 use crate::analysis::WordSpan;
 use crate::hook::CancelToken;
+use crate::kernels::ProductPrecision;
 use crate::worker::backend::{EditRunOutput, Engine, RunObserver, RunOutput};
+use crate::worker::engine::product_precision_for;
 use crate::worker::error::EngineError;
 use crate::worker::plain::{
     CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross,
 };
 use crate::worker::protocol::{
-    Branch, EditSpec, GenerateParams, ModelInfo, ModelSource, PromptInfo, SelfReplace, StepFrame,
-    StepTiming, StepWindow,
+    Branch, EditSpec, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, Products,
+    PromptInfo, SelfReplace, StepFrame, StepTiming, StepWindow,
 };
 use crate::worker::segment::{requested_grids, segment_run, SegmentRequest};
 
@@ -185,7 +187,12 @@ impl FakeEngine {
 }
 
 impl Engine for FakeEngine {
-    fn load_model(&mut self, source: &ModelSource) -> Result<ModelInfo, EngineError> {
+    fn load_model_observed(
+        &mut self,
+        source: &ModelSource,
+        products: Products,
+        _progress: &mut dyn FnMut(ModelLoadProgress) -> Result<(), EngineError>,
+    ) -> Result<ModelInfo, EngineError> {
         std::thread::sleep(self.config.load_delay);
         let name = match source {
             ModelSource::Bundled => "fake shapes (synthetic)".to_owned(),
@@ -235,6 +242,9 @@ impl Engine for FakeEngine {
                 },
                 ModelSource::Folder(_) | ModelSource::File(_) => SelfReplace::default(),
             },
+            // Synthetic maps have no products: the fake offers both precisions on every CPU.
+            bf16_products: product_precision_for(source, products) == ProductPrecision::Bf16,
+            bf16_products_available: true,
         };
         self.model = Some(info.clone());
         self.latest_run = None;

@@ -32,8 +32,8 @@ pub use backend::{
     RunOutput, SelfAttentionQuery,
 };
 pub use engine::{
-    bundled_model_dir, pipeline_engine_factory, PipelineEngine, BUNDLED_MODEL_FOLDER,
-    BUNDLED_MODEL_PRODUCTS,
+    bundled_model_dir, pipeline_engine_factory, product_precision_for, PipelineEngine,
+    BUNDLED_MODEL_FOLDER, BUNDLED_MODEL_PRODUCTS,
 };
 pub use error::{Disconnected, EngineError, SendCommandError};
 pub use export::{write_png_file, write_text_file};
@@ -41,7 +41,7 @@ pub use fake::{FakeEngine, FakeEngineConfig, StepGate, FAKE_SET_MAX_PIXELS};
 pub use plain::{CrossGroup, Heatmap, RgbImage, SelfAttentionMap, SelfAttentionSpan, StepCross};
 pub use protocol::{
     Branch, Command, Event, GenerateParams, ModelInfo, ModelLoadProgress, ModelSource, PngExport,
-    PromptInfo, StepFrame, StepTiming,
+    Products, PromptInfo, StepFrame, StepTiming,
 };
 pub use segment::{SegmentFileExport, SegmentRequest};
 pub use thread::{EngineFactory, Waker, WorkerHandle, COMMAND_CAPACITY, EVENT_CAPACITY};

@@ -34,7 +34,7 @@ use crate::worker::export::{write_png_file, write_text_file};
 use crate::worker::plain::{RgbImage, SelfAttentionMap};
 use crate::worker::protocol::{
     BlendMask, Branch, Command, EditInfo, EditSpec, Event, GenerateParams, InversionParams,
-    ModelLoadProgress, ModelSource, PromptInfo, StepFrame,
+    ModelLoadProgress, ModelSource, Products, PromptInfo, StepFrame,
 };
 use crate::worker::style_set::{StyleSetOutput, StyleSetParams};
 
@@ -243,11 +243,21 @@ impl WorkerHandle {
         self.send(Command::Cancel)
     }
 
-    /// Loads a model, cancelling any running generation first.
+    /// Loads a model with its default products, cancelling any running generation first.
     pub fn load_model(&self, source: ModelSource) -> Result<(), SendCommandError> {
+        self.load_model_with(source, Products::ModelDefault)
+    }
+
+    /// Loads a model whose UNet multiplies as `products` says, cancelling any running
+    /// generation first.
+    pub fn load_model_with(
+        &self,
+        source: ModelSource,
+        products: Products,
+    ) -> Result<(), SendCommandError> {
         self.shared.cancel_up_to(self.last_run_id);
         self.shared.load_cancel.store(false, Ordering::SeqCst);
-        self.send(Command::LoadModel { source })
+        self.send(Command::LoadModel { source, products })
     }
 
     /// Stops the running model load before its next component; it ends with
@@ -314,8 +324,8 @@ impl Outbox {
 /// What the worker remembers across commands (and across a panic restart).
 struct WorkerState {
     engine: Box<dyn Engine>,
-    /// The last model that loaded successfully, reloaded after a restart.
-    loaded_model: Option<ModelSource>,
+    /// The last model that loaded successfully and its products, reloaded after a restart.
+    loaded_model: Option<(ModelSource, Products)>,
     /// Commands taken off the channel during a run, to run after it.
     pending: VecDeque<Command>,
     /// The run being generated, if any (for reporting a panic).
@@ -378,8 +388,8 @@ fn worker_main(factory: &EngineFactory, commands: &Receiver<Command>, outbox: &O
         }
         state.latest_run = None;
         state.latest_finished_run = None;
-        if let Some(source) = state.loaded_model.take() {
-            if load_model(&mut state, source, outbox).is_err() {
+        if let Some((source, products)) = state.loaded_model.take() {
+            if load_model(&mut state, source, products, outbox).is_err() {
                 return;
             }
         }
@@ -415,7 +425,9 @@ fn serve(
         }
         match command {
             Command::Shutdown => return Ok(()),
-            Command::LoadModel { source } => load_model(state, source, outbox)?,
+            Command::LoadModel { source, products } => {
+                load_model(state, source, products, outbox)?;
+            }
             Command::Generate { run_id, params } => {
                 run(
                     state,
@@ -597,6 +609,7 @@ fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn load_model(
     state: &mut WorkerState,
     source: ModelSource,
+    products: Products,
     outbox: &Outbox,
 ) -> Result<(), Disconnected> {
     let shared = &outbox.shared;
@@ -608,7 +621,9 @@ fn load_model(
         shared.wake();
         Ok(())
     };
-    let result = state.engine.load_model_observed(&source, &mut progress);
+    let result = state
+        .engine
+        .load_model_observed(&source, products, &mut progress);
     *lock_ignoring_poison(&shared.load_progress) = None;
     match result {
         Err(error) if error.is_cancelled() => outbox.emit(Event::ModelLoadFailed {
@@ -616,7 +631,7 @@ fn load_model(
             message: "loading cancelled; the previous model stays".to_owned(),
         }),
         Ok(info) => {
-            state.loaded_model = Some(source);
+            state.loaded_model = Some((source, products));
             state.latest_run = None;
             state.latest_finished_run = None;
             outbox.emit(Event::ModelLoaded { info })
