@@ -20,9 +20,11 @@ use candle_core::{Device, Tensor};
 const PROMPT: &str = "a red square and a blue circle on a yellow background";
 
 fn bundled(products: ProductPrecision) -> StableDiffusion {
-    let mut model = StableDiffusion::load(&bundled_model_dir(), &LoadOptions::default()).unwrap();
-    model.unet.set_product_precision(products);
-    model
+    let options = LoadOptions {
+        products,
+        ..LoadOptions::default()
+    };
+    StableDiffusion::load(&bundled_model_dir(), &options).unwrap()
 }
 
 /// A run of `steps` steps with its cross-attention stored.

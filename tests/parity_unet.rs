@@ -396,7 +396,10 @@ fn declined_probabilities_are_not_materialised_and_change_nothing() {
     eprintln!(
         "tiny-sd1, doubled values, fused vs materialised probabilities: max abs diff = {diff:e}"
     );
-    assert!(diff < 1e-5);
+    // Summation order apart, the two paths' outputs pass through the same convolutions, whose
+    // Winograd F(4x4, 3x3) transforms round more than F(2x2, 3x3)'s: 1.0e-5 measured (4.1e-6
+    // with F(2x2, 3x3)). A path that ignored the replaced values would be off by more than 1e-3.
+    assert!(diff < 3e-5);
 }
 
 /// Non-square latents whose halvings are odd (13x10 -> 7x5 -> 4x3), at a fractional timestep:

@@ -133,7 +133,10 @@ fn independent_rows_are_their_own_plain_runs() {
         plain.steps = 3;
         let alone = generate(&model, &plain, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
         let diff = max_abs_diff(&alone.latents_per_step, &row.latents_per_step);
-        assert!(diff < 1e-4, "image {index}: {diff}");
+        // 1.4e-4 measured with the F(4x4, 3x3) convolutions (their rounding, multiplied by
+        // guidance 7.5 over three steps), the bound of the fixture trajectories; a row that took
+        // another's prompt, seed or style would differ by far more than 1e-3.
+        assert!(diff < 3e-4, "image {index}: {diff}");
     }
 }
 

@@ -25,7 +25,8 @@ fn fake_factory() -> EngineFactory {
 
 fn harness_with(options: EditorOptions) -> Harness<'static, EditorApp> {
     let app = EditorApp::new(options, None, None, fake_factory()).unwrap();
-    ui_common::harness_of(app, egui::vec2(1400.0, 1000.0))
+    // Tall enough for the whole edit panel on screen (the left panel scrolls on smaller ones).
+    ui_common::harness_of(app, egui::vec2(1400.0, 1100.0))
 }
 
 fn options(prompt: &str) -> EditorOptions {

@@ -128,11 +128,16 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         (_, Some(path)) => {
             let config = UnetConfig::from_json(&manifest_component_json(path, "unet")?, path)?;
             let vb = RandomWeights::new(0).var_builder(DType::F32, &device);
-            (Unet::new(vb, &config)?, args.latent_factor.unwrap_or(8))
+            // Built for its products, as a loaded model is.
+            let unet = attend::kernels::with_product_precision(args.products.into(), || {
+                Unet::new(vb, &config)
+            })?;
+            (unet, args.latent_factor.unwrap_or(8))
         }
         (Some(dir), None) => {
             let model = load_model(&super::ModelArgs {
                 dir: Some(dir.clone()),
+                products: Some(args.products),
                 ..super::ModelArgs::default()
             })?;
             let factor = args
@@ -141,7 +146,10 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
             (model.unet, factor)
         }
         (None, None) => {
-            let model = load_model(&super::ModelArgs::default())?;
+            let model = load_model(&super::ModelArgs {
+                products: Some(args.products),
+                ..super::ModelArgs::default()
+            })?;
             let factor = args
                 .latent_factor
                 .unwrap_or_else(|| model.latent_downscale_factor());

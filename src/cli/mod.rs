@@ -321,9 +321,10 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::S
     use anyhow::Context as _;
     let mut options = attend::pipeline::model::LoadOptions {
         prediction_type: args.prediction_type,
+        products: args.product_precision(),
         ..attend::pipeline::model::LoadOptions::default()
     };
-    let mut model = if let Some(manifest) = &args.random_weights {
+    let model = if let Some(manifest) = &args.random_weights {
         attend::pipeline::model::StableDiffusion::with_random_weights(manifest, &options, 0)
             .with_context(|| format!("cannot build a model from {}", manifest.display()))?
     } else {
@@ -349,7 +350,6 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<attend::pipeline::model::S
         attend::pipeline::model::StableDiffusion::load(&dir, &options)
             .with_context(|| format!("cannot load model {}", dir.display()))?
     };
-    model.unet.set_product_precision(args.product_precision());
     for warning in model.load_warnings() {
         eprintln!("warning: {warning}");
     }

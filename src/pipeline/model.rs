@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::analysis::edit_spec::EditDefaults;
+use crate::kernels::{with_product_precision, ProductPrecision};
 use crate::pipeline::checkpoint::{self, Component, SingleFileCheckpoint};
 use crate::pipeline::clip::{ClipTextConfig, ClipTextEncoder};
 use crate::pipeline::scheduler::{PredictionType, SchedulerConfig};
@@ -42,6 +43,10 @@ pub struct LoadOptions {
     /// Overrides what the UNet predicts (the folder's scheduler config, or the single-file
     /// heuristic: v-prediction for SD 2.x 768 shapes, epsilon otherwise).
     pub prediction_type: Option<PredictionType>,
+    /// How the UNet's matrix products treat their operands (f32 default). Its convolutions also
+    /// store the filters that precision multiplies with best; it can still be changed later
+    /// ([`Unet::set_product_precision`]).
+    pub products: ProductPrecision,
 }
 
 impl Default for LoadOptions {
@@ -51,6 +56,7 @@ impl Default for LoadOptions {
             variant: WeightVariant::Full,
             device: Device::Cpu,
             prediction_type: None,
+            products: ProductPrecision::F32,
         }
     }
 }
@@ -270,13 +276,13 @@ impl StableDiffusion {
                     other => other,
                 })?;
         observe(stage(2, "UNet"))?;
-        let unet =
-            Unet::new(var_builder(Component::Unet), &configs.unet).map_err(
-                |error| match error {
-                    PipelineError::Tensor(error) => blame(error),
-                    other => other,
-                },
-            )?;
+        let unet = unet_for(options, || {
+            Unet::new(var_builder(Component::Unet), &configs.unet)
+        })
+        .map_err(|error| match error {
+            PipelineError::Tensor(error) => blame(error),
+            other => other,
+        })?;
         observe(stage(3, "VAE"))?;
         let vae =
             AutoencoderKl::new(var_builder(Component::Vae), &configs.vae).map_err(|error| {
@@ -375,7 +381,7 @@ impl StableDiffusion {
             tokenizer: PromptTokenizer::bundled_clip(family.pad_token())?,
             text_encoder: ClipTextEncoder::new(var_builder(), &text_encoder_config)?,
             text_encoder_config,
-            unet: Unet::new(var_builder(), &unet_config)?,
+            unet: unet_for(options, || Unet::new(var_builder(), &unet_config))?,
             vae: Some(AutoencoderKl::new(var_builder(), &vae_config)?),
             vae_config: Some(vae_config),
             scheduler_config,
@@ -440,10 +446,12 @@ impl StableDiffusion {
             options,
             &mut warnings,
         )?;
-        let unet = Unet::new(
-            unet_weights.var_builder(options.dtype, &options.device)?,
-            &unet_config,
-        )
+        let unet = unet_for(options, || {
+            Unet::new(
+                unet_weights.var_builder(options.dtype, &options.device)?,
+                &unet_config,
+            )
+        })
         .map_err(|err| unet_weights.weight_error(err))?;
 
         let (vae_config, vae) = if index.has_vae {
@@ -625,6 +633,14 @@ impl StableDiffusion {
 }
 
 /// Finds and checks a component's weights, noting when only the other precision was available.
+/// Builds the UNet with `options.products` as the thread's product precision (its convolutions
+/// store the Winograd filters that precision multiplies with) and makes it the UNet's.
+fn unet_for<E>(options: &LoadOptions, build: impl FnOnce() -> Result<Unet, E>) -> Result<Unet, E> {
+    let mut unet = with_product_precision(options.products, build)?;
+    unet.set_product_precision(options.products);
+    Ok(unet)
+}
+
 fn open_weights(
     component_dir: &Path,
     what: &'static str,

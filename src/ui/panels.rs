@@ -91,7 +91,7 @@ fn export_buttons_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut Ui
     }
 }
 
-/// The matrix products choice (a model is loaded again when it changes) and what the loaded
+/// The matrix products choice (a model is loaded again when it changes), showing what the loaded
 /// model multiplies with; bf16 is offered only where the CPU runs it.
 fn products_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiCommands) {
     let chosen = ctx.state.settings.products;
@@ -115,36 +115,37 @@ fn products_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &mut UiComman
              differ from f32 by a fraction of a percent",
         ),
     ];
-    ui.horizontal(|ui| {
-        let selected = choices
+    let selected = match loaded {
+        Some(info) => {
+            let in_use = if info.bf16_products { "bf16" } else { "f32" };
+            if chosen == Products::ModelDefault {
+                format!("{in_use} (model default)")
+            } else {
+                in_use.to_owned()
+            }
+        }
+        None => choices
             .iter()
             .find(|(choice, ..)| *choice == chosen)
-            .map_or("", |(_, label, _)| *label);
-        egui::ComboBox::from_label("Products")
-            .selected_text(selected)
-            .show_ui(ui, |ui| {
-                for (choice, label, hint) in choices {
-                    let enabled = choice != Products::Bf16 || bf16_available;
-                    let button = egui::Button::selectable(choice == chosen, label);
-                    let response = ui
-                        .add_enabled(enabled, button)
-                        .on_hover_text(hint)
-                        .on_disabled_hover_text("This CPU has no AVX-512 BF16: products stay f32");
-                    if response.clicked() {
-                        commands.push(UiCommand::SetProducts(choice));
-                    }
+            .map_or(String::new(), |(_, label, _)| (*label).to_owned()),
+    };
+    egui::ComboBox::from_label("Products")
+        .selected_text(selected)
+        .show_ui(ui, |ui| {
+            for (choice, label, hint) in choices {
+                let enabled = choice != Products::Bf16 || bf16_available;
+                let button = egui::Button::selectable(choice == chosen, label);
+                let response = ui
+                    .add_enabled(enabled, button)
+                    .on_hover_text(hint)
+                    .on_disabled_hover_text("This CPU has no AVX-512 BF16: products stay f32");
+                if response.clicked() {
+                    commands.push(UiCommand::SetProducts(choice));
                 }
-            })
-            .response
-            .on_hover_text("How the UNet's matrix products treat their operands");
-        if let Some(info) = loaded {
-            ui.weak(if info.bf16_products {
-                "bf16 in use"
-            } else {
-                "f32 in use"
-            });
-        }
-    });
+            }
+        })
+        .response
+        .on_hover_text("How the UNet's matrix products treat their operands");
 }
 
 /// Model, prompts and generation parameters (the top of the left panel).
@@ -156,8 +157,10 @@ pub(crate) fn controls_ui(ctx: &ViewContext<'_>, ui: &mut egui::Ui, commands: &m
         (None, Some(info)) => info.name.clone(),
         (None, None) => "none".to_owned(),
     };
-    ui.label(model_text);
-    products_ui(ctx, ui, commands);
+    ui.horizontal_wrapped(|ui| {
+        ui.label(model_text);
+        products_ui(ctx, ui, commands);
+    });
     ui.horizontal(|ui| {
         if ui.button("Open model folder...").clicked() {
             commands.push(UiCommand::OpenDialog(DialogPurpose::OpenModelFolder));

@@ -164,14 +164,16 @@ impl Engine for PipelineEngine {
         };
         // The bundled model ships its UNet as the fp16 variant only; asking for that variant keeps
         // the "only fp16 files found" note (meant for user folders) out of the status line.
-        let options = match source {
-            ModelSource::Bundled => LoadOptions {
-                variant: crate::pipeline::weights::WeightVariant::Fp16,
-                ..LoadOptions::default()
+        let precision = product_precision_for(source, products);
+        let options = LoadOptions {
+            variant: match source {
+                ModelSource::Bundled => crate::pipeline::weights::WeightVariant::Fp16,
+                ModelSource::Folder(_) | ModelSource::File(_) => LoadOptions::default().variant,
             },
-            ModelSource::Folder(_) | ModelSource::File(_) => LoadOptions::default(),
+            products: precision,
+            ..LoadOptions::default()
         };
-        let mut model = StableDiffusion::load_observed(&dir, &options, &mut |stage| {
+        let model = StableDiffusion::load_observed(&dir, &options, &mut |stage| {
             progress(ModelLoadProgress {
                 stage: stage.stage.to_owned(),
                 index: stage.index,
@@ -182,8 +184,6 @@ impl Engine for PipelineEngine {
                 _ => PipelineError::Cancelled,
             })
         })?;
-        let precision = product_precision_for(source, products);
-        model.unet.set_product_precision(precision);
         let (default_width_px, default_height_px) = model.default_size_px();
         let default_scheduler = model
             .scheduler_config

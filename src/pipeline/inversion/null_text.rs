@@ -674,7 +674,10 @@ mod tests {
                 Tensor::from_vec(moved, unconditional.dims(), unconditional.device()).unwrap();
             f64::from(step.loss(&moved).unwrap().to_scalar::<f32>().unwrap())
         };
-        let delta = 1e-2f32;
+        // The forward's own rounding (its convolutions' Winograd transforms) moves the loss by a
+        // few millionths between nearby inputs, and a central difference divides that by 2 delta:
+        // at 1e-2 it was 15% of a 1e-3 slope, at 5e-2 the eight slopes agree within 3%.
+        let delta = 5e-2f32;
         for coordinate in coordinates {
             let finite = (loss_with(coordinate, delta) - loss_with(coordinate, -delta))
                 / (2.0 * f64::from(delta));

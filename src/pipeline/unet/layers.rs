@@ -21,9 +21,15 @@ const CONV_CHUNK_BYTES: usize = 16 << 20;
 /// Elements of Winograd tiles (`16 * tiles * max(in, out)`) materialised at once.
 const WINOGRAD_CHUNK_ELEMENTS: usize = 4 << 20;
 
-/// 3x3 convolutions with at most this many output channels keep their Winograd-transformed filter
-/// (16/9 of the weight; about 200 MB more for SD 1.5, all in its high-resolution layers).
+/// In a model built for bf16 products, 3x3 convolutions with at most this many output channels
+/// keep their F(2x2, 3x3) filter (16/9 of the weight; about 200 MB more for SD 1.5, all in its
+/// high-resolution layers).
 const WINOGRAD_STORED_MAX_OUT_CHANNELS: usize = 640;
+
+/// In a model built for f32 products, 3x3 convolutions with at most this many output channels keep
+/// their F(4x4, 3x3) filter instead (36/9 of the weight): 2.25 multiplications per output rather
+/// than 4. SD 1.5 at 512 px then peaks at 4.53 GB rather than 3.98 GB (diffusers: 4.59 GB).
+const WINOGRAD4_MAX_OUT_CHANNELS: usize = 640;
 
 /// Wider 3x3 convolutions transform their filter on each call when the input has at least this
 /// many 2x2 tiles (the transform then costs far less than the multiplications it saves).
@@ -37,6 +43,9 @@ enum ConvKernel {
     /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (contiguous;
     /// 3x3, stride 1, padding 1, f32).
     Winograd(Tensor),
+    /// Winograd F(4x4, 3x3) with the stored transformed filter `[36, in, out]` (contiguous;
+    /// 3x3, stride 1, padding 1, f32); bf16 products take F(2x2, 3x3), made from it.
+    Winograd4(Tensor),
     /// The weight as `[3 * 3 * in, out]` (contiguous for real weights), transformed on the fly
     /// for large inputs and used as the im2col matrix otherwise.
     WinogradOnTheFly(Tensor),
@@ -107,7 +116,11 @@ impl Conv2d {
         let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
         let kernel_weights =
             if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
-                if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
+                // bf16 products run F(2x2, 3x3): a model built for them keeps that filter.
+                let f32_products = !kernels::product_precision().uses_bf16_here();
+                if is_real && out_channels <= WINOGRAD4_MAX_OUT_CHANNELS && f32_products {
+                    ConvKernel::Winograd4(kernels::winograd4_filter(&matrix)?)
+                } else if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
                     ConvKernel::Winograd(kernels::winograd_filter(&matrix)?)
                 } else {
                     ConvKernel::WinogradOnTheFly(matrix)
@@ -158,8 +171,13 @@ impl Conv2d {
         let label = || {
             let method = match &self.kernel_weights {
                 ConvKernel::Patches(_) => "im2col",
-                ConvKernel::Winograd(_) if self.fused_bf16_winograd() => "winograd bf16 fused",
+                ConvKernel::Winograd(_) | ConvKernel::Winograd4(_)
+                    if self.fused_bf16_winograd() =>
+                {
+                    "winograd bf16 fused"
+                }
                 ConvKernel::Winograd(_) => "winograd",
+                ConvKernel::Winograd4(_) => "winograd4",
                 ConvKernel::WinogradOnTheFly(_) if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES => {
                     "winograd+filter"
                 }
@@ -220,6 +238,20 @@ impl Conv2d {
                 }
                 Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
             }
+            ConvKernel::Winograd4(filter) => {
+                let (_, in_channels, out_channels) = filter.dims3()?;
+                let position = |row: usize, column: usize| filter.get(row * 6 + column);
+                let mut planes = Vec::with_capacity(9);
+                for kernel_y in 0..3 {
+                    for kernel_x in 0..3 {
+                        let column_of = |row: usize| {
+                            kernels::winograd4_inverse_row(kernel_x, |column| position(row, column))
+                        };
+                        planes.push(kernels::winograd4_inverse_row(kernel_y, column_of)?);
+                    }
+                }
+                Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
+            }
         }
     }
 
@@ -233,7 +265,9 @@ impl Conv2d {
         let xs = xs.clone();
         match &self.kernel_weights {
             ConvKernel::Patches(matrix) => self.forward_patches(&xs, matrix, extra_bias),
-            ConvKernel::Winograd(filter) => self.forward_winograd(&xs, filter, extra_bias),
+            ConvKernel::Winograd(filter) | ConvKernel::Winograd4(filter) => {
+                self.forward_winograd(&xs, filter, extra_bias)
+            }
             ConvKernel::WinogradOnTheFly(matrix) => {
                 if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
                     let filter = kernels::winograd_filter(matrix)?;
@@ -328,14 +362,18 @@ impl Conv2d {
     /// filter, the calling thread's products in bf16 on a CPU with AVX-512 BF16, channel counts
     /// the kernel takes.
     fn fused_bf16_winograd(&self) -> bool {
-        matches!(self.kernel_weights, ConvKernel::Winograd(_))
-            && kernels::product_precision().uses_bf16_here()
+        matches!(
+            self.kernel_weights,
+            ConvKernel::Winograd(_) | ConvKernel::Winograd4(_)
+        ) && kernels::product_precision().uses_bf16_here()
             && kernels::winograd_bf16_supported(self.in_channels, self.out_channels)
     }
 
-    /// Winograd F(2x2, 3x3): per block of tile rows (counted over the whole batch, so the filter
+    /// Winograd with the transformed filter `filter`, `[16, in, out]` for F(2x2, 3x3) or `[36, in,
+    /// out]` for F(4x4, 3x3): per block of tile rows (counted over the whole batch, so the filter
     /// is read once per block rather than once per item), transform the input tiles, multiply by
-    /// the transformed filter (16 matrix products) and transform back.
+    /// the filter (one matrix product per transform position) and transform back. bf16 products
+    /// run the fused F(2x2, 3x3) instead.
     fn forward_winograd(
         &self,
         xs: &Tensor,
@@ -343,14 +381,6 @@ impl Conv2d {
         extra_bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (batch, height, width, _) = xs.dims4()?;
-        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
-        let batch_rows = batch * tiles_h;
-        let widest = self.in_channels.max(self.out_channels);
-        // Chunks hold at least as many elements as the filter, so a wide filter (larger than the
-        // tiles themselves) is read once, not once per chunk.
-        let chunk_elements = WINOGRAD_CHUNK_ELEMENTS.max(filter.elem_count());
-        let rows_per_chunk =
-            (chunk_elements / (16 * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
         // `[batch, out]` when each item has its own bias, else `[out]`.
         let biases: Vec<f32> = match extra_bias {
             Some(extra) => extra
@@ -364,25 +394,41 @@ impl Conv2d {
             let packed = match self.winograd_bf16.get() {
                 Some(packed) => packed,
                 None => {
-                    let packed = kernels::pack_winograd_filter(filter)?;
+                    let packed = match &self.kernel_weights {
+                        ConvKernel::Winograd4(_) => kernels::pack_winograd_filter(
+                            &kernels::winograd_filter(&self.weight_matrix()?)?,
+                        )?,
+                        _ => kernels::pack_winograd_filter(filter)?,
+                    };
                     self.winograd_bf16.get_or_init(|| packed)
                 }
             };
             return kernels::winograd_conv_bf16(xs, packed, &biases);
         }
+        let positions = filter.dim(0)?;
+        let tile = if positions == 36 { 4 } else { 2 };
+        let (tiles_h, tiles_w) = (height.div_ceil(tile), width.div_ceil(tile));
+        let batch_rows = batch * tiles_h;
+        let widest = self.in_channels.max(self.out_channels);
+        // Chunks hold at least as many elements as the filter, so a wide filter (larger than the
+        // tiles themselves) is read once, not once per chunk.
+        let chunk_elements = WINOGRAD_CHUNK_ELEMENTS.max(filter.elem_count());
+        let rows_per_chunk =
+            (chunk_elements / (positions * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
         let mut pieces = Vec::new();
         let mut start = 0;
         while start < batch_rows {
             let rows = start..(start + rows_per_chunk).min(batch_rows);
-            let transformed = kernels::winograd_input(xs, rows.clone())?;
-            let products = kernels::batched_matmul_parallel(&transformed, filter)?;
-            pieces.push(kernels::winograd_output(
-                &products,
-                rows.clone(),
-                height,
-                width,
-                biases.clone(),
-            )?);
+            let piece = if tile == 4 {
+                let transformed = kernels::winograd4_input(xs, rows.clone())?;
+                let products = kernels::batched_matmul_parallel(&transformed, filter)?;
+                kernels::winograd4_output(&products, rows.clone(), height, width, biases.clone())?
+            } else {
+                let transformed = kernels::winograd_input(xs, rows.clone())?;
+                let products = kernels::batched_matmul_parallel(&transformed, filter)?;
+                kernels::winograd_output(&products, rows.clone(), height, width, biases.clone())?
+            };
+            pieces.push(piece);
             start = rows.end;
         }
         let out = if pieces.len() == 1 {
