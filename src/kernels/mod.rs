@@ -77,8 +77,8 @@ pub use heads::{merge_heads, split_heads, split_heads_transposed};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::scaled_softmax_in_place;
 pub use threads::parallel_map;
-pub use winograd::{winograd_filter, winograd_input, winograd_output};
-pub use winograd4::{winograd4_filter, winograd4_input, winograd4_inverse_row, winograd4_output};
+pub use winograd::{winograd_filter, winograd_input, winograd_output, winograd_weight};
+pub use winograd4::{winograd4_filter, winograd4_input, winograd4_output};
 pub use winograd_bf16::{
     pack_winograd_filter, winograd_bf16_supported, winograd_conv_bf16, PackedWinogradFilter,
 };

@@ -19,6 +19,20 @@ use super::threads::piece_count;
 /// and the products read the result with contiguous rows (a transposed view would make the GEMM
 /// gather it element by element).
 pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
+    transformed_filter::<16>(matrix, 25, |inputs, outputs| {
+        pulp::Arch::new().dispatch(WinogradFilterPiece { inputs, outputs });
+    })
+}
+
+/// The filter transform of a 3x3 weight given as the im2col matrix `[3 * 3 * in, out]` into `P`
+/// transform positions, `[P, in, out]` (f32, contiguous): ranges of the `in x out` plane elements
+/// go to `piece(inputs, outputs)` in parallel (the nine `(kh, kw)` planes' elements -> the `P`
+/// positions' elements), `unit_cost` operations per element.
+pub(super) fn transformed_filter<const P: usize>(
+    matrix: &Tensor,
+    unit_cost: usize,
+    piece: impl Fn([&[f32]; 9], [&mut [f32]; P]) + Sync,
+) -> Result<Tensor> {
     let (rows, out_channels) = matrix.dims2()?;
     if rows % 9 != 0 {
         candle_core::bail!("winograd: a 3x3 weight matrix has 9 * in rows, got {rows}");
@@ -31,23 +45,73 @@ pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
         candle_core::bail!("winograd: CPU tensors only");
     };
     let values: &[f32] = contiguous_slice(storage, layout, "winograd filter")?;
-    // Each piece is one range of plane elements, written at all 16 positions.
-    let pieces = piece_count(plane, 25).max(1);
+    // Each piece is one range of plane elements, written at all P positions.
+    let pieces = piece_count(plane, unit_cost).max(1);
     let per_piece = plane.div_ceil(pieces).max(1);
-    let transformed = parallel_filled_planes(16, plane, per_piece, |first, outputs| {
-        let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
+    let transformed = parallel_filled_planes(P, plane, per_piece, |first, outputs| {
+        let Ok(outputs) = <[&mut [f32]; P]>::try_from(outputs) else {
             return;
         };
         let len = outputs[0].len();
-        let inputs: [&[f32]; 9] =
-            std::array::from_fn(|index| &values[index * plane + first..][..len]);
-        pulp::Arch::new().dispatch(WinogradFilterPiece { inputs, outputs });
+        piece(
+            std::array::from_fn(|index| &values[index * plane + first..][..len]),
+            outputs,
+        );
     });
-    Tensor::from_vec(
-        transformed,
-        (16, in_channels, out_channels),
-        matrix.device(),
-    )
+    Tensor::from_vec(transformed, (P, in_channels, out_channels), matrix.device())
+}
+
+/// The 3x3 weight as the im2col matrix `[3 * 3 * in, out]` from its transformed filter: `[16, in,
+/// out]` (F(2x2, 3x3), exactly) or `[36, in, out]` (F(4x4, 3x3), to rounding). `g = L U L^T` with
+/// `L` a left inverse of the transform's `G`, applied to the rows, then to the columns.
+pub fn winograd_weight(filter: &Tensor) -> Result<Tensor> {
+    type InverseRow = fn(usize, &dyn Fn(usize) -> Result<Tensor>) -> Result<Tensor>;
+    let (positions, in_channels, out_channels) = filter.dims3()?;
+    let (side, inverse_row): (usize, InverseRow) = match positions {
+        16 => (4, inverse_row),
+        36 => (6, super::winograd4::inverse_row),
+        _ => candle_core::bail!("winograd: a filter has 16 or 36 positions, got {positions}"),
+    };
+    let position = |row: usize, column: usize| filter.get(row * side + column);
+    let mut planes = Vec::with_capacity(9);
+    for kernel_y in 0..3 {
+        for kernel_x in 0..3 {
+            let column_of = |row: usize| inverse_row(kernel_x, &|column| position(row, column));
+            planes.push(inverse_row(kernel_y, &column_of)?);
+        }
+    }
+    Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
+}
+
+/// Row `index` (0..3) of `L X` where `L = [[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]]` is the
+/// left inverse of `G` below; `row(i)` gives row `i` of `X` (0..4).
+fn inverse_row(index: usize, row: &dyn Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
+    match index {
+        0 => row(0),
+        1 => row(1)? - row(2)?,
+        _ => row(3),
+    }
+}
+
+/// Per output row of the tile rows `tile_rows` (counted over the batch, `tile` output rows per
+/// tile row, fewer for the last of a height that `tile` does not divide): (tile row within the
+/// chunk, row within the tile, batch item).
+pub(super) fn output_rows(
+    tile_rows: Range<usize>,
+    height: usize,
+    tile: usize,
+) -> Vec<(usize, usize, usize)> {
+    let tiles_h = height.div_ceil(tile);
+    let mut rows = Vec::with_capacity(tile * tile_rows.len());
+    for (local, batch_row) in tile_rows.enumerate() {
+        let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
+        for within in 0..tile {
+            if tile * tile_row + within < height {
+                rows.push((local, within, item));
+            }
+        }
+    }
+    rows
 }
 
 simd_kernel!(
@@ -242,17 +306,7 @@ struct WinogradOutput {
 impl WinogradOutput {
     /// Per output row: (tile row within the chunk, row within the tile, batch item).
     fn out_rows(&self) -> Vec<(usize, usize, usize)> {
-        let tiles_h = self.height.div_ceil(2);
-        let mut rows = Vec::with_capacity(2 * self.tile_rows.len());
-        for (local, batch_row) in self.tile_rows.clone().enumerate() {
-            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
-            for within in 0..2 {
-                if 2 * tile_row + within < self.height {
-                    rows.push((local, within, item));
-                }
-            }
-        }
-        rows
+        output_rows(self.tile_rows.clone(), self.height, 2)
     }
 
     fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
@@ -450,15 +504,43 @@ pub fn winograd_output(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::test_support::max_abs_diff;
     use candle_core::Device;
 
-    #[test]
-    fn winograd_matches_conv2d() {
+    /// An output transform: `(m, tile_rows, height, width, biases)` -> output rows.
+    type OutputStage = fn(&Tensor, Range<usize>, usize, usize, Vec<f32>) -> Result<Tensor>;
+
+    /// A Winograd size's three stages.
+    pub(in crate::kernels) struct Stages {
+        pub filter: fn(&Tensor) -> Result<Tensor>,
+        pub input: fn(&Tensor, Range<usize>) -> Result<Tensor>,
+        pub output: OutputStage,
+    }
+
+    /// A `[out, in, 3, 3]` weight as the im2col matrix `[9 * in, out]`.
+    pub(in crate::kernels) fn weight_matrix(weight: &Tensor) -> Tensor {
+        let (out, input, _, _) = weight.dims4().unwrap();
+        weight
+            .permute((2, 3, 1, 0))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((9 * input, out))
+            .unwrap()
+    }
+
+    /// The stages of tiles of `tile` outputs a side (`positions` transform positions) against
+    /// candle's `conv2d`, at each of `sizes`, in chunks of tile rows that start, end and cross
+    /// batch items anywhere, with a bias per item.
+    pub(in crate::kernels) fn stages_match_conv2d(
+        (tile, positions): (usize, usize),
+        sizes: &[(usize, usize)],
+        stages: &Stages,
+    ) {
         let device = Device::Cpu;
-        for (height, width) in [(6, 6), (7, 5), (1, 3), (9, 4)] {
+        for &(height, width) in sizes {
             let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
             let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
             let expected = image
@@ -466,19 +548,11 @@ mod tests {
                 .unwrap()
                 .permute((0, 2, 3, 1))
                 .unwrap();
-            let matrix = weight
-                .permute((2, 3, 1, 0))
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .reshape((54, 5))
-                .unwrap();
-            let filter = winograd_filter(&matrix).unwrap();
-            assert_eq!(filter.dims(), &[16, 6, 5]);
+            let filter = (stages.filter)(&weight_matrix(&weight)).unwrap();
+            assert_eq!(filter.dims(), &[positions, 6, 5]);
             assert!(filter.is_contiguous());
             let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-            // Chunks of tile rows that start, end and cross batch items anywhere; a bias per item.
-            let batch_rows = 2 * height.div_ceil(2);
+            let batch_rows = 2 * height.div_ceil(tile);
             let biases: Vec<f32> = (0..10).map(|i| i as f32 * 0.25 - 1.0).collect();
             let bias_tensor = Tensor::from_vec(biases.clone(), (2, 1, 1, 5), &device).unwrap();
             let expected = expected.broadcast_add(&bias_tensor).unwrap();
@@ -486,9 +560,10 @@ mod tests {
                 let mut pieces = Vec::new();
                 for start in (0..batch_rows).step_by(chunk) {
                     let rows = start..(start + chunk).min(batch_rows);
-                    let v = winograd_input(&nhwc, rows.clone()).unwrap();
+                    let v = (stages.input)(&nhwc, rows.clone()).unwrap();
                     let m = v.matmul(&filter).unwrap();
-                    pieces.push(winograd_output(&m, rows, height, width, biases.clone()).unwrap());
+                    let out = (stages.output)(&m, rows, height, width, biases.clone()).unwrap();
+                    pieces.push(out);
                 }
                 let actual = Tensor::cat(&pieces, 0)
                     .unwrap()
@@ -498,5 +573,15 @@ mod tests {
                 assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
             }
         }
+    }
+
+    #[test]
+    fn winograd_matches_conv2d() {
+        let stages = Stages {
+            filter: winograd_filter,
+            input: winograd_input,
+            output: winograd_output,
+        };
+        stages_match_conv2d((2, 16), &[(6, 6), (7, 5), (1, 3), (9, 4)], &stages);
     }
 }

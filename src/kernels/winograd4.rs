@@ -24,6 +24,7 @@ use super::buffers::{parallel_filled, parallel_filled_planes};
 use super::operands::contiguous_slice;
 use super::simd::simd_kernel;
 use super::threads::piece_count;
+use super::winograd::{output_rows, transformed_filter};
 
 /// Transform positions per tile (6 x 6).
 const POSITIONS: usize = 36;
@@ -35,34 +36,9 @@ const TILE: usize = 4;
 /// im2col matrix `[3 * 3 * in, out]` (rows in `(kh, kw, in)` order): returns `[36, in, out]`
 /// (f32, contiguous), one `in x out` right-hand factor per transform position.
 pub fn winograd4_filter(matrix: &Tensor) -> Result<Tensor> {
-    let (rows, out_channels) = matrix.dims2()?;
-    if rows % 9 != 0 {
-        candle_core::bail!("winograd: a 3x3 weight matrix has 9 * in rows, got {rows}");
-    }
-    let in_channels = rows / 9;
-    let plane = in_channels * out_channels;
-    let matrix = matrix.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    let (storage, layout) = matrix.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("winograd: CPU tensors only");
-    };
-    let values: &[f32] = contiguous_slice(storage, layout, "winograd filter")?;
-    let pieces = piece_count(plane, 60).max(1);
-    let per_piece = plane.div_ceil(pieces).max(1);
-    let transformed = parallel_filled_planes(POSITIONS, plane, per_piece, |first, outputs| {
-        let Ok(outputs) = <[&mut [f32]; POSITIONS]>::try_from(outputs) else {
-            return;
-        };
-        let len = outputs[0].len();
-        let inputs: [&[f32]; 9] =
-            std::array::from_fn(|index| &values[index * plane + first..][..len]);
+    transformed_filter::<POSITIONS>(matrix, 60, |inputs, outputs| {
         pulp::Arch::new().dispatch(FilterPiece { inputs, outputs });
-    });
-    Tensor::from_vec(
-        transformed,
-        (POSITIONS, in_channels, out_channels),
-        matrix.device(),
-    )
+    })
 }
 
 simd_kernel!(
@@ -111,12 +87,8 @@ fn g_row(r: usize, a: f32, b: f32, c: f32) -> f32 {
 }
 
 /// Row `index` (0..3) of `L X`, where `L` is a left inverse of `G` (`g0 = u0`, `g1 = 65/54 (u2 -
-/// u1)`, `g2 = u5`); `row(i)` gives row `i` of `X` (0..6). Recovers a 3x3 weight from its
-/// transformed filter (to rounding).
-pub fn winograd4_inverse_row(
-    index: usize,
-    row: impl Fn(usize) -> Result<Tensor>,
-) -> Result<Tensor> {
+/// u1)`, `g2 = u5`); `row(i)` gives row `i` of `X` (0..6), for [`super::winograd::winograd_weight`].
+pub(super) fn inverse_row(index: usize, row: &dyn Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
     match index {
         0 => row(0),
         1 => (row(2)? - row(1)?)? * (65.0 / 54.0),
@@ -313,17 +285,7 @@ struct Output {
 impl Output {
     /// Per output row: (tile row within the chunk, row within the tile, batch item).
     fn out_rows(&self) -> Vec<(usize, usize, usize)> {
-        let tiles_h = self.height.div_ceil(TILE);
-        let mut rows = Vec::with_capacity(TILE * self.tile_rows.len());
-        for (local, batch_row) in self.tile_rows.clone().enumerate() {
-            let (item, tile_row) = (batch_row / tiles_h, batch_row % tiles_h);
-            for within in 0..TILE {
-                if TILE * tile_row + within < self.height {
-                    rows.push((local, within, item));
-                }
-            }
-        }
-        rows
+        output_rows(self.tile_rows.clone(), self.height, TILE)
     }
 
     fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
@@ -438,55 +400,19 @@ pub fn winograd4_output(
 mod tests {
     use super::*;
     use crate::kernels::test_support::max_abs_diff;
+    use crate::kernels::winograd::tests::{stages_match_conv2d, weight_matrix, Stages};
+    use crate::kernels::winograd::winograd_weight;
     use candle_core::Device;
-
-    fn weight_matrix(weight: &Tensor) -> Tensor {
-        let (out, input, _, _) = weight.dims4().unwrap();
-        weight
-            .permute((2, 3, 1, 0))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((9 * input, out))
-            .unwrap()
-    }
 
     #[test]
     fn winograd4_matches_conv2d() {
-        let device = Device::Cpu;
-        for (height, width) in [(8, 8), (7, 5), (1, 3), (9, 4), (6, 13)] {
-            let image = Tensor::randn(0f32, 1.0, (2, 6, height, width), &device).unwrap();
-            let weight = Tensor::randn(0f32, 1.0, (5, 6, 3, 3), &device).unwrap();
-            let expected = image
-                .conv2d(&weight, 1, 1, 1, 1)
-                .unwrap()
-                .permute((0, 2, 3, 1))
-                .unwrap();
-            let filter = winograd4_filter(&weight_matrix(&weight)).unwrap();
-            assert_eq!(filter.dims(), &[36, 6, 5]);
-            assert!(filter.is_contiguous());
-            let nhwc = image.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
-            // Chunks of tile rows that start, end and cross batch items anywhere; a bias per item.
-            let batch_rows = 2 * height.div_ceil(4);
-            let biases: Vec<f32> = (0..10).map(|i| i as f32 * 0.25 - 1.0).collect();
-            let bias_tensor = Tensor::from_vec(biases.clone(), (2, 1, 1, 5), &device).unwrap();
-            let expected = expected.broadcast_add(&bias_tensor).unwrap();
-            for chunk in [1, 2, 3, batch_rows] {
-                let mut pieces = Vec::new();
-                for start in (0..batch_rows).step_by(chunk) {
-                    let rows = start..(start + chunk).min(batch_rows);
-                    let v = winograd4_input(&nhwc, rows.clone()).unwrap();
-                    let m = v.matmul(&filter).unwrap();
-                    pieces.push(winograd4_output(&m, rows, height, width, biases.clone()).unwrap());
-                }
-                let actual = Tensor::cat(&pieces, 0)
-                    .unwrap()
-                    .reshape((2, height, width, 5))
-                    .unwrap();
-                let diff = max_abs_diff(&actual, &expected);
-                assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
-            }
-        }
+        let stages = Stages {
+            filter: winograd4_filter,
+            input: winograd4_input,
+            output: winograd4_output,
+        };
+        let sizes = [(8, 8), (7, 5), (1, 3), (9, 4), (6, 13)];
+        stages_match_conv2d((TILE, POSITIONS), &sizes, &stages);
     }
 
     #[test]
@@ -495,16 +421,7 @@ mod tests {
         let weight = Tensor::randn(0f32, 1.0, (7, 3, 3, 3), &device).unwrap();
         let matrix = weight_matrix(&weight);
         let filter = winograd4_filter(&matrix).unwrap();
-        let position = |row: usize, column: usize| filter.get(row * 6 + column);
-        let mut planes = Vec::new();
-        for kernel_y in 0..3 {
-            for kernel_x in 0..3 {
-                let column_of =
-                    |row: usize| winograd4_inverse_row(kernel_x, |column| position(row, column));
-                planes.push(winograd4_inverse_row(kernel_y, column_of).unwrap());
-            }
-        }
-        let back = Tensor::stack(&planes, 0).unwrap().reshape((27, 7)).unwrap();
+        let back = winograd_weight(&filter).unwrap();
         let diff = max_abs_diff(&back, &matrix);
         assert!(diff < 1e-5, "{diff}");
     }

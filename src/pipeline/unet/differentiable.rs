@@ -132,20 +132,6 @@ pub(super) fn col2im(
     Tensor::from_vec(out, (batch, height, width, channels), patches.device())
 }
 
-/// Row `index` (0..3) of `L X` where `L = [[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]]` is the
-/// left inverse of Winograd's `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]`;
-/// `row(i)` gives row `i` of `X` (0..4).
-pub(super) fn winograd_inverse_row(
-    index: usize,
-    row: impl Fn(usize) -> candle_core::Result<Tensor>,
-) -> candle_core::Result<Tensor> {
-    match index {
-        0 => row(0),
-        1 => row(1)? - row(2)?,
-        _ => row(3),
-    }
-}
-
 /// Nearest-neighbour resize of channels-last `[batch, h, w, c]` to `[batch, target_h, target_w,
 /// c]` with the fused kernel's source index `min(y * h / target_h, h - 1)` (torch's `nearest`),
 /// by `index_select` (differentiable for any factor).

@@ -215,42 +215,15 @@ impl Conv2d {
         })
     }
 
-    /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back exactly
-    /// (`g = L U L^T` with `L` the left inverse of Winograd's `G`: rows 0, 1 - 2 and 3).
+    /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back
+    /// ([`kernels::winograd_weight`]).
     fn weight_matrix(&self) -> candle_core::Result<Tensor> {
         match &self.kernel_weights {
             ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) => {
                 Ok(matrix.clone())
             }
-            ConvKernel::Winograd(filter) => {
-                let (_, in_channels, out_channels) = filter.dims3()?;
-                let position = |row: usize, column: usize| filter.get(row * 4 + column);
-                let mut planes = Vec::with_capacity(9);
-                for kernel_y in 0..3 {
-                    for kernel_x in 0..3 {
-                        let column_of = |row: usize| {
-                            differentiable::winograd_inverse_row(kernel_x, |column| {
-                                position(row, column)
-                            })
-                        };
-                        planes.push(differentiable::winograd_inverse_row(kernel_y, column_of)?);
-                    }
-                }
-                Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
-            }
-            ConvKernel::Winograd4(filter) => {
-                let (_, in_channels, out_channels) = filter.dims3()?;
-                let position = |row: usize, column: usize| filter.get(row * 6 + column);
-                let mut planes = Vec::with_capacity(9);
-                for kernel_y in 0..3 {
-                    for kernel_x in 0..3 {
-                        let column_of = |row: usize| {
-                            kernels::winograd4_inverse_row(kernel_x, |column| position(row, column))
-                        };
-                        planes.push(kernels::winograd4_inverse_row(kernel_y, column_of)?);
-                    }
-                }
-                Tensor::stack(&planes, 0)?.reshape((9 * in_channels, out_channels))
+            ConvKernel::Winograd(filter) | ConvKernel::Winograd4(filter) => {
+                kernels::winograd_weight(filter)
             }
         }
     }
