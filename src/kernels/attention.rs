@@ -418,6 +418,20 @@ impl FusedAttention<'_> {
             }
             None => {
                 let panels = values.key_panels.as_deref();
+                // Without a head mean to add, many keys go chunk by chunk (no block of scores).
+                if let Some(panels) =
+                    panels.filter(|_| mean.is_none() && attention_f32::chunks_suit(keys))
+                {
+                    let query = (self.query, query_offset, inner);
+                    let target = (&mut *out, offset, row_stride);
+                    let operands = (panels, &values.values[..]);
+                    let shape = (rows, keys, head_dim);
+                    if attention_f32::attention_in_chunks(
+                        target, query, operands, shape, self.scale,
+                    ) {
+                        return Ok(());
+                    }
+                }
                 let tiled = panels.is_some_and(|panels| {
                     let query = (self.query, query_offset, inner);
                     attention_f32::scores(&mut *scores, query, panels, (rows, keys, head_dim))
@@ -824,9 +838,12 @@ mod tests {
         // 600 keys make blocks of 109 queries: blocks end inside and at the items' 250 queries.
         // With AVX-512 the f32 tiles take them all: 77 and 600 keys end in partial vectors,
         // heads of 40 and 80 values end inside a vector (the values' rows are padded), 20 and
-        // 250 queries end inside a tile of 8.
+        // 250 queries end inside a tile of 8. Without a head mean, more than 480 keys go in
+        // chunks of 480 (`attention_f32::attention_in_chunks`): 600 and 500 keys end in a partial
+        // chunk, 45 queries in a partial group of 32.
         let shapes = [
             (2, 250, 600, 3, 5),
+            (2, 45, 500, 2, 40),
             (1, 7, 77, 2, 8),
             (2, 20, 160, 2, 40),
             (1, 9, 48, 1, 80),
