@@ -245,6 +245,43 @@ pub(super) fn gemm_uninit_with_bias<'d>(
     }
 }
 
+/// `dst` `[products.len(), m, n]` (contiguous, exactly that many slots) `= lhs * rhs` for each
+/// `(lhs, rhs)` of `products` (all `m x k` times `k x n`) on the calling thread, handed back
+/// initialised.
+pub(super) fn gemm_uninit_batched<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    products: &[(MatrixView<'_>, MatrixView<'_>)],
+) -> Result<&'d mut [f32]> {
+    let Some(&(first_lhs, first_rhs)) = products.first() else {
+        candle_core::bail!("gemm: a batch of no products");
+    };
+    let (m, n) = (first_lhs.rows, first_rhs.cols);
+    if dst.len() != products.len() * m * n {
+        candle_core::bail!(
+            "gemm: {} output slots for {} products of {m}x{n}",
+            dst.len(),
+            products.len()
+        );
+    }
+    for (item, &(lhs, rhs)) in products.iter().enumerate() {
+        if (lhs.rows, rhs.cols) != (m, n) {
+            candle_core::bail!(
+                "gemm: a {}x{} product in a batch of {m}x{n}",
+                lhs.rows,
+                rhs.cols
+            );
+        }
+        gemm_with_bias(dst, item * m * n, n, lhs, rhs, None)?;
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: the products, `m * n` values each at offsets `item * m * n` with row stride `n`,
+    // cover all `products.len() * m * n` slots, and the GEMM wrote each one (every call returned
+    // without error); `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe {
+        Ok(&mut *(std::ptr::from_mut(dst) as *mut [f32]))
+    }
+}
+
 /// [`gemm_uninit_with_bias`] with, when given, the right operand's bf16 packing (`rhs`'s
 /// columns, packed; see [`WeightPacking`]) instead of packing `rhs` for this product.
 pub(super) fn product_piece<'d>(

@@ -17,7 +17,7 @@
 //! | `operands.rs` | reading a tensor's CPU storage: contiguous slices, f32 operands |
 //! | `simd.rs` | `simd_kernel!` (loops compiled per vector level), `fast_exp`, `fast_erf`, SiLU, GELU, lane reductions |
 //! | `conv.rs` | im2col patches and their geometry |
-//! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms (the output transform in AVX-512 intrinsics where the CPU has them) |
+//! | `winograd.rs` | Winograd F(2x2, 3x3): filter, input and output transforms (the output transform in AVX-512 intrinsics where the CPU has them), and the products with a filter transformed block by block from the weight (wide layers that store no filter) |
 //! | `winograd4.rs` | Winograd F(4x4, 3x3) with f32 products: filter, input and output transforms (2.25 multiplications per output instead of F(2x2, 3x3)'s 4) |
 //! | `winograd_bf16.rs` | the same convolution with bf16 products, fused per block of tile rows (no materialised tiles) |
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
@@ -77,7 +77,10 @@ pub use heads::{merge_heads, split_heads, split_heads_transposed};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::scaled_softmax_in_place;
 pub use threads::parallel_map;
-pub use winograd::{winograd_filter, winograd_input, winograd_output, winograd_weight};
+pub use winograd::{
+    winograd_filter, winograd_input, winograd_output, winograd_products_from_weight,
+    winograd_weight,
+};
 pub use winograd4::{winograd4_filter, winograd4_input, winograd4_output};
 pub use winograd_bf16::{
     pack_winograd_filter, winograd_bf16_supported, winograd_conv_bf16, PackedWinogradFilter,

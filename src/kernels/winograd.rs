@@ -6,8 +6,9 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::buffers::{parallel_filled, parallel_filled_planes};
-use super::operands::contiguous_slice;
+use super::buffers::{parallel_filled, parallel_filled_planes, parallel_pieces};
+use super::gemm::{gemm_uninit_batched, MatrixView};
+use super::operands::{contiguous_slice, with_f32_pair};
 use super::simd::simd_kernel;
 use super::threads::piece_count;
 
@@ -23,6 +24,116 @@ pub fn winograd_filter(matrix: &Tensor) -> Result<Tensor> {
         pulp::Arch::new().dispatch(WinogradFilterPiece { inputs, outputs });
     })
 }
+
+/// Output channels per column block of [`winograd_products_from_weight`]: wide enough for the
+/// products to run at full speed, narrow enough that a block's transformed filter (`16 * in *
+/// 64` values, 5.2 MB for 1280 input channels) stays in the caches.
+const FILTER_BLOCK_COLUMNS: usize = 64;
+
+thread_local! {
+    /// Each thread's transformed filter block of [`winograd_products_from_weight`].
+    static FILTER_BLOCK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The sixteen Winograd F(2x2, 3x3) products `V_p U_p` of the input tiles `tiles` `[16, T, in]`
+/// ([`winograd_input`]) with the filter `U` transformed from the 3x3 weight's im2col matrix
+/// `[3 * 3 * in, out]` one block of output channels at a time: each core transforms a block's
+/// columns into a buffer of its own and multiplies them right away, so the whole transformed
+/// filter (16/9 of the weight) is never written out and read back. Returns `[blocks, 16, T,
+/// width]`: the products of each block of `width` output channels ([`winograd_output`] reads
+/// this layout as it reads `[16, T, out]`). The filter values are [`winograd_filter`]'s, bit for
+/// bit.
+pub fn winograd_products_from_weight(tiles: &Tensor, matrix: &Tensor) -> Result<Tensor> {
+    let (positions, tile_count, in_channels) = tiles.dims3()?;
+    let (rows, out_channels) = matrix.dims2()?;
+    if positions != 16 || rows != 9 * in_channels {
+        candle_core::bail!(
+            "winograd products: tiles {:?} with a weight matrix {:?}",
+            tiles.dims(),
+            matrix.dims()
+        );
+    }
+    let width = if out_channels.is_multiple_of(FILTER_BLOCK_COLUMNS) {
+        FILTER_BLOCK_COLUMNS
+    } else {
+        out_channels
+    };
+    let blocks = out_channels / width.max(1);
+    let block_len = 16 * tile_count * width;
+    let out = with_f32_pair(tiles, matrix, |tile_values, weight| {
+        parallel_pieces(
+            blocks * block_len,
+            block_len,
+            in_channels,
+            |block, slots| {
+                let mut filter = FILTER_BLOCK.take();
+                filter.clear();
+                filter.resize(16 * in_channels * width, 0.0);
+                pulp::Arch::new().dispatch(WinogradFilterColumns {
+                    matrix: weight,
+                    shape: [in_channels, out_channels, block * width, width],
+                    outputs: &mut filter,
+                });
+                let products: Vec<_> = (0..16)
+                    .map(|position| {
+                        let lhs = MatrixView::new(
+                            tile_values,
+                            position * tile_count * in_channels,
+                            (tile_count, in_channels),
+                            in_channels,
+                        );
+                        let rhs = MatrixView::new(
+                            &filter,
+                            position * in_channels * width,
+                            (in_channels, width),
+                            width,
+                        );
+                        (lhs, rhs)
+                    })
+                    .collect();
+                let done = gemm_uninit_batched(slots, &products);
+                FILTER_BLOCK.set(filter);
+                done
+            },
+        )
+    })?;
+    Tensor::from_vec(out, (blocks, 16, tile_count, width), tiles.device())
+}
+
+simd_kernel!(
+    /// The Winograd filter transform of output channels `first..first + width` of the im2col
+    /// matrix `matrix` `[9 * in, out]` (`shape` = `[in, out, first, width]`) into `outputs` `[16,
+    /// in, width]`, in [`WinogradFilterPiece`]'s order of operations.
+    WinogradFilterColumns<'data> {
+        matrix: &'data [f32],
+        shape: [usize; 4],
+        outputs: &'data mut [f32],
+    } => {
+        let [in_channels, out_channels, first, width] = shape;
+        const BLOCK: usize = 512;
+        let mut rows = [[0f32; BLOCK]; 3];
+        for start in (0..width).step_by(BLOCK) {
+            let block = BLOCK.min(width - start);
+            for input in 0..in_channels {
+                let plane = |index: usize| {
+                    &matrix[(index * in_channels + input) * out_channels + first + start..]
+                        [..block]
+                };
+                for r in 0..4 {
+                    for (j, row) in rows.iter_mut().enumerate() {
+                        let [a, b, c] = [0, 1, 2].map(|i| plane(i * 3 + j));
+                        winograd_g_rows(r, &mut row[..block], a, b, c);
+                    }
+                    let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
+                    for column in 0..4 {
+                        let at = ((r * 4 + column) * in_channels + input) * width + start;
+                        winograd_g_rows(column, &mut outputs[at..at + block], a, b, c);
+                    }
+                }
+            }
+        }
+    }
+);
 
 /// The filter transform of a 3x3 weight given as the im2col matrix `[3 * 3 * in, out]` into `P`
 /// transform positions, `[P, in, out]` (f32, contiguous): ranges of the `in x out` plane elements
@@ -309,11 +420,16 @@ impl WinogradOutput {
         output_rows(self.tile_rows.clone(), self.height, 2)
     }
 
-    fn run(&self, src: &[f32], tiles: usize, channels: usize) -> Vec<f32> {
+    /// The output rows from the products `src`, `[blocks, 16, tiles, width]` (`blocks` column
+    /// blocks of `width` channels; one block is `[16, tiles, k]`).
+    fn run(&self, src: &[f32], tiles: usize, (blocks, width): (usize, usize)) -> Vec<f32> {
+        let channels = blocks * width;
         let tiles_w = self.width.div_ceil(2);
         let rows = self.out_rows();
         let row_len = self.width * channels;
-        let plane = tiles * channels;
+        // Values per position plane of a block, and per block.
+        let plane = tiles * width;
+        let block_len = 16 * plane;
         let bias_rows = self.biases.len() / channels.max(1);
         // Workers take whole output rows; each output row belongs to one tile row.
         let out = parallel_filled(
@@ -330,34 +446,46 @@ impl WinogradOutput {
                         for tile_col in 0..tiles_w {
                             let tile = tile_row * tiles_w + tile_col;
                             let pixels = (self.width - 2 * tile_col).min(2);
-                            #[allow(unsafe_code)]
-                            // SAFETY: AVX-512 F is present; the sixteen positions of `tile` lie
-                            // inside `src` (`[16, tiles, channels]`), `bias` holds `channels`
-                            // values and the tile's pixels lie inside `dst_row`.
-                            unsafe {
-                                x86::output_tile(
-                                    (src.as_ptr().add(tile * channels), plane),
-                                    (channels, bias.as_ptr()),
-                                    (within..within + 1, pixels),
-                                    |_, x_within| dst_at.add((2 * tile_col + x_within) * channels),
-                                );
+                            for block in 0..blocks {
+                                let column = block * width;
+                                let positions = block * block_len + tile * width;
+                                #[allow(unsafe_code)]
+                                // SAFETY: AVX-512 F is present; the sixteen positions of `tile`
+                                // in `block` lie inside `src` (`[blocks, 16, tiles, width]`),
+                                // `bias` holds `channels` values and the tile's pixels (their
+                                // block's `width` channels) lie inside `dst_row`.
+                                unsafe {
+                                    x86::output_tile(
+                                        (src.as_ptr().add(positions), plane),
+                                        (width, bias.as_ptr().add(column)),
+                                        (within..within + 1, pixels),
+                                        |_, x_within| {
+                                            let x = 2 * tile_col + x_within;
+                                            dst_at.add(x * channels + column)
+                                        },
+                                    );
+                                }
                             }
                         }
                         continue;
                     }
                     for tile_col in 0..tiles_w {
                         let tile = tile_row * tiles_w + tile_col;
-                        let m = |position: usize| {
-                            &src[position * plane + tile * channels..][..channels]
-                        };
-                        let planes: [&[f32]; 16] = std::array::from_fn(m);
-                        for x_within in 0..2 {
-                            let x = 2 * tile_col + x_within;
-                            if x >= self.width {
-                                continue;
+                        for block in 0..blocks {
+                            let column = block * width;
+                            let m = |position: usize| {
+                                &src[block * block_len + position * plane + tile * width..][..width]
+                            };
+                            let planes: [&[f32]; 16] = std::array::from_fn(m);
+                            for x_within in 0..2 {
+                                let x = 2 * tile_col + x_within;
+                                if x >= self.width {
+                                    continue;
+                                }
+                                let dst = &mut dst_row[x * channels + column..][..width];
+                                let bias = &bias[column..][..width];
+                                output_pixel(&planes, (within, x_within), bias, dst);
                             }
-                            let dst = &mut dst_row[x * channels..][..channels];
-                            output_pixel(&planes, (within, x_within), bias, dst);
                         }
                     }
                 }
@@ -403,13 +531,19 @@ impl CustomOp1 for WinogradOutput {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (positions, tiles, channels) = layout.shape().dims3()?;
+        // `[16, tiles, k]`, or `[blocks, 16, tiles, width]` column blocks of `k = blocks * width`.
+        let (blocks, positions, tiles, width) = match *layout.shape().dims() {
+            [positions, tiles, width] => (1, positions, tiles, width),
+            [blocks, positions, tiles, width] => (blocks, positions, tiles, width),
+            _ => candle_core::bail!("winograd output: unexpected shape {:?}", layout.shape()),
+        };
+        let channels = blocks * width;
         if positions != 16 || channels == 0 || !self.biases.len().is_multiple_of(channels) {
             candle_core::bail!("winograd output: unexpected shape {:?}", layout.shape());
         }
         let src = contiguous_slice::<f32>(storage, layout, "winograd output")?;
         Ok((
-            CpuStorage::F32(self.run(src, tiles, channels)),
+            CpuStorage::F32(self.run(src, tiles, (blocks, width))),
             Shape::from_dims(&[self.out_rows().len(), self.width, channels]),
         ))
     }
@@ -486,8 +620,9 @@ pub fn winograd_input(xs: &Tensor, tile_rows: Range<usize>) -> Result<Tensor> {
 }
 
 /// Output rows of tile rows `tile_rows` (counted as in [`winograd_input`]) from the transformed
-/// products `m` `[16, tiles, k]` (f32): `[rows, width, k]` with `biases` added, given as `k`
-/// values for every item or `batch * k` values (one row per item).
+/// products `m` `[16, tiles, k]`, or `[blocks, 16, tiles, k / blocks]` in column blocks (f32;
+/// [`winograd_products_from_weight`]): `[rows, width, k]` with `biases` added, given as `k` values
+/// for every item or `batch * k` values (one row per item).
 pub fn winograd_output(
     m: &Tensor,
     tile_rows: Range<usize>,
@@ -572,6 +707,41 @@ pub(super) mod tests {
                 let diff = max_abs_diff(&actual, &expected);
                 assert!(diff < 1e-4, "{height}x{width}, chunks of {chunk}: {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn products_from_the_weight_match_the_stored_filter() {
+        let device = Device::Cpu;
+        // 128 output channels: two blocks of 64; 40: one block of all of them.
+        for out in [128, 40] {
+            let (height, width, input) = (6, 5, 7);
+            let image = Tensor::randn(0f32, 1.0, (2, height, width, input), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (out, input, 3, 3), &device).unwrap();
+            let matrix = weight_matrix(&weight);
+            let batch_rows = 2 * height.div_ceil(2);
+            let tiles = winograd_input(&image, 0..batch_rows).unwrap();
+            let stored = tiles.matmul(&winograd_filter(&matrix).unwrap()).unwrap();
+            let blocks = winograd_products_from_weight(&tiles, &matrix).unwrap();
+            let width_of_block = blocks.dim(3).unwrap();
+            assert_eq!(blocks.dim(0).unwrap() * width_of_block, out);
+            // Block b holds output channels b * width..: the same products.
+            let regrouped = blocks
+                .permute((1, 2, 0, 3))
+                .unwrap()
+                .reshape(stored.dims())
+                .unwrap();
+            assert!(max_abs_diff(&regrouped, &stored) < 1e-4, "{out} channels");
+            // The output transform reads both layouts alike.
+            let biases: Vec<f32> = (0..out).map(|i| i as f32 * 0.01).collect();
+            let from_stored =
+                winograd_output(&stored, 0..batch_rows, height, width, biases.clone()).unwrap();
+            let from_blocks =
+                winograd_output(&blocks, 0..batch_rows, height, width, biases).unwrap();
+            assert!(
+                max_abs_diff(&from_blocks, &from_stored) < 1e-4,
+                "{out} channels"
+            );
         }
     }
 

@@ -51,6 +51,16 @@ enum ConvKernel {
     WinogradOnTheFly(Tensor),
 }
 
+/// Where a Winograd convolution's transformed filter comes from.
+#[derive(Clone, Copy)]
+enum WinogradFilter<'a> {
+    /// Stored: `[16, in, out]` (F(2x2, 3x3)) or `[36, in, out]` (F(4x4, 3x3)).
+    Stored(&'a Tensor),
+    /// Transformed block by block during the products (F(2x2, 3x3)) from the weight as `[3 * 3
+    /// * in, out]` (see [`kernels::winograd_products_from_weight`]).
+    FromWeight(&'a Tensor),
+}
+
 /// A 2-D convolution with bias on channels-last input. The diffusers weight `[out, in, k, k]` is
 /// repacked as `[k * k * in, out]` to match the patch layout, or transformed for Winograd.
 #[derive(Clone, Debug)]
@@ -239,12 +249,11 @@ impl Conv2d {
         match &self.kernel_weights {
             ConvKernel::Patches(matrix) => self.forward_patches(&xs, matrix, extra_bias),
             ConvKernel::Winograd(filter) | ConvKernel::Winograd4(filter) => {
-                self.forward_winograd(&xs, filter, extra_bias)
+                self.forward_winograd(&xs, WinogradFilter::Stored(filter), extra_bias)
             }
             ConvKernel::WinogradOnTheFly(matrix) => {
                 if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
-                    let filter = kernels::winograd_filter(matrix)?;
-                    self.forward_winograd(&xs, &filter, extra_bias)
+                    self.forward_winograd(&xs, WinogradFilter::FromWeight(matrix), extra_bias)
                 } else {
                     self.forward_patches(&xs, matrix, extra_bias)
                 }
@@ -350,7 +359,7 @@ impl Conv2d {
     fn forward_winograd(
         &self,
         xs: &Tensor,
-        filter: &Tensor,
+        filter: WinogradFilter<'_>,
         extra_bias: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (batch, height, width, _) = xs.dims4()?;
@@ -367,39 +376,57 @@ impl Conv2d {
             let packed = match self.winograd_bf16.get() {
                 Some(packed) => packed,
                 None => {
-                    let packed = match &self.kernel_weights {
-                        ConvKernel::Winograd4(_) => kernels::pack_winograd_filter(
-                            &kernels::winograd_filter(&self.weight_matrix()?)?,
-                        )?,
-                        _ => kernels::pack_winograd_filter(filter)?,
+                    let packed = match (&self.kernel_weights, filter) {
+                        (ConvKernel::Winograd(_), WinogradFilter::Stored(filter)) => {
+                            kernels::pack_winograd_filter(filter)?
+                        }
+                        _ => kernels::pack_winograd_filter(&kernels::winograd_filter(
+                            &self.weight_matrix()?,
+                        )?)?,
                     };
                     self.winograd_bf16.get_or_init(|| packed)
                 }
             };
             return kernels::winograd_conv_bf16(xs, packed, &biases);
         }
-        let positions = filter.dim(0)?;
+        let positions = match filter {
+            WinogradFilter::Stored(filter) => filter.dim(0)?,
+            WinogradFilter::FromWeight(_) => 16,
+        };
         let tile = if positions == 36 { 4 } else { 2 };
         let (tiles_h, tiles_w) = (height.div_ceil(tile), width.div_ceil(tile));
         let batch_rows = batch * tiles_h;
         let widest = self.in_channels.max(self.out_channels);
         // Chunks hold at least as many elements as the filter, so a wide filter (larger than the
-        // tiles themselves) is read once, not once per chunk.
-        let chunk_elements = WINOGRAD_CHUNK_ELEMENTS.max(filter.elem_count());
+        // tiles themselves) is read (or transformed) once, not once per chunk.
+        let filter_elements = positions * self.in_channels * self.out_channels;
+        let chunk_elements = WINOGRAD_CHUNK_ELEMENTS.max(filter_elements);
         let rows_per_chunk =
             (chunk_elements / (positions * tiles_w * widest).max(1)).clamp(1, batch_rows.max(1));
         let mut pieces = Vec::new();
         let mut start = 0;
         while start < batch_rows {
             let rows = start..(start + rows_per_chunk).min(batch_rows);
-            let piece = if tile == 4 {
-                let transformed = kernels::winograd4_input(xs, rows.clone())?;
-                let products = kernels::batched_matmul_parallel(&transformed, filter)?;
-                kernels::winograd4_output(&products, rows.clone(), height, width, biases.clone())?
-            } else {
-                let transformed = kernels::winograd_input(xs, rows.clone())?;
-                let products = kernels::batched_matmul_parallel(&transformed, filter)?;
-                kernels::winograd_output(&products, rows.clone(), height, width, biases.clone())?
+            let piece = match filter {
+                WinogradFilter::Stored(filter) if tile == 4 => {
+                    let transformed = kernels::winograd4_input(xs, rows.clone())?;
+                    let products = kernels::batched_matmul_parallel(&transformed, filter)?;
+                    let biases = biases.clone();
+                    kernels::winograd4_output(&products, rows.clone(), height, width, biases)?
+                }
+                _ => {
+                    let transformed = kernels::winograd_input(xs, rows.clone())?;
+                    let products = match filter {
+                        WinogradFilter::Stored(filter) => {
+                            kernels::batched_matmul_parallel(&transformed, filter)?
+                        }
+                        WinogradFilter::FromWeight(matrix) => {
+                            kernels::winograd_products_from_weight(&transformed, matrix)?
+                        }
+                    };
+                    let biases = biases.clone();
+                    kernels::winograd_output(&products, rows.clone(), height, width, biases)?
+                }
             };
             pieces.push(piece);
             start = rows.end;
