@@ -252,10 +252,15 @@ impl Conv2d {
                 self.forward_winograd(&xs, WinogradFilter::Stored(filter), extra_bias)
             }
             ConvKernel::WinogradOnTheFly(matrix) => {
-                if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES {
-                    self.forward_winograd(&xs, WinogradFilter::FromWeight(matrix), extra_bias)
-                } else {
+                if tiles < WINOGRAD_ON_THE_FLY_MIN_TILES {
                     self.forward_patches(&xs, matrix, extra_bias)
+                } else if kernels::product_precision().uses_bf16_here() {
+                    // bf16 products convert their operands per product: filter blocks would
+                    // convert the tiles once per block, so the whole filter is transformed.
+                    let filter = kernels::winograd_filter(matrix)?;
+                    self.forward_winograd(&xs, WinogradFilter::Stored(&filter), extra_bias)
+                } else {
+                    self.forward_winograd(&xs, WinogradFilter::FromWeight(matrix), extra_bias)
                 }
             }
         }
