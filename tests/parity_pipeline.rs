@@ -98,17 +98,20 @@ fn tiny_sd2_matches_diffusers() {
     check_model("tiny-sd2");
 }
 
-#[test]
-fn f16_compute_stays_close_to_the_f32_reference() {
-    let dir = fixture("tiny-sd1");
+/// An 8-step DDIM run (guidance as in `GenerateRequest::new`) of `model_name` loaded with
+/// `options`, from diffusers' initial noise, and diffusers' reference outputs.
+fn ddim_run(
+    model_name: &str,
+    options: &LoadOptions,
+) -> (
+    attend::pipeline::sampling::GenerateOutput,
+    HashMap<String, Tensor>,
+) {
+    let dir = fixture(model_name);
     let reference: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("reference_outputs.safetensors"), &Device::Cpu)
             .unwrap();
-    let options = LoadOptions {
-        dtype: candle_core::DType::F16,
-        ..LoadOptions::default()
-    };
-    let mut model = StableDiffusion::load(&dir, &options).unwrap();
+    let mut model = StableDiffusion::load(&dir, options).unwrap();
     model.scheduler_config =
         SchedulerConfig::from_file(&dir.join("reference_scheduler_ddim.json")).unwrap();
     let mut request = GenerateRequest::new(&model, "a photo of a cat wearing sunglasses");
@@ -116,6 +119,16 @@ fn f16_compute_stays_close_to_the_f32_reference() {
     request.scheduler = Some(SchedulerKind::Ddim);
     request.init_latents = Some(reference["pipeline.init_latents"].clone());
     let output = generate(&model, &request, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
+    (output, reference)
+}
+
+#[test]
+fn f16_compute_stays_close_to_the_f32_reference() {
+    let options = LoadOptions {
+        dtype: candle_core::DType::F16,
+        ..LoadOptions::default()
+    };
+    let (output, reference) = ddim_run("tiny-sd1", &options);
     let image_diff = max_abs_diff(&output.image_f32, &reference["pipeline.ddim.image"]);
     eprintln!("tiny-sd1 ddim f16: image max abs diff {image_diff:.2e}");
     // Half precision: ~3 decimal digits per operation; measured 5.8e-3.
@@ -125,22 +138,11 @@ fn f16_compute_stays_close_to_the_f32_reference() {
 /// The final image's largest difference from diffusers' f32 run (the latents' is printed), for an
 /// 8-step DDIM run of `model_name` with bf16 products.
 fn bf16_products_image_difference(model_name: &str) -> f32 {
-    let dir = fixture(model_name);
-    let reference: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("reference_outputs.safetensors"), &Device::Cpu)
-            .unwrap();
     let options = LoadOptions {
         products: attend::kernels::ProductPrecision::Bf16,
         ..LoadOptions::default()
     };
-    let mut model = StableDiffusion::load(&dir, &options).unwrap();
-    model.scheduler_config =
-        SchedulerConfig::from_file(&dir.join("reference_scheduler_ddim.json")).unwrap();
-    let mut request = GenerateRequest::new(&model, "a photo of a cat wearing sunglasses");
-    request.steps = 8;
-    request.scheduler = Some(SchedulerKind::Ddim);
-    request.init_latents = Some(reference["pipeline.init_latents"].clone());
-    let output = generate(&model, &request, None, &mut |_| Ok(()), &CancelToken::new()).unwrap();
+    let (output, reference) = ddim_run(model_name, &options);
     let expected_latents = &reference["pipeline.ddim.latents_per_step"];
     let worst_latent = (0..8)
         .map(|step| {

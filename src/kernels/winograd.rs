@@ -110,26 +110,22 @@ simd_kernel!(
         outputs: &'data mut [f32],
     } => {
         let [in_channels, out_channels, first, width] = shape;
-        const BLOCK: usize = 512;
-        let mut rows = [[0f32; BLOCK]; 3];
-        for start in (0..width).step_by(BLOCK) {
-            let block = BLOCK.min(width - start);
+        let mut rows = [[0f32; FILTER_ELEMENTS]; 3];
+        for start in (0..width).step_by(FILTER_ELEMENTS) {
+            let block = FILTER_ELEMENTS.min(width - start);
             for input in 0..in_channels {
-                let plane = |index: usize| {
-                    &matrix[(index * in_channels + input) * out_channels + first + start..]
+                let inputs: [&[f32]; 9] = std::array::from_fn(|plane| {
+                    &matrix[(plane * in_channels + input) * out_channels + first + start..]
                         [..block]
-                };
-                for r in 0..4 {
-                    for (j, row) in rows.iter_mut().enumerate() {
-                        let [a, b, c] = [0, 1, 2].map(|i| plane(i * 3 + j));
-                        winograd_g_rows(r, &mut row[..block], a, b, c);
-                    }
-                    let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
-                    for column in 0..4 {
-                        let at = ((r * 4 + column) * in_channels + input) * width + start;
-                        winograd_g_rows(column, &mut outputs[at..at + block], a, b, c);
-                    }
-                }
+                });
+                // Position p's row `input` of the block.
+                let mut rest: &mut [f32] = &mut *outputs;
+                let positions: [&mut [f32]; 16] = std::array::from_fn(|_| {
+                    let (position, tail) = std::mem::take(&mut rest).split_at_mut(in_channels * width);
+                    rest = tail;
+                    &mut position[input * width + start..][..block]
+                });
+                filter_block(inputs, positions, &mut rows);
             }
         }
     }
@@ -229,27 +225,44 @@ simd_kernel!(
     /// One range of the Winograd filter transform: the nine `(kh, kw)` planes' elements `inputs`
     /// -> the sixteen transform positions' elements `outputs` (all the same length).
     WinogradFilterPiece<'data> { inputs: [&'data [f32]; 9], outputs: [&'data mut [f32]; 16] } => {
-        let len = outputs[0].len();
-        const BLOCK: usize = 512;
-        let mut rows = [[0f32; BLOCK]; 3];
-        for start in (0..len).step_by(BLOCK) {
-            let block = BLOCK.min(len - start);
-            for r in 0..4 {
-                // Row r of G g, for each kernel column j: rows[j] = sum_i G[r][i] g[i][j].
-                for (j, row) in rows.iter_mut().enumerate() {
-                    let [a, b, c] = [0, 1, 2].map(|i| &inputs[i * 3 + j][start..start + block]);
-                    winograd_g_rows(r, &mut row[..block], a, b, c);
-                }
-                // (G g) G^T: column `column` of row r.
-                let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
-                for column in 0..4 {
-                    let dst = &mut outputs[r * 4 + column][start..start + block];
-                    winograd_g_rows(column, dst, a, b, c);
-                }
-            }
+        let (len, mut outputs) = (outputs[0].len(), outputs);
+        let mut rows = [[0f32; FILTER_ELEMENTS]; 3];
+        for start in (0..len).step_by(FILTER_ELEMENTS) {
+            let block = FILTER_ELEMENTS.min(len - start);
+            filter_block(
+                inputs.each_ref().map(|input| &input[start..start + block]),
+                outputs.each_mut().map(|output| &mut output[start..start + block]),
+                &mut rows,
+            );
         }
     }
 );
+
+/// Elements the filter transform takes at once.
+const FILTER_ELEMENTS: usize = 512;
+
+/// The filter transform of at most [`FILTER_ELEMENTS`] elements: the nine `(kh, kw)` planes'
+/// `inputs` -> the sixteen positions' `outputs` (all the same length), `rows` its scratch.
+#[inline(always)]
+fn filter_block(
+    inputs: [&[f32]; 9],
+    outputs: [&mut [f32]; 16],
+    rows: &mut [[f32; FILTER_ELEMENTS]; 3],
+) {
+    let block = outputs[0].len();
+    for r in 0..4 {
+        // Row r of G g, for each kernel column j: rows[j] = sum_i G[r][i] g[i][j].
+        for (j, row) in rows.iter_mut().enumerate() {
+            let [a, b, c] = [0, 1, 2].map(|i| inputs[i * 3 + j]);
+            winograd_g_rows(r, &mut row[..block], a, b, c);
+        }
+        // (G g) G^T: column `column` of row r.
+        let [a, b, c] = [&rows[0][..block], &rows[1][..block], &rows[2][..block]];
+        for column in 0..4 {
+            winograd_g_rows(column, &mut *outputs[r * 4 + column], a, b, c);
+        }
+    }
+}
 
 /// `dst = G[r] . (a, b, c)` element-wise (see [`winograd_g`]), with `r` fixed per loop.
 #[inline(always)]
@@ -293,27 +306,46 @@ impl WinogradInput {
         src: &[f32],
         (_, height, width, channels): (usize, usize, usize, usize),
     ) -> Vec<f32> {
-        let tiles_w = width.div_ceil(2);
-        let tiles = self.tile_rows.len() * tiles_w;
-        let plane = tiles * channels;
-        if plane == 0 {
-            return Vec::new();
-        }
-        // Pieces of whole tiles; each writes its tiles' rows of all 16 position planes.
-        let pieces = piece_count(tiles, 16 * channels);
-        let per_piece = tiles.div_ceil(pieces).max(1);
-        parallel_filled_planes(16, plane, per_piece * channels, |first, outputs| {
-            let Ok(outputs) = <[&mut [f32]; 16]>::try_from(outputs) else {
-                return;
-            };
-            pulp::Arch::new().dispatch(WinogradInputTiles {
-                src,
-                geometry: [height, width, channels],
-                first_tile: self.tile_rows.start * tiles_w + first / channels,
-                outputs,
-            });
-        })
+        let geometry = [height, width, channels];
+        transformed_input::<16>(
+            self.tile_rows.clone(),
+            (width, channels, 2),
+            16,
+            |first, outputs| {
+                pulp::Arch::new().dispatch(WinogradInputTiles {
+                    src,
+                    geometry,
+                    first_tile: first,
+                    outputs,
+                });
+            },
+        )
     }
+}
+
+/// An input transform's `P` position planes (`[P, tiles, channels]`) for tile rows `tile_rows`
+/// (counted over the whole batch) of tiles `tile` pixels apart: pieces of whole tiles spread over
+/// the cores (`unit_cost` operations per tile and channel), each written by `job(first_tile,
+/// outputs)` (its tiles' rows of every plane; `first_tile` counted over the batch).
+pub(super) fn transformed_input<const P: usize>(
+    tile_rows: Range<usize>,
+    (width, channels, tile): (usize, usize, usize),
+    unit_cost: usize,
+    job: impl Fn(usize, [&mut [f32]; P]) + Sync,
+) -> Vec<f32> {
+    let tiles_w = width.div_ceil(tile);
+    let tiles = tile_rows.len() * tiles_w;
+    let plane = tiles * channels;
+    if plane == 0 {
+        return Vec::new();
+    }
+    let pieces = piece_count(tiles, unit_cost * channels);
+    let per_piece = tiles.div_ceil(pieces).max(1);
+    parallel_filled_planes(P, plane, per_piece * channels, |first, outputs| {
+        if let Ok(outputs) = <[&mut [f32]; P]>::try_from(outputs) {
+            job(tile_rows.start * tiles_w + first / channels, outputs);
+        }
+    })
 }
 
 simd_kernel!(

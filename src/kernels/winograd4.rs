@@ -20,11 +20,10 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::buffers::{parallel_filled, parallel_filled_planes};
+use super::buffers::parallel_filled;
 use super::operands::contiguous_slice;
 use super::simd::simd_kernel;
-use super::threads::piece_count;
-use super::winograd::{output_rows, transformed_filter};
+use super::winograd::{output_rows, transformed_filter, transformed_input};
 
 /// Transform positions per tile (6 x 6).
 const POSITIONS: usize = 36;
@@ -184,26 +183,21 @@ impl Input {
         src: &[f32],
         (_, height, width, channels): (usize, usize, usize, usize),
     ) -> Vec<f32> {
-        let tiles_w = width.div_ceil(TILE);
-        let tiles = self.tile_rows.len() * tiles_w;
-        let plane = tiles * channels;
-        if plane == 0 {
-            return Vec::new();
-        }
-        // Pieces of whole tiles; each writes its tiles' rows of all 36 position planes.
-        let pieces = piece_count(tiles, POSITIONS * channels * 4);
-        let per_piece = tiles.div_ceil(pieces).max(1);
-        parallel_filled_planes(POSITIONS, plane, per_piece * channels, |first, outputs| {
-            let Ok(outputs) = <[&mut [f32]; POSITIONS]>::try_from(outputs) else {
-                return;
-            };
-            pulp::Arch::new().dispatch(InputTiles {
-                src,
-                geometry: [height, width, channels],
-                first_tile: self.tile_rows.start * tiles_w + first / channels,
-                outputs,
-            });
-        })
+        let geometry = [height, width, channels];
+        let shape = (width, channels, TILE);
+        transformed_input::<POSITIONS>(
+            self.tile_rows.clone(),
+            shape,
+            POSITIONS * 4,
+            |first, outputs| {
+                pulp::Arch::new().dispatch(InputTiles {
+                    src,
+                    geometry,
+                    first_tile: first,
+                    outputs,
+                });
+            },
+        )
     }
 }
 
