@@ -29,6 +29,10 @@ const ATTENTION_BLOCK_SCORES: usize = 512 * 1024;
 thread_local! {
     /// Each thread's block of attention scores, kept between fused attention calls.
     static SCORES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's keys as the tiles of `attention_f32::lane_keys`, kept between units.
+    static KEY_TILES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's values of one head as contiguous rows, kept between units.
+    static VALUE_ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// Each thread's block of bf16 exponentials (as pairs), with bf16 products.
     static HALVES: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
@@ -202,6 +206,9 @@ impl FusedAttention<'_> {
     /// Every query of batch item `item`, head `head`, in cache-sized blocks: `[queries, d]`.
     fn head_unit(&self, item: usize, head: usize) -> Result<Vec<f32>> {
         let (queries, keys, head_dim) = (self.queries, self.keys, self.head_dim);
+        if !product_precision().uses_bf16_here() && attention_f32::lanes_suit(keys) {
+            return self.head_unit_by_query_lanes(item, head);
+        }
         let block_rows = fused_block_rows(queries, keys);
         // The scores block is written by its product before it is read: a per-thread buffer
         // kept between calls (a fresh 2 MiB block was zeroed for every unit).
@@ -230,6 +237,37 @@ impl FusedAttention<'_> {
         });
         SCORES.set(scores);
         done?;
+        Ok(local)
+    }
+
+    /// [`Self::head_unit`] with f32 products and many keys: all queries at once through
+    /// [`attention_f32::attention_by_query_lanes`], the keys as its tiles (in a per-thread buffer
+    /// kept between units), the values read in place.
+    fn head_unit_by_query_lanes(&self, item: usize, head: usize) -> Result<Vec<f32>> {
+        let (queries, keys, head_dim, inner) =
+            (self.queries, self.keys, self.head_dim, self.inner());
+        let key_t_offset = (item * self.heads + head) * head_dim * keys;
+        let (mut tiles, mut values) = (KEY_TILES.take(), VALUE_ROWS.take());
+        // The head's values as contiguous rows: a chunk's values stay together in the cache.
+        values.clear();
+        let value_offset = item * keys * inner + head * head_dim;
+        for key in 0..keys {
+            values.extend_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
+        }
+        let mut local = vec![0f32; queries * head_dim];
+        let done = attention_f32::lane_keys(&mut tiles, self.key_t, key_t_offset, (head_dim, keys))
+            && attention_f32::attention_by_query_lanes(
+                (&mut local, 0, head_dim),
+                (self.query, item * queries * inner + head * head_dim, inner),
+                (&tiles, (&values, 0, head_dim)),
+                (queries, keys, head_dim),
+                self.scale,
+            );
+        KEY_TILES.set(tiles);
+        VALUE_ROWS.set(values);
+        if !done {
+            candle_core::bail!("fused attention: the query-lane kernel refused its views");
+        }
         Ok(local)
     }
 
@@ -418,20 +456,6 @@ impl FusedAttention<'_> {
             }
             None => {
                 let panels = values.key_panels.as_deref();
-                // Without a head mean to add, many keys go chunk by chunk (no block of scores).
-                if let Some(panels) =
-                    panels.filter(|_| mean.is_none() && attention_f32::chunks_suit(keys))
-                {
-                    let query = (self.query, query_offset, inner);
-                    let target = (&mut *out, offset, row_stride);
-                    let operands = (panels, &values.values[..]);
-                    let shape = (rows, keys, head_dim);
-                    if attention_f32::attention_in_chunks(
-                        target, query, operands, shape, self.scale,
-                    ) {
-                        return Ok(());
-                    }
-                }
                 let tiled = panels.is_some_and(|panels| {
                     let query = (self.query, query_offset, inner);
                     attention_f32::scores(&mut *scores, query, panels, (rows, keys, head_dim))
@@ -838,12 +862,14 @@ mod tests {
         // 600 keys make blocks of 109 queries: blocks end inside and at the items' 250 queries.
         // With AVX-512 the f32 tiles take them all: 77 and 600 keys end in partial vectors,
         // heads of 40 and 80 values end inside a vector (the values' rows are padded), 20 and
-        // 250 queries end inside a tile of 8. Without a head mean, more than 480 keys go in
-        // chunks of 480 (`attention_f32::attention_in_chunks`): 600 and 500 keys end in a partial
-        // chunk, 45 queries in a partial group of 32.
+        // 250 queries end inside a tile of 8. Without a head mean, more than 480 keys go with
+        // the queries along the lanes (`attention_f32::attention_by_query_lanes`): 600, 500 and
+        // 517 keys end in a partial chunk of 128 (517 in a partial tile of 8 keys), 45 and 250
+        // queries in a partial group of 48, heads of 5 and 13 values in a partial tile of 8.
         let shapes = [
             (2, 250, 600, 3, 5),
             (2, 45, 500, 2, 40),
+            (1, 50, 517, 2, 13),
             (1, 7, 77, 2, 8),
             (2, 20, 160, 2, 40),
             (1, 9, 48, 1, 80),

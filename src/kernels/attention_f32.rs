@@ -14,10 +14,11 @@
 //! runs of [`VALUE_RUN`] keys, from a copy whose rows are padded to whole vectors with zeros
 //! ([`padded_head_dim`]), with the sums carried between runs in a per-thread scratch.
 //!
-//! Without a head mean to add, many keys go chunk by chunk instead ([`attention_in_chunks`]): a
-//! group of 32 query rows takes 480 keys at a time through both products with the online softmax
-//! (running row maxima; the earlier sums rescaled when a maximum grows), so a chunk's scores stay
-//! in the core's caches rather than a 2 MiB block of them.
+//! Without a head mean to add, many keys go another way ([`attention_by_query_lanes`]): the
+//! queries lie along the vector lanes, 48 at a time, and pass over the keys 128 at a time with
+//! the online softmax (running maxima per lane; the earlier sums rescaled when a maximum grows).
+//! A chunk's scores stay in the L1 cache, the lane-wise maxima and sums need no reductions across
+//! a vector, and neither product pads `d` to whole vectors.
 //!
 //! Each entry point returns `false` (nothing written) where this CPU has no AVX-512 F or the
 //! shapes do not suit it; the caller then runs the general products.
@@ -187,56 +188,103 @@ pub(super) fn add_probabilities(mean: &mut [f32], exps: &[f32], sums: &[f32], we
     }
 }
 
-/// Keys per chunk of [`attention_in_chunks`]: ten panels. A group's chunk of scores (60 KiB)
-/// stays in the core's caches from its product to its exponentials to the product with the
-/// values. One layer of 2 x 8 heads of 40 (best of 10, two threads): 4096 queries and keys 173 ms
-/// in chunks of 480 keys, 181 ms in chunks of 192; 1024 x 1024 the same for both.
-const CHUNK_KEYS: usize = 10 * PANEL_KEYS;
+/// Queries per group of [`attention_by_query_lanes`]: the lanes of three vectors.
+const LANE_QUERIES: usize = TILE_VECTORS * 16;
 
-/// Query rows per group of [`attention_in_chunks`]: four register tiles share each chunk's keys
-/// and values.
-const GROUP_ROWS: usize = 4 * TILE_ROWS;
+/// Keys per chunk of [`attention_by_query_lanes`]: a chunk's `[keys, 48]` weights (24 KiB) stay
+/// in the L1 cache from their product to the product with the values.
+const LANE_CHUNK_KEYS: usize = 128;
 
-/// A thread's buffers for [`attention_in_chunks`]: a group's chunk of scores (`[GROUP_ROWS,
-/// CHUNK_KEYS]`) and its output sums (`[GROUP_ROWS, padded]`).
+/// Keys per tile of [`lane_keys`], and values of a key per tile of the product with the values:
+/// the rows of one register tile.
+const LANE_TILE: usize = TILE_ROWS;
+
+/// Fewest keys for [`attention_by_query_lanes`]: fewer go through a block of scores. One layer of
+/// 2 x 8 heads of 40, 4096 queries and keys, two threads: see `docs/benchmarks.md`.
+const LANES_MIN_KEYS: usize = 481;
+
+/// A thread's buffers for [`attention_by_query_lanes`]: a group's queries transposed
+/// (`[d, 48]`), a chunk's weights (`[LANE_CHUNK_KEYS, 48]`) and the transposed output sums
+/// (`[d, 48]`).
 #[derive(Default)]
-pub(super) struct ChunkScratch {
-    scores: Vec<f32>,
-    sums: Vec<f32>,
+pub(super) struct LaneScratch {
+    query_t: Vec<f32>,
+    weights: Vec<f32>,
+    sums_t: Vec<f32>,
 }
 
 thread_local! {
-    /// Each thread's [`ChunkScratch`].
-    static CHUNKS: std::cell::Cell<ChunkScratch> = std::cell::Cell::new(ChunkScratch::default());
+    /// Each thread's [`LaneScratch`].
+    static LANES: std::cell::Cell<LaneScratch> = std::cell::Cell::new(LaneScratch::default());
 }
 
-/// Whether [`attention_in_chunks`] suits `keys` keys: more than one chunk of them, unless the
-/// environment variable `ATTEND_NO_ATTENTION_CHUNKS` is set (then every f32 fused attention keeps
-/// a block of scores, for comparisons).
-pub(super) fn chunks_suit(keys: usize) -> bool {
+/// Whether [`attention_by_query_lanes`] suits `keys` keys: at least [`LANES_MIN_KEYS`], unless
+/// the environment variable `ATTEND_NO_ATTENTION_CHUNKS` is set (then every f32 fused attention
+/// keeps a block of scores, for comparisons).
+pub(super) fn lanes_suit(keys: usize) -> bool {
     static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let wanted = *WANTED.get_or_init(|| std::env::var_os("ATTEND_NO_ATTENTION_CHUNKS").is_none());
-    wanted && keys > CHUNK_KEYS && available(keys)
+    wanted && keys >= LANES_MIN_KEYS && available(keys)
+}
+
+/// Values in a head's [`lane_keys`]: whole tiles of 8 keys of `d` values each.
+fn lane_keys_len(head_dim: usize, keys: usize) -> usize {
+    keys.div_ceil(LANE_TILE) * LANE_TILE * head_dim
+}
+
+/// A head's transposed keys `key_t[offset..]` (`[d, keys]`, rows `keys` apart) into `tiles` as
+/// tiles of 8 keys for [`attention_by_query_lanes`], each `[d, 8]` (the last one padded with
+/// zero keys); `false` (nothing written) where [`available`] is not or the view does not fit its
+/// slice.
+pub(super) fn lane_keys(
+    tiles: &mut Vec<f32>,
+    key_t: &[f32],
+    offset: usize,
+    (head_dim, keys): (usize, usize),
+) -> bool {
+    if !available(keys) || !fits(key_t.len(), offset, (head_dim, keys), keys) {
+        return false;
+    }
+    tiles.clear();
+    tiles.resize(lane_keys_len(head_dim, keys), 0.0);
+    for (tile, first) in (0..keys).step_by(LANE_TILE).enumerate() {
+        let width = LANE_TILE.min(keys - first);
+        let dst = &mut tiles[tile * LANE_TILE * head_dim..][..LANE_TILE * head_dim];
+        for (row, dst) in dst.chunks_exact_mut(LANE_TILE).enumerate() {
+            let src = &key_t[offset + row * keys + first..][..width];
+            // Whole tiles as arrays: a call to copy eight values costs more than the copy.
+            match (
+                <&mut [f32; LANE_TILE]>::try_from(&mut *dst),
+                <&[f32; LANE_TILE]>::try_from(src),
+            ) {
+                (Ok(dst), Ok(src)) => *dst = *src,
+                _ => dst[..width].copy_from_slice(src),
+            }
+        }
+    }
+    true
 }
 
 /// `out[offset + r * stride..][..head_dim] = softmax(scale * q_r k^T) v` for `rows` query rows
-/// (`query[query_offset + r * query_stride..]`), the keys given as their [`key_panels`] and the
-/// values as `[keys, padded]` ([`padded_head_dim`], the padding zero), without a block of scores:
-/// groups of rows pass over the keys chunk by chunk, each chunk's exponentials taken against the
-/// running row maximum and the earlier chunks' sums rescaled when it grows (the online softmax),
-/// so every chunk's scores stay in the core's caches. `false` (nothing written) when [`available`] is
-/// not or a view does not fit its slice.
-pub(super) fn attention_in_chunks(
+/// (`query[query_offset + r * query_stride..]`), the keys given as their [`lane_keys`] and the
+/// values as `keys` rows of `d` (`value[value_offset + k * value_stride..]`), without a block of scores and with the queries along the
+/// vector lanes: a group of 48 queries (transposed once) passes over the keys chunk by chunk,
+/// each chunk's scores computed as `[keys, 48]` (8 keys broadcast against the queries' three
+/// vectors), their maxima, exponentials and sums taken lane by lane against running maxima (the
+/// online softmax), and the transposed outputs `[d, 48]` summed from them (8 of a key's values
+/// broadcast against its weights). Neither product pads `d` to whole vectors. `false` (nothing
+/// written) when [`available`] is not or a view does not fit its slice.
+pub(super) fn attention_by_query_lanes(
     (out, offset, stride): (&mut [f32], usize, usize),
     (query, query_offset, query_stride): (&[f32], usize, usize),
-    (panels, values): (&[f32], &[f32]),
+    (key_tiles, (value, value_offset, value_stride)): (&[f32], (&[f32], usize, usize)),
     (rows, keys, head_dim): (usize, usize, usize),
     scale: f32,
 ) -> bool {
     if !available(keys)
         || head_dim == 0
-        || panels.len() != panels_len(head_dim, keys)
-        || values.len() < keys * padded_head_dim(head_dim)
+        || key_tiles.len() != lane_keys_len(head_dim, keys)
+        || !fits(value.len(), value_offset, (keys, head_dim), value_stride)
         || !fits(query.len(), query_offset, (rows, head_dim), query_stride)
         || !fits(out.len(), offset, (rows, head_dim), stride)
     {
@@ -244,26 +292,29 @@ pub(super) fn attention_in_chunks(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let mut scratch = CHUNKS.take();
+        let mut scratch = LANES.take();
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 F is present (`available`); every view was checked to lie inside its
         // slice above; the scratch buffers are sized inside.
         unsafe {
-            x86::attention_in_chunks(
+            x86::attention_by_query_lanes(
                 (out.as_mut_ptr().add(offset), stride),
                 (query.as_ptr().add(query_offset), query_stride),
-                (panels.as_ptr(), values.as_ptr()),
+                (
+                    key_tiles.as_ptr(),
+                    (value.as_ptr().add(value_offset), value_stride),
+                ),
                 (rows, keys, head_dim),
                 scale,
                 &mut scratch,
             );
         }
-        CHUNKS.set(scratch);
+        LANES.set(scratch);
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (out, query, panels, values, scale);
+        let _ = (out, query, key_tiles, value, scale);
         false
     }
 }
@@ -326,8 +377,8 @@ mod x86 {
     //! matrix it is given.
 
     use super::{
-        padded_head_dim, ChunkScratch, CHUNK_KEYS, GROUP_ROWS, PANEL_KEYS, TILE_ROWS, TILE_VECTORS,
-        VALUE_RUN,
+        padded_head_dim, LaneScratch, LANE_CHUNK_KEYS, LANE_QUERIES, LANE_TILE, PANEL_KEYS,
+        TILE_ROWS, TILE_VECTORS, VALUE_RUN,
     };
     use crate::kernels::bf16::x86::lanes;
     use crate::kernels::softmax_bf16::x86::{add_scaled, row_max};
@@ -446,89 +497,193 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(pair.0, pair.1))
     }
 
-    /// See [`super::attention_in_chunks`]: groups of [`GROUP_ROWS`] query rows, each passing
-    /// over the keys chunk by chunk with its running maxima, sums and output sums.
+    /// See [`super::attention_by_query_lanes`].
     ///
     /// # Safety
     /// AVX-512 F present; `out` covers `rows` rows of `head_dim` values `stride` apart, `query`
-    /// `rows` rows of `head_dim` values `query_stride` apart, `panels` the keys' panels
-    /// ([`super::panels_len`] values), `values` `keys` rows of [`padded_head_dim`] values.
+    /// `rows` rows of `head_dim` values `query_stride` apart, `key_tiles` the keys' tiles
+    /// ([`super::lane_keys`]) and `values` `keys` rows of `head_dim` values `value_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attention_in_chunks(
+    pub(super) unsafe fn attention_by_query_lanes(
         (out, stride): (*mut f32, usize),
         (query, query_stride): (*const f32, usize),
-        (panels, values): (*const f32, *const f32),
+        (key_tiles, (values, value_stride)): (*const f32, (*const f32, usize)),
         (rows, keys, head_dim): (usize, usize, usize),
         scale: f32,
-        scratch: &mut ChunkScratch,
+        scratch: &mut LaneScratch,
     ) {
-        let padded = padded_head_dim(head_dim);
+        const V: usize = TILE_VECTORS;
         let slope = scale * std::f32::consts::LOG2_E;
-        let ChunkScratch {
-            scores,
-            sums: output_sums,
+        let LaneScratch {
+            query_t,
+            weights,
+            sums_t,
         } = scratch;
-        scores.resize(GROUP_ROWS * CHUNK_KEYS, 0.0);
-        output_sums.resize(GROUP_ROWS * padded, 0.0);
+        query_t.resize(head_dim * LANE_QUERIES, 0.0);
+        // Whole tiles of keys: a partial chunk's last tile writes rows past its keys.
+        weights.resize((LANE_CHUNK_KEYS + LANE_TILE) * LANE_QUERIES, 0.0);
+        sums_t.resize(head_dim * LANE_QUERIES, 0.0);
         let mut first_row = 0;
         while first_row < rows {
-            let group = GROUP_ROWS.min(rows - first_row);
-            let query = query.add(first_row * query_stride);
-            output_sums.fill(0.0);
-            let mut maxima = [f32::NEG_INFINITY; GROUP_ROWS];
-            let mut totals = [0f32; GROUP_ROWS];
+            let group = LANE_QUERIES.min(rows - first_row);
+            // The group's queries, transposed and scaled to base-2 exponents; missing queries
+            // are zeros (their lanes are computed and never stored).
+            query_t.fill(0.0);
+            for q in 0..group {
+                let row = query.add((first_row + q) * query_stride);
+                for i in 0..head_dim {
+                    query_t[i * LANE_QUERIES + q] = *row.add(i) * slope;
+                }
+            }
+            sums_t.fill(0.0);
+            let mut maxima = [_mm512_set1_ps(f32::NEG_INFINITY); V];
+            let mut totals = [_mm512_setzero_ps(); V];
             let mut first_key = 0;
             while first_key < keys {
-                let chunk = CHUNK_KEYS.min(keys - first_key);
-                let chunk_panels = panels.add(first_key * head_dim);
-                let shape = (group, chunk, head_dim);
-                self::scores(
-                    (scores.as_mut_ptr(), CHUNK_KEYS),
-                    query,
-                    query_stride,
-                    chunk_panels,
-                    shape,
-                );
-                for row in 0..group {
-                    let weights = &mut scores[row * CHUNK_KEYS..][..chunk];
-                    let max = row_max(weights).max(maxima[row]);
-                    // The earlier chunks' weights, relative to the new maximum.
-                    let rescale = if maxima[row] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        let t = _mm512_set1_ps((maxima[row] - max) * slope);
-                        _mm512_cvtss_f32(exp2(t))
-                    };
-                    let sum = exp_row(weights, max, slope);
-                    totals[row] = totals[row] * rescale + sum;
-                    maxima[row] = max;
-                    let rescale = _mm512_set1_ps(rescale);
-                    for column in (0..padded).step_by(16) {
-                        let at = output_sums.as_mut_ptr().add(row * padded + column);
-                        _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), rescale));
+                let chunk = LANE_CHUNK_KEYS.min(keys - first_key);
+                let at = weights.as_mut_ptr();
+                // The chunk's scores, tile by tile, and the lanes' new maxima (over its keys).
+                let mut chunk_max = maxima;
+                let mut key = 0;
+                while key < chunk {
+                    let tile = key_tiles.add((first_key + key) * head_dim);
+                    let valid = (chunk - key).min(LANE_TILE);
+                    let dst = at.add(key * LANE_QUERIES);
+                    lane_scores(dst, query_t.as_ptr(), tile, head_dim, valid, &mut chunk_max);
+                    key += LANE_TILE;
+                }
+                // The earlier sums' rescaling, the exponentials and their sums.
+                let mut rescale = [_mm512_setzero_ps(); V];
+                for (rescale, (&old, &new)) in rescale.iter_mut().zip(maxima.iter().zip(&chunk_max))
+                {
+                    *rescale = exp2(_mm512_sub_ps(old, new));
+                }
+                let mut chunk_sums = [_mm512_setzero_ps(); V];
+                for key in 0..chunk {
+                    let lanes = chunk_sums.iter_mut().zip(&chunk_max).enumerate();
+                    for (vector, (sum, &max)) in lanes {
+                        let at = at.add(key * LANE_QUERIES + vector * 16);
+                        let e = exp2(_mm512_sub_ps(_mm512_loadu_ps(at), max));
+                        *sum = _mm512_add_ps(*sum, e);
+                        _mm512_storeu_ps(at, e);
                     }
                 }
-                let chunk_values = values.add(first_key * padded);
-                let mut row = 0;
-                while row < group {
-                    let count = (group - row).min(TILE_ROWS);
-                    let dst = (output_sums.as_mut_ptr().add(row * padded), padded);
-                    let src = (scores.as_ptr().add(row * CHUNK_KEYS), CHUNK_KEYS);
-                    with_tile_rows!(count, R => value_rows::<R>(dst, src, chunk_values, chunk));
-                    row += count;
+                for ((total, &rescale), &sum) in totals.iter_mut().zip(&rescale).zip(&chunk_sums) {
+                    *total = _mm512_fmadd_ps(*total, rescale, sum);
+                }
+                maxima = chunk_max;
+                let mut column = 0;
+                while column < head_dim {
+                    let count = (head_dim - column).min(LANE_TILE);
+                    let sums = sums_t.as_mut_ptr().add(column * LANE_QUERIES);
+                    let src = (values.add(first_key * value_stride + column), value_stride);
+                    let weights = (at.cast_const(), chunk);
+                    with_tile_rows!(count, R => lane_products::<R>(sums, rescale, weights, src));
+                    column += count;
                 }
                 first_key += chunk;
             }
-            for (row, &total) in totals.iter().enumerate().take(group) {
-                let inverse = _mm512_set1_ps(1.0 / total);
-                for column in (0..head_dim).step_by(16) {
-                    let mask = lanes(head_dim - column);
-                    let sum = _mm512_loadu_ps(output_sums.as_ptr().add(row * padded + column));
-                    let dst = out.add((first_row + row) * stride + column);
-                    _mm512_mask_storeu_ps(dst, mask, _mm512_mul_ps(sum, inverse));
+            // Each query's outputs: its lane of the transposed sums over its total.
+            let mut inverses = [0f32; LANE_QUERIES];
+            for (vector, &total) in totals.iter().enumerate() {
+                let inverse = _mm512_div_ps(_mm512_set1_ps(1.0), total);
+                _mm512_storeu_ps(inverses.as_mut_ptr().add(vector * 16), inverse);
+            }
+            for (q, &inverse) in inverses.iter().enumerate().take(group) {
+                let dst = out.add((first_row + q) * stride);
+                for column in 0..head_dim {
+                    *dst.add(column) = sums_t[column * LANE_QUERIES + q] * inverse;
                 }
             }
             first_row += group;
+        }
+    }
+
+    /// Scores of a tile of 8 keys (`[head_dim, 8]`) by the 48 queries of a transposed group
+    /// (`[head_dim, 48]`) into 8 rows of 48 lanes at `dst`; `maxima` takes the lanes' maxima
+    /// over the first `valid` keys.
+    ///
+    /// # Safety
+    /// AVX-512 F present; the pointers cover `head_dim x 8`, `head_dim x 48` and `8 x 48`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn lane_scores(
+        dst: *mut f32,
+        query_t: *const f32,
+        tile: *const f32,
+        head_dim: usize,
+        valid: usize,
+        maxima: &mut [__m512; TILE_VECTORS],
+    ) {
+        const V: usize = TILE_VECTORS;
+        let mut acc = [[_mm512_setzero_ps(); V]; LANE_TILE];
+        let (mut queries_at, mut keys_at) = (query_t, tile);
+        for _ in 0..head_dim {
+            let mut queries = [_mm512_setzero_ps(); V];
+            for (vector, queries) in queries.iter_mut().enumerate() {
+                *queries = _mm512_loadu_ps(queries_at.add(vector * 16));
+            }
+            for (key, acc) in acc.iter_mut().enumerate() {
+                let k = _mm512_set1_ps(*keys_at.add(key));
+                for (acc, &queries) in acc.iter_mut().zip(&queries) {
+                    *acc = _mm512_fmadd_ps(k, queries, *acc);
+                }
+            }
+            queries_at = queries_at.add(LANE_QUERIES);
+            keys_at = keys_at.add(LANE_TILE);
+        }
+        for (key, acc) in acc.iter().enumerate() {
+            for (vector, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(key * LANE_QUERIES + vector * 16), acc);
+                if key < valid {
+                    maxima[vector] = _mm512_max_ps(maxima[vector], acc);
+                }
+            }
+        }
+    }
+
+    /// Adds to `R` transposed output rows (`sums`, `R x 48`, first multiplied by `rescale`) the
+    /// weighted sum over a chunk's keys (`weights`, `[chunk, 48]`) of `R` adjacent columns of the
+    /// values (`values`, rows `value_stride` apart).
+    ///
+    /// # Safety
+    /// AVX-512 F present; `sums` covers `R x 48`, `weights` `chunk x 48`, `values` `chunk` rows
+    /// of at least `R` values, `value_stride` apart.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn lane_products<const R: usize>(
+        sums: *mut f32,
+        rescale: [__m512; TILE_VECTORS],
+        (weights, chunk): (*const f32, usize),
+        (values, value_stride): (*const f32, usize),
+    ) {
+        const V: usize = TILE_VECTORS;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for (column, acc) in acc.iter_mut().enumerate() {
+            for (vector, acc) in acc.iter_mut().enumerate() {
+                let at = sums.add(column * LANE_QUERIES + vector * 16);
+                *acc = _mm512_mul_ps(_mm512_loadu_ps(at), rescale[vector]);
+            }
+        }
+        let (mut weights_at, mut values_at) = (weights, values);
+        for _ in 0..chunk {
+            let mut weight = [_mm512_setzero_ps(); V];
+            for (vector, weight) in weight.iter_mut().enumerate() {
+                *weight = _mm512_loadu_ps(weights_at.add(vector * 16));
+            }
+            for (column, acc) in acc.iter_mut().enumerate() {
+                let value = _mm512_set1_ps(*values_at.add(column));
+                for (acc, &weight) in acc.iter_mut().zip(&weight) {
+                    *acc = _mm512_fmadd_ps(value, weight, *acc);
+                }
+            }
+            weights_at = weights_at.add(LANE_QUERIES);
+            values_at = values_at.add(value_stride);
+        }
+        for (column, acc) in acc.iter().enumerate() {
+            for (vector, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(sums.add(column * LANE_QUERIES + vector * 16), acc);
+            }
         }
     }
 
@@ -846,57 +1001,68 @@ mod tests {
     }
 
     #[test]
-    fn chunks_match_the_softmax_in_f64() {
-        // 1000 keys: two whole chunks and a partial one; 37 queries: a group and a partial one.
-        // The keys grow along the sequence, so later chunks raise the row maxima (rescaling).
-        let (rows, keys, head_dim) = (37, 1000, 40);
-        if !chunks_suit(keys) {
+    fn query_lanes_match_the_softmax_in_f64() {
+        // 1003 keys: seven whole chunks of 128 and a partial one ending in a partial tile of 8;
+        // 61 queries: a group of 48 and a partial one; heads of 40 (five tiles of 8 values) and
+        // 13 (a partial tile). The keys grow along the sequence, so later chunks raise the lanes'
+        // maxima (rescaling).
+        let (rows, keys) = (61, 1003);
+        if !lanes_suit(keys) {
             return;
         }
-        let padded = padded_head_dim(head_dim);
-        let (stride, offset) = (head_dim + 3, 2);
-        let query = values(offset + rows * stride, 11);
-        let mut key_t = values(head_dim * keys, 12);
-        for (index, value) in key_t.iter_mut().enumerate() {
-            *value *= 1.0 + 4.0 * (index % keys) as f32 / keys as f32;
-        }
-        let mut value_rows = values(keys * padded, 13);
-        for row in value_rows.chunks_exact_mut(padded) {
-            row[head_dim..].fill(0.0);
-        }
-        let panels = key_panels(&key_t, 0, (head_dim, keys)).expect("key panels");
-        let mut out = vec![-7.0f32; rows * head_dim];
-        let scale = 0.9;
-        let done = attention_in_chunks(
-            (&mut out, 0, head_dim),
-            (&query, offset, stride),
-            (&panels, &value_rows),
-            (rows, keys, head_dim),
-            scale,
-        );
-        assert!(done);
-        for row in 0..rows {
-            let scores: Vec<f64> = (0..keys)
-                .map(|key| {
-                    let dot: f64 = (0..head_dim)
-                        .map(|i| {
-                            f64::from(query[offset + row * stride + i])
-                                * f64::from(key_t[i * keys + key])
+        for head_dim in [40, 13] {
+            let (stride, offset) = (head_dim + 3, 2);
+            let query = values(offset + rows * stride, 11);
+            let mut key_t = values(head_dim * keys, 12);
+            for (index, value) in key_t.iter_mut().enumerate() {
+                *value *= 1.0 + 4.0 * (index % keys) as f32 / keys as f32;
+            }
+            let (value_stride, value_offset) = (head_dim + 5, 3);
+            let value = values(value_offset + keys * value_stride, 13);
+            let mut tiles = vec![7.0f32; 3];
+            assert!(lane_keys(&mut tiles, &key_t, 0, (head_dim, keys)));
+            let (out_stride, out_offset) = (head_dim + 2, 1);
+            let mut out = vec![-7.0f32; out_offset + rows * out_stride];
+            let scale = 0.9;
+            assert!(attention_by_query_lanes(
+                (&mut out, out_offset, out_stride),
+                (&query, offset, stride),
+                (&tiles, (&value, value_offset, value_stride)),
+                (rows, keys, head_dim),
+                scale,
+            ));
+            for row in 0..rows {
+                let scores: Vec<f64> = (0..keys)
+                    .map(|key| {
+                        let dot: f64 = (0..head_dim)
+                            .map(|i| {
+                                f64::from(query[offset + row * stride + i])
+                                    * f64::from(key_t[i * keys + key])
+                            })
+                            .sum();
+                        dot * f64::from(scale)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|score| (score - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for column in 0..head_dim {
+                    let expected: f64 = (0..keys)
+                        .map(|key| {
+                            let at = value_offset + key * value_stride + column;
+                            weights[key] * f64::from(value[at])
                         })
-                        .sum();
-                    dot * f64::from(scale)
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> = scores.iter().map(|score| (score - max).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            for column in 0..head_dim {
-                let expected: f64 = (0..keys)
-                    .map(|key| weights[key] * f64::from(value_rows[key * padded + column]))
-                    .sum::<f64>()
-                    / total;
-                let got = f64::from(out[row * head_dim + column]);
-                assert!((got - expected).abs() < 2e-6, "row {row}, column {column}");
+                        .sum::<f64>()
+                        / total;
+                    let got = f64::from(out[out_offset + row * out_stride + column]);
+                    assert!(
+                        (got - expected).abs() < 2e-6,
+                        "d {head_dim}, row {row}, column {column}: {got} against {expected}"
+                    );
+                }
+                // The columns between rows are left as they were.
+                let gap = out_offset + row * out_stride + head_dim;
+                assert_eq!(out[gap..gap + 2], [-7.0, -7.0]);
             }
         }
     }
@@ -964,5 +1130,21 @@ mod tests {
         let mut out = vec![1.0f32; 8 * 20];
         assert!(!scores(&mut out, (&query, 0, 4), &key_t[..80], (8, 20, 4)));
         assert!(out.iter().all(|&value| value == 1.0));
+        // Query lanes: a key view past its slice; tiles of the wrong length; values past their
+        // slice.
+        let mut tiles = Vec::new();
+        assert!(!lane_keys(&mut tiles, &key_t, 1, (4, 20)));
+        assert!(lane_keys(&mut tiles, &key_t, 0, (4, 20)));
+        let value = values(20 * 4, 7);
+        let mut out = vec![1.0f32; 8 * 4];
+        let shape = (8, 20, 4);
+        let lanes = |out: &mut [f32], tiles: &[f32], value: &[f32]| {
+            let operands = (tiles, (value, 0, 4));
+            attention_by_query_lanes((out, 0, 4), (&query, 0, 4), operands, shape, 1.0)
+        };
+        assert!(!lanes(&mut out, &tiles[1..], &value));
+        assert!(!lanes(&mut out, &tiles, &value[1..]));
+        assert!(out.iter().all(|&value| value == 1.0));
+        assert!(lanes(&mut out, &tiles, &value));
     }
 }
