@@ -658,7 +658,8 @@ impl FeedForward {
         })
     }
 
-    /// `[batch, n, dim]` -> `[batch, n, dim]`, in blocks of tokens of bounded size.
+    /// `[batch, n, dim]` -> `[batch, n, dim]`: all tokens at once through the fused kernel, else
+    /// in blocks of tokens of bounded size.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if xs.track_op() {
             // The differentiable path (see [`differentiable`]), unchunked.
@@ -673,13 +674,6 @@ impl FeedForward {
         let (batch, tokens, dim) = xs.dims3()?;
         let rows = batch * tokens;
         let flat = xs.reshape((rows, dim))?;
-        // Equal chunks of at most the bound (a small remainder chunk would multiply poorly and
-        // read the weights once more for little work).
-        let max_rows =
-            (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
-        let rows_per_chunk = rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1);
-        let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
-        let mut start = 0;
         let fused = match (
             self.project_in.kernel_parts(),
             self.project_out.kernel_parts(),
@@ -689,29 +683,38 @@ impl FeedForward {
             }
             _ => None,
         };
+        // The fused kernel bounds its own scratch: all rows in one call, so its blocks over the
+        // cores pack each weight as few times as they can and no pieces are joined. SD 1.5 at
+        // 512 px, three profile pairs: the feed-forward stages 1213 -> 1137 ms per call (mean).
+        if let Some((project_in, project_out)) = fused {
+            let out = profile::measure(
+                || {
+                    format!(
+                        "linear {dim}->{} x{rows} + geglu + linear {}->{dim}",
+                        2 * self.inner,
+                        self.inner
+                    )
+                },
+                || kernels::linear_geglu(&flat, project_in, Some(project_out)),
+            )?;
+            return out.reshape((batch, tokens, dim));
+        }
+        // Unfused: equal chunks of at most the bound (a small remainder chunk would multiply
+        // poorly and read the weights once more for little work).
+        let max_rows =
+            (FEED_FORWARD_CHUNK_ELEMENTS / (2 * self.inner).max(1)).clamp(1, rows.max(1));
+        let rows_per_chunk = rows.div_ceil(rows.div_ceil(max_rows).max(1)).max(1);
+        let mut pieces = Vec::with_capacity(rows.div_ceil(rows_per_chunk));
+        let mut start = 0;
         while start < rows {
             let len = rows_per_chunk.min(rows - start);
             let chunk = flat.narrow(0, start, len)?;
-            let out = match fused {
-                Some((project_in, project_out)) => profile::measure(
-                    || {
-                        format!(
-                            "linear {dim}->{} x{len} + geglu + linear {}->{dim}",
-                            2 * self.inner,
-                            self.inner
-                        )
-                    },
-                    || kernels::linear_geglu(&chunk, project_in, Some(project_out)),
-                )?,
-                None => {
-                    let projected = self.project_in.forward(&chunk)?;
-                    let gated = profile::measure(
-                        || format!("geglu {:?}", projected.dims()),
-                        || kernels::geglu(&projected),
-                    )?;
-                    self.project_out.forward(&gated)?
-                }
-            };
+            let projected = self.project_in.forward(&chunk)?;
+            let gated = profile::measure(
+                || format!("geglu {:?}", projected.dims()),
+                || kernels::geglu(&projected),
+            )?;
+            let out = self.project_out.forward(&gated)?;
             pieces.push(out);
             start += len;
         }
