@@ -27,7 +27,7 @@
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `amx.rs` | the same bf16 product on Intel AMX tiles, where the CPU and OS offer them |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
-//! | `attention_f32.rs` | the f32 fused attention's products and exponentials for one block of queries, or chunk by chunk of keys with the online softmax, in AVX-512 register tiles (no packing) |
+//! | `attention_f32.rs` | the f32 fused attention's products and exponentials for one block of queries, or, where nothing records the probabilities, with the queries along the vector lanes and the keys in chunks (online softmax), in AVX-512 register tiles |
 //! | `heads.rs` | attention heads split (plain or transposed) and merged |
 //! | `elementwise.rs` | GEGLU (alone, after its linear layer, or as the whole feed-forward), bias added in place, residual sums (in place into a fresh output), channels joined, nearest upsampling |
 //!
