@@ -617,21 +617,12 @@ mod x86 {
     ) {
         const V: usize = TILE_VECTORS;
         let mut acc = [[_mm512_setzero_ps(); V]; LANE_TILE];
-        let (mut queries_at, mut keys_at) = (query_t, tile);
-        for _ in 0..head_dim {
-            let mut queries = [_mm512_setzero_ps(); V];
-            for (vector, queries) in queries.iter_mut().enumerate() {
-                *queries = _mm512_loadu_ps(queries_at.add(vector * 16));
-            }
-            for (key, acc) in acc.iter_mut().enumerate() {
-                let k = _mm512_set1_ps(*keys_at.add(key));
-                for (acc, &queries) in acc.iter_mut().zip(&queries) {
-                    *acc = _mm512_fmadd_ps(k, queries, *acc);
-                }
-            }
-            queries_at = queries_at.add(LANE_QUERIES);
-            keys_at = keys_at.add(LANE_TILE);
-        }
+        accumulate(
+            &mut acc,
+            (tile, 1, LANE_TILE),
+            (query_t, LANE_QUERIES),
+            head_dim,
+        );
         for (key, acc) in acc.iter().enumerate() {
             for (vector, &acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(dst.add(key * LANE_QUERIES + vector * 16), acc);
@@ -665,25 +656,47 @@ mod x86 {
                 *acc = _mm512_mul_ps(_mm512_loadu_ps(at), rescale[vector]);
             }
         }
-        let (mut weights_at, mut values_at) = (weights, values);
-        for _ in 0..chunk {
-            let mut weight = [_mm512_setzero_ps(); V];
-            for (vector, weight) in weight.iter_mut().enumerate() {
-                *weight = _mm512_loadu_ps(weights_at.add(vector * 16));
-            }
-            for (column, acc) in acc.iter_mut().enumerate() {
-                let value = _mm512_set1_ps(*values_at.add(column));
-                for (acc, &weight) in acc.iter_mut().zip(&weight) {
-                    *acc = _mm512_fmadd_ps(value, weight, *acc);
-                }
-            }
-            weights_at = weights_at.add(LANE_QUERIES);
-            values_at = values_at.add(value_stride);
-        }
+        accumulate(
+            &mut acc,
+            (values, 1, value_stride),
+            (weights, LANE_QUERIES),
+            chunk,
+        );
         for (column, acc) in acc.iter().enumerate() {
             for (vector, &acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(sums.add(column * LANE_QUERIES + vector * 16), acc);
             }
+        }
+    }
+
+    /// The register tiles' common loop: `acc[r][v] += sum_k a[r * a_row + k * a_step] * b[k *
+    /// b_step + 16 v..][..16]` over `depth` steps (each `a` value broadcast, each `b` vector
+    /// loaded once per step for all `R` rows).
+    ///
+    /// # Safety
+    /// AVX-512 F present; the pointers cover every element the sums read.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn accumulate<const R: usize, const V: usize>(
+        acc: &mut [[__m512; V]; R],
+        (a, a_row, a_step): (*const f32, usize, usize),
+        (b, b_step): (*const f32, usize),
+        depth: usize,
+    ) {
+        let (mut a_at, mut b_at) = (a, b);
+        for _ in 0..depth {
+            let mut vectors = [_mm512_setzero_ps(); V];
+            for (vector, loaded) in vectors.iter_mut().enumerate() {
+                *loaded = _mm512_loadu_ps(b_at.add(vector * 16));
+            }
+            for (row, acc) in acc.iter_mut().enumerate() {
+                let value = _mm512_set1_ps(*a_at.add(row * a_row));
+                for (acc, &vector) in acc.iter_mut().zip(&vectors) {
+                    *acc = _mm512_fmadd_ps(value, vector, *acc);
+                }
+            }
+            a_at = a_at.add(a_step);
+            b_at = b_at.add(b_step);
         }
     }
 
@@ -718,20 +731,13 @@ mod x86 {
         (panel, columns): (*const f32, usize),
         head_dim: usize,
     ) {
-        let width = V * 16;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for i in 0..head_dim {
-            let mut key = [_mm512_setzero_ps(); V];
-            for (vector, key) in key.iter_mut().enumerate() {
-                *key = _mm512_loadu_ps(panel.add(i * width + vector * 16));
-            }
-            for (row, acc) in acc.iter_mut().enumerate() {
-                let q = _mm512_set1_ps(*query.add(row * query_stride + i));
-                for (acc, &key) in acc.iter_mut().zip(&key) {
-                    *acc = _mm512_fmadd_ps(q, key, *acc);
-                }
-            }
-        }
+        accumulate(
+            &mut acc,
+            (query, query_stride, 1),
+            (panel, V * 16),
+            head_dim,
+        );
         for (row, acc) in acc.iter().enumerate() {
             for (vector, &acc) in acc.iter().enumerate() {
                 let mask = lanes(columns.saturating_sub(vector * 16));
@@ -814,18 +820,7 @@ mod x86 {
                 *acc = _mm512_loadu_ps(sums.add(row * padded + vector * 16));
             }
         }
-        for key in 0..run {
-            let mut value = [_mm512_setzero_ps(); V];
-            for (vector, value) in value.iter_mut().enumerate() {
-                *value = _mm512_loadu_ps(values.add(key * padded + vector * 16));
-            }
-            for (row, acc) in acc.iter_mut().enumerate() {
-                let weight = _mm512_set1_ps(*weights.add(row * keys + key));
-                for (acc, &value) in acc.iter_mut().zip(&value) {
-                    *acc = _mm512_fmadd_ps(weight, value, *acc);
-                }
-            }
-        }
+        accumulate(&mut acc, (weights, keys, 1), (values, padded), run);
         for (row, acc) in acc.iter().enumerate() {
             for (vector, &acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(sums.add(row * padded + vector * 16), acc);
