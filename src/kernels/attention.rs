@@ -102,6 +102,28 @@ impl FusedAttention<'_> {
         self.heads * self.head_dim
     }
 
+    /// Where head `head` of batch item `item` starts in `key_t` (`[d, keys]`).
+    fn key_t_offset(&self, item: usize, head: usize) -> usize {
+        (item * self.heads + head) * self.head_dim * self.keys
+    }
+
+    /// Where head `head` of batch item `item` starts in `value` (rows of `inner`).
+    fn value_offset(&self, item: usize, head: usize) -> usize {
+        item * self.keys * self.inner() + head * self.head_dim
+    }
+
+    /// `values` = head `head` of batch item `item`'s values as `keys` contiguous rows of
+    /// `row_len` (at least `d`; the padding zero).
+    fn copy_head_values(&self, item: usize, head: usize, row_len: usize, values: &mut Vec<f32>) {
+        let (inner, head_dim, value_offset) =
+            (self.inner(), self.head_dim, self.value_offset(item, head));
+        values.clear();
+        values.resize(self.keys * row_len, 0.0);
+        for (key, row) in values.chunks_exact_mut(row_len).enumerate() {
+            row[..head_dim].copy_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
+        }
+    }
+
     /// The output `[batch, queries, heads * d]`; with an observed item, its head mean of the
     /// probabilities is added to `head_mean_sum` `[queries, keys]`.
     fn run(&self, head_mean_sum: Option<&mut [f32]>) -> Result<Vec<f32>> {
@@ -241,19 +263,15 @@ impl FusedAttention<'_> {
     }
 
     /// [`Self::head_unit`] with f32 products and many keys: all queries at once through
-    /// [`attention_f32::attention_by_query_lanes`], the keys as its tiles (in a per-thread buffer
-    /// kept between units), the values read in place.
+    /// [`attention_f32::attention_by_query_lanes`], the keys as its tiles and the values as
+    /// contiguous rows (so a chunk's values stay together in the cache), both in per-thread
+    /// buffers kept between units.
     fn head_unit_by_query_lanes(&self, item: usize, head: usize) -> Result<Vec<f32>> {
         let (queries, keys, head_dim, inner) =
             (self.queries, self.keys, self.head_dim, self.inner());
-        let key_t_offset = (item * self.heads + head) * head_dim * keys;
+        let key_t_offset = self.key_t_offset(item, head);
         let (mut tiles, mut values) = (KEY_TILES.take(), VALUE_ROWS.take());
-        // The head's values as contiguous rows: a chunk's values stay together in the cache.
-        values.clear();
-        let value_offset = item * keys * inner + head * head_dim;
-        for key in 0..keys {
-            values.extend_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
-        }
+        self.copy_head_values(item, head, head_dim, &mut values);
         let mut local = vec![0f32; queries * head_dim];
         let done = attention_f32::lane_keys(&mut tiles, self.key_t, key_t_offset, (head_dim, keys))
             && attention_f32::attention_by_query_lanes(
@@ -326,9 +344,10 @@ impl FusedAttention<'_> {
     /// contiguous `[keys, d]` (read once per query block).
     fn head_values(&self, item: usize, head: usize) -> HeadValues {
         let (keys, inner, head_dim) = (self.keys, self.inner(), self.head_dim);
-        let value_offset = item * keys * inner + head * head_dim;
+        let (key_t_offset, value_offset) =
+            (self.key_t_offset(item, head), self.value_offset(item, head));
         if product_precision().uses_bf16_here() {
-            let key_t = (item * self.heads + head) * head_dim * keys;
+            let key_t = key_t_offset;
             let packed =
                 PackedRhs::new(self.key_t, (key_t, keys), (head_dim, keys)).and_then(|key_t| {
                     let values =
@@ -345,17 +364,14 @@ impl FusedAttention<'_> {
         }
         // Where the f32 kernels of `attention_f32` run: the keys as its panels, the values' rows
         // padded with zeros to whole vectors.
-        let key_t_offset = (item * self.heads + head) * head_dim * keys;
         let key_panels = attention_f32::key_panels(self.key_t, key_t_offset, (head_dim, keys));
         let row_len = if key_panels.is_some() {
             attention_f32::padded_head_dim(head_dim)
         } else {
             head_dim
         };
-        let mut values = vec![0f32; keys * row_len];
-        for (key, row) in values.chunks_exact_mut(row_len).enumerate() {
-            row[..head_dim].copy_from_slice(&self.value[value_offset + key * inner..][..head_dim]);
-        }
+        let mut values = Vec::new();
+        self.copy_head_values(item, head, row_len, &mut values);
         HeadValues {
             values,
             key_panels,
@@ -392,8 +408,12 @@ impl FusedAttention<'_> {
         } = block;
         let query_offset = (item * self.queries + first) * inner + head * head_dim;
         let query = MatrixView::new(self.query, query_offset, (rows, head_dim), inner);
-        let key_t_offset = (item * self.heads + head) * head_dim * keys;
-        let key_t = MatrixView::new(self.key_t, key_t_offset, (head_dim, keys), keys);
+        let key_t = MatrixView::new(
+            self.key_t,
+            self.key_t_offset(item, head),
+            (head_dim, keys),
+            keys,
+        );
         let offset = (first - out_first) * row_stride + column;
         let mean_weight = 1.0 / self.heads as f32;
         match &values.packed {

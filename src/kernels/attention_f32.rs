@@ -623,12 +623,10 @@ mod x86 {
             (query_t, LANE_QUERIES),
             head_dim,
         );
-        for (key, acc) in acc.iter().enumerate() {
-            for (vector, &acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(dst.add(key * LANE_QUERIES + vector * 16), acc);
-                if key < valid {
-                    maxima[vector] = _mm512_max_ps(maxima[vector], acc);
-                }
+        store_rows(&acc, dst, LANE_QUERIES);
+        for acc in acc.iter().take(valid) {
+            for (max, &acc) in maxima.iter_mut().zip(acc) {
+                *max = _mm512_max_ps(*max, acc);
             }
         }
     }
@@ -662,11 +660,7 @@ mod x86 {
             (weights, LANE_QUERIES),
             chunk,
         );
-        for (column, acc) in acc.iter().enumerate() {
-            for (vector, &acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(sums.add(column * LANE_QUERIES + vector * 16), acc);
-            }
-        }
+        store_rows(&acc, sums, LANE_QUERIES);
     }
 
     /// The register tiles' common loop: `acc[r][v] += sum_k a[r * a_row + k * a_step] * b[k *
@@ -697,6 +691,24 @@ mod x86 {
             }
             a_at = a_at.add(a_step);
             b_at = b_at.add(b_step);
+        }
+    }
+
+    /// Stores a register tile: row `r`'s vectors at `dst + r * row_stride`, side by side.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `dst` covers `R` rows of `16V` values, `row_stride` apart.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_rows<const R: usize, const V: usize>(
+        acc: &[[__m512; V]; R],
+        dst: *mut f32,
+        row_stride: usize,
+    ) {
+        for (row, acc) in acc.iter().enumerate() {
+            for (vector, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(row * row_stride + vector * 16), acc);
+            }
         }
     }
 
@@ -821,11 +833,7 @@ mod x86 {
             }
         }
         accumulate(&mut acc, (weights, keys, 1), (values, padded), run);
-        for (row, acc) in acc.iter().enumerate() {
-            for (vector, &acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(sums.add(row * padded + vector * 16), acc);
-            }
-        }
+        store_rows(&acc, sums, padded);
     }
 
     /// One run of keys for `R` rows, all padded columns in tiles of at most [`TILE_VECTORS`].
