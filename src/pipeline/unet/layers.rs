@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use super::differentiable;
 use crate::hook::SharedGroupNorm;
 use crate::kernels::{self, PatchGeometry};
-use crate::pipeline::{profile, PipelineResult};
+use crate::pipeline::{limits, profile, PipelineResult};
 
 /// Bytes of im2col patches materialised at once by a convolution (bounds memory and keeps the
 /// buffers out of the allocator's fresh-mmap path).
@@ -29,10 +29,35 @@ const WINOGRAD_STORED_MAX_OUT_CHANNELS: usize = 640;
 /// In a model built for f32 products, 3x3 convolutions with at most this many output channels keep
 /// their F(4x4, 3x3) filter instead (36/9 of the weight): 2.25 multiplications per output rather
 /// than 4. SD 1.5 at 512 px then peaks at 4.53 GB rather than 3.98 GB (diffusers: 4.59 GB).
+///
+/// The wider ones keep their F(2x2, 3x3) filter (16/9 of the weight; F(4x4, 3x3) would be 4x)
+/// while the machine has room for it (see [`leaves_memory_reserve`]): transforming it on every call
+/// cost SD 1.5 at 512 px about 140 ms per UNet call at 16x16 and 32x32 latents, and the stored
+/// filter also beats im2col at 8x8 (about 44 ms less). SD 1.5 then peaks at 5.8 GB at 512 px.
 const WINOGRAD4_MAX_OUT_CHANNELS: usize = 640;
 
-/// Wider 3x3 convolutions transform their filter on each call when the input has at least this
-/// many 2x2 tiles (the transform then costs far less than the multiplications it saves).
+/// Memory a convolution leaves available when it keeps a second form of its weight for speed (a
+/// wide layer's F(2x2, 3x3) filter, the im2col matrix for gradients): room for the runs, the
+/// text encoder and the VAE, and the rest of the system.
+const MEMORY_RESERVE_BYTES: u64 = 4 << 30;
+
+/// Whether keeping `extra_bytes` more with `available_bytes` of memory available leaves at least
+/// [`MEMORY_RESERVE_BYTES`]. A wide convolution of a model built for f32 products that may not
+/// store its F(2x2, 3x3) filter transforms it on each call instead, slower but with no memory
+/// beyond the weight.
+fn leaves_memory_reserve(extra_bytes: u64, available_bytes: u64) -> bool {
+    available_bytes >= extra_bytes.saturating_add(MEMORY_RESERVE_BYTES)
+}
+
+/// Bytes the F(2x2, 3x3) filter of the im2col weight `matrix` (`[9 * in, out]` f32) takes beyond
+/// the weight it replaces: 7/9 of it.
+fn wide_filter_extra_bytes(matrix: &Tensor) -> u64 {
+    (matrix.elem_count() as u64).saturating_mul(4 * 7) / 9
+}
+
+/// In a model built for bf16 products, wider 3x3 convolutions transform their filter on each call
+/// when the input has at least this many 2x2 tiles (the transform then costs far less than the
+/// multiplications it saves).
 const WINOGRAD_ON_THE_FLY_MIN_TILES: usize = 128;
 
 /// How a convolution multiplies.
@@ -47,7 +72,8 @@ enum ConvKernel {
     /// 3x3, stride 1, padding 1, f32); bf16 products take F(2x2, 3x3), made from it.
     Winograd4(Tensor),
     /// The weight as `[3 * 3 * in, out]` (contiguous for real weights), transformed on the fly
-    /// for large inputs and used as the im2col matrix otherwise.
+    /// for large inputs and used as the im2col matrix otherwise (wide layers of a model built for
+    /// bf16 products, or where memory is short).
     WinogradOnTheFly(Tensor),
 }
 
@@ -69,6 +95,9 @@ pub struct Conv2d {
     /// The stored Winograd filter packed for bf16 products, made on the first call with bf16
     /// products (shared by clones).
     winograd_bf16: Arc<OnceLock<kernels::PackedWinogradFilter>>,
+    /// A stored Winograd filter's im2col matrix for gradients, kept after the first
+    /// differentiable call where memory allows (shared by clones).
+    gradient_matrix: Arc<OnceLock<Tensor>>,
     /// The im2col matrix packed for bf16 products (made on first use, shared by clones).
     matrix_packing: kernels::WeightPacking,
     bias: Tensor,
@@ -130,7 +159,14 @@ impl Conv2d {
                 let f32_products = !kernels::product_precision().uses_bf16_here();
                 if is_real && out_channels <= WINOGRAD4_MAX_OUT_CHANNELS && f32_products {
                     ConvKernel::Winograd4(kernels::winograd4_filter(&matrix)?)
-                } else if is_real && out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS {
+                } else if is_real
+                    && (out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS
+                        || (f32_products
+                            && leaves_memory_reserve(
+                                wide_filter_extra_bytes(&matrix),
+                                limits::available_memory().bytes,
+                            )))
+                {
                     ConvKernel::Winograd(kernels::winograd_filter(&matrix)?)
                 } else {
                     ConvKernel::WinogradOnTheFly(matrix)
@@ -141,6 +177,7 @@ impl Conv2d {
         Ok(Self {
             kernel_weights,
             winograd_bf16: Arc::default(),
+            gradient_matrix: Arc::default(),
             matrix_packing: kernels::WeightPacking::default(),
             bias,
             in_channels,
@@ -215,7 +252,7 @@ impl Conv2d {
         }
         let (batch, height, width, channels) = xs.dims4()?;
         let out = self.forward_with_bias(&xs.detach(), extra_bias)?;
-        let matrix = self.weight_matrix()?;
+        let matrix = self.gradient_matrix()?;
         let geometry = self.geometry;
         let out_channels = self.out_channels;
         differentiable::with_backward(xs, out, move |grad| {
@@ -223,6 +260,26 @@ impl Conv2d {
             let patches = grad.reshape((rows, out_channels))?.matmul(&matrix.t()?)?;
             differentiable::col2im(&patches, geometry, (batch, height, width, channels))
         })
+    }
+
+    /// [`Conv2d::weight_matrix`] for a backward pass: a stored Winograd filter's is transformed
+    /// back once and kept where memory allows ([`leaves_memory_reserve`]), else on every call
+    /// (42 ms for 1280 x 1280 channels).
+    fn gradient_matrix(&self) -> candle_core::Result<Tensor> {
+        if let ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) =
+            &self.kernel_weights
+        {
+            return Ok(matrix.clone());
+        }
+        if let Some(matrix) = self.gradient_matrix.get() {
+            return Ok(matrix.clone());
+        }
+        let matrix = self.weight_matrix()?;
+        let bytes = (matrix.elem_count() as u64).saturating_mul(4);
+        if leaves_memory_reserve(bytes, limits::available_memory().bytes) {
+            return Ok(self.gradient_matrix.get_or_init(|| matrix).clone());
+        }
+        Ok(matrix)
     }
 
     /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back
@@ -998,5 +1055,74 @@ impl Upsample {
             )?
         };
         self.conv.forward(&upsampled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Module};
+
+    use super::*;
+
+    #[test]
+    fn wide_filters_are_stored_only_with_memory_to_spare() {
+        let gib = 1u64 << 30;
+        assert!(leaves_memory_reserve(gib, 6 * gib));
+        assert!(leaves_memory_reserve(gib, 5 * gib));
+        assert!(!leaves_memory_reserve(gib, 5 * gib - 1));
+        assert!(!leaves_memory_reserve(u64::MAX, u64::MAX - 1));
+        // SD 1.5's 1280 x 1280 convolutions: 59 MB of weight, 46 MB more as the filter.
+        let matrix = Tensor::zeros((9 * 1280, 1280), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            wide_filter_extra_bytes(&matrix),
+            9 * 1280 * 1280 * 4 * 7 / 9
+        );
+    }
+
+    /// A 3x3 convolution wider than the F(4x4, 3x3) layers (its filter stored or transformed on
+    /// each call, whichever the memory allows) gives candle's `conv2d` values, on inputs with few
+    /// tiles and with many.
+    #[test]
+    fn wide_convolutions_match_conv2d() {
+        let device = Device::Cpu;
+        let (input, out) = (3, WINOGRAD4_MAX_OUT_CHANNELS + 8);
+        let weight = Tensor::randn(0f32, 1.0, (out, input, 3, 3), &device).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, out, &device).unwrap();
+        let tensors = HashMap::from([
+            ("weight".to_string(), weight.clone()),
+            ("bias".to_string(), bias.clone()),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let conv = Conv2d::new(vb, input, out, 3, 1, 1).unwrap();
+        let reference = candle_nn::Conv2d::new(
+            weight,
+            Some(bias),
+            candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        for (height, width) in [(6, 5), (26, 24)] {
+            let image = Tensor::randn(0f32, 1.0, (2, height, width, input), &device).unwrap();
+            let actual = conv.forward(&image).unwrap();
+            let expected = reference
+                .forward(&image.permute((0, 3, 1, 2)).unwrap())
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap();
+            let diff = (actual - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{height}x{width}: {diff}");
+        }
     }
 }
