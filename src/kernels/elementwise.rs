@@ -77,9 +77,9 @@ const LINEAR_GEGLU_BLOCK_ELEMENTS: usize = 512 * 1024;
 /// every block's product (for wide layers the cache-sized blocks above are a few dozen rows: SD
 /// 1.5's 1280 -> 10240 projection, 51). 192 rows instead of the cache-sized blocks: SD 1.5 UNet
 /// calls took 5.6% less time at 512 px and 6.3% less at 256 px (medians). 384 instead of 192: the
-/// feed-forward stages of a 512 px call summed 1047 ms against 1114 ms (means of two and four
-/// runs; 512 rows: 1052 ms over six, 768 rows: 1090 ms over two), at 256 px 350 ms against 363 ms
-/// (three runs each).
+/// feed-forward stages of a 512 px call summed 1047 ms against 1103 ms (means of two and six
+/// runs; 512 rows: 1045 ms over eight, 768 rows: 1090 ms over two), at 256 px 350 ms against 363
+/// ms (three runs each).
 const F32_LINEAR_GEGLU_MIN_BLOCK_ROWS: usize = 384;
 
 /// A linear layer as [`linear_geglu`] takes it.
