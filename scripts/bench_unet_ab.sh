@@ -1,13 +1,14 @@
 #!/bin/bash
 # attend (capture off, then on) vs diffusers, one SD 1.5 UNet call (random weights, CFG batch 2,
-# fp32, CPU, 2 threads), alternating, two passes, 256 and 512 px; then one VAE decode at 512 px
-# (random weights, batch 1) per pass. Needs a release build and python with torch + diffusers.
-# Usage: scripts/bench_unet_ab.sh [path/to/attend] [python]
+# fp32, CPU, 2 threads), alternating, PASSES passes (default two), 256 and 512 px; then one VAE
+# decode at 512 px (random weights, batch 1) per pass. Needs a release build and python with
+# torch + diffusers.
+# Usage: [PASSES=n] scripts/bench_unet_ab.sh [path/to/attend] [python]
 set -u
 cd "$(dirname "$0")/.."
 attend=${1:-target/release/attend}
 python=${2:-python3}
-for pass in 1 2; do
+for pass in $(seq 1 "${PASSES:-2}"); do
   for size in 256 512; do
     iters=$([ "$size" = 256 ] && echo 8 || echo 4)
     for capture in "" --capture; do
