@@ -1065,6 +1065,7 @@ mod tests {
     use candle_core::{Device, Module};
 
     use super::*;
+    use crate::kernels::test_support::{max_abs_diff, values};
 
     #[test]
     fn wide_filters_are_stored_only_with_memory_to_spare() {
@@ -1088,8 +1089,9 @@ mod tests {
     fn wide_convolutions_match_conv2d() {
         let device = Device::Cpu;
         let (input, out) = (3, WINOGRAD4_MAX_OUT_CHANNELS + 8);
-        let weight = Tensor::randn(0f32, 1.0, (out, input, 3, 3), &device).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, out, &device).unwrap();
+        let weight =
+            Tensor::from_vec(values(out * input * 9, 1), (out, input, 3, 3), &device).unwrap();
+        let bias = Tensor::from_vec(values(out, 2), out, &device).unwrap();
         let tensors = HashMap::from([
             ("weight".to_string(), weight.clone()),
             ("bias".to_string(), bias.clone()),
@@ -1105,23 +1107,16 @@ mod tests {
             },
         );
         for (height, width) in [(6, 5), (26, 24)] {
-            let image = Tensor::randn(0f32, 1.0, (2, height, width, input), &device).unwrap();
+            let shape = (2, height, width, input);
+            let image =
+                Tensor::from_vec(values(2 * height * width * input, 3), shape, &device).unwrap();
             let actual = conv.forward(&image).unwrap();
             let expected = reference
                 .forward(&image.permute((0, 3, 1, 2)).unwrap())
                 .unwrap()
                 .permute((0, 2, 3, 1))
                 .unwrap();
-            let diff = (actual - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&actual, &expected);
             assert!(diff < 1e-4, "{height}x{width}: {diff}");
         }
     }
