@@ -55,6 +55,13 @@ fn wide_filter_extra_bytes(matrix: &Tensor) -> u64 {
     (matrix.elem_count() as u64).saturating_mul(4 * 7) / 9
 }
 
+/// A wide layer's stored F(2x2, 3x3) filter (16/9 of the weight) runs im2col on inputs of fewer
+/// 2x2 tiles than this, with the weight transformed back once and kept where memory allows: few
+/// tiles make both ways read their weight more than they multiply. SD 1.5's 1280-channel layers
+/// at 256 px, per UNet call: at 4x4 latents (8 tiles) im2col 66.7 / 35.5 ms against Winograd
+/// 108.7 / 61.7 ms; at 8x8 (32 tiles) Winograd was faster (above).
+const WIDE_FILTER_MIN_TILES: usize = 16;
+
 /// In a model built for bf16 products, wider 3x3 convolutions transform their filter on each call
 /// when the input has at least this many 2x2 tiles (the transform then costs far less than the
 /// multiplications it saves).
@@ -95,9 +102,9 @@ pub struct Conv2d {
     /// The stored Winograd filter packed for bf16 products, made on the first call with bf16
     /// products (shared by clones).
     winograd_bf16: Arc<OnceLock<kernels::PackedWinogradFilter>>,
-    /// A stored Winograd filter's im2col matrix for gradients, kept after the first
-    /// differentiable call where memory allows (shared by clones).
-    gradient_matrix: Arc<OnceLock<Tensor>>,
+    /// A stored Winograd filter's im2col matrix, kept after its first use (gradients, inputs too
+    /// small for a wide layer's Winograd) where memory allows (shared by clones).
+    kept_matrix: Arc<OnceLock<Tensor>>,
     /// The im2col matrix packed for bf16 products (made on first use, shared by clones).
     matrix_packing: kernels::WeightPacking,
     bias: Tensor,
@@ -177,7 +184,7 @@ impl Conv2d {
         Ok(Self {
             kernel_weights,
             winograd_bf16: Arc::default(),
-            gradient_matrix: Arc::default(),
+            kept_matrix: Arc::default(),
             matrix_packing: kernels::WeightPacking::default(),
             bias,
             in_channels,
@@ -223,6 +230,9 @@ impl Conv2d {
                 {
                     "winograd bf16 fused"
                 }
+                ConvKernel::Winograd(_) if self.small_input_takes_im2col(tiles) => {
+                    "im2col (kept weight)"
+                }
                 ConvKernel::Winograd(_) => "winograd",
                 ConvKernel::Winograd4(_) => "winograd4",
                 ConvKernel::WinogradOnTheFly(_) if tiles >= WINOGRAD_ON_THE_FLY_MIN_TILES => {
@@ -263,23 +273,33 @@ impl Conv2d {
     }
 
     /// [`Conv2d::weight_matrix`] for a backward pass: a stored Winograd filter's is transformed
-    /// back once and kept where memory allows ([`leaves_memory_reserve`]), else on every call
-    /// (42 ms for 1280 x 1280 channels).
+    /// back once and kept where memory allows ([`Conv2d::kept_matrix`]), else on every call (42
+    /// ms for 1280 x 1280 channels).
     fn gradient_matrix(&self) -> candle_core::Result<Tensor> {
-        if let ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) =
-            &self.kernel_weights
-        {
-            return Ok(matrix.clone());
+        match &self.kernel_weights {
+            ConvKernel::Patches(matrix) | ConvKernel::WinogradOnTheFly(matrix) => {
+                Ok(matrix.clone())
+            }
+            ConvKernel::Winograd(_) | ConvKernel::Winograd4(_) => match self.kept_matrix()? {
+                Some(matrix) => Ok(matrix),
+                None => self.weight_matrix(),
+            },
         }
-        if let Some(matrix) = self.gradient_matrix.get() {
-            return Ok(matrix.clone());
+    }
+
+    /// The im2col matrix of a stored Winograd filter, transformed back on first use and kept when
+    /// that leaves the memory reserve ([`leaves_memory_reserve`]); `None` where it may not be kept.
+    fn kept_matrix(&self) -> candle_core::Result<Option<Tensor>> {
+        if let Some(matrix) = self.kept_matrix.get() {
+            return Ok(Some(matrix.clone()));
+        }
+        let (in_rows, out) = (9 * self.in_channels, self.out_channels);
+        let bytes = ((in_rows * out) as u64).saturating_mul(4);
+        if !leaves_memory_reserve(bytes, limits::available_memory().bytes) {
+            return Ok(None);
         }
         let matrix = self.weight_matrix()?;
-        let bytes = (matrix.elem_count() as u64).saturating_mul(4);
-        if leaves_memory_reserve(bytes, limits::available_memory().bytes) {
-            return Ok(self.gradient_matrix.get_or_init(|| matrix).clone());
-        }
-        Ok(matrix)
+        Ok(Some(self.kept_matrix.get_or_init(|| matrix).clone()))
     }
 
     /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back
@@ -305,6 +325,12 @@ impl Conv2d {
         let xs = xs.clone();
         match &self.kernel_weights {
             ConvKernel::Patches(matrix) => self.forward_patches(&xs, matrix, extra_bias),
+            ConvKernel::Winograd(filter) if self.small_input_takes_im2col(tiles) => {
+                match self.kept_matrix()? {
+                    Some(matrix) => self.forward_patches(&xs, &matrix, extra_bias),
+                    None => self.forward_winograd(&xs, WinogradFilter::Stored(filter), extra_bias),
+                }
+            }
             ConvKernel::Winograd(filter) | ConvKernel::Winograd4(filter) => {
                 self.forward_winograd(&xs, WinogradFilter::Stored(filter), extra_bias)
             }
@@ -321,6 +347,16 @@ impl Conv2d {
                 }
             }
         }
+    }
+
+    /// Whether a wide layer's stored F(2x2, 3x3) filter gives way to im2col on an input of
+    /// `tiles` 2x2 tiles (see [`WIDE_FILTER_MIN_TILES`]; where the matrix may not be kept, the
+    /// filter runs after all).
+    fn small_input_takes_im2col(&self, tiles: usize) -> bool {
+        matches!(self.kernel_weights, ConvKernel::Winograd(_))
+            && tiles < WIDE_FILTER_MIN_TILES
+            && self.out_channels > WINOGRAD_STORED_MAX_OUT_CHANNELS
+            && !self.fused_bf16_winograd()
     }
 
     /// The bias of batch item `item`: `bias + extra_bias[item]`, `[out]`.
@@ -1106,7 +1142,8 @@ mod tests {
                 ..Default::default()
             },
         );
-        for (height, width) in [(6, 5), (26, 24)] {
+        // 8 tiles (im2col on the kept weight), 18 and 312 (the F(2x2, 3x3) filter).
+        for (height, width) in [(4, 3), (6, 5), (26, 24)] {
             let shape = (2, height, width, input);
             let image =
                 Tensor::from_vec(values(2 * height * width * input, 3), shape, &device).unwrap();
