@@ -103,8 +103,9 @@ pub struct Conv2d {
     /// products (shared by clones).
     winograd_bf16: Arc<OnceLock<kernels::PackedWinogradFilter>>,
     /// A stored Winograd filter's im2col matrix, kept after its first use (gradients, inputs too
-    /// small for a wide layer's Winograd) where memory allows (shared by clones).
-    kept_matrix: Arc<OnceLock<Tensor>>,
+    /// small for a wide layer's Winograd) where memory allows; `None` once memory did not allow
+    /// it. Decided once (shared by clones).
+    kept_matrix: Arc<OnceLock<Option<Tensor>>>,
     /// The im2col matrix packed for bf16 products (made on first use, shared by clones).
     matrix_packing: kernels::WeightPacking,
     bias: Tensor,
@@ -288,18 +289,20 @@ impl Conv2d {
     }
 
     /// The im2col matrix of a stored Winograd filter, transformed back on first use and kept when
-    /// that leaves the memory reserve ([`leaves_memory_reserve`]); `None` where it may not be kept.
+    /// that leaves the memory reserve ([`leaves_memory_reserve`]); `None` where it may not be kept
+    /// (decided on the first use, so later calls read no memory figures).
     fn kept_matrix(&self) -> candle_core::Result<Option<Tensor>> {
-        if let Some(matrix) = self.kept_matrix.get() {
-            return Ok(Some(matrix.clone()));
+        if let Some(kept) = self.kept_matrix.get() {
+            return Ok(kept.clone());
         }
         let (in_rows, out) = (9 * self.in_channels, self.out_channels);
         let bytes = ((in_rows * out) as u64).saturating_mul(4);
-        if !leaves_memory_reserve(bytes, limits::available_memory().bytes) {
-            return Ok(None);
-        }
-        let matrix = self.weight_matrix()?;
-        Ok(Some(self.kept_matrix.get_or_init(|| matrix).clone()))
+        let kept = if leaves_memory_reserve(bytes, limits::available_memory().bytes) {
+            Some(self.weight_matrix()?)
+        } else {
+            None
+        };
+        Ok(self.kept_matrix.get_or_init(|| kept).clone())
     }
 
     /// The weight as `[k * k * in, out]`; a stored Winograd filter is transformed back
