@@ -7,8 +7,11 @@ Usage:
                                                       tests/fixtures/manifests/sd15.json`)
   bench_diffusers_unet.py SIZE ITERS --model DIR      the UNet of a diffusers folder (an fp16 file
                                                       is loaded as fp32), SIZE in pixels
+  bench_diffusers_unet.py SIZE ITERS --paced          as `attend bench unet --paced`: "ready" after
+                                                      the warm-up call, then one timed call per line
+                                                      read from standard input, its seconds printed
 """
-import argparse, json, time
+import argparse, json, sys, time
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -17,6 +20,7 @@ parser.add_argument("size", type=int, help="image size in pixels")
 parser.add_argument("iters", type=int, help="timed calls after one warm-up call")
 parser.add_argument("--model", help="diffusers model folder (default: SD 1.5 with random weights)")
 parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--paced", action="store_true", help="one timed call per line of standard input")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
@@ -37,10 +41,17 @@ context = torch.randn(2, 77, cross if isinstance(cross, int) else cross[0])
 times = []
 with torch.no_grad():
     for i in range(args.iters + 1):
+        if args.paced and i > 0:
+            if i == 1:
+                print("ready", flush=True)
+            if not sys.stdin.readline():
+                break
         start = time.perf_counter()
         unet(sample, 500, encoder_hidden_states=context)
         if i > 0:
             times.append(time.perf_counter() - start)
+            if args.paced:
+                print(f"{times[-1]:.6f}", flush=True)
 times.sort()
 print(json.dumps({"diffusers_unet_secs": times[len(times) // 2], "size": args.size, "iters": args.iters,
                   "torch": torch.__version__, "threads": torch.get_num_threads()}))

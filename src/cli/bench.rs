@@ -2,6 +2,7 @@
 //! with or without attention capture (the [`AttentionStore`] of the editor).
 
 use std::collections::BTreeMap;
+use std::io::{BufRead as _, Write as _};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -87,6 +88,12 @@ pub struct UnetBenchArgs {
     /// linear layers, attention, norms; the rest is "unlabelled"), summed over the timed calls.
     #[arg(long)]
     pub profile: bool,
+    /// Paced by a driver: after the warm-up call print `ready`, then before each timed call wait
+    /// for a line on standard input and print that call's seconds as a line of its own (so a
+    /// script can alternate with another program call by call; see
+    /// `scripts/bench_unet_paced.py`). Standard input closing ends the calls early.
+    #[arg(long)]
+    pub paced: bool,
 }
 
 /// Arguments of `attend bench vae`.
@@ -119,6 +126,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Load(load_args) => super::models::bench_load(load_args),
         BenchTarget::Edit(edit_args) => super::bench_edit::bench_edit(edit_args),
     }
+}
+
+/// For `--paced`: announces `ready` before the first timed call, then waits for a line on
+/// standard input; `false` where standard input has closed.
+fn paced_go(first: bool) -> anyhow::Result<bool> {
+    if first {
+        println!("ready");
+        std::io::stdout().flush()?;
+    }
+    let mut line = String::new();
+    let read = std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the pacing line from standard input")?;
+    Ok(read > 0)
 }
 
 fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
@@ -205,6 +227,9 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
     let mut seconds = Vec::with_capacity(args.iters);
     let mut total_seconds = 0.0;
     for iteration in 0..=args.iters {
+        if args.paced && iteration > 0 && !paced_go(iteration == 1)? {
+            break;
+        }
         store.clear();
         profile::set_enabled(args.profile && iteration > 0);
         let started = Instant::now();
@@ -224,11 +249,20 @@ fn bench_unet(args: &UnetBenchArgs) -> anyhow::Result<()> {
         // Make sure the work is done (candle's CPU ops are eager, but be explicit).
         let _ = output.dims();
         if iteration > 0 {
-            seconds.push(started.elapsed().as_secs_f64());
-            total_seconds += started.elapsed().as_secs_f64();
+            let elapsed = started.elapsed().as_secs_f64();
+            seconds.push(elapsed);
+            total_seconds += elapsed;
+            if args.paced {
+                println!("{elapsed:.6}");
+                std::io::stdout().flush()?;
+            }
         }
     }
     profile::set_enabled(false);
+    anyhow::ensure!(
+        !seconds.is_empty(),
+        "bench unet --paced: standard input closed before the first timed call"
+    );
     seconds.sort_by(f64::total_cmp);
     let median = seconds[seconds.len() / 2];
     if args.json {
@@ -303,8 +337,9 @@ fn bench_vae(args: &VaeBenchArgs) -> anyhow::Result<()> {
         let image = vae.decode(&latents)?;
         let _ = image.dims();
         if iteration > 0 {
-            seconds.push(started.elapsed().as_secs_f64());
-            total_seconds += started.elapsed().as_secs_f64();
+            let elapsed = started.elapsed().as_secs_f64();
+            seconds.push(elapsed);
+            total_seconds += elapsed;
         }
     }
     profile::set_enabled(false);
