@@ -121,6 +121,175 @@ pub(super) fn gemm_single_thread<D: GemmDestination + ?Sized>(
     gemm_with_bias(dst, dst_offset, dst_row_stride, lhs, rhs, None)
 }
 
+/// Sets gemm's weight-side packing threshold to [`LHS_PACKING_THRESHOLD`], once per process.
+fn configure_weight_packing() {
+    static PACKING: std::sync::Once = std::sync::Once::new();
+    PACKING.call_once(|| gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD));
+}
+
+/// Products over [`ColumnPanels`] in flight. While there are any, gemm reads the weight side where
+/// it lies instead of packing it (its threshold raised to the most it takes, 256 tiles of 6
+/// rows). The threshold only decides whether gemm copies that side first: a product running
+/// meanwhile on another thread gives the same values either way, at its own speed.
+static PANEL_PRODUCTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// Largest row count of one product over a panel: below [`PANEL_PRODUCTS`]' raised threshold, so
+/// that gemm never packs the panel.
+const PANEL_PRODUCT_MAX_ROWS: usize = 255 * 6;
+
+/// While alive, gemm reads panels in place (see [`PANEL_PRODUCTS`]).
+struct PanelsReadInPlace;
+
+impl PanelsReadInPlace {
+    fn begin() -> Self {
+        configure_weight_packing();
+        let mut running = PANEL_PRODUCTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *running == 0 {
+            gemm::set_lhs_packing_threshold_single_thread(256);
+        }
+        *running += 1;
+        Self
+    }
+}
+
+impl Drop for PanelsReadInPlace {
+    fn drop(&mut self) {
+        let mut running = PANEL_PRODUCTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *running -= 1;
+        if *running == 0 {
+            gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD);
+        }
+    }
+}
+
+/// Columns per panel of [`ColumnPanels`]: gemm's f32 tile height on AVX-512 (4 vectors of 16),
+/// so a panel is laid out exactly as gemm packs the weight side of a row-major product.
+pub const PANEL_COLUMNS: usize = 64;
+
+/// A batch of `k x n` f32 right-hand factors kept as panels of [`PANEL_COLUMNS`] columns,
+/// `[batch, n / 64, k, 64]` (contiguous): each panel's rows lie one after another, as gemm would
+/// pack them, so [`batched_matmul_panels`] reads them in place rather than copying each factor on
+/// every call. For factors used many times, such as a convolution's stored Winograd filter.
+#[derive(Clone, Debug)]
+pub struct ColumnPanels {
+    /// `[batch, n / 64, k, 64]`.
+    panels: Tensor,
+    k: usize,
+    n: usize,
+}
+
+impl ColumnPanels {
+    /// `matrices` `[batch, k, n]` as panels; `None` where `n` is not a multiple of
+    /// [`PANEL_COLUMNS`] or the values are not f32 on the CPU.
+    pub fn new(matrices: &Tensor) -> Result<Option<Self>> {
+        let (batch, k, n) = matrices.dims3()?;
+        if !n.is_multiple_of(PANEL_COLUMNS)
+            || matrices.dtype() != candle_core::DType::F32
+            || !matrices.device().is_cpu()
+        {
+            return Ok(None);
+        }
+        let panels = matrices
+            .reshape((batch, k, n / PANEL_COLUMNS, PANEL_COLUMNS))?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?;
+        Ok(Some(Self { panels, k, n }))
+    }
+
+    /// The factors as `[batch, k, n]` again (a new tensor).
+    pub fn matrices(&self) -> Result<Tensor> {
+        let batch = self.panels.dim(0)?;
+        self.panels
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((batch, self.k, self.n))
+    }
+
+    /// Factors in the batch.
+    pub fn batch(&self) -> Result<usize> {
+        self.panels.dim(0)
+    }
+}
+
+/// [`batched_matmul_parallel`] with the right-hand factors as [`ColumnPanels`]: `a` `[batch, m,
+/// k]` -> `[batch, m, n]` (f32), one product per panel and block of at most
+/// [`PANEL_PRODUCT_MAX_ROWS`] rows, each reading its panel in place. With bf16 products the
+/// factors go back to matrices and through [`batched_matmul_parallel`].
+pub fn batched_matmul_panels(a: &Tensor, b: &ColumnPanels) -> Result<Tensor> {
+    if product_precision() == ProductPrecision::Bf16 {
+        return batched_matmul_parallel(a, &b.matrices()?);
+    }
+    let (batch, m, k) = a.dims3()?;
+    let (b_batch, n) = (b.batch()?, b.n);
+    if (b_batch, b.k) != (batch, k) {
+        candle_core::bail!(
+            "batched matmul: {:?} times panels of {b_batch} x {} x {n}",
+            a.dims(),
+            b.k
+        );
+    }
+    let _in_place = PanelsReadInPlace::begin();
+    let out = with_f32_pair(a, &b.panels, |a_values, panel_values| {
+        parallel_pieces(batch * m * n, m * n, k, |item, slots| {
+            if a_values.len() < (item + 1) * m * k || panel_values.len() < (item + 1) * k * n {
+                candle_core::bail!("batched matmul: operands shorter than their shapes");
+            }
+            if slots.len() != m * n {
+                candle_core::bail!("gemm: {} output slots for a {m}x{n} product", slots.len());
+            }
+            let dst = slots.as_mut_ptr().cast::<f32>();
+            for first_row in (0..m).step_by(PANEL_PRODUCT_MAX_ROWS) {
+                let rows = PANEL_PRODUCT_MAX_ROWS.min(m - first_row);
+                for panel in 0..n / PANEL_COLUMNS {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the lengths were checked above: rows `first_row..first_row + rows`
+                    // of item `item` of `a` (`m x k`, contiguous), panel `panel` of its factor (`k
+                    // x 64`, contiguous) and the destination block (`rows x 64` at column `panel *
+                    // 64`, rows `n` apart) inside `slots` (`m x n`) all lie in their slices;
+                    // `slots` is this piece's own (no aliasing) and `read_dst` is false, so its
+                    // uninitialised values are only written.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            PANEL_COLUMNS,
+                            k,
+                            dst.add(first_row * n + panel * PANEL_COLUMNS),
+                            1,
+                            n as isize,
+                            false,
+                            a_values.as_ptr().add((item * m + first_row) * k),
+                            1,
+                            k as isize,
+                            panel_values
+                                .as_ptr()
+                                .add(item * k * n + panel * k * PANEL_COLUMNS),
+                            1,
+                            PANEL_COLUMNS as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                }
+            }
+            #[allow(unsafe_code)]
+            // SAFETY: the products above wrote every one of the `m * n` slots (all row blocks,
+            // all `n / 64` panels); `MaybeUninit<f32>` has the layout of `f32`.
+            unsafe {
+                Ok(&mut *(std::ptr::from_mut(slots) as *mut [f32]))
+            }
+        })
+    })?;
+    Tensor::from_vec(out, (batch, m, n), a.device())
+}
+
 /// [`gemm_single_thread`] plus `bias` (`[n]`, added to every row of the product) when given: the
 /// product's rows are set to the bias first and the GEMM accumulates onto them, so no second pass
 /// over the output is needed.
@@ -132,8 +301,7 @@ pub(super) fn gemm_with_bias<D: GemmDestination + ?Sized>(
     rhs: MatrixView<'_>,
     bias: Option<&[f32]>,
 ) -> Result<()> {
-    static PACKING: std::sync::Once = std::sync::Once::new();
-    PACKING.call_once(|| gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD));
+    configure_weight_packing();
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let dst_fits = matrix_fits(dst.raw_parts().1, dst_offset, (m, n), dst_row_stride);
     let bias_fits = bias.is_none_or(|bias| bias.len() == n);
@@ -488,7 +656,7 @@ pub fn batched_matmul_parallel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_support::{max_abs_diff, same_bits};
+    use crate::kernels::test_support::{max_abs_diff, same_bits, values};
     use candle_core::{DType, Device};
 
     #[test]
@@ -517,6 +685,30 @@ mod tests {
         let wrong_bias = Tensor::zeros(4, DType::F32, &device).unwrap();
         assert!(matmul_split_columns(&a, &b, Some(&wrong_bias)).is_err());
         assert!(matmul_split_rows(&a, &b, Some(&wrong_bias), None).is_err());
+    }
+
+    #[test]
+    fn panel_products_match_matmul() {
+        let device = Device::Cpu;
+        // One panel, several, and more rows than one product over a panel takes.
+        for (batch, m, k, n) in [(2, 5, 7, 64), (3, 40, 33, 320), (1, 1600, 9, 128)] {
+            let a = Tensor::from_vec(values(batch * m * k, 1), (batch, m, k), &device).unwrap();
+            let b = Tensor::from_vec(values(batch * k * n, 2), (batch, k, n), &device).unwrap();
+            let panels = ColumnPanels::new(&b).unwrap().unwrap();
+            assert!(same_bits(&panels.matrices().unwrap(), &b));
+            let actual = batched_matmul_panels(&a, &panels).unwrap();
+            let expected = a.matmul(&b).unwrap();
+            assert_eq!(actual.dims(), &[batch, m, n]);
+            let diff = max_abs_diff(&actual, &expected);
+            assert!(diff < 1e-4, "{batch}x{m}x{k}x{n}: {diff}");
+        }
+        // Columns that are not whole panels keep their matrices; mismatched factors are refused.
+        let b = Tensor::zeros((2, 3, 100), DType::F32, &device).unwrap();
+        assert!(ColumnPanels::new(&b).unwrap().is_none());
+        let b = Tensor::zeros((2, 3, 64), DType::F32, &device).unwrap();
+        let panels = ColumnPanels::new(&b).unwrap().unwrap();
+        let a = Tensor::zeros((2, 5, 4), DType::F32, &device).unwrap();
+        assert!(batched_matmul_panels(&a, &panels).is_err());
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub use elementwise::{
     linear_geglu, scale_last_dim, upsample_nearest, zeros, LinearParts,
 };
 pub use gemm::{
-    batched_matmul_parallel, matmul_column_groups, matmul_split_columns, matmul_split_rows,
+    batched_matmul_panels, batched_matmul_parallel, matmul_column_groups, matmul_split_columns,
+    matmul_split_rows, ColumnPanels, PANEL_COLUMNS,
 };
 pub use heads::{merge_heads, split_heads, split_heads_transposed};
 pub use norm::{group_norm, layer_norm};

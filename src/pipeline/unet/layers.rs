@@ -72,23 +72,77 @@ const WINOGRAD_ON_THE_FLY_MIN_TILES: usize = 128;
 enum ConvKernel {
     /// im2col patches times the weight as `[k * k * in, out]` (contiguous for real weights).
     Patches(Tensor),
-    /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (contiguous;
-    /// 3x3, stride 1, padding 1, f32).
-    Winograd(Tensor),
-    /// Winograd F(4x4, 3x3) with the stored transformed filter `[36, in, out]` (contiguous;
-    /// 3x3, stride 1, padding 1, f32); bf16 products take F(2x2, 3x3), made from it.
-    Winograd4(Tensor),
+    /// Winograd F(2x2, 3x3) with the stored transformed filter `[16, in, out]` (3x3, stride 1,
+    /// padding 1, f32).
+    Winograd(StoredFilter),
+    /// Winograd F(4x4, 3x3) with the stored transformed filter `[36, in, out]` (3x3, stride 1,
+    /// padding 1, f32); bf16 products take F(2x2, 3x3), made from it.
+    Winograd4(StoredFilter),
     /// The weight as `[3 * 3 * in, out]` (contiguous for real weights), transformed on the fly
     /// for large inputs and used as the im2col matrix otherwise (wide layers of a model built for
     /// bf16 products, or where memory is short).
     WinogradOnTheFly(Tensor),
 }
 
+/// A stored Winograd filter, `[positions, in, out]` (16 positions for F(2x2, 3x3), 36 for F(4x4,
+/// 3x3)).
+#[derive(Clone, Debug)]
+enum StoredFilter {
+    /// As matrices (contiguous): models built for bf16 products (which pack their own copy), and
+    /// output channel counts that are not a multiple of [`kernels::PANEL_COLUMNS`].
+    Matrices(Tensor),
+    /// As panels of 64 output channels that the f32 products read in place, so gemm no longer
+    /// packs each position's `in x out` matrix on every call; the tiles are read once per panel
+    /// instead. That pays where the filter is large against the tiles: the wide layers' F(2x2,
+    /// 3x3) filters (SD 1.5 at 512 px, per UNet call, profiles of two calls against the packing
+    /// build, alternating: those stages 584-614 -> 561-568 ms). The F(4x4, 3x3) filters (at
+    /// most 640 output channels, hundreds of tiles per product) got slower: 465-477 -> 499-503 ms.
+    Panels(kernels::ColumnPanels),
+}
+
+impl StoredFilter {
+    /// `filter` `[positions, in, out]`, as panels where f32 products will read it and the output
+    /// channels allow.
+    fn new(filter: Tensor, f32_products: bool) -> candle_core::Result<Self> {
+        if f32_products {
+            if let Some(panels) = kernels::ColumnPanels::new(&filter)? {
+                return Ok(Self::Panels(panels));
+            }
+        }
+        Ok(Self::Matrices(filter))
+    }
+
+    /// The filter as `[positions, in, out]` (a new tensor for panels).
+    fn matrices(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Matrices(filter) => Ok(filter.clone()),
+            Self::Panels(panels) => panels.matrices(),
+        }
+    }
+
+    /// Transform positions: 16 or 36.
+    fn positions(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Matrices(filter) => filter.dim(0),
+            Self::Panels(panels) => panels.batch(),
+        }
+    }
+
+    /// The products of transformed tiles `[positions, tiles, in]` with the filter: `[positions,
+    /// tiles, out]`.
+    fn products(&self, tiles: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Matrices(filter) => kernels::batched_matmul_parallel(tiles, filter),
+            Self::Panels(panels) => kernels::batched_matmul_panels(tiles, panels),
+        }
+    }
+}
+
 /// Where a Winograd convolution's transformed filter comes from.
 #[derive(Clone, Copy)]
 enum WinogradFilter<'a> {
     /// Stored: `[16, in, out]` (F(2x2, 3x3)) or `[36, in, out]` (F(4x4, 3x3)).
-    Stored(&'a Tensor),
+    Stored(&'a StoredFilter),
     /// Transformed block by block during the products (F(2x2, 3x3)) from the weight as `[3 * 3
     /// * in, out]` (see [`kernels::winograd_products_from_weight`]).
     FromWeight(&'a Tensor),
@@ -161,27 +215,33 @@ impl Conv2d {
                 .broadcast_as((patch, out_channels))?
         };
         let winograd_shape = kernel == 3 && stride == 1 && (pad_before, pad_after) == (1, 1);
-        let kernel_weights =
-            if winograd_shape && weight.dtype() == DType::F32 && weight.device().is_cpu() {
-                // bf16 products run F(2x2, 3x3): a model built for them keeps that filter.
-                let f32_products = !kernels::product_precision().uses_bf16_here();
-                if is_real && out_channels <= WINOGRAD4_MAX_OUT_CHANNELS && f32_products {
-                    ConvKernel::Winograd4(kernels::winograd4_filter(&matrix)?)
-                } else if is_real
-                    && (out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS
-                        || (f32_products
-                            && leaves_memory_reserve(
-                                wide_filter_extra_bytes(&matrix),
-                                limits::available_memory().bytes,
-                            )))
-                {
-                    ConvKernel::Winograd(kernels::winograd_filter(&matrix)?)
-                } else {
-                    ConvKernel::WinogradOnTheFly(matrix)
-                }
+        let kernel_weights = if winograd_shape
+            && weight.dtype() == DType::F32
+            && weight.device().is_cpu()
+        {
+            // bf16 products run F(2x2, 3x3): a model built for them keeps that filter.
+            let f32_products = !kernels::product_precision().uses_bf16_here();
+            if is_real && out_channels <= WINOGRAD4_MAX_OUT_CHANNELS && f32_products {
+                ConvKernel::Winograd4(StoredFilter::Matrices(kernels::winograd4_filter(&matrix)?))
+            } else if is_real
+                && (out_channels <= WINOGRAD_STORED_MAX_OUT_CHANNELS
+                    || (f32_products
+                        && leaves_memory_reserve(
+                            wide_filter_extra_bytes(&matrix),
+                            limits::available_memory().bytes,
+                        )))
+            {
+                // Only wide layers' filters (many channels, few tiles) are worth their panels.
+                ConvKernel::Winograd(StoredFilter::new(
+                    kernels::winograd_filter(&matrix)?,
+                    f32_products && out_channels > WINOGRAD4_MAX_OUT_CHANNELS,
+                )?)
             } else {
-                ConvKernel::Patches(matrix)
-            };
+                ConvKernel::WinogradOnTheFly(matrix)
+            }
+        } else {
+            ConvKernel::Patches(matrix)
+        };
         Ok(Self {
             kernel_weights,
             winograd_bf16: Arc::default(),
@@ -313,7 +373,7 @@ impl Conv2d {
                 Ok(matrix.clone())
             }
             ConvKernel::Winograd(filter) | ConvKernel::Winograd4(filter) => {
-                kernels::winograd_weight(filter)
+                kernels::winograd_weight(&filter.matrices()?)
             }
         }
     }
@@ -343,7 +403,7 @@ impl Conv2d {
                 } else if kernels::product_precision().uses_bf16_here() {
                     // bf16 products convert their operands per product: filter blocks would
                     // convert the tiles once per block, so the whole filter is transformed.
-                    let filter = kernels::winograd_filter(matrix)?;
+                    let filter = StoredFilter::Matrices(kernels::winograd_filter(matrix)?);
                     self.forward_winograd(&xs, WinogradFilter::Stored(&filter), extra_bias)
                 } else {
                     self.forward_winograd(&xs, WinogradFilter::FromWeight(matrix), extra_bias)
@@ -479,7 +539,7 @@ impl Conv2d {
                 None => {
                     let packed = match (&self.kernel_weights, filter) {
                         (ConvKernel::Winograd(_), WinogradFilter::Stored(filter)) => {
-                            kernels::pack_winograd_filter(filter)?
+                            kernels::pack_winograd_filter(&filter.matrices()?)?
                         }
                         _ => kernels::pack_winograd_filter(&kernels::winograd_filter(
                             &self.weight_matrix()?,
@@ -491,7 +551,7 @@ impl Conv2d {
             return kernels::winograd_conv_bf16(xs, packed, &biases);
         }
         let positions = match filter {
-            WinogradFilter::Stored(filter) => filter.dim(0)?,
+            WinogradFilter::Stored(filter) => filter.positions()?,
             WinogradFilter::FromWeight(_) => 16,
         };
         let tile = if positions == 36 { 4 } else { 2 };
@@ -511,16 +571,14 @@ impl Conv2d {
             let piece = match filter {
                 WinogradFilter::Stored(filter) if tile == 4 => {
                     let transformed = kernels::winograd4_input(xs, rows.clone())?;
-                    let products = kernels::batched_matmul_parallel(&transformed, filter)?;
+                    let products = filter.products(&transformed)?;
                     let biases = biases.clone();
                     kernels::winograd4_output(&products, rows.clone(), height, width, biases)?
                 }
                 _ => {
                     let transformed = kernels::winograd_input(xs, rows.clone())?;
                     let products = match filter {
-                        WinogradFilter::Stored(filter) => {
-                            kernels::batched_matmul_parallel(&transformed, filter)?
-                        }
+                        WinogradFilter::Stored(filter) => filter.products(&transformed)?,
                         WinogradFilter::FromWeight(matrix) => {
                             kernels::winograd_products_from_weight(&transformed, matrix)?
                         }
@@ -1126,8 +1184,18 @@ mod tests {
     /// tiles and with many.
     #[test]
     fn wide_convolutions_match_conv2d() {
+        // 648 output channels keep their filter as matrices, 704 (eleven panels) as panels.
+        for out in [
+            WINOGRAD4_MAX_OUT_CHANNELS + 8,
+            WINOGRAD4_MAX_OUT_CHANNELS + kernels::PANEL_COLUMNS,
+        ] {
+            wide_convolution_matches_conv2d(out);
+        }
+    }
+
+    fn wide_convolution_matches_conv2d(out: usize) {
         let device = Device::Cpu;
-        let (input, out) = (3, WINOGRAD4_MAX_OUT_CHANNELS + 8);
+        let input = 3;
         let weight =
             Tensor::from_vec(values(out * input * 9, 1), (out, input, 3, 3), &device).unwrap();
         let bias = Tensor::from_vec(values(out, 2), out, &device).unwrap();
@@ -1137,6 +1205,11 @@ mod tests {
         ]);
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let conv = Conv2d::new(vb, input, out, 3, 1, 1).unwrap();
+        // Stored (with memory to spare), the filter takes panels where they divide the channels.
+        if let ConvKernel::Winograd(filter) = &conv.kernel_weights {
+            let panels = matches!(filter, StoredFilter::Panels(_));
+            assert_eq!(panels, out.is_multiple_of(kernels::PANEL_COLUMNS), "{out}");
+        }
         let reference = candle_nn::Conv2d::new(
             weight,
             Some(bias),
@@ -1157,7 +1230,7 @@ mod tests {
                 .permute((0, 2, 3, 1))
                 .unwrap();
             let diff = max_abs_diff(&actual, &expected);
-            assert!(diff < 1e-4, "{height}x{width}: {diff}");
+            assert!(diff < 1e-4, "{out} channels, {height}x{width}: {diff}");
         }
     }
 }
