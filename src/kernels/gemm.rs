@@ -133,8 +133,8 @@ fn configure_weight_packing() {
 /// meanwhile on another thread gives the same values either way, at its own speed.
 static PANEL_PRODUCTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 
-/// Largest row count of one product over a panel: below [`PANEL_PRODUCTS`]' raised threshold, so
-/// that gemm never packs the panel.
+/// Largest row count of one product over a panel: below [`PANEL_PRODUCTS`]' raised threshold
+/// (with AVX-512's tiles of 6 rows), so that gemm never packs the panel.
 const PANEL_PRODUCT_MAX_ROWS: usize = 255 * 6;
 
 /// While alive, gemm reads panels in place (see [`PANEL_PRODUCTS`]).
@@ -167,7 +167,8 @@ impl Drop for PanelsReadInPlace {
 }
 
 /// Columns per panel of [`ColumnPanels`]: gemm's f32 tile height on AVX-512 (4 vectors of 16),
-/// so a panel is laid out exactly as gemm packs the weight side of a row-major product.
+/// so a panel is laid out exactly as gemm packs the weight side of a row-major product there.
+/// Elsewhere the products give the same values; only their speed may differ.
 pub const PANEL_COLUMNS: usize = 64;
 
 /// A batch of `k x n` f32 right-hand factors kept as panels of [`PANEL_COLUMNS`] columns,

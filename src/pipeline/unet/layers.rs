@@ -88,14 +88,15 @@ enum ConvKernel {
 /// 3x3)).
 #[derive(Clone, Debug)]
 enum StoredFilter {
-    /// As matrices (contiguous): models built for bf16 products (which pack their own copy), and
-    /// output channel counts that are not a multiple of [`kernels::PANEL_COLUMNS`].
+    /// As matrices (contiguous): the F(4x4, 3x3) filters, models built for bf16 products (which
+    /// pack their own copy), and output channel counts that are not a multiple of
+    /// [`kernels::PANEL_COLUMNS`].
     Matrices(Tensor),
     /// As panels of 64 output channels that the f32 products read in place, so gemm no longer
     /// packs each position's `in x out` matrix on every call; the tiles are read once per panel
     /// instead. That pays where the filter is large against the tiles: the wide layers' F(2x2,
     /// 3x3) filters (SD 1.5 at 512 px, per UNet call, profiles of two calls against the packing
-    /// build, alternating: those stages 584-614 -> 561-568 ms). The F(4x4, 3x3) filters (at
+    /// build, alternating: those stages 590-640 -> 550-577 ms). The F(4x4, 3x3) filters (at
     /// most 640 output channels, hundreds of tiles per product) got slower: 465-477 -> 499-503 ms.
     Panels(kernels::ColumnPanels),
 }
