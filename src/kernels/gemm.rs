@@ -179,6 +179,7 @@ pub const PANEL_COLUMNS: usize = 64;
 pub struct ColumnPanels {
     /// `[batch, n / 64, k, 64]`.
     panels: Tensor,
+    batch: usize,
     k: usize,
     n: usize,
 }
@@ -198,21 +199,25 @@ impl ColumnPanels {
             .reshape((batch, k, n / PANEL_COLUMNS, PANEL_COLUMNS))?
             .permute((0, 2, 1, 3))?
             .contiguous()?;
-        Ok(Some(Self { panels, k, n }))
+        Ok(Some(Self {
+            panels,
+            batch,
+            k,
+            n,
+        }))
     }
 
     /// The factors as `[batch, k, n]` again (a new tensor).
     pub fn matrices(&self) -> Result<Tensor> {
-        let batch = self.panels.dim(0)?;
         self.panels
             .permute((0, 2, 1, 3))?
             .contiguous()?
-            .reshape((batch, self.k, self.n))
+            .reshape((self.batch, self.k, self.n))
     }
 
     /// Factors in the batch.
-    pub fn batch(&self) -> Result<usize> {
-        self.panels.dim(0)
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 }
 
@@ -225,7 +230,7 @@ pub fn batched_matmul_panels(a: &Tensor, b: &ColumnPanels) -> Result<Tensor> {
         return batched_matmul_parallel(a, &b.matrices()?);
     }
     let (batch, m, k) = a.dims3()?;
-    let (b_batch, n) = (b.batch()?, b.n);
+    let (b_batch, n) = (b.batch, b.n);
     if (b_batch, b.k) != (batch, k) {
         candle_core::bail!(
             "batched matmul: {:?} times panels of {b_batch} x {} x {n}",
@@ -236,53 +241,24 @@ pub fn batched_matmul_panels(a: &Tensor, b: &ColumnPanels) -> Result<Tensor> {
     let _in_place = PanelsReadInPlace::begin();
     let out = with_f32_pair(a, &b.panels, |a_values, panel_values| {
         parallel_pieces(batch * m * n, m * n, k, |item, slots| {
-            if a_values.len() < (item + 1) * m * k || panel_values.len() < (item + 1) * k * n {
-                candle_core::bail!("batched matmul: operands shorter than their shapes");
-            }
             if slots.len() != m * n {
                 candle_core::bail!("gemm: {} output slots for a {m}x{n} product", slots.len());
             }
-            let dst = slots.as_mut_ptr().cast::<f32>();
             for first_row in (0..m).step_by(PANEL_PRODUCT_MAX_ROWS) {
                 let rows = PANEL_PRODUCT_MAX_ROWS.min(m - first_row);
+                let lhs = MatrixView::new(a_values, (item * m + first_row) * k, (rows, k), k);
                 for panel in 0..n / PANEL_COLUMNS {
-                    #[allow(unsafe_code)]
-                    // SAFETY: the lengths were checked above: rows `first_row..first_row + rows`
-                    // of item `item` of `a` (`m x k`, contiguous), panel `panel` of its factor (`k
-                    // x 64`, contiguous) and the destination block (`rows x 64` at column `panel *
-                    // 64`, rows `n` apart) inside `slots` (`m x n`) all lie in their slices;
-                    // `slots` is this piece's own (no aliasing) and `read_dst` is false, so its
-                    // uninitialised values are only written.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            PANEL_COLUMNS,
-                            k,
-                            dst.add(first_row * n + panel * PANEL_COLUMNS),
-                            1,
-                            n as isize,
-                            false,
-                            a_values.as_ptr().add((item * m + first_row) * k),
-                            1,
-                            k as isize,
-                            panel_values
-                                .as_ptr()
-                                .add(item * k * n + panel * k * PANEL_COLUMNS),
-                            1,
-                            PANEL_COLUMNS as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    let offset = item * k * n + panel * k * PANEL_COLUMNS;
+                    let rhs =
+                        MatrixView::new(panel_values, offset, (k, PANEL_COLUMNS), PANEL_COLUMNS);
+                    let dst_offset = first_row * n + panel * PANEL_COLUMNS;
+                    gemm_with_bias(slots, dst_offset, n, lhs, rhs, None)?;
                 }
             }
             #[allow(unsafe_code)]
             // SAFETY: the products above wrote every one of the `m * n` slots (all row blocks,
-            // all `n / 64` panels); `MaybeUninit<f32>` has the layout of `f32`.
+            // all `n / 64` panels, rows `n` apart; each returned without error);
+            // `MaybeUninit<f32>` has the layout of `f32`.
             unsafe {
                 Ok(&mut *(std::ptr::from_mut(slots) as *mut [f32]))
             }

@@ -125,7 +125,7 @@ impl StoredFilter {
     fn positions(&self) -> candle_core::Result<usize> {
         match self {
             Self::Matrices(filter) => filter.dim(0),
-            Self::Panels(panels) => panels.batch(),
+            Self::Panels(panels) => Ok(panels.batch()),
         }
     }
 
@@ -232,10 +232,11 @@ impl Conv2d {
                             limits::available_memory().bytes,
                         )))
             {
-                // Only wide layers' filters (many channels, few tiles) are worth their panels.
+                // With f32 products only wide layers (many channels, few tiles) come here: their
+                // filters are worth their panels.
                 ConvKernel::Winograd(StoredFilter::new(
                     kernels::winograd_filter(&matrix)?,
-                    f32_products && out_channels > WINOGRAD4_MAX_OUT_CHANNELS,
+                    f32_products,
                 )?)
             } else {
                 ConvKernel::WinogradOnTheFly(matrix)
