@@ -26,6 +26,30 @@ simd_kernel!(
     }
 );
 
+simd_kernel!(
+    /// GEGLU rows after a bias: `dst[r] = (hidden + bias_h) * gelu(gate + bias_g)` for the rows
+    /// of `src` (`[hidden | gate]`, as `bias` is `[bias_h | bias_g]`).
+    BiasedGegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], bias: &'data [f32], inner: usize } => {
+        let (hidden_bias, gate_bias) = bias.split_at(inner);
+        for (dst_row, row) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(2 * inner)) {
+            let (hidden, gate) = row.split_at(inner);
+            let hidden = hidden.iter().zip(hidden_bias);
+            let gate = gate.iter().zip(gate_bias);
+            for ((d, (&h, &hb)), (&g, &gb)) in dst_row.iter_mut().zip(hidden).zip(gate) {
+                *d = (h + hb) * gelu(g + gb);
+            }
+        }
+    }
+);
+
+thread_local! {
+    /// Each thread's room for a [`linear_geglu`] block's projection (as spare capacity: the
+    /// product writes it before anything reads it), kept between blocks and calls.
+    static PROJECTED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's gated values of a [`linear_geglu`] block, kept between blocks and calls.
+    static GATED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// GEGLU: `[rows, 2 * inner]` -> `[rows, inner]`, `hidden * gelu(gate)` with `hidden` the first half.
 struct Geglu;
 
@@ -98,8 +122,9 @@ pub struct LinearParts<'a> {
 /// inner]` -> `[rows, inner]`, or `[rows, out]` with `project_out` `[inner, out]`. Blocks of rows
 /// are spread over the cores; each block's projection and gated values live only in cache-sized
 /// scratch buffers, so neither the `[rows, 2 * inner]` projection nor the `[rows, inner]` gated
-/// values are written to memory. Each output value is the unfused layers' (the same products,
-/// summed in the same order).
+/// values are written to memory. The products are the unfused layers'; the projection's bias is
+/// added to its product in the GEGLU pass rather than before the sums (within f32 rounding of the
+/// unfused layers' values).
 pub fn linear_geglu(
     xs: &Tensor,
     project_in: LinearParts<'_>,
@@ -161,41 +186,51 @@ pub fn linear_geglu(
         let run = |out_weight: Option<&[f32]>| {
             parallel_row_blocks(rows, out_width, rows, block_rows, |first, slots| {
                 let block = slots.len() / out_width.max(1);
-                let mut scratch = Vec::with_capacity(block * width);
+                let mut scratch = PROJECTED.take();
+                scratch.clear();
+                scratch.reserve(block * width);
                 let lhs = MatrixView::new(xs, first * k, (block, k), k);
                 let rhs = MatrixView::new(weight, 0, (k, width), width);
+                // The bias joins in the GEGLU pass: the product neither writes the bias into
+                // its output first nor reads it back.
                 let projected = product_piece(
                     &mut scratch.spare_capacity_mut()[..block * width],
                     lhs,
                     rhs,
                     packed.map(PackedRhs::all_columns),
-                    Some(&bias),
+                    None,
                 )?;
-                let (Some(out_weight), Some(out_bias)) = (out_weight, out_bias.as_deref()) else {
-                    let out = zeroed(slots);
-                    pulp::Arch::new().dispatch(GegluRows {
-                        dst: &mut *out,
+                let gelu_rows = |dst: &mut [f32]| {
+                    pulp::Arch::new().dispatch(BiasedGegluRows {
+                        dst,
                         src: projected,
-                        first: 0,
+                        bias: &bias,
                         inner,
                     });
+                };
+                let (Some(out_weight), Some(out_bias)) = (out_weight, out_bias.as_deref()) else {
+                    let out = zeroed(slots);
+                    gelu_rows(&mut *out);
+                    PROJECTED.set(scratch);
                     return Ok(out);
                 };
-                let mut gated_scratch = Vec::with_capacity(block * inner);
-                let gated = zeroed(&mut gated_scratch.spare_capacity_mut()[..block * inner]);
-                pulp::Arch::new().dispatch(GegluRows {
-                    dst: &mut *gated,
-                    src: projected,
-                    first: 0,
-                    inner,
-                });
-                product_piece(
+                // Every gated value is written before the product reads it: a per-thread buffer
+                // kept between blocks (a fresh one was allocated and zeroed for every block).
+                let mut gated = GATED.take();
+                if gated.len() < block * inner {
+                    gated.resize(block * inner, 0.0);
+                }
+                gelu_rows(&mut gated[..block * inner]);
+                let out = product_piece(
                     slots,
-                    MatrixView::new(gated, 0, (block, inner), inner),
+                    MatrixView::new(&gated, 0, (block, inner), inner),
                     MatrixView::new(out_weight, 0, (inner, out_width), out_width),
                     out_packed.map(PackedRhs::all_columns),
                     Some(out_bias),
-                )
+                );
+                GATED.set(gated);
+                PROJECTED.set(scratch);
+                out
             })
         };
         match &out_weight {
