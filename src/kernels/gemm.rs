@@ -12,6 +12,7 @@ use super::bf16::{
 };
 use super::buffers::{parallel_filled, parallel_initialised, parallel_pieces};
 use super::operands::with_f32_pair;
+use super::panel_product::panel_product;
 use super::threads::{piece_count, worker_count};
 
 /// A read-only f32 matrix inside a slice, rows `row_stride` apart, columns adjacent (for
@@ -42,8 +43,18 @@ impl<'a> MatrixView<'a> {
         }
     }
 
+    /// `(data, offset, (rows, cols), row_stride)`.
+    pub(super) fn parts(&self) -> (&'a [f32], usize, (usize, usize), usize) {
+        (
+            self.data,
+            self.offset,
+            (self.rows, self.cols),
+            self.row_stride,
+        )
+    }
+
     /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
+    pub(super) fn in_bounds(&self) -> bool {
         matrix_fits(
             self.data.len(),
             self.offset,
@@ -166,6 +177,13 @@ impl Drop for PanelsReadInPlace {
     }
 }
 
+/// Most rows of a product over a panel that goes through [`panel_product`] (which fetches the
+/// panel ahead of its use) rather than gemm: where reading the weight takes as long as its
+/// multiply-adds. SD 1.5 at 512 px, alternating runs: the wide Winograd layers at 8x8 (32 tiles)
+/// 103.7-109.6 -> 81.0-84.3 ms per call (11 layers) and 56.2-58.0 -> 45.7-47.1 ms (3 layers);
+/// with 128 rows (16x16) no change, with 512 (32x32) 94-95 -> 108 ms.
+const FETCHING_PANEL_MAX_ROWS: usize = 64;
+
 /// Columns per panel of [`ColumnPanels`]: gemm's f32 tile height on AVX-512 (4 vectors of 16),
 /// so a panel is laid out exactly as gemm packs the weight side of a row-major product there.
 /// Elsewhere the products give the same values; only their speed may differ.
@@ -223,8 +241,10 @@ impl ColumnPanels {
 
 /// [`batched_matmul_parallel`] with the right-hand factors as [`ColumnPanels`]: `a` `[batch, m,
 /// k]` -> `[batch, m, n]` (f32), one product per panel and block of at most
-/// [`PANEL_PRODUCT_MAX_ROWS`] rows, each reading its panel in place. With bf16 products the
-/// factors go back to matrices and through [`batched_matmul_parallel`].
+/// [`PANEL_PRODUCT_MAX_ROWS`] rows, each reading its panel in place (blocks of at most
+/// [`FETCHING_PANEL_MAX_ROWS`] rows through [`panel_product`], which also fetches the next panel
+/// while it works). With bf16 products the factors go back to matrices and through
+/// [`batched_matmul_parallel`].
 pub fn batched_matmul_panels(a: &Tensor, b: &ColumnPanels) -> Result<Tensor> {
     if product_precision() == ProductPrecision::Bf16 {
         return batched_matmul_parallel(a, &b.matrices()?);
@@ -249,9 +269,18 @@ pub fn batched_matmul_panels(a: &Tensor, b: &ColumnPanels) -> Result<Tensor> {
                 let lhs = MatrixView::new(a_values, (item * m + first_row) * k, (rows, k), k);
                 for panel in 0..n / PANEL_COLUMNS {
                     let offset = item * k * n + panel * k * PANEL_COLUMNS;
+                    let dst_offset = first_row * n + panel * PANEL_COLUMNS;
+                    // Few rows: the kernel that fetches the weight ahead of its use.
+                    if rows <= FETCHING_PANEL_MAX_ROWS {
+                        let this = &panel_values[offset..][..k * PANEL_COLUMNS];
+                        let next = panel_values.get(offset + k * PANEL_COLUMNS..);
+                        let target = (&mut *slots, dst_offset, n);
+                        if panel_product(target, lhs, this, next) {
+                            continue;
+                        }
+                    }
                     let rhs =
                         MatrixView::new(panel_values, offset, (k, PANEL_COLUMNS), PANEL_COLUMNS);
-                    let dst_offset = first_row * n + panel * PANEL_COLUMNS;
                     gemm_with_bias(slots, dst_offset, n, lhs, rhs, None)?;
                 }
             }
@@ -667,8 +696,15 @@ mod tests {
     #[test]
     fn panel_products_match_matmul() {
         let device = Device::Cpu;
-        // One panel, several, and more rows than one product over a panel takes.
-        for (batch, m, k, n) in [(2, 5, 7, 64), (3, 40, 33, 320), (1, 1600, 9, 128)] {
+        // One panel, several, the most rows of the fetching kernel over several blocks of depth,
+        // and more rows than one product over a panel takes.
+        let shapes = [
+            (2, 5, 7, 64),
+            (3, 40, 33, 320),
+            (2, FETCHING_PANEL_MAX_ROWS, 130, 128),
+            (1, 1600, 9, 128),
+        ];
+        for (batch, m, k, n) in shapes {
             let a = Tensor::from_vec(values(batch * m * k, 1), (batch, m, k), &device).unwrap();
             let b = Tensor::from_vec(values(batch * k * n, 2), (batch, k, n), &device).unwrap();
             let panels = ColumnPanels::new(&b).unwrap().unwrap();

@@ -23,7 +23,8 @@
 //! | `norm.rs` | group norm (+ SiLU), layer norm |
 //! | `softmax.rs` | row softmax: scaled in place, and unnormalised with row sums |
 //! | `softmax_bf16.rs` | the fused attention's softmax rows with bf16 products (bf16 weights, the head mean), in AVX-512 intrinsics |
-//! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items |
+//! | `gemm.rs` | matrix views, the single-threaded GEMM, products split by columns, rows or batch items, weights stored as column panels |
+//! | `panel_product.rs` | a few rows times one column panel in AVX-512 register tiles, fetching the panel ahead of its use |
 //! | `bf16.rs` | the product precision (f32, or bf16 operands with f32 sums) and the AVX-512 BF16 product |
 //! | `amx.rs` | the same bf16 product on Intel AMX tiles, where the CPU and OS offer them |
 //! | `attention.rs` | fused attention, attention probabilities and their product with values, mean of planes |
@@ -32,7 +33,7 @@
 //! | `elementwise.rs` | GEGLU (alone, after its linear layer, or as the whole feed-forward), bias added in place, residual sums (in place into a fresh output), channels joined, nearest upsampling |
 //!
 //! The `unsafe` code (each block with its SAFETY note) is in `gemm.rs` (the bounds-checked GEMM
-//! call), `bf16.rs`, `winograd.rs`, `winograd_bf16.rs`, `softmax_bf16.rs` and `attention_f32.rs` (the
+//! call), `bf16.rs`, `winograd.rs`, `winograd_bf16.rs`, `softmax_bf16.rs`, `attention_f32.rs` and `panel_product.rs` (the
 //! bounds-checked AVX-512 intrinsics), `amx.rs` (the tile instructions and the OS request for them), `pool.rs` (a borrowed job
 //! handed to the kernel threads) and `buffers.rs` (outputs initialised piece by piece).
 
@@ -47,6 +48,7 @@ mod gemm;
 mod heads;
 mod norm;
 mod operands;
+mod panel_product;
 mod pool;
 mod simd;
 mod softmax;
