@@ -38,9 +38,10 @@ pub(super) fn available() -> bool {
 }
 
 /// `dst[dst_offset + r * dst_row_stride..][..64] = lhs[r] * panel` for the `lhs.rows` rows of
-/// `lhs` (`[rows, k]`) and a panel `[k, 64]`; `next` (another panel) is fetched into the cache
-/// during the last block of depth. `false` (nothing written) where [`available`] is not or a view
-/// does not fit its slice; otherwise every one of those `rows x 64` slots is written.
+/// `lhs` (`[rows, k]`) and a panel `[k, 64]`; the first block of depth of `next` (the values
+/// after this panel, when they hold one) is fetched into the cache during the last block of depth.
+/// `false` (nothing written) where [`available`] is not or a view does not fit its slice;
+/// otherwise every one of those `rows x 64` slots is written.
 pub(super) fn panel_product(
     (dst, dst_offset, dst_row_stride): (&mut [MaybeUninit<f32>], usize, usize),
     lhs: MatrixView<'_>,
@@ -51,21 +52,17 @@ pub(super) fn panel_product(
     let dst_fits = rows == 0
         || (dst_row_stride >= PANEL_COLUMNS
             && dst_offset + (rows - 1) * dst_row_stride + PANEL_COLUMNS <= dst.len());
-    if !available()
-        || k == 0
-        || !lhs.in_bounds()
-        || panel.len() != k * PANEL_COLUMNS
-        || next.is_some_and(|next| next.len() < DEPTH_BLOCK.min(k) * PANEL_COLUMNS)
-        || !dst_fits
-    {
+    if !available() || k == 0 || !lhs.in_bounds() || panel.len() != k * PANEL_COLUMNS || !dst_fits {
         return false;
     }
+    // A next panel too short for a block of depth (the last one's `next` is empty) is not fetched.
+    let next = next.filter(|next| next.len() >= DEPTH_BLOCK.min(k) * PANEL_COLUMNS);
     #[cfg(target_arch = "x86_64")]
     {
         #[allow(unsafe_code)]
         // SAFETY: AVX-512 F is present (`available`); `lhs` lies inside its slice
         // (`in_bounds`), the panel holds `k x 64` values, `next` at least its first block of
-        // depth, and the output rows (64 slots each, `dst_row_stride` apart, no two rows
+        // depth (filtered above), and the output rows (64 slots each, `dst_row_stride` apart, no two rows
         // overlapping) lie inside `dst`, as checked above. Slots are written before any is read.
         unsafe {
             x86::panel_product(
@@ -131,57 +128,19 @@ mod x86 {
             while row < rows {
                 let count = TILE_ROWS.min(rows - row);
                 let tile = (dst.add(row * dst_stride), lhs.add(row * lhs_stride + first));
-                let accumulate = first > 0;
-                match count {
-                    6 => tile_rows::<6>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
-                    5 => tile_rows::<5>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
-                    4 => tile_rows::<4>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
-                    3 => tile_rows::<3>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
-                    2 => tile_rows::<2>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
-                    _ => tile_rows::<1>(
-                        tile,
-                        (dst_stride, lhs_stride),
-                        block,
-                        depth,
-                        accumulate,
-                        &mut fetch,
-                    ),
+                let strides = (dst_stride, lhs_stride);
+                // Blocks after the first add to the partial sums they find in the output.
+                let work = (depth, first > 0);
+                // The tile's row count as a const generic.
+                macro_rules! tile {
+                    ($($rows:literal)*) => {
+                        match count {
+                            $($rows => tile_rows::<$rows>(tile, strides, block, work, &mut fetch),)*
+                            _ => tile_rows::<1>(tile, strides, block, work, &mut fetch),
+                        }
+                    };
                 }
+                tile!(6 5 4 3 2);
                 row += count;
             }
             first += depth;
@@ -200,8 +159,7 @@ mod x86 {
         (dst, lhs): (*mut f32, *const f32),
         (dst_stride, lhs_stride): (usize, usize),
         block: *const f32,
-        depth: usize,
-        accumulate: bool,
+        (depth, accumulate): (usize, bool),
         fetch: &mut (*const f32, usize),
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -309,6 +267,16 @@ mod tests {
                 }
             }
         }
+        // A next panel too short to fetch from (the last panel's) is passed over, not refused.
+        let (lhs, panel) = (values(7 * 70, 4), values(70 * PANEL_COLUMNS, 5));
+        let view = MatrixView::new(&lhs, 0, (7, 70), 70);
+        let mut dst = vec![MaybeUninit::new(0f32); 7 * PANEL_COLUMNS];
+        assert!(panel_product(
+            (&mut dst, 0, PANEL_COLUMNS),
+            view,
+            &panel,
+            Some(&[])
+        ));
         // Views that do not fit are refused and write nothing.
         let (lhs, panel) = (values(6 * 8, 1), values(8 * PANEL_COLUMNS, 2));
         let view = MatrixView::new(&lhs, 0, (6, 8), 8);
