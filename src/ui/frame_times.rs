@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Frame build times of this session.
+/// Frame build times since the editor started.
 #[derive(Debug, Default)]
 pub struct FrameTimes {
     durations: Vec<Duration>,
