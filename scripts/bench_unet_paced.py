@@ -5,8 +5,8 @@ other's call. A pair's two calls lie seconds apart, so the machine's drift over 
 moves both programs' times by 5-10% here) cancels in each pair's ratio. Prints each pair and the
 median, lowest and highest ratio as text, then one JSON line.
 
-Usage: scripts/bench_unet_paced.py [--size 512] [--pairs 12] [--capture] [--attend PATH]
-       [--python PATH] [--pause 1.0]
+Usage: scripts/bench_unet_paced.py [--size 512] [--pairs 12] [--capture] [--products f32|bf16]
+       [--attend PATH] [--python PATH] [--pause 1.0]
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
@@ -14,6 +14,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--size", type=int, default=512, help="image size in pixels")
 parser.add_argument("--pairs", type=int, default=12, help="timed pairs of calls")
 parser.add_argument("--capture", action="store_true", help="attend captures attention as the editor does")
+parser.add_argument("--products", choices=["f32", "bf16"], default="f32",
+                    help="attend's product precision (diffusers stays fp32)")
 parser.add_argument("--attend", default="target/release/attend")
 parser.add_argument("--python", default=sys.executable, help="python with torch and diffusers")
 parser.add_argument("--pause", type=float, default=1.0, help="seconds between calls")
@@ -21,7 +23,8 @@ args = parser.parse_args()
 os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 attend_cmd = [args.attend, "bench", "unet", "--random-weights", "tests/fixtures/manifests/sd15.json",
-              "--width", str(args.size), "--height", str(args.size), "--iters", str(args.pairs), "--paced"]
+              "--width", str(args.size), "--height", str(args.size), "--iters", str(args.pairs), "--paced",
+              "--products", args.products]
 if args.capture:
     attend_cmd.append("--capture")
 diffusers_cmd = [args.python, "scripts/bench_diffusers_unet.py", str(args.size), str(args.pairs), "--paced"]
@@ -65,7 +68,7 @@ for process in programs.values():
     process.wait()
 ratios = [pair[2] for pair in pairs]
 summary = {
-    "size": args.size, "capture": args.capture, "pairs": len(pairs),
+    "size": args.size, "capture": args.capture, "products": args.products, "pairs": len(pairs),
     "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
     "attend_median_secs": statistics.median(p[0] for p in pairs),
     "diffusers_median_secs": statistics.median(p[1] for p in pairs),
