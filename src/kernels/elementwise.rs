@@ -13,23 +13,9 @@ use super::simd::{gelu, simd_kernel};
 use super::threads::{parallel_chunks_mut, worker_count};
 
 simd_kernel!(
-    /// GEGLU rows: `dst[r] = hidden * gelu(gate)` for `src` rows `first..` (`[hidden | gate]`).
-    GegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], first: usize, inner: usize } => {
-        let width = 2 * inner;
-        for (offset, dst_row) in dst.chunks_exact_mut(inner).enumerate() {
-            let row = &src[(first + offset) * width..(first + offset + 1) * width];
-            let (hidden, gate) = row.split_at(inner);
-            for ((d, &h), &g) in dst_row.iter_mut().zip(hidden).zip(gate) {
-                *d = h * gelu(g);
-            }
-        }
-    }
-);
-
-simd_kernel!(
     /// GEGLU rows after a bias: `dst[r] = (hidden + bias_h) * gelu(gate + bias_g)` for the rows
     /// of `src` (`[hidden | gate]`, as `bias` is `[bias_h | bias_g]`).
-    BiasedGegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], bias: &'data [f32], inner: usize } => {
+    GegluRows<'data> { dst: &'data mut [f32], src: &'data [f32], bias: &'data [f32], inner: usize } => {
         let (hidden_bias, gate_bias) = bias.split_at(inner);
         for (dst_row, row) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(2 * inner)) {
             let (hidden, gate) = row.split_at(inner);
@@ -67,11 +53,12 @@ impl CustomOp1 for Geglu {
         let inner = width / 2;
         let src = contiguous_slice::<f32>(storage, layout, "geglu")?;
         let rows = src.len() / width.max(1);
+        let no_bias = vec![0f32; width];
         let out = parallel_filled(rows * inner, rows, |first, piece| {
             pulp::Arch::new().dispatch(GegluRows {
                 dst: piece,
-                src,
-                first,
+                src: &src[first * width..],
+                bias: &no_bias,
                 inner,
             });
         });
@@ -201,7 +188,7 @@ pub fn linear_geglu(
                     None,
                 )?;
                 let gelu_rows = |dst: &mut [f32]| {
-                    pulp::Arch::new().dispatch(BiasedGegluRows {
+                    pulp::Arch::new().dispatch(GegluRows {
                         dst,
                         src: projected,
                         bias: &bias,

@@ -200,6 +200,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_support::values;
 
     /// `rows x k` times `k x 64` in f64, row-major.
     fn reference(lhs: &[f32], panel: &[f32], (rows, k): (usize, usize)) -> Vec<f64> {
@@ -214,18 +215,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|index| {
-                let x = (index as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(seed)
-                    >> 8;
-                (x % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]
